@@ -1,0 +1,293 @@
+//! The checkpoint directory: every `*.safetensors` file in it is one checkpoint.
+//!
+//! The step of a file comes from its header metadata key `step` when present, else from the
+//! last integer in its file name (`ckpt_10.safetensors` → 10); files are ordered by step.
+//! [`scan`] reads headers only; [`load`] reads one file's parameters as f32 (F32, F64, F16 and
+//! BF16 are converted), checking names and shapes against the model.
+
+use crate::error::{LcaError, Result};
+use crate::net::ParamInfo;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Headers larger than this are refused before anything of that size is allocated.
+pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Where a checkpoint's step number came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepSource {
+    Metadata,
+    FileName,
+}
+
+/// One tensor entry of a header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// A checkpoint file found by [`scan`].
+#[derive(Debug, Clone)]
+pub struct CheckpointFile {
+    pub path: PathBuf,
+    pub step: u64,
+    pub step_source: StepSource,
+    /// File size when scanned (to notice files still being written).
+    pub len: u64,
+    pub tensors: Vec<HeaderTensor>,
+}
+
+/// Parameters of one checkpoint, in model order.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub theta: Vec<Vec<f32>>,
+    pub sha256: String,
+    /// Tensors present in the file that the model does not use (buffers, other heads).
+    pub unused: Vec<String>,
+}
+
+fn ck_err(path: &Path, msg: impl Into<String>) -> LcaError {
+    LcaError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Read and parse a safetensors header (without reading tensor data).
+pub fn read_header(path: &Path) -> Result<(u64, serde_json::Map<String, serde_json::Value>)> {
+    let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let len = f.metadata().map_err(|e| LcaError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| {
+        ck_err(path, format!("truncated: {len} bytes, too short for a safetensors header"))
+    })?;
+    let hlen = u64::from_le_bytes(n);
+    if hlen > MAX_HEADER_BYTES || hlen > len.saturating_sub(8) {
+        return Err(ck_err(
+            path,
+            format!(
+                "header length {hlen} is impossible for a file of {len} bytes (truncated or not a safetensors file)"
+            ),
+        ));
+    }
+    let mut h = vec![0u8; hlen as usize];
+    f.read_exact(&mut h)
+        .map_err(|e| ck_err(path, format!("cannot read header: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&h)
+        .map_err(|e| ck_err(path, format!("header is not valid JSON: {e}")))?;
+    match v {
+        serde_json::Value::Object(m) => Ok((len, m)),
+        _ => Err(ck_err(path, "header is not a JSON object")),
+    }
+}
+
+/// The last run of decimal digits in a file stem.
+pub fn last_integer(stem: &str) -> Option<u64> {
+    let bytes = stem.as_bytes();
+    let end = bytes.iter().rposition(|b| b.is_ascii_digit())? + 1;
+    let start = bytes[..end]
+        .iter()
+        .rposition(|b| !b.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    stem[start..end].parse().ok()
+}
+
+/// Describe a checkpoint file from its header.
+pub fn describe(path: &Path) -> Result<CheckpointFile> {
+    let (len, header) = read_header(path)?;
+    let meta_step = header
+        .get("__metadata__")
+        .and_then(|m| m.get("step"))
+        .map(|s| match s {
+            serde_json::Value::String(s) => s.trim().parse::<u64>().map_err(|_| s.clone()),
+            other => Err(other.to_string()),
+        });
+    let (step, step_source) = match meta_step {
+        Some(Ok(s)) => (s, StepSource::Metadata),
+        Some(Err(bad)) => {
+            return Err(ck_err(
+                path,
+                format!("metadata `step` is {bad:?}, not a non-negative integer"),
+            ));
+        }
+        None => {
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            match last_integer(stem) {
+                Some(s) => (s, StepSource::FileName),
+                None => {
+                    return Err(ck_err(
+                        path,
+                        "no step: the header has no `step` metadata and the file name contains no number",
+                    ));
+                }
+            }
+        }
+    };
+    let mut tensors = Vec::new();
+    for (name, v) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?").to_string();
+        let shape = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .unwrap_or_default();
+        tensors.push(HeaderTensor {
+            name: name.clone(),
+            dtype,
+            shape,
+        });
+    }
+    Ok(CheckpointFile {
+        path: path.to_path_buf(),
+        step,
+        step_source,
+        len,
+        tensors,
+    })
+}
+
+/// List the checkpoints of a directory, ordered by step.
+pub fn scan(dir: &Path) -> Result<Vec<CheckpointFile>> {
+    let meta = std::fs::metadata(dir).map_err(|e| LcaError::io(dir, e))?;
+    if !meta.is_dir() {
+        return Err(ck_err(dir, "is not a directory of checkpoints"));
+    }
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
+        let entry = entry.map_err(|e| LcaError::io(dir, e))?;
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+            paths.push(p);
+        }
+    }
+    if paths.is_empty() {
+        return Err(ck_err(dir, "contains no *.safetensors files"));
+    }
+    paths.sort();
+    let mut files: Vec<CheckpointFile> = paths.iter().map(|p| describe(p)).collect::<Result<_>>()?;
+    files.sort_by_key(|f| f.step);
+    for w in files.windows(2) {
+        if w[0].step == w[1].step {
+            return Err(ck_err(
+                dir,
+                format!(
+                    "step {} appears twice: {} and {}",
+                    w[0].step,
+                    w[0].path.display(),
+                    w[1].path.display()
+                ),
+            ));
+        }
+    }
+    Ok(files)
+}
+
+/// Pick checkpoints with `first <= step <= last`, then every `every`-th of those.
+pub fn select(
+    files: Vec<CheckpointFile>,
+    first: Option<u64>,
+    last: Option<u64>,
+    every: usize,
+) -> Result<Vec<CheckpointFile>> {
+    if every == 0 {
+        return Err(LcaError::Usage("--every must be at least 1".into()));
+    }
+    let in_range: Vec<CheckpointFile> = files
+        .into_iter()
+        .filter(|f| first.is_none_or(|a| f.step >= a) && last.is_none_or(|b| f.step <= b))
+        .collect();
+    Ok(in_range.into_iter().step_by(every).collect())
+}
+
+/// Load one checkpoint's parameters, in model order, as f32.
+pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
+    let path = &file.path;
+    let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
+    if bytes.len() as u64 != file.len {
+        return Err(ck_err(
+            path,
+            format!(
+                "changed size while lca was running ({} bytes when listed, {} now): is it still being written?",
+                file.len,
+                bytes.len()
+            ),
+        ));
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| ck_err(path, format!("not a valid safetensors file: {e}")))?;
+    let mut theta = Vec::with_capacity(params.len());
+    for p in params {
+        let t = st.tensor(&p.name).map_err(|_| {
+            let hint = st
+                .names()
+                .into_iter()
+                .find(|n| n.ends_with(&p.name) || p.name.ends_with(*n))
+                .map(|n| format!(" (the file has '{n}': check `model.prefix`)"))
+                .unwrap_or_default();
+            ck_err(
+                path,
+                format!("missing tensor '{}' (expected shape {:?}){hint}", p.name, p.shape),
+            )
+        })?;
+        if !crate::tensors::is_param_dtype(t.dtype()) {
+            return Err(ck_err(
+                path,
+                format!(
+                    "tensor '{}' has dtype {:?}; parameters must be F32, F64, F16 or BF16",
+                    p.name,
+                    t.dtype()
+                ),
+            ));
+        }
+        if t.shape() != p.shape.as_slice() {
+            return Err(ck_err(
+                path,
+                format!(
+                    "tensor '{}' has shape {:?} but the spec expects {:?}",
+                    p.name,
+                    t.shape(),
+                    p.shape
+                ),
+            ));
+        }
+        let v = crate::tensors::to_f64(&t).map_err(|d| ck_err(path, format!("tensor '{}': unsupported dtype {d}", p.name)))?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(ck_err(
+                path,
+                format!("tensor '{}' holds {} at flat index {i}", p.name, v[i]),
+            ));
+        }
+        theta.push(v.into_iter().map(|x| x as f32).collect());
+    }
+    let mut unused: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !params.iter().any(|p| &p.name == *n))
+        .map(|s| s.to_string())
+        .collect();
+    unused.sort();
+    Ok(Loaded {
+        theta,
+        sha256: crate::tensors::sha256_hex(&bytes),
+        unused,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_integer_of_names() {
+        assert_eq!(last_integer("ckpt_10"), Some(10));
+        assert_eq!(last_integer("run3_step_0042"), Some(42));
+        assert_eq!(last_integer("model"), None);
+        assert_eq!(last_integer("7"), Some(7));
+    }
+}

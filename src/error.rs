@@ -1,0 +1,54 @@
+//! Typed errors of the library. Every variant names the thing that failed:
+//! the file, the tensor, the spec key and line, or the sample.
+
+use std::path::PathBuf;
+
+/// Result alias used across the library.
+pub type Result<T, E = LcaError> = std::result::Result<T, E>;
+
+/// What went wrong, with the culprit named.
+#[derive(Debug, thiserror::Error)]
+pub enum LcaError {
+    /// The model spec (model.toml) is invalid.
+    #[error("{}{}: {msg}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Spec {
+        path: PathBuf,
+        line: Option<usize>,
+        msg: String,
+    },
+    /// A checkpoint file or directory is unusable.
+    #[error("{}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+    /// The training (or validation) set is unusable.
+    #[error("{}: {msg}", path.display())]
+    Data { path: PathBuf, msg: String },
+    /// A layer's shapes do not chain.
+    #[error("model: {0}")]
+    Model(String),
+    /// Evaluation produced a non-finite value.
+    #[error("{0}")]
+    Numeric(String),
+    /// An output directory or file is unusable.
+    #[error("{}: {msg}", path.display())]
+    Output { path: PathBuf, msg: String },
+    /// I/O failure on a named path.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Invalid command-line usage detected by the library.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl LcaError {
+    /// Wrap an I/O error with the path that failed.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        LcaError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

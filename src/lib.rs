@@ -1,0 +1,25 @@
+//! `lca`: Loss Change Allocation (Lan, Liu, Zhou, Yosinski, NeurIPS 2019) from saved training
+//! checkpoints.
+//!
+//! The change of the full-training-set loss between consecutive checkpoints is split over
+//! parameters as a path integral of the gradient along the straight segment between them.
+//! Modules: [`spec`] (model.toml), [`checkpoint`] (safetensors directory), [`data`] (training
+//! set), [`net`] (layers, forward and backward), [`eval`] (full-set loss and gradient),
+//! [`lca`] (integration and allocation), [`analyze`] (the run), [`report`] (output writers),
+//! [`summarize`] (coarser views), [`cli`].
+
+pub mod analyze;
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod lca;
+pub mod net;
+pub mod progress;
+pub mod report;
+pub mod spec;
+pub mod summarize;
+pub mod tensors;
+
+pub use error::{LcaError, Result};

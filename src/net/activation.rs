@@ -1,0 +1,150 @@
+//! Element-wise activations: ReLU, LeakyReLU, Tanh, Sigmoid, GELU (exact and tanh), with
+//! PyTorch's definitions. Backward multiplies the output gradient by the derivative.
+//!
+//! ```
+//! use lca::net::{activation::Activation, Layer, Saved};
+//! use ndarray::{arr1, ArrayD};
+//! let x: ArrayD<f32> = arr1(&[-1.0f32, 2.0]).into_dyn();
+//! let y = Activation::Relu.forward(&[], &[x.view()], &mut Saved::None);
+//! assert_eq!(y.as_slice().unwrap(), &[0.0, 2.0]);
+//! ```
+
+use super::{Backward, Layer, Real, Saved};
+use ndarray::{ArrayD, ArrayViewD, Zip};
+
+/// An element-wise activation function.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Relu,
+    /// Negative slope.
+    LeakyRelu(f64),
+    Tanh,
+    Sigmoid,
+    /// Exact GELU, `x·Φ(x)`.
+    Gelu,
+    /// GELU with PyTorch's tanh approximation.
+    GeluTanh,
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044_715;
+
+impl Activation {
+    fn f(&self, x: f64) -> f64 {
+        match *self {
+            Activation::Relu => x.max(0.0),
+            Activation::LeakyRelu(a) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    a * x
+                }
+            }
+            Activation::Tanh => x.tanh(),
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+            Activation::GeluTanh => {
+                0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_C * x * x * x)).tanh())
+            }
+        }
+    }
+
+    /// Derivative at input `x` with output `y`.
+    fn df(&self, x: f64, y: f64) -> f64 {
+        match *self {
+            Activation::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::LeakyRelu(a) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    a
+                }
+            }
+            Activation::Tanh => 1.0 - y * y,
+            Activation::Sigmoid => y * (1.0 - y),
+            Activation::Gelu => {
+                let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                cdf + x * pdf
+            }
+            Activation::GeluTanh => {
+                let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+                let t = u.tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x)
+            }
+        }
+    }
+}
+
+impl<T: Real> Layer<T> for Activation {
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        match inputs {
+            [s] => Ok(s.clone()),
+            _ => Err(format!("takes 1 input, got {}", inputs.len())),
+        }
+    }
+
+    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+        match *self {
+            Activation::Relu => inputs[0].mapv(|v| if v > T::zero() { v } else { T::zero() }),
+            _ => inputs[0].mapv(|v| T::of(self.f(v.f64()))),
+        }
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        if !b.need_input_grad[0] {
+            return vec![None];
+        }
+        let mut g = b.grad_out.to_owned();
+        match *self {
+            Activation::Relu => Zip::from(&mut g).and(&b.inputs[0]).for_each(|g, &x| {
+                if x <= T::zero() {
+                    *g = T::zero();
+                }
+            }),
+            _ => Zip::from(&mut g)
+                .and(&b.inputs[0])
+                .and(&b.output)
+                .for_each(|g, &x, &y| *g = *g * T::of(self.df(x.f64(), y.f64()))),
+        }
+        vec![Some(g)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::gradcheck::check_layer;
+
+    #[test]
+    fn activations_match_finite_differences() {
+        for a in [
+            Activation::Relu,
+            Activation::LeakyRelu(0.1),
+            Activation::Tanh,
+            Activation::Sigmoid,
+            Activation::Gelu,
+            Activation::GeluTanh,
+        ] {
+            check_layer(&a, &[vec![7]], 5);
+        }
+    }
+
+    #[test]
+    fn gelu_matches_pytorch_values() {
+        // torch.nn.functional.gelu(torch.tensor([-1.5, 0.3, 2.0], dtype=torch.float64))
+        let exact = [-0.100_195_790_943_962_02, 0.185_790_334_271_586_24, 1.954_499_736_103_642];
+        // approximate="tanh"
+        let tanh = [-0.100_356_645_365_633_6, 0.185_811_895_266_479_58, 1.954_597_694_087_775_1];
+        for (i, x) in [-1.5, 0.3, 2.0].into_iter().enumerate() {
+            assert!((Activation::Gelu.f(x) - exact[i]).abs() < 1e-12);
+            assert!((Activation::GeluTanh.f(x) - tanh[i]).abs() < 1e-12);
+        }
+    }
+}

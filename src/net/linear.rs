@@ -1,0 +1,137 @@
+//! `nn.Linear`: `y = x Wᵀ + b`, weight `[out_features, in_features]` (PyTorch layout), bias
+//! `[out_features]`. Applies to the last axis, so `[B, in]` and `[B, T, in]` both work (one GEMM
+//! over all rows).
+//!
+//! ```
+//! use lca::net::{linear::Linear, Layer, Saved};
+//! use ndarray::{arr2, ArrayD};
+//! let fc = Linear { in_features: 2, out_features: 1, bias: true };
+//! let w = [1.0f32, -1.0];
+//! let b = [0.5f32];
+//! let x: ArrayD<f32> = arr2(&[[3.0f32, 1.0]]).into_dyn();
+//! let y = fc.forward(&[&w, &b], &[x.view()], &mut Saved::None);
+//! assert_eq!(y[[0, 0]], 2.5);
+//! ```
+
+use super::{as_rows, Backward, Layer, ParamDecl, Real, Saved};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis};
+
+/// A fully connected layer.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+}
+
+impl<T: Real> Layer<T> for Linear {
+    fn params(&self) -> Vec<ParamDecl> {
+        let mut v = vec![ParamDecl {
+            suffix: "weight",
+            shape: vec![self.out_features, self.in_features],
+        }];
+        if self.bias {
+            v.push(ParamDecl {
+                suffix: "bias",
+                shape: vec![self.out_features],
+            });
+        }
+        v
+    }
+
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = inputs else {
+            return Err(format!("takes 1 input, got {}", inputs.len()));
+        };
+        match s.last() {
+            Some(&f) if f == self.in_features => {
+                let mut o = s.clone();
+                *o.last_mut().expect("non-empty") = self.out_features;
+                Ok(o)
+            }
+            Some(&f) => Err(format!(
+                "in_features = {} does not match the {f} features it receives{}",
+                self.in_features,
+                if s.len() > 1 {
+                    " (add a `flatten` layer before it?)"
+                } else {
+                    ""
+                }
+            )),
+            None => Err("needs an input with a feature axis".into()),
+        }
+    }
+
+    fn forward(&self, params: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+        let x = as_rows(&inputs[0]);
+        let w = weight(params[0], self.out_features, self.in_features);
+        let mut y = Array2::<T>::zeros((x.nrows(), self.out_features));
+        general_mat_mul(T::one(), &x, &w.t(), T::zero(), &mut y);
+        if self.bias {
+            let b = ndarray::ArrayView1::from(params[1]);
+            y += &b;
+        }
+        let mut shape = inputs[0].shape().to_vec();
+        *shape.last_mut().expect("non-empty") = self.out_features;
+        y.into_shape_with_order(shape).expect("row-major").into_dyn()
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        let x = as_rows(&b.inputs[0]);
+        let gy = as_rows(&b.grad_out);
+        let mut gp = b.grad_params;
+        {
+            let mut gw = ArrayViewMut2::from_shape((self.out_features, self.in_features), &mut *gp[0])
+                .expect("weight gradient has the weight's shape");
+            general_mat_mul(T::one(), &gy.t(), &x, T::one(), &mut gw);
+        }
+        if self.bias {
+            for (g, s) in gp[1].iter_mut().zip(gy.sum_axis(Axis(0))) {
+                *g += s;
+            }
+        }
+        if !b.need_input_grad[0] {
+            return vec![None];
+        }
+        let w = weight(b.params[0], self.out_features, self.in_features);
+        let mut gx = Array2::<T>::zeros((gy.nrows(), self.in_features));
+        general_mat_mul(T::one(), &gy, &w, T::zero(), &mut gx);
+        let gx = gx
+            .into_shape_with_order(b.inputs[0].shape())
+            .expect("row-major")
+            .into_dyn();
+        vec![Some(gx)]
+    }
+
+    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
+        let rows: usize = inputs[0].iter().rev().skip(1).product();
+        (rows * self.in_features * self.out_features) as u64
+    }
+}
+
+fn weight<T>(w: &[T], out: usize, inp: usize) -> ArrayView2<'_, T> {
+    ArrayView2::from_shape((out, inp), w).expect("weight has its declared shape")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::gradcheck::check_layer;
+
+    #[test]
+    fn linear_gradients_match_finite_differences() {
+        check_layer(&Linear { in_features: 5, out_features: 3, bias: true }, &[vec![5]], 4);
+        check_layer(&Linear { in_features: 4, out_features: 2, bias: false }, &[vec![4]], 3);
+        // Applied per position of a sequence: [B, T, C].
+        check_layer(&Linear { in_features: 3, out_features: 4, bias: true }, &[vec![5, 3]], 2);
+    }
+
+    #[test]
+    fn shape_mismatch_is_reported() {
+        let l = Linear { in_features: 5, out_features: 3, bias: true };
+        let e = <Linear as Layer<f32>>::out_shape(&l, &[vec![4]]).unwrap_err();
+        assert!(e.contains("in_features = 5"), "{e}");
+        assert!(e.contains("4 features"), "{e}");
+    }
+}

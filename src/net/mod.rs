@@ -1,0 +1,454 @@
+//! The evaluator: a graph of layers with forward and backward passes on CPU.
+//!
+//! Every layer implements [`Layer`] (one file per layer in this directory, forward and backward
+//! side by side, with its finite-difference test). [`Model::build`] turns the spec's layers into
+//! a graph, checks that shapes chain and names each layer's parameters by their PyTorch
+//! `state_dict` names. [`Model::chunk_loss_grad`] runs forward and backward on one chunk of
+//! samples and accumulates the gradient of the chunk's *summed* loss; [`crate::eval`] combines
+//! chunks into the full-training-set mean.
+//!
+//! The element type is generic ([`Real`]): the tool computes in `f32`, the tests also run every
+//! layer in `f64` against finite differences.
+
+pub mod activation;
+pub mod linear;
+pub mod loss;
+pub mod reshape;
+
+#[cfg(test)]
+pub(crate) mod gradcheck;
+
+use crate::error::{LcaError, Result};
+use crate::spec::{LayerKind, Spec};
+use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
+use std::fmt::Debug;
+
+/// Floating-point element type of the evaluator (`f32` in production, `f64` in tests).
+pub trait Real:
+    ndarray::LinalgScalar
+    + num_traits::Float
+    + num_traits::FromPrimitive
+    + num_traits::ToPrimitive
+    + Send
+    + Sync
+    + Debug
+    + Default
+    + std::ops::AddAssign
+    + std::iter::Sum
+    + 'static
+{
+    /// Convert from f64 (rounding for f32).
+    fn of(v: f64) -> Self {
+        <Self as num_traits::FromPrimitive>::from_f64(v).unwrap_or_else(Self::nan)
+    }
+    /// Widen to f64.
+    fn f64(self) -> f64 {
+        num_traits::ToPrimitive::to_f64(&self).unwrap_or(f64::NAN)
+    }
+    /// The (f32) input data as this type: borrowed for f32, converted otherwise.
+    fn from_input(x: ArrayViewD<'_, f32>) -> CowArray<'_, Self, IxDyn>;
+}
+impl Real for f32 {
+    fn from_input(x: ArrayViewD<'_, f32>) -> CowArray<'_, f32, IxDyn> {
+        CowArray::from(x)
+    }
+}
+impl Real for f64 {
+    fn from_input(x: ArrayViewD<'_, f32>) -> CowArray<'_, f64, IxDyn> {
+        CowArray::from(x.mapv(f64::from))
+    }
+}
+
+/// A parameter a layer owns: its `state_dict` suffix (`weight`, `bias`) and expected shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamDecl {
+    pub suffix: &'static str,
+    pub shape: Vec<usize>,
+}
+
+/// Values a layer keeps from forward for its backward pass.
+#[derive(Debug, Default)]
+pub enum Saved<T> {
+    #[default]
+    None,
+    Arrays(Vec<ArrayD<T>>),
+    Indices(Vec<usize>),
+}
+
+/// Everything a layer's backward pass may read, and where it adds its parameter gradients.
+pub struct Backward<'a, T> {
+    /// This layer's parameter values, in [`Layer::params`] order.
+    pub params: &'a [&'a [T]],
+    /// The inputs of forward.
+    pub inputs: &'a [ArrayViewD<'a, T>],
+    /// The output of forward.
+    pub output: ArrayViewD<'a, T>,
+    /// What forward saved.
+    pub saved: &'a Saved<T>,
+    /// Gradient of the loss with respect to the output.
+    pub grad_out: ArrayViewD<'a, T>,
+    /// Parameter gradients, to be *added to* (`+=`), in [`Layer::params`] order.
+    pub grad_params: Vec<&'a mut [T]>,
+    /// Which inputs need a gradient (false for the model input and constant branches).
+    pub need_input_grad: &'a [bool],
+}
+
+/// One layer: its parameters, shape rule, forward and backward.
+///
+/// Shapes passed to [`Layer::out_shape`] are per sample (no batch axis); arrays passed to
+/// forward and backward carry the batch as axis 0.
+pub trait Layer<T: Real>: Send + Sync {
+    /// Parameters owned by the layer, in a fixed order.
+    fn params(&self) -> Vec<ParamDecl> {
+        Vec::new()
+    }
+    /// Per-sample output shape for the given per-sample input shapes, or why they do not fit.
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> std::result::Result<Vec<usize>, String>;
+    /// Forward pass over a batch.
+    fn forward(&self, params: &[&[T]], inputs: &[ArrayViewD<T>], saved: &mut Saved<T>)
+    -> ArrayD<T>;
+    /// Backward pass: returns the gradient for each input that needs one (`None` otherwise).
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>>;
+    /// Multiply-adds per sample of forward (for work estimates); 0 when negligible.
+    fn macs_per_sample(&self, _inputs: &[Vec<usize>]) -> u64 {
+        0
+    }
+}
+
+/// Where a node reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Src {
+    /// The model input (the data).
+    Input,
+    /// The output of node `i`.
+    Node(usize),
+}
+
+/// A node of the graph: a layer, its inputs and its parameters.
+pub struct Node<T: Real> {
+    pub name: String,
+    pub type_name: &'static str,
+    pub layer: Box<dyn Layer<T>>,
+    pub inputs: Vec<Src>,
+    /// Indices into [`Model::params`], in the layer's [`Layer::params`] order.
+    pub param_ids: Vec<usize>,
+    pub in_shapes: Vec<Vec<usize>>,
+    pub out_shape: Vec<usize>,
+    /// Whether any parameter upstream (or here) influences this node's output.
+    pub depends_on_params: bool,
+}
+
+/// A parameter tensor of the model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ParamInfo {
+    /// Full `state_dict` name, e.g. `fc1.weight`.
+    pub name: String,
+    /// Name of the layer that owns it (`fc1`).
+    pub layer: String,
+    /// The suffix (`weight`, `bias`).
+    pub role: String,
+    pub shape: Vec<usize>,
+}
+
+impl ParamInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The loss applied to the last node's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossKind {
+    CrossEntropy,
+    Mse,
+}
+
+/// Targets for one chunk.
+#[derive(Debug, Clone)]
+pub enum TargetsView<'a> {
+    /// Class indices, one per output row.
+    Classes(&'a [u32]),
+    /// Float targets with the output's shape.
+    Values(ArrayViewD<'a, f32>),
+}
+
+/// A built model: the graph, its parameters and its loss.
+pub struct Model<T: Real> {
+    pub nodes: Vec<Node<T>>,
+    pub params: Vec<ParamInfo>,
+    pub loss: LossKind,
+    pub input_shape: Vec<usize>,
+}
+
+fn build_layer<T: Real>(kind: &LayerKind) -> Box<dyn Layer<T>> {
+    match kind {
+        LayerKind::Linear {
+            in_features,
+            out_features,
+            bias,
+        } => Box::new(linear::Linear {
+            in_features: *in_features,
+            out_features: *out_features,
+            bias: *bias,
+        }),
+        LayerKind::Relu {} => Box::new(activation::Activation::Relu),
+        LayerKind::LeakyRelu { negative_slope } => {
+            Box::new(activation::Activation::LeakyRelu(*negative_slope as f64))
+        }
+        LayerKind::Tanh {} => Box::new(activation::Activation::Tanh),
+        LayerKind::Sigmoid {} => Box::new(activation::Activation::Sigmoid),
+        LayerKind::Gelu { approximate } => Box::new(match approximate {
+            crate::spec::GeluApprox::None => activation::Activation::Gelu,
+            crate::spec::GeluApprox::Tanh => activation::Activation::GeluTanh,
+        }),
+        LayerKind::Identity {} | LayerKind::Dropout { .. } => Box::new(reshape::Identity),
+        LayerKind::Flatten { start_dim, end_dim } => Box::new(reshape::Flatten {
+            start_dim: *start_dim,
+            end_dim: *end_dim,
+        }),
+    }
+}
+
+fn describe(shape: &[usize]) -> String {
+    if shape.is_empty() {
+        "scalar".into()
+    } else {
+        shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("×")
+    }
+}
+
+impl<T: Real> Model<T> {
+    /// Build the graph from the spec for inputs of the given per-sample shape, checking that
+    /// every layer's input shape fits before any computation.
+    pub fn build(spec: &Spec, input_shape: &[usize]) -> Result<Model<T>> {
+        let mut nodes: Vec<Node<T>> = Vec::new();
+        let mut params = Vec::new();
+        let mut index_of = std::collections::HashMap::new();
+        for (i, ls) in spec.layers.iter().enumerate() {
+            let layer = build_layer::<T>(&ls.kind);
+            let where_ = format!(
+                "layer '{}' ({}, {}:{})",
+                ls.name,
+                ls.kind.type_name(),
+                spec.path.display(),
+                ls.line
+            );
+            let inputs: Vec<Src> = if ls.input.is_empty() {
+                if i == 0 {
+                    vec![Src::Input]
+                } else {
+                    vec![Src::Node(i - 1)]
+                }
+            } else {
+                let mut v = Vec::new();
+                for name in &ls.input {
+                    if name == "input" {
+                        v.push(Src::Input);
+                    } else if let Some(&j) = index_of.get(name.as_str()) {
+                        v.push(Src::Node(j));
+                    } else if spec.layers.iter().any(|l| &l.name == name) {
+                        return Err(LcaError::Model(format!(
+                            "{where_}: input '{name}' is defined after this layer; layers must be listed in evaluation order"
+                        )));
+                    } else {
+                        return Err(LcaError::Model(format!(
+                            "{where_}: input '{name}' is not a layer of the spec"
+                        )));
+                    }
+                }
+                v
+            };
+            let in_shapes: Vec<Vec<usize>> = inputs
+                .iter()
+                .map(|s| match s {
+                    Src::Input => input_shape.to_vec(),
+                    Src::Node(j) => nodes[*j].out_shape.clone(),
+                })
+                .collect();
+            let out_shape = layer.out_shape(&in_shapes).map_err(|msg| {
+                let from = inputs
+                    .iter()
+                    .zip(&in_shapes)
+                    .map(|(s, sh)| match s {
+                        Src::Input => format!("the model input gives {}", describe(sh)),
+                        Src::Node(j) => {
+                            format!("layer '{}' gives {}", nodes[*j].name, describe(sh))
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                LcaError::Model(format!("{where_}: {msg}, but {from}"))
+            })?;
+            let mut param_ids = Vec::new();
+            for decl in layer.params() {
+                let name = spec.param_name(&ls.name, decl.suffix);
+                if let Some(j) = params.iter().position(|p: &ParamInfo| p.name == name) {
+                    if params[j].shape != decl.shape {
+                        return Err(LcaError::Model(format!(
+                            "{where_}: parameter '{name}' is shared with another layer with shape {} but here needs {}",
+                            describe(&params[j].shape),
+                            describe(&decl.shape)
+                        )));
+                    }
+                    param_ids.push(j);
+                } else {
+                    params.push(ParamInfo {
+                        name,
+                        layer: ls.name.clone(),
+                        role: decl.suffix.to_string(),
+                        shape: decl.shape.clone(),
+                    });
+                    param_ids.push(params.len() - 1);
+                }
+            }
+            let depends_on_params = !param_ids.is_empty()
+                || inputs.iter().any(|s| match s {
+                    Src::Input => false,
+                    Src::Node(j) => nodes[*j].depends_on_params,
+                });
+            index_of.insert(ls.name.as_str(), i);
+            nodes.push(Node {
+                name: ls.name.clone(),
+                type_name: ls.kind.type_name(),
+                layer,
+                inputs,
+                param_ids,
+                in_shapes,
+                out_shape,
+                depends_on_params,
+            });
+        }
+        let loss = match spec.loss {
+            crate::spec::LossSpec::CrossEntropy {} => LossKind::CrossEntropy,
+            crate::spec::LossSpec::Mse {} => LossKind::Mse,
+        };
+        if params.is_empty() {
+            return Err(LcaError::Model(
+                "the model has no parameters: there is nothing to allocate the loss change to"
+                    .into(),
+            ));
+        }
+        Ok(Model {
+            nodes,
+            params,
+            loss,
+            input_shape: input_shape.to_vec(),
+        })
+    }
+
+    /// Shape of the model output per sample.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.nodes.last().expect("model has nodes").out_shape
+    }
+
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.numel()).sum()
+    }
+
+    /// Multiply-adds of one forward pass per sample.
+    pub fn macs_per_sample(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.layer.macs_per_sample(&n.in_shapes))
+            .sum()
+    }
+
+    /// Forward and backward over one chunk. Adds the gradient of the chunk's **summed** loss
+    /// to `grads` (one buffer per parameter tensor, model order) and returns the summed loss
+    /// and the number of loss terms it contains.
+    pub fn chunk_loss_grad(
+        &self,
+        theta: &[Vec<T>],
+        x: ArrayViewD<f32>,
+        y: TargetsView,
+        grads: &mut [Vec<T>],
+    ) -> (f64, usize) {
+        let x = T::from_input(x);
+        let n = self.nodes.len();
+        let mut outs: Vec<ArrayD<T>> = Vec::with_capacity(n);
+        let mut saved: Vec<Saved<T>> = Vec::with_capacity(n);
+        for node in &self.nodes {
+            let p: Vec<&[T]> = node.param_ids.iter().map(|&j| theta[j].as_slice()).collect();
+            let ins: Vec<ArrayViewD<T>> = node
+                .inputs
+                .iter()
+                .map(|s| match s {
+                    Src::Input => x.view(),
+                    Src::Node(j) => outs[*j].view(),
+                })
+                .collect();
+            let mut sv = Saved::None;
+            let y_out = node.layer.forward(&p, &ins, &mut sv);
+            outs.push(y_out);
+            saved.push(sv);
+        }
+        let (loss_sum, count, g_last) = loss::loss_sum_and_grad(self.loss, outs[n - 1].view(), y);
+        let mut gouts: Vec<Option<ArrayD<T>>> = (0..n).map(|_| None).collect();
+        gouts[n - 1] = Some(g_last);
+        for i in (0..n).rev() {
+            let node = &self.nodes[i];
+            if !node.depends_on_params {
+                continue;
+            }
+            let Some(g) = gouts[i].take() else { continue };
+            let p: Vec<&[T]> = node.param_ids.iter().map(|&j| theta[j].as_slice()).collect();
+            let ins: Vec<ArrayViewD<T>> = node
+                .inputs
+                .iter()
+                .map(|s| match s {
+                    Src::Input => x.view(),
+                    Src::Node(j) => outs[*j].view(),
+                })
+                .collect();
+            let need: Vec<bool> = node
+                .inputs
+                .iter()
+                .map(|s| match s {
+                    Src::Input => false,
+                    Src::Node(j) => self.nodes[*j].depends_on_params,
+                })
+                .collect();
+            let gp = disjoint_mut(grads, &node.param_ids);
+            let gin = node.layer.backward(Backward {
+                params: &p,
+                inputs: &ins,
+                output: outs[i].view(),
+                saved: &saved[i],
+                grad_out: g.view(),
+                grad_params: gp,
+                need_input_grad: &need,
+            });
+            for (s, gi) in node.inputs.iter().zip(gin) {
+                if let (Src::Node(j), Some(gi)) = (s, gi) {
+                    match &mut gouts[*j] {
+                        Some(acc) => *acc += &gi,
+                        slot @ None => *slot = Some(gi),
+                    }
+                }
+            }
+        }
+        (loss_sum, count)
+    }
+}
+
+/// Mutable slices of `grads` at the given distinct indices, in that order.
+fn disjoint_mut<'a, T>(grads: &'a mut [Vec<T>], ids: &[usize]) -> Vec<&'a mut [T]> {
+    let mut slots: Vec<Option<&'a mut [T]>> = grads.iter_mut().map(|g| Some(g.as_mut_slice())).collect();
+    ids.iter()
+        .map(|&j| slots[j].take().expect("a layer lists each parameter once"))
+        .collect()
+}
+
+/// Reshape a batch array to 2-D `[rows, last]` (rows = product of the leading axes).
+pub(crate) fn as_rows<'a, T>(a: &'a ArrayViewD<'a, T>) -> ndarray::ArrayView2<'a, T> {
+    let last = *a.shape().last().unwrap_or(&1);
+    let rows = if last == 0 { 0 } else { a.len() / last };
+    a.view()
+        .into_shape_with_order((rows, last))
+        .expect("activations are contiguous")
+}

@@ -1,0 +1,151 @@
+//! `summary.json`: everything about a run in one document — inputs with checksums, the
+//! integration settings, per-step figures, the residual report, and per-tensor and per-layer
+//! totals. Written by `analyze`, read back by `summarize` and the other commands.
+
+use crate::checkpoint::StepSource;
+use crate::lca::Integration;
+use serde::{Deserialize, Serialize};
+
+/// Version of the output layout; bumped on incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub schema_version: u32,
+    pub tool: Tool,
+    pub spec: FileRef,
+    pub data: DataInfo,
+    pub model: ModelInfo,
+    pub integration: IntegrationInfo,
+    pub checkpoints: Vec<CheckpointRef>,
+    pub step_spacing: Spacing,
+    pub steps: Vec<StepRecord>,
+    pub run: RunTotals,
+    pub tensors: Vec<GroupTotal>,
+    pub layers: Vec<GroupTotal>,
+    pub ignored_tensors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRef {
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataInfo {
+    pub path: String,
+    pub sha256: String,
+    pub samples: usize,
+    pub sample_shape: Vec<usize>,
+    pub chunk_size: usize,
+    pub chunks: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParamRef {
+    pub name: String,
+    pub layer: String,
+    pub role: String,
+    pub shape: Vec<usize>,
+    pub numel: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub loss: String,
+    pub num_params: usize,
+    pub input_shape: Vec<usize>,
+    pub output_shape: Vec<usize>,
+    /// Layers with parameters, in model order.
+    pub layers: Vec<String>,
+    pub params: Vec<ParamRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IntegrationInfo {
+    #[serde(flatten)]
+    pub settings: Integration,
+    /// Arithmetic of the evaluator.
+    pub precision: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointRef {
+    pub path: String,
+    pub step: u64,
+    pub step_source: StepSource,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spacing {
+    pub min: u64,
+    pub max: u64,
+    /// True when consecutive analysed checkpoints are more than one training step apart: the
+    /// split over parameters then follows the straight chord between them.
+    pub sparse: bool,
+}
+
+/// One analysed step θ_t → θ_{t+1} (a row of `steps.csv`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub next_step: u64,
+    pub loss_before: f64,
+    pub loss_after: f64,
+    pub delta_loss: f64,
+    pub lca_sum: f64,
+    pub residual: f64,
+    /// L_0 + cumulative ΣLCA up to and including this step (compare with `loss_after`).
+    pub reconstructed_loss: f64,
+    pub splits: usize,
+    pub capped: bool,
+    pub evaluations: usize,
+    pub helped: u64,
+    pub zero: u64,
+    pub hurt: u64,
+    pub helped_fraction: f64,
+}
+
+/// Whole-run figures and the residual report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunTotals {
+    pub steps: usize,
+    pub loss_first: f64,
+    pub loss_last: f64,
+    pub delta_loss: f64,
+    pub lca_sum: f64,
+    pub residual_sum: f64,
+    pub residual_abs_sum: f64,
+    pub max_abs_residual: f64,
+    /// |Σ_t r_t| / |L_T − L_0|.
+    pub rel_residual: f64,
+    /// Σ_t |r_t| / |L_T − L_0| (per-step errors do not cancel here).
+    pub rel_abs_residual: f64,
+    pub evaluations: usize,
+    /// Steps whose residual stayed above the bound at the maximum number of splits.
+    pub capped_steps: Vec<u64>,
+}
+
+/// Totals over the run for one tensor or layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupTotal {
+    pub name: String,
+    pub layer: String,
+    pub params: usize,
+    pub lca: f64,
+    /// Parameters whose LCA summed over the run is negative / zero / positive.
+    pub helped: u64,
+    pub zero: u64,
+    pub hurt: u64,
+    pub helped_fraction: f64,
+}

@@ -1,0 +1,536 @@
+//! The model spec (`model.toml`): architecture, loss, training set and evaluation settings.
+//!
+//! The architecture is a list of named layers (`[[layers]]`) whose names are PyTorch module
+//! names, so that a layer named `fc1` of type `linear` owns the parameters `fc1.weight` and
+//! `fc1.bias` of a `state_dict`. By default each layer reads the output of the layer before it
+//! (a sequential model); a layer may instead name its input(s) with `input = "name"` or
+//! `input = ["a", "b"]`, which is how residual (add) connections are written.
+//!
+//! Unknown keys are errors that name the key and the line. Every key is documented in
+//! `docs/spec.md`.
+//!
+//! ```
+//! let src = r#"
+//! [[layers]]
+//! name = "fc1"
+//! type = "linear"
+//! in_features = 4
+//! out_features = 3
+//!
+//! [loss]
+//! type = "cross_entropy"
+//!
+//! [data]
+//! train = "train.safetensors"
+//! "#;
+//! let spec = lca::spec::Spec::parse(src, std::path::Path::new("model.toml")).unwrap();
+//! assert_eq!(spec.layers.len(), 1);
+//! assert_eq!(spec.eval.chunk_size, 256);
+//! ```
+
+use crate::error::{LcaError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A parsed and validated model spec.
+#[derive(Debug, Clone, Serialize)]
+pub struct Spec {
+    /// Path of the spec file as given.
+    pub path: PathBuf,
+    #[serde(skip)]
+    /// Full text of the spec file (kept for error lines and hashing).
+    pub source: String,
+    pub model: ModelSection,
+    pub layers: Vec<LayerSpec>,
+    pub loss: LossSpec,
+    pub data: DataSpec,
+    pub eval: EvalSection,
+}
+
+/// `[model]`: global settings of the architecture.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Prepended to every parameter name (e.g. `"module."` for DataParallel checkpoints).
+    #[serde(default)]
+    pub prefix: String,
+    /// Per-sample input shape after preprocessing; defaults to the data's per-sample shape.
+    /// When given and different from the data's shape with the same number of elements, the
+    /// data is reshaped (e.g. `[1, 8, 8]` for `[N, 64]` pixels).
+    #[serde(default)]
+    pub input_shape: Option<Vec<usize>>,
+}
+
+/// One `[[layers]]` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSpec {
+    /// Module name (parameter prefix); generated as `<type>_<index>` when absent.
+    pub name: String,
+    /// Whether the name was written in the spec.
+    pub named: bool,
+    /// Names of the layers this one reads; empty = the previous layer (or the input).
+    pub input: Vec<String>,
+    /// The layer type and its settings.
+    pub kind: LayerKind,
+    /// 1-based line of the `[[layers]]` header in the spec file.
+    pub line: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_leaky_slope() -> f32 {
+    0.01
+}
+
+fn default_start_dim() -> i64 {
+    1
+}
+
+fn default_end_dim() -> i64 {
+    -1
+}
+
+/// Layer types and their settings, with PyTorch's argument names.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerKind {
+    /// `nn.Linear`: weight `[out_features, in_features]`, bias `[out_features]`.
+    Linear {
+        in_features: usize,
+        out_features: usize,
+        #[serde(default = "default_true")]
+        bias: bool,
+    },
+    /// `nn.ReLU`.
+    Relu {},
+    /// `nn.LeakyReLU`.
+    LeakyRelu {
+        #[serde(default = "default_leaky_slope")]
+        negative_slope: f32,
+    },
+    /// `nn.Tanh`.
+    Tanh {},
+    /// `nn.Sigmoid`.
+    Sigmoid {},
+    /// `nn.GELU`, `approximate = "none"` (exact, erf) or `"tanh"`.
+    Gelu {
+        #[serde(default)]
+        approximate: GeluApprox,
+    },
+    /// `nn.Identity`.
+    Identity {},
+    /// `nn.Flatten(start_dim, end_dim)` in C order; dims count the batch axis as 0.
+    Flatten {
+        #[serde(default = "default_start_dim")]
+        start_dim: i64,
+        #[serde(default = "default_end_dim")]
+        end_dim: i64,
+    },
+    /// `nn.Dropout`: identity, because evaluation is deterministic.
+    Dropout {
+        #[serde(default)]
+        p: f32,
+    },
+}
+
+/// GELU variant, as PyTorch's `approximate` argument.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluApprox {
+    #[default]
+    None,
+    Tanh,
+}
+
+impl LayerKind {
+    /// The `type` string of this layer.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            LayerKind::Linear { .. } => "linear",
+            LayerKind::Relu {} => "relu",
+            LayerKind::LeakyRelu { .. } => "leaky_relu",
+            LayerKind::Tanh {} => "tanh",
+            LayerKind::Sigmoid {} => "sigmoid",
+            LayerKind::Gelu { .. } => "gelu",
+            LayerKind::Identity {} => "identity",
+            LayerKind::Flatten { .. } => "flatten",
+            LayerKind::Dropout { .. } => "dropout",
+        }
+    }
+}
+
+/// `[loss]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LossSpec {
+    /// Mean softmax cross-entropy of the last layer's output (logits) against class indices.
+    CrossEntropy {},
+    /// Mean squared error over every element (PyTorch `MSELoss(reduction="mean")`).
+    Mse {},
+}
+
+/// `[data]`: the training set and its preprocessing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Training set file (`.safetensors` or `.npz`), relative to the spec file's directory.
+    pub train: PathBuf,
+    /// Name of the input tensor in the file.
+    #[serde(default = "default_x")]
+    pub x: String,
+    /// Name of the target tensor in the file.
+    #[serde(default = "default_y")]
+    pub y: String,
+    /// Multiply inputs by this first (e.g. `1/255`).
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// Then subtract this: one value, or one per feature/channel (axis 1 of x).
+    #[serde(default)]
+    pub mean: Option<Vec<f64>>,
+    /// Then divide by this: one value, or one per feature/channel.
+    #[serde(default)]
+    pub std: Option<Vec<f64>>,
+}
+
+fn default_x() -> String {
+    "x".into()
+}
+
+fn default_y() -> String {
+    "y".into()
+}
+
+/// `[eval]`: how the full-training-set loss is evaluated.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Samples per chunk. Chunks are evaluated in parallel and combined in a fixed order.
+    #[serde(default = "default_chunk")]
+    pub chunk_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            chunk_size: default_chunk(),
+        }
+    }
+}
+
+fn default_chunk() -> usize {
+    256
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    #[serde(default)]
+    model: ModelSection,
+    layers: Vec<toml::Spanned<toml::Table>>,
+    loss: LossSpec,
+    data: DataSpec,
+    #[serde(default)]
+    eval: EvalSection,
+}
+
+impl Spec {
+    /// Read and parse a spec file.
+    pub fn load(path: &Path) -> Result<Spec> {
+        let source = std::fs::read_to_string(path).map_err(|e| LcaError::io(path, e))?;
+        Spec::parse(&source, path)
+    }
+
+    /// Parse spec text; `path` is used in messages and to resolve relative data paths.
+    pub fn parse(source: &str, path: &Path) -> Result<Spec> {
+        let err = |line: Option<usize>, msg: String| LcaError::Spec {
+            path: path.to_path_buf(),
+            line,
+            msg,
+        };
+        let raw: RawSpec = toml::from_str(source).map_err(|e| {
+            let line = e.span().map(|s| line_of(source, s.start));
+            let msg = e.message().trim().to_string();
+            err(line, msg)
+        })?;
+        let mut layers = Vec::with_capacity(raw.layers.len());
+        for (index, spanned) in raw.layers.into_iter().enumerate() {
+            let start = spanned.span().start;
+            let line = line_of(source, start);
+            let mut table = spanned.into_inner();
+            let name = match table.remove("name") {
+                None => None,
+                Some(toml::Value::String(s)) if !s.is_empty() => Some(s),
+                Some(_) => {
+                    return Err(err(
+                        key_line(source, start, "name").or(Some(line)),
+                        format!("layer #{}: `name` must be a non-empty string", index + 1),
+                    ));
+                }
+            };
+            let label = match &name {
+                Some(n) => format!("layer #{} '{n}'", index + 1),
+                None => format!("layer #{}", index + 1),
+            };
+            let input = match table.remove("input") {
+                None => vec![],
+                Some(toml::Value::String(s)) => vec![s],
+                Some(toml::Value::Array(a)) => {
+                    let mut v = Vec::new();
+                    for item in a {
+                        match item {
+                            toml::Value::String(s) => v.push(s),
+                            _ => {
+                                return Err(err(
+                                    key_line(source, start, "input").or(Some(line)),
+                                    format!("{label}: `input` must be a layer name or a list of layer names"),
+                                ));
+                            }
+                        }
+                    }
+                    v
+                }
+                Some(_) => {
+                    return Err(err(
+                        key_line(source, start, "input").or(Some(line)),
+                        format!("{label}: `input` must be a layer name or a list of layer names"),
+                    ));
+                }
+            };
+            if !table.contains_key("type") {
+                return Err(err(Some(line), format!("{label}: missing key `type`")));
+            }
+            let kind: LayerKind = toml::Value::Table(table).try_into().map_err(|e| {
+                let msg = e.message().trim().to_string();
+                let line = unknown_field(&msg)
+                    .and_then(|k| key_line(source, start, k))
+                    .or_else(|| {
+                        if msg.contains("unknown variant") {
+                            key_line(source, start, "type")
+                        } else {
+                            None
+                        }
+                    })
+                    .unwrap_or(line);
+                err(Some(line), format!("{label}: {msg}"))
+            })?;
+            let named = name.is_some();
+            let name = name.unwrap_or_else(|| format!("{}_{}", kind.type_name(), index));
+            layers.push(LayerSpec {
+                name,
+                named,
+                input,
+                kind,
+                line,
+            });
+        }
+        let spec = Spec {
+            path: path.to_path_buf(),
+            source: source.to_string(),
+            model: raw.model,
+            layers,
+            loss: raw.loss,
+            data: raw.data,
+            eval: raw.eval,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let err = |line: Option<usize>, msg: String| LcaError::Spec {
+            path: self.path.clone(),
+            line,
+            msg,
+        };
+        if self.layers.is_empty() {
+            return Err(err(None, "`layers` is empty: the model needs at least one layer".into()));
+        }
+        if self.eval.chunk_size == 0 {
+            return Err(err(
+                section_key_line(&self.source, "eval", "chunk_size"),
+                "`eval.chunk_size` must be at least 1".into(),
+            ));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for l in &self.layers {
+            if let Some(prev) = seen.insert(l.name.as_str(), l.line) {
+                return Err(err(
+                    Some(l.line),
+                    format!("layer name '{}' is used twice (also on line {prev})", l.name),
+                ));
+            }
+            if l.name == "input" {
+                return Err(err(
+                    Some(l.line),
+                    "layer name 'input' is reserved for the model input".into(),
+                ));
+            }
+        }
+        for (key, v) in [("scale", self.data.scale.map(|s| vec![s])), ("mean", self.data.mean.clone()), ("std", self.data.std.clone())] {
+            if let Some(v) = v {
+                if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
+                    return Err(err(
+                        section_key_line(&self.source, "data", key),
+                        format!("`data.{key}` must be finite numbers (one, or one per channel)"),
+                    ));
+                }
+                if key == "std" && v.iter().any(|x| *x == 0.0) {
+                    return Err(err(section_key_line(&self.source, "data", key), "`data.std` must not be 0".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Directory against which relative paths in the spec are resolved.
+    pub fn base_dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// The training set path, resolved against the spec's directory.
+    pub fn train_path(&self) -> PathBuf {
+        self.base_dir().join(&self.data.train)
+    }
+
+    /// The full `state_dict` name of a layer's parameter (`prefix` + `layer.suffix`).
+    pub fn param_name(&self, layer: &str, suffix: &str) -> String {
+        format!("{}{}.{}", self.model.prefix, layer, suffix)
+    }
+}
+
+/// 1-based line number of a byte offset.
+pub fn line_of(source: &str, offset: usize) -> usize {
+    source[..offset.min(source.len())].matches('\n').count() + 1
+}
+
+/// Line of `key = ...` at or after `from`, within the same table (before the next header).
+fn key_line(source: &str, from: usize, key: &str) -> Option<usize> {
+    let first = line_of(source, from);
+    for (i, l) in source.lines().enumerate().skip(first - 1) {
+        let t = l.trim_start();
+        if i + 1 > first && t.starts_with('[') {
+            break;
+        }
+        if let Some(rest) = t.strip_prefix(key) {
+            let rest = rest.trim_start();
+            if rest.starts_with('=') {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+/// Line of `key = ...` inside the `[section]` table.
+fn section_key_line(source: &str, section: &str, key: &str) -> Option<usize> {
+    let header = format!("[{section}]");
+    let mut offset = 0;
+    for l in source.split_inclusive('\n') {
+        if l.trim() == header {
+            return key_line(source, offset, key);
+        }
+        offset += l.len();
+    }
+    None
+}
+
+fn unknown_field(msg: &str) -> Option<&str> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+prefix = "module."
+
+[[layers]]
+name = "fc1"
+type = "linear"
+in_features = 4
+out_features = 3
+
+[[layers]]
+type = "relu"
+
+[[layers]]
+name = "fc2"
+type = "linear"
+in_features = 3
+out_features = 2
+bias = false
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "d/train.npz"
+scale = 0.5
+"#;
+
+    #[test]
+    fn parses_good_spec() {
+        let s = Spec::parse(GOOD, Path::new("dir/model.toml")).unwrap();
+        assert_eq!(s.layers.len(), 3);
+        assert_eq!(s.layers[1].name, "relu_1");
+        assert!(!s.layers[1].named);
+        assert_eq!(s.layers[2].line, 15);
+        assert_eq!(
+            s.layers[2].kind,
+            LayerKind::Linear {
+                in_features: 3,
+                out_features: 2,
+                bias: false
+            }
+        );
+        assert_eq!(s.param_name("fc1", "weight"), "module.fc1.weight");
+        assert_eq!(s.train_path(), PathBuf::from("dir/d/train.npz"));
+    }
+
+    #[test]
+    fn unknown_layer_key_names_key_and_line() {
+        let src = GOOD.replace("bias = false", "bais = false");
+        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        assert!(e.contains("m.toml:20"), "{e}");
+        assert!(e.contains("bais"), "{e}");
+        assert!(e.contains("'fc2'"), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_key_and_line() {
+        let src = GOOD.replace("scale = 0.5", "scale = 0.5\nshuffle = true");
+        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        assert!(e.contains("shuffle"), "{e}");
+        assert!(e.contains("m.toml:27"), "{e}");
+    }
+
+    #[test]
+    fn unknown_type_names_line() {
+        let src = GOOD.replace("type = \"relu\"", "type = \"relu6\"");
+        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        assert!(e.contains("m.toml:12"), "{e}");
+        assert!(e.contains("relu6"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_rejected() {
+        let src = GOOD.replace("name = \"fc2\"", "name = \"fc1\"");
+        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn zero_chunk_rejected() {
+        let src = format!("{GOOD}\n[eval]\nchunk_size = 0\n");
+        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        assert!(e.contains("chunk_size"), "{e}");
+    }
+}

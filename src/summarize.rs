@@ -1,0 +1,353 @@
+//! `lca summarize`: coarser views of an analysis, read back from its output directory.
+//!
+//! - `layer`, `tensor`: totals over the run (from `summary.json`);
+//! - `step` (alias `iteration`): per-step losses, ΣLCA, residual, helped fraction;
+//! - `neuron`: a neuron (channel) is index `i` along axis 0 of its layer's weight — the sum
+//!   over every other axis of the weight, plus its bias entry (from `params.csv`);
+//! - `param`: single parameters (from `params.csv`).
+//!
+//! Output as an aligned table for people, or CSV / JSON for scripts.
+
+use crate::error::{LcaError, Result};
+use crate::report::{json::read_summary, Summary};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Which view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    Layer,
+    Tensor,
+    Neuron,
+    #[value(alias = "iteration")]
+    Step,
+    Param,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+/// Row order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sort {
+    /// Model (or step) order; the default for layer, tensor and step.
+    Order,
+    /// Most helpful (most negative LCA) first; the default for neuron and param.
+    Helped,
+    /// Most hurtful (most positive LCA) first.
+    Hurt,
+    /// Largest |LCA| first.
+    Abs,
+}
+
+/// A value in a table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Str(String),
+    Int(i64),
+    Float(f64),
+}
+
+/// A view as columns and rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<Vec<Cell>>,
+    /// Index of the LCA column used for sorting.
+    lca_col: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct ParamRow {
+    tensor: String,
+    layer: String,
+    flat_index: usize,
+    index: String,
+    lca: f64,
+    helped_steps: u32,
+    hurt_steps: u32,
+}
+
+fn read_params(dir: &Path) -> Result<Vec<ParamRow>> {
+    let path = dir.join("params.csv");
+    let mut r = csv::Reader::from_path(&path).map_err(|e| LcaError::Output {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    r.deserialize()
+        .map(|row| {
+            row.map_err(|e| LcaError::Output {
+                path: path.clone(),
+                msg: format!("unreadable row: {e}"),
+            })
+        })
+        .collect()
+}
+
+fn share(lca: f64, delta: f64) -> f64 {
+    if delta != 0.0 {
+        lca / delta.abs()
+    } else {
+        f64::NAN
+    }
+}
+
+/// Build the requested view.
+pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
+    let s = read_summary(dir)?;
+    let delta = s.run.delta_loss;
+    let group = |g: &[crate::report::GroupTotal], with_layer: bool| {
+        let mut columns = vec!["name"];
+        if with_layer {
+            columns.push("layer");
+        }
+        columns.extend(["params", "lca", "share_of_abs_delta", "helped", "zero", "hurt", "helped_fraction"]);
+        let rows = g
+            .iter()
+            .map(|t| {
+                let mut r = vec![Cell::Str(t.name.clone())];
+                if with_layer {
+                    r.push(Cell::Str(t.layer.clone()));
+                }
+                r.extend([
+                    Cell::Int(t.params as i64),
+                    Cell::Float(t.lca),
+                    Cell::Float(share(t.lca, delta)),
+                    Cell::Int(t.helped as i64),
+                    Cell::Int(t.zero as i64),
+                    Cell::Int(t.hurt as i64),
+                    Cell::Float(t.helped_fraction),
+                ]);
+                r
+            })
+            .collect();
+        Table {
+            columns,
+            rows,
+            lca_col: if with_layer { 3 } else { 2 },
+        }
+    };
+    let table = match by {
+        By::Layer => {
+            let mut t = group(&s.layers, false);
+            t.columns[0] = "layer";
+            t
+        }
+        By::Tensor => {
+            let mut t = group(&s.tensors, true);
+            t.columns[0] = "tensor";
+            t
+        }
+        By::Step => Table {
+            columns: vec![
+                "step",
+                "next_step",
+                "loss_before",
+                "loss_after",
+                "delta_loss",
+                "lca_sum",
+                "residual",
+                "splits",
+                "helped_fraction",
+            ],
+            rows: s
+                .steps
+                .iter()
+                .map(|r| {
+                    vec![
+                        Cell::Int(r.step as i64),
+                        Cell::Int(r.next_step as i64),
+                        Cell::Float(r.loss_before),
+                        Cell::Float(r.loss_after),
+                        Cell::Float(r.delta_loss),
+                        Cell::Float(r.lca_sum),
+                        Cell::Float(r.residual),
+                        Cell::Int(r.splits as i64),
+                        Cell::Float(r.helped_fraction),
+                    ]
+                })
+                .collect(),
+            lca_col: 5,
+        },
+        By::Param => {
+            let rows = read_params(dir)?;
+            Table {
+                columns: vec!["tensor", "layer", "flat_index", "index", "lca", "helped_steps", "hurt_steps"],
+                rows: rows
+                    .into_iter()
+                    .map(|p| {
+                        vec![
+                            Cell::Str(p.tensor),
+                            Cell::Str(p.layer),
+                            Cell::Int(p.flat_index as i64),
+                            Cell::Str(p.index),
+                            Cell::Float(p.lca),
+                            Cell::Int(p.helped_steps as i64),
+                            Cell::Int(p.hurt_steps as i64),
+                        ]
+                    })
+                    .collect(),
+                lca_col: 4,
+            }
+        }
+        By::Neuron => {
+            let rows = read_params(dir)?;
+            // Size of axis 0 and elements per axis-0 slice, per tensor.
+            let shapes: BTreeMap<&str, (usize, usize)> = s
+                .model
+                .params
+                .iter()
+                .filter(|p| !p.shape.is_empty())
+                .map(|p| (p.name.as_str(), (p.shape[0], p.numel / p.shape[0].max(1))))
+                .collect();
+            let order: Vec<&str> = s.model.layers.iter().map(|l| l.as_str()).collect();
+            let mut acc: BTreeMap<(usize, usize), (f64, usize)> = BTreeMap::new();
+            for p in &rows {
+                let Some(&(_, per)) = shapes.get(p.tensor.as_str()) else {
+                    continue;
+                };
+                let li = order.iter().position(|l| *l == p.layer).unwrap_or(usize::MAX);
+                let e = acc.entry((li, p.flat_index / per.max(1))).or_insert((0.0, 0));
+                e.0 += p.lca;
+                e.1 += 1;
+            }
+            Table {
+                columns: vec!["layer", "neuron", "params", "lca", "share_of_abs_delta"],
+                rows: acc
+                    .into_iter()
+                    .map(|((li, n), (lca, k))| {
+                        vec![
+                            Cell::Str(order.get(li).map_or("?".into(), |s| s.to_string())),
+                            Cell::Int(n as i64),
+                            Cell::Int(k as i64),
+                            Cell::Float(lca),
+                            Cell::Float(share(lca, delta)),
+                        ]
+                    })
+                    .collect(),
+                lca_col: 3,
+            }
+        }
+    };
+    Ok((s, table))
+}
+
+impl Table {
+    /// Sort rows and keep the first `top`.
+    pub fn sort_and_limit(&mut self, sort: Sort, top: Option<usize>) {
+        let c = self.lca_col;
+        let key = |r: &Vec<Cell>| match r[c] {
+            Cell::Float(v) => v,
+            _ => 0.0,
+        };
+        match sort {
+            Sort::Order => {}
+            Sort::Helped => self.rows.sort_by(|a, b| key(a).total_cmp(&key(b))),
+            Sort::Hurt => self.rows.sort_by(|a, b| key(b).total_cmp(&key(a))),
+            Sort::Abs => self.rows.sort_by(|a, b| key(b).abs().total_cmp(&key(a).abs())),
+        }
+        if let Some(n) = top {
+            self.rows.truncate(n);
+        }
+    }
+
+    /// Render as aligned text columns.
+    pub fn to_text(&self) -> String {
+        let cells: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|c| match c {
+                        Cell::Str(s) => s.clone(),
+                        Cell::Int(i) => i.to_string(),
+                        Cell::Float(f) if f.is_nan() => "-".into(),
+                        Cell::Float(f) if *f == 0.0 => "0".into(),
+                        Cell::Float(f) if f.abs() >= 1e-3 && f.abs() < 1e4 => format!("{f:.6}"),
+                        Cell::Float(f) => format!("{f:.4e}"),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut width: Vec<usize> = self.columns.iter().map(|c| c.len()).collect();
+        for r in &cells {
+            for (w, c) in width.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let numeric: Vec<bool> = (0..self.columns.len())
+            .map(|i| self.rows.first().is_some_and(|r| !matches!(r[i], Cell::Str(_))))
+            .collect();
+        let line = |vals: Vec<String>| {
+            vals.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if numeric[i] {
+                        format!("{v:>w$}", w = width[i])
+                    } else {
+                        format!("{v:<w$}", w = width[i])
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        };
+        let mut out = line(self.columns.iter().map(|c| c.to_string()).collect());
+        out.push('\n');
+        for r in cells {
+            out.push_str(&line(r));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Render as CSV.
+    pub fn to_csv(&self) -> Result<String> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let err = |e: csv::Error| LcaError::Usage(e.to_string());
+        w.write_record(&self.columns).map_err(err)?;
+        for r in &self.rows {
+            w.write_record(r.iter().map(|c| match c {
+                Cell::Str(s) => s.clone(),
+                Cell::Int(i) => i.to_string(),
+                Cell::Float(f) => f.to_string(),
+            }))
+            .map_err(err)?;
+        }
+        let bytes = w.into_inner().map_err(|e| LcaError::Usage(e.to_string()))?;
+        Ok(String::from_utf8(bytes).expect("csv of UTF-8 strings"))
+    }
+
+    /// Render as a JSON array of objects.
+    pub fn to_json(&self) -> String {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let m: serde_json::Map<String, serde_json::Value> = self
+                    .columns
+                    .iter()
+                    .zip(r)
+                    .map(|(k, c)| {
+                        let v = match c {
+                            Cell::Str(s) => serde_json::Value::from(s.clone()),
+                            Cell::Int(i) => serde_json::Value::from(*i),
+                            Cell::Float(f) if f.is_finite() => serde_json::Value::from(*f),
+                            Cell::Float(_) => serde_json::Value::Null,
+                        };
+                        (k.to_string(), v)
+                    })
+                    .collect();
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        serde_json::to_string_pretty(&rows).expect("json values") + "\n"
+    }
+}
