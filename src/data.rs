@@ -135,10 +135,12 @@ impl Dataset {
         } else {
             read_safetensors(path, &bytes, names)?
         };
-        let n = *x
-            .shape
-            .first()
-            .ok_or_else(|| err(format!("'{}' must have a sample axis, found a scalar", spec.x)))?;
+        let n = *x.shape.first().ok_or_else(|| {
+            err(format!(
+                "'{}' must have a sample axis, found a scalar",
+                spec.x
+            ))
+        })?;
         if n == 0 {
             return Err(err(format!("'{}' holds no samples", spec.x)));
         }
@@ -150,7 +152,12 @@ impl Dataset {
                     spec.x, spec.y
                 )));
             }
-            None => return Err(err(format!("'{}' must have a sample axis, found a scalar", spec.y))),
+            None => {
+                return Err(err(format!(
+                    "'{}' must have a sample axis, found a scalar",
+                    spec.y
+                )));
+            }
         }
         let mut sample_shape = x.shape[1..].to_vec();
         if let Some(want) = input_shape {
@@ -177,7 +184,11 @@ impl Dataset {
         }
         // Preprocessing: x*scale, then (x - mean[c]) / std[c] along the first per-sample axis.
         let channels = sample_shape.first().copied().unwrap_or(1);
-        let inner = if sample_shape.is_empty() { 1 } else { per / channels.max(1) };
+        let inner = if sample_shape.is_empty() {
+            1
+        } else {
+            per / channels.max(1)
+        };
         let per_channel = |key: &str, v: &Option<Vec<f64>>, default: f64| -> Result<Vec<f64>> {
             match v {
                 None => Ok(vec![default; channels]),

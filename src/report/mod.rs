@@ -62,6 +62,17 @@ pub struct OutDir {
 /// Name of the file that marks a directory as an lca output.
 pub const SUMMARY_FILE: &str = "summary.json";
 
+/// Every file `analyze` may write; those a new run does not write are removed from a previous
+/// output on commit, so that a directory never mixes two runs.
+pub const OUTPUT_FILES: [&str; 6] = [
+    "summary.json",
+    "steps.csv",
+    "layers.csv",
+    "tensors.csv",
+    "params.csv",
+    "lca.safetensors",
+];
+
 impl OutDir {
     /// Prepare `dir` for output. It may be new, empty, or hold a previous lca output (which is
     /// replaced); anything else is refused so that user files are never overwritten.
@@ -102,6 +113,12 @@ impl OutDir {
     pub fn commit(mut self) -> Result<Vec<PathBuf>> {
         self.pending
             .sort_by_key(|(_, f)| f.file_name().is_some_and(|n| n == SUMMARY_FILE));
+        for name in OUTPUT_FILES {
+            let stale = self.dir.join(name);
+            if !self.pending.iter().any(|(_, f)| *f == stale) && stale.is_file() {
+                std::fs::remove_file(&stale).map_err(|e| LcaError::io(&stale, e))?;
+            }
+        }
         let mut done = Vec::new();
         for (tmp, fin) in &self.pending {
             std::fs::rename(tmp, fin).map_err(|e| LcaError::io(fin, e))?;

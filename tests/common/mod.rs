@@ -1,0 +1,243 @@
+//! Helpers shared by the integration tests: run the real binary, read outputs and oracles.
+#![allow(dead_code)]
+
+use assert_cmd::Command;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Path of a file under `fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
+/// The `lca` binary.
+pub fn lca() -> Command {
+    Command::cargo_bin("lca").expect("binary built")
+}
+
+/// Run `lca analyze` on a fixture directory (`fixtures/<name>/ckpts` with `model.toml`) into
+/// `out`, with extra arguments; panics with stderr on failure.
+pub fn analyze(name: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let o = lca()
+        .arg("analyze")
+        .arg(fixture(&format!("{name}/ckpts")))
+        .arg("--spec")
+        .arg(fixture(&format!("{name}/model.toml")))
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("runs");
+    assert!(
+        o.status.success(),
+        "lca analyze failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Parse a JSON file.
+pub fn json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Rows of a CSV file as maps from column to string.
+pub fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    r.deserialize().map(|x| x.expect("csv row")).collect()
+}
+
+/// Numbers of a JSON array.
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+/// Per-step, per-tensor comparison against an oracle with relative tolerance `rtol`.
+///
+/// A per-tensor value is compared relative to its own magnitude, except that magnitudes below
+/// 1 % of the step's total allocation (Σ over tensors of |oracle LCA|) are measured relative
+/// to that 1 %: an f32 evaluator cannot resolve cancellations finer than that, and such a
+/// tensor carries under 1 % of the step's allocation. Returns the worst relative error.
+pub fn compare_step_tensor_lca(
+    ours: &std::collections::HashMap<(u64, String), f64>,
+    oracle: &Value,
+    steps: &[u64],
+    rtol: f64,
+) -> f64 {
+    let lca = oracle["lca"].as_object().expect("lca object");
+    let mut worst = 0.0f64;
+    for (t, &step) in steps.iter().enumerate().take(steps.len() - 1) {
+        let scale: f64 = lca.values().map(|v| v[t].as_f64().unwrap().abs()).sum();
+        for (name, vals) in lca {
+            let want = vals[t].as_f64().unwrap();
+            let got = *ours
+                .get(&(step, name.clone()))
+                .unwrap_or_else(|| panic!("no row for step {step} tensor {name}"));
+            let denom = want.abs().max(0.01 * scale);
+            let rel = (got - want).abs() / denom;
+            assert!(
+                rel <= rtol,
+                "step {step} tensor {name}: lca {got} vs oracle {want} (relative error {rel:.2e} > {rtol:e})"
+            );
+            worst = worst.max(rel);
+        }
+    }
+    worst
+}
+
+/// Read `tensors.csv` into (step, tensor) → lca.
+pub fn tensor_steps(out: &Path) -> std::collections::HashMap<(u64, String), f64> {
+    csv_rows(&out.join("tensors.csv"))
+        .into_iter()
+        .map(|r| {
+            (
+                (r["step"].parse().unwrap(), r["tensor"].clone()),
+                r["lca"].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A tensor to write: name, dtype, shape, little-endian bytes.
+pub struct T {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl T {
+    pub fn f32(name: &str, shape: &[usize], v: &[f32]) -> T {
+        T {
+            name: name.into(),
+            dtype: safetensors::Dtype::F32,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+    pub fn i64(name: &str, shape: &[usize], v: &[i64]) -> T {
+        T {
+            name: name.into(),
+            dtype: safetensors::Dtype::I64,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Write a safetensors file with optional `step` metadata.
+pub fn write_st(path: &Path, tensors: &[T], step: Option<u64>) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
+            )
+        })
+        .collect();
+    let meta = step.map(|s| std::collections::HashMap::from([("step".to_string(), s.to_string())]));
+    safetensors::tensor::serialize_to_file(views, meta, path).unwrap();
+}
+
+/// A tiny, valid problem in a temp dir: Linear(4→3) on 10 samples, 3 checkpoints.
+/// Returns (tempdir, ckpt dir, spec path).
+pub struct Tiny {
+    pub dir: tempfile::TempDir,
+    pub ckpts: PathBuf,
+    pub spec: PathBuf,
+}
+
+pub const TINY_SPEC: &str = r#"[[layers]]
+name = "fc"
+type = "linear"
+in_features = 4
+out_features = 3
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "train.safetensors"
+
+[eval]
+chunk_size = 4
+"#;
+
+/// Parameters of tiny checkpoint `k` (deterministic, different per k).
+pub fn tiny_params(k: usize) -> (Vec<f32>, Vec<f32>) {
+    let w: Vec<f32> = (0..12)
+        .map(|i| ((i * 7 + k * 3) % 11) as f32 * 0.1 - 0.5)
+        .collect();
+    let b: Vec<f32> = (0..3).map(|i| (i + k) as f32 * 0.05).collect();
+    (w, b)
+}
+
+pub fn tiny_x() -> Vec<f32> {
+    (0..40).map(|i| ((i * 13) % 17) as f32 / 17.0).collect()
+}
+
+pub fn tiny() -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpts = dir.path().join("ckpts");
+    std::fs::create_dir(&ckpts).unwrap();
+    for k in 0..3 {
+        let (w, b) = tiny_params(k);
+        write_st(
+            &ckpts.join(format!("ckpt_{k}.safetensors")),
+            &[
+                T::f32("fc.weight", &[3, 4], &w),
+                T::f32("fc.bias", &[3], &b),
+            ],
+            Some(k as u64),
+        );
+    }
+    let y: Vec<i64> = (0..10).map(|i| i % 3).collect();
+    write_st(
+        &dir.path().join("train.safetensors"),
+        &[T::f32("x", &[10, 4], &tiny_x()), T::i64("y", &[10], &y)],
+        None,
+    );
+    let spec = dir.path().join("model.toml");
+    std::fs::write(&spec, TINY_SPEC).unwrap();
+    Tiny { dir, ckpts, spec }
+}
+
+impl Tiny {
+    /// Run analyze on this problem; returns the output.
+    pub fn run(&self, extra: &[&str]) -> std::process::Output {
+        lca()
+            .arg("analyze")
+            .arg(&self.ckpts)
+            .arg("--spec")
+            .arg(&self.spec)
+            .arg("-o")
+            .arg(self.dir.path().join("out"))
+            .arg("--quiet")
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+}
+
+/// Assert a failed run whose stderr contains every needle; returns stderr.
+pub fn fails_with(o: &std::process::Output, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(o.status.code(), Some(2), "exit code; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+    err
+}
