@@ -12,10 +12,11 @@ use crate::lca::{Integration, integrate_step};
 use crate::net::{LossKind, Model};
 use crate::progress::Progress;
 use crate::report::{
-    CheckpointRef, DataInfo, Exporter, FileRef, GroupStep, GroupTotal, IntegrationInfo, ModelInfo,
-    OutDir, ParamRef, ParamTotals, RunTotals, SCHEMA_VERSION, Spacing, StepOutput, StepRecord,
-    Summary, Tool, csv::CsvExporter, json::JsonExporter, tensors::StoreDtype,
-    tensors::TensorExporter,
+    CheckpointRef, DataInfo, Exporter, FileInfo, FileRef, GroupStep, GroupTotal, IntegrationInfo,
+    L2Report, ModelInfo, OutDir, ParamRef, ParamTotals, ResidualReport, RunTotals,
+    SCHEMA_VERSION, Spacing, StepOutput, StepRecord, Summary, Tool, csv::CsvExporter,
+    json::JsonExporter,
+    tensors::{StoreDtype, TensorExporter, TensorSource},
 };
 use crate::spec::Spec;
 use std::path::PathBuf;
@@ -44,8 +45,12 @@ pub struct Prepared {
     pub spec: Spec,
     pub spec_sha256: String,
     pub data: Dataset,
+    /// The held-out set, when the spec names one.
+    pub validation: Option<Dataset>,
     pub model: Model<f32>,
     pub files: Vec<CheckpointFile>,
+    /// Per parameter tensor: whether the L2 term applies to it (empty without one).
+    pub l2_mask: Vec<bool>,
 }
 
 /// Load the spec and data, build the model and check every selected checkpoint's header
@@ -63,14 +68,49 @@ pub fn prepare(
         crate::spec::LossSpec::CrossEntropy {} => LossKind::CrossEntropy,
         crate::spec::LossSpec::Mse {} => LossKind::Mse,
     };
-    let data = Dataset::load(
-        &spec.train_path(),
-        &spec.data,
-        spec.model.input_shape.as_deref(),
-        loss,
-    )?;
+    let input_shape = spec.model.input_shape.as_deref();
+    let data = Dataset::load(&spec.train_path(), &spec.data, input_shape, loss)?;
     let model = Model::<f32>::build(&spec, data.sample_shape())?;
     data.check_targets(model.output_shape(), model.loss)?;
+    let validation = match spec.validation_path() {
+        None => None,
+        Some(path) => {
+            let v = Dataset::load(&path, &spec.data, input_shape, loss)?;
+            if v.sample_shape() != data.sample_shape() {
+                return Err(LcaError::Data {
+                    path,
+                    msg: format!(
+                        "validation samples have shape {:?} but training samples have {:?}",
+                        v.sample_shape(),
+                        data.sample_shape()
+                    ),
+                });
+            }
+            v.check_targets(model.output_shape(), model.loss)?;
+            Some(v)
+        }
+    };
+    let l2_mask = match &spec.regularization {
+        None => Vec::new(),
+        Some(r) => match &r.tensors {
+            None => vec![true; model.params.len()],
+            Some(names) => {
+                for n in names {
+                    if !model.params.iter().any(|p| &p.name == n) {
+                        return Err(LcaError::Spec {
+                            path: spec.path.clone(),
+                            line: spec.line_of_key("regularization", "tensors"),
+                            msg: format!(
+                                "`regularization.tensors` names '{n}', which is not a parameter of the model (it has: {})",
+                                model.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                            ),
+                        });
+                    }
+                }
+                model.params.iter().map(|p| names.contains(&p.name)).collect()
+            }
+        },
+    };
     let files = checkpoint::select(checkpoint::scan(ckpt_dir)?, first, last, every)?;
     if files.len() < 2 {
         return Err(LcaError::Checkpoint {
@@ -125,8 +165,10 @@ pub fn prepare(
         spec,
         spec_sha256,
         data,
+        validation,
         model,
         files,
+        l2_mask,
     })
 }
 
@@ -148,44 +190,94 @@ fn fraction(a: u64, n: u64) -> f64 {
     if n == 0 { 0.0 } else { a as f64 / n as f64 }
 }
 
+/// λ(θ₁² − θ₀²) per parameter: the exact LCA of λ‖θ‖² over a step (Simpson integrates the
+/// linear gradient 2λθ exactly, so this closed form is what any rule would give).
+pub fn l2_step(lambda: f64, theta0: &[Vec<f32>], theta1: &[Vec<f32>], mask: &[bool]) -> Vec<Vec<f64>> {
+    theta0
+        .iter()
+        .zip(theta1)
+        .zip(mask)
+        .map(|((a, b), &on)| {
+            a.iter()
+                .zip(b)
+                .map(|(&a, &b)| {
+                    if on {
+                        let (a, b) = (a as f64, b as f64);
+                        lambda * (b * b - a * a)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// λ‖θ‖² over the masked tensors.
+fn l2_penalty(lambda: f64, theta: &[Vec<f32>], mask: &[bool]) -> f64 {
+    theta
+        .iter()
+        .zip(mask)
+        .filter(|(_, on)| **on)
+        .map(|(t, _)| t.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum::<f64>()
+        * lambda
+}
+
+fn add_to(acc: &mut [Vec<f64>], v: &[Vec<f64>]) {
+    for (a, b) in acc.iter_mut().zip(v) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+    }
+}
+
+fn residual_report(first: f64, records: &[(f64, f64, f64)]) -> ResidualReport {
+    // records: (loss_after, lca_sum, residual)
+    let last = records.last().map_or(first, |r| r.0);
+    let delta = last - first;
+    let rs: f64 = records.iter().map(|r| r.2).sum();
+    let ra: f64 = records.iter().map(|r| r.2.abs()).sum();
+    let rel = |x: f64| if delta != 0.0 { x / delta.abs() } else { f64::NAN };
+    ResidualReport {
+        loss_first: first,
+        loss_last: last,
+        delta_loss: delta,
+        lca_sum: records.iter().map(|r| r.1).sum(),
+        residual_sum: rs,
+        residual_abs_sum: ra,
+        max_abs_residual: records.iter().map(|r| r.2.abs()).fold(0.0, f64::max),
+        rel_residual: rel(rs.abs()),
+        rel_abs_residual: rel(ra),
+    }
+}
+
 /// Run the analysis; `note` receives human-readable notes and warnings (for stderr).
 pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
-    let p = prepare(
-        &opts.ckpt_dir,
-        &opts.spec,
-        opts.first,
-        opts.last,
-        opts.every,
-    )?;
+    let p = prepare(&opts.ckpt_dir, &opts.spec, opts.first, opts.last, opts.every)?;
     let model = &p.model;
     let files = &p.files;
     let nsteps = files.len() - 1;
-    let eval = Evaluator {
-        model,
-        data: &p.data,
-        chunk_size: p.spec.eval.chunk_size,
-    };
+    let chunk_size = p.spec.eval.chunk_size;
+    let eval = Evaluator { model, data: &p.data, chunk_size };
+    let val_eval = p
+        .validation
+        .as_ref()
+        .map(|data| Evaluator { model, data, chunk_size });
+    let l2 = p.spec.regularization.as_ref().map(|r| r.l2);
 
     let mut warnings = Vec::new();
     let spacing = {
         let gaps: Vec<u64> = files.windows(2).map(|w| w[1].step - w[0].step).collect();
         let min = *gaps.iter().min().expect("≥ 1 step");
         let max = *gaps.iter().max().expect("≥ 1 step");
-        Spacing {
-            min,
-            max,
-            sparse: max > 1,
-        }
+        Spacing { min, max, sparse: max > 1 }
     };
     if spacing.sparse {
         let w = format!(
             "checkpoints are {}{} training steps apart: each step's total LCA is exact, but its split over parameters follows the straight chord between checkpoints, not the optimiser's path",
             spacing.min,
-            if spacing.max != spacing.min {
-                format!("–{}", spacing.max)
-            } else {
-                String::new()
-            }
+            if spacing.max != spacing.min { format!("–{}", spacing.max) } else { String::new() }
         );
         note(&format!("warning: {w}"));
         warnings.push(w);
@@ -200,15 +292,22 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         out.partial("params.csv"),
     ];
     exporters.push(Box::new(CsvExporter::new(csv_paths)?));
+    let mut file_names: Vec<String> =
+        ["summary.json", "steps.csv", "layers.csv", "tensors.csv", "params.csv"].map(String::from).to_vec();
     if let Some(dtype) = opts.store {
-        let path = out.partial("lca.safetensors");
-        let params: Vec<(String, Vec<usize>)> = model
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.shape.clone()))
-            .collect();
+        let params: Vec<(String, Vec<usize>)> =
+            model.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
         let steps: Vec<(u64, u64)> = files.windows(2).map(|w| (w[0].step, w[1].step)).collect();
+        let path = out.partial("lca.safetensors");
         exporters.push(Box::new(TensorExporter::new(path, &params, &steps, dtype)?));
+        file_names.push("lca.safetensors".into());
+        if val_eval.is_some() {
+            let path = out.partial("lca_validation.safetensors");
+            let mut e = TensorExporter::new(path, &params, &steps, dtype)?;
+            e.source = TensorSource::Validation;
+            exporters.push(Box::new(e));
+            file_names.push("lca_validation.safetensors".into());
+        }
     }
     let json_path = out.partial(crate::report::SUMMARY_FILE);
     exporters.push(Box::new(JsonExporter { path: json_path }));
@@ -228,10 +327,16 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
 
     let progress = Progress::new((1 + 2 * nsteps) as u64, opts.quiet);
     let mut evaluations = 0usize;
-    let mut grad_at = |theta: &[Vec<f32>]| -> Result<LossGrad> {
-        let r = eval.loss_and_grad(theta);
+    let mut grad_at = |theta: &[Vec<f32>]| -> Result<Vec<LossGrad>> {
+        let mut r = vec![eval.loss_and_grad(theta)?];
+        if let Some(v) = &val_eval {
+            r.push(v.loss_and_grad(theta).map_err(|e| match e {
+                LcaError::Numeric(m) => LcaError::Numeric(format!("validation set: {m}")),
+                other => other,
+            })?);
+        }
         progress.inc();
-        r
+        Ok(r)
     };
 
     let first = checkpoint::load(&files[0], &model.params)?;
@@ -251,14 +356,20 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
     let mut theta0 = first.theta;
     let mut start = grad_at(&theta0).map_err(|e| at_checkpoint(e, &files[0]))?;
     evaluations += 1;
-    let loss_first = start.loss;
+    let loss_first = start[0].loss;
+    let val_first = start.get(1).map(|v| v.loss);
+    let l2_first = l2.map(|lam| l2_penalty(lam, &theta0, &p.l2_mask));
 
+    let zeros = || -> Vec<Vec<f64>> { model.params.iter().map(|q| vec![0.0; q.numel()]).collect() };
     let mut totals = ParamTotals {
-        lca: model.params.iter().map(|q| vec![0.0; q.numel()]).collect(),
+        lca: zeros(),
         helped_steps: model.params.iter().map(|q| vec![0; q.numel()]).collect(),
         hurt_steps: model.params.iter().map(|q| vec![0; q.numel()]).collect(),
+        val_lca: val_eval.as_ref().map(|_| zeros()),
+        l2_lca: l2.map(|_| zeros()),
     };
     let mut records = Vec::with_capacity(nsteps);
+    let mut val_records = Vec::new();
     let mut cum = loss_first;
     for w in files.windows(2) {
         let next = checkpoint::load(&w[1], &model.params)?;
@@ -268,16 +379,14 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             step_source: w[1].step_source,
             sha256: next.sha256.clone(),
         });
-        let (s, end) = integrate_step(
-            &theta0,
-            &next.theta,
-            &start,
-            &opts.integration,
-            &mut grad_at,
-        )
-        .map_err(|e| at_step(e, &w[0], &w[1]))?;
+        let (mut objs, end) =
+            integrate_step(&theta0, &next.theta, &start, &opts.integration, &mut grad_at)
+                .map_err(|e| at_step(e, &w[0], &w[1]))?;
+        let val = if objs.len() > 1 { objs.pop() } else { None };
+        let s = objs.pop().expect("training objective");
         evaluations += s.evaluations;
         progress.add_length((s.evaluations as u64).saturating_sub(2));
+        let l2_lca = l2.map(|lam| l2_step(lam, &theta0, &next.theta, &p.l2_mask));
 
         let mut tensors = Vec::with_capacity(model.params.len());
         let mut layer_steps: Vec<GroupStep> = layers
@@ -289,12 +398,16 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
                 helped: 0,
                 zero: 0,
                 hurt: 0,
+                val_lca: val.as_ref().map(|_| 0.0),
+                l2_lca: l2_lca.as_ref().map(|_| 0.0),
             })
             .collect();
         let (mut h, mut z, mut u) = (0, 0, 0);
         for (pi, v) in s.lca.iter().enumerate() {
             let (th, tz, tu) = counts(v);
             let sum: f64 = v.iter().sum();
+            let vsum = val.as_ref().map(|x| x.lca[pi].iter().sum::<f64>());
+            let lsum = l2_lca.as_ref().map(|x| x[pi].iter().sum::<f64>());
             h += th;
             z += tz;
             u += tu;
@@ -303,6 +416,12 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             ls.helped += th;
             ls.zero += tz;
             ls.hurt += tu;
+            if let (Some(a), Some(b)) = (ls.val_lca.as_mut(), vsum) {
+                *a += b;
+            }
+            if let (Some(a), Some(b)) = (ls.l2_lca.as_mut(), lsum) {
+                *a += b;
+            }
             tensors.push(GroupStep {
                 name: model.params[pi].name.clone(),
                 layer: model.params[pi].layer.clone(),
@@ -310,6 +429,8 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
                 helped: th,
                 zero: tz,
                 hurt: tu,
+                val_lca: vsum,
+                l2_lca: lsum,
             });
             for (k, &x) in v.iter().enumerate() {
                 totals.lca[pi][k] += x;
@@ -319,6 +440,12 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
                     totals.hurt_steps[pi][k] += 1;
                 }
             }
+        }
+        if let (Some(acc), Some(v)) = (totals.val_lca.as_mut(), val.as_ref()) {
+            add_to(acc, &v.lca);
+        }
+        if let (Some(acc), Some(v)) = (totals.l2_lca.as_mut(), l2_lca.as_ref()) {
+            add_to(acc, v);
         }
         cum += s.lca_sum;
         let rec = StepRecord {
@@ -337,24 +464,29 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             zero: z,
             hurt: u,
             helped_fraction: fraction(h, h + z + u),
+            val_loss_before: val.as_ref().map(|v| v.loss_before),
+            val_loss_after: val.as_ref().map(|v| v.loss_after),
+            val_lca_sum: val.as_ref().map(|v| v.lca_sum),
+            val_residual: val.as_ref().map(|v| v.residual),
+            l2_lca: tensors.iter().map(|t| t.l2_lca).sum(),
         };
+        if let Some(v) = &val {
+            val_records.push((v.loss_after, v.lca_sum, v.residual));
+        }
         progress.message(&format!(
             "step {}→{}  ΔL {:+.3e}  r {:+.1e}{}",
             rec.step,
             rec.next_step,
             rec.delta_loss,
             rec.residual,
-            if rec.splits > 2 {
-                format!("  ({} splits)", rec.splits)
-            } else {
-                String::new()
-            }
+            if rec.splits > 2 { format!("  ({} splits)", rec.splits) } else { String::new() }
         ));
         let so = StepOutput {
             record: &rec,
             tensors: &tensors,
             layers: &layer_steps,
             lca: &s.lca,
+            val_lca: val.as_ref().map(|v| v.lca.as_slice()),
         };
         for e in exporters.iter_mut() {
             e.step(&so)?;
@@ -365,42 +497,39 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
     }
     progress.finish();
 
-    let loss_last = start.loss;
-    let delta = loss_last - loss_first;
-    let residual_sum: f64 = records.iter().map(|r| r.residual).sum();
-    let residual_abs_sum: f64 = records.iter().map(|r| r.residual.abs()).sum();
-    let capped_steps: Vec<u64> = records
-        .iter()
-        .filter(|r| r.capped)
-        .map(|r| r.step)
-        .collect();
+    let train = residual_report(
+        loss_first,
+        &records.iter().map(|r| (r.loss_after, r.lca_sum, r.residual)).collect::<Vec<_>>(),
+    );
+    let capped_steps: Vec<u64> = records.iter().filter(|r| r.capped).map(|r| r.step).collect();
     if !capped_steps.is_empty() {
         let w = format!(
             "{} step(s) kept a residual above the bound at {} splits: {}",
             capped_steps.len(),
             opts.integration.max_splits,
-            capped_steps
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            capped_steps.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
         );
         note(&format!("warning: {w}"));
         warnings.push(w);
     }
-    let group_total = |name: &str, layer: &str, vals: &mut dyn Iterator<Item = f64>| {
+    let group_total = |name: &str, layer: &str, ids: &[usize]| {
         let (mut n, mut lca, mut h, mut z, mut u) = (0usize, 0.0, 0, 0, 0);
-        for v in vals {
-            n += 1;
-            lca += v;
-            if v < 0.0 {
-                h += 1
-            } else if v > 0.0 {
-                u += 1
-            } else {
-                z += 1
+        for &pi in ids {
+            for &v in &totals.lca[pi] {
+                n += 1;
+                lca += v;
+                if v < 0.0 {
+                    h += 1
+                } else if v > 0.0 {
+                    u += 1
+                } else {
+                    z += 1
+                }
             }
         }
+        let sum_of = |t: &Option<Vec<Vec<f64>>>| {
+            t.as_ref().map(|t| ids.iter().map(|&pi| t[pi].iter().sum::<f64>()).sum())
+        };
         GroupTotal {
             name: name.to_string(),
             layer: layer.to_string(),
@@ -410,58 +539,61 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             zero: z,
             hurt: u,
             helped_fraction: fraction(h, n as u64),
+            val_lca: sum_of(&totals.val_lca),
+            l2_lca: sum_of(&totals.l2_lca),
         }
     };
     let tensor_totals: Vec<GroupTotal> = model
         .params
         .iter()
         .enumerate()
-        .map(|(pi, q)| group_total(&q.name, &q.layer, &mut totals.lca[pi].iter().copied()))
+        .map(|(pi, q)| group_total(&q.name, &q.layer, &[pi]))
         .collect();
     let layer_totals: Vec<GroupTotal> = layers
         .iter()
         .enumerate()
         .map(|(li, l)| {
-            let mut it = (0..model.params.len())
-                .filter(|&pi| layer_of[pi] == li)
-                .flat_map(|pi| totals.lca[pi].iter().copied());
-            group_total(l, l, &mut it)
+            let ids: Vec<usize> = (0..model.params.len()).filter(|&pi| layer_of[pi] == li).collect();
+            group_total(l, l, &ids)
         })
         .collect();
-    let mut file_names = vec![
-        "summary.json".to_string(),
-        "steps.csv".into(),
-        "layers.csv".into(),
-        "tensors.csv".into(),
-        "params.csv".into(),
-    ];
-    if opts.store.is_some() {
-        file_names.push("lca.safetensors".into());
-    }
-    let rel = |x: f64| {
-        if delta != 0.0 {
-            x / delta.abs()
-        } else {
-            f64::NAN
+    let l2_report = match (&p.spec.regularization, l2_first) {
+        (Some(r), Some(first_pen)) => {
+            let last_pen = l2_penalty(r.l2, &theta0, &p.l2_mask);
+            let lca_sum: f64 = records.iter().filter_map(|x| x.l2_lca).sum();
+            Some(L2Report {
+                lambda: r.l2,
+                tensors: model
+                    .params
+                    .iter()
+                    .zip(&p.l2_mask)
+                    .filter(|(_, on)| **on)
+                    .map(|(q, _)| q.name.clone())
+                    .collect(),
+                penalty_first: first_pen,
+                penalty_last: last_pen,
+                lca_sum,
+                objective_delta: train.delta_loss + (last_pen - first_pen),
+            })
         }
+        _ => None,
     };
     let summary = Summary {
         schema_version: SCHEMA_VERSION,
-        tool: Tool {
-            name: "lca".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-        spec: FileRef {
-            path: opts.spec.display().to_string(),
-            sha256: p.spec_sha256.clone(),
-        },
+        tool: Tool { name: "lca".into(), version: env!("CARGO_PKG_VERSION").into() },
+        spec: FileRef { path: opts.spec.display().to_string(), sha256: p.spec_sha256.clone() },
         data: DataInfo {
             path: p.data.path.display().to_string(),
             sha256: p.data.sha256.clone(),
             samples: p.data.len(),
             sample_shape: p.data.sample_shape().to_vec(),
-            chunk_size: eval.chunk_size,
+            chunk_size,
             chunks: eval.num_chunks(),
+            validation: p.validation.as_ref().map(|v| FileInfo {
+                path: v.path.display().to_string(),
+                sha256: v.sha256.clone(),
+                samples: v.len(),
+            }),
         },
         model: ModelInfo {
             loss: match model.loss {
@@ -492,17 +624,19 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         step_spacing: spacing,
         run: RunTotals {
             steps: records.len(),
-            loss_first,
-            loss_last,
-            delta_loss: delta,
-            lca_sum: records.iter().map(|r| r.lca_sum).sum(),
-            residual_sum,
-            residual_abs_sum,
-            max_abs_residual: records.iter().map(|r| r.residual.abs()).fold(0.0, f64::max),
-            rel_residual: rel(residual_sum.abs()),
-            rel_abs_residual: rel(residual_abs_sum),
+            loss_first: train.loss_first,
+            loss_last: train.loss_last,
+            delta_loss: train.delta_loss,
+            lca_sum: train.lca_sum,
+            residual_sum: train.residual_sum,
+            residual_abs_sum: train.residual_abs_sum,
+            max_abs_residual: train.max_abs_residual,
+            rel_residual: train.rel_residual,
+            rel_abs_residual: train.rel_abs_residual,
             evaluations,
             capped_steps,
+            validation: val_first.map(|f| residual_report(f, &val_records)),
+            l2: l2_report,
         },
         steps: records,
         tensors: tensor_totals,

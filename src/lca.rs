@@ -118,100 +118,143 @@ fn zeros_like(g: &[Vec<f64>]) -> Vec<Vec<f64>> {
     g.iter().map(|v| vec![0.0; v.len()]).collect()
 }
 
-/// Integrate one step. `grad_at` evaluates the full-set loss and gradient at a point;
-/// `start` is the (reused) evaluation at θ_t. Returns the step's LCA and the evaluation at
-/// θ_{t+1} (exactly `theta1`, so it can start the next step).
+/// Composite-Simpson accumulators of one objective: E (end points), A (interior points of
+/// coarser levels), B (the newest, odd points). The rule over n sub-intervals is
+/// (E + 2A + 4B) / (3n).
+struct SimpsonSums {
+    e: Vec<Vec<f64>>,
+    a: Vec<Vec<f64>>,
+    b: Vec<Vec<f64>>,
+}
+
+impl SimpsonSums {
+    fn weights(&self, n: usize) -> Vec<Vec<f64>> {
+        let mut w = zeros_like(&self.e);
+        let k = 1.0 / (3.0 * n as f64);
+        add_into(&mut w, &self.e, k);
+        add_into(&mut w, &self.a, 2.0 * k);
+        add_into(&mut w, &self.b, 4.0 * k);
+        w
+    }
+}
+
+/// Per-parameter LCA Δθ ⊙ w and its sum.
+fn allocate(weights: &[Vec<f64>], delta: &[Vec<f64>]) -> (Vec<Vec<f64>>, f64) {
+    let mut sum = 0.0;
+    let lca: Vec<Vec<f64>> = weights
+        .iter()
+        .zip(delta)
+        .map(|(w, d)| {
+            w.iter()
+                .zip(d)
+                .map(|(&w, &d)| {
+                    let v = w * d;
+                    sum += v;
+                    v
+                })
+                .collect()
+        })
+        .collect();
+    (lca, sum)
+}
+
+/// Integrate one step for one or more objectives evaluated at the same points (objective 0
+/// is the training loss, which alone decides refinement; others, such as a held-out set,
+/// follow the same path and points). `grad_at` evaluates every objective at a point;
+/// `start` holds the (reused) evaluations at θ_t. Returns one [`StepLca`] per objective and
+/// the evaluations at θ_{t+1} (exactly `theta1`, so they can start the next step).
 pub fn integrate_step(
     theta0: &[Vec<f32>],
     theta1: &[Vec<f32>],
-    start: &LossGrad,
+    start: &[LossGrad],
     opts: &Integration,
-    grad_at: &mut dyn FnMut(&[Vec<f32>]) -> Result<LossGrad>,
-) -> Result<(StepLca, LossGrad)> {
+    grad_at: &mut dyn FnMut(&[Vec<f32>]) -> Result<Vec<LossGrad>>,
+) -> Result<(Vec<StepLca>, Vec<LossGrad>)> {
     let delta = difference(theta0, theta1);
     let end = grad_at(theta1)?;
     let mut evaluations = 1;
-    let (l0, l1) = (start.loss, end.loss);
-    let finish = |weights: &[Vec<f64>]| -> (Vec<Vec<f64>>, f64) {
-        let mut sum = 0.0;
-        let lca: Vec<Vec<f64>> = weights
-            .iter()
-            .zip(&delta)
-            .map(|(w, d)| {
-                w.iter()
-                    .zip(d)
-                    .map(|(&w, &d)| {
-                        let v = w * d;
-                        sum += v;
-                        v
-                    })
-                    .collect()
-            })
-            .collect();
-        (lca, sum)
-    };
-    let (lca, lca_sum, splits, capped) = match opts.method {
-        Method::FirstOrder => {
-            let (lca, s) = finish(&start.grads);
-            (lca, s, 1, false)
-        }
-        Method::Trapezoid => {
-            let mut avg = zeros_like(&start.grads);
-            add_into(&mut avg, &start.grads, 0.5);
-            add_into(&mut avg, &end.grads, 0.5);
-            let (lca, s) = finish(&avg);
-            (lca, s, 1, false)
-        }
+    let k = start.len();
+    // Per objective: (lca, sum); plus splits and capped (shared).
+    let (results, splits, capped): (Vec<(Vec<Vec<f64>>, f64)>, usize, bool) = match opts.method {
+        Method::FirstOrder => (
+            start.iter().map(|s| allocate(&s.grads, &delta)).collect(),
+            1,
+            false,
+        ),
+        Method::Trapezoid => (
+            start
+                .iter()
+                .zip(&end)
+                .map(|(s, e)| {
+                    let mut avg = zeros_like(&s.grads);
+                    add_into(&mut avg, &s.grads, 0.5);
+                    add_into(&mut avg, &e.grads, 0.5);
+                    allocate(&avg, &delta)
+                })
+                .collect(),
+            1,
+            false,
+        ),
         Method::Simpson => {
-            // Composite Simpson over n sub-intervals: (E + 2A + 4B) / (3n), with E the end
-            // points, A all interior points of coarser levels, B the newest (odd) points.
-            let mut e = zeros_like(&start.grads);
-            add_into(&mut e, &start.grads, 1.0);
-            add_into(&mut e, &end.grads, 1.0);
-            let mut a = zeros_like(&e);
             let mid = grad_at(&point(theta0, &delta, 0.5))?;
             evaluations += 1;
-            let mut b = mid.grads;
+            let mut sums: Vec<SimpsonSums> = (0..k)
+                .map(|o| {
+                    let mut e = zeros_like(&start[o].grads);
+                    add_into(&mut e, &start[o].grads, 1.0);
+                    add_into(&mut e, &end[o].grads, 1.0);
+                    SimpsonSums {
+                        a: zeros_like(&e),
+                        e,
+                        b: Vec::new(),
+                    }
+                })
+                .collect();
+            for (s, m) in sums.iter_mut().zip(mid) {
+                s.b = m.grads;
+            }
+            let dl = end[0].loss - start[0].loss;
             let mut n = 2usize;
             loop {
-                let mut w = zeros_like(&e);
-                let k = 1.0 / (3.0 * n as f64);
-                add_into(&mut w, &e, k);
-                add_into(&mut w, &a, 2.0 * k);
-                add_into(&mut w, &b, 4.0 * k);
-                let (lca, s) = finish(&w);
-                let r = (l1 - l0 - s).abs();
-                let ok = r <= opts.bound(l1 - l0);
+                let (lca0, s0) = allocate(&sums[0].weights(n), &delta);
+                let ok = (dl - s0).abs() <= opts.bound(dl);
                 if ok || !opts.adaptive || n * 2 > opts.max_splits {
-                    let capped = !ok && opts.adaptive;
-                    break (lca, s, n, capped);
+                    let mut res = vec![(lca0, s0)];
+                    res.extend(sums[1..].iter().map(|s| allocate(&s.weights(n), &delta)));
+                    break (res, n, !ok && opts.adaptive);
                 }
-                // Refine: all current points become "interior of coarser levels".
-                add_into(&mut a, &b, 1.0);
+                // Refine: every current point becomes "interior of a coarser level".
                 n *= 2;
-                let mut newb = zeros_like(&e);
+                let mut newb: Vec<Vec<Vec<f64>>> = sums.iter().map(|s| zeros_like(&s.e)).collect();
                 for j in (1..n).step_by(2) {
                     let g = grad_at(&point(theta0, &delta, j as f64 / n as f64))?;
                     evaluations += 1;
-                    add_into(&mut newb, &g.grads, 1.0);
+                    for (nb, gi) in newb.iter_mut().zip(&g) {
+                        add_into(nb, &gi.grads, 1.0);
+                    }
                 }
-                b = newb;
+                for (s, nb) in sums.iter_mut().zip(newb) {
+                    let old_b = std::mem::replace(&mut s.b, nb);
+                    add_into(&mut s.a, &old_b, 1.0);
+                }
             }
         }
     };
-    Ok((
-        StepLca {
+    let steps = results
+        .into_iter()
+        .zip(start.iter().zip(&end))
+        .map(|((lca, lca_sum), (s, e))| StepLca {
             lca,
-            loss_before: l0,
-            loss_after: l1,
+            loss_before: s.loss,
+            loss_after: e.loss,
             lca_sum,
-            residual: l1 - l0 - lca_sum,
+            residual: e.loss - s.loss - lca_sum,
             splits,
             capped,
             evaluations,
-        },
-        end,
-    ))
+        })
+        .collect();
+    Ok((steps, end))
 }
 
 #[cfg(test)]
@@ -221,17 +264,17 @@ mod tests {
     /// A sextic "loss" L(θ) = Σ c_i θ_i⁶ + θ_0 θ_1: along the path the integrand dL/ds is a
     /// quintic, for which composite Simpson's error is exactly proportional to h⁴, so each
     /// refinement must shrink the residual exactly 16×.
-    fn sextic(theta: &[Vec<f32>]) -> Result<LossGrad> {
+    fn sextic(theta: &[Vec<f32>]) -> Result<Vec<LossGrad>> {
         let t: Vec<f64> = theta[0].iter().map(|&v| v as f64).collect();
         let c = [1.0, 0.5, 2.0];
         let loss = t.iter().zip(c).map(|(x, c)| c * x.powi(6)).sum::<f64>() + t[0] * t[1];
         let mut g: Vec<f64> = t.iter().zip(c).map(|(x, c)| 6.0 * c * x.powi(5)).collect();
         g[0] += t[1];
         g[1] += t[0];
-        Ok(LossGrad {
+        Ok(vec![LossGrad {
             loss,
             grads: vec![g],
-        })
+        }])
     }
 
     fn run(opts: Integration) -> StepLca {
@@ -241,6 +284,7 @@ mod tests {
         integrate_step(&t0, &t1, &start, &opts, &mut sextic)
             .unwrap()
             .0
+            .remove(0)
     }
 
     #[test]
@@ -299,6 +343,6 @@ mod tests {
         let start = sextic(&t0).unwrap();
         let (s, _) =
             integrate_step(&t0, &t1, &start, &Integration::default(), &mut sextic).unwrap();
-        assert_eq!(s.lca[0][1], 0.0);
+        assert_eq!(s[0].lca[0][1], 0.0);
     }
 }

@@ -45,6 +45,20 @@ pub struct Spec {
     pub loss: LossSpec,
     pub data: DataSpec,
     pub eval: EvalSection,
+    pub regularization: Option<Regularization>,
+}
+
+/// `[regularization]`: an explicit L2 term λ‖θ‖² in the objective. Its LCA has the closed
+/// form λ(θ_{t+1}² − θ_t²) per parameter and is reported in its own column, so either the data
+/// loss or the full objective can be decomposed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Regularization {
+    /// λ in λ‖θ‖² (PyTorch's SGD `weight_decay = wd` corresponds to λ = wd / 2).
+    pub l2: f64,
+    /// Parameter tensors (full `state_dict` names) the term applies to; default: all.
+    #[serde(default)]
+    pub tensors: Option<Vec<String>>,
 }
 
 /// `[model]`: global settings of the architecture.
@@ -192,6 +206,10 @@ pub struct DataSpec {
     /// Then divide by this: one value, or one per feature/channel.
     #[serde(default)]
     pub std: Option<Vec<f64>>,
+    /// Optional held-out set (same tensor names and preprocessing): its loss is allocated
+    /// along the same path, beside the training loss.
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
 }
 
 fn default_x() -> String {
@@ -233,6 +251,8 @@ struct RawSpec {
     data: DataSpec,
     #[serde(default)]
     eval: EvalSection,
+    #[serde(default)]
+    regularization: Option<Regularization>,
 }
 
 impl Spec {
@@ -335,6 +355,7 @@ impl Spec {
             loss: raw.loss,
             data: raw.data,
             eval: raw.eval,
+            regularization: raw.regularization,
         };
         spec.validate()?;
         Ok(spec)
@@ -376,6 +397,14 @@ impl Spec {
                 ));
             }
         }
+        if let Some(r) = &self.regularization
+            && !(r.l2.is_finite() && r.l2 >= 0.0)
+        {
+            return Err(err(
+                section_key_line(&self.source, "regularization", "l2"),
+                format!("`regularization.l2` must be a finite number ≥ 0, got {}", r.l2),
+            ));
+        }
         for (key, v) in [
             ("scale", self.data.scale.map(|s| vec![s])),
             ("mean", self.data.mean.clone()),
@@ -410,6 +439,16 @@ impl Spec {
     /// The training set path, resolved against the spec's directory.
     pub fn train_path(&self) -> PathBuf {
         self.base_dir().join(&self.data.train)
+    }
+
+    /// The validation set path, if any, resolved against the spec's directory.
+    pub fn validation_path(&self) -> Option<PathBuf> {
+        self.data.validation.as_ref().map(|p| self.base_dir().join(p))
+    }
+
+    /// Line of `key` in `[section]`, for messages about values checked after parsing.
+    pub fn line_of_key(&self, section: &str, key: &str) -> Option<usize> {
+        section_key_line(&self.source, section, key)
     }
 
     /// The full `state_dict` name of a layer's parameter (`prefix` + `layer.suffix`).

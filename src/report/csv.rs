@@ -38,6 +38,10 @@ struct GroupRow<'a> {
     helped: u64,
     zero: u64,
     hurt: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_lca: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    l2_lca: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -49,6 +53,10 @@ struct ParamRow<'a> {
     lca: f64,
     helped_steps: u32,
     hurt_steps: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_lca: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    l2_lca: Option<f64>,
 }
 
 /// Writes the four CSV tables.
@@ -88,6 +96,8 @@ fn group_rows(
             helped: g.helped,
             zero: g.zero,
             hurt: g.hurt,
+            val_lca: g.val_lca,
+            l2_lca: g.l2_lca,
         })
         .map_err(|e| csv_err(path, e))?;
     }
@@ -141,6 +151,8 @@ impl Exporter for CsvExporter {
                     lca: v,
                     helped_steps: totals.helped_steps[pi][k],
                     hurt_steps: totals.hurt_steps[pi][k],
+                    val_lca: totals.val_lca.as_ref().map(|v| v[pi][k]),
+                    l2_lca: totals.l2_lca.as_ref().map(|v| v[pi][k]),
                 })
                 .map_err(|e| csv_err(path, e))?;
             }

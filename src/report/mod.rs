@@ -22,6 +22,10 @@ pub struct GroupStep {
     pub helped: u64,
     pub zero: u64,
     pub hurt: u64,
+    /// Held-out LCA of the group, when a validation set is given.
+    pub val_lca: Option<f64>,
+    /// LCA of the L2 term, when configured.
+    pub l2_lca: Option<f64>,
 }
 
 /// One finished step, as exporters see it.
@@ -31,6 +35,8 @@ pub struct StepOutput<'a> {
     pub layers: &'a [GroupStep],
     /// Per-parameter LCA of the step, model order.
     pub lca: &'a [Vec<f64>],
+    /// Per-parameter held-out LCA, when a validation set is given.
+    pub val_lca: Option<&'a [Vec<f64>]>,
 }
 
 /// Per-parameter totals over the run.
@@ -40,6 +46,8 @@ pub struct ParamTotals {
     /// Steps on which the parameter helped (LCA < 0) / hurt (LCA > 0).
     pub helped_steps: Vec<Vec<u32>>,
     pub hurt_steps: Vec<Vec<u32>>,
+    pub val_lca: Option<Vec<Vec<f64>>>,
+    pub l2_lca: Option<Vec<Vec<f64>>>,
 }
 
 /// A writer of one output format.
@@ -64,13 +72,14 @@ pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Every file `analyze` may write; those a new run does not write are removed from a previous
 /// output on commit, so that a directory never mixes two runs.
-pub const OUTPUT_FILES: [&str; 6] = [
+pub const OUTPUT_FILES: [&str; 7] = [
     "summary.json",
     "steps.csv",
     "layers.csv",
     "tensors.csv",
     "params.csv",
     "lca.safetensors",
+    "lca_validation.safetensors",
 ];
 
 impl OutDir {

@@ -48,6 +48,16 @@ pub struct DataInfo {
     pub sample_shape: Vec<usize>,
     pub chunk_size: usize,
     pub chunks: usize,
+    /// The held-out set whose loss is allocated along the same path, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<FileInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub path: String,
+    pub sha256: String,
+    pub samples: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +124,18 @@ pub struct StepRecord {
     pub zero: u64,
     pub hurt: u64,
     pub helped_fraction: f64,
+    /// Held-out loss along the same path (when a validation set is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss_before: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss_after: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_lca_sum: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_residual: Option<f64>,
+    /// Change of the L2 term λ‖θ‖² over the step (= its LCA, exactly), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2_lca: Option<f64>,
 }
 
 /// Whole-run figures and the residual report.
@@ -134,6 +156,39 @@ pub struct RunTotals {
     pub evaluations: usize,
     /// Steps whose residual stayed above the bound at the maximum number of splits.
     pub capped_steps: Vec<u64>,
+    /// The same figures for the held-out loss, when a validation set is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ResidualReport>,
+    /// The L2 term, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2: Option<L2Report>,
+}
+
+/// Loss change and residuals of one objective over the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResidualReport {
+    pub loss_first: f64,
+    pub loss_last: f64,
+    pub delta_loss: f64,
+    pub lca_sum: f64,
+    pub residual_sum: f64,
+    pub residual_abs_sum: f64,
+    pub max_abs_residual: f64,
+    pub rel_residual: f64,
+    pub rel_abs_residual: f64,
+}
+
+/// The explicit L2 term λ‖θ‖² over the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct L2Report {
+    pub lambda: f64,
+    pub tensors: Vec<String>,
+    pub penalty_first: f64,
+    pub penalty_last: f64,
+    /// Σ of the L2 column = penalty_last − penalty_first.
+    pub lca_sum: f64,
+    /// Change of data loss + L2 term.
+    pub objective_delta: f64,
 }
 
 /// Totals over the run for one tensor or layer.
@@ -148,4 +203,8 @@ pub struct GroupTotal {
     pub zero: u64,
     pub hurt: u64,
     pub helped_fraction: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_lca: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l2_lca: Option<f64>,
 }

@@ -31,6 +31,17 @@ pub struct TensorExporter {
     dtype: StoreDtype,
     step_index: u64,
     steps: usize,
+    /// Which per-parameter values to store.
+    pub source: TensorSource,
+}
+
+/// Which per-step, per-parameter values a [`TensorExporter`] stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorSource {
+    /// LCA of the training loss (`lca.safetensors`).
+    Train,
+    /// LCA of the held-out loss (`lca_validation.safetensors`).
+    Validation,
 }
 
 impl TensorExporter {
@@ -94,6 +105,7 @@ impl TensorExporter {
             dtype,
             step_index: 0,
             steps: steps.len(),
+            source: TensorSource::Train,
         })
     }
 }
@@ -107,7 +119,17 @@ impl Exporter for TensorExporter {
             });
         }
         let io = |e| LcaError::io(&self.path, e);
-        for ((off, numel), vals) in self.offsets.iter().zip(out.lca) {
+        let values = match self.source {
+            TensorSource::Train => out.lca,
+            TensorSource::Validation => out.val_lca.unwrap_or(&[]),
+        };
+        if values.len() != self.offsets.len() {
+            return Err(LcaError::Output {
+                path: self.path.clone(),
+                msg: "no values for this step".into(),
+            });
+        }
+        for ((off, numel), vals) in self.offsets.iter().zip(values) {
             let bytes: Vec<u8> = match self.dtype {
                 StoreDtype::F32 => vals
                     .iter()
