@@ -13,8 +13,9 @@ use crate::net::{LossKind, Model};
 use crate::progress::Progress;
 use crate::report::{
     CheckpointRef, DataInfo, Exporter, FileInfo, FileRef, GroupStep, GroupTotal, IntegrationInfo,
-    L2Report, ModelInfo, OutDir, ParamRef, ParamTotals, ResidualReport, RunTotals,
-    SCHEMA_VERSION, Spacing, StepOutput, StepRecord, Summary, Tool, csv::CsvExporter,
+    L2Report, ModelInfo, OutDir, ParamRef, ParamTotals, ResidualReport, RunTotals, SCHEMA_VERSION,
+    Spacing, StepOutput, StepRecord, Summary, Tool,
+    csv::CsvExporter,
     json::JsonExporter,
     tensors::{StoreDtype, TensorExporter, TensorSource},
 };
@@ -102,12 +103,21 @@ pub fn prepare(
                             line: spec.line_of_key("regularization", "tensors"),
                             msg: format!(
                                 "`regularization.tensors` names '{n}', which is not a parameter of the model (it has: {})",
-                                model.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                                model
+                                    .params
+                                    .iter()
+                                    .map(|p| p.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             ),
                         });
                     }
                 }
-                model.params.iter().map(|p| names.contains(&p.name)).collect()
+                model
+                    .params
+                    .iter()
+                    .map(|p| names.contains(&p.name))
+                    .collect()
             }
         },
     };
@@ -192,7 +202,12 @@ fn fraction(a: u64, n: u64) -> f64 {
 
 /// λ(θ₁² − θ₀²) per parameter: the exact LCA of λ‖θ‖² over a step (Simpson integrates the
 /// linear gradient 2λθ exactly, so this closed form is what any rule would give).
-pub fn l2_step(lambda: f64, theta0: &[Vec<f32>], theta1: &[Vec<f32>], mask: &[bool]) -> Vec<Vec<f64>> {
+pub fn l2_step(
+    lambda: f64,
+    theta0: &[Vec<f32>],
+    theta1: &[Vec<f32>],
+    mask: &[bool],
+) -> Vec<Vec<f64>> {
     theta0
         .iter()
         .zip(theta1)
@@ -238,7 +253,13 @@ fn residual_report(first: f64, records: &[(f64, f64, f64)]) -> ResidualReport {
     let delta = last - first;
     let rs: f64 = records.iter().map(|r| r.2).sum();
     let ra: f64 = records.iter().map(|r| r.2.abs()).sum();
-    let rel = |x: f64| if delta != 0.0 { x / delta.abs() } else { f64::NAN };
+    let rel = |x: f64| {
+        if delta != 0.0 {
+            x / delta.abs()
+        } else {
+            f64::NAN
+        }
+    };
     ResidualReport {
         loss_first: first,
         loss_last: last,
@@ -254,16 +275,27 @@ fn residual_report(first: f64, records: &[(f64, f64, f64)]) -> ResidualReport {
 
 /// Run the analysis; `note` receives human-readable notes and warnings (for stderr).
 pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
-    let p = prepare(&opts.ckpt_dir, &opts.spec, opts.first, opts.last, opts.every)?;
+    let p = prepare(
+        &opts.ckpt_dir,
+        &opts.spec,
+        opts.first,
+        opts.last,
+        opts.every,
+    )?;
     let model = &p.model;
     let files = &p.files;
     let nsteps = files.len() - 1;
     let chunk_size = p.spec.eval.chunk_size;
-    let eval = Evaluator { model, data: &p.data, chunk_size };
-    let val_eval = p
-        .validation
-        .as_ref()
-        .map(|data| Evaluator { model, data, chunk_size });
+    let eval = Evaluator {
+        model,
+        data: &p.data,
+        chunk_size,
+    };
+    let val_eval = p.validation.as_ref().map(|data| Evaluator {
+        model,
+        data,
+        chunk_size,
+    });
     let l2 = p.spec.regularization.as_ref().map(|r| r.l2);
 
     let mut warnings = Vec::new();
@@ -271,13 +303,21 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         let gaps: Vec<u64> = files.windows(2).map(|w| w[1].step - w[0].step).collect();
         let min = *gaps.iter().min().expect("≥ 1 step");
         let max = *gaps.iter().max().expect("≥ 1 step");
-        Spacing { min, max, sparse: max > 1 }
+        Spacing {
+            min,
+            max,
+            sparse: max > 1,
+        }
     };
     if spacing.sparse {
         let w = format!(
             "checkpoints are {}{} training steps apart: each step's total LCA is exact, but its split over parameters follows the straight chord between checkpoints, not the optimiser's path",
             spacing.min,
-            if spacing.max != spacing.min { format!("–{}", spacing.max) } else { String::new() }
+            if spacing.max != spacing.min {
+                format!("–{}", spacing.max)
+            } else {
+                String::new()
+            }
         );
         note(&format!("warning: {w}"));
         warnings.push(w);
@@ -292,11 +332,21 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         out.partial("params.csv"),
     ];
     exporters.push(Box::new(CsvExporter::new(csv_paths)?));
-    let mut file_names: Vec<String> =
-        ["summary.json", "steps.csv", "layers.csv", "tensors.csv", "params.csv"].map(String::from).to_vec();
+    let mut file_names: Vec<String> = [
+        "summary.json",
+        "steps.csv",
+        "layers.csv",
+        "tensors.csv",
+        "params.csv",
+    ]
+    .map(String::from)
+    .to_vec();
     if let Some(dtype) = opts.store {
-        let params: Vec<(String, Vec<usize>)> =
-            model.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+        let params: Vec<(String, Vec<usize>)> = model
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect();
         let steps: Vec<(u64, u64)> = files.windows(2).map(|w| (w[0].step, w[1].step)).collect();
         let path = out.partial("lca.safetensors");
         exporters.push(Box::new(TensorExporter::new(path, &params, &steps, dtype)?));
@@ -379,9 +429,14 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             step_source: w[1].step_source,
             sha256: next.sha256.clone(),
         });
-        let (mut objs, end) =
-            integrate_step(&theta0, &next.theta, &start, &opts.integration, &mut grad_at)
-                .map_err(|e| at_step(e, &w[0], &w[1]))?;
+        let (mut objs, end) = integrate_step(
+            &theta0,
+            &next.theta,
+            &start,
+            &opts.integration,
+            &mut grad_at,
+        )
+        .map_err(|e| at_step(e, &w[0], &w[1]))?;
         let val = if objs.len() > 1 { objs.pop() } else { None };
         let s = objs.pop().expect("training objective");
         evaluations += s.evaluations;
@@ -479,7 +534,11 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             rec.next_step,
             rec.delta_loss,
             rec.residual,
-            if rec.splits > 2 { format!("  ({} splits)", rec.splits) } else { String::new() }
+            if rec.splits > 2 {
+                format!("  ({} splits)", rec.splits)
+            } else {
+                String::new()
+            }
         ));
         let so = StepOutput {
             record: &rec,
@@ -499,15 +558,26 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
 
     let train = residual_report(
         loss_first,
-        &records.iter().map(|r| (r.loss_after, r.lca_sum, r.residual)).collect::<Vec<_>>(),
+        &records
+            .iter()
+            .map(|r| (r.loss_after, r.lca_sum, r.residual))
+            .collect::<Vec<_>>(),
     );
-    let capped_steps: Vec<u64> = records.iter().filter(|r| r.capped).map(|r| r.step).collect();
+    let capped_steps: Vec<u64> = records
+        .iter()
+        .filter(|r| r.capped)
+        .map(|r| r.step)
+        .collect();
     if !capped_steps.is_empty() {
         let w = format!(
             "{} step(s) kept a residual above the bound at {} splits: {}",
             capped_steps.len(),
             opts.integration.max_splits,
-            capped_steps.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+            capped_steps
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         note(&format!("warning: {w}"));
         warnings.push(w);
@@ -528,7 +598,8 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             }
         }
         let sum_of = |t: &Option<Vec<Vec<f64>>>| {
-            t.as_ref().map(|t| ids.iter().map(|&pi| t[pi].iter().sum::<f64>()).sum())
+            t.as_ref()
+                .map(|t| ids.iter().map(|&pi| t[pi].iter().sum::<f64>()).sum())
         };
         GroupTotal {
             name: name.to_string(),
@@ -553,7 +624,9 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         .iter()
         .enumerate()
         .map(|(li, l)| {
-            let ids: Vec<usize> = (0..model.params.len()).filter(|&pi| layer_of[pi] == li).collect();
+            let ids: Vec<usize> = (0..model.params.len())
+                .filter(|&pi| layer_of[pi] == li)
+                .collect();
             group_total(l, l, &ids)
         })
         .collect();
@@ -580,8 +653,14 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
     };
     let summary = Summary {
         schema_version: SCHEMA_VERSION,
-        tool: Tool { name: "lca".into(), version: env!("CARGO_PKG_VERSION").into() },
-        spec: FileRef { path: opts.spec.display().to_string(), sha256: p.spec_sha256.clone() },
+        tool: Tool {
+            name: "lca".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        spec: FileRef {
+            path: opts.spec.display().to_string(),
+            sha256: p.spec_sha256.clone(),
+        },
         data: DataInfo {
             path: p.data.path.display().to_string(),
             sha256: p.data.sha256.clone(),

@@ -170,6 +170,22 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
             format!(" ({} step(s) at the split cap)", r.capped_steps.len())
         }
     );
+    if let Some(v) = &r.validation {
+        eprintln!(
+            "held-out: loss {:.6} → {:.6} (ΔL {:+.6}); ΣLCA {:+.6}; Σ|r|/|ΔL| = {:.4}%",
+            v.loss_first,
+            v.loss_last,
+            v.delta_loss,
+            v.lca_sum,
+            100.0 * v.rel_abs_residual
+        );
+    }
+    if let Some(l2) = &r.l2 {
+        eprintln!(
+            "L2 term λ‖θ‖² (λ = {}): {:.6} → {:.6}, its LCA column sums to {:+.6}; objective ΔL {:+.6}",
+            l2.lambda, l2.penalty_first, l2.penalty_last, l2.lca_sum, l2.objective_delta
+        );
+    }
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

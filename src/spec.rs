@@ -402,7 +402,10 @@ impl Spec {
         {
             return Err(err(
                 section_key_line(&self.source, "regularization", "l2"),
-                format!("`regularization.l2` must be a finite number ≥ 0, got {}", r.l2),
+                format!(
+                    "`regularization.l2` must be a finite number ≥ 0, got {}",
+                    r.l2
+                ),
             ));
         }
         for (key, v) in [
@@ -443,7 +446,10 @@ impl Spec {
 
     /// The validation set path, if any, resolved against the spec's directory.
     pub fn validation_path(&self) -> Option<PathBuf> {
-        self.data.validation.as_ref().map(|p| self.base_dir().join(p))
+        self.data
+            .validation
+            .as_ref()
+            .map(|p| self.base_dir().join(p))
     }
 
     /// Line of `key` in `[section]`, for messages about values checked after parsing.

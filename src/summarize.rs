@@ -116,6 +116,14 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
             "hurt",
             "helped_fraction",
         ]);
+        let has_val = g.iter().any(|t| t.val_lca.is_some());
+        let has_l2 = g.iter().any(|t| t.l2_lca.is_some());
+        if has_val {
+            columns.push("val_lca");
+        }
+        if has_l2 {
+            columns.push("l2_lca");
+        }
         let rows = g
             .iter()
             .map(|t| {
@@ -132,6 +140,12 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                     Cell::Int(t.hurt as i64),
                     Cell::Float(t.helped_fraction),
                 ]);
+                if has_val {
+                    r.push(Cell::Float(t.val_lca.unwrap_or(f64::NAN)));
+                }
+                if has_l2 {
+                    r.push(Cell::Float(t.l2_lca.unwrap_or(f64::NAN)));
+                }
                 r
             })
             .collect();
