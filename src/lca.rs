@@ -138,8 +138,14 @@ impl SimpsonSums {
     }
 }
 
+/// Evaluates every objective (loss and gradient) at a point θ.
+pub type PointEvaluator<'a> = dyn FnMut(&[Vec<f32>]) -> Result<Vec<LossGrad>> + 'a;
+
+/// Per-parameter LCA of one objective and its sum.
+type Allocation = (Vec<Vec<f64>>, f64);
+
 /// Per-parameter LCA Δθ ⊙ w and its sum.
-fn allocate(weights: &[Vec<f64>], delta: &[Vec<f64>]) -> (Vec<Vec<f64>>, f64) {
+fn allocate(weights: &[Vec<f64>], delta: &[Vec<f64>]) -> Allocation {
     let mut sum = 0.0;
     let lca: Vec<Vec<f64>> = weights
         .iter()
@@ -168,14 +174,14 @@ pub fn integrate_step(
     theta1: &[Vec<f32>],
     start: &[LossGrad],
     opts: &Integration,
-    grad_at: &mut dyn FnMut(&[Vec<f32>]) -> Result<Vec<LossGrad>>,
+    grad_at: &mut PointEvaluator<'_>,
 ) -> Result<(Vec<StepLca>, Vec<LossGrad>)> {
     let delta = difference(theta0, theta1);
     let end = grad_at(theta1)?;
     let mut evaluations = 1;
     let k = start.len();
     // Per objective: (lca, sum); plus splits and capped (shared).
-    let (results, splits, capped): (Vec<(Vec<Vec<f64>>, f64)>, usize, bool) = match opts.method {
+    let (results, splits, capped): (Vec<Allocation>, usize, bool) = match opts.method {
         Method::FirstOrder => (
             start.iter().map(|s| allocate(&s.grads, &delta)).collect(),
             1,

@@ -14,8 +14,16 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("plain");
     let refined = dir.path().join("refined");
-    analyze("mlp", &plain, &["--quiet", "--no-lca-tensors", "--no-adaptive"]);
-    analyze("mlp", &refined, &["--quiet", "--no-lca-tensors", "--tolerance", "1e-5"]);
+    analyze(
+        "mlp",
+        &plain,
+        &["--quiet", "--no-lca-tensors", "--no-adaptive"],
+    );
+    analyze(
+        "mlp",
+        &refined,
+        &["--quiet", "--no-lca-tensors", "--tolerance", "1e-5"],
+    );
     let p = json(&plain.join("summary.json"));
     let r = json(&refined.join("summary.json"));
     let (ps, rs) = (steps_of(&p), steps_of(&r));
@@ -32,8 +40,16 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
             assert_eq!(ra, rb);
         } else {
             n_refined += 1;
-            assert!(splits > 2, "step {}: |r| = {ra:e} > 1e-5 but not refined", a["step"]);
-            assert!(rb.abs() < ra.abs(), "step {}: residual {ra:e} → {rb:e} did not fall", a["step"]);
+            assert!(
+                splits > 2,
+                "step {}: |r| = {ra:e} > 1e-5 but not refined",
+                a["step"]
+            );
+            assert!(
+                rb.abs() < ra.abs(),
+                "step {}: residual {ra:e} → {rb:e} did not fall",
+                a["step"]
+            );
             assert!(
                 rb.abs() <= 1e-5 || b["capped"] == true,
                 "step {}: stopped at {splits} splits with |r| = {rb:e}",
@@ -48,8 +64,17 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
     let after = r["run"]["rel_abs_residual"].as_f64().unwrap();
     assert!(after < 0.5 * before, "Σ|r|/|ΔL| {before:e} → {after:e}");
     // Capped steps are listed in the summary and warned about.
-    let capped: Vec<u64> = rs.iter().filter(|s| s["capped"] == true).map(|s| s["step"].as_u64().unwrap()).collect();
-    let listed: Vec<u64> = r["run"]["capped_steps"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    let capped: Vec<u64> = rs
+        .iter()
+        .filter(|s| s["capped"] == true)
+        .map(|s| s["step"].as_u64().unwrap())
+        .collect();
+    let listed: Vec<u64> = r["run"]["capped_steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
     assert_eq!(capped, listed);
 }
 
@@ -63,7 +88,10 @@ fn tight_tolerance_reaches_a_hundredth_of_a_percent() {
     assert!(rel <= 1e-4, "Σ|r|/|ΔL| = {rel:e}");
     let err = String::from_utf8_lossy(&o.stderr);
     if !s["run"]["capped_steps"].as_array().unwrap().is_empty() {
-        assert!(err.contains("warning:") && err.contains("at 32 splits"), "{err}");
+        assert!(
+            err.contains("warning:") && err.contains("at 32 splits"),
+            "{err}"
+        );
     }
 }
 
@@ -71,11 +99,26 @@ fn tight_tolerance_reaches_a_hundredth_of_a_percent() {
 fn relative_tolerance_bounds_each_step() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o");
-    analyze("mlp", &out, &["--quiet", "--no-lca-tensors", "--tolerance", "0", "--rel-tolerance", "1e-3"]);
+    analyze(
+        "mlp",
+        &out,
+        &[
+            "--quiet",
+            "--no-lca-tensors",
+            "--tolerance",
+            "0",
+            "--rel-tolerance",
+            "1e-3",
+        ],
+    );
     for s in steps_of(&json(&out.join("summary.json"))) {
         let r = s["residual"].as_f64().unwrap().abs();
         let d = s["delta_loss"].as_f64().unwrap().abs();
-        assert!(r <= 1e-3 * d || s["capped"] == true, "step {}: |r| {r:e} > 1e-3·|ΔL| {d:e}", s["step"]);
+        assert!(
+            r <= 1e-3 * d || s["capped"] == true,
+            "step {}: |r| {r:e} > 1e-3·|ΔL| {d:e}",
+            s["step"]
+        );
     }
 }
 
@@ -83,7 +126,11 @@ fn relative_tolerance_bounds_each_step() {
 fn trapezoid_matches_the_oracle_and_sits_between() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t");
-    analyze("mlp", &out, &["--quiet", "--no-lca-tensors", "--method", "trapezoid"]);
+    analyze(
+        "mlp",
+        &out,
+        &["--quiet", "--no-lca-tensors", "--method", "trapezoid"],
+    );
     let oracle = json(&fixture("mlp/golden/oracle.json"));
     let mut tr = oracle.clone();
     tr["lca"] = oracle["lca_trapezoid"].clone();
@@ -92,7 +139,9 @@ fn trapezoid_matches_the_oracle_and_sits_between() {
     let s = json(&out.join("summary.json"));
     assert_eq!(s["integration"]["method"], "trapezoid");
     let rel = s["run"]["rel_abs_residual"].as_f64().unwrap();
-    let want = oracle["summary"]["trapezoid"]["sum_abs_over_abs_dL"].as_f64().unwrap();
+    let want = oracle["summary"]["trapezoid"]["sum_abs_over_abs_dL"]
+        .as_f64()
+        .unwrap();
     assert!((rel - want).abs() < 1e-3 * want, "{rel} vs {want}");
 }
 
@@ -103,13 +152,23 @@ fn l2_column_is_the_closed_form() {
     let dir = tempfile::tempdir().unwrap();
     let spec = std::fs::read_to_string(fixture("mlp/model.toml"))
         .unwrap()
-        .replace("data/train.safetensors", &fixture("mlp/data/train.safetensors").display().to_string().replace('\\', "/"))
+        .replace(
+            "data/train.safetensors",
+            &fixture("mlp/data/train.safetensors")
+                .display()
+                .to_string()
+                .replace('\\', "/"),
+        )
         + "\n[regularization]\nl2 = 2.5e-4\ntensors = [\"fc1.weight\", \"fc3.weight\", \"fc3.bias\"]\n";
     let spec_path = dir.path().join("model.toml");
     std::fs::write(&spec_path, spec).unwrap();
     let out = dir.path().join("o");
     let o = lca()
-        .args(["analyze", &fixture("mlp/ckpts").display().to_string(), "--spec"])
+        .args([
+            "analyze",
+            &fixture("mlp/ckpts").display().to_string(),
+            "--spec",
+        ])
         .arg(&spec_path)
         .arg("-o")
         .arg(&out)
@@ -119,20 +178,37 @@ fn l2_column_is_the_closed_form() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lambda = 2.5e-4;
     let files = lca::checkpoint::scan(&fixture("mlp/ckpts")).unwrap();
-    let names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"];
+    let names = [
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "fc3.weight",
+        "fc3.bias",
+    ];
     let on = |n: &str| ["fc1.weight", "fc3.weight", "fc3.bias"].contains(&n);
     let load = |f: &lca::checkpoint::CheckpointFile| {
         let bytes = std::fs::read(&f.path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         names
             .iter()
-            .map(|n| (n.to_string(), lca::tensors::to_f64(&st.tensor(n).unwrap()).unwrap()))
+            .map(|n| {
+                (
+                    n.to_string(),
+                    lca::tensors::to_f64(&st.tensor(n).unwrap()).unwrap(),
+                )
+            })
             .collect::<HashMap<String, Vec<f64>>>()
     };
     let rows = csv_rows(&out.join("tensors.csv"));
     let by: HashMap<(u64, String), f64> = rows
         .iter()
-        .map(|r| ((r["step"].parse().unwrap(), r["tensor"].clone()), r["l2_lca"].parse().unwrap()))
+        .map(|r| {
+            (
+                (r["step"].parse().unwrap(), r["tensor"].clone()),
+                r["l2_lca"].parse().unwrap(),
+            )
+        })
         .collect();
     let mut total = 0.0;
     let mut prev = load(&files[0]);
@@ -141,12 +217,20 @@ fn l2_column_is_the_closed_form() {
         let cur = load(f);
         for n in names {
             let want: f64 = if on(n) {
-                prev[n].iter().zip(&cur[n]).map(|(a, b)| lambda * (b * b - a * a)).sum()
+                prev[n]
+                    .iter()
+                    .zip(&cur[n])
+                    .map(|(a, b)| lambda * (b * b - a * a))
+                    .sum()
             } else {
                 0.0
             };
             let got = by[&((t - 1) as u64, n.to_string())];
-            assert!((got - want).abs() <= 1e-15 * want.abs().max(1e-12), "step {} {n}: {got:e} vs {want:e}", t - 1);
+            assert!(
+                (got - want).abs() <= 1e-15 * want.abs().max(1e-12),
+                "step {} {n}: {got:e} vs {want:e}",
+                t - 1
+            );
             total += want;
         }
         prev = cur;
@@ -154,7 +238,12 @@ fn l2_column_is_the_closed_form() {
     let s = json(&out.join("summary.json"));
     let l2 = &s["run"]["l2"];
     let pen = |m: &HashMap<String, Vec<f64>>| -> f64 {
-        names.iter().filter(|n| on(n)).map(|n| m[*n].iter().map(|v| v * v).sum::<f64>()).sum::<f64>() * lambda
+        names
+            .iter()
+            .filter(|n| on(n))
+            .map(|n| m[*n].iter().map(|v| v * v).sum::<f64>())
+            .sum::<f64>()
+            * lambda
     };
     assert!((l2["penalty_first"].as_f64().unwrap() - pen(&first)).abs() < 1e-15);
     assert!((l2["penalty_last"].as_f64().unwrap() - pen(&prev)).abs() < 1e-15);
@@ -164,9 +253,19 @@ fn l2_column_is_the_closed_form() {
     assert!((sum - (pen(&prev) - pen(&first))).abs() < 1e-12);
     // The data-loss LCA is unchanged by declaring a regulariser.
     let oracle = json(&fixture("mlp/golden/oracle.json"));
-    compare_step_tensor_lca(&tensor_steps(&out), &oracle, &(0..=100).collect::<Vec<u64>>(), 1e-4);
+    compare_step_tensor_lca(
+        &tensor_steps(&out),
+        &oracle,
+        &(0..=100).collect::<Vec<u64>>(),
+        1e-4,
+    );
     // The unregularised tensors carry zeros, the layer view shows the column.
-    let layers = lca().args(["summarize"]).arg(&out).args(["--format", "json"]).output().unwrap();
+    let layers = lca()
+        .args(["summarize"])
+        .arg(&out)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
     let layers: serde_json::Value = serde_json::from_slice(&layers.stdout).unwrap();
     assert_eq!(layers[1]["l2_lca"].as_f64().unwrap(), 0.0);
 }
@@ -174,7 +273,11 @@ fn l2_column_is_the_closed_form() {
 #[test]
 fn unknown_regularised_tensor_is_named() {
     let t = tiny();
-    std::fs::write(&t.spec, format!("{TINY_SPEC}\n[regularization]\nl2 = 1e-3\ntensors = [\"fc.wieght\"]\n")).unwrap();
+    std::fs::write(
+        &t.spec,
+        format!("{TINY_SPEC}\n[regularization]\nl2 = 1e-3\ntensors = [\"fc.wieght\"]\n"),
+    )
+    .unwrap();
     fails_with(&t.run(&[]), &["model.toml:18", "fc.wieght", "fc.weight"]);
     std::fs::write(&t.spec, format!("{TINY_SPEC}\n[regularization]\nl2 = -1\n")).unwrap();
     fails_with(&t.run(&[]), &["model.toml:17", "l2"]);
