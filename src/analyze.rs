@@ -94,10 +94,10 @@ pub fn prepare(
     let l2_mask = match &spec.regularization {
         None => Vec::new(),
         Some(r) => match &r.tensors {
-            None => vec![true; model.params.len()],
+            None => model.params.iter().map(|p| !p.buffer).collect(),
             Some(names) => {
                 for n in names {
-                    if !model.params.iter().any(|p| &p.name == n) {
+                    if !model.params.iter().any(|p| &p.name == n && !p.buffer) {
                         return Err(LcaError::Spec {
                             path: spec.path.clone(),
                             line: spec.line_of_key("regularization", "tensors"),
@@ -323,6 +323,21 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         warnings.push(w);
     }
 
+    let remainder = p.data.len() % chunk_size;
+    let batch_stats = p.spec.model.batch_norm == Some(crate::net::batch_norm::BnMode::BatchStats)
+        && model
+            .nodes
+            .iter()
+            .any(|n| n.type_name.starts_with("batch_norm"));
+    if batch_stats && remainder > 0 && (remainder < 8 || remainder * 4 < chunk_size) {
+        let w = format!(
+            "batch norm uses batch statistics and the last evaluation chunk has {remainder} samples ({} in all, chunk_size {chunk_size}): its statistics are noisy and can make the loss jump along a step; choose a chunk_size that divides the set or leaves a larger remainder",
+            p.data.len()
+        );
+        note(&format!("warning: {w}"));
+        warnings.push(w);
+    }
+
     let mut out = OutDir::prepare(&opts.out)?;
     let mut exporters: Vec<Box<dyn Exporter>> = Vec::new();
     let csv_paths = [
@@ -363,16 +378,25 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
     exporters.push(Box::new(JsonExporter { path: json_path }));
 
     // Layers with parameters, in order; each tensor's layer index.
+    // Buffers (if any) come last, as one group.
     let mut layers: Vec<String> = Vec::new();
-    for prm in &model.params {
+    for prm in model.params.iter().filter(|p| !p.buffer) {
         if !layers.contains(&prm.layer) {
             layers.push(prm.layer.clone());
         }
     }
+    if model.params.iter().any(|p| p.buffer) {
+        layers.push("buffers".into());
+    }
     let layer_of: Vec<usize> = model
         .params
         .iter()
-        .map(|prm| layers.iter().position(|l| *l == prm.layer).expect("listed"))
+        .map(|prm| {
+            layers
+                .iter()
+                .position(|l| l == prm.group())
+                .expect("listed")
+        })
         .collect();
 
     let progress = Progress::new((1 + 2 * nsteps) as u64, opts.quiet);
@@ -463,9 +487,12 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             let sum: f64 = v.iter().sum();
             let vsum = val.as_ref().map(|x| x.lca[pi].iter().sum::<f64>());
             let lsum = l2_lca.as_ref().map(|x| x[pi].iter().sum::<f64>());
-            h += th;
-            z += tz;
-            u += tu;
+            if !model.params[pi].buffer {
+                // Helped/zero/hurt fractions are over trained parameters only.
+                h += th;
+                z += tz;
+                u += tu;
+            }
             let ls = &mut layer_steps[layer_of[pi]];
             ls.lca += sum;
             ls.helped += th;
@@ -479,7 +506,7 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             }
             tensors.push(GroupStep {
                 name: model.params[pi].name.clone(),
-                layer: model.params[pi].layer.clone(),
+                layer: model.params[pi].group().to_string(),
                 lca: sum,
                 helped: th,
                 zero: tz,
@@ -618,7 +645,7 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         .params
         .iter()
         .enumerate()
-        .map(|(pi, q)| group_total(&q.name, &q.layer, &[pi]))
+        .map(|(pi, q)| group_total(&q.name, q.group(), &[pi]))
         .collect();
     let layer_totals: Vec<GroupTotal> = layers
         .iter()
@@ -675,6 +702,12 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             }),
         },
         model: ModelInfo {
+            batch_norm: model
+                .nodes
+                .iter()
+                .any(|n| n.type_name.starts_with("batch_norm"))
+                .then_some(p.spec.model.batch_norm)
+                .flatten(),
             loss: match model.loss {
                 LossKind::CrossEntropy => "cross_entropy".into(),
                 LossKind::Mse => "mse".into(),
@@ -688,7 +721,8 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
                 .iter()
                 .map(|q| ParamRef {
                     name: q.name.clone(),
-                    layer: q.layer.clone(),
+                    layer: q.group().to_string(),
+                    buffer: q.buffer,
                     role: q.role.clone(),
                     shape: q.shape.clone(),
                     numel: q.numel(),

@@ -73,6 +73,10 @@ pub struct ModelSection {
     /// data is reshaped (e.g. `[1, 8, 8]` for `[N, 64]` pixels).
     #[serde(default)]
     pub input_shape: Option<Vec<usize>>,
+    /// How batch norm layers normalise: `"batch-stats"` or `"running-stats"`. Required when
+    /// the model has batch norm layers; recorded in every output.
+    #[serde(default)]
+    pub batch_norm: Option<crate::net::batch_norm::BnMode>,
 }
 
 /// One `[[layers]]` entry.
@@ -147,6 +151,33 @@ pub enum LayerKind {
         #[serde(default)]
         p: f32,
     },
+    /// Element-wise sum of the layers named in `input` (a residual join).
+    Add {},
+    /// `nn.BatchNorm1d` over axis 1 of `[N, C]` or `[N, C, L]`.
+    BatchNorm1d(BatchNormSpec),
+    /// `nn.BatchNorm2d` over axis 1 of `[N, C, H, W]`.
+    BatchNorm2d(BatchNormSpec),
+}
+
+/// Settings of a batch norm layer, with PyTorch's argument names.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchNormSpec {
+    pub num_features: usize,
+    #[serde(default = "default_bn_eps")]
+    pub eps: f64,
+    /// Accepted for compatibility with PyTorch's signature; has no effect on evaluation.
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    #[serde(default = "default_true")]
+    pub affine: bool,
+    /// When false, PyTorch normalises with batch statistics even in eval mode; so does lca.
+    #[serde(default = "default_true")]
+    pub track_running_stats: bool,
+}
+
+fn default_bn_eps() -> f64 {
+    1e-5
 }
 
 /// GELU variant, as PyTorch's `approximate` argument.
@@ -171,6 +202,9 @@ impl LayerKind {
             LayerKind::Identity {} => "identity",
             LayerKind::Flatten { .. } => "flatten",
             LayerKind::Dropout { .. } => "dropout",
+            LayerKind::Add {} => "add",
+            LayerKind::BatchNorm1d(_) => "batch_norm1d",
+            LayerKind::BatchNorm2d(_) => "batch_norm2d",
         }
     }
 }

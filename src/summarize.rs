@@ -18,6 +18,9 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum By {
     Layer,
+    /// Layers grouped by block: the name up to its first numeric component
+    /// (`layer1.0.conv1` → `layer1.0`, `transformer.h.3.attn` → `transformer.h.3`).
+    Block,
     Tensor,
     Neuron,
     #[value(alias = "iteration")]
@@ -156,6 +159,41 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
         }
     };
     let table = match by {
+        By::Block => {
+            let mut order: Vec<String> = Vec::new();
+            let mut acc: BTreeMap<String, crate::report::GroupTotal> = BTreeMap::new();
+            for l in &s.layers {
+                let b = block_of(&l.name).to_string();
+                let e = acc.entry(b.clone()).or_insert_with(|| {
+                    order.push(b.clone());
+                    crate::report::GroupTotal {
+                        name: b.clone(),
+                        layer: b.clone(),
+                        params: 0,
+                        lca: 0.0,
+                        helped: 0,
+                        zero: 0,
+                        hurt: 0,
+                        helped_fraction: 0.0,
+                        val_lca: l.val_lca.map(|_| 0.0),
+                        l2_lca: l.l2_lca.map(|_| 0.0),
+                    }
+                });
+                e.params += l.params;
+                e.lca += l.lca;
+                e.helped += l.helped;
+                e.zero += l.zero;
+                e.hurt += l.hurt;
+                e.helped_fraction = e.helped as f64 / e.params.max(1) as f64;
+                e.val_lca = e.val_lca.zip(l.val_lca).map(|(a, b)| a + b);
+                e.l2_lca = e.l2_lca.zip(l.l2_lca).map(|(a, b)| a + b);
+            }
+            let blocks: Vec<crate::report::GroupTotal> =
+                order.iter().map(|b| acc[b].clone()).collect();
+            let mut t = group(&blocks, false);
+            t.columns[0] = "block";
+            t
+        }
         By::Layer => {
             let mut t = group(&s.layers, false);
             t.columns[0] = "layer";
@@ -233,7 +271,7 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 .model
                 .params
                 .iter()
-                .filter(|p| !p.shape.is_empty())
+                .filter(|p| !p.shape.is_empty() && !p.buffer)
                 .map(|p| (p.name.as_str(), (p.shape[0], p.numel / p.shape[0].max(1))))
                 .collect();
             let order: Vec<&str> = s.model.layers.iter().map(|l| l.as_str()).collect();
@@ -271,6 +309,20 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
         }
     };
     Ok((s, table))
+}
+
+/// The block of a layer name: up to and including its first purely numeric dotted component
+/// (PyTorch's `nn.Sequential`/`nn.ModuleList` index), else the whole name.
+pub fn block_of(name: &str) -> &str {
+    let mut end = 0;
+    for part in name.split('.') {
+        end += part.len();
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            return &name[..end];
+        }
+        end += 1;
+    }
+    name
 }
 
 impl Table {
@@ -390,5 +442,20 @@ impl Table {
             })
             .collect();
         serde_json::to_string_pretty(&rows).expect("json values") + "\n"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_of;
+
+    #[test]
+    fn blocks_follow_module_indices() {
+        assert_eq!(block_of("layer1.0.conv1"), "layer1.0");
+        assert_eq!(block_of("transformer.h.3.attn.c_attn"), "transformer.h.3");
+        assert_eq!(block_of("conv1"), "conv1");
+        assert_eq!(block_of("features.0"), "features.0");
+        assert_eq!(block_of("transformer.wte"), "transformer.wte");
+        assert_eq!(block_of("buffers"), "buffers");
     }
 }

@@ -11,6 +11,8 @@
 //! layer in `f64` against finite differences.
 
 pub mod activation;
+pub mod add;
+pub mod batch_norm;
 pub mod linear;
 pub mod loss;
 pub mod reshape;
@@ -20,6 +22,7 @@ pub(crate) mod gradcheck;
 
 use crate::error::{LcaError, Result};
 use crate::spec::{LayerKind, Spec};
+use batch_norm::BnMode;
 use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
 use std::fmt::Debug;
 
@@ -102,6 +105,13 @@ pub trait Layer<T: Real>: Send + Sync {
     fn params(&self) -> Vec<ParamDecl> {
         Vec::new()
     }
+    /// Buffers the layer reads from the checkpoint (e.g. batch norm's running statistics):
+    /// not trained, but inputs of the loss that may change between checkpoints. They follow
+    /// the parameters in the slices passed to forward and backward, and backward computes
+    /// their gradients too, so that their contribution to ΔL can be reported apart.
+    fn buffers(&self) -> Vec<ParamDecl> {
+        Vec::new()
+    }
     /// Per-sample output shape for the given per-sample input shapes, or why they do not fit.
     fn out_shape(&self, inputs: &[Vec<usize>]) -> std::result::Result<Vec<usize>, String>;
     /// Forward pass over a batch.
@@ -145,14 +155,21 @@ pub struct ParamInfo {
     pub name: String,
     /// Name of the layer that owns it (`fc1`).
     pub layer: String,
-    /// The suffix (`weight`, `bias`).
+    /// The suffix (`weight`, `bias`, `running_mean`).
     pub role: String,
     pub shape: Vec<usize>,
+    /// A buffer (not trained), not a parameter: its LCA is reported in the "buffers" group.
+    pub buffer: bool,
 }
 
 impl ParamInfo {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// The group this tensor's LCA is reported under: its layer, or `buffers` for buffers.
+    pub fn group(&self) -> &str {
+        if self.buffer { "buffers" } else { &self.layer }
     }
 }
 
@@ -180,7 +197,7 @@ pub struct Model<T: Real> {
     pub input_shape: Vec<usize>,
 }
 
-fn build_layer<T: Real>(kind: &LayerKind) -> Box<dyn Layer<T>> {
+fn build_layer<T: Real>(kind: &LayerKind, bn_mode: Option<BnMode>) -> Box<dyn Layer<T>> {
     match kind {
         LayerKind::Linear {
             in_features,
@@ -206,6 +223,17 @@ fn build_layer<T: Real>(kind: &LayerKind) -> Box<dyn Layer<T>> {
             start_dim: *start_dim,
             end_dim: *end_dim,
         }),
+        LayerKind::Add {} => Box::new(add::Add),
+        LayerKind::BatchNorm1d(b) | LayerKind::BatchNorm2d(b) => Box::new(batch_norm::BatchNorm {
+            num_features: b.num_features,
+            eps: b.eps,
+            affine: b.affine,
+            mode: if b.track_running_stats {
+                bn_mode.unwrap_or(BnMode::BatchStats)
+            } else {
+                BnMode::BatchStats
+            },
+        }),
     }
 }
 
@@ -228,8 +256,21 @@ impl<T: Real> Model<T> {
         let mut nodes: Vec<Node<T>> = Vec::new();
         let mut params = Vec::new();
         let mut index_of = std::collections::HashMap::new();
+        let has_bn = spec.layers.iter().any(|l| {
+            matches!(
+                l.kind,
+                LayerKind::BatchNorm1d(_) | LayerKind::BatchNorm2d(_)
+            )
+        });
+        if has_bn && spec.model.batch_norm.is_none() {
+            return Err(LcaError::Spec {
+                path: spec.path.clone(),
+                line: None,
+                msg: "the model has batch norm layers: choose how they normalise with `[model] batch_norm = \"batch-stats\"` (statistics of each evaluation chunk, as the LCA study) or `\"running-stats\"` (the checkpoints' running_mean/running_var, as model.eval())".into(),
+            });
+        }
         for (i, ls) in spec.layers.iter().enumerate() {
-            let layer = build_layer::<T>(&ls.kind);
+            let layer = build_layer::<T>(&ls.kind, spec.model.batch_norm);
             let where_ = format!(
                 "layer '{}' ({}, {}:{})",
                 ls.name,
@@ -284,7 +325,13 @@ impl<T: Real> Model<T> {
                 LcaError::Model(format!("{where_}: {msg}, but {from}"))
             })?;
             let mut param_ids = Vec::new();
-            for decl in layer.params() {
+            let decls: Vec<(ParamDecl, bool)> = layer
+                .params()
+                .into_iter()
+                .map(|d| (d, false))
+                .chain(layer.buffers().into_iter().map(|d| (d, true)))
+                .collect();
+            for (decl, buffer) in decls {
                 let name = spec.param_name(&ls.name, decl.suffix);
                 if let Some(j) = params.iter().position(|p: &ParamInfo| p.name == name) {
                     if params[j].shape != decl.shape {
@@ -301,6 +348,7 @@ impl<T: Real> Model<T> {
                         layer: ls.name.clone(),
                         role: decl.suffix.to_string(),
                         shape: decl.shape.clone(),
+                        buffer,
                     });
                     param_ids.push(params.len() - 1);
                 }
@@ -326,7 +374,7 @@ impl<T: Real> Model<T> {
             crate::spec::LossSpec::CrossEntropy {} => LossKind::CrossEntropy,
             crate::spec::LossSpec::Mse {} => LossKind::Mse,
         };
-        if params.is_empty() {
+        if params.iter().all(|p| p.buffer) {
             return Err(LcaError::Model(
                 "the model has no parameters: there is nothing to allocate the loss change to"
                     .into(),

@@ -63,15 +63,22 @@ pub struct FileInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ParamRef {
     pub name: String,
+    /// The layer (or `buffers` for buffers) the tensor is reported under.
     pub layer: String,
     pub role: String,
     pub shape: Vec<usize>,
     pub numel: usize,
+    /// True for buffers (batch norm running statistics), which are not trained.
+    #[serde(default)]
+    pub buffer: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub loss: String,
+    /// Batch norm mode (`batch-stats` or `running-stats`), when the model has batch norm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_norm: Option<crate::net::batch_norm::BnMode>,
     pub num_params: usize,
     pub input_shape: Vec<usize>,
     pub output_shape: Vec<usize>,
