@@ -8,8 +8,8 @@ use crate::checkpoint::{self, CheckpointFile};
 use crate::data::Dataset;
 use crate::error::{LcaError, Result};
 use crate::eval::{Evaluator, LossGrad};
-use crate::lca::{Integration, integrate_step};
-use crate::net::{LossKind, Model};
+use crate::lca::{Integration, difference, integrate_step, point};
+use crate::net::{LossKind, Model, Real};
 use crate::progress::Progress;
 use crate::report::{
     CheckpointRef, DataInfo, Exporter, FileInfo, FileRef, GroupStep, GroupTotal, IntegrationInfo,
@@ -39,6 +39,8 @@ pub struct AnalyzeOptions {
     pub store: Option<StoreDtype>,
     /// Hide the progress bar.
     pub quiet: bool,
+    /// Arithmetic of the evaluator.
+    pub precision: Precision,
 }
 
 /// Everything loaded before the first gradient: spec, data, model and checkpoint list.
@@ -282,7 +284,27 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         opts.last,
         opts.every,
     )?;
-    let model = &p.model;
+    match opts.precision {
+        Precision::F32 => run::<f32>(opts, p, note),
+        Precision::F64 => run::<f64>(opts, p, note),
+    }
+}
+
+/// Arithmetic of the evaluator.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 compute (as training), f64 accumulation: the default.
+    F32,
+    /// f64 throughout: slower; removes f32 rounding, e.g. where a ReLU sits at its kink.
+    F64,
+}
+
+fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) -> Result<Summary> {
+    let model_t = Model::<T>::build(&p.spec, p.data.sample_shape())?;
+    let model = &model_t;
     let files = &p.files;
     let nsteps = files.len() - 1;
     let chunk_size = p.spec.eval.chunk_size;
@@ -401,7 +423,7 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
 
     let progress = Progress::new((1 + 2 * nsteps) as u64, opts.quiet);
     let mut evaluations = 0usize;
-    let mut grad_at = |theta: &[Vec<f32>]| -> Result<Vec<LossGrad>> {
+    let eval_all = |theta: &[Vec<T>]| -> Result<Vec<LossGrad>> {
         let mut r = vec![eval.loss_and_grad(theta)?];
         if let Some(v) = &val_eval {
             r.push(v.loss_and_grad(theta).map_err(|e| match e {
@@ -428,7 +450,11 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         sha256: first.sha256.clone(),
     }];
     let mut theta0 = first.theta;
-    let mut start = grad_at(&theta0).map_err(|e| at_checkpoint(e, &files[0]))?;
+    let widened: Vec<Vec<T>> = theta0
+        .iter()
+        .map(|t| t.iter().map(|&v| T::of(v as f64)).collect())
+        .collect();
+    let mut start = eval_all(&widened).map_err(|e| at_checkpoint(e, &files[0]))?;
     evaluations += 1;
     let loss_first = start[0].loss;
     let val_first = start.get(1).map(|v| v.loss);
@@ -453,13 +479,10 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             step_source: w[1].step_source,
             sha256: next.sha256.clone(),
         });
-        let (mut objs, end) = integrate_step(
-            &theta0,
-            &next.theta,
-            &start,
-            &opts.integration,
-            &mut grad_at,
-        )
+        let delta = difference(&theta0, &next.theta);
+        let (mut objs, end) = integrate_step(&delta, &start, &opts.integration, &mut |s| {
+            eval_all(&point::<T>(&theta0, &delta, s))
+        })
         .map_err(|e| at_step(e, &w[0], &w[1]))?;
         let val = if objs.len() > 1 { objs.pop() } else { None };
         let s = objs.pop().expect("training objective");
@@ -731,7 +754,10 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         },
         integration: IntegrationInfo {
             settings: opts.integration,
-            precision: "f32 compute, f64 accumulation".into(),
+            precision: match opts.precision {
+                Precision::F32 => "f32 compute, f64 accumulation".into(),
+                Precision::F64 => "f64".into(),
+            },
         },
         checkpoints: ckpt_refs,
         step_spacing: spacing,

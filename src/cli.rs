@@ -1,7 +1,7 @@
 //! Command-line interface (clap derive): options → run → outputs. Library errors are turned
 //! into messages on stderr and a non-zero exit status here.
 
-use crate::analyze::{AnalyzeOptions, analyze};
+use crate::analyze::{AnalyzeOptions, Precision, analyze};
 use crate::lca::{Integration, Method};
 use crate::report::tensors::StoreDtype;
 use crate::summarize::{By, Format, Sort, view};
@@ -68,6 +68,9 @@ pub struct AnalyzeArgs {
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long, short = 'j')]
     pub threads: Option<usize>,
+    /// Evaluator arithmetic: f32 (as training; default) or f64 (slower, removes f32 rounding).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// No progress bar or notes on stderr (the final residual report is still printed).
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -139,6 +142,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         integration,
         store: (!a.no_lca_tensors).then_some(a.lca_dtype),
         quiet: a.quiet,
+        precision: a.precision,
     };
     let quiet = a.quiet;
     let s = analyze(&opts, &mut |m| {

@@ -78,15 +78,17 @@ pub struct StepLca {
     pub evaluations: usize,
 }
 
-/// Interpolate θ_t + s·Δθ in f64, rounded to f32.
-pub fn point(theta0: &[Vec<f32>], delta: &[Vec<f64>], s: f64) -> Vec<Vec<f32>> {
+/// Interpolate θ_t + s·Δθ in f64, rounded to the evaluator's precision.
+///
+/// At s = 1 this is exactly θ_{t+1}: Δθ of two f32 values is exact in f64.
+pub fn point<T: crate::net::Real>(theta0: &[Vec<f32>], delta: &[Vec<f64>], s: f64) -> Vec<Vec<T>> {
     theta0
         .iter()
         .zip(delta)
         .map(|(a, d)| {
             a.iter()
                 .zip(d)
-                .map(|(&a, &d)| (a as f64 + s * d) as f32)
+                .map(|(&a, &d)| T::of(a as f64 + s * d))
                 .collect()
         })
         .collect()
@@ -138,8 +140,8 @@ impl SimpsonSums {
     }
 }
 
-/// Evaluates every objective (loss and gradient) at a point θ.
-pub type PointEvaluator<'a> = dyn FnMut(&[Vec<f32>]) -> Result<Vec<LossGrad>> + 'a;
+/// Evaluates every objective (loss and gradient) at the point θ_t + s·Δθ of a step.
+pub type PointEvaluator<'a> = dyn FnMut(f64) -> Result<Vec<LossGrad>> + 'a;
 
 /// Per-parameter LCA of one objective and its sum.
 type Allocation = (Vec<Vec<f64>>, f64);
@@ -166,24 +168,22 @@ fn allocate(weights: &[Vec<f64>], delta: &[Vec<f64>]) -> Allocation {
 
 /// Integrate one step for one or more objectives evaluated at the same points (objective 0
 /// is the training loss, which alone decides refinement; others, such as a held-out set,
-/// follow the same path and points). `grad_at` evaluates every objective at a point;
-/// `start` holds the (reused) evaluations at θ_t. Returns one [`StepLca`] per objective and
-/// the evaluations at θ_{t+1} (exactly `theta1`, so they can start the next step).
+/// follow the same path and points). `grad_at(s)` evaluates every objective at
+/// θ_t + s·Δθ (see [`point`]); `start` holds the (reused) evaluations at θ_t. Returns one
+/// [`StepLca`] per objective and the evaluations at θ_{t+1} (s = 1), which start the next step.
 pub fn integrate_step(
-    theta0: &[Vec<f32>],
-    theta1: &[Vec<f32>],
+    delta: &[Vec<f64>],
     start: &[LossGrad],
     opts: &Integration,
     grad_at: &mut PointEvaluator<'_>,
 ) -> Result<(Vec<StepLca>, Vec<LossGrad>)> {
-    let delta = difference(theta0, theta1);
-    let end = grad_at(theta1)?;
+    let end = grad_at(1.0)?;
     let mut evaluations = 1;
     let k = start.len();
     // Per objective: (lca, sum); plus splits and capped (shared).
     let (results, splits, capped): (Vec<Allocation>, usize, bool) = match opts.method {
         Method::FirstOrder => (
-            start.iter().map(|s| allocate(&s.grads, &delta)).collect(),
+            start.iter().map(|s| allocate(&s.grads, delta)).collect(),
             1,
             false,
         ),
@@ -195,14 +195,14 @@ pub fn integrate_step(
                     let mut avg = zeros_like(&s.grads);
                     add_into(&mut avg, &s.grads, 0.5);
                     add_into(&mut avg, &e.grads, 0.5);
-                    allocate(&avg, &delta)
+                    allocate(&avg, delta)
                 })
                 .collect(),
             1,
             false,
         ),
         Method::Simpson => {
-            let mid = grad_at(&point(theta0, &delta, 0.5))?;
+            let mid = grad_at(0.5)?;
             evaluations += 1;
             let mut sums: Vec<SimpsonSums> = (0..k)
                 .map(|o| {
@@ -222,18 +222,18 @@ pub fn integrate_step(
             let dl = end[0].loss - start[0].loss;
             let mut n = 2usize;
             loop {
-                let (lca0, s0) = allocate(&sums[0].weights(n), &delta);
+                let (lca0, s0) = allocate(&sums[0].weights(n), delta);
                 let ok = (dl - s0).abs() <= opts.bound(dl);
                 if ok || !opts.adaptive || n * 2 > opts.max_splits {
                     let mut res = vec![(lca0, s0)];
-                    res.extend(sums[1..].iter().map(|s| allocate(&s.weights(n), &delta)));
+                    res.extend(sums[1..].iter().map(|s| allocate(&s.weights(n), delta)));
                     break (res, n, !ok && opts.adaptive);
                 }
                 // Refine: every current point becomes "interior of a coarser level".
                 n *= 2;
                 let mut newb: Vec<Vec<Vec<f64>>> = sums.iter().map(|s| zeros_like(&s.e)).collect();
                 for j in (1..n).step_by(2) {
-                    let g = grad_at(&point(theta0, &delta, j as f64 / n as f64))?;
+                    let g = grad_at(j as f64 / n as f64)?;
                     evaluations += 1;
                     for (nb, gi) in newb.iter_mut().zip(&g) {
                         add_into(nb, &gi.grads, 1.0);
@@ -287,7 +287,8 @@ mod tests {
         let t0 = vec![vec![1.0f32, -0.5, 0.25]];
         let t1 = vec![vec![0.0f32, 0.5, 1.0]];
         let start = sextic(&t0).unwrap();
-        integrate_step(&t0, &t1, &start, &opts, &mut sextic)
+        let d = difference(&t0, &t1);
+        integrate_step(&d, &start, &opts, &mut |s| sextic(&point(&t0, &d, s)))
             .unwrap()
             .0
             .remove(0)
@@ -347,8 +348,11 @@ mod tests {
         let t0 = vec![vec![1.0f32, -0.5, 0.25]];
         let t1 = vec![vec![0.0f32, -0.5, 1.0]];
         let start = sextic(&t0).unwrap();
-        let (s, _) =
-            integrate_step(&t0, &t1, &start, &Integration::default(), &mut sextic).unwrap();
+        let d = difference(&t0, &t1);
+        let (s, _) = integrate_step(&d, &start, &Integration::default(), &mut |s| {
+            sextic(&point(&t0, &d, s))
+        })
+        .unwrap();
         assert_eq!(s[0].lca[0][1], 0.0);
     }
 }

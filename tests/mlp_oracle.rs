@@ -106,7 +106,7 @@ fn load_point(
         .zip(&d)
         .map(|(a, d)| a.iter().zip(d).map(|(&a, &d)| a as f64 + s * d).collect())
         .collect();
-    (lca::lca::point(&t0, &d, s), exact)
+    (lca::lca::point::<f32>(&t0, &d, s), exact)
 }
 
 /// Gradients at the stored Simpson points: the f32 evaluator to 1e-4 of each tensor's largest

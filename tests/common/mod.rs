@@ -71,6 +71,20 @@ pub fn compare_step_tensor_lca(
     steps: &[u64],
     rtol: f64,
 ) -> f64 {
+    compare_step_tensor_lca_with(ours, oracle, steps, rtol, &[])
+}
+
+/// As [`compare_step_tensor_lca`], but a difference no larger than `slack[t]` (the oracle's
+/// own integration error |r_t| at that step) also passes: the two evaluations then agree
+/// within what the quadrature can resolve. Used for f32 runs whose integration points sit on
+/// a ReLU kink, where f32 and f64 arithmetic legitimately pick different sides.
+pub fn compare_step_tensor_lca_with(
+    ours: &std::collections::HashMap<(u64, String), f64>,
+    oracle: &Value,
+    steps: &[u64],
+    rtol: f64,
+    slack: &[f64],
+) -> f64 {
     let lca = oracle["lca"].as_object().expect("lca object");
     let mut worst = 0.0f64;
     for (t, &step) in steps.iter().enumerate().take(steps.len() - 1) {
@@ -82,11 +96,14 @@ pub fn compare_step_tensor_lca(
                 .unwrap_or_else(|| panic!("no row for step {step} tensor {name}"));
             let denom = want.abs().max(0.01 * scale);
             let rel = (got - want).abs() / denom;
+            let within_slack = slack.get(t).is_some_and(|s| (got - want).abs() <= s.abs());
             assert!(
-                rel <= rtol,
+                rel <= rtol || within_slack,
                 "step {step} tensor {name}: lca {got} vs oracle {want} (relative error {rel:.2e} > {rtol:e})"
             );
-            worst = worst.max(rel);
+            if !within_slack {
+                worst = worst.max(rel);
+            }
         }
     }
     worst
