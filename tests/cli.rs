@@ -256,3 +256,46 @@ fn rerun_replaces_a_previous_output() {
         "stale file of the previous run"
     );
 }
+
+#[test]
+fn npz_training_set_with_per_feature_normalisation() {
+    use ndarray_npy::NpzWriter;
+    let t = tiny();
+    // The same data as the safetensors file, as .npz (x float64, y int32).
+    let x = ndarray::Array2::from_shape_vec((10, 4), tiny_x().iter().map(|&v| v as f64).collect())
+        .unwrap();
+    let y = ndarray::Array1::from_iter((0..10).map(|i| (i % 3) as i32));
+    let npz = t.dir.path().join("train.npz");
+    let mut w = NpzWriter::new(std::fs::File::create(&npz).unwrap());
+    w.add_array("x", &x).unwrap();
+    w.add_array("y", &y).unwrap();
+    w.finish().unwrap();
+    let a = t.run(&[]);
+    assert!(a.status.success());
+    let base = json(&t.dir.path().join("out/summary.json"));
+    std::fs::write(&t.spec, TINY_SPEC.replace("train.safetensors", "train.npz")).unwrap();
+    let b = t.run(&[]);
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let s = json(&t.dir.path().join("out/summary.json"));
+    assert_eq!(s["run"]["loss_first"], base["run"]["loss_first"]);
+    assert_eq!(s["run"]["lca_sum"], base["run"]["lca_sum"]);
+    // Per-feature mean/std change the loss; a wrong count names the key.
+    let spec = TINY_SPEC.replace(
+        "train = \"train.safetensors\"\n",
+        "train = \"train.npz\"\nmean = [0.1, 0.2, 0.3, 0.4]\nstd = [0.5, 0.5, 0.5, 0.25]\n",
+    );
+    std::fs::write(&t.spec, &spec).unwrap();
+    let c = t.run(&[]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let s2 = json(&t.dir.path().join("out/summary.json"));
+    assert_ne!(s2["run"]["loss_first"], base["run"]["loss_first"]);
+    std::fs::write(
+        &t.spec,
+        spec.replace("mean = [0.1, 0.2, 0.3, 0.4]", "mean = [0.1, 0.2]"),
+    )
+    .unwrap();
+    fails_with(
+        &t.run(&[]),
+        &["train.npz", "data.mean", "2 values", "4 features"],
+    );
+}
