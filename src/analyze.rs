@@ -236,11 +236,13 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
 
     let first = checkpoint::load(&files[0], &model.params)?;
     if !first.unused.is_empty() {
-        note(&format!(
-            "note: ignoring {} tensor(s) the spec does not use: {}",
-            first.unused.len(),
-            first.unused.join(", ")
-        ));
+        progress.suspend(|| {
+            note(&format!(
+                "note: ignoring {} tensor(s) the spec does not use: {}",
+                first.unused.len(),
+                first.unused.join(", ")
+            ))
+        });
     }
     let mut ckpt_refs = vec![CheckpointRef {
         path: files[0].path.display().to_string(),
@@ -259,6 +261,7 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         hurt_steps: model.params.iter().map(|q| vec![0; q.numel()]).collect(),
     };
     let mut records = Vec::with_capacity(nsteps);
+    let mut max_abs_r = 0.0f64;
     let mut cum = loss_first;
     for w in files.windows(2) {
         let next = checkpoint::load(&w[1], &model.params)?;
@@ -277,7 +280,11 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         )
         .map_err(|e| at_step(e, &w[0], &w[1]))?;
         evaluations += s.evaluations;
-        progress.add_length((s.evaluations as u64).saturating_sub(2));
+        // Project the total from the evaluations per step so far, so that the ETA accounts
+        // for adaptive refinement.
+        let done = records.len() + 1;
+        let per_step = (evaluations - 1) as f64 / done as f64;
+        progress.set_length(evaluations as u64 + ((nsteps - done) as f64 * per_step).ceil() as u64);
 
         let mut tensors = Vec::with_capacity(model.params.len());
         let mut layer_steps: Vec<GroupStep> = layers
@@ -338,17 +345,19 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             hurt: u,
             helped_fraction: fraction(h, h + z + u),
         };
+        max_abs_r = max_abs_r.max(rec.residual.abs());
         progress.message(&format!(
-            "step {}→{}  ΔL {:+.3e}  r {:+.1e}{}",
+            "step {}→{} r {:+.1e} (max |r| {:.1e}) ΔL {:+.2e}{}",
             rec.step,
             rec.next_step,
-            rec.delta_loss,
             rec.residual,
+            max_abs_r,
+            rec.delta_loss,
             if rec.splits > 2 {
-                format!("  ({} splits)", rec.splits)
+                format!(" [{} splits]", rec.splits)
             } else {
                 String::new()
-            }
+            },
         ));
         let so = StepOutput {
             record: &rec,
@@ -379,11 +388,7 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             "{} step(s) kept a residual above the bound at {} splits: {}",
             capped_steps.len(),
             opts.integration.max_splits,
-            capped_steps
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            crate::report::step_list(&capped_steps)
         );
         note(&format!("warning: {w}"));
         warnings.push(w);
