@@ -397,8 +397,7 @@ fn run_man(a: ManArgs) -> anyhow::Result<()> {
             print(&String::from_utf8_lossy(&buf));
         }
         Some(dir) => {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
             clap_mangen::generate_to(cmd, &dir)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
             eprintln!("wrote the manual pages to {}", dir.display());

@@ -36,9 +36,8 @@ impl HelpedFigure {
 
     pub fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
         let n = self.steps.len().max(1) as f64;
-        let mean = |f: fn(&(f64, f64, f64, f64, f64)) -> f64| {
-            self.steps.iter().map(f).sum::<f64>() / n
-        };
+        let mean =
+            |f: fn(&(f64, f64, f64, f64, f64)) -> f64| self.steps.iter().map(f).sum::<f64>() / n;
         let (mh, mz, mu) = (mean(|s| s.2), mean(|s| s.3), mean(|s| s.4));
         let area = style::titled(
             root,

@@ -22,11 +22,7 @@ pub struct LossFigure {
 impl LossFigure {
     pub fn new(s: &Summary) -> LossFigure {
         let first = &s.steps[0];
-        let mut points = vec![(
-            first.step as f64,
-            s.run.loss_first,
-            s.run.loss_first,
-        )];
+        let mut points = vec![(first.step as f64, s.run.loss_first, s.run.loss_first)];
         points.extend(
             s.steps
                 .iter()
@@ -130,11 +126,7 @@ impl LossFigure {
             .border_style(RGBColor(150, 150, 150))
             .draw()?;
 
-        let m = self
-            .residuals
-            .iter()
-            .map(|r| r.2.abs())
-            .fold(0.0, f64::max);
+        let m = self.residuals.iter().map(|r| r.2.abs()).fold(0.0, f64::max);
         let m = if m > 0.0 { m * 1.15 } else { 1e-9 };
         let mut res = ChartBuilder::on(&bottom)
             .caption(

@@ -153,7 +153,10 @@ impl Figure {
         if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty())
             && !parent.is_dir()
         {
-            return Err(err(format!("directory {} does not exist", parent.display())));
+            return Err(err(format!(
+                "directory {} does not exist",
+                parent.display()
+            )));
         }
         match format {
             ImageFormat::Svg => {
@@ -195,5 +198,8 @@ pub fn plot(dir: &Path, opts: &PlotOptions) -> Result<()> {
     }
     let fig = Figure::load(dir, opts.kind, opts.layer.as_deref())?;
     let (w, h) = fig.default_size();
-    fig.render(&opts.file, (opts.width.unwrap_or(w), opts.height.unwrap_or(h)))
+    fig.render(
+        &opts.file,
+        (opts.width.unwrap_or(w), opts.height.unwrap_or(h)),
+    )
 }

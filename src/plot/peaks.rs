@@ -91,7 +91,7 @@ impl PeaksFigure {
                 .y_labels(3)
                 .y_label_formatter(&yfmt)
                 .light_line_style(TRANSPARENT)
-            .bold_line_style(style::GRID);
+                .bold_line_style(style::GRID);
             if last {
                 mesh.x_desc("step t (θ_t → θ_t+1)");
             }
@@ -105,7 +105,11 @@ impl PeaksFigure {
             chart.draw_series(LineSeries::new(pts, c.stroke_width(2)))?;
             // The layer's name and scale beside its panel.
             let (_, ph) = label.dim_in_pixel();
-            let ph = if last { ph.saturating_sub(X_LABELS) } else { ph } as i32;
+            let ph = if last {
+                ph.saturating_sub(X_LABELS)
+            } else {
+                ph
+            } as i32;
             label.draw(&Text::new(
                 name.clone(),
                 (10, ph / 2 - 22),

@@ -80,7 +80,11 @@ pub fn diverging(v: f64) -> RGBColor {
         (178, 24, 43),
         (103, 0, 31),
     ];
-    let v = if v.is_finite() { v.clamp(-1.0, 1.0) } else { 0.0 };
+    let v = if v.is_finite() {
+        v.clamp(-1.0, 1.0)
+    } else {
+        0.0
+    };
     let x = (v + 1.0) / 2.0 * (STOPS.len() - 1) as f64;
     let i = (x.floor() as usize).min(STOPS.len() - 2);
     let f = x - i as f64;
@@ -100,7 +104,7 @@ pub fn tick(v: f64, lo: f64, hi: f64) -> String {
     if m == 0.0 || !m.is_finite() {
         return format!("{v}");
     }
-    if m < 1e-2 || m >= 1e6 {
+    if !(1e-2..1e6).contains(&m) {
         return sci(v);
     }
     let step = span / 8.0;

@@ -147,9 +147,17 @@ pub fn step_list(steps: &[u64]) -> String {
     while i < steps.len() {
         let d = steps.get(i + 1).map(|b| b.wrapping_sub(steps[i]));
         let run = match d {
-            Some(d) if d > 0 && steps.get(i + 2).is_some_and(|c| c.wrapping_sub(steps[i + 1]) == d) => {
+            Some(d)
+                if d > 0
+                    && steps
+                        .get(i + 2)
+                        .is_some_and(|c| c.wrapping_sub(steps[i + 1]) == d) =>
+            {
                 let mut j = i + 2;
-                while steps.get(j + 1).is_some_and(|c| c.wrapping_sub(steps[j]) == d) {
+                while steps
+                    .get(j + 1)
+                    .is_some_and(|c| c.wrapping_sub(steps[j]) == d)
+                {
                     j += 1;
                 }
                 Some((j, d))

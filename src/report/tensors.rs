@@ -160,8 +160,12 @@ fn meta_steps(
         .and_then(|m| m.get(key))
         .and_then(|v| v.as_str())
         .ok_or_else(|| st_err(path, format!("metadata `{key}` is missing")))?;
-    serde_json::from_str(text)
-        .map_err(|e| st_err(path, format!("metadata `{key}` is not a list of steps: {e}")))
+    serde_json::from_str(text).map_err(|e| {
+        st_err(
+            path,
+            format!("metadata `{key}` is not a list of steps: {e}"),
+        )
+    })
 }
 
 /// Per-step, per-neuron LCA of the tensors `names` (one layer's weight and bias): neuron `i`
@@ -175,7 +179,10 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
     let steps = meta_steps(path, meta, "steps")?;
     let next_steps = meta_steps(path, meta, "next_steps")?;
     if steps.len() != next_steps.len() {
-        return Err(st_err(path, "metadata `steps` and `next_steps` differ in length"));
+        return Err(st_err(
+            path,
+            "metadata `steps` and `next_steps` differ in length",
+        ));
     }
     let nsteps = steps.len();
     let data_start = 8 + u64::from_le_bytes({
@@ -214,7 +221,9 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
             .filter(|o: &Vec<u64>| o.len() == 2)
             .ok_or_else(|| bad("no data_offsets"))?;
         if offs[1] - offs[0] != (nsteps * row * es) as u64 || data_start + offs[1] > len {
-            return Err(bad("data_offsets do not match the shape or the file size (truncated?)"));
+            return Err(bad(
+                "data_offsets do not match the shape or the file size (truncated?)",
+            ));
         }
         let vals = values.get_or_insert_with(|| vec![vec![0.0; neurons]; nsteps]);
         if vals.first().is_some_and(|r| r.len() != neurons) {
