@@ -108,11 +108,19 @@ pub fn tick(v: f64, lo: f64, hi: f64) -> String {
         return sci(v);
     }
     let step = span / 8.0;
-    let decimals = if step > 0.0 {
+    let mut decimals = if step > 0.0 {
         (-step.log10().floor()).clamp(0.0, 6.0) as usize
     } else {
         2
     };
+    // Never round a tick to a wrong value (0.25 is not "0.2").
+    while decimals < 6 {
+        let f = 10f64.powi(decimals as i32);
+        if ((v * f).round() / f - v).abs() <= step.abs() * 1e-3 {
+            break;
+        }
+        decimals += 1;
+    }
     format!("{v:.decimals$}")
 }
 
@@ -253,7 +261,9 @@ mod tests {
     #[test]
     fn ticks_read_well() {
         assert_eq!(tick(50.0, 0.0, 100.0), "50");
-        assert_eq!(tick(0.5, 0.0, 2.5), "0.50");
+        assert_eq!(tick(0.5, 0.0, 2.5), "0.5");
+        assert_eq!(tick(0.25, 0.0, 1.0), "0.25");
+        assert_eq!(tick(-0.4, -0.75, 0.0), "-0.4");
         assert_eq!(tick(2.0e-5, -5e-5, 5e-5), "2e-5");
         assert_eq!(tick(2.5e-5, -5e-5, 5e-5), "2.5e-5");
         assert_eq!(tick(1e-20, -1.0, 1.0), "0");
