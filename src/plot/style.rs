@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(tick(50.0, 0.0, 100.0), "50");
         assert_eq!(tick(0.5, 0.0, 2.5), "0.5");
         assert_eq!(tick(0.25, 0.0, 1.0), "0.25");
-        assert_eq!(tick(-0.4, -0.75, 0.0), "-0.4");
+        assert_eq!(tick(-0.4, -0.75, 0.0), "-0.40");
         assert_eq!(tick(2.0e-5, -5e-5, 5e-5), "2e-5");
         assert_eq!(tick(2.5e-5, -5e-5, 5e-5), "2.5e-5");
         assert_eq!(tick(1e-20, -1.0, 1.0), "0");
