@@ -50,7 +50,9 @@ pub enum Command {
     /// Draw a figure of an analysis as SVG or PNG.
     Plot(PlotArgs),
     /// Gate CI on an analysis: residual bounds, layers that must not hurt, a baseline.
-    /// Exit 0 when every check passes, 1 when one fails, 2 on unusable input.
+    ///
+    /// Prints PASS or FAIL with the figures for each check. Exit status 0 when every check
+    /// passes, 1 when one fails, 2 on unusable input.
     Check(CheckArgs),
     /// Dry run of `analyze`: list steps and tensors, validate them, estimate the work.
     Inspect(InspectArgs),
@@ -137,9 +139,7 @@ pub struct SummarizeArgs {
 pub struct PlotArgs {
     /// Output directory of `lca analyze`.
     pub out: PathBuf,
-    /// Figure: loss (actual vs rebuilt loss, residuals), layers (cumulative LCA per layer),
-    /// helped (helped/zero/hurt % per step), heatmap (neuron × step, needs --layer), peaks
-    /// (per-layer LCA per step, normalised).
+    /// Which figure (see docs/plots.md).
     #[arg(long, short = 'k', value_enum)]
     pub kind: PlotKind,
     /// Image file to write; the format follows the extension: .svg or .png.

@@ -247,3 +247,76 @@ fn heatmap_rows_are_the_neurons_of_the_layer() {
         );
     }
 }
+
+#[test]
+fn long_runs_are_binned_in_the_heatmap_and_drawn_everywhere() {
+    // 700 steps of the tiny problem: the heat map sums pairs of steps into 350 columns. The
+    // parameters cycle with period 7, so θ_700 = θ_0 and the run's ΔL is exactly 0: the
+    // relative residuals are undefined (null in summary.json) and must not break the readers.
+    let t = tiny();
+    for k in 3..=700 {
+        let (w, b) = tiny_params(k % 7);
+        write_st(
+            &t.ckpts.join(format!("ckpt_{k}.safetensors")),
+            &[
+                T::f32("fc.weight", &[3, 4], &w),
+                T::f32("fc.bias", &[3], &b),
+            ],
+            Some(k as u64),
+        );
+    }
+    let o = t.run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = t.dir.path().join("out");
+    let fig = lca::plot::Figure::load(&out, lca::plot::PlotKind::Heatmap, Some("fc")).unwrap();
+    let lca::plot::Figure::Heatmap(h) = &fig else {
+        panic!("not a heat map")
+    };
+    assert_eq!(h.bin, 2);
+    assert_eq!(h.columns.len(), 350);
+    assert_eq!((h.columns[0].0, h.columns[0].1), (0.0, 2.0));
+    assert_eq!(h.columns[349].1, 700.0);
+    let svg = t.dir.path().join("h.svg");
+    let o = lca()
+        .arg("plot")
+        .arg(&out)
+        .args(["--kind", "heatmap", "--layer", "fc", "-o"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(svg_text(&svg).contains("2 steps per column"));
+    for kind in ["loss", "layers", "helped", "peaks"] {
+        let png = t.dir.path().join(format!("{kind}.png"));
+        let o = plot_dir(&out, &["--kind", kind], &png);
+        assert!(o.status.success(), "{kind}");
+        assert!(decode_png(&png).2 > 10, "{kind}");
+    }
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["run"]["delta_loss"], 0.0);
+    assert!(s["run"]["rel_abs_residual"].is_null());
+    let o = lca()
+        .arg("check")
+        .arg(&out)
+        .args(["--max-residual", "1e-3", "--max-step-residual", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.contains("FAIL  residual Σ|r|/|ΔL|: undefined: the run's loss did not change"),
+        "{text}"
+    );
+    assert!(text.contains("PASS  max step residual"), "{text}");
+}
+
+fn plot_dir(dir: &Path, args: &[&str], file: &Path) -> std::process::Output {
+    lca()
+        .arg("plot")
+        .arg(dir)
+        .args(args)
+        .arg("-o")
+        .arg(file)
+        .output()
+        .unwrap()
+}
