@@ -39,7 +39,7 @@ fn decode_png(path: &Path) -> (u32, u32, usize) {
     );
     let dec = png::Decoder::new(std::io::Cursor::new(bytes));
     let mut reader = dec.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
     let px = info.color_type.samples();
     let colours: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
