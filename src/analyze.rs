@@ -437,11 +437,13 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
 
     let first = checkpoint::load(&files[0], &model.params)?;
     if !first.unused.is_empty() {
-        note(&format!(
-            "note: ignoring {} tensor(s) the spec does not use: {}",
-            first.unused.len(),
-            first.unused.join(", ")
-        ));
+        progress.suspend(|| {
+            note(&format!(
+                "note: ignoring {} tensor(s) the spec does not use: {}",
+                first.unused.len(),
+                first.unused.join(", ")
+            ))
+        });
     }
     let mut ckpt_refs = vec![CheckpointRef {
         path: files[0].path.display().to_string(),
@@ -470,6 +472,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
     };
     let mut records = Vec::with_capacity(nsteps);
     let mut val_records = Vec::new();
+    let mut max_abs_r = 0.0f64;
     let mut cum = loss_first;
     for w in files.windows(2) {
         let next = checkpoint::load(&w[1], &model.params)?;
@@ -487,7 +490,11 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         let val = if objs.len() > 1 { objs.pop() } else { None };
         let s = objs.pop().expect("training objective");
         evaluations += s.evaluations;
-        progress.add_length((s.evaluations as u64).saturating_sub(2));
+        // Project the total from the evaluations per step so far, so that the ETA accounts
+        // for adaptive refinement.
+        let done = records.len() + 1;
+        let per_step = (evaluations - 1) as f64 / done as f64;
+        progress.set_length(evaluations as u64 + ((nsteps - done) as f64 * per_step).ceil() as u64);
         let l2_lca = l2.map(|lam| l2_step(lam, &theta0, &next.theta, &p.l2_mask));
 
         let mut tensors = Vec::with_capacity(model.params.len());
@@ -578,17 +585,19 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         if let Some(v) = &val {
             val_records.push((v.loss_after, v.lca_sum, v.residual));
         }
+        max_abs_r = max_abs_r.max(rec.residual.abs());
         progress.message(&format!(
-            "step {}→{}  ΔL {:+.3e}  r {:+.1e}{}",
+            "step {}→{} r {:+.1e} (max |r| {:.1e}) ΔL {:+.2e}{}",
             rec.step,
             rec.next_step,
-            rec.delta_loss,
             rec.residual,
+            max_abs_r,
+            rec.delta_loss,
             if rec.splits > 2 {
-                format!("  ({} splits)", rec.splits)
+                format!(" [{} splits]", rec.splits)
             } else {
                 String::new()
-            }
+            },
         ));
         let so = StepOutput {
             record: &rec,
@@ -623,11 +632,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
             "{} step(s) kept a residual above the bound at {} splits: {}",
             capped_steps.len(),
             opts.integration.max_splits,
-            capped_steps
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            crate::report::step_list(&capped_steps)
         );
         note(&format!("warning: {w}"));
         warnings.push(w);

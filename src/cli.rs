@@ -1,12 +1,36 @@
-//! Command-line interface (clap derive): options → run → outputs. Library errors are turned
-//! into messages on stderr and a non-zero exit status here.
+//! Command-line interface: the clap definitions and the wiring from options to the library
+//! (`analyze`, `summarize`, `plot`, `check`, `inspect`) and to stdout/stderr. No analysis
+//! logic lives here. [`run`] returns a [`Status`]; errors (exit 2) are reported by `main`.
 
 use crate::analyze::{AnalyzeOptions, Precision, analyze};
+use crate::check::{CheckOptions, check};
+use crate::inspect::{InspectOptions, inspect};
 use crate::lca::{Integration, Method};
+use crate::plot::{PlotKind, PlotOptions, plot};
 use crate::report::tensors::StoreDtype;
 use crate::summarize::{By, Format, Sort, view};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use std::io::Write;
 use std::path::PathBuf;
+
+/// How a successful run ended: the process exit status apart from errors (which exit 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Exit 0.
+    Success,
+    /// Exit 1: `lca check` ran and at least one check failed.
+    ChecksFailed,
+}
+
+impl Status {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Status::Success => 0,
+            Status::ChecksFailed => 1,
+        }
+    }
+}
 
 /// Loss Change Allocation: which parameters, neurons and layers made the training loss go
 /// down, which pushed it up, and when — from saved PyTorch checkpoints.
@@ -23,6 +47,33 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Show coarser views of an analysis: per layer, tensor, neuron, step or parameter.
     Summarize(SummarizeArgs),
+    /// Draw a figure of an analysis as SVG or PNG.
+    Plot(PlotArgs),
+    /// Gate CI on an analysis: residual bounds, layers that must not hurt, a baseline.
+    ///
+    /// Prints PASS or FAIL with the figures for each check. Exit status 0 when every check
+    /// passes, 1 when one fails, 2 on unusable input.
+    Check(CheckArgs),
+    /// Dry run of `analyze`: list steps and tensors, validate them, estimate the work.
+    Inspect(InspectArgs),
+    /// Print a shell completion script to stdout.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff) to stdout, or write one page per command to a directory.
+    Man(ManArgs),
+}
+
+/// Which checkpoints to use (shared by `analyze` and `inspect`).
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// Only checkpoints with step ≥ FIRST.
+    #[arg(long)]
+    pub first: Option<u64>,
+    /// Only checkpoints with step ≤ LAST.
+    #[arg(long)]
+    pub last: Option<u64>,
+    /// Take every K-th of the selected checkpoints.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub every: usize,
 }
 
 #[derive(Debug, Args)]
@@ -35,15 +86,8 @@ pub struct AnalyzeArgs {
     /// Output directory (created; an existing one must be empty or a previous lca output).
     #[arg(long, short = 'o', default_value = "lca-out")]
     pub out: PathBuf,
-    /// Only checkpoints with step ≥ FIRST.
-    #[arg(long)]
-    pub first: Option<u64>,
-    /// Only checkpoints with step ≤ LAST.
-    #[arg(long)]
-    pub last: Option<u64>,
-    /// Take every K-th of the selected checkpoints.
-    #[arg(long, default_value_t = 1, value_name = "K")]
-    pub every: usize,
+    #[command(flatten)]
+    pub select: Selection,
     /// Integration rule.
     #[arg(long, value_enum, default_value_t = Method::Simpson)]
     pub method: Method,
@@ -94,6 +138,108 @@ pub struct SummarizeArgs {
     pub format: Format,
 }
 
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Output directory of `lca analyze`.
+    pub out: PathBuf,
+    /// Which figure (see docs/plots.md).
+    #[arg(long, short = 'k', value_enum)]
+    pub kind: PlotKind,
+    /// Image file to write; the format follows the extension: .svg or .png.
+    #[arg(long = "output", short = 'o', value_name = "FILE")]
+    pub file: PathBuf,
+    /// Layer of the heat map (as in `summarize --by layer`).
+    #[arg(long, value_name = "NAME")]
+    pub layer: Option<String>,
+    /// Width in pixels (default 1200).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Height in pixels (default 800; taller for many layers or neurons).
+    #[arg(long)]
+    pub height: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Output directory of `lca analyze`.
+    pub out: PathBuf,
+    /// Fail when Σ|r_t|/|ΔL| (the whole-run residual, a fraction: 1e-3 = 0.1 %) exceeds this.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_residual: Option<f64>,
+    /// Fail when a step's |r_t| (loss units) exceeds this.
+    #[arg(long, value_name = "LOSS")]
+    pub max_step_residual: Option<f64>,
+    /// Fail when this layer's total LCA is positive (it raised the loss). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub fail_if_layer_hurts: Vec<String>,
+    /// Compare every layer's total LCA with this baseline output directory.
+    #[arg(long, value_name = "OTHER_OUT")]
+    pub baseline: Option<PathBuf>,
+    /// Relative tolerance against the baseline: |x − b| ≤ atol + rtol·|b| [default: 1e-4].
+    #[arg(long, value_name = "R")]
+    pub rtol: Option<f64>,
+    /// Absolute tolerance against the baseline (loss units) [default: 0].
+    #[arg(long, value_name = "A")]
+    pub atol: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Directory of *.safetensors checkpoints.
+    pub ckpts: PathBuf,
+    /// Model spec: see docs/spec.md.
+    #[arg(long, short = 's')]
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub select: Selection,
+    /// Integration rule to estimate the work for.
+    #[arg(long, value_enum, default_value_t = Method::Simpson)]
+    pub method: Method,
+    /// Largest number of Simpson sub-intervals per step (for the worst case).
+    #[arg(long, default_value_t = 32)]
+    pub max_splits: usize,
+    /// Do not time a gradient evaluation (no estimate of the run time).
+    #[arg(long)]
+    pub no_time: bool,
+    /// Worker threads for the timed evaluation (default: all cores).
+    #[arg(long, short = 'j')]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// Shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write lca.1 and one page per subcommand (lca-analyze.1, ...) into this directory
+    /// instead of printing lca.1.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+fn threads(n: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = n {
+        if n == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("cannot start {n} threads: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Write to stdout; a closed pipe (`| head`) is not an error worth reporting.
+fn print(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+}
+
 fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
     if !(a.tolerance >= 0.0 && a.tolerance.is_finite()) {
         anyhow::bail!(
@@ -123,22 +269,14 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
 
 fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
     let integration = validate(&a)?;
-    if let Some(n) = a.threads {
-        if n == 0 {
-            anyhow::bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| anyhow::anyhow!("cannot start {n} threads: {e}"))?;
-    }
+    threads(a.threads)?;
     let opts = AnalyzeOptions {
         ckpt_dir: a.ckpts,
         spec: a.spec,
         out: a.out.clone(),
-        first: a.first,
-        last: a.last,
-        every: a.every,
+        first: a.select.first,
+        last: a.select.last,
+        every: a.select.every,
         integration,
         store: (!a.no_lca_tensors).then_some(a.lca_dtype),
         quiet: a.quiet,
@@ -206,17 +344,98 @@ fn run_summarize(a: SummarizeArgs) -> anyhow::Result<()> {
         Format::Csv => table.to_csv()?,
         Format::Json => table.to_json(),
     };
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    // A closed pipe (`| head`) is not an error worth reporting.
-    let _ = out.write_all(text.as_bytes());
+    print(&text);
+    Ok(())
+}
+
+fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
+    let opts = PlotOptions {
+        kind: a.kind,
+        file: a.file,
+        layer: a.layer,
+        width: a.width,
+        height: a.height,
+    };
+    plot(&a.out, &opts)?;
+    eprintln!("wrote {}", opts.file.display());
+    Ok(())
+}
+
+fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
+    let opts = CheckOptions {
+        max_residual: a.max_residual,
+        max_step_residual: a.max_step_residual,
+        fail_if_layer_hurts: a.fail_if_layer_hurts,
+        baseline: a.baseline,
+        rtol: a.rtol,
+        atol: a.atol,
+    };
+    let report = check(&a.out, &opts)?;
+    print(&report.to_text());
+    Ok(if report.passed() {
+        Status::Success
+    } else {
+        Status::ChecksFailed
+    })
+}
+
+fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
+    if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
+        anyhow::bail!(
+            "--max-splits must be a power of two ≥ 2, got {}",
+            a.max_splits
+        );
+    }
+    threads(a.threads)?;
+    let opts = InspectOptions {
+        ckpt_dir: a.ckpts,
+        spec: a.spec,
+        first: a.select.first,
+        last: a.select.last,
+        every: a.select.every,
+        method: a.method,
+        max_splits: a.max_splits,
+        time: !a.no_time,
+    };
+    print(&inspect(&opts)?.to_text());
+    Ok(())
+}
+
+fn run_completions(a: CompletionsArgs) {
+    let mut cmd = Cli::command();
+    let mut buf = Vec::new();
+    clap_complete::generate(a.shell, &mut cmd, "lca", &mut buf);
+    print(&String::from_utf8_lossy(&buf));
+}
+
+fn run_man(a: ManArgs) -> anyhow::Result<()> {
+    let cmd = Cli::command();
+    match a.dir {
+        None => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut buf)?;
+            print(&String::from_utf8_lossy(&buf));
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            eprintln!("wrote the manual pages to {}", dir.display());
+        }
+    }
     Ok(())
 }
 
 /// Run a parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+pub fn run(cli: Cli) -> anyhow::Result<Status> {
     match cli.command {
-        Command::Analyze(a) => run_analyze(a),
-        Command::Summarize(a) => run_summarize(a),
+        Command::Analyze(a) => run_analyze(a)?,
+        Command::Summarize(a) => run_summarize(a)?,
+        Command::Plot(a) => run_plot(a)?,
+        Command::Check(a) => return run_check(a),
+        Command::Inspect(a) => run_inspect(a)?,
+        Command::Completions(a) => run_completions(a),
+        Command::Man(a) => run_man(a)?,
     }
+    Ok(Status::Success)
 }

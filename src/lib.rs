@@ -6,16 +6,20 @@
 //! Modules: [`spec`] (model.toml), [`checkpoint`] (safetensors directory), [`data`] (training
 //! set), [`net`] (layers, forward and backward), [`eval`] (full-set loss and gradient),
 //! [`lca`] (integration and allocation), [`analyze`] (the run), [`report`] (output writers),
-//! [`summarize`] (coarser views), [`cli`].
+//! [`summarize`] (coarser views), [`plot`] (figures), [`check`] (CI gates), [`inspect`]
+//! (dry run and work estimate), [`progress`], [`cli`].
 
 pub mod analyze;
+pub mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod inspect;
 pub mod lca;
 pub mod net;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod spec;

@@ -299,3 +299,82 @@ fn npz_training_set_with_per_feature_normalisation() {
         &["train.npz", "data.mean", "2 values", "4 features"],
     );
 }
+
+#[test]
+fn no_progress_output_when_stderr_is_not_a_terminal() {
+    // The test harness captures stderr through a pipe: the bar must stay hidden, leaving only
+    // the final report, with no carriage returns or escape sequences.
+    let t = tiny();
+    let o = lca()
+        .arg("analyze")
+        .arg(&t.ckpts)
+        .arg("--spec")
+        .arg(&t.spec)
+        .arg("-o")
+        .arg(t.dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(!err.contains('\r') && !err.contains('\x1b'), "{err:?}");
+    assert!(!err.contains("evals"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with("analysed 2 steps"), "{err}");
+    assert!(lines[2].starts_with("residual: "), "{err}");
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definitions() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let o = lca().args(["completions", shell]).output().unwrap();
+        assert!(o.status.success(), "{shell}");
+        let s = String::from_utf8(o.stdout).unwrap();
+        assert!(s.len() > 500, "{shell}: {s}");
+        for word in [
+            "analyze",
+            "summarize",
+            "plot",
+            "check",
+            "inspect",
+            "max-residual",
+        ] {
+            assert!(s.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let o = lca().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = lca().arg("man").output().unwrap();
+    assert!(o.status.success());
+    let man = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        man.starts_with(".ie \\n(.g .ds Aq"),
+        "{}",
+        &man[..80.min(man.len())]
+    );
+    assert!(man.contains(".TH lca 1"), "{man}");
+    for word in ["analyze", "plot", "check", "inspect", "completions"] {
+        assert!(man.contains(word), "man page lacks {word}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = lca()
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    for page in [
+        "lca.1",
+        "lca-analyze.1",
+        "lca-plot.1",
+        "lca-check.1",
+        "lca-inspect.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page}");
+    }
+    let plot = std::fs::read_to_string(dir.path().join("lca-plot.1")).unwrap();
+    assert!(plot.contains("heatmap"), "{plot}");
+}

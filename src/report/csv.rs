@@ -104,6 +104,38 @@ fn group_rows(
     Ok(())
 }
 
+/// One row of `layers.csv`: a layer's LCA on one step.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct LayerStepRow {
+    pub step: u64,
+    pub next_step: u64,
+    pub layer: String,
+    pub lca: f64,
+    pub helped: u64,
+    pub zero: u64,
+    pub hurt: u64,
+}
+
+/// Read `layers.csv` of an output directory (rows in step order, layers in model order).
+pub fn read_layer_steps(dir: &Path) -> Result<Vec<LayerStepRow>> {
+    let path = dir.join("layers.csv");
+    if !path.is_file() {
+        return Err(LcaError::Output {
+            path,
+            msg: "not found: is this the output directory of `lca analyze`?".into(),
+        });
+    }
+    let mut r = csv::Reader::from_path(&path).map_err(|e| csv_err(&path, e))?;
+    r.deserialize()
+        .map(|row| {
+            row.map_err(|e| LcaError::Output {
+                path: path.clone(),
+                msg: format!("unreadable row: {e}"),
+            })
+        })
+        .collect()
+}
+
 /// Multi-dimensional index of a flat C-order position.
 pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut idx = vec![0; shape.len()];

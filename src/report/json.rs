@@ -30,6 +30,18 @@ impl Exporter for JsonExporter {
 /// Read a summary back from an output directory.
 pub fn read_summary(dir: &std::path::Path) -> Result<Summary> {
     let path = dir.join(super::SUMMARY_FILE);
+    if !dir.is_dir() {
+        return Err(LcaError::Output {
+            path: dir.to_path_buf(),
+            msg: "no such directory (expected the output directory of `lca analyze`)".into(),
+        });
+    }
+    if !path.is_file() {
+        return Err(LcaError::Output {
+            path,
+            msg: "not found: is this the output directory of `lca analyze`?".into(),
+        });
+    }
     let text = std::fs::read_to_string(&path).map_err(|e| LcaError::io(&path, e))?;
     let s: Summary = serde_json::from_str(&text).map_err(|e| LcaError::Output {
         path: path.clone(),

@@ -148,8 +148,69 @@ impl Drop for OutDir {
     }
 }
 
+/// A sorted list of steps written compactly: runs of three or more equally spaced steps become
+/// ranges (`0–99`, or `0–100 (every 5)`), the rest are listed: `0–99, 120, 130`.
+pub fn step_list(steps: &[u64]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < steps.len() {
+        let d = steps.get(i + 1).map(|b| b.wrapping_sub(steps[i]));
+        let run = match d {
+            Some(d)
+                if d > 0
+                    && steps
+                        .get(i + 2)
+                        .is_some_and(|c| c.wrapping_sub(steps[i + 1]) == d) =>
+            {
+                let mut j = i + 2;
+                while steps
+                    .get(j + 1)
+                    .is_some_and(|c| c.wrapping_sub(steps[j]) == d)
+                {
+                    j += 1;
+                }
+                Some((j, d))
+            }
+            _ => None,
+        };
+        match run {
+            Some((j, 1)) => {
+                parts.push(format!("{}–{}", steps[i], steps[j]));
+                i = j + 1;
+            }
+            Some((j, d)) => {
+                parts.push(format!("{}–{} (every {d})", steps[i], steps[j]));
+                i = j + 1;
+            }
+            None => {
+                parts.push(steps[i].to_string());
+                i += 1;
+            }
+        }
+    }
+    parts.join(", ")
+}
+
 /// Create a file for writing, naming it in the error.
 pub(crate) fn create(path: &Path) -> Result<std::io::BufWriter<std::fs::File>> {
     let f = std::fs::File::create(path).map_err(|e| LcaError::io(path, e))?;
     Ok(std::io::BufWriter::new(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_list;
+
+    #[test]
+    fn step_lists_are_compact() {
+        assert_eq!(step_list(&[]), "");
+        assert_eq!(step_list(&[7]), "7");
+        assert_eq!(step_list(&[3, 9]), "3, 9");
+        assert_eq!(step_list(&(0..100).collect::<Vec<_>>()), "0–99");
+        assert_eq!(
+            step_list(&[0, 5, 10, 15, 20, 21, 40]),
+            "0–20 (every 5), 21, 40"
+        );
+        assert_eq!(step_list(&[1, 2, 3, 10, 11, 12, 13]), "1–3, 10–13");
+    }
 }

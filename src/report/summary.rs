@@ -156,9 +156,12 @@ pub struct RunTotals {
     pub residual_sum: f64,
     pub residual_abs_sum: f64,
     pub max_abs_residual: f64,
-    /// |Σ_t r_t| / |L_T − L_0|.
+    /// |Σ_t r_t| / |L_T − L_0| (NaN, written as `null`, when L_T = L_0).
+    #[serde(deserialize_with = "nan_if_null")]
     pub rel_residual: f64,
-    /// Σ_t |r_t| / |L_T − L_0| (per-step errors do not cancel here).
+    /// Σ_t |r_t| / |L_T − L_0| (per-step errors do not cancel here; NaN, written as `null`,
+    /// when L_T = L_0).
+    #[serde(deserialize_with = "nan_if_null")]
     pub rel_abs_residual: f64,
     pub evaluations: usize,
     /// Steps whose residual stayed above the bound at the maximum number of splits.
@@ -214,4 +217,9 @@ pub struct GroupTotal {
     pub val_lca: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2_lca: Option<f64>,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`; read `null` back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }

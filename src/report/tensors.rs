@@ -155,3 +155,130 @@ impl Exporter for TensorExporter {
             .map_err(|e| LcaError::io(&self.path, e))
     }
 }
+
+/// Per-step LCA of a layer's neurons, read back from `lca.safetensors`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeuronSteps {
+    /// The step each row covers (θ_step → θ_next_step).
+    pub steps: Vec<u64>,
+    pub next_steps: Vec<u64>,
+    /// `values[t][i]`: LCA of neuron `i` on step `t`.
+    pub values: Vec<Vec<f64>>,
+}
+
+fn st_err(path: &std::path::Path, msg: impl Into<String>) -> LcaError {
+    LcaError::Output {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn meta_steps(
+    path: &std::path::Path,
+    meta: Option<&serde_json::Value>,
+    key: &str,
+) -> Result<Vec<u64>> {
+    let text = meta
+        .and_then(|m| m.get(key))
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| st_err(path, format!("metadata `{key}` is missing")))?;
+    serde_json::from_str(text).map_err(|e| {
+        st_err(
+            path,
+            format!("metadata `{key}` is not a list of steps: {e}"),
+        )
+    })
+}
+
+/// Per-step, per-neuron LCA of the tensors `names` (one layer's weight and bias): neuron `i`
+/// is index `i` along axis 0 of every tensor, summed over the other axes. Each tensor is
+/// stored as `[steps, d0, ...]`; all must have the same `d0`. Reads one step row of one
+/// tensor at a time, so memory stays at one row plus the result.
+pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<NeuronSteps> {
+    use std::io::Read;
+    let (len, header) = crate::checkpoint::read_header(path)?;
+    let meta = header.get("__metadata__");
+    let steps = meta_steps(path, meta, "steps")?;
+    let next_steps = meta_steps(path, meta, "next_steps")?;
+    if steps.len() != next_steps.len() {
+        return Err(st_err(
+            path,
+            "metadata `steps` and `next_steps` differ in length",
+        ));
+    }
+    let nsteps = steps.len();
+    let data_start = 8 + u64::from_le_bytes({
+        let mut f = File::open(path).map_err(|e| LcaError::io(path, e))?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(|e| LcaError::io(path, e))?;
+        n
+    });
+    let mut file = File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let mut values: Option<Vec<Vec<f64>>> = None;
+    for name in names {
+        let entry = header
+            .get(name)
+            .ok_or_else(|| st_err(path, format!("no tensor '{name}'")))?;
+        let bad = |m: &str| st_err(path, format!("tensor '{name}': {m}"));
+        let es = match entry.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => 4usize,
+            Some("F64") => 8,
+            other => return Err(bad(&format!("dtype {other:?}, expected F32 or F64"))),
+        };
+        let shape: Vec<usize> = entry
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("no shape"))?;
+        if shape.len() < 2 || shape[0] != nsteps {
+            return Err(bad(&format!(
+                "shape {shape:?}, expected [{nsteps} steps, neurons, ...]"
+            )));
+        }
+        let neurons = shape[1];
+        let per_neuron: usize = shape[2..].iter().product();
+        let row = neurons * per_neuron;
+        let offs: Vec<u64> = entry
+            .get("data_offsets")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .filter(|o: &Vec<u64>| o.len() == 2)
+            .ok_or_else(|| bad("no data_offsets"))?;
+        if offs[1] - offs[0] != (nsteps * row * es) as u64 || data_start + offs[1] > len {
+            return Err(bad(
+                "data_offsets do not match the shape or the file size (truncated?)",
+            ));
+        }
+        let vals = values.get_or_insert_with(|| vec![vec![0.0; neurons]; nsteps]);
+        if vals.first().is_some_and(|r| r.len() != neurons) {
+            return Err(bad(&format!(
+                "{neurons} entries along axis 0, but the layer's other tensors have {}",
+                vals[0].len()
+            )));
+        }
+        file.seek(SeekFrom::Start(data_start + offs[0]))
+            .map_err(|e| LcaError::io(path, e))?;
+        let mut buf = vec![0u8; row * es];
+        for out in vals.iter_mut() {
+            file.read_exact(&mut buf)
+                .map_err(|e| LcaError::io(path, e))?;
+            for (i, o) in out.iter_mut().enumerate() {
+                let chunk = &buf[i * per_neuron * es..(i + 1) * per_neuron * es];
+                *o += if es == 4 {
+                    chunk
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
+                        .sum::<f64>()
+                } else {
+                    chunk
+                        .chunks_exact(8)
+                        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                        .sum::<f64>()
+                };
+            }
+        }
+    }
+    Ok(NeuronSteps {
+        steps,
+        next_steps,
+        values: values.unwrap_or_else(|| vec![Vec::new(); nsteps]),
+    })
+}
