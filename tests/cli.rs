@@ -264,7 +264,7 @@ fn npz_training_set_with_per_feature_normalisation() {
     // The same data as the safetensors file, as .npz (x float64, y int32).
     let x = ndarray::Array2::from_shape_vec((10, 4), tiny_x().iter().map(|&v| v as f64).collect())
         .unwrap();
-    let y = ndarray::Array1::from_iter((0..10).map(|i| (i % 3) as i32));
+    let y = ndarray::Array1::from_iter((0..10i32).map(|i| i % 3));
     let npz = t.dir.path().join("train.npz");
     let mut w = NpzWriter::new(std::fs::File::create(&npz).unwrap());
     w.add_array("x", &x).unwrap();
