@@ -291,8 +291,15 @@ impl Conv2d {
                             let iy = win.input_pos(0, oy, ki) as usize;
                             let dst = &mut gc[iy * d.w..][..d.w];
                             let from = &src[oy * d.ow + xlo..oy * d.ow + xhi];
-                            for (o, v) in dst[ix0..].iter_mut().step_by(win.stride[1]).zip(from) {
-                                *o += *v;
+                            if win.stride[1] == 1 {
+                                for (o, v) in dst[ix0..ix0 + from.len()].iter_mut().zip(from) {
+                                    *o += *v;
+                                }
+                            } else {
+                                for (o, v) in dst[ix0..].iter_mut().step_by(win.stride[1]).zip(from)
+                                {
+                                    *o += *v;
+                                }
                             }
                         }
                     }
@@ -395,18 +402,7 @@ impl<T: Real> Layer<T> for Conv2d {
         let d = self.dims(x.shape());
         let n = d.plane();
         let mut gp = b.grad_params;
-        if self.bias {
-            for (o, gb) in gp[1].iter_mut().enumerate() {
-                let mut acc = T::zero();
-                for s in 0..d.batch {
-                    acc += gys[(s * self.out_channels + o) * n..][..n]
-                        .iter()
-                        .copied()
-                        .sum::<T>();
-                }
-                *gb += acc;
-            }
-        }
+        let mut gbias = vec![T::zero(); self.out_channels];
         let need_x = b.need_input_grad[0];
         let mut gx = need_x.then(|| ArrayD::<T>::zeros(x.shape()));
         let mut col = vec![T::zero(); d.k * d.block * n];
@@ -420,12 +416,13 @@ impl<T: Real> Layer<T> for Conv2d {
             let nb = d.block.min(d.batch - s0);
             let cols = nb * n;
             for g in 0..self.groups {
-                // Gather gy[s0 + j, g·mg + m, :] into [mg, nb·n].
+                // Gather gy[s0 + j, g·mg + m, :] into [mg, nb·n], summing it for the bias.
                 for m in 0..d.mg {
+                    let o = g * d.mg + m;
                     for j in 0..nb {
-                        let o = g * d.mg + m;
-                        gout[m * cols + j * n..][..n]
-                            .copy_from_slice(&gys[((s0 + j) * self.out_channels + o) * n..][..n]);
+                        let src = &gys[((s0 + j) * self.out_channels + o) * n..][..n];
+                        gout[m * cols + j * n..][..n].copy_from_slice(src);
+                        gbias[o] += src.iter().copied().sum::<T>();
                     }
                 }
                 let goutv = ArrayView2::from_shape((d.mg, cols), &gout[..d.mg * cols])
@@ -452,6 +449,11 @@ impl<T: Real> Layer<T> for Conv2d {
                     let gxs = gx.as_slice_mut().expect("fresh array");
                     self.col2im(&gcol[..d.k * cols], &d, g, s0, nb, gxs);
                 }
+            }
+        }
+        if self.bias {
+            for (a, v) in gp[1].iter_mut().zip(gbias) {
+                *a += v;
             }
         }
         vec![gx]
@@ -621,6 +623,103 @@ mod tests {
             <Conv2d as Layer<f32>>::out_shape(&c, &[vec![3, 9, 7]]).unwrap(),
             vec![8, 5, 3]
         );
+    }
+
+    /// A whole CNN through `Model` (graph, parameter naming, input gradients between layers,
+    /// none for the data) against central differences of its summed loss, in f64.
+    #[test]
+    fn small_cnn_model_gradient_matches_finite_differences() {
+        use crate::net::{Model, TargetsView, gradcheck::Rng};
+        let src = r#"
+[[layers]]
+name = "c1"
+type = "conv2d"
+in_channels = 2
+out_channels = 4
+kernel_size = 3
+padding = "same"
+[[layers]]
+type = "relu"
+[[layers]]
+type = "max_pool2d"
+kernel_size = 2
+[[layers]]
+name = "c2"
+type = "conv2d"
+in_channels = 4
+out_channels = 6
+kernel_size = [3, 2]
+stride = 2
+padding = 1
+groups = 2
+[[layers]]
+type = "avg_pool2d"
+kernel_size = 2
+stride = 1
+padding = 1
+count_include_pad = false
+[[layers]]
+type = "flatten"
+[[layers]]
+name = "fc"
+type = "linear"
+in_features = 54
+out_features = 3
+[loss]
+type = "cross_entropy"
+[data]
+train = "unused"
+"#;
+        let spec = crate::spec::Spec::parse(src, std::path::Path::new("t.toml")).unwrap();
+        let m: Model<f64> = Model::build(&spec, &[2, 6, 5]).unwrap();
+        let names: Vec<_> = m
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("c1.weight", vec![4, 2, 3, 3]),
+                ("c1.bias", vec![4]),
+                ("c2.weight", vec![6, 2, 3, 2]),
+                ("c2.bias", vec![6]),
+                ("fc.weight", vec![3, 54]),
+                ("fc.bias", vec![3]),
+            ]
+        );
+        assert_eq!(m.output_shape(), &[3]);
+        let mut rng = Rng::new(11);
+        let theta: Vec<Vec<f64>> = m
+            .params
+            .iter()
+            .map(|p| rng.array(&p.shape).into_raw_vec_and_offset().0)
+            .collect();
+        let x = rng.array(&[3, 2, 6, 5]).mapv(|v| v as f32);
+        let y = [0u32, 2, 1];
+        let f = |th: &[Vec<f64>]| {
+            let mut g: Vec<Vec<f64>> = th.iter().map(|t| vec![0.0; t.len()]).collect();
+            m.chunk_loss_grad(th, x.view(), TargetsView::Classes(&y), &mut g)
+                .0
+        };
+        let mut g: Vec<Vec<f64>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+        m.chunk_loss_grad(&theta, x.view(), TargetsView::Classes(&y), &mut g);
+        let h = 1e-6;
+        for (pi, gp) in g.iter().enumerate() {
+            for k in 0..gp.len() {
+                let mut p = theta.clone();
+                p[pi][k] += h;
+                let mut q = theta.clone();
+                q[pi][k] -= h;
+                let fd = (f(&p) - f(&q)) / (2.0 * h);
+                assert!(
+                    (fd - gp[k]).abs() < 1e-7 * (1.0 + fd.abs()),
+                    "{} [{k}]: fd {fd} vs {}",
+                    m.params[pi].name,
+                    gp[k]
+                );
+            }
+        }
     }
 
     #[test]

@@ -36,55 +36,101 @@ pub struct MaxPool2d {
     pub window: Window2d,
 }
 
+/// The in-range taps of every output position along axis `a` of a window, as input offsets
+/// times `scale` (the row length for rows, 1 for columns).
+fn taps(win: &Window2d, a: usize, n: usize, out: usize, scale: usize) -> Vec<Vec<usize>> {
+    (0..out)
+        .map(|o| {
+            (0..win.kernel[a])
+                .filter_map(|k| {
+                    let p = win.input_pos(a, o, k);
+                    (p >= 0 && (p as usize) < n).then_some(p as usize * scale)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 impl MaxPool2d {
-    /// Index (within the plane) of the maximum of the window of output (oy, ox), PyTorch's
-    /// choice: the first maximum in scan order, or the last NaN.
-    #[inline]
-    fn argmax<T: Real>(&self, plane: &[T], hw: [usize; 2], oy: usize, ox: usize) -> usize {
+    /// Calls `f(output index, input index of its maximum)` for every output of the batch `xs`
+    /// (`np` planes of `hw`). The maximum is PyTorch's choice: its CPU kernel starts from −∞ at
+    /// the window's first in-range tap and moves on `v > max || isnan(v)` in scan order (row by
+    /// row), so the first maximum wins, and the last NaN. A whole output row is updated tap by
+    /// tap, which keeps the per-output comparisons independent (no branch, no serial chain).
+    fn scan<T: Real>(&self, xs: &[T], np: usize, hw: [usize; 2], mut f: impl FnMut(usize, usize)) {
         let win = &self.window;
-        let mut best = T::neg_infinity();
-        let mut at = usize::MAX;
-        for ki in 0..win.kernel[0] {
-            let iy = win.input_pos(0, oy, ki);
-            if iy < 0 || iy as usize >= hw[0] {
-                continue;
-            }
-            for kj in 0..win.kernel[1] {
-                let ix = win.input_pos(1, ox, kj);
-                if ix < 0 || ix as usize >= hw[1] {
-                    continue;
+        let [oh, ow] = win
+            .out_hw(hw[0], hw[1])
+            .expect("shapes are checked when the model is built");
+        let rows = taps(win, 0, hw[0], oh, hw[1]);
+        let cols = taps(win, 1, hw[1], ow, 1);
+        // Per column tap kj: the outputs whose tap is in range, and the input column of output 0.
+        let col_taps: Vec<((usize, usize), isize)> = (0..win.kernel[1])
+            .map(|kj| (win.valid_outputs(1, kj, hw[1], ow), win.input_pos(1, 0, kj)))
+            .collect();
+        let sw = win.stride[1];
+        let size = hw[0] * hw[1];
+        let mut best = vec![T::zero(); ow];
+        let mut at = vec![0usize; ow];
+        let mut o = 0;
+        for p in 0..np {
+            let plane = &xs[p * size..][..size];
+            for r in &rows {
+                best.fill(T::neg_infinity());
+                for (a, c) in at.iter_mut().zip(&cols) {
+                    *a = r[0] + c[0];
                 }
-                let i = iy as usize * hw[1] + ix as usize;
-                let v = plane[i];
-                if at == usize::MAX || v > best || v.is_nan() {
-                    best = v;
-                    at = i;
+                for &ry in r {
+                    for &((lo, hi), ix0) in &col_taps {
+                        for ox in lo..hi {
+                            let i = ry + (ix0 + (ox * sw) as isize) as usize;
+                            let v = plane[i];
+                            let better = (v > best[ox]) | v.is_nan();
+                            best[ox] = if better { v } else { best[ox] };
+                            at[ox] = if better { i } else { at[ox] };
+                        }
+                    }
+                }
+                for &a in &at {
+                    f(o, p * size + a);
+                    o += 1;
                 }
             }
         }
-        at
     }
 }
 
 impl<T: Real> Layer<T> for MaxPool2d {
     fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        pooled_shape(&self.window, inputs)
+        let out = pooled_shape(&self.window, inputs)?;
+        let s = &inputs[0];
+        for (a, n) in [(0, s[1]), (1, s[2])] {
+            if taps(&self.window, a, n, out[a + 1], 1)
+                .iter()
+                .any(|t| t.is_empty())
+            {
+                return Err(format!(
+                    "a {} window would lie entirely in the padding of the {}×{} input",
+                    ["row", "column"][a],
+                    s[1],
+                    s[2]
+                ));
+            }
+        }
+        Ok(out)
     }
 
     fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
-        let (np, hw, [oh, ow]) = planes(&x.view(), self.out(&x.view()));
-        let mut y = ArrayD::<T>::zeros(IxDyn(&[x.shape()[0], x.shape()[1], oh, ow]));
+        let sh = x.shape();
+        let [oh, ow] = self
+            .window
+            .out_hw(sh[2], sh[3])
+            .expect("shapes are checked when the model is built");
+        let mut y = ArrayD::<T>::zeros(IxDyn(&[sh[0], sh[1], oh, ow]));
         let ys = y.as_slice_mut().expect("fresh array");
-        for p in 0..np {
-            let plane = &xs[p * hw[0] * hw[1]..][..hw[0] * hw[1]];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    ys[(p * oh + oy) * ow + ox] = plane[self.argmax(plane, hw, oy, ox)];
-                }
-            }
-        }
+        self.scan(xs, sh[0] * sh[1], [sh[2], sh[3]], |o, i| ys[o] = xs[i]);
         y
     }
 
@@ -96,28 +142,11 @@ impl<T: Real> Layer<T> for MaxPool2d {
         let xs = x.as_slice().expect("standard layout");
         let gy = b.grad_out.as_standard_layout();
         let gys = gy.as_slice().expect("standard layout");
-        let (np, hw, [oh, ow]) = planes(&x.view(), self.out(&x.view()));
-        let mut gx = ArrayD::<T>::zeros(x.shape());
+        let sh = x.shape();
+        let mut gx = ArrayD::<T>::zeros(sh);
         let gxs = gx.as_slice_mut().expect("fresh array");
-        let size = hw[0] * hw[1];
-        for p in 0..np {
-            let plane = &xs[p * size..][..size];
-            let gplane = &mut gxs[p * size..][..size];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    gplane[self.argmax(plane, hw, oy, ox)] += gys[(p * oh + oy) * ow + ox];
-                }
-            }
-        }
+        self.scan(xs, sh[0] * sh[1], [sh[2], sh[3]], |o, i| gxs[i] += gys[o]);
         vec![Some(gx)]
-    }
-}
-
-impl MaxPool2d {
-    fn out<T>(&self, x: &ArrayViewD<T>) -> [usize; 2] {
-        self.window
-            .out_hw(x.shape()[2], x.shape()[3])
-            .expect("shapes are checked when the model is built")
     }
 }
 
@@ -385,16 +414,26 @@ mod tests {
         assert!(gx.iter().all(|&v| v == 0.0 || v == 1.0));
     }
 
+    /// Input index of the maximum of every output (one sample, one channel).
+    fn argmaxes(pool: &MaxPool2d, x: &[f64], hw: [usize; 2]) -> Vec<usize> {
+        let mut at = Vec::new();
+        pool.scan(x, 1, hw, |o, i| {
+            assert_eq!(o, at.len());
+            at.push(i)
+        });
+        at
+    }
+
     #[test]
     fn max_pool_nan_and_padding_follow_pytorch() {
         // F.max_pool2d(tensor([[[[nan, 2, nan, 5]]]]), (1, 4), return_indices=True) → nan at 2.
         let pool = MaxPool2d {
             window: win([1, 4], [1, 4], [1, 1], [0, 0]),
         };
-        let x = Array::from_shape_vec((1, 1, 1, 4), vec![f64::NAN, 2.0, f64::NAN, 5.0])
-            .unwrap()
-            .into_dyn();
-        assert_eq!(pool.argmax(x.as_slice().unwrap(), [1, 4], 0, 0), 2);
+        assert_eq!(
+            argmaxes(&pool, &[f64::NAN, 2.0, f64::NAN, 5.0], [1, 4]),
+            vec![2]
+        );
         // Padding is −∞: an all-negative input still gives its own values.
         // F.max_pool2d(-ones(1,1,3,3), 2, stride=2, padding=1, return_indices=True) → indices 0,1,3,4.
         let pool = MaxPool2d {
@@ -403,11 +442,16 @@ mod tests {
         let x = ArrayD::from_elem(IxDyn(&[1, 1, 3, 3]), -1.0f64);
         let y = pool.forward(&[], &[x.view()], &mut Saved::None);
         assert_eq!(y.as_slice().unwrap(), &[-1.0; 4]);
-        let at: Vec<usize> = (0..2)
-            .flat_map(|oy| (0..2).map(move |ox| (oy, ox)))
-            .map(|(oy, ox)| pool.argmax(x.as_slice().unwrap(), [3, 3], oy, ox))
-            .collect();
-        assert_eq!(at, vec![0, 1, 3, 4]);
+        assert_eq!(
+            argmaxes(&pool, x.as_slice().unwrap(), [3, 3]),
+            vec![0, 1, 3, 4]
+        );
+        // A dilated window whose taps all fall in the padding is refused at build time.
+        let pool = MaxPool2d {
+            window: win([2, 2], [1, 1], [3, 3], [2, 2]),
+        };
+        let e = <MaxPool2d as Layer<f32>>::out_shape(&pool, &[vec![1, 1, 1]]).unwrap_err();
+        assert!(e.contains("entirely in the padding"), "{e}");
     }
 
     #[test]
