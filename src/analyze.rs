@@ -8,13 +8,14 @@ use crate::checkpoint::{self, CheckpointFile};
 use crate::data::Dataset;
 use crate::error::{LcaError, Result};
 use crate::eval::{Evaluator, LossGrad};
-use crate::lca::{integrate_step, Integration};
+use crate::lca::{Integration, integrate_step};
 use crate::net::{LossKind, Model};
 use crate::progress::Progress;
 use crate::report::{
-    csv::CsvExporter, json::JsonExporter, tensors::StoreDtype, tensors::TensorExporter, CheckpointRef,
-    DataInfo, Exporter, FileRef, GroupStep, GroupTotal, IntegrationInfo, ModelInfo, OutDir, ParamRef,
-    ParamTotals, RunTotals, Spacing, StepOutput, StepRecord, Summary, Tool, SCHEMA_VERSION,
+    CheckpointRef, DataInfo, Exporter, FileRef, GroupStep, GroupTotal, IntegrationInfo, ModelInfo,
+    OutDir, ParamRef, ParamTotals, RunTotals, SCHEMA_VERSION, Spacing, StepOutput, StepRecord,
+    Summary, Tool, csv::CsvExporter, json::JsonExporter, tensors::StoreDtype,
+    tensors::TensorExporter,
 };
 use crate::spec::Spec;
 use std::path::PathBuf;
@@ -144,16 +145,18 @@ fn counts(v: &[f64]) -> (u64, u64, u64) {
 }
 
 fn fraction(a: u64, n: u64) -> f64 {
-    if n == 0 {
-        0.0
-    } else {
-        a as f64 / n as f64
-    }
+    if n == 0 { 0.0 } else { a as f64 / n as f64 }
 }
 
 /// Run the analysis; `note` receives human-readable notes and warnings (for stderr).
 pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
-    let p = prepare(&opts.ckpt_dir, &opts.spec, opts.first, opts.last, opts.every)?;
+    let p = prepare(
+        &opts.ckpt_dir,
+        &opts.spec,
+        opts.first,
+        opts.last,
+        opts.every,
+    )?;
     let model = &p.model;
     let files = &p.files;
     let nsteps = files.len() - 1;
@@ -199,8 +202,11 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
     exporters.push(Box::new(CsvExporter::new(csv_paths)?));
     if let Some(dtype) = opts.store {
         let path = out.partial("lca.safetensors");
-        let params: Vec<(String, Vec<usize>)> =
-            model.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+        let params: Vec<(String, Vec<usize>)> = model
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect();
         let steps: Vec<(u64, u64)> = files.windows(2).map(|w| (w[0].step, w[1].step)).collect();
         exporters.push(Box::new(TensorExporter::new(path, &params, &steps, dtype)?));
     }
@@ -262,8 +268,14 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
             step_source: w[1].step_source,
             sha256: next.sha256.clone(),
         });
-        let (s, end) = integrate_step(&theta0, &next.theta, &start, &opts.integration, &mut grad_at)
-            .map_err(|e| at_step(e, &w[0], &w[1]))?;
+        let (s, end) = integrate_step(
+            &theta0,
+            &next.theta,
+            &start,
+            &opts.integration,
+            &mut grad_at,
+        )
+        .map_err(|e| at_step(e, &w[0], &w[1]))?;
         evaluations += s.evaluations;
         progress.add_length((s.evaluations as u64).saturating_sub(2));
 
@@ -357,7 +369,11 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
     let delta = loss_last - loss_first;
     let residual_sum: f64 = records.iter().map(|r| r.residual).sum();
     let residual_abs_sum: f64 = records.iter().map(|r| r.residual.abs()).sum();
-    let capped_steps: Vec<u64> = records.iter().filter(|r| r.capped).map(|r| r.step).collect();
+    let capped_steps: Vec<u64> = records
+        .iter()
+        .filter(|r| r.capped)
+        .map(|r| r.step)
+        .collect();
     if !capped_steps.is_empty() {
         let w = format!(
             "{} step(s) kept a residual above the bound at {} splits: {}",
@@ -422,7 +438,13 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
     if opts.store.is_some() {
         file_names.push("lca.safetensors".into());
     }
-    let rel = |x: f64| if delta != 0.0 { x / delta.abs() } else { f64::NAN };
+    let rel = |x: f64| {
+        if delta != 0.0 {
+            x / delta.abs()
+        } else {
+            f64::NAN
+        }
+    };
     let summary = Summary {
         schema_version: SCHEMA_VERSION,
         tool: Tool {
@@ -499,7 +521,9 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
 
 fn at_checkpoint(e: LcaError, f: &CheckpointFile) -> LcaError {
     match e {
-        LcaError::Numeric(m) => LcaError::Numeric(format!("{} (step {}): {m}", f.path.display(), f.step)),
+        LcaError::Numeric(m) => {
+            LcaError::Numeric(format!("{} (step {}): {m}", f.path.display(), f.step))
+        }
         other => other,
     }
 }

@@ -62,7 +62,10 @@ pub fn read_header(path: &Path) -> Result<(u64, serde_json::Map<String, serde_js
     let len = f.metadata().map_err(|e| LcaError::io(path, e))?.len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|_| {
-        ck_err(path, format!("truncated: {len} bytes, too short for a safetensors header"))
+        ck_err(
+            path,
+            format!("truncated: {len} bytes, too short for a safetensors header"),
+        )
     })?;
     let hlen = u64::from_le_bytes(n);
     if hlen > MAX_HEADER_BYTES || hlen > len.saturating_sub(8) {
@@ -131,11 +134,19 @@ pub fn describe(path: &Path) -> Result<CheckpointFile> {
         if name == "__metadata__" {
             continue;
         }
-        let dtype = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?").to_string();
+        let dtype = v
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .unwrap_or("?")
+            .to_string();
         let shape = v
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
             .unwrap_or_default();
         tensors.push(HeaderTensor {
             name: name.clone(),
@@ -170,7 +181,8 @@ pub fn scan(dir: &Path) -> Result<Vec<CheckpointFile>> {
         return Err(ck_err(dir, "contains no *.safetensors files"));
     }
     paths.sort();
-    let mut files: Vec<CheckpointFile> = paths.iter().map(|p| describe(p)).collect::<Result<_>>()?;
+    let mut files: Vec<CheckpointFile> =
+        paths.iter().map(|p| describe(p)).collect::<Result<_>>()?;
     files.sort_by_key(|f| f.step);
     for w in files.windows(2) {
         if w[0].step == w[1].step {
@@ -232,7 +244,10 @@ pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
                 .unwrap_or_default();
             ck_err(
                 path,
-                format!("missing tensor '{}' (expected shape {:?}){hint}", p.name, p.shape),
+                format!(
+                    "missing tensor '{}' (expected shape {:?}){hint}",
+                    p.name, p.shape
+                ),
             )
         })?;
         if !crate::tensors::is_param_dtype(t.dtype()) {
@@ -256,7 +271,8 @@ pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
                 ),
             ));
         }
-        let v = crate::tensors::to_f64(&t).map_err(|d| ck_err(path, format!("tensor '{}': unsupported dtype {d}", p.name)))?;
+        let v = crate::tensors::to_f64(&t)
+            .map_err(|d| ck_err(path, format!("tensor '{}': unsupported dtype {d}", p.name)))?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(ck_err(
                 path,

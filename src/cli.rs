@@ -1,10 +1,10 @@
 //! Command-line interface (clap derive): options → run → outputs. Library errors are turned
 //! into messages on stderr and a non-zero exit status here.
 
-use crate::analyze::{analyze, AnalyzeOptions};
+use crate::analyze::{AnalyzeOptions, analyze};
 use crate::lca::{Integration, Method};
 use crate::report::tensors::StoreDtype;
-use crate::summarize::{view, By, Format, Sort};
+use crate::summarize::{By, Format, Sort, view};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -93,7 +93,10 @@ pub struct SummarizeArgs {
 
 fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
     if !(a.tolerance >= 0.0 && a.tolerance.is_finite()) {
-        anyhow::bail!("--tolerance must be a finite number ≥ 0, got {}", a.tolerance);
+        anyhow::bail!(
+            "--tolerance must be a finite number ≥ 0, got {}",
+            a.tolerance
+        );
     }
     if let Some(r) = a.rel_tolerance {
         if !(r >= 0.0 && r.is_finite()) {
@@ -101,7 +104,10 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
         }
     }
     if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
-        anyhow::bail!("--max-splits must be a power of two ≥ 2, got {}", a.max_splits);
+        anyhow::bail!(
+            "--max-splits must be a power of two ≥ 2, got {}",
+            a.max_splits
+        );
     }
     Ok(Integration {
         method: a.method,

@@ -135,10 +135,12 @@ impl Dataset {
         } else {
             read_safetensors(path, &bytes, names)?
         };
-        let n = *x
-            .shape
-            .first()
-            .ok_or_else(|| err(format!("'{}' must have a sample axis, found a scalar", spec.x)))?;
+        let n = *x.shape.first().ok_or_else(|| {
+            err(format!(
+                "'{}' must have a sample axis, found a scalar",
+                spec.x
+            ))
+        })?;
         if n == 0 {
             return Err(err(format!("'{}' holds no samples", spec.x)));
         }
@@ -150,7 +152,12 @@ impl Dataset {
                     spec.x, spec.y
                 )));
             }
-            None => return Err(err(format!("'{}' must have a sample axis, found a scalar", spec.y))),
+            None => {
+                return Err(err(format!(
+                    "'{}' must have a sample axis, found a scalar",
+                    spec.y
+                )));
+            }
         }
         let mut sample_shape = x.shape[1..].to_vec();
         if let Some(want) = input_shape {
@@ -177,7 +184,11 @@ impl Dataset {
         }
         // Preprocessing: x*scale, then (x - mean[c]) / std[c] along the first per-sample axis.
         let channels = sample_shape.first().copied().unwrap_or(1);
-        let inner = if sample_shape.is_empty() { 1 } else { per / channels.max(1) };
+        let inner = if sample_shape.is_empty() {
+            1
+        } else {
+            per / channels.max(1)
+        };
         let per_channel = |key: &str, v: &Option<Vec<f64>>, default: f64| -> Result<Vec<f64>> {
             match v {
                 None => Ok(vec![default; channels]),
@@ -341,15 +352,18 @@ impl Dataset {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safetensors::tensor::{serialize_to_file, TensorView};
     use safetensors::Dtype;
+    use safetensors::tensor::{TensorView, serialize_to_file};
 
     /// Write `x` (u8, given shape) and `y` (i64) to a safetensors file.
     fn write(path: &Path, x: &[u8], shape: &[usize], y: &[i64]) {
         let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
         let views = vec![
             ("x", TensorView::new(Dtype::U8, shape.to_vec(), x).unwrap()),
-            ("y", TensorView::new(Dtype::I64, vec![y.len()], &yb).unwrap()),
+            (
+                "y",
+                TensorView::new(Dtype::I64, vec![y.len()], &yb).unwrap(),
+            ),
         ];
         serialize_to_file(views, None, path).unwrap();
     }
@@ -372,7 +386,9 @@ mod tests {
         let path = dir.path().join("x.safetensors");
         // 2 samples × 3 channels × 2 × 2; value = 10·channel + pixel + 40·sample.
         let x: Vec<u8> = (0..2)
-            .flat_map(|n| (0..3).flat_map(move |c| (0..4).map(move |p| (40 * n + 10 * c + p) as u8)))
+            .flat_map(|n| {
+                (0..3).flat_map(move |c| (0..4).map(move |p| (40 * n + 10 * c + p) as u8))
+            })
             .collect();
         write(&path, &x, &[2, 3, 2, 2], &[1, 0]);
         let s = spec(Some(vec![1.0, 2.0, 3.0]), Some(vec![1.0, 2.0, 4.0]));
@@ -383,14 +399,23 @@ mod tests {
                 for p in 0..4 {
                     let raw = (40 * n + 10 * c + p) as f64;
                     let want = ((raw * 0.5 - [1.0, 2.0, 3.0][c]) / [1.0, 2.0, 4.0][c]) as f32;
-                    assert_eq!(d.x[[n, c, p / 2, p % 2]], want, "sample {n} channel {c} pixel {p}");
+                    assert_eq!(
+                        d.x[[n, c, p / 2, p % 2]],
+                        want,
+                        "sample {n} channel {c} pixel {p}"
+                    );
                 }
             }
         }
         // A mean per pixel row is not a mean per channel.
         let s = spec(Some(vec![1.0, 2.0]), None);
-        let e = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap_err().to_string();
-        assert!(e.contains("`data.mean` has 2 values") && e.contains("3 features/channels"), "{e}");
+        let e = Dataset::load(&path, &s, None, LossKind::CrossEntropy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`data.mean` has 2 values") && e.contains("3 features/channels"),
+            "{e}"
+        );
     }
 
     /// `[N, H, W]` one-channel images get their channel axis from `model.input_shape`, so that
@@ -410,6 +435,10 @@ mod tests {
         let e = Dataset::load(&path, &s, Some(&[1, 3, 4]), LossKind::CrossEntropy).unwrap();
         assert_eq!(e.x, d.x);
         let bad = Dataset::load(&path, &s, Some(&[1, 4, 4]), LossKind::CrossEntropy).unwrap_err();
-        assert!(bad.to_string().contains("`model.input_shape` is [1, 4, 4] (16 values)"), "{bad}");
+        assert!(
+            bad.to_string()
+                .contains("`model.input_shape` is [1, 4, 4] (16 values)"),
+            "{bad}"
+        );
     }
 }

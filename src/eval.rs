@@ -39,7 +39,12 @@ impl<T: Real> Evaluator<'_, T> {
     pub fn loss_and_grad(&self, theta: &[Vec<T>]) -> Result<LossGrad> {
         let n = self.data.len();
         let chunks = self.num_chunks();
-        let mut grads: Vec<Vec<f64>> = self.model.params.iter().map(|p| vec![0.0; p.numel()]).collect();
+        let mut grads: Vec<Vec<f64>> = self
+            .model
+            .params
+            .iter()
+            .map(|p| vec![0.0; p.numel()])
+            .collect();
         let mut loss = 0.0f64;
         let mut count = 0usize;
         let mut start = 0;
@@ -51,8 +56,12 @@ impl<T: Real> Evaluator<'_, T> {
                     let a = c * self.chunk_size;
                     let b = ((c + 1) * self.chunk_size).min(n);
                     let (x, y) = self.data.chunk(a, b);
-                    let mut g: Vec<Vec<T>> =
-                        self.model.params.iter().map(|p| vec![T::zero(); p.numel()]).collect();
+                    let mut g: Vec<Vec<T>> = self
+                        .model
+                        .params
+                        .iter()
+                        .map(|p| vec![T::zero(); p.numel()])
+                        .collect();
                     let (l, k) = self.model.chunk_loss_grad(theta, x, y, &mut g);
                     (l, k, g)
                 })

@@ -12,7 +12,9 @@ use crate::error::Result;
 use crate::eval::LossGrad;
 
 /// Quadrature rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Composite Simpson, refined adaptively (the default).
@@ -81,7 +83,12 @@ pub fn point(theta0: &[Vec<f32>], delta: &[Vec<f64>], s: f64) -> Vec<Vec<f32>> {
     theta0
         .iter()
         .zip(delta)
-        .map(|(a, d)| a.iter().zip(d).map(|(&a, &d)| (a as f64 + s * d) as f32).collect())
+        .map(|(a, d)| {
+            a.iter()
+                .zip(d)
+                .map(|(&a, &d)| (a as f64 + s * d) as f32)
+                .collect()
+        })
         .collect()
 }
 
@@ -90,7 +97,12 @@ pub fn difference(theta0: &[Vec<f32>], theta1: &[Vec<f32>]) -> Vec<Vec<f64>> {
     theta0
         .iter()
         .zip(theta1)
-        .map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| b as f64 - a as f64).collect())
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(&a, &b)| b as f64 - a as f64)
+                .collect()
+        })
         .collect()
 }
 
@@ -225,7 +237,9 @@ mod tests {
         let t0 = vec![vec![1.0f32, -0.5, 0.25]];
         let t1 = vec![vec![0.0f32, 0.5, 1.0]];
         let start = quartic(&t0).unwrap();
-        integrate_step(&t0, &t1, &start, &opts, &mut quartic).unwrap().0
+        integrate_step(&t0, &t1, &start, &opts, &mut quartic)
+            .unwrap()
+            .0
     }
 
     #[test]
@@ -282,7 +296,8 @@ mod tests {
         let t0 = vec![vec![1.0f32, -0.5, 0.25]];
         let t1 = vec![vec![0.0f32, -0.5, 1.0]];
         let start = quartic(&t0).unwrap();
-        let (s, _) = integrate_step(&t0, &t1, &start, &Integration::default(), &mut quartic).unwrap();
+        let (s, _) =
+            integrate_step(&t0, &t1, &start, &Integration::default(), &mut quartic).unwrap();
         assert_eq!(s.lca[0][1], 0.0);
     }
 }

@@ -253,7 +253,10 @@ impl<'de> serde::de::Visitor<'de> for PairVisitor {
         }
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Padding, A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Padding, A::Error> {
         use serde::de::Error;
         let mut v = Vec::with_capacity(2);
         while let Some(x) = seq.next_element::<i64>()? {
@@ -360,7 +363,11 @@ impl LayerKind {
                         "padding",
                         format!(
                             "`padding` = {padding} must be at most half of the {}kernel size {} (PyTorch's rule)",
-                            if dilation == Pair::one() { "" } else { "effective " },
+                            if dilation == Pair::one() {
+                                ""
+                            } else {
+                                "effective "
+                            },
                             span
                         ),
                     ));
@@ -370,7 +377,11 @@ impl LayerKind {
         };
         let no_ceil = |ceil_mode: bool| {
             if ceil_mode {
-                Err(("ceil_mode", "`ceil_mode = true` is not supported; only PyTorch's default `false` is".to_string()))
+                Err((
+                    "ceil_mode",
+                    "`ceil_mode = true` is not supported; only PyTorch's default `false` is"
+                        .to_string(),
+                ))
             } else {
                 Ok(())
             }
@@ -389,20 +400,32 @@ impl LayerKind {
                 at_least_one("kernel_size", *kernel_size)?;
                 at_least_one("stride", *stride)?;
                 at_least_one("dilation", *dilation)?;
-                for (key, v) in [("in_channels", *in_channels), ("out_channels", *out_channels), ("groups", *groups)] {
+                for (key, v) in [
+                    ("in_channels", *in_channels),
+                    ("out_channels", *out_channels),
+                    ("groups", *groups),
+                ] {
                     if v == 0 {
                         return Err((key, format!("`{key}` must be at least 1")));
                     }
                 }
-                for (key, v) in [("in_channels", *in_channels), ("out_channels", *out_channels)] {
+                for (key, v) in [
+                    ("in_channels", *in_channels),
+                    ("out_channels", *out_channels),
+                ] {
                     if v % groups != 0 {
-                        return Err(("groups", format!("`{key}` = {v} must be divisible by `groups` = {groups}")));
+                        return Err((
+                            "groups",
+                            format!("`{key}` = {v} must be divisible by `groups` = {groups}"),
+                        ));
                     }
                 }
                 if *padding == Padding::Same && *stride != Pair::one() {
                     return Err((
                         "padding",
-                        format!("`padding = \"same\"` needs stride 1 (PyTorch refuses it for strided convolutions), got stride {stride}"),
+                        format!(
+                            "`padding = \"same\"` needs stride 1 (PyTorch refuses it for strided convolutions), got stride {stride}"
+                        ),
                     ));
                 }
                 Ok(())
@@ -436,11 +459,16 @@ impl LayerKind {
                 }
                 half_kernel(*padding, *kernel_size, Pair::one())?;
                 if *divisor_override == Some(0) {
-                    return Err(("divisor_override", "`divisor_override` must not be 0".into()));
+                    return Err((
+                        "divisor_override",
+                        "`divisor_override` must not be 0".into(),
+                    ));
                 }
                 no_ceil(*ceil_mode)
             }
-            LayerKind::AdaptiveAvgPool2d { output_size } => at_least_one("output_size", *output_size),
+            LayerKind::AdaptiveAvgPool2d { output_size } => {
+                at_least_one("output_size", *output_size)
+            }
             _ => Ok(()),
         }
     }
@@ -569,7 +597,9 @@ impl Spec {
                             _ => {
                                 return Err(err(
                                     key_line(source, start, "input").or(Some(line)),
-                                    format!("{label}: `input` must be a layer name or a list of layer names"),
+                                    format!(
+                                        "{label}: `input` must be a layer name or a list of layer names"
+                                    ),
                                 ));
                             }
                         }
@@ -610,7 +640,10 @@ impl Spec {
                 }
             })?;
             if let Err((key, msg)) = kind.check() {
-                return Err(err(key_line(source, start, key).or(Some(line)), format!("{label}: {msg}")));
+                return Err(err(
+                    key_line(source, start, key).or(Some(line)),
+                    format!("{label}: {msg}"),
+                ));
             }
             let named = name.is_some();
             let name = name.unwrap_or_else(|| format!("{}_{}", kind.type_name(), index));
@@ -642,7 +675,10 @@ impl Spec {
             msg,
         };
         if self.layers.is_empty() {
-            return Err(err(None, "`layers` is empty: the model needs at least one layer".into()));
+            return Err(err(
+                None,
+                "`layers` is empty: the model needs at least one layer".into(),
+            ));
         }
         if self.eval.chunk_size == 0 {
             return Err(err(
@@ -655,7 +691,10 @@ impl Spec {
             if let Some(prev) = seen.insert(l.name.as_str(), l.line) {
                 return Err(err(
                     Some(l.line),
-                    format!("layer name '{}' is used twice (also on line {prev})", l.name),
+                    format!(
+                        "layer name '{}' is used twice (also on line {prev})",
+                        l.name
+                    ),
                 ));
             }
             if l.name == "input" {
@@ -665,7 +704,11 @@ impl Spec {
                 ));
             }
         }
-        for (key, v) in [("scale", self.data.scale.map(|s| vec![s])), ("mean", self.data.mean.clone()), ("std", self.data.std.clone())] {
+        for (key, v) in [
+            ("scale", self.data.scale.map(|s| vec![s])),
+            ("mean", self.data.mean.clone()),
+            ("std", self.data.std.clone()),
+        ] {
             if let Some(v) = v {
                 if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
                     return Err(err(
@@ -674,7 +717,10 @@ impl Spec {
                     ));
                 }
                 if key == "std" && v.iter().any(|x| *x == 0.0) {
-                    return Err(err(section_key_line(&self.source, "data", key), "`data.std` must not be 0".into()));
+                    return Err(err(
+                        section_key_line(&self.source, "data", key),
+                        "`data.std` must not be 0".into(),
+                    ));
                 }
             }
         }
@@ -810,7 +856,9 @@ scale = 0.5
     #[test]
     fn unknown_layer_key_names_key_and_line() {
         let src = GOOD.replace("bias = false", "bais = false");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("m.toml:20"), "{e}");
         assert!(e.contains("bais"), "{e}");
         assert!(e.contains("'fc2'"), "{e}");
@@ -819,7 +867,9 @@ scale = 0.5
     #[test]
     fn unknown_top_level_key_names_key_and_line() {
         let src = GOOD.replace("scale = 0.5", "scale = 0.5\nshuffle = true");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("shuffle"), "{e}");
         assert!(e.contains("m.toml:27"), "{e}");
     }
@@ -827,7 +877,9 @@ scale = 0.5
     #[test]
     fn unknown_type_names_line() {
         let src = GOOD.replace("type = \"relu\"", "type = \"relu6\"");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("m.toml:12"), "{e}");
         assert!(e.contains("relu6"), "{e}");
     }
@@ -835,7 +887,9 @@ scale = 0.5
     #[test]
     fn duplicate_names_rejected() {
         let src = GOOD.replace("name = \"fc2\"", "name = \"fc1\"");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("used twice"), "{e}");
     }
 
@@ -915,19 +969,42 @@ train = "x.safetensors"
             }
         );
         match &s.layers[2].kind {
-            LayerKind::Conv2d { kernel_size, stride, padding, groups, bias, .. } => {
-                assert_eq!((*kernel_size, *stride, *padding), (Pair([5, 3]), Pair([2, 1]), Padding::Explicit(Pair([2, 1]))));
+            LayerKind::Conv2d {
+                kernel_size,
+                stride,
+                padding,
+                groups,
+                bias,
+                ..
+            } => {
+                assert_eq!(
+                    (*kernel_size, *stride, *padding),
+                    (Pair([5, 3]), Pair([2, 1]), Padding::Explicit(Pair([2, 1])))
+                );
                 assert_eq!((*groups, *bias), (4, false));
             }
             k => panic!("{k:?}"),
         }
         match &s.layers[3].kind {
-            LayerKind::AvgPool2d { stride, count_include_pad, divisor_override, .. } => {
-                assert_eq!((*stride, *count_include_pad, *divisor_override), (Some(Pair([1, 1])), false, None));
+            LayerKind::AvgPool2d {
+                stride,
+                count_include_pad,
+                divisor_override,
+                ..
+            } => {
+                assert_eq!(
+                    (*stride, *count_include_pad, *divisor_override),
+                    (Some(Pair([1, 1])), false, None)
+                );
             }
             k => panic!("{k:?}"),
         }
-        assert_eq!(s.layers[4].kind, LayerKind::AdaptiveAvgPool2d { output_size: Pair([2, 1]) });
+        assert_eq!(
+            s.layers[4].kind,
+            LayerKind::AdaptiveAvgPool2d {
+                output_size: Pair([2, 1])
+            }
+        );
         assert_eq!(s.layers[5].name, "global_avg_pool_5");
         assert_eq!(s.model.input_shape, Some(vec![1, 28, 28]));
         let valid = CONV.replace("padding = \"same\"", "padding = \"valid\"");
@@ -940,24 +1017,91 @@ train = "x.safetensors"
     #[test]
     fn bad_conv_and_pool_settings_name_key_and_line() {
         let cases = [
-            ("padding = \"same\"", "padding = \"full\"", "m.toml:11", "\"same\" or \"valid\""),
-            ("padding = \"same\"", "padding = -1", "m.toml:11", "non-negative integer"),
-            ("padding = \"same\"", "padding = [1, 2, 3]", "m.toml:11", "array of two"),
-            ("kernel_size = 5\n", "kernel_size = \"5\"\n", "m.toml:10", "integer or an array of two"),
-            ("kernel_size = 5\n", "kernel_size = 0\n", "m.toml:10", "`kernel_size` must be at least 1"),
-            ("groups = 4", "groups = 3", "m.toml:26", "`in_channels` = 20 must be divisible by `groups` = 3"),
-            ("stride = [2, 1]", "stride = [2, 0]", "m.toml:23", "`stride` must be at least 1"),
-            ("padding = \"same\"", "padding = \"same\"\nstride = 2", "m.toml:11", "stride 1"),
-            ("kernel_size = 2\n", "kernel_size = 2\nceil_mode = true\n", "m.toml:16", "ceil_mode"),
-            ("kernel_size = 2\n", "kernel_size = 2\npadding = 2\n", "m.toml:16", "at most half of the kernel size 2"),
-            ("count_include_pad = false", "count_include_pad = false\ndivisor_override = 0", "m.toml:35", "divisor_override"),
-            ("output_size = [2, 1]", "output_size = [0, 1]", "m.toml:38", "output_size"),
-            ("count_include_pad = false", "count_include_pad = false\ndilation = 2", "m.toml:35", "unknown field `dilation`"),
+            (
+                "padding = \"same\"",
+                "padding = \"full\"",
+                "m.toml:11",
+                "\"same\" or \"valid\"",
+            ),
+            (
+                "padding = \"same\"",
+                "padding = -1",
+                "m.toml:11",
+                "non-negative integer",
+            ),
+            (
+                "padding = \"same\"",
+                "padding = [1, 2, 3]",
+                "m.toml:11",
+                "array of two",
+            ),
+            (
+                "kernel_size = 5\n",
+                "kernel_size = \"5\"\n",
+                "m.toml:10",
+                "integer or an array of two",
+            ),
+            (
+                "kernel_size = 5\n",
+                "kernel_size = 0\n",
+                "m.toml:10",
+                "`kernel_size` must be at least 1",
+            ),
+            (
+                "groups = 4",
+                "groups = 3",
+                "m.toml:26",
+                "`in_channels` = 20 must be divisible by `groups` = 3",
+            ),
+            (
+                "stride = [2, 1]",
+                "stride = [2, 0]",
+                "m.toml:23",
+                "`stride` must be at least 1",
+            ),
+            (
+                "padding = \"same\"",
+                "padding = \"same\"\nstride = 2",
+                "m.toml:11",
+                "stride 1",
+            ),
+            (
+                "kernel_size = 2\n",
+                "kernel_size = 2\nceil_mode = true\n",
+                "m.toml:16",
+                "ceil_mode",
+            ),
+            (
+                "kernel_size = 2\n",
+                "kernel_size = 2\npadding = 2\n",
+                "m.toml:16",
+                "at most half of the kernel size 2",
+            ),
+            (
+                "count_include_pad = false",
+                "count_include_pad = false\ndivisor_override = 0",
+                "m.toml:35",
+                "divisor_override",
+            ),
+            (
+                "output_size = [2, 1]",
+                "output_size = [0, 1]",
+                "m.toml:38",
+                "output_size",
+            ),
+            (
+                "count_include_pad = false",
+                "count_include_pad = false\ndilation = 2",
+                "m.toml:35",
+                "unknown field `dilation`",
+            ),
         ];
         for (from, to, line, msg) in cases {
             assert!(CONV.contains(from), "{from}");
             let src = CONV.replacen(from, to, 1);
-            let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+            let e = Spec::parse(&src, Path::new("m.toml"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(line) && e.contains(msg), "{to}: {e}");
         }
     }
@@ -965,7 +1109,9 @@ train = "x.safetensors"
     #[test]
     fn zero_chunk_rejected() {
         let src = format!("{GOOD}\n[eval]\nchunk_size = 0\n");
-        let e = Spec::parse(&src, Path::new("m.toml")).unwrap_err().to_string();
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("chunk_size"), "{e}");
     }
 }

@@ -9,7 +9,7 @@
 //! Output as an aligned table for people, or CSV / JSON for scripts.
 
 use crate::error::{LcaError, Result};
-use crate::report::{json::read_summary, Summary};
+use crate::report::{Summary, json::read_summary};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -107,7 +107,15 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
         if with_layer {
             columns.push("layer");
         }
-        columns.extend(["params", "lca", "share_of_abs_delta", "helped", "zero", "hurt", "helped_fraction"]);
+        columns.extend([
+            "params",
+            "lca",
+            "share_of_abs_delta",
+            "helped",
+            "zero",
+            "hurt",
+            "helped_fraction",
+        ]);
         let rows = g
             .iter()
             .map(|t| {
@@ -178,7 +186,15 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
         By::Param => {
             let rows = read_params(dir)?;
             Table {
-                columns: vec!["tensor", "layer", "flat_index", "index", "lca", "helped_steps", "hurt_steps"],
+                columns: vec![
+                    "tensor",
+                    "layer",
+                    "flat_index",
+                    "index",
+                    "lca",
+                    "helped_steps",
+                    "hurt_steps",
+                ],
                 rows: rows
                     .into_iter()
                     .map(|p| {
@@ -212,8 +228,13 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 let Some(&(_, per)) = shapes.get(p.tensor.as_str()) else {
                     continue;
                 };
-                let li = order.iter().position(|l| *l == p.layer).unwrap_or(usize::MAX);
-                let e = acc.entry((li, p.flat_index / per.max(1))).or_insert((0.0, 0));
+                let li = order
+                    .iter()
+                    .position(|l| *l == p.layer)
+                    .unwrap_or(usize::MAX);
+                let e = acc
+                    .entry((li, p.flat_index / per.max(1)))
+                    .or_insert((0.0, 0));
                 e.0 += p.lca;
                 e.1 += 1;
             }
@@ -250,7 +271,9 @@ impl Table {
             Sort::Order => {}
             Sort::Helped => self.rows.sort_by(|a, b| key(a).total_cmp(&key(b))),
             Sort::Hurt => self.rows.sort_by(|a, b| key(b).total_cmp(&key(a))),
-            Sort::Abs => self.rows.sort_by(|a, b| key(b).abs().total_cmp(&key(a).abs())),
+            Sort::Abs => self
+                .rows
+                .sort_by(|a, b| key(b).abs().total_cmp(&key(a).abs())),
         }
         if let Some(n) = top {
             self.rows.truncate(n);
@@ -282,7 +305,11 @@ impl Table {
             }
         }
         let numeric: Vec<bool> = (0..self.columns.len())
-            .map(|i| self.rows.first().is_some_and(|r| !matches!(r[i], Cell::Str(_))))
+            .map(|i| {
+                self.rows
+                    .first()
+                    .is_some_and(|r| !matches!(r[i], Cell::Str(_)))
+            })
             .collect();
         let line = |vals: Vec<String>| {
             vals.iter()

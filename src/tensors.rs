@@ -1,8 +1,8 @@
 //! Conversions from safetensors' stored dtypes to the numbers `lca` computes with, and a
 //! streaming hash of files.
 
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+use safetensors::tensor::TensorView;
 use sha2::{Digest, Sha256};
 
 /// Convert a stored tensor to f64 values (exact for every supported dtype but 64-bit ints
@@ -47,7 +47,14 @@ pub fn is_param_dtype(d: Dtype) -> bool {
 pub fn is_int_dtype(d: Dtype) -> bool {
     matches!(
         d,
-        Dtype::U8 | Dtype::I8 | Dtype::I16 | Dtype::U16 | Dtype::I32 | Dtype::U32 | Dtype::I64 | Dtype::U64
+        Dtype::U8
+            | Dtype::I8
+            | Dtype::I16
+            | Dtype::U16
+            | Dtype::I32
+            | Dtype::U32
+            | Dtype::I64
+            | Dtype::U64
     )
 }
 
@@ -63,7 +70,10 @@ mod tests {
 
     #[test]
     fn half_types_convert() {
-        let vals = [half::f16::from_f32(1.5).to_bits(), half::f16::from_f32(-2.0).to_bits()];
+        let vals = [
+            half::f16::from_f32(1.5).to_bits(),
+            half::f16::from_f32(-2.0).to_bits(),
+        ];
         let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let t = TensorView::new(Dtype::F16, vec![2], &bytes).unwrap();
         assert_eq!(to_f64(&t).unwrap(), vec![1.5, -2.0]);

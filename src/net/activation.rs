@@ -76,7 +76,8 @@ impl Activation {
             Activation::GeluTanh => {
                 let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
                 let t = u.tanh();
-                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x)
+                0.5 * (1.0 + t)
+                    + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x)
             }
         }
     }
@@ -139,9 +140,17 @@ mod tests {
     #[test]
     fn gelu_matches_pytorch_values() {
         // torch.nn.functional.gelu(torch.tensor([-1.5, 0.3, 2.0], dtype=torch.float64))
-        let exact = [-0.100_195_790_943_962_02, 0.185_790_334_271_586_24, 1.954_499_736_103_642];
+        let exact = [
+            -0.100_195_790_943_962_02,
+            0.185_790_334_271_586_24,
+            1.954_499_736_103_642,
+        ];
         // approximate="tanh"
-        let tanh = [-0.100_356_645_365_633_6, 0.185_811_895_266_479_58, 1.954_597_694_087_775_1];
+        let tanh = [
+            -0.100_356_645_365_633_6,
+            0.185_811_895_266_479_58,
+            1.954_597_694_087_775_1,
+        ];
         for (i, x) in [-1.5, 0.3, 2.0].into_iter().enumerate() {
             assert!((Activation::Gelu.f(x) - exact[i]).abs() < 1e-12);
             assert!((Activation::GeluTanh.f(x) - tanh[i]).abs() < 1e-12);

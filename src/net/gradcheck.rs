@@ -27,7 +27,12 @@ impl Rng {
     }
 }
 
-fn objective(layer: &dyn Layer<f64>, params: &[Vec<f64>], xs: &[ArrayD<f64>], w: &ArrayD<f64>) -> f64 {
+fn objective(
+    layer: &dyn Layer<f64>,
+    params: &[Vec<f64>],
+    xs: &[ArrayD<f64>],
+    w: &ArrayD<f64>,
+) -> f64 {
     let p: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
     let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
     let y = layer.forward(&p, &views, &mut Saved::None);
@@ -96,8 +101,13 @@ pub(crate) fn check_layer_with(
             plus[pi][k] += h;
             let mut minus = params.clone();
             minus[pi][k] -= h;
-            let fd = (objective(layer, &plus, &xs, &w) - objective(layer, &minus, &xs, &w)) / (2.0 * h);
-            assert!(close(fd, g[k]), "param {pi} entry {k}: finite difference {fd} vs backward {}", g[k]);
+            let fd =
+                (objective(layer, &plus, &xs, &w) - objective(layer, &minus, &xs, &w)) / (2.0 * h);
+            assert!(
+                close(fd, g[k]),
+                "param {pi} entry {k}: finite difference {fd} vs backward {}",
+                g[k]
+            );
         }
     }
     for (xi, gx) in gin.iter().enumerate() {
@@ -108,9 +118,13 @@ pub(crate) fn check_layer_with(
             plus[xi].as_slice_mut().unwrap()[k] += h;
             let mut minus = xs.clone();
             minus[xi].as_slice_mut().unwrap()[k] -= h;
-            let fd = (objective(layer, &params, &plus, &w) - objective(layer, &params, &minus, &w)) / (2.0 * h);
+            let fd = (objective(layer, &params, &plus, &w) - objective(layer, &params, &minus, &w))
+                / (2.0 * h);
             let a = gx.as_slice().unwrap()[k];
-            assert!(close(fd, a), "input {xi} entry {k}: finite difference {fd} vs backward {a}");
+            assert!(
+                close(fd, a),
+                "input {xi} entry {k}: finite difference {fd} vs backward {a}"
+            );
         }
     }
 }

@@ -13,7 +13,7 @@
 //! assert_eq!(y[[0, 0]], 2.5);
 //! ```
 
-use super::{as_rows, Backward, Layer, ParamDecl, Real, Saved};
+use super::{Backward, Layer, ParamDecl, Real, Saved, as_rows};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis};
 
@@ -63,7 +63,12 @@ impl<T: Real> Layer<T> for Linear {
         }
     }
 
-    fn forward(&self, params: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+    fn forward(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        _saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
         let x = as_rows(&inputs[0]);
         let w = weight(params[0], self.out_features, self.in_features);
         let mut y = Array2::<T>::zeros((x.nrows(), self.out_features));
@@ -74,7 +79,9 @@ impl<T: Real> Layer<T> for Linear {
         }
         let mut shape = inputs[0].shape().to_vec();
         *shape.last_mut().expect("non-empty") = self.out_features;
-        y.into_shape_with_order(shape).expect("row-major").into_dyn()
+        y.into_shape_with_order(shape)
+            .expect("row-major")
+            .into_dyn()
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
@@ -82,8 +89,9 @@ impl<T: Real> Layer<T> for Linear {
         let gy = as_rows(&b.grad_out);
         let mut gp = b.grad_params;
         {
-            let mut gw = ArrayViewMut2::from_shape((self.out_features, self.in_features), &mut *gp[0])
-                .expect("weight gradient has the weight's shape");
+            let mut gw =
+                ArrayViewMut2::from_shape((self.out_features, self.in_features), &mut *gp[0])
+                    .expect("weight gradient has the weight's shape");
             general_mat_mul(T::one(), &gy.t(), &x, T::one(), &mut gw);
         }
         if self.bias {
@@ -121,15 +129,43 @@ mod tests {
 
     #[test]
     fn linear_gradients_match_finite_differences() {
-        check_layer(&Linear { in_features: 5, out_features: 3, bias: true }, &[vec![5]], 4);
-        check_layer(&Linear { in_features: 4, out_features: 2, bias: false }, &[vec![4]], 3);
+        check_layer(
+            &Linear {
+                in_features: 5,
+                out_features: 3,
+                bias: true,
+            },
+            &[vec![5]],
+            4,
+        );
+        check_layer(
+            &Linear {
+                in_features: 4,
+                out_features: 2,
+                bias: false,
+            },
+            &[vec![4]],
+            3,
+        );
         // Applied per position of a sequence: [B, T, C].
-        check_layer(&Linear { in_features: 3, out_features: 4, bias: true }, &[vec![5, 3]], 2);
+        check_layer(
+            &Linear {
+                in_features: 3,
+                out_features: 4,
+                bias: true,
+            },
+            &[vec![5, 3]],
+            2,
+        );
     }
 
     #[test]
     fn shape_mismatch_is_reported() {
-        let l = Linear { in_features: 5, out_features: 3, bias: true };
+        let l = Linear {
+            in_features: 5,
+            out_features: 3,
+            bias: true,
+        };
         let e = <Linear as Layer<f32>>::out_shape(&l, &[vec![4]]).unwrap_err();
         assert!(e.contains("in_features = 5"), "{e}");
         assert!(e.contains("4 features"), "{e}");

@@ -14,7 +14,7 @@
 //! assert_eq!(g.as_slice().unwrap(), &[0.5, -0.5]);
 //! ```
 
-use super::{as_rows, LossKind, Real, TargetsView};
+use super::{LossKind, Real, TargetsView, as_rows};
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 /// Summed loss, number of terms, and gradient of the sum with respect to `out`.
@@ -59,7 +59,8 @@ pub fn loss_sum_and_grad<T: Real>(
             });
             (sum, out.len(), g)
         }
-        (LossKind::CrossEntropy, TargetsView::Values(_)) | (LossKind::Mse, TargetsView::Classes(_)) => {
+        (LossKind::CrossEntropy, TargetsView::Values(_))
+        | (LossKind::Mse, TargetsView::Classes(_)) => {
             unreachable!("targets are loaded for the spec's loss")
         }
     }
@@ -83,7 +84,10 @@ mod tests {
                 - loss_sum_and_grad(kind, m.view(), y.clone()).0)
                 / (2.0 * h);
             let a = g.as_slice().unwrap()[i];
-            assert!((fd - a).abs() < 1e-7 * (1.0 + a.abs()), "entry {i}: fd {fd} vs {a}");
+            assert!(
+                (fd - a).abs() < 1e-7 * (1.0 + a.abs()),
+                "entry {i}: fd {fd} vs {a}"
+            );
         }
     }
 
@@ -96,7 +100,11 @@ mod tests {
     #[test]
     fn cross_entropy_is_stable_for_large_logits() {
         let z: ArrayD<f32> = arr2(&[[1000.0f32, 0.0], [-1000.0, 1000.0]]).into_dyn();
-        let (s, n, g) = loss_sum_and_grad(LossKind::CrossEntropy, z.view(), TargetsView::Classes(&[1, 1]));
+        let (s, n, g) = loss_sum_and_grad(
+            LossKind::CrossEntropy,
+            z.view(),
+            TargetsView::Classes(&[1, 1]),
+        );
         assert_eq!(n, 2);
         assert!((s - 1000.0).abs() < 1e-9, "{s}");
         assert!(g.iter().all(|v| v.is_finite()));
@@ -107,7 +115,11 @@ mod tests {
         // F.cross_entropy(torch.tensor([[0.3,-1.2,2.0],[5.0,0.1,-0.4]],dtype=torch.float64),
         //                 torch.tensor([2,1]), reduction="sum")
         let z = arr2(&[[0.3, -1.2, 2.0], [5.0, 0.1, -0.4]]).into_dyn();
-        let (s, _, _) = loss_sum_and_grad::<f64>(LossKind::CrossEntropy, z.view(), TargetsView::Classes(&[2, 1]));
+        let (s, _, _) = loss_sum_and_grad::<f64>(
+            LossKind::CrossEntropy,
+            z.view(),
+            TargetsView::Classes(&[2, 1]),
+        );
         let expected = 0.217_883_135_339_808_98 + 4.912_418_697_113_858;
         assert!((s - expected).abs() < 1e-9, "{s} vs {expected}");
     }

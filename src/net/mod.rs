@@ -231,7 +231,12 @@ fn build_layer<T: Real>(kind: &LayerKind) -> Box<dyn Layer<T>> {
             dilation,
             ceil_mode: _,
         } => Box::new(pool::MaxPool2d {
-            window: conv::Window2d::symmetric(*kernel_size, stride.unwrap_or(*kernel_size), *dilation, *padding),
+            window: conv::Window2d::symmetric(
+                *kernel_size,
+                stride.unwrap_or(*kernel_size),
+                *dilation,
+                *padding,
+            ),
         }),
         LayerKind::AvgPool2d {
             kernel_size,
@@ -241,7 +246,12 @@ fn build_layer<T: Real>(kind: &LayerKind) -> Box<dyn Layer<T>> {
             count_include_pad,
             divisor_override,
         } => Box::new(pool::AvgPool2d {
-            window: conv::Window2d::symmetric(*kernel_size, stride.unwrap_or(*kernel_size), crate::spec::Pair::one(), *padding),
+            window: conv::Window2d::symmetric(
+                *kernel_size,
+                stride.unwrap_or(*kernel_size),
+                crate::spec::Pair::one(),
+                *padding,
+            ),
             count_include_pad: *count_include_pad,
             divisor_override: *divisor_override,
         }),
@@ -420,7 +430,11 @@ impl<T: Real> Model<T> {
         let mut outs: Vec<ArrayD<T>> = Vec::with_capacity(n);
         let mut saved: Vec<Saved<T>> = Vec::with_capacity(n);
         for node in &self.nodes {
-            let p: Vec<&[T]> = node.param_ids.iter().map(|&j| theta[j].as_slice()).collect();
+            let p: Vec<&[T]> = node
+                .param_ids
+                .iter()
+                .map(|&j| theta[j].as_slice())
+                .collect();
             let ins: Vec<ArrayViewD<T>> = node
                 .inputs
                 .iter()
@@ -443,7 +457,11 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let Some(g) = gouts[i].take() else { continue };
-            let p: Vec<&[T]> = node.param_ids.iter().map(|&j| theta[j].as_slice()).collect();
+            let p: Vec<&[T]> = node
+                .param_ids
+                .iter()
+                .map(|&j| theta[j].as_slice())
+                .collect();
             let ins: Vec<ArrayViewD<T>> = node
                 .inputs
                 .iter()
@@ -485,7 +503,8 @@ impl<T: Real> Model<T> {
 
 /// Mutable slices of `grads` at the given distinct indices, in that order.
 fn disjoint_mut<'a, T>(grads: &'a mut [Vec<T>], ids: &[usize]) -> Vec<&'a mut [T]> {
-    let mut slots: Vec<Option<&'a mut [T]>> = grads.iter_mut().map(|g| Some(g.as_mut_slice())).collect();
+    let mut slots: Vec<Option<&'a mut [T]>> =
+        grads.iter_mut().map(|g| Some(g.as_mut_slice())).collect();
     ids.iter()
         .map(|&j| slots[j].take().expect("a layer lists each parameter once"))
         .collect()

@@ -98,7 +98,10 @@ mod tests {
 
     #[test]
     fn flatten_shapes_follow_pytorch() {
-        let f = |a, b| Flatten { start_dim: a, end_dim: b };
+        let f = |a, b| Flatten {
+            start_dim: a,
+            end_dim: b,
+        };
         let s = vec![2, 3, 4];
         assert_eq!(f(1, -1).flat_shape(&s).unwrap(), vec![24]);
         assert_eq!(f(2, -1).flat_shape(&s).unwrap(), vec![2, 12]);
@@ -109,7 +112,14 @@ mod tests {
 
     #[test]
     fn flatten_and_identity_match_finite_differences() {
-        check_layer(&Flatten { start_dim: 1, end_dim: -1 }, &[vec![2, 3, 2]], 2);
+        check_layer(
+            &Flatten {
+                start_dim: 1,
+                end_dim: -1,
+            },
+            &[vec![2, 3, 2]],
+            2,
+        );
         check_layer(&Identity, &[vec![4]], 3);
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! Per-step tables are streamed as steps finish; `params.csv` is written at the end.
 
-use super::{create, Exporter, GroupStep, ParamTotals, StepOutput, Summary};
+use super::{Exporter, GroupStep, ParamTotals, StepOutput, Summary, create};
 use crate::error::{LcaError, Result};
 use serde::Serialize;
 use std::fs::File;
@@ -71,7 +71,13 @@ impl CsvExporter {
     }
 }
 
-fn group_rows(w: &mut Writer, path: &Path, out: &StepOutput<'_>, rows: &[GroupStep], tensor: bool) -> Result<()> {
+fn group_rows(
+    w: &mut Writer,
+    path: &Path,
+    out: &StepOutput<'_>,
+    rows: &[GroupStep],
+    tensor: bool,
+) -> Result<()> {
     for g in rows {
         w.serialize(GroupRow {
             step: out.record.step,

@@ -1,6 +1,6 @@
 //! `summary.json` writer.
 
-use super::{create, Exporter, ParamTotals, StepOutput, Summary};
+use super::{Exporter, ParamTotals, StepOutput, Summary, create};
 use crate::error::{LcaError, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,7 +21,9 @@ impl Exporter for JsonExporter {
             path: self.path.clone(),
             msg: e.to_string(),
         })?;
-        writeln!(w).and_then(|_| w.flush()).map_err(|e| LcaError::io(&self.path, e))
+        writeln!(w)
+            .and_then(|_| w.flush())
+            .map_err(|e| LcaError::io(&self.path, e))
     }
 }
 

@@ -12,7 +12,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 /// Element type of the stored per-step LCA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreDtype {
     F32,
@@ -50,7 +52,10 @@ impl TensorExporter {
         let mut meta = serde_json::Map::new();
         meta.insert("steps".into(), list(&|s| s.0).into());
         meta.insert("next_steps".into(), list(&|s| s.1).into());
-        meta.insert("producer".into(), format!("lca {}", env!("CARGO_PKG_VERSION")).into());
+        meta.insert(
+            "producer".into(),
+            format!("lca {}", env!("CARGO_PKG_VERSION")).into(),
+        );
         header.insert("__metadata__".into(), serde_json::Value::Object(meta));
         let mut offsets = Vec::new();
         let mut at = 0u64;
@@ -76,7 +81,8 @@ impl TensorExporter {
         }
         let mut file = File::create(&path).map_err(|e| LcaError::io(&path, e))?;
         let io = |e| LcaError::io(&path, e);
-        file.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        file.write_all(&(h.len() as u64).to_le_bytes())
+            .map_err(io)?;
         file.write_all(&h).map_err(io)?;
         let data_start = 8 + h.len() as u64;
         file.set_len(data_start + at).map_err(io)?;
@@ -103,11 +109,17 @@ impl Exporter for TensorExporter {
         let io = |e| LcaError::io(&self.path, e);
         for ((off, numel), vals) in self.offsets.iter().zip(out.lca) {
             let bytes: Vec<u8> = match self.dtype {
-                StoreDtype::F32 => vals.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+                StoreDtype::F32 => vals
+                    .iter()
+                    .flat_map(|v| (*v as f32).to_le_bytes())
+                    .collect(),
                 StoreDtype::F64 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
             };
             let pos = self.data_start + off + self.step_index * bytes.len() as u64;
-            debug_assert_eq!(bytes.len(), numel * if self.dtype == StoreDtype::F32 { 4 } else { 8 });
+            debug_assert_eq!(
+                bytes.len(),
+                numel * if self.dtype == StoreDtype::F32 { 4 } else { 8 }
+            );
             self.file.seek(SeekFrom::Start(pos)).map_err(io)?;
             self.file.write_all(&bytes).map_err(io)?;
         }
@@ -116,6 +128,8 @@ impl Exporter for TensorExporter {
     }
 
     fn finish(&mut self, _summary: &Summary, _totals: &ParamTotals) -> Result<()> {
-        self.file.sync_all().map_err(|e| LcaError::io(&self.path, e))
+        self.file
+            .sync_all()
+            .map_err(|e| LcaError::io(&self.path, e))
     }
 }
