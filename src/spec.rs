@@ -354,11 +354,29 @@ impl LayerKind {
                 Ok(())
             }
         };
+        // The dilated kernel's extent, dilation·(kernel − 1) + 1, unless it overflows.
+        let span_of = |kernel: Pair, dilation: Pair| {
+            let mut span = [0; 2];
+            for a in 0..2 {
+                span[a] = dilation.0[a]
+                    .checked_mul(kernel.0[a] - 1)
+                    .and_then(|v| v.checked_add(1))
+                    .ok_or_else(|| {
+                        (
+                            "kernel_size",
+                            format!(
+                                "`kernel_size` = {kernel} with `dilation` = {dilation} is too large"
+                            ),
+                        )
+                    })?;
+            }
+            Ok(span)
+        };
         // PyTorch's pools: "pad should be at most half of (effective) kernel size".
         let half_kernel = |padding: Pair, kernel: Pair, dilation: Pair| {
+            let span = span_of(kernel, dilation)?;
             for a in 0..2 {
-                let span = dilation.0[a] * (kernel.0[a] - 1) + 1;
-                if 2 * padding.0[a] > span {
+                if padding.0[a] > span[a] / 2 {
                     return Err((
                         "padding",
                         format!(
@@ -368,7 +386,7 @@ impl LayerKind {
                             } else {
                                 "effective "
                             },
-                            span
+                            span[a]
                         ),
                     ));
                 }
@@ -400,6 +418,7 @@ impl LayerKind {
                 at_least_one("kernel_size", *kernel_size)?;
                 at_least_one("stride", *stride)?;
                 at_least_one("dilation", *dilation)?;
+                span_of(*kernel_size, *dilation)?;
                 for (key, v) in [
                     ("in_channels", *in_channels),
                     ("out_channels", *out_channels),
@@ -1088,6 +1107,18 @@ train = "x.safetensors"
                 "output_size = [0, 1]",
                 "m.toml:38",
                 "output_size",
+            ),
+            (
+                "kernel_size = 5\n",
+                "kernel_size = 5\ndilation = 4611686018427387904\n",
+                "m.toml:10",
+                "is too large",
+            ),
+            (
+                "kernel_size = 2\n",
+                "kernel_size = [2, 5]\ndilation = [1, 4611686018427387904]\n",
+                "m.toml:15",
+                "is too large",
             ),
             (
                 "count_include_pad = false",

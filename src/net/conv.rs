@@ -94,7 +94,9 @@ impl Window2d {
 
     /// Output size along axis `a` for an input of `n`, or `None` when the window does not fit.
     pub fn out_len(&self, a: usize, n: usize) -> Option<usize> {
-        let padded = n + self.pad_begin[a] + self.pad_end[a];
+        let padded = n
+            .checked_add(self.pad_begin[a])?
+            .checked_add(self.pad_end[a])?;
         let span = self.span(a);
         (padded >= span).then(|| (padded - span) / self.stride[a] + 1)
     }
@@ -619,6 +621,19 @@ mod tests {
         assert!(e.contains("model.input_shape = [1, height, width]"), "{e}");
         let e = <Conv2d as Layer<f32>>::out_shape(&c, &[vec![784]]).unwrap_err();
         assert!(e.contains("[channels, height, width]"), "{e}");
+        // Padding so large that the padded size overflows is refused, not wrapped.
+        let huge = Conv2d {
+            window: Window2d::new(
+                [3, 3],
+                [1, 1],
+                [1, 1],
+                [usize::MAX / 2; 2],
+                [usize::MAX / 2; 2],
+            ),
+            ..c.clone()
+        };
+        let e = <Conv2d as Layer<f32>>::out_shape(&huge, &[vec![3, 9, 7]]).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
         assert_eq!(
             <Conv2d as Layer<f32>>::out_shape(&c, &[vec![3, 9, 7]]).unwrap(),
             vec![8, 5, 3]
