@@ -356,42 +356,37 @@ impl LayerKind {
         };
         // The dilated kernel's extent, dilation·(kernel − 1) + 1, unless it overflows.
         let span_of = |kernel: Pair, dilation: Pair| {
-            let mut span = [0; 2];
-            for a in 0..2 {
-                span[a] = dilation.0[a]
+            let span = [0, 1].map(|a| {
+                dilation.0[a]
                     .checked_mul(kernel.0[a] - 1)
                     .and_then(|v| v.checked_add(1))
-                    .ok_or_else(|| {
-                        (
-                            "kernel_size",
-                            format!(
-                                "`kernel_size` = {kernel} with `dilation` = {dilation} is too large"
-                            ),
-                        )
-                    })?;
+            });
+            match span {
+                [Some(h), Some(w)] => Ok([h, w]),
+                _ => Err((
+                    "kernel_size",
+                    format!("`kernel_size` = {kernel} with `dilation` = {dilation} is too large"),
+                )),
             }
-            Ok(span)
         };
         // PyTorch's pools: "pad should be at most half of (effective) kernel size".
         let half_kernel = |padding: Pair, kernel: Pair, dilation: Pair| {
             let span = span_of(kernel, dilation)?;
-            for a in 0..2 {
-                if padding.0[a] > span[a] / 2 {
-                    return Err((
-                        "padding",
-                        format!(
-                            "`padding` = {padding} must be at most half of the {}kernel size {} (PyTorch's rule)",
-                            if dilation == Pair::one() {
-                                ""
-                            } else {
-                                "effective "
-                            },
-                            span[a]
-                        ),
-                    ));
-                }
+            match (0..2).find(|&a| padding.0[a] > span[a] / 2) {
+                Some(a) => Err((
+                    "padding",
+                    format!(
+                        "`padding` = {padding} must be at most half of the {}kernel size {} (PyTorch's rule)",
+                        if dilation == Pair::one() {
+                            ""
+                        } else {
+                            "effective "
+                        },
+                        span[a]
+                    ),
+                )),
+                None => Ok(()),
             }
-            Ok(())
         };
         let no_ceil = |ceil_mode: bool| {
             if ceil_mode {

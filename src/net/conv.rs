@@ -129,6 +129,12 @@ impl Window2d {
         }
     }
 
+    /// [`Window2d::out_hw`] for an input whose shape the model checked when it was built.
+    pub(crate) fn out_checked(&self, h: usize, w: usize) -> [usize; 2] {
+        self.out_hw(h, w)
+            .expect("shapes are checked when the model is built")
+    }
+
     /// Input position (may be out of range) of output `o`, kernel tap `k` along axis `a`.
     #[inline]
     pub fn input_pos(&self, a: usize, o: usize, k: usize) -> isize {
@@ -202,10 +208,7 @@ impl Conv2d {
     fn dims(&self, shape: &[usize]) -> Dims {
         let [b, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
         debug_assert_eq!(c, self.in_channels);
-        let [oh, ow] = self
-            .window
-            .out_hw(h, w)
-            .expect("shapes are checked when the model is built");
+        let [oh, ow] = self.window.out_checked(h, w);
         let cg = c / self.groups;
         let n = oh * ow;
         Dims {

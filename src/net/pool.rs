@@ -24,10 +24,10 @@ use super::conv::{Window2d, chw};
 use super::{Backward, Layer, Real, Saved};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-/// Input planes (samples × channels), input (h, w) and output (oh, ow) of a pooling call.
-fn planes<T>(x: &ArrayViewD<T>, out: [usize; 2]) -> (usize, [usize; 2], [usize; 2]) {
+/// Number of planes (samples × channels) and their (height, width) in an NCHW batch.
+fn planes<T>(x: &ArrayViewD<T>) -> (usize, [usize; 2]) {
     let s = x.shape();
-    (s[0] * s[1], [s[2], s[3]], out)
+    (s[0] * s[1], [s[2], s[3]])
 }
 
 /// `nn.MaxPool2d`.
@@ -59,9 +59,7 @@ impl MaxPool2d {
     /// tap, which keeps the per-output comparisons independent (no branch, no serial chain).
     fn scan<T: Real>(&self, xs: &[T], np: usize, hw: [usize; 2], mut f: impl FnMut(usize, usize)) {
         let win = &self.window;
-        let [oh, ow] = win
-            .out_hw(hw[0], hw[1])
-            .expect("shapes are checked when the model is built");
+        let [oh, ow] = win.out_checked(hw[0], hw[1]);
         let rows = taps(win, 0, hw[0], oh, hw[1]);
         let cols = taps(win, 1, hw[1], ow, 1);
         // Per column tap kj: the outputs whose tap is in range, and the input column of output 0.
@@ -123,14 +121,11 @@ impl<T: Real> Layer<T> for MaxPool2d {
     fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
-        let sh = x.shape();
-        let [oh, ow] = self
-            .window
-            .out_hw(sh[2], sh[3])
-            .expect("shapes are checked when the model is built");
-        let mut y = ArrayD::<T>::zeros(IxDyn(&[sh[0], sh[1], oh, ow]));
+        let (np, hw) = planes(&x.view());
+        let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
+        let mut y = ArrayD::<T>::zeros(IxDyn(&[x.shape()[0], x.shape()[1], oh, ow]));
         let ys = y.as_slice_mut().expect("fresh array");
-        self.scan(xs, sh[0] * sh[1], [sh[2], sh[3]], |o, i| ys[o] = xs[i]);
+        self.scan(xs, np, hw, |o, i| ys[o] = xs[i]);
         y
     }
 
@@ -142,10 +137,10 @@ impl<T: Real> Layer<T> for MaxPool2d {
         let xs = x.as_slice().expect("standard layout");
         let gy = b.grad_out.as_standard_layout();
         let gys = gy.as_slice().expect("standard layout");
-        let sh = x.shape();
-        let mut gx = ArrayD::<T>::zeros(sh);
+        let (np, hw) = planes(&x.view());
+        let mut gx = ArrayD::<T>::zeros(x.shape());
         let gxs = gx.as_slice_mut().expect("fresh array");
-        self.scan(xs, sh[0] * sh[1], [sh[2], sh[3]], |o, i| gxs[i] += gys[o]);
+        self.scan(xs, np, hw, |o, i| gxs[i] += gys[o]);
         vec![Some(gx)]
     }
 }
@@ -191,12 +186,6 @@ impl AvgPool2d {
         };
         ([y0, y1, x0, x1], divisor)
     }
-
-    fn out<T>(&self, x: &ArrayViewD<T>) -> [usize; 2] {
-        self.window
-            .out_hw(x.shape()[2], x.shape()[3])
-            .expect("shapes are checked when the model is built")
-    }
 }
 
 impl<T: Real> Layer<T> for AvgPool2d {
@@ -207,7 +196,8 @@ impl<T: Real> Layer<T> for AvgPool2d {
     fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
-        let (np, hw, [oh, ow]) = planes(&x.view(), self.out(&x.view()));
+        let (np, hw) = planes(&x.view());
+        let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
         let mut y = ArrayD::<T>::zeros(IxDyn(&[x.shape()[0], x.shape()[1], oh, ow]));
         let ys = y.as_slice_mut().expect("fresh array");
         for p in 0..np {
@@ -236,7 +226,8 @@ impl<T: Real> Layer<T> for AvgPool2d {
         let gy = b.grad_out.as_standard_layout();
         let gys = gy.as_slice().expect("standard layout");
         let x = &b.inputs[0];
-        let (np, hw, [oh, ow]) = planes(x, self.out(x));
+        let (np, hw) = planes(x);
+        let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
         let mut gx = ArrayD::<T>::zeros(x.shape());
         let gxs = gx.as_slice_mut().expect("fresh array");
         let size = hw[0] * hw[1];
@@ -294,7 +285,7 @@ impl<T: Real> Layer<T> for AdaptiveAvgPool2d {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
         let [oh, ow] = self.output_size;
-        let (np, hw, _) = planes(&x.view(), [oh, ow]);
+        let (np, hw) = planes(&x.view());
         let mut shape = vec![x.shape()[0], x.shape()[1]];
         if !self.flatten {
             shape.extend([oh, ow]);
@@ -329,7 +320,7 @@ impl<T: Real> Layer<T> for AdaptiveAvgPool2d {
         let gys = gy.as_slice().expect("standard layout");
         let x = &b.inputs[0];
         let [oh, ow] = self.output_size;
-        let (np, hw, _) = planes(x, [oh, ow]);
+        let (np, hw) = planes(x);
         let mut gx = ArrayD::<T>::zeros(x.shape());
         let gxs = gx.as_slice_mut().expect("fresh array");
         let size = hw[0] * hw[1];
