@@ -108,6 +108,19 @@ fn allcnn_example_runs_on_cifar_shaped_inputs() {
     run_example("docs/examples/allcnn.toml", &[3, 32, 32], 1_369_738);
 }
 
+/// `lca analyze fixtures/cnn/ckpts --spec SPEC -o OUT`.
+fn analyze_cnn_ckpts(spec: &Path, out: &Path) -> std::process::Output {
+    lca()
+        .arg("analyze")
+        .arg(repo("fixtures/cnn/ckpts"))
+        .arg("--spec")
+        .arg(spec)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .expect("runs")
+}
+
 /// The CNN fixture's spec with `fc.in_features` wrong: `lca analyze` must stop at the model
 /// check, naming both layers and sizes, before any checkpoint is read or gradient computed.
 #[test]
@@ -125,15 +138,7 @@ fn shapes_that_do_not_chain_are_refused_before_any_gradient() {
     let spec = tmp.path().join("model.toml");
     std::fs::write(&spec, &bad).unwrap();
     let out = tmp.path().join("out");
-    let o = lca()
-        .arg("analyze")
-        .arg(repo("fixtures/cnn/ckpts"))
-        .arg("--spec")
-        .arg(&spec)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .expect("runs");
+    let o = analyze_cnn_ckpts(&spec, &out);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     let line = bad
@@ -160,15 +165,7 @@ fn shapes_that_do_not_chain_are_refused_before_any_gradient() {
             "in_channels = 6\nout_channels = 16",
         );
     std::fs::write(&spec, &bad).unwrap();
-    let o = lca()
-        .arg("analyze")
-        .arg(repo("fixtures/cnn/ckpts"))
-        .arg("--spec")
-        .arg(&spec)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .expect("runs");
+    let o = analyze_cnn_ckpts(&spec, &out);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     for want in [

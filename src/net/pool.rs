@@ -155,6 +155,73 @@ fn pooled_shape(win: &Window2d, inputs: &[Vec<usize>]) -> Result<Vec<usize>, Str
     Ok(vec![c, oh, ow])
 }
 
+/// Average pools as their windows: output (oy, ox) is the sum of input rows `y0..y1` and
+/// columns `x0..x1` divided by a divisor. Forward and backward are shared.
+trait AvgWindows {
+    /// Output (height, width) for an input of `hw`.
+    fn out(&self, hw: [usize; 2]) -> [usize; 2];
+    /// `[y0, y1, x0, x1]` and the divisor of output (oy, ox).
+    fn window(&self, hw: [usize; 2], oy: usize, ox: usize) -> ([usize; 4], usize);
+}
+
+/// Average-pool forward; `shape` is the output's shape (batch and channel axes first).
+fn avg_forward<T: Real>(pool: &impl AvgWindows, x: &ArrayViewD<T>, shape: &[usize]) -> ArrayD<T> {
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let (np, hw) = planes(&x.view());
+    let [oh, ow] = pool.out(hw);
+    let mut y = ArrayD::<T>::zeros(IxDyn(shape));
+    let ys = y.as_slice_mut().expect("fresh array");
+    let size = hw[0] * hw[1];
+    for p in 0..np {
+        let plane = &xs[p * size..][..size];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let ([y0, y1, x0, x1], div) = pool.window(hw, oy, ox);
+                let mut acc = T::zero();
+                for iy in y0..y1 {
+                    acc += plane[iy * hw[1] + x0..iy * hw[1] + x1]
+                        .iter()
+                        .copied()
+                        .sum::<T>();
+                }
+                ys[(p * oh + oy) * ow + ox] = acc / T::of(div as f64);
+            }
+        }
+    }
+    y
+}
+
+/// Average-pool backward: each output's gradient, divided by its divisor, to its window.
+fn avg_backward<T: Real>(pool: &impl AvgWindows, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+    if !b.need_input_grad[0] {
+        return vec![None];
+    }
+    let gy = b.grad_out.as_standard_layout();
+    let gys = gy.as_slice().expect("standard layout");
+    let x = &b.inputs[0];
+    let (np, hw) = planes(x);
+    let [oh, ow] = pool.out(hw);
+    let mut gx = ArrayD::<T>::zeros(x.shape());
+    let gxs = gx.as_slice_mut().expect("fresh array");
+    let size = hw[0] * hw[1];
+    for p in 0..np {
+        let gplane = &mut gxs[p * size..][..size];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let ([y0, y1, x0, x1], div) = pool.window(hw, oy, ox);
+                let g = gys[(p * oh + oy) * ow + ox] / T::of(div as f64);
+                for iy in y0..y1 {
+                    for v in &mut gplane[iy * hw[1] + x0..iy * hw[1] + x1] {
+                        *v += g;
+                    }
+                }
+            }
+        }
+    }
+    vec![Some(gx)]
+}
+
 /// `nn.AvgPool2d` (the window has no dilation).
 #[derive(Debug, Clone)]
 pub struct AvgPool2d {
@@ -163,10 +230,13 @@ pub struct AvgPool2d {
     pub divisor_override: Option<usize>,
 }
 
-impl AvgPool2d {
-    /// Input rows `y0..y1`, columns `x0..x1` of the window of output (oy, ox), and its divisor.
+impl AvgWindows for AvgPool2d {
+    fn out(&self, hw: [usize; 2]) -> [usize; 2] {
+        self.window.out_checked(hw[0], hw[1])
+    }
+
     #[inline]
-    fn window_of(&self, hw: [usize; 2], oy: usize, ox: usize) -> ([usize; 4], usize) {
+    fn window(&self, hw: [usize; 2], oy: usize, ox: usize) -> ([usize; 4], usize) {
         let win = &self.window;
         let span = |a: usize, o: usize, n: usize| {
             let start = (o * win.stride[a]) as isize - win.pad_begin[a] as isize;
@@ -194,58 +264,13 @@ impl<T: Real> Layer<T> for AvgPool2d {
     }
 
     fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
-        let x = inputs[0].as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
-        let (np, hw) = planes(&x.view());
-        let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
-        let mut y = ArrayD::<T>::zeros(IxDyn(&[x.shape()[0], x.shape()[1], oh, ow]));
-        let ys = y.as_slice_mut().expect("fresh array");
-        for p in 0..np {
-            let plane = &xs[p * hw[0] * hw[1]..][..hw[0] * hw[1]];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let ([y0, y1, x0, x1], div) = self.window_of(hw, oy, ox);
-                    let mut acc = T::zero();
-                    for iy in y0..y1 {
-                        acc += plane[iy * hw[1] + x0..iy * hw[1] + x1]
-                            .iter()
-                            .copied()
-                            .sum::<T>();
-                    }
-                    ys[(p * oh + oy) * ow + ox] = acc / T::of(div as f64);
-                }
-            }
-        }
-        y
+        let s = inputs[0].shape();
+        let [oh, ow] = self.out([s[2], s[3]]);
+        avg_forward(self, &inputs[0], &[s[0], s[1], oh, ow])
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
-        if !b.need_input_grad[0] {
-            return vec![None];
-        }
-        let gy = b.grad_out.as_standard_layout();
-        let gys = gy.as_slice().expect("standard layout");
-        let x = &b.inputs[0];
-        let (np, hw) = planes(x);
-        let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
-        let mut gx = ArrayD::<T>::zeros(x.shape());
-        let gxs = gx.as_slice_mut().expect("fresh array");
-        let size = hw[0] * hw[1];
-        for p in 0..np {
-            let gplane = &mut gxs[p * size..][..size];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let ([y0, y1, x0, x1], div) = self.window_of(hw, oy, ox);
-                    let g = gys[(p * oh + oy) * ow + ox] / T::of(div as f64);
-                    for iy in y0..y1 {
-                        for v in &mut gplane[iy * hw[1] + x0..iy * hw[1] + x1] {
-                            *v += g;
-                        }
-                    }
-                }
-            }
-        }
-        vec![Some(gx)]
+        avg_backward(self, b)
     }
 }
 
@@ -257,11 +282,18 @@ pub struct AdaptiveAvgPool2d {
     pub flatten: bool,
 }
 
-impl AdaptiveAvgPool2d {
-    /// PyTorch's adaptive window along an axis: `⌊i·n/out⌋ .. ⌈(i+1)·n/out⌉`.
+impl AvgWindows for AdaptiveAvgPool2d {
+    fn out(&self, _hw: [usize; 2]) -> [usize; 2] {
+        self.output_size
+    }
+
+    /// PyTorch's adaptive windows: `⌊i·n/out⌋ .. ⌈(i+1)·n/out⌉` along each axis.
     #[inline]
-    fn range(i: usize, n: usize, out: usize) -> (usize, usize) {
-        (i * n / out, ((i + 1) * n).div_ceil(out))
+    fn window(&self, hw: [usize; 2], oy: usize, ox: usize) -> ([usize; 4], usize) {
+        let [oh, ow] = self.output_size;
+        let (y0, y1) = (oy * hw[0] / oh, ((oy + 1) * hw[0]).div_ceil(oh));
+        let (x0, x1) = (ox * hw[1] / ow, ((ox + 1) * hw[1]).div_ceil(ow));
+        ([y0, y1, x0, x1], (y1 - y0) * (x1 - x0))
     }
 }
 
@@ -282,64 +314,15 @@ impl<T: Real> Layer<T> for AdaptiveAvgPool2d {
     }
 
     fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
-        let x = inputs[0].as_standard_layout();
-        let xs = x.as_slice().expect("standard layout");
-        let [oh, ow] = self.output_size;
-        let (np, hw) = planes(&x.view());
-        let mut shape = vec![x.shape()[0], x.shape()[1]];
+        let mut shape = inputs[0].shape()[..2].to_vec();
         if !self.flatten {
-            shape.extend([oh, ow]);
+            shape.extend(self.output_size);
         }
-        let mut y = ArrayD::<T>::zeros(IxDyn(&shape));
-        let ys = y.as_slice_mut().expect("fresh array");
-        for p in 0..np {
-            let plane = &xs[p * hw[0] * hw[1]..][..hw[0] * hw[1]];
-            for oy in 0..oh {
-                let (y0, y1) = Self::range(oy, hw[0], oh);
-                for ox in 0..ow {
-                    let (x0, x1) = Self::range(ox, hw[1], ow);
-                    let mut acc = T::zero();
-                    for iy in y0..y1 {
-                        acc += plane[iy * hw[1] + x0..iy * hw[1] + x1]
-                            .iter()
-                            .copied()
-                            .sum::<T>();
-                    }
-                    ys[(p * oh + oy) * ow + ox] = acc / T::of(((y1 - y0) * (x1 - x0)) as f64);
-                }
-            }
-        }
-        y
+        avg_forward(self, &inputs[0], &shape)
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
-        if !b.need_input_grad[0] {
-            return vec![None];
-        }
-        let gy = b.grad_out.as_standard_layout();
-        let gys = gy.as_slice().expect("standard layout");
-        let x = &b.inputs[0];
-        let [oh, ow] = self.output_size;
-        let (np, hw) = planes(x);
-        let mut gx = ArrayD::<T>::zeros(x.shape());
-        let gxs = gx.as_slice_mut().expect("fresh array");
-        let size = hw[0] * hw[1];
-        for p in 0..np {
-            let gplane = &mut gxs[p * size..][..size];
-            for oy in 0..oh {
-                let (y0, y1) = Self::range(oy, hw[0], oh);
-                for ox in 0..ow {
-                    let (x0, x1) = Self::range(ox, hw[1], ow);
-                    let g = gys[(p * oh + oy) * ow + ox] / T::of(((y1 - y0) * (x1 - x0)) as f64);
-                    for iy in y0..y1 {
-                        for v in &mut gplane[iy * hw[1] + x0..iy * hw[1] + x1] {
-                            *v += g;
-                        }
-                    }
-                }
-            }
-        }
-        vec![Some(gx)]
+        avg_backward(self, b)
     }
 }
 
