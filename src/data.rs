@@ -348,3 +348,98 @@ impl Dataset {
         (x, y)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::Dtype;
+    use safetensors::tensor::{TensorView, serialize_to_file};
+
+    /// Write `x` (u8, given shape) and `y` (i64) to a safetensors file.
+    fn write(path: &Path, x: &[u8], shape: &[usize], y: &[i64]) {
+        let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            ("x", TensorView::new(Dtype::U8, shape.to_vec(), x).unwrap()),
+            (
+                "y",
+                TensorView::new(Dtype::I64, vec![y.len()], &yb).unwrap(),
+            ),
+        ];
+        serialize_to_file(views, None, path).unwrap();
+    }
+
+    fn spec(mean: Option<Vec<f64>>, std: Option<Vec<f64>>) -> DataSpec {
+        DataSpec {
+            train: "x.safetensors".into(),
+            x: "x".into(),
+            y: "y".into(),
+            scale: Some(0.5),
+            mean,
+            std,
+            validation: None,
+        }
+    }
+
+    /// `[N, C, H, W]` images: scale, then per-channel mean and std along axis 1.
+    #[test]
+    fn nchw_images_are_normalised_per_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        // 2 samples × 3 channels × 2 × 2; value = 10·channel + pixel + 40·sample.
+        let x: Vec<u8> = (0..2)
+            .flat_map(|n| {
+                (0..3).flat_map(move |c| (0..4).map(move |p| (40 * n + 10 * c + p) as u8))
+            })
+            .collect();
+        write(&path, &x, &[2, 3, 2, 2], &[1, 0]);
+        let s = spec(Some(vec![1.0, 2.0, 3.0]), Some(vec![1.0, 2.0, 4.0]));
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        assert_eq!(d.sample_shape(), &[3, 2, 2]);
+        for n in 0..2 {
+            for c in 0..3 {
+                for p in 0..4 {
+                    let raw = (40 * n + 10 * c + p) as f64;
+                    let want = ((raw * 0.5 - [1.0, 2.0, 3.0][c]) / [1.0, 2.0, 4.0][c]) as f32;
+                    assert_eq!(
+                        d.x[[n, c, p / 2, p % 2]],
+                        want,
+                        "sample {n} channel {c} pixel {p}"
+                    );
+                }
+            }
+        }
+        // A mean per pixel row is not a mean per channel.
+        let s = spec(Some(vec![1.0, 2.0]), None);
+        let e = Dataset::load(&path, &s, None, LossKind::CrossEntropy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`data.mean` has 2 values") && e.contains("3 features/channels"),
+            "{e}"
+        );
+    }
+
+    /// `[N, H, W]` one-channel images get their channel axis from `model.input_shape`, so that
+    /// a single mean/std applies to the one channel, not to each row.
+    #[test]
+    fn nhw_images_take_a_channel_axis_from_input_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let x: Vec<u8> = (0..2 * 3 * 4).map(|v| v as u8).collect();
+        write(&path, &x, &[2, 3, 4], &[0, 1]);
+        let s = spec(Some(vec![1.0]), Some(vec![2.0]));
+        let d = Dataset::load(&path, &s, Some(&[1, 3, 4]), LossKind::CrossEntropy).unwrap();
+        assert_eq!(d.x.shape(), &[2, 1, 3, 4]);
+        assert_eq!(d.x[[1, 0, 2, 3]], ((23.0 * 0.5 - 1.0) / 2.0) as f32);
+        // The same file flattened to [N, 12] reshapes the same way.
+        write(&path, &x, &[2, 12], &[0, 1]);
+        let e = Dataset::load(&path, &s, Some(&[1, 3, 4]), LossKind::CrossEntropy).unwrap();
+        assert_eq!(e.x, d.x);
+        let bad = Dataset::load(&path, &s, Some(&[1, 4, 4]), LossKind::CrossEntropy).unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("`model.input_shape` is [1, 4, 4] (16 values)"),
+            "{bad}"
+        );
+    }
+}

@@ -157,6 +157,185 @@ pub enum LayerKind {
     BatchNorm1d(BatchNormSpec),
     /// `nn.BatchNorm2d` over axis 1 of `[N, C, H, W]`.
     BatchNorm2d(BatchNormSpec),
+    /// `nn.Conv2d` on `[channels, height, width]` samples: weight
+    /// `[out_channels, in_channels / groups, kh, kw]`, bias `[out_channels]`.
+    Conv2d {
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: Pair,
+        #[serde(default = "Pair::one")]
+        stride: Pair,
+        #[serde(default)]
+        padding: Padding,
+        #[serde(default = "Pair::one")]
+        dilation: Pair,
+        #[serde(default = "default_one")]
+        groups: usize,
+        #[serde(default = "default_true")]
+        bias: bool,
+    },
+    /// `nn.MaxPool2d`: padding counts as −∞; `stride` defaults to `kernel_size`.
+    MaxPool2d {
+        kernel_size: Pair,
+        #[serde(default)]
+        stride: Option<Pair>,
+        #[serde(default)]
+        padding: Pair,
+        #[serde(default = "Pair::one")]
+        dilation: Pair,
+        /// Only `false` (PyTorch's default) is supported.
+        #[serde(default)]
+        ceil_mode: bool,
+    },
+    /// `nn.AvgPool2d`: `stride` defaults to `kernel_size`.
+    AvgPool2d {
+        kernel_size: Pair,
+        #[serde(default)]
+        stride: Option<Pair>,
+        #[serde(default)]
+        padding: Pair,
+        /// Only `false` (PyTorch's default) is supported.
+        #[serde(default)]
+        ceil_mode: bool,
+        #[serde(default = "default_true")]
+        count_include_pad: bool,
+        #[serde(default)]
+        divisor_override: Option<usize>,
+    },
+    /// `nn.AdaptiveAvgPool2d(output_size)`: `[C, H, W]` → `[C, oh, ow]`.
+    AdaptiveAvgPool2d { output_size: Pair },
+    /// Mean over the two spatial axes: `[C, H, W]` → `[C]` (`AdaptiveAvgPool2d(1)` followed by
+    /// `Flatten()`).
+    GlobalAvgPool {},
+}
+
+fn default_one() -> usize {
+    1
+}
+
+/// A size that PyTorch accepts as one integer or a pair (height, width): `3` or `[3, 5]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pair(pub [usize; 2]);
+
+impl Pair {
+    /// `(1, 1)`.
+    pub fn one() -> Pair {
+        Pair([1, 1])
+    }
+}
+
+impl std::fmt::Display for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0[0] == self.0[1] {
+            write!(f, "{}", self.0[0])
+        } else {
+            write!(f, "[{}, {}]", self.0[0], self.0[1])
+        }
+    }
+}
+
+impl Serialize for Pair {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// Visitor for [`Pair`] and the numeric forms of [`Padding`].
+struct PairVisitor {
+    /// Whether the strings `"same"` and `"valid"` are accepted (padding only).
+    padding: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for PairVisitor {
+    type Value = Padding;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        if self.padding {
+            f.write_str("a non-negative integer, an array of two, \"same\" or \"valid\"")
+        } else {
+            f.write_str("a non-negative integer or an array of two")
+        }
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Padding, E> {
+        let v = usize::try_from(v).map_err(|_| E::custom(format!("{v} is too large")))?;
+        Ok(Padding::Explicit(Pair([v, v])))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Padding, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+        }
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Padding, E> {
+        match v {
+            "same" if self.padding => Ok(Padding::Same),
+            "valid" if self.padding => Ok(Padding::Valid),
+            _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+        }
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Padding, A::Error> {
+        use serde::de::Error;
+        let mut v = Vec::with_capacity(2);
+        while let Some(x) = seq.next_element::<i64>()? {
+            v.push(x);
+        }
+        match v[..] {
+            [a, b] if a >= 0 && b >= 0 => Ok(Padding::Explicit(Pair([a as usize, b as usize]))),
+            _ => Err(A::Error::invalid_value(
+                serde::de::Unexpected::Other(&format!("{v:?}")),
+                &self,
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Pair {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Pair, D::Error> {
+        match d.deserialize_any(PairVisitor { padding: false })? {
+            Padding::Explicit(p) => Ok(p),
+            Padding::Same | Padding::Valid => unreachable!("strings are refused without padding"),
+        }
+    }
+}
+
+/// `nn.Conv2d`'s `padding`: an integer, a pair (height, width), `"same"` or `"valid"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Explicit(Pair),
+    /// Output size = input size (stride 1 only). The total padding `dilation·(kernel − 1)` is
+    /// split as PyTorch does: half (rounded down) before, the rest after (bottom / right).
+    Same,
+    /// No padding.
+    Valid,
+}
+
+impl Default for Padding {
+    fn default() -> Self {
+        Padding::Explicit(Pair([0, 0]))
+    }
+}
+
+impl Serialize for Padding {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Padding::Explicit(p) => p.serialize(s),
+            Padding::Same => s.serialize_str("same"),
+            Padding::Valid => s.serialize_str("valid"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Padding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Padding, D::Error> {
+        d.deserialize_any(PairVisitor { padding: true })
+    }
 }
 
 /// Settings of a batch norm layer, with PyTorch's argument names.
@@ -205,6 +384,154 @@ impl LayerKind {
             LayerKind::Add {} => "add",
             LayerKind::BatchNorm1d(_) => "batch_norm1d",
             LayerKind::BatchNorm2d(_) => "batch_norm2d",
+            LayerKind::Conv2d { .. } => "conv2d",
+            LayerKind::MaxPool2d { .. } => "max_pool2d",
+            LayerKind::AvgPool2d { .. } => "avg_pool2d",
+            LayerKind::AdaptiveAvgPool2d { .. } => "adaptive_avg_pool2d",
+            LayerKind::GlobalAvgPool {} => "global_avg_pool",
+        }
+    }
+
+    /// Settings that PyTorch would refuse, as (key, message). Shapes are checked later, when
+    /// the model is built for the data's input shape.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let at_least_one = |key: &'static str, p: Pair| {
+            if p.0.contains(&0) {
+                Err((key, format!("`{key}` must be at least 1, got {p}")))
+            } else {
+                Ok(())
+            }
+        };
+        // The dilated kernel's extent, dilation·(kernel − 1) + 1, unless it overflows.
+        let span_of = |kernel: Pair, dilation: Pair| {
+            let span = [0, 1].map(|a| {
+                dilation.0[a]
+                    .checked_mul(kernel.0[a] - 1)
+                    .and_then(|v| v.checked_add(1))
+            });
+            match span {
+                [Some(h), Some(w)] => Ok([h, w]),
+                _ => Err((
+                    "kernel_size",
+                    format!("`kernel_size` = {kernel} with `dilation` = {dilation} is too large"),
+                )),
+            }
+        };
+        // PyTorch's pools: "pad should be at most half of (effective) kernel size".
+        let half_kernel = |padding: Pair, kernel: Pair, dilation: Pair| {
+            let span = span_of(kernel, dilation)?;
+            match (0..2).find(|&a| padding.0[a] > span[a] / 2) {
+                Some(a) => Err((
+                    "padding",
+                    format!(
+                        "`padding` = {padding} must be at most half of the {}kernel size {} (PyTorch's rule)",
+                        if dilation == Pair::one() {
+                            ""
+                        } else {
+                            "effective "
+                        },
+                        span[a]
+                    ),
+                )),
+                None => Ok(()),
+            }
+        };
+        let no_ceil = |ceil_mode: bool| {
+            if ceil_mode {
+                Err((
+                    "ceil_mode",
+                    "`ceil_mode = true` is not supported; only PyTorch's default `false` is"
+                        .to_string(),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            LayerKind::Conv2d {
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                groups,
+                ..
+            } => {
+                at_least_one("kernel_size", *kernel_size)?;
+                at_least_one("stride", *stride)?;
+                at_least_one("dilation", *dilation)?;
+                span_of(*kernel_size, *dilation)?;
+                for (key, v) in [
+                    ("in_channels", *in_channels),
+                    ("out_channels", *out_channels),
+                    ("groups", *groups),
+                ] {
+                    if v == 0 {
+                        return Err((key, format!("`{key}` must be at least 1")));
+                    }
+                }
+                for (key, v) in [
+                    ("in_channels", *in_channels),
+                    ("out_channels", *out_channels),
+                ] {
+                    if v % groups != 0 {
+                        return Err((
+                            "groups",
+                            format!("`{key}` = {v} must be divisible by `groups` = {groups}"),
+                        ));
+                    }
+                }
+                if *padding == Padding::Same && *stride != Pair::one() {
+                    return Err((
+                        "padding",
+                        format!(
+                            "`padding = \"same\"` needs stride 1 (PyTorch refuses it for strided convolutions), got stride {stride}"
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            LayerKind::MaxPool2d {
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                at_least_one("kernel_size", *kernel_size)?;
+                if let Some(s) = stride {
+                    at_least_one("stride", *s)?;
+                }
+                at_least_one("dilation", *dilation)?;
+                half_kernel(*padding, *kernel_size, *dilation)?;
+                no_ceil(*ceil_mode)
+            }
+            LayerKind::AvgPool2d {
+                kernel_size,
+                stride,
+                padding,
+                ceil_mode,
+                divisor_override,
+                ..
+            } => {
+                at_least_one("kernel_size", *kernel_size)?;
+                if let Some(s) = stride {
+                    at_least_one("stride", *s)?;
+                }
+                half_kernel(*padding, *kernel_size, Pair::one())?;
+                if *divisor_override == Some(0) {
+                    return Err((
+                        "divisor_override",
+                        "`divisor_override` must not be 0".into(),
+                    ));
+                }
+                no_ceil(*ceil_mode)
+            }
+            LayerKind::AdaptiveAvgPool2d { output_size } => {
+                at_least_one("output_size", *output_size)
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -357,9 +684,15 @@ impl Spec {
             if !table.contains_key("type") {
                 return Err(err(Some(line), format!("{label}: missing key `type`")));
             }
-            let kind: LayerKind = toml::Value::Table(table).try_into().map_err(|e| {
+            let kind: LayerKind = toml::Value::Table(table.clone()).try_into().map_err(|e| {
                 let msg = e.message().trim().to_string();
+                let culprit = if unknown_field(&msg).is_none() && !msg.contains("unknown variant") {
+                    invalid_key(&table)
+                } else {
+                    None
+                };
                 let line = unknown_field(&msg)
+                    .or(culprit.as_deref())
                     .and_then(|k| key_line(source, start, k))
                     .or_else(|| {
                         if msg.contains("unknown variant") {
@@ -369,8 +702,17 @@ impl Spec {
                         }
                     })
                     .unwrap_or(line);
-                err(Some(line), format!("{label}: {msg}"))
+                match culprit {
+                    Some(k) => err(Some(line), format!("{label}: `{k}`: {msg}")),
+                    None => err(Some(line), format!("{label}: {msg}")),
+                }
             })?;
+            if let Err((key, msg)) = kind.check() {
+                return Err(err(
+                    key_line(source, start, key).or(Some(line)),
+                    format!("{label}: {msg}"),
+                ));
+            }
             let named = name.is_some();
             let name = name.unwrap_or_else(|| format!("{}_{}", kind.type_name(), index));
             layers.push(LayerSpec {
@@ -533,6 +875,21 @@ fn section_key_line(source: &str, section: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// The key of a layer table whose value fails to deserialize (serde's messages about a bad
+/// value do not name the key): the first key whose removal makes the error go away or turn
+/// into "missing field" for that key.
+fn invalid_key(table: &toml::Table) -> Option<String> {
+    table.keys().filter(|k| *k != "type").find_map(|k| {
+        let mut t = table.clone();
+        t.remove(k);
+        match toml::Value::Table(t).try_into::<LayerKind>() {
+            Ok(_) => Some(k.clone()),
+            Err(e) if e.message().contains(&format!("missing field `{k}`")) => Some(k.clone()),
+            Err(_) => None,
+        }
+    })
+}
+
 fn unknown_field(msg: &str) -> Option<&str> {
     let rest = msg.strip_prefix("unknown field `")?;
     rest.split('`').next()
@@ -627,6 +984,231 @@ scale = 0.5
             .unwrap_err()
             .to_string();
         assert!(e.contains("used twice"), "{e}");
+    }
+
+    const CONV: &str = r#"
+[model]
+input_shape = [1, 28, 28]
+
+[[layers]]
+name = "conv1"
+type = "conv2d"
+in_channels = 1
+out_channels = 20
+kernel_size = 5
+padding = "same"
+
+[[layers]]
+type = "max_pool2d"
+kernel_size = 2
+
+[[layers]]
+name = "conv2"
+type = "conv2d"
+in_channels = 20
+out_channels = 40
+kernel_size = [5, 3]
+stride = [2, 1]
+padding = [2, 1]
+dilation = 1
+groups = 4
+bias = false
+
+[[layers]]
+type = "avg_pool2d"
+kernel_size = 3
+stride = 1
+padding = 1
+count_include_pad = false
+
+[[layers]]
+type = "adaptive_avg_pool2d"
+output_size = [2, 1]
+
+[[layers]]
+type = "global_avg_pool"
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "x.safetensors"
+"#;
+
+    #[test]
+    fn parses_conv_and_pool_layers() {
+        let s = Spec::parse(CONV, Path::new("m.toml")).unwrap();
+        assert_eq!(
+            s.layers[0].kind,
+            LayerKind::Conv2d {
+                in_channels: 1,
+                out_channels: 20,
+                kernel_size: Pair([5, 5]),
+                stride: Pair([1, 1]),
+                padding: Padding::Same,
+                dilation: Pair([1, 1]),
+                groups: 1,
+                bias: true
+            }
+        );
+        assert_eq!(
+            s.layers[1].kind,
+            LayerKind::MaxPool2d {
+                kernel_size: Pair([2, 2]),
+                stride: None,
+                padding: Pair([0, 0]),
+                dilation: Pair([1, 1]),
+                ceil_mode: false
+            }
+        );
+        match &s.layers[2].kind {
+            LayerKind::Conv2d {
+                kernel_size,
+                stride,
+                padding,
+                groups,
+                bias,
+                ..
+            } => {
+                assert_eq!(
+                    (*kernel_size, *stride, *padding),
+                    (Pair([5, 3]), Pair([2, 1]), Padding::Explicit(Pair([2, 1])))
+                );
+                assert_eq!((*groups, *bias), (4, false));
+            }
+            k => panic!("{k:?}"),
+        }
+        match &s.layers[3].kind {
+            LayerKind::AvgPool2d {
+                stride,
+                count_include_pad,
+                divisor_override,
+                ..
+            } => {
+                assert_eq!(
+                    (*stride, *count_include_pad, *divisor_override),
+                    (Some(Pair([1, 1])), false, None)
+                );
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(
+            s.layers[4].kind,
+            LayerKind::AdaptiveAvgPool2d {
+                output_size: Pair([2, 1])
+            }
+        );
+        assert_eq!(s.layers[5].name, "global_avg_pool_5");
+        assert_eq!(s.model.input_shape, Some(vec![1, 28, 28]));
+        let valid = CONV.replace("padding = \"same\"", "padding = \"valid\"");
+        match Spec::parse(&valid, Path::new("m.toml")).unwrap().layers[0].kind {
+            LayerKind::Conv2d { padding, .. } => assert_eq!(padding, Padding::Valid),
+            ref k => panic!("{k:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_conv_and_pool_settings_name_key_and_line() {
+        let cases = [
+            (
+                "padding = \"same\"",
+                "padding = \"full\"",
+                "m.toml:11",
+                "\"same\" or \"valid\"",
+            ),
+            (
+                "padding = \"same\"",
+                "padding = -1",
+                "m.toml:11",
+                "non-negative integer",
+            ),
+            (
+                "padding = \"same\"",
+                "padding = [1, 2, 3]",
+                "m.toml:11",
+                "array of two",
+            ),
+            (
+                "kernel_size = 5\n",
+                "kernel_size = \"5\"\n",
+                "m.toml:10",
+                "integer or an array of two",
+            ),
+            (
+                "kernel_size = 5\n",
+                "kernel_size = 0\n",
+                "m.toml:10",
+                "`kernel_size` must be at least 1",
+            ),
+            (
+                "groups = 4",
+                "groups = 3",
+                "m.toml:26",
+                "`in_channels` = 20 must be divisible by `groups` = 3",
+            ),
+            (
+                "stride = [2, 1]",
+                "stride = [2, 0]",
+                "m.toml:23",
+                "`stride` must be at least 1",
+            ),
+            (
+                "padding = \"same\"",
+                "padding = \"same\"\nstride = 2",
+                "m.toml:11",
+                "stride 1",
+            ),
+            (
+                "kernel_size = 2\n",
+                "kernel_size = 2\nceil_mode = true\n",
+                "m.toml:16",
+                "ceil_mode",
+            ),
+            (
+                "kernel_size = 2\n",
+                "kernel_size = 2\npadding = 2\n",
+                "m.toml:16",
+                "at most half of the kernel size 2",
+            ),
+            (
+                "count_include_pad = false",
+                "count_include_pad = false\ndivisor_override = 0",
+                "m.toml:35",
+                "divisor_override",
+            ),
+            (
+                "output_size = [2, 1]",
+                "output_size = [0, 1]",
+                "m.toml:38",
+                "output_size",
+            ),
+            (
+                "kernel_size = 5\n",
+                "kernel_size = 5\ndilation = 4611686018427387904\n",
+                "m.toml:10",
+                "is too large",
+            ),
+            (
+                "kernel_size = 2\n",
+                "kernel_size = [2, 5]\ndilation = [1, 4611686018427387904]\n",
+                "m.toml:15",
+                "is too large",
+            ),
+            (
+                "count_include_pad = false",
+                "count_include_pad = false\ndilation = 2",
+                "m.toml:35",
+                "unknown field `dilation`",
+            ),
+        ];
+        for (from, to, line, msg) in cases {
+            assert!(CONV.contains(from), "{from}");
+            let src = CONV.replacen(from, to, 1);
+            let e = Spec::parse(&src, Path::new("m.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(line) && e.contains(msg), "{to}: {e}");
+        }
     }
 
     #[test]

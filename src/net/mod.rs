@@ -13,8 +13,10 @@
 pub mod activation;
 pub mod add;
 pub mod batch_norm;
+pub mod conv;
 pub mod linear;
 pub mod loss;
+pub mod pool;
 pub mod reshape;
 
 #[cfg(test)]
@@ -233,6 +235,61 @@ fn build_layer<T: Real>(kind: &LayerKind, bn_mode: Option<BnMode>) -> Box<dyn La
             } else {
                 BnMode::BatchStats
             },
+        }),
+        LayerKind::Conv2d {
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+        } => Box::new(conv::Conv2d {
+            in_channels: *in_channels,
+            out_channels: *out_channels,
+            groups: *groups,
+            bias: *bias,
+            window: conv::Window2d::conv(*kernel_size, *stride, *dilation, *padding),
+        }),
+        LayerKind::MaxPool2d {
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode: _,
+        } => Box::new(pool::MaxPool2d {
+            window: conv::Window2d::symmetric(
+                *kernel_size,
+                stride.unwrap_or(*kernel_size),
+                *dilation,
+                *padding,
+            ),
+        }),
+        LayerKind::AvgPool2d {
+            kernel_size,
+            stride,
+            padding,
+            ceil_mode: _,
+            count_include_pad,
+            divisor_override,
+        } => Box::new(pool::AvgPool2d {
+            window: conv::Window2d::symmetric(
+                *kernel_size,
+                stride.unwrap_or(*kernel_size),
+                crate::spec::Pair::one(),
+                *padding,
+            ),
+            count_include_pad: *count_include_pad,
+            divisor_override: *divisor_override,
+        }),
+        LayerKind::AdaptiveAvgPool2d { output_size } => Box::new(pool::AdaptiveAvgPool2d {
+            output_size: output_size.0,
+            flatten: false,
+        }),
+        LayerKind::GlobalAvgPool {} => Box::new(pool::AdaptiveAvgPool2d {
+            output_size: [1, 1],
+            flatten: true,
         }),
     }
 }

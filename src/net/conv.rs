@@ -1,0 +1,768 @@
+//! `nn.Conv2d` on NCHW batches, with PyTorch's layout and semantics: weight
+//! `[out_channels, in_channels / groups, kh, kw]`, bias `[out_channels]`, stride, zero padding
+//! (symmetric, or PyTorch's `"same"`, which puts the odd extra row/column at the bottom/right),
+//! dilation and groups.
+//!
+//! Computed through GEMM: a block of samples is unfolded (im2col) into a
+//! `[in/groups·kh·kw, samples·oh·ow]` matrix per group, multiplied by the group's weight rows,
+//! and folded back (col2im) for the input gradient. The unfolded block is recomputed in
+//! backward rather than kept, so memory stays at one block per chunk.
+//!
+//! ```
+//! use lca::net::{conv::{Conv2d, Window2d}, Layer, Saved};
+//! use ndarray::{Array4, ArrayD};
+//! // 1 → 1 channel, 2×2 kernel of ones, stride 1, no padding: sums of 2×2 neighbourhoods.
+//! let conv = Conv2d {
+//!     in_channels: 1,
+//!     out_channels: 1,
+//!     groups: 1,
+//!     bias: true,
+//!     window: Window2d::new([2, 2], [1, 1], [1, 1], [0, 0], [0, 0]),
+//! };
+//! let w = [1.0f32; 4];
+//! let b = [0.5f32];
+//! let x: ArrayD<f32> = Array4::from_shape_fn((1, 1, 3, 3), |(_, _, i, j)| (3 * i + j) as f32).into_dyn();
+//! assert_eq!(<Conv2d as Layer<f32>>::out_shape(&conv, &[vec![1, 3, 3]]).unwrap(), vec![1, 2, 2]);
+//! let y = conv.forward(&[&w, &b], &[x.view()], &mut Saved::None);
+//! assert_eq!(y.as_slice().unwrap(), &[8.5, 12.5, 20.5, 24.5]);
+//! ```
+
+use super::{Backward, Layer, ParamDecl, Real, Saved};
+use crate::spec::{Padding, Pair};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};
+
+/// Geometry of a 2-D sliding window: kernel, stride, dilation and padding per axis
+/// (height, width), with PyTorch's output-size rule (no ceil mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window2d {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    /// Padding before the first row / column.
+    pub pad_begin: [usize; 2],
+    /// Padding after the last row / column.
+    pub pad_end: [usize; 2],
+}
+
+impl Window2d {
+    pub fn new(
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        dilation: [usize; 2],
+        pad_begin: [usize; 2],
+        pad_end: [usize; 2],
+    ) -> Window2d {
+        Window2d {
+            kernel,
+            stride,
+            dilation,
+            pad_begin,
+            pad_end,
+        }
+    }
+
+    /// A window with the same padding on both sides.
+    pub fn symmetric(kernel: Pair, stride: Pair, dilation: Pair, padding: Pair) -> Window2d {
+        Window2d::new(kernel.0, stride.0, dilation.0, padding.0, padding.0)
+    }
+
+    /// A convolution's window for a spec `padding`. `"same"` pads `dilation·(kernel − 1)` in
+    /// total per axis, half (rounded down) before and the rest after, as PyTorch does.
+    pub fn conv(kernel: Pair, stride: Pair, dilation: Pair, padding: Padding) -> Window2d {
+        match padding {
+            Padding::Explicit(p) => Window2d::symmetric(kernel, stride, dilation, p),
+            Padding::Valid => Window2d::symmetric(kernel, stride, dilation, Pair([0, 0])),
+            Padding::Same => {
+                let total = [0, 1].map(|a| dilation.0[a] * (kernel.0[a] - 1));
+                let begin = total.map(|t| t / 2);
+                Window2d::new(
+                    kernel.0,
+                    stride.0,
+                    dilation.0,
+                    begin,
+                    [total[0] - begin[0], total[1] - begin[1]],
+                )
+            }
+        }
+    }
+
+    /// Extent of the dilated kernel along axis `a`.
+    pub fn span(&self, a: usize) -> usize {
+        self.dilation[a] * (self.kernel[a] - 1) + 1
+    }
+
+    /// Output size along axis `a` for an input of `n`, or `None` when the window does not fit.
+    pub fn out_len(&self, a: usize, n: usize) -> Option<usize> {
+        let padded = n
+            .checked_add(self.pad_begin[a])?
+            .checked_add(self.pad_end[a])?;
+        let span = self.span(a);
+        (padded >= span).then(|| (padded - span) / self.stride[a] + 1)
+    }
+
+    /// Output (height, width) for an input of `h × w`, or why the window does not fit.
+    pub fn out_hw(&self, h: usize, w: usize) -> Result<[usize; 2], String> {
+        match (self.out_len(0, h), self.out_len(1, w)) {
+            (Some(oh), Some(ow)) if oh > 0 && ow > 0 => Ok([oh, ow]),
+            _ => Err(format!(
+                "its {}×{} window{}{} does not fit in the {h}×{w} input",
+                self.span(0),
+                self.span(1),
+                if self.dilation != [1, 1] {
+                    format!(
+                        " (kernel {}×{} dilated {}×{})",
+                        self.kernel[0], self.kernel[1], self.dilation[0], self.dilation[1]
+                    )
+                } else {
+                    String::new()
+                },
+                if self.pad_begin != [0, 0] || self.pad_end != [0, 0] {
+                    format!(
+                        " with padding {}+{} × {}+{}",
+                        self.pad_begin[0], self.pad_end[0], self.pad_begin[1], self.pad_end[1]
+                    )
+                } else {
+                    String::new()
+                }
+            )),
+        }
+    }
+
+    /// [`Window2d::out_hw`] for an input whose shape the model checked when it was built.
+    pub(crate) fn out_checked(&self, h: usize, w: usize) -> [usize; 2] {
+        self.out_hw(h, w)
+            .expect("shapes are checked when the model is built")
+    }
+
+    /// Input position (may be out of range) of output `o`, kernel tap `k` along axis `a`.
+    #[inline]
+    pub fn input_pos(&self, a: usize, o: usize, k: usize) -> isize {
+        (o * self.stride[a] + k * self.dilation[a]) as isize - self.pad_begin[a] as isize
+    }
+
+    /// The outputs `lo..hi` along axis `a` whose tap `k` falls inside an input of length `n`.
+    pub fn valid_outputs(&self, a: usize, k: usize, n: usize, out: usize) -> (usize, usize) {
+        let s = self.stride[a] as isize;
+        let off = (k * self.dilation[a]) as isize - self.pad_begin[a] as isize; // pos = o·s + off
+        // o·s + off ≥ 0  ⇔  o ≥ ⌈−off / s⌉;  o·s + off ≤ n − 1  ⇔  o ≤ ⌊(n − 1 − off) / s⌋.
+        let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+        let last = n as isize - 1 - off;
+        let hi = if last < 0 { 0 } else { last / s + 1 };
+        let hi = (hi.max(0) as usize).min(out);
+        let lo = (lo as usize).min(hi);
+        (lo, hi)
+    }
+}
+
+/// Per-sample `[channels, height, width]` of a layer input, or why it is not an image.
+pub(crate) fn chw(s: &[usize]) -> Result<[usize; 3], String> {
+    match *s {
+        [c, h, w] => Ok([c, h, w]),
+        [_, _] => Err(
+            "needs [channels, height, width] per sample (for one-channel images, set `model.input_shape = [1, height, width]`)"
+                .into(),
+        ),
+        _ => Err("needs [channels, height, width] per sample".into()),
+    }
+}
+
+/// Samples per GEMM block: enough columns (samples × output pixels) for an efficient product,
+/// while the unfolded block stays small.
+const BLOCK_COLUMNS: usize = 1024;
+
+/// A 2-D convolution (cross-correlation, as PyTorch).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub groups: usize,
+    pub bias: bool,
+    pub window: Window2d,
+}
+
+/// Sizes of one forward/backward call.
+struct Dims {
+    batch: usize,
+    /// Input channels per group, height, width.
+    cg: usize,
+    h: usize,
+    w: usize,
+    /// Output channels per group.
+    mg: usize,
+    oh: usize,
+    ow: usize,
+    /// Unfolded rows per group: cg·kh·kw.
+    k: usize,
+    /// Samples per block.
+    block: usize,
+}
+
+impl Dims {
+    fn plane(&self) -> usize {
+        self.oh * self.ow
+    }
+}
+
+impl Conv2d {
+    fn dims(&self, shape: &[usize]) -> Dims {
+        let [b, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+        debug_assert_eq!(c, self.in_channels);
+        let [oh, ow] = self.window.out_checked(h, w);
+        let cg = c / self.groups;
+        let n = oh * ow;
+        Dims {
+            batch: b,
+            cg,
+            h,
+            w,
+            mg: self.out_channels / self.groups,
+            oh,
+            ow,
+            k: cg * self.window.kernel[0] * self.window.kernel[1],
+            block: (BLOCK_COLUMNS / n).clamp(1, b.max(1)),
+        }
+    }
+
+    /// Unfold group `g` of samples `s0..s0+nb` of `x` into `col` (`[k, nb·oh·ow]`, row-major).
+    fn im2col<T: Real>(&self, x: &[T], d: &Dims, g: usize, s0: usize, nb: usize, col: &mut [T]) {
+        let win = &self.window;
+        let [kh, kw] = win.kernel;
+        let n = d.plane();
+        let ld = nb * n;
+        let cols_x: Vec<(usize, usize)> = (0..kw)
+            .map(|j| win.valid_outputs(1, j, d.w, d.ow))
+            .collect();
+        for j in 0..nb {
+            let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
+            for ci in 0..d.cg {
+                let xc = &x[base + ci * d.h * d.w..][..d.h * d.w];
+                for ki in 0..kh {
+                    let (ylo, yhi) = win.valid_outputs(0, ki, d.h, d.oh);
+                    for (kj, &(xlo, xhi)) in cols_x.iter().enumerate() {
+                        let row = (ci * kh + ki) * kw + kj;
+                        let dst = &mut col[row * ld + j * n..][..n];
+                        dst[..ylo * d.ow].fill(T::zero());
+                        dst[yhi * d.ow..].fill(T::zero());
+                        for oy in ylo..yhi {
+                            let iy = win.input_pos(0, oy, ki) as usize;
+                            let src = &xc[iy * d.w..][..d.w];
+                            let out = &mut dst[oy * d.ow..][..d.ow];
+                            out[..xlo].fill(T::zero());
+                            out[xhi..].fill(T::zero());
+                            if xlo < xhi {
+                                let ix0 = win.input_pos(1, xlo, kj) as usize;
+                                if win.stride[1] == 1 {
+                                    out[xlo..xhi].copy_from_slice(&src[ix0..ix0 + (xhi - xlo)]);
+                                } else {
+                                    let sw = win.stride[1];
+                                    for (o, v) in
+                                        out[xlo..xhi].iter_mut().zip(src[ix0..].iter().step_by(sw))
+                                    {
+                                        *o = *v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fold `col` (as [`Conv2d::im2col`] lays it out) back, adding into the gradient `gx`.
+    fn col2im<T: Real>(&self, col: &[T], d: &Dims, g: usize, s0: usize, nb: usize, gx: &mut [T]) {
+        let win = &self.window;
+        let [kh, kw] = win.kernel;
+        let n = d.plane();
+        let ld = nb * n;
+        let cols_x: Vec<(usize, usize)> = (0..kw)
+            .map(|j| win.valid_outputs(1, j, d.w, d.ow))
+            .collect();
+        for j in 0..nb {
+            let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
+            for ci in 0..d.cg {
+                let gc = &mut gx[base + ci * d.h * d.w..][..d.h * d.w];
+                for ki in 0..kh {
+                    let (ylo, yhi) = win.valid_outputs(0, ki, d.h, d.oh);
+                    for (kj, &(xlo, xhi)) in cols_x.iter().enumerate() {
+                        if xlo >= xhi {
+                            continue;
+                        }
+                        let row = (ci * kh + ki) * kw + kj;
+                        let src = &col[row * ld + j * n..][..n];
+                        let ix0 = win.input_pos(1, xlo, kj) as usize;
+                        for oy in ylo..yhi {
+                            let iy = win.input_pos(0, oy, ki) as usize;
+                            let dst = &mut gc[iy * d.w..][..d.w];
+                            let from = &src[oy * d.ow + xlo..oy * d.ow + xhi];
+                            if win.stride[1] == 1 {
+                                for (o, v) in dst[ix0..ix0 + from.len()].iter_mut().zip(from) {
+                                    *o += *v;
+                                }
+                            } else {
+                                for (o, v) in dst[ix0..].iter_mut().step_by(win.stride[1]).zip(from)
+                                {
+                                    *o += *v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Weight rows of group `g` as `[mg, k]`.
+    fn group_weight<'a, T>(&self, w: &'a [T], d: &Dims, g: usize) -> ArrayView2<'a, T> {
+        ArrayView2::from_shape((d.mg, d.k), &w[g * d.mg * d.k..][..d.mg * d.k])
+            .expect("weight has its declared shape")
+    }
+}
+
+impl<T: Real> Layer<T> for Conv2d {
+    fn params(&self) -> Vec<ParamDecl> {
+        let [kh, kw] = self.window.kernel;
+        let mut v = vec![ParamDecl {
+            suffix: "weight",
+            shape: vec![self.out_channels, self.in_channels / self.groups, kh, kw],
+        }];
+        if self.bias {
+            v.push(ParamDecl {
+                suffix: "bias",
+                shape: vec![self.out_channels],
+            });
+        }
+        v
+    }
+
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = inputs else {
+            return Err(format!("takes 1 input, got {}", inputs.len()));
+        };
+        let [c, h, w] = chw(s)?;
+        if c != self.in_channels {
+            return Err(format!(
+                "in_channels = {} does not match the {c} channel{} it receives",
+                self.in_channels,
+                if c == 1 { "" } else { "s" }
+            ));
+        }
+        let [oh, ow] = self.window.out_hw(h, w)?;
+        Ok(vec![self.out_channels, oh, ow])
+    }
+
+    fn forward(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        _saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        let x = inputs[0].as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        let d = self.dims(x.shape());
+        let n = d.plane();
+        let mut y = ArrayD::<T>::zeros(IxDyn(&[d.batch, self.out_channels, d.oh, d.ow]));
+        let ys = y.as_slice_mut().expect("fresh array");
+        let mut col = vec![T::zero(); d.k * d.block * n];
+        let mut out = vec![T::zero(); d.mg * d.block * n];
+        for s0 in (0..d.batch).step_by(d.block) {
+            let nb = d.block.min(d.batch - s0);
+            let cols = nb * n;
+            for g in 0..self.groups {
+                let colm = &mut col[..d.k * cols];
+                self.im2col(xs, &d, g, s0, nb, colm);
+                let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
+                let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
+                    .expect("sized above");
+                general_mat_mul(
+                    T::one(),
+                    &self.group_weight(params[0], &d, g),
+                    &colv,
+                    T::zero(),
+                    &mut outm,
+                );
+                // [mg, nb·n] → y[s0 + j, g·mg + m, :]
+                for j in 0..nb {
+                    for m in 0..d.mg {
+                        let o = g * d.mg + m;
+                        let dst = &mut ys[((s0 + j) * self.out_channels + o) * n..][..n];
+                        let src = outm.slice(s![m, j * n..(j + 1) * n]);
+                        let b = if self.bias { params[1][o] } else { T::zero() };
+                        for (a, &v) in dst.iter_mut().zip(src) {
+                            *a = v + b;
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        let x = b.inputs[0].as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        let gy = b.grad_out.as_standard_layout();
+        let gys = gy.as_slice().expect("standard layout");
+        let d = self.dims(x.shape());
+        let n = d.plane();
+        let mut gp = b.grad_params;
+        let mut gbias = vec![T::zero(); self.out_channels];
+        let need_x = b.need_input_grad[0];
+        let mut gx = need_x.then(|| ArrayD::<T>::zeros(x.shape()));
+        let mut col = vec![T::zero(); d.k * d.block * n];
+        let mut gcol = if need_x {
+            vec![T::zero(); d.k * d.block * n]
+        } else {
+            Vec::new()
+        };
+        let mut gout = vec![T::zero(); d.mg * d.block * n];
+        for s0 in (0..d.batch).step_by(d.block) {
+            let nb = d.block.min(d.batch - s0);
+            let cols = nb * n;
+            for g in 0..self.groups {
+                // Gather gy[s0 + j, g·mg + m, :] into [mg, nb·n], summing it for the bias.
+                for m in 0..d.mg {
+                    let o = g * d.mg + m;
+                    for j in 0..nb {
+                        let src = &gys[((s0 + j) * self.out_channels + o) * n..][..n];
+                        gout[m * cols + j * n..][..n].copy_from_slice(src);
+                        gbias[o] += src.iter().copied().sum::<T>();
+                    }
+                }
+                let goutv = ArrayView2::from_shape((d.mg, cols), &gout[..d.mg * cols])
+                    .expect("sized above");
+                let colm = &mut col[..d.k * cols];
+                self.im2col(xs, &d, g, s0, nb, colm);
+                let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
+                {
+                    let gw = &mut gp[0][g * d.mg * d.k..][..d.mg * d.k];
+                    let mut gw = ArrayViewMut2::from_shape((d.mg, d.k), gw)
+                        .expect("weight gradient has the weight's shape");
+                    general_mat_mul(T::one(), &goutv, &colv.t(), T::one(), &mut gw);
+                }
+                if let Some(gx) = gx.as_mut() {
+                    let mut gcolm = ArrayViewMut2::from_shape((d.k, cols), &mut gcol[..d.k * cols])
+                        .expect("sized above");
+                    general_mat_mul(
+                        T::one(),
+                        &self.group_weight(b.params[0], &d, g).t(),
+                        &goutv,
+                        T::zero(),
+                        &mut gcolm,
+                    );
+                    let gxs = gx.as_slice_mut().expect("fresh array");
+                    self.col2im(&gcol[..d.k * cols], &d, g, s0, nb, gxs);
+                }
+            }
+        }
+        if self.bias {
+            for (a, v) in gp[1].iter_mut().zip(gbias) {
+                *a += v;
+            }
+        }
+        vec![gx]
+    }
+
+    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
+        let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
+            return 0;
+        };
+        let k = (self.in_channels / self.groups) * self.window.kernel[0] * self.window.kernel[1];
+        (out.iter().product::<usize>() * k) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::gradcheck::check_layer;
+
+    /// `Conv2d(cin, cout, k, stride, pad, dil, groups, bias)` with `[cin, cout, groups]`.
+    fn conv(
+        [cin, cout, groups]: [usize; 3],
+        k: [usize; 2],
+        stride: [usize; 2],
+        pad: Padding,
+        dil: [usize; 2],
+        bias: bool,
+    ) -> Conv2d {
+        Conv2d {
+            in_channels: cin,
+            out_channels: cout,
+            groups,
+            bias,
+            window: Window2d::conv(Pair(k), Pair(stride), Pair(dil), pad),
+        }
+    }
+
+    fn p(a: usize, b: usize) -> Padding {
+        Padding::Explicit(Pair([a, b]))
+    }
+
+    #[test]
+    fn conv_gradients_match_finite_differences() {
+        // Plain, no padding.
+        check_layer(
+            &conv([2, 3, 1], [3, 3], [1, 1], p(0, 0), [1, 1], true),
+            &[vec![2, 5, 5]],
+            2,
+        );
+        // Padding, rectangular kernel, no bias.
+        check_layer(
+            &conv([2, 2, 1], [3, 2], [1, 1], p(1, 2), [1, 1], false),
+            &[vec![2, 4, 5]],
+            2,
+        );
+        // Stride 2 (and uneven coverage of the input).
+        check_layer(
+            &conv([3, 4, 1], [3, 3], [2, 2], p(1, 1), [1, 1], true),
+            &[vec![3, 6, 7]],
+            2,
+        );
+        // Different strides per axis.
+        check_layer(
+            &conv([1, 2, 1], [2, 3], [2, 3], p(0, 1), [1, 1], true),
+            &[vec![1, 7, 8]],
+            3,
+        );
+        // Dilation.
+        check_layer(
+            &conv([2, 3, 1], [3, 3], [1, 1], p(2, 1), [2, 1], true),
+            &[vec![2, 6, 6]],
+            2,
+        );
+        // Groups (4 → 6 channels in 2 groups) and depthwise (groups = channels).
+        check_layer(
+            &conv([4, 6, 2], [3, 3], [1, 1], p(1, 1), [1, 1], true),
+            &[vec![4, 5, 5]],
+            2,
+        );
+        check_layer(
+            &conv([3, 3, 3], [2, 2], [1, 1], p(0, 0), [1, 1], true),
+            &[vec![3, 4, 4]],
+            2,
+        );
+        // "same" with an even kernel and dilation: asymmetric padding.
+        check_layer(
+            &conv([2, 2, 1], [4, 2], [1, 1], Padding::Same, [1, 3], true),
+            &[vec![2, 6, 7]],
+            2,
+        );
+        // 1×1 convolution, and a kernel as large as the padded input.
+        check_layer(
+            &conv([3, 2, 1], [1, 1], [1, 1], Padding::Valid, [1, 1], true),
+            &[vec![3, 3, 3]],
+            2,
+        );
+        check_layer(
+            &conv([1, 2, 1], [5, 5], [1, 1], p(1, 1), [1, 1], true),
+            &[vec![1, 3, 3]],
+            2,
+        );
+    }
+
+    #[test]
+    fn blocks_of_samples_give_the_same_result() {
+        // More samples than one GEMM block holds (1024 columns / 9 pixels = 113 per block).
+        check_layer(
+            &conv([1, 2, 1], [3, 3], [2, 2], p(1, 1), [1, 1], true),
+            &[vec![1, 5, 5]],
+            120,
+        );
+    }
+
+    #[test]
+    fn same_padding_follows_pytorch() {
+        // F.conv2d(x, w, padding="same", dilation=(2, 1)) with x = arange(30).reshape(1, 1, 5, 6)
+        // and a 2×4 kernel that is 1 at [0, 0] and 0 elsewhere: total padding 2 rows (1 + 1)
+        // and 3 columns (1 before, 2 after).
+        let c = conv([1, 1, 1], [2, 4], [1, 1], Padding::Same, [2, 1], false);
+        assert_eq!(c.window.pad_begin, [1, 1]);
+        assert_eq!(c.window.pad_end, [1, 2]);
+        let mut w = [0.0f64; 8];
+        w[0] = 1.0;
+        let x = ndarray::Array::from_shape_fn((1, 1, 5, 6), |(_, _, i, j)| (6 * i + j) as f64)
+            .into_dyn();
+        let y = c.forward(&[&w], &[x.view()], &mut Saved::None);
+        #[rustfmt::skip]
+        let want = [
+            0., 0., 0., 0., 0., 0.,
+            0., 0., 1., 2., 3., 4.,
+            0., 6., 7., 8., 9., 10.,
+            0., 12., 13., 14., 15., 16.,
+            0., 18., 19., 20., 21., 22.,
+        ];
+        assert_eq!(y.shape(), &[1, 1, 5, 6]);
+        assert_eq!(y.as_slice().unwrap(), &want);
+    }
+
+    #[test]
+    fn grouped_weight_layout_matches_pytorch() {
+        // Conv2d(2, 4, 1, groups=2, bias=False): output channels 0,1 read input channel 0 and
+        // 2,3 read channel 1; weight [4, 1, 1, 1].
+        let c = conv([2, 4, 2], [1, 1], [1, 1], p(0, 0), [1, 1], false);
+        let w = [1.0f64, 2.0, 3.0, 4.0];
+        let x = ndarray::Array::from_shape_vec((1, 2, 1, 1), vec![10.0, 100.0])
+            .unwrap()
+            .into_dyn();
+        let y = c.forward(&[&w], &[x.view()], &mut Saved::None);
+        assert_eq!(y.as_slice().unwrap(), &[10.0, 20.0, 300.0, 400.0]);
+    }
+
+    #[test]
+    fn shape_errors_are_explained() {
+        let c = conv([3, 8, 1], [5, 5], [1, 1], p(0, 0), [1, 1], true);
+        let e = <Conv2d as Layer<f32>>::out_shape(&c, &[vec![1, 28, 28]]).unwrap_err();
+        assert!(
+            e.contains("in_channels = 3") && e.contains("1 channel "),
+            "{e}"
+        );
+        let e = <Conv2d as Layer<f32>>::out_shape(&c, &[vec![3, 4, 4]]).unwrap_err();
+        assert!(e.contains("5×5 window") && e.contains("4×4 input"), "{e}");
+        let e = <Conv2d as Layer<f32>>::out_shape(&c, &[vec![28, 28]]).unwrap_err();
+        assert!(e.contains("model.input_shape = [1, height, width]"), "{e}");
+        let e = <Conv2d as Layer<f32>>::out_shape(&c, &[vec![784]]).unwrap_err();
+        assert!(e.contains("[channels, height, width]"), "{e}");
+        // Padding so large that the padded size overflows is refused, not wrapped.
+        let huge = Conv2d {
+            window: Window2d::new(
+                [3, 3],
+                [1, 1],
+                [1, 1],
+                [usize::MAX / 2; 2],
+                [usize::MAX / 2; 2],
+            ),
+            ..c.clone()
+        };
+        let e = <Conv2d as Layer<f32>>::out_shape(&huge, &[vec![3, 9, 7]]).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
+        assert_eq!(
+            <Conv2d as Layer<f32>>::out_shape(&c, &[vec![3, 9, 7]]).unwrap(),
+            vec![8, 5, 3]
+        );
+    }
+
+    /// A whole CNN through `Model` (graph, parameter naming, input gradients between layers,
+    /// none for the data) against central differences of its summed loss, in f64.
+    #[test]
+    fn small_cnn_model_gradient_matches_finite_differences() {
+        use crate::net::{Model, TargetsView, gradcheck::Rng};
+        let src = r#"
+[[layers]]
+name = "c1"
+type = "conv2d"
+in_channels = 2
+out_channels = 4
+kernel_size = 3
+padding = "same"
+[[layers]]
+type = "relu"
+[[layers]]
+type = "max_pool2d"
+kernel_size = 2
+[[layers]]
+name = "c2"
+type = "conv2d"
+in_channels = 4
+out_channels = 6
+kernel_size = [3, 2]
+stride = 2
+padding = 1
+groups = 2
+[[layers]]
+type = "avg_pool2d"
+kernel_size = 2
+stride = 1
+padding = 1
+count_include_pad = false
+[[layers]]
+type = "flatten"
+[[layers]]
+name = "fc"
+type = "linear"
+in_features = 54
+out_features = 3
+[loss]
+type = "cross_entropy"
+[data]
+train = "unused"
+"#;
+        let spec = crate::spec::Spec::parse(src, std::path::Path::new("t.toml")).unwrap();
+        let m: Model<f64> = Model::build(&spec, &[2, 6, 5]).unwrap();
+        let names: Vec<_> = m
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("c1.weight", vec![4, 2, 3, 3]),
+                ("c1.bias", vec![4]),
+                ("c2.weight", vec![6, 2, 3, 2]),
+                ("c2.bias", vec![6]),
+                ("fc.weight", vec![3, 54]),
+                ("fc.bias", vec![3]),
+            ]
+        );
+        assert_eq!(m.output_shape(), &[3]);
+        let mut rng = Rng::new(11);
+        let theta: Vec<Vec<f64>> = m
+            .params
+            .iter()
+            .map(|p| rng.array(&p.shape).into_raw_vec_and_offset().0)
+            .collect();
+        let x = rng.array(&[3, 2, 6, 5]).mapv(|v| v as f32);
+        let y = [0u32, 2, 1];
+        let f = |th: &[Vec<f64>]| {
+            let mut g: Vec<Vec<f64>> = th.iter().map(|t| vec![0.0; t.len()]).collect();
+            m.chunk_loss_grad(th, x.view(), TargetsView::Classes(&y), &mut g)
+                .0
+        };
+        let mut g: Vec<Vec<f64>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+        m.chunk_loss_grad(&theta, x.view(), TargetsView::Classes(&y), &mut g);
+        let h = 1e-6;
+        for (pi, gp) in g.iter().enumerate() {
+            for k in 0..gp.len() {
+                let mut p = theta.clone();
+                p[pi][k] += h;
+                let mut q = theta.clone();
+                q[pi][k] -= h;
+                let fd = (f(&p) - f(&q)) / (2.0 * h);
+                assert!(
+                    (fd - gp[k]).abs() < 1e-7 * (1.0 + fd.abs()),
+                    "{} [{k}]: fd {fd} vs {}",
+                    m.params[pi].name,
+                    gp[k]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn valid_outputs_cover_exactly_the_in_range_taps() {
+        for &(k, s, dil, pb, pe, n) in &[
+            (3, 1, 1, 1, 1, 5),
+            (3, 2, 1, 1, 1, 6),
+            (4, 3, 2, 2, 3, 9),
+            (2, 1, 1, 0, 0, 2),
+            (5, 1, 1, 1, 1, 3),
+        ] {
+            let w = Window2d::new([k, k], [s, s], [dil, dil], [pb, pb], [pe, pe]);
+            let out = w.out_len(0, n).unwrap();
+            for tap in 0..k {
+                let (lo, hi) = w.valid_outputs(0, tap, n, out);
+                for o in 0..out {
+                    let pos = w.input_pos(0, o, tap);
+                    let inside = pos >= 0 && (pos as usize) < n;
+                    assert_eq!(
+                        inside,
+                        (lo..hi).contains(&o),
+                        "k{k} s{s} d{dil} pad{pb}+{pe} n{n} tap{tap} o{o}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! Pooling on NCHW batches, with PyTorch's semantics (no ceil mode):
+//!
+//! - [`MaxPool2d`]: padding counts as −∞. The gradient goes to the arg-max of each window,
+//!   chosen as PyTorch's CPU kernel does: the first maximum in scan order (row by row), and a
+//!   NaN wins over any number (the last NaN of the window). Backward repeats the scan instead
+//!   of storing indices.
+//! - [`AvgPool2d`]: with `count_include_pad` (PyTorch's default) every window divides by
+//!   `kh·kw`; without, by the number of its taps inside the input; `divisor_override` replaces
+//!   both.
+//! - [`AdaptiveAvgPool2d`]: PyTorch's adaptive windows `⌊i·H/oh⌋ .. ⌈(i+1)·H/oh⌉`; with
+//!   `flatten` (the spec's `global_avg_pool`) a 1×1 output is returned as `[C]`.
+//!
+//! ```
+//! use lca::net::{conv::Window2d, pool::MaxPool2d, Layer, Saved};
+//! use ndarray::{Array4, ArrayD};
+//! let pool = MaxPool2d { window: Window2d::new([2, 2], [2, 2], [1, 1], [0, 0], [0, 0]) };
+//! let x: ArrayD<f32> = Array4::from_shape_fn((1, 1, 2, 4), |(_, _, i, j)| (4 * i + j) as f32).into_dyn();
+//! assert_eq!(<MaxPool2d as Layer<f32>>::out_shape(&pool, &[vec![1, 2, 4]]).unwrap(), vec![1, 1, 2]);
+//! let y = pool.forward(&[], &[x.view()], &mut Saved::None);
+//! assert_eq!(y.as_slice().unwrap(), &[5.0, 7.0]);
+//! ```
+
+use super::conv::{Window2d, chw};
+use super::{Backward, Layer, Real, Saved};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+/// Number of planes (samples × channels) and their (height, width) in an NCHW batch.
+fn planes<T>(x: &ArrayViewD<T>) -> (usize, [usize; 2]) {
+    let s = x.shape();
+    (s[0] * s[1], [s[2], s[3]])
+}
+
+/// `nn.MaxPool2d`.
+#[derive(Debug, Clone)]
+pub struct MaxPool2d {
+    pub window: Window2d,
+}
+
+/// The in-range taps of every output position along axis `a` of a window, as input offsets
+/// times `scale` (the row length for rows, 1 for columns).
+fn taps(win: &Window2d, a: usize, n: usize, out: usize, scale: usize) -> Vec<Vec<usize>> {
+    (0..out)
+        .map(|o| {
+            (0..win.kernel[a])
+                .filter_map(|k| {
+                    let p = win.input_pos(a, o, k);
+                    (p >= 0 && (p as usize) < n).then_some(p as usize * scale)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+impl MaxPool2d {
+    /// Calls `f(output index, input index of its maximum)` for every output of the batch `xs`
+    /// (`np` planes of `hw`). The maximum is PyTorch's choice: its CPU kernel starts from −∞ at
+    /// the window's first in-range tap and moves on `v > max || isnan(v)` in scan order (row by
+    /// row), so the first maximum wins, and the last NaN. A whole output row is updated tap by
+    /// tap, which keeps the per-output comparisons independent (no branch, no serial chain).
+    fn scan<T: Real>(&self, xs: &[T], np: usize, hw: [usize; 2], mut f: impl FnMut(usize, usize)) {
+        let win = &self.window;
+        let [oh, ow] = win.out_checked(hw[0], hw[1]);
+        let rows = taps(win, 0, hw[0], oh, hw[1]);
+        let cols = taps(win, 1, hw[1], ow, 1);
+        // Per column tap kj: the outputs whose tap is in range, and the input column of output 0.
+        let col_taps: Vec<((usize, usize), isize)> = (0..win.kernel[1])
+            .map(|kj| (win.valid_outputs(1, kj, hw[1], ow), win.input_pos(1, 0, kj)))
+            .collect();
+        let sw = win.stride[1];
+        let size = hw[0] * hw[1];
+        let mut best = vec![T::zero(); ow];
+        let mut at = vec![0usize; ow];
+        let mut o = 0;
+        for p in 0..np {
+            let plane = &xs[p * size..][..size];
+            for r in &rows {
+                best.fill(T::neg_infinity());
+                for (a, c) in at.iter_mut().zip(&cols) {
+                    *a = r[0] + c[0];
+                }
+                for &ry in r {
+                    for &((lo, hi), ix0) in &col_taps {
+                        for ox in lo..hi {
+                            let i = ry + (ix0 + (ox * sw) as isize) as usize;
+                            let v = plane[i];
+                            let better = (v > best[ox]) | v.is_nan();
+                            best[ox] = if better { v } else { best[ox] };
+                            at[ox] = if better { i } else { at[ox] };
+                        }
+                    }
+                }
+                for &a in &at {
+                    f(o, p * size + a);
+                    o += 1;
+                }
+            }
+        }
+    }
+}
+
+impl<T: Real> Layer<T> for MaxPool2d {
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let out = pooled_shape(&self.window, inputs)?;
+        let s = &inputs[0];
+        for (a, n) in [(0, s[1]), (1, s[2])] {
+            if taps(&self.window, a, n, out[a + 1], 1)
+                .iter()
+                .any(|t| t.is_empty())
+            {
+                return Err(format!(
+                    "a {} window would lie entirely in the padding of the {}×{} input",
+                    ["row", "column"][a],
+                    s[1],
+                    s[2]
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+        let x = inputs[0].as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        let (np, hw) = planes(&x.view());
+        let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
+        let mut y = ArrayD::<T>::zeros(IxDyn(&[x.shape()[0], x.shape()[1], oh, ow]));
+        let ys = y.as_slice_mut().expect("fresh array");
+        self.scan(xs, np, hw, |o, i| ys[o] = xs[i]);
+        y
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        if !b.need_input_grad[0] {
+            return vec![None];
+        }
+        let x = b.inputs[0].as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        let gy = b.grad_out.as_standard_layout();
+        let gys = gy.as_slice().expect("standard layout");
+        let (np, hw) = planes(&x.view());
+        let mut gx = ArrayD::<T>::zeros(x.shape());
+        let gxs = gx.as_slice_mut().expect("fresh array");
+        self.scan(xs, np, hw, |o, i| gxs[i] += gys[o]);
+        vec![Some(gx)]
+    }
+}
+
+/// `[C, H, W]` → `[C, oh, ow]` for a window, or why not.
+fn pooled_shape(win: &Window2d, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+    let [s] = inputs else {
+        return Err(format!("takes 1 input, got {}", inputs.len()));
+    };
+    let [c, h, w] = chw(s)?;
+    let [oh, ow] = win.out_hw(h, w)?;
+    Ok(vec![c, oh, ow])
+}
+
+/// Average pools as their windows: output (oy, ox) is the sum of input rows `y0..y1` and
+/// columns `x0..x1` divided by a divisor. Forward and backward are shared.
+trait AvgWindows {
+    /// Output (height, width) for an input of `hw`.
+    fn out(&self, hw: [usize; 2]) -> [usize; 2];
+    /// `[y0, y1, x0, x1]` and the divisor of output (oy, ox).
+    fn window(&self, hw: [usize; 2], oy: usize, ox: usize) -> ([usize; 4], usize);
+}
+
+/// Average-pool forward; `shape` is the output's shape (batch and channel axes first).
+fn avg_forward<T: Real>(pool: &impl AvgWindows, x: &ArrayViewD<T>, shape: &[usize]) -> ArrayD<T> {
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let (np, hw) = planes(&x.view());
+    let [oh, ow] = pool.out(hw);
+    let mut y = ArrayD::<T>::zeros(IxDyn(shape));
+    let ys = y.as_slice_mut().expect("fresh array");
+    let size = hw[0] * hw[1];
+    for p in 0..np {
+        let plane = &xs[p * size..][..size];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let ([y0, y1, x0, x1], div) = pool.window(hw, oy, ox);
+                let mut acc = T::zero();
+                for iy in y0..y1 {
+                    acc += plane[iy * hw[1] + x0..iy * hw[1] + x1]
+                        .iter()
+                        .copied()
+                        .sum::<T>();
+                }
+                ys[(p * oh + oy) * ow + ox] = acc / T::of(div as f64);
+            }
+        }
+    }
+    y
+}
+
+/// Average-pool backward: each output's gradient, divided by its divisor, to its window.
+fn avg_backward<T: Real>(pool: &impl AvgWindows, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+    if !b.need_input_grad[0] {
+        return vec![None];
+    }
+    let gy = b.grad_out.as_standard_layout();
+    let gys = gy.as_slice().expect("standard layout");
+    let x = &b.inputs[0];
+    let (np, hw) = planes(x);
+    let [oh, ow] = pool.out(hw);
+    let mut gx = ArrayD::<T>::zeros(x.shape());
+    let gxs = gx.as_slice_mut().expect("fresh array");
+    let size = hw[0] * hw[1];
+    for p in 0..np {
+        let gplane = &mut gxs[p * size..][..size];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let ([y0, y1, x0, x1], div) = pool.window(hw, oy, ox);
+                let g = gys[(p * oh + oy) * ow + ox] / T::of(div as f64);
+                for iy in y0..y1 {
+                    for v in &mut gplane[iy * hw[1] + x0..iy * hw[1] + x1] {
+                        *v += g;
+                    }
+                }
+            }
+        }
+    }
+    vec![Some(gx)]
+}
+
+/// `nn.AvgPool2d` (the window has no dilation).
+#[derive(Debug, Clone)]
+pub struct AvgPool2d {
+    pub window: Window2d,
+    pub count_include_pad: bool,
+    pub divisor_override: Option<usize>,
+}
+
+impl AvgWindows for AvgPool2d {
+    fn out(&self, hw: [usize; 2]) -> [usize; 2] {
+        self.window.out_checked(hw[0], hw[1])
+    }
+
+    #[inline]
+    fn window(&self, hw: [usize; 2], oy: usize, ox: usize) -> ([usize; 4], usize) {
+        let win = &self.window;
+        let span = |a: usize, o: usize, n: usize| {
+            let start = (o * win.stride[a]) as isize - win.pad_begin[a] as isize;
+            // PyTorch clips the window to the padded input before counting it...
+            let end = (start + win.kernel[a] as isize).min((n + win.pad_end[a]) as isize);
+            let padded = (end - start) as usize;
+            // ...then to the input itself.
+            let (lo, hi) = (start.max(0) as usize, (end.max(0) as usize).min(n));
+            (lo, hi.max(lo), padded)
+        };
+        let (y0, y1, ph) = span(0, oy, hw[0]);
+        let (x0, x1, pw) = span(1, ox, hw[1]);
+        let divisor = match self.divisor_override {
+            Some(d) => d,
+            None if self.count_include_pad => ph * pw,
+            None => (y1 - y0) * (x1 - x0),
+        };
+        ([y0, y1, x0, x1], divisor)
+    }
+}
+
+impl<T: Real> Layer<T> for AvgPool2d {
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        pooled_shape(&self.window, inputs)
+    }
+
+    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+        let s = inputs[0].shape();
+        let [oh, ow] = self.out([s[2], s[3]]);
+        avg_forward(self, &inputs[0], &[s[0], s[1], oh, ow])
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        avg_backward(self, b)
+    }
+}
+
+/// `nn.AdaptiveAvgPool2d(output_size)`; with `flatten`, a 1×1 output is returned as `[C]`
+/// (the spec's `global_avg_pool`).
+#[derive(Debug, Clone)]
+pub struct AdaptiveAvgPool2d {
+    pub output_size: [usize; 2],
+    pub flatten: bool,
+}
+
+impl AvgWindows for AdaptiveAvgPool2d {
+    fn out(&self, _hw: [usize; 2]) -> [usize; 2] {
+        self.output_size
+    }
+
+    /// PyTorch's adaptive windows: `⌊i·n/out⌋ .. ⌈(i+1)·n/out⌉` along each axis.
+    #[inline]
+    fn window(&self, hw: [usize; 2], oy: usize, ox: usize) -> ([usize; 4], usize) {
+        let [oh, ow] = self.output_size;
+        let (y0, y1) = (oy * hw[0] / oh, ((oy + 1) * hw[0]).div_ceil(oh));
+        let (x0, x1) = (ox * hw[1] / ow, ((ox + 1) * hw[1]).div_ceil(ow));
+        ([y0, y1, x0, x1], (y1 - y0) * (x1 - x0))
+    }
+}
+
+impl<T: Real> Layer<T> for AdaptiveAvgPool2d {
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = inputs else {
+            return Err(format!("takes 1 input, got {}", inputs.len()));
+        };
+        let [c, h, w] = chw(s)?;
+        if h == 0 || w == 0 {
+            return Err(format!("cannot average an empty {h}×{w} input"));
+        }
+        Ok(if self.flatten {
+            vec![c]
+        } else {
+            vec![c, self.output_size[0], self.output_size[1]]
+        })
+    }
+
+    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+        let mut shape = inputs[0].shape()[..2].to_vec();
+        if !self.flatten {
+            shape.extend(self.output_size);
+        }
+        avg_forward(self, &inputs[0], &shape)
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        avg_backward(self, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::gradcheck::check_layer;
+    use ndarray::Array;
+
+    fn win(k: [usize; 2], s: [usize; 2], d: [usize; 2], p: [usize; 2]) -> Window2d {
+        Window2d::new(k, s, d, p, p)
+    }
+
+    /// Random inputs are tie-free; padding, stride, dilation and overlap are exercised.
+    #[test]
+    fn max_pool_gradients_match_finite_differences() {
+        for w in [
+            win([2, 2], [2, 2], [1, 1], [0, 0]),
+            win([3, 3], [2, 2], [1, 1], [1, 1]),
+            win([3, 2], [1, 2], [1, 1], [1, 0]),
+            win([2, 2], [1, 1], [2, 2], [1, 1]),
+            win([3, 3], [3, 3], [1, 1], [1, 1]),
+        ] {
+            check_layer(&MaxPool2d { window: w }, &[vec![2, 6, 7]], 2);
+        }
+    }
+
+    #[test]
+    fn max_pool_ties_go_to_the_first_maximum_like_pytorch() {
+        // x = [[1,2,2,0],[2,1,0,2],[3,3,1,1],[3,3,1,1]]; F.max_pool2d(x, 2, return_indices=True)
+        // gives indices [[1, 2], [8, 10]], and max_pool2d(x, 2).sum().backward() puts 1 there.
+        let x = Array::from_shape_vec(
+            (1, 1, 4, 4),
+            vec![
+                1., 2., 2., 0., 2., 1., 0., 2., 3., 3., 1., 1., 3., 3., 1., 1.,
+            ],
+        )
+        .unwrap()
+        .into_dyn();
+        let pool = MaxPool2d {
+            window: win([2, 2], [2, 2], [1, 1], [0, 0]),
+        };
+        let y = pool.forward(&[], &[x.view()], &mut Saved::None);
+        assert_eq!(y.as_slice().unwrap(), &[2.0, 2.0, 3.0, 1.0]);
+        let g = ArrayD::from_elem(IxDyn(&[1, 1, 2, 2]), 1.0f64);
+        let gx = pool.backward(Backward {
+            params: &[],
+            inputs: &[x.view()],
+            output: y.view(),
+            saved: &Saved::None,
+            grad_out: g.view(),
+            grad_params: vec![],
+            need_input_grad: &[true],
+        });
+        let gx = gx[0].as_ref().unwrap();
+        let hot: Vec<usize> = gx
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(hot, vec![1, 2, 8, 10]);
+        assert!(gx.iter().all(|&v| v == 0.0 || v == 1.0));
+    }
+
+    /// Input index of the maximum of every output (one sample, one channel).
+    fn argmaxes(pool: &MaxPool2d, x: &[f64], hw: [usize; 2]) -> Vec<usize> {
+        let mut at = Vec::new();
+        pool.scan(x, 1, hw, |o, i| {
+            assert_eq!(o, at.len());
+            at.push(i)
+        });
+        at
+    }
+
+    #[test]
+    fn max_pool_nan_and_padding_follow_pytorch() {
+        // F.max_pool2d(tensor([[[[nan, 2, nan, 5]]]]), (1, 4), return_indices=True) → nan at 2.
+        let pool = MaxPool2d {
+            window: win([1, 4], [1, 4], [1, 1], [0, 0]),
+        };
+        assert_eq!(
+            argmaxes(&pool, &[f64::NAN, 2.0, f64::NAN, 5.0], [1, 4]),
+            vec![2]
+        );
+        // Padding is −∞: an all-negative input still gives its own values.
+        // F.max_pool2d(-ones(1,1,3,3), 2, stride=2, padding=1, return_indices=True) → indices 0,1,3,4.
+        let pool = MaxPool2d {
+            window: win([2, 2], [2, 2], [1, 1], [1, 1]),
+        };
+        let x = ArrayD::from_elem(IxDyn(&[1, 1, 3, 3]), -1.0f64);
+        let y = pool.forward(&[], &[x.view()], &mut Saved::None);
+        assert_eq!(y.as_slice().unwrap(), &[-1.0; 4]);
+        assert_eq!(
+            argmaxes(&pool, x.as_slice().unwrap(), [3, 3]),
+            vec![0, 1, 3, 4]
+        );
+        // A dilated window whose taps all fall in the padding is refused at build time.
+        let pool = MaxPool2d {
+            window: win([2, 2], [1, 1], [3, 3], [2, 2]),
+        };
+        let e = <MaxPool2d as Layer<f32>>::out_shape(&pool, &[vec![1, 1, 1]]).unwrap_err();
+        assert!(e.contains("entirely in the padding"), "{e}");
+    }
+
+    #[test]
+    fn avg_pool_gradients_match_finite_differences() {
+        for (w, include, over) in [
+            (win([2, 2], [2, 2], [1, 1], [0, 0]), true, None),
+            (win([3, 3], [2, 2], [1, 1], [1, 1]), true, None),
+            (win([3, 3], [2, 2], [1, 1], [1, 1]), false, None),
+            (win([3, 2], [1, 1], [1, 1], [1, 1]), false, None),
+            (win([2, 3], [2, 1], [1, 1], [1, 1]), true, Some(5)),
+        ] {
+            let l = AvgPool2d {
+                window: w,
+                count_include_pad: include,
+                divisor_override: over,
+            };
+            check_layer(&l, &[vec![2, 5, 6]], 2);
+        }
+    }
+
+    #[test]
+    fn avg_pool_divisors_follow_pytorch() {
+        // F.avg_pool2d(arange(16.).reshape(1,1,4,4), 3, stride=2, padding=1,
+        //              count_include_pad=...): True → [[10/9, 24/9], [51/9, 90/9]]
+        // (PyTorch: 1.1111, 2.6667, 5.6667, 10.0); False → [[2.5, 4.0], [8.5, 10.0]].
+        let x = Array::from_shape_fn((1, 1, 4, 4), |(_, _, i, j)| (4 * i + j) as f64).into_dyn();
+        let mk = |include| AvgPool2d {
+            window: win([3, 3], [2, 2], [1, 1], [1, 1]),
+            count_include_pad: include,
+            divisor_override: None,
+        };
+        let y = mk(true).forward(&[], &[x.view()], &mut Saved::None);
+        let want = [10.0 / 9.0, 24.0 / 9.0, 51.0 / 9.0, 10.0];
+        assert!(
+            y.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12),
+            "{y}"
+        );
+        let y = mk(false).forward(&[], &[x.view()], &mut Saved::None);
+        assert_eq!(y.as_slice().unwrap(), &[2.5, 4.0, 8.5, 10.0]);
+    }
+
+    #[test]
+    fn adaptive_and_global_avg_pool() {
+        for (out, flatten) in [
+            ([1, 1], false),
+            ([1, 1], true),
+            ([2, 3], false),
+            ([4, 4], false),
+        ] {
+            check_layer(
+                &AdaptiveAvgPool2d {
+                    output_size: out,
+                    flatten,
+                },
+                &[vec![2, 5, 7]],
+                2,
+            );
+        }
+        let g = AdaptiveAvgPool2d {
+            output_size: [1, 1],
+            flatten: true,
+        };
+        assert_eq!(
+            <AdaptiveAvgPool2d as Layer<f32>>::out_shape(&g, &[vec![10, 8, 8]]).unwrap(),
+            vec![10]
+        );
+        // F.adaptive_avg_pool2d(arange(5.).reshape(1,1,1,5), (1, 3)) → [0.5, 2.0, 3.5]
+        let a = AdaptiveAvgPool2d {
+            output_size: [1, 3],
+            flatten: false,
+        };
+        let x = Array::from_shape_fn((1, 1, 1, 5), |(_, _, _, j)| j as f64).into_dyn();
+        let y = a.forward(&[], &[x.view()], &mut Saved::None);
+        assert_eq!(y.as_slice().unwrap(), &[0.5, 2.0, 3.5]);
+    }
+
+    #[test]
+    fn pool_shapes_and_errors() {
+        let m = MaxPool2d {
+            window: win([2, 2], [2, 2], [1, 1], [0, 0]),
+        };
+        assert_eq!(
+            <MaxPool2d as Layer<f32>>::out_shape(&m, &[vec![20, 28, 28]]).unwrap(),
+            vec![20, 14, 14]
+        );
+        // Odd sizes are floored, as without ceil_mode.
+        assert_eq!(
+            <MaxPool2d as Layer<f32>>::out_shape(&m, &[vec![3, 7, 5]]).unwrap(),
+            vec![3, 3, 2]
+        );
+        let e = <MaxPool2d as Layer<f32>>::out_shape(&m, &[vec![3, 1, 5]]).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
+        let e = <MaxPool2d as Layer<f32>>::out_shape(&m, &[vec![64]]).unwrap_err();
+        assert!(e.contains("[channels, height, width]"), "{e}");
+    }
+}
