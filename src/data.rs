@@ -216,9 +216,21 @@ impl Dataset {
                 ((v * scale - mean[c]) / std[c]) as f32
             })
             .collect();
+        // The evaluator computes in f32: a value that preprocessing takes beyond its range is
+        // as unusable as a NaN in the file.
+        if let Some(i) = xs.iter().position(|v| !v.is_finite()) {
+            return Err(err(format!(
+                "'{}' sample {} (flat index {}) is {} after preprocessing (scale, mean, std): beyond the f32 range",
+                spec.x,
+                i / per,
+                i % per,
+                x.values[i]
+            )));
+        }
         let mut shape = vec![n];
         shape.extend(&sample_shape);
-        let xarr = ArrayD::from_shape_vec(IxDyn(&shape), xs).expect("sizes match");
+        let xarr = ArrayD::from_shape_vec(IxDyn(&shape), xs)
+            .map_err(|e| err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x)))?;
 
         let y_shape = y.shape[1..].to_vec();
         let targets = match loss {
@@ -257,9 +269,19 @@ impl Dataset {
                 }
                 let mut s = vec![n];
                 s.extend(&y_shape);
+                let vals: Vec<f32> = y.values.iter().map(|&v| v as f32).collect();
+                if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+                    let per_y: usize = y_shape.iter().product::<usize>().max(1);
+                    return Err(err(format!(
+                        "'{}' sample {} holds {}, beyond the f32 range",
+                        spec.y,
+                        i / per_y,
+                        y.values[i]
+                    )));
+                }
                 Targets::Values(
-                    ArrayD::from_shape_vec(IxDyn(&s), y.values.iter().map(|&v| v as f32).collect())
-                        .expect("sizes match"),
+                    ArrayD::from_shape_vec(IxDyn(&s), vals)
+                        .map_err(|e| err(format!("'{}' cannot take shape {s:?}: {e}", spec.y)))?,
                 )
             }
         };

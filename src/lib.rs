@@ -14,6 +14,8 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod interrupt;
+pub mod journal;
 pub mod lca;
 pub mod net;
 pub mod progress;

@@ -6,7 +6,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(2)
+            match e.downcast_ref::<lca::LcaError>() {
+                Some(lca::LcaError::Interrupted(_)) => {
+                    std::process::ExitCode::from(lca::interrupt::EXIT_STATUS)
+                }
+                _ => std::process::ExitCode::from(2),
+            }
         }
     }
 }

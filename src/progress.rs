@@ -36,6 +36,11 @@ impl Progress {
         self.bar.inc(1);
     }
 
+    /// `n` evaluations done (a resumed run starts part way).
+    pub fn advance(&self, n: u64) {
+        self.bar.inc(n);
+    }
+
     /// Grow the expected total (adaptive refinement added evaluations).
     pub fn add_length(&self, n: u64) {
         if n > 0 {

@@ -97,11 +97,46 @@ fn nan_in_checkpoint_names_tensor_and_index() {
         ],
         Some(2),
     );
+    // The NaN is met at the second step: the first is kept for --resume.
     fails_with(
         &t.run(&[]),
-        &["ckpt_2.safetensors", "'fc.weight'", "NaN", "flat index 5"],
+        &[
+            "ckpt_2.safetensors",
+            "'fc.weight'",
+            "NaN",
+            "flat index 5",
+            "1 of 2 steps are finished",
+            "--resume",
+        ],
     );
-    // Nothing half-written: the failed run leaves no output files behind.
+    // Nothing half-written: the failed run leaves no file under an output's name, only the
+    // hidden journal and temporary files.
+    let out = t.dir.path().join("out");
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|n| n.starts_with('.')),
+        "left behind: {left:?}"
+    );
+    // A NaN in the first checkpoint stops the run before any step: nothing is left at all.
+    let t = tiny();
+    let (mut w, b) = tiny_params(0);
+    w[0] = f32::NEG_INFINITY;
+    rewrite_ckpt(
+        &t,
+        0,
+        &[
+            T::f32("fc.weight", &[3, 4], &w),
+            T::f32("fc.bias", &[3], &b),
+        ],
+        Some(0),
+    );
+    let err = fails_with(&t.run(&[]), &["ckpt_0.safetensors", "-inf", "flat index 0"]);
+    assert!(!err.contains("--resume"), "{err}");
     let out = t.dir.path().join("out");
     let left: Vec<_> = std::fs::read_dir(&out)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
