@@ -301,6 +301,14 @@ pub fn describe(path: &Path) -> Result<CheckpointFile> {
     describe_header(path, len, hlen, &header)
 }
 
+/// Check that `bytes` form a valid safetensors file (the header checks of [`describe`],
+/// without looking for a step) and return its tensors.
+pub fn check_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderTensor>> {
+    let len = bytes.len() as u64;
+    let (hlen, header) = read_header_from(path, len, &mut &bytes[..])?;
+    check_header(path, len - 8 - hlen, &header)
+}
+
 /// [`describe`] a checkpoint held in memory; `path` names it in messages and may give the
 /// step.
 pub fn describe_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointFile> {

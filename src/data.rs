@@ -44,6 +44,11 @@ fn read_safetensors(path: &Path, bytes: &[u8], names: [&str; 2]) -> Result<[Raw;
         path: path.to_path_buf(),
         msg,
     };
+    // The same complete header check as for checkpoints, for messages that say what is wrong.
+    crate::checkpoint::check_bytes(path, bytes).map_err(|e| match e {
+        LcaError::Checkpoint { msg, .. } => err(format!("not a valid safetensors file: {msg}")),
+        other => other,
+    })?;
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let get = |name: &str| -> Result<Raw> {
@@ -123,6 +128,11 @@ impl Dataset {
             path: path.to_path_buf(),
             msg,
         };
+        if path.is_dir() {
+            return Err(err(
+                "is a directory, not a data file (.safetensors or .npz)".into(),
+            ));
+        }
         let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
         let sha256 = crate::tensors::sha256_hex(&bytes);
         let names = [spec.x.as_str(), spec.y.as_str()];
@@ -220,7 +230,7 @@ impl Dataset {
         // as unusable as a NaN in the file.
         if let Some(i) = xs.iter().position(|v| !v.is_finite()) {
             return Err(err(format!(
-                "'{}' sample {} (flat index {}) is {} after preprocessing (scale, mean, std): beyond the f32 range",
+                "'{}' sample {} (flat index {}) holds {:e}, beyond the f32 range after preprocessing (scale, mean, std)",
                 spec.x,
                 i / per,
                 i % per,
@@ -273,7 +283,7 @@ impl Dataset {
                 if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
                     let per_y: usize = y_shape.iter().product::<usize>().max(1);
                     return Err(err(format!(
-                        "'{}' sample {} holds {}, beyond the f32 range",
+                        "'{}' sample {} holds {:e}, beyond the f32 range",
                         spec.y,
                         i / per_y,
                         y.values[i]

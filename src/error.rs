@@ -31,12 +31,12 @@ pub enum LcaError {
     /// An output directory or file is unusable.
     #[error("{}: {msg}", path.display())]
     Output { path: PathBuf, msg: String },
-    /// I/O failure on a named path.
-    #[error("{}: {source}", path.display())]
+    /// I/O failure on a named path. (The I/O error is part of the message, not a separate
+    /// `source`, so that `{:#}` does not print it twice.)
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Invalid command-line usage detected by the library.
     #[error("{0}")]
@@ -54,7 +54,7 @@ impl LcaError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         LcaError::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }
