@@ -255,7 +255,7 @@ pub fn fails_with(o: &std::process::Output, needles: &[&str]) -> String {
 /// build files the library would refuse to write.
 pub fn write_raw_st(path: &Path, header: &Value, data: &[u8]) {
     let mut h = serde_json::to_vec(header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
