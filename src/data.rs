@@ -328,8 +328,12 @@ impl Dataset {
         match (&self.targets, loss) {
             (Targets::Classes { ids, per_sample }, LossKind::CrossEntropy) => {
                 let (k, lead) = match out_shape.split_last() {
-                    Some((k, lead)) => (*k, lead),
-                    None => return Err(err("the model output has no class axis".into())),
+                    Some((k, lead)) if *k > 0 => (*k, lead),
+                    _ => {
+                        return Err(err(format!(
+                            "the model output {out_shape:?} has no class axis with at least one class"
+                        )));
+                    }
                 };
                 let rows: usize = lead.iter().product::<usize>().max(1);
                 if rows != *per_sample {

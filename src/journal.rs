@@ -119,11 +119,12 @@ impl Manifest {
                 d.push(format!("{name} was {then}, now {now}"));
             }
         };
-        opt(
-            "--method",
-            format!("{:?}", a.method),
-            format!("{:?}", b.method),
-        );
+        let method = |m: crate::lca::Method| {
+            use clap::ValueEnum;
+            m.to_possible_value()
+                .map_or_else(|| format!("{m:?}"), |v| v.get_name().to_string())
+        };
+        opt("--method", method(a.method), method(b.method));
         opt(
             "adaptive refinement (--no-adaptive)",
             a.adaptive.to_string(),

@@ -229,7 +229,7 @@ fn changed_inputs_or_options_refuse_to_resume() {
     // Another option that changes the results.
     fails_with(
         &t.run_to(&out, &["--resume", "--method", "trapezoid"]),
-        &["cannot resume", "--method was Simpson, now Trapezoid"],
+        &["cannot resume", "--method was simpson, now trapezoid"],
     );
     fails_with(
         &t.run_to(&out, &["--resume", "--no-lca-tensors"]),
