@@ -65,8 +65,8 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> LcaError {
 type Header = serde_json::Map<String, serde_json::Value>;
 
 /// Read the 8-byte length and the JSON header from `r`, for a file of `len` bytes.
-/// Returns the header's length in bytes and its JSON object.
-fn read_header_from(path: &Path, len: u64, r: &mut dyn Read) -> Result<(u64, Header)> {
+/// Returns the header's length in bytes, its JSON object and its raw bytes.
+fn read_header_from(path: &Path, len: u64, r: &mut dyn Read) -> Result<(u64, Header, Vec<u8>)> {
     let mut n = [0u8; 8];
     r.read_exact(&mut n).map_err(|_| {
         ck_err(
@@ -86,11 +86,42 @@ fn read_header_from(path: &Path, len: u64, r: &mut dyn Read) -> Result<(u64, Hea
     let mut h = vec![0u8; hlen as usize];
     r.read_exact(&mut h)
         .map_err(|e| ck_err(path, format!("cannot read header: {e}")))?;
-    let v: serde_json::Value = serde_json::from_slice(&h)
+    let entries: Entries = serde_json::from_slice(&h)
         .map_err(|e| ck_err(path, format!("header is not valid JSON: {e}")))?;
-    match v {
-        serde_json::Value::Object(m) => Ok((hlen, m)),
-        _ => Err(ck_err(path, "header is not a JSON object")),
+    let mut m = Header::new();
+    for (k, v) in entries.0 {
+        if m.contains_key(&k) {
+            // serde_json would keep the last one, the safetensors library refuses the file.
+            return Err(ck_err(path, format!("header names '{k}' twice")));
+        }
+        m.insert(k, v);
+    }
+    Ok((hlen, m, h))
+}
+
+/// The entries of a JSON object in file order, duplicates included.
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = a.next_entry::<String, serde_json::Value>()? {
+                    v.push(e);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
@@ -99,7 +130,7 @@ fn read_header_from(path: &Path, len: u64, r: &mut dyn Read) -> Result<(u64, Hea
 pub fn read_header(path: &Path) -> Result<(u64, Header)> {
     let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
     let len = f.metadata().map_err(|e| LcaError::io(path, e))?.len();
-    let (_, h) = read_header_from(path, len, &mut f)?;
+    let (_, h, _) = read_header_from(path, len, &mut f)?;
     Ok((len, h))
 }
 
@@ -249,9 +280,24 @@ pub fn last_integer(stem: &str) -> Option<u64> {
     stem[start..end].parse().ok()
 }
 
-/// Build a [`CheckpointFile`] from a header already read: check it, find the step.
-fn describe_header(path: &Path, len: u64, hlen: u64, header: &Header) -> Result<CheckpointFile> {
-    let tensors = check_header(path, len - 8 - hlen, header)?;
+/// Read a header from `r` (a file of `len` bytes) and check it completely: first with the
+/// checks above, whose messages name what is wrong, then against the safetensors library's
+/// own reading of the header, so that a file accepted here is one it loads.
+fn read_checked(path: &Path, len: u64, r: &mut dyn Read) -> Result<(Header, Vec<HeaderTensor>)> {
+    let (hlen, header, raw) = read_header_from(path, len, r)?;
+    let tensors = check_header(path, len - 8 - hlen, &header)?;
+    serde_json::from_slice::<safetensors::tensor::Metadata>(&raw)
+        .map_err(|e| ck_err(path, format!("not a valid safetensors header: {e}")))?;
+    Ok((header, tensors))
+}
+
+/// Build a [`CheckpointFile`] from a checked header: find the step.
+fn describe_header(
+    path: &Path,
+    len: u64,
+    header: &Header,
+    tensors: Vec<HeaderTensor>,
+) -> Result<CheckpointFile> {
     let meta_step = header
         .get("__metadata__")
         .and_then(|m| m.get("step"))
@@ -297,24 +343,22 @@ pub fn describe(path: &Path) -> Result<CheckpointFile> {
         return Err(ck_err(path, "is not a regular file"));
     }
     let len = meta.len();
-    let (hlen, header) = read_header_from(path, len, &mut f)?;
-    describe_header(path, len, hlen, &header)
+    let (header, tensors) = read_checked(path, len, &mut f)?;
+    describe_header(path, len, &header, tensors)
 }
 
 /// Check that `bytes` form a valid safetensors file (the header checks of [`describe`],
 /// without looking for a step) and return its tensors.
 pub fn check_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderTensor>> {
-    let len = bytes.len() as u64;
-    let (hlen, header) = read_header_from(path, len, &mut &bytes[..])?;
-    check_header(path, len - 8 - hlen, &header)
+    Ok(read_checked(path, bytes.len() as u64, &mut &bytes[..])?.1)
 }
 
 /// [`describe`] a checkpoint held in memory; `path` names it in messages and may give the
 /// step.
 pub fn describe_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointFile> {
     let len = bytes.len() as u64;
-    let (hlen, header) = read_header_from(path, len, &mut &bytes[..])?;
-    describe_header(path, len, hlen, &header)
+    let (header, tensors) = read_checked(path, len, &mut &bytes[..])?;
+    describe_header(path, len, &header, tensors)
 }
 
 /// List the checkpoints of a directory, ordered by step.
@@ -472,6 +516,34 @@ pub fn load_bytes(file: &CheckpointFile, bytes: &[u8], params: &[ParamInfo]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raw(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn duplicate_names_and_fields_are_refused_like_safetensors_does() {
+        let p = Path::new("ckpt_3.safetensors");
+        let ok = r#"{"fc.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert_eq!(describe_bytes(p, &raw(ok, &[0; 8])).unwrap().step, 3);
+        // Found by the fuzzer: serde_json keeps the last of two equal keys, the safetensors
+        // library refuses the file.
+        let dup = r#"{"fc.bias":{"data_offsets":[0,8]},"fc.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let e = describe_bytes(p, &raw(dup, &[0; 8]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'fc.bias' twice"), "{e}");
+        let dup_field =
+            r#"{"fc.bias":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let e = describe_bytes(p, &raw(dup_field, &[0; 8]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid safetensors header"), "{e}");
+        assert!(e.contains("dtype"), "{e}");
+    }
 
     #[test]
     fn last_integer_of_names() {
