@@ -846,3 +846,21 @@ fn bad_numeric_options_are_named() {
     fails_with(&t.run(&["--rel-tolerance", "NaN"]), &["--rel-tolerance"]);
     fails_with(&t.run(&["--threads", "0"]), &["--threads"]);
 }
+
+#[test]
+fn header_naming_a_tensor_twice_is_reported() {
+    // JSON parsers disagree on repeated keys (most keep the last): refused, as the safetensors
+    // library does. Found by the checkpoint fuzz target.
+    let t = tiny();
+    let (w, b) = tiny_params(1);
+    let h = r#"{"fc.bias":{"dtype":"F32","shape":[3],"data_offsets":[48,60]},"fc.weight":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48]},"fc.bias":{"dtype":"F32","shape":[3],"data_offsets":[48,60]}}"#;
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(h.as_bytes());
+    bytes.extend(f32_bytes(&w));
+    bytes.extend(f32_bytes(&b));
+    std::fs::write(t.ckpts.join("ckpt_1.safetensors"), bytes).unwrap();
+    fails_with(
+        &t.run(&[]),
+        &["ckpt_1.safetensors", "header names 'fc.bias' twice"],
+    );
+}

@@ -411,3 +411,26 @@ fn checkpoint_appearing_during_the_run_is_reported() {
         "{warnings}"
     );
 }
+
+#[test]
+fn two_runs_never_write_into_one_directory() {
+    let t = tiny_n(6);
+    let out = t.dir.path().join("out");
+    let mut child = spawn_slow(&t.ckpts, &t.spec, &out, &["-q"], 200);
+    wait_for(&mut child, "the journal", || {
+        out.join(".lca-resume/manifest.json").is_file()
+    });
+    fails_with(
+        &t.run_to(&out, &[]),
+        &["out", "in use by another lca analyze"],
+    );
+    fails_with(
+        &t.run_to(&out, &["--resume"]),
+        &["in use by another lca analyze"],
+    );
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference = t.dir.path().join("ref");
+    assert!(t.run_to(&reference, &[]).status.success());
+    same_outputs(&reference, &out);
+}

@@ -73,6 +73,9 @@ pub struct OutDir {
     committed: bool,
     /// Leave the temporary files for `--resume` when dropped without commit.
     keep: bool,
+    /// The directory, opened and locked (advisory, exclusive) so that two runs never write
+    /// into it at once; released when dropped.
+    _lock: std::fs::File,
 }
 
 /// Name of the file that marks a directory as an lca output.
@@ -123,6 +126,7 @@ impl OutDir {
             finished_output: false,
             completed_commit: false,
         };
+        let mut lock = None;
         if dir.exists() || dir.is_symlink() {
             if !dir.is_dir() {
                 return Err(LcaError::Output {
@@ -155,6 +159,7 @@ impl OutDir {
                     ),
                 });
             }
+            lock = Some(lock_dir(dir)?);
             found.completed_commit = complete_commit(dir)?;
             found.finished_output = dir.join(SUMMARY_FILE).is_file();
         } else {
@@ -163,12 +168,17 @@ impl OutDir {
                 msg: format!("cannot create the output directory: {e}"),
             })?;
         }
+        let lock = match lock {
+            Some(l) => l,
+            None => lock_dir(dir)?,
+        };
         Ok((
             OutDir {
                 dir: dir.to_path_buf(),
                 pending: Vec::new(),
                 committed: false,
                 keep: false,
+                _lock: lock,
             },
             found,
         ))
@@ -240,6 +250,21 @@ impl OutDir {
         self.committed = true;
         complete_commit(&self.dir)?;
         Ok(self.pending.iter().map(|(_, f)| f.clone()).collect())
+    }
+}
+
+/// Open `dir` and take an exclusive advisory lock on it, or say that another run holds it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(dir).map_err(|e| LcaError::io(dir, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LcaError::Output {
+            path: dir.to_path_buf(),
+            msg: "is in use by another lca analyze (wait for it to finish, or choose another -o)"
+                .into(),
+        }),
+        // File systems without locks: go on unprotected rather than refuse to work.
+        Err(std::fs::TryLockError::Error(_)) => Ok(f),
     }
 }
 
