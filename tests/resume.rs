@@ -204,7 +204,8 @@ fn ctrl_c_stops_with_130_and_resume_completes() {
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted"), "{err}");
     assert!(err.contains("steps are finished and kept in"), "{err}");
-    assert!(err.contains("--resume"), "{err}");
+    assert!(err.contains("to continue: "), "{err}");
+    assert!(err.contains("--lca-dtype f64 --resume"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let kept = journaled_steps(&out);
     assert!((2..9).contains(&kept), "{kept}");
