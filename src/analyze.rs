@@ -845,6 +845,9 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         }
     };
 
+    // Set while a step is being handed to the exporters: if that fails, the streamed files
+    // may hold part of the step, so the journal keeps its last saved state.
+    let mut exporting = false;
     let steps = (|| -> Result<()> {
         for i in state.finished()..nsteps {
             if crate::interrupt::requested() {
@@ -920,9 +923,11 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
                 lca: &s.lca,
                 val_lca: val.as_ref().map(|v| v.lca.as_slice()),
             };
+            exporting = true;
             for e in exporters.iter_mut() {
                 e.step(&so)?;
             }
+            exporting = false;
             // The step is written: only now does it count as finished.
             accumulate(
                 &mut state.totals,
@@ -945,7 +950,7 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         return Err(stop(
             e,
             nsteps,
-            Some(&state),
+            (!exporting).then_some(&state),
             &mut journal,
             &mut exporters,
             &mut out,
