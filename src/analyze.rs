@@ -8,8 +8,9 @@ use crate::checkpoint::{self, CheckpointFile};
 use crate::data::Dataset;
 use crate::error::{LcaError, Result};
 use crate::eval::{Evaluator, LossGrad};
+use crate::journal::{Journal, Manifest, ManifestCheckpoint, RunState};
 use crate::lca::{Integration, difference, integrate_step, point};
-use crate::net::{LossKind, Model, Real};
+use crate::net::{LossKind, Model, ParamInfo, Real};
 use crate::progress::Progress;
 use crate::report::{
     CheckpointRef, DataInfo, Exporter, FileInfo, FileRef, GroupStep, GroupTotal, IntegrationInfo,
@@ -39,8 +40,22 @@ pub struct AnalyzeOptions {
     pub store: Option<StoreDtype>,
     /// Hide the progress bar.
     pub quiet: bool,
+    /// Continue the interrupted run whose journal is in `out` (see `docs/reliability.md`).
+    pub resume: bool,
     /// Arithmetic of the evaluator.
     pub precision: Precision,
+}
+
+/// Arithmetic of the evaluator.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 compute (as training), f64 accumulation: the default.
+    F32,
+    /// f64 throughout: slower; removes f32 rounding, e.g. where a ReLU sits at its kink.
+    F64,
 }
 
 /// Everything loaded before the first gradient: spec, data, model and checkpoint list.
@@ -52,6 +67,8 @@ pub struct Prepared {
     pub validation: Option<Dataset>,
     pub model: Model<f32>,
     pub files: Vec<CheckpointFile>,
+    /// Every checkpoint file found (selected or not) and its size when listed.
+    pub listed: Vec<(PathBuf, u64)>,
     /// Per parameter tensor: whether the L2 term applies to it (empty without one).
     pub l2_mask: Vec<bool>,
 }
@@ -96,10 +113,10 @@ pub fn prepare(
     let l2_mask = match &spec.regularization {
         None => Vec::new(),
         Some(r) => match &r.tensors {
-            None => model.params.iter().map(|p| !p.buffer).collect(),
+            None => vec![true; model.params.len()],
             Some(names) => {
                 for n in names {
-                    if !model.params.iter().any(|p| &p.name == n && !p.buffer) {
+                    if !model.params.iter().any(|p| &p.name == n) {
                         return Err(LcaError::Spec {
                             path: spec.path.clone(),
                             line: spec.line_of_key("regularization", "tensors"),
@@ -123,7 +140,9 @@ pub fn prepare(
             }
         },
     };
-    let files = checkpoint::select(checkpoint::scan(ckpt_dir)?, first, last, every)?;
+    let scanned = checkpoint::scan(ckpt_dir)?;
+    let listed = scanned.iter().map(|f| (f.path.clone(), f.len)).collect();
+    let files = checkpoint::select(scanned, first, last, every)?;
     if files.len() < 2 {
         return Err(LcaError::Checkpoint {
             path: ckpt_dir.to_path_buf(),
@@ -180,6 +199,7 @@ pub fn prepare(
         validation,
         model,
         files,
+        listed,
         l2_mask,
     })
 }
@@ -275,6 +295,224 @@ fn residual_report(first: f64, records: &[(f64, f64, f64)]) -> ResidualReport {
     }
 }
 
+/// Per-step figures of a tensor or layer, before they go to the exporters.
+fn step_groups(
+    params: &[ParamInfo],
+    layers: &[String],
+    layer_of: &[usize],
+    lca: &[Vec<f64>],
+    val: Option<&[Vec<f64>]>,
+    l2: Option<&[Vec<f64>]>,
+) -> (Vec<GroupStep>, Vec<GroupStep>, (u64, u64, u64)) {
+    let mut tensors = Vec::with_capacity(params.len());
+    let mut layer_steps: Vec<GroupStep> = layers
+        .iter()
+        .map(|l| GroupStep {
+            name: l.clone(),
+            layer: l.clone(),
+            lca: 0.0,
+            helped: 0,
+            zero: 0,
+            hurt: 0,
+            val_lca: val.map(|_| 0.0),
+            l2_lca: l2.map(|_| 0.0),
+        })
+        .collect();
+    let (mut h, mut z, mut u) = (0, 0, 0);
+    for (pi, v) in lca.iter().enumerate() {
+        let (th, tz, tu) = counts(v);
+        let sum: f64 = v.iter().sum();
+        let vsum = val.map(|x| x[pi].iter().sum::<f64>());
+        let lsum = l2.map(|x| x[pi].iter().sum::<f64>());
+        if !params[pi].buffer {
+            // Helped/zero/hurt fractions are over trained parameters only.
+            h += th;
+            z += tz;
+            u += tu;
+        }
+        let ls = &mut layer_steps[layer_of[pi]];
+        ls.lca += sum;
+        ls.helped += th;
+        ls.zero += tz;
+        ls.hurt += tu;
+        if let (Some(a), Some(b)) = (ls.val_lca.as_mut(), vsum) {
+            *a += b;
+        }
+        if let (Some(a), Some(b)) = (ls.l2_lca.as_mut(), lsum) {
+            *a += b;
+        }
+        tensors.push(GroupStep {
+            name: params[pi].name.clone(),
+            layer: params[pi].group().to_string(),
+            lca: sum,
+            helped: th,
+            zero: tz,
+            hurt: tu,
+            val_lca: vsum,
+            l2_lca: lsum,
+        });
+    }
+    (tensors, layer_steps, (h, z, u))
+}
+
+/// Add one step's per-parameter values to the run's totals.
+fn accumulate(
+    totals: &mut ParamTotals,
+    lca: &[Vec<f64>],
+    val: Option<&[Vec<f64>]>,
+    l2: Option<&[Vec<f64>]>,
+) {
+    for (pi, v) in lca.iter().enumerate() {
+        for (k, &x) in v.iter().enumerate() {
+            totals.lca[pi][k] += x;
+            if x < 0.0 {
+                totals.helped_steps[pi][k] += 1;
+            } else if x > 0.0 {
+                totals.hurt_steps[pi][k] += 1;
+            }
+        }
+    }
+    if let (Some(acc), Some(v)) = (totals.val_lca.as_mut(), val) {
+        add_to(acc, v);
+    }
+    if let (Some(acc), Some(v)) = (totals.l2_lca.as_mut(), l2) {
+        add_to(acc, v);
+    }
+}
+
+/// Flush the exporters to disk and save the run's state in the journal.
+fn save_journal(
+    journal: &mut Journal,
+    state: &RunState,
+    exporters: &mut [Box<dyn Exporter>],
+    out: &mut OutDir,
+) -> Result<()> {
+    let mut files = Vec::new();
+    for e in exporters.iter_mut() {
+        for (p, len) in e.sync()? {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            files.push((name, len));
+        }
+    }
+    journal.save(state, &files)?;
+    out.keep_partials();
+    Ok(())
+}
+
+/// The run stopped with `e`: keep what the journal holds (saving the last finished step
+/// first) and say how to continue, or, when no step was saved, clean up.
+fn stop(
+    e: LcaError,
+    nsteps: usize,
+    state: Option<&RunState>,
+    journal: &mut Journal,
+    exporters: &mut [Box<dyn Exporter>],
+    out: &mut OutDir,
+    note: &mut dyn FnMut(&str),
+) -> LcaError {
+    if let Some(state) = state
+        && state.finished() > journal.saved()
+        && let Err(se) = save_journal(journal, state, exporters, out)
+    {
+        note(&format!(
+            "warning: could not update the resume journal: {se}"
+        ));
+    }
+    if journal.saved() == 0 {
+        let _ = std::fs::remove_dir_all(journal.dir());
+        return match e {
+            LcaError::Interrupted(_) => LcaError::Interrupted(
+                "interrupted before the first step finished; nothing was kept".into(),
+            ),
+            other => other,
+        };
+    }
+    out.keep_partials();
+    let kept = format!(
+        "{} of {nsteps} steps are finished and kept in {}",
+        journal.saved(),
+        journal.dir().display()
+    );
+    match e {
+        LcaError::Interrupted(_) => LcaError::Interrupted(format!(
+            "interrupted; {kept}: run the same command with --resume to continue"
+        )),
+        other => LcaError::Stopped {
+            error: Box::new(other),
+            kept: format!(
+                "{kept}: once the problem is fixed, run the same command with --resume to continue"
+            ),
+        },
+    }
+}
+
+/// Files of the checkpoint directory that appeared or changed while the run went on.
+fn directory_changes(
+    dir: &std::path::Path,
+    listed: &[(PathBuf, u64)],
+    selected: &[CheckpointFile],
+    first: Option<u64>,
+    last: Option<u64>,
+) -> Vec<String> {
+    let now = match checkpoint::list(dir) {
+        Ok(v) => v,
+        Err(e) => {
+            return vec![format!(
+                "could not list the checkpoints again at the end: {e}"
+            )];
+        }
+    };
+
+    let mut out = Vec::new();
+    for p in now.iter().filter(|p| !listed.iter().any(|(q, _)| q == *p)) {
+        let step = checkpoint::describe(p).ok().map(|f| f.step).or_else(|| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(checkpoint::last_integer)
+        });
+        let in_range =
+            step.is_none_or(|s| first.is_none_or(|a| s >= a) && last.is_none_or(|b| s <= b));
+        if in_range {
+            out.push(format!(
+                "{} appeared after the checkpoints were listed and was not analysed (run again to include it)",
+                p.display()
+            ));
+        }
+    }
+    for f in selected {
+        match std::fs::metadata(&f.path) {
+            Err(_) => out.push(format!(
+                "{} was removed during the run, after it had been read",
+                f.path.display()
+            )),
+            Ok(m) if m.len() != f.len => out.push(format!(
+                "{} changed during the run ({} bytes when read, {} now); the results use the content that was read",
+                f.path.display(),
+                f.len,
+                m.len()
+            )),
+            Ok(_) => {}
+        }
+    }
+    out
+}
+
+/// Sleep `LCA_TEST_STEP_DELAY_MS` milliseconds after each step: a hook for the tests that
+/// interrupt a run. Returns early on an interrupt.
+fn test_delay() {
+    let ms: u64 = match std::env::var("LCA_TEST_STEP_DELAY_MS") {
+        Ok(v) => v.parse().unwrap_or(0),
+        Err(_) => return,
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    while std::time::Instant::now() < until && !crate::interrupt::requested() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Run the analysis; `note` receives human-readable notes and warnings (for stderr).
 pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
     let p = prepare(
@@ -288,18 +526,6 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
         Precision::F32 => run::<f32>(opts, p, note),
         Precision::F64 => run::<f64>(opts, p, note),
     }
-}
-
-/// Arithmetic of the evaluator.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// f32 compute (as training), f64 accumulation: the default.
-    F32,
-    /// f64 throughout: slower; removes f32 rounding, e.g. where a ReLU sits at its kink.
-    F64,
 }
 
 fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) -> Result<Summary> {
@@ -323,8 +549,9 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
     let mut warnings = Vec::new();
     let spacing = {
         let gaps: Vec<u64> = files.windows(2).map(|w| w[1].step - w[0].step).collect();
-        let min = *gaps.iter().min().expect("≥ 1 step");
-        let max = *gaps.iter().max().expect("≥ 1 step");
+        // prepare() guarantees at least two checkpoints, so at least one gap.
+        let min = gaps.iter().copied().min().unwrap_or(0);
+        let max = gaps.iter().copied().max().unwrap_or(0);
         Spacing {
             min,
             max,
@@ -345,6 +572,34 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         warnings.push(w);
     }
 
+    // The output directory and the resume journal.
+    let manifest = Manifest::new(
+        &p.spec_sha256,
+        &p.data.sha256,
+        p.validation.as_ref().map(|v| v.sha256.as_str()),
+        opts.integration,
+        match opts.precision {
+            Precision::F32 => "f32",
+            Precision::F64 => "f64",
+        },
+        opts.store,
+        files
+            .iter()
+            .map(|f| ManifestCheckpoint {
+                file: f
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                step: f.step,
+            })
+            .collect(),
+        model
+            .params
+            .iter()
+            .map(|q| (q.name.clone(), q.shape.clone()))
+            .collect(),
+    );
     let remainder = p.data.len() % chunk_size;
     let batch_stats = p.spec.model.batch_norm == Some(crate::net::batch_norm::BnMode::BatchStats)
         && model
@@ -360,44 +615,148 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         warnings.push(w);
     }
 
-    let mut out = OutDir::prepare(&opts.out)?;
-    let mut exporters: Vec<Box<dyn Exporter>> = Vec::new();
-    let csv_paths = [
-        out.partial("steps.csv"),
-        out.partial("layers.csv"),
-        out.partial("tensors.csv"),
-        out.partial("params.csv"),
-    ];
-    exporters.push(Box::new(CsvExporter::new(csv_paths)?));
-    let mut file_names: Vec<String> = [
-        "summary.json",
-        "steps.csv",
-        "layers.csv",
-        "tensors.csv",
-        "params.csv",
-    ]
-    .map(String::from)
-    .to_vec();
-    if let Some(dtype) = opts.store {
-        let params: Vec<(String, Vec<usize>)> = model
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.shape.clone()))
-            .collect();
-        let steps: Vec<(u64, u64)> = files.windows(2).map(|w| (w[0].step, w[1].step)).collect();
-        let path = out.partial("lca.safetensors");
-        exporters.push(Box::new(TensorExporter::new(path, &params, &steps, dtype)?));
-        file_names.push("lca.safetensors".into());
-        if val_eval.is_some() {
-            let path = out.partial("lca_validation.safetensors");
-            let mut e = TensorExporter::new(path, &params, &steps, dtype)?;
-            e.source = TensorSource::Validation;
-            exporters.push(Box::new(e));
-            file_names.push("lca_validation.safetensors".into());
+    let (mut out, found) = OutDir::prepare(&opts.out)?;
+    let jdir = Journal::dir_of(&opts.out);
+    let mut resume_from: Option<(RunState, Vec<(String, u64)>)> = None;
+    match Journal::read(&opts.out)? {
+        Some(j) => {
+            let kept = j.state.as_ref().map_or(0, |(s, _)| s.finished());
+            if !opts.resume {
+                if kept > 0 {
+                    return Err(LcaError::Output {
+                        path: opts.out.clone(),
+                        msg: format!(
+                            "holds an interrupted analysis ({kept} of {} steps finished, journal in {}): add --resume to continue it, or delete {} to start over",
+                            j.manifest.checkpoints.len().saturating_sub(1),
+                            jdir.display(),
+                            jdir.display()
+                        ),
+                    });
+                }
+            } else if kept == 0 {
+                note("note: the interrupted run had not finished a step; starting from the first");
+            } else {
+                let diffs = j.manifest.differences(&manifest);
+                if !diffs.is_empty() {
+                    return Err(LcaError::Output {
+                        path: opts.out.clone(),
+                        msg: format!(
+                            "cannot resume the interrupted analysis: {}. Run with the inputs and options it was started with, or delete {} to start over",
+                            diffs.join("; "),
+                            jdir.display()
+                        ),
+                    });
+                }
+                resume_from = j.state;
+            }
         }
+        None if opts.resume => {
+            if found.completed_commit
+                && let Ok(s) = crate::report::json::read_summary(&opts.out)
+                && s.spec.sha256 == p.spec_sha256
+                && s.data.sha256 == p.data.sha256
+                && s.checkpoints.len() == files.len()
+            {
+                note("note: the interrupted run had finished; its outputs are now in place");
+                return Ok(s);
+            }
+            if found.finished_output {
+                return Err(LcaError::Output {
+                    path: opts.out.clone(),
+                    msg: "holds a finished analysis and no interrupted run: nothing to resume (run without --resume to analyse again)".into(),
+                });
+            }
+            note("note: no interrupted run to resume; starting from the first step");
+        }
+        None => {}
     }
-    let json_path = out.partial(crate::report::SUMMARY_FILE);
-    exporters.push(Box::new(JsonExporter { path: json_path }));
+    let mut journal = match &resume_from {
+        Some((s, _)) => {
+            out.keep_partials();
+            Journal::resume(&opts.out, s.finished())
+        }
+        None => {
+            out.remove_partials()?;
+            Journal::create(&opts.out, &manifest)?
+        }
+    };
+    let done = resume_from.as_ref().map_or(0, |(s, _)| s.finished());
+
+    let mut exporters: Vec<Box<dyn Exporter>> = Vec::new();
+    let setup = (|| -> Result<()> {
+        let csv_paths = [
+            out.partial("steps.csv"),
+            out.partial("layers.csv"),
+            out.partial("tensors.csv"),
+            out.partial("params.csv"),
+        ];
+        exporters.push(Box::new(match &resume_from {
+            None => CsvExporter::new(csv_paths)?,
+            Some((_, lengths)) => {
+                let len = |name: &str| -> Result<u64> {
+                    let want = crate::report::partial_name(name);
+                    lengths
+                        .iter()
+                        .find(|(n, _)| *n == want)
+                        .map(|(_, l)| *l)
+                        .ok_or_else(|| LcaError::Output {
+                            path: jdir.clone(),
+                            msg: format!(
+                                "the resume journal does not record the length of {want}; delete it to start over"
+                            ),
+                        })
+                };
+                CsvExporter::resume(
+                    csv_paths,
+                    [len("steps.csv")?, len("layers.csv")?, len("tensors.csv")?],
+                )?
+            }
+        }));
+        if let Some(dtype) = opts.store {
+            let params: Vec<(String, Vec<usize>)> = model
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.shape.clone()))
+                .collect();
+            let steps: Vec<(u64, u64)> = files.windows(2).map(|w| (w[0].step, w[1].step)).collect();
+            let mut names = vec![("lca.safetensors", TensorSource::Train)];
+            if val_eval.is_some() {
+                names.push(("lca_validation.safetensors", TensorSource::Validation));
+            }
+            for (name, source) in names {
+                let path = out.partial(name);
+                let mut e = if resume_from.is_some() {
+                    TensorExporter::resume(path, &params, &steps, dtype, done)?
+                } else {
+                    TensorExporter::new(path, &params, &steps, dtype)?
+                };
+                e.source = source;
+                exporters.push(Box::new(e));
+            }
+        }
+        exporters.push(Box::new(JsonExporter {
+            path: out.partial(crate::report::SUMMARY_FILE),
+        }));
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        return Err(stop(
+            e,
+            nsteps,
+            None,
+            &mut journal,
+            &mut exporters,
+            &mut out,
+            note,
+        ));
+    }
+    let file_names: Vec<String> = std::iter::once(crate::report::SUMMARY_FILE.to_string())
+        .chain(
+            out.pending_names()
+                .into_iter()
+                .filter(|n| n != crate::report::SUMMARY_FILE),
+        )
+        .collect();
 
     // Layers with parameters, in order; each tensor's layer index.
     // Buffers (if any) come last, as one group.
@@ -413,17 +772,14 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
     let layer_of: Vec<usize> = model
         .params
         .iter()
-        .map(|prm| {
-            layers
-                .iter()
-                .position(|l| l == prm.group())
-                .expect("listed")
-        })
+        .map(|prm| layers.iter().position(|l| l == prm.group()).unwrap_or(0))
         .collect();
 
     let progress = Progress::new((1 + 2 * nsteps) as u64, opts.quiet);
-    let mut evaluations = 0usize;
     let eval_all = |theta: &[Vec<T>]| -> Result<Vec<LossGrad>> {
+        if crate::interrupt::requested() {
+            return Err(LcaError::Interrupted("interrupted".into()));
+        }
         let mut r = vec![eval.loss_and_grad(theta)?];
         if let Some(v) = &val_eval {
             r.push(v.loss_and_grad(theta).map_err(|e| match e {
@@ -435,366 +791,459 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         Ok(r)
     };
 
-    let first = checkpoint::load(&files[0], &model.params)?;
-    if !first.unused.is_empty() {
-        progress.suspend(|| {
-            note(&format!(
-                "note: ignoring {} tensor(s) the spec does not use: {}",
-                first.unused.len(),
-                first.unused.join(", ")
-            ))
-        });
-    }
-    let mut ckpt_refs = vec![CheckpointRef {
-        path: files[0].path.display().to_string(),
-        step: files[0].step,
-        step_source: files[0].step_source,
-        sha256: first.sha256.clone(),
-    }];
-    let mut theta0 = first.theta;
-    let widened: Vec<Vec<T>> = theta0
-        .iter()
-        .map(|t| t.iter().map(|&v| T::of(v as f64)).collect())
-        .collect();
-    let mut start = eval_all(&widened).map_err(|e| at_checkpoint(e, &files[0]))?;
-    evaluations += 1;
-    let loss_first = start[0].loss;
-    let val_first = start.get(1).map(|v| v.loss);
-    let l2_first = l2.map(|lam| l2_penalty(lam, &theta0, &p.l2_mask));
-
-    let zeros = || -> Vec<Vec<f64>> { model.params.iter().map(|q| vec![0.0; q.numel()]).collect() };
-    let mut totals = ParamTotals {
-        lca: zeros(),
-        helped_steps: model.params.iter().map(|q| vec![0; q.numel()]).collect(),
-        hurt_steps: model.params.iter().map(|q| vec![0; q.numel()]).collect(),
-        val_lca: val_eval.as_ref().map(|_| zeros()),
-        l2_lca: l2.map(|_| zeros()),
-    };
-    let mut records = Vec::with_capacity(nsteps);
-    let mut val_records = Vec::new();
-    let mut max_abs_r = 0.0f64;
-    let mut cum = loss_first;
-    for w in files.windows(2) {
-        let next = checkpoint::load(&w[1], &model.params)?;
-        ckpt_refs.push(CheckpointRef {
-            path: w[1].path.display().to_string(),
-            step: w[1].step,
-            step_source: w[1].step_source,
-            sha256: next.sha256.clone(),
-        });
-        let delta = difference(&theta0, &next.theta);
-        let (mut objs, end) = integrate_step(&delta, &start, &opts.integration, &mut |s| {
-            eval_all(&point::<T>(&theta0, &delta, s))
-        })
-        .map_err(|e| at_step(e, &w[0], &w[1]))?;
-        let val = if objs.len() > 1 { objs.pop() } else { None };
-        let s = objs.pop().expect("training objective");
-        evaluations += s.evaluations;
-        // Project the total from the evaluations per step so far, so that the ETA accounts
-        // for adaptive refinement.
-        let done = records.len() + 1;
-        let per_step = (evaluations - 1) as f64 / done as f64;
-        progress.set_length(evaluations as u64 + ((nsteps - done) as f64 * per_step).ceil() as u64);
-        let l2_lca = l2.map(|lam| l2_step(lam, &theta0, &next.theta, &p.l2_mask));
-
-        let mut tensors = Vec::with_capacity(model.params.len());
-        let mut layer_steps: Vec<GroupStep> = layers
-            .iter()
-            .map(|l| GroupStep {
-                name: l.clone(),
-                layer: l.clone(),
-                lca: 0.0,
-                helped: 0,
-                zero: 0,
-                hurt: 0,
-                val_lca: val.as_ref().map(|_| 0.0),
-                l2_lca: l2_lca.as_ref().map(|_| 0.0),
-            })
-            .collect();
-        let (mut h, mut z, mut u) = (0, 0, 0);
-        for (pi, v) in s.lca.iter().enumerate() {
-            let (th, tz, tu) = counts(v);
-            let sum: f64 = v.iter().sum();
-            let vsum = val.as_ref().map(|x| x.lca[pi].iter().sum::<f64>());
-            let lsum = l2_lca.as_ref().map(|x| x[pi].iter().sum::<f64>());
-            if !model.params[pi].buffer {
-                // Helped/zero/hurt fractions are over trained parameters only.
-                h += th;
-                z += tz;
-                u += tu;
-            }
-            let ls = &mut layer_steps[layer_of[pi]];
-            ls.lca += sum;
-            ls.helped += th;
-            ls.zero += tz;
-            ls.hurt += tu;
-            if let (Some(a), Some(b)) = (ls.val_lca.as_mut(), vsum) {
-                *a += b;
-            }
-            if let (Some(a), Some(b)) = (ls.l2_lca.as_mut(), lsum) {
-                *a += b;
-            }
-            tensors.push(GroupStep {
-                name: model.params[pi].name.clone(),
-                layer: model.params[pi].group().to_string(),
-                lca: sum,
-                helped: th,
-                zero: tz,
-                hurt: tu,
-                val_lca: vsum,
-                l2_lca: lsum,
-            });
-            for (k, &x) in v.iter().enumerate() {
-                totals.lca[pi][k] += x;
-                if x < 0.0 {
-                    totals.helped_steps[pi][k] += 1;
-                } else if x > 0.0 {
-                    totals.hurt_steps[pi][k] += 1;
+    // The state at the first step to compute: θ_t, its evaluations, and the totals so far.
+    let init = (|| -> Result<(RunState, Vec<Vec<f32>>, Vec<LossGrad>)> {
+        match resume_from.take() {
+            None => {
+                let first = checkpoint::load(&files[0], &model.params)?;
+                if !first.unused.is_empty() {
+                    note(&format!(
+                        "note: ignoring {} tensor(s) the spec does not use: {}",
+                        first.unused.len(),
+                        first.unused.join(", ")
+                    ));
                 }
+                let start =
+                    eval_all(&widen::<T>(&first.theta)).map_err(|e| at_checkpoint(e, &files[0]))?;
+                let zeros = || -> Vec<Vec<f64>> {
+                    model.params.iter().map(|q| vec![0.0; q.numel()]).collect()
+                };
+                let state = RunState {
+                    records: Vec::with_capacity(nsteps),
+                    checkpoint_sha256: vec![first.sha256],
+                    loss_first: start[0].loss,
+                    val_first: start.get(1).map(|v| v.loss),
+                    l2_first: l2.map(|lam| l2_penalty(lam, &first.theta, &p.l2_mask)),
+                    ignored: first.unused,
+                    totals: ParamTotals {
+                        lca: zeros(),
+                        helped_steps: model.params.iter().map(|q| vec![0; q.numel()]).collect(),
+                        hurt_steps: model.params.iter().map(|q| vec![0; q.numel()]).collect(),
+                        val_lca: val_eval.as_ref().map(|_| zeros()),
+                        l2_lca: l2.map(|_| zeros()),
+                    },
+                };
+                Ok((state, first.theta, start))
+            }
+            Some((state, _)) => {
+                let k = state.finished();
+                if k > nsteps
+                    || state.checkpoint_sha256.len() != k + 1
+                    || state.totals.lca.len() != model.params.len()
+                {
+                    return Err(LcaError::Output {
+                        path: jdir.clone(),
+                        msg: "the resume state does not fit this run; delete it to start over"
+                            .into(),
+                    });
+                }
+                let changed = |f: &CheckpointFile, then: &str, now: &str| LcaError::Checkpoint {
+                    path: f.path.clone(),
+                    msg: format!(
+                        "changed since the interrupted run read it (sha256 {}… then, {}… now): cannot resume; restore it, or delete {} to start over",
+                        &then[..then.len().min(12)],
+                        &now[..now.len().min(12)],
+                        jdir.display()
+                    ),
+                };
+                for (f, then) in files.iter().zip(&state.checkpoint_sha256).take(k) {
+                    let now = crate::tensors::sha256_file(&f.path)
+                        .map_err(|e| LcaError::io(&f.path, e))?;
+                    if now != *then {
+                        return Err(changed(f, then, &now));
+                    }
+                }
+                let cur = checkpoint::load(&files[k], &model.params)?;
+                if cur.sha256 != state.checkpoint_sha256[k] {
+                    return Err(changed(&files[k], &state.checkpoint_sha256[k], &cur.sha256));
+                }
+                let evals: usize = state.records.iter().map(|r| r.evaluations).sum();
+                let extra: usize = state
+                    .records
+                    .iter()
+                    .map(|r| r.evaluations.saturating_sub(2))
+                    .sum();
+                progress.add_length(extra as u64);
+                progress.advance(1 + evals as u64);
+                note(&format!(
+                    "note: resuming after step {} ({k} of {nsteps} steps were finished)",
+                    files[k].step
+                ));
+                // The gradient at θ_k is evaluated again (deterministic: the same bits as the
+                // interrupted run's end-point evaluation); it is not counted twice.
+                let start = if k < nsteps {
+                    eval_all(&widen::<T>(&cur.theta)).map_err(|e| at_checkpoint(e, &files[k]))?
+                } else {
+                    Vec::new()
+                };
+                Ok((state, cur.theta, start))
             }
         }
-        if let (Some(acc), Some(v)) = (totals.val_lca.as_mut(), val.as_ref()) {
-            add_to(acc, &v.lca);
+    })();
+    let (mut state, mut theta0, mut start) = match init {
+        Ok(x) => x,
+        Err(e) => {
+            return Err(stop(
+                e,
+                nsteps,
+                None,
+                &mut journal,
+                &mut exporters,
+                &mut out,
+                note,
+            ));
         }
-        if let (Some(acc), Some(v)) = (totals.l2_lca.as_mut(), l2_lca.as_ref()) {
-            add_to(acc, v);
+    };
+
+    // Set while a step is being handed to the exporters: if that fails, the streamed files
+    // may hold part of the step, so the journal keeps its last saved state.
+    let mut exporting = false;
+    let steps = (|| -> Result<()> {
+        for i in state.finished()..nsteps {
+            if crate::interrupt::requested() {
+                return Err(LcaError::Interrupted("interrupted".into()));
+            }
+            let (a, b) = (&files[i], &files[i + 1]);
+            let next = checkpoint::load(b, &model.params)?;
+            let delta = difference(&theta0, &next.theta);
+            let (mut objs, end) = integrate_step(&delta, &start, &opts.integration, &mut |s| {
+                eval_all(&point::<T>(&theta0, &delta, s))
+            })
+            .map_err(|e| at_step(e, a, b))?;
+            let val = if objs.len() > 1 { objs.pop() } else { None };
+            let s = objs.pop().ok_or_else(|| {
+                LcaError::Numeric("internal: no training objective in the step".into())
+            })?;
+            // Project the total from the evaluations per step so far, so that the ETA accounts
+            // for adaptive refinement.
+            let done = state.records.len() + 1;
+            let evals =
+                1 + s.evaluations + state.records.iter().map(|r| r.evaluations).sum::<usize>();
+            let per_step = (evals - 1) as f64 / done as f64;
+            progress.set_length(evals as u64 + ((nsteps - done) as f64 * per_step).ceil() as u64);
+            let l2_lca = l2.map(|lam| l2_step(lam, &theta0, &next.theta, &p.l2_mask));
+            let (tensors, layer_steps, (h, z, u)) = step_groups(
+                &model.params,
+                &layers,
+                &layer_of,
+                &s.lca,
+                val.as_ref().map(|v| v.lca.as_slice()),
+                l2_lca.as_deref(),
+            );
+            let cum = state
+                .records
+                .last()
+                .map_or(state.loss_first, |r| r.reconstructed_loss)
+                + s.lca_sum;
+            let rec = StepRecord {
+                step: a.step,
+                next_step: b.step,
+                loss_before: s.loss_before,
+                loss_after: s.loss_after,
+                delta_loss: s.loss_after - s.loss_before,
+                lca_sum: s.lca_sum,
+                residual: s.residual,
+                reconstructed_loss: cum,
+                splits: s.splits,
+                capped: s.capped,
+                evaluations: s.evaluations,
+                helped: h,
+                zero: z,
+                hurt: u,
+                helped_fraction: fraction(h, h + z + u),
+                val_loss_before: val.as_ref().map(|v| v.loss_before),
+                val_loss_after: val.as_ref().map(|v| v.loss_after),
+                val_lca_sum: val.as_ref().map(|v| v.lca_sum),
+                val_residual: val.as_ref().map(|v| v.residual),
+                l2_lca: tensors.iter().map(|t| t.l2_lca).sum(),
+            };
+            let max_abs_r = state
+                .records
+                .iter()
+                .map(|r| r.residual.abs())
+                .fold(rec.residual.abs(), f64::max);
+            progress.message(&format!(
+                "step {}→{} r {:+.1e} (max |r| {:.1e}) ΔL {:+.2e}{}",
+                rec.step,
+                rec.next_step,
+                rec.residual,
+                max_abs_r,
+                rec.delta_loss,
+                if rec.splits > 2 {
+                    format!(" [{} splits]", rec.splits)
+                } else {
+                    String::new()
+                },
+            ));
+            let so = StepOutput {
+                record: &rec,
+                tensors: &tensors,
+                layers: &layer_steps,
+                lca: &s.lca,
+                val_lca: val.as_ref().map(|v| v.lca.as_slice()),
+            };
+            exporting = true;
+            for e in exporters.iter_mut() {
+                e.step(&so)?;
+            }
+            exporting = false;
+            // The step is written: only now does it count as finished.
+            accumulate(
+                &mut state.totals,
+                &s.lca,
+                val.as_ref().map(|v| v.lca.as_slice()),
+                l2_lca.as_deref(),
+            );
+            state.records.push(rec);
+            state.checkpoint_sha256.push(next.sha256);
+            theta0 = next.theta;
+            start = end;
+            if i + 1 < nsteps && journal.due() {
+                save_journal(&mut journal, &state, &mut exporters, &mut out)?;
+            }
+            test_delay();
         }
-        cum += s.lca_sum;
-        let rec = StepRecord {
-            step: w[0].step,
-            next_step: w[1].step,
-            loss_before: s.loss_before,
-            loss_after: s.loss_after,
-            delta_loss: s.loss_after - s.loss_before,
-            lca_sum: s.lca_sum,
-            residual: s.residual,
-            reconstructed_loss: cum,
-            splits: s.splits,
-            capped: s.capped,
-            evaluations: s.evaluations,
-            helped: h,
-            zero: z,
-            hurt: u,
-            helped_fraction: fraction(h, h + z + u),
-            val_loss_before: val.as_ref().map(|v| v.loss_before),
-            val_loss_after: val.as_ref().map(|v| v.loss_after),
-            val_lca_sum: val.as_ref().map(|v| v.lca_sum),
-            val_residual: val.as_ref().map(|v| v.residual),
-            l2_lca: tensors.iter().map(|t| t.l2_lca).sum(),
-        };
-        if let Some(v) = &val {
-            val_records.push((v.loss_after, v.lca_sum, v.residual));
-        }
-        max_abs_r = max_abs_r.max(rec.residual.abs());
-        progress.message(&format!(
-            "step {}→{} r {:+.1e} (max |r| {:.1e}) ΔL {:+.2e}{}",
-            rec.step,
-            rec.next_step,
-            rec.residual,
-            max_abs_r,
-            rec.delta_loss,
-            if rec.splits > 2 {
-                format!(" [{} splits]", rec.splits)
-            } else {
-                String::new()
-            },
+        Ok(())
+    })();
+    if let Err(e) = steps {
+        return Err(stop(
+            e,
+            nsteps,
+            (!exporting).then_some(&state),
+            &mut journal,
+            &mut exporters,
+            &mut out,
+            note,
         ));
-        let so = StepOutput {
-            record: &rec,
-            tensors: &tensors,
-            layers: &layer_steps,
-            lca: &s.lca,
-            val_lca: val.as_ref().map(|v| v.lca.as_slice()),
-        };
-        for e in exporters.iter_mut() {
-            e.step(&so)?;
-        }
-        records.push(rec);
-        theta0 = next.theta;
-        start = end;
     }
     progress.finish();
+    drop(start);
 
-    let train = residual_report(
-        loss_first,
-        &records
-            .iter()
-            .map(|r| (r.loss_after, r.lca_sum, r.residual))
-            .collect::<Vec<_>>(),
-    );
-    let capped_steps: Vec<u64> = records
-        .iter()
-        .filter(|r| r.capped)
-        .map(|r| r.step)
-        .collect();
-    if !capped_steps.is_empty() {
-        let w = format!(
-            "{} step(s) kept a residual above the bound at {} splits: {}",
-            capped_steps.len(),
-            opts.integration.max_splits,
-            crate::report::step_list(&capped_steps)
+    let finished = (|| -> Result<Summary> {
+        let records = &state.records;
+        let totals = &state.totals;
+        let train = residual_report(
+            state.loss_first,
+            &records
+                .iter()
+                .map(|r| (r.loss_after, r.lca_sum, r.residual))
+                .collect::<Vec<_>>(),
         );
-        note(&format!("warning: {w}"));
-        warnings.push(w);
-    }
-    let group_total = |name: &str, layer: &str, ids: &[usize]| {
-        let (mut n, mut lca, mut h, mut z, mut u) = (0usize, 0.0, 0, 0, 0);
-        for &pi in ids {
-            for &v in &totals.lca[pi] {
-                n += 1;
-                lca += v;
-                if v < 0.0 {
-                    h += 1
-                } else if v > 0.0 {
-                    u += 1
-                } else {
-                    z += 1
+        let val_records: Vec<(f64, f64, f64)> = records
+            .iter()
+            .filter_map(|r| Some((r.val_loss_after?, r.val_lca_sum?, r.val_residual?)))
+            .collect();
+        let capped_steps: Vec<u64> = records
+            .iter()
+            .filter(|r| r.capped)
+            .map(|r| r.step)
+            .collect();
+        if !capped_steps.is_empty() {
+            let w = format!(
+                "{} step(s) kept a residual above the bound at {} splits: {}",
+                capped_steps.len(),
+                opts.integration.max_splits,
+                crate::report::step_list(&capped_steps)
+            );
+            note(&format!("warning: {w}"));
+            warnings.push(w);
+        }
+        for w in directory_changes(&opts.ckpt_dir, &p.listed, files, opts.first, opts.last) {
+            note(&format!("warning: {w}"));
+            warnings.push(w);
+        }
+        let group_total = |name: &str, layer: &str, ids: &[usize]| {
+            let (mut n, mut lca, mut h, mut z, mut u) = (0usize, 0.0, 0, 0, 0);
+            for &pi in ids {
+                for &v in &totals.lca[pi] {
+                    n += 1;
+                    lca += v;
+                    if v < 0.0 {
+                        h += 1
+                    } else if v > 0.0 {
+                        u += 1
+                    } else {
+                        z += 1
+                    }
                 }
             }
-        }
-        let sum_of = |t: &Option<Vec<Vec<f64>>>| {
-            t.as_ref()
-                .map(|t| ids.iter().map(|&pi| t[pi].iter().sum::<f64>()).sum())
+            let sum_of = |t: &Option<Vec<Vec<f64>>>| {
+                t.as_ref()
+                    .map(|t| ids.iter().map(|&pi| t[pi].iter().sum::<f64>()).sum())
+            };
+            GroupTotal {
+                name: name.to_string(),
+                layer: layer.to_string(),
+                params: n,
+                lca,
+                helped: h,
+                zero: z,
+                hurt: u,
+                helped_fraction: fraction(h, n as u64),
+                val_lca: sum_of(&totals.val_lca),
+                l2_lca: sum_of(&totals.l2_lca),
+            }
         };
-        GroupTotal {
-            name: name.to_string(),
-            layer: layer.to_string(),
-            params: n,
-            lca,
-            helped: h,
-            zero: z,
-            hurt: u,
-            helped_fraction: fraction(h, n as u64),
-            val_lca: sum_of(&totals.val_lca),
-            l2_lca: sum_of(&totals.l2_lca),
-        }
-    };
-    let tensor_totals: Vec<GroupTotal> = model
-        .params
-        .iter()
-        .enumerate()
-        .map(|(pi, q)| group_total(&q.name, q.group(), &[pi]))
-        .collect();
-    let layer_totals: Vec<GroupTotal> = layers
-        .iter()
-        .enumerate()
-        .map(|(li, l)| {
-            let ids: Vec<usize> = (0..model.params.len())
-                .filter(|&pi| layer_of[pi] == li)
-                .collect();
-            group_total(l, l, &ids)
-        })
-        .collect();
-    let l2_report = match (&p.spec.regularization, l2_first) {
-        (Some(r), Some(first_pen)) => {
-            let last_pen = l2_penalty(r.l2, &theta0, &p.l2_mask);
-            let lca_sum: f64 = records.iter().filter_map(|x| x.l2_lca).sum();
-            Some(L2Report {
-                lambda: r.l2,
-                tensors: model
+        let tensor_totals: Vec<GroupTotal> = model
+            .params
+            .iter()
+            .enumerate()
+            .map(|(pi, q)| group_total(&q.name, q.group(), &[pi]))
+            .collect();
+        let layer_totals: Vec<GroupTotal> = layers
+            .iter()
+            .enumerate()
+            .map(|(li, l)| {
+                let ids: Vec<usize> = (0..model.params.len())
+                    .filter(|&pi| layer_of[pi] == li)
+                    .collect();
+                group_total(l, l, &ids)
+            })
+            .collect();
+        let l2_report = match (&p.spec.regularization, state.l2_first) {
+            (Some(r), Some(first_pen)) => {
+                let last_pen = l2_penalty(r.l2, &theta0, &p.l2_mask);
+                let lca_sum: f64 = records.iter().filter_map(|x| x.l2_lca).sum();
+                Some(L2Report {
+                    lambda: r.l2,
+                    tensors: model
+                        .params
+                        .iter()
+                        .zip(&p.l2_mask)
+                        .filter(|(_, on)| **on)
+                        .map(|(q, _)| q.name.clone())
+                        .collect(),
+                    penalty_first: first_pen,
+                    penalty_last: last_pen,
+                    lca_sum,
+                    objective_delta: train.delta_loss + (last_pen - first_pen),
+                })
+            }
+            _ => None,
+        };
+        let ckpt_refs = files
+            .iter()
+            .zip(&state.checkpoint_sha256)
+            .map(|(f, sha)| CheckpointRef {
+                path: f.path.display().to_string(),
+                step: f.step,
+                step_source: f.step_source,
+                sha256: sha.clone(),
+            })
+            .collect();
+        let summary = Summary {
+            schema_version: SCHEMA_VERSION,
+            tool: Tool {
+                name: "lca".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            spec: FileRef {
+                path: opts.spec.display().to_string(),
+                sha256: p.spec_sha256.clone(),
+            },
+            data: DataInfo {
+                path: p.data.path.display().to_string(),
+                sha256: p.data.sha256.clone(),
+                samples: p.data.len(),
+                sample_shape: p.data.sample_shape().to_vec(),
+                chunk_size,
+                chunks: eval.num_chunks(),
+                validation: p.validation.as_ref().map(|v| FileInfo {
+                    path: v.path.display().to_string(),
+                    sha256: v.sha256.clone(),
+                    samples: v.len(),
+                }),
+            },
+            model: ModelInfo {
+                batch_norm: model
+                    .nodes
+                    .iter()
+                    .any(|n| n.type_name.starts_with("batch_norm"))
+                    .then_some(p.spec.model.batch_norm)
+                    .flatten(),
+                loss: match model.loss {
+                    LossKind::CrossEntropy => "cross_entropy".into(),
+                    LossKind::Mse => "mse".into(),
+                },
+                num_params: model.num_params(),
+                input_shape: model.input_shape.clone(),
+                output_shape: model.output_shape().to_vec(),
+                layers: layers.clone(),
+                params: model
                     .params
                     .iter()
-                    .zip(&p.l2_mask)
-                    .filter(|(_, on)| **on)
-                    .map(|(q, _)| q.name.clone())
+                    .map(|q| ParamRef {
+                        name: q.name.clone(),
+                        layer: q.group().to_string(),
+                        buffer: q.buffer,
+                        role: q.role.clone(),
+                        shape: q.shape.clone(),
+                        numel: q.numel(),
+                    })
                     .collect(),
-                penalty_first: first_pen,
-                penalty_last: last_pen,
-                lca_sum,
-                objective_delta: train.delta_loss + (last_pen - first_pen),
-            })
+            },
+            integration: IntegrationInfo {
+                settings: opts.integration,
+                precision: match opts.precision {
+                    Precision::F32 => "f32 compute, f64 accumulation".into(),
+                    Precision::F64 => "f64".into(),
+                },
+            },
+            checkpoints: ckpt_refs,
+            step_spacing: spacing,
+            run: RunTotals {
+                steps: records.len(),
+                loss_first: train.loss_first,
+                loss_last: train.loss_last,
+                delta_loss: train.delta_loss,
+                lca_sum: train.lca_sum,
+                residual_sum: train.residual_sum,
+                residual_abs_sum: train.residual_abs_sum,
+                max_abs_residual: train.max_abs_residual,
+                rel_residual: train.rel_residual,
+                rel_abs_residual: train.rel_abs_residual,
+                evaluations: 1 + records.iter().map(|r| r.evaluations).sum::<usize>(),
+                capped_steps,
+                validation: state.val_first.map(|f| residual_report(f, &val_records)),
+                l2: l2_report,
+            },
+            steps: records.clone(),
+            tensors: tensor_totals,
+            layers: layer_totals,
+            ignored_tensors: state.ignored.clone(),
+            warnings: warnings.clone(),
+            files: file_names.clone(),
+        };
+        for e in exporters.iter_mut() {
+            e.finish(&summary, totals)?;
         }
-        _ => None,
+        Ok(summary)
+    })();
+    let summary = match finished {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(stop(
+                e,
+                nsteps,
+                Some(&state),
+                &mut journal,
+                &mut exporters,
+                &mut out,
+                note,
+            ));
+        }
     };
-    let summary = Summary {
-        schema_version: SCHEMA_VERSION,
-        tool: Tool {
-            name: "lca".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-        spec: FileRef {
-            path: opts.spec.display().to_string(),
-            sha256: p.spec_sha256.clone(),
-        },
-        data: DataInfo {
-            path: p.data.path.display().to_string(),
-            sha256: p.data.sha256.clone(),
-            samples: p.data.len(),
-            sample_shape: p.data.sample_shape().to_vec(),
-            chunk_size,
-            chunks: eval.num_chunks(),
-            validation: p.validation.as_ref().map(|v| FileInfo {
-                path: v.path.display().to_string(),
-                sha256: v.sha256.clone(),
-                samples: v.len(),
-            }),
-        },
-        model: ModelInfo {
-            batch_norm: model
-                .nodes
-                .iter()
-                .any(|n| n.type_name.starts_with("batch_norm"))
-                .then_some(p.spec.model.batch_norm)
-                .flatten(),
-            loss: match model.loss {
-                LossKind::CrossEntropy => "cross_entropy".into(),
-                LossKind::Mse => "mse".into(),
-            },
-            num_params: model.num_params(),
-            input_shape: model.input_shape.clone(),
-            output_shape: model.output_shape().to_vec(),
-            layers: layers.clone(),
-            params: model
-                .params
-                .iter()
-                .map(|q| ParamRef {
-                    name: q.name.clone(),
-                    layer: q.group().to_string(),
-                    buffer: q.buffer,
-                    role: q.role.clone(),
-                    shape: q.shape.clone(),
-                    numel: q.numel(),
-                })
-                .collect(),
-        },
-        integration: IntegrationInfo {
-            settings: opts.integration,
-            precision: match opts.precision {
-                Precision::F32 => "f32 compute, f64 accumulation".into(),
-                Precision::F64 => "f64".into(),
-            },
-        },
-        checkpoints: ckpt_refs,
-        step_spacing: spacing,
-        run: RunTotals {
-            steps: records.len(),
-            loss_first: train.loss_first,
-            loss_last: train.loss_last,
-            delta_loss: train.delta_loss,
-            lca_sum: train.lca_sum,
-            residual_sum: train.residual_sum,
-            residual_abs_sum: train.residual_abs_sum,
-            max_abs_residual: train.max_abs_residual,
-            rel_residual: train.rel_residual,
-            rel_abs_residual: train.rel_abs_residual,
-            evaluations,
-            capped_steps,
-            validation: val_first.map(|f| residual_report(f, &val_records)),
-            l2: l2_report,
-        },
-        steps: records,
-        tensors: tensor_totals,
-        layers: layer_totals,
-        ignored_tensors: first.unused,
-        warnings,
-        files: file_names,
-    };
-    for e in exporters.iter_mut() {
-        e.finish(&summary, &totals)?;
-    }
     drop(exporters);
     out.commit()?;
     Ok(summary)
+}
+
+/// Checkpoint values (f32) in the evaluator's precision.
+fn widen<T: Real>(theta: &[Vec<f32>]) -> Vec<Vec<T>> {
+    theta
+        .iter()
+        .map(|t| t.iter().map(|&v| T::of(v as f64)).collect())
+        .collect()
 }
 
 fn at_checkpoint(e: LcaError, f: &CheckpointFile) -> LcaError {

@@ -2,16 +2,20 @@
 //!
 //! The step of a file comes from its header metadata key `step` when present, else from the
 //! last integer in its file name (`ckpt_10.safetensors` → 10); files are ordered by step.
-//! [`scan`] reads headers only; [`load`] reads one file's parameters as f32 (F32, F64, F16 and
-//! BF16 are converted), checking names and shapes against the model.
+//! [`scan`] reads headers only, and checks them completely (dtypes, shapes, that every
+//! tensor's byte range lies inside the file and that no two overlap), so a damaged file is
+//! reported before any computation. [`load`] reads one file's parameters as f32 (F32, F64,
+//! F16 and BF16 are converted), checking names and shapes against the model.
+//! [`describe_bytes`] and [`load_bytes`] do the same on a buffer (used by the fuzz targets).
 
 use crate::error::{LcaError, Result};
 use crate::net::ParamInfo;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// Headers larger than this are refused before anything of that size is allocated.
-pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+/// Headers larger than this are refused before anything of that size is allocated (the
+/// limit of the `safetensors` format library).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Where a checkpoint's step number came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -27,6 +31,8 @@ pub struct HeaderTensor {
     pub name: String,
     pub dtype: String,
     pub shape: Vec<usize>,
+    /// Byte range `[begin, end)` of the tensor in the data section.
+    pub data_offsets: [u64; 2],
 }
 
 /// A checkpoint file found by [`scan`].
@@ -56,12 +62,13 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> LcaError {
     }
 }
 
-/// Read and parse a safetensors header (without reading tensor data).
-pub fn read_header(path: &Path) -> Result<(u64, serde_json::Map<String, serde_json::Value>)> {
-    let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
-    let len = f.metadata().map_err(|e| LcaError::io(path, e))?.len();
+type Header = serde_json::Map<String, serde_json::Value>;
+
+/// Read the 8-byte length and the JSON header from `r`, for a file of `len` bytes.
+/// Returns the header's length in bytes, its JSON object and its raw bytes.
+fn read_header_from(path: &Path, len: u64, r: &mut dyn Read) -> Result<(u64, Header, Vec<u8>)> {
     let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| {
+    r.read_exact(&mut n).map_err(|_| {
         ck_err(
             path,
             format!("truncated: {len} bytes, too short for a safetensors header"),
@@ -77,14 +84,189 @@ pub fn read_header(path: &Path) -> Result<(u64, serde_json::Map<String, serde_js
         ));
     }
     let mut h = vec![0u8; hlen as usize];
-    f.read_exact(&mut h)
+    r.read_exact(&mut h)
         .map_err(|e| ck_err(path, format!("cannot read header: {e}")))?;
-    let v: serde_json::Value = serde_json::from_slice(&h)
+    let entries: Entries = serde_json::from_slice(&h)
         .map_err(|e| ck_err(path, format!("header is not valid JSON: {e}")))?;
-    match v {
-        serde_json::Value::Object(m) => Ok((len, m)),
-        _ => Err(ck_err(path, "header is not a JSON object")),
+    let mut m = Header::new();
+    for (k, v) in entries.0 {
+        if m.contains_key(&k) {
+            // serde_json would keep the last one, the safetensors library refuses the file.
+            return Err(ck_err(path, format!("header names '{k}' twice")));
+        }
+        m.insert(k, v);
     }
+    Ok((hlen, m, h))
+}
+
+/// The entries of a JSON object in file order, duplicates included.
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = a.next_entry::<String, serde_json::Value>()? {
+                    v.push(e);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Read and parse a safetensors header (without reading tensor data). Returns the file size
+/// and the header's JSON object, unchecked; [`describe`] checks it.
+pub fn read_header(path: &Path) -> Result<(u64, Header)> {
+    let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let len = f.metadata().map_err(|e| LcaError::io(path, e))?.len();
+    let (_, h, _) = read_header_from(path, len, &mut f)?;
+    Ok((len, h))
+}
+
+/// Size in bytes of `shape` elements of `dtype`, or `None` on overflow or sub-byte sizes.
+fn byte_size(dtype: safetensors::Dtype, shape: &[usize]) -> Option<u64> {
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))?;
+    let bits = numel.checked_mul(dtype.bitsize() as u64)?;
+    bits.is_multiple_of(8).then_some(bits / 8)
+}
+
+/// Check a header against the file it came from: `__metadata__` maps names to strings, every
+/// tensor has a known dtype, a shape of non-negative integers and a byte range of the right
+/// size, and the ranges tile the data section exactly (none overruns the file, none overlaps
+/// another, no gap, nothing after the last). These are the rules of the safetensors format.
+fn check_header(path: &Path, data_len: u64, header: &Header) -> Result<Vec<HeaderTensor>> {
+    let mut tensors = Vec::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            let ok = v
+                .as_object()
+                .is_some_and(|m| m.values().all(|x| x.is_string()));
+            if !ok {
+                return Err(ck_err(
+                    path,
+                    format!("header `__metadata__` must map names to strings, found {v}"),
+                ));
+            }
+            continue;
+        }
+        let bad = |what: &str| ck_err(path, format!("header entry '{name}': {what}, found {v}"));
+        let entry = v.as_object().ok_or_else(|| bad("not an object"))?;
+        let dtype_str = entry
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad("no `dtype` string"))?;
+        let dtype: safetensors::Dtype = serde_json::from_value(serde_json::Value::String(
+            dtype_str.to_string(),
+        ))
+        .map_err(|_| {
+            ck_err(
+                path,
+                format!("tensor '{name}' has unknown dtype {dtype_str:?}"),
+            )
+        })?;
+        let shape: Vec<usize> = entry
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<Vec<usize>>>()
+            })
+            .ok_or_else(|| bad("`shape` must be an array of non-negative integers"))?;
+        let offsets: [u64; 2] = match entry.get("data_offsets").and_then(|o| o.as_array()) {
+            Some(a) if a.len() == 2 => match (a[0].as_u64(), a[1].as_u64()) {
+                (Some(b), Some(e)) if b <= e => [b, e],
+                _ => return Err(bad("`data_offsets` must be [begin, end] with begin ≤ end")),
+            },
+            _ => return Err(bad("`data_offsets` must be [begin, end] with begin ≤ end")),
+        };
+        let need = byte_size(dtype, &shape).ok_or_else(|| {
+            ck_err(
+                path,
+                format!("tensor '{name}' ({dtype_str} {shape:?}) has an impossible size"),
+            )
+        })?;
+        if offsets[1] - offsets[0] != need {
+            return Err(ck_err(
+                path,
+                format!(
+                    "tensor '{name}' ({dtype_str} {shape:?}) needs {need} bytes but its data_offsets {offsets:?} span {}",
+                    offsets[1] - offsets[0]
+                ),
+            ));
+        }
+        tensors.push(HeaderTensor {
+            name: name.clone(),
+            dtype: dtype_str.to_string(),
+            shape,
+            data_offsets: offsets,
+        });
+    }
+    // The byte ranges must tile the data section exactly.
+    let mut order: Vec<&HeaderTensor> = tensors.iter().collect();
+    order.sort_by_key(|t| (t.data_offsets, t.name.clone()));
+    if let Some(t) = order.iter().find(|t| t.data_offsets[1] > data_len) {
+        return Err(ck_err(
+            path,
+            format!(
+                "tensor '{}' has data_offsets {:?}, beyond the {data_len} bytes of data the file holds (truncated, or a corrupt header)",
+                t.name, t.data_offsets
+            ),
+        ));
+    }
+    let mut at = 0u64;
+    let mut prev: Option<&HeaderTensor> = None;
+    for t in &order {
+        let [b, e] = t.data_offsets;
+        if b < at {
+            let p = prev.map_or(String::new(), |p| {
+                format!("'{}' {:?} and ", p.name, p.data_offsets)
+            });
+            return Err(ck_err(
+                path,
+                format!(
+                    "tensors {p}'{}' {:?} overlap (corrupt header)",
+                    t.name, t.data_offsets
+                ),
+            ));
+        }
+        if b > at {
+            return Err(ck_err(
+                path,
+                format!(
+                    "bytes {at}..{b} of the data section belong to no tensor (before '{}'; corrupt header)",
+                    t.name
+                ),
+            ));
+        }
+        at = e;
+        if e > b || prev.is_none() {
+            prev = Some(t);
+        }
+    }
+    if at != data_len {
+        return Err(ck_err(
+            path,
+            format!(
+                "{} bytes after the last tensor's data (the header accounts for {at} of {data_len}): corrupt file",
+                data_len - at
+            ),
+        ));
+    }
+    Ok(tensors)
 }
 
 /// The last run of decimal digits in a file stem.
@@ -98,9 +280,24 @@ pub fn last_integer(stem: &str) -> Option<u64> {
     stem[start..end].parse().ok()
 }
 
-/// Describe a checkpoint file from its header.
-pub fn describe(path: &Path) -> Result<CheckpointFile> {
-    let (len, header) = read_header(path)?;
+/// Read a header from `r` (a file of `len` bytes) and check it completely: first with the
+/// checks above, whose messages name what is wrong, then against the safetensors library's
+/// own reading of the header, so that a file accepted here is one it loads.
+fn read_checked(path: &Path, len: u64, r: &mut dyn Read) -> Result<(Header, Vec<HeaderTensor>)> {
+    let (hlen, header, raw) = read_header_from(path, len, r)?;
+    let tensors = check_header(path, len - 8 - hlen, &header)?;
+    serde_json::from_slice::<safetensors::tensor::Metadata>(&raw)
+        .map_err(|e| ck_err(path, format!("not a valid safetensors header: {e}")))?;
+    Ok((header, tensors))
+}
+
+/// Build a [`CheckpointFile`] from a checked header: find the step.
+fn describe_header(
+    path: &Path,
+    len: u64,
+    header: &Header,
+    tensors: Vec<HeaderTensor>,
+) -> Result<CheckpointFile> {
     let meta_step = header
         .get("__metadata__")
         .and_then(|m| m.get("step"))
@@ -129,31 +326,6 @@ pub fn describe(path: &Path) -> Result<CheckpointFile> {
             }
         }
     };
-    let mut tensors = Vec::new();
-    for (name, v) in &header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = v
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .unwrap_or("?")
-            .to_string();
-        let shape = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|d| d.as_u64().map(|d| d as usize))
-                    .collect()
-            })
-            .unwrap_or_default();
-        tensors.push(HeaderTensor {
-            name: name.clone(),
-            dtype,
-            shape,
-        });
-    }
     Ok(CheckpointFile {
         path: path.to_path_buf(),
         step,
@@ -163,24 +335,38 @@ pub fn describe(path: &Path) -> Result<CheckpointFile> {
     })
 }
 
+/// Describe a checkpoint file from its header (the tensor data is not read).
+pub fn describe(path: &Path) -> Result<CheckpointFile> {
+    let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let meta = f.metadata().map_err(|e| LcaError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(ck_err(path, "is not a regular file"));
+    }
+    let len = meta.len();
+    let (header, tensors) = read_checked(path, len, &mut f)?;
+    describe_header(path, len, &header, tensors)
+}
+
+/// Check that `bytes` form a valid safetensors file (the header checks of [`describe`],
+/// without looking for a step) and return its tensors.
+pub fn check_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderTensor>> {
+    Ok(read_checked(path, bytes.len() as u64, &mut &bytes[..])?.1)
+}
+
+/// [`describe`] a checkpoint held in memory; `path` names it in messages and may give the
+/// step.
+pub fn describe_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointFile> {
+    let len = bytes.len() as u64;
+    let (header, tensors) = read_checked(path, len, &mut &bytes[..])?;
+    describe_header(path, len, &header, tensors)
+}
+
 /// List the checkpoints of a directory, ordered by step.
 pub fn scan(dir: &Path) -> Result<Vec<CheckpointFile>> {
-    let meta = std::fs::metadata(dir).map_err(|e| LcaError::io(dir, e))?;
-    if !meta.is_dir() {
-        return Err(ck_err(dir, "is not a directory of checkpoints"));
-    }
-    let mut paths = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
-        let entry = entry.map_err(|e| LcaError::io(dir, e))?;
-        let p = entry.path();
-        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
-            paths.push(p);
-        }
-    }
+    let paths = list(dir)?;
     if paths.is_empty() {
         return Err(ck_err(dir, "contains no *.safetensors files"));
     }
-    paths.sort();
     let mut files: Vec<CheckpointFile> =
         paths.iter().map(|p| describe(p)).collect::<Result<_>>()?;
     files.sort_by_key(|f| f.step);
@@ -198,6 +384,24 @@ pub fn scan(dir: &Path) -> Result<Vec<CheckpointFile>> {
         }
     }
     Ok(files)
+}
+
+/// The `*.safetensors` files of a directory (not recursive), sorted by path.
+pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(dir).map_err(|e| LcaError::io(dir, e))?;
+    if !meta.is_dir() {
+        return Err(ck_err(dir, "is not a directory of checkpoints"));
+    }
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
+        let entry = entry.map_err(|e| LcaError::io(dir, e))?;
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+            paths.push(p);
+        }
+    }
+    paths.sort();
+    Ok(paths)
 }
 
 /// Pick checkpoints with `first <= step <= last`, then every `every`-th of those.
@@ -231,7 +435,13 @@ pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
             ),
         ));
     }
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    load_bytes(file, &bytes, params)
+}
+
+/// [`load`] from a buffer holding the file's bytes.
+pub fn load_bytes(file: &CheckpointFile, bytes: &[u8], params: &[ParamInfo]) -> Result<Loaded> {
+    let path = &file.path;
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| ck_err(path, format!("not a valid safetensors file: {e}")))?;
     let mut theta = Vec::with_capacity(params.len());
     for p in params {
@@ -273,10 +483,19 @@ pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
         }
         let v = crate::tensors::to_f64(&t)
             .map_err(|d| ck_err(path, format!("tensor '{}': unsupported dtype {d}", p.name)))?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        // Values are computed in f32: an F64 value beyond its range is as unusable as Inf.
+        if let Some(i) = v.iter().position(|&x| !(x as f32).is_finite()) {
+            let what = if v[i].is_finite() {
+                format!(
+                    "{:e} (beyond the f32 range the evaluator computes in)",
+                    v[i]
+                )
+            } else {
+                v[i].to_string()
+            };
             return Err(ck_err(
                 path,
-                format!("tensor '{}' holds {} at flat index {i}", p.name, v[i]),
+                format!("tensor '{}' holds {what} at flat index {i}", p.name),
             ));
         }
         theta.push(v.into_iter().map(|x| x as f32).collect());
@@ -290,14 +509,41 @@ pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
     unused.sort();
     Ok(Loaded {
         theta,
-        sha256: crate::tensors::sha256_hex(&bytes),
+        sha256: crate::tensors::sha256_hex(bytes),
         unused,
     })
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raw(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn duplicate_names_and_fields_are_refused_like_safetensors_does() {
+        let p = Path::new("ckpt_3.safetensors");
+        let ok = r#"{"fc.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        assert_eq!(describe_bytes(p, &raw(ok, &[0; 8])).unwrap().step, 3);
+        // Found by the fuzzer: serde_json keeps the last of two equal keys, the safetensors
+        // library refuses the file.
+        let dup = r#"{"fc.bias":{"data_offsets":[0,8]},"fc.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let e = describe_bytes(p, &raw(dup, &[0; 8]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'fc.bias' twice"), "{e}");
+        let dup_field =
+            r#"{"fc.bias":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let e = describe_bytes(p, &raw(dup_field, &[0; 8]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a valid safetensors header"), "{e}");
+        assert!(e.contains("dtype"), "{e}");
+    }
 
     #[test]
     fn last_integer_of_names() {

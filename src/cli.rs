@@ -118,6 +118,10 @@ pub struct AnalyzeArgs {
     /// No progress bar or notes on stderr (the final residual report is still printed).
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Continue the interrupted run in OUT where it stopped (refused if an input or option
+    /// changed; starts afresh when there is nothing to resume).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Args)]
@@ -281,7 +285,9 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         store: (!a.no_lca_tensors).then_some(a.lca_dtype),
         quiet: a.quiet,
         precision: a.precision,
+        resume: a.resume,
     };
+    crate::interrupt::install();
     let quiet = a.quiet;
     let s = analyze(&opts, &mut |m| {
         if !quiet {

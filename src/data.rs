@@ -44,6 +44,11 @@ fn read_safetensors(path: &Path, bytes: &[u8], names: [&str; 2]) -> Result<[Raw;
         path: path.to_path_buf(),
         msg,
     };
+    // The same complete header check as for checkpoints, for messages that say what is wrong.
+    crate::checkpoint::check_bytes(path, bytes).map_err(|e| match e {
+        LcaError::Checkpoint { msg, .. } => err(format!("not a valid safetensors file: {msg}")),
+        other => other,
+    })?;
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let get = |name: &str| -> Result<Raw> {
@@ -123,6 +128,11 @@ impl Dataset {
             path: path.to_path_buf(),
             msg,
         };
+        if path.is_dir() {
+            return Err(err(
+                "is a directory, not a data file (.safetensors or .npz)".into(),
+            ));
+        }
         let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
         let sha256 = crate::tensors::sha256_hex(&bytes);
         let names = [spec.x.as_str(), spec.y.as_str()];
@@ -216,9 +226,21 @@ impl Dataset {
                 ((v * scale - mean[c]) / std[c]) as f32
             })
             .collect();
+        // The evaluator computes in f32: a value that preprocessing takes beyond its range is
+        // as unusable as a NaN in the file.
+        if let Some(i) = xs.iter().position(|v| !v.is_finite()) {
+            return Err(err(format!(
+                "'{}' sample {} (flat index {}) holds {:e}, beyond the f32 range after preprocessing (scale, mean, std)",
+                spec.x,
+                i / per,
+                i % per,
+                x.values[i]
+            )));
+        }
         let mut shape = vec![n];
         shape.extend(&sample_shape);
-        let xarr = ArrayD::from_shape_vec(IxDyn(&shape), xs).expect("sizes match");
+        let xarr = ArrayD::from_shape_vec(IxDyn(&shape), xs)
+            .map_err(|e| err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x)))?;
 
         let y_shape = y.shape[1..].to_vec();
         let targets = match loss {
@@ -257,9 +279,19 @@ impl Dataset {
                 }
                 let mut s = vec![n];
                 s.extend(&y_shape);
+                let vals: Vec<f32> = y.values.iter().map(|&v| v as f32).collect();
+                if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+                    let per_y: usize = y_shape.iter().product::<usize>().max(1);
+                    return Err(err(format!(
+                        "'{}' sample {} holds {:e}, beyond the f32 range",
+                        spec.y,
+                        i / per_y,
+                        y.values[i]
+                    )));
+                }
                 Targets::Values(
-                    ArrayD::from_shape_vec(IxDyn(&s), y.values.iter().map(|&v| v as f32).collect())
-                        .expect("sizes match"),
+                    ArrayD::from_shape_vec(IxDyn(&s), vals)
+                        .map_err(|e| err(format!("'{}' cannot take shape {s:?}: {e}", spec.y)))?,
                 )
             }
         };
@@ -296,8 +328,12 @@ impl Dataset {
         match (&self.targets, loss) {
             (Targets::Classes { ids, per_sample }, LossKind::CrossEntropy) => {
                 let (k, lead) = match out_shape.split_last() {
-                    Some((k, lead)) => (*k, lead),
-                    None => return Err(err("the model output has no class axis".into())),
+                    Some((k, lead)) if *k > 0 => (*k, lead),
+                    _ => {
+                        return Err(err(format!(
+                            "the model output {out_shape:?} has no class axis with at least one class"
+                        )));
+                    }
                 };
                 let rows: usize = lead.iter().product::<usize>().max(1);
                 if rows != *per_sample {

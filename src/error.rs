@@ -44,6 +44,12 @@ pub enum LcaError {
     /// Invalid command-line usage detected by the library.
     #[error("{0}")]
     Usage(String),
+    /// The run was stopped by a signal (Ctrl-C, SIGTERM); the message says what was kept.
+    #[error("{0}")]
+    Interrupted(String),
+    /// A run failed after finishing some steps, which are kept for `--resume`.
+    #[error("{error}\n{kept}")]
+    Stopped { error: Box<LcaError>, kept: String },
 }
 
 impl LcaError {

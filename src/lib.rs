@@ -17,6 +17,8 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod inspect;
+pub mod interrupt;
+pub mod journal;
 pub mod lca;
 pub mod net;
 pub mod plot;

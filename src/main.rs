@@ -8,7 +8,41 @@ fn main() -> std::process::ExitCode {
         Ok(status) => std::process::ExitCode::from(status.code()),
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(2)
+            let err = e.downcast_ref::<lca::LcaError>();
+            if matches!(
+                err,
+                Some(lca::LcaError::Interrupted(_) | lca::LcaError::Stopped { .. })
+            ) && !e.to_string().contains("nothing was kept")
+            {
+                eprintln!("to continue: {}", resume_command());
+            }
+            match err {
+                Some(lca::LcaError::Interrupted(_)) => {
+                    std::process::ExitCode::from(lca::interrupt::EXIT_STATUS)
+                }
+                _ => std::process::ExitCode::from(2),
+            }
         }
     }
+}
+
+/// This command line with `--resume` (once), quoted for a POSIX shell.
+fn resume_command() -> String {
+    let quote = |a: &str| {
+        if !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+        {
+            a.to_string()
+        } else {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        }
+    };
+    let mut args: Vec<String> = std::env::args_os()
+        .map(|a| quote(&a.to_string_lossy()))
+        .collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    args.join(" ")
 }

@@ -67,6 +67,18 @@ impl Progress {
         self.bar.set_length(n.max(self.bar.position()));
     }
 
+    /// `n` evaluations done (a resumed run starts part way).
+    pub fn advance(&self, n: u64) {
+        self.bar.inc(n);
+    }
+
+    /// Grow the expected total (adaptive refinement added evaluations).
+    pub fn add_length(&self, n: u64) {
+        if n > 0 {
+            self.bar.inc_length(n);
+        }
+    }
+
     /// Show a message beside the bar.
     pub fn message(&self, m: &str) {
         self.bar.set_message(m.to_string());

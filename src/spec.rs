@@ -619,7 +619,26 @@ struct RawSpec {
 impl Spec {
     /// Read and parse a spec file.
     pub fn load(path: &Path) -> Result<Spec> {
-        let source = std::fs::read_to_string(path).map_err(|e| LcaError::io(path, e))?;
+        if path.is_dir() {
+            return Err(LcaError::Spec {
+                path: path.to_path_buf(),
+                line: None,
+                msg: "is a directory, not a spec file (model.toml)".into(),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
+        let source = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let bytes = e.as_bytes();
+            LcaError::Spec {
+                path: path.to_path_buf(),
+                line: Some(bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1),
+                msg: format!(
+                    "not UTF-8 text (byte 0x{:02x} at offset {at}): a spec is a TOML text file",
+                    bytes.get(at).copied().unwrap_or(0)
+                ),
+            }
+        })?;
         Spec::parse(&source, path)
     }
 

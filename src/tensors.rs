@@ -13,7 +13,8 @@ pub fn to_f64(t: &TensorView<'_>) -> Result<Vec<f64>, String> {
         ($ty:ty, $n:expr, $f:expr) => {
             b.chunks_exact($n)
                 .map(|c| {
-                    let v = <$ty>::from_le_bytes(c.try_into().expect("chunk size"));
+                    // chunks_exact yields slices of exactly $n bytes.
+                    let v = <$ty>::from_le_bytes(c.try_into().expect("chunk of the type's size"));
                     #[allow(clippy::redundant_closure_call)]
                     ($f)(v)
                 })
@@ -60,8 +61,32 @@ pub fn is_int_dtype(d: Dtype) -> bool {
 
 /// Lower-case hex sha256 of a byte buffer.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
+    hex(&sha256(bytes))
+}
+
+/// sha256 of a byte buffer.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lower-case hex sha256 of a file's content, read in pieces (the file is not held in memory).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use super::{Exporter, GroupStep, ParamTotals, StepOutput, Summary, create};
 use crate::error::{LcaError, Result};
 use serde::Serialize;
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 type Writer = csv::Writer<BufWriter<File>>;
@@ -67,6 +67,31 @@ pub struct CsvExporter {
     tensors: Writer,
 }
 
+/// Reopen a streamed table of an interrupted run, cut back to `len` bytes (the rows of the
+/// steps its journal recorded), to append the following rows.
+fn reopen(path: &Path, len: u64) -> Result<Writer> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| LcaError::io(path, e))?;
+    let have = f.metadata().map_err(|e| LcaError::io(path, e))?.len();
+    if have < len {
+        return Err(LcaError::Output {
+            path: path.to_path_buf(),
+            msg: format!(
+                "holds {have} bytes but the resume journal recorded {len}: the interrupted run's files were damaged; delete the journal directory to start over"
+            ),
+        });
+    }
+    f.set_len(len).map_err(|e| LcaError::io(path, e))?;
+    let mut w = BufWriter::new(f);
+    w.seek(SeekFrom::End(0))
+        .map_err(|e| LcaError::io(path, e))?;
+    Ok(csv::WriterBuilder::new()
+        .has_headers(len == 0)
+        .from_writer(w))
+}
+
 impl CsvExporter {
     /// Open the streamed tables at the given (temporary) paths: steps, layers, tensors, params.
     pub fn new(paths: [PathBuf; 4]) -> Result<CsvExporter> {
@@ -76,6 +101,22 @@ impl CsvExporter {
             tensors: open(&paths[2])?,
             paths,
         })
+    }
+
+    /// Continue the tables of an interrupted run: `lengths` of steps, layers and tensors as
+    /// its journal recorded them (what follows is cut off and written again).
+    pub fn resume(paths: [PathBuf; 4], lengths: [u64; 3]) -> Result<CsvExporter> {
+        Ok(CsvExporter {
+            steps: reopen(&paths[0], lengths[0])?,
+            layers: reopen(&paths[1], lengths[1])?,
+            tensors: reopen(&paths[2], lengths[2])?,
+            paths,
+        })
+    }
+
+    /// The streamed tables' paths (steps, layers, tensors).
+    pub fn streamed(&self) -> &[PathBuf] {
+        &self.paths[..3]
     }
 }
 
@@ -156,6 +197,22 @@ impl Exporter for CsvExporter {
         group_rows(&mut self.layers, &self.paths[1], out, out.layers, false)?;
         group_rows(&mut self.tensors, &self.paths[2], out, out.tensors, true)?;
         Ok(())
+    }
+
+    fn sync(&mut self) -> Result<Vec<(PathBuf, u64)>> {
+        let mut out = Vec::with_capacity(3);
+        for (w, p) in [
+            (&mut self.steps, &self.paths[0]),
+            (&mut self.layers, &self.paths[1]),
+            (&mut self.tensors, &self.paths[2]),
+        ] {
+            w.flush().map_err(|e| LcaError::io(p, e))?;
+            let f = w.get_ref().get_ref();
+            f.sync_data().map_err(|e| LcaError::io(p, e))?;
+            let len = f.metadata().map_err(|e| LcaError::io(p, e))?.len();
+            out.push((p.clone(), len));
+        }
+        Ok(out)
     }
 
     fn finish(&mut self, summary: &Summary, totals: &ParamTotals) -> Result<()> {

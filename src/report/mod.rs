@@ -56,15 +56,26 @@ pub trait Exporter {
     fn step(&mut self, out: &StepOutput<'_>) -> Result<()>;
     /// Called once at the end with the run's summary and per-parameter totals.
     fn finish(&mut self, summary: &Summary, totals: &ParamTotals) -> Result<()>;
+    /// Push everything written so far to stable storage (for the resume journal) and return
+    /// the byte length of each file that grows step by step; files written in place need no
+    /// length.
+    fn sync(&mut self) -> Result<Vec<(PathBuf, u64)>> {
+        Ok(Vec::new())
+    }
 }
 
-/// The output directory. Files are written under temporary names and renamed into place by
-/// [`OutDir::commit`]; if the run fails, the temporary files are removed and any previous
-/// outputs are left untouched.
+/// The output directory. Files are written under temporary names (`.NAME.partial`) and
+/// renamed into place by [`OutDir::commit`]; if the run fails before any step is journaled,
+/// the temporary files are removed and any previous outputs are left untouched.
 pub struct OutDir {
     pub dir: PathBuf,
     pending: Vec<(PathBuf, PathBuf)>,
     committed: bool,
+    /// Leave the temporary files for `--resume` when dropped without commit.
+    keep: bool,
+    /// The directory, opened and locked (advisory, exclusive) so that two runs never write
+    /// into it at once; released when dropped.
+    _lock: std::fs::File,
 }
 
 /// Name of the file that marks a directory as an lca output.
@@ -82,65 +93,234 @@ pub const OUTPUT_FILES: [&str; 7] = [
     "lca_validation.safetensors",
 ];
 
+/// The temporary name of output file `name`.
+pub fn partial_name(name: &str) -> String {
+    format!(".{name}.partial")
+}
+
+/// Whether a directory entry is one of lca's own: an output, a temporary output or the
+/// resume journal.
+fn is_lca_entry(name: &str) -> bool {
+    name == crate::journal::DIR
+        || OUTPUT_FILES
+            .iter()
+            .any(|f| name == *f || name == partial_name(f))
+}
+
+/// What [`OutDir::prepare`] found in an existing directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    /// It held a finished output (`summary.json`).
+    pub finished_output: bool,
+    /// It held an interrupted commit, which was completed.
+    pub completed_commit: bool,
+}
+
 impl OutDir {
-    /// Prepare `dir` for output. It may be new, empty, or hold a previous lca output (which is
-    /// replaced); anything else is refused so that user files are never overwritten.
-    pub fn prepare(dir: &Path) -> Result<OutDir> {
-        if dir.exists() {
+    /// Prepare `dir` for output. It may be new, empty, hold a previous lca output (which is
+    /// replaced on commit) or lca's temporary files and resume journal; anything else is
+    /// refused so that user files are never overwritten. A commit that was interrupted is
+    /// completed first.
+    pub fn prepare(dir: &Path) -> Result<(OutDir, Found)> {
+        let mut found = Found {
+            finished_output: false,
+            completed_commit: false,
+        };
+        let mut lock = None;
+        if dir.exists() || dir.is_symlink() {
             if !dir.is_dir() {
                 return Err(LcaError::Output {
                     path: dir.to_path_buf(),
-                    msg: "exists and is not a directory".into(),
+                    msg: "exists and is not a directory; choose another -o".into(),
                 });
             }
-            let mut entries = std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))?;
-            let non_empty = entries.next().is_some();
-            if non_empty && !dir.join(SUMMARY_FILE).is_file() {
+            let mut foreign = Vec::new();
+            for e in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
+                let e = e.map_err(|e| LcaError::io(dir, e))?;
+                let name = e.file_name().to_string_lossy().to_string();
+                if !is_lca_entry(&name) {
+                    foreign.push(name);
+                }
+            }
+            let ours = dir.join(SUMMARY_FILE).is_file() || dir.join(crate::journal::DIR).is_dir();
+            if !foreign.is_empty() && !ours {
+                foreign.sort();
                 return Err(LcaError::Output {
                     path: dir.to_path_buf(),
-                    msg: "exists, is not empty and does not hold an lca output (no summary.json); choose another -o".into(),
+                    msg: format!(
+                        "exists, is not empty and does not hold an lca output (no summary.json; it has {}); choose another -o",
+                        foreign
+                            .iter()
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                            + if foreign.len() > 3 { ", …" } else { "" }
+                    ),
                 });
             }
+            lock = Some(lock_dir(dir)?);
+            found.completed_commit = complete_commit(dir)?;
+            found.finished_output = dir.join(SUMMARY_FILE).is_file();
         } else {
-            std::fs::create_dir_all(dir).map_err(|e| LcaError::io(dir, e))?;
+            std::fs::create_dir_all(dir).map_err(|e| LcaError::Output {
+                path: dir.to_path_buf(),
+                msg: format!("cannot create the output directory: {e}"),
+            })?;
         }
-        Ok(OutDir {
-            dir: dir.to_path_buf(),
-            pending: Vec::new(),
-            committed: false,
-        })
+        let lock = match lock {
+            Some(l) => l,
+            None => lock_dir(dir)?,
+        };
+        Ok((
+            OutDir {
+                dir: dir.to_path_buf(),
+                pending: Vec::new(),
+                committed: false,
+                keep: false,
+                _lock: lock,
+            },
+            found,
+        ))
+    }
+
+    /// Remove temporary files a previous run left (a fresh run rewrites them all).
+    pub fn remove_partials(&self) -> Result<()> {
+        for f in OUTPUT_FILES {
+            let p = self.dir.join(partial_name(f));
+            if p.is_file() {
+                std::fs::remove_file(&p).map_err(|e| LcaError::io(&p, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// A temporary path for the output file `name`, renamed to `name` on commit.
     pub fn partial(&mut self, name: &str) -> PathBuf {
-        let tmp = self.dir.join(format!(".{name}.partial"));
+        let tmp = self.dir.join(partial_name(name));
         self.pending.push((tmp.clone(), self.dir.join(name)));
         tmp
     }
 
-    /// Rename every temporary file into place (summary.json last).
+    /// Final names of the files registered with [`OutDir::partial`], in order.
+    pub fn pending_names(&self) -> Vec<String> {
+        self.pending
+            .iter()
+            .filter_map(|(_, f)| f.file_name().map(|n| n.to_string_lossy().to_string()))
+            .collect()
+    }
+
+    /// Keep the temporary files if the run stops before [`OutDir::commit`] (they belong to a
+    /// journaled run that `--resume` continues).
+    pub fn keep_partials(&mut self) {
+        self.keep = true;
+    }
+
+    /// Put every finished file in place and drop the resume journal.
+    ///
+    /// 1. fsync every temporary file, then record the renames in `.lca-resume/commit.json`;
+    /// 2. remove the old `summary.json` first (so that the directory never holds a summary
+    ///    beside tables of another run) and any output of a previous run this one does not
+    ///    write;
+    /// 3. rename the temporary files into place, `summary.json` last;
+    /// 4. remove the journal.
+    ///
+    /// A run killed during 2–3 leaves the marker; the next `analyze` into the directory
+    /// completes the renames before anything else.
     pub fn commit(mut self) -> Result<Vec<PathBuf>> {
         self.pending
             .sort_by_key(|(_, f)| f.file_name().is_some_and(|n| n == SUMMARY_FILE));
-        for name in OUTPUT_FILES {
-            let stale = self.dir.join(name);
-            if !self.pending.iter().any(|(_, f)| *f == stale) && stale.is_file() {
-                std::fs::remove_file(&stale).map_err(|e| LcaError::io(&stale, e))?;
-            }
+        for (tmp, _) in &self.pending {
+            std::fs::File::open(tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| LcaError::io(tmp, e))?;
         }
-        let mut done = Vec::new();
-        for (tmp, fin) in &self.pending {
-            std::fs::rename(tmp, fin).map_err(|e| LcaError::io(fin, e))?;
-            done.push(fin.clone());
-        }
+        let jdir = self.dir.join(crate::journal::DIR);
+        std::fs::create_dir_all(&jdir).map_err(|e| LcaError::io(&jdir, e))?;
+        let names: Vec<String> = self
+            .pending
+            .iter()
+            .filter_map(|(_, f)| f.file_name().map(|n| n.to_string_lossy().to_string()))
+            .collect();
+        let marker = serde_json::to_vec(&names).map_err(|e| LcaError::Output {
+            path: jdir.join(crate::journal::COMMIT),
+            msg: e.to_string(),
+        })?;
+        crate::journal::write_atomic(&jdir.join(crate::journal::COMMIT), &marker)?;
         self.committed = true;
-        Ok(done)
+        complete_commit(&self.dir)?;
+        Ok(self.pending.iter().map(|(_, f)| f.clone()).collect())
     }
+}
+
+/// Open `dir` and take an exclusive advisory lock on it, or say that another run holds it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(dir).map_err(|e| LcaError::io(dir, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LcaError::Output {
+            path: dir.to_path_buf(),
+            msg: "is in use by another lca analyze (wait for it to finish, or choose another -o)"
+                .into(),
+        }),
+        // File systems without locks: go on unprotected rather than refuse to work.
+        Err(std::fs::TryLockError::Error(_)) => Ok(f),
+    }
+}
+
+/// Carry out the renames recorded in `.lca-resume/commit.json`, if there is one, and remove
+/// the journal. Returns whether there was one.
+fn complete_commit(dir: &Path) -> Result<bool> {
+    let jdir = dir.join(crate::journal::DIR);
+    let marker = jdir.join(crate::journal::COMMIT);
+    if !marker.is_file() {
+        return Ok(false);
+    }
+    let bad = |msg: String| LcaError::Output {
+        path: marker.clone(),
+        msg,
+    };
+    let text = std::fs::read(&marker).map_err(|e| LcaError::io(&marker, e))?;
+    let names: Vec<String> = serde_json::from_slice(&text).map_err(|e| {
+        bad(format!(
+            "unreadable commit record ({e}); delete {} and run again",
+            jdir.display()
+        ))
+    })?;
+    if let Some(n) = names.iter().find(|n| !OUTPUT_FILES.contains(&n.as_str())) {
+        return Err(bad(format!("names an unknown output file {n:?}")));
+    }
+    let summary = dir.join(SUMMARY_FILE);
+    if names.iter().any(|n| n == SUMMARY_FILE)
+        && dir.join(partial_name(SUMMARY_FILE)).is_file()
+        && summary.is_file()
+    {
+        std::fs::remove_file(&summary).map_err(|e| LcaError::io(&summary, e))?;
+    }
+    for name in OUTPUT_FILES {
+        let stale = dir.join(name);
+        if !names.iter().any(|n| n == name) && stale.is_file() {
+            std::fs::remove_file(&stale).map_err(|e| LcaError::io(&stale, e))?;
+        }
+    }
+    let mut order: Vec<&String> = names.iter().filter(|n| *n != SUMMARY_FILE).collect();
+    order.extend(names.iter().filter(|n| *n == SUMMARY_FILE));
+    for name in order {
+        let tmp = dir.join(partial_name(name));
+        if tmp.is_file() {
+            let fin = dir.join(name);
+            std::fs::rename(&tmp, &fin).map_err(|e| LcaError::io(&fin, e))?;
+        }
+    }
+    crate::journal::sync_dir(dir);
+    std::fs::remove_dir_all(&jdir).map_err(|e| LcaError::io(&jdir, e))?;
+    crate::journal::sync_dir(dir);
+    Ok(true)
 }
 
 impl Drop for OutDir {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && !self.keep {
             for (tmp, _) in &self.pending {
                 let _ = std::fs::remove_file(tmp);
             }

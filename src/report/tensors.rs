@@ -8,7 +8,7 @@
 use super::{Exporter, ParamTotals, StepOutput, Summary};
 use crate::error::{LcaError, Result};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 /// Element type of the stored per-step LCA.
@@ -44,6 +44,56 @@ pub enum TensorSource {
     Validation,
 }
 
+/// The header bytes (length prefix included), each tensor's (offset, elements per step) and
+/// the data section's length.
+type Layout = (Vec<u8>, Vec<(u64, usize)>, u64);
+
+fn layout(params: &[(String, Vec<usize>)], steps: &[(u64, u64)], dtype: StoreDtype) -> Layout {
+    let es = match dtype {
+        StoreDtype::F32 => 4u64,
+        StoreDtype::F64 => 8,
+    };
+    let mut header = serde_json::Map::new();
+    let list = |f: &dyn Fn(&(u64, u64)) -> u64| {
+        serde_json::Value::from(
+            serde_json::Value::from(steps.iter().map(f).collect::<Vec<_>>()).to_string(),
+        )
+    };
+    let mut meta = serde_json::Map::new();
+    meta.insert("steps".into(), list(&|s| s.0));
+    meta.insert("next_steps".into(), list(&|s| s.1));
+    meta.insert(
+        "producer".into(),
+        format!("lca {}", env!("CARGO_PKG_VERSION")).into(),
+    );
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut offsets = Vec::new();
+    let mut at = 0u64;
+    for (name, shape) in params {
+        let numel: usize = shape.iter().product();
+        let len = numel as u64 * steps.len() as u64 * es;
+        let mut full = vec![steps.len()];
+        full.extend(shape);
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": match dtype { StoreDtype::F32 => "F32", StoreDtype::F64 => "F64" },
+                "shape": full,
+                "data_offsets": [at, at + len],
+            }),
+        );
+        offsets.push((at, numel));
+        at += len;
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    (bytes, offsets, at)
+}
+
 impl TensorExporter {
     /// Create the file for `steps` steps of the given parameter tensors (name, shape).
     pub fn new(
@@ -52,51 +102,12 @@ impl TensorExporter {
         steps: &[(u64, u64)],
         dtype: StoreDtype,
     ) -> Result<TensorExporter> {
-        let es = match dtype {
-            StoreDtype::F32 => 4u64,
-            StoreDtype::F64 => 8,
-        };
-        let mut header = serde_json::Map::new();
-        let list = |f: &dyn Fn(&(u64, u64)) -> u64| {
-            serde_json::to_string(&steps.iter().map(f).collect::<Vec<_>>()).expect("numbers")
-        };
-        let mut meta = serde_json::Map::new();
-        meta.insert("steps".into(), list(&|s| s.0).into());
-        meta.insert("next_steps".into(), list(&|s| s.1).into());
-        meta.insert(
-            "producer".into(),
-            format!("lca {}", env!("CARGO_PKG_VERSION")).into(),
-        );
-        header.insert("__metadata__".into(), serde_json::Value::Object(meta));
-        let mut offsets = Vec::new();
-        let mut at = 0u64;
-        for (name, shape) in params {
-            let numel: usize = shape.iter().product();
-            let len = numel as u64 * steps.len() as u64 * es;
-            let mut full = vec![steps.len()];
-            full.extend(shape);
-            header.insert(
-                name.clone(),
-                serde_json::json!({
-                    "dtype": match dtype { StoreDtype::F32 => "F32", StoreDtype::F64 => "F64" },
-                    "shape": full,
-                    "data_offsets": [at, at + len],
-                }),
-            );
-            offsets.push((at, numel));
-            at += len;
-        }
-        let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-        while !h.len().is_multiple_of(8) {
-            h.push(b' ');
-        }
+        let (header, offsets, data_len) = layout(params, steps, dtype);
         let mut file = File::create(&path).map_err(|e| LcaError::io(&path, e))?;
         let io = |e| LcaError::io(&path, e);
-        file.write_all(&(h.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        file.write_all(&h).map_err(io)?;
-        let data_start = 8 + h.len() as u64;
-        file.set_len(data_start + at).map_err(io)?;
+        file.write_all(&header).map_err(io)?;
+        let data_start = header.len() as u64;
+        file.set_len(data_start + data_len).map_err(io)?;
         Ok(TensorExporter {
             path,
             file,
@@ -104,6 +115,45 @@ impl TensorExporter {
             offsets,
             dtype,
             step_index: 0,
+            steps: steps.len(),
+            source: TensorSource::Train,
+        })
+    }
+
+    /// Reopen the file of an interrupted run whose first `done` steps are written; the rows
+    /// of later steps are written again.
+    pub fn resume(
+        path: PathBuf,
+        params: &[(String, Vec<usize>)],
+        steps: &[(u64, u64)],
+        dtype: StoreDtype,
+        done: usize,
+    ) -> Result<TensorExporter> {
+        let (header, offsets, data_len) = layout(params, steps, dtype);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| LcaError::io(&path, e))?;
+        let io = |e| LcaError::io(&path, e);
+        let len = file.metadata().map_err(io)?.len();
+        let mut head = vec![0u8; header.len()];
+        let same = len == header.len() as u64 + data_len
+            && file.read_exact(&mut head).is_ok()
+            && head == header;
+        if !same || done > steps.len() {
+            return Err(LcaError::Output {
+                path,
+                msg: "does not have the layout the resume journal expects: the interrupted run's files were damaged; delete the journal directory to start over".into(),
+            });
+        }
+        Ok(TensorExporter {
+            path,
+            file,
+            data_start: header.len() as u64,
+            offsets,
+            dtype,
+            step_index: done as u64,
             steps: steps.len(),
             source: TensorSource::Train,
         })
@@ -147,6 +197,13 @@ impl Exporter for TensorExporter {
         }
         self.step_index += 1;
         Ok(())
+    }
+
+    fn sync(&mut self) -> Result<Vec<(PathBuf, u64)>> {
+        self.file
+            .sync_data()
+            .map_err(|e| LcaError::io(&self.path, e))?;
+        Ok(Vec::new())
     }
 
     fn finish(&mut self, _summary: &Summary, _totals: &ParamTotals) -> Result<()> {

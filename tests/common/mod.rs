@@ -228,15 +228,20 @@ pub fn tiny() -> Tiny {
 }
 
 impl Tiny {
-    /// Run analyze on this problem; returns the output.
+    /// Run analyze on this problem into `out/`; returns the output.
     pub fn run(&self, extra: &[&str]) -> std::process::Output {
+        self.run_to(&self.dir.path().join("out"), extra)
+    }
+
+    /// Run analyze on this problem into `out`; returns the output.
+    pub fn run_to(&self, out: &Path, extra: &[&str]) -> std::process::Output {
         lca()
             .arg("analyze")
             .arg(&self.ckpts)
             .arg("--spec")
             .arg(&self.spec)
             .arg("-o")
-            .arg(self.dir.path().join("out"))
+            .arg(out)
             .arg("--quiet")
             .args(extra)
             .output()
@@ -256,5 +261,42 @@ pub fn fails_with(o: &std::process::Output, needles: &[&str]) -> String {
     for n in needles {
         assert!(err.contains(n), "stderr lacks {n:?}: {err}");
     }
+    if std::env::var_os("LCA_SHOW_ERRORS").is_some() {
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        eprintln!("[{test}] {}", err.trim_end());
+    }
     err
+}
+
+/// Write a safetensors file from a hand-made header (a JSON object) and data section, to
+/// build files the library would refuse to write.
+pub fn write_raw_st(path: &Path, header: &Value, data: &[u8]) {
+    let mut h = serde_json::to_vec(header).unwrap();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Assert that a directory holds no file under an output's final name (only hidden
+/// temporary files and the journal, if anything).
+pub fn no_visible_outputs(out: &Path) {
+    let left: Vec<String> = std::fs::read_dir(out)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|n| n.starts_with('.')),
+        "left behind: {left:?}"
+    );
 }
