@@ -56,6 +56,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Dry run of `analyze`: list steps and tensors, validate them, estimate the work.
     Inspect(InspectArgs),
+    /// Draft a model spec from a checkpoint (and the training set), with TODO lines to review.
+    Init(InitArgs),
     /// Print a shell completion script to stdout.
     Completions(CompletionsArgs),
     /// Print the manual page (roff) to stdout, or write one page per command to a directory.
@@ -204,6 +206,26 @@ pub struct InspectArgs {
     /// Worker threads for the timed evaluation (default: all cores).
     #[arg(long, short = 'j')]
     pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// A checkpoint (*.safetensors), or a directory of them (its first checkpoint is used).
+    pub ckpt: PathBuf,
+    /// The training set (.safetensors or .npz): input shape, preprocessing, loss, classes.
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Spec file to write (never replaced unless --force).
+    #[arg(
+        long = "output",
+        short = 'o',
+        value_name = "FILE",
+        default_value = "model.toml"
+    )]
+    pub file: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -401,6 +423,18 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_init(a: InitArgs) -> anyhow::Result<()> {
+    let opts = crate::init::InitOptions {
+        ckpt: a.ckpt,
+        data: a.data,
+        out: a.file,
+        force: a.force,
+    };
+    let d = crate::init::init(&opts)?;
+    eprint!("{}", crate::init::describe(&d, &opts.out));
+    Ok(())
+}
+
 fn run_completions(a: CompletionsArgs) {
     let mut cmd = Cli::command();
     let mut buf = Vec::new();
@@ -434,6 +468,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Status> {
         Command::Plot(a) => run_plot(a)?,
         Command::Check(a) => return run_check(a),
         Command::Inspect(a) => run_inspect(a)?,
+        Command::Init(a) => run_init(a)?,
         Command::Completions(a) => run_completions(a),
         Command::Man(a) => run_man(a)?,
     }
