@@ -49,6 +49,8 @@ pub enum Command {
     Summarize(SummarizeArgs),
     /// Draw a figure of an analysis as SVG or PNG.
     Plot(PlotArgs),
+    /// Write one self-contained HTML page of an analysis: metadata, residuals, figures, tables.
+    Report(ReportArgs),
     /// Gate CI on an analysis: residual bounds, layers that must not hurt, a baseline.
     ///
     /// Prints PASS or FAIL with the figures for each check. Exit status 0 when every check
@@ -159,6 +161,21 @@ pub struct PlotArgs {
     /// Height in pixels (default 800; taller for many layers or neurons).
     #[arg(long)]
     pub height: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Output directory of `lca analyze`.
+    pub out: PathBuf,
+    /// HTML file to write (replaced atomically).
+    #[arg(long = "output", short = 'o', value_name = "FILE")]
+    pub file: PathBuf,
+    /// Layer of the heat map [default: the layer with the largest |LCA|].
+    #[arg(long, value_name = "NAME")]
+    pub heatmap_layer: Option<String>,
+    /// Rows of most helpful and of most hurtful parameters in the top-parameter table.
+    #[arg(long, value_name = "N", default_value_t = 15)]
+    pub top: usize,
 }
 
 #[derive(Debug, Args)]
@@ -383,6 +400,25 @@ fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_report(a: ReportArgs) -> anyhow::Result<()> {
+    let opts = crate::html::ReportOptions {
+        file: a.file,
+        heatmap_layer: a.heatmap_layer,
+        top: a.top,
+    };
+    let w = crate::html::report(&a.out, &opts)?;
+    for m in &w.missing {
+        eprintln!("note: figure not included: {m}");
+    }
+    eprintln!(
+        "wrote {} ({} kB, figures: {})",
+        w.file.display(),
+        w.bytes.div_ceil(1024),
+        w.figures.join(", ")
+    );
+    Ok(())
+}
+
 fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
     let opts = CheckOptions {
         max_residual: a.max_residual,
@@ -466,6 +502,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Status> {
         Command::Analyze(a) => run_analyze(a)?,
         Command::Summarize(a) => run_summarize(a)?,
         Command::Plot(a) => run_plot(a)?,
+        Command::Report(a) => run_report(a)?,
         Command::Check(a) => return run_check(a),
         Command::Inspect(a) => run_inspect(a)?,
         Command::Init(a) => run_init(a)?,
