@@ -405,6 +405,7 @@ fn run_report(a: ReportArgs) -> anyhow::Result<()> {
         file: a.file,
         heatmap_layer: a.heatmap_layer,
         top: a.top,
+        max_svg_cells: crate::html::MAX_SVG_CELLS,
     };
     let w = crate::html::report(&a.out, &opts)?;
     for m in &w.missing {

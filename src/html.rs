@@ -27,6 +27,8 @@ pub struct ReportOptions {
     pub heatmap_layer: Option<String>,
     /// Rows of the most helpful and of the most hurtful parameters.
     pub top: usize,
+    /// Heat maps with more cells are embedded as PNG ([`MAX_SVG_CELLS`] by default).
+    pub max_svg_cells: usize,
 }
 
 /// What was written.
@@ -272,9 +274,9 @@ fn default_heatmap_layer(s: &Summary) -> Option<String> {
 }
 
 /// Draw one figure for the page: inline SVG, or a PNG data URI for a huge heat map.
-fn figure_markup(fig: &Figure, tmp_dir: &Path) -> Result<String> {
+fn figure_markup(fig: &Figure, tmp_dir: &Path, max_cells: usize) -> Result<String> {
     let size = fig.default_size();
-    if fig.cells() > MAX_SVG_CELLS {
+    if fig.cells() > max_cells {
         let tmp = tmp_dir.join(format!(".lca-report-{}.png", std::process::id()));
         let r = fig.render(&tmp, size);
         let bytes = r.and_then(|_| std::fs::read(&tmp).map_err(|e| LcaError::io(&tmp, e)));
@@ -386,7 +388,7 @@ footer { margin-top: 40px; color: var(--muted); font-size: 0.85em; border-top: 1
   nav, .js-only, .hint { display: none !important; }
   h2 { break-after: avoid; page-break-after: avoid; }
   figure, .card, .verdict, tr, dl.meta { break-inside: avoid; page-break-inside: avoid; }
-  figure svg, figure img { border: 0; max-height: 23cm; width: auto; max-width: 100%; }
+  figure svg, figure img { border: 0; }
   th { position: static; }
   .scroll { overflow: visible; }
   th, td { white-space: normal; }
@@ -701,7 +703,7 @@ pub fn render(dir: &Path, opts: &ReportOptions) -> Result<(String, Vec<String>, 
         let _ = write!(
             h,
             "<figure id=\"fig-{name}\">{}<figcaption>{}</figcaption></figure>",
-            figure_markup(&fig, &tmp_dir)?,
+            figure_markup(&fig, &tmp_dir, opts.max_svg_cells)?,
             caption(kind, layer)
         );
         drawn.push(name.to_string());

@@ -6,7 +6,8 @@
 // sorts a table (and again reverses it), that the page still shows every table with
 // JavaScript disabled, and that it prints. Writes OUTDIR/report-1280x2000.png (the top of the
 // page as a laptop shows it), OUTDIR/report-full.png (the whole page) and
-// OUTDIR/report-partN.png (the whole page in 1280×2000 parts), OUTDIR/report.pdf.
+// OUTDIR/report-partN.png (the whole page in 1280×2000 parts), OUTDIR/report.pdf and
+// OUTDIR/report-print.png (the top of the page with print CSS, A4 width).
 import { spawn } from "node:child_process";
 import { mkdtempSync, writeFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -172,6 +173,12 @@ try {
   const pdfBytes = Buffer.from(pdf.data, "base64");
   writeFileSync(join(outDir, "report.pdf"), pdfBytes);
   if (pdfBytes.length < 10000) problems.push("the printed PDF is suspiciously small");
+  // What print CSS does, as a picture: the first 3000 px at the width of an A4 page (96 dpi).
+  await send("Emulation.setEmulatedMedia", { media: "print" });
+  await send("Emulation.setDeviceMetricsOverride", { width: 794, height: 3000, deviceScaleFactor: 1, mobile: false });
+  shot = await send("Page.captureScreenshot", { format: "png" });
+  writeFileSync(join(outDir, "report-print.png"), Buffer.from(shot.data, "base64"));
+  await send("Emulation.setEmulatedMedia", { media: "" });
 
   // Without JavaScript every table is still there, in model order, and readable.
   await send("Emulation.setScriptExecutionDisabled", { value: true });
