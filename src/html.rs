@@ -497,35 +497,45 @@ pub fn render(dir: &Path, opts: &ReportOptions) -> Result<(String, Vec<String>, 
     h.push_str(&card("gradient evaluations", r.evaluations.to_string()));
     h.push_str("</div>");
     let tol = s.integration.settings.abs_tol;
-    let exact = r.rel_abs_residual.is_finite() && r.rel_abs_residual <= 1e-3;
-    let _ = write!(
-        h,
-        "<p class=\"verdict {}\">{}</p>",
-        if exact && r.capped_steps.is_empty() {
-            "ok"
-        } else {
-            "warn"
-        },
-        if exact {
+    let rel = r.rel_abs_residual;
+    let shown = pct(rel).replace(' ', "\u{a0}");
+    let capped = if r.capped_steps.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " {} step(s) stayed above the residual bound {tol:e} at the largest number of splits.",
+            r.capped_steps.len()
+        )
+    };
+    let (class, text) = if rel.is_finite() && rel <= 1e-3 {
+        (
+            "ok",
             format!(
-                "The allocation is exact to {} of the loss change: the per-parameter LCA sums to ΔL on every step up to the residuals below{}.",
-                pct(r.rel_abs_residual).replace(' ', "\u{a0}"),
-                if r.capped_steps.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        ", but {} step(s) stayed above the bound {tol:e}",
-                        r.capped_steps.len()
-                    )
-                }
-            )
-        } else {
+                "The allocation is exact to {shown} of the loss change: on every step the per-parameter LCA sums to ΔL up to the residuals below.{capped}"
+            ),
+        )
+    } else if rel.is_finite() && rel <= 1e-2 {
+        (
+            "ok",
             format!(
-                "The residual is {} of the loss change: per-step integration errors are large compared with ΔL; read per-parameter figures with care (see the per-step residuals; a tighter --tolerance refines more).",
-                pct(r.rel_abs_residual).replace(' ', "\u{a0}")
-            )
-        }
-    );
+                "The allocation accounts for the loss change to within {shown} (Σ|r|/|ΔL|); the largest per-step residual is {:.2e}.{capped}",
+                r.max_abs_residual
+            ),
+        )
+    } else {
+        (
+            "warn",
+            format!(
+                "The residual is {shown} of the loss change: per-step integration errors are large compared with ΔL, so read per-parameter figures with care (a tighter --tolerance refines more steps; sparse checkpoints cannot be refined below their spacing).{capped}"
+            ),
+        )
+    };
+    let class = if r.capped_steps.is_empty() {
+        class
+    } else {
+        "warn"
+    };
+    let _ = write!(h, "<p class=\"verdict {class}\">{text}</p>");
     let mut layers_sorted: Vec<&crate::report::GroupTotal> = s.layers.iter().collect();
     layers_sorted.sort_by(|a, b| a.lca.total_cmp(&b.lca));
     if let Some(best) = layers_sorted.first() {
@@ -864,15 +874,15 @@ pub fn render(dir: &Path, opts: &ReportOptions) -> Result<(String, Vec<String>, 
     inputs.push((
         "checkpoints",
         format!(
-            "{} files, steps {}; {} training step(s) apart{}",
+            "{} files, steps {}; {}{}",
             s.checkpoints.len(),
             esc(&step_list(
                 &s.checkpoints.iter().map(|c| c.step).collect::<Vec<_>>()
             )),
-            if sp.min == sp.max {
-                sp.min.to_string()
-            } else {
-                format!("{}–{}", sp.min, sp.max)
+            match (sp.min, sp.max) {
+                (1, 1) => "one every training step".to_string(),
+                (a, b) if a == b => format!("{a} training steps apart"),
+                (a, b) => format!("{a}–{b} training steps apart"),
             },
             if sp.sparse {
                 " (sparse: the split over parameters follows the straight chord between checkpoints)"
