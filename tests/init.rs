@@ -109,11 +109,11 @@ fn mlp_heldout_draft_needs_only_the_documented_edits() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("model.toml");
     let text = draft("mlp_heldout", &spec);
-    // The held-out set next to the training set is found and offered, commented out.
-    let val = fixture("mlp_heldout/data/val.safetensors");
-    let val = std::fs::canonicalize(val).unwrap();
+    // The held-out set next to the training set is found and offered, commented out (as an
+    // absolute path, or relative to the spec's directory when that is short).
     assert!(
-        text.contains(&format!("# validation = \"{}\"", val.display())),
+        text.lines().any(|l| l.starts_with("# validation = \"")
+            && l.ends_with("mlp_heldout/data/val.safetensors\"")),
         "{text}"
     );
     std::fs::write(&spec, resolve_heldout_todos(&text, "1e-4")).unwrap();
