@@ -1020,7 +1020,7 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                 o.todo(&format!(
                     "the layers named {b}.* form one block (a ResNet or transformer block?). \
                      A skip connection is not stored in a checkpoint: if the block has one, \
-                     write it {}(see docs/spec.md), and check where its activations go.",
+                     write it {}(docs/spec.md, \"Residual connections\"), and check where its activations go.",
                     if add_supported {
                         "as a layer `type = \"add\"` with `input = [\"<layer before the block>\", \"<last layer of the block>\"]` "
                     } else {
