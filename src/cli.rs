@@ -49,6 +49,8 @@ pub enum Command {
     Summarize(SummarizeArgs),
     /// Draw a figure of an analysis as SVG or PNG.
     Plot(PlotArgs),
+    /// Write one self-contained HTML page of an analysis: metadata, residuals, figures, tables.
+    Report(ReportArgs),
     /// Gate CI on an analysis: residual bounds, layers that must not hurt, a baseline.
     ///
     /// Prints PASS or FAIL with the figures for each check. Exit status 0 when every check
@@ -56,6 +58,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Dry run of `analyze`: list steps and tensors, validate them, estimate the work.
     Inspect(InspectArgs),
+    /// Draft a model spec from a checkpoint (and the training set), with TODO lines to review.
+    Init(InitArgs),
     /// Print a shell completion script to stdout.
     Completions(CompletionsArgs),
     /// Print the manual page (roff) to stdout, or write one page per command to a directory.
@@ -164,6 +168,21 @@ pub struct PlotArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Output directory of `lca analyze`.
+    pub out: PathBuf,
+    /// HTML file to write (replaced atomically).
+    #[arg(long = "output", short = 'o', value_name = "FILE")]
+    pub file: PathBuf,
+    /// Layer of the heat map [default: the layer with the largest |LCA|].
+    #[arg(long, value_name = "NAME")]
+    pub heatmap_layer: Option<String>,
+    /// Rows of most helpful and of most hurtful parameters in the top-parameter table.
+    #[arg(long, value_name = "N", default_value_t = 15)]
+    pub top: usize,
+}
+
+#[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Output directory of `lca analyze`.
     pub out: PathBuf,
@@ -208,6 +227,26 @@ pub struct InspectArgs {
     /// Worker threads for the timed evaluation (default: all cores).
     #[arg(long, short = 'j')]
     pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// A checkpoint (*.safetensors), or a directory of them (its first checkpoint is used).
+    pub ckpt: PathBuf,
+    /// The training set (.safetensors or .npz): input shape, preprocessing, loss, classes.
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Spec file to write (never replaced unless --force).
+    #[arg(
+        long = "output",
+        short = 'o',
+        value_name = "FILE",
+        default_value = "model.toml"
+    )]
+    pub file: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -367,6 +406,26 @@ fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_report(a: ReportArgs) -> anyhow::Result<()> {
+    let opts = crate::html::ReportOptions {
+        file: a.file,
+        heatmap_layer: a.heatmap_layer,
+        top: a.top,
+        max_svg_cells: crate::html::MAX_SVG_CELLS,
+    };
+    let w = crate::html::report(&a.out, &opts)?;
+    for m in &w.missing {
+        eprintln!("note: figure not included: {m}");
+    }
+    eprintln!(
+        "wrote {} ({} kB, figures: {})",
+        w.file.display(),
+        w.bytes.div_ceil(1024),
+        w.figures.join(", ")
+    );
+    Ok(())
+}
+
 fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
     let opts = CheckOptions {
         max_residual: a.max_residual,
@@ -407,6 +466,18 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_init(a: InitArgs) -> anyhow::Result<()> {
+    let opts = crate::init::InitOptions {
+        ckpt: a.ckpt,
+        data: a.data,
+        out: a.file,
+        force: a.force,
+    };
+    let d = crate::init::init(&opts)?;
+    eprint!("{}", crate::init::describe(&d, &opts.out));
+    Ok(())
+}
+
 fn run_completions(a: CompletionsArgs) {
     let mut cmd = Cli::command();
     let mut buf = Vec::new();
@@ -438,8 +509,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Status> {
         Command::Analyze(a) => run_analyze(a)?,
         Command::Summarize(a) => run_summarize(a)?,
         Command::Plot(a) => run_plot(a)?,
+        Command::Report(a) => run_report(a)?,
         Command::Check(a) => return run_check(a),
         Command::Inspect(a) => run_inspect(a)?,
+        Command::Init(a) => run_init(a)?,
         Command::Completions(a) => run_completions(a),
         Command::Man(a) => run_man(a)?,
     }

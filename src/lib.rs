@@ -7,7 +7,8 @@
 //! set), [`net`] (layers, forward and backward), [`eval`] (full-set loss and gradient),
 //! [`lca`] (integration and allocation), [`analyze`] (the run), [`report`] (output writers),
 //! [`summarize`] (coarser views), [`plot`] (figures), [`check`] (CI gates), [`inspect`]
-//! (dry run and work estimate), [`progress`], [`cli`].
+//! (dry run and work estimate), [`init`] (draft a spec from a checkpoint), [`html`] (the
+//! self-contained HTML report), [`progress`], [`cli`].
 
 pub mod analyze;
 pub mod check;
@@ -16,6 +17,8 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod html;
+pub mod init;
 pub mod inspect;
 pub mod interrupt;
 pub mod journal;

@@ -180,6 +180,33 @@ impl Figure {
     }
 }
 
+impl Figure {
+    /// Draw as an SVG document in memory (for `lca report`).
+    pub fn svg_string(&self, size: (u32, u32)) -> Result<String> {
+        style::register_fonts();
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+            let err = |e: String| LcaError::Plot {
+                path: PathBuf::from("(in memory)"),
+                msg: e,
+            };
+            self.draw(&root).map_err(|e| err(e.to_string()))?;
+            root.present().map_err(|e| err(e.to_string()))?;
+        }
+        Ok(svg)
+    }
+
+    /// Number of cells of a heat map (0 for other kinds): one SVG element each, so a large
+    /// one is better embedded as a bitmap.
+    pub fn cells(&self) -> usize {
+        match self {
+            Figure::Heatmap(h) => h.columns.len() * h.columns.first().map_or(0, |c| c.2.len()),
+            _ => 0,
+        }
+    }
+}
+
 /// Result of drawing on a backend.
 pub type DrawResult<DB> =
     std::result::Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
