@@ -44,7 +44,7 @@ fn taps(win: &Window2d, a: usize, n: usize, out: usize, scale: usize) -> Vec<Vec
             (0..win.kernel[a])
                 .filter_map(|k| {
                     let p = win.input_pos(a, o, k);
-                    (p >= 0 && (p as usize) < n).then_some(p as usize * scale)
+                    (p >= 0 && (p as usize) < n).then(|| p as usize * scale)
                 })
                 .collect()
         })
