@@ -7,7 +7,8 @@
 //! set), [`net`] (layers, forward and backward), [`eval`] (full-set loss and gradient),
 //! [`lca`] (integration and allocation), [`analyze`] (the run), [`report`] (output writers),
 //! [`summarize`] (coarser views), [`plot`] (figures), [`check`] (CI gates), [`inspect`]
-//! (dry run and work estimate), [`progress`], [`cli`].
+//! (dry run and work estimate), [`shard`] (`analyze --shard` and `merge`), [`progress`],
+//! [`cli`].
 
 pub mod analyze;
 pub mod check;
@@ -24,6 +25,7 @@ pub mod net;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod shard;
 pub mod spec;
 pub mod summarize;
 pub mod tensors;
