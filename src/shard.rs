@@ -7,7 +7,7 @@
 //! Shards are numbered from 0: `--shard 0/N` … `--shard N-1/N`. `--shards N` takes K from the
 //! environment: `JOB_COMPLETION_INDEX` (Kubernetes Indexed Jobs, 0-based) or
 //! `SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN` (Slurm job arrays, whatever the array's first
-//! index).
+//! index; `SLURM_ARRAY_TASK_COUNT` must be N and `SLURM_ARRAY_TASK_STEP` 1 when set).
 
 use crate::analyze::{accumulate, capped_warning, group_totals, residual_report, step_groups};
 use crate::error::{LcaError, Result};
@@ -92,6 +92,14 @@ impl Shard {
         }
         if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
             let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            if let Some(step) = num("SLURM_ARRAY_TASK_STEP")?
+                && step != 1
+            {
+                return Err(format!(
+                    "the Slurm job array has a step of {step} (SLURM_ARRAY_TASK_STEP): use a contiguous array such as --array=0-{} or --array=1-{count}",
+                    count - 1
+                ));
+            }
             if let Some(c) = num("SLURM_ARRAY_TASK_COUNT")?
                 && c != count
             {
@@ -613,6 +621,16 @@ mod tests {
             ("SLURM_ARRAY_TASK_COUNT", "4"),
         ]);
         assert!(Shard::from_env(3, &count).unwrap_err().contains("4 tasks"));
+        let stepped = env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ]);
+        assert!(
+            Shard::from_env(3, &stepped)
+                .unwrap_err()
+                .contains("step of 2")
+        );
         let high = env(&[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "0")]);
         assert!(Shard::from_env(3, &high).is_err());
         assert!(

@@ -18,11 +18,12 @@ const OUTPUTS: [&str; 7] = [
 
 /// The environment variables `--shards` reads, removed so that the tests do not depend on
 /// where they run (a CI job may itself be a Slurm or Kubernetes task).
-const ENV: [&str; 4] = [
+const ENV: [&str; 5] = [
     "JOB_COMPLETION_INDEX",
     "SLURM_ARRAY_TASK_ID",
     "SLURM_ARRAY_TASK_MIN",
     "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_STEP",
 ];
 
 /// `lca analyze` of fixture `name` into `out` with `extra` arguments and environment.
