@@ -10,7 +10,7 @@ use crate::error::{LcaError, Result};
 use crate::eval::{Evaluator, LossGrad};
 use crate::journal::{Journal, Manifest, ManifestCheckpoint, RunState};
 use crate::lca::{Integration, difference, integrate_step, point};
-use crate::net::{LossKind, Model, ParamInfo, Real};
+use crate::net::{LossKind, Model, Real};
 use crate::progress::Progress;
 use crate::report::{
     CheckpointRef, DataInfo, Exporter, FileInfo, FileRef, GroupStep, GroupTotal, IntegrationInfo,
@@ -44,6 +44,9 @@ pub struct AnalyzeOptions {
     pub resume: bool,
     /// Arithmetic of the evaluator.
     pub precision: Precision,
+    /// Analyse only this shard of the steps and write a part for `lca merge`
+    /// (see `docs/scale-out.md`).
+    pub shard: Option<crate::shard::Shard>,
 }
 
 /// Arithmetic of the evaluator.
@@ -218,8 +221,75 @@ fn counts(v: &[f64]) -> (u64, u64, u64) {
     (h, z, u)
 }
 
-fn fraction(a: u64, n: u64) -> f64 {
+pub(crate) fn fraction(a: u64, n: u64) -> f64 {
     if n == 0 { 0.0 } else { a as f64 / n as f64 }
+}
+
+/// The warning about steps whose residual stayed above the bound at the split cap.
+pub(crate) fn capped_warning(capped_steps: &[u64], max_splits: usize) -> Option<String> {
+    (!capped_steps.is_empty()).then(|| {
+        format!(
+            "{} step(s) kept a residual above the bound at {} splits: {}",
+            capped_steps.len(),
+            max_splits,
+            crate::report::step_list(capped_steps)
+        )
+    })
+}
+
+/// Run totals per tensor and per layer from the per-parameter totals.
+pub(crate) fn group_totals(
+    params: &[ParamRef],
+    layers: &[String],
+    totals: &ParamTotals,
+) -> (Vec<GroupTotal>, Vec<GroupTotal>) {
+    let group_total = |name: &str, layer: &str, ids: &[usize]| {
+        let (mut n, mut lca, mut h, mut z, mut u) = (0usize, 0.0, 0, 0, 0);
+        for &pi in ids {
+            for &v in &totals.lca[pi] {
+                n += 1;
+                lca += v;
+                if v < 0.0 {
+                    h += 1
+                } else if v > 0.0 {
+                    u += 1
+                } else {
+                    z += 1
+                }
+            }
+        }
+        let sum_of = |t: &Option<Vec<Vec<f64>>>| {
+            t.as_ref()
+                .map(|t| ids.iter().map(|&pi| t[pi].iter().sum::<f64>()).sum())
+        };
+        GroupTotal {
+            name: name.to_string(),
+            layer: layer.to_string(),
+            params: n,
+            lca,
+            helped: h,
+            zero: z,
+            hurt: u,
+            helped_fraction: fraction(h, n as u64),
+            val_lca: sum_of(&totals.val_lca),
+            l2_lca: sum_of(&totals.l2_lca),
+        }
+    };
+    let tensors = params
+        .iter()
+        .enumerate()
+        .map(|(pi, q)| group_total(&q.name, &q.layer, &[pi]))
+        .collect();
+    let layer_totals = layers
+        .iter()
+        .map(|l| {
+            let ids: Vec<usize> = (0..params.len())
+                .filter(|&pi| params[pi].layer == *l)
+                .collect();
+            group_total(l, l, &ids)
+        })
+        .collect();
+    (tensors, layer_totals)
 }
 
 /// λ(θ₁² − θ₀²) per parameter: the exact LCA of λ‖θ‖² over a step (Simpson integrates the
@@ -269,7 +339,7 @@ fn add_to(acc: &mut [Vec<f64>], v: &[Vec<f64>]) {
     }
 }
 
-fn residual_report(first: f64, records: &[(f64, f64, f64)]) -> ResidualReport {
+pub(crate) fn residual_report(first: f64, records: &[(f64, f64, f64)]) -> ResidualReport {
     // records: (loss_after, lca_sum, residual)
     let last = records.last().map_or(first, |r| r.0);
     let delta = last - first;
@@ -296,8 +366,8 @@ fn residual_report(first: f64, records: &[(f64, f64, f64)]) -> ResidualReport {
 }
 
 /// Per-step figures of a tensor or layer, before they go to the exporters.
-fn step_groups(
-    params: &[ParamInfo],
+pub(crate) fn step_groups(
+    params: &[ParamRef],
     layers: &[String],
     layer_of: &[usize],
     lca: &[Vec<f64>],
@@ -343,7 +413,7 @@ fn step_groups(
         }
         tensors.push(GroupStep {
             name: params[pi].name.clone(),
-            layer: params[pi].group().to_string(),
+            layer: params[pi].layer.clone(),
             lca: sum,
             helped: th,
             zero: tz,
@@ -356,7 +426,7 @@ fn step_groups(
 }
 
 /// Add one step's per-parameter values to the run's totals.
-fn accumulate(
+pub(crate) fn accumulate(
     totals: &mut ParamTotals,
     lca: &[Vec<f64>],
     val: Option<&[Vec<f64>]>,
@@ -531,7 +601,31 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
 fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) -> Result<Summary> {
     let model_t = Model::<T>::build(&p.spec, p.data.sample_shape())?;
     let model = &model_t;
-    let files = &p.files;
+    // The whole selection, and the checkpoints this run analyses: all of them, or the
+    // shard's range (its first checkpoint is also the previous shard's last).
+    let all = &p.files;
+    let (lo, hi) = match opts.shard {
+        Some(s) => s.range(all.len() - 1)?,
+        None => (0, all.len() - 1),
+    };
+    let files = &all[lo..=hi];
+    if let Some(s) = opts.shard {
+        note(&format!(
+            "note: shard {s}: steps {}→{} (checkpoints {lo}–{hi} of 0–{}, {} of {} steps)",
+            files[0].step,
+            files[files.len() - 1].step,
+            all.len() - 1,
+            hi - lo,
+            all.len() - 1
+        ));
+    }
+    // Parts of a sharded run always store f64 per-step values, so that `lca merge` can
+    // reproduce the single run's sums and its lca.safetensors in any dtype bit for bit.
+    let store = if opts.shard.is_some() {
+        Some(StoreDtype::F64)
+    } else {
+        opts.store
+    };
     let nsteps = files.len() - 1;
     let chunk_size = p.spec.eval.chunk_size;
     let eval = Evaluator {
@@ -548,7 +642,8 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
 
     let mut warnings = Vec::new();
     let spacing = {
-        let gaps: Vec<u64> = files.windows(2).map(|w| w[1].step - w[0].step).collect();
+        // Over the whole selection, so that every shard reports what a single run would.
+        let gaps: Vec<u64> = all.windows(2).map(|w| w[1].step - w[0].step).collect();
         // prepare() guarantees at least two checkpoints, so at least one gap.
         let min = gaps.iter().copied().min().unwrap_or(0);
         let max = gaps.iter().copied().max().unwrap_or(0);
@@ -573,33 +668,35 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
     }
 
     // The output directory and the resume journal.
-    let manifest = Manifest::new(
-        &p.spec_sha256,
-        &p.data.sha256,
-        p.validation.as_ref().map(|v| v.sha256.as_str()),
-        opts.integration,
-        match opts.precision {
-            Precision::F32 => "f32",
-            Precision::F64 => "f64",
-        },
-        opts.store,
-        files
-            .iter()
-            .map(|f| ManifestCheckpoint {
-                file: f
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_default(),
-                step: f.step,
-            })
-            .collect(),
-        model
-            .params
-            .iter()
-            .map(|q| (q.name.clone(), q.shape.clone()))
-            .collect(),
-    );
+    let manifest_of = |sel: &[CheckpointFile]| {
+        Manifest::new(
+            &p.spec_sha256,
+            &p.data.sha256,
+            p.validation.as_ref().map(|v| v.sha256.as_str()),
+            opts.integration,
+            match opts.precision {
+                Precision::F32 => "f32",
+                Precision::F64 => "f64",
+            },
+            opts.store,
+            sel.iter()
+                .map(|f| ManifestCheckpoint {
+                    file: f
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                    step: f.step,
+                })
+                .collect(),
+            model
+                .params
+                .iter()
+                .map(|q| (q.name.clone(), q.shape.clone()))
+                .collect(),
+        )
+    };
+    let manifest = manifest_of(files);
     let remainder = p.data.len() % chunk_size;
     let batch_stats = p.spec.model.batch_norm == Some(crate::net::batch_norm::BnMode::BatchStats)
         && model
@@ -614,6 +711,8 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         note(&format!("warning: {w}"));
         warnings.push(w);
     }
+    // Warnings known before any step (the same in every shard).
+    let leading_warnings = warnings.clone();
 
     let (mut out, found) = OutDir::prepare(&opts.out)?;
     let jdir = Journal::dir_of(&opts.out);
@@ -712,7 +811,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                 )?
             }
         }));
-        if let Some(dtype) = opts.store {
+        if let Some(dtype) = store {
             let params: Vec<(String, Vec<usize>)> = model
                 .params
                 .iter()
@@ -722,6 +821,9 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
             let mut names = vec![("lca.safetensors", TensorSource::Train)];
             if val_eval.is_some() {
                 names.push(("lca_validation.safetensors", TensorSource::Validation));
+            }
+            if opts.shard.is_some() && l2.is_some() {
+                names.push(("lca_l2.safetensors", TensorSource::L2));
             }
             for (name, source) in names {
                 let path = out.partial(name);
@@ -773,6 +875,18 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         .params
         .iter()
         .map(|prm| layers.iter().position(|l| l == prm.group()).unwrap_or(0))
+        .collect();
+    let param_refs: Vec<ParamRef> = model
+        .params
+        .iter()
+        .map(|q| ParamRef {
+            name: q.name.clone(),
+            layer: q.group().to_string(),
+            buffer: q.buffer,
+            role: q.role.clone(),
+            shape: q.shape.clone(),
+            numel: q.numel(),
+        })
         .collect();
 
     let progress = Progress::new((1 + 2 * nsteps) as u64, opts.quiet);
@@ -923,7 +1037,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
             progress.set_length(evals as u64 + ((nsteps - done) as f64 * per_step).ceil() as u64);
             let l2_lca = l2.map(|lam| l2_step(lam, &theta0, &next.theta, &p.l2_mask));
             let (tensors, layer_steps, (h, z, u)) = step_groups(
-                &model.params,
+                &param_refs,
                 &layers,
                 &layer_of,
                 &s.lca,
@@ -981,6 +1095,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                 layers: &layer_steps,
                 lca: &s.lca,
                 val_lca: val.as_ref().map(|v| v.lca.as_slice()),
+                l2_lca: l2_lca.as_deref(),
             };
             exporting = true;
             for e in exporters.iter_mut() {
@@ -1038,68 +1153,17 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
             .filter(|r| r.capped)
             .map(|r| r.step)
             .collect();
-        if !capped_steps.is_empty() {
-            let w = format!(
-                "{} step(s) kept a residual above the bound at {} splits: {}",
-                capped_steps.len(),
-                opts.integration.max_splits,
-                crate::report::step_list(&capped_steps)
-            );
+        if let Some(w) = capped_warning(&capped_steps, opts.integration.max_splits) {
             note(&format!("warning: {w}"));
             warnings.push(w);
         }
-        for w in directory_changes(&opts.ckpt_dir, &p.listed, files, opts.first, opts.last) {
+        let dir_warnings =
+            directory_changes(&opts.ckpt_dir, &p.listed, files, opts.first, opts.last);
+        for w in &dir_warnings {
             note(&format!("warning: {w}"));
-            warnings.push(w);
+            warnings.push(w.clone());
         }
-        let group_total = |name: &str, layer: &str, ids: &[usize]| {
-            let (mut n, mut lca, mut h, mut z, mut u) = (0usize, 0.0, 0, 0, 0);
-            for &pi in ids {
-                for &v in &totals.lca[pi] {
-                    n += 1;
-                    lca += v;
-                    if v < 0.0 {
-                        h += 1
-                    } else if v > 0.0 {
-                        u += 1
-                    } else {
-                        z += 1
-                    }
-                }
-            }
-            let sum_of = |t: &Option<Vec<Vec<f64>>>| {
-                t.as_ref()
-                    .map(|t| ids.iter().map(|&pi| t[pi].iter().sum::<f64>()).sum())
-            };
-            GroupTotal {
-                name: name.to_string(),
-                layer: layer.to_string(),
-                params: n,
-                lca,
-                helped: h,
-                zero: z,
-                hurt: u,
-                helped_fraction: fraction(h, n as u64),
-                val_lca: sum_of(&totals.val_lca),
-                l2_lca: sum_of(&totals.l2_lca),
-            }
-        };
-        let tensor_totals: Vec<GroupTotal> = model
-            .params
-            .iter()
-            .enumerate()
-            .map(|(pi, q)| group_total(&q.name, q.group(), &[pi]))
-            .collect();
-        let layer_totals: Vec<GroupTotal> = layers
-            .iter()
-            .enumerate()
-            .map(|(li, l)| {
-                let ids: Vec<usize> = (0..model.params.len())
-                    .filter(|&pi| layer_of[pi] == li)
-                    .collect();
-                group_total(l, l, &ids)
-            })
-            .collect();
+        let (tensor_totals, layer_totals) = group_totals(&param_refs, &layers, totals);
         let l2_report = match (&p.spec.regularization, state.l2_first) {
             (Some(r), Some(first_pen)) => {
                 let last_pen = l2_penalty(r.l2, &theta0, &p.l2_mask);
@@ -1169,18 +1233,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                 input_shape: model.input_shape.clone(),
                 output_shape: model.output_shape().to_vec(),
                 layers: layers.clone(),
-                params: model
-                    .params
-                    .iter()
-                    .map(|q| ParamRef {
-                        name: q.name.clone(),
-                        layer: q.group().to_string(),
-                        buffer: q.buffer,
-                        role: q.role.clone(),
-                        shape: q.shape.clone(),
-                        numel: q.numel(),
-                    })
-                    .collect(),
+                params: param_refs.clone(),
             },
             integration: IntegrationInfo {
                 settings: opts.integration,
@@ -1216,6 +1269,26 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         };
         for e in exporters.iter_mut() {
             e.finish(&summary, totals)?;
+        }
+        if let Some(s) = opts.shard {
+            let info = crate::shard::ShardInfo {
+                format: crate::shard::FORMAT,
+                index: s.index,
+                count: s.count,
+                indexing: "0-based".into(),
+                first_step_index: lo,
+                end_step_index: hi,
+                steps: hi - lo,
+                total_steps: all.len() - 1,
+                first_step: files[0].step,
+                last_step: files[files.len() - 1].step,
+                chunk_size,
+                inputs: manifest_of(all),
+                checkpoint_sha256: state.checkpoint_sha256.clone(),
+                leading_warnings: leading_warnings.clone(),
+                directory_warnings: dir_warnings.clone(),
+            };
+            info.write(&out.partial(crate::shard::FILE))?;
         }
         Ok(summary)
     })();

@@ -60,6 +60,12 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Draft a model spec from a checkpoint (and the training set), with TODO lines to review.
     Init(InitArgs),
+    /// Merge the parts of a sharded analysis (`analyze --shard K/N`) into the outputs of a
+    /// single run.
+    ///
+    /// Checks that the parts come from the same inputs and options and cover every step
+    /// exactly once (no gap, no part given twice); see docs/scale-out.md.
+    Merge(MergeArgs),
     /// Print a shell completion script to stdout.
     Completions(CompletionsArgs),
     /// Print the manual page (roff) to stdout, or write one page per command to a directory.
@@ -126,6 +132,24 @@ pub struct AnalyzeArgs {
     /// changed; starts afresh when there is nothing to resume).
     #[arg(long)]
     pub resume: bool,
+    /// Analyse only shard K of N contiguous ranges of steps (K from 0 to N-1) and write a part
+    /// for `lca merge`: see docs/scale-out.md.
+    #[arg(long, value_name = "K/N", conflicts_with = "shards")]
+    pub shard: Option<crate::shard::Shard>,
+    /// Split the steps into N shards and analyse the one given by JOB_COMPLETION_INDEX
+    /// (Kubernetes) or SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN (Slurm).
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Output directories of `lca analyze --shard K/N`, one per shard, in any order.
+    #[arg(required = true, value_name = "PART_DIR")]
+    pub parts: Vec<PathBuf>,
+    /// Output directory for the merged analysis.
+    #[arg(long, short = 'o', default_value = "lca-out")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +336,14 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
 
 fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
     let integration = validate(&a)?;
+    let shard = match (a.shard, a.shards) {
+        (Some(s), _) => Some(s),
+        (None, Some(n)) => Some(
+            crate::shard::Shard::from_env(n, &|k| std::env::var(k).ok())
+                .map_err(crate::LcaError::Usage)?,
+        ),
+        (None, None) => None,
+    };
     threads(a.threads)?;
     let opts = AnalyzeOptions {
         ckpt_dir: a.ckpts,
@@ -325,6 +357,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         quiet: a.quiet,
         precision: a.precision,
         resume: a.resume,
+        shard,
     };
     crate::interrupt::install();
     let quiet = a.quiet;
@@ -333,6 +366,25 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
             eprintln!("{m}");
         }
     })?;
+    if let Some(k) = shard {
+        eprintln!(
+            "shard {k}: this is a part; combine all {} with `lca merge`",
+            k.count
+        );
+    }
+    print_report(&s, &a.out);
+    Ok(())
+}
+
+fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
+    let s = crate::shard::merge(&a.parts, &a.out)?;
+    eprintln!("merged {} parts", a.parts.len());
+    print_report(&s, &a.out);
+    Ok(())
+}
+
+/// The residual report of a finished analysis, on stderr.
+fn print_report(s: &crate::report::Summary, out: &std::path::Path) {
     let r = &s.run;
     eprintln!(
         "analysed {} steps ({} → {}) with {} gradient evaluations over {} samples",
@@ -373,8 +425,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
             l2.lambda, l2.penalty_first, l2.penalty_last, l2.lca_sum, l2.objective_delta
         );
     }
-    eprintln!("wrote {}", a.out.display());
-    Ok(())
+    eprintln!("wrote {}", out.display());
 }
 
 fn run_summarize(a: SummarizeArgs) -> anyhow::Result<()> {
@@ -513,6 +564,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Status> {
         Command::Check(a) => return run_check(a),
         Command::Inspect(a) => run_inspect(a)?,
         Command::Init(a) => run_init(a)?,
+        Command::Merge(a) => run_merge(a)?,
         Command::Completions(a) => run_completions(a),
         Command::Man(a) => run_man(a)?,
     }

@@ -8,7 +8,8 @@
 //! [`lca`] (integration and allocation), [`analyze`] (the run), [`report`] (output writers),
 //! [`summarize`] (coarser views), [`plot`] (figures), [`check`] (CI gates), [`inspect`]
 //! (dry run and work estimate), [`init`] (draft a spec from a checkpoint), [`html`] (the
-//! self-contained HTML report), [`progress`], [`cli`].
+//! self-contained HTML report), [`shard`] (`analyze --shard` and `merge`), [`progress`],
+//! [`cli`].
 
 pub mod analyze;
 pub mod check;
@@ -27,6 +28,7 @@ pub mod net;
 pub mod plot;
 pub mod progress;
 pub mod report;
+pub mod shard;
 pub mod spec;
 pub mod summarize;
 pub mod tensors;

@@ -37,6 +37,8 @@ pub struct StepOutput<'a> {
     pub lca: &'a [Vec<f64>],
     /// Per-parameter held-out LCA, when a validation set is given.
     pub val_lca: Option<&'a [Vec<f64>]>,
+    /// Per-parameter LCA of the L2 term, when configured.
+    pub l2_lca: Option<&'a [Vec<f64>]>,
 }
 
 /// Per-parameter totals over the run.
@@ -83,7 +85,7 @@ pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Every file `analyze` may write; those a new run does not write are removed from a previous
 /// output on commit, so that a directory never mixes two runs.
-pub const OUTPUT_FILES: [&str; 7] = [
+pub const OUTPUT_FILES: [&str; 9] = [
     "summary.json",
     "steps.csv",
     "layers.csv",
@@ -91,6 +93,9 @@ pub const OUTPUT_FILES: [&str; 7] = [
     "params.csv",
     "lca.safetensors",
     "lca_validation.safetensors",
+    // Written by `analyze --shard` only (see docs/scale-out.md).
+    "lca_l2.safetensors",
+    "shard.json",
 ];
 
 /// The temporary name of output file `name`.

@@ -42,6 +42,8 @@ pub enum TensorSource {
     Train,
     /// LCA of the held-out loss (`lca_validation.safetensors`).
     Validation,
+    /// LCA of the L2 term (`lca_l2.safetensors`, written by shards only).
+    L2,
 }
 
 /// The header bytes (length prefix included), each tensor's (offset, elements per step) and
@@ -172,6 +174,7 @@ impl Exporter for TensorExporter {
         let values = match self.source {
             TensorSource::Train => out.lca,
             TensorSource::Validation => out.val_lca.unwrap_or(&[]),
+            TensorSource::L2 => out.l2_lca.unwrap_or(&[]),
         };
         if values.len() != self.offsets.len() {
             return Err(LcaError::Output {
@@ -338,4 +341,87 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
         next_steps,
         values: values.unwrap_or_else(|| vec![Vec::new(); nsteps]),
     })
+}
+
+/// Reads the per-step rows of an f64 `lca.safetensors` (as shards write it) back, one step at
+/// a time, bit for bit.
+pub struct StepReader {
+    path: PathBuf,
+    file: File,
+    data_start: u64,
+    /// Per parameter tensor: byte offset in the data section and elements per step.
+    entries: Vec<(u64, usize)>,
+    pub steps: Vec<u64>,
+    pub next_steps: Vec<u64>,
+}
+
+impl StepReader {
+    /// Open `path`, checking that it holds every tensor of `params` (name, shape) as F64 with
+    /// a leading step axis.
+    pub fn open(path: &std::path::Path, params: &[(String, Vec<usize>)]) -> Result<StepReader> {
+        let (len, header) = crate::checkpoint::read_header(path)?;
+        let meta = header.get("__metadata__");
+        let steps = meta_steps(path, meta, "steps")?;
+        let next_steps = meta_steps(path, meta, "next_steps")?;
+        let mut file = File::open(path).map_err(|e| LcaError::io(path, e))?;
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|e| LcaError::io(path, e))?;
+        let data_start = 8 + u64::from_le_bytes(n);
+        let mut entries = Vec::with_capacity(params.len());
+        for (name, shape) in params {
+            let entry = header
+                .get(name)
+                .ok_or_else(|| st_err(path, format!("no tensor '{name}'")))?;
+            let bad = |m: &str| st_err(path, format!("tensor '{name}': {m}"));
+            if entry.get("dtype").and_then(|d| d.as_str()) != Some("F64") {
+                return Err(bad("not F64 (parts of a sharded run store f64)"));
+            }
+            let mut want = vec![steps.len()];
+            want.extend(shape);
+            let got: Option<Vec<usize>> = entry
+                .get("shape")
+                .and_then(|s| serde_json::from_value(s.clone()).ok());
+            if got.as_ref() != Some(&want) {
+                return Err(bad(&format!("shape {got:?}, expected {want:?}")));
+            }
+            let offs: Vec<u64> = entry
+                .get("data_offsets")
+                .and_then(|s| serde_json::from_value(s.clone()).ok())
+                .filter(|o: &Vec<u64>| o.len() == 2)
+                .ok_or_else(|| bad("no data_offsets"))?;
+            let numel: usize = shape.iter().product();
+            if offs[1] - offs[0] != (steps.len() * numel * 8) as u64 || data_start + offs[1] > len {
+                return Err(bad(
+                    "data_offsets do not match the shape or the file size (truncated?)",
+                ));
+            }
+            entries.push((offs[0], numel));
+        }
+        Ok(StepReader {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            entries,
+            steps,
+            next_steps,
+        })
+    }
+
+    /// Per-parameter values of step row `t`, model order.
+    pub fn read(&mut self, t: usize) -> Result<Vec<Vec<f64>>> {
+        let io = |e| LcaError::io(&self.path, e);
+        let mut out = Vec::with_capacity(self.entries.len());
+        for &(off, numel) in &self.entries {
+            let pos = self.data_start + off + (t * numel * 8) as u64;
+            self.file.seek(SeekFrom::Start(pos)).map_err(io)?;
+            let mut buf = vec![0u8; numel * 8];
+            self.file.read_exact(&mut buf).map_err(io)?;
+            out.push(
+                buf.chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
 }

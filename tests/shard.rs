@@ -1,0 +1,398 @@
+//! Scale-out: `lca analyze --shard K/N` and `lca merge` give outputs identical to a single
+//! run (bit for bit); merge refuses missing, duplicated and mismatched parts; `--shards N`
+//! takes K from the job array's environment.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+const OUTPUTS: [&str; 7] = [
+    "summary.json",
+    "steps.csv",
+    "layers.csv",
+    "tensors.csv",
+    "params.csv",
+    "lca.safetensors",
+    "lca_validation.safetensors",
+];
+
+/// The environment variables `--shards` reads, removed so that the tests do not depend on
+/// where they run (a CI job may itself be a Slurm or Kubernetes task).
+const ENV: [&str; 5] = [
+    "JOB_COMPLETION_INDEX",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_STEP",
+];
+
+/// `lca analyze` of fixture `name` into `out` with `extra` arguments and environment.
+fn analyze_env(
+    name: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut c = lca();
+    c.arg("analyze")
+        .arg(fixture(&format!("{name}/ckpts")))
+        .arg("--spec")
+        .arg(fixture(&format!("{name}/model.toml")))
+        .arg("-o")
+        .arg(out)
+        .arg("-q")
+        .args(extra);
+    for v in ENV {
+        c.env_remove(v);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("runs")
+}
+
+fn ok(o: std::process::Output) -> std::process::Output {
+    assert!(
+        o.status.success(),
+        "lca failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn merge(parts: &[PathBuf], out: &Path) -> std::process::Output {
+    lca()
+        .arg("merge")
+        .args(parts)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .expect("runs")
+}
+
+/// Run the N shards of fixture `name` into `dir/parts-N/K`.
+fn shards(name: &str, dir: &Path, n: usize, extra: &[&str]) -> Vec<PathBuf> {
+    (0..n)
+        .map(|k| {
+            let out = dir.join(format!("parts-{n}/{k}"));
+            let spec = format!("{k}/{n}");
+            let mut args = vec!["--shard", spec.as_str()];
+            args.extend_from_slice(extra);
+            ok(analyze_env(name, &out, &args, &[]));
+            out
+        })
+        .collect()
+}
+
+/// Every output of `a` and `b` is the same, byte for byte.
+fn same_outputs(a: &Path, b: &Path) {
+    let mut compared = 0;
+    for f in OUTPUTS {
+        let (pa, pb) = (a.join(f), b.join(f));
+        assert_eq!(pa.exists(), pb.exists(), "{f} exists in one output only");
+        if pa.exists() {
+            let (x, y) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+            assert!(
+                x == y,
+                "{f} differs between {} and {}",
+                a.display(),
+                b.display()
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 5);
+    // The figures of summary.json, compared as numbers too (the byte comparison above also
+    // covers the paths, which are the same here).
+    let (sa, sb) = (json(&a.join("summary.json")), json(&b.join("summary.json")));
+    for key in [
+        "run",
+        "steps",
+        "tensors",
+        "layers",
+        "checkpoints",
+        "warnings",
+    ] {
+        assert_eq!(sa[key], sb[key], "summary.json `{key}` differs");
+    }
+    // Nothing of the parts leaks into the merged output.
+    for f in ["shard.json", "lca_l2.safetensors"] {
+        assert!(!b.join(f).exists(), "{f} in the merged output");
+    }
+}
+
+#[test]
+fn one_two_and_three_shards_merge_to_the_single_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    ok(analyze_env("mlp", &single, &[], &[]));
+    let s = json(&single.join("summary.json"));
+    let shas: Vec<String> = s["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["sha256"].as_str().unwrap().to_string())
+        .collect();
+    let single_evals = s["run"]["evaluations"].as_u64().unwrap();
+    for n in 1..=3 {
+        let mut parts = shards("mlp", dir.path(), n, &[]);
+        // Each part says what it covers; together they cover the 100 steps once, and cost
+        // one extra evaluation per shard beyond the first.
+        let mut next = 0;
+        let mut evals = 0;
+        for (k, p) in parts.iter().enumerate() {
+            let info = json(&p.join("shard.json"));
+            assert_eq!(info["index"], k as u64);
+            assert_eq!(info["count"], n as u64);
+            assert_eq!(info["total_steps"], 100);
+            let (a, b) = (
+                info["first_step_index"].as_u64().unwrap() as usize,
+                info["end_step_index"].as_u64().unwrap() as usize,
+            );
+            assert_eq!(a, next);
+            assert!(b - a == 100 / n || b - a == 100_usize.div_ceil(n));
+            next = b;
+            let got: Vec<&str> = info["checkpoint_sha256"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(
+                got,
+                shas[a..=b].iter().map(String::as_str).collect::<Vec<_>>()
+            );
+            assert_eq!(info["inputs"]["integration"]["abs_tol"], 1e-3);
+            assert_eq!(info["inputs"]["precision"], "f32");
+            assert_eq!(info["inputs"]["lca_tensors"], "f32");
+            assert_eq!(info["chunk_size"], 256);
+            assert_eq!(info["inputs"]["checkpoints"].as_array().unwrap().len(), 101);
+            let part = json(&p.join("summary.json"));
+            assert_eq!(part["run"]["steps"], (b - a) as u64);
+            evals += part["run"]["evaluations"].as_u64().unwrap();
+        }
+        assert_eq!(next, 100);
+        assert_eq!(evals, single_evals + n as u64 - 1);
+        // Any order of the parts.
+        parts.reverse();
+        let merged = dir.path().join(format!("merged-{n}"));
+        let o = ok(merge(&parts, &merged));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("merged {n} parts")), "{err}");
+        assert!(err.contains("analysed 100 steps (0 → 100)"), "{err}");
+        same_outputs(&single, &merged);
+    }
+    // The merged output is an ordinary output: summarize reads it.
+    let o = ok(lca()
+        .args(["summarize", "--by", "layer"])
+        .arg(dir.path().join("merged-3"))
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("fc3"));
+}
+
+#[test]
+fn held_out_set_l2_term_and_f64_tensors_merge_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    ok(analyze_env(
+        "mlp_heldout",
+        &single,
+        &["--lca-dtype", "f64"],
+        &[],
+    ));
+    let parts = shards("mlp_heldout", dir.path(), 3, &["--lca-dtype", "f64"]);
+    assert!(parts[0].join("lca_l2.safetensors").is_file());
+    let merged = dir.path().join("merged");
+    ok(merge(&parts, &merged));
+    same_outputs(&single, &merged);
+    assert!(merged.join("lca_validation.safetensors").is_file());
+}
+
+#[test]
+fn without_lca_tensors_the_merge_writes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    ok(analyze_env(
+        "mlp",
+        &single,
+        &["--no-lca-tensors", "--last", "20"],
+        &[],
+    ));
+    let parts = shards("mlp", dir.path(), 2, &["--no-lca-tensors", "--last", "20"]);
+    // Parts keep their f64 per-step values for the merge.
+    assert!(parts[0].join("lca.safetensors").is_file());
+    let merged = dir.path().join("merged");
+    ok(merge(&parts, &merged));
+    assert!(!merged.join("lca.safetensors").exists());
+    same_outputs(&single, &merged);
+}
+
+#[test]
+fn merge_refuses_missing_duplicated_and_mismatched_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let parts = shards("mlp", dir.path(), 3, &["--last", "30"]);
+    let out = dir.path().join("merged");
+    let show = |p: &Path| p.display().to_string();
+
+    // A missing shard: named, with its steps.
+    let o = merge(&[parts[0].clone(), parts[2].clone()], &out);
+    fails_with(
+        &o,
+        &[
+            "do not cover every step",
+            "missing shard 1/3",
+            "steps 10→20",
+            &show(&parts[0]),
+        ],
+    );
+    assert!(!out.join("summary.json").exists());
+
+    // A duplicated shard.
+    let o = merge(
+        &[
+            parts[0].clone(),
+            parts[1].clone(),
+            parts[2].clone(),
+            parts[1].clone(),
+        ],
+        &out,
+    );
+    fails_with(&o, &["both shard 1/3", "given twice", &show(&parts[1])]);
+
+    // A part made with another --tolerance.
+    let other = dir.path().join("other-1");
+    ok(analyze_env(
+        "mlp",
+        &other,
+        &["--shard", "1/3", "--last", "30", "--tolerance", "1e-2"],
+        &[],
+    ));
+    let o = merge(&[parts[0].clone(), other.clone(), parts[2].clone()], &out);
+    fails_with(
+        &o,
+        &[
+            "different inputs or options",
+            "--tolerance was 1e-3, now 1e-2",
+            &show(&other),
+        ],
+    );
+
+    // A part of another split of the same steps.
+    let two = dir.path().join("two-1");
+    ok(analyze_env(
+        "mlp",
+        &two,
+        &["--shard", "1/2", "--last", "30"],
+        &[],
+    ));
+    let o = merge(&[parts[0].clone(), two.clone()], &out);
+    fails_with(&o, &["is shard 1/2", "is shard 0/3", "same --shard N"]);
+
+    // A part of another selection of checkpoints.
+    let sel = dir.path().join("sel-2");
+    ok(analyze_env(
+        "mlp",
+        &sel,
+        &["--shard", "2/3", "--last", "33"],
+        &[],
+    ));
+    let o = merge(&[parts[0].clone(), parts[1].clone(), sel.clone()], &out);
+    fails_with(
+        &o,
+        &["different inputs or options", "selected checkpoints differ"],
+    );
+
+    // An ordinary output is not a part; nor is the output directory one.
+    let single = dir.path().join("single");
+    ok(analyze_env("mlp", &single, &["--last", "30"], &[]));
+    let o = merge(&[parts[0].clone(), single.clone()], &out);
+    fails_with(
+        &o,
+        &["is not a finished part", "no shard.json", &show(&single)],
+    );
+    let o = merge(&parts, &parts[0]);
+    fails_with(&o, &["is also one of the parts"]);
+    assert!(!out.exists() || !out.join("summary.json").exists());
+
+    // All three: fine.
+    ok(merge(&parts, &out));
+}
+
+#[test]
+fn shards_takes_the_index_from_slurm_or_kubernetes() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = |out: &Path| json(&out.join("shard.json"))["index"].as_u64().unwrap();
+    let args = ["--shards", "3", "--last", "9"];
+    // Slurm arrays numbered from 1 (--array=1-3) or from 0 (--array=0-2): the same shard.
+    let a = dir.path().join("slurm1");
+    ok(analyze_env(
+        "mlp",
+        &a,
+        &args,
+        &[
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ],
+    ));
+    assert_eq!(index(&a), 1);
+    let b = dir.path().join("slurm0");
+    ok(analyze_env(
+        "mlp",
+        &b,
+        &args,
+        &[("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_MIN", "0")],
+    ));
+    assert_eq!(index(&b), 1);
+    assert_eq!(
+        std::fs::read(a.join("steps.csv")).unwrap(),
+        std::fs::read(b.join("steps.csv")).unwrap()
+    );
+    // Kubernetes Indexed Job: 0-based, and preferred when both are set.
+    let c = dir.path().join("k8s");
+    ok(analyze_env(
+        "mlp",
+        &c,
+        &args,
+        &[("JOB_COMPLETION_INDEX", "2"), ("SLURM_ARRAY_TASK_ID", "1")],
+    ));
+    assert_eq!(index(&c), 2);
+    let info = json(&c.join("shard.json"));
+    assert_eq!(info["first_step_index"], 6);
+    assert_eq!(info["end_step_index"], 9);
+
+    // Neither set, an array of the wrong size, an index out of range: refused.
+    let bad = dir.path().join("bad");
+    fails_with(
+        &analyze_env("mlp", &bad, &args, &[]),
+        &["JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "--shard K/3"],
+    );
+    fails_with(
+        &analyze_env(
+            "mlp",
+            &bad,
+            &args,
+            &[
+                ("SLURM_ARRAY_TASK_ID", "1"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ],
+        ),
+        &["4 tasks", "--shards is 3"],
+    );
+    fails_with(
+        &analyze_env("mlp", &bad, &args, &[("JOB_COMPLETION_INDEX", "3")]),
+        &["JOB_COMPLETION_INDEX=3", "numbered 0 to 2"],
+    );
+    fails_with(
+        &analyze_env("mlp", &bad, &["--shard", "3/3"], &[]),
+        &["numbered 0 to 2"],
+    );
+    // More shards than steps.
+    fails_with(
+        &analyze_env("mlp", &bad, &["--shard", "0/6", "--last", "5"], &[]),
+        &["6 shards but only 5 step(s)"],
+    );
+    assert!(!bad.exists());
+}
