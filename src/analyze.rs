@@ -75,6 +75,7 @@ pub fn prepare(
     let data = Dataset::load(&spec.train_path(), &spec.data, input_shape, loss)?;
     let model = Model::<f32>::build(&spec, data.sample_shape())?;
     data.check_targets(model.output_shape(), model.loss)?;
+    data.check_inputs(&model)?;
     let validation = match spec.validation_path() {
         None => None,
         Some(path) => {
@@ -90,6 +91,7 @@ pub fn prepare(
                 });
             }
             v.check_targets(model.output_shape(), model.loss)?;
+            v.check_inputs(&model)?;
             Some(v)
         }
     };
@@ -135,7 +137,7 @@ pub fn prepare(
     }
     for f in &files {
         for p in &model.params {
-            match f.tensors.iter().find(|t| t.name == p.name) {
+            match f.tensors.iter().find(|t| p.answers_to(&t.name)) {
                 None => {
                     let hint = f
                         .tensors
@@ -749,8 +751,10 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                     role: q.role.clone(),
                     shape: q.shape.clone(),
                     numel: q.numel(),
+                    aliases: q.aliases.clone(),
                 })
                 .collect(),
+            attention: crate::net::attention::describe(&p.spec, model),
         },
         integration: IntegrationInfo {
             settings: opts.integration,

@@ -197,7 +197,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
 fn run_summarize(a: SummarizeArgs) -> anyhow::Result<()> {
     let (_, mut table) = view(&a.out, a.by)?;
     let sort = a.sort.unwrap_or(match a.by {
-        By::Layer | By::Block | By::Tensor | By::Step => Sort::Order,
+        By::Layer | By::Block | By::Tensor | By::Step | By::Head => Sort::Order,
         By::Neuron | By::Param => Sort::Helped,
     });
     table.sort_and_limit(sort, a.top);
