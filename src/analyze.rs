@@ -74,8 +74,8 @@ pub fn prepare(
     let input_shape = spec.model.input_shape.as_deref();
     let data = Dataset::load(&spec.train_path(), &spec.data, input_shape, loss)?;
     let model = Model::<f32>::build(&spec, data.sample_shape())?;
-    data.check_targets(model.output_shape(), model.loss)?;
     data.check_inputs(&model)?;
+    data.check_targets(model.output_shape(), model.loss)?;
     let validation = match spec.validation_path() {
         None => None,
         Some(path) => {
@@ -90,8 +90,8 @@ pub fn prepare(
                     ),
                 });
             }
-            v.check_targets(model.output_shape(), model.loss)?;
             v.check_inputs(&model)?;
+            v.check_targets(model.output_shape(), model.loss)?;
             Some(v)
         }
     };
