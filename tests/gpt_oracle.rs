@@ -461,9 +461,12 @@ fn docs_nanogpt_spec_builds_with_the_state_dict_shapes() {
     assert_eq!(att[1].out_proj_weight, "transformer.h.1.attn.c_proj.weight");
 }
 
+/// What to write in place of one stored tensor (name, shape, values).
+type Rewrite<'a> = &'a dyn Fn(&str, &[usize], &[f32]) -> Vec<T>;
+
 /// Rewrite the first `n` checkpoints of fixtures/gpt into `dir`, mapping each stored tensor
-/// through `f` (which returns the tensors to write in its place).
-fn rewrite_ckpts(dir: &Path, n: u64, f: &dyn Fn(&str, &[usize], &[f32]) -> Vec<T>) {
+/// through `f`.
+fn rewrite_ckpts(dir: &Path, n: u64, f: Rewrite) {
     std::fs::create_dir_all(dir).unwrap();
     for step in 0..n {
         let bytes = std::fs::read(fixture(&format!("gpt/ckpts/ckpt_{step}.safetensors"))).unwrap();
@@ -503,7 +506,7 @@ fn run(ckpts: &Path, out: &Path) -> std::process::Output {
 #[test]
 fn tied_weight_loads_from_either_or_both_names() {
     let dir = tempfile::tempdir().unwrap();
-    let variants: [(&str, &dyn Fn(&str, &[usize], &[f32]) -> Vec<T>); 3] = [
+    let variants: [(&str, Rewrite); 3] = [
         ("as_saved", &|n, s, v| vec![T::f32(n, s, v)]),
         ("embedding_name", &|n, s, v| {
             let n = if n == "lm_head.weight" {

@@ -144,7 +144,7 @@ impl<T: Real> Layer<T> for Attention {
             Layout::NanoGpt => ("n_embd", "n_head"),
             Layout::Multihead => ("embed_dim", "num_heads"),
         };
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "{dim} = {} is not a multiple of {heads} = {}",
                 self.embed_dim, self.num_heads
