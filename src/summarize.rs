@@ -3,7 +3,8 @@
 //! - `layer`, `tensor`: totals over the run (from `summary.json`);
 //! - `step` (alias `iteration`): per-step losses, ΣLCA, residual, helped fraction;
 //! - `neuron`: a neuron (channel) is index `i` along axis 0 of its layer's weight — the sum
-//!   over every other axis of the weight, plus its bias entry (from `params.csv`);
+//!   over every other axis of the weight, plus its bias entry (from `params.csv`); a layer
+//!   with sub-modules (attention's `c_attn`, `c_proj`) has neurons per sub-module;
 //! - `param`: single parameters (from `params.csv`);
 //! - `head`: attention heads — head h's rows of q, k and v in the in-projection and its
 //!   columns of the output projection, with the output bias as a row of its own (from
@@ -273,18 +274,25 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
         By::Head => head_view(&s, &read_params(dir)?, delta)?,
         By::Neuron => {
             let rows = read_params(dir)?;
-            // Size of axis 0 and elements per axis-0 slice, per tensor.
-            let shapes: BTreeMap<&str, (usize, usize)> = s
+            // Elements per axis-0 slice and the sub-module, per tensor: a layer whose tensors
+            // belong to sub-modules (attention's `c_attn.*` and `c_proj.*`) has neurons per
+            // sub-module.
+            let shapes: BTreeMap<&str, (usize, &str)> = s
                 .model
                 .params
                 .iter()
                 .filter(|p| !p.shape.is_empty() && !p.buffer)
-                .map(|p| (p.name.as_str(), (p.shape[0], p.numel / p.shape[0].max(1))))
+                .map(|p| {
+                    (
+                        p.name.as_str(),
+                        (p.numel / p.shape[0].max(1), unit_of(&p.role)),
+                    )
+                })
                 .collect();
             let order: Vec<&str> = s.model.layers.iter().map(|l| l.as_str()).collect();
-            let mut acc: BTreeMap<(usize, usize), (f64, usize)> = BTreeMap::new();
+            let mut acc: BTreeMap<(usize, &str, usize), (f64, usize)> = BTreeMap::new();
             for p in &rows {
-                let Some(&(_, per)) = shapes.get(p.tensor.as_str()) else {
+                let Some(&(per, unit)) = shapes.get(p.tensor.as_str()) else {
                     continue;
                 };
                 let li = order
@@ -292,7 +300,7 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                     .position(|l| *l == p.layer)
                     .unwrap_or(usize::MAX);
                 let e = acc
-                    .entry((li, p.flat_index / per.max(1)))
+                    .entry((li, unit, p.flat_index / per.max(1)))
                     .or_insert((0.0, 0));
                 e.0 += p.lca;
                 e.1 += 1;
@@ -301,9 +309,14 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 columns: vec!["layer", "neuron", "params", "lca", "share_of_abs_delta"],
                 rows: acc
                     .into_iter()
-                    .map(|((li, n), (lca, k))| {
+                    .map(|((li, unit, n), (lca, k))| {
+                        let layer = order.get(li).map_or("?".into(), |s| s.to_string());
                         vec![
-                            Cell::Str(order.get(li).map_or("?".into(), |s| s.to_string())),
+                            Cell::Str(if unit.is_empty() {
+                                layer
+                            } else {
+                                format!("{layer}.{unit}")
+                            }),
                             Cell::Int(n as i64),
                             Cell::Int(k as i64),
                             Cell::Float(lca),
@@ -316,6 +329,18 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
         }
     };
     Ok((s, table))
+}
+
+/// The sub-module of a parameter role: `c_attn.weight` → `c_attn`, `in_proj_bias` →
+/// `in_proj`, `weight` → `` (the layer itself).
+fn unit_of(role: &str) -> &str {
+    match role.rsplit_once('.') {
+        Some((unit, _)) => unit,
+        None => role
+            .strip_suffix("_weight")
+            .or_else(|| role.strip_suffix("_bias"))
+            .unwrap_or(""),
+    }
 }
 
 /// Per-head totals of attention layers from per-parameter totals; see [`By::Head`].
@@ -584,6 +609,18 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::block_of;
+
+    #[test]
+    fn neuron_units_follow_sub_modules() {
+        use super::unit_of;
+        assert_eq!(unit_of("weight"), "");
+        assert_eq!(unit_of("bias"), "");
+        assert_eq!(unit_of("running_mean"), "");
+        assert_eq!(unit_of("c_attn.weight"), "c_attn");
+        assert_eq!(unit_of("out_proj.bias"), "out_proj");
+        assert_eq!(unit_of("in_proj_weight"), "in_proj");
+        assert_eq!(unit_of("in_proj_bias"), "in_proj");
+    }
 
     #[test]
     fn blocks_follow_module_indices() {

@@ -619,3 +619,44 @@ fn token_data_errors_name_sample_and_position() {
     let o = case("xy", T::i64("tokens", &[1, 33], &[1; 33]), &bad_spec);
     fails_with(&o, &["`data.x` cannot be combined with `data.tokens"]);
 }
+
+/// Separate integer `x` and `y` tensors `[N, T]` give the same analysis as `tokens [N, T+1]`.
+#[test]
+fn separate_x_and_y_equal_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("gpt/data/train.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tok = lca::tensors::to_f64(&st.tensor("tokens").unwrap()).unwrap();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for row in tok.chunks_exact(33) {
+        x.extend(row[..32].iter().map(|&v| v as i64));
+        y.extend(row[1..].iter().map(|&v| v as i64));
+    }
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    write_st(
+        &dir.path().join("data/train.safetensors"),
+        &[T::i64("x", &[256, 32], &x), T::i64("y", &[256, 32], &y)],
+        None,
+    );
+    let spec = std::fs::read_to_string(fixture("gpt/model.toml"))
+        .unwrap()
+        .replace("tokens = \"tokens\"", "x = \"x\"\ny = \"y\"");
+    std::fs::write(dir.path().join("model.toml"), spec).unwrap();
+    let run = |spec: &Path, out: &Path| {
+        let o = lca()
+            .arg("analyze")
+            .arg(fixture("gpt/ckpts"))
+            .arg("--spec")
+            .arg(spec)
+            .arg("-o")
+            .arg(out)
+            .args(["--quiet", "--no-lca-tensors", "--last", "2"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("tensors.csv")).unwrap()
+    };
+    let a = run(&dir.path().join("model.toml"), &dir.path().join("a"));
+    let b = run(&fixture("gpt/model.toml"), &dir.path().join("b"));
+    assert_eq!(a, b);
+}
