@@ -94,6 +94,7 @@ pub fn prepare(
     let input_shape = spec.model.input_shape.as_deref();
     let data = Dataset::load(&spec.train_path(), &spec.data, input_shape, loss)?;
     let model = Model::<f32>::build(&spec, data.sample_shape())?;
+    data.check_inputs(&model)?;
     data.check_targets(model.output_shape(), model.loss)?;
     let validation = match spec.validation_path() {
         None => None,
@@ -109,6 +110,7 @@ pub fn prepare(
                     ),
                 });
             }
+            v.check_inputs(&model)?;
             v.check_targets(model.output_shape(), model.loss)?;
             Some(v)
         }
@@ -157,7 +159,7 @@ pub fn prepare(
     }
     for f in &files {
         for p in &model.params {
-            match f.tensors.iter().find(|t| t.name == p.name) {
+            match f.tensors.iter().find(|t| p.answers_to(&t.name)) {
                 None => {
                     let hint = f
                         .tensors
@@ -886,6 +888,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
             role: q.role.clone(),
             shape: q.shape.clone(),
             numel: q.numel(),
+            aliases: q.aliases.clone(),
         })
         .collect();
 
@@ -1234,6 +1237,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                 output_shape: model.output_shape().to_vec(),
                 layers: layers.clone(),
                 params: param_refs.clone(),
+                attention: crate::net::attention::describe(&p.spec, model),
             },
             integration: IntegrationInfo {
                 settings: opts.integration,

@@ -445,17 +445,28 @@ pub fn load_bytes(file: &CheckpointFile, bytes: &[u8], params: &[ParamInfo]) -> 
         .map_err(|e| ck_err(path, format!("not a valid safetensors file: {e}")))?;
     let mut theta = Vec::with_capacity(params.len());
     for p in params {
-        let t = st.tensor(&p.name).map_err(|_| {
+        // A tied parameter may be stored under any of its names (save_model keeps one).
+        let mut stored = std::iter::once(&p.name)
+            .chain(&p.aliases)
+            .filter(|n| st.tensor(n).is_ok());
+        let found = stored.next().unwrap_or(&p.name);
+        let also: Vec<&String> = stored.collect();
+        let t = st.tensor(found).map_err(|_| {
             let hint = st
                 .names()
                 .into_iter()
                 .find(|n| n.ends_with(&p.name) || p.name.ends_with(*n))
                 .map(|n| format!(" (the file has '{n}': check `model.prefix`)"))
                 .unwrap_or_default();
+            let tied = if p.aliases.is_empty() {
+                String::new()
+            } else {
+                format!(" or its tied name(s) {}", p.aliases.join(", "))
+            };
             ck_err(
                 path,
                 format!(
-                    "missing tensor '{}' (expected shape {:?}){hint}",
+                    "missing tensor '{}'{tied} (expected shape {:?}){hint}",
                     p.name, p.shape
                 ),
             )
@@ -465,7 +476,7 @@ pub fn load_bytes(file: &CheckpointFile, bytes: &[u8], params: &[ParamInfo]) -> 
                 path,
                 format!(
                     "tensor '{}' has dtype {:?}; parameters must be F32, F64, F16 or BF16",
-                    p.name,
+                    found,
                     t.dtype()
                 ),
             ));
@@ -475,14 +486,14 @@ pub fn load_bytes(file: &CheckpointFile, bytes: &[u8], params: &[ParamInfo]) -> 
                 path,
                 format!(
                     "tensor '{}' has shape {:?} but the spec expects {:?}",
-                    p.name,
+                    found,
                     t.shape(),
                     p.shape
                 ),
             ));
         }
         let v = crate::tensors::to_f64(&t)
-            .map_err(|d| ck_err(path, format!("tensor '{}': unsupported dtype {d}", p.name)))?;
+            .map_err(|d| ck_err(path, format!("tensor '{found}': unsupported dtype {d}")))?;
         // Values are computed in f32: an F64 value beyond its range is as unusable as Inf.
         if let Some(i) = v.iter().position(|&x| !(x as f32).is_finite()) {
             let what = if v[i].is_finite() {
@@ -495,15 +506,34 @@ pub fn load_bytes(file: &CheckpointFile, bytes: &[u8], params: &[ParamInfo]) -> 
             };
             return Err(ck_err(
                 path,
-                format!("tensor '{}' holds {what} at flat index {i}", p.name),
+                format!("tensor '{found}' holds {what} at flat index {i}"),
             ));
+        }
+        for other in also {
+            let o = st
+                .tensor(other)
+                .map_err(|_| ck_err(path, "unreadable tensor"))?;
+            let same = o.shape() == t.shape()
+                && crate::tensors::to_f64(&o).is_ok_and(|w| {
+                    w.iter()
+                        .zip(&v)
+                        .all(|(a, b)| a == b || (a.is_nan() && b.is_nan()))
+                });
+            if !same {
+                return Err(ck_err(
+                    path,
+                    format!(
+                        "tensors '{found}' and '{other}' hold different values, but the spec ties them into one parameter"
+                    ),
+                ));
+            }
         }
         theta.push(v.into_iter().map(|x| x as f32).collect());
     }
     let mut unused: Vec<String> = st
         .names()
         .into_iter()
-        .filter(|n| !params.iter().any(|p| p.name == *n))
+        .filter(|n| !params.iter().any(|p| p.answers_to(n)))
         .map(|s| s.to_string())
         .collect();
     unused.sort();

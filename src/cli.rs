@@ -431,7 +431,7 @@ fn print_report(s: &crate::report::Summary, out: &std::path::Path) {
 fn run_summarize(a: SummarizeArgs) -> anyhow::Result<()> {
     let (_, mut table) = view(&a.out, a.by)?;
     let sort = a.sort.unwrap_or(match a.by {
-        By::Layer | By::Block | By::Tensor | By::Step => Sort::Order,
+        By::Layer | By::Block | By::Tensor | By::Step | By::Head => Sort::Order,
         By::Neuron | By::Param => Sort::Helped,
     });
     table.sort_and_limit(sort, a.top);

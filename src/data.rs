@@ -115,7 +115,50 @@ fn read_npz(path: &Path, names: [&str; 2]) -> Result<[Raw; 2]> {
     Ok([get(names[0])?, get(names[1])?])
 }
 
+/// `[N, T+1]` token ids → inputs (the first T columns) and targets (the last T).
+fn split_tokens(tok: Raw, name: &str) -> std::result::Result<[Raw; 2], String> {
+    let (n, len) = match tok.shape.as_slice() {
+        [n, len] if *len >= 2 => (*n, *len),
+        other => {
+            return Err(format!(
+                "'{name}' must be token ids [N, T+1] (inputs are the first T of each row, targets the last T), found shape {other:?}"
+            ));
+        }
+    };
+    if !tok.integral {
+        return Err(format!(
+            "'{name}' must hold token ids of an integer dtype, found {}",
+            tok.dtype
+        ));
+    }
+    let t = len - 1;
+    let mut xs = Vec::with_capacity(n * t);
+    let mut ys = Vec::with_capacity(n * t);
+    for row in tok.values.chunks_exact(len) {
+        xs.extend_from_slice(&row[..t]);
+        ys.extend_from_slice(&row[1..]);
+    }
+    let part = |values| Raw {
+        shape: vec![n, t],
+        values,
+        integral: true,
+        dtype: tok.dtype.clone(),
+    };
+    Ok([part(xs), part(ys)])
+}
+
 impl Dataset {
+    /// Check the inputs' values against the layers that read them directly (token ids within
+    /// their embedding), naming the sample and position of the first offending value.
+    pub fn check_inputs<T: crate::net::Real>(&self, model: &crate::net::Model<T>) -> Result<()> {
+        model
+            .check_input(self.x.view())
+            .map_err(|m| LcaError::Data {
+                path: self.path.clone(),
+                msg: format!("inputs: {m}"),
+            })
+    }
+
     /// Load and preprocess a data set. `input_shape` (from `[model]`) reshapes each sample
     /// when given; `loss` decides how targets are read.
     pub fn load(
@@ -135,7 +178,10 @@ impl Dataset {
         }
         let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
         let sha256 = crate::tensors::sha256_hex(&bytes);
-        let names = [spec.x.as_str(), spec.y.as_str()];
+        let names = match &spec.tokens {
+            Some(t) => [t.as_str(), t.as_str()],
+            None => [spec.x.as_str(), spec.y.as_str()],
+        };
         let is_npz = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
@@ -144,6 +190,10 @@ impl Dataset {
             read_npz(path, names)?
         } else {
             read_safetensors(path, &bytes, names)?
+        };
+        let [x, y] = match &spec.tokens {
+            Some(name) => split_tokens(x, name).map_err(err)?,
+            None => [x, y],
         };
         let n = *x.shape.first().ok_or_else(|| {
             err(format!(
@@ -409,6 +459,7 @@ mod tests {
             train: "x.safetensors".into(),
             x: "x".into(),
             y: "y".into(),
+            tokens: None,
             scale: Some(0.5),
             mean,
             std,

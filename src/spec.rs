@@ -92,6 +92,11 @@ pub struct LayerSpec {
     pub kind: LayerKind,
     /// 1-based line of the `[[layers]]` header in the spec file.
     pub line: usize,
+    /// `tied = { weight = "transformer.wte.weight" }`: parameters (by suffix) that are another
+    /// `state_dict` name (without `model.prefix`). Two layers naming the same tensor share one
+    /// parameter (weight tying); the layer's own name for it is accepted in checkpoints too.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tied: Vec<(String, String)>,
 }
 
 fn default_true() -> bool {
@@ -207,6 +212,55 @@ pub enum LayerKind {
     /// Mean over the two spatial axes: `[C, H, W]` → `[C]` (`AdaptiveAvgPool2d(1)` followed by
     /// `Flatten()`).
     GlobalAvgPool {},
+    /// `nn.Embedding`: weight `[num_embeddings, embedding_dim]`; its input holds integer ids.
+    Embedding {
+        num_embeddings: usize,
+        embedding_dim: usize,
+        #[serde(default)]
+        padding_idx: Option<i64>,
+    },
+    /// A learned positional embedding (nanoGPT's `wpe`): an `nn.Embedding(block_size, C)`
+    /// looked up at positions `0..T`, where T is axis 1 of its input; output `[T, C]` per sample.
+    PositionalEmbedding {
+        num_embeddings: usize,
+        embedding_dim: usize,
+    },
+    /// `nn.LayerNorm(normalized_shape)` over the last axis.
+    LayerNorm {
+        normalized_shape: usize,
+        #[serde(default = "default_ln_eps")]
+        eps: f64,
+        #[serde(default = "default_true")]
+        elementwise_affine: bool,
+        #[serde(default = "default_true")]
+        bias: bool,
+    },
+    /// nanoGPT's `CausalSelfAttention`: `c_attn` (q, k, v) and `c_proj`, causal mask.
+    CausalSelfAttention {
+        n_embd: usize,
+        n_head: usize,
+        #[serde(default = "default_true")]
+        bias: bool,
+        /// Accepted for compatibility; dropout is the identity in evaluation.
+        #[serde(default)]
+        dropout: f32,
+    },
+    /// `nn.MultiheadAttention(embed_dim, num_heads)` used as self-attention (query = key =
+    /// value = the input), with a causal mask unless `causal = false`.
+    MultiheadAttention {
+        embed_dim: usize,
+        num_heads: usize,
+        #[serde(default = "default_true")]
+        bias: bool,
+        #[serde(default = "default_true")]
+        causal: bool,
+        /// Accepted for compatibility; dropout is the identity in evaluation.
+        #[serde(default)]
+        dropout: f32,
+        /// Accepted for compatibility; the evaluator's activations are always `[N, T, C]`.
+        #[serde(default)]
+        batch_first: Option<bool>,
+    },
 }
 
 fn default_one() -> usize {
@@ -338,6 +392,10 @@ impl<'de> Deserialize<'de> for Padding {
     }
 }
 
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+
 /// Settings of a batch norm layer, with PyTorch's argument names.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +447,11 @@ impl LayerKind {
             LayerKind::AvgPool2d { .. } => "avg_pool2d",
             LayerKind::AdaptiveAvgPool2d { .. } => "adaptive_avg_pool2d",
             LayerKind::GlobalAvgPool {} => "global_avg_pool",
+            LayerKind::Embedding { .. } => "embedding",
+            LayerKind::PositionalEmbedding { .. } => "positional_embedding",
+            LayerKind::LayerNorm { .. } => "layer_norm",
+            LayerKind::CausalSelfAttention { .. } => "causal_self_attention",
+            LayerKind::MultiheadAttention { .. } => "multihead_attention",
         }
     }
 
@@ -558,6 +621,10 @@ pub struct DataSpec {
     /// Name of the target tensor in the file.
     #[serde(default = "default_y")]
     pub y: String,
+    /// Name of a `[N, T+1]` tensor of token ids, instead of `x` and `y`: the inputs are its
+    /// first T columns and the targets its last T (next-token prediction).
+    #[serde(default)]
+    pub tokens: Option<String>,
     /// Multiply inputs by this first (e.g. `1/255`).
     #[serde(default)]
     pub scale: Option<f64>,
@@ -700,6 +767,34 @@ impl Spec {
                     ));
                 }
             };
+            let tied = match table.remove("tied") {
+                None => vec![],
+                Some(toml::Value::Table(t)) => {
+                    let mut v = Vec::new();
+                    for (suffix, target) in t {
+                        match target {
+                            toml::Value::String(s) if !s.is_empty() => v.push((suffix, s)),
+                            _ => {
+                                return Err(err(
+                                    key_line(source, start, "tied").or(Some(line)),
+                                    format!(
+                                        "{label}: `tied.{suffix}` must be the state_dict name of a tensor, e.g. \"transformer.wte.weight\""
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    v
+                }
+                Some(_) => {
+                    return Err(err(
+                        key_line(source, start, "tied").or(Some(line)),
+                        format!(
+                            "{label}: `tied` must be a table such as `tied = {{ weight = \"transformer.wte.weight\" }}`"
+                        ),
+                    ));
+                }
+            };
             if !table.contains_key("type") {
                 return Err(err(Some(line), format!("{label}: missing key `type`")));
             }
@@ -740,6 +835,7 @@ impl Spec {
                 input,
                 kind,
                 line,
+                tied,
             });
         }
         let spec = Spec {
@@ -802,6 +898,18 @@ impl Spec {
                     r.l2
                 ),
             ));
+        }
+        if let Some(tok) = &self.data.tokens {
+            for key in ["x", "y", "scale", "mean", "std"] {
+                if let Some(line) = section_key_line(&self.source, "data", key) {
+                    return Err(err(
+                        Some(line),
+                        format!(
+                            "`data.{key}` cannot be combined with `data.tokens = \"{tok}\"`: the inputs are the first T token ids of each row and the targets the last T, used as they are"
+                        ),
+                    ));
+                }
+            }
         }
         for (key, v) in [
             ("scale", self.data.scale.map(|s| vec![s])),

@@ -3,8 +3,12 @@
 //! - `layer`, `tensor`: totals over the run (from `summary.json`);
 //! - `step` (alias `iteration`): per-step losses, ΣLCA, residual, helped fraction;
 //! - `neuron`: a neuron (channel) is index `i` along axis 0 of its layer's weight — the sum
-//!   over every other axis of the weight, plus its bias entry (from `params.csv`);
-//! - `param`: single parameters (from `params.csv`).
+//!   over every other axis of the weight, plus its bias entry (from `params.csv`); a layer
+//!   with sub-modules (attention's `c_attn`, `c_proj`) has neurons per sub-module;
+//! - `param`: single parameters (from `params.csv`);
+//! - `head`: attention heads — head h's rows of q, k and v in the in-projection and its
+//!   columns of the output projection, with the output bias as a row of its own (from
+//!   `params.csv` and the attention layers recorded in `summary.json`).
 //!
 //! Output as an aligned table for people, or CSV / JSON for scripts.
 
@@ -26,6 +30,9 @@ pub enum By {
     #[value(alias = "iteration")]
     Step,
     Param,
+    /// Attention heads: head h's q, k, v rows of the in-projection and its columns of the
+    /// output projection; the output-projection bias is shared and gets its own row.
+    Head,
 }
 
 /// Output format.
@@ -264,20 +271,28 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 lca_col: 4,
             }
         }
+        By::Head => head_view(&s, &read_params(dir)?, delta)?,
         By::Neuron => {
             let rows = read_params(dir)?;
-            // Size of axis 0 and elements per axis-0 slice, per tensor.
-            let shapes: BTreeMap<&str, (usize, usize)> = s
+            // Elements per axis-0 slice and the sub-module, per tensor: a layer whose tensors
+            // belong to sub-modules (attention's `c_attn.*` and `c_proj.*`) has neurons per
+            // sub-module.
+            let shapes: BTreeMap<&str, (usize, &str)> = s
                 .model
                 .params
                 .iter()
                 .filter(|p| !p.shape.is_empty() && !p.buffer)
-                .map(|p| (p.name.as_str(), (p.shape[0], p.numel / p.shape[0].max(1))))
+                .map(|p| {
+                    (
+                        p.name.as_str(),
+                        (p.numel / p.shape[0].max(1), unit_of(&p.role)),
+                    )
+                })
                 .collect();
             let order: Vec<&str> = s.model.layers.iter().map(|l| l.as_str()).collect();
-            let mut acc: BTreeMap<(usize, usize), (f64, usize)> = BTreeMap::new();
+            let mut acc: BTreeMap<(usize, &str, usize), (f64, usize)> = BTreeMap::new();
             for p in &rows {
-                let Some(&(_, per)) = shapes.get(p.tensor.as_str()) else {
+                let Some(&(per, unit)) = shapes.get(p.tensor.as_str()) else {
                     continue;
                 };
                 let li = order
@@ -285,7 +300,7 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                     .position(|l| *l == p.layer)
                     .unwrap_or(usize::MAX);
                 let e = acc
-                    .entry((li, p.flat_index / per.max(1)))
+                    .entry((li, unit, p.flat_index / per.max(1)))
                     .or_insert((0.0, 0));
                 e.0 += p.lca;
                 e.1 += 1;
@@ -294,9 +309,14 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 columns: vec!["layer", "neuron", "params", "lca", "share_of_abs_delta"],
                 rows: acc
                     .into_iter()
-                    .map(|((li, n), (lca, k))| {
+                    .map(|((li, unit, n), (lca, k))| {
+                        let layer = order.get(li).map_or("?".into(), |s| s.to_string());
                         vec![
-                            Cell::Str(order.get(li).map_or("?".into(), |s| s.to_string())),
+                            Cell::Str(if unit.is_empty() {
+                                layer
+                            } else {
+                                format!("{layer}.{unit}")
+                            }),
                             Cell::Int(n as i64),
                             Cell::Int(k as i64),
                             Cell::Float(lca),
@@ -309,6 +329,147 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
         }
     };
     Ok((s, table))
+}
+
+/// The sub-module of a parameter role: `c_attn.weight` → `c_attn`, `in_proj_bias` →
+/// `in_proj`, `weight` → `` (the layer itself).
+fn unit_of(role: &str) -> &str {
+    match role.rsplit_once('.') {
+        Some((unit, _)) => unit,
+        None => role
+            .strip_suffix("_weight")
+            .or_else(|| role.strip_suffix("_bias"))
+            .unwrap_or(""),
+    }
+}
+
+/// Per-head totals of attention layers from per-parameter totals; see [`By::Head`].
+fn head_view(s: &Summary, rows: &[ParamRow], delta: f64) -> Result<Table> {
+    let att = &s.model.attention;
+    if att.is_empty() {
+        return Err(LcaError::Usage(
+            "--by head: the analysed model has no attention layers".into(),
+        ));
+    }
+    // Parts of a head's row: q, k, v (in-projection) and out (output projection).
+    #[derive(Default, Clone)]
+    struct Acc {
+        params: usize,
+        lca: f64,
+        parts: [f64; 4],
+        signs: [u64; 3],
+    }
+    let width = |name: &str| {
+        s.model
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.shape.last().copied())
+            .unwrap_or(1)
+    };
+    // For every tensor of an attention layer: (layer index, role).
+    #[derive(Clone, Copy)]
+    enum Role {
+        InWeight(usize),
+        InBias,
+        OutWeight(usize),
+        OutBias,
+    }
+    let mut roles: BTreeMap<&str, (usize, Role)> = BTreeMap::new();
+    for (li, a) in att.iter().enumerate() {
+        roles.insert(
+            &a.in_proj_weight,
+            (li, Role::InWeight(width(&a.in_proj_weight))),
+        );
+        roles.insert(
+            &a.out_proj_weight,
+            (li, Role::OutWeight(width(&a.out_proj_weight))),
+        );
+        if let Some(b) = &a.in_proj_bias {
+            roles.insert(b, (li, Role::InBias));
+        }
+        if let Some(b) = &a.out_proj_bias {
+            roles.insert(b, (li, Role::OutBias));
+        }
+    }
+    // heads + 1 slots per layer: the heads, then the shared output bias.
+    let mut acc: Vec<Vec<Acc>> = att
+        .iter()
+        .map(|a| vec![Acc::default(); a.heads + 1])
+        .collect();
+    for p in rows {
+        let Some(&(li, role)) = roles.get(p.tensor.as_str()) else {
+            continue;
+        };
+        let a = &att[li];
+        let c = a.heads * a.head_dim;
+        let (slot, part) = match role {
+            Role::InWeight(cols) => {
+                let r = p.flat_index / cols;
+                ((r % c) / a.head_dim, r / c)
+            }
+            Role::InBias => ((p.flat_index % c) / a.head_dim, p.flat_index / c),
+            Role::OutWeight(cols) => ((p.flat_index % cols) / a.head_dim, 3),
+            Role::OutBias => (a.heads, 3),
+        };
+        let e = &mut acc[li][slot];
+        e.params += 1;
+        e.lca += p.lca;
+        e.parts[part.min(3)] += p.lca;
+        e.signs[if p.lca < 0.0 {
+            0
+        } else if p.lca > 0.0 {
+            2
+        } else {
+            1
+        }] += 1;
+    }
+    let mut out = Vec::new();
+    for (a, heads) in att.iter().zip(acc) {
+        for (h, e) in heads.into_iter().enumerate() {
+            if h == a.heads && e.params == 0 {
+                continue;
+            }
+            out.push(vec![
+                Cell::Str(a.layer.clone()),
+                Cell::Str(if h == a.heads {
+                    "bias".into()
+                } else {
+                    h.to_string()
+                }),
+                Cell::Int(e.params as i64),
+                Cell::Float(e.lca),
+                Cell::Float(share(e.lca, delta)),
+                Cell::Int(e.signs[0] as i64),
+                Cell::Int(e.signs[1] as i64),
+                Cell::Int(e.signs[2] as i64),
+                Cell::Float(e.signs[0] as f64 / e.params.max(1) as f64),
+                Cell::Float(e.parts[0]),
+                Cell::Float(e.parts[1]),
+                Cell::Float(e.parts[2]),
+                Cell::Float(e.parts[3]),
+            ]);
+        }
+    }
+    Ok(Table {
+        columns: vec![
+            "layer",
+            "head",
+            "params",
+            "lca",
+            "share_of_abs_delta",
+            "helped",
+            "zero",
+            "hurt",
+            "helped_fraction",
+            "q_lca",
+            "k_lca",
+            "v_lca",
+            "out_lca",
+        ],
+        rows: out,
+        lca_col: 3,
+    })
 }
 
 /// The block of a layer name: up to and including its first purely numeric dotted component
@@ -448,6 +609,18 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::block_of;
+
+    #[test]
+    fn neuron_units_follow_sub_modules() {
+        use super::unit_of;
+        assert_eq!(unit_of("weight"), "");
+        assert_eq!(unit_of("bias"), "");
+        assert_eq!(unit_of("running_mean"), "");
+        assert_eq!(unit_of("c_attn.weight"), "c_attn");
+        assert_eq!(unit_of("out_proj.bias"), "out_proj");
+        assert_eq!(unit_of("in_proj_weight"), "in_proj");
+        assert_eq!(unit_of("in_proj_bias"), "in_proj");
+    }
 
     #[test]
     fn blocks_follow_module_indices() {

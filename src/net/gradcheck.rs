@@ -53,6 +53,30 @@ pub(crate) fn check_layer_with(
     seed: u64,
     adjust: &dyn Fn(usize, &mut ArrayD<f64>),
 ) {
+    check(layer, in_shapes, batch, seed, adjust, false)
+}
+
+/// As [`check_layer_with`] for a layer whose inputs carry no gradient (token ids, or an input
+/// whose values the output does not depend on): backward must return `None` for every input,
+/// and only the parameter gradients are compared.
+pub(crate) fn check_layer_discrete(
+    layer: &dyn Layer<f64>,
+    in_shapes: &[Vec<usize>],
+    batch: usize,
+    seed: u64,
+    adjust: &dyn Fn(usize, &mut ArrayD<f64>),
+) {
+    check(layer, in_shapes, batch, seed, adjust, true)
+}
+
+fn check(
+    layer: &dyn Layer<f64>,
+    in_shapes: &[Vec<usize>],
+    batch: usize,
+    seed: u64,
+    adjust: &dyn Fn(usize, &mut ArrayD<f64>),
+    discrete: bool,
+) {
     let mut rng = Rng::new(seed);
     let out_shape = layer.out_shape(in_shapes).expect("shapes fit");
     let params: Vec<Vec<f64>> = layer
@@ -109,6 +133,13 @@ pub(crate) fn check_layer_with(
                 g[k]
             );
         }
+    }
+    if discrete {
+        assert!(
+            gin.iter().all(|g| g.is_none()),
+            "a discrete input has no gradient"
+        );
+        return;
     }
     for (xi, gx) in gin.iter().enumerate() {
         let gx = gx.as_ref().expect("input gradient requested");

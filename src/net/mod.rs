@@ -12,8 +12,11 @@
 
 pub mod activation;
 pub mod add;
+pub mod attention;
 pub mod batch_norm;
 pub mod conv;
+pub mod embedding;
+pub mod layer_norm;
 pub mod linear;
 pub mod loss;
 pub mod pool;
@@ -125,6 +128,11 @@ pub trait Layer<T: Real>: Send + Sync {
     fn macs_per_sample(&self, _inputs: &[Vec<usize>]) -> u64 {
         0
     }
+    /// Check the values of the model input when this layer reads it directly (e.g. that token
+    /// ids are integers within the embedding), naming the first offending sample and position.
+    fn check_model_input(&self, _x: ArrayViewD<'_, f32>) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Where a node reads from.
@@ -162,11 +170,19 @@ pub struct ParamInfo {
     pub shape: Vec<usize>,
     /// A buffer (not trained), not a parameter: its LCA is reported in the "buffers" group.
     pub buffer: bool,
+    /// Other `state_dict` names of the same tensor (weight tying: `lm_head.weight` for
+    /// `transformer.wte.weight`). A checkpoint may store it under any of them.
+    pub aliases: Vec<String>,
 }
 
 impl ParamInfo {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Whether a checkpoint tensor of this name holds this parameter (its name or an alias).
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.name == name || self.aliases.iter().any(|a| a == name)
     }
 
     /// The group this tensor's LCA is reported under: its layer, or `buffers` for buffers.
@@ -291,6 +307,64 @@ fn build_layer<T: Real>(kind: &LayerKind, bn_mode: Option<BnMode>) -> Box<dyn La
             output_size: [1, 1],
             flatten: true,
         }),
+        LayerKind::Embedding {
+            num_embeddings,
+            embedding_dim,
+            padding_idx,
+        } => Box::new(embedding::Embedding {
+            num_embeddings: *num_embeddings,
+            embedding_dim: *embedding_dim,
+            padding_idx: padding_idx.map(|p| {
+                if p < 0 {
+                    (p + *num_embeddings as i64) as usize
+                } else {
+                    p as usize
+                }
+            }),
+        }),
+        LayerKind::PositionalEmbedding {
+            num_embeddings,
+            embedding_dim,
+        } => Box::new(embedding::PositionalEmbedding {
+            num_embeddings: *num_embeddings,
+            embedding_dim: *embedding_dim,
+        }),
+        LayerKind::LayerNorm {
+            normalized_shape,
+            eps,
+            elementwise_affine,
+            bias,
+        } => Box::new(layer_norm::LayerNorm {
+            normalized_shape: *normalized_shape,
+            eps: *eps,
+            weight: *elementwise_affine,
+            bias: *elementwise_affine && *bias,
+        }),
+        LayerKind::CausalSelfAttention {
+            n_embd,
+            n_head,
+            bias,
+            ..
+        } => Box::new(attention::Attention {
+            embed_dim: *n_embd,
+            num_heads: *n_head,
+            bias: *bias,
+            causal: true,
+            layout: attention::Layout::NanoGpt,
+        }),
+        LayerKind::MultiheadAttention {
+            embed_dim,
+            num_heads,
+            bias,
+            causal,
+            ..
+        } => Box::new(attention::Attention {
+            embed_dim: *embed_dim,
+            num_heads: *num_heads,
+            bias: *bias,
+            causal: *causal,
+            layout: attention::Layout::Multihead,
+        }),
     }
 }
 
@@ -388,8 +462,32 @@ impl<T: Real> Model<T> {
                 .map(|d| (d, false))
                 .chain(layer.buffers().into_iter().map(|d| (d, true)))
                 .collect();
+            if let Some((suffix, _)) = ls
+                .tied
+                .iter()
+                .find(|(s, _)| !decls.iter().any(|(d, _)| d.suffix == s))
+            {
+                return Err(LcaError::Spec {
+                    path: spec.path.clone(),
+                    line: Some(ls.line),
+                    msg: format!(
+                        "layer '{}': `tied.{suffix}` is not a parameter of a {} layer (it has: {})",
+                        ls.name,
+                        ls.kind.type_name(),
+                        decls
+                            .iter()
+                            .map(|(d, _)| d.suffix)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
             for (decl, buffer) in decls {
-                let name = spec.param_name(&ls.name, decl.suffix);
+                let own = spec.param_name(&ls.name, decl.suffix);
+                let name = match ls.tied.iter().find(|(s, _)| s == decl.suffix) {
+                    Some((_, target)) => format!("{}{target}", spec.model.prefix),
+                    None => own.clone(),
+                };
                 if let Some(j) = params.iter().position(|p: &ParamInfo| p.name == name) {
                     if params[j].shape != decl.shape {
                         return Err(LcaError::Model(format!(
@@ -398,14 +496,23 @@ impl<T: Real> Model<T> {
                             describe(&decl.shape)
                         )));
                     }
+                    if param_ids.contains(&j) {
+                        return Err(LcaError::Model(format!(
+                            "{where_}: uses parameter '{name}' twice; a layer's parameters must be distinct tensors"
+                        )));
+                    }
+                    if own != name && !params[j].aliases.contains(&own) {
+                        params[j].aliases.push(own);
+                    }
                     param_ids.push(j);
                 } else {
                     params.push(ParamInfo {
-                        name,
+                        name: name.clone(),
                         layer: ls.name.clone(),
                         role: decl.suffix.to_string(),
                         shape: decl.shape.clone(),
                         buffer,
+                        aliases: if own != name { vec![own] } else { vec![] },
                     });
                     param_ids.push(params.len() - 1);
                 }
@@ -453,6 +560,24 @@ impl<T: Real> Model<T> {
     /// Total number of parameters.
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|p| p.numel()).sum()
+    }
+
+    /// Check the model input's values with every layer that reads it directly (token ids
+    /// within their embedding, ...): the first problem, naming the layer, sample and position.
+    pub fn check_input(&self, x: ArrayViewD<'_, f32>) -> std::result::Result<(), String> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.inputs.contains(&Src::Input) {
+                node.layer.check_model_input(x.view()).map_err(|m| {
+                    format!(
+                        "layer '{}' ({}, #{}): {m}",
+                        node.name,
+                        node.type_name,
+                        i + 1
+                    )
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Multiply-adds of one forward pass per sample.

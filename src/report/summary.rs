@@ -71,6 +71,9 @@ pub struct ParamRef {
     /// True for buffers (batch norm running statistics), which are not trained.
     #[serde(default)]
     pub buffer: bool,
+    /// Other `state_dict` names of the same tensor (weight tying), accepted in checkpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +88,29 @@ pub struct ModelInfo {
     /// Layers with parameters, in model order.
     pub layers: Vec<String>,
     pub params: Vec<ParamRef>,
+    /// Attention layers, for `summarize --by head`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention: Vec<AttentionInfo>,
+}
+
+/// An attention layer: its head count and projection tensors. Head h owns rows
+/// `[h·head_dim, (h+1)·head_dim)` of each of q, k and v in the in-projection (weight rows and
+/// bias entries) and the same columns of the output-projection weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttentionInfo {
+    pub layer: String,
+    /// Layer type (`causal_self_attention`, `multihead_attention`).
+    pub kind: String,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// `[3·C, C]`: q, k, v rows.
+    pub in_proj_weight: String,
+    /// `[3·C]`.
+    pub in_proj_bias: Option<String>,
+    /// `[C, C]`: the heads' columns.
+    pub out_proj_weight: String,
+    /// `[C]`: shared by the heads.
+    pub out_proj_bias: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

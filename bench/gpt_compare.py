@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Full-training-set loss + gradient of a small character-level GPT: lca vs PyTorch on the CPU.
+
+For each configuration, writes a spec (the layout of docs/examples/nanogpt.toml), a token data
+set and one checkpoint (save_model, nanoGPT init) to a temporary directory, then times
+
+  - PyTorch (float32, `torch.set_num_threads(THREADS)`, model.eval()): forward, mean
+    cross-entropy over every position and backward over the whole set in one batch (its
+    fastest way; chunking only adds overhead), with attention as docs/examples/nanogpt.py
+    writes it (explicit masked softmax) and with F.scaled_dot_product_attention(is_causal=True),
+    as nanoGPT does on PyTorch >= 2;
+  - lca (examples/bench_gpt.rs, THREADS rayon workers, the same spec, data and checkpoint,
+    chunks of the spec's chunk_size in parallel, as `lca analyze`).
+
+Each figure is the fastest of REPEATS timed runs after a warm-up (the least disturbed by other
+load on the machine; the medians are printed too). The losses must agree.
+
+    cargo build --release --example bench_gpt
+    /work/venv/bin/python bench/gpt_compare.py [--threads 2] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--keep", metavar="DIR", help="write each configuration's spec, data and "
+                   "checkpoint to DIR/<index>/ and keep them (for profiling)")
+    p.add_argument("--only", type=int, metavar="INDEX", help="run only this configuration")
+    p.add_argument("--binary", default=str(Path(os.environ.get(
+        "CARGO_TARGET_DIR", ROOT / "target")) / "release" / "examples" / "bench_gpt"))
+    return p.parse_args()
+
+
+ARGS = parse()
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import save_file, save_model  # noqa: E402
+
+torch.set_num_threads(ARGS.threads)
+
+
+def nanogpt():
+    spec = importlib.util.spec_from_file_location("nanogpt", ROOT / "docs/examples/nanogpt.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["nanogpt"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+NG = nanogpt()
+
+# (name, vocab, context, layers, heads, channels, sequences, chunk size)
+CONFIGS = [
+    ("fixture gpt (C=16)", 82, 32, 2, 4, 16, 256, 32),
+    ("tiny GPT (C=32)", 82, 32, 2, 4, 32, 256, 32),
+    ("small GPT (C=64, T=64, 4 layers)", 82, 64, 4, 4, 64, 512, 32),
+    ("nanoGPT char (C=128, T=128, 4 layers)", 65, 128, 4, 4, 128, 256, 16),
+]
+
+
+def spec_toml(vocab: int, t: int, layers: int, heads: int, c: int, chunk: int) -> str:
+    """The docs/examples/nanogpt.toml layout for another configuration."""
+    out = [
+        f'[[layers]]\nname = "transformer.wte"\ntype = "embedding"\nnum_embeddings = {vocab}\n'
+        f'embedding_dim = {c}\ninput = "input"\n',
+        f'[[layers]]\nname = "transformer.wpe"\ntype = "positional_embedding"\n'
+        f'num_embeddings = {t}\nembedding_dim = {c}\ninput = "input"\n',
+        '[[layers]]\nname = "transformer.drop"\ntype = "add"\n'
+        'input = ["transformer.wte", "transformer.wpe"]\n',
+    ]
+    prev = "transformer.drop"
+    for i in range(layers):
+        p = f"transformer.h.{i}"
+        out += [
+            f'[[layers]]\nname = "{p}.ln_1"\ntype = "layer_norm"\nnormalized_shape = {c}\n',
+            f'[[layers]]\nname = "{p}.attn"\ntype = "causal_self_attention"\nn_embd = {c}\n'
+            f'n_head = {heads}\n',
+            f'[[layers]]\nname = "{p}.res1"\ntype = "add"\ninput = ["{prev}", "{p}.attn"]\n',
+            f'[[layers]]\nname = "{p}.ln_2"\ntype = "layer_norm"\nnormalized_shape = {c}\n',
+            f'[[layers]]\nname = "{p}.mlp.c_fc"\ntype = "linear"\nin_features = {c}\n'
+            f'out_features = {4 * c}\n',
+            '[[layers]]\ntype = "gelu"\n',
+            f'[[layers]]\nname = "{p}.mlp.c_proj"\ntype = "linear"\nin_features = {4 * c}\n'
+            f'out_features = {c}\n',
+            f'[[layers]]\nname = "{p}.res2"\ntype = "add"\ninput = ["{p}.res1", '
+            f'"{p}.mlp.c_proj"]\n',
+        ]
+        prev = f"{p}.res2"
+    out += [
+        f'[[layers]]\nname = "transformer.ln_f"\ntype = "layer_norm"\nnormalized_shape = {c}\n',
+        f'[[layers]]\nname = "lm_head"\ntype = "linear"\nin_features = {c}\n'
+        f'out_features = {vocab}\nbias = false\ntied = {{ weight = "transformer.wte.weight" }}\n',
+        '[loss]\ntype = "cross_entropy"\n',
+        f'[data]\ntrain = "train.safetensors"\ntokens = "tokens"\n',
+        f'[eval]\nchunk_size = {chunk}\n',
+    ]
+    return "\n".join(out)
+
+
+def sdpa_forward(self, x):
+    B, T, C = x.size()
+    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+    q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def time_torch(model, tokens: torch.Tensor, chunk: int | None) -> tuple[float, float]:
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    n_tok = y.numel()
+
+    def once() -> float:
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        step = chunk or len(tokens)
+        for a in range(0, len(tokens), step):
+            logits = model(x[a:a + step])
+            # Summed over the chunk, divided by the whole set's count: the full-set mean.
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                   y[a:a + step].reshape(-1), reduction="sum") / n_tok
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    loss = once()
+    times = []
+    for _ in range(ARGS.repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times), loss
+
+
+def main() -> int:
+    binary = Path(ARGS.binary)
+    if not binary.exists():
+        print(f"build the example first: cargo build --release --example bench_gpt ({binary})",
+              file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, {ARGS.threads} thread(s), median of {ARGS.repeats}")
+    rows = []
+    for i, (name, vocab, t, layers, heads, c, n_seq, chunk) in enumerate(CONFIGS):
+        if ARGS.only is not None and i != ARGS.only:
+            continue
+        torch.manual_seed(0)
+        cfg = NG.GPTConfig(block_size=t, vocab_size=vocab, n_layer=layers, n_head=heads,
+                           n_embd=c, dropout=0.0, bias=True)
+        model = NG.GPT(cfg).eval()
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, vocab, (n_seq, t + 1), generator=g)
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(ARGS.keep) / str(i) if ARGS.keep else Path(tmp)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "model.toml").write_text(spec_toml(vocab, t, layers, heads, c, chunk))
+            save_file({"tokens": tokens}, str(d / "train.safetensors"))
+            save_model(model, str(d / "ckpt_0.safetensors"))
+            r = subprocess.run([str(binary), str(d / "model.toml"), str(d / "ckpt_0.safetensors"),
+                                str(ARGS.repeats), str(ARGS.threads)],
+                               check=True, capture_output=True, text=True)
+            ours = json.loads(r.stdout)
+        t_plain, m_plain, l_plain = time_torch(model, tokens, None)
+        NG.CausalSelfAttention.forward, plain = sdpa_forward, NG.CausalSelfAttention.forward
+        try:
+            t_sdpa, m_sdpa, l_sdpa = time_torch(model, tokens, None)
+        finally:
+            NG.CausalSelfAttention.forward = plain
+        assert math.isclose(ours["loss"], l_plain, rel_tol=1e-5), (ours["loss"], l_plain)
+        assert math.isclose(l_sdpa, l_plain, rel_tol=1e-5), (l_sdpa, l_plain)
+        n_params = sum(p.numel() for p in model.parameters())
+        assert n_params == ours["params"], (n_params, ours["params"])
+        rows.append((name, n_params, n_seq * t, chunk, t_plain, m_plain, t_sdpa, m_sdpa,
+                     ours["min_s"], ours["median_s"],
+                     min(t_plain, t_sdpa) / ours["min_s"]))
+    head = ("model", "params", "tokens", "lca chunk", "torch ms", "torch SDPA ms", "lca ms",
+            "faster torch / lca")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | " + " | ".join(
+            f"{1e3 * a:.1f} (median {1e3 * b:.1f})" for a, b in (r[4:6], r[6:8], r[8:10]))
+            + f" | {r[10]:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

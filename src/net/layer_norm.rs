@@ -1,0 +1,222 @@
+//! `nn.LayerNorm(normalized_shape)` over the last axis, as PyTorch:
+//! `y = (x − mean) / sqrt(var + eps) · weight + bias`, with the mean and the biased variance of
+//! each row (one position of one sample). `weight` and `bias` are `[normalized_shape]`; both
+//! are absent without `elementwise_affine`, and `bias = false` (PyTorch ≥ 2.1, nanoGPT's own
+//! `LayerNorm(ndim, bias)`) drops only the bias.
+//!
+//! Forward keeps the normalised rows and each row's 1/σ for backward, which is one pass over
+//! the rows: `dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ` with `ĝ = dy·weight`; the parameter
+//! gradients are column sums of `dy·x̂` and `dy`. Statistics are accumulated in f64.
+//!
+//! ```
+//! use lca::net::{layer_norm::LayerNorm, Layer, Saved};
+//! use ndarray::{arr2, ArrayD};
+//! let ln = LayerNorm { normalized_shape: 2, eps: 0.0, weight: true, bias: true };
+//! let x: ArrayD<f64> = arr2(&[[1.0, 3.0]]).into_dyn();
+//! let y = ln.forward(&[&[2.0, 1.0], &[0.0, 0.5]], &[x.view()], &mut Saved::None);
+//! assert_eq!(y.as_slice().unwrap(), &[-2.0, 1.5]);
+//! ```
+
+use super::{Backward, Layer, ParamDecl, Real, Saved};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+/// Layer normalisation over the last axis.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub normalized_shape: usize,
+    pub eps: f64,
+    /// Whether the layer has `weight` (PyTorch's `elementwise_affine`).
+    pub weight: bool,
+    /// Whether the layer has `bias`.
+    pub bias: bool,
+}
+
+impl<T: Real> Layer<T> for LayerNorm {
+    fn params(&self) -> Vec<ParamDecl> {
+        let mut v = Vec::new();
+        if self.weight {
+            v.push(ParamDecl {
+                suffix: "weight",
+                shape: vec![self.normalized_shape],
+            });
+        }
+        if self.bias {
+            v.push(ParamDecl {
+                suffix: "bias",
+                shape: vec![self.normalized_shape],
+            });
+        }
+        v
+    }
+
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = inputs else {
+            return Err(format!("takes 1 input, got {}", inputs.len()));
+        };
+        match s.last() {
+            Some(&c) if c == self.normalized_shape => Ok(s.clone()),
+            Some(&c) => Err(format!(
+                "normalized_shape = {} does not match the last axis of its input ({c})",
+                self.normalized_shape
+            )),
+            None => Err("needs an input with a feature axis".into()),
+        }
+    }
+
+    fn forward(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        let x = &inputs[0];
+        let c = self.normalized_shape;
+        let xs = x.as_slice().expect("activations are contiguous");
+        let rows = xs.len() / c;
+        let gamma = self.weight.then(|| params[0]);
+        let beta = self.bias.then(|| params[usize::from(self.weight)]);
+        let mut xhat = vec![T::zero(); xs.len()];
+        let mut y = vec![T::zero(); xs.len()];
+        let mut rstd = vec![T::zero(); rows];
+        let inv_c = 1.0 / c as f64;
+        for r in 0..rows {
+            let xr = &xs[r * c..(r + 1) * c];
+            let mean = xr.iter().map(|v| v.f64()).sum::<f64>() * inv_c;
+            let var = xr.iter().map(|v| (v.f64() - mean).powi(2)).sum::<f64>() * inv_c;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            rstd[r] = T::of(inv);
+            let (m, s) = (T::of(mean), T::of(inv));
+            let xh = &mut xhat[r * c..(r + 1) * c];
+            let yr = &mut y[r * c..(r + 1) * c];
+            for k in 0..c {
+                let h = (xr[k] - m) * s;
+                xh[k] = h;
+                let mut v = match gamma {
+                    Some(g) => h * g[k],
+                    None => h,
+                };
+                if let Some(b) = beta {
+                    v += b[k];
+                }
+                yr[k] = v;
+            }
+        }
+        *saved = Saved::Arrays(vec![
+            ArrayD::from_shape_vec(IxDyn(&[xs.len()]), xhat).expect("sizes match"),
+            ArrayD::from_shape_vec(IxDyn(&[rows]), rstd).expect("sizes match"),
+        ]);
+        ArrayD::from_shape_vec(x.raw_dim(), y).expect("sizes match")
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        let Saved::Arrays(sv) = b.saved else {
+            unreachable!("forward saves x̂ and 1/σ")
+        };
+        let xhat = sv[0].as_slice().expect("contiguous");
+        let rstd = sv[1].as_slice().expect("contiguous");
+        let c = self.normalized_shape;
+        let gy = b.grad_out.as_slice().expect("gradients are contiguous");
+        let rows = rstd.len();
+        let mut gp = b.grad_params;
+        let gamma = self.weight.then(|| b.params[0]);
+        if self.weight {
+            let gw = &mut *gp[0];
+            for r in 0..rows {
+                let (g, h) = (&gy[r * c..(r + 1) * c], &xhat[r * c..(r + 1) * c]);
+                for k in 0..c {
+                    gw[k] += g[k] * h[k];
+                }
+            }
+        }
+        if self.bias {
+            let gb = &mut *gp[usize::from(self.weight)];
+            for g in gy.chunks_exact(c) {
+                for (a, &v) in gb.iter_mut().zip(g) {
+                    *a += v;
+                }
+            }
+        }
+        if !b.need_input_grad[0] {
+            return vec![None];
+        }
+        let inv_c = T::of(1.0 / c as f64);
+        let mut gx = vec![T::zero(); gy.len()];
+        let mut ghat = vec![T::zero(); c];
+        for r in 0..rows {
+            let (g, h) = (&gy[r * c..(r + 1) * c], &xhat[r * c..(r + 1) * c]);
+            let (mut sum_g, mut sum_gh) = (T::zero(), T::zero());
+            for k in 0..c {
+                let v = match gamma {
+                    Some(w) => g[k] * w[k],
+                    None => g[k],
+                };
+                ghat[k] = v;
+                sum_g += v;
+                sum_gh += v * h[k];
+            }
+            let (mg, mgh) = (sum_g * inv_c, sum_gh * inv_c);
+            let s = rstd[r];
+            for (k, out) in gx[r * c..(r + 1) * c].iter_mut().enumerate() {
+                *out = (ghat[k] - mg - h[k] * mgh) * s;
+            }
+        }
+        vec![Some(
+            ArrayD::from_shape_vec(b.inputs[0].raw_dim(), gx).expect("sizes match"),
+        )]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::gradcheck::check_layer;
+
+    #[test]
+    fn layer_norm_matches_finite_differences() {
+        for (weight, bias) in [(true, true), (true, false), (false, false)] {
+            let ln = LayerNorm {
+                normalized_shape: 5,
+                eps: 1e-5,
+                weight,
+                bias,
+            };
+            check_layer(&ln, &[vec![5]], 3);
+            // Per position of a sequence: [N, T, C].
+            check_layer(&ln, &[vec![4, 5]], 2);
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_pytorch_values() {
+        // torch.nn.functional.layer_norm(x, (3,), w, b, 1e-5) in float64 with
+        // x = [[0.5, -1.0, 2.0]], w = [1.5, -0.5, 2.0], b = [0.1, 0.2, -0.3]
+        let ln = LayerNorm {
+            normalized_shape: 3,
+            eps: 1e-5,
+            weight: true,
+            bias: true,
+        };
+        let x = ndarray::arr2(&[[0.5f64, -1.0, 2.0]]).into_dyn();
+        let y = ln.forward(
+            &[&[1.5, -0.5, 2.0], &[0.1, 0.2, -0.3]],
+            &[x.view()],
+            &mut Saved::None,
+        );
+        let want = [0.1, 0.812_370_394_464_548_4, 2.149_481_577_858_193_5];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn shape_mismatch_is_reported() {
+        let ln = LayerNorm {
+            normalized_shape: 4,
+            eps: 1e-5,
+            weight: true,
+            bias: true,
+        };
+        let e = <LayerNorm as Layer<f32>>::out_shape(&ln, &[vec![7, 3]]).unwrap_err();
+        assert!(e.contains("normalized_shape = 4"), "{e}");
+    }
+}
