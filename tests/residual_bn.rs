@@ -1,6 +1,7 @@
 //! Residual (add) graphs and batch norm in both modes, end to end on a small generated
 //! problem. The activation is smooth (tanh) so that refinement converges and the residual
-//! checks the allocation itself, not ReLU kinks. (The PyTorch-oracle comparison for a small ResNet lives with the conv fixtures.)
+//! checks the allocation itself, not ReLU kinks. The PyTorch-oracle comparison for a small
+//! ResNet is tests/resnet_oracle.rs.
 
 mod common;
 use common::*;

@@ -276,6 +276,27 @@ mod tests {
         check_layer_with(&PositiveVar(bn), &[vec![2, 3, 3]], 3, 11, &|_, _| {});
     }
 
+    /// Running statistics without the affine parameters (BatchNorm2d(affine=False)), where the
+    /// buffers are the layer's only tensors, and the BatchNorm1d shapes `[C]` and `[C, L]`.
+    #[test]
+    fn running_stats_backward_matches_finite_differences_without_affine_and_in_1d() {
+        for affine in [false, true] {
+            let bn = BatchNorm {
+                num_features: 3,
+                eps: 1e-5,
+                affine,
+                mode: BnMode::RunningStats,
+            };
+            assert_eq!(
+                <BatchNorm as Layer<f64>>::params(&bn).len(),
+                2 * affine as usize
+            );
+            for shape in [vec![3, 2, 2], vec![3], vec![3, 4]] {
+                check_layer_with(&PositiveVar(bn.clone()), &[shape], 3, 12, &|_, _| {});
+            }
+        }
+    }
+
     /// Wraps a running-stats BN so that the variance buffer is mapped to a positive value.
     struct PositiveVar(BatchNorm);
 
@@ -289,16 +310,20 @@ mod tests {
             <BatchNorm as Layer<f64>>::out_shape(&self.0, inputs)
         }
         fn forward(&self, p: &[&[f64]], x: &[ArrayViewD<f64>], s: &mut Saved<f64>) -> ArrayD<f64> {
-            let var: Vec<f64> = p[3].iter().map(|v| v + 2.0).collect();
-            self.0.forward(&[p[0], p[1], p[2], &var], x, s)
+            // The variance buffer is the last tensor (after weight and bias when affine).
+            let var: Vec<f64> = p[p.len() - 1].iter().map(|v| v + 2.0).collect();
+            let mut q = p.to_vec();
+            *q.last_mut().expect("buffers") = &var;
+            self.0.forward(&q, x, s)
         }
         fn backward(&self, b: Backward<'_, f64>) -> Vec<Option<ArrayD<f64>>> {
-            let var: Vec<f64> = b.params[3].iter().map(|v| v + 2.0).collect();
-            let params = [b.params[0], b.params[1], b.params[2], &var];
-            self.0.backward(Backward {
-                params: &params,
-                ..b
-            })
+            let var: Vec<f64> = b.params[b.params.len() - 1]
+                .iter()
+                .map(|v| v + 2.0)
+                .collect();
+            let mut q = b.params.to_vec();
+            *q.last_mut().expect("buffers") = &var;
+            self.0.backward(Backward { params: &q, ..b })
         }
     }
 
