@@ -1,5 +1,5 @@
-//! The machine's f32 GEMM ceiling through the GEMM `lca` uses (benchmark helper for
-//! `bench/compare.sh`; not a test).
+//! The machine's f32 GEMM ceiling through the GEMM `lca` uses, `lca::net::gemm::mat_mul`
+//! (benchmark helper for `bench/compare.sh`; not a test).
 //!
 //! Times `C = A·B` for square `n × n` f32 matrices: once on one thread, then `threads`
 //! independent products at once (one per rayon worker), the way `lca` runs one chunk per thread.
@@ -9,8 +9,8 @@
 //! cargo run --release --example bench_gemm -- [--n 2048] [--reps 5] [--threads 2]
 //! ```
 
+use lca::net::gemm::mat_mul;
 use ndarray::Array2;
-use ndarray::linalg::general_mat_mul;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -42,7 +42,7 @@ fn matrix(n: usize, seed: u64) -> Array2<f32> {
 }
 
 fn product(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>) {
-    general_mat_mul(1.0, a, b, 0.0, c);
+    mat_mul(a.view(), b.view(), false, c.view_mut());
 }
 
 fn main() {
@@ -96,7 +96,7 @@ fn main() {
         "{}",
         serde_json::json!({
             "kind": "gemm",
-            "backend": "ndarray general_mat_mul (matrixmultiply)",
+            "backend": "lca::net::gemm::mat_mul (gemm crate, run-time CPU dispatch)",
             "n": n,
             "reps": reps,
             "single_seconds": t1,

@@ -13,8 +13,8 @@
 //! assert_eq!(y[[0, 0]], 2.5);
 //! ```
 
+use super::gemm::mat_mul;
 use super::{Backward, Layer, ParamDecl, Real, Saved, as_rows};
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis};
 
 /// A fully connected layer.
@@ -72,7 +72,7 @@ impl<T: Real> Layer<T> for Linear {
         let x = as_rows(&inputs[0]);
         let w = weight(params[0], self.out_features, self.in_features);
         let mut y = Array2::<T>::zeros((x.nrows(), self.out_features));
-        general_mat_mul(T::one(), &x, &w.t(), T::zero(), &mut y);
+        mat_mul(x, w.t(), false, y.view_mut());
         if self.bias {
             let b = ndarray::ArrayView1::from(params[1]);
             y += &b;
@@ -89,10 +89,9 @@ impl<T: Real> Layer<T> for Linear {
         let gy = as_rows(&b.grad_out);
         let mut gp = b.grad_params;
         {
-            let mut gw =
-                ArrayViewMut2::from_shape((self.out_features, self.in_features), &mut *gp[0])
-                    .expect("weight gradient has the weight's shape");
-            general_mat_mul(T::one(), &gy.t(), &x, T::one(), &mut gw);
+            let gw = ArrayViewMut2::from_shape((self.out_features, self.in_features), &mut *gp[0])
+                .expect("weight gradient has the weight's shape");
+            mat_mul(gy.t(), x, true, gw);
         }
         if self.bias {
             for (g, s) in gp[1].iter_mut().zip(gy.sum_axis(Axis(0))) {
@@ -104,7 +103,7 @@ impl<T: Real> Layer<T> for Linear {
         }
         let w = weight(b.params[0], self.out_features, self.in_features);
         let mut gx = Array2::<T>::zeros((gy.nrows(), self.in_features));
-        general_mat_mul(T::one(), &gy, &w, T::zero(), &mut gx);
+        mat_mul(gy, w, false, gx.view_mut());
         let gx = gx
             .into_shape_with_order(b.inputs[0].shape())
             .expect("row-major")
