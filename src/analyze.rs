@@ -161,12 +161,8 @@ pub fn prepare(
         for p in &model.params {
             match f.tensors.iter().find(|t| p.answers_to(&t.name)) {
                 None => {
-                    let hint = f
-                        .tensors
-                        .iter()
-                        .find(|t| t.name.ends_with(&p.name) || p.name.ends_with(&t.name))
-                        .map(|t| format!(" (the file has '{}': check `model.prefix`)", t.name))
-                        .unwrap_or_default();
+                    let hint =
+                        checkpoint::prefix_hint(&p.name, f.tensors.iter().map(|t| t.name.as_str()));
                     return Err(LcaError::Checkpoint {
                         path: f.path.clone(),
                         msg: format!(

@@ -421,6 +421,16 @@ pub fn select(
     Ok(in_range.into_iter().step_by(every).collect())
 }
 
+/// A hint for a missing tensor `wanted` when the file holds the same name under another
+/// prefix (e.g. `module.fc1.weight` for `fc1.weight`): empty when there is none.
+pub fn prefix_hint<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .find(|n| n.ends_with(wanted) || wanted.ends_with(*n))
+        .map(|n| format!(" (the file has '{n}': check `model.prefix`)"))
+        .unwrap_or_default()
+}
+
 /// Load one checkpoint's parameters, in model order, as f32.
 pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
     let path = &file.path;
@@ -452,12 +462,7 @@ pub fn load_bytes(file: &CheckpointFile, bytes: &[u8], params: &[ParamInfo]) -> 
         let found = stored.next().unwrap_or(&p.name);
         let also: Vec<&String> = stored.collect();
         let t = st.tensor(found).map_err(|_| {
-            let hint = st
-                .names()
-                .into_iter()
-                .find(|n| n.ends_with(&p.name) || p.name.ends_with(*n))
-                .map(|n| format!(" (the file has '{n}': check `model.prefix`)"))
-                .unwrap_or_default();
+            let hint = prefix_hint(&p.name, st.names());
             let tied = if p.aliases.is_empty() {
                 String::new()
             } else {
