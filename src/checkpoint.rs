@@ -353,6 +353,20 @@ pub fn check_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderTensor>> {
     Ok(read_checked(path, bytes.len() as u64, &mut &bytes[..])?.1)
 }
 
+/// Read and check the header of a safetensors file without reading its data: the byte offset
+/// where the data section starts and the tensors it lists.
+pub fn read_file_header(path: &Path) -> Result<(u64, Vec<HeaderTensor>)> {
+    let meta = std::fs::metadata(path).map_err(|e| LcaError::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let mut r = std::io::BufReader::new(file);
+    let len = meta.len();
+    let (hlen, header, raw) = read_header_from(path, len, &mut r)?;
+    let tensors = check_header(path, len - 8 - hlen, &header)?;
+    serde_json::from_slice::<safetensors::tensor::Metadata>(&raw)
+        .map_err(|e| ck_err(path, format!("not a valid safetensors header: {e}")))?;
+    Ok((8 + hlen, tensors))
+}
+
 /// [`describe`] a checkpoint held in memory; `path` names it in messages and may give the
 /// step.
 pub fn describe_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointFile> {

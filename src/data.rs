@@ -31,42 +31,124 @@ pub struct Dataset {
     pub y_shape: Vec<usize>,
 }
 
-/// A raw tensor read from the file: shape, values as f64 and whether the dtype is integral.
+/// A raw tensor from the file: shape, values and whether the dtype is integral.
 struct Raw {
     shape: Vec<usize>,
-    values: Vec<f64>,
+    values: Values,
     integral: bool,
     dtype: String,
 }
 
-fn read_safetensors(path: &Path, bytes: &[u8], names: [&str; 2]) -> Result<[Raw; 2]> {
+/// A tensor's values: in memory as f64, or still in the file (read in blocks when used, so
+/// that a large input set is never held twice).
+enum Values {
+    Mem(Vec<f64>),
+    File {
+        path: PathBuf,
+        /// Byte offset of the first element.
+        offset: u64,
+        dtype: safetensors::Dtype,
+        len: usize,
+    },
+}
+
+/// Elements converted per block when streaming from the file.
+const BLOCK_ELEMS: usize = 1 << 16;
+
+impl Raw {
+    /// Visit every value in order as f64 (exact for every supported dtype but 64-bit integers
+    /// beyond 2^53), stopping at the first error.
+    fn for_each(&self, path: &Path, mut f: impl FnMut(usize, f64) -> Result<()>) -> Result<()> {
+        match &self.values {
+            Values::Mem(v) => v.iter().enumerate().try_for_each(|(i, &x)| f(i, x)),
+            Values::File {
+                path: file,
+                offset,
+                dtype,
+                len,
+            } => {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut r = std::fs::File::open(file).map_err(|e| LcaError::io(path, e))?;
+                r.seek(SeekFrom::Start(*offset))
+                    .map_err(|e| LcaError::io(path, e))?;
+                let size = dtype.bitsize().div_ceil(8);
+                let mut buf = vec![0u8; BLOCK_ELEMS * size];
+                let mut i = 0;
+                while i < *len {
+                    let k = BLOCK_ELEMS.min(len - i);
+                    let bytes = &mut buf[..k * size];
+                    r.read_exact(bytes).map_err(|e| LcaError::io(path, e))?;
+                    let view = safetensors::tensor::TensorView::new(*dtype, vec![k], bytes)
+                        .map_err(|e| LcaError::Data {
+                            path: path.to_path_buf(),
+                            msg: format!("cannot read a block of values: {e}"),
+                        })?;
+                    let vals = crate::tensors::to_f64(&view).map_err(|d| LcaError::Data {
+                        path: path.to_path_buf(),
+                        msg: format!("unsupported dtype {d}"),
+                    })?;
+                    for (j, v) in vals.into_iter().enumerate() {
+                        f(i + j, v)?;
+                    }
+                    i += k;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// All values in memory as f64.
+    fn into_values(self, path: &Path) -> Result<Vec<f64>> {
+        if let Values::Mem(v) = self.values {
+            return Ok(v);
+        }
+        let mut out = Vec::new();
+        self.for_each(path, |_, v| {
+            out.push(v);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+fn read_safetensors(path: &Path, names: [&str; 2]) -> Result<[Raw; 2]> {
     let err = |msg: String| LcaError::Data {
         path: path.to_path_buf(),
         msg,
     };
-    // The same complete header check as for checkpoints, for messages that say what is wrong.
-    crate::checkpoint::check_bytes(path, bytes).map_err(|e| match e {
+    // The same complete header check as for checkpoints, for messages that say what is wrong;
+    // the data section is read later, in blocks.
+    let (data_start, tensors) = crate::checkpoint::read_file_header(path).map_err(|e| match e {
         LcaError::Checkpoint { msg, .. } => err(format!("not a valid safetensors file: {msg}")),
         other => other,
     })?;
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let get = |name: &str| -> Result<Raw> {
-        let t = st.tensor(name).map_err(|_| {
-            let mut have: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        let t = tensors.iter().find(|t| t.name == name).ok_or_else(|| {
+            let mut have: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
             have.sort();
             err(format!(
                 "has no tensor '{name}' (it holds: {}); set `data.x`/`data.y` in the spec",
                 have.join(", ")
             ))
         })?;
-        let values = crate::tensors::to_f64(&t)
+        let dtype: safetensors::Dtype =
+            serde_json::from_value(serde_json::Value::String(t.dtype.clone()))
+                .map_err(|_| err(format!("tensor '{name}' has unsupported dtype {}", t.dtype)))?;
+        // Refuse dtypes that carry no usable numbers before reading anything.
+        let empty = safetensors::tensor::TensorView::new(dtype, vec![0], &[])
+            .map_err(|e| err(format!("tensor '{name}': {e}")))?;
+        crate::tensors::to_f64(&empty)
             .map_err(|d| err(format!("tensor '{name}' has unsupported dtype {d}")))?;
         Ok(Raw {
-            shape: t.shape().to_vec(),
-            values,
-            integral: crate::tensors::is_int_dtype(t.dtype()),
-            dtype: format!("{:?}", t.dtype()),
+            shape: t.shape.clone(),
+            values: Values::File {
+                path: path.to_path_buf(),
+                offset: data_start + t.data_offsets[0],
+                dtype,
+                len: t.shape.iter().product(),
+            },
+            integral: crate::tensors::is_int_dtype(dtype),
+            dtype: format!("{dtype:?}"),
         })
     };
     Ok([get(names[0])?, get(names[1])?])
@@ -99,7 +181,7 @@ fn read_npz(path: &Path, names: [&str; 2]) -> Result<[Raw; 2]> {
                     if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$ty>, IxDyn>(&key) {
                         return Ok(Raw {
                             shape: a.shape().to_vec(),
-                            values: a.iter().map(|&v| v as f64).collect(),
+                            values: Values::Mem(a.iter().map(|&v| v as f64).collect()),
                             integral: $int,
                             dtype: stringify!($ty).to_string(),
                         });
@@ -116,7 +198,7 @@ fn read_npz(path: &Path, names: [&str; 2]) -> Result<[Raw; 2]> {
 }
 
 /// `[N, T+1]` token ids → inputs (the first T columns) and targets (the last T).
-fn split_tokens(tok: Raw, name: &str) -> std::result::Result<[Raw; 2], String> {
+fn split_tokens(tok: Raw, values: &[f64], name: &str) -> std::result::Result<[Raw; 2], String> {
     let (n, len) = match tok.shape.as_slice() {
         [n, len] if *len >= 2 => (*n, *len),
         other => {
@@ -134,13 +216,13 @@ fn split_tokens(tok: Raw, name: &str) -> std::result::Result<[Raw; 2], String> {
     let t = len - 1;
     let mut xs = Vec::with_capacity(n * t);
     let mut ys = Vec::with_capacity(n * t);
-    for row in tok.values.chunks_exact(len) {
+    for row in values.chunks_exact(len) {
         xs.extend_from_slice(&row[..t]);
         ys.extend_from_slice(&row[1..]);
     }
     let part = |values| Raw {
         shape: vec![n, t],
-        values,
+        values: Values::Mem(values),
         integral: true,
         dtype: tok.dtype.clone(),
     };
@@ -176,8 +258,7 @@ impl Dataset {
                 "is a directory, not a data file (.safetensors or .npz)".into(),
             ));
         }
-        let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
-        let sha256 = crate::tensors::sha256_hex(&bytes);
+        let sha256 = crate::tensors::sha256_file(path).map_err(|e| LcaError::io(path, e))?;
         let names = match &spec.tokens {
             Some(t) => [t.as_str(), t.as_str()],
             None => [spec.x.as_str(), spec.y.as_str()],
@@ -186,14 +267,32 @@ impl Dataset {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
         let [x, y] = if is_npz {
-            drop(bytes);
             read_npz(path, names)?
         } else {
-            read_safetensors(path, &bytes, names)?
+            read_safetensors(path, names)?
         };
         let [x, y] = match &spec.tokens {
-            Some(name) => split_tokens(x, name).map_err(err)?,
+            Some(name) => {
+                drop(y);
+                let shape = x.shape.clone();
+                let dtype = x.dtype.clone();
+                let integral = x.integral;
+                let values = x.into_values(path)?;
+                let tok = Raw {
+                    shape,
+                    values: Values::Mem(Vec::new()),
+                    integral,
+                    dtype,
+                };
+                split_tokens(tok, &values, name).map_err(err)?
+            }
             None => [x, y],
+        };
+        let y_values = {
+            let shape = y.shape.clone();
+            let integral = y.integral;
+            let dtype = y.dtype.clone();
+            (y.into_values(path)?, shape, integral, dtype)
         };
         let n = *x.shape.first().ok_or_else(|| {
             err(format!(
@@ -204,7 +303,7 @@ impl Dataset {
         if n == 0 {
             return Err(err(format!("'{}' holds no samples", spec.x)));
         }
-        match y.shape.first() {
+        match y_values.1.first() {
             Some(&m) if m == n => {}
             Some(&m) => {
                 return Err(err(format!(
@@ -232,16 +331,6 @@ impl Dataset {
             sample_shape = want.to_vec();
         }
         let per: usize = sample_shape.iter().product::<usize>().max(1);
-        // NaN/Inf check, naming the sample.
-        if let Some(i) = x.values.iter().position(|v| !v.is_finite()) {
-            return Err(err(format!(
-                "'{}' holds a non-finite value ({}) in sample {} (flat index {})",
-                spec.x,
-                x.values[i],
-                i / per,
-                i % per
-            )));
-        }
         // Preprocessing: x*scale, then (x - mean[c]) / std[c] along the first per-sample axis.
         let channels = sample_shape.first().copied().unwrap_or(1);
         let inner = if sample_shape.is_empty() {
@@ -267,37 +356,44 @@ impl Dataset {
         let mean = per_channel("mean", &spec.mean, 0.0)?;
         let std = per_channel("std", &spec.std, 1.0)?;
         let scale = spec.scale.unwrap_or(1.0);
-        let xs: Vec<f32> = x
-            .values
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let c = (i % per) / inner;
-                ((v * scale - mean[c]) / std[c]) as f32
-            })
-            .collect();
-        // The evaluator computes in f32: a value that preprocessing takes beyond its range is
-        // as unusable as a NaN in the file.
-        if let Some(i) = xs.iter().position(|v| !v.is_finite()) {
-            return Err(err(format!(
-                "'{}' sample {} (flat index {}) holds {:e}, beyond the f32 range after preprocessing (scale, mean, std)",
-                spec.x,
-                i / per,
-                i % per,
-                x.values[i]
-            )));
-        }
+        // One pass over the stored values: refuse non-finite values, preprocess, and refuse
+        // values that preprocessing takes beyond the f32 range the evaluator computes in.
+        let total = x.shape.iter().product::<usize>();
+        let mut xs: Vec<f32> = Vec::with_capacity(total);
+        x.for_each(path, |i, v| {
+            if !v.is_finite() {
+                return Err(err(format!(
+                    "'{}' holds a non-finite value ({v}) in sample {} (flat index {})",
+                    spec.x,
+                    i / per,
+                    i % per
+                )));
+            }
+            let c = (i % per) / inner;
+            let p = ((v * scale - mean[c]) / std[c]) as f32;
+            if !p.is_finite() {
+                return Err(err(format!(
+                    "'{}' sample {} (flat index {}) holds {v:e}, beyond the f32 range after preprocessing (scale, mean, std)",
+                    spec.x,
+                    i / per,
+                    i % per,
+                )));
+            }
+            xs.push(p);
+            Ok(())
+        })?;
         let mut shape = vec![n];
         shape.extend(&sample_shape);
         let xarr = ArrayD::from_shape_vec(IxDyn(&shape), xs)
             .map_err(|e| err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x)))?;
 
-        let y_shape = y.shape[1..].to_vec();
+        let (y_vals, y_full_shape, y_integral, _) = y_values;
+        let y_shape = y_full_shape[1..].to_vec();
         let targets = match loss {
             LossKind::CrossEntropy => {
                 let per_y: usize = y_shape.iter().product::<usize>().max(1);
-                let mut ids = Vec::with_capacity(y.values.len());
-                for (i, &v) in y.values.iter().enumerate() {
+                let mut ids = Vec::with_capacity(y_vals.len());
+                for (i, &v) in y_vals.iter().enumerate() {
                     if !v.is_finite() || v.fract() != 0.0 || v < 0.0 || v > u32::MAX as f64 {
                         let at = if y_shape.is_empty() {
                             format!("sample {i}")
@@ -307,19 +403,18 @@ impl Dataset {
                         return Err(err(format!(
                             "'{}' must hold class indices (non-negative integers) for cross_entropy; {at} is {v}{}",
                             spec.y,
-                            if y.integral { "" } else { " (float dtype)" }
+                            if y_integral { "" } else { " (float dtype)" }
                         )));
                     }
                     ids.push(v as u32);
                 }
-                let _ = &y.dtype;
                 Targets::Classes {
                     ids,
                     per_sample: per_y,
                 }
             }
             LossKind::Mse => {
-                if let Some(i) = y.values.iter().position(|v| !v.is_finite()) {
+                if let Some(i) = y_vals.iter().position(|v| !v.is_finite()) {
                     let per_y: usize = y_shape.iter().product::<usize>().max(1);
                     return Err(err(format!(
                         "'{}' holds a non-finite value in sample {}",
@@ -329,14 +424,14 @@ impl Dataset {
                 }
                 let mut s = vec![n];
                 s.extend(&y_shape);
-                let vals: Vec<f32> = y.values.iter().map(|&v| v as f32).collect();
+                let vals: Vec<f32> = y_vals.iter().map(|&v| v as f32).collect();
                 if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
                     let per_y: usize = y_shape.iter().product::<usize>().max(1);
                     return Err(err(format!(
                         "'{}' sample {} holds {:e}, beyond the f32 range",
                         spec.y,
                         i / per_y,
-                        y.values[i]
+                        y_vals[i]
                     )));
                 }
                 Targets::Values(

@@ -27,9 +27,9 @@
 //! assert_eq!(y.as_slice().unwrap(), &[8.5, 12.5, 20.5, 24.5]);
 //! ```
 
+use super::gemm::mat_mul;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
-use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};
 
 /// Geometry of a 2-D sliding window: kernel, stride, dilation and padding per axis
@@ -375,12 +375,11 @@ impl<T: Real> Layer<T> for Conv2d {
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
                     .expect("sized above");
-                general_mat_mul(
-                    T::one(),
-                    &self.group_weight(params[0], &d, g),
-                    &colv,
-                    T::zero(),
-                    &mut outm,
+                mat_mul(
+                    self.group_weight(params[0], &d, g),
+                    colv,
+                    false,
+                    outm.view_mut(),
                 );
                 // [mg, nb·n] → y[s0 + j, g·mg + m, :]
                 for j in 0..nb {
@@ -437,19 +436,18 @@ impl<T: Real> Layer<T> for Conv2d {
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 {
                     let gw = &mut gp[0][g * d.mg * d.k..][..d.mg * d.k];
-                    let mut gw = ArrayViewMut2::from_shape((d.mg, d.k), gw)
+                    let gw = ArrayViewMut2::from_shape((d.mg, d.k), gw)
                         .expect("weight gradient has the weight's shape");
-                    general_mat_mul(T::one(), &goutv, &colv.t(), T::one(), &mut gw);
+                    mat_mul(goutv, colv.t(), true, gw);
                 }
                 if let Some(gx) = gx.as_mut() {
                     let mut gcolm = ArrayViewMut2::from_shape((d.k, cols), &mut gcol[..d.k * cols])
                         .expect("sized above");
-                    general_mat_mul(
-                        T::one(),
-                        &self.group_weight(b.params[0], &d, g).t(),
-                        &goutv,
-                        T::zero(),
-                        &mut gcolm,
+                    mat_mul(
+                        self.group_weight(b.params[0], &d, g).t(),
+                        goutv,
+                        false,
+                        gcolm.view_mut(),
                     );
                     let gxs = gx.as_slice_mut().expect("fresh array");
                     self.col2im(&gcol[..d.k * cols], &d, g, s0, nb, gxs);
