@@ -47,6 +47,9 @@ pub struct AnalyzeOptions {
     /// Analyse only this shard of the steps and write a part for `lca merge`
     /// (see `docs/scale-out.md`).
     pub shard: Option<crate::shard::Shard>,
+    /// Share the first layer between Simpson's points when the model allows it
+    /// ([`crate::eval::Evaluator::simpson_sharing_first`]); `false` evaluates every point in full.
+    pub share_first_layer: bool,
 }
 
 /// Arithmetic of the evaluator.
@@ -637,6 +640,10 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         chunk_size,
     });
     let l2 = p.spec.regularization.as_ref().map(|r| r.l2);
+    // Plain Simpson steps share the first layer's work between their points when it allows.
+    let shared = opts.share_first_layer
+        && opts.integration.method == crate::lca::Method::Simpson
+        && eval.shares_first_layer();
 
     let mut warnings = Vec::new();
     let spacing = {
@@ -676,6 +683,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                 Precision::F32 => "f32",
                 Precision::F64 => "f64",
             },
+            shared,
             opts.store,
             sel.iter()
                 .map(|f| ManifestCheckpoint {
@@ -904,6 +912,32 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
         Ok(r)
     };
 
+    // Shared-first-layer Simpson steps of every objective; `carries` holds each objective's
+    // first-layer outputs at the current θ_t.
+    let mut carries: Vec<Option<crate::eval::FirstOutputs<T>>> = vec![None, None];
+    let shared_all = |t0: &[Vec<T>],
+                      mid: &[Vec<T>],
+                      t1: &[Vec<T>],
+                      carries: &mut Vec<Option<crate::eval::FirstOutputs<T>>>|
+     -> Result<Vec<crate::eval::SharedSimpson>> {
+        if crate::interrupt::requested() {
+            return Err(LcaError::Interrupted("interrupted".into()));
+        }
+        let mut r = vec![eval.simpson_sharing_first(t0, mid, t1, &mut carries[0])?];
+        if let Some(v) = &val_eval {
+            r.push(
+                v.simpson_sharing_first(t0, mid, t1, &mut carries[1])
+                    .map_err(|e| match e {
+                        LcaError::Numeric(m) => LcaError::Numeric(format!("validation set: {m}")),
+                        other => other,
+                    })?,
+            );
+        }
+        progress.inc();
+        progress.inc();
+        Ok(r)
+    };
+
     // The state at the first step to compute: θ_t, its evaluations, and the totals so far.
     let init = (|| -> Result<(RunState, Vec<Vec<f32>>, Vec<LossGrad>)> {
         match resume_from.take() {
@@ -1019,10 +1053,35 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
             let (a, b) = (&files[i], &files[i + 1]);
             let next = checkpoint::load(b, &model.params)?;
             let delta = difference(&theta0, &next.theta);
-            let (mut objs, end) = integrate_step(&delta, &start, &opts.integration, &mut |s| {
-                eval_all(&point::<T>(&theta0, &delta, s))
-            })
-            .map_err(|e| at_step(e, a, b))?;
+            let plain = |start: &[LossGrad]| {
+                integrate_step(&delta, start, &opts.integration, &mut |s| {
+                    eval_all(&point::<T>(&theta0, &delta, s))
+                })
+            };
+            let (mut objs, end) = if shared {
+                let shared_steps = shared_all(
+                    &point::<T>(&theta0, &delta, 0.0),
+                    &point::<T>(&theta0, &delta, 0.5),
+                    &point::<T>(&theta0, &delta, 1.0),
+                    &mut carries,
+                )
+                .map_err(|e| at_step(e, a, b))?;
+                match crate::lca::finish_shared_step(&delta, &shared_steps, &opts.integration) {
+                    Some(objs) => (objs, Vec::new()),
+                    None => {
+                        // Refinement: integrate the step again with full evaluations, from θ_t.
+                        let start = eval_all(&point::<T>(&theta0, &delta, 0.0))
+                            .map_err(|e| at_step(e, a, b))?;
+                        let (mut objs, end) = plain(&start).map_err(|e| at_step(e, a, b))?;
+                        for o in &mut objs {
+                            o.evaluations += 3;
+                        }
+                        (objs, end)
+                    }
+                }
+            } else {
+                plain(&start).map_err(|e| at_step(e, a, b))?
+            };
             let val = if objs.len() > 1 { objs.pop() } else { None };
             let s = objs.pop().ok_or_else(|| {
                 LcaError::Numeric("internal: no training objective in the step".into())
@@ -1241,6 +1300,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                     Precision::F32 => "f32 compute, f64 accumulation".into(),
                     Precision::F64 => "f64".into(),
                 },
+                shared_first_layer: shared,
             },
             checkpoints: ckpt_refs,
             step_spacing: spacing,

@@ -125,6 +125,11 @@ pub struct AnalyzeArgs {
     /// Evaluator arithmetic: f32 (as training; default) or f64 (slower, removes f32 rounding).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
+    /// Evaluate every Simpson point in full instead of sharing the first layer's work between
+    /// the points of a step (sharing is exact up to rounding and is used when the first layer
+    /// is linear or conv2d on the data; see docs/performance.md).
+    #[arg(long)]
+    pub no_share_first_layer: bool,
     /// No progress bar or notes on stderr (the final residual report is still printed).
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -358,6 +363,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         precision: a.precision,
         resume: a.resume,
         shard,
+        share_first_layer: !a.no_share_first_layer,
     };
     crate::interrupt::install();
     let quiet = a.quiet;

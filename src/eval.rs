@@ -8,6 +8,7 @@
 use crate::data::Dataset;
 use crate::error::{LcaError, Result};
 use crate::net::{Model, Real};
+use ndarray::ArrayD;
 use rayon::prelude::*;
 
 /// Chunks evaluated per parallel wave; bounds memory to this many gradient buffers and does
@@ -96,6 +97,197 @@ impl<T: Real> Evaluator<'_, T> {
             }
         }
         Ok(LossGrad { loss, grads })
+    }
+}
+
+/// Smallest fraction of a model's forward multiply-adds in its first layer for which
+/// [`Evaluator::shares_first_layer`] shares it between Simpson's points.
+pub const SHARE_MIN_FRACTION: f64 = 0.25;
+
+/// Node 0's outputs at one parameter point, one array per chunk: what a Simpson step that
+/// shares the first layer ([`Evaluator::simpson_sharing_first`]) carries to the next step.
+pub type FirstOutputs<T> = Vec<ArrayD<T>>;
+
+/// One plain Simpson step (points θ_t, θ_t + ½Δθ, θ_{t+1}) computed with the first layer
+/// shared between the points.
+#[derive(Debug, Clone)]
+pub struct SharedSimpson {
+    /// Full-set mean loss at s = 0, ½ and 1.
+    pub loss: [f64; 3],
+    /// Simpson's weighted gradient (g₀ + 4·g½ + g₁)/6 of every parameter tensor, model order.
+    pub weighted: Vec<Vec<f64>>,
+}
+
+/// What one chunk contributes to a shared Simpson step.
+struct SharedChunk<T> {
+    loss: [f64; 3],
+    count: usize,
+    /// Gradients of the summed loss at the three points (node 0's tensors untouched).
+    grads: [Vec<Vec<T>>; 3],
+    /// Node 0's parameter gradients for the output gradient g₀ + 4·g½ + g₁.
+    first: Vec<Vec<T>>,
+    /// Node 0's output at θ_{t+1}.
+    end: ArrayD<T>,
+}
+
+impl<T: Real> Evaluator<'_, T> {
+    /// Whether [`Evaluator::simpson_sharing_first`] applies to this model and pays: node 0 is
+    /// shareable and does at least [`SHARE_MIN_FRACTION`] of the forward multiply-adds (a
+    /// shared step saves about half of node 0's arithmetic and none of the rest's, so below
+    /// that the plain evaluation, which keeps the previous rounding, is used).
+    pub fn shares_first_layer(&self) -> bool {
+        let m = self.model;
+        if !m.first_layer_shareable() {
+            return false;
+        }
+        let total = m.macs_per_sample();
+        let first = m.nodes[0].layer.macs_per_sample(&m.nodes[0].in_shapes);
+        total > 0 && first as f64 >= SHARE_MIN_FRACTION * total as f64
+    }
+
+    /// Simpson's rule over one step with the model's first layer (node 0, see
+    /// [`crate::net::Model::first_layer_shareable`]) shared between the three points. Exact up
+    /// to rounding, because node 0 is affine in its parameters for the fixed data:
+    /// - its output at the midpoint is the mean of its outputs at the ends, and its output at
+    ///   θ_t is carried from the previous step (`carry`, replaced by the outputs at θ_{t+1}; when
+    ///   `None`, they are computed);
+    /// - the Simpson-weighted sum of its parameter gradients is one backward pass of the
+    ///   weighted sum of its output gradients (g₀ + 4·g½ + g₁).
+    ///
+    /// So a step costs node 0 one forward and one weight-gradient product instead of two of
+    /// each; the rest of the network is evaluated at the three points (at θ_t again, for node
+    /// 0's output gradient there). Chunks are combined in order in f64, as in
+    /// [`Evaluator::loss_and_grad`], so the result does not depend on the thread count.
+    pub fn simpson_sharing_first(
+        &self,
+        theta0: &[Vec<T>],
+        mid: &[Vec<T>],
+        theta1: &[Vec<T>],
+        carry: &mut Option<FirstOutputs<T>>,
+    ) -> Result<SharedSimpson> {
+        let model = self.model;
+        let n = self.data.len();
+        let chunks = self.num_chunks();
+        let first_ids = &model.nodes[0].param_ids;
+        let zeros_f64 =
+            || -> Vec<Vec<f64>> { model.params.iter().map(|p| vec![0.0; p.numel()]).collect() };
+        let mut acc = [zeros_f64(), zeros_f64(), zeros_f64()];
+        let mut first_acc = zeros_f64();
+        let mut loss = [0.0f64; 3];
+        let mut count = 0usize;
+        let mut old: Vec<Option<ArrayD<T>>> = match carry.take() {
+            Some(v) if v.len() == chunks => v.into_iter().map(Some).collect(),
+            _ => (0..chunks).map(|_| None).collect(),
+        };
+        let mut new: FirstOutputs<T> = Vec::with_capacity(chunks);
+        let two = T::of(0.5);
+        let four = T::of(4.0);
+        let mut start = 0;
+        while start < chunks {
+            let end = (start + WAVE).min(chunks);
+            let jobs: Vec<(usize, Option<ArrayD<T>>)> =
+                (start..end).map(|c| (c, old[c].take())).collect();
+            let parts: Vec<SharedChunk<T>> = jobs
+                .into_par_iter()
+                .map(|(c, z0)| {
+                    let a = c * self.chunk_size;
+                    let b = ((c + 1) * self.chunk_size).min(n);
+                    let (x, y) = self.data.chunk(a, b);
+                    let z0 = z0.unwrap_or_else(|| model.first_output(theta0, x.view()));
+                    let z1 = model.first_output(theta1, x.view());
+                    let zm = ndarray::Zip::from(&z0)
+                        .and(&z1)
+                        .map_collect(|&a, &b| (a + b) * two);
+                    let zeros = || -> Vec<Vec<T>> {
+                        model
+                            .params
+                            .iter()
+                            .map(|p| vec![T::zero(); p.numel()])
+                            .collect()
+                    };
+                    let mut grads = [zeros(), zeros(), zeros()];
+                    let mut losses = [0.0; 3];
+                    let mut k = 0;
+                    let mut gsum: Option<ArrayD<T>> = None;
+                    for (i, (th, z)) in [(theta0, &z0), (mid, &zm), (theta1, &z1)]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let (l, cnt, g) = model.chunk_loss_grad_after_first(
+                            th,
+                            x.view(),
+                            y.clone(),
+                            z.view(),
+                            &mut grads[i],
+                        );
+                        losses[i] = l;
+                        k = cnt;
+                        let w = if i == 1 { four } else { T::one() };
+                        match gsum.as_mut() {
+                            None => gsum = Some(g.mapv(|v| v * w)),
+                            Some(s) => ndarray::Zip::from(s).and(&g).for_each(|s, &v| *s += v * w),
+                        }
+                    }
+                    drop(z0);
+                    drop(zm);
+                    let mut first = zeros();
+                    let gsum = gsum.expect("three points");
+                    model.first_param_grad(theta1, x.view(), z1.view(), gsum.view(), &mut first);
+                    SharedChunk {
+                        loss: losses,
+                        count: k,
+                        grads,
+                        first,
+                        end: z1,
+                    }
+                })
+                .collect();
+            for part in parts {
+                for (i, g) in part.grads.iter().enumerate() {
+                    loss[i] += part.loss[i];
+                    for (a, gi) in acc[i].iter_mut().zip(g) {
+                        for (a, v) in a.iter_mut().zip(gi) {
+                            *a += v.f64();
+                        }
+                    }
+                }
+                for &j in first_ids {
+                    for (a, v) in first_acc[j].iter_mut().zip(&part.first[j]) {
+                        *a += v.f64();
+                    }
+                }
+                count += part.count;
+                new.push(part.end);
+            }
+            start = end;
+        }
+        let inv = 1.0 / count as f64;
+        let loss = loss.map(|l| l * inv);
+        if let Some(l) = loss.iter().find(|l| !l.is_finite()) {
+            return Err(LcaError::Numeric(format!(
+                "the full-set loss is {l} (overflow or NaN in the forward pass)"
+            )));
+        }
+        let mut weighted = zeros_f64();
+        for (j, w) in weighted.iter_mut().enumerate() {
+            if first_ids.contains(&j) {
+                for (w, f) in w.iter_mut().zip(&first_acc[j]) {
+                    *w = f * inv / 6.0;
+                }
+            } else {
+                for (k, w) in w.iter_mut().enumerate() {
+                    *w = (acc[0][j][k] + 4.0 * acc[1][j][k] + acc[2][j][k]) * inv / 6.0;
+                }
+            }
+            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                return Err(LcaError::Numeric(format!(
+                    "the gradient of '{}' is {} at flat index {i}",
+                    model.params[j].name, w[i]
+                )));
+            }
+        }
+        *carry = Some(new);
+        Ok(SharedSimpson { loss, weighted })
     }
 }
 
@@ -229,6 +421,121 @@ mod tests {
                     "chunk {chunk}, {threads} threads"
                 );
             }
+        }
+    }
+
+    /// Simpson's weighted gradient (g₀ + 4·g½ + g₁)/6 from three plain evaluations.
+    fn plain_simpson<T: Real>(
+        model: &Model<T>,
+        data: &Dataset,
+        chunk: usize,
+        threads: usize,
+        pts: [&[Vec<T>]; 3],
+    ) -> ([f64; 3], Vec<Vec<f64>>) {
+        let r: Vec<LossGrad> = pts
+            .iter()
+            .map(|th| run(model, data, chunk, threads, th))
+            .collect();
+        let w = r[0]
+            .grads
+            .iter()
+            .enumerate()
+            .map(|(j, g)| {
+                g.iter()
+                    .enumerate()
+                    .map(|(k, v)| (v + 4.0 * r[1].grads[j][k] + r[2].grads[j][k]) / 6.0)
+                    .collect()
+            })
+            .collect();
+        ([r[0].loss, r[1].loss, r[2].loss], w)
+    }
+
+    fn shared<T: Real>(
+        model: &Model<T>,
+        data: &Dataset,
+        chunk: usize,
+        threads: usize,
+        pts: [&[Vec<T>]; 3],
+        carry: &mut Option<FirstOutputs<T>>,
+    ) -> SharedSimpson {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let e = Evaluator {
+            model,
+            data,
+            chunk_size: chunk,
+        };
+        assert!(e.shares_first_layer());
+        pool.install(|| e.simpson_sharing_first(pts[0], pts[1], pts[2], carry))
+            .unwrap()
+    }
+
+    fn points<T: Real>(p: &crate::analyze::Prepared, t: u64) -> [Vec<Vec<T>>; 3] {
+        let (a, b) = (theta(p, t), theta(p, t + 1));
+        let d = crate::lca::difference(&a, &b);
+        [0.0, 0.5, 1.0].map(|s| crate::lca::point::<T>(&a, &d, s))
+    }
+
+    /// Sharing the first layer is exact up to rounding: f64 agrees with three plain
+    /// evaluations to 1e-12, f32 to f32 rounding; losses at the ends are the same bits.
+    #[test]
+    fn sharing_the_first_layer_equals_plain_simpson() {
+        let (p, m64) = fixture::<f64>();
+        let m32 = Model::<f32>::build(&p.spec, p.data.sample_shape()).unwrap();
+        for t in [0, 37, 98] {
+            let pts = points::<f64>(&p, t);
+            let pts = [&pts[0][..], &pts[1][..], &pts[2][..]];
+            let (loss, w) = plain_simpson(&m64, &p.data, 300, 2, pts);
+            let s = shared(&m64, &p.data, 300, 2, pts, &mut None);
+            for (i, (a, b)) in s.loss.iter().zip(loss).enumerate() {
+                assert!((a - b).abs() < 1e-13, "step {t} point {i}");
+            }
+            assert_eq!(s.loss[0].to_bits(), loss[0].to_bits());
+            assert_eq!(s.loss[2].to_bits(), loss[2].to_bits());
+            let e = rel_err(&s.weighted, &w);
+            assert!(e < 1e-12, "step {t}: f64 weighted gradient error {e:e}");
+
+            let pts = points::<f32>(&p, t);
+            let pts = [&pts[0][..], &pts[1][..], &pts[2][..]];
+            let (loss, w) = plain_simpson(&m32, &p.data, 300, 2, pts);
+            let s = shared(&m32, &p.data, 300, 2, pts, &mut None);
+            assert!((s.loss[1] - loss[1]).abs() < 1e-6, "step {t}");
+            assert_eq!(s.loss[0].to_bits(), loss[0].to_bits());
+            let e = rel_err(&s.weighted, &w);
+            assert!(e < 1e-5, "step {t}: f32 weighted gradient error {e:e}");
+        }
+    }
+
+    /// The carried first-layer outputs give the same bits as computing them afresh, and the
+    /// result does not depend on the thread count.
+    #[test]
+    fn shared_steps_do_not_depend_on_the_carry_or_the_threads() {
+        let (p, model) = fixture::<f32>();
+        let bits = |s: &SharedSimpson| -> Vec<u64> {
+            s.loss
+                .iter()
+                .map(|v| v.to_bits())
+                .chain(s.weighted.iter().flatten().map(|v| v.to_bits()))
+                .collect()
+        };
+        let a = points::<f32>(&p, 10);
+        let b = points::<f32>(&p, 11);
+        let mut carry = None;
+        shared(&model, &p.data, 256, 2, [&a[0], &a[1], &a[2]], &mut carry);
+        assert_eq!(carry.as_ref().unwrap().len(), p.data.len().div_ceil(256));
+        let carried = shared(&model, &p.data, 256, 2, [&b[0], &b[1], &b[2]], &mut carry);
+        for threads in [1, 3] {
+            let fresh = shared(
+                &model,
+                &p.data,
+                256,
+                threads,
+                [&b[0], &b[1], &b[2]],
+                &mut None,
+            );
+            assert!(bits(&carried) == bits(&fresh), "{threads} threads");
         }
     }
 }

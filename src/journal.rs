@@ -57,6 +57,10 @@ pub struct Manifest {
     /// Arithmetic of the evaluator (`f32` or `f64`): it changes the results.
     #[serde(default)]
     pub precision: String,
+    /// Whether Simpson steps share the first layer between their points (it changes the
+    /// results within rounding).
+    #[serde(default)]
+    pub shared_first_layer: bool,
     /// Element type of `lca.safetensors`, `None` when it is not written.
     pub lca_tensors: Option<StoreDtype>,
     pub checkpoints: Vec<ManifestCheckpoint>,
@@ -73,6 +77,7 @@ impl Manifest {
         validation_sha256: Option<&str>,
         integration: Integration,
         precision: &str,
+        shared_first_layer: bool,
         lca_tensors: Option<StoreDtype>,
         checkpoints: Vec<ManifestCheckpoint>,
         params: Vec<(String, Vec<usize>)>,
@@ -85,6 +90,7 @@ impl Manifest {
             validation_sha256: validation_sha256.map(String::from),
             integration,
             precision: precision.into(),
+            shared_first_layer,
             lca_tensors,
             checkpoints,
             params,
@@ -122,6 +128,20 @@ impl Manifest {
             d.push(format!(
                 "--precision was {}, now {}",
                 self.precision, now.precision
+            ));
+        }
+        if self.shared_first_layer != now.shared_first_layer {
+            let how = |s: bool| {
+                if s {
+                    "shared"
+                } else {
+                    "not shared (--no-share-first-layer)"
+                }
+            };
+            d.push(format!(
+                "the first layer was {}, now {}",
+                how(self.shared_first_layer),
+                how(now.shared_first_layer)
             ));
         }
         let (a, b) = (&self.integration, &now.integration);

@@ -9,7 +9,7 @@
 //! step's start. Trapezoid and first-order rules exist for comparison.
 
 use crate::error::Result;
-use crate::eval::LossGrad;
+use crate::eval::{LossGrad, SharedSimpson};
 
 /// Quadrature rule.
 #[derive(
@@ -261,6 +261,42 @@ pub fn integrate_step(
         })
         .collect();
     Ok((steps, end))
+}
+
+/// Finish a plain Simpson step computed with the first layer shared
+/// ([`crate::eval::Evaluator::simpson_sharing_first`]), one [`SharedSimpson`] per objective
+/// (objective 0, the training loss, decides). Returns `None` when adaptive refinement is on
+/// and the step's residual exceeds the bound: the caller then integrates the step with
+/// [`integrate_step`].
+pub fn finish_shared_step(
+    delta: &[Vec<f64>],
+    shared: &[SharedSimpson],
+    opts: &Integration,
+) -> Option<Vec<StepLca>> {
+    let s0 = shared.first()?;
+    let dl = s0.loss[2] - s0.loss[0];
+    let (lca0, sum0) = allocate(&s0.weighted, delta);
+    let ok = (dl - sum0).abs() <= opts.bound(dl);
+    if !ok && opts.adaptive && opts.max_splits >= 4 {
+        return None;
+    }
+    let step = |(lca, lca_sum): Allocation, s: &SharedSimpson| StepLca {
+        lca,
+        loss_before: s.loss[0],
+        loss_after: s.loss[2],
+        lca_sum,
+        residual: s.loss[2] - s.loss[0] - lca_sum,
+        splits: 2,
+        capped: !ok && opts.adaptive,
+        evaluations: 2,
+    };
+    let mut out = vec![step((lca0, sum0), s0)];
+    out.extend(
+        shared[1..]
+            .iter()
+            .map(|s| step(allocate(&s.weighted, delta), s)),
+    );
+    Some(out)
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ fn failing_checks_exit_1_and_say_which() {
     let (code, stdout, _) = check(out(), &["--max-step-residual", "1e-6"]);
     assert_eq!(code, 1);
     assert!(
-        stdout.contains("FAIL  max step residual |r_t|: 5.396e-5 at step 98→99 > 1.000e-6"),
+        stdout.contains("FAIL  max step residual |r_t|: 5.395e-5 at step 98→99 > 1.000e-6"),
         "{stdout}"
     );
 

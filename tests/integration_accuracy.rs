@@ -17,16 +17,61 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
     analyze(
         "mlp",
         &plain,
-        &["--quiet", "--no-lca-tensors", "--no-adaptive"],
+        &[
+            "--quiet",
+            "--no-lca-tensors",
+            "--no-adaptive",
+            "--no-share-first-layer",
+        ],
     );
+    // Every point evaluated in full; and the default, which shares the first layer between
+    // Simpson's points (docs/performance.md) and integrates a step that needs refinement
+    // again with full evaluations.
+    let refined_shared = dir.path().join("refined_shared");
     analyze(
         "mlp",
         &refined,
+        &[
+            "--quiet",
+            "--no-lca-tensors",
+            "--tolerance",
+            "1e-5",
+            "--no-share-first-layer",
+        ],
+    );
+    analyze(
+        "mlp",
+        &refined_shared,
         &["--quiet", "--no-lca-tensors", "--tolerance", "1e-5"],
     );
     let p = json(&plain.join("summary.json"));
     let r = json(&refined.join("summary.json"));
+    let rsh = json(&refined_shared.join("summary.json"));
+    assert_eq!(rsh["integration"]["shared_first_layer"], true);
+    assert_eq!(r["integration"]["shared_first_layer"], false);
     let (ps, rs) = (steps_of(&p), steps_of(&r));
+    for (a, b) in rs.iter().zip(steps_of(&rsh)) {
+        let splits = a["splits"].as_u64().unwrap();
+        assert_eq!(splits, b["splits"].as_u64().unwrap(), "step {}", a["step"]);
+        if splits > 2 {
+            // The refined step is the same computation: bit for bit, 3 evaluations more
+            // (the shared try, and θ_t again).
+            assert_eq!(a["residual"], b["residual"], "step {}", a["step"]);
+            assert_eq!(
+                b["evaluations"].as_u64().unwrap(),
+                splits + 3,
+                "step {}",
+                a["step"]
+            );
+        } else {
+            assert_eq!(b["evaluations"].as_u64().unwrap(), 2);
+            let (x, y) = (
+                a["residual"].as_f64().unwrap(),
+                b["residual"].as_f64().unwrap(),
+            );
+            assert!((x - y).abs() < 1e-8, "step {}: {x:e} vs {y:e}", a["step"]);
+        }
+    }
     let mut n_refined = 0;
     for (a, b) in ps.iter().zip(&rs) {
         let ra = a["residual"].as_f64().unwrap();

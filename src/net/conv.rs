@@ -462,6 +462,10 @@ impl<T: Real> Layer<T> for Conv2d {
         vec![gx]
     }
 
+    fn affine_in_params(&self) -> bool {
+        true
+    }
+
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
         let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
             return 0;

@@ -111,6 +111,10 @@ impl<T: Real> Layer<T> for Linear {
         vec![Some(gx)]
     }
 
+    fn affine_in_params(&self) -> bool {
+        true
+    }
+
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
         let rows: usize = inputs[0].iter().rev().skip(1).product();
         (rows * self.in_features * self.out_features) as u64

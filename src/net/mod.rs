@@ -129,6 +129,16 @@ pub trait Layer<T: Real>: Send + Sync {
     fn macs_per_sample(&self, _inputs: &[Vec<usize>]) -> u64 {
         0
     }
+    /// Whether, for fixed inputs, the output is affine in the parameters (`y = A(x)·θ + c(x)`)
+    /// **and** backward's parameter gradients depend only on the inputs and `grad_out` (not on
+    /// the parameter values, the output or what forward saved). Then the layer's output at any
+    /// point of a straight path interpolates its outputs at the ends, and a weighted sum of
+    /// its parameter gradients over several points is one backward pass of the weighted sum of
+    /// their output gradients: the evaluator shares a first layer with this property between
+    /// Simpson's integration points ([`Model::first_layer_shareable`]).
+    fn affine_in_params(&self) -> bool {
+        false
+    }
     /// Check the values of the model input when this layer reads it directly (e.g. that token
     /// ids are integers within the embedding), naming the first offending sample and position.
     fn check_model_input(&self, _x: ArrayViewD<'_, f32>) -> std::result::Result<(), String> {
@@ -589,6 +599,64 @@ impl<T: Real> Model<T> {
             .sum()
     }
 
+    /// Whether node 0 can be shared between integration points: it reads the model input
+    /// only, is affine in its parameters ([`Layer::affine_in_params`]), owns parameters that no
+    /// other node uses, and has no buffers.
+    pub fn first_layer_shareable(&self) -> bool {
+        let Some(first) = self.nodes.first() else {
+            return false;
+        };
+        first.inputs == [Src::Input]
+            && first.layer.affine_in_params()
+            && !first.param_ids.is_empty()
+            && first.param_ids.iter().all(|&j| !self.params[j].buffer)
+            && self.nodes[1..]
+                .iter()
+                .all(|n| n.param_ids.iter().all(|j| !first.param_ids.contains(j)))
+    }
+
+    /// Node 0's output for one chunk at parameters `theta` (for [`Model::chunk_loss_grad_after_first`]).
+    pub fn first_output(&self, theta: &[Vec<T>], x: ArrayViewD<f32>) -> ArrayD<T> {
+        let x = T::from_input(x);
+        let node = &self.nodes[0];
+        let p: Vec<&[T]> = node
+            .param_ids
+            .iter()
+            .map(|&j| theta[j].as_slice())
+            .collect();
+        node.layer.forward(&p, &[x.view()], &mut Saved::None)
+    }
+
+    /// Adds node 0's parameter gradients for the output gradient `grad_first` to `grads`
+    /// (for a shareable first layer they do not depend on the parameter values; `theta` only
+    /// fills the call).
+    pub fn first_param_grad(
+        &self,
+        theta: &[Vec<T>],
+        x: ArrayViewD<f32>,
+        output: ArrayViewD<T>,
+        grad_first: ArrayViewD<T>,
+        grads: &mut [Vec<T>],
+    ) {
+        let x = T::from_input(x);
+        let node = &self.nodes[0];
+        let p: Vec<&[T]> = node
+            .param_ids
+            .iter()
+            .map(|&j| theta[j].as_slice())
+            .collect();
+        let gp = disjoint_mut(grads, &node.param_ids);
+        node.layer.backward(Backward {
+            params: &p,
+            inputs: &[x.view()],
+            output,
+            saved: &Saved::None,
+            grad_out: grad_first,
+            grad_params: gp,
+            need_input_grad: &[false],
+        });
+    }
+
     /// Forward and backward over one chunk. Adds the gradient of the chunk's **summed** loss
     /// to `grads` (one buffer per parameter tensor, model order) and returns the summed loss
     /// and the number of loss terms it contains.
@@ -599,11 +667,57 @@ impl<T: Real> Model<T> {
         y: TargetsView,
         grads: &mut [Vec<T>],
     ) -> (f64, usize) {
+        let (loss, count, _) = self.chunk_pass(theta, x, y, grads, None);
+        (loss, count)
+    }
+
+    /// As [`Model::chunk_loss_grad`], with node 0's output given (`first`) instead of computed,
+    /// and node 0's backward pass left out: node 0's parameters get no gradient; the gradient
+    /// of the chunk's summed loss with respect to `first` is returned instead.
+    pub fn chunk_loss_grad_after_first(
+        &self,
+        theta: &[Vec<T>],
+        x: ArrayViewD<f32>,
+        y: TargetsView,
+        first: ArrayViewD<T>,
+        grads: &mut [Vec<T>],
+    ) -> (f64, usize, ArrayD<T>) {
+        let shape = first.shape().to_vec();
+        let (loss, count, g) = self.chunk_pass(theta, x, y, grads, Some(first));
+        let g = g.unwrap_or_else(|| ArrayD::zeros(IxDyn(&shape)));
+        (loss, count, g)
+    }
+
+    fn chunk_pass(
+        &self,
+        theta: &[Vec<T>],
+        x: ArrayViewD<f32>,
+        y: TargetsView,
+        grads: &mut [Vec<T>],
+        first: Option<ArrayViewD<T>>,
+    ) -> (f64, usize, Option<ArrayD<T>>) {
         let x = T::from_input(x);
         let n = self.nodes.len();
+        let given = first.is_some();
         let mut outs: Vec<ArrayD<T>> = Vec::with_capacity(n);
         let mut saved: Vec<Saved<T>> = Vec::with_capacity(n);
-        for node in &self.nodes {
+        // The output of node j (node 0's may be given).
+        fn output<'a, T>(
+            outs: &'a [ArrayD<T>],
+            first: &'a Option<ArrayViewD<'_, T>>,
+            j: usize,
+        ) -> ArrayViewD<'a, T> {
+            match (first, j) {
+                (Some(f), 0) => f.view(),
+                _ => outs[j].view(),
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if i == 0 && given {
+                outs.push(ArrayD::zeros(IxDyn(&[0])));
+                saved.push(Saved::None);
+                continue;
+            }
             let p: Vec<&[T]> = node
                 .param_ids
                 .iter()
@@ -614,7 +728,7 @@ impl<T: Real> Model<T> {
                 .iter()
                 .map(|s| match s {
                     Src::Input => x.view(),
-                    Src::Node(j) => outs[*j].view(),
+                    Src::Node(j) => output(&outs, &first, *j),
                 })
                 .collect();
             let mut sv = Saved::None;
@@ -622,10 +736,14 @@ impl<T: Real> Model<T> {
             outs.push(y_out);
             saved.push(sv);
         }
-        let (loss_sum, count, g_last) = loss::loss_sum_and_grad(self.loss, outs[n - 1].view(), y);
+        let (loss_sum, count, g_last) =
+            loss::loss_sum_and_grad(self.loss, output(&outs, &first, n - 1), y);
         let mut gouts: Vec<Option<ArrayD<T>>> = (0..n).map(|_| None).collect();
         gouts[n - 1] = Some(g_last);
         for i in (0..n).rev() {
+            if i == 0 && given {
+                return (loss_sum, count, gouts[0].take());
+            }
             let node = &self.nodes[i];
             if !node.depends_on_params {
                 continue;
@@ -641,7 +759,7 @@ impl<T: Real> Model<T> {
                 .iter()
                 .map(|s| match s {
                     Src::Input => x.view(),
-                    Src::Node(j) => outs[*j].view(),
+                    Src::Node(j) => output(&outs, &first, *j),
                 })
                 .collect();
             let need: Vec<bool> = node
@@ -656,12 +774,14 @@ impl<T: Real> Model<T> {
             let gin = node.layer.backward(Backward {
                 params: &p,
                 inputs: &ins,
-                output: outs[i].view(),
+                output: output(&outs, &first, i),
                 saved: &saved[i],
                 grad_out: g.view(),
                 grad_params: gp,
                 need_input_grad: &need,
             });
+            // Free what no later (earlier-numbered) node needs as soon as possible.
+            saved[i] = Saved::None;
             for (s, gi) in node.inputs.iter().zip(gin) {
                 if let (Src::Node(j), Some(gi)) = (s, gi) {
                     match &mut gouts[*j] {
@@ -671,7 +791,7 @@ impl<T: Real> Model<T> {
                 }
             }
         }
-        (loss_sum, count)
+        (loss_sum, count, None)
     }
 }
 

@@ -119,6 +119,10 @@ pub struct IntegrationInfo {
     pub settings: Integration,
     /// Arithmetic of the evaluator.
     pub precision: String,
+    /// Whether Simpson steps shared the first layer's work between their points (see
+    /// docs/performance.md); absent in summaries of older versions.
+    #[serde(default)]
+    pub shared_first_layer: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
