@@ -287,3 +287,180 @@ fn cnn_draft_after_the_documented_edits() {
     analyze("cnn", &dir.path().join("theirs"), &["--quiet"]);
     assert_same_numbers(&dir.path().join("ours"), &dir.path().join("theirs"));
 }
+
+/// `text` with every line equal to `from` replaced by `to`; there must be exactly `times`.
+fn edit_lines(text: &str, from: &str, to: &str, times: usize) -> String {
+    assert_eq!(
+        text.lines().filter(|l| *l == from).count(),
+        times,
+        "expected {times} line(s) `{from}` in the draft:\n{text}"
+    );
+    let mut out: Vec<&str> = text
+        .lines()
+        .map(|l| if l == from { to } else { l })
+        .collect();
+    out.push("");
+    out.join("\n")
+}
+
+/// The edits docs/init.md lists for a batch-norm ResNet: the batch-norm mode and the
+/// evaluation chunk of the fixture's spec (in batch-stats mode part of the loss; in
+/// running-stats mode it only changes the rounding of the full-set mean).
+fn resolve_resnet_todos(text: &str, mode: &str, chunk: usize) -> String {
+    let text = edit_lines(
+        text,
+        "batch_norm = \"running-stats\"",
+        &format!("batch_norm = \"{mode}\""),
+        1,
+    );
+    edit_lines(
+        &text,
+        "chunk_size = 256",
+        &format!("chunk_size = {chunk}"),
+        1,
+    )
+}
+
+/// The draft with its wrapped comments joined into one line each.
+fn unwrapped(text: &str) -> String {
+    text.replace("\n#   ", " ")
+}
+
+/// What the ResNet drafts must say by themselves: every residual join and its activation,
+/// the down-sampling guessed from the channels, and TODO lines for what was guessed.
+fn assert_resnet_draft(text: &str, blocks: &[&str]) {
+    for b in blocks {
+        assert!(
+            text.contains(&format!(
+                "name = \"{b}.add\"\ntype = \"add\"\ninput = [\"{b}.bn2\", "
+            )) && text.contains(&format!("name = \"{b}.relu\"\ntype = \"relu\"")),
+            "block {b}:\n{text}"
+        );
+        assert!(
+            unwrapped(text).contains(&format!(
+                "# TODO(lca init): the layers named {b}.* look like a ResNet block"
+            )),
+            "{text}"
+        );
+    }
+    assert!(text.contains("type = \"global_avg_pool\""), "{text}");
+    assert!(!text.contains("\ngroups ="), "{text}");
+}
+
+fn resnet_draft_after_the_documented_edits(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("model.toml");
+    let text = draft("resnet", &spec);
+    assert_resnet_draft(&text, &["layer1.0", "layer2.0"]);
+    assert!(
+        text.contains("input = [\"layer2.0.bn2\", \"layer2.0.shortcut.1\"]"),
+        "{text}"
+    );
+    std::fs::write(&spec, resolve_resnet_todos(&text, mode, 512)).unwrap();
+    analyze_with("resnet", &spec, &dir.path().join("ours"));
+    let theirs = fixture(&format!("resnet/model_{}.toml", mode.replace('-', "_")));
+    analyze_with("resnet", &theirs, &dir.path().join("theirs"));
+    assert_same_numbers(&dir.path().join("ours"), &dir.path().join("theirs"));
+}
+
+/// fixtures/resnet (batch norm, residual adds, a 1×1-conv shortcut with stride 2): after the
+/// two documented edits the draft analyses exactly like the fixture's own spec, in both
+/// batch-norm modes.
+#[test]
+fn resnet_draft_running_stats() {
+    resnet_draft_after_the_documented_edits("running-stats");
+}
+
+#[test]
+fn resnet_draft_batch_stats() {
+    resnet_draft_after_the_documented_edits("batch-stats");
+}
+
+/// The ResNet-20 state_dict PyTorch saved (fixtures/resnet20): the draft, with the batch-norm
+/// mode and chunk size set, analyses exactly like docs/examples/resnet20.toml with the same
+/// two settings (and the fixture's data), as tests/resnet20.rs runs it.
+#[test]
+fn resnet20_draft_matches_the_example_spec() {
+    let text = {
+        let dir = tempfile::tempdir().unwrap();
+        draft("resnet20", &dir.path().join("model.toml"))
+    };
+    let blocks: Vec<String> = (1..=3)
+        .flat_map(|s| (0..3).map(move |b| format!("layer{s}.{b}")))
+        .collect();
+    assert_resnet_draft(
+        &text,
+        &blocks.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+    );
+    assert!(text.contains("scale = 0.00392156862745098"), "{text}");
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples/resnet20.toml"),
+    )
+    .unwrap();
+    let data = fixture("resnet20/data/train.safetensors");
+    for mode in ["batch-stats", "running-stats"] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("model.toml");
+        std::fs::write(&spec, resolve_resnet_todos(&text, mode, 8)).unwrap();
+        let reference = dir.path().join("resnet20.toml");
+        let e = edit_lines(
+            &example,
+            "train = \"data/cifar10_train.safetensors\"",
+            &format!("train = {:?}", data.display().to_string()),
+            1,
+        );
+        let e = edit_lines(&e, "chunk_size = 250", "chunk_size = 8", 1);
+        let e = edit_lines(
+            &e,
+            "batch_norm = \"batch-stats\"",
+            &format!("batch_norm = \"{mode}\""),
+            1,
+        );
+        std::fs::write(&reference, e).unwrap();
+        analyze_with("resnet20", &spec, &dir.path().join("ours"));
+        analyze_with("resnet20", &reference, &dir.path().join("theirs"));
+        assert_same_numbers(&dir.path().join("ours"), &dir.path().join("theirs"));
+    }
+}
+
+/// The edits docs/init.md lists for the GPT fixture: its head count (not stored in a
+/// checkpoint) in both blocks, and its evaluation chunk of 32 sequences.
+fn resolve_gpt_todos(text: &str) -> String {
+    let text = edit_lines(text, "n_head = 1", "n_head = 4", 2);
+    edit_lines(&text, "chunk_size = 256", "chunk_size = 32", 1)
+}
+
+/// fixtures/gpt (nanoGPT: token and position embeddings, pre-norm blocks with causal
+/// self-attention and a GELU MLP, the head tied to the token embedding and saved once by
+/// save_model, token data): after the documented edits the draft analyses exactly like the
+/// fixture's own spec.
+#[test]
+fn gpt_draft_after_the_documented_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("model.toml");
+    let text = draft("gpt", &spec);
+    for want in [
+        "name = \"transformer.wte\"\ntype = \"embedding\"\ninput = \"input\"",
+        "name = \"transformer.wpe\"\ntype = \"positional_embedding\"\ninput = \"input\"\nnum_embeddings = 32",
+        "type = \"add\"\ninput = [\"transformer.wte\", \"transformer.wpe\"]",
+        "type = \"causal_self_attention\"\nn_embd = 16\nn_head = 1",
+        "input = [\"transformer.h.0.add2\", \"transformer.h.1.attn\"]",
+        "input = [\"transformer.h.1.add1\", \"transformer.h.1.mlp.c_proj\"]",
+        "name = \"transformer.ln_f\"\ntype = \"layer_norm\"",
+        "bias = false\ntied = { weight = \"transformer.wte.weight\" }",
+        "tokens = \"tokens\"",
+        "# TODO(lca init): 'lm_head' shares its weight",
+        "The number of heads is not stored",
+    ] {
+        assert!(
+            unwrapped(&text).contains(want),
+            "missing {want:?} in\n{text}"
+        );
+    }
+    assert_eq!(text.matches("type = \"gelu\"").count(), 2, "{text}");
+    assert!(!text.contains("\nx = "), "{text}");
+    std::fs::write(&spec, resolve_gpt_todos(&text)).unwrap();
+    analyze_with("gpt", &spec, &dir.path().join("ours"));
+    analyze("gpt", &dir.path().join("theirs"), &["--quiet"]);
+    assert_same_numbers(&dir.path().join("ours"), &dir.path().join("theirs"));
+}
