@@ -85,6 +85,7 @@ fn init(model: &Model<f32>) -> Vec<Vec<f32>> {
 }
 
 fn main() {
+    lca::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
     let spec_path = PathBuf::from(value(&args, "--spec").expect("--spec SPEC.toml is required"));
     let threads = number(&args, "--threads").unwrap_or(2).max(1);

@@ -198,14 +198,23 @@ impl<T: Real> Evaluator<'_, T> {
                     let zm = ndarray::Zip::from(&z0)
                         .and(&z1)
                         .map_collect(|&a, &b| (a + b) * two);
-                    let zeros = || -> Vec<Vec<T>> {
+                    // Gradient buffers of the rest of the network (node 0's tensors are
+                    // left empty: the passes after node 0 never touch them) and of node 0.
+                    let zeros = |first: bool| -> Vec<Vec<T>> {
                         model
                             .params
                             .iter()
-                            .map(|p| vec![T::zero(); p.numel()])
+                            .enumerate()
+                            .map(|(j, p)| {
+                                if first_ids.contains(&j) == first {
+                                    vec![T::zero(); p.numel()]
+                                } else {
+                                    Vec::new()
+                                }
+                            })
                             .collect()
                     };
-                    let mut grads = [zeros(), zeros(), zeros()];
+                    let mut grads = [zeros(false), zeros(false), zeros(false)];
                     let mut losses = [0.0; 3];
                     let mut k = 0;
                     let mut gsum: Option<ArrayD<T>> = None;
@@ -230,7 +239,7 @@ impl<T: Real> Evaluator<'_, T> {
                     }
                     drop(z0);
                     drop(zm);
-                    let mut first = zeros();
+                    let mut first = zeros(true);
                     let gsum = gsum.expect("three points");
                     model.first_param_grad(theta1, x.view(), z1.view(), gsum.view(), &mut first);
                     SharedChunk {

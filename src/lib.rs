@@ -11,6 +11,7 @@
 //! self-contained HTML report), [`shard`] (`analyze --shard` and `merge`), [`progress`],
 //! [`cli`].
 
+pub mod alloc;
 pub mod analyze;
 pub mod check;
 pub mod checkpoint;

@@ -102,13 +102,16 @@ impl<T: Real> Layer<T> for Activation {
         if !b.need_input_grad[0] {
             return vec![None];
         }
+        if let Activation::Relu = *self {
+            // One pass, written as a select (no branch on the sign, which is random).
+            let g = Zip::from(&b.grad_out)
+                .and(&b.inputs[0])
+                .map_collect(|&g, &x| if x <= T::zero() { T::zero() } else { g });
+            return vec![Some(g)];
+        }
         let mut g = b.grad_out.to_owned();
         match *self {
-            Activation::Relu => Zip::from(&mut g).and(&b.inputs[0]).for_each(|g, &x| {
-                if x <= T::zero() {
-                    *g = T::zero();
-                }
-            }),
+            Activation::Relu => unreachable!("handled above"),
             _ => Zip::from(&mut g)
                 .and(&b.inputs[0])
                 .and(&b.output)

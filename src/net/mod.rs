@@ -780,8 +780,12 @@ impl<T: Real> Model<T> {
                 grad_params: gp,
                 need_input_grad: &need,
             });
-            // Free what no later (earlier-numbered) node needs as soon as possible.
+            // Every reader of node i's output has a larger index and is done: free it and
+            // what forward saved, to hold fewer chunk-sized arrays at once.
             saved[i] = Saved::None;
+            if i > 0 || !given {
+                outs[i] = ArrayD::zeros(IxDyn(&[0]));
+            }
             for (s, gi) in node.inputs.iter().zip(gin) {
                 if let (Src::Node(j), Some(gi)) = (s, gi) {
                     match &mut gouts[*j] {
