@@ -52,6 +52,123 @@ fn taps(win: &Window2d, a: usize, n: usize, out: usize, scale: usize) -> Vec<Vec
 }
 
 impl MaxPool2d {
+    /// Windows that tile the input without overlap or padding (stride = kernel, dilation 1,
+    /// no padding: the usual 2×2 pooling), for which [`MaxPool2d::scan_tiled`] applies.
+    fn tiled(&self) -> bool {
+        let w = &self.window;
+        w.stride == w.kernel && w.dilation == [1, 1] && w.pad_begin == [0, 0] && w.pad_end == [0, 0]
+    }
+
+    /// [`MaxPool2d::scan`] for tiled windows: the same choice of maximum (first in scan
+    /// order, a NaN wins), with the window's taps read directly.
+    fn scan_tiled<T: Real>(
+        &self,
+        xs: &[T],
+        np: usize,
+        hw: [usize; 2],
+        mut f: impl FnMut(usize, usize),
+    ) {
+        let [kh, kw] = self.window.kernel;
+        let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
+        let (h, w) = (hw[0], hw[1]);
+        let mut o = 0;
+        for p in 0..np {
+            let base = p * h * w;
+            let plane = &xs[base..base + h * w];
+            for oy in 0..oh {
+                let row0 = oy * kh * w;
+                for ox in 0..ow {
+                    let first = row0 + ox * kw;
+                    let mut best = plane[first];
+                    let mut at = first;
+                    for ky in 0..kh {
+                        let r = row0 + ky * w + ox * kw;
+                        for (kx, &v) in plane[r..r + kw].iter().enumerate() {
+                            if ky == 0 && kx == 0 {
+                                continue;
+                            }
+                            let better = (v > best) | v.is_nan();
+                            best = if better { v } else { best };
+                            at = if better { r + kx } else { at };
+                        }
+                    }
+                    f(o, base + at);
+                    o += 1;
+                }
+            }
+        }
+    }
+
+    /// Forward and backward of tiled 2×2 windows (the usual `MaxPool2d(2)`), written so that
+    /// the compiler vectorises them across a row: the same maxima as [`MaxPool2d::scan`]
+    /// (taps in scan order, `v > best || isnan(v)` moves). Backward writes every input of a
+    /// window (its gradient or 0), so `gx` needs no clearing where windows cover it.
+    fn pool2x2<T: Real>(
+        xs: &[T],
+        np: usize,
+        hw: [usize; 2],
+        out: &mut [T],
+        backward: Option<(&[T], &mut [T])>,
+    ) {
+        let (h, w) = (hw[0], hw[1]);
+        let (oh, ow) = (h / 2, w / 2);
+        let pick = |a: T, b: T, c: T, d: T| -> (T, u8) {
+            let (mut m, mut i) = (a, 0u8);
+            for (k, v) in [(1u8, b), (2, c), (3, d)] {
+                let better = (v > m) | v.is_nan();
+                m = if better { v } else { m };
+                i = if better { k } else { i };
+            }
+            (m, i)
+        };
+        match backward {
+            None => {
+                for p in 0..np {
+                    let plane = &xs[p * h * w..][..h * w];
+                    for oy in 0..oh {
+                        let r0 = &plane[2 * oy * w..][..2 * ow];
+                        let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
+                        let o = &mut out[(p * oh + oy) * ow..][..ow];
+                        for ((o, a), b) in
+                            o.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2))
+                        {
+                            *o = pick(a[0], a[1], b[0], b[1]).0;
+                        }
+                    }
+                }
+            }
+            Some((gy, gx)) => {
+                let z = T::zero();
+                for p in 0..np {
+                    let plane = &xs[p * h * w..][..h * w];
+                    let gplane = &mut gx[p * h * w..][..h * w];
+                    for oy in 0..oh {
+                        let r0 = &plane[2 * oy * w..][..2 * ow];
+                        let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
+                        let g = &gy[(p * oh + oy) * ow..][..ow];
+                        let (g0, g1) = gplane[2 * oy * w..].split_at_mut(w);
+                        let g0 = &mut g0[..2 * ow];
+                        let g1 = &mut g1[..2 * ow];
+                        for ((((a, b), &g), q0), q1) in r0
+                            .chunks_exact(2)
+                            .zip(r1.chunks_exact(2))
+                            .zip(g)
+                            .zip(g0.chunks_exact_mut(2))
+                            .zip(g1.chunks_exact_mut(2))
+                        {
+                            let i = pick(a[0], a[1], b[0], b[1]).1;
+                            q0[0] = if i == 0 { g } else { z };
+                            q0[1] = if i == 1 { g } else { z };
+                            q1[0] = if i == 2 { g } else { z };
+                            q1[1] = if i == 3 { g } else { z };
+                        }
+                    }
+                }
+                let _ = out;
+            }
+        }
+    }
+
     /// Calls `f(output index, input index of its maximum)` for every output of the batch `xs`
     /// (`np` planes of `hw`). The maximum is PyTorch's choice: its CPU kernel starts from −∞ at
     /// the window's first in-range tap and moves on `v > max || isnan(v)` in scan order (row by
@@ -125,7 +242,13 @@ impl<T: Real> Layer<T> for MaxPool2d {
         let [oh, ow] = self.window.out_checked(hw[0], hw[1]);
         let mut y = ArrayD::<T>::zeros(IxDyn(&[x.shape()[0], x.shape()[1], oh, ow]));
         let ys = y.as_slice_mut().expect("fresh array");
-        self.scan(xs, np, hw, |o, i| ys[o] = xs[i]);
+        if self.tiled() && self.window.kernel == [2, 2] {
+            Self::pool2x2(xs, np, hw, ys, None);
+        } else if self.tiled() {
+            self.scan_tiled(xs, np, hw, |o, i| ys[o] = xs[i]);
+        } else {
+            self.scan(xs, np, hw, |o, i| ys[o] = xs[i]);
+        }
         y
     }
 
@@ -140,7 +263,13 @@ impl<T: Real> Layer<T> for MaxPool2d {
         let (np, hw) = planes(&x.view());
         let mut gx = ArrayD::<T>::zeros(x.shape());
         let gxs = gx.as_slice_mut().expect("fresh array");
-        self.scan(xs, np, hw, |o, i| gxs[i] += gys[o]);
+        if self.tiled() && self.window.kernel == [2, 2] {
+            Self::pool2x2(xs, np, hw, &mut [], Some((gys, gxs)));
+        } else if self.tiled() {
+            self.scan_tiled(xs, np, hw, |o, i| gxs[i] = gys[o]);
+        } else {
+            self.scan(xs, np, hw, |o, i| gxs[i] += gys[o]);
+        }
         vec![Some(gx)]
     }
 }
@@ -396,6 +525,57 @@ mod tests {
             at.push(i)
         });
         at
+    }
+
+    /// The tiled fast path picks the same maxima as the general scan, with ties, NaN and −∞,
+    /// on sizes the windows do not divide.
+    #[test]
+    fn tiled_max_pool_scan_equals_the_general_scan() {
+        let mut rng = crate::net::gradcheck::Rng::new(11);
+        for k in [[2, 2], [3, 3], [1, 4], [2, 3]] {
+            let pool = MaxPool2d {
+                window: win(k, k, [1, 1], [0, 0]),
+            };
+            assert!(pool.tiled());
+            let hw = [7, 9];
+            let x: Vec<f64> = rng
+                .array(&[3 * 7 * 9])
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % 17 {
+                    5 => f64::NAN,
+                    9 => f64::NEG_INFINITY,
+                    _ => (v * 3.0).round(),
+                })
+                .collect();
+            let mut general = Vec::new();
+            pool.scan(&x, 3, hw, |o, i| general.push((o, i)));
+            let mut tiled = Vec::new();
+            pool.scan_tiled(&x, 3, hw, |o, i| tiled.push((o, i)));
+            assert_eq!(general, tiled, "kernel {k:?}");
+            if k == [2, 2] {
+                // The vectorised 2×2 kernels: forward values, and backward's gradient placed
+                // at the same maxima (positions outside every window stay 0).
+                let (oh, ow) = (3, 4);
+                let mut y = vec![0.0; 3 * oh * ow];
+                MaxPool2d::pool2x2(&x, 3, hw, &mut y, None);
+                let gy: Vec<f64> = (0..y.len()).map(|i| i as f64 + 1.0).collect();
+                let mut gx = vec![0.0; x.len()];
+                MaxPool2d::pool2x2(&x, 3, hw, &mut [], Some((&gy, &mut gx)));
+                let mut want = vec![0.0; x.len()];
+                for &(o, i) in &general {
+                    assert!(y[o].to_bits() == x[i].to_bits() || (y[o].is_nan() && x[i].is_nan()));
+                    want[i] = gy[o];
+                }
+                assert_eq!(gx, want);
+            }
+        }
+        assert!(
+            !MaxPool2d {
+                window: win([3, 3], [2, 2], [1, 1], [0, 0])
+            }
+            .tiled()
+        );
     }
 
     #[test]
