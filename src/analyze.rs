@@ -1288,6 +1288,7 @@ fn run<T: Real>(opts: &AnalyzeOptions, p: Prepared, note: &mut dyn FnMut(&str)) 
                     LossKind::Mse => "mse".into(),
                 },
                 num_params: model.num_params(),
+                num_buffers: model.num_buffer_values(),
                 input_shape: model.input_shape.clone(),
                 output_shape: model.output_shape().to_vec(),
                 layers: layers.clone(),

@@ -80,6 +80,8 @@ pub struct Inspection {
     pub input_shape: Vec<usize>,
     pub output_shape: Vec<usize>,
     pub num_params: usize,
+    /// Buffer values (running statistics), which also get LCA rows.
+    pub num_buffers: usize,
     /// Layers with parameters and their parameter counts.
     pub layers: Vec<(String, usize)>,
     pub ckpt_dir: PathBuf,
@@ -181,7 +183,7 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
         max_evaluations: 1 + max_per_step * nsteps,
         macs_per_sample: macs,
         flops_per_evaluation: 6.0 * macs as f64 * data.len() as f64,
-        lca_tensor_bytes: 4 * (model.num_params() * nsteps) as u64,
+        lca_tensor_bytes: 4 * ((model.num_params() + model.num_buffer_values()) * nsteps) as u64,
     };
     let eval = Evaluator {
         model,
@@ -215,6 +217,7 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
         input_shape: model.input_shape.clone(),
         output_shape: model.output_shape().to_vec(),
         num_params: model.num_params(),
+        num_buffers: model.num_buffer_values(),
         layers,
         ckpt_dir: opts.ckpt_dir.clone(),
         files_found: found,
@@ -471,8 +474,8 @@ impl Inspection {
                 "lca.safetensors {}B in f32 ({} steps × {} parameters; --no-lca-tensors skips it), params.csv {} rows",
                 si(e.lca_tensor_bytes as f64),
                 e.steps,
-                self.num_params,
-                self.num_params
+                self.num_params + self.num_buffers,
+                self.num_params + self.num_buffers
             ),
         );
         match &self.timing {

@@ -135,7 +135,9 @@ fn running_stats_report_a_buffers_row_and_keep_the_residual_small() {
     let counted = step["helped"].as_u64().unwrap()
         + step["zero"].as_u64().unwrap()
         + step["hurt"].as_u64().unwrap();
-    assert_eq!(counted, s["model"]["num_params"].as_u64().unwrap() - 12);
+    // num_params counts trained values only; the 12 running-statistics values are buffers.
+    assert_eq!(s["model"]["num_buffers"].as_u64().unwrap(), 12);
+    assert_eq!(counted, s["model"]["num_params"].as_u64().unwrap());
 }
 
 #[test]

@@ -568,9 +568,23 @@ impl<T: Real> Model<T> {
         &self.nodes.last().expect("model has nodes").out_shape
     }
 
-    /// Total number of parameters.
+    /// Number of trained parameter values (buffers not counted).
     pub fn num_params(&self) -> usize {
-        self.params.iter().map(|p| p.numel()).sum()
+        self.params
+            .iter()
+            .filter(|p| !p.buffer)
+            .map(|p| p.numel())
+            .sum()
+    }
+
+    /// Number of buffer values read from checkpoints (batch norm's running statistics in
+    /// `running-stats` mode).
+    pub fn num_buffer_values(&self) -> usize {
+        self.params
+            .iter()
+            .filter(|p| p.buffer)
+            .map(|p| p.numel())
+            .sum()
     }
 
     /// Check the model input's values with every layer that reads it directly (token ids

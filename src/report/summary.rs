@@ -82,7 +82,11 @@ pub struct ModelInfo {
     /// Batch norm mode (`batch-stats` or `running-stats`), when the model has batch norm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_norm: Option<crate::net::batch_norm::BnMode>,
+    /// Trained parameter values.
     pub num_params: usize,
+    /// Buffer values (running statistics) whose LCA is reported in the `buffers` group.
+    #[serde(default)]
+    pub num_buffers: usize,
     pub input_shape: Vec<usize>,
     pub output_shape: Vec<usize>,
     /// Layers with parameters, in model order.
