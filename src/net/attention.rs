@@ -10,7 +10,8 @@
 //! The in-projection's rows are q, k and v in that order; head h owns rows `[h·d, (h+1)·d)`
 //! of each (d = C / heads) and columns `[h·d, (h+1)·d)` of the output projection. Per sequence
 //! and head, `P = softmax(Q Kᵀ / √d)` with position i attending to positions j ≤ i (the causal
-//! mask), computed stably (row maximum subtracted), and the heads' `P V` are concatenated and
+//! mask), computed stably (row maximum subtracted; in f32 with the vectorised `exp` of
+//! [`super::fastmath`]), and the heads' `P V` are concatenated and
 //! projected. Dropout is the identity. Every product is a matrix product (GEMM): the
 //! projections over all N·T rows at once, the scores and `P V` per sequence and head on
 //! strided views of the one q/k/v buffer, with no copies. Forward keeps q/k/v, the attention
@@ -199,9 +200,15 @@ impl<T: Real> Layer<T> for Attention {
                         *e = *e * scale;
                         m = m.max(*e);
                     }
-                    let mut sum = T::zero();
                     for e in seen.iter_mut() {
-                        *e = (*e - m).exp();
+                        *e = *e - m;
+                    }
+                    match super::fastmath::f32_slice_mut(seen) {
+                        Some(s) => s.iter_mut().for_each(|e| *e = super::fastmath::exp(*e)),
+                        None => seen.iter_mut().for_each(|e| *e = e.exp()),
+                    }
+                    let mut sum = T::zero();
+                    for e in seen.iter() {
                         sum += *e;
                     }
                     let inv = T::one() / sum;

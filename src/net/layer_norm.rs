@@ -6,7 +6,8 @@
 //!
 //! Forward keeps the normalised rows and each row's 1/σ for backward, which is one pass over
 //! the rows: `dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ` with `ĝ = dy·weight`; the parameter
-//! gradients are column sums of `dy·x̂` and `dy`. Statistics are accumulated in f64.
+//! gradients are column sums of `dy·x̂` and `dy`. Row statistics use two passes (mean, then
+//! the mean of squared deviations) in the element type.
 //!
 //! ```
 //! use lca::net::{layer_norm::LayerNorm, Layer, Saved};
@@ -78,14 +79,16 @@ impl<T: Real> Layer<T> for LayerNorm {
         let mut xhat = vec![T::zero(); xs.len()];
         let mut y = vec![T::zero(); xs.len()];
         let mut rstd = vec![T::zero(); rows];
-        let inv_c = 1.0 / c as f64;
+        let inv_c = T::of(1.0 / c as f64);
+        let eps = T::of(self.eps);
         for r in 0..rows {
+            // Two passes in the element type (f32 accumulation over one row, as PyTorch's
+            // float kernel; exact arithmetic for f64).
             let xr = &xs[r * c..(r + 1) * c];
-            let mean = xr.iter().map(|v| v.f64()).sum::<f64>() * inv_c;
-            let var = xr.iter().map(|v| (v.f64() - mean).powi(2)).sum::<f64>() * inv_c;
-            let inv = 1.0 / (var + self.eps).sqrt();
-            rstd[r] = T::of(inv);
-            let (m, s) = (T::of(mean), T::of(inv));
+            let m = xr.iter().fold(T::zero(), |a, &v| a + v) * inv_c;
+            let var = xr.iter().fold(T::zero(), |a, &v| a + (v - m) * (v - m)) * inv_c;
+            let s = T::one() / (var + eps).sqrt();
+            rstd[r] = s;
             let xh = &mut xhat[r * c..(r + 1) * c];
             let yr = &mut y[r * c..(r + 1) * c];
             for k in 0..c {
