@@ -29,9 +29,9 @@
 //! assert_eq!(y.as_slice().unwrap(), &[1.0, 2.0, 2.0, 3.0]);
 //! ```
 
-use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows};
+use super::gemm::mat_mul_scaled as mat_mul;
+use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, s};
 
 /// Parameter names of an attention layer.
@@ -73,12 +73,6 @@ pub struct Attention {
     /// Whether position i attends only to positions j ≤ i.
     pub causal: bool,
     pub layout: Layout,
-}
-
-/// `c = a·b`, or `c += a·b` when `accumulate`.
-fn mat_mul<T: Real>(a: ArrayView2<T>, b: ArrayView2<T>, accumulate: bool, mut c: ArrayViewMut2<T>) {
-    let beta = if accumulate { T::one() } else { T::zero() };
-    general_mat_mul(T::one(), &a, &b, beta, &mut c);
 }
 
 /// Add the column sums of `g` to `acc`.
@@ -177,7 +171,7 @@ impl<T: Real> Layer<T> for Attention {
         // q | k | v for every position: one GEMM over all N·T rows.
         let w_in = ArrayView2::from_shape((3 * c, c), params[iw]).expect("declared shape");
         let mut qkv = bias_rows(n * t, 3 * c, ib.map(|i| params[i]));
-        mat_mul(x, w_in.t(), ib.is_some(), qkv.view_mut());
+        mat_mul(T::one(), x, w_in.t(), ib.is_some(), qkv.view_mut());
 
         let scale = T::of(1.0 / (d as f64).sqrt());
         let mut probs = Array3::<T>::zeros((n * h, t, t));
@@ -190,39 +184,33 @@ impl<T: Real> Layer<T> for Attention {
                 let k = qkv.slice(s![rows.clone(), c + hd * d..c + (hd + 1) * d]);
                 let v = qkv.slice(s![rows.clone(), 2 * c + hd * d..2 * c + (hd + 1) * d]);
                 let mut p = probs.index_axis_mut(Axis(0), seq * h + hd);
-                mat_mul(q, k.t(), false, p.view_mut());
+                // Scores q·kᵀ/√d: the scale is the GEMM's α.
+                mat_mul(scale, q, k.t(), false, p.view_mut());
                 let ps = p.as_slice_mut().expect("contiguous");
                 for i in 0..t {
                     let row = &mut ps[i * t..(i + 1) * t];
                     let (seen, masked) = row.split_at_mut(self.visible(i, t));
-                    let mut m = T::neg_infinity();
-                    for e in seen.iter_mut() {
-                        *e = *e * scale;
-                        m = m.max(*e);
-                    }
-                    for e in seen.iter_mut() {
-                        *e = *e - m;
-                    }
-                    match super::fastmath::f32_slice_mut(seen) {
-                        Some(s) => s.iter_mut().for_each(|e| *e = super::fastmath::exp(*e)),
-                        None => seen.iter_mut().for_each(|e| *e = e.exp()),
-                    }
-                    let mut sum = T::zero();
-                    for e in seen.iter() {
-                        sum += *e;
-                    }
-                    let inv = T::one() / sum;
-                    for e in seen.iter_mut() {
-                        *e = *e * inv;
-                    }
+                    softmax_in_place(seen);
                     masked.fill(T::zero());
                 }
-                mat_mul(p.view(), v, false, heads.slice_mut(s![rows.clone(), cols]));
+                mat_mul(
+                    T::one(),
+                    p.view(),
+                    v,
+                    false,
+                    heads.slice_mut(s![rows.clone(), cols]),
+                );
             }
         }
         let w_out = ArrayView2::from_shape((c, c), params[ow]).expect("declared shape");
         let mut y = bias_rows(n * t, c, ob.map(|i| params[i]));
-        mat_mul(heads.view(), w_out.t(), ob.is_some(), y.view_mut());
+        mat_mul(
+            T::one(),
+            heads.view(),
+            w_out.t(),
+            ob.is_some(),
+            y.view_mut(),
+        );
         *saved = Saved::Arrays(vec![qkv.into_dyn(), probs.into_dyn(), heads.into_dyn()]);
         y.into_shape_with_order(vec![n, t, c])
             .expect("row-major")
@@ -255,14 +243,14 @@ impl<T: Real> Layer<T> for Attention {
         // Output projection.
         {
             let gw = ArrayViewMut2::from_shape((c, c), &mut *gp[ow]).expect("declared shape");
-            mat_mul(gy.t(), heads, true, gw);
+            mat_mul(T::one(), gy.t(), heads, true, gw);
         }
         if let Some(i) = ob {
             add_col_sums(gp[i], gy);
         }
         let w_out = ArrayView2::from_shape((c, c), b.params[ow]).expect("declared shape");
         let mut gheads = Array2::<T>::zeros((n * t, c));
-        mat_mul(gy, w_out, false, gheads.view_mut());
+        mat_mul(T::one(), gy, w_out, false, gheads.view_mut());
 
         // Per sequence and head: back through P V, the softmax and Q Kᵀ.
         let scale = T::of(1.0 / (d as f64).sqrt());
@@ -279,35 +267,35 @@ impl<T: Real> Layer<T> for Attention {
                 let g = gheads.slice(s![rows.clone(), qc..qc + d]);
                 // dV = Pᵀ dO, dP = dO Vᵀ.
                 mat_mul(
+                    T::one(),
                     p.t(),
                     g,
                     false,
                     gqkv.slice_mut(s![rows.clone(), vc..vc + d]),
                 );
-                mat_mul(g, v.t(), false, gs.view_mut());
-                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the scale; masked entries are 0.
+                mat_mul(T::one(), g, v.t(), false, gs.view_mut());
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries are 0.
                 let ps = p.as_slice().expect("contiguous");
                 let gss = gs.as_slice_mut().expect("contiguous");
                 for i in 0..t {
                     let (pr, gr) = (&ps[i * t..(i + 1) * t], &mut gss[i * t..(i + 1) * t]);
                     let lim = self.visible(i, t);
-                    let mut dot = T::zero();
-                    for j in 0..lim {
-                        dot += pr[j] * gr[j];
-                    }
-                    for j in 0..lim {
-                        gr[j] = pr[j] * (gr[j] - dot) * scale;
+                    let dot = fastmath::dot(&pr[..lim], &gr[..lim]);
+                    for (g, &p) in gr[..lim].iter_mut().zip(&pr[..lim]) {
+                        *g = p * (*g - dot);
                     }
                     gr[lim..].fill(T::zero());
                 }
-                // dQ = dS K, dK = dSᵀ Q.
+                // dQ = dS K/√d, dK = dSᵀ Q/√d (the scale is the GEMMs' α).
                 mat_mul(
+                    scale,
                     gs.view(),
                     k,
                     false,
                     gqkv.slice_mut(s![rows.clone(), qc..qc + d]),
                 );
                 mat_mul(
+                    scale,
                     gs.t(),
                     q,
                     false,
@@ -319,7 +307,7 @@ impl<T: Real> Layer<T> for Attention {
         // In-projection.
         {
             let gw = ArrayViewMut2::from_shape((3 * c, c), &mut *gp[iw]).expect("declared shape");
-            mat_mul(gqkv.t(), x, true, gw);
+            mat_mul(T::one(), gqkv.t(), x, true, gw);
         }
         if let Some(i) = ib {
             add_col_sums(gp[i], gqkv.view());
@@ -329,7 +317,7 @@ impl<T: Real> Layer<T> for Attention {
         }
         let w_in = ArrayView2::from_shape((3 * c, c), b.params[iw]).expect("declared shape");
         let mut gx = Array2::<T>::zeros((n * t, c));
-        mat_mul(gqkv.view(), w_in, false, gx.view_mut());
+        mat_mul(T::one(), gqkv.view(), w_in, false, gx.view_mut());
         vec![Some(
             gx.into_shape_with_order(vec![n, t, c])
                 .expect("row-major")
@@ -341,6 +329,23 @@ impl<T: Real> Layer<T> for Attention {
         let t = inputs[0][0];
         let c = self.embed_dim;
         (t * c * 3 * c + 2 * t * t * c + t * c * c) as u64
+    }
+}
+
+/// Softmax of one row of scores in place, with the row maximum subtracted (stable); in f32
+/// through the vectorised `exp` of [`fastmath`].
+fn softmax_in_place<T: Real>(row: &mut [T]) {
+    let m = fastmath::max(row);
+    for e in row.iter_mut() {
+        *e = *e - m;
+    }
+    match fastmath::f32_slice_mut(row) {
+        Some(r) => r.iter_mut().for_each(|e| *e = fastmath::exp(*e)),
+        None => row.iter_mut().for_each(|e| *e = e.exp()),
+    }
+    let inv = T::one() / fastmath::sum(row);
+    for e in row.iter_mut() {
+        *e = *e * inv;
     }
 }
 

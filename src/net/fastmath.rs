@@ -177,6 +177,66 @@ fn gelu_backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
     }
 }
 
+/// Sum with four independent accumulators (so that the loop vectorises), for any element type.
+#[inline]
+pub(crate) fn sum<T: super::Real>(xs: &[T]) -> T {
+    let mut acc = [T::zero(); 4];
+    let chunks = xs.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..4 {
+            acc[k] += c[k];
+        }
+    }
+    let mut s = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    for &v in rest {
+        s += v;
+    }
+    s
+}
+
+/// Σ a_i·b_i with four independent accumulators.
+#[inline]
+pub(crate) fn dot<T: super::Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 4];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    for (&x, &y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The largest element (−∞ for an empty slice; NaNs are skipped), with four accumulators.
+#[inline]
+pub(crate) fn max<T: super::Real>(xs: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 4];
+    let chunks = xs.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..4 {
+            if c[k] > acc[k] {
+                acc[k] = c[k];
+            }
+        }
+    }
+    let mut m = acc[0];
+    for &v in acc[1..].iter().chain(rest) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +310,16 @@ mod tests {
             gelu_backward(&x, &g, &mut b, tanh);
             assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
         }
+    }
+
+    #[test]
+    fn reductions() {
+        let v: Vec<f64> = (0..11).map(|i| (i as f64 - 4.5).powi(2)).collect();
+        assert_eq!(sum(&v), v.iter().sum::<f64>());
+        assert_eq!(max(&v), 30.25);
+        assert_eq!(dot(&v, &v), v.iter().map(|x| x * x).sum::<f64>());
+        assert_eq!(max::<f32>(&[]), f32::NEG_INFINITY);
+        assert_eq!(sum::<f32>(&[1.5]), 1.5);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! assert_eq!(y.as_slice().unwrap(), &[-2.0, 1.5]);
 //! ```
 
-use super::{Backward, Layer, ParamDecl, Real, Saved};
+use super::{Backward, Layer, ParamDecl, Real, Saved, fastmath};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 /// Layer normalisation over the last axis.
@@ -85,14 +85,17 @@ impl<T: Real> Layer<T> for LayerNorm {
             // Two passes in the element type (f32 accumulation over one row, as PyTorch's
             // float kernel; exact arithmetic for f64).
             let xr = &xs[r * c..(r + 1) * c];
-            let m = xr.iter().fold(T::zero(), |a, &v| a + v) * inv_c;
-            let var = xr.iter().fold(T::zero(), |a, &v| a + (v - m) * (v - m)) * inv_c;
+            let m = fastmath::sum(xr) * inv_c;
+            let xh = &mut xhat[r * c..(r + 1) * c];
+            for (h, &v) in xh.iter_mut().zip(xr) {
+                *h = v - m;
+            }
+            let var = fastmath::dot(xh, xh) * inv_c;
             let s = T::one() / (var + eps).sqrt();
             rstd[r] = s;
-            let xh = &mut xhat[r * c..(r + 1) * c];
             let yr = &mut y[r * c..(r + 1) * c];
             for k in 0..c {
-                let h = (xr[k] - m) * s;
+                let h = xh[k] * s;
                 xh[k] = h;
                 let mut v = match gamma {
                     Some(g) => h * g[k],
@@ -147,17 +150,18 @@ impl<T: Real> Layer<T> for LayerNorm {
         let mut ghat = vec![T::zero(); c];
         for r in 0..rows {
             let (g, h) = (&gy[r * c..(r + 1) * c], &xhat[r * c..(r + 1) * c]);
-            let (mut sum_g, mut sum_gh) = (T::zero(), T::zero());
-            for k in 0..c {
-                let v = match gamma {
-                    Some(w) => g[k] * w[k],
-                    None => g[k],
-                };
-                ghat[k] = v;
-                sum_g += v;
-                sum_gh += v * h[k];
+            match gamma {
+                Some(w) => {
+                    for k in 0..c {
+                        ghat[k] = g[k] * w[k];
+                    }
+                }
+                None => ghat.copy_from_slice(g),
             }
-            let (mg, mgh) = (sum_g * inv_c, sum_gh * inv_c);
+            let (mg, mgh) = (
+                fastmath::sum(&ghat) * inv_c,
+                fastmath::dot(&ghat, h) * inv_c,
+            );
             let s = rstd[r];
             for (k, out) in gx[r * c..(r + 1) * c].iter_mut().enumerate() {
                 *out = (ghat[k] - mg - h[k] * mgh) * s;
