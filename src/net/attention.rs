@@ -249,13 +249,17 @@ impl<T: Real> Layer<T> for Attention {
             add_col_sums(gp[i], gy);
         }
         let w_out = ArrayView2::from_shape((c, c), b.params[ow]).expect("declared shape");
-        let mut gheads = Array2::<T>::zeros((n * t, c));
+        // Backward's temporaries (dHeads, dQKV, one head's dS) are this thread's scratch
+        // buffers, reused from chunk to chunk; every entry is written before it is read.
+        let mut scratch = Scratch::<T>::take();
+        let [gheads, gqkv, gs] = &mut scratch.bufs;
+        let mut gheads = scratch_view(gheads, n * t, c);
         mat_mul(T::one(), gy, w_out, false, gheads.view_mut());
 
         // Per sequence and head: back through P V, the softmax and Q Kᵀ.
         let scale = T::of(1.0 / (d as f64).sqrt());
-        let mut gqkv = Array2::<T>::zeros((n * t, 3 * c));
-        let mut gs = Array2::<T>::zeros((t, t));
+        let mut gqkv = scratch_view(gqkv, n * t, 3 * c);
+        let mut gs = scratch_view(gs, t, t);
         for seq in 0..n {
             let rows = seq * t..(seq + 1) * t;
             for hd in 0..h {
@@ -313,11 +317,13 @@ impl<T: Real> Layer<T> for Attention {
             add_col_sums(gp[i], gqkv.view());
         }
         if !b.need_input_grad[0] {
+            scratch.give_back();
             return vec![None];
         }
         let w_in = ArrayView2::from_shape((3 * c, c), b.params[iw]).expect("declared shape");
         let mut gx = Array2::<T>::zeros((n * t, c));
         mat_mul(T::one(), gqkv.view(), w_in, false, gx.view_mut());
+        scratch.give_back();
         vec![Some(
             gx.into_shape_with_order(vec![n, t, c])
                 .expect("row-major")
@@ -347,6 +353,47 @@ fn softmax_in_place<T: Real>(row: &mut [T]) {
     for e in row.iter_mut() {
         *e = *e * inv;
     }
+}
+
+thread_local! {
+    /// Per-thread scratch buffers of attention's backward pass, one set per element type.
+    static SCRATCH: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Three buffers taken from this thread's [`SCRATCH`] (or new ones) and returned to it with
+/// [`Scratch::give_back`]; a layer nested inside another's backward would just get new ones.
+struct Scratch<T: Real> {
+    bufs: [Vec<T>; 3],
+}
+
+impl<T: Real> Scratch<T> {
+    fn take() -> Self {
+        let found = SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let i = s.iter().position(|b| b.is::<Self>())?;
+            s.swap_remove(i).downcast::<Self>().ok()
+        });
+        found.map_or_else(
+            || Scratch {
+                bufs: [Vec::new(), Vec::new(), Vec::new()],
+            },
+            |b| *b,
+        )
+    }
+
+    fn give_back(self) {
+        SCRATCH.with(|s| s.borrow_mut().push(Box::new(self)));
+    }
+}
+
+/// A `[rows, cols]` view of the start of `buf`, grown (with zeros) when too short. Its
+/// entries hold whatever the last use left: callers write every entry before reading it.
+fn scratch_view<T: Real>(buf: &mut Vec<T>, rows: usize, cols: usize) -> ArrayViewMut2<'_, T> {
+    if buf.len() < rows * cols {
+        buf.resize(rows * cols, T::zero());
+    }
+    ArrayViewMut2::from_shape((rows, cols), &mut buf[..rows * cols]).expect("sizes match")
 }
 
 /// `[rows, cols]`, every row the bias (or zeros without one).
@@ -421,6 +468,48 @@ mod tests {
             check_layer(&att(bias, causal, Layout::NanoGpt), &[vec![5, 6]], 2);
         }
         check_layer(&att(true, true, Layout::Multihead), &[vec![4, 6]], 3);
+    }
+
+    /// Backward's reused scratch buffers leave no trace: gradients of a batch are bit for bit
+    /// the same before and after a larger and a smaller batch ran through the same thread.
+    #[test]
+    fn scratch_reuse_gives_identical_gradients() {
+        let a = att(true, true, Layout::NanoGpt);
+        let mut rng = crate::net::gradcheck::Rng::new(7);
+        let params: Vec<Vec<f32>> = <Attention as Layer<f32>>::params(&a)
+            .iter()
+            .map(|d| {
+                rng.array(&d.shape)
+                    .mapv(|v| v as f32)
+                    .into_raw_vec_and_offset()
+                    .0
+            })
+            .collect();
+        let p: Vec<&[f32]> = params.iter().map(|v| v.as_slice()).collect();
+        let grads = |rng: &mut crate::net::gradcheck::Rng, shape: &[usize]| {
+            let x = rng.array(shape).mapv(|v| v as f32);
+            let gy = rng.array(shape).mapv(|v| v as f32);
+            let mut sv = Saved::None;
+            let y = a.forward(&p, &[x.view()], &mut sv);
+            let mut gp: Vec<Vec<f32>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
+            let gx = a.backward(Backward {
+                params: &p,
+                inputs: &[x.view()],
+                output: y.view(),
+                saved: &sv,
+                grad_out: gy.view(),
+                grad_params: gp.iter_mut().map(|v| v.as_mut_slice()).collect(),
+                need_input_grad: &[true],
+            });
+            (gx[0].clone().expect("input gradient"), gp)
+        };
+        let first = grads(&mut crate::net::gradcheck::Rng::new(8), &[2, 5, 6]);
+        grads(&mut rng, &[3, 7, 6]);
+        grads(&mut rng, &[1, 2, 6]);
+        assert_eq!(
+            grads(&mut crate::net::gradcheck::Rng::new(8), &[2, 5, 6]),
+            first
+        );
     }
 
     /// The causal mask: position i's output does not change when later positions do.
