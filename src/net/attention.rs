@@ -341,13 +341,12 @@ impl<T: Real> Layer<T> for Attention {
 /// Softmax of one row of scores in place, with the row maximum subtracted (stable); in f32
 /// through the vectorised `exp` of [`fastmath`].
 fn softmax_in_place<T: Real>(row: &mut [T]) {
+    if let Some(r) = fastmath::f32_slice_mut(row) {
+        return fastmath::softmax(r);
+    }
     let m = fastmath::max(row);
     for e in row.iter_mut() {
-        *e = *e - m;
-    }
-    match fastmath::f32_slice_mut(row) {
-        Some(r) => r.iter_mut().for_each(|e| *e = fastmath::exp(*e)),
-        None => row.iter_mut().for_each(|e| *e = e.exp()),
+        *e = (*e - m).exp();
     }
     let inv = T::one() / fastmath::sum(row);
     for e in row.iter_mut() {

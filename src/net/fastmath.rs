@@ -133,6 +133,36 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
     gelu_backward_body(x, dy, dx, tanh)
 }
 
+/// Softmax of one row in place, stably: `e^(x − max) / Σ e^(x − max)` with this module's
+/// `exp` and four-accumulator max and sum (the operations of the generic path in
+/// [`super::attention`], in the same order, so both give the same bits).
+pub fn softmax(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { softmax_avx2(row) };
+    }
+    softmax_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_avx2(row: &mut [f32]) {
+    softmax_body(row)
+}
+
+#[inline(always)]
+fn softmax_body(row: &mut [f32]) {
+    let m = max(row);
+    for e in row.iter_mut() {
+        *e = exp(*e - m);
+    }
+    let inv = 1.0 / sum(row);
+    for e in row.iter_mut() {
+        *e *= inv;
+    }
+}
+
 /// The same loops compiled for 8-wide AVX2 registers. The arithmetic per element is the same
 /// (no fused multiply-adds), so the results are bit-identical to the baseline build's.
 #[cfg(target_arch = "x86_64")]
@@ -309,6 +339,36 @@ mod tests {
             gelu_backward_body(&x, &g, &mut a, tanh);
             gelu_backward(&x, &g, &mut b, tanh);
             assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+    }
+
+    /// The f32 softmax: the AVX2 and baseline builds give the same bits, and every row of
+    /// lengths 1..=70 (scores up to ±60) is within f32 rounding of the f64 definition: 3e-7
+    /// relative, plus the rounding of `x − max` in f32 (6e-8·|x − max| relative, as for any f32
+    /// softmax), plus 1.3e-38 absolute (`exp` clamps its argument at −87.3: e^−87.3 = 1.2e-38).
+    #[test]
+    fn softmax_matches_the_f64_definition() {
+        let mut rng = crate::net::gradcheck::Rng::new(11);
+        for len in 1..=70 {
+            for spread in [0.1, 3.0, 60.0] {
+                let x: Vec<f32> = (0..len)
+                    .map(|_| (rng.array(&[1])[[0]] * spread) as f32)
+                    .collect();
+                let (mut a, mut b) = (x.clone(), x.clone());
+                softmax_body(&mut a);
+                softmax(&mut b);
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+                let m = x
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+                let e: Vec<f64> = x.iter().map(|&v| (f64::from(v) - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                for ((got, want), &v) in b.iter().zip(e.iter().map(|v| v / s)).zip(&x) {
+                    let err = (f64::from(*got) - want).abs();
+                    let tol = want * (3e-7 + 1e-7 * (m - f64::from(v))) + 1.3e-38;
+                    assert!(err <= tol, "len {len}: {got} vs {want}");
+                }
+            }
         }
     }
 
