@@ -115,6 +115,11 @@ fn half_one_plus_tanh(x: f32) -> (f32, f32) {
 pub fn gelu(x: &[f32], y: &mut [f32], tanh: bool) {
     assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { gelu_avx512(x, y, tanh) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
         return unsafe { gelu_avx2(x, y, tanh) };
@@ -125,6 +130,11 @@ pub fn gelu(x: &[f32], y: &mut [f32], tanh: bool) {
 /// `dx = dy · GELU'(x)`.
 pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
     assert!(x.len() == dy.len() && x.len() == dx.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { gelu_backward_avx512(x, dy, dx, tanh) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
@@ -138,6 +148,11 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
 /// [`super::attention`], in the same order, so both give the same bits).
 pub fn softmax(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { softmax_avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
         return unsafe { softmax_avx2(row) };
@@ -148,6 +163,12 @@ pub fn softmax(row: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn softmax_avx2(row: &mut [f32]) {
+    softmax_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(row: &mut [f32]) {
     softmax_body(row)
 }
 
@@ -163,8 +184,9 @@ fn softmax_body(row: &mut [f32]) {
     }
 }
 
-/// The same loops compiled for 8-wide AVX2 registers. The arithmetic per element is the same
-/// (no fused multiply-adds), so the results are bit-identical to the baseline build's.
+/// The same loops compiled for 8-wide AVX2 and 16-wide AVX-512 registers. The arithmetic per
+/// element is the same (no fused multiply-adds), so the results are bit-identical to the
+/// baseline build's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn gelu_avx2(x: &[f32], y: &mut [f32], tanh: bool) {
@@ -172,8 +194,20 @@ unsafe fn gelu_avx2(x: &[f32], y: &mut [f32], tanh: bool) {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_avx512(x: &[f32], y: &mut [f32], tanh: bool) {
+    gelu_body(x, y, tanh)
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn gelu_backward_avx2(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+    gelu_backward_body(x, dy, dx, tanh)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_backward_avx512(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
     gelu_backward_body(x, dy, dx, tanh)
 }
 
@@ -339,6 +373,32 @@ mod tests {
             gelu_backward_body(&x, &g, &mut a, tanh);
             gelu_backward(&x, &g, &mut b, tanh);
             assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+            // Each SIMD build the CPU can run, not only the one the dispatch picks.
+            #[cfg(target_arch = "x86_64")]
+            for (ok, f, fb) in [
+                (
+                    std::arch::is_x86_feature_detected!("avx2"),
+                    gelu_avx2 as unsafe fn(&[f32], &mut [f32], bool),
+                    gelu_backward_avx2 as unsafe fn(&[f32], &[f32], &mut [f32], bool),
+                ),
+                (
+                    std::arch::is_x86_feature_detected!("avx512f"),
+                    gelu_avx512,
+                    gelu_backward_avx512,
+                ),
+            ] {
+                if !ok {
+                    continue;
+                }
+                gelu_body(&x, &mut a, tanh);
+                // SAFETY: the CPU supports the build's features (checked above).
+                unsafe { f(&x, &mut b, tanh) };
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+                gelu_backward_body(&x, &g, &mut a, tanh);
+                // SAFETY: as above.
+                unsafe { fb(&x, &g, &mut b, tanh) };
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
         }
     }
 
@@ -356,6 +416,24 @@ mod tests {
                     .collect();
                 let (mut a, mut b) = (x.clone(), x.clone());
                 softmax_body(&mut a);
+                #[cfg(target_arch = "x86_64")]
+                for (ok, f) in [
+                    (
+                        std::arch::is_x86_feature_detected!("avx2"),
+                        softmax_avx2 as unsafe fn(&mut [f32]),
+                    ),
+                    (
+                        std::arch::is_x86_feature_detected!("avx512f"),
+                        softmax_avx512,
+                    ),
+                ] {
+                    if ok {
+                        let mut c = x.clone();
+                        // SAFETY: the CPU supports the build's features (checked above).
+                        unsafe { f(&mut c) };
+                        assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
+                    }
+                }
                 softmax(&mut b);
                 assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
                 let m = x
