@@ -14,10 +14,8 @@
 //! [`super::fastmath`]), and the heads' `P V` are concatenated and
 //! projected. Dropout is the identity. Every product is a matrix product (GEMM): the
 //! projections over all N·T rows at once, the scores and `P V` per sequence and head on
-//! strided views of the one q/k/v buffer, with no copies. Forward keeps q/k/v, each softmax
-//! row's maximum and 1/Σ, and the concatenated heads for backward, which recomputes each
-//! head's probabilities (one more small GEMM, bit for bit forward's) in a t×t buffer; that
-//! buffer and backward's other temporaries are per-thread scratch reused across chunks.
+//! strided views of the one q/k/v buffer, with no copies. Forward keeps q/k/v, the attention
+//! probabilities and the concatenated heads for backward.
 //!
 //! ```
 //! use lca::net::{attention::{Attention, Layout}, Layer, Saved};
@@ -34,7 +32,7 @@
 use super::gemm::mat_mul_scaled as mat_mul;
 use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
-use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, s};
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, s};
 
 /// Parameter names of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,12 +174,8 @@ impl<T: Real> Layer<T> for Attention {
         mat_mul(T::one(), x, w_in.t(), ib.is_some(), qkv.view_mut());
 
         let scale = T::of(1.0 / (d as f64).sqrt());
-        // Each head's probabilities live in a reused per-thread t×t buffer; forward keeps only
-        // each row's maximum and 1/Σ, from which backward recomputes them bit for bit.
-        let mut row_stats = Vec::with_capacity(n * h * t * 2);
+        let mut probs = Array3::<T>::zeros((n * h, t, t));
         let mut heads = Array2::<T>::zeros((n * t, c));
-        let mut scratch = Scratch::<T>::take();
-        let mut p = scratch_view(&mut scratch.bufs[3], t, t);
         for seq in 0..n {
             let rows = seq * t..(seq + 1) * t;
             for hd in 0..h {
@@ -189,14 +183,14 @@ impl<T: Real> Layer<T> for Attention {
                 let q = qkv.slice(s![rows.clone(), cols.clone()]);
                 let k = qkv.slice(s![rows.clone(), c + hd * d..c + (hd + 1) * d]);
                 let v = qkv.slice(s![rows.clone(), 2 * c + hd * d..2 * c + (hd + 1) * d]);
+                let mut p = probs.index_axis_mut(Axis(0), seq * h + hd);
                 // Scores q·kᵀ/√d: the scale is the GEMM's α.
                 mat_mul(scale, q, k.t(), false, p.view_mut());
                 let ps = p.as_slice_mut().expect("contiguous");
                 for i in 0..t {
                     let row = &mut ps[i * t..(i + 1) * t];
                     let (seen, masked) = row.split_at_mut(self.visible(i, t));
-                    let (m, inv) = softmax_in_place(seen);
-                    row_stats.extend([m, inv]);
+                    softmax_in_place(seen);
                     masked.fill(T::zero());
                 }
                 mat_mul(
@@ -217,9 +211,7 @@ impl<T: Real> Layer<T> for Attention {
             ob.is_some(),
             y.view_mut(),
         );
-        scratch.give_back();
-        let row_stats = ArrayD::from_shape_vec(vec![row_stats.len()], row_stats).expect("sizes");
-        *saved = Saved::Arrays(vec![qkv.into_dyn(), row_stats, heads.into_dyn()]);
+        *saved = Saved::Arrays(vec![qkv.into_dyn(), probs.into_dyn(), heads.into_dyn()]);
         y.into_shape_with_order(vec![n, t, c])
             .expect("row-major")
             .into_dyn()
@@ -227,7 +219,7 @@ impl<T: Real> Layer<T> for Attention {
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
         let Saved::Arrays(sv) = b.saved else {
-            unreachable!("forward saves q/k/v, the softmax rows' maximum and 1/Σ, and heads")
+            unreachable!("forward saves q/k/v, probabilities and heads")
         };
         let (n, t) = (b.inputs[0].shape()[0], b.inputs[0].shape()[1]);
         let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
@@ -236,7 +228,10 @@ impl<T: Real> Layer<T> for Attention {
             .view()
             .into_dimensionality::<ndarray::Ix2>()
             .expect("2-D");
-        let row_stats = sv[1].as_slice().expect("contiguous");
+        let probs = sv[1]
+            .view()
+            .into_dimensionality::<ndarray::Ix3>()
+            .expect("3-D");
         let heads = sv[2]
             .view()
             .into_dimensionality::<ndarray::Ix2>()
@@ -254,10 +249,10 @@ impl<T: Real> Layer<T> for Attention {
             add_col_sums(gp[i], gy);
         }
         let w_out = ArrayView2::from_shape((c, c), b.params[ow]).expect("declared shape");
-        // Backward's temporaries (dHeads, dQKV, one head's dS and P) are this thread's
-        // scratch buffers, reused from chunk to chunk; every entry is written before it is read.
+        // Backward's temporaries (dHeads, dQKV, one head's dS) are this thread's scratch
+        // buffers, reused from chunk to chunk; every entry is written before it is read.
         let mut scratch = Scratch::<T>::take();
-        let [gheads, gqkv, gs, pbuf] = &mut scratch.bufs;
+        let [gheads, gqkv, gs] = &mut scratch.bufs;
         let mut gheads = scratch_view(gheads, n * t, c);
         mat_mul(T::one(), gy, w_out, false, gheads.view_mut());
 
@@ -265,7 +260,6 @@ impl<T: Real> Layer<T> for Attention {
         let scale = T::of(1.0 / (d as f64).sqrt());
         let mut gqkv = scratch_view(gqkv, n * t, 3 * c);
         let mut gs = scratch_view(gs, t, t);
-        let mut p = scratch_view(pbuf, t, t);
         for seq in 0..n {
             let rows = seq * t..(seq + 1) * t;
             for hd in 0..h {
@@ -273,16 +267,7 @@ impl<T: Real> Layer<T> for Attention {
                 let q = qkv.slice(s![rows.clone(), qc..qc + d]);
                 let k = qkv.slice(s![rows.clone(), kc..kc + d]);
                 let v = qkv.slice(s![rows.clone(), vc..vc + d]);
-                // P again, as forward computed it: the same scores, exp(s − max)·(1/Σ).
-                mat_mul(scale, q, k.t(), false, p.view_mut());
-                let ps = p.as_slice_mut().expect("contiguous");
-                let st = &row_stats[(seq * h + hd) * t * 2..(seq * h + hd + 1) * t * 2];
-                for i in 0..t {
-                    let row = &mut ps[i * t..(i + 1) * t];
-                    let (seen, masked) = row.split_at_mut(self.visible(i, t));
-                    softmax_again(seen, st[2 * i], st[2 * i + 1]);
-                    masked.fill(T::zero());
-                }
+                let p = probs.index_axis(Axis(0), seq * h + hd);
                 let g = gheads.slice(s![rows.clone(), qc..qc + d]);
                 // dV = Pᵀ dO, dP = dO Vᵀ.
                 mat_mul(
@@ -355,10 +340,9 @@ impl<T: Real> Layer<T> for Attention {
 
 /// Softmax of one row of scores in place, with the row maximum subtracted (stable); in f32
 /// through the vectorised `exp` of [`fastmath`].
-fn softmax_in_place<T: Real>(row: &mut [T]) -> (T, T) {
+fn softmax_in_place<T: Real>(row: &mut [T]) {
     if let Some(r) = fastmath::f32_slice_mut(row) {
-        let (m, inv) = fastmath::softmax(r);
-        return (T::of(f64::from(m)), T::of(f64::from(inv)));
+        return fastmath::softmax(r);
     }
     let m = fastmath::max(row);
     for e in row.iter_mut() {
@@ -368,34 +352,18 @@ fn softmax_in_place<T: Real>(row: &mut [T]) -> (T, T) {
     for e in row.iter_mut() {
         *e = *e * inv;
     }
-    (m, inv)
-}
-
-/// The probabilities of [`softmax_in_place`] again from the same scores and the row's
-/// maximum and 1/Σ that it returned: the same operations, so the same bits.
-fn softmax_again<T: Real>(row: &mut [T], m: T, inv: T) {
-    if let Some(r) = fastmath::f32_slice_mut(row) {
-        let (m, inv) = (
-            m.to_f32().unwrap_or(f32::NAN),
-            inv.to_f32().unwrap_or(f32::NAN),
-        );
-        return fastmath::softmax_again(r, m, inv);
-    }
-    for e in row.iter_mut() {
-        *e = (*e - m).exp() * inv;
-    }
 }
 
 thread_local! {
-    /// Per-thread scratch buffers of attention, one set per element type.
+    /// Per-thread scratch buffers of attention's backward pass, one set per element type.
     static SCRATCH: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Four buffers taken from this thread's [`SCRATCH`] (or new ones) and returned to it with
+/// Three buffers taken from this thread's [`SCRATCH`] (or new ones) and returned to it with
 /// [`Scratch::give_back`]; a layer nested inside another's backward would just get new ones.
 struct Scratch<T: Real> {
-    bufs: [Vec<T>; 4],
+    bufs: [Vec<T>; 3],
 }
 
 impl<T: Real> Scratch<T> {
@@ -407,7 +375,7 @@ impl<T: Real> Scratch<T> {
         });
         found.map_or_else(
             || Scratch {
-                bufs: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
+                bufs: [Vec::new(), Vec::new(), Vec::new()],
             },
             |b| *b,
         )

@@ -144,9 +144,9 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
 }
 
 /// Softmax of one row in place, stably: `e^(x − max) / Σ e^(x − max)` with this module's
-/// `exp` and four-accumulator max and sum; returns the maximum and 1/Σ, from which
-/// [`softmax_again`] recomputes the same probabilities bit for bit.
-pub fn softmax(row: &mut [f32]) -> (f32, f32) {
+/// `exp` and four-accumulator max and sum (the operations of the generic path in
+/// [`super::attention`], in the same order, so both give the same bits).
+pub fn softmax(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports AVX-512F (checked just above).
@@ -162,18 +162,18 @@ pub fn softmax(row: &mut [f32]) -> (f32, f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn softmax_avx2(row: &mut [f32]) -> (f32, f32) {
+unsafe fn softmax_avx2(row: &mut [f32]) {
     softmax_body(row)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_avx512(row: &mut [f32]) -> (f32, f32) {
+unsafe fn softmax_avx512(row: &mut [f32]) {
     softmax_body(row)
 }
 
 #[inline(always)]
-fn softmax_body(row: &mut [f32]) -> (f32, f32) {
+fn softmax_body(row: &mut [f32]) {
     let m = max(row);
     for e in row.iter_mut() {
         *e = exp(*e - m);
@@ -181,42 +181,6 @@ fn softmax_body(row: &mut [f32]) -> (f32, f32) {
     let inv = 1.0 / sum(row);
     for e in row.iter_mut() {
         *e *= inv;
-    }
-    (m, inv)
-}
-
-/// The probabilities of [`softmax`] again, from the same scores and the `(max, 1/Σ)` it
-/// returned: `exp(x − max)·(1/Σ)`, the same operations, so the same bits.
-pub fn softmax_again(row: &mut [f32], m: f32, inv: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { softmax_again_avx512(row, m, inv) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { softmax_again_avx2(row, m, inv) };
-    }
-    softmax_again_body(row, m, inv)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_again_avx2(row: &mut [f32], m: f32, inv: f32) {
-    softmax_again_body(row, m, inv)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_again_avx512(row: &mut [f32], m: f32, inv: f32) {
-    softmax_again_body(row, m, inv)
-}
-
-#[inline(always)]
-fn softmax_again_body(row: &mut [f32], m: f32, inv: f32) {
-    for e in row.iter_mut() {
-        *e = exp(*e - m) * inv;
     }
 }
 
@@ -456,7 +420,7 @@ mod tests {
                 for (ok, f) in [
                     (
                         std::arch::is_x86_feature_detected!("avx2"),
-                        softmax_avx2 as unsafe fn(&mut [f32]) -> (f32, f32),
+                        softmax_avx2 as unsafe fn(&mut [f32]),
                     ),
                     (
                         std::arch::is_x86_feature_detected!("avx512f"),
@@ -470,16 +434,8 @@ mod tests {
                         assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
                     }
                 }
-                let (m32, inv) = softmax(&mut b);
+                softmax(&mut b);
                 assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
-                let mut again = x.clone();
-                softmax_again(&mut again, m32, inv);
-                assert!(
-                    again
-                        .iter()
-                        .zip(&b)
-                        .all(|(p, q)| p.to_bits() == q.to_bits())
-                );
                 let m = x
                     .iter()
                     .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
