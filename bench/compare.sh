@@ -4,6 +4,7 @@
 #   bench/compare.sh
 #
 # Environment: THREADS (default 2), REPS (timed repetitions per gradient, default 7),
+# GPT_CONFIGS (which bench/gpt_compare.py configurations to run, e.g. 0,1; default all),
 # BENCH_PYTHON (a python that already has torch, numpy and safetensors; default: the venv
 # bench/.venv, created and filled from bench/requirements.txt on first use).
 # Generated files (data, checkpoints, outputs, results) go under bench/work/, which git ignores.
@@ -37,7 +38,7 @@ if [ ! -x /usr/bin/time ]; then
   apt-get update -qq && apt-get install -y -qq time >/dev/null
 fi
 say "building lca and the benchmark programs (release)"
-cargo build --release --quiet --bin lca --example bench_grad --example bench_gemm
+cargo build --release --quiet --bin lca --example bench_grad --example bench_gemm --example bench_gpt
 
 # --- data and checkpoints ------------------------------------------------------------------
 mkdir -p "$work"
@@ -122,6 +123,11 @@ say "lca analyze, 200 steps (peak RSS must not grow with steps)"
 rm -rf "$work/lca_out"
 /usr/bin/time -v "$bin/lca" analyze "$work/ckpts" -s bench/mnist_fc.toml -o "$work/lca_out" \
   --last 200 --no-adaptive -j "$threads" -q 2> "$res/analyze_200.time"
+
+say "nanoGPT-style models, full-set loss+gradient: lca, then PyTorch (plain and SDPA attention)"
+"$py" bench/gpt_compare.py --threads "$threads" --repeats "$reps" \
+  ${GPT_CONFIGS:+--only "$GPT_CONFIGS"} --binary "$bin/examples/bench_gpt" \
+  --json "$res/gpt.json" > "$res/gpt.txt"
 
 load_after=$(load)
 "$py" - "$res/machine.json" "$load_before" "$load_after" <<'EOF'

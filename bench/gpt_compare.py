@@ -12,11 +12,12 @@ set and one checkpoint (save_model, nanoGPT init) to a temporary directory, then
   - lca (examples/bench_gpt.rs, THREADS rayon workers, the same spec, data and checkpoint,
     chunks of the spec's chunk_size in parallel, as `lca analyze`).
 
-Each figure is the fastest of REPEATS timed runs after a warm-up (the least disturbed by other
-load on the machine; the medians are printed too). The losses must agree.
+Each figure is the median of REPEATS timed runs after a warm-up (the fastest is printed too);
+the speed-up compares medians, and the load average before and after each configuration is
+recorded beside it. The losses must agree.
 
     cargo build --release --example bench_gpt
-    /work/venv/bin/python bench/gpt_compare.py [--threads 2] [--repeats 10]
+    bench/.venv/bin/python bench/gpt_compare.py [--threads 2] [--repeats 10] [--only 0,1] [--json F]
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--keep", metavar="DIR", help="write each configuration's spec, data and "
                    "checkpoint to DIR/<index>/ and keep them (for profiling)")
-    p.add_argument("--only", type=int, metavar="INDEX", help="run only this configuration")
+    p.add_argument("--only", metavar="INDEX[,INDEX...]", help="run only these configurations")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (bench/report.py)")
     p.add_argument("--binary", default=str(Path(os.environ.get(
         "CARGO_TARGET_DIR", ROOT / "target")) / "release" / "examples" / "bench_gpt"))
     return p.parse_args()
@@ -161,9 +163,11 @@ def main() -> int:
         return 2
     print(f"torch {torch.__version__}, {ARGS.threads} thread(s), median of {ARGS.repeats}")
     rows = []
+    only = None if ARGS.only is None else {int(i) for i in ARGS.only.split(",")}
     for i, (name, vocab, t, layers, heads, c, n_seq, chunk) in enumerate(CONFIGS):
-        if ARGS.only is not None and i != ARGS.only:
+        if only is not None and i not in only:
             continue
+        load_before = os.getloadavg()[0]
         torch.manual_seed(0)
         cfg = NG.GPTConfig(block_size=t, vocab_size=vocab, n_layer=layers, n_head=heads,
                            n_embd=c, dropout=0.0, bias=True)
@@ -190,17 +194,26 @@ def main() -> int:
         assert math.isclose(l_sdpa, l_plain, rel_tol=1e-5), (l_sdpa, l_plain)
         n_params = sum(p.numel() for p in model.parameters())
         assert n_params == ours["params"], (n_params, ours["params"])
-        rows.append((name, n_params, n_seq * t, chunk, t_plain, m_plain, t_sdpa, m_sdpa,
-                     ours["min_s"], ours["median_s"],
-                     min(t_plain, t_sdpa) / ours["min_s"]))
-    head = ("model", "params", "tokens", "lca chunk", "torch ms", "torch SDPA ms", "lca ms",
-            "faster torch / lca")
+        rows.append({
+            "model": name, "params": n_params, "tokens": n_seq * t, "chunk": chunk,
+            "threads": ARGS.threads, "repeats": ARGS.repeats, "torch": torch.__version__,
+            "torch_min_s": t_plain, "torch_median_s": m_plain,
+            "torch_sdpa_min_s": t_sdpa, "torch_sdpa_median_s": m_sdpa,
+            "lca_min_s": ours["min_s"], "lca_median_s": ours["median_s"],
+            "speedup": min(m_plain, m_sdpa) / ours["median_s"],
+            "load_before": load_before, "load_after": os.getloadavg()[0],
+        })
+    head = ("model", "params", "tokens", "lca chunk", "threads", "torch ms", "torch SDPA ms",
+            "lca ms", "faster torch / lca (medians)", "load")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | " + " | ".join(
-            f"{1e3 * a:.1f} (median {1e3 * b:.1f})" for a, b in (r[4:6], r[6:8], r[8:10]))
-            + f" | {r[10]:.2f}x |")
+        print(f"| {r['model']} | {r['params']} | {r['tokens']} | {r['chunk']} | {r['threads']} | "
+              + " | ".join(f"{1e3 * r[k + '_median_s']:.1f} (min {1e3 * r[k + '_min_s']:.1f})"
+                           for k in ("torch", "torch_sdpa", "lca"))
+              + f" | {r['speedup']:.2f}x | {r['load_before']:.2f}→{r['load_after']:.2f} |")
+    if ARGS.json:
+        Path(ARGS.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 

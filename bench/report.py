@@ -179,6 +179,23 @@ def main():
         "backward without the first layer's input gradient."
     )
 
+    # nanoGPT-style models (bench/gpt_compare.py): medians of the full-set loss+gradient.
+    gpt = load(d, "gpt.json")
+    if gpt:
+        print(
+            "\nnanoGPT-style models (bench/gpt_compare.py), full-set loss+gradient, median ms "
+            "(PyTorch with the explicit masked softmax and with SDPA; speed-up = faster PyTorch / lca):\n"
+        )
+        print("| model | params | tokens | threads | PyTorch ms | PyTorch SDPA ms | lca ms | speed-up | load |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for g in gpt:
+            print(
+                f"| {g['model']} | {g['params']:,} | {g['tokens']:,} | {g['threads']} | "
+                f"{1e3 * g['torch_median_s']:.1f} | {1e3 * g['torch_sdpa_median_s']:.1f} | "
+                f"{1e3 * g['lca_median_s']:.1f} | {g['speedup']:.2f} | "
+                f"{g['load_before']:.2f}→{g['load_after']:.2f} |"
+            )
+
     # Peak memory of `lca analyze`.
     mem = []
     for name in ("analyze_50.time", "analyze_200.time"):

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    lca::alloc::tune(); // as `lca` itself does at start-up
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
         eprintln!("usage: bench_gpt SPEC CHECKPOINT [REPEATS=10] [THREADS=2]");

@@ -1,5 +1,7 @@
 //! Element-wise activations: ReLU, LeakyReLU, Tanh, Sigmoid, GELU (exact and tanh), with
-//! PyTorch's definitions. Backward multiplies the output gradient by the derivative.
+//! PyTorch's definitions. Backward multiplies the output gradient by the derivative. GELU in
+//! f32 runs through the vectorised kernels of [`super::fastmath`]; f64 uses the exact scalar
+//! definitions below.
 //!
 //! ```
 //! use lca::net::{activation::Activation, Layer, Saved};
@@ -83,6 +85,35 @@ impl Activation {
     }
 }
 
+impl Activation {
+    /// GELU in f32 through the vectorised kernels of [`super::fastmath`]: the output, or with
+    /// `grad_out` the input gradient. `None` for other types and activations (scalar path).
+    fn gelu_f32<T: Real>(
+        &self,
+        x: &ArrayViewD<T>,
+        grad_out: Option<&ArrayViewD<T>>,
+    ) -> Option<ArrayD<T>> {
+        let tanh = match self {
+            Activation::Gelu => false,
+            Activation::GeluTanh => true,
+            _ => return None,
+        };
+        let xs = super::fastmath::f32_slice(x.as_slice()?)?;
+        let mut out = ArrayD::<T>::zeros(x.raw_dim());
+        let os = super::fastmath::f32_slice_mut(out.as_slice_mut()?)?;
+        match grad_out {
+            None => super::fastmath::gelu(xs, os, tanh),
+            Some(g) => super::fastmath::gelu_backward(
+                xs,
+                super::fastmath::f32_slice(g.as_slice()?)?,
+                os,
+                tanh,
+            ),
+        }
+        Some(out)
+    }
+}
+
 impl<T: Real> Layer<T> for Activation {
     fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
         match inputs {
@@ -92,6 +123,9 @@ impl<T: Real> Layer<T> for Activation {
     }
 
     fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+        if let Some(y) = self.gelu_f32(&inputs[0], None) {
+            return y;
+        }
         match *self {
             Activation::Relu => inputs[0].mapv(|v| if v > T::zero() { v } else { T::zero() }),
             _ => inputs[0].mapv(|v| T::of(self.f(v.f64()))),
@@ -101,6 +135,9 @@ impl<T: Real> Layer<T> for Activation {
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
         if !b.need_input_grad[0] {
             return vec![None];
+        }
+        if let Some(g) = self.gelu_f32(&b.inputs[0], Some(&b.grad_out)) {
+            return vec![Some(g)];
         }
         if let Activation::Relu = *self {
             // One pass, written as a select (no branch on the sign, which is random).

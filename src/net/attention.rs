@@ -10,7 +10,8 @@
 //! The in-projection's rows are q, k and v in that order; head h owns rows `[h·d, (h+1)·d)`
 //! of each (d = C / heads) and columns `[h·d, (h+1)·d)` of the output projection. Per sequence
 //! and head, `P = softmax(Q Kᵀ / √d)` with position i attending to positions j ≤ i (the causal
-//! mask), computed stably (row maximum subtracted), and the heads' `P V` are concatenated and
+//! mask), computed stably (row maximum subtracted; in f32 with the vectorised `exp` of
+//! [`super::fastmath`]), and the heads' `P V` are concatenated and
 //! projected. Dropout is the identity. Every product is a matrix product (GEMM): the
 //! projections over all N·T rows at once, the scores and `P V` per sequence and head on
 //! strided views of the one q/k/v buffer, with no copies. Forward keeps q/k/v, the attention
@@ -28,9 +29,9 @@
 //! assert_eq!(y.as_slice().unwrap(), &[1.0, 2.0, 2.0, 3.0]);
 //! ```
 
-use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows};
+use super::gemm::mat_mul_scaled as mat_mul;
+use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, s};
 
 /// Parameter names of an attention layer.
@@ -72,12 +73,6 @@ pub struct Attention {
     /// Whether position i attends only to positions j ≤ i.
     pub causal: bool,
     pub layout: Layout,
-}
-
-/// `c = a·b`, or `c += a·b` when `accumulate`.
-fn mat_mul<T: Real>(a: ArrayView2<T>, b: ArrayView2<T>, accumulate: bool, mut c: ArrayViewMut2<T>) {
-    let beta = if accumulate { T::one() } else { T::zero() };
-    general_mat_mul(T::one(), &a, &b, beta, &mut c);
 }
 
 /// Add the column sums of `g` to `acc`.
@@ -176,7 +171,7 @@ impl<T: Real> Layer<T> for Attention {
         // q | k | v for every position: one GEMM over all N·T rows.
         let w_in = ArrayView2::from_shape((3 * c, c), params[iw]).expect("declared shape");
         let mut qkv = bias_rows(n * t, 3 * c, ib.map(|i| params[i]));
-        mat_mul(x, w_in.t(), ib.is_some(), qkv.view_mut());
+        mat_mul(T::one(), x, w_in.t(), ib.is_some(), qkv.view_mut());
 
         let scale = T::of(1.0 / (d as f64).sqrt());
         let mut probs = Array3::<T>::zeros((n * h, t, t));
@@ -189,33 +184,33 @@ impl<T: Real> Layer<T> for Attention {
                 let k = qkv.slice(s![rows.clone(), c + hd * d..c + (hd + 1) * d]);
                 let v = qkv.slice(s![rows.clone(), 2 * c + hd * d..2 * c + (hd + 1) * d]);
                 let mut p = probs.index_axis_mut(Axis(0), seq * h + hd);
-                mat_mul(q, k.t(), false, p.view_mut());
+                // Scores q·kᵀ/√d: the scale is the GEMM's α.
+                mat_mul(scale, q, k.t(), false, p.view_mut());
                 let ps = p.as_slice_mut().expect("contiguous");
                 for i in 0..t {
                     let row = &mut ps[i * t..(i + 1) * t];
                     let (seen, masked) = row.split_at_mut(self.visible(i, t));
-                    let mut m = T::neg_infinity();
-                    for e in seen.iter_mut() {
-                        *e = *e * scale;
-                        m = m.max(*e);
-                    }
-                    let mut sum = T::zero();
-                    for e in seen.iter_mut() {
-                        *e = (*e - m).exp();
-                        sum += *e;
-                    }
-                    let inv = T::one() / sum;
-                    for e in seen.iter_mut() {
-                        *e = *e * inv;
-                    }
+                    softmax_in_place(seen);
                     masked.fill(T::zero());
                 }
-                mat_mul(p.view(), v, false, heads.slice_mut(s![rows.clone(), cols]));
+                mat_mul(
+                    T::one(),
+                    p.view(),
+                    v,
+                    false,
+                    heads.slice_mut(s![rows.clone(), cols]),
+                );
             }
         }
         let w_out = ArrayView2::from_shape((c, c), params[ow]).expect("declared shape");
         let mut y = bias_rows(n * t, c, ob.map(|i| params[i]));
-        mat_mul(heads.view(), w_out.t(), ob.is_some(), y.view_mut());
+        mat_mul(
+            T::one(),
+            heads.view(),
+            w_out.t(),
+            ob.is_some(),
+            y.view_mut(),
+        );
         *saved = Saved::Arrays(vec![qkv.into_dyn(), probs.into_dyn(), heads.into_dyn()]);
         y.into_shape_with_order(vec![n, t, c])
             .expect("row-major")
@@ -248,19 +243,23 @@ impl<T: Real> Layer<T> for Attention {
         // Output projection.
         {
             let gw = ArrayViewMut2::from_shape((c, c), &mut *gp[ow]).expect("declared shape");
-            mat_mul(gy.t(), heads, true, gw);
+            mat_mul(T::one(), gy.t(), heads, true, gw);
         }
         if let Some(i) = ob {
             add_col_sums(gp[i], gy);
         }
         let w_out = ArrayView2::from_shape((c, c), b.params[ow]).expect("declared shape");
-        let mut gheads = Array2::<T>::zeros((n * t, c));
-        mat_mul(gy, w_out, false, gheads.view_mut());
+        // Backward's temporaries (dHeads, dQKV, one head's dS) are this thread's scratch
+        // buffers, reused from chunk to chunk; every entry is written before it is read.
+        let mut scratch = Scratch::<T>::take();
+        let [gheads, gqkv, gs] = &mut scratch.bufs;
+        let mut gheads = scratch_view(gheads, n * t, c);
+        mat_mul(T::one(), gy, w_out, false, gheads.view_mut());
 
         // Per sequence and head: back through P V, the softmax and Q Kᵀ.
         let scale = T::of(1.0 / (d as f64).sqrt());
-        let mut gqkv = Array2::<T>::zeros((n * t, 3 * c));
-        let mut gs = Array2::<T>::zeros((t, t));
+        let mut gqkv = scratch_view(gqkv, n * t, 3 * c);
+        let mut gs = scratch_view(gs, t, t);
         for seq in 0..n {
             let rows = seq * t..(seq + 1) * t;
             for hd in 0..h {
@@ -272,35 +271,35 @@ impl<T: Real> Layer<T> for Attention {
                 let g = gheads.slice(s![rows.clone(), qc..qc + d]);
                 // dV = Pᵀ dO, dP = dO Vᵀ.
                 mat_mul(
+                    T::one(),
                     p.t(),
                     g,
                     false,
                     gqkv.slice_mut(s![rows.clone(), vc..vc + d]),
                 );
-                mat_mul(g, v.t(), false, gs.view_mut());
-                // dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the scale; masked entries are 0.
+                mat_mul(T::one(), g, v.t(), false, gs.view_mut());
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries are 0.
                 let ps = p.as_slice().expect("contiguous");
                 let gss = gs.as_slice_mut().expect("contiguous");
                 for i in 0..t {
                     let (pr, gr) = (&ps[i * t..(i + 1) * t], &mut gss[i * t..(i + 1) * t]);
                     let lim = self.visible(i, t);
-                    let mut dot = T::zero();
-                    for j in 0..lim {
-                        dot += pr[j] * gr[j];
-                    }
-                    for j in 0..lim {
-                        gr[j] = pr[j] * (gr[j] - dot) * scale;
+                    let dot = fastmath::dot(&pr[..lim], &gr[..lim]);
+                    for (g, &p) in gr[..lim].iter_mut().zip(&pr[..lim]) {
+                        *g = p * (*g - dot);
                     }
                     gr[lim..].fill(T::zero());
                 }
-                // dQ = dS K, dK = dSᵀ Q.
+                // dQ = dS K/√d, dK = dSᵀ Q/√d (the scale is the GEMMs' α).
                 mat_mul(
+                    scale,
                     gs.view(),
                     k,
                     false,
                     gqkv.slice_mut(s![rows.clone(), qc..qc + d]),
                 );
                 mat_mul(
+                    scale,
                     gs.t(),
                     q,
                     false,
@@ -312,17 +311,19 @@ impl<T: Real> Layer<T> for Attention {
         // In-projection.
         {
             let gw = ArrayViewMut2::from_shape((3 * c, c), &mut *gp[iw]).expect("declared shape");
-            mat_mul(gqkv.t(), x, true, gw);
+            mat_mul(T::one(), gqkv.t(), x, true, gw);
         }
         if let Some(i) = ib {
             add_col_sums(gp[i], gqkv.view());
         }
         if !b.need_input_grad[0] {
+            scratch.give_back();
             return vec![None];
         }
         let w_in = ArrayView2::from_shape((3 * c, c), b.params[iw]).expect("declared shape");
         let mut gx = Array2::<T>::zeros((n * t, c));
-        mat_mul(gqkv.view(), w_in, false, gx.view_mut());
+        mat_mul(T::one(), gqkv.view(), w_in, false, gx.view_mut());
+        scratch.give_back();
         vec![Some(
             gx.into_shape_with_order(vec![n, t, c])
                 .expect("row-major")
@@ -335,6 +336,63 @@ impl<T: Real> Layer<T> for Attention {
         let c = self.embed_dim;
         (t * c * 3 * c + 2 * t * t * c + t * c * c) as u64
     }
+}
+
+/// Softmax of one row of scores in place, with the row maximum subtracted (stable); in f32
+/// through the vectorised `exp` of [`fastmath`].
+fn softmax_in_place<T: Real>(row: &mut [T]) {
+    if let Some(r) = fastmath::f32_slice_mut(row) {
+        return fastmath::softmax(r);
+    }
+    let m = fastmath::max(row);
+    for e in row.iter_mut() {
+        *e = (*e - m).exp();
+    }
+    let inv = T::one() / fastmath::sum(row);
+    for e in row.iter_mut() {
+        *e = *e * inv;
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch buffers of attention's backward pass, one set per element type.
+    static SCRATCH: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Three buffers taken from this thread's [`SCRATCH`] (or new ones) and returned to it with
+/// [`Scratch::give_back`]; a layer nested inside another's backward would just get new ones.
+struct Scratch<T: Real> {
+    bufs: [Vec<T>; 3],
+}
+
+impl<T: Real> Scratch<T> {
+    fn take() -> Self {
+        let found = SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let i = s.iter().position(|b| b.is::<Self>())?;
+            s.swap_remove(i).downcast::<Self>().ok()
+        });
+        found.map_or_else(
+            || Scratch {
+                bufs: [Vec::new(), Vec::new(), Vec::new()],
+            },
+            |b| *b,
+        )
+    }
+
+    fn give_back(self) {
+        SCRATCH.with(|s| s.borrow_mut().push(Box::new(self)));
+    }
+}
+
+/// A `[rows, cols]` view of the start of `buf`, grown (with zeros) when too short. Its
+/// entries hold whatever the last use left: callers write every entry before reading it.
+fn scratch_view<T: Real>(buf: &mut Vec<T>, rows: usize, cols: usize) -> ArrayViewMut2<'_, T> {
+    if buf.len() < rows * cols {
+        buf.resize(rows * cols, T::zero());
+    }
+    ArrayViewMut2::from_shape((rows, cols), &mut buf[..rows * cols]).expect("sizes match")
 }
 
 /// `[rows, cols]`, every row the bias (or zeros without one).
@@ -409,6 +467,48 @@ mod tests {
             check_layer(&att(bias, causal, Layout::NanoGpt), &[vec![5, 6]], 2);
         }
         check_layer(&att(true, true, Layout::Multihead), &[vec![4, 6]], 3);
+    }
+
+    /// Backward's reused scratch buffers leave no trace: gradients of a batch are bit for bit
+    /// the same before and after a larger and a smaller batch ran through the same thread.
+    #[test]
+    fn scratch_reuse_gives_identical_gradients() {
+        let a = att(true, true, Layout::NanoGpt);
+        let mut rng = crate::net::gradcheck::Rng::new(7);
+        let params: Vec<Vec<f32>> = <Attention as Layer<f32>>::params(&a)
+            .iter()
+            .map(|d| {
+                rng.array(&d.shape)
+                    .mapv(|v| v as f32)
+                    .into_raw_vec_and_offset()
+                    .0
+            })
+            .collect();
+        let p: Vec<&[f32]> = params.iter().map(|v| v.as_slice()).collect();
+        let grads = |rng: &mut crate::net::gradcheck::Rng, shape: &[usize]| {
+            let x = rng.array(shape).mapv(|v| v as f32);
+            let gy = rng.array(shape).mapv(|v| v as f32);
+            let mut sv = Saved::None;
+            let y = a.forward(&p, &[x.view()], &mut sv);
+            let mut gp: Vec<Vec<f32>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
+            let gx = a.backward(Backward {
+                params: &p,
+                inputs: &[x.view()],
+                output: y.view(),
+                saved: &sv,
+                grad_out: gy.view(),
+                grad_params: gp.iter_mut().map(|v| v.as_mut_slice()).collect(),
+                need_input_grad: &[true],
+            });
+            (gx[0].clone().expect("input gradient"), gp)
+        };
+        let first = grads(&mut crate::net::gradcheck::Rng::new(8), &[2, 5, 6]);
+        grads(&mut rng, &[3, 7, 6]);
+        grads(&mut rng, &[1, 2, 6]);
+        assert_eq!(
+            grads(&mut crate::net::gradcheck::Rng::new(8), &[2, 5, 6]),
+            first
+        );
     }
 
     /// The causal mask: position i's output does not change when later positions do.

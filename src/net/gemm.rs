@@ -20,7 +20,18 @@ use std::any::TypeId;
 ///
 /// # Panics
 /// If the shapes do not chain (`a` is m×k, `b` k×n, `c` m×n).
-pub fn mat_mul<T: Real>(
+pub fn mat_mul<T: Real>(a: ArrayView2<T>, b: ArrayView2<T>, accumulate: bool, c: ArrayViewMut2<T>) {
+    mat_mul_scaled(T::one(), a, b, accumulate, c);
+}
+
+/// `c = α·a·b`, or `c += α·a·b` when `accumulate`; the views may have any strides. The scale
+/// is applied inside the product (`gemm`'s β), so it costs no extra pass over `c`. With
+/// `alpha == 1` this is exactly [`mat_mul`].
+///
+/// # Panics
+/// If the shapes do not chain (`a` is m×k, `b` k×n, `c` m×n).
+pub fn mat_mul_scaled<T: Real>(
+    alpha: T,
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     accumulate: bool,
@@ -48,7 +59,7 @@ pub fn mat_mul<T: Real>(
         TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<f64>();
     if !supported {
         let beta = if accumulate { T::one() } else { T::zero() };
-        ndarray::linalg::general_mat_mul(T::one(), &a, &b, beta, &mut c);
+        ndarray::linalg::general_mat_mul(alpha, &a, &b, beta, &mut c);
         return;
     }
     let (cs, as_, bs) = (
@@ -76,7 +87,7 @@ pub fn mat_mul<T: Real>(
             bs[1],
             bs[0],
             T::one(),
-            T::one(),
+            alpha,
             false,
             false,
             false,
@@ -132,6 +143,28 @@ mod tests {
                 assert!(err < 1e-4 * k as f64, "{err}");
             }
         }
+    }
+
+    /// The scaled product equals the scale times the plain one, writing and accumulating, in
+    /// f64 and f32; with α = 1 it is the plain product bit for bit.
+    #[test]
+    fn scaled_product_is_alpha_times_product() {
+        let (a, bt) = (random(19, 23, 4), random(11, 23, 5));
+        let mut plain = Array2::<f64>::zeros((19, 11));
+        mat_mul(a.view(), bt.t(), false, plain.view_mut());
+        let mut c = Array2::<f64>::ones((19, 11));
+        mat_mul_scaled(0.125, a.view(), bt.t(), false, c.view_mut());
+        assert!((&c - &(&plain * 0.125)).iter().all(|d| d.abs() < 1e-13));
+        mat_mul_scaled(-0.5, a.view(), bt.t(), true, c.view_mut());
+        assert!((&c - &(&plain * -0.375)).iter().all(|d| d.abs() < 1e-13));
+        let (af, btf) = (a.mapv(|v| v as f32), bt.mapv(|v| v as f32));
+        let mut p32 = Array2::<f32>::zeros((19, 11));
+        let mut s32 = Array2::<f32>::ones((19, 11));
+        mat_mul(af.view(), btf.t(), false, p32.view_mut());
+        mat_mul_scaled(1.0, af.view(), btf.t(), false, s32.view_mut());
+        assert_eq!(p32, s32);
+        mat_mul_scaled(0.25, af.view(), btf.t(), false, s32.view_mut());
+        assert!((&s32 - &(&p32 * 0.25)).iter().all(|d| d.abs() < 1e-5));
     }
 
     #[test]

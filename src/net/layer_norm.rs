@@ -4,9 +4,11 @@
 //! are absent without `elementwise_affine`, and `bias = false` (PyTorch ≥ 2.1, nanoGPT's own
 //! `LayerNorm(ndim, bias)`) drops only the bias.
 //!
-//! Forward keeps the normalised rows and each row's 1/σ for backward, which is one pass over
-//! the rows: `dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ` with `ĝ = dy·weight`; the parameter
-//! gradients are column sums of `dy·x̂` and `dy`. Statistics are accumulated in f64.
+//! Forward keeps only each row's mean and 1/σ for backward (two numbers a row), which is one
+//! pass over the rows: x̂ is recomputed from the input exactly as forward computed it, then
+//! `dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) / σ` with `ĝ = dy·weight`; the parameter gradients are
+//! column sums of `dy·x̂` and `dy`. Outputs are written once, without zero-filling first. Row statistics use two passes (mean, then
+//! the mean of squared deviations) in the element type.
 //!
 //! ```
 //! use lca::net::{layer_norm::LayerNorm, Layer, Saved};
@@ -17,7 +19,7 @@
 //! assert_eq!(y.as_slice().unwrap(), &[-2.0, 1.5]);
 //! ```
 
-use super::{Backward, Layer, ParamDecl, Real, Saved};
+use super::{Backward, Layer, ParamDecl, Real, Saved, fastmath};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 /// Layer normalisation over the last axis.
@@ -75,22 +77,26 @@ impl<T: Real> Layer<T> for LayerNorm {
         let rows = xs.len() / c;
         let gamma = self.weight.then(|| params[0]);
         let beta = self.bias.then(|| params[usize::from(self.weight)]);
-        let mut xhat = vec![T::zero(); xs.len()];
-        let mut y = vec![T::zero(); xs.len()];
-        let mut rstd = vec![T::zero(); rows];
-        let inv_c = 1.0 / c as f64;
-        for r in 0..rows {
-            let xr = &xs[r * c..(r + 1) * c];
-            let mean = xr.iter().map(|v| v.f64()).sum::<f64>() * inv_c;
-            let var = xr.iter().map(|v| (v.f64() - mean).powi(2)).sum::<f64>() * inv_c;
-            let inv = 1.0 / (var + self.eps).sqrt();
-            rstd[r] = T::of(inv);
-            let (m, s) = (T::of(mean), T::of(inv));
-            let xh = &mut xhat[r * c..(r + 1) * c];
-            let yr = &mut y[r * c..(r + 1) * c];
-            for k in 0..c {
-                let h = (xr[k] - m) * s;
-                xh[k] = h;
+        // Forward keeps only each row's mean and 1/σ (2 numbers a row, not a copy of the
+        // input): backward recomputes x̂ from its input with the same operations, bit for bit.
+        let mut stats = Vec::with_capacity(2 * rows);
+        let mut y = Vec::with_capacity(xs.len());
+        let mut xh = vec![T::zero(); c];
+        let inv_c = T::of(1.0 / c as f64);
+        let eps = T::of(self.eps);
+        for xr in xs.chunks_exact(c) {
+            // Two passes in the element type (f32 accumulation over one row, as PyTorch's
+            // float kernel; exact arithmetic for f64).
+            let m = fastmath::sum(xr) * inv_c;
+            for (h, &v) in xh.iter_mut().zip(xr) {
+                *h = v - m;
+            }
+            let var = fastmath::dot(&xh, &xh) * inv_c;
+            let s = T::one() / (var + eps).sqrt();
+            stats.push(m);
+            stats.push(s);
+            y.extend(xh.iter().enumerate().map(|(k, &h)| {
+                let h = h * s;
                 let mut v = match gamma {
                     Some(g) => h * g[k],
                     None => h,
@@ -98,67 +104,73 @@ impl<T: Real> Layer<T> for LayerNorm {
                 if let Some(b) = beta {
                     v += b[k];
                 }
-                yr[k] = v;
-            }
+                v
+            }));
         }
         *saved = Saved::Arrays(vec![
-            ArrayD::from_shape_vec(IxDyn(&[xs.len()]), xhat).expect("sizes match"),
-            ArrayD::from_shape_vec(IxDyn(&[rows]), rstd).expect("sizes match"),
+            ArrayD::from_shape_vec(IxDyn(&[2 * rows]), stats).expect("sizes match"),
         ]);
         ArrayD::from_shape_vec(x.raw_dim(), y).expect("sizes match")
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
         let Saved::Arrays(sv) = b.saved else {
-            unreachable!("forward saves x̂ and 1/σ")
+            unreachable!("forward saves each row's mean and 1/σ")
         };
-        let xhat = sv[0].as_slice().expect("contiguous");
-        let rstd = sv[1].as_slice().expect("contiguous");
+        let stats = sv[0].as_slice().expect("contiguous");
         let c = self.normalized_shape;
+        let xs = b.inputs[0].as_slice().expect("activations are contiguous");
         let gy = b.grad_out.as_slice().expect("gradients are contiguous");
-        let rows = rstd.len();
         let mut gp = b.grad_params;
         let gamma = self.weight.then(|| b.params[0]);
-        if self.weight {
-            let gw = &mut *gp[0];
-            for r in 0..rows {
-                let (g, h) = (&gy[r * c..(r + 1) * c], &xhat[r * c..(r + 1) * c]);
-                for k in 0..c {
-                    gw[k] += g[k] * h[k];
-                }
-            }
-        }
-        if self.bias {
-            let gb = &mut *gp[usize::from(self.weight)];
-            for g in gy.chunks_exact(c) {
-                for (a, &v) in gb.iter_mut().zip(g) {
-                    *a += v;
-                }
-            }
-        }
-        if !b.need_input_grad[0] {
-            return vec![None];
-        }
+        let need_gx = b.need_input_grad[0];
         let inv_c = T::of(1.0 / c as f64);
-        let mut gx = vec![T::zero(); gy.len()];
-        let mut ghat = vec![T::zero(); c];
-        for r in 0..rows {
-            let (g, h) = (&gy[r * c..(r + 1) * c], &xhat[r * c..(r + 1) * c]);
-            let (mut sum_g, mut sum_gh) = (T::zero(), T::zero());
-            for k in 0..c {
-                let v = match gamma {
-                    Some(w) => g[k] * w[k],
-                    None => g[k],
-                };
-                ghat[k] = v;
-                sum_g += v;
-                sum_gh += v * h[k];
+        let mut gx = Vec::with_capacity(if need_gx { gy.len() } else { 0 });
+        let (mut xh, mut ghat) = (vec![T::zero(); c], vec![T::zero(); c]);
+        // One pass over the rows: x̂ recomputed as forward computed it, the parameter
+        // gradients' column sums of dy·x̂ and dy, and dx.
+        for ((xr, g), ms) in xs
+            .chunks_exact(c)
+            .zip(gy.chunks_exact(c))
+            .zip(stats.chunks_exact(2))
+        {
+            let (m, s) = (ms[0], ms[1]);
+            for (h, &v) in xh.iter_mut().zip(xr) {
+                *h = (v - m) * s;
             }
-            let (mg, mgh) = (sum_g * inv_c, sum_gh * inv_c);
-            let s = rstd[r];
-            for (k, out) in gx[r * c..(r + 1) * c].iter_mut().enumerate() {
-                *out = (ghat[k] - mg - h[k] * mgh) * s;
+            if self.weight {
+                for ((a, &gk), &hk) in gp[0].iter_mut().zip(g).zip(&xh) {
+                    *a += gk * hk;
+                }
             }
+            if self.bias {
+                for (a, &gk) in gp[usize::from(self.weight)].iter_mut().zip(g) {
+                    *a += gk;
+                }
+            }
+            if !need_gx {
+                continue;
+            }
+            match gamma {
+                Some(w) => {
+                    for ((o, &gk), &wk) in ghat.iter_mut().zip(g).zip(w) {
+                        *o = gk * wk;
+                    }
+                }
+                None => ghat.copy_from_slice(g),
+            }
+            let (mg, mgh) = (
+                fastmath::sum(&ghat) * inv_c,
+                fastmath::dot(&ghat, &xh) * inv_c,
+            );
+            gx.extend(
+                ghat.iter()
+                    .zip(&xh)
+                    .map(|(&gk, &hk)| (gk - mg - hk * mgh) * s),
+            );
+        }
+        if !need_gx {
+            return vec![None];
         }
         vec![Some(
             ArrayD::from_shape_vec(b.inputs[0].raw_dim(), gx).expect("sizes match"),

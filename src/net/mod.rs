@@ -16,6 +16,7 @@ pub mod attention;
 pub mod batch_norm;
 pub mod conv;
 pub mod embedding;
+pub mod fastmath;
 pub mod gemm;
 pub mod layer_norm;
 pub mod linear;

@@ -1,0 +1,471 @@
+//! Branch-free f32 kernels for GELU (exact and tanh forms), forward and backward, written so
+//! that the compiler vectorises them: an `exp` by range reduction and a polynomial, and the
+//! normal CDF through `erfc(z) = t·Q(t)·exp(−z²)`, `t = 1/(1 + z/2)`, where Q is a degree-10
+//! polynomial fitted for lca (NumPy/SciPy, relative least squares against
+//! `scipy.special.erfcx(z)/t` on t ∈ (0, 1]; fit error 3.7e-8). The same `exp(−z²)` gives the
+//! density for the derivative. Tails are computed directly, without cancellation:
+//! Φ(x) = erfc(|x|/√2)/2 for x < 0.
+//!
+//! Accuracy against the f64 definitions (tests below): GELU within 2e-7·max(1, |x|), its
+//! derivative within 4e-7·max(1, |x|) — the size of f32 rounding of the result. f64 always
+//! takes the exact scalar path in [`super::activation`].
+//!
+//! ```
+//! let x = [-1.5f32, 0.0, 0.3, 2.0];
+//! let mut y = [0.0f32; 4];
+//! lca::net::fastmath::gelu(&x, &mut y, false);
+//! // torch.nn.functional.gelu in float64, rounded
+//! for (a, b) in y.iter().zip([-0.100_210_8f32, 0.0, 0.185_373_43, 1.954_499_7]) {
+//!     assert!((a - b).abs() < 3e-7, "{a} vs {b}");
+//! }
+//! ```
+
+use std::any::TypeId;
+
+/// The slice as f32 when `T` is f32 (the kernels' fast path), `None` otherwise.
+pub fn f32_slice<T: 'static>(s: &[T]) -> Option<&[f32]> {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        // SAFETY: `T` is f32, so the slice's memory is a valid `[f32]` of the same length.
+        Some(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) })
+    } else {
+        None
+    }
+}
+
+/// As [`f32_slice`], mutable.
+pub fn f32_slice_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        // SAFETY: `T` is f32, and the mutable borrow of `s` is handed on unchanged.
+        Some(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<f32>(), s.len()) })
+    } else {
+        None
+    }
+}
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split so that `k·LN2_HI` is exact for |k| < 2^15.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5·2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to an integer.
+const ROUND: f32 = 12_582_912.0;
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+/// Q(t) = erfcx(z)/t with t = 1/(1 + z/2), lowest degree first: a degree-10 relative
+/// least-squares fit on t ∈ (0, 1] (fit error 3.7e-8), made for lca with NumPy/SciPy.
+const ERFC_Q: [f32; 11] = [
+    0.282_094_8,
+    0.282_093_05,
+    0.246_902_76,
+    0.175_107_02,
+    0.094_748_93,
+    -0.063_891_86,
+    0.142_715_53,
+    -0.469_808_8,
+    0.506_396_1,
+    -0.240_779_46,
+    0.044_421_95,
+];
+
+/// e^x for x in [−87.3, 88.3] (clamped outside), relative error below 2e-7.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    // k = round(x·log2 e) sits in the low mantissa bits of `kr` (integer ops only, so the
+    // loop vectorises: no float-to-int conversion).
+    let kr = x * LOG2E + ROUND;
+    let k = kr - ROUND;
+    let two_k = f32::from_bits(kr.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23);
+    let r = x - k * LN2_HI - k * LN2_LO;
+    // e^r on |r| ≤ 0.35: Taylor to r^7 (truncation below 6e-9).
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * two_k
+}
+
+/// Φ(x) (the standard normal CDF) and φ(x) (its density), from one `exp`:
+/// erfc(z) = t·Q(t)·e^{−z²} with z = |x|/√2, and φ(x) = e^{−z²}/√(2π).
+#[inline(always)]
+fn normal_cdf_pdf(x: f32) -> (f32, f32) {
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let mut q = ERFC_Q[10];
+    for &c in ERFC_Q[..10].iter().rev() {
+        q = q * t + c;
+    }
+    let e = exp(-0.5 * x * x); // e^{−z²}, with z² = x²/2 rounded once
+    let half_erfc = 0.5 * t * q * e;
+    let cdf = if x < 0.0 { half_erfc } else { 1.0 - half_erfc };
+    (cdf, FRAC_1_SQRT_2PI * e)
+}
+
+/// 1/(1 + e^{−2u}) = (1 + tanh u)/2.
+#[inline(always)]
+fn half_one_plus_tanh(x: f32) -> (f32, f32) {
+    let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+    (1.0 / (1.0 + exp(-2.0 * u)), u)
+}
+
+/// `y = GELU(x)`: exact (`x·Φ(x)`) or, with `tanh`, PyTorch's tanh approximation.
+pub fn gelu(x: &[f32], y: &mut [f32], tanh: bool) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { gelu_avx512(x, y, tanh) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { gelu_avx2(x, y, tanh) };
+    }
+    gelu_body(x, y, tanh)
+}
+
+/// `dx = dy · GELU'(x)`.
+pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+    assert!(x.len() == dy.len() && x.len() == dx.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { gelu_backward_avx512(x, dy, dx, tanh) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { gelu_backward_avx2(x, dy, dx, tanh) };
+    }
+    gelu_backward_body(x, dy, dx, tanh)
+}
+
+/// Softmax of one row in place, stably: `e^(x − max) / Σ e^(x − max)` with this module's
+/// `exp` and four-accumulator max and sum (the operations of the generic path in
+/// [`super::attention`], in the same order, so both give the same bits).
+pub fn softmax(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        return unsafe { softmax_avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { softmax_avx2(row) };
+    }
+    softmax_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_avx2(row: &mut [f32]) {
+    softmax_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(row: &mut [f32]) {
+    softmax_body(row)
+}
+
+#[inline(always)]
+fn softmax_body(row: &mut [f32]) {
+    let m = max(row);
+    for e in row.iter_mut() {
+        *e = exp(*e - m);
+    }
+    let inv = 1.0 / sum(row);
+    for e in row.iter_mut() {
+        *e *= inv;
+    }
+}
+
+/// The same loops compiled for 8-wide AVX2 and 16-wide AVX-512 registers. The arithmetic per
+/// element is the same (no fused multiply-adds), so the results are bit-identical to the
+/// baseline build's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gelu_avx2(x: &[f32], y: &mut [f32], tanh: bool) {
+    gelu_body(x, y, tanh)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_avx512(x: &[f32], y: &mut [f32], tanh: bool) {
+    gelu_body(x, y, tanh)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gelu_backward_avx2(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+    gelu_backward_body(x, dy, dx, tanh)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_backward_avx512(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+    gelu_backward_body(x, dy, dx, tanh)
+}
+
+#[inline(always)]
+fn gelu_body(x: &[f32], y: &mut [f32], tanh: bool) {
+    if tanh {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * half_one_plus_tanh(x).0;
+        }
+    } else {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * normal_cdf_pdf(x).0;
+        }
+    }
+}
+
+#[inline(always)]
+fn gelu_backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+    if tanh {
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let (s, _) = half_one_plus_tanh(x);
+            // d/dx [x·s(u)] with s = (1 + tanh u)/2: s + x·2s(1−s)·u'.
+            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+            *dx = g * (s + 2.0 * x * s * (1.0 - s) * du);
+        }
+    } else {
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let (cdf, pdf) = normal_cdf_pdf(x);
+            *dx = g * (cdf + x * pdf);
+        }
+    }
+}
+
+/// Sum with four independent accumulators (so that the loop vectorises), for any element type.
+#[inline]
+pub(crate) fn sum<T: super::Real>(xs: &[T]) -> T {
+    let mut acc = [T::zero(); 4];
+    let chunks = xs.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..4 {
+            acc[k] += c[k];
+        }
+    }
+    let mut s = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    for &v in rest {
+        s += v;
+    }
+    s
+}
+
+/// Σ a_i·b_i with four independent accumulators.
+#[inline]
+pub(crate) fn dot<T: super::Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 4];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    for (&x, &y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The largest element (−∞ for an empty slice; NaNs are skipped), with four accumulators.
+#[inline]
+pub(crate) fn max<T: super::Real>(xs: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 4];
+    let chunks = xs.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..4 {
+            if c[k] > acc[k] {
+                acc[k] = c[k];
+            }
+        }
+    }
+    let mut m = acc[0];
+    for &v in acc[1..].iter().chain(rest) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid() -> Vec<f32> {
+        (0..=300_000).map(|i| -15.0 + i as f32 * 1e-4).collect()
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + i as f32 * (175.0 / 200_000.0);
+            let want = (x as f64).exp();
+            worst = worst.max((exp(x) as f64 - want).abs() / want);
+        }
+        assert!(worst < 2e-7, "{worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn gelu_matches_the_f64_definitions() {
+        let x = grid();
+        let g = vec![1.0f32; x.len()];
+        for tanh in [false, true] {
+            let mut y = vec![0.0; x.len()];
+            let mut d = vec![0.0; x.len()];
+            gelu(&x, &mut y, tanh);
+            gelu_backward(&x, &g, &mut d, tanh);
+            let (mut wy, mut wd) = (0.0f64, 0.0f64);
+            for ((&x, &y), &d) in x.iter().zip(&y).zip(&d) {
+                let xf = x as f64;
+                let (fy, fd) = if tanh {
+                    let u = 0.797_884_560_802_865_4 * (xf + 0.044_715 * xf.powi(3));
+                    let t = u.tanh();
+                    (
+                        0.5 * xf * (1.0 + t),
+                        0.5 * (1.0 + t)
+                            + 0.5
+                                * xf
+                                * (1.0 - t * t)
+                                * 0.797_884_560_802_865_4
+                                * (1.0 + 3.0 * 0.044_715 * xf * xf),
+                    )
+                } else {
+                    let cdf = 0.5 * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));
+                    let pdf = (-0.5 * xf * xf).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                    (xf * cdf, cdf + xf * pdf)
+                };
+                let s = xf.abs().max(1.0);
+                wy = wy.max((y as f64 - fy).abs() / s);
+                wd = wd.max((d as f64 - fd).abs() / s);
+            }
+            assert!(wy < 2e-7, "tanh={tanh}: GELU error {wy:e}");
+            assert!(wd < 4e-7, "tanh={tanh}: derivative error {wd:e}");
+        }
+    }
+
+    /// The AVX2 build of the loops gives the baseline build's bits.
+    #[test]
+    fn vector_widths_agree_bitwise() {
+        let x = grid();
+        let g: Vec<f32> = x.iter().map(|v| 0.5 - v * 0.1).collect();
+        for tanh in [false, true] {
+            let (mut a, mut b) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+            gelu_body(&x, &mut a, tanh);
+            gelu(&x, &mut b, tanh);
+            assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+            gelu_backward_body(&x, &g, &mut a, tanh);
+            gelu_backward(&x, &g, &mut b, tanh);
+            assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+            // Each SIMD build the CPU can run, not only the one the dispatch picks.
+            #[cfg(target_arch = "x86_64")]
+            for (ok, f, fb) in [
+                (
+                    std::arch::is_x86_feature_detected!("avx2"),
+                    gelu_avx2 as unsafe fn(&[f32], &mut [f32], bool),
+                    gelu_backward_avx2 as unsafe fn(&[f32], &[f32], &mut [f32], bool),
+                ),
+                (
+                    std::arch::is_x86_feature_detected!("avx512f"),
+                    gelu_avx512,
+                    gelu_backward_avx512,
+                ),
+            ] {
+                if !ok {
+                    continue;
+                }
+                gelu_body(&x, &mut a, tanh);
+                // SAFETY: the CPU supports the build's features (checked above).
+                unsafe { f(&x, &mut b, tanh) };
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+                gelu_backward_body(&x, &g, &mut a, tanh);
+                // SAFETY: as above.
+                unsafe { fb(&x, &g, &mut b, tanh) };
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
+        }
+    }
+
+    /// The f32 softmax: the AVX2 and baseline builds give the same bits, and every row of
+    /// lengths 1..=70 (scores up to ±60) is within f32 rounding of the f64 definition: 3e-7
+    /// relative, plus the rounding of `x − max` in f32 (6e-8·|x − max| relative, as for any f32
+    /// softmax), plus 1.3e-38 absolute (`exp` clamps its argument at −87.3: e^−87.3 = 1.2e-38).
+    #[test]
+    fn softmax_matches_the_f64_definition() {
+        let mut rng = crate::net::gradcheck::Rng::new(11);
+        for len in 1..=70 {
+            for spread in [0.1, 3.0, 60.0] {
+                let x: Vec<f32> = (0..len)
+                    .map(|_| (rng.array(&[1])[[0]] * spread) as f32)
+                    .collect();
+                let (mut a, mut b) = (x.clone(), x.clone());
+                softmax_body(&mut a);
+                #[cfg(target_arch = "x86_64")]
+                for (ok, f) in [
+                    (
+                        std::arch::is_x86_feature_detected!("avx2"),
+                        softmax_avx2 as unsafe fn(&mut [f32]),
+                    ),
+                    (
+                        std::arch::is_x86_feature_detected!("avx512f"),
+                        softmax_avx512,
+                    ),
+                ] {
+                    if ok {
+                        let mut c = x.clone();
+                        // SAFETY: the CPU supports the build's features (checked above).
+                        unsafe { f(&mut c) };
+                        assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
+                    }
+                }
+                softmax(&mut b);
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+                let m = x
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+                let e: Vec<f64> = x.iter().map(|&v| (f64::from(v) - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                for ((got, want), &v) in b.iter().zip(e.iter().map(|v| v / s)).zip(&x) {
+                    let err = (f64::from(*got) - want).abs();
+                    let tol = want * (3e-7 + 1e-7 * (m - f64::from(v))) + 1.3e-38;
+                    assert!(err <= tol, "len {len}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reductions() {
+        let v: Vec<f64> = (0..11).map(|i| (i as f64 - 4.5).powi(2)).collect();
+        assert_eq!(sum(&v), v.iter().sum::<f64>());
+        assert_eq!(max(&v), 30.25);
+        assert_eq!(dot(&v, &v), v.iter().map(|x| x * x).sum::<f64>());
+        assert_eq!(max::<f32>(&[]), f32::NEG_INFINITY);
+        assert_eq!(sum::<f32>(&[1.5]), 1.5);
+    }
+
+    #[test]
+    fn tails_are_relative_accurate() {
+        // Φ(−6) = 9.865876450377e-10: no cancellation on the negative side.
+        let mut y = [0.0f32];
+        gelu(&[-6.0], &mut y, false);
+        let want = -6.0 * 9.865_876_450_377e-10;
+        assert!(((y[0] as f64 - want) / want).abs() < 1e-6, "{}", y[0]);
+    }
+}
