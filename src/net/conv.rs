@@ -30,7 +30,7 @@
 use super::gemm::mat_mul;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
-use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};
+use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, s};
 
 /// Geometry of a 2-D sliding window: kernel, stride, dilation and padding per axis
 /// (height, width), with PyTorch's output-size rule (no ceil mode).
@@ -362,21 +362,55 @@ impl<T: Real> Layer<T> for Conv2d {
         let xs = x.as_slice().expect("standard layout");
         let d = self.dims(x.shape());
         let n = d.plane();
-        let mut y = ArrayD::<T>::zeros(IxDyn(&[d.batch, self.out_channels, d.oh, d.ow]));
-        let ys = y.as_slice_mut().expect("fresh array");
+        let shape = [d.batch, self.out_channels, d.oh, d.ow];
         let mut col = vec![T::zero(); d.k * d.block * n];
         let mut out = vec![T::zero(); d.mg * d.block * n];
+        // SAFETY: the blocks cover every sample, the groups every output channel, and each
+        // (sample, channel) plane of n outputs is written in full below.
+        unsafe {
+            super::filled(&shape, |ys| {
+                self.forward_into(params, xs, &d, &mut col, &mut out, ys)
+            })
+        }
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        self.backward_impl(b)
+    }
+
+    fn affine_in_params(&self) -> bool {
+        true
+    }
+
+    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
+        self.macs(inputs)
+    }
+}
+
+impl Conv2d {
+    /// Forward into `ys` (every element is written): im2col, one product per block and
+    /// group, bias added on the way out.
+    fn forward_into<T: Real>(
+        &self,
+        params: &[&[T]],
+        xs: &[T],
+        d: &Dims,
+        col: &mut [T],
+        out: &mut [T],
+        ys: &mut [std::mem::MaybeUninit<T>],
+    ) {
+        let n = d.plane();
         for s0 in (0..d.batch).step_by(d.block) {
             let nb = d.block.min(d.batch - s0);
             let cols = nb * n;
             for g in 0..self.groups {
                 let colm = &mut col[..d.k * cols];
-                self.im2col(xs, &d, g, s0, nb, colm);
+                self.im2col(xs, d, g, s0, nb, colm);
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
                     .expect("sized above");
                 mat_mul(
-                    self.group_weight(params[0], &d, g),
+                    self.group_weight(params[0], d, g),
                     colv,
                     false,
                     outm.view_mut(),
@@ -389,16 +423,15 @@ impl<T: Real> Layer<T> for Conv2d {
                         let src = outm.slice(s![m, j * n..(j + 1) * n]);
                         let b = if self.bias { params[1][o] } else { T::zero() };
                         for (a, &v) in dst.iter_mut().zip(src) {
-                            *a = v + b;
+                            a.write(v + b);
                         }
                     }
                 }
             }
         }
-        y
     }
 
-    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+    fn backward_impl<T: Real>(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
         let x = b.inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
         let gy = b.grad_out.as_standard_layout();
@@ -462,12 +495,8 @@ impl<T: Real> Layer<T> for Conv2d {
         vec![gx]
     }
 
-    fn affine_in_params(&self) -> bool {
-        true
-    }
-
-    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
-        let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
+    fn macs(&self, inputs: &[Vec<usize>]) -> u64 {
+        let Ok(out) = <Self as Layer<f32>>::out_shape(self, inputs) else {
             return 0;
         };
         let k = (self.in_channels / self.groups) * self.window.kernel[0] * self.window.kernel[1];

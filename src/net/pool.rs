@@ -100,73 +100,25 @@ impl MaxPool2d {
     }
 
     /// Forward and backward of tiled 2×2 windows (the usual `MaxPool2d(2)`), written so that
-    /// the compiler vectorises them across a row: the same maxima as [`MaxPool2d::scan`]
-    /// (taps in scan order, `v > best || isnan(v)` moves). Backward writes every input of a
-    /// window (its gradient or 0), so `gx` needs no clearing where windows cover it.
+    /// the compiler vectorises them across a row (in an AVX2 build chosen at run time when the
+    /// CPU has it: compares and selects only, so the bits do not depend on the build): the
+    /// same maxima as [`MaxPool2d::scan`] (taps in scan order, `v > best || isnan(v)` moves).
+    /// Backward writes every input of a window (its gradient or 0), so `gx` needs no clearing
+    /// where windows cover it.
     fn pool2x2<T: Real>(
         xs: &[T],
         np: usize,
         hw: [usize; 2],
         out: &mut [T],
-        backward: Option<(&[T], &mut [T])>,
+        backward: Option<(&[T], &mut [std::mem::MaybeUninit<T>])>,
     ) {
-        let (h, w) = (hw[0], hw[1]);
-        let (oh, ow) = (h / 2, w / 2);
-        let pick = |a: T, b: T, c: T, d: T| -> (T, u8) {
-            let (mut m, mut i) = (a, 0u8);
-            for (k, v) in [(1u8, b), (2, c), (3, d)] {
-                let better = (v > m) | v.is_nan();
-                m = if better { v } else { m };
-                i = if better { k } else { i };
-            }
-            (m, i)
-        };
-        match backward {
-            None => {
-                for p in 0..np {
-                    let plane = &xs[p * h * w..][..h * w];
-                    for oy in 0..oh {
-                        let r0 = &plane[2 * oy * w..][..2 * ow];
-                        let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
-                        let o = &mut out[(p * oh + oy) * ow..][..ow];
-                        for ((o, a), b) in
-                            o.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2))
-                        {
-                            *o = pick(a[0], a[1], b[0], b[1]).0;
-                        }
-                    }
-                }
-            }
-            Some((gy, gx)) => {
-                let z = T::zero();
-                for p in 0..np {
-                    let plane = &xs[p * h * w..][..h * w];
-                    let gplane = &mut gx[p * h * w..][..h * w];
-                    for oy in 0..oh {
-                        let r0 = &plane[2 * oy * w..][..2 * ow];
-                        let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
-                        let g = &gy[(p * oh + oy) * ow..][..ow];
-                        let (g0, g1) = gplane[2 * oy * w..].split_at_mut(w);
-                        let g0 = &mut g0[..2 * ow];
-                        let g1 = &mut g1[..2 * ow];
-                        for ((((a, b), &g), q0), q1) in r0
-                            .chunks_exact(2)
-                            .zip(r1.chunks_exact(2))
-                            .zip(g)
-                            .zip(g0.chunks_exact_mut(2))
-                            .zip(g1.chunks_exact_mut(2))
-                        {
-                            let i = pick(a[0], a[1], b[0], b[1]).1;
-                            q0[0] = if i == 0 { g } else { z };
-                            q0[1] = if i == 1 { g } else { z };
-                            q1[0] = if i == 2 { g } else { z };
-                            q1[1] = if i == 3 { g } else { z };
-                        }
-                    }
-                }
-                let _ = out;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { pool2x2_avx2(xs, np, hw, out, backward) };
+            return;
         }
+        pool2x2_impl(xs, np, hw, out, backward);
     }
 
     /// Calls `f(output index, input index of its maximum)` for every output of the batch `xs`
@@ -209,6 +161,108 @@ impl MaxPool2d {
                 for &a in &at {
                     f(o, p * size + a);
                     o += 1;
+                }
+            }
+        }
+    }
+}
+
+/// [`MaxPool2d::pool2x2`] compiled with AVX2 enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pool2x2_avx2<T: Real>(
+    xs: &[T],
+    np: usize,
+    hw: [usize; 2],
+    out: &mut [T],
+    backward: Option<(&[T], &mut [std::mem::MaybeUninit<T>])>,
+) {
+    pool2x2_impl(xs, np, hw, out, backward)
+}
+
+/// The body of [`MaxPool2d::pool2x2`]: branch-free selects over each window's four taps.
+#[inline(always)]
+fn pool2x2_impl<T: Real>(
+    xs: &[T],
+    np: usize,
+    hw: [usize; 2],
+    out: &mut [T],
+    backward: Option<(&[T], &mut [std::mem::MaybeUninit<T>])>,
+) {
+    let (h, w) = (hw[0], hw[1]);
+    let (oh, ow) = (h / 2, w / 2);
+    // Which tap wins, as PyTorch's scan decides: a later tap moves the maximum when it is
+    // larger or NaN. Returns the maximum and the masks of taps 1, 2, 3 having moved it.
+    #[inline(always)]
+    fn moves<T: Real>(a: T, b: T, c: T, d: T) -> (T, bool, bool, bool) {
+        let mb = (b > a) | b.is_nan();
+        let m1 = if mb { b } else { a };
+        let mc = (c > m1) | c.is_nan();
+        let m2 = if mc { c } else { m1 };
+        let md = (d > m2) | d.is_nan();
+        (if md { d } else { m2 }, mb, mc, md)
+    }
+    match backward {
+        None => {
+            for p in 0..np {
+                let plane = &xs[p * h * w..][..h * w];
+                for oy in 0..oh {
+                    let r0 = &plane[2 * oy * w..][..2 * ow];
+                    let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
+                    let o = &mut out[(p * oh + oy) * ow..][..ow];
+                    for (i, o) in o.iter_mut().enumerate() {
+                        *o = moves(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]).0;
+                    }
+                }
+            }
+        }
+        Some((gy, gx)) => {
+            let z = T::zero();
+            for p in 0..np {
+                let plane = &xs[p * h * w..][..h * w];
+                let gplane = &mut gx[p * h * w..][..h * w];
+                // Inputs outside every window (an odd last row or column) get 0.
+                for v in &mut gplane[2 * oh * w..] {
+                    v.write(z);
+                }
+                for oy in 0..oh {
+                    for r in [2 * oy, 2 * oy + 1] {
+                        for v in &mut gplane[r * w + 2 * ow..(r + 1) * w] {
+                            v.write(z);
+                        }
+                    }
+                    let r0 = &plane[2 * oy * w..][..2 * ow];
+                    let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
+                    let g = &gy[(p * oh + oy) * ow..][..ow];
+                    let (g0, g1) = gplane[2 * oy * w..].split_at_mut(w);
+                    let g0 = &mut g0[..2 * ow];
+                    let g1 = &mut g1[..2 * ow];
+                    for (i, &g) in g.iter().enumerate() {
+                        let (_, mb, mc, md) =
+                            moves(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]);
+                        // Nested selects (no boolean arithmetic), which vectorise as blends:
+                        // the last tap that moved the maximum gets the gradient.
+                        let after_c = if mc { z } else { g };
+                        let c = if mc { g } else { z };
+                        g0[2 * i].write(if md {
+                            z
+                        } else if mb {
+                            z
+                        } else {
+                            after_c
+                        });
+                        g0[2 * i + 1].write(if md {
+                            z
+                        } else if mc {
+                            z
+                        } else if mb {
+                            g
+                        } else {
+                            z
+                        });
+                        g1[2 * i].write(if md { z } else { c });
+                        g1[2 * i + 1].write(if md { g } else { z });
+                    }
                 }
             }
         }
@@ -261,11 +315,18 @@ impl<T: Real> Layer<T> for MaxPool2d {
         let gy = b.grad_out.as_standard_layout();
         let gys = gy.as_slice().expect("standard layout");
         let (np, hw) = planes(&x.view());
+        if self.tiled() && self.window.kernel == [2, 2] {
+            // SAFETY: pool2x2's backward writes every input position of every plane.
+            let gx = unsafe {
+                super::filled(x.shape(), |gxs| {
+                    Self::pool2x2(xs, np, hw, &mut [], Some((gys, gxs)))
+                })
+            };
+            return vec![Some(gx)];
+        }
         let mut gx = ArrayD::<T>::zeros(x.shape());
         let gxs = gx.as_slice_mut().expect("fresh array");
-        if self.tiled() && self.window.kernel == [2, 2] {
-            Self::pool2x2(xs, np, hw, &mut [], Some((gys, gxs)));
-        } else if self.tiled() {
+        if self.tiled() {
             self.scan_tiled(xs, np, hw, |o, i| gxs[i] = gys[o]);
         } else {
             self.scan(xs, np, hw, |o, i| gxs[i] += gys[o]);
@@ -560,8 +621,21 @@ mod tests {
                 let mut y = vec![0.0; 3 * oh * ow];
                 MaxPool2d::pool2x2(&x, 3, hw, &mut y, None);
                 let gy: Vec<f64> = (0..y.len()).map(|i| i as f64 + 1.0).collect();
-                let mut gx = vec![0.0; x.len()];
+                let unset = || vec![std::mem::MaybeUninit::new(f64::NAN); x.len()];
+                // SAFETY: the buffers were initialised (to NaN) when made.
+                let read = |v: Vec<std::mem::MaybeUninit<f64>>| -> Vec<f64> {
+                    v.into_iter().map(|v| unsafe { v.assume_init() }).collect()
+                };
+                let mut gx = unset();
                 MaxPool2d::pool2x2(&x, 3, hw, &mut [], Some((&gy, &mut gx)));
+                let gx = read(gx);
+                // The generic build gives the same bits as the one chosen at run time.
+                let (mut y2, mut gx2) = (vec![0.0; y.len()], unset());
+                pool2x2_impl(&x, 3, hw, &mut y2, None);
+                pool2x2_impl(&x, 3, hw, &mut [], Some((&gy, &mut gx2)));
+                let gx2 = read(gx2);
+                assert!(y.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert_eq!(gx, gx2);
                 let mut want = vec![0.0; x.len()];
                 for &(o, i) in &general {
                     assert!(y[o].to_bits() == x[i].to_bits() || (y[o].is_nan() && x[i].is_nan()));
