@@ -240,28 +240,14 @@ fn pool2x2_impl<T: Real>(
                     for (i, &g) in g.iter().enumerate() {
                         let (_, mb, mc, md) =
                             moves(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]);
-                        // Nested selects (no boolean arithmetic), which vectorise as blends:
-                        // the last tap that moved the maximum gets the gradient.
-                        let after_c = if mc { z } else { g };
-                        let c = if mc { g } else { z };
-                        g0[2 * i].write(if md {
-                            z
-                        } else if mb {
-                            z
-                        } else {
-                            after_c
-                        });
-                        g0[2 * i + 1].write(if md {
-                            z
-                        } else if mc {
-                            z
-                        } else if mb {
-                            g
-                        } else {
-                            z
-                        });
-                        g1[2 * i].write(if md { z } else { c });
-                        g1[2 * i + 1].write(if md { g } else { z });
+                        // The last tap that moved the maximum gets the gradient.
+                        let (t3, t2) = (md, mc & !md);
+                        let t1 = mb & !mc & !md;
+                        let t0 = !(mb | mc | md);
+                        g0[2 * i].write(if t0 { g } else { z });
+                        g0[2 * i + 1].write(if t1 { g } else { z });
+                        g1[2 * i].write(if t2 { g } else { z });
+                        g1[2 * i + 1].write(if t3 { g } else { z });
                     }
                 }
             }
