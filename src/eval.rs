@@ -340,13 +340,14 @@ mod tests {
         (get("loss")[0], grads)
     }
 
-    fn run<T: Real>(
+    /// `f` with an evaluator of `model` over `data` in chunks of `chunk`, on `threads` threads.
+    fn on_threads<T: Real, R: Send>(
         model: &Model<T>,
         data: &Dataset,
         chunk: usize,
         threads: usize,
-        theta: &[Vec<T>],
-    ) -> LossGrad {
+        f: impl FnOnce(&Evaluator<'_, T>) -> R + Send,
+    ) -> R {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -356,7 +357,17 @@ mod tests {
             data,
             chunk_size: chunk,
         };
-        pool.install(|| e.loss_and_grad(theta)).unwrap()
+        pool.install(|| f(&e))
+    }
+
+    fn run<T: Real>(
+        model: &Model<T>,
+        data: &Dataset,
+        chunk: usize,
+        threads: usize,
+        theta: &[Vec<T>],
+    ) -> LossGrad {
+        on_threads(model, data, chunk, threads, |e| e.loss_and_grad(theta)).unwrap()
     }
 
     /// Largest |a − b| over all entries, relative to the largest |b|.
@@ -467,18 +478,11 @@ mod tests {
         pts: [&[Vec<T>]; 3],
         carry: &mut Option<FirstOutputs<T>>,
     ) -> SharedSimpson {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        let e = Evaluator {
-            model,
-            data,
-            chunk_size: chunk,
-        };
-        assert!(e.shares_first_layer());
-        pool.install(|| e.simpson_sharing_first(pts[0], pts[1], pts[2], carry))
-            .unwrap()
+        on_threads(model, data, chunk, threads, |e| {
+            assert!(e.shares_first_layer());
+            e.simpson_sharing_first(pts[0], pts[1], pts[2], carry)
+        })
+        .unwrap()
     }
 
     fn points<T: Real>(p: &crate::analyze::Prepared, t: u64) -> [Vec<Vec<T>>; 3] {

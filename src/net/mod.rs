@@ -170,6 +170,17 @@ pub struct Node<T: Real> {
     pub depends_on_params: bool,
 }
 
+impl<T: Real> Node<T> {
+    /// This node's parameter values in `theta` (all of the model's tensors), in its layer's
+    /// [`Layer::params`] order.
+    pub fn param_slices<'a>(&self, theta: &'a [Vec<T>]) -> Vec<&'a [T]> {
+        self.param_ids
+            .iter()
+            .map(|&j| theta[j].as_slice())
+            .collect()
+    }
+}
+
 /// A parameter tensor of the model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ParamInfo {
@@ -634,11 +645,7 @@ impl<T: Real> Model<T> {
     pub fn first_output(&self, theta: &[Vec<T>], x: ArrayViewD<f32>) -> ArrayD<T> {
         let x = T::from_input(x);
         let node = &self.nodes[0];
-        let p: Vec<&[T]> = node
-            .param_ids
-            .iter()
-            .map(|&j| theta[j].as_slice())
-            .collect();
+        let p = node.param_slices(theta);
         node.layer.forward(&p, &[x.view()], &mut Saved::None)
     }
 
@@ -655,11 +662,7 @@ impl<T: Real> Model<T> {
     ) {
         let x = T::from_input(x);
         let node = &self.nodes[0];
-        let p: Vec<&[T]> = node
-            .param_ids
-            .iter()
-            .map(|&j| theta[j].as_slice())
-            .collect();
+        let p = node.param_slices(theta);
         let gp = disjoint_mut(grads, &node.param_ids);
         node.layer.backward(Backward {
             params: &p,
@@ -733,11 +736,7 @@ impl<T: Real> Model<T> {
                 saved.push(Saved::None);
                 continue;
             }
-            let p: Vec<&[T]> = node
-                .param_ids
-                .iter()
-                .map(|&j| theta[j].as_slice())
-                .collect();
+            let p = node.param_slices(theta);
             let ins: Vec<ArrayViewD<T>> = node
                 .inputs
                 .iter()
@@ -764,11 +763,7 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let Some(g) = gouts[i].take() else { continue };
-            let p: Vec<&[T]> = node
-                .param_ids
-                .iter()
-                .map(|&j| theta[j].as_slice())
-                .collect();
+            let p = node.param_slices(theta);
             let ins: Vec<ArrayViewD<T>> = node
                 .inputs
                 .iter()
