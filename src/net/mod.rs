@@ -407,6 +407,16 @@ impl<T: Real> Model<T> {
     /// Build the graph from the spec for inputs of the given per-sample shape, checking that
     /// every layer's input shape fits before any computation.
     pub fn build(spec: &Spec, input_shape: &[usize]) -> Result<Model<T>> {
+        Self::build_with(spec, input_shape, true)
+    }
+
+    /// [`Model::build`], with the equivalent reordering of `relu → max_pool2d` optional (off
+    /// only to test that it changes nothing).
+    pub(crate) fn build_with(
+        spec: &Spec,
+        input_shape: &[usize],
+        reorder: bool,
+    ) -> Result<Model<T>> {
         let mut nodes: Vec<Node<T>> = Vec::new();
         let mut params = Vec::new();
         let mut index_of = std::collections::HashMap::new();
@@ -566,6 +576,9 @@ impl<T: Real> Model<T> {
                 "the model has no parameters: there is nothing to allocate the loss change to"
                     .into(),
             ));
+        }
+        if reorder {
+            pool_before_relu(&mut nodes);
         }
         Ok(Model {
             nodes,
@@ -825,6 +838,35 @@ pub(crate) unsafe fn filled<T: Real>(
     unsafe { a.assume_init() }
 }
 
+/// Evaluate `relu → max_pool2d` as `max_pool2d → relu` where the ReLU's output feeds only the
+/// pool: the two commute (max and x ↦ max(x, 0) are both monotone, and a window whose maximum
+/// is ≤ 0 gets a zero gradient either way), so values and gradients are the same bits, and the
+/// ReLU then runs on a quarter of the values (for 2×2 pooling). Names stay with their
+/// positions, so a layer that reads the pool's name still gets relu(pool(x)).
+fn pool_before_relu<T: Real>(nodes: &mut [Node<T>]) {
+    for i in 0..nodes.len().saturating_sub(1) {
+        let read_elsewhere = nodes
+            .iter()
+            .enumerate()
+            .any(|(j, n)| j != i + 1 && n.inputs.contains(&Src::Node(i)));
+        if nodes[i].type_name != "relu"
+            || nodes[i + 1].type_name != "max_pool2d"
+            || nodes[i + 1].inputs != [Src::Node(i)]
+            || nodes[i].inputs.len() != 1
+            || read_elsewhere
+        {
+            continue;
+        }
+        let (a, b) = nodes.split_at_mut(i + 1);
+        let (relu, pool) = (&mut a[i], &mut b[0]);
+        std::mem::swap(&mut relu.layer, &mut pool.layer);
+        std::mem::swap(&mut relu.type_name, &mut pool.type_name);
+        // Position i now pools the ReLU's input; position i + 1 applies the ReLU to that.
+        relu.out_shape = pool.out_shape.clone();
+        pool.in_shapes = vec![pool.out_shape.clone()];
+    }
+}
+
 /// Mutable slices of `grads` at the given distinct indices, in that order.
 fn disjoint_mut<'a, T>(grads: &'a mut [Vec<T>], ids: &[usize]) -> Vec<&'a mut [T]> {
     let mut slots: Vec<Option<&'a mut [T]>> =
@@ -955,6 +997,74 @@ train = "unused"
             }
             let _ = loss;
         }
+    }
+
+    /// `relu → max_pool2d` evaluated as `max_pool2d → relu` gives the same bits: loss and every
+    /// gradient, on inputs with ties and windows of negative values only.
+    #[test]
+    fn pooling_before_relu_changes_nothing() {
+        let src = r#"
+[model]
+input_shape = [2, 6, 6]
+
+[[layers]]
+name = "conv"
+type = "conv2d"
+in_channels = 2
+out_channels = 3
+kernel_size = 3
+padding = 1
+
+[[layers]]
+type = "relu"
+
+[[layers]]
+name = "pool"
+type = "max_pool2d"
+kernel_size = 2
+
+[[layers]]
+type = "flatten"
+
+[[layers]]
+name = "fc"
+type = "linear"
+in_features = 27
+out_features = 4
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "unused"
+"#;
+        let spec = Spec::parse(src, std::path::Path::new("t.toml")).unwrap();
+        let shape = [2, 6, 6];
+        let a: Model<f32> = Model::build_with(&spec, &shape, true).unwrap();
+        let b: Model<f32> = Model::build_with(&spec, &shape, false).unwrap();
+        assert_eq!(a.nodes[1].type_name, "max_pool2d");
+        assert_eq!(a.nodes[2].type_name, "relu");
+        assert_eq!(b.nodes[1].type_name, "relu");
+        assert_eq!(a.nodes[2].name, b.nodes[2].name);
+        assert_eq!(a.macs_per_sample(), b.macs_per_sample());
+        let mut rng = Rng::new(5);
+        let theta: Vec<Vec<f32>> = a
+            .params
+            .iter()
+            .map(|p| rng.array(&p.shape).iter().map(|&v| v as f32).collect())
+            .collect();
+        // Rounded inputs: ties within windows, and many windows whose values are all ≤ 0.
+        let x = rng
+            .array(&[5, 2, 6, 6])
+            .mapv(|v| ((v * 2.0).round() / 2.0) as f32);
+        let y = [0u32, 3, 1, 2, 1];
+        let run = |m: &Model<f32>| {
+            let mut g: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+            let (l, _) = m.chunk_loss_grad(&theta, x.view(), TargetsView::Classes(&y), &mut g);
+            let bits: Vec<u32> = g.iter().flatten().map(|v| v.to_bits()).collect();
+            (l.to_bits(), bits)
+        };
+        assert_eq!(run(&a), run(&b));
     }
 
     #[test]
