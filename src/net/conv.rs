@@ -352,6 +352,49 @@ impl Conv2d {
         ArrayView2::from_shape((d.mg, d.k), &w[g * d.mg * d.k..][..d.mg * d.k])
             .expect("weight has its declared shape")
     }
+
+    /// Forward into `ys` (every element is written): im2col, one product per block and
+    /// group, bias added on the way out.
+    fn forward_into<T: Real>(
+        &self,
+        params: &[&[T]],
+        xs: &[T],
+        d: &Dims,
+        col: &mut [T],
+        out: &mut [T],
+        ys: &mut [std::mem::MaybeUninit<T>],
+    ) {
+        let n = d.plane();
+        for s0 in (0..d.batch).step_by(d.block) {
+            let nb = d.block.min(d.batch - s0);
+            let cols = nb * n;
+            for g in 0..self.groups {
+                let colm = &mut col[..d.k * cols];
+                self.im2col(xs, d, g, s0, nb, colm);
+                let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
+                let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
+                    .expect("sized above");
+                mat_mul(
+                    self.group_weight(params[0], d, g),
+                    colv,
+                    false,
+                    outm.view_mut(),
+                );
+                // [mg, nb·n] → y[s0 + j, g·mg + m, :]
+                for j in 0..nb {
+                    for m in 0..d.mg {
+                        let o = g * d.mg + m;
+                        let dst = &mut ys[((s0 + j) * self.out_channels + o) * n..][..n];
+                        let src = outm.slice(s![m, j * n..(j + 1) * n]);
+                        let b = if self.bias { params[1][o] } else { T::zero() };
+                        for (a, &v) in dst.iter_mut().zip(src) {
+                            a.write(v + b);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl<T: Real> Layer<T> for Conv2d {
@@ -409,63 +452,6 @@ impl<T: Real> Layer<T> for Conv2d {
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
-        self.backward_impl(b)
-    }
-
-    fn affine_in_params(&self) -> bool {
-        true
-    }
-
-    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
-        self.macs(inputs)
-    }
-}
-
-impl Conv2d {
-    /// Forward into `ys` (every element is written): im2col, one product per block and
-    /// group, bias added on the way out.
-    fn forward_into<T: Real>(
-        &self,
-        params: &[&[T]],
-        xs: &[T],
-        d: &Dims,
-        col: &mut [T],
-        out: &mut [T],
-        ys: &mut [std::mem::MaybeUninit<T>],
-    ) {
-        let n = d.plane();
-        for s0 in (0..d.batch).step_by(d.block) {
-            let nb = d.block.min(d.batch - s0);
-            let cols = nb * n;
-            for g in 0..self.groups {
-                let colm = &mut col[..d.k * cols];
-                self.im2col(xs, d, g, s0, nb, colm);
-                let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
-                let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
-                    .expect("sized above");
-                mat_mul(
-                    self.group_weight(params[0], d, g),
-                    colv,
-                    false,
-                    outm.view_mut(),
-                );
-                // [mg, nb·n] → y[s0 + j, g·mg + m, :]
-                for j in 0..nb {
-                    for m in 0..d.mg {
-                        let o = g * d.mg + m;
-                        let dst = &mut ys[((s0 + j) * self.out_channels + o) * n..][..n];
-                        let src = outm.slice(s![m, j * n..(j + 1) * n]);
-                        let b = if self.bias { params[1][o] } else { T::zero() };
-                        for (a, &v) in dst.iter_mut().zip(src) {
-                            a.write(v + b);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn backward_impl<T: Real>(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
         let x = b.inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
         let gy = b.grad_out.as_standard_layout();
@@ -529,8 +515,12 @@ impl Conv2d {
         vec![gx]
     }
 
-    fn macs(&self, inputs: &[Vec<usize>]) -> u64 {
-        let Ok(out) = <Self as Layer<f32>>::out_shape(self, inputs) else {
+    fn affine_in_params(&self) -> bool {
+        true
+    }
+
+    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
+        let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
             return 0;
         };
         let k = (self.in_channels / self.groups) * self.window.kernel[0] * self.window.kernel[1];
