@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Integration-policy study for issue 20, on the fixtures' converged float64 references.
+
+    /work/venv/bin/python bench/integration_study.py            # tables on stdout (markdown)
+    /work/venv/bin/python bench/integration_study.py --json out.json
+
+Input: the converged.safetensors files written by fixtures/make_converged.py: per step t the
+float64 loss L and, per tensor k, f_k(s) = dtheta_t,k . grad_k L(theta_t + s dtheta_t) at the
+33 points s = j/32. Every rule on that grid is a weight vector w (33 entries), and its LCA of
+tensor k at step t is sum_j w_j f_k(j/32). The residual of step t is
+r_t = L(1) - L(0) - sum_k LCA_k. The reference is composite Simpson on 32 sub-intervals.
+
+A policy decides, per step, which grid points are evaluated and which weights apply. It is
+charged one gradient evaluation per distinct point (the start point of step t is the end point
+of step t-1, so a run of S steps costs 1 + sum_t (points_t - 1); plain Simpson: 1 + 2S).
+
+Policies (see docs/integration-study.md):
+  plain       Simpson, n = 2 everywhere
+  abs1e-3     today's default: per step double n (2, 4, ..., 32) while |r_t| > 1e-3
+  budget-uni  pass 1 plain Simpson; then, while sum_t |r_t| > eps * D: double n of the step
+              with the largest |r_t| (not yet at 32)
+  budget-pan  pass 1 plain Simpson; then, while sum_t |r_t| > eps * D: split the panel with
+              the largest |e_p| over the whole run (a Simpson panel [a, b] with midpoint m;
+              e_p = L(b) - L(a) - (b - a)/6 (F(a) + 4 F(m) + F(b)) is the panel's exact
+              residual; splitting costs its 2 quarter points; panels no narrower than 1/16)
+  budget-pan-step  the same, but first the step with the largest |r_t|, then its largest panel
+D = |L_T - L_0| (run) or sum_t |L_{t+1} - L_t| ("var" suffix); eps = 1e-4 (0.01 %) times a
+safety factor 0.5.
+
+Error estimates (per tensor and step) validated against the reference (section 2 of the
+output): see ESTIMATORS below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "fixtures"
+G = 32  # grid sub-intervals
+FIXTURES = [
+    ("mlp", FIX / "mlp/golden/converged"),
+    ("mlp_heldout", FIX / "mlp_heldout/golden/converged"),
+    ("mlp_tanh_adam", FIX / "mlp_tanh_adam/golden/converged"),
+    ("cnn", FIX / "cnn/golden/converged"),
+    ("cnn_strided", FIX / "cnn_strided/golden/converged"),
+    ("deep40", FIX / "deep40/golden/converged"),
+    ("gpt", FIX / "gpt/golden/converged"),
+    ("resnet20/batch_stats", FIX / "resnet20/converged_batch_stats"),
+    ("resnet20/running_stats", FIX / "resnet20/converged_running_stats"),
+    ("resnet/batch_stats", FIX / "resnet/golden/batch_stats/converged"),
+    ("resnet/running_stats", FIX / "resnet/golden/running_stats/converged"),
+]
+EPS = 1e-4
+SAFETY = 0.5
+
+
+class Run:
+    def __init__(self, name: str, base: Path) -> None:
+        meta = json.loads(base.with_suffix(".json").read_text())
+        st = load_file(str(base.with_suffix(".safetensors")))
+        self.name = name
+        self.names: list[str] = meta["names"]
+        pb = set(meta["path_buffers"])
+        self.layers = ["buffers" if k in pb else k.rsplit(".", 1)[0] for k in self.names]
+        self.layer_names = list(dict.fromkeys(self.layers))
+        self.L = st["loss"]  # [S, 33]
+        self.f = np.stack([st[f"proj/{k}"] for k in self.names], axis=2)  # [S, 33, K]
+        self.F = self.f.sum(axis=2)  # [S, 33]
+        self.S = self.L.shape[0]
+        self.dl = self.L[:, -1] - self.L[:, 0]
+        self.dl_run = float(self.L[-1, -1] - self.L[0, 0])
+        self.var = float(np.abs(self.dl).sum())
+        self.ref32 = np.einsum("sjk,j->sk", self.f, uniform_w(32))
+        self.ref16 = np.einsum("sjk,j->sk", self.f, uniform_w(16))
+        # A finer reference (composite Simpson, 128 sub-intervals) where it was computed
+        # (make_converged.py --fine 128): then errors are measured against it.
+        fine = base.parent / (base.name + "128.safetensors")
+        self.fine = fine.exists()
+        self.ref, self.ref_unc = self.ref32, np.abs(self.ref32 - self.ref16)
+        if self.fine:
+            st2 = load_file(str(fine))
+            assert np.array_equal(st2["loss"][:, ::4], self.L), name
+            f2 = np.stack([st2[f"proj/{k}"] for k in self.names], axis=2)
+            assert np.array_equal(f2[:, ::4], self.f), name
+            self.ref = np.stack([st2[f"lca128/{k}"] for k in self.names], axis=1)
+            self.ref_unc = np.abs(self.ref - np.stack([st2[f"lca64/{k}"] for k in self.names],
+                                                      axis=1))
+        self.steps_note = meta.get("steps_note", "all steps")
+        self.layer_index = np.array([self.layer_names.index(x) for x in self.layers])
+
+    def by_layer(self, a: np.ndarray) -> np.ndarray:
+        """[..., K] -> [..., n_layers]"""
+        out = np.zeros(a.shape[:-1] + (len(self.layer_names),))
+        for k, li in enumerate(self.layer_index):
+            out[..., li] += a[..., k]
+        return out
+
+
+def uniform_w(n: int) -> np.ndarray:
+    w = np.zeros(G + 1)
+    if n == 1:
+        w[0] = w[G] = 0.5
+        return w
+    stride = G // n
+    for i in range(n + 1):
+        c = 1.0 if i in (0, n) else (4.0 if i % 2 else 2.0)
+        w[i * stride] += c / (3.0 * n)
+    return w
+
+
+def trap_w(n: int) -> np.ndarray:
+    """Composite trapezoid with n sub-intervals on the grid."""
+    w = np.zeros(G + 1)
+    stride = G // n
+    for i in range(n + 1):
+        w[i * stride] += (0.5 if i in (0, n) else 1.0) / n
+    return w
+
+
+def panel_w(panels: list[tuple[int, int]]) -> np.ndarray:
+    w = np.zeros(G + 1)
+    for a, b in panels:
+        h = (b - a) / G
+        w[a] += h / 6
+        w[(a + b) // 2] += 4 * h / 6
+        w[b] += h / 6
+    return w
+
+
+def panel_points(panels: list[tuple[int, int]]) -> set[int]:
+    pts = set()
+    for a, b in panels:
+        pts |= {a, (a + b) // 2, b}
+    return pts
+
+
+def panel_err(run: Run, t: int, a: int, b: int) -> float:
+    h = (b - a) / G
+    m = (a + b) // 2
+    return float(run.L[t, b] - run.L[t, a] - h / 6 * (run.F[t, a] + 4 * run.F[t, m] + run.F[t, b]))
+
+
+# ------------------------------------------------------------------------------------------
+# Policies: each returns (weights [S, 33], evaluations, per-step description)
+# ------------------------------------------------------------------------------------------
+
+
+def evals_of(points: list[set[int]]) -> int:
+    return 1 + sum(len(p) - 1 for p in points)
+
+
+def pol_uniform(run: Run, ns: list[int]):
+    w = np.stack([uniform_w(n) for n in ns])
+    pts = [set(range(0, G + 1, G // n)) for n in ns]
+    return w, evals_of(pts), ns
+
+
+def residual(run: Run, w: np.ndarray) -> np.ndarray:
+    return run.dl - np.einsum("sj,sj->s", w, run.F)
+
+
+def pol_abs(run: Run, tol: float = 1e-3):
+    ns = []
+    for t in range(run.S):
+        n = 2
+        while n < G:
+            r = run.dl[t] - uniform_w(n) @ run.F[t]
+            if abs(r) <= tol:
+                break
+            n *= 2
+        ns.append(n)
+    return pol_uniform(run, ns)
+
+
+def budget(run: Run, denom: str, safety: float = SAFETY) -> float:
+    d = abs(run.dl_run) if denom == "run" else run.var
+    return EPS * safety * d
+
+
+def pol_budget_uniform(run: Run, denom: str = "run", safety: float = SAFETY):
+    B = budget(run, denom, safety)
+    ns = [2] * run.S
+    r = np.array([run.dl[t] - uniform_w(2) @ run.F[t] for t in range(run.S)])
+    while np.abs(r).sum() > B:
+        cand = [t for t in range(run.S) if ns[t] < G]
+        if not cand:
+            break
+        t = max(cand, key=lambda i: abs(r[i]))
+        ns[t] *= 2
+        r[t] = run.dl[t] - uniform_w(ns[t]) @ run.F[t]
+    return pol_uniform(run, ns)
+
+
+def pol_budget_panels(run: Run, denom: str = "run", by_step: bool = False,
+                      max_factor: float | None = None, safety: float = SAFETY):
+    B = budget(run, denom, safety)
+    panels = [[(0, G)] for _ in range(run.S)]
+    errs = [[panel_err(run, t, 0, G)] for t in range(run.S)]
+    r = np.array([sum(e) for e in errs])
+    evals = 1 + 2 * run.S
+    cap = None if max_factor is None else max_factor * (1 + 2 * run.S)
+    while np.abs(r).sum() > B:
+        best = None
+        if by_step:
+            order = sorted(range(run.S), key=lambda i: -abs(r[i]))
+            for t in order:
+                c = [(abs(e), t, i) for i, (e, p) in enumerate(zip(errs[t], panels[t]))
+                     if p[1] - p[0] >= 4]
+                if c:
+                    best = max(c)
+                    break
+        else:
+            c = [(abs(e), t, i) for t in range(run.S)
+                 for i, (e, p) in enumerate(zip(errs[t], panels[t])) if p[1] - p[0] >= 4]
+            best = max(c) if c else None
+        if best is None or (cap is not None and evals + 2 > cap):
+            break
+        _, t, i = best
+        a, b = panels[t][i]
+        m = (a + b) // 2
+        panels[t][i:i + 1] = [(a, m), (m, b)]
+        errs[t][i:i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
+        r[t] = sum(errs[t])
+        evals += 2
+    w = np.stack([panel_w(p) for p in panels])
+    assert evals == evals_of([panel_points(p) for p in panels])
+    return w, evals, panels
+
+
+# ------------------------------------------------------------------------------------------
+# Error estimates
+# ------------------------------------------------------------------------------------------
+
+
+def est_uniform(run: Run, ns: list[int], c: float) -> np.ndarray:
+    """|R_n - R_{n/2}| * c per tensor and step (R_1 = trapezoid on the end points)."""
+    out = np.zeros((run.S, len(run.names)))
+    for t, n in enumerate(ns):
+        d = (uniform_w(n) - uniform_w(n // 2)) @ run.f[t]
+        out[t] = c * np.abs(d)
+    return out
+
+
+def est_panels(run: Run, panels: list[list[tuple[int, int]]], c: float) -> np.ndarray:
+    """c * sum over leaf panels of |Simpson_p - Trapezoid_p| per tensor (trapezoid on the
+    panel's end points), i.e. c * sum_p |(b - a)/3 * (f(m) - (f(a) + f(b))/2)|."""
+    out = np.zeros((run.S, len(run.names)))
+    for t, ps in enumerate(panels):
+        for a, b in ps:
+            h = (b - a) / G
+            m = (a + b) // 2
+            d = (2 * h / 3) * (run.f[t, m] - 0.5 * (run.f[t, a] + run.f[t, b]))
+            out[t] += c * np.abs(d)
+    return out
+
+
+def ratio_stats(est: np.ndarray, act: np.ndarray, floor: float) -> dict:
+    """est/actual over the entries with actual > floor (entries at or below the floor of the
+    reference's own accuracy are left out)."""
+    m = act > floor
+    if not m.any():
+        return {"n": 0}
+    q = est[m] / act[m]
+    return {
+        "n": int(m.sum()),
+        "covered": float((q >= 1).mean()),
+        "within10": float(((q >= 1) & (q <= 10)).mean()),
+        "p05": float(np.quantile(q, 0.05)),
+        "median": float(np.median(q)),
+        "p95": float(np.quantile(q, 0.95)),
+    }
+
+
+def evaluate(run: Run, w: np.ndarray) -> dict:
+    lca = np.einsum("sj,sjk->sk", w, run.f)
+    err = lca - run.ref
+    r = residual(run, w)
+    tot_err = err.sum(axis=0)
+    tot_ref = run.ref.sum(axis=0)
+    lerr = run.by_layer(err)
+    ltot_err = lerr.sum(axis=0)
+    return {
+        "sum_abs_r": float(np.abs(r).sum() / abs(run.dl_run)),
+        "tensor_step_max": float(np.abs(err).max()),
+        "tensor_run_max": float(np.abs(tot_err).max()),
+        "tensor_run_rel_own": float(np.max(np.abs(tot_err) / np.maximum(np.abs(tot_ref),
+                                                                          1e-300))),
+        "layer_step_max": float(np.abs(lerr).max()),
+        "layer_run_max": float(np.abs(ltot_err).max()),
+        "lca": lca,
+        "err": err,
+    }
+
+
+def parent_of(a: int, b: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(parent panel, sibling panel) of the dyadic panel [a, b], or None for the root."""
+    w = b - a
+    if w == G:
+        return None
+    if a % (2 * w) == 0:
+        return (a, a + 2 * w), (b, b + w)
+    return (a - w, b), (a - w, a)
+
+
+def simpson_panel(run: Run, t: int, a: int, b: int) -> np.ndarray:
+    h = (b - a) / G
+    m = (a + b) // 2
+    return h / 6 * (run.f[t, a] + 4 * run.f[t, m] + run.f[t, b])
+
+
+def est_two_level(run: Run, panels: list[list[tuple[int, int]]]) -> np.ndarray:
+    """Per step and tensor: sum over leaf panels p of d_p, where d_p = |S_p + S_sib - S_parent|
+    / 2 for a panel with a parent (S = Simpson on a panel, sib = p's sibling at p's level,
+    whether or not it was split further) and d_root = |S - T| = |(1/3)(2 f(1/2) - f(0) -
+    f(1))| for an unsplit step (Simpson minus trapezoid on the same three points)."""
+    out = np.zeros((run.S, len(run.names)))
+    for t, ps in enumerate(panels):
+        for a, b in ps:
+            par = parent_of(a, b)
+            if par is None:
+                m = (a + b) // 2
+                out[t] += np.abs((2 * run.f[t, m] - run.f[t, a] - run.f[t, b]) / 3)
+            else:
+                (pa, pb), (sa, sb) = par
+                d = simpson_panel(run, t, a, b) + simpson_panel(run, t, sa, sb) - \
+                    simpson_panel(run, t, pa, pb)
+                out[t] += np.abs(d) / 2
+    return out
+
+
+def est_calibrated(run: Run, panels: list[list[tuple[int, int]]], c: float = 1.0,
+                   lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+    """Two-level differences scaled by how well the same rule did on the total, which is
+    known exactly from the losses: per leaf panel p, rho_p = |r_p| / |D_p| clamped to
+    [lo, hi], where r_p = L(b) - L(a) - Simpson_p(F) is the panel's exact residual and D_p =
+    sum_k d_pk its two-level difference of the total F (the same expressions as
+    est_two_level, signed, summed over tensors); est_k += c * rho_p * |d_pk|."""
+    out = np.zeros((run.S, len(run.names)))
+    for t, ps in enumerate(panels):
+        for a, b in ps:
+            par = parent_of(a, b)
+            if par is None:
+                m = (a + b) // 2
+                d = (2 * run.f[t, m] - run.f[t, a] - run.f[t, b]) / 3
+            else:
+                (pa, pb), (sa, sb) = par
+                d = (simpson_panel(run, t, a, b) + simpson_panel(run, t, sa, sb)
+                     - simpson_panel(run, t, pa, pb)) / 2
+            D = float(d.sum())
+            r = panel_err(run, t, a, b)
+            rho = hi if D == 0 else min(max(abs(r) / abs(D), lo), hi)
+            out[t] += c * rho * np.abs(d)
+    return out
+
+
+def uniform_panels(n: int) -> list[tuple[int, int]]:
+    w = 2 * G // n
+    return [(a, a + w) for a in range(0, G, w)]
+
+
+def validate(run: Run, panels: list[list[tuple[int, int]]], est: np.ndarray) -> dict:
+    """est/actual at three levels. actual = |LCA - LCA_ref|; entries whose actual error is not
+    above the reference's own two-level difference (|lca32 - lca16|, summed over steps for run
+    totals) are left out, since the reference cannot resolve them."""
+    w = np.stack([panel_w(p) for p in panels])
+    err = np.einsum("sj,sjk->sk", w, run.f) - run.ref
+    ref_unc = run.ref_unc
+    out = {}
+    out["step x tensor"] = ratio_stats(est, np.where(np.abs(err) > ref_unc, np.abs(err), 0), 0)
+    act_t = np.abs(err.sum(axis=0))
+    unc_t = ref_unc.sum(axis=0)
+    m = act_t > unc_t
+    out["tensor run (sum)"] = ratio_stats(est.sum(axis=0), np.where(m, act_t, 0), 0)
+    out["tensor run (rss)"] = ratio_stats(np.sqrt((est ** 2).sum(axis=0)),
+                                          np.where(m, act_t, 0), 0)
+    le, lest, lunc = run.by_layer(err), run.by_layer(est), run.by_layer(ref_unc)
+    act_l = np.abs(le.sum(axis=0))
+    ml = act_l > lunc.sum(axis=0)
+    out["layer run (sum)"] = ratio_stats(lest.sum(axis=0), np.where(ml, act_l, 0), 0)
+    out["layer run (rss)"] = ratio_stats(np.sqrt((lest ** 2).sum(axis=0)),
+                                         np.where(ml, act_l, 0), 0)
+    out["n tensors"] = len(run.names)
+    out["n layers"] = len(run.layer_names)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    runs = []
+    for name, base in FIXTURES:
+        if base.with_suffix(".safetensors").exists():
+            runs.append(Run(name, base))
+    results: dict = {}
+    print("## 1. Policies\n")
+    print("Budget policies: eps = 1e-4 times the safety factor s, D = |ΔL_run| (var: "
+          "D = Σ_t|ΔL_t|); cap4: stop at 4× plain Simpson's evaluations. Errors against "
+          "composite Simpson with 32 sub-intervals; 'run' = summed over the steps; 'rel. own' "
+          "= largest |run-total error| / |run-total LCA| of a tensor.\n")
+    print("| run | steps | policy | evals | × plain | Σ\\|r\\|/\\|ΔL\\| | max tensor err/step "
+          "| max tensor err/run | rel. own | max layer err/step | max layer err/run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    final_panels: dict = {}
+    for run in runs:
+        plain_ev = 1 + 2 * run.S
+        pols = {
+            "plain": pol_uniform(run, [2] * run.S),
+            "abs 1e-3 (today)": pol_abs(run, 1e-3),
+            "budget-uni s=1": pol_budget_uniform(run, "run", 1.0),
+            "budget-pan s=1": pol_budget_panels(run, "run", False, None, 1.0),
+            "budget-pan-step s=1": pol_budget_panels(run, "run", True, None, 1.0),
+            "budget-pan-step s=0.5": pol_budget_panels(run, "run", True, None, 0.5),
+            "budget-pan-step s=1 var": pol_budget_panels(run, "var", True, None, 1.0),
+            "budget-pan-step s=0.8 cap4": pol_budget_panels(run, "run", True, 4.0, 0.8),
+            "uniform 32 (ref)": pol_uniform(run, [32] * run.S),
+        }
+        final_panels[run.name] = pols["budget-pan-step s=0.8 cap4"][2]
+        results[run.name] = {"S": run.S, "dl_run": run.dl_run, "var": run.var,
+                             "ref_selfcheck_max": float(np.abs(run.ref - run.ref16).max()),
+                             "policies": {}}
+        for pname, (w, ev, desc) in pols.items():
+            e = evaluate(run, w)
+            results[run.name]["policies"][pname] = {
+                k: v for k, v in e.items() if k not in ("lca", "err")} | {"evals": ev}
+            print(f"| {run.name} | {run.S} | {pname} | {ev} | {ev / plain_ev:.2f} | "
+                  f"{100 * e['sum_abs_r']:.4f} % | {e['tensor_step_max']:.1e} | "
+                  f"{e['tensor_run_max']:.1e} | {e['tensor_run_rel_own']:.1e} | "
+                  f"{e['layer_step_max']:.1e} | {e['layer_run_max']:.1e} |")
+    print()
+    print("| run | steps | ΔL_run | Σ\\|ΔL_t\\| | reference Σ\\|r\\|/\\|ΔL\\| | "
+          "max\\|lca32 − lca16\\| |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        print(f"| {run.name} | {run.S} ({run.steps_note}) | {run.dl_run:.4f} | {run.var:.4f} | "
+              f"{100 * results[run.name]['policies']['uniform 32 (ref)']['sum_abs_r']:.4f} % | "
+              f"{results[run.name]['ref_selfcheck_max']:.1e} |")
+
+    print("\n## 2. Error estimates: est/actual\n")
+    print("Estimate per step and tensor: est_two_level (sum over leaf panels of the two-level "
+          "difference); a layer's is the sum over its tensors; run totals sum over steps "
+          "(or root-sum-square, rss). Entries whose actual error the reference cannot resolve "
+          "are left out (n = entries kept).\n")
+    print("| run | rule | level | n | est ≥ actual | 1 ≤ est/actual ≤ 10 | p05 | median | p95 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    est_res: dict = {}
+    for run in runs:
+        rules = {"plain": [uniform_panels(2)] * run.S,
+                 "n=4": [uniform_panels(4)] * run.S,
+                 "n=8": [uniform_panels(8)] * run.S,
+                 "recommended": final_panels[run.name]}
+        for rname, panels in rules.items():
+          for ename, est in (("two-level", est_two_level(run, panels)),
+                             ("calibrated c=3 lo=0.05", est_calibrated(run, panels, 3.0, 0.05)),
+                             ("calibrated c=2 lo=0.1", est_calibrated(run, panels, 2.0, 0.1))):
+            v = validate(run, panels, est)
+            est_res.setdefault(run.name, {})[f"{rname} {ename}"] = v
+            for level, st in v.items():
+                if not isinstance(st, dict) or not st["n"]:
+                    continue
+                print(f"| {run.name} | {rname} {ename} | {level} | {st['n']} | "
+                      f"{100 * st['covered']:.1f} % | {100 * st['within10']:.1f} % | "
+                      f"{st['p05']:.2f} | {st['median']:.2f} | {st['p95']:.1f} |")
+    results["estimators"] = est_res
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
