@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +86,8 @@ class Run:
         if self.fine:
             st2 = load_file(str(fine))
             assert np.array_equal(st2["loss"][:, ::4], self.L), name
-            f2 = np.stack([st2[f"proj/{k}"] for k in self.names], axis=2)
-            assert np.array_equal(f2[:, ::4], self.f), name
+            assert np.allclose(st2["lca2/" + self.names[0]], self.f[:, ::16, 0] @ [1 / 6, 4 / 6,
+                                                                                 1 / 6])
             self.ref = np.stack([st2[f"lca128/{k}"] for k in self.names], axis=1)
             self.ref_unc = np.abs(self.ref - np.stack([st2[f"lca64/{k}"] for k in self.names],
                                                       axis=1))
@@ -232,6 +231,109 @@ def pol_budget_panels(run: Run, denom: str = "run", by_step: bool = False,
     w = np.stack([panel_w(p) for p in panels])
     assert evals == evals_of([panel_points(p) for p in panels])
     return w, evals, panels
+
+
+def water_level(res: np.ndarray, B: float) -> float:
+    """Largest tau with sum_t min(|r_t|, tau) <= B."""
+    a = np.sort(np.abs(res))[::-1]
+    if a.sum() <= B:
+        return float(a[0]) if len(a) else 0.0
+    # With the k largest capped at tau: k * tau + sum(a[k:]) = B, tau in [a[k], a[k-1]].
+    for k in range(1, len(a) + 1):
+        rest = a[k:].sum()
+        tau = (B - rest) / k
+        if tau >= (a[k] if k < len(a) else 0.0):
+            return max(tau, 0.0)
+    return 0.0
+
+
+def pol_water(run: Run, safety: float = 1.0, max_factor: float | None = None):
+    """(d) Water level: tau = the largest level with sum_t min(|r_t|, tau) <= B; every step
+    with |r_t| > tau is refined on its own (largest |e_p| panel first) until |r_t| <= tau;
+    repeat with the new residuals until sum_t |r_t| <= B (or nothing can be split)."""
+    B = budget(run, "run", safety)
+    panels = [[(0, G)] for _ in range(run.S)]
+    errs = [[panel_err(run, t, 0, G)] for t in range(run.S)]
+    r = np.array([sum(e) for e in errs])
+    evals = 1 + 2 * run.S
+    cap = None if max_factor is None else max_factor * (1 + 2 * run.S)
+    rounds = 0
+    while np.abs(r).sum() > B and rounds < 20:
+        rounds += 1
+        tau = water_level(r, B)
+        progress = False
+        for t in np.argsort(-np.abs(r)):
+            while abs(r[t]) > tau:
+                c = [(abs(e), i) for i, (e, p) in enumerate(zip(errs[t], panels[t]))
+                     if p[1] - p[0] >= 4]
+                if not c or (cap is not None and evals + 2 > cap):
+                    break
+                _, i = max(c)
+                a, b = panels[t][i]
+                m = (a + b) // 2
+                panels[t][i:i + 1] = [(a, m), (m, b)]
+                errs[t][i:i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
+                r[t] = sum(errs[t])
+                evals += 2
+                progress = True
+        if not progress:
+            break
+    w = np.stack([panel_w(p) for p in panels])
+    return w, evals, panels
+
+
+def pol_halving(run: Run, safety: float = 1.0, max_factor: float | None = None,
+                order: str = "desc"):
+    """(d') Halving level, one visit per step and round: lam = max_t |r_t|; repeat: lam /= 2;
+    visit the steps with |r_t| > lam in order of decreasing |r_t| and refine each (largest
+    |e_p| panel first) until |r_t| <= lam; stop as soon as sum_t |r_t| <= B. Returns also the
+    cost when a step visited in an earlier round is re-integrated from scratch (all of its
+    points evaluated again) instead of keeping its points' gradients."""
+    B = budget(run, "run", safety)
+    panels = [[(0, G)] for _ in range(run.S)]
+    errs = [[panel_err(run, t, 0, G)] for t in range(run.S)]
+    r = np.array([sum(e) for e in errs])
+    evals = 1 + 2 * run.S
+    rescratch = 0
+    visited = [False] * run.S
+    cap = None if max_factor is None else max_factor * (1 + 2 * run.S)
+    lam = float(np.abs(r).max()) if run.S else 0.0
+    capped = False
+    while np.abs(r).sum() > B and not capped and lam > 0:
+        lam /= 2
+        todo = [t for t in np.argsort(-np.abs(r)) if abs(r[t]) > lam]
+        moved = False
+        for t in todo:
+            if np.abs(r).sum() <= B:
+                break
+            before = len(panel_points(panels[t]))
+            split_here = False
+            while abs(r[t]) > lam:
+                c = [(abs(e), i) for i, (e, p) in enumerate(zip(errs[t], panels[t]))
+                     if p[1] - p[0] >= 4]
+                if not c:
+                    break
+                if cap is not None and evals + 2 > cap:
+                    capped = True
+                    break
+                _, i = max(c)
+                a, b = panels[t][i]
+                m = (a + b) // 2
+                panels[t][i:i + 1] = [(a, m), (m, b)]
+                errs[t][i:i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
+                r[t] = sum(errs[t])
+                evals += 2
+                split_here = moved = True
+            if split_here:
+                if visited[t]:
+                    rescratch += before
+                visited[t] = True
+            if capped:
+                break
+        if not moved and lam < 1e-300:
+            break
+    w = np.stack([panel_w(p) for p in panels])
+    return w, evals, panels, rescratch
 
 
 # ------------------------------------------------------------------------------------------
@@ -420,6 +522,10 @@ def main() -> None:
             "budget-pan-step s=0.5": pol_budget_panels(run, "run", True, None, 0.5),
             "budget-pan-step s=1 var": pol_budget_panels(run, "var", True, None, 1.0),
             "budget-pan-step s=0.8 cap4": pol_budget_panels(run, "run", True, 4.0, 0.8),
+            "halving s=1": pol_halving(run, 1.0)[:3],
+            "halving s=0.8 cap4": pol_halving(run, 0.8, 4.0)[:3],
+            "water s=1": pol_water(run, 1.0),
+            "water s=0.8 cap4": pol_water(run, 0.8, 4.0),
             "uniform 32 (ref)": pol_uniform(run, [32] * run.S),
         }
         final_panels[run.name] = pols["budget-pan-step s=0.8 cap4"][2]
@@ -457,7 +563,8 @@ def main() -> None:
                  "n=8": [uniform_panels(8)] * run.S,
                  "recommended": final_panels[run.name]}
         for rname, panels in rules.items():
-          for ename, est in (("two-level", est_two_level(run, panels)),
+          tl = est_two_level(run, panels)
+          for ename, est in (("two-level", tl), ("two-level x2", 2 * tl),
                              ("calibrated c=3 lo=0.05", est_calibrated(run, panels, 3.0, 0.05)),
                              ("calibrated c=2 lo=0.1", est_calibrated(run, panels, 2.0, 0.1))):
             v = validate(run, panels, est)
