@@ -87,11 +87,13 @@ class Run:
         if self.fine:
             st2 = load_file(str(fine))
             assert np.array_equal(st2["loss"][:, ::4], self.L), name
-            assert np.allclose(st2["lca2/" + self.names[0]], self.f[:, ::16, 0] @ [1 / 6, 4 / 6,
-                                                                                 1 / 6])
+            assert np.allclose(
+                st2["lca2/" + self.names[0]], self.f[:, ::16, 0] @ [1 / 6, 4 / 6, 1 / 6]
+            )
             self.ref = np.stack([st2[f"lca128/{k}"] for k in self.names], axis=1)
-            self.ref_unc = np.abs(self.ref - np.stack([st2[f"lca64/{k}"] for k in self.names],
-                                                      axis=1))
+            self.ref_unc = np.abs(
+                self.ref - np.stack([st2[f"lca64/{k}"] for k in self.names], axis=1)
+            )
         self.steps_note = meta.get("steps_note", "all steps")
         self.layer_index = np.array([self.layer_names.index(x) for x in self.layers])
 
@@ -198,8 +200,13 @@ def pol_budget_uniform(run: Run, denom: str = "run", safety: float = SAFETY):
     return pol_uniform(run, ns)
 
 
-def pol_budget_panels(run: Run, denom: str = "run", by_step: bool = False,
-                      max_factor: float | None = None, safety: float = SAFETY):
+def pol_budget_panels(
+    run: Run,
+    denom: str = "run",
+    by_step: bool = False,
+    max_factor: float | None = None,
+    safety: float = SAFETY,
+):
     B = budget(run, denom, safety)
     panels = [[(0, G)] for _ in range(run.S)]
     errs = [[panel_err(run, t, 0, G)] for t in range(run.S)]
@@ -211,22 +218,29 @@ def pol_budget_panels(run: Run, denom: str = "run", by_step: bool = False,
         if by_step:
             order = sorted(range(run.S), key=lambda i: -abs(r[i]))
             for t in order:
-                c = [(abs(e), t, i) for i, (e, p) in enumerate(zip(errs[t], panels[t]))
-                     if p[1] - p[0] >= 4]
+                c = [
+                    (abs(e), t, i)
+                    for i, (e, p) in enumerate(zip(errs[t], panels[t]))
+                    if p[1] - p[0] >= 4
+                ]
                 if c:
                     best = max(c)
                     break
         else:
-            c = [(abs(e), t, i) for t in range(run.S)
-                 for i, (e, p) in enumerate(zip(errs[t], panels[t])) if p[1] - p[0] >= 4]
+            c = [
+                (abs(e), t, i)
+                for t in range(run.S)
+                for i, (e, p) in enumerate(zip(errs[t], panels[t]))
+                if p[1] - p[0] >= 4
+            ]
             best = max(c) if c else None
         if best is None or (cap is not None and evals + 2 > cap):
             break
         _, t, i = best
         a, b = panels[t][i]
         m = (a + b) // 2
-        panels[t][i:i + 1] = [(a, m), (m, b)]
-        errs[t][i:i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
+        panels[t][i : i + 1] = [(a, m), (m, b)]
+        errs[t][i : i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
         r[t] = sum(errs[t])
         evals += 2
     w = np.stack([panel_w(p) for p in panels])
@@ -265,15 +279,18 @@ def pol_water(run: Run, safety: float = 1.0, max_factor: float | None = None):
         progress = False
         for t in np.argsort(-np.abs(r)):
             while abs(r[t]) > tau:
-                c = [(abs(e), i) for i, (e, p) in enumerate(zip(errs[t], panels[t]))
-                     if p[1] - p[0] >= 4]
+                c = [
+                    (abs(e), i)
+                    for i, (e, p) in enumerate(zip(errs[t], panels[t]))
+                    if p[1] - p[0] >= 4
+                ]
                 if not c or (cap is not None and evals + 2 > cap):
                     break
                 _, i = max(c)
                 a, b = panels[t][i]
                 m = (a + b) // 2
-                panels[t][i:i + 1] = [(a, m), (m, b)]
-                errs[t][i:i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
+                panels[t][i : i + 1] = [(a, m), (m, b)]
+                errs[t][i : i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
                 r[t] = sum(errs[t])
                 evals += 2
                 progress = True
@@ -283,8 +300,9 @@ def pol_water(run: Run, safety: float = 1.0, max_factor: float | None = None):
     return w, evals, panels
 
 
-def pol_halving(run: Run, safety: float = 1.0, max_factor: float | None = None,
-                order: str = "desc"):
+def pol_halving(
+    run: Run, safety: float = 1.0, max_factor: float | None = None, order: str = "desc"
+):
     """(d') Halving level, one visit per step and round: lam = max_t |r_t|; repeat: lam /= 2;
     visit the steps with |r_t| > lam in order of decreasing |r_t| and refine each (largest
     |e_p| panel first) until |r_t| <= lam; stop as soon as sum_t |r_t| <= B. Returns also the
@@ -310,8 +328,11 @@ def pol_halving(run: Run, safety: float = 1.0, max_factor: float | None = None,
             before = len(panel_points(panels[t]))
             split_here = False
             while abs(r[t]) > lam:
-                c = [(abs(e), i) for i, (e, p) in enumerate(zip(errs[t], panels[t]))
-                     if p[1] - p[0] >= 4]
+                c = [
+                    (abs(e), i)
+                    for i, (e, p) in enumerate(zip(errs[t], panels[t]))
+                    if p[1] - p[0] >= 4
+                ]
                 if not c:
                     break
                 if cap is not None and evals + 2 > cap:
@@ -320,8 +341,8 @@ def pol_halving(run: Run, safety: float = 1.0, max_factor: float | None = None,
                 _, i = max(c)
                 a, b = panels[t][i]
                 m = (a + b) // 2
-                panels[t][i:i + 1] = [(a, m), (m, b)]
-                errs[t][i:i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
+                panels[t][i : i + 1] = [(a, m), (m, b)]
+                errs[t][i : i + 1] = [panel_err(run, t, a, m), panel_err(run, t, m, b)]
                 r[t] = sum(errs[t])
                 evals += 2
                 split_here = moved = True
@@ -396,8 +417,7 @@ def evaluate(run: Run, w: np.ndarray) -> dict:
         "sum_abs_r": float(np.abs(r).sum() / abs(run.dl_run)),
         "tensor_step_max": float(np.abs(err).max()),
         "tensor_run_max": float(np.abs(tot_err).max()),
-        "tensor_run_rel_own": float(np.max(np.abs(tot_err) / np.maximum(np.abs(tot_ref),
-                                                                          1e-300))),
+        "tensor_run_rel_own": float(np.max(np.abs(tot_err) / np.maximum(np.abs(tot_ref), 1e-300))),
         "layer_step_max": float(np.abs(lerr).max()),
         "layer_run_max": float(np.abs(ltot_err).max()),
         "lca": lca,
@@ -435,14 +455,18 @@ def est_two_level(run: Run, panels: list[list[tuple[int, int]]]) -> np.ndarray:
                 out[t] += np.abs((2 * run.f[t, m] - run.f[t, a] - run.f[t, b]) / 3)
             else:
                 (pa, pb), (sa, sb) = par
-                d = simpson_panel(run, t, a, b) + simpson_panel(run, t, sa, sb) - \
-                    simpson_panel(run, t, pa, pb)
+                d = (
+                    simpson_panel(run, t, a, b)
+                    + simpson_panel(run, t, sa, sb)
+                    - simpson_panel(run, t, pa, pb)
+                )
                 out[t] += np.abs(d) / 2
     return out
 
 
-def est_calibrated(run: Run, panels: list[list[tuple[int, int]]], c: float = 1.0,
-                   lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+def est_calibrated(
+    run: Run, panels: list[list[tuple[int, int]]], c: float = 1.0, lo: float = 0.0, hi: float = 1.0
+) -> np.ndarray:
     """Two-level differences scaled by how well the same rule did on the total, which is
     known exactly from the losses: per leaf panel p, rho_p = |r_p| / |D_p| clamped to
     [lo, hi], where r_p = L(b) - L(a) - Simpson_p(F) is the panel's exact residual and D_p =
@@ -457,8 +481,11 @@ def est_calibrated(run: Run, panels: list[list[tuple[int, int]]], c: float = 1.0
                 d = (2 * run.f[t, m] - run.f[t, a] - run.f[t, b]) / 3
             else:
                 (pa, pb), (sa, sb) = par
-                d = (simpson_panel(run, t, a, b) + simpson_panel(run, t, sa, sb)
-                     - simpson_panel(run, t, pa, pb)) / 2
+                d = (
+                    simpson_panel(run, t, a, b)
+                    + simpson_panel(run, t, sa, sb)
+                    - simpson_panel(run, t, pa, pb)
+                ) / 2
             D = float(d.sum())
             r = panel_err(run, t, a, b)
             rho = hi if D == 0 else min(max(abs(r) / abs(D), lo), hi)
@@ -466,8 +493,13 @@ def est_calibrated(run: Run, panels: list[list[tuple[int, int]]], c: float = 1.0
     return out
 
 
-def est_hybrid(run: Run, panels: list[list[tuple[int, int]]], c_split: float = 1.5,
-               c_root: float = 3.0, lo: float = 0.1) -> np.ndarray:
+def est_hybrid(
+    run: Run,
+    panels: list[list[tuple[int, int]]],
+    c_split: float = 1.5,
+    c_root: float = 3.0,
+    lo: float = 0.1,
+) -> np.ndarray:
     """c_split * est_two_level on split panels; on an unsplit step (one panel, three points)
     est_calibrated's form c_root * clamp(|r| / |D|, lo, 1) * |d_k|, where d_k = (2 f_k(1/2)
     - f_k(0) - f_k(1)) / 3 (Simpson minus trapezoid), D = sum_k d_k and r the step's
@@ -496,20 +528,21 @@ def validate(run: Run, panels: list[list[tuple[int, int]]], est: np.ndarray) -> 
     ref_unc = run.ref_unc
     out = {}
     sm = SMALL * abs(run.dl_run)
-    out["step x tensor"] = ratio_stats(est, np.where(np.abs(err) > ref_unc, np.abs(err), 0), 0,
-                                       sm)
+    out["step x tensor"] = ratio_stats(est, np.where(np.abs(err) > ref_unc, np.abs(err), 0), 0, sm)
     act_t = np.abs(err.sum(axis=0))
     unc_t = ref_unc.sum(axis=0)
     m = act_t > unc_t
     out["tensor run (sum)"] = ratio_stats(est.sum(axis=0), np.where(m, act_t, 0), 0, sm)
-    out["tensor run (rss)"] = ratio_stats(np.sqrt((est ** 2).sum(axis=0)),
-                                          np.where(m, act_t, 0), 0, sm)
+    out["tensor run (rss)"] = ratio_stats(
+        np.sqrt((est**2).sum(axis=0)), np.where(m, act_t, 0), 0, sm
+    )
     le, lest, lunc = run.by_layer(err), run.by_layer(est), run.by_layer(ref_unc)
     act_l = np.abs(le.sum(axis=0))
     ml = act_l > lunc.sum(axis=0)
     out["layer run (sum)"] = ratio_stats(lest.sum(axis=0), np.where(ml, act_l, 0), 0, sm)
-    out["layer run (rss)"] = ratio_stats(np.sqrt((lest ** 2).sum(axis=0)),
-                                         np.where(ml, act_l, 0), 0, sm)
+    out["layer run (rss)"] = ratio_stats(
+        np.sqrt((lest**2).sum(axis=0)), np.where(ml, act_l, 0), 0, sm
+    )
     out["n tensors"] = len(run.names)
     out["n layers"] = len(run.layer_names)
     return out
@@ -530,15 +563,19 @@ def recommended(run: Run):
 
 def summary(runs: list[Run]) -> None:
     print("## 0. Recommended policy and estimate, per run\n")
-    print(f"Policy: budget-pan-step, s = 0.8, cap 4×. Estimate: est_hybrid (c_split = "
-          f"{C_SPLIT}, c_root = {C_ROOT}, lo = {RHO_LO}) per step and tensor; a layer's per step is the sum over its tensors; run totals are the "
-          "root-sum-square over steps. Errors against the finest reference available (ref "
-          "column); 'est ≥ actual' counts the entries whose actual error the reference "
-          "resolves (of n).\n")
-    print("| run | steps | ref | evals (plain) | × plain | Σ\\|r\\|/\\|ΔL\\| plain → policy | "
-          "max layer err/run (÷\\|ΔL\\|) | max tensor err/step | tensor run totals: "
-          "est ≥ actual / sharp, median est/actual | layer run totals: same | "
-          "step×tensor: same | largest run-total error bar ÷ \\|ΔL\\|: tensor, layer |")
+    print(
+        f"Policy: budget-pan-step, s = 0.8, cap 4×. Estimate: est_hybrid (c_split = "
+        f"{C_SPLIT}, c_root = {C_ROOT}, lo = {RHO_LO}) per step and tensor; a layer's per step is the sum over its tensors; run totals are the "
+        "root-sum-square over steps. Errors against the finest reference available (ref "
+        "column); 'est ≥ actual' counts the entries whose actual error the reference "
+        "resolves (of n).\n"
+    )
+    print(
+        "| run | steps | ref | evals (plain) | × plain | Σ\\|r\\|/\\|ΔL\\| plain → policy | "
+        "max layer err/run (÷\\|ΔL\\|) | max tensor err/step | tensor run totals: "
+        "est ≥ actual / sharp, median est/actual | layer run totals: same | "
+        "step×tensor: same | largest run-total error bar ÷ \\|ΔL\\|: tensor, layer |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         w0, ev0, _ = pol_uniform(run, [2] * run.S)
@@ -546,20 +583,28 @@ def summary(runs: list[Run]) -> None:
         e0, e = evaluate(run, w0), evaluate(run, w)
         est = recommended_estimate(run, panels)
         v = validate(run, panels, est)
-        bar_t = np.sqrt((est ** 2).sum(axis=0)).max() / abs(run.dl_run)
+        bar_t = np.sqrt((est**2).sum(axis=0)).max() / abs(run.dl_run)
         bar_l = np.sqrt((run.by_layer(est) ** 2).sum(axis=0)).max() / abs(run.dl_run)
 
         def cov(st: dict) -> str:
-            return "–" if not st["n"] else (f"{100 * st['covered']:.0f} % / "
-                                            f"{100 * st['sharp']:.0f} % of {st['n']}, "
-                                            f"{st['median']:.1f}")
+            return (
+                "–"
+                if not st["n"]
+                else (
+                    f"{100 * st['covered']:.0f} % / "
+                    f"{100 * st['sharp']:.0f} % of {st['n']}, "
+                    f"{st['median']:.1f}"
+                )
+            )
 
-        print(f"| {run.name} | {run.S} | {128 if run.fine else 32} | {ev} ({ev0}) | "
-              f"{ev / ev0:.2f} | {100 * e0['sum_abs_r']:.4f} % → {100 * e['sum_abs_r']:.4f} % "
-              f"| {e['layer_run_max']:.1e} ({e['layer_run_max'] / abs(run.dl_run):.0e}) | "
-              f"{e['tensor_step_max']:.1e} | {cov(v['tensor run (rss)'])} | "
-              f"{cov(v['layer run (rss)'])} | {cov(v['step x tensor'])} | {bar_t:.0e}, "
-              f"{bar_l:.0e} |")
+        print(
+            f"| {run.name} | {run.S} | {128 if run.fine else 32} | {ev} ({ev0}) | "
+            f"{ev / ev0:.2f} | {100 * e0['sum_abs_r']:.4f} % → {100 * e['sum_abs_r']:.4f} % "
+            f"| {e['layer_run_max']:.1e} ({e['layer_run_max'] / abs(run.dl_run):.0e}) | "
+            f"{e['tensor_step_max']:.1e} | {cov(v['tensor run (rss)'])} | "
+            f"{cov(v['layer run (rss)'])} | {cov(v['step x tensor'])} | {bar_t:.0e}, "
+            f"{bar_l:.0e} |"
+        )
     print()
 
 
@@ -574,12 +619,16 @@ def main() -> None:
     results: dict = {}
     summary(runs)
     print("## 1. Policies\n")
-    print("Budget policies: eps = 1e-4 times the safety factor s, D = |ΔL_run| (var: "
-          "D = Σ_t|ΔL_t|); cap4: stop at 4× plain Simpson's evaluations. Errors against "
-          "composite Simpson with 32 sub-intervals; 'run' = summed over the steps; 'rel. own' "
-          "= largest |run-total error| / |run-total LCA| of a tensor.\n")
-    print("| run | steps | policy | evals | × plain | Σ\\|r\\|/\\|ΔL\\| | max tensor err/step "
-          "| max tensor err/run | rel. own | max layer err/step | max layer err/run |")
+    print(
+        "Budget policies: eps = 1e-4 times the safety factor s, D = |ΔL_run| (var: "
+        "D = Σ_t|ΔL_t|); cap4: stop at 4× plain Simpson's evaluations. Errors against "
+        "composite Simpson with 32 sub-intervals; 'run' = summed over the steps; 'rel. own' "
+        "= largest |run-total error| / |run-total LCA| of a tensor.\n"
+    )
+    print(
+        "| run | steps | policy | evals | × plain | Σ\\|r\\|/\\|ΔL\\| | max tensor err/step "
+        "| max tensor err/run | rel. own | max layer err/step | max layer err/run |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     final_panels: dict = {}
     for run in runs:
@@ -600,54 +649,76 @@ def main() -> None:
             "uniform 32 (ref)": pol_uniform(run, [32] * run.S),
         }
         final_panels[run.name] = pols["budget-pan-step s=0.8 cap4"][2]
-        results[run.name] = {"S": run.S, "dl_run": run.dl_run, "var": run.var,
-                             "ref_selfcheck_max": float(np.abs(run.ref - run.ref16).max()),
-                             "policies": {}}
+        results[run.name] = {
+            "S": run.S,
+            "dl_run": run.dl_run,
+            "var": run.var,
+            "ref_selfcheck_max": float(np.abs(run.ref - run.ref16).max()),
+            "policies": {},
+        }
         for pname, (w, ev, desc) in pols.items():
             e = evaluate(run, w)
             results[run.name]["policies"][pname] = {
-                k: v for k, v in e.items() if k not in ("lca", "err")} | {"evals": ev}
-            print(f"| {run.name} | {run.S} | {pname} | {ev} | {ev / plain_ev:.2f} | "
-                  f"{100 * e['sum_abs_r']:.4f} % | {e['tensor_step_max']:.1e} | "
-                  f"{e['tensor_run_max']:.1e} | {e['tensor_run_rel_own']:.1e} | "
-                  f"{e['layer_step_max']:.1e} | {e['layer_run_max']:.1e} |")
+                k: v for k, v in e.items() if k not in ("lca", "err")
+            } | {"evals": ev}
+            print(
+                f"| {run.name} | {run.S} | {pname} | {ev} | {ev / plain_ev:.2f} | "
+                f"{100 * e['sum_abs_r']:.4f} % | {e['tensor_step_max']:.1e} | "
+                f"{e['tensor_run_max']:.1e} | {e['tensor_run_rel_own']:.1e} | "
+                f"{e['layer_step_max']:.1e} | {e['layer_run_max']:.1e} |"
+            )
     print()
-    print("| run | steps | ΔL_run | Σ\\|ΔL_t\\| | reference Σ\\|r\\|/\\|ΔL\\| | "
-          "max\\|lca32 − lca16\\| |")
+    print(
+        "| run | steps | ΔL_run | Σ\\|ΔL_t\\| | reference Σ\\|r\\|/\\|ΔL\\| | "
+        "max\\|lca32 − lca16\\| |"
+    )
     print("|---|---|---|---|---|---|")
     for run in runs:
-        print(f"| {run.name} | {run.S} ({run.steps_note}) | {run.dl_run:.4f} | {run.var:.4f} | "
-              f"{100 * results[run.name]['policies']['uniform 32 (ref)']['sum_abs_r']:.4f} % | "
-              f"{results[run.name]['ref_selfcheck_max']:.1e} |")
+        print(
+            f"| {run.name} | {run.S} ({run.steps_note}) | {run.dl_run:.4f} | {run.var:.4f} | "
+            f"{100 * results[run.name]['policies']['uniform 32 (ref)']['sum_abs_r']:.4f} % | "
+            f"{results[run.name]['ref_selfcheck_max']:.1e} |"
+        )
 
     print("\n## 2. Error estimates: est/actual\n")
-    print("Estimate per step and tensor: est_two_level (sum over leaf panels of the two-level "
-          "difference); a layer's is the sum over its tensors; run totals sum over steps "
-          "(or root-sum-square, rss). Entries whose actual error the reference cannot resolve "
-          "are left out (n = entries kept).\n")
-    print("| run | rule | level | n | est ≥ actual | 1 ≤ est/actual ≤ 10 | sharp | p05 | median "
-          "| p95 |")
+    print(
+        "Estimate per step and tensor: est_two_level (sum over leaf panels of the two-level "
+        "difference); a layer's is the sum over its tensors; run totals sum over steps "
+        "(or root-sum-square, rss). Entries whose actual error the reference cannot resolve "
+        "are left out (n = entries kept).\n"
+    )
+    print(
+        "| run | rule | level | n | est ≥ actual | 1 ≤ est/actual ≤ 10 | sharp | p05 | median "
+        "| p95 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     est_res: dict = {}
     for run in runs:
-        rules = {"plain": [uniform_panels(2)] * run.S,
-                 "n=4": [uniform_panels(4)] * run.S,
-                 "n=8": [uniform_panels(8)] * run.S,
-                 "recommended": recommended(run)[2]}
+        rules = {
+            "plain": [uniform_panels(2)] * run.S,
+            "n=4": [uniform_panels(4)] * run.S,
+            "n=8": [uniform_panels(8)] * run.S,
+            "recommended": recommended(run)[2],
+        }
         for rname, panels in rules.items():
-          tl = est_two_level(run, panels)
-          for ename, est in (("two-level", tl), ("1.5 two-level", 1.5 * tl),
-                             ("calibrated c=5 lo=0.1", est_calibrated(run, panels, 5.0, 0.1)),
-                             ("hybrid (recommended)", recommended_estimate(run, panels))):
-            v = validate(run, panels, est)
-            est_res.setdefault(run.name, {})[f"{rname} {ename}"] = v
-            for level, st in v.items():
-                if not isinstance(st, dict) or not st["n"]:
-                    continue
-                print(f"| {run.name} | {rname} {ename} | {level} | {st['n']} | "
-                      f"{100 * st['covered']:.1f} % | {100 * st['within10']:.1f} % | "
-                      f"{100 * st['sharp']:.1f} % | "
-                      f"{st['p05']:.2f} | {st['median']:.2f} | {st['p95']:.1f} |")
+            tl = est_two_level(run, panels)
+            for ename, est in (
+                ("two-level", tl),
+                ("1.5 two-level", 1.5 * tl),
+                ("calibrated c=5 lo=0.1", est_calibrated(run, panels, 5.0, 0.1)),
+                ("hybrid (recommended)", recommended_estimate(run, panels)),
+            ):
+                v = validate(run, panels, est)
+                est_res.setdefault(run.name, {})[f"{rname} {ename}"] = v
+                for level, st in v.items():
+                    if not isinstance(st, dict) or not st["n"]:
+                        continue
+                    print(
+                        f"| {run.name} | {rname} {ename} | {level} | {st['n']} | "
+                        f"{100 * st['covered']:.1f} % | {100 * st['within10']:.1f} % | "
+                        f"{100 * st['sharp']:.1f} % | "
+                        f"{st['p05']:.2f} | {st['median']:.2f} | {st['p95']:.1f} |"
+                    )
     results["estimators"] = est_res
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
