@@ -91,6 +91,8 @@ class Run:
                 st2["lca2/" + self.names[0]], self.f[:, ::16, 0] @ [1 / 6, 4 / 6, 1 / 6]
             )
             self.ref = np.stack([st2[f"lca128/{k}"] for k in self.names], axis=1)
+            meta2 = json.loads((base.parent / (base.name + "128.json")).read_text())
+            self.sum_r128 = meta2["sum_abs_r_over_abs_dL"]["128"]
             self.ref_unc = np.abs(
                 self.ref - np.stack([st2[f"lca64/{k}"] for k in self.names], axis=1)
             )
@@ -669,16 +671,32 @@ def main() -> None:
             )
     print()
     print(
-        "| run | steps | ΔL_run | Σ\\|ΔL_t\\| | reference Σ\\|r\\|/\\|ΔL\\| | "
+        "| run | steps | ΔL_run | Σ\\|ΔL_t\\| | Σ\\|r\\|/\\|ΔL\\| n = 32 | n = 128 | "
         "max\\|lca32 − lca16\\| |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for run in runs:
+        r128 = f"{100 * run.sum_r128:.5f} %" if run.fine else "–"
         print(
             f"| {run.name} | {run.S} ({run.steps_note}) | {run.dl_run:.4f} | {run.var:.4f} | "
             f"{100 * results[run.name]['policies']['uniform 32 (ref)']['sum_abs_r']:.4f} % | "
-            f"{results[run.name]['ref_selfcheck_max']:.1e} |"
+            f"{r128} | {results[run.name]['ref_selfcheck_max']:.1e} |"
         )
+    print(
+        "\nCost of pass 2 when a step visited again in a later round is re-integrated from "
+        "scratch (all its points evaluated again) instead of keeping its points' gradients "
+        "(halving policy):\n"
+    )
+    print("| run | s | cap | evals kept | × plain | evals from scratch | × plain |")
+    print("|---|---|---|---|---|---|---|")
+    for run in runs:
+        plain_ev = 1 + 2 * run.S
+        for sf, cap in ((1.0, None), (0.8, 4.0)):
+            _, ev, _, re = pol_halving(run, sf, cap)
+            print(
+                f"| {run.name} | {sf} | {cap or '–'} | {ev} | {ev / plain_ev:.2f} | {ev + re} | "
+                f"{(ev + re) / plain_ev:.2f} |"
+            )
 
     print("\n## 2. Error estimates: est/actual\n")
     print(
