@@ -624,7 +624,8 @@ def main() -> None:
     print(
         "Budget policies: eps = 1e-4 times the safety factor s, D = |ΔL_run| (var: "
         "D = Σ_t|ΔL_t|); cap4: stop at 4× plain Simpson's evaluations. Errors against "
-        "composite Simpson with 32 sub-intervals; 'run' = summed over the steps; 'rel. own' "
+        "the finest reference (composite Simpson with 128 sub-intervals where computed, else "
+        "32; the ref column of section 0); 'run' = summed over the steps; 'rel. own' "
         "= largest |run-total error| / |run-total LCA| of a tensor.\n"
     )
     print(
