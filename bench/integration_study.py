@@ -558,15 +558,15 @@ def recommended_estimate(run: Run, panels: list[list[tuple[int, int]]]) -> np.nd
 
 
 def recommended(run: Run):
-    """The recommended default: run-level budget, step first, panel splits, safety 0.8,
-    at most 4x plain Simpson's evaluations."""
-    return pol_budget_panels(run, "run", True, 4.0, 0.8)
+    """The recommended default: run-level budget, halving level (step first, largest panel
+    first), safety 0.8, at most 4x plain Simpson's evaluations."""
+    return pol_halving(run, 0.8, 4.0)[:3]
 
 
 def summary(runs: list[Run]) -> None:
     print("## 0. Recommended policy and estimate, per run\n")
     print(
-        f"Policy: budget-pan-step, s = 0.8, cap 4×. Estimate: est_hybrid (c_split = "
+        f"Policy: halving, s = 0.8, cap 4×. Estimate: est_hybrid (c_split = "
         f"{C_SPLIT}, c_root = {C_ROOT}, lo = {RHO_LO}) per step and tensor; a layer's per step is the sum over its tensors; run totals are the "
         "root-sum-square over steps. Errors against the finest reference available (ref "
         "column); 'est ≥ actual' counts the entries whose actual error the reference "
