@@ -567,7 +567,8 @@ def summary(runs: list[Run]) -> None:
     print("## 0. Recommended policy and estimate, per run\n")
     print(
         f"Policy: halving, s = 0.8, cap 4×. Estimate: est_hybrid (c_split = "
-        f"{C_SPLIT}, c_root = {C_ROOT}, lo = {RHO_LO}) per step and tensor; a layer's per step is the sum over its tensors; run totals are the "
+        f"{C_SPLIT}, c_root = {C_ROOT}, lo = {RHO_LO}) per step and tensor; a layer's per "
+        "step is the sum over its tensors; run totals are the "
         "root-sum-square over steps. Errors against the finest reference available (ref "
         "column); 'est ≥ actual' counts the entries whose actual error the reference "
         "resolves (of n).\n"
