@@ -42,13 +42,25 @@ EXPORTED = "model.pt2"
 DataArg = Union[tuple[Any, Any], "torch.utils.data.Dataset[Any]", "torch.utils.data.DataLoader[Any]"]
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write `path` through a temporary file in the same directory, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _MODE)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -302,6 +302,11 @@ class _Mapper:
 
     def bad(self, n: fx.Node, op: str, reason: str) -> None:
         self.unsupported.append(UnsupportedOp(op, self.where(n), self.source(n), reason))
+        if self.is_tensor(n) and n not in self.ref:
+            # What follows still maps (so each unsupported op is reported once, not again as
+            # a missing input downstream); the spec is withheld anyway.
+            self.ref[n] = f"<unsupported {n.name}>"
+            self.kind[self.ref[n]] = "unsupported"
 
     def unique(self, base: str) -> str:
         name = base
