@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -38,8 +38,6 @@ CHECKPOINTS = "checkpoints"
 SPEC_FILE = "model.toml"
 MANIFEST = "lca-run.json"
 EXPORTED = "model.pt2"
-
-DataArg = Union[tuple[Any, Any], "torch.utils.data.Dataset[Any]", "torch.utils.data.DataLoader[Any]"]
 
 
 def _file_mode() -> int:
@@ -222,14 +220,14 @@ class Recorder:
     def __init__(
         self,
         model: nn.Module,
-        run_dir: Union[str, os.PathLike[str]],
+        run_dir: str | os.PathLike[str],
         data: Any,
         loss: str = "cross_entropy",
         every: int = 1,
-        torch_loss_every: Optional[int] = None,
-        factory: Union[str, Callable[..., nn.Module], None] = None,
+        torch_loss_every: int | None = None,
+        factory: str | Callable[..., nn.Module] | None = None,
         factory_args: Sequence[Any] = (),
-        factory_kwargs: Optional[Mapping[str, Any]] = None,
+        factory_kwargs: Mapping[str, Any] | None = None,
         batch_norm: str = "running-stats",
         chunk_size: int = 256,
         export: bool = True,
@@ -256,7 +254,7 @@ class Recorder:
         self.batch_norm = batch_norm
         self.chunk_size = chunk_size
         self.t = 0
-        self.last_written: Optional[int] = None
+        self.last_written: int | None = None
         self.closed = False
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +292,7 @@ class Recorder:
 
     # -- public ----------------------------------------------------------------------------
 
-    def step(self) -> Optional[Path]:
+    def step(self) -> Path | None:
         """Call after each `optimizer.step()`: step t+1 is done. Returns the checkpoint written
         (None when this step is not a multiple of `every`)."""
         if self.closed:
@@ -318,14 +316,14 @@ class Recorder:
 
     def __exit__(
         self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
     @property
-    def spec_path(self) -> Optional[Path]:
+    def spec_path(self) -> Path | None:
         p = self.run_dir / SPEC_FILE
         return p if self.spec.spec is not None else None
 
@@ -385,7 +383,7 @@ class Recorder:
 
     def _model_ref(
         self,
-        factory: Union[str, Callable[..., nn.Module], None],
+        factory: str | Callable[..., nn.Module] | None,
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
     ) -> dict[str, Any]:

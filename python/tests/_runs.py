@@ -66,7 +66,9 @@ def torch_loss_of(run: Path, step: int = 0) -> float:
     return float(meta["lca.torch_loss"])
 
 
-def analyze(lca_bin: Path, run: Path, out: Path, spec: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def analyze(
+    lca_bin: Path, run: Path, out: Path, spec: Path | None = None, quick: bool = False
+) -> dict[str, Any]:
     """Run `lca analyze` on the run; returns steps.csv rows and summary.json."""
     cmd = [
         str(lca_bin),

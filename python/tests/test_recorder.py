@@ -30,7 +30,9 @@ def _checkpoint_meta(path: Path) -> dict[str, str]:
 
 
 def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)
+    )
 
 
 def test_mlp_tanh_records_and_matches(tmp_path: Path, lca_bin: Path) -> None:
@@ -153,7 +155,9 @@ def test_custom_cnn_nested_records_and_matches(tmp_path: Path, lca_bin: Path) ->
     wrong = edit_spec(run, run / "wrong.toml", "negative_slope = 0.1", "negative_slope = 0.01")
     bad = lca_loss0(analyze(lca_bin, run, tmp_path / "out_wrong", spec=wrong, quick=True))
     assert not close(bad, torch_loss_of(run)), (bad, torch_loss_of(run))
-    wrong = edit_spec(run, run / "wrong2.toml", "count_include_pad = false", "count_include_pad = true")
+    wrong = edit_spec(
+        run, run / "wrong2.toml", "count_include_pad = false", "count_include_pad = true"
+    )
     bad = lca_loss0(analyze(lca_bin, run, tmp_path / "out_wrong2", spec=wrong, quick=True))
     assert not close(bad, torch_loss_of(run)), (bad, torch_loss_of(run))
 
@@ -164,7 +168,14 @@ def test_batch_stats_mode_matches(tmp_path: Path, lca_bin: Path) -> None:
     x, y = torch.randn(100, 1, 12, 12), torch.randint(0, 10, (100,))
     run = tmp_path / "run"
     train(
-        model, run, x, y, "cross_entropy", steps=1, export=False, batch_norm="batch-stats",
+        model,
+        run,
+        x,
+        y,
+        "cross_entropy",
+        steps=1,
+        export=False,
+        batch_norm="batch-stats",
         chunk_size=40,
     )
     spec = (run / "model.toml").read_text()
@@ -197,7 +208,10 @@ def test_unsupported_model_still_records(tmp_path: Path, model_cls: type[nn.Modu
         assert op["op"].endswith("RMSNorm") and op["where"] == "block.1"
         assert "block.1" in rec.message
     assert len(list((run / "checkpoints").iterdir())) == 3
-    assert float(_checkpoint_meta(run / "checkpoints" / "step_000000.safetensors")["lca.torch_loss"]) > 0
+    assert (
+        float(_checkpoint_meta(run / "checkpoints" / "step_000000.safetensors")["lca.torch_loss"])
+        > 0
+    )
 
 
 def test_every_and_torch_loss_every(tmp_path: Path) -> None:
@@ -209,7 +223,9 @@ def test_every_and_torch_loss_every(tmp_path: Path) -> None:
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     # 0, 2, 4 by `every`, and 5 written by close() so the last state is kept.
     assert names == [f"step_{t:06d}.safetensors" for t in (0, 2, 4, 5)]
-    metas = {t: _checkpoint_meta(run / "checkpoints" / f"step_{t:06d}.safetensors") for t in (0, 2, 4, 5)}
+    metas = {
+        t: _checkpoint_meta(run / "checkpoints" / f"step_{t:06d}.safetensors") for t in (0, 2, 4, 5)
+    }
     assert [t for t, m in metas.items() if "lca.torch_loss" in m] == [0, 4]
     with torch.no_grad():
         model.eval()
