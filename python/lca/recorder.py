@@ -346,7 +346,8 @@ class Recorder:
         # Tied tensors: the name the spec uses (its first layer); else the first in order.
         by_storage: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
         preferred = set(self.spec.params.values())
-        order = sorted(sd, key=lambda k: (k not in preferred, list(sd).index(k)))
+        position = {k: i for i, k in enumerate(sd)}
+        order = sorted(sd, key=lambda k: (k not in preferred, position[k]))
         for name in order:
             t = sd[name]
             if t.numel() == 0:
