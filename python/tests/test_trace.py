@@ -241,3 +241,20 @@ def test_toml_writer_values() -> None:
     assert _toml.value('q"x') == '"q\\"x"'
     with pytest.raises(ValueError):
         _toml.value(float("nan"))
+
+
+def test_untraceable_control_flow_is_reported() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent: fx cannot trace it
+                return self.fc(x)
+            return self.fc(-x)
+
+    res = trace_spec(Branchy(), torch.randn(2, 3))
+    assert res.spec is None
+    [op] = res.unsupported
+    assert op.op == "torch.fx.symbolic_trace" and "could not be traced" in op.reason
