@@ -202,6 +202,129 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def _is_leaf(m: nn.Module) -> bool:
+    if _looks_like_causal_attention(m):
+        return True
+    return (
+        m.__module__.startswith("torch.nn") or m.__module__.startswith("torch.ao.nn")
+    ) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _aten_map() -> dict[Any, tuple[Any, int, tuple[str, ...]]]:
+    """aten op -> (the torch call the mapper knows, positional args kept, kwargs kept)."""
+    aten = torch.ops.aten
+    table: dict[Any, tuple[Any, int, tuple[str, ...]]] = {}
+
+    def put(name: str, overload: str, fn: Any, nargs: int, kws: tuple[str, ...] = ()) -> None:
+        packet = getattr(aten, name, None)
+        op = getattr(packet, overload, None) if packet is not None else None
+        if op is not None:
+            table[op] = (fn, nargs, kws)
+
+    put("relu", "default", torch.relu, 1)
+    put("relu_", "default", torch.relu, 1)
+    put("tanh", "default", torch.tanh, 1)
+    put("sigmoid", "default", torch.sigmoid, 1)
+    put("gelu", "default", F.gelu, 1, ("approximate",))
+    put("leaky_relu", "default", F.leaky_relu, 2)
+    put("add", "Tensor", torch.add, 2, ("alpha",))
+    put("add_", "Tensor", torch.add, 2, ("alpha",))
+    put("flatten", "using_ints", torch.flatten, 3)
+    put("view", "default", torch.reshape, 2)
+    put("reshape", "default", torch.reshape, 2)
+    put("mean", "dim", torch.mean, 3)
+    put("max_pool2d", "default", F.max_pool2d, 6)
+    put("avg_pool2d", "default", F.avg_pool2d, 7)
+    put("adaptive_avg_pool2d", "default", F.adaptive_avg_pool2d, 2)
+    put("layer_norm", "default", F.layer_norm, 5)
+    put("dropout", "default", F.dropout, 3)
+    put("clone", "default", "contiguous", 1)
+    put("contiguous", "default", "contiguous", 1)
+    put("alias", "default", "contiguous", 1)
+    put("detach", "default", "contiguous", 1)
+    put("sym_size", "int", "size", 2)
+    put("arange", "default", torch.arange, 1, ("dtype", "device"))
+    put("arange", "start", torch.arange, 2, ("dtype", "device"))
+    return table
+
+
+def _trace_export(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """The module's `torch.export` graph rewritten at module level for the mapper.
+
+    Each call of a leaf module (as fx would see it) becomes one `call_module` node; the aten
+    ops between them become the torch calls they stand for; other aten ops stay, and the mapper
+    reports them as unsupported."""
+    from torch.export.graph_signature import InputKind
+
+    ep = torch.export.export(model, (example,))
+    sig = ep.graph_signature
+    lifted = {
+        spec.arg.name: spec.target
+        for spec in sig.input_specs
+        if spec.kind != InputKind.USER_INPUT and spec.target is not None
+    }
+    table = _aten_map()
+    modules = dict(model.named_modules())
+    g = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    group_out: dict[str, fx.Node] = {}
+
+    def val(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(val(x) for x in a)
+        return a
+
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in lifted:
+                env[n] = g.get_attr(lifted[n.name])
+            else:
+                env[n] = g.placeholder(n.name)
+            continue
+        if n.op == "output":
+            outs = n.args[0]
+            g.output(val(outs[0]) if len(outs) == 1 else val(tuple(outs)))
+            continue
+        if n.op != "call_function":
+            raise RuntimeError(f"unexpected node {n.op} in the exported graph")
+        stack = n.meta.get("nn_module_stack") or {}
+        leaf: tuple[str, str] | None = None
+        for key, (path, _) in stack.items():
+            mod = modules.get(str(path))
+            if path and mod is not None and _is_leaf(mod):
+                leaf = (str(key), str(path))
+                break  # the outermost leaf: what fx would have called
+        meta = {k: n.meta[k] for k in ("stack_trace", "nn_module_stack") if k in n.meta}
+        if leaf is not None:
+            key, path = leaf
+            if key not in group_out:
+                ins = [
+                    a
+                    for a in n.all_input_nodes
+                    if a.name not in lifted and isinstance(a.meta.get("val"), torch.Tensor)
+                ]
+                new = g.call_module(path, tuple(env[a] for a in ins[:1]))
+                new.meta.update(meta)
+                group_out[key] = new
+            env[n] = group_out[key]
+            continue
+        if n.target in table:
+            fn, nargs, kws = table[n.target]
+            args = val(tuple(n.args[:nargs]))
+            kwargs = {k: val(v) for k, v in n.kwargs.items() if k in kws}
+            if isinstance(fn, str):
+                new = g.call_method(fn, args, kwargs)
+            else:
+                new = g.call_function(fn, args, kwargs)
+        else:
+            new = g.call_function(n.target, val(n.args), val(dict(n.kwargs)))
+        new.meta.update(meta)
+        env[n] = new
+    return fx.GraphModule(model, g, type(model).__name__)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mapping
 
@@ -217,6 +340,8 @@ def _pair(v: Any) -> Any:
 
 
 def _fn_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target.__name__}"
     if isinstance(target, str):
         return f"Tensor.{target}"
     mod = getattr(target, "__module__", None) or ""
@@ -630,6 +755,14 @@ class _Mapper:
                     return self.ref[a]
                 continue
             stack.extend(a.all_input_nodes)
+        # A length fixed when the graph was made (torch.export specialises sizes): the model
+        # input, when its axis 1 has that length.
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                v = self.values.get(n)
+                if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == tlen:
+                    return "input"
+                break
         return None
 
     def attention(self, n: fx.Node, name: str, mod: nn.Module, first: fx.Node) -> None:
@@ -936,15 +1069,20 @@ def trace_spec(
         try:
             gm = _trace(model)
         except Exception as e:  # fx cannot trace it (data-dependent control flow, ...)
-            result.unsupported.append(
-                UnsupportedOp(
-                    "torch.fx.symbolic_trace",
-                    "",
-                    None,
-                    f"the module could not be traced: {type(e).__name__}: {e}",
+            try:
+                gm = _trace_export(model, example_input)
+                result.notes.append(f"traced with torch.export (torch.fx failed: {e})")
+            except Exception as e2:
+                result.unsupported.append(
+                    UnsupportedOp(
+                        "torch.fx.symbolic_trace",
+                        "",
+                        None,
+                        f"the module could not be traced: torch.fx: {type(e).__name__}: {e}; "
+                        f"torch.export: {type(e2).__name__}: {e2}",
+                    )
                 )
-            )
-            return result
+                return result
         with torch.no_grad():
             rec = _Recorder(gm)
             traced_out = rec.run(example_input)
@@ -973,7 +1111,7 @@ def trace_spec(
         result.params = mapper.params
         result.aliases = mapper.aliases
         result.batch_norm = batch_norm if mapper.has_bn else None
-        result.notes = mapper.notes
+        result.notes += mapper.notes
         if loss == "cross_entropy" and isinstance(real_out, torch.Tensor):
             if real_out.dim() not in (2, 3):
                 result.unsupported.append(

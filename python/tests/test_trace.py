@@ -258,3 +258,60 @@ def test_untraceable_control_flow_is_reported() -> None:
     assert res.spec is None
     [op] = res.unsupported
     assert op.op == "torch.fx.symbolic_trace" and "could not be traced" in op.reason
+
+
+@pytest.mark.parametrize("which", ["gpt", "cnn", "sin", "functional"])
+def test_torch_export_fallback_gives_the_same_layers(
+    which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lca.trace
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.avg_pool2d(F.gelu(self.conv(x), approximate="tanh"), 2, 1, 1, False, False)
+            h = F.max_pool2d(h, 2) + F.max_pool2d(h, 2)
+            return self.fc(h.mean((2, 3)))
+
+    model, x = {
+        "gpt": (GPT(GPTConfig()), torch.randint(0, 40, (2, 8))),
+        "cnn": (CustomCNN(), torch.randn(2, 1, 12, 12)),
+        "sin": (SinMLP(), torch.randn(2, 8)),
+        "functional": (Functional(), torch.randn(2, 3, 9, 9)),
+    }[which]
+    by_fx = trace_spec(model, x)
+
+    def no_fx(model: nn.Module) -> Any:
+        raise RuntimeError("fx disabled for this test")
+
+    monkeypatch.setattr(lca.trace, "_trace", no_fx)
+    by_export = trace_spec(model, x)
+    assert any("torch.export" in note for note in by_export.notes)
+    assert by_export.layers == by_fx.layers
+    assert by_export.params == by_fx.params and by_export.aliases == by_fx.aliases
+    assert len(by_export.unsupported) == len(by_fx.unsupported)
+    if which == "sin":
+        [op] = by_export.unsupported
+        assert op.op == "aten.sin.default" and op.source and "torch.sin" in op.source
+
+
+def test_shape_branch_fx_cannot_trace_uses_torch_export() -> None:
+    class ShapeBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.fc = nn.Linear(2 * 4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 3:  # fx cannot branch on a traced size; torch.export can
+                x = x.unsqueeze(1)
+            return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+    res = trace_spec(ShapeBranch(), torch.randn(2, 1, 6, 6))
+    assert res.spec is not None, res.message
+    assert any("torch.export" in note for note in res.notes)
+    assert [layer["type"] for layer in res.layers] == ["conv2d", "tanh", "flatten", "linear"]
