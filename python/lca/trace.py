@@ -162,6 +162,7 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _looks_like_causal_attention(m):
@@ -293,6 +294,8 @@ def _trace_export(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         leaf: tuple[str, str] | None = None
         for key, (path, _) in stack.items():
             mod = modules.get(str(path))
+            if isinstance(mod, nn.MultiheadAttention):
+                break  # its call (q, k, v, masks) cannot be rebuilt from aten ops: unsupported
             if path and mod is not None and _is_leaf(mod):
                 leaf = (str(key), str(path))
                 break  # the outermost leaf: what fx would have called
@@ -530,6 +533,11 @@ class _Mapper:
                     continue
             if not ins:
                 continue  # a constant, or a size computation: no layer
+            if n.op == "call_module" and isinstance(
+                self.gm.get_submodule(str(n.target)), nn.MultiheadAttention
+            ):
+                self.multihead(n, self.gm.get_submodule(str(n.target)))
+                continue
             if not self.is_tensor(n):
                 if n.target in _SHAPE_FUNCS or n.target in ("size", "dim") or n.target is getattr:
                     continue  # x.size(1), x.shape: sizes are read from the graph values
@@ -797,6 +805,69 @@ class _Mapper:
         self.emit(n, name, "causal_self_attention", [self.ref[first]], n_embd=c, n_head=heads[0])
         self.layers[-1]["bias"] = bias
 
+    def multihead(self, n: fx.Node, mod: nn.MultiheadAttention) -> None:
+        """`mha(x, x, x, attn_mask=causal mask or None, need_weights=...)`, batch first."""
+        op = f"module {type(mod).__module__}.{type(mod).__name__}"
+        path = str(n.target)
+
+        def arg(i: int, kw: str, default: Any) -> Any:
+            return n.args[i] if len(n.args) > i else n.kwargs.get(kw, default)
+
+        q, k, v = arg(0, "query", None), arg(1, "key", None), arg(2, "value", None)
+        if not (isinstance(q, fx.Node) and q is k and k is v and q in self.ref):
+            self.bad(n, op, "only self-attention mha(x, x, x) is supported")
+            return
+        problems = []
+        if not mod.batch_first:
+            problems.append("batch_first = False (lca's sequences are [N, T, C])")
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+            problems.append("kdim/vdim, add_bias_kv or add_zero_attn")
+        if arg(3, "key_padding_mask", None) is not None:
+            problems.append("a key_padding_mask")
+        if problems:
+            self.bad(n, op, "; ".join(problems))
+            return
+        x = self.values[q]
+        t = int(x.shape[1])
+        mask_node = arg(5, "attn_mask", None)
+        is_causal = bool(arg(7, "is_causal", False))
+        mask = self.values[mask_node] if isinstance(mask_node, fx.Node) else mask_node
+        causal_bool = torch.ones(t, t, dtype=torch.bool).triu(1)
+        if mask is None:
+            causal = is_causal
+            if is_causal:
+                problems.append("is_causal without attn_mask")  # PyTorch needs both
+        elif isinstance(mask, torch.Tensor) and tuple(mask.shape) == (t, t):
+            m = mask.cpu()
+            if m.dtype == torch.bool:
+                causal = torch.equal(m, causal_bool)
+            else:
+                causal = bool(torch.isneginf(m[causal_bool]).all() and (m[~causal_bool] == 0).all())
+            if not causal:
+                problems.append("an attention mask other than the causal one")
+        else:
+            problems.append("an attention mask other than the causal [T, T] one")
+            causal = False
+        if problems:
+            self.bad(n, op, "; ".join(problems))
+            return
+        name = self.unique(path)
+        tied = self.own_params(name, mod, ["in_proj_weight", "in_proj_bias"])
+        tied.update(self.own_params(name, mod.out_proj, ["weight", "bias"], sub="out_proj."))
+        if tied:
+            self.bad(n, op, "attention weights shared with a layer")
+            return
+        self.emit(
+            n,
+            name,
+            "multihead_attention",
+            [self.ref[q]],
+            embed_dim=mod.embed_dim,
+            num_heads=mod.num_heads,
+            bias=mod.in_proj_bias is not None,
+            causal=causal,
+        )
+
     # -- functions -------------------------------------------------------------------------
 
     def arg(self, n: fx.Node, i: int, kw: str, default: Any) -> Any:
@@ -816,6 +887,17 @@ class _Mapper:
         first = n.args[0] if n.args else None
         if tgt in _ADD:
             self.add(n, op)
+            return
+        if (
+            tgt is operator.getitem
+            and isinstance(first, fx.Node)
+            and first in self.ref
+            and self.kind.get(self.ref[first]) == "multihead_attention"
+        ):
+            if n.args[1] == 0:
+                self.ref[n] = self.ref[first]  # mha(...)[0]: the attention output
+            else:
+                self.bad(n, op, "the attention weights of nn.MultiheadAttention")
             return
         if not isinstance(first, fx.Node) or first not in self.ref or len(ins) != 1:
             if tgt is F.layer_norm and isinstance(first, fx.Node) and first in self.ref:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from _runs import REL_TOL, analyze, close, edit_spec, lca_loss0, torch_loss_of, train
 from models.cnn import CustomCNN, RMSNormNet, SinMLP
 from models.gpt import GPT, GPTConfig
+from models.mha import MHADecoder
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -137,6 +138,29 @@ def test_gpt_tied_head_records_and_matches(tmp_path: Path, lca_bin: Path) -> Non
     wrong = edit_spec(run, run / "wrong.toml", "n_head = 4", "n_head = 1", count=2)
     bad = lca_loss0(analyze(lca_bin, run, tmp_path / "out_wrong", spec=wrong, quick=True))
     assert abs(bad - torch_loss_of(run)) > 10 * REL_TOL * torch_loss_of(run), bad
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_multihead_attention_records_and_matches(
+    tmp_path: Path, lca_bin: Path, causal: bool
+) -> None:
+    torch.manual_seed(0)
+    model = MHADecoder(causal=causal)
+    with torch.no_grad():
+        model.attn.in_proj_weight.mul_(4.0)  # sharper attention: the mask shows in the loss
+    tokens = torch.randint(0, 30, (64, 13))
+    run = tmp_path / "run"
+    rec = train(model, run, tokens[:, :-1], tokens[:, 1:], "cross_entropy", export=False)
+    assert rec.message == ""
+    spec = (run / "model.toml").read_text()
+    assert 'type = "multihead_attention"' in spec and "num_heads = 4" in spec
+    assert f"causal = {'true' if causal else 'false'}" in spec
+    res = analyze(lca_bin, run, tmp_path / "out", quick=True)
+    assert close(lca_loss0(res), torch_loss_of(run)), (lca_loss0(res), torch_loss_of(run))
+    flip = ("causal = true", "causal = false") if causal else ("causal = false", "causal = true")
+    wrong = edit_spec(run, run / "wrong.toml", *flip)
+    bad = lca_loss0(analyze(lca_bin, run, tmp_path / "out_wrong", spec=wrong, quick=True))
+    assert not close(bad, torch_loss_of(run)), (bad, torch_loss_of(run))
 
 
 def test_custom_cnn_nested_records_and_matches(tmp_path: Path, lca_bin: Path) -> None:

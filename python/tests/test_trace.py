@@ -315,3 +315,24 @@ def test_shape_branch_fx_cannot_trace_uses_torch_export() -> None:
     assert res.spec is not None, res.message
     assert any("torch.export" in note for note in res.notes)
     assert [layer["type"] for layer in res.layers] == ["conv2d", "tanh", "flatten", "linear"]
+
+
+def test_multihead_attention_mask_is_read_from_the_graph() -> None:
+    from models.mha import MHADecoder
+
+    for causal in (True, False):
+        res = trace_spec(MHADecoder(causal=causal), torch.randint(0, 30, (2, 12)))
+        [attn] = [layer for layer in res.layers if layer["type"] == "multihead_attention"]
+        assert attn == {
+            "name": "attn",
+            "type": "multihead_attention",
+            "embed_dim": 16,
+            "num_heads": 4,
+            "bias": True,
+            "causal": causal,
+        }
+    model = MHADecoder()
+    model.mask = torch.triu(torch.ones(12, 12, dtype=torch.bool), 2)  # not the causal mask
+    res = trace_spec(model, torch.randint(0, 30, (2, 12)))
+    assert res.spec is None
+    assert "an attention mask other than the causal one" in res.unsupported[0].reason
