@@ -200,7 +200,11 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         if i > 0 and p.default is not inspect.Parameter.empty:
             concrete[name] = p.default  # e.g. nanoGPT's `targets=None`
     graph = tracer.trace(model, concrete_args=concrete or None)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # Drop what the output does not need (e.g. a loss computed in forward beside the logits).
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -325,7 +329,10 @@ def _trace_export(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             new = g.call_function(n.target, val(n.args), val(dict(n.kwargs)))
         new.meta.update(meta)
         env[n] = new
-    return fx.GraphModule(model, g, type(model).__name__)
+    gm = fx.GraphModule(model, g, type(model).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from _runs import REL_TOL, analyze, close, edit_spec, lca_loss0, torch_loss_of, train
 from models.cnn import CustomCNN, RMSNormNet, SinMLP
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig, Logits, NanoGPT
 from models.mha import MHADecoder
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -138,6 +138,28 @@ def test_gpt_tied_head_records_and_matches(tmp_path: Path, lca_bin: Path) -> Non
     wrong = edit_spec(run, run / "wrong.toml", "n_head = 4", "n_head = 1", count=2)
     bad = lca_loss0(analyze(lca_bin, run, tmp_path / "out_wrong", spec=wrong, quick=True))
     assert abs(bad - torch_loss_of(run)) > 10 * REL_TOL * torch_loss_of(run), bad
+
+
+def test_nanogpt_forward_with_targets_through_a_wrapper(tmp_path: Path, lca_bin: Path) -> None:
+    torch.manual_seed(0)
+    cfg = GPTConfig()
+    tokens = torch.randint(0, cfg.vocab_size, (64, cfg.block_size + 1))
+    bare = NanoGPT(cfg)
+    # Unwrapped, the module returns (logits, loss), and without targets the logits of the last
+    # position only (an indexing lca does not do): both are reported.
+    res = lca.trace_spec(bare, tokens[:2, :-1])
+    assert res.spec is None
+    assert [u.op for u in res.unsupported] == ["operator.getitem", "output"]
+    assert "x[:, [-1], :]" in (res.unsupported[0].source or "")
+    model = Logits(bare)
+    run = tmp_path / "run"
+    rec = train(model, run, tokens[:, :-1], tokens[:, 1:], "cross_entropy", export=False)
+    assert rec.message == ""
+    spec = (run / "model.toml").read_text()
+    assert 'tied = { weight = "gpt.transformer.wte.weight" }' in spec
+    assert spec.count("n_head = 4") == 2
+    res2 = analyze(lca_bin, run, tmp_path / "out", quick=True)
+    assert close(lca_loss0(res2), torch_loss_of(run)), (lca_loss0(res2), torch_loss_of(run))
 
 
 @pytest.mark.parametrize("causal", [True, False])
