@@ -913,6 +913,9 @@ class _Mapper:
             self.bad(n, op, "no lca layer type computes it with these inputs")
             return
         src = self.ref[first]
+        if src == "input" and self.to_float32(n):
+            self.ref[n] = src  # x.float() on the data: lca reads inputs as float32 too
+            return
         if tgt in _DROPOUT or tgt in _IDENTITY_METHODS:
             self.ref[n] = src
         elif tgt in _RELU:
@@ -942,6 +945,15 @@ class _Mapper:
             self.pool(n, src, op)
         else:
             self.bad(n, op, "no lca layer type computes it")
+
+    def to_float32(self, n: fx.Node) -> bool:
+        """`x.float()` / `x.to(torch.float32)` of an integer or float32 tensor."""
+        if n.target not in ("float", "to", "type"):
+            return False
+        inp, out = self.values[n.args[0]], self.values[n]
+        if out.dtype != torch.float32 or inp.dtype == torch.float64:
+            return False
+        return bool(torch.equal(out, inp.to(torch.float32)))
 
     def add(self, n: fx.Node, op: str) -> None:
         if n.kwargs.get("alpha", 1) != 1:

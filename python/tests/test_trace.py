@@ -336,3 +336,27 @@ def test_multihead_attention_mask_is_read_from_the_graph() -> None:
     res = trace_spec(model, torch.randint(0, 30, (2, 12)))
     assert res.spec is None
     assert "an attention mask other than the causal one" in res.unsupported[0].reason
+
+
+def test_float_conversion_of_the_input_is_lcas_own() -> None:
+    class Bytes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.float())
+
+    layers = _layers(Bytes(), torch.randint(0, 255, (2, 4), dtype=torch.uint8))
+    assert [layer["type"] for layer in layers] == ["linear"]
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.float() / 255)  # a scale lca would need in [data]: reported
+
+    res = trace_spec(Scaled(), torch.randint(0, 255, (2, 4), dtype=torch.uint8))
+    assert res.spec is None and res.unsupported[0].op == "operator.truediv"
