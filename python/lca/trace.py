@@ -390,13 +390,13 @@ _POISON = "<unsupported "
 
 
 class _Mapper:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, values: dict[fx.Node, Any]) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, values: dict[Any, Any]) -> None:
         self.model = model
         self.gm = gm
         self.values = values
         self.layers: list[dict[str, Any]] = []
         self.names: set[str] = {"input"}
-        self.ref: dict[fx.Node, str] = {}  # tensor node -> layer name (or "input")
+        self.ref: dict[Any, str] = {}  # tensor node -> layer name (or "input")
         self.kind: dict[str, str] = {"input": "input"}  # layer name -> type
         self.unsupported: list[UnsupportedOp] = []
         self.params: dict[str, str] = {}
@@ -479,7 +479,7 @@ class _Mapper:
         self.ref[n] = name
 
     def own_params(
-        self, layer: str, mod: nn.Module, suffixes: list[str], sub: str = ""
+        self, layer: str, mod: Any, suffixes: list[str], sub: str = ""
     ) -> dict[str, str]:
         """Record the layer's tensors; returns `tied` entries for ones already owned."""
         tied: dict[str, str] = {}
@@ -504,7 +504,7 @@ class _Mapper:
                     self.aliases[other] = own
         return tied
 
-    def shape(self, n: fx.Node) -> tuple[int, ...]:
+    def shape(self, n: Any) -> tuple[int, ...]:
         return tuple(self.values[n].shape)
 
     # -- the walk --------------------------------------------------------------------------
@@ -556,7 +556,7 @@ class _Mapper:
                 self.function(n, ins)
 
     def output(self, n: fx.Node) -> None:
-        out = n.args[0]
+        out: Any = n.args[0]
         if not self.is_tensor(out):
             self.bad(
                 n,
@@ -576,7 +576,7 @@ class _Mapper:
 
     # -- modules ---------------------------------------------------------------------------
 
-    def module(self, n: fx.Node, mod: nn.Module, ins: list[fx.Node]) -> None:
+    def module(self, n: fx.Node, mod: Any, ins: list[fx.Node]) -> None:
         path = str(n.target)
         first = ins[0]
         src = self.ref[first]
@@ -713,7 +713,7 @@ class _Mapper:
                 "no lca layer type computes it (docs/spec.md lists the supported layers)",
             )
 
-    def embedding(self, n: fx.Node, name: str, mod: nn.Embedding, first: fx.Node) -> None:
+    def embedding(self, n: fx.Node, name: str, mod: Any, first: fx.Node) -> None:
         if mod.max_norm is not None:
             self.bad(n, "module Embedding", "max_norm is not supported")
             return
@@ -780,7 +780,7 @@ class _Mapper:
                 break
         return None
 
-    def attention(self, n: fx.Node, name: str, mod: nn.Module, first: fx.Node) -> None:
+    def attention(self, n: fx.Node, name: str, mod: Any, first: fx.Node) -> None:
         c = mod.c_attn.in_features
         x = self.values[first]
         bias = mod.c_attn.bias is not None
@@ -812,7 +812,7 @@ class _Mapper:
         self.emit(n, name, "causal_self_attention", [self.ref[first]], n_embd=c, n_head=heads[0])
         self.layers[-1]["bias"] = bias
 
-    def multihead(self, n: fx.Node, mod: nn.MultiheadAttention) -> None:
+    def multihead(self, n: fx.Node, mod: Any) -> None:
         """`mha(x, x, x, attn_mask=causal mask or None, need_weights=...)`, batch first."""
         op = f"module {type(mod).__module__}.{type(mod).__name__}"
         path = str(n.target)
@@ -1059,7 +1059,7 @@ class _Mapper:
         if len(shape) != 1:
             self.bad(n, op, f"normalized_shape = {shape}: lca normalises the last axis only")
             return
-        names = []
+        names: list[str | None] = []
         for node in (w_node, b_node):
             if node is None:
                 names.append(None)
@@ -1091,7 +1091,7 @@ class _Mapper:
         )
 
 
-def _attention_matches(mod: nn.Module, x: torch.Tensor, heads: int) -> bool:
+def _attention_matches(mod: Any, x: torch.Tensor, heads: int) -> bool:
     """Whether `mod` computes nanoGPT's causal self-attention with `heads` heads.
 
     Checked on a copy whose projections get large random weights (at initialisation attention
