@@ -256,10 +256,11 @@ class Recorder:
         self.t = 0
         self.last_written: int | None = None
         self.closed = False
+        self.model_ref = self._model_ref(factory, factory_args, factory_kwargs or {})
+        self.x, self.y = _read_data(data)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CHECKPOINTS).mkdir(exist_ok=True)
-        self.x, self.y = _read_data(data)
         self._write_data()
 
         example = self.x[:example_size].to(_model_device(model))
@@ -284,7 +285,6 @@ class Recorder:
 
             warnings.warn(f"lca.Recorder: {self.message}", stacklevel=2)
 
-        self.model_ref = self._model_ref(factory, factory_args, factory_kwargs or {})
         if export:
             self._export(example)
         self._write_manifest()

@@ -312,3 +312,20 @@ def test_bad_arguments(tmp_path: Path) -> None:
         Recorder(model, tmp_path / "a", data=data, every=0)
     with pytest.raises(ValueError, match="x has 4 samples but y has 3"):
         Recorder(model, tmp_path / "b", data=(torch.randn(4, 10), torch.zeros(3)))
+
+
+def test_factory_reference(tmp_path: Path) -> None:
+    model = _mlp()
+    data = (torch.randn(4, 10), torch.randint(0, 4, (4,)))
+    Recorder(
+        model, tmp_path / "a", data=data, factory=_mlp, factory_kwargs={"n": 3}, export=False
+    ).close()
+    ref = json.loads((tmp_path / "a" / "lca-run.json").read_text())["model"]
+    assert ref["factory"] == f"{__name__}:_mlp" and ref["args"] == [] and ref["kwargs"] == {"n": 3}
+    assert ref["class"] == "torch.nn.modules.container.Sequential"
+    assert "exported" not in ref
+    with pytest.raises(ValueError, match="module-level"):
+        Recorder(model, tmp_path / "b", data=data, factory=lambda: _mlp(), export=False)
+    with pytest.raises(ValueError, match="JSON values"):
+        Recorder(model, tmp_path / "c", data=data, factory="m:f", factory_args=[object()])
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # checked first
