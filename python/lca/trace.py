@@ -941,6 +941,8 @@ class _Mapper:
             self.mean(n, src, op)
         elif tgt is F.layer_norm:
             self.layer_norm(n)
+        elif tgt is F.linear:
+            self.functional_linear(n)
         elif tgt in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d):
             self.pool(n, src, op)
         else:
@@ -1046,6 +1048,47 @@ class _Mapper:
                 count_include_pad=bool(self.arg(n, 5, "count_include_pad", True)),
                 divisor_override=self.arg(n, 6, "divisor_override", None),
             )
+
+    def functional_linear(self, n: fx.Node) -> None:
+        """F.linear(x, <module>.weight[, <module>.bias]): e.g. a head tied to an embedding."""
+        op = "torch.nn.functional.linear"
+        w_node: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        b_node: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        targets: list[str] = []
+        for node in (w_node, b_node):
+            if node is None:
+                continue
+            if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+                self.bad(n, op, "a weight or bias that is not a parameter of a module")
+                return
+            targets.append(str(node.target))
+        w = targets[0]
+        b = targets[1] if len(targets) > 1 else None
+        if not w.endswith(".weight") or (b is not None and not b.endswith(".bias")):
+            self.bad(n, op, f"weight `{w}` / bias `{b}` are not `<module>.weight` / `.bias`")
+            return
+        weight = self.values[w_node]
+        if weight.dim() != 2:
+            self.bad(n, op, "a weight that is not 2-D")
+            return
+        name = self.fname(n)
+        tied = self.own_params(name, self.gm.get_submodule(w[: -len(".weight")]), ["weight"])
+        if b is not None:
+            tied.update(self.own_params(name, self.gm.get_submodule(b[: -len(".bias")]), ["bias"]))
+        # The layer's own name owns no state_dict tensor: every tensor is named by `tied`.
+        for suffix, param in (("weight", w), ("bias", b)):
+            if param is not None:
+                tied.setdefault(suffix, param)
+        self.emit(
+            n,
+            name,
+            "linear",
+            [self.ref[n.args[0]]],
+            in_features=int(weight.shape[1]),
+            out_features=int(weight.shape[0]),
+            bias=b is not None,
+            tied=tied,
+        )
 
     def layer_norm(self, n: fx.Node) -> None:
         """F.layer_norm(x, shape, weight, bias, eps) with the weights of one module (nanoGPT)."""

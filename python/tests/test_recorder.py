@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from _runs import REL_TOL, analyze, close, edit_spec, lca_loss0, torch_loss_of, train
 from models.cnn import CustomCNN, RMSNormNet, SinMLP
 from models.gpt import GPT, GPTConfig, Logits, NanoGPT
@@ -329,3 +330,27 @@ def test_factory_reference(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="JSON values"):
         Recorder(model, tmp_path / "c", data=data, factory="m:f", factory_args=[object()])
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # checked first
+
+
+def test_functional_linear_layers_and_tied_head(tmp_path: Path, lca_bin: Path) -> None:
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(F.linear(self.emb(idx), self.proj.weight, self.proj.bias))
+            return F.linear(h, self.emb.weight) + self.head(h)
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 20, (64, 7))
+    run = tmp_path / "run"
+    rec = train(TiedLM(), run, tokens[:, :-1], tokens[:, 1:], "cross_entropy", export=False)
+    assert rec.message == ""
+    spec = (run / "model.toml").read_text()
+    assert 'tied = { weight = "proj.weight", bias = "proj.bias" }' in spec
+    assert 'tied = { weight = "emb.weight" }' in spec
+    res = analyze(lca_bin, run, tmp_path / "out", quick=True)
+    assert close(lca_loss0(res), torch_loss_of(run)), (lca_loss0(res), torch_loss_of(run))

@@ -360,3 +360,23 @@ def test_float_conversion_of_the_input_is_lcas_own() -> None:
 
     res = trace_spec(Scaled(), torch.randint(0, 255, (2, 4), dtype=torch.uint8))
     assert res.spec is None and res.unsupported[0].op == "operator.truediv"
+
+
+def test_functional_head_tied_to_the_embedding() -> None:
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.proj(self.emb(idx)))
+            return F.linear(h, self.emb.weight)  # the head is the embedding matrix
+
+    res = trace_spec(TiedLM(), torch.randint(0, 20, (2, 5)))
+    assert res.spec is not None, res.message
+    head = res.layers[-1]
+    assert head["type"] == "linear" and head["bias"] is False
+    assert (head["in_features"], head["out_features"]) == (8, 20)
+    assert head["tied"] == {"weight": "emb.weight"}
+    assert res.params[f"{head['name']}.weight"] == "emb.weight"
