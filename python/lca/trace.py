@@ -398,6 +398,7 @@ class _Mapper:
         self.names: set[str] = {"input"}
         self.ref: dict[Any, str] = {}  # tensor node -> layer name (or "input")
         self.kind: dict[str, str] = {"input": "input"}  # layer name -> type
+        self.node_of: dict[str, fx.Node] = {}  # layer name -> the graph node it came from
         self.unsupported: list[UnsupportedOp] = []
         self.params: dict[str, str] = {}
         self.owner: dict[int, str] = {}  # id(Parameter) -> the state_dict name that owns it
@@ -475,6 +476,7 @@ class _Mapper:
             layer["input"] = inputs
         layer.update({k: v for k, v in keys.items() if v is not None})
         self.layers.append(layer)
+        self.node_of[name] = n
         self.kind[name] = ltype
         self.ref[n] = name
 
@@ -984,7 +986,28 @@ class _Mapper:
         if start == 0:
             self.bad(n, _fn_name(n.target), "flattening the batch axis (start_dim = 0)")
             return
+        if start == 1 and end in (-1, ndim - 1) and self.global_pool(n, src):
+            return
         self.emit(n, name, "flatten", [src], start_dim=start, end_dim=end)
+
+    def global_pool(self, n: fx.Node, src: str) -> bool:
+        """AdaptiveAvgPool2d(1) read only by this flatten: one `global_avg_pool` layer."""
+        last = self.layers[-1] if self.layers else None
+        pool = self.node_of.get(src)
+        if (
+            last is None
+            or last["name"] != src
+            or last["type"] != "adaptive_avg_pool2d"
+            or last["output_size"] != [1, 1]
+            or pool is None
+            or len(pool.users) != 1
+        ):
+            return False
+        del last["output_size"]
+        last["type"] = "global_avg_pool"
+        self.kind[src] = "global_avg_pool"
+        self.ref[n] = src
+        return True
 
     def reshape(self, n: fx.Node, src: str, op: str) -> None:
         inp = self.values[n.args[0]]
@@ -993,6 +1016,8 @@ class _Mapper:
             self.ref[n] = src
             return
         if out.dim() == 2 and out.shape[0] == inp.shape[0] and inp.dim() > 2:
+            if self.global_pool(n, src):
+                return
             self.emit(n, self.fname(n), "flatten", [src], start_dim=1, end_dim=-1)
             return
         self.bad(

@@ -28,8 +28,9 @@ def test_resnet18_records_and_matches(tmp_path: Path, lca_bin: Path) -> None:
     assert 'name = "maxpool"\ntype = "max_pool2d"\nkernel_size = 3\nstride = 2\npadding = 1' in spec
     assert 'name = "layer2.0.downsample.0"' in spec
     assert spec.count('type = "add"') == 8
-    assert 'type = "adaptive_avg_pool2d"\noutput_size = [1, 1]' in spec
-    assert 'type = "flatten"' in spec
+    # avgpool = AdaptiveAvgPool2d((1, 1)) then torch.flatten(x, 1): one global average pool.
+    assert 'name = "avgpool"\ntype = "global_avg_pool"' in spec
+    assert 'type = "flatten"' not in spec and "adaptive_avg_pool2d" not in spec
     assert 'batch_norm = "running-stats"' in spec
     manifest = json.loads((run / "lca-run.json").read_text())
     assert manifest["model_has_batch_norm"] is True

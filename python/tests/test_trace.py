@@ -380,3 +380,24 @@ def test_functional_head_tied_to_the_embedding() -> None:
     assert (head["in_features"], head["out_features"]) == (8, 20)
     assert head["tied"] == {"weight": "emb.weight"}
     assert res.params[f"{head['name']}.weight"] == "emb.weight"
+
+
+def test_adaptive_pool_then_flatten_is_a_global_pool() -> None:
+    class Head(nn.Module):
+        def __init__(self, keep: bool) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1 if not keep else (2, 1))
+            self.fc = nn.Linear(3 if not keep else 6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.conv(x)).view(x.size(0), -1))
+
+    layers = _layers(Head(keep=False), torch.randn(2, 2, 7, 7))
+    assert [layer["type"] for layer in layers] == ["conv2d", "global_avg_pool", "linear"]
+    assert layers[1]["name"] == "pool" and layers[2].get("input") is None
+    layers = _layers(Head(keep=True), torch.randn(2, 2, 7, 7))
+    assert [layer["type"] for layer in layers] == [
+        "conv2d", "adaptive_avg_pool2d", "flatten", "linear",
+    ]  # fmt: skip
+    assert layers[1]["output_size"] == [2, 1]
