@@ -261,6 +261,12 @@ class Recorder:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+        # An earlier run's files must not mix with this one's (lca reads every checkpoint).
+        for old in (self.run_dir / CHECKPOINTS).glob("step_*.safetensors"):
+            old.unlink()
+        for name in (EXPORTED, SPEC_FILE):
+            if (self.run_dir / name).exists():
+                (self.run_dir / name).unlink()
         self._write_data()
 
         example = self.x[:example_size].to(_model_device(model))
@@ -277,8 +283,6 @@ class Recorder:
         spec_path = self.run_dir / SPEC_FILE
         if spec_text is not None:
             _write_text(spec_path, spec_text)
-        elif spec_path.exists():
-            spec_path.unlink()  # a stale spec from an earlier run must not be analysed
         self.message = self.spec.message
         if self.message:
             import warnings

@@ -283,6 +283,18 @@ def test_every_and_torch_loss_every(tmp_path: Path) -> None:
     assert 'type = "mse"' in (run / "model.toml").read_text()
 
 
+def test_rerun_in_the_same_directory_replaces_the_earlier_run(tmp_path: Path) -> None:
+    x, y = torch.randn(20, 10), torch.randint(0, 4, (20,))
+    run = tmp_path / "run"
+    train(_mlp(), run, x, y, "cross_entropy", steps=4)
+    assert (run / "model.pt2").exists() and (run / "model.toml").exists()
+    with pytest.warns(UserWarning):
+        train(SinMLP(), run, torch.randn(20, 8), y % 3, "cross_entropy", steps=1, export=False)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_000000.safetensors", "step_000001.safetensors"]
+    assert not (run / "model.pt2").exists() and not (run / "model.toml").exists()
+
+
 def test_dataset_and_dataloader_are_read_in_order(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, Dataset
 
