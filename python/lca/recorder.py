@@ -123,6 +123,20 @@ def _check_data(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x.contiguous(), y.contiguous()
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside `torch.compile`, `nn.DataParallel` and DistributedDataParallel
+    wrappers: it holds the same parameters, under the names its own code gives them."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        return model
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -246,6 +260,7 @@ class Recorder:
             raise ValueError(f"torch_loss_every must be >= 1, not {torch_loss_every}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, not {chunk_size}")
+        model = _unwrap(model)
         self.model = model
         self.run_dir = Path(run_dir)
         self.loss = loss

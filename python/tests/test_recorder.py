@@ -295,6 +295,16 @@ def test_rerun_in_the_same_directory_replaces_the_earlier_run(tmp_path: Path) ->
     assert not (run / "model.pt2").exists() and not (run / "model.toml").exists()
 
 
+def test_wrapped_modules_are_recorded_under_their_own_names(tmp_path: Path) -> None:
+    x, y = torch.randn(20, 10), torch.randint(0, 4, (20,))
+    inner = _mlp()
+    with Recorder(nn.DataParallel(inner), tmp_path / "run", data=(x, y), export=False) as rec:
+        assert rec.model is inner
+    stored = load_file(str(tmp_path / "run" / "checkpoints" / "step_000000.safetensors"))
+    assert sorted(stored) == sorted(inner.state_dict())  # no `module.` prefix
+    assert 'name = "0"' in (tmp_path / "run" / "model.toml").read_text()
+
+
 def test_dataset_and_dataloader_are_read_in_order(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, Dataset
 
