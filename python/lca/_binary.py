@@ -122,25 +122,35 @@ class LineSplitter:
         self._clock = clock
         self._last_frame_at = clock()
         self._buf = ""
+        self._cr_segment: str | None = None
 
     def feed(self, text: str) -> None:
+        if self._cr_segment is not None and text.startswith("\n"):
+            # The "\r" that ended the last read was half of a "\r\n": a line after all.
+            text = text[1:]
+            if self._cr_segment:
+                self._on_line(self._cr_segment)
+        self._cr_segment = None
         self._buf += text
+        newest_frame = None
         while True:
             m = _SEP.search(self._buf)
             if m is None:
-                return
-            # A lone "\r" at the very end may be the first half of "\r\n": wait for more.
-            if m.group() == "\r" and m.end() == len(self._buf):
-                return
+                break
             segment = strip_ansi(self._buf[: m.start()]).rstrip()
             self._buf = self._buf[m.end() :]
             if m.group() == "\r":
-                self._frame(segment)
+                if segment:
+                    newest_frame = segment
+                if not self._buf:
+                    self._cr_segment = segment
             elif segment:
                 self._on_line(segment)
+        if newest_frame is not None:
+            self._frame(newest_frame)
 
     def _frame(self, segment: str) -> None:
-        if not segment or self._on_frame is None:
+        if self._on_frame is None:
             return
         now = self._clock()
         if now - self._last_frame_at >= self._interval:

@@ -1,0 +1,127 @@
+"""The package itself: import cost, version, the binary, the wheel's contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import lca
+from lca._binary import find_binary
+from lca._version import _cargo_version, pep440
+
+
+def _python_with_lca() -> list[str]:
+    """`python -c` prefix that imports the same `lca` as this test session."""
+    return [sys.executable, "-c"]
+
+
+def _env_with_lca() -> dict[str, str]:
+    env = dict(os.environ)
+    pkg_parent = str(Path(lca.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_import_lca_pulls_in_neither_torch_nor_pandas() -> None:
+    code = (
+        "import sys, json, lca; "
+        "lca.__version__; lca.LcaError; lca.analyze; lca.load; lca.Results; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'pandas', 'lightning', 'transformers', 'safetensors'))))"
+    )
+    out = subprocess.run(
+        [*_python_with_lca(), code], capture_output=True, text=True, env=_env_with_lca()
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        lca.nonexistent  # noqa: B018
+
+
+def test_version_agrees_with_the_binary_and_cargo_toml(lca_bin: Path, repo: Path) -> None:
+    out = subprocess.run([str(lca_bin), "--version"], capture_output=True, text=True, check=True)
+    name, binary_version = out.stdout.split()
+    assert name == "lca"
+    assert lca.__version__ == pep440(binary_version)
+    cargo = _cargo_version(repo / "Cargo.toml")
+    assert cargo is not None
+    assert lca.__version__ == pep440(cargo)
+
+
+@pytest.mark.parametrize(
+    ("cargo", "python"),
+    [
+        ("0.1.0", "0.1.0"),
+        ("1.2.3-alpha.1", "1.2.3a1"),
+        ("1.2.3-beta.2", "1.2.3b2"),
+        ("1.2.3-rc.1", "1.2.3rc1"),
+        ("1.2.3-dev.4", "1.2.3.dev4"),
+        ("1.2.3+build5", "1.2.3+build5"),
+    ],
+)
+def test_pep440_matches_what_maturin_writes(cargo: str, python: str) -> None:
+    assert pep440(cargo) == python
+
+
+def test_find_binary_honours_lca_bin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lca_bin: Path
+) -> None:
+    monkeypatch.setenv("LCA_BIN", str(lca_bin))
+    assert find_binary() == lca_bin
+    monkeypatch.setenv("LCA_BIN", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="LCA_BIN="):
+        find_binary()
+
+
+def test_pyproject_builds_one_binary_wheel(repo: Path) -> None:
+    text = (repo / "pyproject.toml").read_text()
+    assert 'bindings = "bin"' in text
+    assert 'python-source = "python"' in text
+    assert 'name = "loss-change-allocation"' in text
+    assert 'dynamic = ["version"]' in text
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LCA_TEST_INSTALLED"),
+    reason="set LCA_TEST_INSTALLED=1 when the package is installed (CI does)",
+)
+def test_installed_package_is_the_one_tested() -> None:
+    """In CI: `import lca` is the installed wheel and its `lca` command is on the venv's PATH."""
+    assert "site-packages" in Path(lca.__file__).parts
+    binary = find_binary()
+    assert binary.parent == Path(sys.executable).parent or "LCA_BIN" in os.environ
+    out = subprocess.run(["lca", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[1] == lca.__version__
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LCA_TEST_WHEEL"),
+    reason="set LCA_TEST_WHEEL=path/to/wheel to check a built wheel (CI does)",
+)
+def test_wheel_holds_the_binary_and_the_package(repo: Path) -> None:
+    wheel = Path(os.environ["LCA_TEST_WHEEL"])
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        dist = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = z.read(f"{dist}/METADATA").decode()
+        script = next(n for n in names if n.endswith(".data/scripts/lca"))
+        mode = (z.getinfo(script).external_attr >> 16) & 0o777
+    assert mode & 0o111, "the lca script is not executable"
+    for module in ("__init__.py", "_binary.py", "_version.py", "results.py"):
+        assert f"lca/{module}" in names
+    assert "lca/callbacks/lightning.py" in names
+    assert "lca/callbacks/huggingface.py" in names
+    assert not any(n.endswith(".rs") for n in names), "Rust sources in the wheel"
+    assert "Name: loss-change-allocation\n" in metadata
+    cargo = _cargo_version(repo / "Cargo.toml")
+    assert cargo is not None
+    assert f"Version: {pep440(cargo)}\n" in metadata
