@@ -382,3 +382,52 @@ def test_interrupt_stops_lca_with_sigint() -> None:
     proc = subprocess.Popen(["sleep", "30"])
     _binary._interrupt(proc)
     assert proc.returncode == -signal.SIGINT
+
+
+def test_on_a_terminal_lca_draws_its_own_bar(mlp_run: Path, tmp_path: Path) -> None:
+    """With stderr on a terminal, lca's progress bar reaches it, and a failure still raises
+    LcaError with lca's message."""
+    if sys.platform == "win32":
+        pytest.skip("no pseudo-terminals")
+    import os
+    import pty
+
+    script = (
+        "import sys, lca\n"
+        "lca.analyze(sys.argv[1], spec=sys.argv[2], out=sys.argv[3], threads=1,\n"
+        "            no_adaptive=True)\n"
+        "try:\n"
+        "    lca.analyze(sys.argv[1] + '-missing', spec=sys.argv[2], out=sys.argv[3])\n"
+        "except lca.LcaError as e:\n"
+        "    print('caught', e.returncode, e, file=sys.stdout)\n"
+    )
+    master, slave = pty.openpty()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(lca.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
+    env["LCA_BIN"] = str(_binary.find_binary())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(mlp_run / "ckpts"), str(mlp_run / "model.toml"),
+         str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=slave, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    stdout, _ = proc.communicate(timeout=120)
+    os.close(master)
+    terminal = b"".join(chunks).decode("utf-8", errors="replace")
+    assert proc.returncode == 0, terminal
+    assert "evals" in terminal  # the bar was drawn
+    assert "analysed 100 steps" in terminal
+    assert "ckpts-missing" in terminal  # lca's error reached the terminal as it happened
+    assert stdout.decode().startswith("caught 2 ")
+    assert "ckpts-missing" in stdout.decode()
