@@ -67,7 +67,7 @@ def _option_value(key: str, value: object) -> str:
     raise TypeError(f"option {key}: {type(value).__name__} is not a number, string or path")
 
 
-def _run_dir_inputs(run_dir: Path) -> tuple[Path, Path]:
+def _run_dir_inputs(run_dir: Path, need_spec: bool = True) -> tuple[Path, Path]:
     """The checkpoint directory and spec of a Recorder's run directory (its lca-run.json says
     where they are; `checkpoints/` and `model.toml` otherwise)."""
     manifest = run_dir / RUN_MANIFEST
@@ -89,6 +89,18 @@ def _run_dir_inputs(run_dir: Path) -> tuple[Path, Path]:
         return run_dir / default
 
     ckpts = entry(("checkpoints", "checkpoint_dir", "ckpts"), "checkpoints")
+    if need_spec and "spec" in info and info["spec"] is None:
+        # The Recorder found ops lca cannot evaluate, and wrote no spec.
+        ops = [u for u in info.get("unsupported", []) if isinstance(u, dict)]
+        lines = [f"{run_dir}: the Recorder wrote no spec (model.toml)"]
+        if ops:
+            lines[0] += f": lca cannot evaluate {len(ops)} op(s) of this model:"
+            for u in ops:
+                where = f"in `{u.get('where')}`" if u.get("where") else "in the top-level module"
+                src = f" ({u['source']})" if u.get("source") else ""
+                lines.append(f"  - {u.get('op')} {where}{src}: {u.get('reason')}")
+        lines.append("pass spec= to analyse with a spec written by hand (docs/spec.md)")
+        raise LcaError("\n".join(lines), 2)
     spec = entry(("spec", "model_spec", "model"), "model.toml")
     return ckpts, spec
 
@@ -120,10 +132,12 @@ def analyze(
         run_dir = ckpts_path.parent
     elif (ckpts_path / RUN_MANIFEST).is_file():
         run_dir = ckpts_path
-    if run_dir is not None:
-        run_ckpts, run_spec = _run_dir_inputs(run_dir)
-        ckpts_path = run_ckpts
-        spec_path = Path(spec) if spec is not None else run_spec
+    if run_dir is not None and spec is not None:
+        ckpts_path = _run_dir_inputs(run_dir, need_spec=False)[0]
+        spec_path = Path(spec)
+        out_path = Path(out) if out is not None else run_dir / "lca-out"
+    elif run_dir is not None:
+        ckpts_path, spec_path = _run_dir_inputs(run_dir)
         out_path = Path(out) if out is not None else run_dir / "lca-out"
     else:
         if spec is None:

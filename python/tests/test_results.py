@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -431,3 +432,62 @@ def test_on_a_terminal_lca_draws_its_own_bar(mlp_run: Path, tmp_path: Path) -> N
     assert "ckpts-missing" in terminal  # lca's error reached the terminal as it happened
     assert stdout.decode().startswith("caught 2 ")
     assert "ckpts-missing" in stdout.decode()
+
+
+# -- with lca.Recorder -----------------------------------------------------------------------
+
+
+def _record_sequential(run: Path, steps: int, act: Any = None) -> None:
+    torch = pytest.importorskip("torch")
+    from lca.recorder import Recorder
+
+    nn = torch.nn
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), act if act is not None else nn.Tanh(), nn.Linear(12, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    with pytest.warns(UserWarning) if act is not None else _no_warning():
+        rec = Recorder(model, run, data=(x, y), loss="cross_entropy")
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_analyze_a_recorded_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _record_sequential(run, steps=5)
+    res = lca.analyze(run, threads=1, progress=False)
+    assert res.out == run / "lca-out"
+    assert len(res.steps) == 5
+    assert list(res.layer_totals["layer"]) == ["0", "2"]
+    assert res.lca["0.weight"].shape == (5, 12, 6)
+    assert res.delta_loss < 0
+
+
+def test_a_run_without_spec_names_the_unsupported_ops(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+
+    class Sin(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return torch.sin(x)
+
+    run = tmp_path / "run"
+    _record_sequential(run, steps=2, act=Sin())
+    assert not (run / "model.toml").exists()
+    with pytest.raises(lca.LcaError, match="sin") as e:
+        lca.analyze(run, progress=False)
+    assert "pass spec=" in str(e.value)
+    assert e.value.returncode == 2
