@@ -16,12 +16,8 @@ from lca._binary import find_binary
 from lca._version import _cargo_version, pep440
 
 
-def _python_with_lca() -> list[str]:
-    """`python -c` prefix that imports the same `lca` as this test session."""
-    return [sys.executable, "-c"]
-
-
 def _env_with_lca() -> dict[str, str]:
+    """The environment for a Python subprocess that imports the same `lca` as this session."""
     env = dict(os.environ)
     pkg_parent = str(Path(lca.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([pkg_parent, env.get("PYTHONPATH", "")])
@@ -36,7 +32,7 @@ def test_import_lca_pulls_in_neither_torch_nor_pandas() -> None:
         "('torch', 'pandas', 'lightning', 'transformers', 'safetensors'))))"
     )
     out = subprocess.run(
-        [*_python_with_lca(), code], capture_output=True, text=True, env=_env_with_lca()
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env_with_lca()
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
@@ -100,7 +96,7 @@ def test_installed_package_is_the_one_tested() -> None:
     binary = find_binary()
     assert binary.parent == Path(sys.executable).parent or "LCA_BIN" in os.environ
     out = subprocess.run(["lca", "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout.split()[1] == lca.__version__
+    assert pep440(out.stdout.split()[1]) == lca.__version__
 
 
 @pytest.mark.skipif(
@@ -125,3 +121,35 @@ def test_wheel_holds_the_binary_and_the_package(repo: Path) -> None:
     cargo = _cargo_version(repo / "Cargo.toml")
     assert cargo is not None
     assert f"Version: {pep440(cargo)}\n" in metadata
+
+
+def _python_block_after(doc: str, heading: str) -> str:
+    part = doc[doc.index(heading) :]
+    start = part.index("```python\n") + len("```python\n")
+    return part[start : part.index("```", start)]
+
+
+def test_readme_quick_start_runs_as_shown(repo: Path, tmp_path: Path, lca_bin: Path) -> None:
+    """The README's Python quick start: at most 20 lines, and it works as written."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lca.recorder")
+    script = _python_block_after((repo / "README.md").read_text(), "## Quick start in Python")
+    assert len(script.splitlines()) <= 20
+    env = _env_with_lca()
+    env["LCA_BIN"] = str(lca_bin)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "analysed 100 steps (0 → 100)" in done.stderr
+    summary = json.loads((tmp_path / "run" / "lca-out" / "summary.json").read_text())
+    assert [layer["name"] for layer in summary["layers"]] == ["0", "2"]
+    # The printed per-layer sums are the run's totals, and they are negative (they helped).
+    printed = {
+        line.split()[0]: float(line.split()[1])
+        for line in done.stdout.splitlines()
+        if line.split() and line.split()[0] in ("0", "2")
+    }
+    for layer in summary["layers"]:
+        assert printed[layer["name"]] == pytest.approx(layer["lca"], abs=1e-6)
+        assert layer["lca"] < 0
