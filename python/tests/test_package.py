@@ -153,3 +153,35 @@ def test_readme_quick_start_runs_as_shown(repo: Path, tmp_path: Path, lca_bin: P
     for layer in summary["layers"]:
         assert printed[layer["name"]] == pytest.approx(layer["lca"], abs=1e-6)
         assert layer["lca"] < 0
+
+
+def test_tutorial_python_sections_run_as_shown(repo: Path, tmp_path: Path, lca_bin: Path) -> None:
+    """docs/tutorial.md sections 2 and 3 (record with the Recorder, analyse from Python), run
+    from a directory that stands for the repository root."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lca.recorder")
+    doc = (repo / "docs" / "tutorial.md").read_text()
+    part = doc[doc.index("## 2. Record the training run") : doc.index("## 4. ")]
+    blocks = part.split("```python\n")[1:]
+    assert len(blocks) == 2
+    script = "\n".join(b[: b.index("```")] for b in blocks)
+    (tmp_path / "fixtures").symlink_to(repo / "fixtures")
+    env = _env_with_lca()
+    env["LCA_BIN"] = str(lca_bin)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    assert len(list((run / "checkpoints").glob("step_*.safetensors"))) == 101
+    spec = (run / "model.toml").read_text()
+    # The spec excerpt the tutorial shows is what the Recorder wrote.
+    excerpt = part[part.index("```toml\n") + len("```toml\n") :]
+    excerpt = excerpt[: excerpt.index("```")]
+    assert excerpt.strip() in spec
+    assert "analysed 100 steps (0 → 100)" in done.stderr
+    assert "(100, 32, 64)" in done.stdout
+    assert (run / "layers.svg").stat().st_size > 1000
+    summary = json.loads((run / "lca-out" / "summary.json").read_text())
+    assert [layer["name"] for layer in summary["layers"]] == ["fc1", "fc2", "fc3"]
+    assert all(layer["lca"] < 0 for layer in summary["layers"])
