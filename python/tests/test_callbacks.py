@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import builtins
 import importlib
-import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -19,98 +17,6 @@ nn = torch.nn
 F = torch.nn.functional
 
 import lca  # noqa: E402
-
-# The Recorder is written in parallel (lca/recorder.py); until it is in this branch these tests
-# record through the small stand-in below, which keeps to the Recorder's documented API and
-# writes what it writes. With the real Recorder present, the stand-in is not used.
-try:
-    importlib.import_module("lca.recorder")
-    REAL_RECORDER = True
-except ImportError:
-    REAL_RECORDER = False
-
-SPEC = """\
-[[layers]]
-name = "fc1"
-type = "linear"
-in_features = 8
-out_features = 16
-
-[[layers]]
-type = "tanh"
-
-[[layers]]
-name = "fc2"
-type = "linear"
-in_features = 16
-out_features = 3
-
-[loss]
-type = "cross_entropy"
-
-[data]
-train = "train.safetensors"
-x = "x"
-y = "y"
-"""
-
-
-class StandInRecorder:
-    """Test-only stand-in for lca.Recorder (same constructor, step(), close()): writes
-    checkpoints/step_NNNNNN.safetensors with the step in the metadata, train.safetensors,
-    model.toml (the SPEC above, for the test's model) and lca-run.json."""
-
-    def __init__(
-        self,
-        model: Any,
-        run_dir: Any,
-        data: Any = None,
-        loss: str = "cross_entropy",
-        every: int = 1,
-        torch_loss_every: int | None = None,
-        factory: Any = None,
-    ) -> None:
-        from safetensors.torch import save_file
-
-        self._save_file = save_file
-        self.model = model
-        self.run_dir = Path(run_dir)
-        self.every = every
-        self.updates = 0
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        x, y = data
-        save_file(
-            {"x": x.contiguous(), "y": y.contiguous()}, str(self.run_dir / "train.safetensors")
-        )
-        (self.run_dir / "model.toml").write_text(SPEC)
-        (self.run_dir / "lca-run.json").write_text(
-            json.dumps({"checkpoints": "checkpoints", "spec": "model.toml"})
-        )
-        self._save()
-
-    def _save(self) -> None:
-        state = {
-            k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()
-        }
-        path = self.run_dir / "checkpoints" / f"step_{self.updates:06d}.safetensors"
-        self._save_file(state, str(path), metadata={"step": str(self.updates)})
-
-    def step(self) -> None:
-        self.updates += 1
-        if self.updates % self.every == 0:
-            self._save()
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture()
-def recorder_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not REAL_RECORDER:
-        pytest.importorskip("safetensors")
-        stand_in = types.ModuleType("lca.recorder")
-        stand_in.Recorder = StandInRecorder  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "lca.recorder", stand_in)
 
 
 class Net(nn.Module):
@@ -150,13 +56,14 @@ def check_run(run: Path, lca_bin: Path, updates: int) -> None:
     # And through Python.
     res = lca.analyze(run, threads=1, progress=False)
     assert len(res.steps) == updates
+    # The Recorder's checkpoints hold distinct states, one per optimizer step.
+    first, last = res.lca.steps[0], res.lca.next_steps[-1]
+    assert (first, last) == (0, updates)
     assert list(res.layer_totals["layer"]) == ["fc1", "fc2"]
     assert res.steps["loss_after"].iloc[-1] < res.steps["loss_before"].iloc[0]
 
 
-def test_lightning_callback_records_every_optimizer_step(
-    tmp_path: Path, lca_bin: Path, recorder_module: None
-) -> None:
+def test_lightning_callback_records_every_optimizer_step(tmp_path: Path, lca_bin: Path) -> None:
     pl = pytest.importorskip("lightning.pytorch")
     from lca.callbacks.lightning import LCACallback
 
@@ -193,9 +100,7 @@ def test_lightning_callback_records_every_optimizer_step(
     assert len(cb.analyze(out=tmp_path / "o", threads=1, progress=False).steps) == 3
 
 
-def test_huggingface_callback_records_every_optimizer_step(
-    tmp_path: Path, lca_bin: Path, recorder_module: None
-) -> None:
+def test_huggingface_callback_records_every_optimizer_step(tmp_path: Path, lca_bin: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from lca.callbacks.huggingface import LCACallback
 
@@ -222,6 +127,39 @@ def test_huggingface_callback_records_every_optimizer_step(
     trainer.train()
     assert cb.recorder is None
     check_run(run, lca_bin, updates=3)
+
+
+def test_lightning_module_without_forward_needs_module(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from lca.callbacks.lightning import LCACallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    x, y = toy_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    cb = LCACallback(tmp_path / "run", data=(x, y))
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    with pytest.raises(ValueError, match="module=NAME.*'net'"):
+        trainer.fit(Module(), loader)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_every_must_be_positive() -> None:

@@ -71,6 +71,13 @@ class LCACallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_global_step = trainer.global_step
+        if self._owner.module is None and type(pl_module).forward is LightningModule.forward:
+            children = ", ".join(repr(name) for name, _ in pl_module.named_children())
+            raise ValueError(
+                f"LCACallback: {type(pl_module).__name__} defines no forward(), so it cannot be "
+                f"recorded itself: pass module=NAME, the attribute holding the network "
+                f"(its children: {children or 'none'})"
+            )
         if trainer.is_global_zero:
             self._owner.start(pl_module)
 
