@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -39,16 +39,26 @@ SPEC_FILE = "model.toml"
 MANIFEST = "lca-run.json"
 EXPORTED = "model.pt2"
 
-DataArg = Union[tuple[Any, Any], "torch.utils.data.Dataset[Any]", "torch.utils.data.DataLoader[Any]"]
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write `path` through a temporary file in the same directory, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _MODE)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -210,14 +220,14 @@ class Recorder:
     def __init__(
         self,
         model: nn.Module,
-        run_dir: Union[str, os.PathLike[str]],
+        run_dir: str | os.PathLike[str],
         data: Any,
         loss: str = "cross_entropy",
         every: int = 1,
-        torch_loss_every: Optional[int] = None,
-        factory: Union[str, Callable[..., nn.Module], None] = None,
+        torch_loss_every: int | None = None,
+        factory: str | Callable[..., nn.Module] | None = None,
         factory_args: Sequence[Any] = (),
-        factory_kwargs: Optional[Mapping[str, Any]] = None,
+        factory_kwargs: Mapping[str, Any] | None = None,
         batch_norm: str = "running-stats",
         chunk_size: int = 256,
         export: bool = True,
@@ -244,7 +254,7 @@ class Recorder:
         self.batch_norm = batch_norm
         self.chunk_size = chunk_size
         self.t = 0
-        self.last_written: Optional[int] = None
+        self.last_written: int | None = None
         self.closed = False
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +292,7 @@ class Recorder:
 
     # -- public ----------------------------------------------------------------------------
 
-    def step(self) -> Optional[Path]:
+    def step(self) -> Path | None:
         """Call after each `optimizer.step()`: step t+1 is done. Returns the checkpoint written
         (None when this step is not a multiple of `every`)."""
         if self.closed:
@@ -306,14 +316,14 @@ class Recorder:
 
     def __exit__(
         self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
     @property
-    def spec_path(self) -> Optional[Path]:
+    def spec_path(self) -> Path | None:
         p = self.run_dir / SPEC_FILE
         return p if self.spec.spec is not None else None
 
@@ -336,7 +346,8 @@ class Recorder:
         # Tied tensors: the name the spec uses (its first layer); else the first in order.
         by_storage: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
         preferred = set(self.spec.params.values())
-        order = sorted(sd, key=lambda k: (k not in preferred, list(sd).index(k)))
+        position = {k: i for i, k in enumerate(sd)}
+        order = sorted(sd, key=lambda k: (k not in preferred, position[k]))
         for name in order:
             t = sd[name]
             if t.numel() == 0:
@@ -373,7 +384,7 @@ class Recorder:
 
     def _model_ref(
         self,
-        factory: Union[str, Callable[..., nn.Module], None],
+        factory: str | Callable[..., nn.Module] | None,
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
     ) -> dict[str, Any]:

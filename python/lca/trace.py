@@ -19,7 +19,7 @@ import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -42,7 +42,7 @@ class UnsupportedOp:
     """What it is: `torch.sin`, `Tensor.mean`, `module RMSNorm`, ..."""
     where: str
     """The module path it belongs to (`""` for the top-level module)."""
-    source: Optional[str]
+    source: str | None
     """`file:line: code` of the call in the model's source, when known."""
     reason: str
     """Why lca cannot evaluate it."""
@@ -52,7 +52,7 @@ class UnsupportedOp:
         src = f" ({self.source})" if self.source else ""
         return f"{self.op} {where}{src}: {self.reason}"
 
-    def to_json(self) -> dict[str, Optional[str]]:
+    def to_json(self) -> dict[str, str | None]:
         return {"op": self.op, "where": self.where, "source": self.source, "reason": self.reason}
 
 
@@ -69,12 +69,12 @@ class SpecResult:
     """Tied weights: a `state_dict` name -> the name of the one tensor it shares (the name lca
     reports it under, which is the name checkpoints store it under)."""
     loss: str
-    batch_norm: Optional[str]
+    batch_norm: str | None
     """The `[model] batch_norm` mode when the model has batch norm, else None."""
     chunk_size: int
     input_shape: list[int]
     """Per-sample input shape of the example."""
-    data: Optional[dict[str, Any]] = None
+    data: dict[str, Any] | None = None
     """The `[data]` table written into the spec (set by the Recorder)."""
     notes: list[str] = field(default_factory=list)
 
@@ -83,7 +83,7 @@ class SpecResult:
         return not self.unsupported
 
     @property
-    def spec(self) -> Optional[str]:
+    def spec(self) -> str | None:
         """The spec TOML text, or None when the model has an op lca cannot evaluate."""
         if self.unsupported:
             return None
@@ -139,7 +139,7 @@ def _is_assert(frame: Any) -> bool:
     return False
 
 
-def _attention_heads_attr(mod: nn.Module) -> Optional[int]:
+def _attention_heads_attr(mod: nn.Module) -> int | None:
     for name in ("n_head", "num_heads", "n_heads"):
         v = getattr(mod, name, None)
         if isinstance(v, int) and not isinstance(v, bool):
@@ -251,6 +251,9 @@ _SIMPLE_MODULES: dict[type, str] = {
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
+_POISON = "<unsupported "
+
+
 class _Mapper:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, values: dict[fx.Node, Any]) -> None:
         self.model = model
@@ -282,7 +285,7 @@ class _Mapper:
             return str(path)
         return ""
 
-    def source(self, n: fx.Node) -> Optional[str]:
+    def source(self, n: fx.Node) -> str | None:
         st = n.meta.get("stack_trace")
         if not st:
             return None
@@ -302,6 +305,11 @@ class _Mapper:
 
     def bad(self, n: fx.Node, op: str, reason: str) -> None:
         self.unsupported.append(UnsupportedOp(op, self.where(n), self.source(n), reason))
+        if n.op != "output" and n not in self.ref:
+            # What follows still maps (so each unsupported op is reported once, not again as
+            # a missing input downstream); the spec is withheld anyway.
+            self.ref[n] = f"{_POISON}{n.name}>"
+            self.kind[self.ref[n]] = "unsupported"
 
     def unique(self, base: str) -> str:
         name = base
@@ -330,7 +338,7 @@ class _Mapper:
                 layer["input"] = inputs[0]
         else:
             layer["input"] = inputs
-        layer.update(keys)
+        layer.update({k: v for k, v in keys.items() if v is not None})
         self.layers.append(layer)
         self.kind[name] = ltype
         self.ref[n] = name
@@ -380,6 +388,10 @@ class _Mapper:
                 self.output(n)
                 continue
             ins = self.tensor_inputs(n)
+            poisoned = [a for a in ins if self.ref[a].startswith(_POISON)]
+            if poisoned:
+                self.ref[n] = self.ref[poisoned[0]]  # downstream of an unsupported op
+                continue
             if n.op == "call_module" and self.is_tensor(n):
                 mod = self.gm.get_submodule(str(n.target))
                 first = n.args[0] if n.args else None
@@ -417,6 +429,8 @@ class _Mapper:
             self.bad(n, "output", "the model's output does not depend on its input")
             return
         name = self.ref[out]
+        if name.startswith(_POISON):
+            return
         if not self.layers or self.layers[-1]["name"] != name:
             self.emit(n, self.unique("output"), "identity", [name])
 
@@ -572,9 +586,7 @@ class _Mapper:
                 return
             token = self.token_source(first, tlen)
             if token is None:
-                self.bad(
-                    n, "module Embedding", "positions whose length is not the input's length"
-                )
+                self.bad(n, "module Embedding", "positions whose length is not the input's length")
                 return
             tied = self.own_params(name, mod, ["weight"])
             self.emit(
@@ -603,7 +615,7 @@ class _Mapper:
             tied=tied or None,
         )
 
-    def token_source(self, arange: fx.Node, tlen: int) -> Optional[str]:
+    def token_source(self, arange: fx.Node, tlen: int) -> str | None:
         """The layer whose axis 1 gave the length of `arange` (through size()/shape reads)."""
         stack = list(arange.all_input_nodes)
         seen: set[fx.Node] = set()
@@ -635,9 +647,7 @@ class _Mapper:
         heads = [h for h in candidates if _attention_matches(mod, x, h)]
         if len(heads) != 1:
             what = (
-                f"its n_head = {declared}"
-                if declared
-                else "any head count (no `n_head` attribute)"
+                f"its n_head = {declared}" if declared else "any head count (no `n_head` attribute)"
             )
             self.bad(
                 n,
@@ -893,7 +903,7 @@ def trace_spec(
     loss: str = "cross_entropy",
     batch_norm: str = "running-stats",
     chunk_size: int = 256,
-    data: Optional[Mapping[str, Any]] = None,
+    data: Mapping[str, Any] | None = None,
 ) -> SpecResult:
     """Trace `model` on `example_input` (a batch, `[n, ...]`) into lca's model spec.
 
