@@ -4,6 +4,7 @@ for the engine worker (`--model python/tests/engine_models.py:mlp`)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +19,7 @@ def _example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"lca_example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -72,8 +74,9 @@ def gpt() -> nn.Module:
     """fixtures/gpt: docs/examples/nanogpt.py's GPT (2 blocks, 4 heads, 16 channels, context 32,
     82 characters, tied head)."""
     ng = _example("nanogpt")
-    cfg = ng.GPTConfig(block_size=32, vocab_size=82, n_layer=2, n_head=4, n_embd=16,
-                       dropout=0.0, bias=True)
+    cfg = ng.GPTConfig(
+        block_size=32, vocab_size=82, n_layer=2, n_head=4, n_embd=16, dropout=0.0, bias=True
+    )
     return ng.GPT(cfg)
 
 

@@ -115,8 +115,9 @@ class EngineClient:
         self._next_id += 1
         rid = self._next_id
         dtype = "f32" if self.theta_dtype == np.dtype("<f4") else "f64"
-        self._send({"cmd": cmd, "id": rid, "dtype": dtype, "numel": self.numel},
-                   memoryview(flat).cast("B"))
+        self._send(
+            {"cmd": cmd, "id": rid, "dtype": dtype, "numel": self.numel}, memoryview(flat).cast("B")
+        )
         header, payload = self._read()
         if header["cmd"] != "result" or header.get("id") != rid:
             raise WorkerError("bad_request", f"unexpected answer {header}")

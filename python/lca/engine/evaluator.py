@@ -63,6 +63,13 @@ def _explicit_eval_bn(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def set_training(module: nn.Module, training: bool) -> None:
+    """`module.train(training)`, also for exported programs' modules, which refuse train() and
+    eval() (their graph is fixed in the mode it was exported in)."""
+    for m in module.modules():
+        m.training = training
+
+
 def batch_norm_modules(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, _BatchNorm)]
 
@@ -121,11 +128,11 @@ class Evaluator:
                 "running-stats (the running_mean/running_var of θ, as model.eval())"
             )
         self.bn_mode = bn_mode if has_bn else None
-        module.eval()
+        set_training(module, False)
         path_buffers: set[str] = set()
         for name, m in bns:
             if self.bn_mode == "batch-stats":
-                m.train()
+                set_training(m, True)
             elif m.track_running_stats and m.running_mean is not None:
                 m.forward = types.MethodType(_explicit_eval_bn, m)  # type: ignore[method-assign]
                 prefix = f"{name}." if name else ""
@@ -187,10 +194,18 @@ class Evaluator:
         the targets; the number of loss terms over the whole set."""
         m = min(self.n, max(2, min(self.chunk_size, 8)))
         training = [(mod, mod.training) for mod in self.module.modules()]
-        self.module.eval()
+        set_training(self.module, False)
         try:
             with torch.no_grad():
                 out = model_output(self.module(self.x[:m]))
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e):
+                raise
+            raise ValueError(
+                f"the model cannot evaluate the training set's inputs "
+                f"{list(self.x.shape[1:])} (dtype {self.x.dtype}) per sample: "
+                f"{type(e).__name__}: {e}"
+            ) from e
         finally:
             for mod, tr in training:
                 mod.training = tr

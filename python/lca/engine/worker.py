@@ -40,8 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-kwargs", default=None, help="JSON object of factory keyword args")
     p.add_argument("--data", default=None, help="training set (.safetensors or .npz)")
-    p.add_argument("--spec", default=None, help="an lca model.toml: its [data], [loss], "
-                   "[model] batch_norm/input_shape and [eval] chunk_size keys are used")
+    p.add_argument(
+        "--spec",
+        default=None,
+        help="an lca model.toml: its [data], [loss], "
+        "[model] batch_norm/input_shape and [eval] chunk_size keys are used",
+    )
     p.add_argument("--loss", choices=["cross_entropy", "mse"], default=None)
     p.add_argument("--x", default=None, help="input tensor name (default x)")
     p.add_argument("--y", default=None, help="target tensor name (default y)")
@@ -114,8 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import torch
     except ImportError as e:
-        worker.fail("import_error", f"cannot import torch: {e}", EXIT_CONFIG,
-                    "install PyTorch in the Python that runs the worker (pip install torch)")
+        worker.fail(
+            "import_error",
+            f"cannot import torch: {e}",
+            EXIT_CONFIG,
+            "install PyTorch in the Python that runs the worker (pip install torch)",
+        )
     from . import evaluator, loading
 
     chunk: int | None = None
@@ -195,8 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, SystemExit):
             raise
         if _is_oom(e):
-            worker.fail("out_of_memory", f"out of device memory while loading: {e}", EXIT_OOM,
-                        _oom_hint(chunk or 256))
+            worker.fail(
+                "out_of_memory",
+                f"out of device memory while loading: {e}",
+                EXIT_OOM,
+                _oom_hint(chunk or 256),
+            )
         traceback.print_exc()
         worker.fail("internal", f"{type(e).__name__}: {e}", EXIT_INTERNAL)
 
@@ -227,8 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         "n_chunks": -(-ev.n // ev.chunk_size),
         "numel": ev.numel,
         "tensors": [
-            {"name": c.name, "shape": c.shape, "kind": c.kind, "offset": c.offset,
-             "numel": c.numel, "dtype": args.precision}
+            {
+                "name": c.name,
+                "shape": c.shape,
+                "kind": c.kind,
+                "offset": c.offset,
+                "numel": c.numel,
+                "dtype": args.precision,
+            }
             for c in ev.coords
         ],
         "aliases": ev.aliases,
@@ -257,18 +275,29 @@ def serve(worker: Worker, ev: Any, inp: BinaryIO) -> None:
             worker.send({"cmd": "bye", "id": rid})
             sys.exit(EXIT_OK)
         if cmd not in ("loss_grad", "loss"):
-            worker.send({"cmd": "error", "id": rid, "kind": "bad_request",
-                         "message": f"unknown command '{cmd}' (expected loss_grad, loss, "
-                         "shutdown)"})
+            worker.send(
+                {
+                    "cmd": "error",
+                    "id": rid,
+                    "kind": "bad_request",
+                    "message": f"unknown command '{cmd}' (expected loss_grad, loss, shutdown)",
+                }
+            )
             continue
         dtype = header.get("dtype", ev_dtype(ev))
         size = protocol.DTYPE_SIZE.get(dtype) if isinstance(dtype, str) else None
         numel = header.get("numel")
         if size is None or numel != ev.numel or len(payload) != ev.numel * size:
-            worker.send({"cmd": "error", "id": rid, "kind": "bad_request",
-                         "message": f"'{cmd}' needs θ as {ev.numel} values of dtype f32 or f64 "
-                         f"(the hello's layout); got numel {numel}, dtype {dtype}, "
-                         f"{len(payload)} payload bytes"})
+            worker.send(
+                {
+                    "cmd": "error",
+                    "id": rid,
+                    "kind": "bad_request",
+                    "message": f"'{cmd}' needs θ as {ev.numel} values of dtype f32 or f64 "
+                    f"(the hello's layout); got numel {numel}, dtype {dtype}, "
+                    f"{len(payload)} payload bytes",
+                }
+            )
             continue
         t0 = time.perf_counter()
         try:
@@ -281,9 +310,13 @@ def serve(worker: Worker, ev: Any, inp: BinaryIO) -> None:
             if isinstance(e, SystemExit):
                 raise
             if _is_oom(e):
-                worker.fail("out_of_memory",
-                            f"out of device memory evaluating a chunk of {ev.chunk_size} "
-                            f"samples on {ev.device}: {e}", EXIT_OOM, _oom_hint(ev.chunk_size))
+                worker.fail(
+                    "out_of_memory",
+                    f"out of device memory evaluating a chunk of {ev.chunk_size} "
+                    f"samples on {ev.device}: {e}",
+                    EXIT_OOM,
+                    _oom_hint(ev.chunk_size),
+                )
             traceback.print_exc()
             worker.fail("internal", f"{type(e).__name__}: {e}", EXIT_INTERNAL)
         import numpy as np
@@ -293,8 +326,15 @@ def serve(worker: Worker, ev: Any, inp: BinaryIO) -> None:
         if grad is not None:
             body[1:] = grad
         worker.send(
-            {"cmd": "result", "id": rid, "of": cmd, "numel": 0 if grad is None else ev.numel,
-             "dtype": "f64", "count": ev.count, "seconds": round(time.perf_counter() - t0, 6)},
+            {
+                "cmd": "result",
+                "id": rid,
+                "of": cmd,
+                "numel": 0 if grad is None else ev.numel,
+                "dtype": "f64",
+                "count": ev.count,
+                "seconds": round(time.perf_counter() - t0, 6),
+            },
             memoryview(body).cast("B"),
         )
 
