@@ -257,7 +257,12 @@ def test_a_recorder_run_and_an_exported_program(tmp_path: Path) -> None:
     want = float(grads["step0/s0/loss"][0])
     with EngineClient(["--model", str(tmp_path), "--precision", "f64"]) as c:
         assert abs(c.loss(c.flatten(ck)) - want) < 1e-12
-    ep = torch.export.export(MLP().double(), (torch.zeros(2, 64, dtype=torch.float64),))
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(
+        MLP().double(),
+        (torch.zeros(2, 64, dtype=torch.float64),),
+        dynamic_shapes={"x": {0: batch}},
+    )
     torch.export.save(ep, str(tmp_path / "model.pt2"))
     run = {"model": {"exported": "model.pt2"}, "data": run["data"], "loss": "cross_entropy"}
     (tmp_path / "lca-run.json").write_text(json.dumps(run))

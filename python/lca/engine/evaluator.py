@@ -116,6 +116,7 @@ class Evaluator:
     ) -> None:
         self.dtype = DTYPES[precision]
         self.device = device
+        self.exported = exported
         self.loss = loss
         self.chunk_size = chunk_size
         self.n = data.n
@@ -198,13 +199,19 @@ class Evaluator:
         try:
             with torch.no_grad():
                 out = model_output(self.module(self.x[:m]))
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as e:
             if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e):
                 raise
+            hint = ""
+            if self.exported and "Guard failed" in str(e):
+                hint = (
+                    " (an exported program must be exported with a dynamic batch dimension: "
+                    'torch.export.export(model, (x,), dynamic_shapes={"x": {0: Dim("batch")}}))'
+                )
             raise ValueError(
                 f"the model cannot evaluate the training set's inputs "
                 f"{list(self.x.shape[1:])} (dtype {self.x.dtype}) per sample: "
-                f"{type(e).__name__}: {e}"
+                f"{type(e).__name__}: {e}{hint}"
             ) from e
         finally:
             for mod, tr in training:
