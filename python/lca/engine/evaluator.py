@@ -249,7 +249,14 @@ class Evaluator:
             raise torch.OutOfMemoryError("simulated out of memory (LCA_ENGINE_TEST_OOM=1)")
         if self.delay:
             time.sleep(self.delay)
-        flat = flat.detach().requires_grad_(want_grad)
+        flat = flat.detach()
+        # One leaf per tensor of θ (views of the flat buffer, no copies): autograd then gives
+        # one gradient per tensor, and nothing proportional to θ's size per tensor.
+        leaves = [
+            flat[c.offset : c.offset + c.numel].view(c.shape).requires_grad_(want_grad)
+            for c in self.coords
+        ]
+        tensors = {c.name: t for c, t in zip(self.coords, leaves)}
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_acc = (
             torch.zeros(self.numel, dtype=torch.float64, device=self.device) if want_grad else None
@@ -258,15 +265,14 @@ class Evaluator:
         with ctx:
             for a in range(0, self.n, self.chunk_size):
                 b = min(a + self.chunk_size, self.n)
-                tensors = {
-                    c.name: flat[c.offset : c.offset + c.numel].view(c.shape) for c in self.coords
-                }
                 out = model_output(functional_call(self.module, tensors, (self.x[a:b],)))
                 terms = self._terms(out, self.y[a:b])
                 loss_acc += terms.detach().to(torch.float64).sum()
                 if grad_acc is not None:
-                    (g,) = torch.autograd.grad(terms.sum(), flat)
-                    grad_acc += g.to(torch.float64)
+                    gs = torch.autograd.grad(terms.sum(), leaves, allow_unused=True)
+                    for c, g in zip(self.coords, gs):
+                        if g is not None:
+                            grad_acc[c.offset : c.offset + c.numel] += g.reshape(-1)
         inv = 1.0 / self.count
         loss = float(loss_acc) * inv
         if not np.isfinite(loss):
