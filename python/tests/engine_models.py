@@ -81,15 +81,11 @@ def gpt() -> nn.Module:
 
 
 def mlp_with_dropout(p: float = 0.5) -> nn.Module:
-    """fixtures/mlp with dropout between the layers: evaluation semantics turn it off."""
+    """fixtures/mlp with dropout between the layers (evaluation semantics turn it off); its
+    construction prints to stdout, which must not reach the protocol stream."""
+    print("hello from the model's code on stdout")
     m = MLP()
     return nn.Sequential(m.fc1, nn.ReLU(), nn.Dropout(p), m.fc2, nn.ReLU(), nn.Dropout(p), m.fc3)
-
-
-def chatty_mlp() -> nn.Module:
-    """An MLP whose construction prints to stdout: the protocol stream must stay clean."""
-    print("hello from the model's code on stdout")
-    return MLP()
 
 
 def broken() -> nn.Module:
