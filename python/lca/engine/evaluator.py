@@ -237,6 +237,31 @@ class Evaluator:
             )
         return int(self.y.numel())
 
+    def probe_chunk_size(self, fraction: float = 0.25) -> int:
+        """A chunk size for a CUDA device: one forward and backward of 8 samples (the module's
+        own parameters) measures the peak memory per sample; the chunk fills `fraction` of the
+        device's total memory (not its free memory: the same model on the same kind of GPU
+        always gets the same chunks, so the same bits), a multiple of 64 when above 64."""
+        dev = self.device
+        k = min(self.n, 8)
+        sd = self.module.state_dict()
+        leaves = [sd[c.name].detach().clone().requires_grad_(True) for c in self.coords]
+        tensors = {c.name: t for c, t in zip(self.coords, leaves)}
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = model_output(functional_call(self.module, tensors, (self.x[:k],)))
+        terms = self._terms(out, self.y[:k])
+        torch.autograd.grad(terms.sum(), leaves, allow_unused=True)
+        del out, terms
+        torch.cuda.synchronize(dev)
+        per = max((torch.cuda.max_memory_allocated(dev) - base) / k, 1.0)
+        total = torch.cuda.get_device_properties(dev).total_memory
+        c = int(fraction * total / per)
+        if c > 64:
+            c -= c % 64
+        return max(1, min(self.n, c))
+
     def theta_from_bytes(self, payload: bytearray, dtype: str) -> torch.Tensor:
         flat = torch.frombuffer(payload, dtype=DTYPES[dtype]) if len(payload) else None
         if flat is None:

@@ -91,17 +91,11 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def _default_chunk(device: Any, n: int, bytes_per_sample: int) -> int:
-    """256 samples on the CPU (the built-in engine's default); on a GPU, as many as fit in a
-    quarter of its total memory at ~64× the input size per sample, a multiple of 64. Derived
-    from the device's total memory (not its free memory), so the same device gives the same
-    chunk size, and so the same bits, on every run."""
-    import torch
-
+def _default_chunk(device: Any, n: int) -> int | None:
+    """256 samples (the built-in engine's default) on the CPU and MPS; None on a CUDA device,
+    where the evaluator measures what fits (Evaluator.probe_chunk_size)."""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        c = int(total // 4 // max(64 * bytes_per_sample, 1))
-        return max(1, min(n, max(64, c - c % 64)))
+        return None
     return min(n, 256)
 
 
@@ -177,11 +171,12 @@ def main(argv: list[str] | None = None) -> None:
         has_bn = bool(evaluator.batch_norm_modules(module))
         if chunk is None and (cfg.bn_mode == "batch-stats" and has_bn):
             chunk = cfg.chunk_size or 256
+        probe = False
         if chunk is None:
-            per = data.x[0].numel() * (8 if args.precision == "f64" else 4)
             chunk = cfg.chunk_size if device.type == "cpu" and cfg.chunk_size else None
-            chunk = chunk or _default_chunk(device, data.n, per)
-        if chunk < 1:
+            chunk = chunk or _default_chunk(device, data.n)
+            probe = chunk is None
+        if chunk is not None and chunk < 1:
             raise loading.ConfigError(f"--chunk-size must be at least 1, found {chunk}")
         ev = evaluator.Evaluator(
             module,
@@ -190,9 +185,12 @@ def main(argv: list[str] | None = None) -> None:
             bn_mode=cfg.bn_mode,
             device=device,
             precision=args.precision,
-            chunk_size=chunk,
+            chunk_size=chunk or min(data.n, 256),
             exported=exported,
         )
+        if probe:
+            ev.chunk_size = chunk = ev.probe_chunk_size()
+            print(f"lca engine worker: chunk size {chunk} on {device}", file=sys.stderr)
     except loading.ModelImportError as e:
         worker.fail("import_error", str(e), EXIT_CONFIG)
     except loading.ConfigError as e:
