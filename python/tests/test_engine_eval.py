@@ -184,3 +184,37 @@ def test_missing_bn_mode_and_non_finite_results_are_errors() -> None:
     th[3] = float("nan")
     with pytest.raises(evaluator.NumericError, match="loss is nan"):
         ev.evaluate(th, want_grad=True)
+
+
+def test_torchvision_resnet18_in_running_stats_mode() -> None:
+    """torchvision's resnet18, unchanged (in-place ReLUs, 20 batch norms): the loss is PyTorch's
+    eval mode, the parameters' gradients are native autograd's, and the running statistics
+    are coordinates of θ."""
+    tv = pytest.importorskip("torchvision")
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(12, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (12,), generator=g)
+    data = loading.Dataset(path=Path("random"), x=x, y=y, n=12)
+    torch.manual_seed(0)
+    ev = make(tv.models.resnet18(num_classes=10), data, bn_mode="running-stats", chunk=5)
+    assert sum(c.kind == "buffer" for c in ev.coords) == 40
+    th = theta(ev)
+    for c in ev.coords:
+        if c.name.endswith("running_var"):
+            th[c.offset : c.offset + c.numel] = th[c.offset : c.offset + c.numel].abs() + 0.5
+    loss, grad = ev.evaluate(th, want_grad=True)
+    ref = tv.models.resnet18(num_classes=10).double().eval()
+    ts = named(ev, th)
+    for c in ev.coords:
+        if c.kind == "buffer":
+            ts[c.name] = ts[c.name].detach()
+    want = F.cross_entropy(torch.func.functional_call(ref, ts, (x.double(),)), y)
+    want.backward()
+    assert abs(loss - want.item()) < 1e-12
+    assert grad is not None
+    params = [c for c in ev.coords if c.kind == "parameter"]
+    got = np.concatenate([grad[c.offset : c.offset + c.numel] for c in params])
+    g_ref = torch.cat([ts[c.name].grad.reshape(-1) for c in params]).numpy()
+    assert rel_err(got, g_ref) < 1e-10
+    bufs = [c for c in ev.coords if c.kind == "buffer"]
+    assert all(np.abs(grad[c.offset : c.offset + c.numel]).max() > 0 for c in bufs)
