@@ -20,8 +20,8 @@
 
 use crate::error::{LcaError, Result};
 use crate::lca::Integration;
-use crate::report::tensors::StoreDtype;
-use crate::report::{ParamTotals, StepRecord};
+use crate::output::tensors::StoreDtype;
+use crate::output::{ParamTotals, StepRecord};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 pub const DIR: &str = ".lca-resume";
 const MANIFEST: &str = "manifest.json";
 const STATE: &str = "state.bin";
-/// Marker of a commit in progress (see [`crate::report::OutDir::commit`]).
+/// Marker of a commit in progress (see [`crate::output::OutDir::commit`]).
 pub const COMMIT: &str = "commit.json";
 /// Version of the journal layout.
 const FORMAT: u32 = 1;
