@@ -7,7 +7,7 @@ use super::shard::{FILE, Shard, ShardInfo};
 use super::summary::{Header, L2Ends, Outcome, build};
 use super::tallies::{Layout, StepValues, accumulate, step_groups};
 use crate::error::{LcaError, Result};
-use crate::output::{OutDir, ParamTotals, StepOutput, StepRecord, Summary, tensors::StepReader};
+use crate::output::{OutDir, ParamTotals, StepRecord, Summary, tensors::StepReader};
 use std::path::{Path, PathBuf};
 
 /// One part given to `merge`.
@@ -294,14 +294,7 @@ fn replay(
         // The running reconstruction starts at the first part's L_0, as in a single run.
         rec.reconstructed_loss =
             records.last().map_or(loss_first, |r| r.reconstructed_loss) + rec.lca_sum;
-        exporters.step(&StepOutput {
-            record: &rec,
-            tensors: &groups.tensors,
-            layers: &groups.layers,
-            lca: values.lca,
-            val_lca: values.val,
-            l2_lca: values.l2,
-        })?;
+        exporters.step(&groups.output(&rec, values))?;
         accumulate(totals, values);
         records.push(rec);
     }

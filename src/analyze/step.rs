@@ -19,7 +19,7 @@ use crate::eval::{Engine, LossGrad, SharedSimpson};
 use crate::journal::{Journal, RunState};
 use crate::lca::{StepLca, difference, integrate_step, point};
 use crate::net::Real;
-use crate::output::{CheckpointRef, OutDir, StepOutput, StepRecord, Summary};
+use crate::output::{CheckpointRef, OutDir, StepRecord, Summary};
 use crate::progress::Progress;
 
 /// The training objective and, when the spec names a validation set, the held-out one,
@@ -322,16 +322,8 @@ impl<'a, E: Engine> Run<'a, E> {
         self.project_length(s.evaluations);
         let rec = record(state, a, b, &s, val.as_ref(), &groups);
         self.progress_message(&rec);
-        let so = StepOutput {
-            record: &rec,
-            tensors: &groups.tensors,
-            layers: &groups.layers,
-            lca: values.lca,
-            val_lca: values.val,
-            l2_lca: values.l2,
-        };
         self.exporting = true;
-        self.exporters().step(&so)?;
+        self.exporters().step(&groups.output(&rec, values))?;
         self.exporting = false;
         // The step is written: only now does it count as finished.
         let state = self.state.as_mut().expect("started");

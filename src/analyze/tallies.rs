@@ -1,7 +1,9 @@
 //! The pure tallies of a run: per-step groups, run totals per tensor and per layer, the
 //! residual report and the L2 term. No I/O; `analyze` and `merge` both build on them.
 
-use crate::output::{GroupStep, GroupTotal, ParamRef, ParamTotals, ResidualReport};
+use crate::output::{
+    GroupStep, GroupTotal, ParamRef, ParamTotals, ResidualReport, StepOutput, StepRecord,
+};
 
 /// Parameters helped (LCA < 0), untouched (= 0) and hurt (> 0).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,6 +130,20 @@ pub struct StepGroups {
     pub layers: Vec<GroupStep>,
     /// Over trained parameters only (buffers excluded).
     pub counts: Counts,
+}
+
+impl StepGroups {
+    /// One finished step as the exporters see it.
+    pub fn output<'a>(&'a self, record: &'a StepRecord, v: StepValues<'a>) -> StepOutput<'a> {
+        StepOutput {
+            record,
+            tensors: &self.tensors,
+            layers: &self.layers,
+            lca: v.lca,
+            val_lca: v.val,
+            l2_lca: v.l2,
+        }
+    }
 }
 
 /// Per-step figures of a tensor or layer, before they go to the exporters.
