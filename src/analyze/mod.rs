@@ -251,3 +251,57 @@ fn directory_changes(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::LossGrad;
+
+    /// A foreign engine: only "loss and gradient over the training set", no capabilities.
+    struct Plain<'a>(Evaluator<'a, f32>);
+
+    impl Engine for Plain<'_> {
+        type Real = f32;
+        type Carry = ();
+        fn loss_and_grad(&self, theta: &[Vec<f32>]) -> Result<LossGrad> {
+            self.0.loss_and_grad(theta)
+        }
+    }
+
+    #[test]
+    fn a_second_engine_plugs_into_the_pipeline_and_gives_the_same_summary() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mlp");
+        let tmp = std::env::temp_dir().join(format!("lca-engine-{}", std::process::id()));
+        let opts = |out: &str| AnalyzeOptions {
+            ckpt_dir: dir.join("ckpts"),
+            spec: dir.join("model.toml"),
+            out: tmp.join(out),
+            first: None,
+            last: None,
+            every: 1,
+            integration: Integration::default(),
+            store: None,
+            quiet: true,
+            resume: false,
+            precision: Precision::F32,
+            shard: None,
+            share_first_layer: false,
+        };
+        let native = analyze(&opts("native"), &mut |_| {}).unwrap();
+        let o = opts("plain");
+        let p = prepare(&o.ckpt_dir, &o.spec, None, None, 1).unwrap();
+        let engine = Plain(Evaluator {
+            model: &p.model,
+            data: &p.data,
+            chunk_size: p.spec.eval.chunk_size,
+        });
+        let plain = run(&o, &p, &engine, None, &mut |_| {}).unwrap();
+        let json = |s: &Summary| {
+            let mut v = serde_json::to_value(s).unwrap();
+            v["files"] = serde_json::Value::Null;
+            v.to_string()
+        };
+        assert_eq!(json(&native), json(&plain));
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}
