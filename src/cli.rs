@@ -6,8 +6,8 @@ use crate::analyze::{AnalyzeOptions, Precision, analyze};
 use crate::check::{CheckOptions, check};
 use crate::inspect::{InspectOptions, inspect};
 use crate::lca::{Integration, Method};
+use crate::output::tensors::StoreDtype;
 use crate::plot::{PlotKind, PlotOptions, plot};
-use crate::report::tensors::StoreDtype;
 use crate::summarize::{By, Format, Sort, view};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
@@ -390,7 +390,7 @@ fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
 }
 
 /// The residual report of a finished analysis, on stderr.
-fn print_report(s: &crate::report::Summary, out: &std::path::Path) {
+fn print_report(s: &crate::output::Summary, out: &std::path::Path) {
     let r = &s.run;
     eprintln!(
         "analysed {} steps ({} → {}) with {} gradient evaluations over {} samples",

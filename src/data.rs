@@ -118,10 +118,11 @@ fn read_safetensors(path: &Path, names: [&str; 2]) -> Result<[Raw; 2]> {
     };
     // The same complete header check as for checkpoints, for messages that say what is wrong;
     // the data section is read later, in blocks.
-    let (data_start, tensors) = crate::checkpoint::read_file_header(path).map_err(|e| match e {
-        LcaError::Checkpoint { msg, .. } => err(format!("not a valid safetensors file: {msg}")),
-        other => other,
-    })?;
+    let (data_start, tensors) =
+        crate::safetensors_header::read_file_header(path).map_err(|e| match e {
+            LcaError::Checkpoint { msg, .. } => err(format!("not a valid safetensors file: {msg}")),
+            other => other,
+        })?;
     let get = |name: &str| -> Result<Raw> {
         let t = tensors.iter().find(|t| t.name == name).ok_or_else(|| {
             let mut have: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
@@ -229,6 +230,42 @@ fn split_tokens(tok: Raw, values: &[f64], name: &str) -> std::result::Result<[Ra
     Ok([part(xs), part(ys)])
 }
 
+/// Read `x` and `y` (or the token stream, split into inputs and next-token targets).
+fn read_xy(path: &Path, spec: &DataSpec) -> Result<[Raw; 2]> {
+    let names = match &spec.tokens {
+        Some(t) => [t.as_str(), t.as_str()],
+        None => [spec.x.as_str(), spec.y.as_str()],
+    };
+    let is_npz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+    let [x, y] = if is_npz {
+        read_npz(path, names)?
+    } else {
+        read_safetensors(path, names)?
+    };
+    Ok(match &spec.tokens {
+        Some(name) => {
+            drop(y);
+            let shape = x.shape.clone();
+            let dtype = x.dtype.clone();
+            let integral = x.integral;
+            let values = x.into_values(path)?;
+            let tok = Raw {
+                shape,
+                values: Values::Mem(Vec::new()),
+                integral,
+                dtype,
+            };
+            split_tokens(tok, &values, name).map_err(|msg| LcaError::Data {
+                path: path.to_path_buf(),
+                msg,
+            })?
+        }
+        None => [x, y],
+    })
+}
+
 impl Dataset {
     /// Check the inputs' values against the layers that read them directly (token ids within
     /// their embedding), naming the sample and position of the first offending value.
@@ -259,35 +296,7 @@ impl Dataset {
             ));
         }
         let sha256 = crate::tensors::sha256_file(path).map_err(|e| LcaError::io(path, e))?;
-        let names = match &spec.tokens {
-            Some(t) => [t.as_str(), t.as_str()],
-            None => [spec.x.as_str(), spec.y.as_str()],
-        };
-        let is_npz = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
-        let [x, y] = if is_npz {
-            read_npz(path, names)?
-        } else {
-            read_safetensors(path, names)?
-        };
-        let [x, y] = match &spec.tokens {
-            Some(name) => {
-                drop(y);
-                let shape = x.shape.clone();
-                let dtype = x.dtype.clone();
-                let integral = x.integral;
-                let values = x.into_values(path)?;
-                let tok = Raw {
-                    shape,
-                    values: Values::Mem(Vec::new()),
-                    integral,
-                    dtype,
-                };
-                split_tokens(tok, &values, name).map_err(err)?
-            }
-            None => [x, y],
-        };
+        let [x, y] = read_xy(path, spec)?;
         let y_values = {
             let shape = y.shape.clone();
             let integral = y.integral;

@@ -44,15 +44,57 @@ pub enum LcaError {
     /// Invalid command-line usage detected by the library.
     #[error("{0}")]
     Usage(String),
-    /// The run was stopped by a signal (Ctrl-C, SIGTERM); the message says what was kept.
+    /// The run was stopped by a signal (Ctrl-C, SIGTERM); the kind says whether work was kept.
     #[error("{0}")]
-    Interrupted(String),
+    Interrupted(Interruption),
     /// A run failed after finishing some steps, which are kept for `--resume`.
     #[error("{error}\n{kept}")]
     Stopped { error: Box<LcaError>, kept: String },
 }
 
+/// How far an interrupted run got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interruption {
+    /// A stop was requested (the kind the run sees before it decides what to keep).
+    Requested,
+    /// Interrupted before the first step finished; the journal was removed.
+    NothingKept,
+    /// Interrupted after some steps; `kept` says how many and where (`--resume` continues).
+    Kept(String),
+}
+
+impl Interruption {
+    /// Whether finished steps were kept for `--resume`.
+    pub fn kept_work(&self) -> bool {
+        matches!(self, Interruption::Kept(_))
+    }
+}
+
+impl std::fmt::Display for Interruption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Interruption::Requested => f.write_str("interrupted"),
+            Interruption::NothingKept => {
+                f.write_str("interrupted before the first step finished; nothing was kept")
+            }
+            Interruption::Kept(kept) => write!(
+                f,
+                "interrupted; {kept}: run the same command with --resume to continue"
+            ),
+        }
+    }
+}
+
 impl LcaError {
+    /// Whether the run kept finished steps that `--resume` can continue from.
+    pub fn resumable(&self) -> bool {
+        match self {
+            LcaError::Interrupted(i) => i.kept_work(),
+            LcaError::Stopped { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Wrap an I/O error with the path that failed.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         LcaError::Io {

@@ -100,6 +100,92 @@ impl<T: Real> Evaluator<'_, T> {
     }
 }
 
+/// The boundary between the integration and whatever evaluates the model: `analyze` and the
+/// step stage call only this, so the integration and refinement code ([`crate::lca`]) never
+/// knows which engine evaluated. [`Evaluator`] (this crate's networks) is one engine; a
+/// foreign one (e.g. a PyTorch worker process) implements the same contract.
+///
+/// # Contract
+/// - **Parameters.** `theta` holds one flat, row-major vector per parameter tensor, in the
+///   order of the spec's model ([`crate::net::Model::params`]: the order of the checkpoint
+///   tensors as `analyze` loads them, buffers last in their layers' order), each of the length
+///   of its tensor. Values are the checkpoint's, converted to [`Engine::Real`] (f32 for the
+///   default precision, f64 for `--precision f64`).
+/// - **Loss.** The mean of the per-sample loss (the spec's loss function) over the *whole*
+///   training set of the engine, in f64; the gradient is that mean's gradient, one f64 buffer
+///   per tensor in the same order and lengths as `theta`. Non-finite values are errors
+///   ([`LcaError::Numeric`]), not values.
+/// - **Buffers and batch norm.** In `running-stats` mode (`model.eval()`) the running mean
+///   and variance are buffers: inputs of the loss listed in `theta` like parameters, whose
+///   gradient is reported too. In `batch-stats` mode the set is evaluated in chunks of the
+///   spec's `chunk_size` samples (the last one shorter), each normalised with its own
+///   statistics: the chunking is part of the loss's definition and must be reproduced.
+/// - **Determinism.** The same `theta` gives the same bits, whatever the thread count and
+///   however often it is asked: `--resume` evaluates θ_t again where the interrupted run
+///   stopped, and its outputs are byte-identical to an uninterrupted run's only if this holds.
+///   Sums over chunks must therefore be taken in a fixed order.
+pub trait Engine {
+    /// Element type of the parameter vectors the engine computes with.
+    type Real: Real;
+    /// What a Simpson step that shares the first layer carries to the next step (the first
+    /// layer's outputs at θ_{t+1}); `()` for engines without the capability.
+    type Carry;
+
+    /// Mean loss and its gradient over the training set at `theta`.
+    fn loss_and_grad(&self, theta: &[Vec<Self::Real>]) -> Result<LossGrad>;
+
+    /// Mean loss only over the training set at `theta`.
+    fn loss(&self, theta: &[Vec<Self::Real>]) -> Result<f64> {
+        Ok(self.loss_and_grad(theta)?.loss)
+    }
+
+    /// Capability query: whether [`Engine::simpson_sharing_first`] is available (and worth
+    /// using) for this model. Engines without it keep the default `false`.
+    fn shares_first_layer(&self) -> bool {
+        false
+    }
+
+    /// One plain Simpson step (θ_t, the midpoint, θ_{t+1}) with the first layer shared between
+    /// the three points; exact up to rounding. Called only when
+    /// [`Engine::shares_first_layer`] is true. `carry` holds the first layer's outputs at
+    /// θ_t from the previous step (`None`: compute them) and is replaced by those at θ_{t+1}.
+    fn simpson_sharing_first(
+        &self,
+        theta0: &[Vec<Self::Real>],
+        mid: &[Vec<Self::Real>],
+        theta1: &[Vec<Self::Real>],
+        carry: &mut Option<Self::Carry>,
+    ) -> Result<SharedSimpson> {
+        let _ = (theta0, mid, theta1, carry);
+        Err(LcaError::Numeric(
+            "internal: this engine does not share the first layer".into(),
+        ))
+    }
+}
+
+impl<T: Real> Engine for Evaluator<'_, T> {
+    type Real = T;
+    type Carry = FirstOutputs<T>;
+
+    fn loss_and_grad(&self, theta: &[Vec<T>]) -> Result<LossGrad> {
+        Evaluator::loss_and_grad(self, theta)
+    }
+
+    fn shares_first_layer(&self) -> bool {
+        Evaluator::shares_first_layer(self)
+    }
+
+    fn simpson_sharing_first(
+        &self,
+        theta0: &[Vec<T>],
+        mid: &[Vec<T>],
+        theta1: &[Vec<T>],
+        carry: &mut Option<FirstOutputs<T>>,
+    ) -> Result<SharedSimpson> {
+        Evaluator::simpson_sharing_first(self, theta0, mid, theta1, carry)
+    }
+}
+
 /// Smallest fraction of a model's forward multiply-adds in its first layer for which
 /// [`Evaluator::shares_first_layer`] shares it between Simpson's points.
 pub const SHARE_MIN_FRACTION: f64 = 0.25;

@@ -20,19 +20,17 @@
 
 use crate::error::{LcaError, Result};
 use crate::lca::Integration;
-use crate::report::tensors::StoreDtype;
-use crate::report::{ParamTotals, StepRecord};
+use crate::output::tensors::StoreDtype;
+use crate::output::{ParamTotals, StepRecord};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Name of the journal directory inside the output directory.
-pub const DIR: &str = ".lca-resume";
+/// Name of the journal directory inside the output directory (lca's state directory, which
+/// the writers also use for their commit marker).
+pub use crate::output::STATE_DIR as DIR;
 const MANIFEST: &str = "manifest.json";
 const STATE: &str = "state.bin";
-/// Marker of a commit in progress (see [`crate::report::OutDir::commit`]).
-pub const COMMIT: &str = "commit.json";
 /// Version of the journal layout.
 const FORMAT: u32 = 1;
 const MAGIC: &[u8; 16] = b"lca-resume-st-1\n";
@@ -274,28 +272,9 @@ fn jerr(path: &Path, msg: impl Into<String>) -> LcaError {
     }
 }
 
-/// Write `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the
-/// directory. A reader sees the old content or the new, never a mixture.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| LcaError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| LcaError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| LcaError::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| LcaError::io(path, e))?;
-    if let Some(dir) = path.parent() {
-        sync_dir(dir);
-    }
-    Ok(())
-}
-
-/// fsync a directory so that renames in it survive a power loss (best effort: not every
-/// file system supports it).
-pub fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+/// Write `bytes` to `path` atomically, replacing it ([`crate::files`]' rules).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::files::write_atomic(path, bytes, crate::files::Mode::Replace)
 }
 
 fn encode_state(state: &RunState, files: &[(String, u64)]) -> Result<Vec<u8>> {

@@ -5,7 +5,7 @@
 //! parameters as a path integral of the gradient along the straight segment between them.
 //! Modules: [`spec`] (model.toml), [`checkpoint`] (safetensors directory), [`data`] (training
 //! set), [`net`] (layers, forward and backward), [`eval`] (full-set loss and gradient),
-//! [`lca`] (integration and allocation), [`analyze`] (the run), [`report`] (output writers),
+//! [`lca`] (integration and allocation), [`analyze`] (the run), [`output`] (output writers),
 //! [`summarize`] (coarser views), [`plot`] (figures), [`check`] (CI gates), [`inspect`]
 //! (dry run and work estimate), [`init`] (draft a spec from a checkpoint), [`html`] (the
 //! self-contained HTML report), [`shard`] (`analyze --shard` and `merge`), [`progress`],
@@ -19,6 +19,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod html;
 pub mod init;
 pub mod inspect;
@@ -26,12 +27,17 @@ pub mod interrupt;
 pub mod journal;
 pub mod lca;
 pub mod net;
+pub mod output;
 pub mod plot;
 pub mod progress;
-pub mod report;
+pub mod safetensors_header;
 pub mod shard;
 pub mod spec;
 pub mod summarize;
 pub mod tensors;
 
 pub use error::{LcaError, Result};
+
+/// The output writers at their former path (`src/report/`, now [`output`]), for callers not
+/// yet moved over.
+pub use output as report;

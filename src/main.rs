@@ -10,11 +10,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             let err = e.downcast_ref::<lca::LcaError>();
-            if matches!(
-                err,
-                Some(lca::LcaError::Interrupted(_) | lca::LcaError::Stopped { .. })
-            ) && !e.to_string().contains("nothing was kept")
-            {
+            if err.is_some_and(lca::LcaError::resumable) {
                 eprintln!("to continue: {}", resume_command());
             }
             match err {

@@ -409,9 +409,29 @@ fn bias_rows<T: Real>(rows: usize, cols: usize, bias: Option<&[T]>) -> Array2<T>
     }
 }
 
+/// An attention layer as the per-head view needs it. Head h owns rows
+/// `[h·head_dim, (h+1)·head_dim)` of each of q, k and v in the in-projection (weight rows and
+/// bias entries) and the same columns of the output-projection weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionLayer {
+    pub layer: String,
+    /// Layer type (`causal_self_attention`, `multihead_attention`).
+    pub kind: String,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// `[3·C, C]`: q, k, v rows.
+    pub in_proj_weight: String,
+    /// `[3·C]`.
+    pub in_proj_bias: Option<String>,
+    /// `[C, C]`: the heads' columns.
+    pub out_proj_weight: String,
+    /// `[C]`: shared by the heads.
+    pub out_proj_bias: Option<String>,
+}
+
 /// The attention layers of a built model, with what the per-head view needs: head count and
 /// the names of the projection tensors (after weight tying and `model.prefix`).
-pub fn describe<T: Real>(spec: &Spec, model: &Model<T>) -> Vec<crate::report::AttentionInfo> {
+pub fn describe<T: Real>(spec: &Spec, model: &Model<T>) -> Vec<AttentionLayer> {
     spec.layers
         .iter()
         .zip(&model.nodes)
@@ -432,7 +452,7 @@ pub fn describe<T: Real>(spec: &Spec, model: &Model<T>) -> Vec<crate::report::At
                 _ => return None,
             };
             let name = |k: usize| model.params[node.param_ids[k]].name.clone();
-            Some(crate::report::AttentionInfo {
+            Some(AttentionLayer {
                 layer: node.name.clone(),
                 kind: node.type_name.to_string(),
                 heads,

@@ -117,6 +117,21 @@ pub struct AttentionInfo {
     pub out_proj_bias: Option<String>,
 }
 
+impl From<crate::net::attention::AttentionLayer> for AttentionInfo {
+    fn from(a: crate::net::attention::AttentionLayer) -> AttentionInfo {
+        AttentionInfo {
+            layer: a.layer,
+            kind: a.kind,
+            heads: a.heads,
+            head_dim: a.head_dim,
+            in_proj_weight: a.in_proj_weight,
+            in_proj_bias: a.in_proj_bias,
+            out_proj_weight: a.out_proj_weight,
+            out_proj_bias: a.out_proj_bias,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IntegrationInfo {
     #[serde(flatten)]

@@ -98,6 +98,12 @@ pub const OUTPUT_FILES: [&str; 9] = [
     "shard.json",
 ];
 
+/// lca's state directory inside an output directory: the resume journal
+/// ([`crate::journal`]) and, while a commit is in progress, the writers' [`COMMIT`] marker.
+pub const STATE_DIR: &str = ".lca-resume";
+/// Marker of a commit in progress (see [`OutDir::commit`]), inside [`STATE_DIR`].
+pub const COMMIT: &str = "commit.json";
+
 /// The temporary name of output file `name`.
 pub fn partial_name(name: &str) -> String {
     format!(".{name}.partial")
@@ -106,7 +112,7 @@ pub fn partial_name(name: &str) -> String {
 /// Whether a directory entry is one of lca's own: an output, a temporary output or the
 /// resume journal.
 fn is_lca_entry(name: &str) -> bool {
-    name == crate::journal::DIR
+    name == STATE_DIR
         || OUTPUT_FILES
             .iter()
             .any(|f| name == *f || name == partial_name(f))
@@ -147,7 +153,7 @@ impl OutDir {
                     foreign.push(name);
                 }
             }
-            let ours = dir.join(SUMMARY_FILE).is_file() || dir.join(crate::journal::DIR).is_dir();
+            let ours = dir.join(SUMMARY_FILE).is_file() || dir.join(STATE_DIR).is_dir();
             if !foreign.is_empty() && !ours {
                 foreign.sort();
                 return Err(LcaError::Output {
@@ -240,7 +246,7 @@ impl OutDir {
                 .and_then(|f| f.sync_all())
                 .map_err(|e| LcaError::io(tmp, e))?;
         }
-        let jdir = self.dir.join(crate::journal::DIR);
+        let jdir = self.dir.join(STATE_DIR);
         std::fs::create_dir_all(&jdir).map_err(|e| LcaError::io(&jdir, e))?;
         let names: Vec<String> = self
             .pending
@@ -248,10 +254,10 @@ impl OutDir {
             .filter_map(|(_, f)| f.file_name().map(|n| n.to_string_lossy().to_string()))
             .collect();
         let marker = serde_json::to_vec(&names).map_err(|e| LcaError::Output {
-            path: jdir.join(crate::journal::COMMIT),
+            path: jdir.join(COMMIT),
             msg: e.to_string(),
         })?;
-        crate::journal::write_atomic(&jdir.join(crate::journal::COMMIT), &marker)?;
+        crate::files::write_atomic(&jdir.join(COMMIT), &marker, crate::files::Mode::Replace)?;
         self.committed = true;
         complete_commit(&self.dir)?;
         Ok(self.pending.iter().map(|(_, f)| f.clone()).collect())
@@ -276,8 +282,8 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File> {
 /// Carry out the renames recorded in `.lca-resume/commit.json`, if there is one, and remove
 /// the journal. Returns whether there was one.
 fn complete_commit(dir: &Path) -> Result<bool> {
-    let jdir = dir.join(crate::journal::DIR);
-    let marker = jdir.join(crate::journal::COMMIT);
+    let jdir = dir.join(STATE_DIR);
+    let marker = jdir.join(COMMIT);
     if !marker.is_file() {
         return Ok(false);
     }
@@ -317,9 +323,9 @@ fn complete_commit(dir: &Path) -> Result<bool> {
             std::fs::rename(&tmp, &fin).map_err(|e| LcaError::io(&fin, e))?;
         }
     }
-    crate::journal::sync_dir(dir);
+    crate::files::sync_dir(dir);
     std::fs::remove_dir_all(&jdir).map_err(|e| LcaError::io(&jdir, e))?;
-    crate::journal::sync_dir(dir);
+    crate::files::sync_dir(dir);
     Ok(true)
 }
 

@@ -256,7 +256,7 @@ fn meta_steps(
 /// tensor at a time, so memory stays at one row plus the result.
 pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<NeuronSteps> {
     use std::io::Read;
-    let (len, header) = crate::checkpoint::read_header(path)?;
+    let (len, header) = crate::safetensors_header::read_header(path)?;
     let meta = header.get("__metadata__");
     let steps = meta_steps(path, meta, "steps")?;
     let next_steps = meta_steps(path, meta, "next_steps")?;
@@ -359,7 +359,7 @@ impl StepReader {
     /// Open `path`, checking that it holds every tensor of `params` (name, shape) as F64 with
     /// a leading step axis.
     pub fn open(path: &std::path::Path, params: &[(String, Vec<usize>)]) -> Result<StepReader> {
-        let (len, header) = crate::checkpoint::read_header(path)?;
+        let (len, header) = crate::safetensors_header::read_header(path)?;
         let meta = header.get("__metadata__");
         let steps = meta_steps(path, meta, "steps")?;
         let next_steps = meta_steps(path, meta, "next_steps")?;

@@ -1,0 +1,302 @@
+//! `lca merge`: check the parts of a sharded analysis and replay their steps through the
+//! exporter set and summary builder of a single run, so that every output is what one
+//! unsharded run writes.
+
+use super::exporters::{ExportPlan, Exporters, Start};
+use super::shard::{FILE, Shard, ShardInfo};
+use super::summary::{Header, L2Ends, Outcome, build};
+use super::tallies::{Layout, StepValues, accumulate, step_groups};
+use crate::error::{LcaError, Result};
+use crate::output::{OutDir, ParamTotals, StepRecord, Summary, tensors::StepReader};
+use std::path::{Path, PathBuf};
+
+/// One part given to `merge`.
+struct Part {
+    dir: PathBuf,
+    info: ShardInfo,
+    summary: Summary,
+}
+
+fn usage(msg: String) -> LcaError {
+    LcaError::Usage(msg)
+}
+
+/// Check that `parts` come from the same inputs and options and cover every step exactly
+/// once; returns them in step order.
+fn validate(mut parts: Vec<Part>) -> Result<Vec<Part>> {
+    let base = &parts[0];
+    for p in &parts[1..] {
+        if p.info.count != base.info.count {
+            return Err(usage(format!(
+                "{} is shard {}/{} but {} is shard {}/{}: all parts must come from the same --shard N",
+                p.dir.display(),
+                p.info.index,
+                p.info.count,
+                base.dir.display(),
+                base.info.index,
+                base.info.count
+            )));
+        }
+        let mut diffs = base.info.inputs.differences(&p.info.inputs);
+        if p.info.chunk_size != base.info.chunk_size {
+            diffs.push(format!(
+                "eval.chunk_size was {}, now {}",
+                base.info.chunk_size, p.info.chunk_size
+            ));
+        }
+        if !diffs.is_empty() {
+            return Err(usage(format!(
+                "{} and {} were made from different inputs or options (\"was\" is {}, \"now\" is {}): {}",
+                base.dir.display(),
+                p.dir.display(),
+                base.dir.display(),
+                p.dir.display(),
+                diffs.join("; ")
+            )));
+        }
+    }
+    parts.sort_by_key(|p| p.info.index);
+    for w in parts.windows(2) {
+        if w[0].info.index == w[1].info.index {
+            return Err(usage(format!(
+                "{} and {} are both shard {}/{} (a part given twice): give each shard once",
+                w[0].dir.display(),
+                w[1].dir.display(),
+                w[0].info.index,
+                w[0].info.count
+            )));
+        }
+    }
+    let count = parts[0].info.count;
+    let total = parts[0].info.total_steps;
+    let ckpts = &parts[0].info.inputs.checkpoints;
+    if total + 1 != ckpts.len() {
+        return Err(usage(format!(
+            "{}: {FILE} is inconsistent ({} steps over {} checkpoints)",
+            parts[0].dir.display(),
+            total,
+            ckpts.len()
+        )));
+    }
+    for p in &parts {
+        let want = Shard {
+            index: p.info.index,
+            count,
+        }
+        .range(total)?;
+        if (p.info.first_step_index, p.info.end_step_index) != want
+            || p.summary.steps.len() != p.info.steps
+            || p.info.steps != want.1 - want.0
+            || p.info.checkpoint_sha256.len() != p.info.steps + 1
+        {
+            return Err(usage(format!(
+                "{} claims to be shard {}/{} but does not hold its steps (step indices {}–{} expected): was it modified?",
+                p.dir.display(),
+                p.info.index,
+                count,
+                want.0,
+                want.1
+            )));
+        }
+    }
+    let present: Vec<usize> = parts.iter().map(|p| p.info.index).collect();
+    let missing: Vec<String> = (0..count)
+        .filter(|k| !present.contains(k))
+        .map(|k| {
+            let (a, b) = Shard { index: k, count }
+                .range(total)
+                .expect("count ≤ total was checked");
+            format!(
+                "shard {k}/{count} (steps {}→{}, checkpoints {a}–{b})",
+                ckpts[a].step, ckpts[b].step
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(usage(format!(
+            "the parts given ({}) do not cover every step: missing {}",
+            parts
+                .iter()
+                .map(|p| p.dir.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            missing.join(", ")
+        )));
+    }
+    for w in parts.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        if a.info.checkpoint_sha256.last() != b.info.checkpoint_sha256.first() {
+            let c = &ckpts[b.info.first_step_index];
+            return Err(usage(format!(
+                "{} and {} read different contents for their shared checkpoint {} (step {}): it changed between the shards' runs",
+                a.dir.display(),
+                b.dir.display(),
+                c.file,
+                c.step
+            )));
+        }
+    }
+    Ok(parts)
+}
+
+/// Merge the parts of a sharded analysis into `out`, with the outputs of a single run.
+pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
+    let parts = read_parts(dirs, out)?;
+    let base = &parts[0].summary;
+    let info = &parts[0].info;
+    let layout = Layout::new(base.model.params.clone(), base.model.layers.clone());
+    let has_val = base.run.validation.is_some();
+    let has_l2 = base.run.l2.is_some();
+    let plan = ExportPlan {
+        shapes: layout.shapes(),
+        steps: info
+            .inputs
+            .checkpoints
+            .windows(2)
+            .map(|w| (w[0].step, w[1].step))
+            .collect(),
+        store: info.inputs.lca_tensors,
+        validation: has_val,
+        l2: false,
+    };
+    let (mut od, _) = OutDir::prepare(out)?;
+    od.remove_partials()?;
+    let mut exporters = Exporters::open(&mut od, &plan, &Start::Fresh)?;
+    let mut totals = layout.zero_totals(has_val, has_l2);
+    let loss_first = base.run.loss_first;
+    let mut records: Vec<StepRecord> = Vec::with_capacity(plan.steps.len());
+    let mut checkpoints = Vec::with_capacity(plan.steps.len() + 1);
+    for (i, part) in parts.iter().enumerate() {
+        let skip = usize::from(i > 0);
+        checkpoints.extend(part.summary.checkpoints.iter().skip(skip).cloned());
+        replay(
+            part,
+            &layout,
+            &mut exporters,
+            &mut totals,
+            &mut records,
+            loss_first,
+        )?;
+    }
+    let mut warnings = info.leading_warnings.clone();
+    let mut closing: Vec<String> = Vec::new();
+    for p in &parts {
+        for w in &p.info.directory_warnings {
+            if !warnings.contains(w) && !closing.contains(w) {
+                closing.push(w.clone());
+            }
+        }
+    }
+    let last = &parts[parts.len() - 1].summary;
+    let l2 = base.run.l2.as_ref().map(|b| L2Ends {
+        lambda: b.lambda,
+        tensors: b.tensors.clone(),
+        penalty_first: b.penalty_first,
+        penalty_last: last
+            .run
+            .l2
+            .as_ref()
+            .map_or(b.penalty_last, |l| l.penalty_last),
+    });
+    let outcome = Outcome {
+        layout: &layout,
+        checkpoints,
+        records,
+        totals: &totals,
+        loss_first,
+        val_first: base.run.validation.as_ref().map(|v| v.loss_first),
+        l2,
+        max_splits: base.integration.settings.max_splits,
+        leading_warnings: std::mem::take(&mut warnings),
+        closing_warnings: closing,
+        files: exporters.files.clone(),
+    };
+    let summary = build(Header::of(base), outcome, &mut |_| {});
+    exporters.finish(&summary, &totals)?;
+    drop(exporters);
+    od.commit()?;
+    Ok(summary)
+}
+
+/// Read the parts in `dirs` and check them (`out` must not be one of them).
+fn read_parts(dirs: &[PathBuf], out: &Path) -> Result<Vec<Part>> {
+    if dirs.is_empty() {
+        return Err(usage("lca merge needs at least one part directory".into()));
+    }
+    let mut parts = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        let info = ShardInfo::read(d)?;
+        let summary = crate::output::json::read_summary(d)?;
+        parts.push(Part {
+            dir: d.clone(),
+            info,
+            summary,
+        });
+    }
+    for p in &parts {
+        if std::fs::canonicalize(&p.dir).ok() == std::fs::canonicalize(out).ok() {
+            return Err(usage(format!(
+                "the output directory {} is also one of the parts; choose another -o",
+                out.display()
+            )));
+        }
+    }
+    validate(parts)
+}
+
+/// Replay one part's steps through the exporters and into the totals.
+fn replay(
+    part: &Part,
+    layout: &Layout,
+    exporters: &mut Exporters,
+    totals: &mut ParamTotals,
+    records: &mut Vec<StepRecord>,
+    loss_first: f64,
+) -> Result<()> {
+    let shapes = layout.shapes();
+    let open = |name: &str| -> Result<StepReader> {
+        let r = StepReader::open(&part.dir.join(name), &shapes)?;
+        if r.steps.len() != part.summary.steps.len()
+            || r.steps
+                .iter()
+                .zip(&part.summary.steps)
+                .any(|(s, rec)| *s != rec.step)
+        {
+            return Err(LcaError::Output {
+                path: part.dir.join(name),
+                msg: "its steps differ from those of summary.json in the same part".into(),
+            });
+        }
+        Ok(r)
+    };
+    let mut lca_r = open("lca.safetensors")?;
+    let mut val_r = totals
+        .val_lca
+        .is_some()
+        .then(|| open("lca_validation.safetensors"))
+        .transpose()?;
+    let mut l2_r = totals
+        .l2_lca
+        .is_some()
+        .then(|| open("lca_l2.safetensors"))
+        .transpose()?;
+    for (t, rec) in part.summary.steps.iter().enumerate() {
+        let lca = lca_r.read(t)?;
+        let val = val_r.as_mut().map(|r| r.read(t)).transpose()?;
+        let l2 = l2_r.as_mut().map(|r| r.read(t)).transpose()?;
+        let values = StepValues {
+            lca: &lca,
+            val: val.as_deref(),
+            l2: l2.as_deref(),
+        };
+        let groups = step_groups(layout, values);
+        let mut rec = rec.clone();
+        // The running reconstruction starts at the first part's L_0, as in a single run.
+        rec.reconstructed_loss =
+            records.last().map_or(loss_first, |r| r.reconstructed_loss) + rec.lca_sum;
+        exporters.step(&groups.output(&rec, values))?;
+        accumulate(totals, values);
+        records.push(rec);
+    }
+    Ok(())
+}
