@@ -926,8 +926,8 @@ pub fn render(dir: &Path, opts: &ReportOptions) -> Result<(String, Vec<String>, 
             (
                 "batch norm",
                 match m.batch_norm {
-                    Some(crate::net::batch_norm::BnMode::BatchStats) => "batch-stats (statistics of each evaluation chunk; the chunk size is part of the loss)".into(),
-                    Some(crate::net::batch_norm::BnMode::RunningStats) => "running-stats (the checkpoints' running_mean / running_var; their LCA is the \"buffers\" row)".into(),
+                    Some(crate::spec::BnMode::BatchStats) => "batch-stats (statistics of each evaluation chunk; the chunk size is part of the loss)".into(),
+                    Some(crate::spec::BnMode::RunningStats) => "running-stats (the checkpoints' running_mean / running_var; their LCA is the \"buffers\" row)".into(),
                     None => "none in the model".to_string(),
                 },
             ),

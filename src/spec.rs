@@ -76,7 +76,17 @@ pub struct ModelSection {
     /// How batch norm layers normalise: `"batch-stats"` or `"running-stats"`. Required when
     /// the model has batch norm layers; recorded in every output.
     #[serde(default)]
-    pub batch_norm: Option<crate::net::batch_norm::BnMode>,
+    pub batch_norm: Option<BnMode>,
+}
+
+/// Which statistics normalise a batch norm layer's input (`[model] batch_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BnMode {
+    /// The mean and biased variance of each evaluation chunk (the LCA study's choice).
+    BatchStats,
+    /// The checkpoints' `running_mean` / `running_var` buffers (PyTorch's `model.eval()`).
+    RunningStats,
 }
 
 /// One `[[layers]]` entry.
