@@ -1,6 +1,31 @@
-//! The draft: the stages in order (header, `[model]`, layers, `[loss]`, `[data]`).
+//! The draft: the stages in order — the header, `[model]`, the layers (one emit function per
+//! kind of module), `[loss]`, `[data]`, `[eval]` — and the check that the text parses and builds.
 
 use super::*;
+
+/// Facts from a first pass over the modules that decide the `[model]` section.
+struct ModelFacts<'m> {
+    /// A batch norm layer with running statistics.
+    has_bn: bool,
+    /// Embeddings or attention: a language model (GELU activations).
+    transformer: bool,
+    /// The first linear, convolution or embedding.
+    first_weighted: Option<&'m Module>,
+    /// `[model] input_shape` when the data must be reshaped, with the TODO note that says so.
+    input_shape: Option<Vec<usize>>,
+    input_note: Option<String>,
+}
+
+/// The input of the current residual block: its name, and the flow and channels there.
+#[derive(Debug, Clone)]
+struct BlockInput {
+    name: String,
+    flow: Flow,
+    channels: Option<usize>,
+}
+
+/// Draft a spec from a checkpoint's tensors and, optionally, facts about the training set.
+/// `out` is where the spec will live (relative data paths are written against its directory).
 pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<Draft> {
     let (prefix, modules) = group(src);
     let mut o = Out {
@@ -11,6 +36,28 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    write_header(&mut o, src, data, &modules);
+    let facts = model_facts(&modules, data);
+    write_model(&mut o, &prefix, &facts);
+    let mut w = Writer::new(o, &modules, data, &facts);
+    for i in 0..modules.len() {
+        w.module(i);
+    }
+    let Writer {
+        mut o,
+        flow,
+        layers,
+        skipped,
+        ..
+    } = w;
+    write_loss(&mut o, data, &flow);
+    write_data(&mut o, data, &spec_dir, &facts);
+    write_closing(&mut o);
+    finish(o, src, data, out, layers, skipped)
+}
+
+/// The comment that opens the draft, and how the layer order was found.
+fn write_header(o: &mut Out, src: &Source, data: Option<&DataFacts>, modules: &[Module]) {
     o.comment(
         "#",
         &format!(
@@ -40,8 +87,10 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         ),
     }
     o.line("");
+}
 
-    // Facts that decide the [model] section come from a first pass.
+/// Facts that decide the `[model]` section, from a first pass over the modules.
+fn model_facts<'m>(modules: &'m [Module], data: Option<&DataFacts>) -> ModelFacts<'m> {
     let has_bn = modules
         .iter()
         .any(|m| matches!(m.kind, Kind::BatchNorm { running: true, .. }));
@@ -79,8 +128,26 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
             }
         }
     }
+    ModelFacts {
+        has_bn,
+        transformer,
+        first_weighted,
+        input_shape,
+        input_note,
+    }
+}
+
+/// `[model]`.
+fn write_model(o: &mut Out, prefix: &str, facts: &ModelFacts) {
+    let ModelFacts {
+        has_bn,
+        input_shape,
+        input_note,
+        ..
+    } = facts;
+
     o.line("[model]");
-    o.line(format!("prefix = {}", quote(&prefix)));
+    o.line(format!("prefix = {}", quote(prefix)));
     if let Some(s) = &input_shape {
         if let Some(n) = &input_note {
             o.todo(n);
@@ -93,7 +160,7 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                 .join(", ")
         ));
     }
-    if has_bn {
+    if *has_bn {
         o.todo(
             "batch norm: \"running-stats\" normalises with the checkpoints' running_mean and \
              running_var, as model.eval(); \"batch-stats\" uses the statistics of each \
@@ -103,49 +170,152 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         o.line("batch_norm = \"running-stats\"");
     }
     o.line("");
+}
 
-    // Layers.
-    let model_input = Flow {
-        shape: data.map(|d| {
-            input_shape
-                .clone()
-                .unwrap_or_else(|| d.sample_shape.clone())
-        }),
-        after_conv: false,
-    };
-    let mut flow = model_input.clone();
-    let mut layers = Vec::new();
-    let mut skipped = Vec::new();
-    let weighted: Vec<usize> = modules
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| matches!(m.kind, Kind::Linear { .. } | Kind::Conv2d { .. }))
-        .map(|(i, _)| i)
-        .collect();
-    let last_weighted = weighted.last().copied();
-    let activation = if transformer { "gelu" } else { "relu" };
-    let mut channels: Option<usize> = None;
-    let add_supported = supported(&["type = \"add\"".into()]);
-    let mut names: BTreeSet<String> = modules.iter().map(|m| m.path.clone()).collect();
-    let plans = plan(&modules, add_supported, &mut names);
-    // Output shape of every named layer written so far (None: unknown without data).
-    let mut shapes: BTreeMap<String, Option<Vec<usize>>> = BTreeMap::new();
-    shapes.insert("input".into(), model_input.shape.clone());
-    // The current residual block: its input's name, flow and channels, and its stride.
-    let mut block_in: Option<(String, Flow, Option<usize>)> = None;
-    let mut stride = 1;
-    for (i, m) in modules.iter().enumerate() {
+/// The layers being written, and what is known where the next one starts.
+struct Writer<'m> {
+    o: Out,
+    modules: &'m [Module],
+    plans: Vec<Plan>,
+    /// The flow at the model input, and at the current layer.
+    model_input: Flow,
+    flow: Flow,
+    /// Channels of the last layer with parameters written.
+    channels: Option<usize>,
+    /// Layers written as real tables, and modules left out.
+    layers: Vec<(String, String)>,
+    skipped: Vec<String>,
+    /// Indices of the linear and convolution modules.
+    weighted: Vec<usize>,
+    last_weighted: Option<usize>,
+    activation: &'static str,
+    add_supported: bool,
+    names: BTreeSet<String>,
+    /// Output shape of every named layer written so far (None: unknown without data).
+    shapes: BTreeMap<String, Option<Vec<usize>>>,
+    /// The current residual block's input, and its stride.
+    block_in: Option<BlockInput>,
+    stride: usize,
+}
+
+impl<'m> Writer<'m> {
+    fn new(o: Out, modules: &'m [Module], data: Option<&DataFacts>, facts: &ModelFacts) -> Self {
+        let ModelFacts {
+            transformer,
+            input_shape,
+            ..
+        } = facts;
+
+        let model_input = Flow {
+            shape: data.map(|d| {
+                input_shape
+                    .clone()
+                    .unwrap_or_else(|| d.sample_shape.clone())
+            }),
+            after_conv: false,
+        };
+        let flow = model_input.clone();
+        let layers = Vec::new();
+        let skipped = Vec::new();
+        let weighted: Vec<usize> = modules
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| matches!(m.kind, Kind::Linear { .. } | Kind::Conv2d { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        let last_weighted = weighted.last().copied();
+        let activation = if *transformer { "gelu" } else { "relu" };
+        let channels: Option<usize> = None;
+        let add_supported = supported(&["type = \"add\"".into()]);
+        let mut names: BTreeSet<String> = modules.iter().map(|m| m.path.clone()).collect();
+        let plans = plan(modules, add_supported, &mut names);
+        // Output shape of every named layer written so far (None: unknown without data).
+        let mut shapes: BTreeMap<String, Option<Vec<usize>>> = BTreeMap::new();
+        shapes.insert("input".into(), model_input.shape.clone());
+        Writer {
+            o,
+            modules,
+            plans,
+            flow,
+            model_input,
+            channels,
+            layers,
+            skipped,
+            weighted,
+            last_weighted,
+            activation,
+            add_supported,
+            names,
+            shapes,
+            block_in: None,
+            stride: 1,
+        }
+    }
+
+    /// Write module `i`: the note or wiring of a block it starts, its table, the activation
+    /// after it and the layers its block adds after it.
+    fn module(&mut self, i: usize) {
+        let modules = self.modules;
+        let m = &modules[i];
+        self.block_start(i);
+        let head = self.head(i);
+        match &m.kind {
+            Kind::Linear { inp, out, bias } => self.linear(m, head, *inp, *out, *bias),
+            Kind::Conv2d {
+                in_per_group,
+                out,
+                kernel,
+                bias,
+            } => self.conv2d(i, head, *in_per_group, *out, *kernel, *bias),
+            Kind::BatchNorm { c, affine, running } => {
+                self.batch_norm(m, head, *c, *affine, *running)
+            }
+            Kind::LayerNorm { c, bias } => self.layer_norm(m, head, *c, *bias),
+            Kind::Embedding {
+                num,
+                dim,
+                positional,
+            } => self.embedding(m, head, *num, *dim, *positional),
+            Kind::Attention { mha, c, bias } => self.attention(m, head, *mha, *c, *bias),
+            Kind::Other { what } => self.other(m, what),
+        }
+        self.shapes.insert(m.path.clone(), self.flow.shape.clone());
+        self.activation_after(i);
+        self.extras(i);
+    }
+
+    /// Before the first module of a block: the block's note, and its input.
+    fn block_start(&mut self, i: usize) {
+        let (activation, add_supported) = (self.activation, self.add_supported);
+        let Writer {
+            o,
+            modules,
+            plans,
+            flow,
+            channels,
+            names,
+            shapes,
+            block_in,
+            stride,
+            ..
+        } = self;
+        let m = &modules[i];
         let p = &plans[i];
+
         match &p.starts {
             Some(start) => {
                 let ty_hint = activation;
                 let inp = o
-                    .name_last(&mut names, ty_hint)
+                    .name_last(names, ty_hint)
                     .unwrap_or_else(|| "input".to_string());
                 if !shapes.contains_key(&inp) {
                     shapes.insert(inp.clone(), flow.shape.clone());
                 }
-                block_in = Some((inp.clone(), flow.clone(), channels));
+                *block_in = Some(BlockInput {
+                    name: inp.clone(),
+                    flow: flow.clone(),
+                    channels: *channels,
+                });
                 match start {
                     Start::Res {
                         block,
@@ -154,28 +324,28 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                     } => {
                         let cin = match &flow.shape {
                             Some(s) if s.len() == 3 => Some(s[0]),
-                            _ => channels,
+                            _ => *channels,
                         };
-                        stride = if cin.is_some_and(|c| *main_out == 2 * c) {
+                        *stride = if cin.is_some_and(|c| *main_out == 2 * c) {
                             2
                         } else {
                             1
                         };
                         o.todo(&format!(
                             "the layers named {block}.* look like a ResNet block ({} → \
-                             {main_out} channels). A skip connection is not stored in a \
-                             checkpoint: guessed `{block}.add` = the last layer of the main \
-                             path + {}, then a {activation}, with '{inp}' as the block's input \
-                             (docs/spec.md, \"Residual connections\"). {}",
+                         {main_out} channels). A skip connection is not stored in a \
+                         checkpoint: guessed `{block}.add` = the last layer of the main \
+                         path + {}, then a {activation}, with '{inp}' as the block's input \
+                         (docs/spec.md, \"Residual connections\"). {}",
                             cin.map_or("?".to_string(), |c| c.to_string()),
                             if *shortcut {
                                 "the shortcut's"
                             } else {
                                 "the block's input (identity shortcut)"
                             },
-                            if stride == 2 {
+                            if *stride == 2 {
                                 "The channels double: stride 2 guessed on the first convolution \
-                                 with a kernel larger than 1 and on the shortcut's convolution."
+                             with a kernel larger than 1 and on the shortcut's convolution."
                             } else {
                                 "Stride 1 guessed (the channels do not double)."
                             }
@@ -183,10 +353,10 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                     }
                     Start::PreNorm { block } => o.todo(&format!(
                         "the layers named {block}.* look like a pre-norm transformer block: \
-                         guessed x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), with '{inp}' as \
-                         the block's input and an `add` layer for each residual join \
-                         (docs/spec.md, \"Language models\"). A post-norm block \
-                         (nn.TransformerEncoderLayer's default) puts each norm after its add."
+                     guessed x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), with '{inp}' as \
+                     the block's input and an `add` layer for each residual join \
+                     (docs/spec.md, \"Language models\"). A post-norm block \
+                     (nn.TransformerEncoderLayer's default) puts each norm after its add."
                     )),
                 }
                 o.line("");
@@ -202,369 +372,421 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                     && !p.planned
                 {
                     o.todo(&format!(
-                        "the layers named {b}.* form one block (a ResNet or transformer block?). \
-                         A skip connection is not stored in a checkpoint: if the block has one, \
-                         write it {}(docs/spec.md, \"Residual connections\"), and check where its activations go.",
-                        if add_supported {
-                            "as a layer `type = \"add\"` with `input = [\"<layer before the block>\", \"<last layer of the block>\"]` "
-                        } else {
-                            ""
-                        }
-                    ));
+                    "the layers named {b}.* form one block (a ResNet or transformer block?). \
+                     A skip connection is not stored in a checkpoint: if the block has one, \
+                     write it {}(docs/spec.md, \"Residual connections\"), and check where its activations go.",
+                    if add_supported {
+                        "as a layer `type = \"add\"` with `input = [\"<layer before the block>\", \"<last layer of the block>\"]` "
+                    } else {
+                        ""
+                    }
+                ));
                     o.line("");
                 }
             }
         }
+    }
+
+    /// `name` and `input` of module `i`'s table; sets the flow to what it reads.
+    fn head(&mut self, i: usize) -> Vec<String> {
+        let Writer {
+            modules,
+            plans,
+            model_input,
+            flow,
+            channels,
+            block_in,
+            ..
+        } = self;
+        let m = &modules[i];
+        let p = &plans[i];
+
         let mut head = vec![format!("name = {}", quote(&m.path))];
         if p.from_model_input {
             head.push("input = \"input\"".into());
-            flow = model_input.clone();
+            *flow = model_input.clone();
         } else if p.from_block_input
-            && let Some((name, f, c)) = &block_in
+            && let Some(b) = block_in
         {
-            head.push(format!("input = {}", quote(name)));
-            flow = f.clone();
-            channels = *c;
+            head.push(format!("input = {}", quote(&b.name)));
+            *flow = b.flow.clone();
+            *channels = b.channels;
         }
-        let head = head;
-        match &m.kind {
-            Kind::Linear { inp, out, bias } => {
-                let inp = *inp;
-                match flow.shape.clone() {
-                    Some(s) if flow.after_conv && s.len() == 3 => {
-                        if s.iter().product::<usize>() == inp {
-                            write_table(&mut o, &["type = \"flatten\"".into()]);
-                            flow.shape = Some(vec![inp]);
-                        } else {
-                            pool_to_fit(&mut o, &mut flow, &m.path, inp);
-                        }
-                    }
-                    Some(s)
-                        if s.len() >= 2
-                            && s.last() != Some(&inp)
-                            && s.iter().product::<usize>() == inp =>
-                    {
-                        o.todo(&format!(
-                            "'{}' takes {inp} features and each sample is {} = {inp} values: \
-                             flattened first (nn.Flatten).",
-                            m.path,
-                            dims(&s)
-                        ));
-                        write_table(&mut o, &["type = \"flatten\"".into()]);
-                        flow.shape = Some(vec![inp]);
-                    }
-                    None if flow.after_conv => {
-                        o.todo(&format!(
-                            "a linear layer after convolutions: the feature maps are flattened \
-                             first; '{}' expects {inp} = channels × height × width (add the \
-                             pooling of your model before it).",
-                            m.path
-                        ));
-                        write_table(&mut o, &["type = \"flatten\"".into()]);
-                    }
-                    _ => {}
-                }
-                if let Some(s) = &flow.shape {
-                    let last = s.last().copied().unwrap_or(1);
-                    if last != inp {
-                        o.todo(&format!(
-                            "'{}' expects {inp} input features but receives {} ({}): fix the \
-                             layers before it (or the data).",
-                            m.path,
-                            last,
-                            dims(s)
-                        ));
-                    }
-                }
-                let mut t = head.clone();
-                t.extend([
-                    "type = \"linear\"".into(),
-                    format!("in_features = {inp}"),
-                    format!("out_features = {out}"),
-                ]);
-                if !bias {
-                    t.push("bias = false".into());
-                }
-                emit(
-                    &mut o,
-                    m,
-                    &t,
-                    &mut layers,
-                    &mut skipped,
-                    format!("linear {inp}→{out}"),
-                );
-                flow.shape = Some(match flow.shape.take() {
-                    Some(mut s) if !s.is_empty() => {
-                        *s.last_mut().expect("non-empty") = *out;
-                        s
-                    }
-                    _ => vec![*out],
-                });
-                flow.after_conv = false;
-                channels = Some(*out);
-            }
-            Kind::Conv2d {
-                in_per_group,
-                out,
-                kernel,
-                bias,
-            } => {
-                let have = match &flow.shape {
-                    Some(s) if s.len() == 3 => Some(s[0]),
-                    Some(_) => None,
-                    None => channels,
-                };
-                let mut groups = 1;
-                if let Some(c) = have
-                    && c != *in_per_group
-                    && c.is_multiple_of(*in_per_group)
-                    && out.is_multiple_of(c / in_per_group)
-                {
-                    groups = c / in_per_group;
-                }
-                let in_channels = in_per_group * groups;
-                let padding = [kernel[0] / 2, kernel[1] / 2];
-                let s = if p.strided { stride } else { 1 };
-                let mut note = format!(
-                    "'{}': stride, padding and dilation are not stored in a checkpoint; guessed \
-                     stride {s}, padding {}{}. Pooling after it is not stored either: add your \
-                     model's max_pool2d / avg_pool2d layers.",
-                    m.path,
-                    pair(padding),
-                    if s == 1 {
-                        " (keeps the size for odd kernels)"
-                    } else {
-                        " (the block's down-sampling)"
-                    }
-                );
-                if groups > 1 {
-                    note.push_str(&format!(
-                        " groups = {groups}: the weight has {in_per_group} input channels per \
-                         group and the layer before gives {in_channels}."
-                    ));
-                } else if have.is_none_or(|c| c == *in_per_group) {
-                    note.push_str(" groups = 1 assumed (in_channels = weight.shape[1]).");
-                }
-                if let Some(sh) = &flow.shape
-                    && (sh.len() != 3 || sh[0] != in_channels)
-                {
-                    note.push_str(&format!(
-                        " It receives {} but expects {in_channels} channels × height × width: \
-                         check [model] input_shape and the layers before it.",
-                        dims(sh)
-                    ));
-                }
-                o.todo(&note);
-                let mut t = head.clone();
-                t.extend([
-                    "type = \"conv2d\"".into(),
-                    format!("in_channels = {in_channels}"),
-                    format!("out_channels = {out}"),
-                    format!("kernel_size = {}", pair(*kernel)),
-                    format!("stride = {s}"),
-                    format!("padding = {}", pair(padding)),
-                ]);
-                if groups > 1 {
-                    t.push(format!("groups = {groups}"));
-                }
-                if !bias {
-                    t.push("bias = false".into());
-                }
-                emit(
-                    &mut o,
-                    m,
-                    &t,
-                    &mut layers,
-                    &mut skipped,
-                    format!("conv2d {in_channels}→{out}, {} kernel", dims(kernel)),
-                );
-                // Output size: ⌊(H + 2·padding − kernel) / stride⌋ + 1.
-                let size = |h: usize, a: usize| {
-                    (h + 2 * padding[a])
-                        .checked_sub(kernel[a])
-                        .map_or(0, |v| v / s + 1)
-                };
-                flow.shape = match &flow.shape {
-                    Some(sh) if sh.len() == 3 => Some(vec![*out, size(sh[1], 0), size(sh[2], 1)]),
-                    _ => None,
-                };
-                flow.after_conv = true;
-                channels = Some(*out);
-            }
-            Kind::BatchNorm { c, affine, running } => {
-                let two_d = match &flow.shape {
-                    Some(s) => s.len() == 3,
-                    None => flow.after_conv,
-                };
-                let ty = if two_d {
-                    "batch_norm2d"
+        head
+    }
+
+    fn linear(&mut self, m: &Module, head: Vec<String>, inp: usize, out: usize, bias: bool) {
+        let Writer {
+            o,
+            flow,
+            channels,
+            layers,
+            skipped,
+            ..
+        } = self;
+        match flow.shape.clone() {
+            Some(s) if flow.after_conv && s.len() == 3 => {
+                if s.iter().product::<usize>() == inp {
+                    write_table(o, &["type = \"flatten\"".into()]);
+                    flow.shape = Some(vec![inp]);
                 } else {
-                    "batch_norm1d"
-                };
-                let have = match &flow.shape {
-                    Some(s) if s.len() >= 2 => Some(s[0]),
-                    Some(s) => s.first().copied(),
-                    None => channels,
-                };
-                if have.is_some_and(|h| h != *c) {
-                    o.todo(&format!(
-                        "'{}' normalises {c} channels but the layer before gives {}: check the \
-                         layer order.",
-                        m.path,
-                        have.unwrap_or(0)
-                    ));
+                    pool_to_fit(o, flow, &m.path, inp);
                 }
-                let mut t = head.clone();
-                t.extend([format!("type = \"{ty}\""), format!("num_features = {c}")]);
-                if !affine {
-                    t.push("affine = false".into());
-                }
-                if !running {
-                    t.push("track_running_stats = false".into());
-                }
-                emit(
-                    &mut o,
-                    m,
-                    &t,
-                    &mut layers,
-                    &mut skipped,
-                    format!("{ty} {c}"),
-                );
             }
-            Kind::LayerNorm { c, bias } => {
-                let mut t = head.clone();
-                t.extend([
-                    "type = \"layer_norm\"".into(),
-                    format!("normalized_shape = {c}"),
-                ]);
-                if !bias {
-                    t.push("bias = false".into());
-                }
-                emit(
-                    &mut o,
-                    m,
-                    &t,
-                    &mut layers,
-                    &mut skipped,
-                    format!("layer_norm {c}"),
-                );
-            }
-            Kind::Embedding {
-                num,
-                dim,
-                positional,
-            } => {
-                let ty = if *positional {
-                    if let Some(s) = &flow.shape
-                        && let Some(&t) = s.last()
-                        && t > *num
-                    {
-                        o.todo(&format!(
-                            "'{}' holds {num} positions but the sequences are {t} long.",
-                            m.path
-                        ));
-                    }
-                    o.todo(&format!(
-                        "'{}' is read as a learned position table (nanoGPT's wpe): rows 0..T \
-                         of it, added to the token embeddings. If it is a second token \
-                         embedding, make it type = \"embedding\".",
-                        m.path
-                    ));
-                    "positional_embedding"
-                } else {
-                    "embedding"
-                };
-                let mut t = head.clone();
-                t.extend([
-                    format!("type = \"{ty}\""),
-                    format!("num_embeddings = {num}"),
-                    format!("embedding_dim = {dim}"),
-                ]);
-                emit(
-                    &mut o,
-                    m,
-                    &t,
-                    &mut layers,
-                    &mut skipped,
-                    format!("{ty} {num}×{dim}"),
-                );
-                flow.shape = flow.shape.take().map(|mut s| {
-                    s.push(*dim);
-                    s
-                });
-                channels = Some(*dim);
-            }
-            Kind::Attention { mha, c, bias } => {
-                let heads = guess_heads(*c);
-                let divisors: Vec<String> = (1..=*c)
-                    .filter(|h| c.is_multiple_of(*h))
-                    .map(|h| h.to_string())
-                    .collect();
+            Some(s)
+                if s.len() >= 2 && s.last() != Some(&inp) && s.iter().product::<usize>() == inp =>
+            {
                 o.todo(&format!(
-                    "'{}' is multi-head self-attention ({}, {c} channels). The number of heads \
-                     is not stored: {heads} guessed ({}); {c} channels split into {} heads. \
-                     Set your model's {}.",
+                    "'{}' takes {inp} features and each sample is {} = {inp} values: \
+                     flattened first (nn.Flatten).",
                     m.path,
-                    if *mha {
-                        "nn.MultiheadAttention: in_proj_weight [3C, C] holds q, k, v"
-                    } else {
-                        "nanoGPT CausalSelfAttention: c_attn [3C, C] holds q, k, v"
-                    },
-                    if heads == 1 {
-                        "one head, as the channels are not a multiple of GPT-2's head size 64"
-                    } else {
-                        "head size 64, as GPT-2"
-                    },
-                    divisors.join(", "),
-                    if *mha { "num_heads" } else { "n_head" }
+                    dims(&s)
                 ));
-                let mut t = head.clone();
-                if *mha {
-                    o.todo(
-                        "causal mask guessed (mha(x, x, x, attn_mask=causal mask), as a language \
-                         model): set causal = false if forward() passes no mask.",
-                    );
-                    t.extend([
-                        "type = \"multihead_attention\"".into(),
-                        format!("embed_dim = {c}"),
-                        format!("num_heads = {heads}"),
-                        "causal = true".into(),
-                    ]);
-                } else {
-                    t.extend([
-                        "type = \"causal_self_attention\"".into(),
-                        format!("n_embd = {c}"),
-                        format!("n_head = {heads}"),
-                    ]);
-                }
-                if !bias {
-                    t.push("bias = false".into());
-                }
-                emit(
-                    &mut o,
-                    m,
-                    &t,
-                    &mut layers,
-                    &mut skipped,
-                    format!("self-attention {c}, {heads} head(s)"),
-                );
+                write_table(o, &["type = \"flatten\"".into()]);
+                flow.shape = Some(vec![inp]);
             }
-            Kind::Other { what } => {
+            None if flow.after_conv => {
                 o.todo(&format!(
-                    "module '{}' ({what}) is not a layer lca init recognises; left out. Its \
-                     tensors:",
+                    "a linear layer after convolutions: the feature maps are flattened \
+                     first; '{}' expects {inp} = channels × height × width (add the \
+                     pooling of your model before it).",
                     m.path
                 ));
-                for t in &m.tensors {
-                    o.line(format!("#     {}  {} {:?}", t.full, t.dtype, t.shape));
-                }
-                o.line("");
-                skipped.push(m.path.clone());
+                write_table(o, &["type = \"flatten\"".into()]);
+            }
+            _ => {}
+        }
+        if let Some(s) = &flow.shape {
+            let last = s.last().copied().unwrap_or(1);
+            if last != inp {
+                o.todo(&format!(
+                    "'{}' expects {inp} input features but receives {} ({}): fix the \
+                     layers before it (or the data).",
+                    m.path,
+                    last,
+                    dims(s)
+                ));
             }
         }
-        shapes.insert(m.path.clone(), flow.shape.clone());
-        // An activation after a linear or conv layer (after its norm, if one follows), except
-        // after the last one; inside a recognised block, where the block puts them.
+        let mut t = head.clone();
+        t.extend([
+            "type = \"linear\"".into(),
+            format!("in_features = {inp}"),
+            format!("out_features = {out}"),
+        ]);
+        if !bias {
+            t.push("bias = false".into());
+        }
+        emit(o, m, &t, layers, skipped, format!("linear {inp}→{out}"));
+        flow.shape = Some(match flow.shape.take() {
+            Some(mut s) if !s.is_empty() => {
+                *s.last_mut().expect("non-empty") = out;
+                s
+            }
+            _ => vec![out],
+        });
+        flow.after_conv = false;
+        *channels = Some(out);
+    }
+
+    fn conv2d(
+        &mut self,
+        i: usize,
+        head: Vec<String>,
+        in_per_group: usize,
+        out: usize,
+        kernel: [usize; 2],
+        bias: bool,
+    ) {
+        let Writer {
+            o,
+            modules,
+            plans,
+            flow,
+            channels,
+            layers,
+            skipped,
+            stride,
+            ..
+        } = self;
+        let m = &modules[i];
+        let p = &plans[i];
+        let have = match &flow.shape {
+            Some(s) if s.len() == 3 => Some(s[0]),
+            Some(_) => None,
+            None => *channels,
+        };
+        let mut groups = 1;
+        if let Some(c) = have
+            && c != in_per_group
+            && c.is_multiple_of(in_per_group)
+            && out.is_multiple_of(c / in_per_group)
+        {
+            groups = c / in_per_group;
+        }
+        let in_channels = in_per_group * groups;
+        let padding = [kernel[0] / 2, kernel[1] / 2];
+        let s = if p.strided { *stride } else { 1 };
+        let mut note = format!(
+            "'{}': stride, padding and dilation are not stored in a checkpoint; guessed \
+             stride {s}, padding {}{}. Pooling after it is not stored either: add your \
+             model's max_pool2d / avg_pool2d layers.",
+            m.path,
+            pair(padding),
+            if s == 1 {
+                " (keeps the size for odd kernels)"
+            } else {
+                " (the block's down-sampling)"
+            }
+        );
+        if groups > 1 {
+            note.push_str(&format!(
+                " groups = {groups}: the weight has {in_per_group} input channels per \
+                 group and the layer before gives {in_channels}."
+            ));
+        } else if have.is_none_or(|c| c == in_per_group) {
+            note.push_str(" groups = 1 assumed (in_channels = weight.shape[1]).");
+        }
+        if let Some(sh) = &flow.shape
+            && (sh.len() != 3 || sh[0] != in_channels)
+        {
+            note.push_str(&format!(
+                " It receives {} but expects {in_channels} channels × height × width: \
+                 check [model] input_shape and the layers before it.",
+                dims(sh)
+            ));
+        }
+        o.todo(&note);
+        let mut t = head.clone();
+        t.extend([
+            "type = \"conv2d\"".into(),
+            format!("in_channels = {in_channels}"),
+            format!("out_channels = {out}"),
+            format!("kernel_size = {}", pair(kernel)),
+            format!("stride = {s}"),
+            format!("padding = {}", pair(padding)),
+        ]);
+        if groups > 1 {
+            t.push(format!("groups = {groups}"));
+        }
+        if !bias {
+            t.push("bias = false".into());
+        }
+        emit(
+            o,
+            m,
+            &t,
+            layers,
+            skipped,
+            format!("conv2d {in_channels}→{out}, {} kernel", dims(&kernel)),
+        );
+        // Output size: ⌊(H + 2·padding − kernel) / stride⌋ + 1.
+        let size = |h: usize, a: usize| {
+            (h + 2 * padding[a])
+                .checked_sub(kernel[a])
+                .map_or(0, |v| v / s + 1)
+        };
+        flow.shape = match &flow.shape {
+            Some(sh) if sh.len() == 3 => Some(vec![out, size(sh[1], 0), size(sh[2], 1)]),
+            _ => None,
+        };
+        flow.after_conv = true;
+        *channels = Some(out);
+    }
+
+    fn batch_norm(&mut self, m: &Module, head: Vec<String>, c: usize, affine: bool, running: bool) {
+        let Writer {
+            o,
+            flow,
+            channels,
+            layers,
+            skipped,
+            ..
+        } = self;
+        let two_d = match &flow.shape {
+            Some(s) => s.len() == 3,
+            None => flow.after_conv,
+        };
+        let ty = if two_d {
+            "batch_norm2d"
+        } else {
+            "batch_norm1d"
+        };
+        let have = match &flow.shape {
+            Some(s) if s.len() >= 2 => Some(s[0]),
+            Some(s) => s.first().copied(),
+            None => *channels,
+        };
+        if have.is_some_and(|h| h != c) {
+            o.todo(&format!(
+                "'{}' normalises {c} channels but the layer before gives {}: check the \
+                 layer order.",
+                m.path,
+                have.unwrap_or(0)
+            ));
+        }
+        let mut t = head.clone();
+        t.extend([format!("type = \"{ty}\""), format!("num_features = {c}")]);
+        if !affine {
+            t.push("affine = false".into());
+        }
+        if !running {
+            t.push("track_running_stats = false".into());
+        }
+        emit(o, m, &t, layers, skipped, format!("{ty} {c}"));
+    }
+
+    fn layer_norm(&mut self, m: &Module, head: Vec<String>, c: usize, bias: bool) {
+        let Writer {
+            o, layers, skipped, ..
+        } = self;
+        let mut t = head.clone();
+        t.extend([
+            "type = \"layer_norm\"".into(),
+            format!("normalized_shape = {c}"),
+        ]);
+        if !bias {
+            t.push("bias = false".into());
+        }
+        emit(o, m, &t, layers, skipped, format!("layer_norm {c}"));
+    }
+
+    fn embedding(
+        &mut self,
+        m: &Module,
+        head: Vec<String>,
+        num: usize,
+        dim: usize,
+        positional: bool,
+    ) {
+        let Writer {
+            o,
+            flow,
+            channels,
+            layers,
+            skipped,
+            ..
+        } = self;
+        let ty = if positional {
+            if let Some(s) = &flow.shape
+                && let Some(&t) = s.last()
+                && t > num
+            {
+                o.todo(&format!(
+                    "'{}' holds {num} positions but the sequences are {t} long.",
+                    m.path
+                ));
+            }
+            o.todo(&format!(
+                "'{}' is read as a learned position table (nanoGPT's wpe): rows 0..T \
+                 of it, added to the token embeddings. If it is a second token \
+                 embedding, make it type = \"embedding\".",
+                m.path
+            ));
+            "positional_embedding"
+        } else {
+            "embedding"
+        };
+        let mut t = head.clone();
+        t.extend([
+            format!("type = \"{ty}\""),
+            format!("num_embeddings = {num}"),
+            format!("embedding_dim = {dim}"),
+        ]);
+        emit(o, m, &t, layers, skipped, format!("{ty} {num}×{dim}"));
+        flow.shape = flow.shape.take().map(|mut s| {
+            s.push(dim);
+            s
+        });
+        *channels = Some(dim);
+    }
+
+    fn attention(&mut self, m: &Module, head: Vec<String>, mha: bool, c: usize, bias: bool) {
+        let Writer {
+            o, layers, skipped, ..
+        } = self;
+        let heads = guess_heads(c);
+        let divisors: Vec<String> = (1..=c)
+            .filter(|h| c.is_multiple_of(*h))
+            .map(|h| h.to_string())
+            .collect();
+        o.todo(&format!(
+            "'{}' is multi-head self-attention ({}, {c} channels). The number of heads \
+             is not stored: {heads} guessed ({}); {c} channels split into {} heads. \
+             Set your model's {}.",
+            m.path,
+            if mha {
+                "nn.MultiheadAttention: in_proj_weight [3C, C] holds q, k, v"
+            } else {
+                "nanoGPT CausalSelfAttention: c_attn [3C, C] holds q, k, v"
+            },
+            if heads == 1 {
+                "one head, as the channels are not a multiple of GPT-2's head size 64"
+            } else {
+                "head size 64, as GPT-2"
+            },
+            divisors.join(", "),
+            if mha { "num_heads" } else { "n_head" }
+        ));
+        let mut t = head.clone();
+        if mha {
+            o.todo(
+                "causal mask guessed (mha(x, x, x, attn_mask=causal mask), as a language \
+                 model): set causal = false if forward() passes no mask.",
+            );
+            t.extend([
+                "type = \"multihead_attention\"".into(),
+                format!("embed_dim = {c}"),
+                format!("num_heads = {heads}"),
+                "causal = true".into(),
+            ]);
+        } else {
+            t.extend([
+                "type = \"causal_self_attention\"".into(),
+                format!("n_embd = {c}"),
+                format!("n_head = {heads}"),
+            ]);
+        }
+        if !bias {
+            t.push("bias = false".into());
+        }
+        emit(
+            o,
+            m,
+            &t,
+            layers,
+            skipped,
+            format!("self-attention {c}, {heads} head(s)"),
+        );
+    }
+
+    fn other(&mut self, m: &Module, what: &str) {
+        let Writer { o, skipped, .. } = self;
+        o.todo(&format!(
+            "module '{}' ({what}) is not a layer lca init recognises; left out. Its \
+             tensors:",
+            m.path
+        ));
+        for t in &m.tensors {
+            o.line(format!("#     {}  {} {:?}", t.full, t.dtype, t.shape));
+        }
+        o.line("");
+        skipped.push(m.path.clone());
+    }
+
+    /// An activation after a linear or conv layer (after its norm, if one follows), except
+    /// after the last one; inside a recognised block, where the block puts them.
+    fn activation_after(&mut self, i: usize) {
+        let (activation, last_weighted) = (self.activation, self.last_weighted);
+        let Writer {
+            o,
+            modules,
+            plans,
+            weighted,
+            ..
+        } = self;
+        let m = &modules[i];
+        let p = &plans[i];
         let next_is_norm = modules.get(i + 1).is_some_and(|n| {
             matches!(n.kind, Kind::BatchNorm { .. })
                 && matches!(m.kind, Kind::Linear { .. } | Kind::Conv2d { .. })
@@ -583,11 +805,25 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         {
             o.todo(&format!(
                 "activation not stored in a checkpoint: {activation} guessed after '{}' (or \
-                 tanh, sigmoid, gelu, leaky_relu; none if the model has none).",
+             tanh, sigmoid, gelu, leaky_relu; none if the model has none).",
                 m.path
             ));
-            write_table(&mut o, &[format!("type = \"{activation}\"")]);
+            write_table(o, &[format!("type = \"{activation}\"")]);
         }
+    }
+
+    /// The layers the plan writes after module `i`: activations and residual joins.
+    fn extras(&mut self, i: usize) {
+        let activation = self.activation;
+        let Writer {
+            o,
+            plans,
+            flow,
+            shapes,
+            block_in,
+            ..
+        } = self;
+        let p = &plans[i];
         for extra in &p.after {
             match extra {
                 Extra::Act(name) => {
@@ -597,7 +833,7 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                         shapes.insert(n.clone(), flow.shape.clone());
                     }
                     t.push(format!("type = \"{activation}\""));
-                    write_table(&mut o, &t);
+                    write_table(o, &t);
                 }
                 Extra::Add { name, inputs } => {
                     let inputs: Vec<String> = inputs
@@ -605,7 +841,7 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                         .map(|r| match r {
                             Ref::BlockInput => block_in
                                 .as_ref()
-                                .map_or("input".to_string(), |b| b.0.clone()),
+                                .map_or("input".to_string(), |b| b.name.clone()),
                             Ref::Layer(n) => n.clone(),
                         })
                         .collect();
@@ -626,8 +862,8 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                     if known.windows(2).any(|w| w[0] != w[1]) {
                         o.todo(&format!(
                             "the residual join '{name}' adds {}: the shapes differ (a stride, a \
-                             shortcut, or the channels were guessed wrong), so it is left \
-                             commented out.",
+                         shortcut, or the channels were guessed wrong), so it is left \
+                         commented out.",
                             known
                                 .iter()
                                 .map(|s| dims(s))
@@ -640,7 +876,7 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
                         }
                         o.line("");
                     } else {
-                        write_table(&mut o, &t);
+                        write_table(o, &t);
                         if let Some(s) = known.first() {
                             flow.shape = Some(s.to_vec());
                         }
@@ -650,8 +886,10 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
             }
         }
     }
+}
 
-    // Loss.
+/// `[loss]`.
+fn write_loss(o: &mut Out, data: Option<&DataFacts>, flow: &Flow) {
     o.line("[loss]");
     let loss_ce = match data {
         Some(d) => d.classes.is_some(),
@@ -707,8 +945,11 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         "type = \"mse\""
     });
     o.line("");
+}
 
-    // Data.
+/// `[data]`.
+fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &ModelFacts) {
+    let first_weighted = facts.first_weighted;
     o.line("[data]");
     match data {
         Some(d) => {
@@ -804,6 +1045,10 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
             o.line("y = \"y\"");
         }
     }
+}
+
+/// `[eval]` and the commented-out `[regularization]`.
+fn write_closing(o: &mut Out) {
     o.line("");
     o.line("[eval]");
     o.line("chunk_size = 256");
@@ -814,7 +1059,17 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
     );
     o.line("# [regularization]");
     o.line("# l2 = 1e-4");
+}
 
+/// The text, checked: it must parse, and with data, whether it builds a model that fits.
+fn finish(
+    o: Out,
+    src: &Source,
+    data: Option<&DataFacts>,
+    out: &Path,
+    layers: Vec<(String, String)>,
+    skipped: Vec<String>,
+) -> Result<Draft> {
     let mut text = o.lines.join("\n");
     text.push('\n');
     // The draft must parse, whatever was left out.
@@ -853,4 +1108,3 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         builds,
     })
 }
-

@@ -283,4 +283,3 @@ pub(super) fn pool_to_fit(o: &mut Out, flow: &mut Flow, name: &str, inp: usize) 
         }
     }
 }
-

@@ -86,7 +86,6 @@ pub struct Draft {
 /// separated by commas or newlines).
 pub const ORDER_KEYS: [&str; 3] = ["order", "state_dict_order", "keys"];
 
-
 mod draft;
 mod emitting;
 mod planning;
@@ -99,8 +98,8 @@ pub use draft::draft_from;
 use emitting::*;
 use planning::*;
 use recognise::*;
-pub use source::{DataFacts, read_source};
 use source::*;
+pub use source::{DataFacts, read_source};
 
 pub fn init(opts: &InitOptions) -> Result<Draft> {
     if opts.out.is_dir() {
@@ -226,4 +225,3 @@ pub fn describe(d: &Draft, out: &Path) -> String {
     }
     s
 }
-

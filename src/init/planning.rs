@@ -258,4 +258,3 @@ pub(super) fn plan_prenorm_block(
         inputs: vec![Ref::Layer(add1), Ref::Layer(modules[last].path.clone())],
     });
 }
-

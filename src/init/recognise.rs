@@ -519,4 +519,3 @@ pub(super) fn order_modules(modules: &mut [Module]) {
     };
     modules.sort_by(|a, b| key(a).cmp(&key(b)).then_with(|| a.path.cmp(&b.path)));
 }
-

@@ -300,7 +300,6 @@ pub(super) fn sibling_validation(train: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-
 /// How the spec refers to `path`: relative to the spec's directory when that needs at most
 /// two `..`, else absolute.
 pub(super) fn spec_path(path: &Path, spec_dir: &Path) -> PathBuf {

@@ -125,8 +125,7 @@ fn transformer_parts_are_recognised() {
         ("mha.out_proj.bias", &[16]),
     ]);
     let (_, modules) = group(&s);
-    let kinds: Vec<(&str, &Kind)> =
-        modules.iter().map(|m| (m.path.as_str(), &m.kind)).collect();
+    let kinds: Vec<(&str, &Kind)> = modules.iter().map(|m| (m.path.as_str(), &m.kind)).collect();
     let find = |p: &str| kinds.iter().find(|k| k.0 == p).map(|k| k.1.clone());
     assert_eq!(
         find("transformer.wte"),
