@@ -261,9 +261,9 @@ pub enum LayerKind {
         embed_dim: usize,
         num_heads: usize,
         #[serde(default = "default_true")]
-        bias: bool,
-        #[serde(default = "default_true")]
         causal: bool,
+        #[serde(default = "default_true")]
+        bias: bool,
         /// Accepted for compatibility; dropout is the identity in evaluation.
         #[serde(default)]
         dropout: f32,
@@ -298,9 +298,14 @@ impl std::fmt::Display for Pair {
     }
 }
 
+/// As written: one integer when height and width agree, else the pair.
 impl Serialize for Pair {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        if self.0[0] == self.0[1] {
+            self.0[0].serialize(s)
+        } else {
+            self.0.serialize(s)
+        }
     }
 }
 

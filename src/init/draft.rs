@@ -469,14 +469,14 @@ impl<'m> Writer<'m> {
             }
         }
         let mut t = head.clone();
-        t.extend([
-            "type = \"linear\"".into(),
-            format!("in_features = {inp}"),
-            format!("out_features = {out}"),
-        ]);
-        if !bias {
-            t.push("bias = false".into());
-        }
+        t.extend(settings(
+            &LayerKind::Linear {
+                in_features: inp,
+                out_features: out,
+                bias,
+            },
+            &[],
+        ));
         emit(o, m, &t, layers, skipped, format!("linear {inp}→{out}"));
         flow.shape = Some(match flow.shape.take() {
             Some(mut s) if !s.is_empty() => {
@@ -558,20 +558,20 @@ impl<'m> Writer<'m> {
         }
         o.todo(&note);
         let mut t = head.clone();
-        t.extend([
-            "type = \"conv2d\"".into(),
-            format!("in_channels = {in_channels}"),
-            format!("out_channels = {out}"),
-            format!("kernel_size = {}", pair(kernel)),
-            format!("stride = {s}"),
-            format!("padding = {}", pair(padding)),
-        ]);
-        if groups > 1 {
-            t.push(format!("groups = {groups}"));
-        }
-        if !bias {
-            t.push("bias = false".into());
-        }
+        t.extend(settings(
+            &LayerKind::Conv2d {
+                in_channels,
+                out_channels: out,
+                kernel_size: Pair(kernel),
+                stride: Pair([s, s]),
+                padding: Padding::Explicit(Pair(padding)),
+                dilation: Pair::one(),
+                groups,
+                bias,
+            },
+            // Guessed, so written even at their defaults.
+            &["stride", "padding"],
+        ));
         emit(
             o,
             m,
@@ -626,13 +626,21 @@ impl<'m> Writer<'m> {
             ));
         }
         let mut t = head.clone();
-        t.extend([format!("type = \"{ty}\""), format!("num_features = {c}")]);
-        if !affine {
-            t.push("affine = false".into());
-        }
-        if !running {
-            t.push("track_running_stats = false".into());
-        }
+        let bn = BatchNormSpec {
+            num_features: c,
+            eps: 1e-5,
+            momentum: None,
+            affine,
+            track_running_stats: running,
+        };
+        t.extend(settings(
+            &if two_d {
+                LayerKind::BatchNorm2d(bn)
+            } else {
+                LayerKind::BatchNorm1d(bn)
+            },
+            &[],
+        ));
         emit(o, m, &t, layers, skipped, format!("{ty} {c}"));
     }
 
@@ -641,13 +649,15 @@ impl<'m> Writer<'m> {
             o, layers, skipped, ..
         } = self;
         let mut t = head.clone();
-        t.extend([
-            "type = \"layer_norm\"".into(),
-            format!("normalized_shape = {c}"),
-        ]);
-        if !bias {
-            t.push("bias = false".into());
-        }
+        t.extend(settings(
+            &LayerKind::LayerNorm {
+                normalized_shape: c,
+                eps: 1e-5,
+                elementwise_affine: true,
+                bias,
+            },
+            &[],
+        ));
         emit(o, m, &t, layers, skipped, format!("layer_norm {c}"));
     }
 
@@ -688,11 +698,21 @@ impl<'m> Writer<'m> {
             "embedding"
         };
         let mut t = head.clone();
-        t.extend([
-            format!("type = \"{ty}\""),
-            format!("num_embeddings = {num}"),
-            format!("embedding_dim = {dim}"),
-        ]);
+        t.extend(settings(
+            &if positional {
+                LayerKind::PositionalEmbedding {
+                    num_embeddings: num,
+                    embedding_dim: dim,
+                }
+            } else {
+                LayerKind::Embedding {
+                    num_embeddings: num,
+                    embedding_dim: dim,
+                    padding_idx: None,
+                }
+            },
+            &[],
+        ));
         emit(o, m, &t, layers, skipped, format!("{ty} {num}×{dim}"));
         flow.shape = flow.shape.take().map(|mut s| {
             s.push(dim);
@@ -734,21 +754,28 @@ impl<'m> Writer<'m> {
                 "causal mask guessed (mha(x, x, x, attn_mask=causal mask), as a language \
                  model): set causal = false if forward() passes no mask.",
             );
-            t.extend([
-                "type = \"multihead_attention\"".into(),
-                format!("embed_dim = {c}"),
-                format!("num_heads = {heads}"),
-                "causal = true".into(),
-            ]);
+            t.extend(settings(
+                &LayerKind::MultiheadAttention {
+                    embed_dim: c,
+                    num_heads: heads,
+                    causal: true,
+                    bias,
+                    dropout: 0.0,
+                    batch_first: None,
+                },
+                // Guessed, so written even at its default.
+                &["causal"],
+            ));
         } else {
-            t.extend([
-                "type = \"causal_self_attention\"".into(),
-                format!("n_embd = {c}"),
-                format!("n_head = {heads}"),
-            ]);
-        }
-        if !bias {
-            t.push("bias = false".into());
+            t.extend(settings(
+                &LayerKind::CausalSelfAttention {
+                    n_embd: c,
+                    n_head: heads,
+                    bias,
+                    dropout: 0.0,
+                },
+                &[],
+            ));
         }
         emit(
             o,

@@ -103,6 +103,27 @@ pub(super) fn dims(s: &[usize]) -> String {
         .join("×")
 }
 
+/// A layer's settings as the spec writes them, by serialising the spec type: `type` first,
+/// then, in the order of the type's fields, every setting that differs from its default or is
+/// named in `explicit` (settings the draft guessed and wants seen).
+pub(super) fn settings(kind: &LayerKind, explicit: &[&str]) -> Vec<String> {
+    let text = toml::to_string(kind).expect("layer settings serialise to TOML");
+    let table: toml::Table = toml::from_str(&text).expect("serialised settings parse");
+    // A setting is at its default when leaving it out reads back the same layer.
+    let is_default = |key: &str| {
+        let mut t = table.clone();
+        t.remove(key);
+        toml::Value::Table(t).try_into::<LayerKind>().ok().as_ref() == Some(kind)
+    };
+    text.lines()
+        .filter(|l| {
+            let key = l.split(" = ").next().unwrap_or("");
+            key == "type" || explicit.contains(&key) || !is_default(key)
+        })
+        .map(|l| l.to_string())
+        .collect()
+}
+
 /// Whether this build's spec parser accepts a layer table (so that new layer types are used
 /// as soon as they exist, and never before).
 pub(super) fn supported(table: &[String]) -> bool {

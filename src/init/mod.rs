@@ -30,7 +30,7 @@ use crate::checkpoint;
 use crate::data::{Dataset, Targets};
 use crate::error::{LcaError, Result};
 use crate::net::{LossKind, Model};
-use crate::spec::{LayerKind, Spec};
+use crate::spec::{BatchNormSpec, LayerKind, Padding, Pair, Spec};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
