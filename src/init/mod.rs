@@ -172,7 +172,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], replace: bool) -> Result<()> 
 
 /// What `lca init` prints after writing the draft: the layers, every TODO line with its line
 /// number, and whether the draft builds for the data.
-pub fn describe(d: &Draft, out: &Path) -> String {
+pub fn draft_notice(d: &Draft, out: &Path) -> String {
     let mut s = format!(
         "wrote {}: {} layer(s) with parameters{}\n",
         out.display(),
