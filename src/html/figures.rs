@@ -10,7 +10,7 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<Figures> {
     let heat_layer = opts
         .heatmap_layer
         .clone()
-        .or_else(|| default_heatmap_layer(&s));
+        .or_else(|| default_heatmap_layer(s));
     let tmp_dir = match opts.file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -18,7 +18,7 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<()> {
     let _ = write!(
         h,
         "<title>LCA report: {} ({} steps)</title><style>{CSS}</style></head><body>",
-        esc(&spec_name),
+        esc(spec_name),
         r.steps
     );
 

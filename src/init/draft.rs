@@ -982,7 +982,7 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
         Some(d) => {
             o.line(format!(
                 "train = {}",
-                quote(&spec_path(&d.path, &spec_dir).to_string_lossy())
+                quote(&spec_path(&d.path, spec_dir).to_string_lossy())
             ));
             if let Some(t) = &d.tokens {
                 o.todo(&format!(
@@ -1048,7 +1048,7 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
             let val = d
                 .validation
                 .as_ref()
-                .map(|v| spec_path(v, &spec_dir).to_string_lossy().to_string());
+                .map(|v| spec_path(v, spec_dir).to_string_lossy().to_string());
             o.todo(&format!(
                 "a held-out set to allocate along the same path? Uncomment{}:",
                 if val.is_some() {

@@ -149,9 +149,6 @@ pub(super) struct Flow {
     pub(super) after_conv: bool,
 }
 
-/// Draft a spec from a checkpoint's tensors and, optionally, facts about the training set.
-/// `out` is where the spec will live (relative data paths are written against its directory).
-
 /// Write a parameter-free layer table.
 pub(super) fn write_table(o: &mut Out, keys: &[String]) {
     o.line("[[layers]]");

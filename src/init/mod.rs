@@ -101,6 +101,8 @@ use recognise::*;
 use source::*;
 pub use source::{DataFacts, read_source};
 
+/// Draft a spec and write it atomically to `opts.out` (refusing to replace an existing file
+/// unless `opts.force`).
 pub fn init(opts: &InitOptions) -> Result<Draft> {
     if opts.out.is_dir() {
         return Err(LcaError::Output {

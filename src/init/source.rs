@@ -124,9 +124,6 @@ pub(super) fn parse_order(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Draft a spec and write it atomically to `opts.out` (refusing to replace an existing file
-/// unless `opts.force`).
-
 // ---------------------------------------------------------------------------------------
 // The training set
 
