@@ -531,7 +531,7 @@ fn run_init(a: InitArgs) -> anyhow::Result<()> {
         force: a.force,
     };
     let d = crate::init::init(&opts)?;
-    eprint!("{}", crate::init::describe(&d, &opts.out));
+    eprint!("{}", crate::init::draft_notice(&d, &opts.out));
     Ok(())
 }
 

@@ -273,6 +273,14 @@ impl Inspection {
     /// The report as text.
     pub fn to_text(&self) -> String {
         let mut o = String::new();
+        self.write_run(&mut o);
+        self.write_tensors(&mut o);
+        self.write_estimate(&mut o);
+        o
+    }
+
+    /// The checkpoints, their sources and spacing.
+    fn write_run(&self, o: &mut String) {
         let mut line = |k: &str, v: String| o.push_str(&format!("{k:<12}{v}\n"));
         line(
             "spec",
@@ -341,7 +349,10 @@ impl Inspection {
                 }
             ),
         );
+    }
 
+    /// The tensor table and which tensors are used.
+    fn write_tensors(&self, o: &mut String) {
         o.push_str(&format!(
             "\ntensors in {}:\n",
             self.listed_from
@@ -411,7 +422,10 @@ impl Inspection {
                 varying.join(", ")
             ));
         }
+    }
 
+    /// The cost estimate and the measured time.
+    fn write_estimate(&self, o: &mut String) {
         let e = &self.estimate;
         o.push_str(&format!(
             "\nwork ({}{}):\n",
@@ -509,7 +523,6 @@ impl Inspection {
             }
             None => line("time", "not measured (--no-time)".into()),
         }
-        o
     }
 }
 

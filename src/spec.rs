@@ -76,7 +76,17 @@ pub struct ModelSection {
     /// How batch norm layers normalise: `"batch-stats"` or `"running-stats"`. Required when
     /// the model has batch norm layers; recorded in every output.
     #[serde(default)]
-    pub batch_norm: Option<crate::net::batch_norm::BnMode>,
+    pub batch_norm: Option<BnMode>,
+}
+
+/// Which statistics normalise a batch norm layer's input (`[model] batch_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BnMode {
+    /// The mean and biased variance of each evaluation chunk (the LCA study's choice).
+    BatchStats,
+    /// The checkpoints' `running_mean` / `running_var` buffers (PyTorch's `model.eval()`).
+    RunningStats,
 }
 
 /// One `[[layers]]` entry.
@@ -251,9 +261,9 @@ pub enum LayerKind {
         embed_dim: usize,
         num_heads: usize,
         #[serde(default = "default_true")]
-        bias: bool,
-        #[serde(default = "default_true")]
         causal: bool,
+        #[serde(default = "default_true")]
+        bias: bool,
         /// Accepted for compatibility; dropout is the identity in evaluation.
         #[serde(default)]
         dropout: f32,
@@ -288,9 +298,14 @@ impl std::fmt::Display for Pair {
     }
 }
 
+/// As written: one integer when height and width agree, else the pair.
 impl Serialize for Pair {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        if self.0[0] == self.0[1] {
+            self.0[0].serialize(s)
+        } else {
+            self.0.serialize(s)
+        }
     }
 }
 

@@ -108,63 +108,65 @@ fn share(lca: f64, delta: f64) -> f64 {
     }
 }
 
+/// The table of group totals (layers, tensors or blocks), with the `layer` column for tensors.
+fn group_table(g: &[crate::report::GroupTotal], with_layer: bool, delta: f64) -> Table {
+    let mut columns = vec!["name"];
+    if with_layer {
+        columns.push("layer");
+    }
+    columns.extend([
+        "params",
+        "lca",
+        "share_of_abs_delta",
+        "helped",
+        "zero",
+        "hurt",
+        "helped_fraction",
+    ]);
+    let has_val = g.iter().any(|t| t.val_lca.is_some());
+    let has_l2 = g.iter().any(|t| t.l2_lca.is_some());
+    if has_val {
+        columns.push("val_lca");
+    }
+    if has_l2 {
+        columns.push("l2_lca");
+    }
+    let rows = g
+        .iter()
+        .map(|t| {
+            let mut r = vec![Cell::Str(t.name.clone())];
+            if with_layer {
+                r.push(Cell::Str(t.layer.clone()));
+            }
+            r.extend([
+                Cell::Int(t.params as i64),
+                Cell::Float(t.lca),
+                Cell::Float(share(t.lca, delta)),
+                Cell::Int(t.helped as i64),
+                Cell::Int(t.zero as i64),
+                Cell::Int(t.hurt as i64),
+                Cell::Float(t.helped_fraction),
+            ]);
+            if has_val {
+                r.push(Cell::Float(t.val_lca.unwrap_or(f64::NAN)));
+            }
+            if has_l2 {
+                r.push(Cell::Float(t.l2_lca.unwrap_or(f64::NAN)));
+            }
+            r
+        })
+        .collect();
+    Table {
+        columns,
+        rows,
+        lca_col: if with_layer { 3 } else { 2 },
+    }
+}
+
 /// Build the requested view.
 pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
     let s = read_summary(dir)?;
     let delta = s.run.delta_loss;
-    let group = |g: &[crate::report::GroupTotal], with_layer: bool| {
-        let mut columns = vec!["name"];
-        if with_layer {
-            columns.push("layer");
-        }
-        columns.extend([
-            "params",
-            "lca",
-            "share_of_abs_delta",
-            "helped",
-            "zero",
-            "hurt",
-            "helped_fraction",
-        ]);
-        let has_val = g.iter().any(|t| t.val_lca.is_some());
-        let has_l2 = g.iter().any(|t| t.l2_lca.is_some());
-        if has_val {
-            columns.push("val_lca");
-        }
-        if has_l2 {
-            columns.push("l2_lca");
-        }
-        let rows = g
-            .iter()
-            .map(|t| {
-                let mut r = vec![Cell::Str(t.name.clone())];
-                if with_layer {
-                    r.push(Cell::Str(t.layer.clone()));
-                }
-                r.extend([
-                    Cell::Int(t.params as i64),
-                    Cell::Float(t.lca),
-                    Cell::Float(share(t.lca, delta)),
-                    Cell::Int(t.helped as i64),
-                    Cell::Int(t.zero as i64),
-                    Cell::Int(t.hurt as i64),
-                    Cell::Float(t.helped_fraction),
-                ]);
-                if has_val {
-                    r.push(Cell::Float(t.val_lca.unwrap_or(f64::NAN)));
-                }
-                if has_l2 {
-                    r.push(Cell::Float(t.l2_lca.unwrap_or(f64::NAN)));
-                }
-                r
-            })
-            .collect();
-        Table {
-            columns,
-            rows,
-            lca_col: if with_layer { 3 } else { 2 },
-        }
-    };
     let table = match by {
         By::Block => {
             let mut order: Vec<String> = Vec::new();
@@ -197,17 +199,17 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
             }
             let blocks: Vec<crate::report::GroupTotal> =
                 order.iter().map(|b| acc[b].clone()).collect();
-            let mut t = group(&blocks, false);
+            let mut t = group_table(&blocks, false, delta);
             t.columns[0] = "block";
             t
         }
         By::Layer => {
-            let mut t = group(&s.layers, false);
+            let mut t = group_table(&s.layers, false, delta);
             t.columns[0] = "layer";
             t
         }
         By::Tensor => {
-            let mut t = group(&s.tensors, true);
+            let mut t = group_table(&s.tensors, true, delta);
             t.columns[0] = "tensor";
             t
         }

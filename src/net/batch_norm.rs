@@ -23,13 +23,9 @@
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use ndarray::{ArrayD, ArrayViewD};
 
-/// Which statistics normalise the input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BnMode {
-    BatchStats,
-    RunningStats,
-}
+/// Which statistics normalise the input: a spec setting (`[model] batch_norm`), owned by
+/// [`crate::spec`] and re-exported here.
+pub use crate::spec::BnMode;
 
 /// Batch normalisation over the channel axis.
 #[derive(Debug, Clone)]
