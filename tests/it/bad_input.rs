@@ -1,8 +1,7 @@
 //! Bad input: every case exits with status 2 and a message naming the culprit, never a panic,
 //! never a half-written output.
 
-mod common;
-use common::*;
+use crate::util::*;
 
 fn rewrite_ckpt(t: &Tiny, k: usize, tensors: &[T], step: Option<u64>) {
     write_st(
@@ -574,26 +573,15 @@ fn unreadable_checkpoint_is_named() {
 fn paths_of_the_wrong_kind_are_named() {
     let t = tiny();
     // The checkpoint "directory" is a file.
-    let o = lca()
-        .arg("analyze")
-        .arg(t.ckpts.join("ckpt_0.safetensors"))
-        .arg("--spec")
-        .arg(&t.spec)
-        .arg("-o")
-        .arg(t.dir.path().join("out"))
-        .output()
-        .unwrap();
+    let o = analyze_run(
+        &t.ckpts.join("ckpt_0.safetensors"),
+        &t.spec,
+        &t.dir.path().join("out"),
+        &[],
+    );
     fails_with(&o, &["ckpt_0.safetensors", "is not a directory"]);
     // The spec is a directory.
-    let o = lca()
-        .arg("analyze")
-        .arg(&t.ckpts)
-        .arg("--spec")
-        .arg(&t.ckpts)
-        .arg("-o")
-        .arg(t.dir.path().join("out"))
-        .output()
-        .unwrap();
+    let o = analyze_run(&t.ckpts, &t.ckpts, &t.dir.path().join("out"), &[]);
     fails_with(&o, &["ckpts", "is a directory, not a spec file"]);
     // The training set is a directory.
     std::fs::write(

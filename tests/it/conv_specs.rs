@@ -2,19 +2,11 @@
 //! on MNIST/CIFAR-shaped inputs, and a spec whose shapes do not chain is refused by
 //! `lca analyze` before any gradient is computed.
 
-use assert_cmd::Command;
+use crate::util::{analyze_run, repo};
 use lca::net::{Model, Real, TargetsView};
 use lca::spec::Spec;
 use ndarray::{ArrayD, IxDyn};
-use std::path::{Path, PathBuf};
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn lca() -> Command {
-    Command::cargo_bin("lca").expect("binary built")
-}
+use std::path::Path;
 
 /// Deterministic numbers in [0, 1) (SplitMix64).
 struct Rng(u64);
@@ -110,15 +102,7 @@ fn allcnn_example_runs_on_cifar_shaped_inputs() {
 
 /// `lca analyze fixtures/cnn/ckpts --spec SPEC -o OUT`.
 fn analyze_cnn_ckpts(spec: &Path, out: &Path) -> std::process::Output {
-    lca()
-        .arg("analyze")
-        .arg(repo("fixtures/cnn/ckpts"))
-        .arg("--spec")
-        .arg(spec)
-        .arg("-o")
-        .arg(out)
-        .output()
-        .expect("runs")
+    analyze_run(&repo("fixtures/cnn/ckpts"), spec, out, &[])
 }
 
 /// The CNN fixture's spec with `fc.in_features` wrong: `lca analyze` must stop at the model
