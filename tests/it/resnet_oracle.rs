@@ -240,24 +240,22 @@ fn check_against_oracle(
 ///
 /// Each batch-norm mode is a test of its own, so that the harness runs them in parallel.
 fn f64_matches_the_oracle(mode: &str) {
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("o");
-        run(mode, &out, &["--no-adaptive", "--precision", "f64"]);
-        let (loss, lca, res) = check_against_oracle(mode, &out, 1e-9, 1e-10, 1e-10, false);
-        let oracle = json(&golden(mode, "oracle.json"));
-        let want = oracle["summary"]["simpson"]["sum_abs_over_abs_dL"]
-            .as_f64()
-            .unwrap();
-        assert!(
-            (res - want).abs() <= 1e-9,
-            "Σ|r|/|ΔL| {res} vs oracle {want}"
-        );
-        eprintln!(
-            "resnet {mode} f64: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
-            100.0 * res
-        );
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    run(mode, &out, &["--no-adaptive", "--precision", "f64"]);
+    let (loss, lca, res) = check_against_oracle(mode, &out, 1e-9, 1e-10, 1e-10, false);
+    let oracle = json(&golden(mode, "oracle.json"));
+    let want = oracle["summary"]["simpson"]["sum_abs_over_abs_dL"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (res - want).abs() <= 1e-9,
+        "Σ|r|/|ΔL| {res} vs oracle {want}"
+    );
+    eprintln!(
+        "resnet {mode} f64: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
+        100.0 * res
+    );
 }
 
 #[test]
@@ -276,86 +274,84 @@ fn f64_matches_the_oracle_with_running_stats() {
 /// oracle's own |r_t| (integration points that sit within f32 rounding of a ReLU kink, such
 /// as step 0's midpoint, see below), losses to 1e-6; and the per-layer and per-block views.
 fn f32_matches_the_oracle_and_summarize_shows_layers_and_blocks(mode: &str) {
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("o");
-        run(mode, &out, &[]);
-        let (loss, lca, res) = check_against_oracle(mode, &out, 1e-4, 1e-6, 1e-5, true);
-        eprintln!(
-            "resnet {mode} f32: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
-            100.0 * res
-        );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    run(mode, &out, &[]);
+    let (loss, lca, res) = check_against_oracle(mode, &out, 1e-4, 1e-6, 1e-5, true);
+    eprintln!(
+        "resnet {mode} f32: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
+        100.0 * res
+    );
 
-        // --by layer: the first conv, every layer of both blocks, the last linear, in model
-        // order (then the buffers group in running-stats mode); totals are the oracle's.
-        let oracle = json(&golden(mode, "oracle.json"));
-        let delta = {
-            let l = floats(&oracle["losses"]);
-            l[l.len() - 1] - l[0]
-        };
-        let layers = summarize(&out, "layer");
-        let names: Vec<&str> = layers.iter().map(|r| r["layer"].as_str()).collect();
-        assert_eq!(&names[..LAYERS.len()], LAYERS);
-        assert_eq!(
-            names.len(),
-            LAYERS.len() + usize::from(mode == "running-stats")
+    // --by layer: the first conv, every layer of both blocks, the last linear, in model
+    // order (then the buffers group in running-stats mode); totals are the oracle's.
+    let oracle = json(&golden(mode, "oracle.json"));
+    let delta = {
+        let l = floats(&oracle["losses"]);
+        l[l.len() - 1] - l[0]
+    };
+    let layers = summarize(&out, "layer");
+    let names: Vec<&str> = layers.iter().map(|r| r["layer"].as_str()).collect();
+    assert_eq!(&names[..LAYERS.len()], LAYERS);
+    assert_eq!(
+        names.len(),
+        LAYERS.len() + usize::from(mode == "running-stats")
+    );
+    let lca_map = oracle["lca"].as_object().unwrap();
+    let mut layer_lca = HashMap::new();
+    for r in &layers {
+        let name = r["layer"].as_str();
+        let want: f64 = lca_map
+            .iter()
+            .filter(|(k, _)| {
+                if name == "buffers" {
+                    k.ends_with(".running_mean") || k.ends_with(".running_var")
+                } else {
+                    k.rsplit_once('.').unwrap().0 == name
+                        && !k.ends_with(".running_mean")
+                        && !k.ends_with(".running_var")
+                }
+            })
+            .map(|(_, v)| floats(v).iter().sum::<f64>())
+            .sum();
+        let got: f64 = r["lca"].parse().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1e-3 * delta.abs()),
+            "{mode} layer {name}: {got} vs oracle {want}"
         );
-        let lca_map = oracle["lca"].as_object().unwrap();
-        let mut layer_lca = HashMap::new();
-        for r in &layers {
-            let name = r["layer"].as_str();
-            let want: f64 = lca_map
-                .iter()
-                .filter(|(k, _)| {
-                    if name == "buffers" {
-                        k.ends_with(".running_mean") || k.ends_with(".running_var")
-                    } else {
-                        k.rsplit_once('.').unwrap().0 == name
-                            && !k.ends_with(".running_mean")
-                            && !k.ends_with(".running_var")
-                    }
-                })
-                .map(|(_, v)| floats(v).iter().sum::<f64>())
-                .sum();
-            let got: f64 = r["lca"].parse().unwrap();
-            assert!(
-                (got - want).abs() <= 1e-4 * want.abs().max(1e-3 * delta.abs()),
-                "{mode} layer {name}: {got} vs oracle {want}"
-            );
-            layer_lca.insert(name.to_string(), got);
-        }
-
-        // --by block: stem conv and BN, the two blocks, the linear layer (and buffers); each
-        // block's LCA is the sum of its layers'.
-        let blocks = summarize(&out, "block");
-        let names: Vec<&str> = blocks.iter().map(|r| r["block"].as_str()).collect();
-        let mut want = vec!["conv1", "bn1", "layer1.0", "layer2.0", "linear"];
-        if mode == "running-stats" {
-            want.push("buffers");
-        }
-        assert_eq!(names, want);
-        for r in &blocks {
-            let b = r["block"].as_str();
-            let sum: f64 = layer_lca
-                .iter()
-                .filter(|(l, _)| *l == b || l.starts_with(&format!("{b}.")))
-                .map(|(_, v)| v)
-                .sum();
-            let got: f64 = r["lca"].parse().unwrap();
-            assert!(
-                (got - sum).abs() <= 1e-9 * sum.abs().max(1e-6),
-                "block {b}: {got} vs Σ layers {sum}"
-            );
-        }
-        let p = |b: &str| -> usize {
-            blocks.iter().find(|r| r["block"] == b).unwrap()["params"]
-                .parse()
-                .unwrap()
-        };
-        // 3·3·8·8 ·2 convs + 4·8 BN; 3·3·8·16 + 3·3·16·16 + 8·16 convs + 3·(2·16) BN.
-        assert_eq!(p("layer1.0"), 1152 + 32);
-        assert_eq!(p("layer2.0"), 1152 + 2304 + 128 + 96);
+        layer_lca.insert(name.to_string(), got);
     }
+
+    // --by block: stem conv and BN, the two blocks, the linear layer (and buffers); each
+    // block's LCA is the sum of its layers'.
+    let blocks = summarize(&out, "block");
+    let names: Vec<&str> = blocks.iter().map(|r| r["block"].as_str()).collect();
+    let mut want = vec!["conv1", "bn1", "layer1.0", "layer2.0", "linear"];
+    if mode == "running-stats" {
+        want.push("buffers");
+    }
+    assert_eq!(names, want);
+    for r in &blocks {
+        let b = r["block"].as_str();
+        let sum: f64 = layer_lca
+            .iter()
+            .filter(|(l, _)| *l == b || l.starts_with(&format!("{b}.")))
+            .map(|(_, v)| v)
+            .sum();
+        let got: f64 = r["lca"].parse().unwrap();
+        assert!(
+            (got - sum).abs() <= 1e-9 * sum.abs().max(1e-6),
+            "block {b}: {got} vs Σ layers {sum}"
+        );
+    }
+    let p = |b: &str| -> usize {
+        blocks.iter().find(|r| r["block"] == b).unwrap()["params"]
+            .parse()
+            .unwrap()
+    };
+    // 3·3·8·8 ·2 convs + 4·8 BN; 3·3·8·16 + 3·3·16·16 + 8·16 convs + 3·(2·16) BN.
+    assert_eq!(p("layer1.0"), 1152 + 32);
+    assert_eq!(p("layer2.0"), 1152 + 2304 + 128 + 96);
 }
 
 #[test]
