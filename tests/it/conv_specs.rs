@@ -2,25 +2,11 @@
 //! on MNIST/CIFAR-shaped inputs, and a spec whose shapes do not chain is refused by
 //! `lca analyze` before any gradient is computed.
 
-use crate::util::{analyze_run, repo};
+use crate::util::{Rng, analyze_run, repo};
 use lca::net::{Model, Real, TargetsView};
 use lca::spec::Spec;
 use ndarray::{ArrayD, IxDyn};
 use std::path::Path;
-
-/// Deterministic numbers in [0, 1) (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// Parameters drawn like PyTorch's default init, U(−1/√fan_in, 1/√fan_in) per layer.
 fn init<T: Real>(model: &Model<T>, rng: &mut Rng) -> Vec<Vec<T>> {

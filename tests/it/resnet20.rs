@@ -179,20 +179,6 @@ fn resnet20_state_dict_saved_by_pytorch_loads_and_analyses() {
     }
 }
 
-/// Deterministic numbers in [0, 1) (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// PyTorch-like initial values: convolution weights U(−1/√fan_in, 1/√fan_in), BN weight 1,
 /// bias 0, running mean 0, running variance 1.
 fn init<T: Real>(model: &Model<T>, rng: &mut Rng) -> Vec<Vec<T>> {
