@@ -18,6 +18,8 @@ fn param(name: &str, shape: &[usize]) -> ParamInfo {
         layer: "fc".into(),
         role: "weight".into(),
         shape: shape.to_vec(),
+        buffer: false,
+        aliases: Vec::new(),
     }
 }
 

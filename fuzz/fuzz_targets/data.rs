@@ -13,6 +13,7 @@ fn spec() -> DataSpec {
         train: PathBuf::from("train"),
         x: "x".into(),
         y: "y".into(),
+        tokens: None,
         scale: Some(0.5),
         mean: Some(vec![0.25]),
         std: None,

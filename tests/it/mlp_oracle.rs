@@ -1,12 +1,8 @@
 //! The shipped MLP example against the PyTorch float64 oracle (fixtures/mlp/golden), through
 //! the real binary and through the library API.
 
-mod common;
-use common::*;
-use lca::data::Dataset;
-use lca::eval::Evaluator;
-use lca::net::{LossKind, Model, Real};
-use lca::spec::Spec;
+use crate::oracle::*;
+use crate::util::*;
 
 #[test]
 fn analyze_matches_pytorch_oracle() {
@@ -85,100 +81,39 @@ fn analyze_matches_pytorch_oracle() {
     }
 }
 
-/// θ_t + s·Δθ for the step starting at `step`: rounded to f32 (as `analyze` evaluates it) and
-/// exact in f64 (as the oracle does).
-fn load_point(
-    files: &[lca::checkpoint::CheckpointFile],
-    step: u64,
-    s: f64,
-    model: &Model<f32>,
-) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
-    let a = files.iter().position(|f| f.step == step).unwrap();
-    let t0 = lca::checkpoint::load(&files[a], &model.params)
-        .unwrap()
-        .theta;
-    let t1 = lca::checkpoint::load(&files[a + 1], &model.params)
-        .unwrap()
-        .theta;
-    let d = lca::lca::difference(&t0, &t1);
-    let exact = t0
-        .iter()
-        .zip(&d)
-        .map(|(a, d)| a.iter().zip(d).map(|(&a, &d)| a as f64 + s * d).collect())
-        .collect();
-    (lca::lca::point::<f32>(&t0, &d, s), exact)
-}
-
 /// Gradients at the stored Simpson points: the f32 evaluator to 1e-4 of each tensor's largest
 /// entry, and the same model evaluated in f64 to 1e-9 (it is the same arithmetic as PyTorch's).
 #[test]
 fn gradients_match_pytorch_at_simpson_points() {
-    let spec = Spec::load(&fixture("mlp/model.toml")).unwrap();
-    let data = Dataset::load(&spec.train_path(), &spec.data, None, LossKind::CrossEntropy).unwrap();
-    let m32 = Model::<f32>::build(&spec, data.sample_shape()).unwrap();
-    let m64 = Model::<f64>::build(&spec, data.sample_shape()).unwrap();
-    let files = lca::checkpoint::scan(&fixture("mlp/ckpts")).unwrap();
-    let golden_bytes = std::fs::read(fixture("mlp/golden/grads.safetensors")).unwrap();
-    let golden = safetensors::SafeTensors::deserialize(&golden_bytes).unwrap();
-    let oracle = json(&fixture("mlp/golden/oracle.json"));
-    let get = |name: &str| lca::tensors::to_f64(&golden.tensor(name).unwrap()).unwrap();
-    let mut checked = 0;
-    for step in oracle["grad_steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap())
-    {
-        for (s, tag) in [(0.0, "0"), (0.5, "0.5"), (1.0, "1")] {
-            let (theta, theta64) = load_point(&files, step, s, &m32);
-            let e32 = Evaluator {
-                model: &m32,
-                data: &data,
-                chunk_size: spec.eval.chunk_size,
-            };
-            let r32 = e32.loss_and_grad(&theta).unwrap();
-            let e64 = Evaluator {
-                model: &m64,
-                data: &data,
-                chunk_size: spec.eval.chunk_size,
-            };
-            let r64 = e64.loss_and_grad(&theta64).unwrap();
-            let want_loss = get(&format!("step{step}/s{tag}/loss"))[0];
-            assert!(
-                (r32.loss - want_loss).abs() < 1e-6,
-                "loss {} vs {want_loss}",
-                r32.loss
-            );
-            assert!(
-                (r64.loss - want_loss).abs() < 1e-12,
-                "f64 loss {} vs {want_loss}",
-                r64.loss
-            );
-            for (pi, p) in m32.params.iter().enumerate() {
-                let want = get(&format!("step{step}/s{tag}/{}", p.name));
-                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                for (k, &w) in want.iter().enumerate() {
-                    let d32 = (r32.grads[pi][k] - w).abs();
-                    assert!(
-                        d32 <= 1e-4 * scale,
-                        "{} [{k}] at step {step} s={tag}: {} vs {w}",
-                        p.name,
-                        r32.grads[pi][k]
-                    );
-                    let d64 = (r64.grads[pi][k] - w).abs();
-                    assert!(
-                        d64 <= 1e-9 * scale,
-                        "f64 {} [{k}] at step {step} s={tag}: {} vs {w}",
-                        p.name,
-                        r64.grads[pi][k]
-                    );
-                }
-                checked += want.len();
-            }
-        }
-    }
-    assert!(checked > 10_000);
-    let _ = 1.0f32.f64();
+    let p = Problem::load(&fixture("mlp/model.toml"), &fixture("mlp/ckpts"));
+    let golden = Golden::load(&fixture("mlp/golden"));
+    let of_largest = |rtol| Tol { rtol, floor: 1.0 };
+    let r32 = p.gradients_at_stored_points(
+        &p.model::<f32>(),
+        &golden,
+        GradTol {
+            loss: 1e-6,
+            grad: of_largest(1e-4),
+            except: &[],
+        },
+        "mlp f32",
+    );
+    let r64 = p.gradients_at_stored_points(
+        &p.model::<f64>(),
+        &golden,
+        GradTol {
+            loss: 1e-12,
+            grad: of_largest(1e-9),
+            except: &[],
+        },
+        "mlp f64",
+    );
+    assert_eq!(r32.entries, r64.entries);
+    assert!(r32.entries > 10_000);
+    eprintln!(
+        "mlp gradients: f32 within {:.1e}, f64 within {:.1e} of each tensor's largest entry",
+        r32.worst, r64.worst
+    );
 }
 
 #[test]

@@ -1,8 +1,7 @@
 //! The binary end to end on valid input: checkpoint discovery and selection, dtypes, outputs,
 //! `summarize` views and formats, determinism across thread counts.
 
-mod common;
-use common::*;
+use crate::util::*;
 
 #[test]
 fn filename_steps_sort_naturally_and_selection_options_work() {
@@ -98,15 +97,7 @@ fn half_and_double_checkpoints_load() {
                 Some(k as u64),
             );
         }
-        let o = lca()
-            .arg("analyze")
-            .arg(&t.ckpts)
-            .arg("--spec")
-            .arg(&t.spec)
-            .arg("-o")
-            .arg(t.dir.path().join("out"))
-            .output()
-            .unwrap();
+        let o = analyze_run(&t.ckpts, &t.spec, &t.dir.path().join("out"), &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{dtype:?}: {err}");
         assert!(err.contains("ignoring 1 tensor"), "{err}");
@@ -305,15 +296,7 @@ fn no_progress_output_when_stderr_is_not_a_terminal() {
     // The test harness captures stderr through a pipe: the bar must stay hidden, leaving only
     // the final report, with no carriage returns or escape sequences.
     let t = tiny();
-    let o = lca()
-        .arg("analyze")
-        .arg(&t.ckpts)
-        .arg("--spec")
-        .arg(&t.spec)
-        .arg("-o")
-        .arg(t.dir.path().join("out"))
-        .output()
-        .unwrap();
+    let o = analyze_run(&t.ckpts, &t.spec, &t.dir.path().join("out"), &[]);
     assert!(o.status.success());
     let err = String::from_utf8(o.stderr).unwrap();
     assert!(!err.contains('\r') && !err.contains('\x1b'), "{err:?}");

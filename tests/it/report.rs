@@ -3,8 +3,7 @@
 //! run's metadata and warnings; well-formed (parsed as XML here); written atomically; bad
 //! requests exit 2. The browser check (console errors, screenshot) is tests/browser/report.sh.
 
-mod common;
-use common::*;
+use crate::util::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

@@ -6,16 +6,12 @@
 //!   of that step, and `summarize` shows the first conv, every block and the last linear;
 //! - `allcnn_bn.toml` parses and builds on CIFAR shapes, and its forward and backward run.
 
-mod common;
-use common::*;
+use crate::oracle::*;
+use crate::util::*;
 use lca::net::{Model, Real, TargetsView};
 use lca::spec::Spec;
 use ndarray::{ArrayD, IxDyn};
 use std::path::{Path, PathBuf};
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 /// docs/examples/resnet20.toml as shipped, except that it reads the fixture's 16 samples in
 /// chunks of 8 (two full chunks) and uses the given BN mode.
@@ -93,16 +89,12 @@ fn resnet20_state_dict_saved_by_pytorch_loads_and_analyses() {
         let dir = tempfile::tempdir().unwrap();
         let spec = resnet20_spec(dir.path(), mode);
         let out = dir.path().join("out");
-        let o = lca()
-            .arg("analyze")
-            .arg(fixture("resnet20/ckpts"))
-            .arg("--spec")
-            .arg(&spec)
-            .arg("-o")
-            .arg(&out)
-            .args(["--no-adaptive", "--quiet"])
-            .output()
-            .unwrap();
+        let o = analyze_run(
+            &fixture("resnet20/ckpts"),
+            &spec,
+            &out,
+            &["--no-adaptive", "--quiet"],
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let s = json(&out.join("summary.json"));
         let oracle = json(&fixture(&format!(
@@ -184,20 +176,6 @@ fn resnet20_state_dict_saved_by_pytorch_loads_and_analyses() {
         let total: f64 = blocks.iter().map(|b| b.2).sum();
         let lca_sum = s["run"]["lca_sum"].as_f64().unwrap();
         assert!((total - lca_sum).abs() <= 1e-9 * lca_sum.abs());
-    }
-}
-
-/// Deterministic numbers in [0, 1) (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -1,8 +1,7 @@
 //! `lca inspect`: the dry run lists steps and tensors, validates like `analyze`, estimates the
 //! work, and fails with exit status 2 on bad input without writing anything.
 
-mod common;
-use common::*;
+use crate::util::*;
 
 fn inspect(
     ckpts: &std::path::Path,

@@ -3,8 +3,7 @@
 //! checks the allocation itself, not ReLU kinks. The PyTorch-oracle comparison for a small
 //! ResNet is tests/resnet_oracle.rs.
 
-mod common;
-use common::*;
+use crate::util::*;
 
 const SPEC: &str = r#"[model]
 batch_norm = "MODE"

@@ -3,8 +3,7 @@
 //! inputs or options are refused; a checkpoint directory that changes during a run is
 //! reported. The binary is slowed down with the test hook `LCA_TEST_STEP_DELAY_MS`.
 
-mod common;
-use common::*;
+use crate::util::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,23 +17,6 @@ const OUTPUTS: [&str; 7] = [
     "lca.safetensors",
     "lca_validation.safetensors",
 ];
-
-fn bin() -> PathBuf {
-    assert_cmd::cargo::cargo_bin("lca")
-}
-
-/// `lca analyze CKPTS --spec SPEC -o OUT EXTRA…` as a command.
-fn analyze_cmd(ckpts: &Path, spec: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("analyze")
-        .arg(ckpts)
-        .arg("--spec")
-        .arg(spec)
-        .arg("-o")
-        .arg(out)
-        .args(extra);
-    c
-}
 
 /// Start a slowed-down run in the background.
 fn spawn_slow(ckpts: &Path, spec: &Path, out: &Path, extra: &[&str], delay_ms: u64) -> Child {
@@ -286,16 +268,7 @@ fn resume_with_nothing_to_resume() {
     let t = tiny();
     let out = t.dir.path().join("out");
     // No journal: a fresh run, with a note.
-    let o = lca()
-        .arg("analyze")
-        .arg(&t.ckpts)
-        .arg("--spec")
-        .arg(&t.spec)
-        .arg("-o")
-        .arg(&out)
-        .arg("--resume")
-        .output()
-        .unwrap();
+    let o = analyze_run(&t.ckpts, &t.spec, &out, &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("no interrupted run to resume"), "{err}");

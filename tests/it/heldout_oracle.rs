@@ -2,8 +2,8 @@
 //! the explicit L2 column, and adaptive refinement (the run has steps whose plain-Simpson
 //! residual exceeds the default bound of 1e-3).
 
-mod common;
-use common::*;
+use crate::oracle::*;
+use crate::util::*;
 use std::collections::HashMap;
 
 fn column(out: &std::path::Path, col: &str) -> HashMap<(u64, String), f64> {

@@ -1,8 +1,8 @@
 //! Integration accuracy (issue 4): adaptive refinement, the cheap rules against the oracle,
 //! the L2 column against its closed form.
 
-mod common;
-use common::*;
+use crate::oracle::*;
+use crate::util::*;
 use std::collections::HashMap;
 
 fn steps_of(summary: &serde_json::Value) -> Vec<serde_json::Value> {

@@ -1,8 +1,7 @@
 //! `lca check`: exit 0 when every check holds, 1 when one fails (saying which and with what
 //! figures), 2 on unusable input.
 
-mod common;
-use common::*;
+use crate::util::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

@@ -13,12 +13,10 @@
 //!   `--by block` groups them;
 //! - the library's full-set gradients (buffers included) at the oracle's stored points.
 
-mod common;
-use common::*;
+use crate::oracle::*;
+use crate::util::*;
 use std::collections::HashMap;
 use std::path::Path;
-
-const MODES: [&str; 2] = ["batch-stats", "running-stats"];
 
 /// `fixtures/resnet/golden/<mode>/<file>`.
 fn golden(mode: &str, file: &str) -> std::path::PathBuf {
@@ -30,22 +28,10 @@ fn spec_path(mode: &str) -> std::path::PathBuf {
 }
 
 fn run(mode: &str, out: &Path, extra: &[&str]) {
-    let o = lca()
-        .arg("analyze")
-        .arg(fixture("resnet/ckpts"))
-        .arg("--spec")
-        .arg(spec_path(mode))
-        .arg("-o")
-        .arg(out)
-        .arg("--quiet")
-        .args(extra)
-        .output()
-        .expect("runs");
-    assert!(
-        o.status.success(),
-        "lca analyze ({mode}) failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let args: Vec<&str> = std::iter::once("--quiet")
+        .chain(extra.iter().copied())
+        .collect();
+    analyze_ok(&fixture("resnet/ckpts"), &spec_path(mode), out, &args);
 }
 
 /// `lca summarize OUT --by BY --format csv` as rows.
@@ -251,26 +237,35 @@ fn check_against_oracle(
 }
 
 /// `--precision f64`: the oracle's arithmetic, so agreement to 1e-9 in both modes.
+///
+/// Each batch-norm mode is a test of its own, so that the harness runs them in parallel.
+fn f64_matches_the_oracle(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    run(mode, &out, &["--no-adaptive", "--precision", "f64"]);
+    let (loss, lca, res) = check_against_oracle(mode, &out, 1e-9, 1e-10, 1e-10, false);
+    let oracle = json(&golden(mode, "oracle.json"));
+    let want = oracle["summary"]["simpson"]["sum_abs_over_abs_dL"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (res - want).abs() <= 1e-9,
+        "Σ|r|/|ΔL| {res} vs oracle {want}"
+    );
+    eprintln!(
+        "resnet {mode} f64: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
+        100.0 * res
+    );
+}
+
 #[test]
-fn f64_matches_the_oracle_in_both_bn_modes() {
-    for mode in MODES {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("o");
-        run(mode, &out, &["--no-adaptive", "--precision", "f64"]);
-        let (loss, lca, res) = check_against_oracle(mode, &out, 1e-9, 1e-10, 1e-10, false);
-        let oracle = json(&golden(mode, "oracle.json"));
-        let want = oracle["summary"]["simpson"]["sum_abs_over_abs_dL"]
-            .as_f64()
-            .unwrap();
-        assert!(
-            (res - want).abs() <= 1e-9,
-            "Σ|r|/|ΔL| {res} vs oracle {want}"
-        );
-        eprintln!(
-            "resnet {mode} f64: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
-            100.0 * res
-        );
-    }
+fn f64_matches_the_oracle_with_batch_stats() {
+    f64_matches_the_oracle("batch-stats");
+}
+
+#[test]
+fn f64_matches_the_oracle_with_running_stats() {
+    f64_matches_the_oracle("running-stats");
 }
 
 /// The default settings: f32 evaluation (accumulated in f64) and adaptive refinement at its
@@ -278,88 +273,95 @@ fn f64_matches_the_oracle_in_both_bn_modes() {
 /// mode), so every step is plain Simpson like the oracle: 1e-4 relative, or within the
 /// oracle's own |r_t| (integration points that sit within f32 rounding of a ReLU kink, such
 /// as step 0's midpoint, see below), losses to 1e-6; and the per-layer and per-block views.
-#[test]
-fn f32_matches_the_oracle_and_summarize_shows_layers_and_blocks() {
-    for mode in MODES {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("o");
-        run(mode, &out, &[]);
-        let (loss, lca, res) = check_against_oracle(mode, &out, 1e-4, 1e-6, 1e-5, true);
-        eprintln!(
-            "resnet {mode} f32: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
-            100.0 * res
-        );
+fn f32_matches_the_oracle_and_summarize_shows_layers_and_blocks(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    run(mode, &out, &[]);
+    let (loss, lca, res) = check_against_oracle(mode, &out, 1e-4, 1e-6, 1e-5, true);
+    eprintln!(
+        "resnet {mode} f32: max loss error {loss:.1e}, max relative LCA error {lca:.1e}, Σ|r|/|ΔL| {:.4}%",
+        100.0 * res
+    );
 
-        // --by layer: the first conv, every layer of both blocks, the last linear, in model
-        // order (then the buffers group in running-stats mode); totals are the oracle's.
-        let oracle = json(&golden(mode, "oracle.json"));
-        let delta = {
-            let l = floats(&oracle["losses"]);
-            l[l.len() - 1] - l[0]
-        };
-        let layers = summarize(&out, "layer");
-        let names: Vec<&str> = layers.iter().map(|r| r["layer"].as_str()).collect();
-        assert_eq!(&names[..LAYERS.len()], LAYERS);
-        assert_eq!(
-            names.len(),
-            LAYERS.len() + usize::from(mode == "running-stats")
+    // --by layer: the first conv, every layer of both blocks, the last linear, in model
+    // order (then the buffers group in running-stats mode); totals are the oracle's.
+    let oracle = json(&golden(mode, "oracle.json"));
+    let delta = {
+        let l = floats(&oracle["losses"]);
+        l[l.len() - 1] - l[0]
+    };
+    let layers = summarize(&out, "layer");
+    let names: Vec<&str> = layers.iter().map(|r| r["layer"].as_str()).collect();
+    assert_eq!(&names[..LAYERS.len()], LAYERS);
+    assert_eq!(
+        names.len(),
+        LAYERS.len() + usize::from(mode == "running-stats")
+    );
+    let lca_map = oracle["lca"].as_object().unwrap();
+    let mut layer_lca = HashMap::new();
+    for r in &layers {
+        let name = r["layer"].as_str();
+        let want: f64 = lca_map
+            .iter()
+            .filter(|(k, _)| {
+                if name == "buffers" {
+                    k.ends_with(".running_mean") || k.ends_with(".running_var")
+                } else {
+                    k.rsplit_once('.').unwrap().0 == name
+                        && !k.ends_with(".running_mean")
+                        && !k.ends_with(".running_var")
+                }
+            })
+            .map(|(_, v)| floats(v).iter().sum::<f64>())
+            .sum();
+        let got: f64 = r["lca"].parse().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1e-3 * delta.abs()),
+            "{mode} layer {name}: {got} vs oracle {want}"
         );
-        let lca_map = oracle["lca"].as_object().unwrap();
-        let mut layer_lca = HashMap::new();
-        for r in &layers {
-            let name = r["layer"].as_str();
-            let want: f64 = lca_map
-                .iter()
-                .filter(|(k, _)| {
-                    if name == "buffers" {
-                        k.ends_with(".running_mean") || k.ends_with(".running_var")
-                    } else {
-                        k.rsplit_once('.').unwrap().0 == name
-                            && !k.ends_with(".running_mean")
-                            && !k.ends_with(".running_var")
-                    }
-                })
-                .map(|(_, v)| floats(v).iter().sum::<f64>())
-                .sum();
-            let got: f64 = r["lca"].parse().unwrap();
-            assert!(
-                (got - want).abs() <= 1e-4 * want.abs().max(1e-3 * delta.abs()),
-                "{mode} layer {name}: {got} vs oracle {want}"
-            );
-            layer_lca.insert(name.to_string(), got);
-        }
-
-        // --by block: stem conv and BN, the two blocks, the linear layer (and buffers); each
-        // block's LCA is the sum of its layers'.
-        let blocks = summarize(&out, "block");
-        let names: Vec<&str> = blocks.iter().map(|r| r["block"].as_str()).collect();
-        let mut want = vec!["conv1", "bn1", "layer1.0", "layer2.0", "linear"];
-        if mode == "running-stats" {
-            want.push("buffers");
-        }
-        assert_eq!(names, want);
-        for r in &blocks {
-            let b = r["block"].as_str();
-            let sum: f64 = layer_lca
-                .iter()
-                .filter(|(l, _)| *l == b || l.starts_with(&format!("{b}.")))
-                .map(|(_, v)| v)
-                .sum();
-            let got: f64 = r["lca"].parse().unwrap();
-            assert!(
-                (got - sum).abs() <= 1e-9 * sum.abs().max(1e-6),
-                "block {b}: {got} vs Σ layers {sum}"
-            );
-        }
-        let p = |b: &str| -> usize {
-            blocks.iter().find(|r| r["block"] == b).unwrap()["params"]
-                .parse()
-                .unwrap()
-        };
-        // 3·3·8·8 ·2 convs + 4·8 BN; 3·3·8·16 + 3·3·16·16 + 8·16 convs + 3·(2·16) BN.
-        assert_eq!(p("layer1.0"), 1152 + 32);
-        assert_eq!(p("layer2.0"), 1152 + 2304 + 128 + 96);
+        layer_lca.insert(name.to_string(), got);
     }
+
+    // --by block: stem conv and BN, the two blocks, the linear layer (and buffers); each
+    // block's LCA is the sum of its layers'.
+    let blocks = summarize(&out, "block");
+    let names: Vec<&str> = blocks.iter().map(|r| r["block"].as_str()).collect();
+    let mut want = vec!["conv1", "bn1", "layer1.0", "layer2.0", "linear"];
+    if mode == "running-stats" {
+        want.push("buffers");
+    }
+    assert_eq!(names, want);
+    for r in &blocks {
+        let b = r["block"].as_str();
+        let sum: f64 = layer_lca
+            .iter()
+            .filter(|(l, _)| *l == b || l.starts_with(&format!("{b}.")))
+            .map(|(_, v)| v)
+            .sum();
+        let got: f64 = r["lca"].parse().unwrap();
+        assert!(
+            (got - sum).abs() <= 1e-9 * sum.abs().max(1e-6),
+            "block {b}: {got} vs Σ layers {sum}"
+        );
+    }
+    let p = |b: &str| -> usize {
+        blocks.iter().find(|r| r["block"] == b).unwrap()["params"]
+            .parse()
+            .unwrap()
+    };
+    // 3·3·8·8 ·2 convs + 4·8 BN; 3·3·8·16 + 3·3·16·16 + 8·16 convs + 3·(2·16) BN.
+    assert_eq!(p("layer1.0"), 1152 + 32);
+    assert_eq!(p("layer2.0"), 1152 + 2304 + 128 + 96);
+}
+
+#[test]
+fn f32_matches_the_oracle_and_summarize_shows_layers_and_blocks_with_batch_stats() {
+    f32_matches_the_oracle_and_summarize_shows_layers_and_blocks("batch-stats");
+}
+
+#[test]
+fn f32_matches_the_oracle_and_summarize_shows_layers_and_blocks_with_running_stats() {
+    f32_matches_the_oracle_and_summarize_shows_layers_and_blocks("running-stats");
 }
 
 /// The library's full-set loss and gradient at the oracle's stored points θ_t + s·Δθ_t
@@ -371,80 +373,56 @@ fn f32_matches_the_oracle_and_summarize_shows_layers_and_blocks() {
 /// f64 arithmetic legitimately take different sides; the gradients of `layer1.0` and the
 /// layers before it then differ by up to 7e-4 of their largest entry (1e-3 allowed there; the
 /// other points stay below 2e-5).
+fn gradients_match_pytorch_at_stored_points(mode: &str) {
+    let p = Problem::load(&spec_path(mode), &fixture("resnet/ckpts"));
+    let (m32, m64) = (p.model::<f32>(), p.model::<f64>());
+    let n_buffers = m32.params.iter().filter(|p| p.buffer).count();
+    assert_eq!(n_buffers, if mode == "running-stats" { 12 } else { 0 });
+    let golden = Golden::load(&golden(mode, ""));
+    let of_largest = |rtol| Tol { rtol, floor: 1.0 };
+    // The one point near a ReLU kink (see above), in batch-stats mode only.
+    const KINK: &[(u64, &str, Tol)] = &[(
+        0,
+        "0.5",
+        Tol {
+            rtol: 1e-3,
+            floor: 1.0,
+        },
+    )];
+    let r32 = p.gradients_at_stored_points(
+        &m32,
+        &golden,
+        GradTol {
+            loss: 1e-6,
+            grad: of_largest(1e-4),
+            except: if mode == "batch-stats" { KINK } else { &[] },
+        },
+        &format!("{mode} f32"),
+    );
+    let r64 = p.gradients_at_stored_points(
+        &m64,
+        &golden,
+        GradTol {
+            loss: 1e-12,
+            grad: of_largest(1e-9),
+            except: &[],
+        },
+        &format!("{mode} f64"),
+    );
+    assert_eq!(r32.tensors, 2 * 3 * m32.params.len());
+    assert_eq!(r64.tensors, r32.tensors);
+    eprintln!(
+        "resnet {mode} gradients: f32 {:.1e}, f64 {:.1e}",
+        r32.worst, r64.worst
+    );
+}
+
 #[test]
-fn gradients_match_pytorch_at_stored_points() {
-    use lca::{checkpoint, data::Dataset, eval::Evaluator, net::Model, spec::Spec};
-    for mode in MODES {
-        let oracle = json(&golden(mode, "oracle.json"));
-        let bytes = std::fs::read(golden(mode, "grads.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let get = |name: &str| lca::tensors::to_f64(&st.tensor(name).unwrap()).unwrap();
-        let spec = Spec::load(&spec_path(mode)).unwrap();
-        let data = Dataset::load(
-            &spec.train_path(),
-            &spec.data,
-            None,
-            lca::net::LossKind::CrossEntropy,
-        )
-        .unwrap();
-        let m32 = Model::<f32>::build(&spec, data.sample_shape()).unwrap();
-        let m64 = Model::<f64>::build(&spec, data.sample_shape()).unwrap();
-        let n_buffers = m32.params.iter().filter(|p| p.buffer).count();
-        assert_eq!(n_buffers, if mode == "running-stats" { 12 } else { 0 });
-        let files = checkpoint::scan(&fixture("resnet/ckpts")).unwrap();
-        let mut checked = 0;
-        let (mut worst32, mut worst64) = (0.0f64, 0.0f64);
-        for t in oracle["grad_steps"].as_array().unwrap() {
-            let t = t.as_u64().unwrap() as usize;
-            let t0 = checkpoint::load(&files[t], &m32.params).unwrap().theta;
-            let t1 = checkpoint::load(&files[t + 1], &m32.params).unwrap().theta;
-            let d = lca::lca::difference(&t0, &t1);
-            for (s, tag) in [(0.0, "0"), (0.5, "0.5"), (1.0, "1")] {
-                let r32 = Evaluator {
-                    model: &m32,
-                    data: &data,
-                    chunk_size: spec.eval.chunk_size,
-                }
-                .loss_and_grad(&lca::lca::point::<f32>(&t0, &d, s))
-                .unwrap();
-                let r64 = Evaluator {
-                    model: &m64,
-                    data: &data,
-                    chunk_size: spec.eval.chunk_size,
-                }
-                .loss_and_grad(&lca::lca::point::<f64>(&t0, &d, s))
-                .unwrap();
-                let want_loss = get(&format!("step{t}/s{tag}/loss"))[0];
-                assert!((r32.loss - want_loss).abs() < 1e-6, "{mode}: f32 loss");
-                assert!((r64.loss - want_loss).abs() < 1e-12, "{mode}: f64 loss");
-                for (pi, p) in m32.params.iter().enumerate() {
-                    let want = get(&format!("step{t}/s{tag}/{}", p.name));
-                    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                    for (k, &w) in want.iter().enumerate() {
-                        let (e32, e64) = (
-                            (r32.grads[pi][k] - w).abs() / scale,
-                            (r64.grads[pi][k] - w).abs() / scale,
-                        );
-                        let tol32 = if mode == "batch-stats" && t == 0 && tag == "0.5" {
-                            1e-3
-                        } else {
-                            1e-4
-                        };
-                        assert!(
-                            e32 <= tol32 && e64 <= 1e-9,
-                            "{mode} {}[{k}] at step {t} s={tag}: f32 {} f64 {} vs {w}",
-                            p.name,
-                            r32.grads[pi][k],
-                            r64.grads[pi][k]
-                        );
-                        worst32 = worst32.max(e32);
-                        worst64 = worst64.max(e64);
-                    }
-                    checked += 1;
-                }
-            }
-        }
-        assert_eq!(checked, 2 * 3 * m32.params.len());
-        eprintln!("resnet {mode} gradients: f32 {worst32:.1e}, f64 {worst64:.1e}");
-    }
+fn gradients_match_pytorch_at_stored_points_with_batch_stats() {
+    gradients_match_pytorch_at_stored_points("batch-stats");
+}
+
+#[test]
+fn gradients_match_pytorch_at_stored_points_with_running_stats() {
+    gradients_match_pytorch_at_stored_points("running-stats");
 }

@@ -2,33 +2,11 @@
 //! on MNIST/CIFAR-shaped inputs, and a spec whose shapes do not chain is refused by
 //! `lca analyze` before any gradient is computed.
 
-use assert_cmd::Command;
+use crate::util::{Rng, analyze_run, repo};
 use lca::net::{Model, Real, TargetsView};
 use lca::spec::Spec;
 use ndarray::{ArrayD, IxDyn};
-use std::path::{Path, PathBuf};
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn lca() -> Command {
-    Command::cargo_bin("lca").expect("binary built")
-}
-
-/// Deterministic numbers in [0, 1) (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use std::path::Path;
 
 /// Parameters drawn like PyTorch's default init, U(−1/√fan_in, 1/√fan_in) per layer.
 fn init<T: Real>(model: &Model<T>, rng: &mut Rng) -> Vec<Vec<T>> {
@@ -110,15 +88,7 @@ fn allcnn_example_runs_on_cifar_shaped_inputs() {
 
 /// `lca analyze fixtures/cnn/ckpts --spec SPEC -o OUT`.
 fn analyze_cnn_ckpts(spec: &Path, out: &Path) -> std::process::Output {
-    lca()
-        .arg("analyze")
-        .arg(repo("fixtures/cnn/ckpts"))
-        .arg("--spec")
-        .arg(spec)
-        .arg("-o")
-        .arg(out)
-        .output()
-        .expect("runs")
+    analyze_run(&repo("fixtures/cnn/ckpts"), spec, out, &[])
 }
 
 /// The CNN fixture's spec with `fc.in_features` wrong: `lca analyze` must stop at the model

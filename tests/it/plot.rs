@@ -1,8 +1,7 @@
 //! `lca plot`: every kind renders a valid, non-empty SVG and PNG from the shipped example, with
 //! its title and legend; bad requests fail with exit status 2 and a clear message.
 
-mod common;
-use common::*;
+use crate::util::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

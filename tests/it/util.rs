@@ -1,5 +1,4 @@
 //! Helpers shared by the integration tests: run the real binary, read outputs and oracles.
-#![allow(dead_code)]
 
 use assert_cmd::Command;
 use serde_json::Value;
@@ -12,30 +11,60 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// Path of a file in the repository (`docs/examples/…`, `fixtures/…`).
+pub fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
 /// The `lca` binary.
 pub fn lca() -> Command {
     Command::cargo_bin("lca").expect("binary built")
 }
 
-/// Run `lca analyze` on a fixture directory (`fixtures/<name>/ckpts` with `model.toml`) into
-/// `out`, with extra arguments; panics with stderr on failure.
-pub fn analyze(name: &str, out: &Path, extra: &[&str]) -> std::process::Output {
-    let o = lca()
-        .arg("analyze")
-        .arg(fixture(&format!("{name}/ckpts")))
+/// `lca analyze CKPTS --spec SPEC -o OUT EXTRA…` as a command: the one way the tests run an
+/// analysis (every helper below builds on it; `resume` and `shard` add environment variables
+/// or run it in the background).
+pub fn analyze_cmd(ckpts: &Path, spec: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("lca"));
+    c.arg("analyze")
+        .arg(ckpts)
         .arg("--spec")
-        .arg(fixture(&format!("{name}/model.toml")))
+        .arg(spec)
         .arg("-o")
         .arg(out)
-        .args(extra)
+        .args(extra);
+    c
+}
+
+/// Run [`analyze_cmd`] to completion; returns the output whatever the outcome.
+pub fn analyze_run(ckpts: &Path, spec: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::from_std(analyze_cmd(ckpts, spec, out, extra))
         .output()
-        .expect("runs");
+        .expect("runs")
+}
+
+/// As [`analyze_run`], and panics with stderr unless the analysis succeeded.
+pub fn analyze_ok(ckpts: &Path, spec: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let o = analyze_run(ckpts, spec, out, extra);
     assert!(
         o.status.success(),
-        "lca analyze failed: {}",
+        "lca analyze {} --spec {} failed: {}",
+        ckpts.display(),
+        spec.display(),
         String::from_utf8_lossy(&o.stderr)
     );
     o
+}
+
+/// Run `lca analyze` on a fixture directory (`fixtures/<name>/ckpts` with `model.toml`) into
+/// `out`, with extra arguments; panics with stderr on failure.
+pub fn analyze(name: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    analyze_ok(
+        &fixture(&format!("{name}/ckpts")),
+        &fixture(&format!("{name}/model.toml")),
+        out,
+        extra,
+    )
 }
 
 /// Parse a JSON file.
@@ -57,56 +86,6 @@ pub fn floats(v: &Value) -> Vec<f64> {
         .iter()
         .map(|x| x.as_f64().expect("number"))
         .collect()
-}
-
-/// Per-step, per-tensor comparison against an oracle with relative tolerance `rtol`.
-///
-/// A per-tensor value is compared relative to its own magnitude, except that magnitudes below
-/// 1 % of the step's total allocation (Σ over tensors of |oracle LCA|) are measured relative
-/// to that 1 %: an f32 evaluator cannot resolve cancellations finer than that, and such a
-/// tensor carries under 1 % of the step's allocation. Returns the worst relative error.
-pub fn compare_step_tensor_lca(
-    ours: &std::collections::HashMap<(u64, String), f64>,
-    oracle: &Value,
-    steps: &[u64],
-    rtol: f64,
-) -> f64 {
-    compare_step_tensor_lca_with(ours, oracle, steps, rtol, &[])
-}
-
-/// As [`compare_step_tensor_lca`], but a difference no larger than `slack[t]` (the oracle's
-/// own integration error |r_t| at that step) also passes: the two evaluations then agree
-/// within what the quadrature can resolve. Used for f32 runs whose integration points sit on
-/// a ReLU kink, where f32 and f64 arithmetic legitimately pick different sides.
-pub fn compare_step_tensor_lca_with(
-    ours: &std::collections::HashMap<(u64, String), f64>,
-    oracle: &Value,
-    steps: &[u64],
-    rtol: f64,
-    slack: &[f64],
-) -> f64 {
-    let lca = oracle["lca"].as_object().expect("lca object");
-    let mut worst = 0.0f64;
-    for (t, &step) in steps.iter().enumerate().take(steps.len() - 1) {
-        let scale: f64 = lca.values().map(|v| v[t].as_f64().unwrap().abs()).sum();
-        for (name, vals) in lca {
-            let want = vals[t].as_f64().unwrap();
-            let got = *ours
-                .get(&(step, name.clone()))
-                .unwrap_or_else(|| panic!("no row for step {step} tensor {name}"));
-            let denom = want.abs().max(0.01 * scale);
-            let rel = (got - want).abs() / denom;
-            let within_slack = slack.get(t).is_some_and(|s| (got - want).abs() <= s.abs());
-            assert!(
-                rel <= rtol || within_slack,
-                "step {step} tensor {name}: lca {got} vs oracle {want} (relative error {rel:.2e} > {rtol:e})"
-            );
-            if !within_slack {
-                worst = worst.max(rel);
-            }
-        }
-    }
-    worst
 }
 
 /// Read `tensors.csv` into (step, tensor) → lca.
@@ -235,17 +214,10 @@ impl Tiny {
 
     /// Run analyze on this problem into `out`; returns the output.
     pub fn run_to(&self, out: &Path, extra: &[&str]) -> std::process::Output {
-        lca()
-            .arg("analyze")
-            .arg(&self.ckpts)
-            .arg("--spec")
-            .arg(&self.spec)
-            .arg("-o")
-            .arg(out)
-            .arg("--quiet")
-            .args(extra)
-            .output()
-            .unwrap()
+        let args: Vec<&str> = std::iter::once("--quiet")
+            .chain(extra.iter().copied())
+            .collect();
+        analyze_run(&self.ckpts, &self.spec, out, &args)
     }
 }
 
@@ -299,4 +271,93 @@ pub fn no_visible_outputs(out: &Path) {
         left.iter().all(|n| n.starts_with('.')),
         "left behind: {left:?}"
     );
+}
+
+/// A `.npy` file: the version 1.0 header holding `header` (a Python dict literal, padded as
+/// NumPy pads it), then `data`. Used to build files NumPy would not write.
+pub fn npy(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    b.extend_from_slice(h.as_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// CRC-32 (IEEE), as zip archives record it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// A zip archive (what `.npz` is) holding `members` uncompressed.
+pub fn stored_zip(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let (mut out, mut central) = (Vec::new(), Vec::new());
+    let le16 = |v: &mut Vec<u8>, x: u16| v.extend_from_slice(&x.to_le_bytes());
+    let le32 = |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&x.to_le_bytes());
+    for (name, data) in members {
+        let (offset, crc, size) = (out.len() as u32, crc32(data), data.len() as u32);
+        le32(&mut out, 0x0403_4b50);
+        for x in [20, 0, 0, 0, 0] {
+            le16(&mut out, x); // version, flags, method (stored), time, date
+        }
+        for x in [crc, size, size] {
+            le32(&mut out, x);
+        }
+        le16(&mut out, name.len() as u16);
+        le16(&mut out, 0);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        le32(&mut central, 0x0201_4b50);
+        for x in [20, 20, 0, 0, 0, 0] {
+            le16(&mut central, x); // made by, needed, flags, method, time, date
+        }
+        for x in [crc, size, size] {
+            le32(&mut central, x);
+        }
+        for x in [name.len() as u16, 0, 0, 0, 0] {
+            le16(&mut central, x); // name, extra, comment, disk, internal attributes
+        }
+        le32(&mut central, 0); // external attributes
+        le32(&mut central, offset);
+        central.extend_from_slice(name.as_bytes());
+    }
+    let (cd_offset, cd_size) = (out.len() as u32, central.len() as u32);
+    out.extend_from_slice(&central);
+    le32(&mut out, 0x0605_4b50);
+    for x in [0, 0, members.len() as u16, members.len() as u16] {
+        le16(&mut out, x);
+    }
+    le32(&mut out, cd_size);
+    le32(&mut out, cd_offset);
+    le16(&mut out, 0);
+    out
+}
+
+/// Deterministic numbers in [0, 1) (SplitMix64).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
 }

@@ -3,11 +3,9 @@
 //! the library API; the per-head and per-block views; the docs' nanoGPT spec; tied tensors
 //! stored under one name, both names, or inconsistent values; token-data errors.
 
-mod common;
-use common::*;
-use lca::data::Dataset;
-use lca::eval::Evaluator;
-use lca::net::{LossKind, Model};
+use crate::oracle::*;
+use crate::util::*;
+use lca::net::Model;
 use lca::spec::Spec;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -291,111 +289,42 @@ fn f32_default_run_matches_the_oracle_and_views_add_up() {
     );
 }
 
-/// θ_t + s·Δθ for the step starting at `step`: rounded to f32 (as `analyze` evaluates it) and
-/// exact in f64 (as the oracle does).
-fn load_point(
-    files: &[lca::checkpoint::CheckpointFile],
-    step: u64,
-    s: f64,
-    model: &Model<f32>,
-) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
-    let a = files.iter().position(|f| f.step == step).unwrap();
-    let t0 = lca::checkpoint::load(&files[a], &model.params)
-        .unwrap()
-        .theta;
-    let t1 = lca::checkpoint::load(&files[a + 1], &model.params)
-        .unwrap()
-        .theta;
-    let d = lca::lca::difference(&t0, &t1);
-    let exact = t0
-        .iter()
-        .zip(&d)
-        .map(|(a, d)| a.iter().zip(d).map(|(&a, &d)| a as f64 + s * d).collect())
-        .collect();
-    (lca::lca::point::<f32>(&t0, &d, s), exact)
-}
-
 /// Gradients at the stored points through the library API: f32 to 1e-4 of each tensor's
 /// largest entry, f64 to 1e-9 (the tied weight's gradient sums both uses, as autograd's).
 #[test]
 fn gradients_match_pytorch_at_stored_points() {
-    let spec = Spec::load(&fixture("gpt/model.toml")).unwrap();
-    let data = Dataset::load(&spec.train_path(), &spec.data, None, LossKind::CrossEntropy).unwrap();
-    assert_eq!(data.sample_shape(), &[32]);
-    let m32 = Model::<f32>::build(&spec, data.sample_shape()).unwrap();
-    let m64 = Model::<f64>::build(&spec, data.sample_shape()).unwrap();
-    data.check_targets(m32.output_shape(), m32.loss).unwrap();
-    data.check_inputs(&m32).unwrap();
-    let files = lca::checkpoint::scan(&fixture("gpt/ckpts")).unwrap();
-    let golden_bytes = std::fs::read(fixture("gpt/golden/grads.safetensors")).unwrap();
-    let golden = safetensors::SafeTensors::deserialize(&golden_bytes).unwrap();
-    let get = |name: &str| lca::tensors::to_f64(&golden.tensor(name).unwrap()).unwrap();
-    let oracle = oracle();
-    let (mut worst32, mut worst64, mut checked) = (0.0f64, 0.0f64, 0usize);
-    for step in oracle["grad_steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap())
-    {
-        for (s, tag) in [(0.0, "0"), (0.5, "0.5"), (1.0, "1")] {
-            let (theta, theta64) = load_point(&files, step, s, &m32);
-            let chunk_size = spec.eval.chunk_size;
-            let r32 = Evaluator {
-                model: &m32,
-                data: &data,
-                chunk_size,
-            }
-            .loss_and_grad(&theta)
-            .unwrap();
-            let r64 = Evaluator {
-                model: &m64,
-                data: &data,
-                chunk_size,
-            }
-            .loss_and_grad(&theta64)
-            .unwrap();
-            let want_loss = get(&format!("step{step}/s{tag}/loss"))[0];
-            assert!(
-                (r32.loss - want_loss).abs() < 1e-6,
-                "{} vs {want_loss}",
-                r32.loss
-            );
-            assert!(
-                (r64.loss - want_loss).abs() < 1e-12,
-                "{} vs {want_loss}",
-                r64.loss
-            );
-            for (pi, p) in m32.params.iter().enumerate() {
-                let want = get(&format!("step{step}/s{tag}/{}", p.name));
-                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                for (k, &w) in want.iter().enumerate() {
-                    let (e32, e64) = (
-                        (r32.grads[pi][k] - w).abs() / scale,
-                        (r64.grads[pi][k] - w).abs() / scale,
-                    );
-                    assert!(
-                        e32 <= 1e-4,
-                        "{} [{k}] step {step} s={tag}: {} vs {w}",
-                        p.name,
-                        r32.grads[pi][k]
-                    );
-                    assert!(
-                        e64 <= 1e-9,
-                        "f64 {} [{k}] step {step} s={tag}: {} vs {w}",
-                        p.name,
-                        r64.grads[pi][k]
-                    );
-                    worst32 = worst32.max(e32);
-                    worst64 = worst64.max(e64);
-                }
-                checked += want.len();
-            }
-        }
-    }
-    assert!(checked > 40_000, "{checked}");
+    let p = Problem::load(&fixture("gpt/model.toml"), &fixture("gpt/ckpts"));
+    assert_eq!(p.data.sample_shape(), &[32]);
+    let (m32, m64) = (p.model::<f32>(), p.model::<f64>());
+    p.data.check_targets(m32.output_shape(), m32.loss).unwrap();
+    p.data.check_inputs(&m32).unwrap();
+    let golden = Golden::load(&fixture("gpt/golden"));
+    let of_largest = |rtol| Tol { rtol, floor: 1.0 };
+    let r32 = p.gradients_at_stored_points(
+        &m32,
+        &golden,
+        GradTol {
+            loss: 1e-6,
+            grad: of_largest(1e-4),
+            except: &[],
+        },
+        "gpt f32",
+    );
+    let r64 = p.gradients_at_stored_points(
+        &m64,
+        &golden,
+        GradTol {
+            loss: 1e-12,
+            grad: of_largest(1e-9),
+            except: &[],
+        },
+        "gpt f64",
+    );
+    assert_eq!(r32.entries, r64.entries);
+    assert!(r32.entries > 40_000, "{}", r32.entries);
     eprintln!(
-        "gradients: f32 within {worst32:.1e}, f64 within {worst64:.1e} of each tensor's largest entry"
+        "gradients: f32 within {:.1e}, f64 within {:.1e} of each tensor's largest entry",
+        r32.worst, r64.worst
     );
 }
 
@@ -489,16 +418,12 @@ fn rewrite_ckpts(dir: &Path, n: u64, f: Rewrite) {
 }
 
 fn run(ckpts: &Path, out: &Path) -> std::process::Output {
-    lca()
-        .arg("analyze")
-        .arg(ckpts)
-        .arg("--spec")
-        .arg(fixture("gpt/model.toml"))
-        .arg("-o")
-        .arg(out)
-        .args(["--quiet", "--no-lca-tensors"])
-        .output()
-        .unwrap()
+    analyze_run(
+        ckpts,
+        &fixture("gpt/model.toml"),
+        out,
+        &["--quiet", "--no-lca-tensors"],
+    )
 }
 
 /// A tied tensor stored once under either name, or under both (a state_dict of clones), gives
@@ -581,18 +506,12 @@ fn token_data_errors_name_sample_and_position() {
         std::fs::create_dir_all(d.join("data")).unwrap();
         write_st(&d.join("data/train.safetensors"), &[tokens], None);
         std::fs::write(d.join("model.toml"), spec).unwrap();
-        lca()
-            .arg("analyze")
-            .arg(fixture("gpt/ckpts"))
-            .arg("--spec")
-            .arg(d.join("model.toml"))
-            .arg("-o")
-            .arg(d.join("out"))
-            .arg("--quiet")
-            .arg("--last")
-            .arg("1")
-            .output()
-            .unwrap()
+        analyze_run(
+            &fixture("gpt/ckpts"),
+            &d.join("model.toml"),
+            &d.join("out"),
+            &["--quiet", "--last", "1"],
+        )
     };
     let mut ids: Vec<i64> = (0..4 * 33).map(|i| (i * 7 % 82) as i64).collect();
     ids[33 + 5] = 82; // sample 1, input position 5 (and target position 4)
@@ -643,17 +562,12 @@ fn separate_x_and_y_equal_tokens() {
         .replace("tokens = \"tokens\"", "x = \"x\"\ny = \"y\"");
     std::fs::write(dir.path().join("model.toml"), spec).unwrap();
     let run = |spec: &Path, out: &Path| {
-        let o = lca()
-            .arg("analyze")
-            .arg(fixture("gpt/ckpts"))
-            .arg("--spec")
-            .arg(spec)
-            .arg("-o")
-            .arg(out)
-            .args(["--quiet", "--no-lca-tensors", "--last", "2"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        analyze_ok(
+            &fixture("gpt/ckpts"),
+            spec,
+            out,
+            &["--quiet", "--no-lca-tensors", "--last", "2"],
+        );
         std::fs::read_to_string(out.join("tensors.csv")).unwrap()
     };
     let a = run(&dir.path().join("model.toml"), &dir.path().join("a"));

@@ -2,8 +2,7 @@
 //! run (bit for bit); merge refuses missing, duplicated and mismatched parts; `--shards N`
 //! takes K from the job array's environment.
 
-mod common;
-use common::*;
+use crate::util::*;
 use std::path::{Path, PathBuf};
 
 const OUTPUTS: [&str; 7] = [
@@ -33,15 +32,13 @@ fn analyze_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> std::process::Output {
-    let mut c = lca();
-    c.arg("analyze")
-        .arg(fixture(&format!("{name}/ckpts")))
-        .arg("--spec")
-        .arg(fixture(&format!("{name}/model.toml")))
-        .arg("-o")
-        .arg(out)
-        .arg("-q")
-        .args(extra);
+    let args: Vec<&str> = std::iter::once("-q").chain(extra.iter().copied()).collect();
+    let mut c = assert_cmd::Command::from_std(analyze_cmd(
+        &fixture(&format!("{name}/ckpts")),
+        &fixture(&format!("{name}/model.toml")),
+        out,
+        &args,
+    ));
     for v in ENV {
         c.env_remove(v);
     }

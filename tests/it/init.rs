@@ -4,8 +4,7 @@
 //! never written over an existing file without --force, and `lca inspect` points at the line
 //! of a draft that does not fit.
 
-mod common;
-use common::*;
+use crate::util::*;
 use std::path::Path;
 
 /// Run `lca init` and return (stdout + stderr, success).
@@ -43,21 +42,7 @@ fn draft(name: &str, spec: &Path) -> String {
 
 /// Analyse fixture `name`'s checkpoints with `spec` into `out`.
 fn analyze_with(name: &str, spec: &Path, out: &Path) {
-    let o = lca()
-        .arg("analyze")
-        .arg(fixture(&format!("{name}/ckpts")))
-        .arg("--spec")
-        .arg(spec)
-        .arg("-o")
-        .arg(out)
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "analyze with the draft failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    analyze_ok(&fixture(&format!("{name}/ckpts")), spec, out, &["--quiet"]);
 }
 
 /// The run figures of summary.json and tensors.csv must be identical, bit for bit.
@@ -235,17 +220,7 @@ fn image_data_is_flattened_for_a_linear_layer() {
     assert!(text.contains("type = \"flatten\""), "{text}");
     assert!(!text.contains("\nscale ="), "{text}");
     assert!(text.contains("train = \"img.safetensors\""), "{text}");
-    let o = lca()
-        .arg("analyze")
-        .arg(&t.ckpts)
-        .arg("--spec")
-        .arg(&spec)
-        .arg("-o")
-        .arg(t.dir.path().join("out"))
-        .arg("--quiet")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    analyze_ok(&t.ckpts, &spec, &t.dir.path().join("out"), &["--quiet"]);
 }
 
 /// The edits docs/init.md lists for the CNN fixture: the pooling and the stride a checkpoint
