@@ -698,6 +698,10 @@ struct RawSpec {
     regularization: Option<Regularization>,
 }
 
+/// Spec files larger than this are refused before they are read (a spec of 100,000 layers
+/// is a few megabytes).
+pub const MAX_SPEC_BYTES: u64 = 64 << 20;
+
 impl Spec {
     /// Read and parse a spec file.
     pub fn load(path: &Path) -> Result<Spec> {
@@ -708,7 +712,7 @@ impl Spec {
                 msg: "is a directory, not a spec file (model.toml)".into(),
             });
         }
-        let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
+        let bytes = crate::files::read_regular(path, MAX_SPEC_BYTES, "a spec")?;
         let source = String::from_utf8(bytes).map_err(|e| {
             let at = e.utf8_error().valid_up_to();
             let bytes = e.as_bytes();
