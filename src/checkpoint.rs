@@ -56,13 +56,18 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> LcaError {
 
 /// The last run of decimal digits in a file stem.
 pub fn last_integer(stem: &str) -> Option<u64> {
+    last_digits(stem)?.parse().ok()
+}
+
+/// The last run of decimal digits in a file stem, as text.
+fn last_digits(stem: &str) -> Option<&str> {
     let bytes = stem.as_bytes();
     let end = bytes.iter().rposition(|b| b.is_ascii_digit())? + 1;
     let start = bytes[..end]
         .iter()
         .rposition(|b| !b.is_ascii_digit())
         .map_or(0, |i| i + 1);
-    stem[start..end].parse().ok()
+    Some(&stem[start..end])
 }
 
 /// Build a [`CheckpointFile`] from a checked header: find the step.
@@ -91,6 +96,16 @@ fn describe_header(
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
             match last_integer(stem) {
                 Some(s) => (s, StepSource::FileName),
+                None if last_digits(stem).is_some() => {
+                    return Err(ck_err(
+                        path,
+                        format!(
+                            "no step: the header has no `step` metadata and the number in the file name ({}) is too large for a step (at most {})",
+                            last_digits(stem).unwrap_or_default(),
+                            u64::MAX
+                        ),
+                    ));
+                }
                 None => {
                     return Err(ck_err(
                         path,
