@@ -741,9 +741,18 @@ impl Spec {
             err(line, msg)
         })?;
         let mut layers = Vec::with_capacity(raw.layers.len());
+        // Lines of layer offsets by binary search: counting newlines from the start for each
+        // layer made parsing quadratic in the number of layers.
+        let newlines: Vec<usize> = source
+            .bytes()
+            .enumerate()
+            .filter(|&(_, b)| b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
+        let line_at = |offset: usize| newlines.partition_point(|&i| i < offset) + 1;
         for (index, spanned) in raw.layers.into_iter().enumerate() {
             let start = spanned.span().start;
-            let line = line_of(source, start);
+            let line = line_at(start);
             let mut table = spanned.into_inner();
             let name = match table.remove("name") {
                 None => None,

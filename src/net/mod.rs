@@ -267,7 +267,9 @@ impl<T: Real> Model<T> {
         reorder: bool,
     ) -> Result<Model<T>> {
         let mut nodes: Vec<Node<T>> = Vec::new();
-        let mut params = Vec::new();
+        let mut params: Vec<ParamInfo> = Vec::new();
+        let mut param_index: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
         let mut index_of = std::collections::HashMap::new();
         let has_bn = spec.layers.iter().any(|l| {
             matches!(
@@ -370,7 +372,7 @@ impl<T: Real> Model<T> {
                     Some((_, target)) => format!("{}{target}", spec.model.prefix),
                     None => own.clone(),
                 };
-                if let Some(j) = params.iter().position(|p: &ParamInfo| p.name == name) {
+                if let Some(&j) = param_index.get(&name) {
                     if params[j].shape != decl.shape {
                         return Err(LcaError::Model(format!(
                             "{where_}: parameter '{name}' is shared with another layer with shape {} but here needs {}",
@@ -396,6 +398,7 @@ impl<T: Real> Model<T> {
                         buffer,
                         aliases: if own != name { vec![own] } else { vec![] },
                     });
+                    param_index.insert(name.clone(), params.len() - 1);
                     param_ids.push(params.len() - 1);
                 }
             }
@@ -693,11 +696,20 @@ pub(crate) unsafe fn filled<T: Real>(
 /// ReLU then runs on a quarter of the values (for 2×2 pooling). Names stay with their
 /// positions, so a layer that reads the pool's name still gets relu(pool(x)).
 fn pool_before_relu<T: Real>(nodes: &mut [Node<T>]) {
+    // Whether node i is read by a node other than i + 1, computed once (a scan per node made
+    // building a deep model quadratic in its depth).
+    let mut read_elsewhere_by = vec![false; nodes.len()];
+    for (j, n) in nodes.iter().enumerate() {
+        for s in &n.inputs {
+            if let Src::Node(k) = *s
+                && j != k + 1
+            {
+                read_elsewhere_by[k] = true;
+            }
+        }
+    }
     for i in 0..nodes.len().saturating_sub(1) {
-        let read_elsewhere = nodes
-            .iter()
-            .enumerate()
-            .any(|(j, n)| j != i + 1 && n.inputs.contains(&Src::Node(i)));
+        let read_elsewhere = read_elsewhere_by[i];
         if nodes[i].type_name != "relu"
             || nodes[i + 1].type_name != "max_pool2d"
             || nodes[i + 1].inputs != [Src::Node(i)]
