@@ -78,9 +78,7 @@ impl Raw {
                 let mut i = 0;
                 while i < *len {
                     if crate::interrupt::requested() {
-                        return Err(LcaError::Interrupted(
-                            crate::error::Interruption::Requested,
-                        ));
+                        return Err(LcaError::Interrupted(crate::error::Interruption::Requested));
                     }
                     let k = BLOCK_ELEMS.min(len - i);
                     let bytes = &mut buf[..k * size];

@@ -22,7 +22,9 @@ pub const EXIT_STATUS: u8 = 130;
 pub fn install() {
     let _ = ctrlc::set_handler(|| {
         if !GRACEFUL.load(Ordering::SeqCst) {
-            eprintln!("\nlca: interrupted while reading the inputs; exiting (nothing was computed)");
+            eprintln!(
+                "\nlca: interrupted while reading the inputs; exiting (nothing was computed)"
+            );
             std::process::exit(EXIT_STATUS as i32);
         }
         if REQUESTED.swap(true, Ordering::SeqCst) {

@@ -525,6 +525,42 @@ impl LayerKind {
                 Ok(())
             }
         };
+        // Numbers the evaluator uses as they are: refused here, at their key, rather than
+        // met later as a NaN gradient blamed on a checkpoint.
+        match self {
+            LayerKind::LayerNorm { eps, .. }
+            | LayerKind::BatchNorm1d(BatchNormSpec { eps, .. })
+            | LayerKind::BatchNorm2d(BatchNormSpec { eps, .. })
+                if !(eps.is_finite() && *eps > 0.0) =>
+            {
+                return Err((
+                    "eps",
+                    format!("`eps` must be a finite number > 0, got {eps}"),
+                ));
+            }
+            LayerKind::LeakyRelu { negative_slope } if !negative_slope.is_finite() => {
+                return Err((
+                    "negative_slope",
+                    format!("`negative_slope` must be a finite number, got {negative_slope}"),
+                ));
+            }
+            LayerKind::Dropout { p: v }
+            | LayerKind::CausalSelfAttention { dropout: v, .. }
+            | LayerKind::MultiheadAttention { dropout: v, .. }
+                if !(0.0..=1.0).contains(v) =>
+            {
+                let key = if matches!(self, LayerKind::Dropout { .. }) {
+                    "p"
+                } else {
+                    "dropout"
+                };
+                return Err((
+                    key,
+                    format!("`{key}` must be a probability in [0, 1], got {v}"),
+                ));
+            }
+            _ => {}
+        }
         match self {
             LayerKind::Conv2d {
                 in_channels,

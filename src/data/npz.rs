@@ -41,8 +41,7 @@ struct Descr {
 }
 
 fn parse_descr(d: &str) -> std::result::Result<Descr, String> {
-    let unsupported =
-        || format!("unsupported dtype '{d}' (supported: float32/64, (u)int8-64)");
+    let unsupported = || format!("unsupported dtype '{d}' (supported: float32/64, (u)int8-64)");
     let mut chars = d.chars();
     let (order, rest) = match chars.next() {
         Some(c @ ('<' | '>' | '|' | '=')) => (c, chars.as_str()),
@@ -121,7 +120,12 @@ impl Lit<'_> {
 }
 
 fn parse_header(text: &[u8]) -> std::result::Result<NpyHeader, String> {
-    let bad = |what: &str| format!("corrupt .npy header ({what}): {}", String::from_utf8_lossy(text).trim());
+    let bad = |what: &str| {
+        format!(
+            "corrupt .npy header ({what}): {}",
+            String::from_utf8_lossy(text).trim()
+        )
+    };
     let mut p = Lit { s: text, i: 0 };
     if !p.eat(b'{') {
         return Err(bad("not a dictionary"));
@@ -392,13 +396,21 @@ mod tests {
         assert!(h.fortran);
         let h = parse_header(b"{'shape': (), 'descr': '>i8', 'fortran_order': False}").unwrap();
         assert!(h.shape.is_empty());
-        let e = parse_header(b"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999,), }")
-            .err()
-            .unwrap();
+        let e = parse_header(
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999,), }",
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("too large"), "{e}");
-        assert!(parse_header(b"{'descr': '<f4', 'shape': (2, -1), 'fortran_order': False}").is_err());
+        assert!(
+            parse_header(b"{'descr': '<f4', 'shape': (2, -1), 'fortran_order': False}").is_err()
+        );
         assert!(parse_header(b"garbage").is_err());
-        assert!(parse_descr("<c8").unwrap_err().contains("unsupported dtype '<c8'"));
+        assert!(
+            parse_descr("<c8")
+                .unwrap_err()
+                .contains("unsupported dtype '<c8'")
+        );
         assert!(parse_descr("<f2").is_err());
         let d = parse_descr(">i2").unwrap();
         assert_eq!(convert(&d, &[0xff, 0xfe]), -2.0);

@@ -271,6 +271,7 @@ impl<T: Real> Model<T> {
         let mut param_index: std::collections::HashMap<String, usize> =
             std::collections::HashMap::new();
         let mut index_of = std::collections::HashMap::new();
+        let mut own_names = std::collections::HashSet::new();
         let has_bn = spec.layers.iter().any(|l| {
             matches!(
                 l.kind,
@@ -368,6 +369,7 @@ impl<T: Real> Model<T> {
             }
             for (decl, buffer) in decls {
                 let own = spec.param_name(&ls.name, decl.suffix);
+                own_names.insert(own.clone());
                 let name = match ls.tied.iter().find(|(s, _)| s == decl.suffix) {
                     Some((_, target)) => format!("{}{target}", spec.model.prefix),
                     None => own.clone(),
@@ -417,6 +419,25 @@ impl<T: Real> Model<T> {
                 in_shapes,
                 out_shape,
                 depends_on_params,
+            });
+        }
+        // Every tensor a `tied` table names must be a parameter of some layer: a typo would
+        // otherwise make a new, untied parameter of that name.
+        if let Some(p) = params.iter().find(|p| !own_names.contains(&p.name)) {
+            let ls = spec.layers.iter().find(|l| l.name == p.layer);
+            let mut known: Vec<&str> = own_names.iter().map(String::as_str).collect();
+            known.sort_unstable();
+            known.truncate(12);
+            return Err(LcaError::Spec {
+                path: spec.path.clone(),
+                line: ls.map(|l| l.line),
+                msg: format!(
+                    "layer '{}': `tied.{}` names '{}', which is not a parameter of any layer (parameters include: {})",
+                    p.layer,
+                    p.role,
+                    p.name,
+                    known.join(", ")
+                ),
             });
         }
         let loss = match spec.loss {

@@ -305,7 +305,9 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
         let fits = offs[1].checked_sub(offs[0]).is_some_and(|n| {
             Some(n) == bytes.map(|b| b as u64)
                 && shape[2..].iter().all(|&d| d > 0)
-                && data_start.checked_add(offs[1]).is_some_and(|end| end <= len)
+                && data_start
+                    .checked_add(offs[1])
+                    .is_some_and(|end| end <= len)
         });
         if !fits {
             return Err(bad(
@@ -399,7 +401,9 @@ impl StepReader {
             let numel: usize = shape.iter().product();
             let fits = offs[1].checked_sub(offs[0]).is_some_and(|n| {
                 Some(n) == steps.len().checked_mul(numel * 8).map(|b| b as u64)
-                    && data_start.checked_add(offs[1]).is_some_and(|end| end <= len)
+                    && data_start
+                        .checked_add(offs[1])
+                        .is_some_and(|end| end <= len)
             });
             if !fits {
                 return Err(bad(
