@@ -32,6 +32,9 @@ pub struct CheckpointFile {
     pub step_source: StepSource,
     /// File size when scanned (to notice files still being written).
     pub len: u64,
+    /// Which file it was when scanned (to notice a file replaced by another of the same
+    /// size); `None` for a checkpoint described from memory.
+    pub identity: Option<crate::files::FileIdentity>,
     pub tensors: Vec<HeaderTensor>,
 }
 
@@ -53,13 +56,18 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> LcaError {
 
 /// The last run of decimal digits in a file stem.
 pub fn last_integer(stem: &str) -> Option<u64> {
+    last_digits(stem)?.parse().ok()
+}
+
+/// The last run of decimal digits in a file stem, as text.
+fn last_digits(stem: &str) -> Option<&str> {
     let bytes = stem.as_bytes();
     let end = bytes.iter().rposition(|b| b.is_ascii_digit())? + 1;
     let start = bytes[..end]
         .iter()
         .rposition(|b| !b.is_ascii_digit())
         .map_or(0, |i| i + 1);
-    stem[start..end].parse().ok()
+    Some(&stem[start..end])
 }
 
 /// Build a [`CheckpointFile`] from a checked header: find the step.
@@ -88,6 +96,16 @@ fn describe_header(
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
             match last_integer(stem) {
                 Some(s) => (s, StepSource::FileName),
+                None if last_digits(stem).is_some() => {
+                    return Err(ck_err(
+                        path,
+                        format!(
+                            "no step: the header has no `step` metadata and the number in the file name ({}) is too large for a step (at most {})",
+                            last_digits(stem).unwrap_or_default(),
+                            u64::MAX
+                        ),
+                    ));
+                }
                 None => {
                     return Err(ck_err(
                         path,
@@ -102,20 +120,19 @@ fn describe_header(
         step,
         step_source,
         len,
+        identity: None,
         tensors,
     })
 }
 
 /// Describe a checkpoint file from its header (the tensor data is not read).
 pub fn describe(path: &Path) -> Result<CheckpointFile> {
-    let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
-    let meta = f.metadata().map_err(|e| LcaError::io(path, e))?;
-    if !meta.is_file() {
-        return Err(ck_err(path, "is not a regular file"));
-    }
+    let (mut f, meta) = crate::files::open_regular(path)?;
     let len = meta.len();
     let (_, header, tensors) = read_checked(path, len, &mut f)?;
-    describe_header(path, len, &header, tensors)
+    let mut c = describe_header(path, len, &header, tensors)?;
+    c.identity = Some(crate::files::FileIdentity::of(&meta));
+    Ok(c)
 }
 
 /// Check that `bytes` form a valid safetensors file (the header checks of [`describe`],
@@ -167,8 +184,22 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
         let entry = entry.map_err(|e| LcaError::io(dir, e))?;
         let p = entry.path();
-        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
-            paths.push(p);
+        if !p.extension().is_some_and(|e| e == "safetensors") {
+            continue;
+        }
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            // Not a regular file (a FIFO, a device): `describe` refuses it by name.
+            Ok(_) => paths.push(p),
+            // A symbolic link to nothing, or a loop of them, named like a checkpoint.
+            Err(e) => {
+                let what = if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_symlink()) {
+                    "is a symbolic link that leads to no file (dangling, or a loop)"
+                } else {
+                    "cannot be read"
+                };
+                return Err(ck_err(&p, format!("{what}: {e}")));
+            }
         }
     }
     paths.sort();
@@ -205,15 +236,38 @@ pub fn prefix_hint<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -
 /// Load one checkpoint's parameters, in model order, as f32.
 pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
     let path = &file.path;
-    let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
-    if bytes.len() as u64 != file.len {
+    let (f, meta) = crate::files::open_regular(path)?;
+    let now = crate::files::FileIdentity::of(&meta);
+    let mut bytes = Vec::with_capacity(meta.len().min(file.len) as usize);
+    {
+        use std::io::Read;
+        // Never more than the size it had when listed (a file still growing is refused below).
+        f.take(file.len.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| LcaError::io(path, e))?;
+    }
+    if bytes.len() as u64 != file.len || meta.len() != file.len {
         return Err(ck_err(
             path,
             format!(
                 "changed size while lca was running ({} bytes when listed, {} now): is it still being written?",
                 file.len,
-                bytes.len()
+                if meta.len() != file.len {
+                    meta.len()
+                } else {
+                    bytes.len() as u64
+                }
             ),
+        ));
+    }
+    if let Some(then) = file.identity
+        && then != now
+    {
+        return Err(ck_err(
+            path,
+            "was replaced or rewritten since lca listed it (same size, but another file or a \
+             newer modification): its content may differ from what was checked; restore it, or \
+             run again",
         ));
     }
     load_bytes(file, &bytes, params)

@@ -293,10 +293,32 @@ pub struct ManArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// The most worker threads `--threads` accepts: more than the cores gain nothing, and a
+/// thread costs memory (its stack) and start-up time.
+pub const MAX_THREADS: usize = 1024;
+/// The largest `--max-splits`: each doubling doubles the gradient evaluations a step may take.
+pub const MAX_SPLITS: usize = 1 << 16;
+
+fn max_splits(n: usize) -> anyhow::Result<()> {
+    if n < 2 || !n.is_power_of_two() {
+        anyhow::bail!("--max-splits must be a power of two ≥ 2, got {n}");
+    }
+    if n > MAX_SPLITS {
+        anyhow::bail!("--max-splits must be at most {MAX_SPLITS}, got {n}");
+    }
+    Ok(())
+}
+
 fn threads(n: Option<usize>) -> anyhow::Result<()> {
     if let Some(n) = n {
         if n == 0 {
             anyhow::bail!("--threads must be at least 1");
+        }
+        if n > MAX_THREADS {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            anyhow::bail!(
+                "--threads must be at most {MAX_THREADS}, got {n} (this machine has {cores} cores)"
+            );
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -324,12 +346,7 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
     {
         anyhow::bail!("--rel-tolerance must be a finite number ≥ 0, got {r}");
     }
-    if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
-        anyhow::bail!(
-            "--max-splits must be a power of two ≥ 2, got {}",
-            a.max_splits
-        );
-    }
+    max_splits(a.max_splits)?;
     Ok(Integration {
         method: a.method,
         adaptive: !a.no_adaptive && a.method == Method::Simpson,
@@ -502,12 +519,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
 }
 
 fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
-    if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
-        anyhow::bail!(
-            "--max-splits must be a power of two ≥ 2, got {}",
-            a.max_splits
-        );
-    }
+    max_splits(a.max_splits)?;
     threads(a.threads)?;
     let opts = InspectOptions {
         ckpt_dir: a.ckpts,

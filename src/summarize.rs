@@ -60,7 +60,7 @@ pub enum Sort {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
     Str(String),
-    Int(i64),
+    Int(u64),
     Float(f64),
 }
 
@@ -139,12 +139,12 @@ fn group_table(g: &[crate::output::GroupTotal], with_layer: bool, delta: f64) ->
                 r.push(Cell::Str(t.layer.clone()));
             }
             r.extend([
-                Cell::Int(t.params as i64),
+                Cell::Int(t.params as u64),
                 Cell::Float(t.lca),
                 Cell::Float(share(t.lca, delta)),
-                Cell::Int(t.helped as i64),
-                Cell::Int(t.zero as i64),
-                Cell::Int(t.hurt as i64),
+                Cell::Int(t.helped as u64),
+                Cell::Int(t.zero as u64),
+                Cell::Int(t.hurt as u64),
                 Cell::Float(t.helped_fraction),
             ]);
             if has_val {
@@ -230,14 +230,14 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 .iter()
                 .map(|r| {
                     vec![
-                        Cell::Int(r.step as i64),
-                        Cell::Int(r.next_step as i64),
+                        Cell::Int(r.step as u64),
+                        Cell::Int(r.next_step as u64),
                         Cell::Float(r.loss_before),
                         Cell::Float(r.loss_after),
                         Cell::Float(r.delta_loss),
                         Cell::Float(r.lca_sum),
                         Cell::Float(r.residual),
-                        Cell::Int(r.splits as i64),
+                        Cell::Int(r.splits as u64),
                         Cell::Float(r.helped_fraction),
                     ]
                 })
@@ -262,11 +262,11 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                         vec![
                             Cell::Str(p.tensor),
                             Cell::Str(p.layer),
-                            Cell::Int(p.flat_index as i64),
+                            Cell::Int(p.flat_index as u64),
                             Cell::Str(p.index),
                             Cell::Float(p.lca),
-                            Cell::Int(p.helped_steps as i64),
-                            Cell::Int(p.hurt_steps as i64),
+                            Cell::Int(p.helped_steps as u64),
+                            Cell::Int(p.hurt_steps as u64),
                         ]
                     })
                     .collect(),
@@ -319,8 +319,8 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                             } else {
                                 format!("{layer}.{unit}")
                             }),
-                            Cell::Int(n as i64),
-                            Cell::Int(k as i64),
+                            Cell::Int(n as u64),
+                            Cell::Int(k as u64),
                             Cell::Float(lca),
                             Cell::Float(share(lca, delta)),
                         ]
@@ -439,12 +439,12 @@ fn head_view(s: &Summary, rows: &[ParamRow], delta: f64) -> Result<Table> {
                 } else {
                     h.to_string()
                 }),
-                Cell::Int(e.params as i64),
+                Cell::Int(e.params as u64),
                 Cell::Float(e.lca),
                 Cell::Float(share(e.lca, delta)),
-                Cell::Int(e.signs[0] as i64),
-                Cell::Int(e.signs[1] as i64),
-                Cell::Int(e.signs[2] as i64),
+                Cell::Int(e.signs[0] as u64),
+                Cell::Int(e.signs[1] as u64),
+                Cell::Int(e.signs[2] as u64),
                 Cell::Float(e.signs[0] as f64 / e.params.max(1) as f64),
                 Cell::Float(e.parts[0]),
                 Cell::Float(e.parts[1]),

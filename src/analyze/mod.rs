@@ -135,6 +135,9 @@ pub fn run<E: Engine>(
             saved,
         } => (out, journal, saved),
     };
+    // The step loop checks for a stop at every gradient evaluation: from here on the first
+    // signal stops it tidily (before, it exits at once: src/interrupt.rs).
+    crate::interrupt::set_graceful(true);
     step::Run::new(opts, p, &plan, train, val, out, journal).execute(saved, note)
 }
 

@@ -295,18 +295,27 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
             )));
         }
         let neurons = shape[1];
-        let per_neuron: usize = shape[2..].iter().product();
-        let row = neurons * per_neuron;
+        let row = shape[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let bytes = row.and_then(|r| r.checked_mul(nsteps)?.checked_mul(es));
         let offs: Vec<u64> = entry
             .get("data_offsets")
             .and_then(|s| serde_json::from_value(s.clone()).ok())
             .filter(|o: &Vec<u64>| o.len() == 2)
             .ok_or_else(|| bad("no data_offsets"))?;
-        if offs[1] - offs[0] != (nsteps * row * es) as u64 || data_start + offs[1] > len {
+        let fits = offs[1].checked_sub(offs[0]).is_some_and(|n| {
+            Some(n) == bytes.map(|b| b as u64)
+                && shape[2..].iter().all(|&d| d > 0)
+                && data_start
+                    .checked_add(offs[1])
+                    .is_some_and(|end| end <= len)
+        });
+        if !fits {
             return Err(bad(
                 "data_offsets do not match the shape or the file size (truncated?)",
             ));
         }
+        let row = row.unwrap_or(0);
+        let per_neuron = if neurons == 0 { 0 } else { row / neurons };
         let vals = values.get_or_insert_with(|| vec![vec![0.0; neurons]; nsteps]);
         if vals.first().is_some_and(|r| r.len() != neurons) {
             return Err(bad(&format!(
@@ -390,7 +399,13 @@ impl StepReader {
                 .filter(|o: &Vec<u64>| o.len() == 2)
                 .ok_or_else(|| bad("no data_offsets"))?;
             let numel: usize = shape.iter().product();
-            if offs[1] - offs[0] != (steps.len() * numel * 8) as u64 || data_start + offs[1] > len {
+            let fits = offs[1].checked_sub(offs[0]).is_some_and(|n| {
+                Some(n) == steps.len().checked_mul(numel * 8).map(|b| b as u64)
+                    && data_start
+                        .checked_add(offs[1])
+                        .is_some_and(|end| end <= len)
+            });
+            if !fits {
                 return Err(bad(
                     "data_offsets do not match the shape or the file size (truncated?)",
                 ));

@@ -13,6 +13,7 @@ mod cnn_oracle;
 mod conv_specs;
 mod gpt_oracle;
 mod heldout_oracle;
+mod hostile_inputs;
 mod init;
 mod inspect;
 mod integration_accuracy;
