@@ -145,6 +145,10 @@ pub struct AnalyzeArgs {
     /// (Kubernetes) or SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN (Slurm).
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// Analyse even when lca's loss at the first checkpoint disagrees with the one PyTorch
+    /// recorded in it (the Python Recorder's `lca.torch_loss`): warn instead of refusing.
+    #[arg(long)]
+    pub no_verify_loss: bool,
 }
 
 #[derive(Debug, Args)]
@@ -364,6 +368,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         resume: a.resume,
         shard,
         share_first_layer: !a.no_share_first_layer,
+        verify_loss: !a.no_verify_loss,
     };
     crate::interrupt::install();
     let quiet = a.quiet;
