@@ -16,6 +16,8 @@ pub use crate::safetensors_header::{
 };
 use std::path::{Path, PathBuf};
 
+pub mod run_dir;
+
 /// Where a checkpoint's step number came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

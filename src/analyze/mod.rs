@@ -204,7 +204,12 @@ fn header<T: Real>(
         ignored_tensors: state.ignored.clone(),
         loss_check: plan.files(p).first().and_then(|f| {
             let torch = verify::recorded(f).ok().flatten()?;
-            Some(verify::compare(f, &torch, state.loss_first, opts.verify_loss))
+            Some(verify::compare(
+                f,
+                &torch,
+                state.loss_first,
+                opts.verify_loss,
+            ))
         }),
     }
 }

@@ -77,7 +77,12 @@ pub fn tolerance(torch: &TorchLoss) -> f64 {
 }
 
 /// The comparison of lca's loss at `file` with PyTorch's.
-pub fn compare(file: &CheckpointFile, torch: &TorchLoss, lca_loss: f64, enforced: bool) -> LossCheck {
+pub fn compare(
+    file: &CheckpointFile,
+    torch: &TorchLoss,
+    lca_loss: f64,
+    enforced: bool,
+) -> LossCheck {
     let difference = lca_loss - torch.loss;
     let tolerance = tolerance(torch);
     LossCheck {
@@ -234,8 +239,10 @@ mod tests {
         }
         let mut notes = Vec::new();
         // No file on disk: nothing recorded, nothing checked.
-        assert!(check(&file(), 1.0, true, None, &mut |m| notes.push(m.to_string()))
-            .unwrap()
-            .is_none());
+        assert!(
+            check(&file(), 1.0, true, None, &mut |m| notes.push(m.to_string()))
+                .unwrap()
+                .is_none()
+        );
     }
 }
