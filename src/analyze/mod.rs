@@ -248,16 +248,16 @@ fn directory_changes(
         }
     }
     for f in selected {
-        match std::fs::metadata(&f.path) {
+        match checkpoint::source_len(&f.path) {
             Err(_) => out.push(format!(
                 "{} was removed during the run, after it had been read",
                 f.path.display()
             )),
-            Ok(m) if m.len() != f.len => out.push(format!(
+            Ok(len) if len != f.len => out.push(format!(
                 "{} changed during the run ({} bytes when read, {} now); the results use the content that was read",
                 f.path.display(),
                 f.len,
-                m.len()
+                len
             )),
             Ok(_) => {}
         }
