@@ -82,7 +82,10 @@ pub fn what_it_looks_like(b: &[u8]) -> String {
     }
     if torch_pickle::is_zip(b) {
         return match torch_pickle::read_zip(b) {
-            Ok(sd) => format!("a torch.save zip archive holding {} tensor(s)", sd.tensors.len()),
+            Ok(sd) => format!(
+                "a torch.save zip archive holding {} tensor(s)",
+                sd.tensors.len()
+            ),
             Err(e) => e,
         };
     }
@@ -150,7 +153,7 @@ pub fn open(path: &Path) -> Result<Option<Converted>> {
             ),
         ));
     };
-    let sd = sd.map_err(|e| err(path, format!("torch.save file: {e}")))?;
+    let sd = sd.map_err(|e| err(path, format!("read as a torch.save file: {e}")))?;
     if sd.tensors.is_empty() {
         return Err(err(path, "torch.save file holds no tensors"));
     }
@@ -206,7 +209,10 @@ fn files_len_and_hash(files: &[PathBuf]) -> Result<(u64, String)> {
 pub fn source_len(path: &Path) -> std::io::Result<u64> {
     if path.is_dir() {
         let files = hf_weight_files(path);
-        return files.iter().map(|f| std::fs::metadata(f).map(|m| m.len())).sum();
+        return files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()))
+            .sum();
     }
     std::fs::metadata(path).map(|m| m.len())
 }
@@ -247,8 +253,7 @@ pub fn torch_files(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
         let p = entry.map_err(|e| LcaError::io(dir, e))?.path();
         if p.is_file()
-            && p
-                .extension()
+            && p.extension()
                 .and_then(|e| e.to_str())
                 .is_some_and(|e| TORCH_EXTENSIONS.contains(&e))
         {

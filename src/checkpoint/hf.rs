@@ -122,9 +122,12 @@ fn read_sharded(dir: &Path, index: &Path, step: Option<u64>) -> R<HfCheckpoint> 
     // shard file -> its tensor names, in first-seen order.
     let mut shards: Vec<(String, Vec<&str>)> = Vec::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| format!("{}: the shard of '{name}' is not a file name", index.display()))?;
+        let file = file.as_str().ok_or_else(|| {
+            format!(
+                "{}: the shard of '{name}' is not a file name",
+                index.display()
+            )
+        })?;
         if file.contains('/') || file.contains('\\') || file == ".." || file.is_empty() {
             return Err(format!(
                 "{}: shard file name {file:?} (of '{name}') is not a plain file name in the checkpoint directory",

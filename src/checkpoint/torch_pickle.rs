@@ -39,7 +39,9 @@ pub struct StateDict {
 
 /// The magic number the legacy format starts with (0x1950a86a20f9469cfc6c), as the
 /// little-endian bytes of a pickle LONG1.
-const LEGACY_MAGIC: [u8; 12] = [0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+const LEGACY_MAGIC: [u8; 12] = [
+    0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
+];
 
 /// The storage types of persistent ids: dtype (as safetensors names it) and element size.
 fn storage_dtype(name: &str) -> Option<(&'static str, usize)> {
@@ -257,7 +259,9 @@ impl<'a> Machine<'a> {
             .iter()
             .map(|x| match x {
                 V::Int(i) if *i >= 0 => Ok(*i as usize),
-                _ => Err("a tensor's size or stride is not a tuple of non-negative integers".into()),
+                _ => {
+                    Err("a tensor's size or stride is not a tuple of non-negative integers".into())
+                }
             })
             .collect()
     }
@@ -271,7 +275,9 @@ impl<'a> Machine<'a> {
             return Err(bad());
         }
         let (dtype, elsize) = match &items[1] {
-            V::Global(g) => storage_dtype(g).ok_or_else(|| format!("storage type `{g}` is not supported"))?,
+            V::Global(g) => {
+                storage_dtype(g).ok_or_else(|| format!("storage type `{g}` is not supported"))?
+            }
             _ => return Err(bad()),
         };
         let key = match &items[2] {
@@ -575,7 +581,9 @@ impl<'a> Machine<'a> {
                 b'u' => {
                     let items = self.pop_mark()?;
                     if items.len() % 2 != 0 {
-                        return Err(format!("SETITEMS with an odd number of items at offset {at}"));
+                        return Err(format!(
+                            "SETITEMS with an odd number of items at offset {at}"
+                        ));
                     }
                     let t = self.top()?.clone();
                     self.set_items(&t, pairs(items));
@@ -743,8 +751,17 @@ impl Unpickled {
         if let Some(t) = self.tensors_of(d) {
             return Ok((t, step, "the top-level dict".into()));
         }
-        for key in ["state_dict", "model_state_dict", "model", "module", "net", "state"] {
-            if let Some(inner) = self.get(d, key).and_then(|v| self.dict(&v).map(<[_]>::to_vec))
+        for key in [
+            "state_dict",
+            "model_state_dict",
+            "model",
+            "module",
+            "net",
+            "state",
+        ] {
+            if let Some(inner) = self
+                .get(d, key)
+                .and_then(|v| self.dict(&v).map(<[_]>::to_vec))
                 && let Some(mut t) = self.tensors_of(&inner)
             {
                 let mut found = format!("its `{key}` entry");
@@ -764,10 +781,7 @@ impl Unpickled {
     }
 
     /// The tensors, their bytes gathered from `storage(index)` (the storage's raw bytes).
-    fn materialise<'s>(
-        &self,
-        mut storage: impl FnMut(&Storage) -> R<&'s [u8]>,
-    ) -> R<StateDict> {
+    fn materialise<'s>(&self, mut storage: impl FnMut(&Storage) -> R<&'s [u8]>) -> R<StateDict> {
         let (named, step, found_in) = self.state_dict()?;
         let mut out = Vec::with_capacity(named.len());
         for (name, t) in named {
@@ -877,9 +891,7 @@ pub fn read_zip(b: &[u8]) -> R<StateDict> {
     };
     let prefix = &pkl[..pkl.len() - "data.pkl".len()];
     let mut read = |name: &str| -> R<Vec<u8>> {
-        let mut f = z
-            .by_name(name)
-            .map_err(|e| format!("entry {name}: {e}"))?;
+        let mut f = z.by_name(name).map_err(|e| format!("entry {name}: {e}"))?;
         let size = f.size();
         if size > b.len() as u64 {
             return Err(format!(
@@ -900,7 +912,10 @@ pub fn read_zip(b: &[u8]) -> R<StateDict> {
     for s in &p.storages {
         let name = format!("{prefix}data/{}", s.key);
         let v = read(&name)?;
-        let need = s.numel.checked_mul(s.elsize as u64).ok_or("storage size overflows")?;
+        let need = s
+            .numel
+            .checked_mul(s.elsize as u64)
+            .ok_or("storage size overflows")?;
         if (v.len() as u64) < need {
             return Err(format!(
                 "entry {name} holds {} bytes but its storage declares {} element(s) of {} byte(s)",
@@ -983,13 +998,20 @@ pub fn read_legacy(b: &[u8]) -> R<StateDict> {
 
 /// Read a `torch.save` file of either layout.
 pub fn read(b: &[u8]) -> R<StateDict> {
-    if is_zip(b) { read_zip(b) } else { read_legacy(b) }
+    if is_zip(b) {
+        read_zip(b)
+    } else {
+        read_legacy(b)
+    }
 }
 
 /// A short description of a pickle stream's content, for files that are not checkpoints.
 pub fn describe_legacy(b: &[u8]) -> String {
     match read_legacy(b) {
-        Ok(sd) => format!("a pickle file from torch.save (legacy format) holding {} tensor(s)", sd.tensors.len()),
+        Ok(sd) => format!(
+            "a pickle file from torch.save (legacy format) holding {} tensor(s)",
+            sd.tensors.len()
+        ),
         Err(e) if e.starts_with("a pickle file") => e,
         Err(e) => format!("a pickle file from torch.save (legacy format) that lca cannot use: {e}"),
     }
@@ -1029,8 +1051,16 @@ mod tests {
         }
         deep.push(b'.');
         assert!(unpickle(&deep).is_ok());
-        assert!(read_legacy(b"\x80\x02K\x05.").unwrap_err().contains("not from torch.save"));
-        assert!(read_zip(b"PK\x03\x04garbage").unwrap_err().contains("damaged zip"));
+        assert!(
+            read_legacy(b"\x80\x02K\x05.")
+                .unwrap_err()
+                .contains("not from torch.save")
+        );
+        assert!(
+            read_zip(b"PK\x03\x04garbage")
+                .unwrap_err()
+                .contains("damaged zip")
+        );
     }
 
     #[test]
