@@ -56,7 +56,7 @@ pub fn assemble(tensors: &[RawTensor], metadata: &[(&str, String)]) -> Vec<u8> {
         header.insert("__metadata__".into(), serde_json::Value::Object(m));
     }
     let mut h = serde_json::to_vec(&header).expect("a JSON map serialises");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);

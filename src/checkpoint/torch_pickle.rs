@@ -131,6 +131,9 @@ enum Node {
     Dict(Vec<(V, V)>),
 }
 
+/// The named tensors of the state dict, the step, and where they were found.
+type Found = (Vec<(String, usize)>, Option<u64>, String);
+
 #[derive(Debug, Clone)]
 struct Storage {
     key: String,
@@ -357,6 +360,124 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// Whether `op` pushes one constant (number, string, bytes, None, bool).
+    fn is_scalar_op(op: u8) -> bool {
+        matches!(
+            op,
+            b'N' | 0x88
+                | 0x89
+                | b'J'
+                | b'K'
+                | b'M'
+                | 0x8a
+                | 0x8b
+                | b'I'
+                | b'L'
+                | b'G'
+                | b'F'
+                | 0x8c
+                | b'X'
+                | 0x8d
+                | b'U'
+                | b'T'
+                | b'V'
+                | b'S'
+                | b'C'
+                | b'B'
+                | 0x8e
+                | 0x96
+        )
+    }
+
+    /// The constant a [`Self::is_scalar_op`] opcode pushes, its argument read from the stream.
+    fn scalar(&mut self, op: u8) -> R<V> {
+        match op {
+            b'N' => return Ok(V::None),
+            0x88 => return Ok(V::Bool(true)),
+            0x89 => return Ok(V::Bool(false)),
+            b'J' => {
+                let v = self.u32()? as i32;
+                return Ok(V::Int(v.into()));
+            }
+            b'K' => {
+                let v = self.u8()?;
+                return Ok(V::Int(v.into()));
+            }
+            b'M' => {
+                let v = self.u16()?;
+                return Ok(V::Int(v.into()));
+            }
+            0x8a | 0x8b => {
+                let n = if op == 0x8a {
+                    self.u8()? as u64
+                } else {
+                    self.u32()? as u64
+                };
+                let n = usize::try_from(n).map_err(|_| "LONG too long")?;
+                let raw = self.take(n)?;
+                return Ok(long(raw));
+            }
+            b'I' | b'L' => {
+                let s = self.line()?.trim_end_matches('L');
+                return Ok(match s {
+                    "00" => V::Bool(false),
+                    "01" => V::Bool(true),
+                    _ => s.parse().map(V::Int).unwrap_or(V::BigInt),
+                });
+            }
+            b'G' => {
+                let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                return Ok(V::Float(v));
+            }
+            b'F' => {
+                let v = self.line()?.parse().map_err(|_| "bad FLOAT")?;
+                return Ok(V::Float(v));
+            }
+            0x8c => {
+                let n = self.u8()? as u64;
+                let s = self.string(n)?;
+                return Ok(V::Str(s));
+            }
+            b'X' => {
+                let n = self.u32()? as u64;
+                let s = self.string(n)?;
+                return Ok(V::Str(s));
+            }
+            0x8d => {
+                let n = self.u64()?;
+                let s = self.string(n)?;
+                return Ok(V::Str(s));
+            }
+            b'U' => {
+                let n = self.u8()? as u64;
+                let s = self.string(n)?;
+                return Ok(V::Str(s));
+            }
+            b'T' => {
+                let n = self.u32()? as u64;
+                let s = self.string(n)?;
+                return Ok(V::Str(s));
+            }
+            b'V' | b'S' => {
+                let s = self.line()?.trim_matches(|c| c == '\'' || c == '"');
+                let s = Rc::from(s);
+                return Ok(V::Str(s));
+            }
+            b'C' | b'B' | 0x8e | 0x96 => {
+                let n = match op {
+                    b'C' => self.u8()? as u64,
+                    b'B' => self.u32()? as u64,
+                    _ => self.u64()?,
+                };
+                let n = usize::try_from(n).map_err(|_| "BYTES too long")?;
+                self.take(n)?;
+                return Ok(V::Bytes);
+            }
+            _ => {}
+        }
+        Err(format!("opcode 0x{op:02x} pushes no constant"))
+    }
+
     /// Run until STOP.
     fn run(&mut self) -> R<V> {
         loop {
@@ -398,7 +519,7 @@ impl<'a> Machine<'a> {
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
+                    if !items.len().is_multiple_of(2) {
                         return Err(format!("DICT with an odd number of items at offset {at}"));
                     }
                     let pairs = pairs(items);
@@ -415,86 +536,9 @@ impl<'a> Machine<'a> {
                     let v = self.node(Node::Tuple(items));
                     self.stack.push(v)
                 }
-                b'N' => self.stack.push(V::None),
-                0x88 => self.stack.push(V::Bool(true)),
-                0x89 => self.stack.push(V::Bool(false)),
-                b'J' => {
-                    let v = self.u32()? as i32;
-                    self.stack.push(V::Int(v.into()))
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.stack.push(V::Int(v.into()))
-                }
-                b'M' => {
-                    let v = self.u16()?;
-                    self.stack.push(V::Int(v.into()))
-                }
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a {
-                        self.u8()? as u64
-                    } else {
-                        self.u32()? as u64
-                    };
-                    let n = usize::try_from(n).map_err(|_| "LONG too long")?;
-                    let raw = self.take(n)?;
-                    self.stack.push(long(raw));
-                }
-                b'I' | b'L' => {
-                    let s = self.line()?.trim_end_matches('L');
-                    self.stack.push(match s {
-                        "00" => V::Bool(false),
-                        "01" => V::Bool(true),
-                        _ => s.parse().map(V::Int).unwrap_or(V::BigInt),
-                    })
-                }
-                b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.stack.push(V::Float(v))
-                }
-                b'F' => {
-                    let v = self.line()?.parse().map_err(|_| "bad FLOAT")?;
-                    self.stack.push(V::Float(v))
-                }
-                0x8c => {
-                    let n = self.u8()? as u64;
-                    let s = self.string(n)?;
-                    self.stack.push(V::Str(s))
-                }
-                b'X' => {
-                    let n = self.u32()? as u64;
-                    let s = self.string(n)?;
-                    self.stack.push(V::Str(s))
-                }
-                0x8d => {
-                    let n = self.u64()?;
-                    let s = self.string(n)?;
-                    self.stack.push(V::Str(s))
-                }
-                b'U' => {
-                    let n = self.u8()? as u64;
-                    let s = self.string(n)?;
-                    self.stack.push(V::Str(s))
-                }
-                b'T' => {
-                    let n = self.u32()? as u64;
-                    let s = self.string(n)?;
-                    self.stack.push(V::Str(s))
-                }
-                b'V' | b'S' => {
-                    let s = self.line()?.trim_matches(|c| c == '\'' || c == '"');
-                    let s = Rc::from(s);
-                    self.stack.push(V::Str(s))
-                }
-                b'C' | b'B' | 0x8e | 0x96 => {
-                    let n = match op {
-                        b'C' => self.u8()? as u64,
-                        b'B' => self.u32()? as u64,
-                        _ => self.u64()?,
-                    };
-                    let n = usize::try_from(n).map_err(|_| "BYTES too long")?;
-                    self.take(n)?;
-                    self.stack.push(V::Bytes)
+                op if Self::is_scalar_op(op) => {
+                    let v = self.scalar(op)?;
+                    self.stack.push(v)
                 }
                 b'q' => {
                     let k = self.u8()? as u64;
@@ -580,7 +624,7 @@ impl<'a> Machine<'a> {
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
+                    if !items.len().is_multiple_of(2) {
                         return Err(format!(
                             "SETITEMS with an odd number of items at offset {at}"
                         ));
@@ -735,7 +779,7 @@ impl Unpickled {
     /// Find the state dict: the object itself, or its `state_dict` / `model_state_dict` /
     /// `model` / `module` / `net` / `state` entry (Lightning `.ckpt`, nanoGPT, common
     /// training scripts).
-    fn state_dict(&self) -> R<(Vec<(String, usize)>, Option<u64>, String)> {
+    fn state_dict(&self) -> R<Found> {
         let Some(d) = self.dict(&self.top) else {
             return Err(format!(
                 "holds {}, not a state dict (torch.save(model.state_dict()) gives one)",

@@ -140,7 +140,7 @@ fn run_dir(tmp: &Path, torch_loss: Option<f64>) -> std::path::PathBuf {
         }
         h.insert("__metadata__".into(), meta.into());
         let mut hb = serde_json::to_vec(&h).unwrap();
-        while hb.len() % 8 != 0 {
+        while !hb.len().is_multiple_of(8) {
             hb.push(b' ');
         }
         let mut out = (hb.len() as u64).to_le_bytes().to_vec();
