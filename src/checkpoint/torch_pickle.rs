@@ -1108,6 +1108,31 @@ mod tests {
     }
 
     #[test]
+    fn truncated_and_mutated_fixtures_are_errors_never_panics() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/torch_formats");
+        for f in ["zip/step_1.pt", "legacy/ckpt_1.pth", "lightning/run-v4.ckpt"] {
+            let good = std::fs::read(dir.join(f)).unwrap();
+            let sd = read(&good).unwrap();
+            assert_eq!(sd.tensors.len(), 6, "{f}");
+            for cut in (0..good.len()).step_by(97) {
+                assert!(read(&good[..cut]).is_err(), "{f} cut at {cut}");
+            }
+            let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+            for _ in 0..400 {
+                let mut bad = good.clone();
+                for _ in 0..4 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let i = (seed % bad.len() as u64) as usize;
+                    bad[i] = (seed >> 32) as u8;
+                }
+                let _ = read(&bad);
+            }
+        }
+    }
+
+    #[test]
     fn strided_views_are_gathered() {
         let s = Storage {
             key: "0".into(),
