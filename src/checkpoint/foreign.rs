@@ -230,7 +230,7 @@ pub fn source_sha256(path: &Path) -> std::io::Result<String> {
 }
 
 fn hf_weight_files(dir: &Path) -> Vec<PathBuf> {
-    super::hf::read(dir).map(|c| c.files).unwrap_or_default()
+    super::hf::weight_files(dir)
 }
 
 /// The Hugging Face checkpoint directories of `dir` (`checkpoint-N/` and any other
@@ -262,4 +262,32 @@ pub fn torch_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_hashes_of_sources_match_what_open_reports() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/torch_formats");
+        for p in [
+            "hf/checkpoint-1",
+            "hf_sharded/checkpoint-1",
+            "zip/step_1.pt",
+            "legacy/ckpt_1.pth",
+        ] {
+            let p = dir.join(p);
+            let c = open(&p).unwrap().expect("converted");
+            assert_eq!(c.sha256, source_sha256(&p).unwrap(), "{}", p.display());
+            assert_eq!(c.source_len, source_len(&p).unwrap(), "{}", p.display());
+        }
+        assert!(
+            open(&dir.join("../mlp/ckpts/ckpt_1.safetensors"))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(hf_dirs(&dir.join("hf")).unwrap().len(), 3);
+        assert_eq!(torch_files(&dir.join("lightning")).unwrap().len(), 3);
+    }
 }

@@ -72,6 +72,32 @@ fn dtype_name(d: safetensors::Dtype) -> &'static str {
     }
 }
 
+/// The weight files [`read`] reads, listed without reading tensors (for sizes and hashes).
+pub fn weight_files(dir: &Path) -> Vec<PathBuf> {
+    let single = dir.join(WEIGHT_FILES[0]);
+    if single.is_file() {
+        return vec![single];
+    }
+    let index = dir.join(WEIGHT_FILES[1]);
+    if index.is_file() {
+        let mut files = vec![index.clone()];
+        let shards = std::fs::read_to_string(&index)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("weight_map").cloned());
+        if let Some(serde_json::Value::Object(m)) = shards {
+            for f in m.values().filter_map(|f| f.as_str()) {
+                let p = dir.join(f);
+                if !files.contains(&p) {
+                    files.push(p);
+                }
+            }
+        }
+        return files;
+    }
+    vec![dir.join(WEIGHT_FILES[2])]
+}
+
 /// `trainer_state.json`'s `global_step`, if readable.
 fn global_step(dir: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(dir.join("trainer_state.json")).ok()?;

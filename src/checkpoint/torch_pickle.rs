@@ -1110,7 +1110,11 @@ mod tests {
     #[test]
     fn truncated_and_mutated_fixtures_are_errors_never_panics() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/torch_formats");
-        for f in ["zip/step_1.pt", "legacy/ckpt_1.pth", "lightning/run-v4.ckpt"] {
+        for f in [
+            "zip/step_1.pt",
+            "legacy/ckpt_1.pth",
+            "lightning/run-v4.ckpt",
+        ] {
             let good = std::fs::read(dir.join(f)).unwrap();
             let sd = read(&good).unwrap();
             assert_eq!(sd.tensors.len(), 6, "{f}");
