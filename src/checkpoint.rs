@@ -1,4 +1,6 @@
-//! The checkpoint directory: every `*.safetensors` file in it is one checkpoint.
+//! The checkpoint directory: every `*.safetensors` file in it is one checkpoint (other
+//! formats — `torch.save` files, Hugging Face `checkpoint-N/` folders — are converted in
+//! memory by [`foreign::open`], the one dispatch point; docs/checkpoints.md).
 //!
 //! The step of a file comes from its header metadata key `step` when present, else from the
 //! last integer in its file name (`ckpt_10.safetensors` → 10); files are ordered by step.
@@ -15,6 +17,12 @@ pub use crate::safetensors_header::{
     HeaderTensor, MAX_HEADER_BYTES, read_file_header, read_header,
 };
 use std::path::{Path, PathBuf};
+
+pub mod foreign;
+pub mod hf;
+pub mod run_dir;
+pub mod torch_pickle;
+pub use foreign::{source_len, source_sha256};
 
 /// Where a checkpoint's step number came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -127,6 +135,11 @@ fn describe_header(
 
 /// Describe a checkpoint file from its header (the tensor data is not read).
 pub fn describe(path: &Path) -> Result<CheckpointFile> {
+    if let Some(c) = foreign::open(path)? {
+        let mut f = describe_bytes(path, &c.bytes)?;
+        f.len = c.source_len;
+        return Ok(f);
+    }
     let (mut f, meta) = crate::files::open_regular(path)?;
     let len = meta.len();
     let (_, header, tensors) = read_checked(path, len, &mut f)?;
@@ -153,7 +166,10 @@ pub fn describe_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointFile> {
 pub fn scan(dir: &Path) -> Result<Vec<CheckpointFile>> {
     let paths = list(dir)?;
     if paths.is_empty() {
-        return Err(ck_err(dir, "contains no *.safetensors files"));
+        return Err(ck_err(
+            dir,
+            "contains no *.safetensors files (nor torch.save files *.pt, *.pth, *.bin, *.ckpt, nor Hugging Face checkpoint-N/ folders)",
+        ));
     }
     let mut files: Vec<CheckpointFile> =
         paths.iter().map(|p| describe(p)).collect::<Result<_>>()?;
@@ -180,6 +196,10 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     if !meta.is_dir() {
         return Err(ck_err(dir, "is not a directory of checkpoints"));
     }
+    let hf = foreign::hf_dirs(dir)?;
+    if !hf.is_empty() {
+        return Ok(hf);
+    }
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
         let entry = entry.map_err(|e| LcaError::io(dir, e))?;
@@ -203,6 +223,9 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     paths.sort();
+    if paths.is_empty() {
+        return foreign::torch_files(dir);
+    }
     Ok(paths)
 }
 
@@ -236,6 +259,14 @@ pub fn prefix_hint<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -
 /// Load one checkpoint's parameters, in model order, as f32.
 pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
     let path = &file.path;
+    if let Some(c) = foreign::open(path)? {
+        if c.source_len != file.len {
+            return Err(ck_err(path, "changed size while lca was running"));
+        }
+        let mut loaded = load_bytes(file, &c.bytes, params)?;
+        loaded.sha256 = c.sha256;
+        return Ok(loaded);
+    }
     let (f, meta) = crate::files::open_regular(path)?;
     let now = crate::files::FileIdentity::of(&meta);
     let mut bytes = Vec::with_capacity(meta.len().min(file.len) as usize);

@@ -88,11 +88,14 @@ pub struct Selection {
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
-    /// Directory of *.safetensors checkpoints (one per training step).
+    /// Directory of checkpoints (one per training step: *.safetensors, torch.save files,
+    /// Hugging Face checkpoint-N/ folders; see docs/checkpoints.md), or a run directory of
+    /// the Python Recorder (holding lca-run.json: its checkpoints and model.toml are used).
     pub ckpts: PathBuf,
-    /// Model spec (architecture, loss, training set): see docs/spec.md.
+    /// Model spec (architecture, loss, training set): see docs/spec.md. Optional for a
+    /// Recorder run directory.
     #[arg(long, short = 's')]
-    pub spec: PathBuf,
+    pub spec: Option<PathBuf>,
     /// Output directory (created; an existing one must be empty or a previous lca output).
     #[arg(long, short = 'o', default_value = "lca-out")]
     pub out: PathBuf,
@@ -145,6 +148,10 @@ pub struct AnalyzeArgs {
     /// (Kubernetes) or SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN (Slurm).
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// Analyse even when lca's loss at the first checkpoint disagrees with the one PyTorch
+    /// recorded in it (the Python Recorder's `lca.torch_loss`): warn instead of refusing.
+    #[arg(long)]
+    pub no_verify_loss: bool,
 }
 
 #[derive(Debug, Args)]
@@ -237,11 +244,11 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Directory of *.safetensors checkpoints.
+    /// Directory of checkpoints, or a Recorder run directory (holding lca-run.json).
     pub ckpts: PathBuf,
-    /// Model spec: see docs/spec.md.
+    /// Model spec: see docs/spec.md. Optional for a Recorder run directory.
     #[arg(long, short = 's')]
-    pub spec: PathBuf,
+    pub spec: Option<PathBuf>,
     #[command(flatten)]
     pub select: Selection,
     /// Integration rule to estimate the work for.
@@ -367,9 +374,10 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     threads(a.threads)?;
+    let (ckpt_dir, spec) = crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?;
     let opts = AnalyzeOptions {
-        ckpt_dir: a.ckpts,
-        spec: a.spec,
+        ckpt_dir,
+        spec,
         out: a.out.clone(),
         first: a.select.first,
         last: a.select.last,
@@ -381,6 +389,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         resume: a.resume,
         shard,
         share_first_layer: !a.no_share_first_layer,
+        verify_loss: !a.no_verify_loss,
     };
     crate::interrupt::install();
     let quiet = a.quiet;
@@ -521,9 +530,10 @@ fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
 fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
     max_splits(a.max_splits)?;
     threads(a.threads)?;
+    let (ckpt_dir, spec) = crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?;
     let opts = InspectOptions {
-        ckpt_dir: a.ckpts,
-        spec: a.spec,
+        ckpt_dir,
+        spec,
         first: a.select.first,
         last: a.select.last,
         every: a.select.every,

@@ -41,6 +41,10 @@ pub enum LcaError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// lca's loss at θ_0 disagrees with the one PyTorch recorded (the spec or data do not
+    /// describe the trained model).
+    #[error("{0}")]
+    LossMismatch(String),
     /// Invalid command-line usage detected by the library.
     #[error("{0}")]
     Usage(String),

@@ -25,6 +25,7 @@ pub mod shard;
 pub mod step;
 pub mod summary;
 pub mod tallies;
+pub mod verify;
 
 pub use prepare::{Prepared, prepare, prepare_as};
 pub use tallies::l2_step;
@@ -72,6 +73,9 @@ pub struct AnalyzeOptions {
     /// Share the first layer between Simpson's points when the model allows it
     /// ([`crate::eval::Evaluator::simpson_sharing_first`]); `false` evaluates every point in full.
     pub share_first_layer: bool,
+    /// Refuse to run when lca's loss at the first checkpoint disagrees with the one PyTorch
+    /// recorded in it ([`verify`]); `false` (`--no-verify-loss`) only warns.
+    pub verify_loss: bool,
 }
 
 /// Arithmetic of the evaluator.
@@ -201,6 +205,15 @@ fn header<T: Real>(
         },
         step_spacing: plan.spacing.clone(),
         ignored_tensors: state.ignored.clone(),
+        loss_check: plan.files(p).first().and_then(|f| {
+            let torch = verify::recorded(f).ok().flatten()?;
+            Some(verify::compare(
+                f,
+                &torch,
+                state.loss_first,
+                opts.verify_loss,
+            ))
+        }),
     }
 }
 
@@ -238,16 +251,16 @@ fn directory_changes(
         }
     }
     for f in selected {
-        match std::fs::metadata(&f.path) {
+        match checkpoint::source_len(&f.path) {
             Err(_) => out.push(format!(
                 "{} was removed during the run, after it had been read",
                 f.path.display()
             )),
-            Ok(m) if m.len() != f.len => out.push(format!(
+            Ok(len) if len != f.len => out.push(format!(
                 "{} changed during the run ({} bytes when read, {} now); the results use the content that was read",
                 f.path.display(),
                 f.len,
-                m.len()
+                len
             )),
             Ok(_) => {}
         }
@@ -289,6 +302,7 @@ mod tests {
             precision: Precision::F32,
             shard: None,
             share_first_layer: false,
+            verify_loss: true,
         };
         let native = analyze(&opts("native"), &mut |_| {}).unwrap();
         let o = opts("plain");

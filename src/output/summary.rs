@@ -26,6 +26,35 @@ pub struct Summary {
     pub ignored_tensors: Vec<String>,
     pub warnings: Vec<String>,
     pub files: Vec<String>,
+    /// lca's loss at the first checkpoint compared with PyTorch's, when the checkpoint
+    /// carries it (`lca.torch_loss`, written by the Python Recorder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_check: Option<LossCheck>,
+}
+
+/// lca's loss at a checkpoint compared with the one PyTorch computed (docs/python.md,
+/// "Verification").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossCheck {
+    /// The checkpoint compared (the run's first).
+    pub checkpoint: String,
+    pub step: u64,
+    /// PyTorch's loss, from the checkpoint's metadata `lca.torch_loss`.
+    pub torch_loss: f64,
+    /// The dtype of the model output PyTorch's loss was computed from.
+    pub torch_dtype: String,
+    /// The batch-norm mode PyTorch's loss was computed in (`lca.batch_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_batch_norm: Option<String>,
+    pub lca_loss: f64,
+    /// lca's loss minus PyTorch's.
+    pub difference: f64,
+    /// The largest difference float rounding explains.
+    pub tolerance: f64,
+    /// |difference| ≤ tolerance.
+    pub agree: bool,
+    /// Whether a disagreement stops the run (false with `--no-verify-loss`).
+    pub enforced: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

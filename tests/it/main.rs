@@ -25,4 +25,5 @@ mod resnet20;
 mod resnet_oracle;
 mod resume;
 mod shard;
+mod torch_formats;
 mod tutorial;
