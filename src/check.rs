@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 /// Default relative tolerance of `--baseline` comparisons.
 pub const DEFAULT_RTOL: f64 = 1e-4;
 
+/// The residual gate every `lca check` applies unless `--max-residual` says otherwise:
+/// Σ|r|/|ΔL| ≤ 0.1 % (docs/integration.md, "When the residual is large").
+pub const DEFAULT_MAX_RESIDUAL: f64 = crate::output::LARGE_RESIDUAL;
+
 /// Which checks to run.
 #[derive(Debug, Clone, Default)]
 pub struct CheckOptions {
@@ -120,11 +124,19 @@ pub fn check(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     let mut results = Vec::new();
     let mut notes = Vec::new();
 
-    if let Some(max) = opts.max_residual {
+    // The residual gate always runs: at the default bound unless --max-residual is given.
+    let (max_residual, gate_name) = match opts.max_residual {
+        Some(m) => (Some(m), "residual Σ|r|/|ΔL|"),
+        None => (
+            Some(DEFAULT_MAX_RESIDUAL),
+            "residual Σ|r|/|ΔL| (default gate; --max-residual to change)",
+        ),
+    };
+    if let Some(max) = max_residual {
         let v = run.rel_abs_residual;
         results.push(CheckResult {
             passed: v.is_finite() && v <= max,
-            name: "residual Σ|r|/|ΔL|".into(),
+            name: gate_name.into(),
             detail: if v.is_finite() {
                 format!(
                     "{v:.3e} ({:.4}%) {} {max:.3e} ({:.4}%) [Σ|r| = {:.3e}, ΔL = {:+.6}]",

@@ -133,6 +133,9 @@ pub struct StepLca {
     pub capped: bool,
     /// Gradient evaluations spent on this step (the start point is not counted: it is reused).
     pub evaluations: usize,
+    /// Error estimate of each tensor's LCA (model order; [`budget::estimate`]); `None` where
+    /// the rule keeps no per-point samples (the tolerance policy).
+    pub err: Option<Vec<f64>>,
 }
 
 /// Interpolate θ_t + s·Δθ in f64, rounded to the evaluator's precision.
@@ -315,6 +318,7 @@ pub fn integrate_step(
             splits,
             capped,
             evaluations,
+            err: None,
         })
         .collect();
     Ok((steps, end))
@@ -346,6 +350,7 @@ pub fn finish_shared_step(
         splits: 2,
         capped: !ok && opts.adaptive,
         evaluations: 2,
+        err: None,
     };
     let mut out = vec![step((lca0, sum0), s0)];
     out.extend(

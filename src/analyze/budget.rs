@@ -12,10 +12,12 @@ use super::step::Objectives;
 use crate::checkpoint::{self, CheckpointFile};
 use crate::error::Result;
 use crate::eval::{Engine, LossGrad};
-use crate::lca::budget::{Ending, Limits, PointValue, StepPanels, refine, total_abs_residual};
+use crate::lca::budget::{
+    Ending, Limits, PointValue, StepPanels, estimate, refine, total_abs_residual,
+};
 use crate::lca::{Integration, StepLca, difference, point};
 use crate::net::ParamInfo;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Default bound of the gradient cache, MiB.
 const DEFAULT_CACHE_MIB: usize = 2048;
@@ -206,6 +208,8 @@ impl BudgetPlan {
         let n = panels.n;
         let mut acc: Vec<Vec<Vec<f64>>> = Vec::new();
         let mut losses: Vec<[f64; 2]> = Vec::new();
+        // Per point, the training objective's per-tensor samples f_k = Σ_{i∈k} Δθ_i ∂_i L.
+        let mut fk: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
         for (j, w) in panels.weights() {
             let key = self.cache.key(t, j);
             let owned;
@@ -217,6 +221,15 @@ impl BudgetPlan {
                     &owned
                 }
             };
+            fk.insert(
+                j,
+                lg[0]
+                    .grads
+                    .iter()
+                    .zip(delta)
+                    .map(|(g, d)| g.iter().zip(d).map(|(g, d)| g * d).sum())
+                    .collect(),
+            );
             if acc.is_empty() {
                 acc = lg
                     .iter()
@@ -248,7 +261,8 @@ impl BudgetPlan {
         Ok(acc
             .into_iter()
             .zip(losses)
-            .map(|(w, [before, after])| {
+            .enumerate()
+            .map(|(o, (w, [before, after]))| {
                 let mut sum = 0.0;
                 let lca: Vec<Vec<f64>> = w
                     .iter()
@@ -264,12 +278,14 @@ impl BudgetPlan {
                             .collect()
                     })
                     .collect();
+                let residual = after - before - sum;
                 StepLca {
+                    err: (o == 0).then(|| estimate(panels, &fk, residual)),
                     lca,
                     loss_before: before,
                     loss_after: after,
                     lca_sum: sum,
-                    residual: after - before - sum,
+                    residual,
                     splits: panels.splits(),
                     capped: panels.capped,
                     evaluations: panels.evaluations(),

@@ -232,7 +232,11 @@ impl<'a, E: Engine> Run<'a, E> {
             ignored: first.unused,
             totals: self
                 .layout
-                .zero_totals(self.objectives.val.is_some(), self.l2.is_some()),
+                .zero_totals(
+                    self.objectives.val.is_some(),
+                    self.l2.is_some(),
+                    self.opts.integration.uses_budget(),
+                ),
         });
         self.theta0 = first.theta;
         self.start = start;
@@ -355,6 +359,7 @@ impl<'a, E: Engine> Run<'a, E> {
             lca: &s.lca,
             val: val.as_ref().map(|v| v.lca.as_slice()),
             l2: l2_lca.as_deref(),
+            err: s.err.as_deref(),
         };
         let groups = step_groups(&self.layout, values);
         let state = self.state.as_ref().expect("started");
@@ -366,7 +371,7 @@ impl<'a, E: Engine> Run<'a, E> {
         self.exporting = false;
         // The step is written: only now does it count as finished.
         let state = self.state.as_mut().expect("started");
-        accumulate(&mut state.totals, values);
+        accumulate(&mut state.totals, values, &groups);
         state.records.push(rec);
         state.checkpoint_sha256.push(next.sha256);
         self.theta0 = next.theta;

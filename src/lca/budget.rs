@@ -111,6 +111,51 @@ impl StepPanels {
     }
 }
 
+/// The error estimate of each tensor's LCA on one step (docs/integration.md, "Error
+/// estimate"), from the per-tensor integrand samples f_k(s_j) = Σ_{i∈k} Δθ_i ∂_i L at the
+/// step's points (`fk[j]`, one value per tensor) and the step's exact residual.
+///
+/// Unsplit step: d_k = (2 f_k(½) − f_k(0) − f_k(1)) / 3 (Simpson − trapezoid),
+/// ρ = clamp(|r| / |Σ_k d_k|, 0.1, 1) (1 when Σ d_k = 0), est_k = 5 ρ |d_k|.
+/// Split step: per leaf P with parent Q and sibling P′, d_{P,k} = (S_P + S_P′ − S_Q)[f_k] / 2,
+/// est_k = 1.5 Σ_P |d_{P,k}|.
+pub fn estimate(panels: &StepPanels, fk: &BTreeMap<u32, Vec<f64>>, residual: f64) -> Vec<f64> {
+    let n = panels.n;
+    let k = fk.values().next().map_or(0, Vec::len);
+    let simpson = |lo: u32, hi: u32, t: usize| {
+        let h = (hi - lo) as f64 / n as f64;
+        h / 6.0 * (fk[&lo][t] + 4.0 * fk[&((lo + hi) / 2)][t] + fk[&hi][t])
+    };
+    if panels.leaves.len() == 1 {
+        let (lo, hi) = panels.leaves[0];
+        let m = (lo + hi) / 2;
+        let d: Vec<f64> = (0..k)
+            .map(|t| (2.0 * fk[&m][t] - fk[&lo][t] - fk[&hi][t]) / 3.0)
+            .collect();
+        let total: f64 = d.iter().sum();
+        let rho = if total == 0.0 {
+            1.0
+        } else {
+            (residual.abs() / total.abs()).clamp(0.1, 1.0)
+        };
+        return d.iter().map(|d| 5.0 * rho * d.abs()).collect();
+    }
+    let mut est = vec![0.0; k];
+    for &(lo, hi) in &panels.leaves {
+        let w = hi - lo;
+        let (qlo, qhi, slo, shi) = if lo % (2 * w) == 0 {
+            (lo, lo + 2 * w, hi, hi + w)
+        } else {
+            (lo - w, hi, lo - w, lo)
+        };
+        for (t, e) in est.iter_mut().enumerate() {
+            let d = (simpson(lo, hi, t) + simpson(slo, shi, t) - simpson(qlo, qhi, t)) / 2.0;
+            *e += 1.5 * d.abs();
+        }
+    }
+    est
+}
+
 /// Limits of the refinement.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -297,6 +342,34 @@ mod tests {
         assert_eq!(e, Ending::Narrowest);
         assert!(steps[0].capped);
         assert!(steps[0].leaves.iter().all(|(lo, hi)| hi - lo >= 2));
+    }
+
+    #[test]
+    fn estimates_of_unsplit_and_split_steps() {
+        // Two "tensors": f_0 = s² (Simpson exact), f_1 = |s − 0.3| (a kink).
+        let f = |s: f64| vec![s * s, (s - 0.3).abs()];
+        let mut p = StepPanels::plain(
+            8,
+            PointValue { loss: 0.0, f: 0.0 },
+            PointValue { loss: 0.0, f: 0.0 },
+            PointValue { loss: 0.0, f: 0.0 },
+        );
+        let mut fk: BTreeMap<u32, Vec<f64>> = [0, 4, 8].map(|j| (j, f(j as f64 / 8.0))).into();
+        // d_0 = (2·¼ − 0 − 1)/3 = −1/6; d_1 = (2·0.2 − 0.3 − 0.7)/3 = −0.2; ρ = clamp(r/|Σd|).
+        let e = estimate(&p, &fk, 0.1);
+        let rho = 0.1 / (1.0 / 6.0 + 0.2);
+        assert!((e[0] - 5.0 * rho / 6.0).abs() < 1e-12, "{e:?}");
+        assert!((e[1] - 5.0 * rho * 0.2).abs() < 1e-12);
+        // Split [0, 8] then [0, 4]: leaves [0,2], [2,4], [4,8].
+        for j in [1, 2, 3, 6] {
+            fk.insert(j, f(j as f64 / 8.0));
+            p.points.insert(j, PointValue { loss: 0.0, f: 0.0 });
+        }
+        p.leaves = vec![(0, 2), (2, 4), (4, 8)];
+        let e = estimate(&p, &fk, 0.0);
+        // f_0 is a quadratic: every Simpson difference vanishes.
+        assert!(e[0].abs() < 1e-15, "{e:?}");
+        assert!(e[1] > 0.0);
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct IntegrationInfo {
     pub budget: Option<BudgetInfo>,
 }
 
+/// Σ|r|/|ΔL| above which analyze warns and `lca check` fails by default (0.1 %).
+pub const LARGE_RESIDUAL: f64 = 1e-3;
+
 /// What the budget policy did (docs/integration.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BudgetInfo {
@@ -293,6 +296,9 @@ pub struct GroupTotal {
     pub val_lca: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2_lca: Option<f64>,
+    /// Error estimate of `lca` over the run: √(Σ_t est_t²) (docs/integration.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lca_err: Option<f64>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`; read `null` back as NaN.
