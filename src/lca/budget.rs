@@ -277,9 +277,9 @@ mod tests {
         let fs: Vec<Box<dyn Fn(f64) -> PointValue>> = (0..5)
             .map(|t| Box::new(kinked(0.1 + 0.17 * t as f64, 1.0 + t as f64)) as Box<_>)
             .collect();
-        let mut steps: Vec<StepPanels> = fs.iter().map(|f| plain_of(32, f.as_ref())).collect();
+        let mut steps: Vec<StepPanels> = fs.iter().map(|f| plain_of(128, f.as_ref())).collect();
         let before = total_abs_residual(&steps);
-        let bound = before / 50.0;
+        let bound = before / 10.0;
         let mut evals = 11;
         let ending = refine(
             &mut steps,
@@ -288,7 +288,7 @@ mod tests {
                 max_evaluations: 1000,
             },
             &mut evals,
-            &mut |t, j| Ok(fs[t](j as f64 / 32.0)),
+            &mut |t, j| Ok(fs[t](j as f64 / 128.0)),
         )
         .unwrap();
         assert_eq!(ending, Ending::Met);
@@ -305,7 +305,7 @@ mod tests {
             let c = 0.1 + 0.17 * t as f64;
             let (lo, hi) = *s.leaves.iter().min_by_key(|(lo, hi)| hi - lo).unwrap();
             assert!(
-                lo as f64 / 32.0 <= c && c <= hi as f64 / 32.0,
+                lo as f64 / 128.0 <= c && c <= hi as f64 / 128.0,
                 "{t}: {lo}..{hi}"
             );
         }

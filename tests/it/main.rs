@@ -16,6 +16,7 @@ mod heldout_oracle;
 mod init;
 mod inspect;
 mod integration_accuracy;
+mod integration_budget;
 mod mlp_oracle;
 mod plot;
 mod report;
