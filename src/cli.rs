@@ -234,6 +234,9 @@ pub struct CheckArgs {
     /// Fail when this layer's total LCA is positive (it raised the loss). Repeatable.
     #[arg(long, value_name = "NAME")]
     pub fail_if_layer_hurts: Vec<String>,
+    /// Fail when a layer's error bar (`lca_err`, run total) exceeds this fraction of |ΔL|.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_layer_error: Option<f64>,
     /// Compare every layer's total LCA with this baseline output directory.
     #[arg(long, value_name = "OTHER_OUT")]
     pub baseline: Option<PathBuf>,
@@ -518,6 +521,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
         max_residual: a.max_residual,
         max_step_residual: a.max_step_residual,
         fail_if_layer_hurts: a.fail_if_layer_hurts,
+        max_layer_error: a.max_layer_error,
         baseline: a.baseline,
         rtol: a.rtol,
         atol: a.atol,

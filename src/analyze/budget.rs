@@ -155,7 +155,12 @@ pub(crate) fn plan<E: Engine>(
         let mid = objectives.at(&point::<E::Real>(theta, delta, 0.5))?;
         let end = objectives.at(&point::<E::Real>(theta, delta, 1.0))?;
         performed += 2;
-        steps.push(StepPanels::plain(n, v0, value(delta, &mid), value(delta, &end)));
+        steps.push(StepPanels::plain(
+            n,
+            v0,
+            value(delta, &mid),
+            value(delta, &end),
+        ));
         cache.put(t, 0, std::mem::replace(&mut start, end));
         cache.put(t, n / 2, mid);
     }
@@ -251,7 +256,9 @@ impl BudgetPlan {
                 }
             }
             // The end point starts the next step; the others are done with.
-            if j != n && let Some(v) = self.cache.map.remove(&key) {
+            if j != n
+                && let Some(v) = self.cache.map.remove(&key)
+            {
                 self.cache.bytes -= v
                     .iter()
                     .map(|o| o.grads.iter().map(Vec::len).sum::<usize>() * 8)

@@ -230,13 +230,11 @@ impl<'a, E: Engine> Run<'a, E> {
                 .l2
                 .map(|lam| l2_penalty(lam, &first.theta, &self.p.l2_mask)),
             ignored: first.unused,
-            totals: self
-                .layout
-                .zero_totals(
-                    self.objectives.val.is_some(),
-                    self.l2.is_some(),
-                    self.opts.integration.uses_budget(),
-                ),
+            totals: self.layout.zero_totals(
+                self.objectives.val.is_some(),
+                self.l2.is_some(),
+                self.opts.integration.uses_budget(),
+            ),
         });
         self.theta0 = first.theta;
         self.start = start;

@@ -95,7 +95,11 @@ fn large_residual_warning(r: &crate::output::ResidualReport, steps: usize) -> Op
         return None;
     }
     let what = if v.is_finite() {
-        format!("Σ|r|/|ΔL| = {:.3} % exceeds {} %", 100.0 * v, 100.0 * LARGE_RESIDUAL)
+        format!(
+            "Σ|r|/|ΔL| = {:.3} % exceeds {} %",
+            100.0 * v,
+            100.0 * LARGE_RESIDUAL
+        )
     } else {
         format!(
             "Σ|r|/|ΔL| is undefined (the loss did not change; Σ|r| = {:.3e})",

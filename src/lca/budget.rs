@@ -208,10 +208,7 @@ pub fn refine(
             return Ok(Ending::Narrowest);
         }
         level /= 2.0;
-        let mut order: Vec<usize> = open
-            .into_iter()
-            .filter(|&t| residuals[t] > level)
-            .collect();
+        let mut order: Vec<usize> = open.into_iter().filter(|&t| residuals[t] > level).collect();
         order.sort_by(|&a, &b| residuals[b].total_cmp(&residuals[a]).then(a.cmp(&b)));
         for t in order {
             if total(&residuals) <= limits.bound {
@@ -259,7 +256,10 @@ mod tests {
     fn weights_of_plain_and_split_panels() {
         let f = kinked(0.3, 1.0);
         let mut s = plain_of(32, &f);
-        assert_eq!(s.weights(), vec![(0, 1.0 / 6.0), (16, 4.0 / 6.0), (32, 1.0 / 6.0)]);
+        assert_eq!(
+            s.weights(),
+            vec![(0, 1.0 / 6.0), (16, 4.0 / 6.0), (32, 1.0 / 6.0)]
+        );
         s.points.insert(8, f(0.25));
         s.points.insert(24, f(0.75));
         s.leaves = vec![(0, 16), (16, 32)];

@@ -195,3 +195,102 @@ fn budget_default_on_cnn_strided() {
 fn budget_default_on_deep40() {
     check("deep40");
 }
+
+#[test]
+fn large_residual_warns_and_check_fails_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trap");
+    // The trapezoid rule: Σ|r|/|ΔL| ≈ 0.5 % on this run.
+    let o = analyze(
+        "mlp",
+        &out,
+        &["--quiet", "--no-lca-tensors", "--method", "trapezoid"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("exceeds 0.1 %"), "{err}");
+    assert!(err.contains("--policy budget"), "{err}");
+    let s = json(&out.join("summary.json"));
+    assert!(
+        s["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("exceeds 0.1 %"))
+    );
+    // Any check also runs the default residual gate, and fails on it.
+    let c = lca()
+        .args(["check"])
+        .arg(&out)
+        .args(["--fail-if-layer-hurts", "fc1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&c.stdout);
+    assert!(!c.status.success(), "{text}");
+    assert!(text.contains("default gate"), "{text}");
+    // An explicit bound replaces it.
+    let c = lca()
+        .args(["check"])
+        .arg(&out)
+        .args(["--max-residual", "0.1"])
+        .output()
+        .unwrap();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
+    // No error estimates with the trapezoid rule: the layer-error gate says so.
+    let c = lca()
+        .args(["check"])
+        .arg(&out)
+        .args(["--max-layer-error", "0.1"])
+        .output()
+        .unwrap();
+    assert!(!c.status.success());
+    assert!(String::from_utf8_lossy(&c.stderr).contains("no error estimates"));
+}
+
+#[test]
+fn layer_error_gate_and_tolerance_policy_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("budget");
+    analyze("mlp_tanh_adam", &out, &["--quiet", "--no-lca-tensors"]);
+    let check = |v: &str| {
+        lca()
+            .args(["check"])
+            .arg(&out)
+            .args(["--max-layer-error", v])
+            .output()
+            .unwrap()
+    };
+    let ok = check("1e-2");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let bad = check("1e-9");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("layer error bars"));
+    // --tolerance implies the per-step policy: no refinement on this run, no estimates.
+    let tol = dir.path().join("tol");
+    analyze(
+        "mlp_tanh_adam",
+        &tol,
+        &["--quiet", "--no-lca-tensors", "--tolerance", "1e-3"],
+    );
+    let s = json(&tol.join("summary.json"));
+    assert_eq!(s["integration"]["policy"], "tolerance");
+    assert!(s["integration"].get("budget").is_none());
+    assert!(s["layers"][0].get("lca_err").is_none());
+    assert_eq!(s["run"]["evaluations"].as_u64().unwrap(), 161);
+    // Both policies named at once is a usage error.
+    let o = lca()
+        .args(["analyze"])
+        .arg(fixture("mlp_tanh_adam/ckpts"))
+        .args(["--spec"])
+        .arg(fixture("mlp_tanh_adam/model.toml"))
+        .args(["-o"])
+        .arg(dir.path().join("x"))
+        .args(["--policy", "budget", "--tolerance", "1e-3"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--policy tolerance"));
+}
