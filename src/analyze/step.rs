@@ -283,14 +283,14 @@ impl<'a, E: Engine> Run<'a, E> {
             first,
             self.finished(),
         )?;
-        let refined = b.steps.iter().filter(|s| s.leaves.len() > 1).count();
-        if refined > 0 {
+        if b.ending == crate::lca::budget::Ending::EvaluationCap {
             note(&format!(
-                "note: error budget: refined {refined} of {} steps, {} evaluations ({:.2}× plain Simpson), planned Σ|r|/|ΔL| {:.4} %",
-                b.steps.len(),
+                "warning: error budget: refinement stopped at the evaluation cap ({} evaluations, {}× plain Simpson's {}) with Σ|r|/|ΔL| = {:.4} % > {} %; a larger --max-evals-factor refines further",
                 b.evaluations,
-                b.evaluations as f64 / (1 + 2 * b.steps.len()) as f64,
-                100.0 * b.planned_ratio()
+                self.opts.integration.max_evals_factor,
+                1 + 2 * b.steps.len(),
+                100.0 * b.planned_ratio(),
+                100.0 * self.opts.integration.target
             ));
         }
         self.budget = Some(b);
