@@ -187,7 +187,7 @@ pub fn check(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
                 )));
             };
             let rel = e / delta;
-            if worst.is_none_or(|(_, w)| !(rel <= w)) {
+            if worst.is_none_or(|(_, w)| rel > w || rel.is_nan()) {
                 worst = Some((&l.name, rel));
             }
         }

@@ -90,23 +90,25 @@ fn widen<T: crate::net::Real>(theta: &[Vec<f32>]) -> Vec<Vec<T>> {
         .collect()
 }
 
+/// θ_t (f32) and Δθ_t (f64) of one step.
+type Segment = (Vec<Vec<f32>>, Vec<Vec<f64>>);
+
 /// A checkpoint's θ and Δθ to the next, loaded on demand (the last pair is kept).
 struct Segments<'a> {
     files: &'a [CheckpointFile],
     params: &'a [ParamInfo],
-    at: Option<(usize, Vec<Vec<f32>>, Vec<Vec<f64>>)>,
+    at: Option<(usize, Segment)>,
 }
 
 impl Segments<'_> {
-    fn get(&mut self, t: usize) -> Result<(&Vec<Vec<f32>>, &Vec<Vec<f64>>)> {
-        if self.at.as_ref().is_none_or(|(k, _, _)| *k != t) {
+    fn get(&mut self, t: usize) -> Result<&Segment> {
+        if self.at.as_ref().is_none_or(|(k, _)| *k != t) {
             let a = checkpoint::load(&self.files[t], self.params)?.theta;
             let b = checkpoint::load(&self.files[t + 1], self.params)?.theta;
             let d = difference(&a, &b);
-            self.at = Some((t, a, d));
+            self.at = Some((t, (a, d)));
         }
-        let (_, a, d) = self.at.as_ref().expect("loaded");
-        Ok((a, d))
+        Ok(&self.at.as_ref().expect("loaded").1)
     }
 }
 
