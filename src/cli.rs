@@ -5,7 +5,7 @@
 use crate::analyze::{AnalyzeOptions, Precision, analyze};
 use crate::check::{CheckOptions, check};
 use crate::inspect::{InspectOptions, inspect};
-use crate::lca::{Integration, Method};
+use crate::lca::{Integration, Method, Policy};
 use crate::output::tensors::StoreDtype;
 use crate::plot::{PlotKind, PlotOptions, plot};
 use crate::summarize::{By, Format, Sort, view};
@@ -107,9 +107,19 @@ pub struct AnalyzeArgs {
     /// Do not refine Simpson steps adaptively (plain 1-4-1 Simpson).
     #[arg(long)]
     pub no_adaptive: bool,
-    /// Refine a step while |residual| exceeds this (loss units).
-    #[arg(long, default_value_t = 1e-3, value_name = "LOSS")]
-    pub tolerance: f64,
+    /// How refinement is decided: `budget` (default: a run-level error budget, Σ|r|/|ΔL| ≤
+    /// --target) or `tolerance` (a bound per step; implied by --tolerance/--rel-tolerance).
+    #[arg(long, value_enum)]
+    pub policy: Option<Policy>,
+    /// Budget policy: the target Σ|r|/|ΔL| (fraction; 1e-4 = 0.01 %).
+    #[arg(long, default_value_t = 1e-4, value_name = "FRACTION")]
+    pub target: f64,
+    /// Budget policy: at most this many times plain Simpson's evaluations.
+    #[arg(long, default_value_t = 4.0, value_name = "FACTOR")]
+    pub max_evals_factor: f64,
+    /// Tolerance policy: refine a step while |residual| exceeds this (loss units) [default: 1e-3].
+    #[arg(long, value_name = "LOSS")]
+    pub tolerance: Option<f64>,
     /// Also accept a step when |residual| ≤ this fraction of |ΔL| of the step.
     #[arg(long, value_name = "FRACTION")]
     pub rel_tolerance: Option<f64>,
@@ -231,6 +241,9 @@ pub struct CheckArgs {
     /// Fail when this layer's total LCA is positive (it raised the loss). Repeatable.
     #[arg(long, value_name = "NAME")]
     pub fail_if_layer_hurts: Vec<String>,
+    /// Fail when a layer's error bar (`lca_err`, run total) exceeds this fraction of |ΔL|.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_layer_error: Option<f64>,
     /// Compare every layer's total LCA with this baseline output directory.
     #[arg(long, value_name = "OTHER_OUT")]
     pub baseline: Option<PathBuf>,
@@ -342,10 +355,26 @@ fn print(text: &str) {
 }
 
 fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
-    if !(a.tolerance >= 0.0 && a.tolerance.is_finite()) {
+    let tolerance = a.tolerance.unwrap_or(1e-3);
+    if !(tolerance >= 0.0 && tolerance.is_finite()) {
+        anyhow::bail!("--tolerance must be a finite number ≥ 0, got {tolerance}");
+    }
+    let explicit = a.tolerance.is_some() || a.rel_tolerance.is_some();
+    let policy = match (a.policy, explicit) {
+        (Some(Policy::Budget), true) => anyhow::bail!(
+            "--tolerance/--rel-tolerance belong to --policy tolerance; drop them or the --policy budget"
+        ),
+        (Some(p), _) => p,
+        (None, true) => Policy::Tolerance,
+        (None, false) => Policy::Budget,
+    };
+    if !(a.target > 0.0 && a.target.is_finite()) {
+        anyhow::bail!("--target must be a finite number > 0, got {}", a.target);
+    }
+    if !(a.max_evals_factor >= 1.0 && a.max_evals_factor.is_finite()) {
         anyhow::bail!(
-            "--tolerance must be a finite number ≥ 0, got {}",
-            a.tolerance
+            "--max-evals-factor must be a finite number ≥ 1, got {}",
+            a.max_evals_factor
         );
     }
     if let Some(r) = a.rel_tolerance
@@ -357,9 +386,13 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
     Ok(Integration {
         method: a.method,
         adaptive: !a.no_adaptive && a.method == Method::Simpson,
-        abs_tol: a.tolerance,
+        abs_tol: tolerance,
         rel_tol: a.rel_tolerance,
         max_splits: a.max_splits,
+        policy,
+        target: a.target,
+        max_evals_factor: a.max_evals_factor,
+        ..Integration::default()
     })
 }
 
@@ -514,6 +547,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
         max_residual: a.max_residual,
         max_step_residual: a.max_step_residual,
         fail_if_layer_hurts: a.fail_if_layer_hurts,
+        max_layer_error: a.max_layer_error,
         baseline: a.baseline,
         rtol: a.rtol,
         atol: a.atol,

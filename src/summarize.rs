@@ -131,6 +131,11 @@ fn group_table(g: &[crate::output::GroupTotal], with_layer: bool, delta: f64) ->
     if has_l2 {
         columns.push("l2_lca");
     }
+    // The error bar of `lca` (docs/integration.md, "Error estimate"), when the run has one.
+    let has_err = g.iter().any(|t| t.lca_err.is_some());
+    if has_err {
+        columns.push("±lca");
+    }
     let rows = g
         .iter()
         .map(|t| {
@@ -152,6 +157,9 @@ fn group_table(g: &[crate::output::GroupTotal], with_layer: bool, delta: f64) ->
             }
             if has_l2 {
                 r.push(Cell::Float(t.l2_lca.unwrap_or(f64::NAN)));
+            }
+            if has_err {
+                r.push(Cell::Float(t.lca_err.unwrap_or(f64::NAN)));
             }
             r
         })
@@ -186,8 +194,13 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                         helped_fraction: 0.0,
                         val_lca: l.val_lca.map(|_| 0.0),
                         l2_lca: l.l2_lca.map(|_| 0.0),
+                        lca_err: l.lca_err.map(|_| 0.0),
                     }
                 });
+                // A block's bar: the sum of its layers' (a bound; their errors may correlate).
+                if let (Some(a), Some(b)) = (e.lca_err.as_mut(), l.lca_err) {
+                    *a += b;
+                }
                 e.params += l.params;
                 e.lca += l.lca;
                 e.helped += l.helped;

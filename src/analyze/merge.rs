@@ -162,7 +162,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
     let (mut od, _) = OutDir::prepare(out)?;
     od.remove_partials()?;
     let mut exporters = Exporters::open(&mut od, &plan, &Start::Fresh)?;
-    let mut totals = layout.zero_totals(has_val, has_l2);
+    let mut totals = layout.zero_totals(has_val, has_l2, false);
     let loss_first = base.run.loss_first;
     let mut records: Vec<StepRecord> = Vec::with_capacity(plan.steps.len());
     let mut checkpoints = Vec::with_capacity(plan.steps.len() + 1);
@@ -288,6 +288,7 @@ fn replay(
             lca: &lca,
             val: val.as_deref(),
             l2: l2.as_deref(),
+            err: None,
         };
         let groups = step_groups(layout, values);
         let mut rec = rec.clone();
@@ -295,7 +296,7 @@ fn replay(
         rec.reconstructed_loss =
             records.last().map_or(loss_first, |r| r.reconstructed_loss) + rec.lca_sum;
         exporters.step(&groups.output(&rec, values))?;
-        accumulate(totals, values);
+        accumulate(totals, values, &groups);
         records.push(rec);
     }
     Ok(())

@@ -16,6 +16,7 @@
 //! - [`summary`]: the summary builder shared with `merge`;
 //! - [`shard`] and [`merge`]: scale-out (`--shard K/N`, `lca merge`).
 
+pub mod budget;
 pub mod exporters;
 pub mod merge;
 pub mod plan;
@@ -202,6 +203,7 @@ fn header<T: Real>(
                 Precision::F64 => "f64".into(),
             },
             shared_first_layer: plan.shared,
+            budget: None,
         },
         step_spacing: plan.spacing.clone(),
         ignored_tensors: state.ignored.clone(),

@@ -42,6 +42,8 @@ struct GroupRow<'a> {
     val_lca: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     l2_lca: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lca_err: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -139,6 +141,7 @@ fn group_rows(
             hurt: g.hurt,
             val_lca: g.val_lca,
             l2_lca: g.l2_lca,
+            lca_err: g.lca_err,
         })
         .map_err(|e| csv_err(path, e))?;
     }

@@ -171,6 +171,36 @@ pub struct IntegrationInfo {
     /// docs/performance.md); absent in summaries of older versions.
     #[serde(default)]
     pub shared_first_layer: bool,
+    /// The budget policy's outcome (`--policy budget`); absent with the tolerance policy and
+    /// in summaries of older versions. In a merged run: the first shard's (each shard has its
+    /// own budget, docs/scale-out.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetInfo>,
+}
+
+/// Σ|r|/|ΔL| above which analyze warns and `lca check` fails by default (0.1 %).
+pub const LARGE_RESIDUAL: f64 = 1e-3;
+
+/// What the budget policy did (docs/integration.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BudgetInfo {
+    /// The target Σ|r|/|ΔL|.
+    pub target: f64,
+    /// The fraction of the target refinement aimed at.
+    pub safety: f64,
+    /// B = safety · target · |L_T − L_0| (loss units).
+    pub bound: f64,
+    pub max_evals_factor: f64,
+    /// How refinement ended: `met`, `evaluation-cap` or `narrowest`.
+    pub ending: crate::lca::budget::Ending,
+    /// Distinct points of the run's rule (plain Simpson: 1 + 2S).
+    pub evaluations: usize,
+    pub plain_evaluations: usize,
+    /// Evaluations actually performed (more than `evaluations` when gradients did not fit the
+    /// cache, or when a resumed run planned again).
+    pub evaluations_performed: usize,
+    /// Steps with more than one panel.
+    pub refined_steps: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -295,6 +325,9 @@ pub struct GroupTotal {
     pub val_lca: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2_lca: Option<f64>,
+    /// Error estimate of `lca` over the run: √(Σ_t est_t²) (docs/integration.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lca_err: Option<f64>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`; read `null` back as NaN.

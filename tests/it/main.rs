@@ -17,6 +17,7 @@ mod hostile_inputs;
 mod init;
 mod inspect;
 mod integration_accuracy;
+mod integration_budget;
 mod mlp_oracle;
 mod plot;
 mod report;
