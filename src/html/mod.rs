@@ -14,7 +14,7 @@
 use crate::error::{LcaError, Result};
 use crate::plot::{Figure, PlotKind};
 use crate::report::{Summary, json::read_summary, step_list};
-use crate::summarize::{By, Cell, Sort, Table, view};
+use crate::summarize::{By, Cell, Sort, Table, view, view_top};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
