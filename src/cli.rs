@@ -198,6 +198,10 @@ pub struct PlotArgs {
     /// Height in pixels (default 800; taller for many layers or neurons).
     #[arg(long)]
     pub height: Option<u32>,
+    /// Lines (layers figure) and panels (peaks figure) per layer or per block; either way the
+    /// largest ones are drawn and the others summed into one "the rest".
+    #[arg(long, value_enum, default_value_t = crate::plot::series::GroupBy::Layer)]
+    pub by: crate::plot::series::GroupBy,
 }
 
 #[derive(Debug, Args)]
@@ -462,6 +466,7 @@ fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
         layer: a.layer,
         width: a.width,
         height: a.height,
+        by: a.by,
     };
     plot(&a.out, &opts)?;
     eprintln!("wrote {}", opts.file.display());

@@ -19,6 +19,7 @@ pub mod helped;
 pub mod layers;
 pub mod loss;
 pub mod peaks;
+pub mod series;
 mod style;
 
 use crate::error::{LcaError, Result};
@@ -53,6 +54,8 @@ pub struct PlotOptions {
     /// Size in pixels (SVG: user units); `None` = the kind's default.
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// Lines of the layers and peaks figures per layer or per block.
+    pub by: series::GroupBy,
 }
 
 /// Output format, from the file extension.
@@ -93,6 +96,16 @@ pub enum Figure {
 impl Figure {
     /// Read what the figure of `kind` needs from the output directory `dir`.
     pub fn load(dir: &Path, kind: PlotKind, layer: Option<&str>) -> Result<Figure> {
+        Figure::load_by(dir, kind, layer, series::GroupBy::Layer)
+    }
+
+    /// As [`Figure::load`], with the layers and peaks figures grouped `by` layer or block.
+    pub fn load_by(
+        dir: &Path,
+        kind: PlotKind,
+        layer: Option<&str>,
+        by: series::GroupBy,
+    ) -> Result<Figure> {
         if kind != PlotKind::Heatmap && layer.is_some() {
             return Err(LcaError::Usage(
                 "--layer is only used by --kind heatmap".into(),
@@ -107,7 +120,7 @@ impl Figure {
         }
         Ok(match kind {
             PlotKind::Loss => Figure::Loss(loss::LossFigure::new(&s)),
-            PlotKind::Layers => Figure::Layers(layers::LayersFigure::load(dir, &s)?),
+            PlotKind::Layers => Figure::Layers(layers::LayersFigure::load(dir, &s, by)?),
             PlotKind::Helped => Figure::Helped(helped::HelpedFigure::new(&s)),
             PlotKind::Heatmap => {
                 let Some(layer) = layer else {
@@ -118,7 +131,7 @@ impl Figure {
                 };
                 Figure::Heatmap(heatmap::HeatmapFigure::load(dir, &s, layer)?)
             }
-            PlotKind::Peaks => Figure::Peaks(peaks::PeaksFigure::load(dir, &s)?),
+            PlotKind::Peaks => Figure::Peaks(peaks::PeaksFigure::load(dir, &s, by)?),
         })
     }
 
@@ -223,7 +236,7 @@ pub fn plot(dir: &Path, opts: &PlotOptions) -> Result<()> {
             )));
         }
     }
-    let fig = Figure::load(dir, opts.kind, opts.layer.as_deref())?;
+    let fig = Figure::load_by(dir, opts.kind, opts.layer.as_deref(), opts.by)?;
     let (w, h) = fig.default_size();
     fig.render(
         &opts.file,
