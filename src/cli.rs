@@ -202,6 +202,10 @@ pub struct PlotArgs {
     /// largest ones are drawn and the others summed into one "the rest".
     #[arg(long, value_enum, default_value_t = crate::plot::series::GroupBy::Layer)]
     pub by: crate::plot::series::GroupBy,
+    /// Vocabulary file, one token per line (line i = token id i), to label the rows of an
+    /// embedding's heat map.
+    #[arg(long, value_name = "FILE")]
+    pub vocab: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -467,6 +471,7 @@ fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
         width: a.width,
         height: a.height,
         by: a.by,
+        vocab: a.vocab,
     };
     plot(&a.out, &opts)?;
     eprintln!("wrote {}", opts.file.display());

@@ -339,7 +339,7 @@ fn neuron_view(s: &Summary, t: &ParamTotals, delta: f64) -> Table {
 
 /// The sub-module of a parameter role: `c_attn.weight` → `c_attn`, `in_proj_bias` →
 /// `in_proj`, `weight` → `` (the layer itself).
-fn unit_of(role: &str) -> &str {
+pub fn unit_of(role: &str) -> &str {
     match role.rsplit_once('.') {
         Some((unit, _)) => unit,
         None => role

@@ -41,6 +41,9 @@ pub enum PlotKind {
     Heatmap,
     /// Per-layer LCA per step, each layer normalised by its own max |LCA|.
     Peaks,
+    /// Head × step heat map of the attention layers: each head's q, k, v and output
+    /// projection (needs lca.safetensors).
+    Heads,
 }
 
 /// What to draw and where.
@@ -56,6 +59,17 @@ pub struct PlotOptions {
     pub height: Option<u32>,
     /// Lines of the layers and peaks figures per layer or per block.
     pub by: series::GroupBy,
+    /// Token list (one per line) labelling the rows of an embedding's heat map.
+    pub vocab: Option<PathBuf>,
+}
+
+/// Read a vocabulary file: one token per line (the line number is the token id).
+pub fn read_vocab(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| LcaError::Usage(format!(
+        "--vocab {}: {e}",
+        path.display()
+    )))?;
+    Ok(text.lines().map(|l| l.to_string()).collect())
 }
 
 /// Output format, from the file extension.
@@ -93,10 +107,17 @@ pub enum Figure {
     Peaks(peaks::PeaksFigure),
 }
 
+impl PlotKind {
+    /// Whether the kind is a heat map drawn from lca.safetensors.
+    pub fn is_heatmap(self) -> bool {
+        matches!(self, PlotKind::Heatmap | PlotKind::Heads)
+    }
+}
+
 impl Figure {
     /// Read what the figure of `kind` needs from the output directory `dir`.
     pub fn load(dir: &Path, kind: PlotKind, layer: Option<&str>) -> Result<Figure> {
-        Figure::load_by(dir, kind, layer, series::GroupBy::Layer)
+        Figure::load_by(dir, kind, layer, series::GroupBy::Layer, None)
     }
 
     /// As [`Figure::load`], with the layers and peaks figures grouped `by` layer or block.
@@ -105,6 +126,7 @@ impl Figure {
         kind: PlotKind,
         layer: Option<&str>,
         by: series::GroupBy,
+        vocab: Option<&[String]>,
     ) -> Result<Figure> {
         if kind != PlotKind::Heatmap && layer.is_some() {
             return Err(LcaError::Usage(
@@ -129,8 +151,9 @@ impl Figure {
                         s.model.layers.join(", ")
                     )));
                 };
-                Figure::Heatmap(heatmap::HeatmapFigure::load(dir, &s, layer)?)
+                Figure::Heatmap(heatmap::HeatmapFigure::load(dir, &s, layer, vocab)?)
             }
+            PlotKind::Heads => Figure::Heatmap(heatmap::HeatmapFigure::load_heads(dir, &s)?),
             PlotKind::Peaks => Figure::Peaks(peaks::PeaksFigure::load(dir, &s, by)?),
         })
     }
@@ -236,7 +259,14 @@ pub fn plot(dir: &Path, opts: &PlotOptions) -> Result<()> {
             )));
         }
     }
-    let fig = Figure::load_by(dir, opts.kind, opts.layer.as_deref(), opts.by)?;
+    let vocab = opts.vocab.as_deref().map(read_vocab).transpose()?;
+    let fig = Figure::load_by(
+        dir,
+        opts.kind,
+        opts.layer.as_deref(),
+        opts.by,
+        vocab.as_deref(),
+    )?;
     let (w, h) = fig.default_size();
     fig.render(
         &opts.file,
