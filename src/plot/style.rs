@@ -230,7 +230,9 @@ pub fn legend_width<DB: DrawingBackend>(
         .map(|l| text_width(area, l, LEGEND))
         .max()
         .unwrap_or(0);
-    (widest + 48 + 16).clamp(min, max.max(min))
+    // 10 % and 24 px to spare: a browser draws an SVG's text in its own sans-serif font,
+    // which may be wider than the embedded one.
+    (widest + widest / 10 + 48 + 24).clamp(min, max.max(min))
 }
 
 /// One legend line: a label and how its sample is drawn.
@@ -297,7 +299,8 @@ pub fn draw_legend<DB: DrawingBackend>(
             }
         }
         let (w, _) = area.dim_in_pixel();
-        let label = fit_text(area, &e.label, LEGEND, w.saturating_sub(52));
+        let room = w.saturating_sub(72);
+        let label = fit_text(area, &e.label, LEGEND, room - room / 11);
         area.draw(&Text::new(label, (48, y), font(LEGEND)))?;
         y += line_h;
     }
