@@ -93,7 +93,7 @@ fn layer_sentences(h: &mut String, s: &Summary) {
             .iter()
             .any(|p| p.layer == name && !p.buffer)
     };
-    let layers: Vec<&crate::report::GroupTotal> =
+    let layers: Vec<&crate::output::GroupTotal> =
         s.layers.iter().filter(|l| is_layer(&l.name)).collect();
     let abs_sum: f64 = s.layers.iter().map(|l| l.lca.abs()).sum();
     let share = |v: f64| {
@@ -127,7 +127,7 @@ fn layer_sentences(h: &mut String, s: &Summary) {
     // Layers that truly hurt: a positive total above 0.1 % of Σ|LCA| (smaller ones are within
     // what integration error and rounding can move).
     let floor = 1e-3 * abs_sum;
-    let mut hurt: Vec<&&crate::report::GroupTotal> =
+    let mut hurt: Vec<&&crate::output::GroupTotal> =
         layers.iter().filter(|l| l.lca > floor).collect();
     hurt.sort_by(|a, b| b.lca.total_cmp(&a.lca));
     let slight = layers

@@ -8,8 +8,8 @@
 use super::DrawResult;
 use super::style::{self, AXIS, TICKS, font, tick};
 use crate::error::{LcaError, Result};
-use crate::report::Summary;
-use crate::report::tensors::{NeuronSteps, read_bucket_steps, read_neuron_steps};
+use crate::output::Summary;
+use crate::output::tensors::{NeuronSteps, read_bucket_steps, read_neuron_steps};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
@@ -72,7 +72,7 @@ impl HeatmapFigure {
         layer: &str,
         vocab: Option<&[String]>,
     ) -> Result<HeatmapFigure> {
-        let all: Vec<&crate::report::ParamRef> =
+        let all: Vec<&crate::output::ParamRef> =
             s.model.params.iter().filter(|p| p.layer == layer).collect();
         if !all.is_empty() && all.iter().all(|p| p.buffer) {
             return Err(LcaError::Usage(format!(
@@ -80,7 +80,7 @@ impl HeatmapFigure {
                 layer_list(s)
             )));
         }
-        let params: Vec<&crate::report::ParamRef> = all
+        let params: Vec<&crate::output::ParamRef> = all
             .into_iter()
             .filter(|p| !p.buffer && !p.shape.is_empty())
             .collect();

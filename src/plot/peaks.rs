@@ -8,7 +8,7 @@ use super::layers::per_step;
 use super::series::{GroupBy, SeriesKind, select};
 use super::style::{self, TICKS, font, grey_font};
 use crate::error::Result;
-use crate::report::Summary;
+use crate::output::Summary;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
