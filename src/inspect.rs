@@ -142,13 +142,17 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
                 name: t.name.clone(),
                 // A tied weight stored under its alias (as safetensors' save_model writes
                 // `lm_head.weight` for `transformer.wte.weight`) is used, as an alias.
-                layer: model.params.iter().find(|q| q.answers_to(&t.name)).map(|q| {
-                    if q.name == t.name {
-                        q.layer.clone()
-                    } else {
-                        format!("{} (tied: alias of {})", q.layer, q.name)
-                    }
-                }),
+                layer: model
+                    .params
+                    .iter()
+                    .find(|q| q.answers_to(&t.name))
+                    .map(|q| {
+                        if q.name == t.name {
+                            q.layer.clone()
+                        } else {
+                            format!("{} (tied: alias of {})", q.layer, q.name)
+                        }
+                    }),
                 shape: t.shape.clone(),
                 dtypes: dtypes.into_iter().collect(),
             }

@@ -283,8 +283,7 @@ fn default_heatmap_layer(s: &Summary) -> Option<String> {
         .iter()
         .filter(|l| {
             s.model.layers.contains(&l.name)
-                && s
-                    .model
+                && s.model
                     .params
                     .iter()
                     .any(|p| p.layer == l.name && !p.buffer)

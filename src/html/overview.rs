@@ -87,12 +87,7 @@ pub(super) fn sig(v: f64) -> String {
 /// layer and are reported apart), the ones that truly hurt, with shares of Σ|LCA| (which,
 /// unlike shares of |ΔL|, never exceed 100 %).
 fn layer_sentences(h: &mut String, s: &Summary) {
-    let is_layer = |name: &str| {
-        s.model
-            .params
-            .iter()
-            .any(|p| p.layer == name && !p.buffer)
-    };
+    let is_layer = |name: &str| s.model.params.iter().any(|p| p.layer == name && !p.buffer);
     let layers: Vec<&crate::output::GroupTotal> =
         s.layers.iter().filter(|l| is_layer(&l.name)).collect();
     let abs_sum: f64 = s.layers.iter().map(|l| l.lca.abs()).sum();

@@ -283,7 +283,9 @@ pub fn read_bucket_steps(
         .and_then(|s| serde_json::from_value(s.clone()).ok())
         .ok_or_else(|| bad("no shape"))?;
     if shape.is_empty() || shape[0] != nsteps {
-        return Err(bad(&format!("shape {shape:?}, expected [{nsteps} steps, ...]")));
+        return Err(bad(&format!(
+            "shape {shape:?}, expected [{nsteps} steps, ...]"
+        )));
     }
     let row: usize = shape[1..].iter().product();
     let offs: Vec<u64> = entry

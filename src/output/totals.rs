@@ -85,7 +85,12 @@ pub fn write_totals(path: &Path, summary: &Summary, totals: &ParamTotals) -> Res
             ));
         }
         if let Some(v) = &totals.l2_lca {
-            entries.push((format!("l2_lca/{}", p.name), "F64", shape, f64_bytes(&v[pi])));
+            entries.push((
+                format!("l2_lca/{}", p.name),
+                "F64",
+                shape,
+                f64_bytes(&v[pi]),
+            ));
         }
     }
     let mut header = serde_json::Map::new();
@@ -144,8 +149,8 @@ pub fn read_totals(dir: &Path, summary: &Summary) -> Result<ParamTotals> {
 }
 
 fn read_totals_file(path: &Path, summary: &Summary) -> Result<ParamTotals> {
-    let (start, tensors) =
-        crate::safetensors_header::read_file_header(path).map_err(|e| out_err(path, e.to_string()))?;
+    let (start, tensors) = crate::safetensors_header::read_file_header(path)
+        .map_err(|e| out_err(path, e.to_string()))?;
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))

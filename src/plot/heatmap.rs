@@ -121,7 +121,11 @@ impl HeatmapFigure {
         let what = if units.len() > 1 {
             format!(
                 "rows: neurons of {} (index along axis 0, summed over the other axes)",
-                units.iter().map(|u| u.0).collect::<Vec<_>>().join(", then ")
+                units
+                    .iter()
+                    .map(|u| u.0)
+                    .collect::<Vec<_>>()
+                    .join(", then ")
             )
         } else {
             format!(
@@ -173,7 +177,9 @@ impl HeatmapFigure {
                 ((r % c) / hd) * 4 + r / c
             })?);
             if let Some(b) = &a.in_proj_bias {
-                add(read_bucket_steps(&path, b, n, &|k| ((k % c) / hd) * 4 + k / c)?);
+                add(read_bucket_steps(&path, b, n, &|k| {
+                    ((k % c) / hd) * 4 + k / c
+                })?);
                 tensors.push(b.clone());
             }
             let cols = width(&a.out_proj_weight);

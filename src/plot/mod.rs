@@ -65,10 +65,8 @@ pub struct PlotOptions {
 
 /// Read a vocabulary file: one token per line (the line number is the token id).
 pub fn read_vocab(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| LcaError::Usage(format!(
-        "--vocab {}: {e}",
-        path.display()
-    )))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LcaError::Usage(format!("--vocab {}: {e}", path.display())))?;
     Ok(text.lines().map(|l| l.to_string()).collect())
 }
 

@@ -130,7 +130,12 @@ mod tests {
 
     fn layers(n: usize) -> Vec<(String, Vec<f64>)> {
         (0..n)
-            .map(|i| (format!("blocks.{}.fc{}", i / 2, i % 2 + 1), vec![-(i as f64), 1.0]))
+            .map(|i| {
+                (
+                    format!("blocks.{}.fc{}", i / 2, i % 2 + 1),
+                    vec![-(i as f64), 1.0],
+                )
+            })
             .collect()
     }
 

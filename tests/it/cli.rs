@@ -136,7 +136,11 @@ fn outputs_are_identical_for_one_and_two_threads() {
 fn lca_tensors_hold_per_step_values_that_sum_to_the_tables() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o");
-    analyze("mlp", &out, &["--quiet", "--lca-dtype", "f64", "--params-csv"]);
+    analyze(
+        "mlp",
+        &out,
+        &["--quiet", "--lca-dtype", "f64", "--params-csv"],
+    );
     let bytes = std::fs::read(out.join("lca.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let w = st.tensor("fc2.weight").unwrap();
@@ -167,7 +171,15 @@ fn lca_tensors_hold_per_step_values_that_sum_to_the_tables() {
     // totals.safetensors holds the same totals and step counts, bit for bit: the per-parameter
     // view read from it equals params.csv row for row.
     let o = lca()
-        .args(["summarize", "--by", "param", "--sort", "order", "--format", "csv"])
+        .args([
+            "summarize",
+            "--by",
+            "param",
+            "--sort",
+            "order",
+            "--format",
+            "csv",
+        ])
         .arg(&out)
         .output()
         .unwrap();
@@ -175,11 +187,24 @@ fn lca_tensors_hold_per_step_values_that_sum_to_the_tables() {
     let view = csv_rows_str(&String::from_utf8(o.stdout).unwrap());
     assert_eq!(view.len(), rows.len());
     for (a, b) in view.iter().zip(&rows) {
-        for k in ["tensor", "layer", "flat_index", "index", "helped_steps", "hurt_steps"] {
+        for k in [
+            "tensor",
+            "layer",
+            "flat_index",
+            "index",
+            "helped_steps",
+            "hurt_steps",
+        ] {
             assert_eq!(a[k], b[k], "{k}");
         }
         let (x, y): (f64, f64) = (a["lca"].parse().unwrap(), b["lca"].parse().unwrap());
-        assert_eq!(x.to_bits(), y.to_bits(), "{} {}", a["tensor"], a["flat_index"]);
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "{} {}",
+            a["tensor"],
+            a["flat_index"]
+        );
     }
 }
 
@@ -194,11 +219,17 @@ fn params_csv_is_written_only_on_request() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let w = st.tensor("lca/fc1.weight").unwrap();
     assert_eq!(w.shape(), &[32, 64]);
-    assert_eq!(st.tensor("helped_steps/fc1.weight").unwrap().dtype(), safetensors::Dtype::U16);
+    assert_eq!(
+        st.tensor("helped_steps/fc1.weight").unwrap().dtype(),
+        safetensors::Dtype::U16
+    );
     // 12 bytes per parameter plus the header.
     let n = 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10;
     let len = std::fs::metadata(&totals).unwrap().len() as usize;
-    assert!(len >= 12 * n && len < 12 * n + 4096, "{len} bytes for {n} parameters");
+    assert!(
+        len >= 12 * n && len < 12 * n + 4096,
+        "{len} bytes for {n} parameters"
+    );
     // The neuron view reads it.
     let o = lca()
         .args(["summarize", "--by", "neuron", "--top", "3"])

@@ -102,7 +102,10 @@ fn assert_integer_step_ticks(h: f64, t: &[SvgText], bottom: f64, what: &str) {
 #[test]
 fn the_layers_figure_of_42_layers_is_readable() {
     let dir = tempfile::tempdir().unwrap();
-    for (extra, name) in [(&[][..], "layers.svg"), (&["--by", "block"][..], "blocks.svg")] {
+    for (extra, name) in [
+        (&[][..], "layers.svg"),
+        (&["--by", "block"][..], "blocks.svg"),
+    ] {
         let f = dir.path().join(name);
         plot("layers", &f, extra);
         let (w, h, t) = texts(&f);
@@ -127,7 +130,10 @@ fn the_layers_figure_of_42_layers_is_readable() {
         // No number is cut: every legend value parses.
         for e in &entries {
             let v = e.rsplit("  ").next().unwrap();
-            assert!(v.parse::<f64>().is_ok(), "{name}: legend value {v:?} in {e:?}");
+            assert!(
+                v.parse::<f64>().is_ok(),
+                "{name}: legend value {v:?} in {e:?}"
+            );
         }
     }
 }
@@ -169,12 +175,21 @@ fn the_report_of_42_layers_names_layers_with_significant_digits() {
     let body = html.trim_start_matches("<!DOCTYPE html>").trim_start();
     roxmltree::Document::parse(body).expect("well-formed");
     assert!(html.contains("The layer that lowered the loss most: <code>head</code>"));
-    assert!(!html.contains("+0.0000"), "a layer listed as hurting with +0.0000");
+    assert!(
+        !html.contains("+0.0000"),
+        "a layer listed as hurting with +0.0000"
+    );
     assert!(
         !html.contains("running statistics; not a layer"),
         "no buffers in this model"
     );
-    for id in ["fig-loss", "fig-layers", "fig-helped", "fig-peaks", "fig-heatmap"] {
+    for id in [
+        "fig-loss",
+        "fig-layers",
+        "fig-helped",
+        "fig-peaks",
+        "fig-heatmap",
+    ] {
         assert!(html.contains(&format!("<figure id=\"{id}\"><svg")), "{id}");
     }
     assert!(html.contains("the other 33 layers"));
