@@ -86,13 +86,42 @@ pub struct Selection {
     pub every: usize,
 }
 
+/// Which engine evaluates the loss and gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// This program's evaluator (a spec is required).
+    Builtin,
+    /// A PyTorch worker process (`python -m lca.engine.worker`).
+    Torch,
+}
+
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
-    /// Directory of *.safetensors checkpoints (one per training step).
+    /// Directory of *.safetensors checkpoints (one per training step); with `--engine torch`
+    /// also a Recorder run directory (with lca-run.json).
     pub ckpts: PathBuf,
-    /// Model spec (architecture, loss, training set): see docs/spec.md.
+    /// Model spec (architecture, loss, training set): see docs/spec.md. Optional with
+    /// `--engine torch` and a Recorder run.
     #[arg(long, short = 's')]
-    pub spec: PathBuf,
+    pub spec: Option<PathBuf>,
+    /// Evaluation engine: `builtin` (this program, from the spec) or `torch` (a PyTorch worker
+    /// process evaluating the model's own code; see docs/engines.md).
+    #[arg(long, value_enum, default_value_t = EngineKind::Builtin)]
+    pub engine: EngineKind,
+    /// The model for `--engine torch`: FILE.py:FACTORY, package.module:factory, an exported
+    /// .pt2, or a Recorder run directory / lca-run.json (default: the run of the checkpoints).
+    #[arg(long, value_name = "MODEL")]
+    pub torch_model: Option<String>,
+    /// Device of `--engine torch`: cpu, cuda, cuda:N or mps.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Samples per evaluation chunk of `--engine torch` (default: the spec's or run's, or
+    /// fitted to the GPU's memory).
+    #[arg(long, value_name = "N")]
+    pub chunk_size: Option<usize>,
+    /// Python interpreter of `--engine torch` (default: $LCA_PYTHON, else python3).
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
     /// Output directory (created; an existing one must be empty or a previous lca output).
     #[arg(long, short = 'o', default_value = "lca-out")]
     pub out: PathBuf,
@@ -350,9 +379,38 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     threads(a.threads)?;
+    let torch = match a.engine {
+        EngineKind::Torch => Some(crate::analyze::TorchOptions {
+            model: a.torch_model.clone(),
+            spec: a.spec.clone(),
+            device: a.device.clone(),
+            chunk_size: a.chunk_size,
+            python: a.python.clone(),
+        }),
+        EngineKind::Builtin => {
+            if a.torch_model.is_some()
+                || a.chunk_size.is_some()
+                || a.python.is_some()
+                || a.device != "cpu"
+            {
+                anyhow::bail!(
+                    "--torch-model, --device, --chunk-size and --python apply to --engine torch"
+                );
+            }
+            None
+        }
+    };
+    let spec = match (&a.spec, a.engine) {
+        (Some(s), _) => s.clone(),
+        (None, EngineKind::Torch) => PathBuf::new(),
+        (None, EngineKind::Builtin) => anyhow::bail!(
+            "--spec is required with the built-in engine (or use --engine torch with a Recorder run)"
+        ),
+    };
     let opts = AnalyzeOptions {
         ckpt_dir: a.ckpts,
-        spec: a.spec,
+        spec,
+        torch,
         out: a.out.clone(),
         first: a.select.first,
         last: a.select.last,

@@ -25,9 +25,11 @@ pub mod shard;
 pub mod step;
 pub mod summary;
 pub mod tallies;
+pub mod torch;
 
 pub use prepare::{Prepared, prepare, prepare_as};
 pub use tallies::l2_step;
+pub use torch::TorchOptions;
 
 use crate::checkpoint::{self, CheckpointFile};
 use crate::error::Result;
@@ -72,6 +74,8 @@ pub struct AnalyzeOptions {
     /// Share the first layer between Simpson's points when the model allows it
     /// ([`crate::eval::Evaluator::simpson_sharing_first`]); `false` evaluates every point in full.
     pub share_first_layer: bool,
+    /// Evaluate with the PyTorch worker (`--engine torch`) instead of the built-in engine.
+    pub torch: Option<TorchOptions>,
 }
 
 /// Arithmetic of the evaluator.
@@ -88,6 +92,12 @@ pub enum Precision {
 
 /// Run the analysis; `note` receives human-readable notes and warnings (for stderr).
 pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
+    if let Some(t) = &opts.torch {
+        return match opts.precision {
+            Precision::F32 => torch::analyze_torch::<f32>(opts, t, note),
+            Precision::F64 => torch::analyze_torch::<f64>(opts, t, note),
+        };
+    }
     match opts.precision {
         Precision::F32 => analyze_in::<f32>(opts, note),
         Precision::F64 => analyze_in::<f64>(opts, note),
@@ -195,6 +205,7 @@ fn header<T: Real>(
                 Precision::F64 => "f64".into(),
             },
             shared_first_layer: plan.shared,
+            engine: p.engine.clone(),
         },
         step_spacing: plan.spacing.clone(),
         ignored_tensors: state.ignored.clone(),
@@ -286,6 +297,7 @@ mod tests {
             precision: Precision::F32,
             shard: None,
             share_first_layer: false,
+            torch: None,
         };
         let native = analyze(&opts("native"), &mut |_| {}).unwrap();
         let o = opts("plain");
