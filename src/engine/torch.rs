@@ -565,6 +565,15 @@ impl<T: Real> TorchEngine<T> {
         }
         w.next_id += 1;
         let id = w.next_id;
+        // Test hook: kill the worker before request N+1, as a crash or the OOM killer would.
+        if std::env::var("LCA_ENGINE_TEST_KILL_AFTER")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| id > n)
+        {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
         let header = json!({"cmd": cmd, "id": id, "dtype": if size == 4 { "f32" } else { "f64" }, "numel": m});
         let during = format!("during a {cmd} request (evaluation {id})");
         let sent = match w.stdin.as_mut() {
