@@ -134,7 +134,9 @@ pub(super) fn analyze_torch<T: Real>(
     if let Some(r) = &run
         && (opts.ckpt_dir == r.dir || opts.ckpt_dir == r.json_path)
     {
-        o.ckpt_dir = r.dir.join(run_str(r, "checkpoints").unwrap_or("checkpoints"));
+        o.ckpt_dir = r
+            .dir
+            .join(run_str(r, "checkpoints").unwrap_or("checkpoints"));
     }
     let model = match (&t.model, &run) {
         (Some(m), _) => m.clone(),
@@ -217,7 +219,9 @@ pub(super) fn analyze_torch<T: Real>(
         )));
     }
     if p.validation.take().is_some() {
-        note("warning: the validation set is not evaluated with --engine torch (only the training set)");
+        note(
+            "warning: the validation set is not evaluated with --engine torch (only the training set)",
+        );
     }
     p.spec.eval.chunk_size = h.chunk_size;
     p.engine = Some(EngineInfo {

@@ -118,7 +118,10 @@ mod tests {
             read_message(&mut &buf[..buf.len() - 1], &mut p),
             Err(ReadError::Eof)
         ));
-        assert!(matches!(read_message(&mut &b""[..], &mut p), Err(ReadError::Eof)));
+        assert!(matches!(
+            read_message(&mut &b""[..], &mut p),
+            Err(ReadError::Eof)
+        ));
         let mut bad = buf.clone();
         bad[0] = b'X';
         assert!(matches!(

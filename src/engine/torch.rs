@@ -366,7 +366,10 @@ impl Worker {
                 String::new()
             }
         );
-        if matches!(kind, "import_error" | "config_error" | "out_of_memory" | "internal") {
+        if matches!(
+            kind,
+            "import_error" | "config_error" | "out_of_memory" | "internal"
+        ) {
             // Those end the worker: note it so that no later request waits on it.
             self.dead = Some(msg.clone());
             self.stdin = None;
@@ -452,7 +455,11 @@ impl<T: Real> TorchEngine<T> {
             }
         }
         let hello = Hello::parse(m)?;
-        let want = if std::mem::size_of::<T>() == 4 { "f32" } else { "f64" };
+        let want = if std::mem::size_of::<T>() == 4 {
+            "f32"
+        } else {
+            "f64"
+        };
         if hello.precision != want {
             return Err(LcaError::Engine(format!(
                 "the PyTorch worker computes in {}, lca asked for {want}",
