@@ -86,6 +86,15 @@ pub struct Selection {
     pub every: usize,
 }
 
+/// Which engine evaluates the loss and gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// This program's evaluator (a spec is required).
+    Builtin,
+    /// A PyTorch worker process (`python -m lca.engine.worker`).
+    Torch,
+}
+
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
     /// Directory of checkpoints (one per training step: *.safetensors, torch.save files,
@@ -96,6 +105,24 @@ pub struct AnalyzeArgs {
     /// Recorder run directory.
     #[arg(long, short = 's')]
     pub spec: Option<PathBuf>,
+    /// Evaluation engine: `builtin` (this program, from the spec) or `torch` (a PyTorch worker
+    /// process evaluating the model's own code; see docs/engines.md).
+    #[arg(long, value_enum, default_value_t = EngineKind::Builtin)]
+    pub engine: EngineKind,
+    /// The model for `--engine torch`: FILE.py:FACTORY, package.module:factory, an exported
+    /// .pt2, or a Recorder run directory / lca-run.json (default: the run of the checkpoints).
+    #[arg(long, value_name = "MODEL")]
+    pub torch_model: Option<String>,
+    /// Device of `--engine torch`: cpu, cuda, cuda:N or mps.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Samples per evaluation chunk of `--engine torch` (default: the spec's or run's, or
+    /// fitted to the GPU's memory).
+    #[arg(long, value_name = "N")]
+    pub chunk_size: Option<usize>,
+    /// Python interpreter of `--engine torch` (default: $LCA_PYTHON, else python3).
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
     /// Output directory (created; an existing one must be empty or a previous lca output).
     #[arg(long, short = 'o', default_value = "lca-out")]
     pub out: PathBuf,
@@ -419,10 +446,36 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     threads(a.threads)?;
-    let (ckpt_dir, spec) = crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?;
+    let torch = match a.engine {
+        EngineKind::Torch => Some(crate::analyze::TorchOptions {
+            model: a.torch_model.clone(),
+            spec: a.spec.clone(),
+            device: a.device.clone(),
+            chunk_size: a.chunk_size,
+            python: a.python.clone(),
+        }),
+        EngineKind::Builtin => {
+            if a.torch_model.is_some()
+                || a.chunk_size.is_some()
+                || a.python.is_some()
+                || a.device != "cpu"
+            {
+                anyhow::bail!(
+                    "--torch-model, --device, --chunk-size and --python apply to --engine torch"
+                );
+            }
+            None
+        }
+    };
+    let (ckpt_dir, spec) = match a.engine {
+        // The worker reads a Recorder run itself; a spec is optional (its data and loss keys).
+        EngineKind::Torch => (a.ckpts.clone(), a.spec.clone().unwrap_or_default()),
+        EngineKind::Builtin => crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?,
+    };
     let opts = AnalyzeOptions {
         ckpt_dir,
         spec,
+        torch,
         out: a.out.clone(),
         first: a.select.first,
         last: a.select.last,

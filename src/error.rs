@@ -45,6 +45,10 @@ pub enum LcaError {
     /// describe the trained model).
     #[error("{0}")]
     LossMismatch(String),
+    /// A foreign evaluation engine (the PyTorch worker) failed: it could not load the model,
+    /// ran out of memory, or died; the message names the cause.
+    #[error("{0}")]
+    Engine(String),
     /// Invalid command-line usage detected by the library.
     #[error("{0}")]
     Usage(String),

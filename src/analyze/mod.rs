@@ -27,9 +27,11 @@ pub mod step;
 pub mod summary;
 pub mod tallies;
 pub mod verify;
+pub mod torch;
 
 pub use prepare::{Prepared, prepare, prepare_as};
 pub use tallies::l2_step;
+pub use torch::TorchOptions;
 
 use crate::checkpoint::{self, CheckpointFile};
 use crate::error::Result;
@@ -79,6 +81,8 @@ pub struct AnalyzeOptions {
     /// Refuse to run when lca's loss at the first checkpoint disagrees with the one PyTorch
     /// recorded in it ([`verify`]); `false` (`--no-verify-loss`) only warns.
     pub verify_loss: bool,
+    /// Evaluate with the PyTorch worker (`--engine torch`) instead of the built-in engine.
+    pub torch: Option<TorchOptions>,
 }
 
 /// Arithmetic of the evaluator.
@@ -95,6 +99,12 @@ pub enum Precision {
 
 /// Run the analysis; `note` receives human-readable notes and warnings (for stderr).
 pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
+    if let Some(t) = &opts.torch {
+        return match opts.precision {
+            Precision::F32 => torch::analyze_torch::<f32>(opts, t, note),
+            Precision::F64 => torch::analyze_torch::<f64>(opts, t, note),
+        };
+    }
     match opts.precision {
         Precision::F32 => analyze_in::<f32>(opts, note),
         Precision::F64 => analyze_in::<f64>(opts, note),
@@ -206,6 +216,7 @@ fn header<T: Real>(
             },
             shared_first_layer: plan.shared,
             budget: None,
+            engine: p.engine.clone(),
         },
         step_spacing: plan.spacing.clone(),
         ignored_tensors: state.ignored.clone(),
@@ -308,6 +319,7 @@ mod tests {
             shard: None,
             share_first_layer: false,
             verify_loss: true,
+            torch: None,
         };
         let native = analyze(&opts("native"), &mut |_| {}).unwrap();
         let o = opts("plain");

@@ -25,6 +25,8 @@ pub struct Prepared<T: Real = f32> {
     pub l2_mask: Vec<bool>,
     /// The batch norm mode, when the model has batch norm layers.
     pub batch_norm: Option<BnMode>,
+    /// The foreign engine that evaluates (`--engine torch`); `None`: the built-in one.
+    pub engine: Option<crate::output::EngineInfo>,
 }
 
 /// [`prepare_as`] with the model in f32.
@@ -101,6 +103,7 @@ pub fn prepare_as<T: Real>(
         listed,
         l2_mask,
         batch_norm,
+        engine: None,
     })
 }
 
@@ -162,7 +165,7 @@ fn l2_mask<T: Real>(spec: &Spec, model: &Model<T>) -> Result<Vec<bool>> {
 }
 
 /// Every parameter of the model is in `f`, with its shape and a float dtype.
-fn check_header<T: Real>(f: &CheckpointFile, model: &Model<T>) -> Result<()> {
+pub(crate) fn check_header<T: Real>(f: &CheckpointFile, model: &Model<T>) -> Result<()> {
     for p in &model.params {
         match f.tensors.iter().find(|t| p.answers_to(&t.name)) {
             None => {

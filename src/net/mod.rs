@@ -463,7 +463,8 @@ impl<T: Real> Model<T> {
 
     /// Shape of the model output per sample.
     pub fn output_shape(&self) -> &[usize] {
-        &self.nodes.last().expect("model has nodes").out_shape
+        // A model without nodes holds only the parameter list of a foreign engine's model.
+        self.nodes.last().map_or(&[], |n| &n.out_shape)
     }
 
     /// Number of trained parameter values (buffers not counted).

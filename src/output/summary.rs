@@ -176,6 +176,9 @@ pub struct IntegrationInfo {
     /// own budget, docs/scale-out.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetInfo>,
+    /// The engine that evaluated, when it is not the built-in one (`--engine torch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineInfo>,
 }
 
 /// Σ|r|/|ΔL| above which analyze warns and `lca check` fails by default (0.1 %).
@@ -201,6 +204,24 @@ pub struct BudgetInfo {
     pub evaluations_performed: usize,
     /// Steps with more than one panel.
     pub refined_steps: usize,
+}
+
+/// A foreign evaluation engine as recorded in `summary.json` and the resume journal: a
+/// resumed run or a shard must use the same one (the bits depend on it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    /// `torch`.
+    pub name: String,
+    /// The device it computed on (`cpu`, `cuda:0`, `mps`).
+    pub device: String,
+    /// `f32` (TF32 off) or `f64`.
+    pub precision: String,
+    /// The PyTorch version.
+    pub torch: String,
+    /// Samples per evaluation chunk.
+    pub chunk_size: usize,
+    /// The model reference the worker loaded.
+    pub model: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
