@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 /// Default relative tolerance of `--baseline` comparisons.
 pub const DEFAULT_RTOL: f64 = 1e-4;
 
+/// The residual gate every `lca check` applies unless `--max-residual` says otherwise:
+/// Σ|r|/|ΔL| ≤ 0.1 % (docs/integration.md, "When the residual is large").
+pub const DEFAULT_MAX_RESIDUAL: f64 = crate::output::LARGE_RESIDUAL;
+
 /// Which checks to run.
 #[derive(Debug, Clone, Default)]
 pub struct CheckOptions {
@@ -24,6 +28,9 @@ pub struct CheckOptions {
     pub max_step_residual: Option<f64>,
     /// Layers whose total LCA must not be positive.
     pub fail_if_layer_hurts: Vec<String>,
+    /// Largest allowed error bar of a layer's run-total LCA, as a fraction of |ΔL|
+    /// (docs/integration.md, "Error estimate").
+    pub max_layer_error: Option<f64>,
     /// Output directory of a baseline run.
     pub baseline: Option<PathBuf>,
     /// Relative tolerance against the baseline (default [`DEFAULT_RTOL`]).
@@ -101,6 +108,7 @@ fn layer_total(s: &Summary, name: &str) -> Option<f64> {
 pub fn check(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     non_negative("--max-residual", opts.max_residual)?;
     non_negative("--max-step-residual", opts.max_step_residual)?;
+    non_negative("--max-layer-error", opts.max_layer_error)?;
     non_negative("--rtol", opts.rtol)?;
     non_negative("--atol", opts.atol)?;
     if opts.baseline.is_none() && (opts.rtol.is_some() || opts.atol.is_some()) {
@@ -109,6 +117,7 @@ pub fn check(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     if opts.max_residual.is_none()
         && opts.max_step_residual.is_none()
         && opts.fail_if_layer_hurts.is_empty()
+        && opts.max_layer_error.is_none()
         && opts.baseline.is_none()
     {
         return Err(usage(
@@ -120,11 +129,19 @@ pub fn check(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     let mut results = Vec::new();
     let mut notes = Vec::new();
 
-    if let Some(max) = opts.max_residual {
+    // The residual gate always runs: at the default bound unless --max-residual is given.
+    let (max_residual, gate_name) = match opts.max_residual {
+        Some(m) => (Some(m), "residual Σ|r|/|ΔL|"),
+        None => (
+            Some(DEFAULT_MAX_RESIDUAL),
+            "residual Σ|r|/|ΔL| (default gate; --max-residual to change)",
+        ),
+    };
+    if let Some(max) = max_residual {
         let v = run.rel_abs_residual;
         results.push(CheckResult {
             passed: v.is_finite() && v <= max,
-            name: "residual Σ|r|/|ΔL|".into(),
+            name: gate_name.into(),
             detail: if v.is_finite() {
                 format!(
                     "{v:.3e} ({:.4}%) {} {max:.3e} ({:.4}%) [Σ|r| = {:.3e}, ΔL = {:+.6}]",
@@ -158,6 +175,38 @@ pub fn check(dir: &Path, opts: &CheckOptions) -> Result<CheckReport> {
                 if v <= max { "≤" } else { ">" }
             ),
         });
+    }
+    if let Some(max) = opts.max_layer_error {
+        let delta = run.delta_loss.abs();
+        let mut worst: Option<(&str, f64)> = None;
+        for l in &s.layers {
+            let Some(e) = l.lca_err else {
+                return Err(usage(format!(
+                    "--max-layer-error: {} has no error estimates (they come with --policy budget, the default)",
+                    dir.display()
+                )));
+            };
+            let rel = e / delta;
+            if worst.is_none_or(|(_, w)| rel > w || rel.is_nan()) {
+                worst = Some((&l.name, rel));
+            }
+        }
+        if let Some((name, v)) = worst {
+            let ok = v.is_finite() && v <= max;
+            results.push(CheckResult {
+                passed: ok,
+                name: "layer error bars ÷ |ΔL|".into(),
+                detail: format!(
+                    "largest: {name} {v:.3e} {} {max:.3e}{}",
+                    if ok { "≤" } else { ">" },
+                    if ok {
+                        ""
+                    } else {
+                        "; refine further: a smaller --target, or a larger --max-evals-factor"
+                    }
+                ),
+            });
+        }
     }
     for name in &opts.fail_if_layer_hurts {
         let Some(v) = layer_total(&s, name) else {

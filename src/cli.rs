@@ -5,10 +5,10 @@
 use crate::analyze::{AnalyzeOptions, Precision, analyze};
 use crate::check::{CheckOptions, check};
 use crate::inspect::{InspectOptions, inspect};
-use crate::lca::{Integration, Method};
+use crate::lca::{Integration, Method, Policy};
 use crate::output::tensors::StoreDtype;
 use crate::plot::{PlotKind, PlotOptions, plot};
-use crate::summarize::{By, Format, Sort, view};
+use crate::summarize::{By, Format, Sort, view_top};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -97,11 +97,12 @@ pub enum EngineKind {
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
-    /// Directory of *.safetensors checkpoints (one per training step); with `--engine torch`
-    /// also a Recorder run directory (with lca-run.json).
+    /// Directory of checkpoints (one per training step: *.safetensors, torch.save files,
+    /// Hugging Face checkpoint-N/ folders; see docs/checkpoints.md), or a run directory of
+    /// the Python Recorder (holding lca-run.json: its checkpoints and model.toml are used).
     pub ckpts: PathBuf,
-    /// Model spec (architecture, loss, training set): see docs/spec.md. Optional with
-    /// `--engine torch` and a Recorder run.
+    /// Model spec (architecture, loss, training set): see docs/spec.md. Optional for a
+    /// Recorder run directory.
     #[arg(long, short = 's')]
     pub spec: Option<PathBuf>,
     /// Evaluation engine: `builtin` (this program, from the spec) or `torch` (a PyTorch worker
@@ -133,9 +134,19 @@ pub struct AnalyzeArgs {
     /// Do not refine Simpson steps adaptively (plain 1-4-1 Simpson).
     #[arg(long)]
     pub no_adaptive: bool,
-    /// Refine a step while |residual| exceeds this (loss units).
-    #[arg(long, default_value_t = 1e-3, value_name = "LOSS")]
-    pub tolerance: f64,
+    /// How refinement is decided: `budget` (default: a run-level error budget, Σ|r|/|ΔL| ≤
+    /// --target) or `tolerance` (a bound per step; implied by --tolerance/--rel-tolerance).
+    #[arg(long, value_enum)]
+    pub policy: Option<Policy>,
+    /// Budget policy: the target Σ|r|/|ΔL| (fraction; 1e-4 = 0.01 %).
+    #[arg(long, default_value_t = 1e-4, value_name = "FRACTION")]
+    pub target: f64,
+    /// Budget policy: at most this many times plain Simpson's evaluations.
+    #[arg(long, default_value_t = 4.0, value_name = "FACTOR")]
+    pub max_evals_factor: f64,
+    /// Tolerance policy: refine a step while |residual| exceeds this (loss units) [default: 1e-3].
+    #[arg(long, value_name = "LOSS")]
+    pub tolerance: Option<f64>,
     /// Also accept a step when |residual| ≤ this fraction of |ΔL| of the step.
     #[arg(long, value_name = "FRACTION")]
     pub rel_tolerance: Option<f64>,
@@ -145,6 +156,10 @@ pub struct AnalyzeArgs {
     /// Do not write per-step, per-parameter LCA (lca.safetensors).
     #[arg(long)]
     pub no_lca_tensors: bool,
+    /// Also write params.csv, one row per parameter (about 60 bytes per parameter; the same
+    /// totals are always in totals.safetensors, 12 bytes per parameter).
+    #[arg(long)]
+    pub params_csv: bool,
     /// Element type of lca.safetensors.
     #[arg(long, value_enum, default_value_t = StoreDtype::F32)]
     pub lca_dtype: StoreDtype,
@@ -174,6 +189,10 @@ pub struct AnalyzeArgs {
     /// (Kubernetes) or SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN (Slurm).
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// Analyse even when lca's loss at the first checkpoint disagrees with the one PyTorch
+    /// recorded in it (the Python Recorder's `lca.torch_loss`): warn instead of refusing.
+    #[arg(long)]
+    pub no_verify_loss: bool,
 }
 
 #[derive(Debug, Args)]
@@ -223,6 +242,14 @@ pub struct PlotArgs {
     /// Height in pixels (default 800; taller for many layers or neurons).
     #[arg(long)]
     pub height: Option<u32>,
+    /// Lines (layers figure) and panels (peaks figure) per layer or per block; either way the
+    /// largest ones are drawn and the others summed into one "the rest".
+    #[arg(long, value_enum, default_value_t = crate::plot::series::GroupBy::Layer)]
+    pub by: crate::plot::series::GroupBy,
+    /// Vocabulary file, one token per line (line i = token id i), to label the rows of an
+    /// embedding's heat map.
+    #[arg(long, value_name = "FILE")]
+    pub vocab: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +280,9 @@ pub struct CheckArgs {
     /// Fail when this layer's total LCA is positive (it raised the loss). Repeatable.
     #[arg(long, value_name = "NAME")]
     pub fail_if_layer_hurts: Vec<String>,
+    /// Fail when a layer's error bar (`lca_err`, run total) exceeds this fraction of |ΔL|.
+    #[arg(long, value_name = "FRACTION")]
+    pub max_layer_error: Option<f64>,
     /// Compare every layer's total LCA with this baseline output directory.
     #[arg(long, value_name = "OTHER_OUT")]
     pub baseline: Option<PathBuf>,
@@ -266,11 +296,11 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Directory of *.safetensors checkpoints.
+    /// Directory of checkpoints, or a Recorder run directory (holding lca-run.json).
     pub ckpts: PathBuf,
-    /// Model spec: see docs/spec.md.
+    /// Model spec: see docs/spec.md. Optional for a Recorder run directory.
     #[arg(long, short = 's')]
-    pub spec: PathBuf,
+    pub spec: Option<PathBuf>,
     #[command(flatten)]
     pub select: Selection,
     /// Integration rule to estimate the work for.
@@ -322,10 +352,32 @@ pub struct ManArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// The most worker threads `--threads` accepts: more than the cores gain nothing, and a
+/// thread costs memory (its stack) and start-up time.
+pub const MAX_THREADS: usize = 1024;
+/// The largest `--max-splits`: each doubling doubles the gradient evaluations a step may take.
+pub const MAX_SPLITS: usize = 1 << 16;
+
+fn max_splits(n: usize) -> anyhow::Result<()> {
+    if n < 2 || !n.is_power_of_two() {
+        anyhow::bail!("--max-splits must be a power of two ≥ 2, got {n}");
+    }
+    if n > MAX_SPLITS {
+        anyhow::bail!("--max-splits must be at most {MAX_SPLITS}, got {n}");
+    }
+    Ok(())
+}
+
 fn threads(n: Option<usize>) -> anyhow::Result<()> {
     if let Some(n) = n {
         if n == 0 {
             anyhow::bail!("--threads must be at least 1");
+        }
+        if n > MAX_THREADS {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            anyhow::bail!(
+                "--threads must be at most {MAX_THREADS}, got {n} (this machine has {cores} cores)"
+            );
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -342,10 +394,26 @@ fn print(text: &str) {
 }
 
 fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
-    if !(a.tolerance >= 0.0 && a.tolerance.is_finite()) {
+    let tolerance = a.tolerance.unwrap_or(1e-3);
+    if !(tolerance >= 0.0 && tolerance.is_finite()) {
+        anyhow::bail!("--tolerance must be a finite number ≥ 0, got {tolerance}");
+    }
+    let explicit = a.tolerance.is_some() || a.rel_tolerance.is_some();
+    let policy = match (a.policy, explicit) {
+        (Some(Policy::Budget), true) => anyhow::bail!(
+            "--tolerance/--rel-tolerance belong to --policy tolerance; drop them or the --policy budget"
+        ),
+        (Some(p), _) => p,
+        (None, true) => Policy::Tolerance,
+        (None, false) => Policy::Budget,
+    };
+    if !(a.target > 0.0 && a.target.is_finite()) {
+        anyhow::bail!("--target must be a finite number > 0, got {}", a.target);
+    }
+    if !(a.max_evals_factor >= 1.0 && a.max_evals_factor.is_finite()) {
         anyhow::bail!(
-            "--tolerance must be a finite number ≥ 0, got {}",
-            a.tolerance
+            "--max-evals-factor must be a finite number ≥ 1, got {}",
+            a.max_evals_factor
         );
     }
     if let Some(r) = a.rel_tolerance
@@ -353,18 +421,17 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
     {
         anyhow::bail!("--rel-tolerance must be a finite number ≥ 0, got {r}");
     }
-    if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
-        anyhow::bail!(
-            "--max-splits must be a power of two ≥ 2, got {}",
-            a.max_splits
-        );
-    }
+    max_splits(a.max_splits)?;
     Ok(Integration {
         method: a.method,
         adaptive: !a.no_adaptive && a.method == Method::Simpson,
-        abs_tol: a.tolerance,
+        abs_tol: tolerance,
         rel_tol: a.rel_tolerance,
         max_splits: a.max_splits,
+        policy,
+        target: a.target,
+        max_evals_factor: a.max_evals_factor,
+        ..Integration::default()
     })
 }
 
@@ -400,15 +467,13 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let spec = match (&a.spec, a.engine) {
-        (Some(s), _) => s.clone(),
-        (None, EngineKind::Torch) => PathBuf::new(),
-        (None, EngineKind::Builtin) => anyhow::bail!(
-            "--spec is required with the built-in engine (or use --engine torch with a Recorder run)"
-        ),
+    let (ckpt_dir, spec) = match a.engine {
+        EngineKind::Builtin => crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?,
+        // The torch engine reads a Recorder run itself (it needs no model.toml).
+        EngineKind::Torch => (a.ckpts.clone(), a.spec.clone().unwrap_or_default()),
     };
     let opts = AnalyzeOptions {
-        ckpt_dir: a.ckpts,
+        ckpt_dir,
         spec,
         torch,
         out: a.out.clone(),
@@ -417,11 +482,13 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         every: a.select.every,
         integration,
         store: (!a.no_lca_tensors).then_some(a.lca_dtype),
+        params_csv: a.params_csv,
         quiet: a.quiet,
         precision: a.precision,
         resume: a.resume,
         shard,
         share_first_layer: !a.no_share_first_layer,
+        verify_loss: !a.no_verify_loss,
     };
     crate::interrupt::install();
     let quiet = a.quiet;
@@ -493,11 +560,11 @@ fn print_report(s: &crate::output::Summary, out: &std::path::Path) {
 }
 
 fn run_summarize(a: SummarizeArgs) -> anyhow::Result<()> {
-    let (_, mut table) = view(&a.out, a.by)?;
     let sort = a.sort.unwrap_or(match a.by {
         By::Layer | By::Block | By::Tensor | By::Step | By::Head => Sort::Order,
         By::Neuron | By::Param => Sort::Helped,
     });
+    let (_, mut table) = view_top(&a.out, a.by, sort, a.top)?;
     table.sort_and_limit(sort, a.top);
     let text = match a.format {
         Format::Table => table.to_text(),
@@ -515,6 +582,8 @@ fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
         layer: a.layer,
         width: a.width,
         height: a.height,
+        by: a.by,
+        vocab: a.vocab,
     };
     plot(&a.out, &opts)?;
     eprintln!("wrote {}", opts.file.display());
@@ -546,6 +615,7 @@ fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
         max_residual: a.max_residual,
         max_step_residual: a.max_step_residual,
         fail_if_layer_hurts: a.fail_if_layer_hurts,
+        max_layer_error: a.max_layer_error,
         baseline: a.baseline,
         rtol: a.rtol,
         atol: a.atol,
@@ -560,16 +630,12 @@ fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
 }
 
 fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
-    if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
-        anyhow::bail!(
-            "--max-splits must be a power of two ≥ 2, got {}",
-            a.max_splits
-        );
-    }
+    max_splits(a.max_splits)?;
     threads(a.threads)?;
+    let (ckpt_dir, spec) = crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?;
     let opts = InspectOptions {
-        ckpt_dir: a.ckpts,
-        spec: a.spec,
+        ckpt_dir,
+        spec,
         first: a.select.first,
         last: a.select.last,
         every: a.select.every,

@@ -45,6 +45,10 @@ pub enum LcaError {
     /// ran out of memory, or died; the message names the cause.
     #[error("{0}")]
     Engine(String),
+    /// lca's loss at θ_0 disagrees with the one PyTorch recorded (the spec or data do not
+    /// describe the trained model).
+    #[error("{0}")]
+    LossMismatch(String),
     /// Invalid command-line usage detected by the library.
     #[error("{0}")]
     Usage(String),

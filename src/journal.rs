@@ -281,6 +281,9 @@ struct StateHeader {
     numel: Vec<usize>,
     val: bool,
     l2: bool,
+    /// Sums of squared error estimates (the budget policy); absent in older journals.
+    #[serde(default)]
+    err_sq: Option<crate::output::ErrSquares>,
 }
 
 fn jerr(path: &Path, msg: impl Into<String>) -> LcaError {
@@ -308,6 +311,7 @@ fn encode_state(state: &RunState, files: &[(String, u64)]) -> Result<Vec<u8>> {
         numel: t.lca.iter().map(Vec::len).collect(),
         val: t.val_lca.is_some(),
         l2: t.l2_lca.is_some(),
+        err_sq: t.err_sq.clone(),
     };
     let json = serde_json::to_vec(&header).map_err(|e| LcaError::Output {
         path: PathBuf::from(STATE),
@@ -443,6 +447,7 @@ fn decode_state(path: &Path, bytes: &[u8]) -> Result<(RunState, Vec<(String, u64
                 hurt_steps,
                 val_lca,
                 l2_lca,
+                err_sq: h.err_sq,
             },
         },
         h.files,
@@ -613,6 +618,10 @@ mod tests {
                 hurt_steps: vec![vec![4, 5, u32::MAX], vec![]],
                 val_lca: Some(vec![vec![0.1, 0.2, 0.3], vec![]]),
                 l2_lca: None,
+                err_sq: Some(crate::output::ErrSquares {
+                    tensors: vec![1.0 / 3.0, 0.0],
+                    layers: vec![1e-300],
+                }),
             },
         };
         let files = vec![(".steps.csv.partial".to_string(), 1234u64)];

@@ -11,6 +11,34 @@
 use crate::error::Result;
 use crate::eval::{LossGrad, SharedSimpson};
 
+pub mod budget;
+
+/// How refinement is decided (docs/integration.md).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// A run-level error budget: plain Simpson on every step, then split the panels with the
+    /// largest residuals until Σ|r|/|ΔL| ≤ the target (the default).
+    Budget,
+    /// A bound per step (`--tolerance`, `--rel-tolerance`), doubling the step's sub-intervals.
+    Tolerance,
+}
+
+fn legacy_policy() -> Policy {
+    Policy::Tolerance
+}
+fn default_target() -> f64 {
+    1e-4
+}
+fn default_safety() -> f64 {
+    0.8
+}
+fn default_cap() -> f64 {
+    4.0
+}
+
 /// Quadrature rule.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
@@ -37,6 +65,18 @@ pub struct Integration {
     pub rel_tol: Option<f64>,
     /// Largest number of Simpson sub-intervals (a power of two ≥ 2).
     pub max_splits: usize,
+    /// How refinement is decided; runs of older versions used `tolerance`.
+    #[serde(default = "legacy_policy")]
+    pub policy: Policy,
+    /// Budget policy: the target Σ_t|r_t| / |L_T − L_0|.
+    #[serde(default = "default_target")]
+    pub target: f64,
+    /// Budget policy: the fraction of the target the refinement aims at (room for f32 noise).
+    #[serde(default = "default_safety")]
+    pub safety: f64,
+    /// Budget policy: at most this many times plain Simpson's 1 + 2S evaluations.
+    #[serde(default = "default_cap")]
+    pub max_evals_factor: f64,
 }
 
 impl Default for Integration {
@@ -47,11 +87,28 @@ impl Default for Integration {
             abs_tol: 1e-3,
             rel_tol: None,
             max_splits: 32,
+            policy: Policy::Budget,
+            target: default_target(),
+            safety: default_safety(),
+            max_evals_factor: default_cap(),
         }
     }
 }
 
 impl Integration {
+    /// Whether the run-level budget decides refinement (Simpson, adaptive, `--policy budget`).
+    pub fn uses_budget(&self) -> bool {
+        self.policy == Policy::Budget && self.method == Method::Simpson && self.adaptive
+    }
+
+    /// The per-step settings of the absolute-tolerance policy with the same rule.
+    pub fn per_step(&self) -> Integration {
+        Integration {
+            policy: Policy::Tolerance,
+            ..*self
+        }
+    }
+
     /// The residual bound of a step with loss change `delta`.
     pub fn bound(&self, delta: f64) -> f64 {
         match self.rel_tol {
@@ -76,6 +133,9 @@ pub struct StepLca {
     pub capped: bool,
     /// Gradient evaluations spent on this step (the start point is not counted: it is reused).
     pub evaluations: usize,
+    /// Error estimate of each tensor's LCA (model order; [`budget::estimate`]); `None` where
+    /// the rule keeps no per-point samples (the tolerance policy).
+    pub err: Option<Vec<f64>>,
 }
 
 /// Interpolate θ_t + s·Δθ in f64, rounded to the evaluator's precision.
@@ -258,6 +318,7 @@ pub fn integrate_step(
             splits,
             capped,
             evaluations,
+            err: None,
         })
         .collect();
     Ok((steps, end))
@@ -289,6 +350,7 @@ pub fn finish_shared_step(
         splits: 2,
         capped: !ok && opts.adaptive,
         evaluations: 2,
+        err: None,
     };
     let mut out = vec![step((lca0, sum0), s0)];
     out.extend(

@@ -158,11 +158,13 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
         store: info.inputs.lca_tensors,
         validation: has_val,
         l2: false,
+        // The merged run writes params.csv when its parts were asked to.
+        params_csv: parts[0].dir.join("params.csv").is_file(),
     };
     let (mut od, _) = OutDir::prepare(out)?;
     od.remove_partials()?;
     let mut exporters = Exporters::open(&mut od, &plan, &Start::Fresh)?;
-    let mut totals = layout.zero_totals(has_val, has_l2);
+    let mut totals = layout.zero_totals(has_val, has_l2, false);
     let loss_first = base.run.loss_first;
     let mut records: Vec<StepRecord> = Vec::with_capacity(plan.steps.len());
     let mut checkpoints = Vec::with_capacity(plan.steps.len() + 1);
@@ -288,6 +290,7 @@ fn replay(
             lca: &lca,
             val: val.as_deref(),
             l2: l2.as_deref(),
+            err: None,
         };
         let groups = step_groups(layout, values);
         let mut rec = rec.clone();
@@ -295,7 +298,7 @@ fn replay(
         rec.reconstructed_loss =
             records.last().map_or(loss_first, |r| r.reconstructed_loss) + rec.lca_sum;
         exporters.step(&groups.output(&rec, values))?;
-        accumulate(totals, values);
+        accumulate(totals, values, &groups);
         records.push(rec);
     }
     Ok(())

@@ -16,6 +16,7 @@
 //! - [`summary`]: the summary builder shared with `merge`;
 //! - [`shard`] and [`merge`]: scale-out (`--shard K/N`, `lca merge`).
 
+pub mod budget;
 pub mod exporters;
 pub mod merge;
 pub mod plan;
@@ -26,6 +27,7 @@ pub mod step;
 pub mod summary;
 pub mod tallies;
 pub mod torch;
+pub mod verify;
 
 pub use prepare::{Prepared, prepare, prepare_as};
 pub use tallies::l2_step;
@@ -62,6 +64,8 @@ pub struct AnalyzeOptions {
     pub integration: Integration,
     /// Element type of `lca.safetensors`, or `None` not to write it.
     pub store: Option<StoreDtype>,
+    /// Also write `params.csv` (one row per parameter; large for large models).
+    pub params_csv: bool,
     /// Hide the progress bar.
     pub quiet: bool,
     /// Continue the interrupted run whose journal is in `out` (see `docs/reliability.md`).
@@ -76,6 +80,9 @@ pub struct AnalyzeOptions {
     pub share_first_layer: bool,
     /// Evaluate with the PyTorch worker (`--engine torch`) instead of the built-in engine.
     pub torch: Option<TorchOptions>,
+    /// Refuse to run when lca's loss at the first checkpoint disagrees with the one PyTorch
+    /// recorded in it ([`verify`]); `false` (`--no-verify-loss`) only warns.
+    pub verify_loss: bool,
 }
 
 /// Arithmetic of the evaluator.
@@ -145,6 +152,9 @@ pub fn run<E: Engine>(
             saved,
         } => (out, journal, saved),
     };
+    // The step loop checks for a stop at every gradient evaluation: from here on the first
+    // signal stops it tidily (before, it exits at once: src/interrupt.rs).
+    crate::interrupt::set_graceful(true);
     step::Run::new(opts, p, &plan, train, val, out, journal).execute(saved, note)
 }
 
@@ -206,9 +216,19 @@ fn header<T: Real>(
             },
             shared_first_layer: plan.shared,
             engine: p.engine.clone(),
+            budget: None,
         },
         step_spacing: plan.spacing.clone(),
         ignored_tensors: state.ignored.clone(),
+        loss_check: plan.files(p).first().and_then(|f| {
+            let torch = verify::recorded(f).ok().flatten()?;
+            Some(verify::compare(
+                f,
+                &torch,
+                state.loss_first,
+                opts.verify_loss,
+            ))
+        }),
     }
 }
 
@@ -246,16 +266,16 @@ fn directory_changes(
         }
     }
     for f in selected {
-        match std::fs::metadata(&f.path) {
+        match checkpoint::source_len(&f.path) {
             Err(_) => out.push(format!(
                 "{} was removed during the run, after it had been read",
                 f.path.display()
             )),
-            Ok(m) if m.len() != f.len => out.push(format!(
+            Ok(len) if len != f.len => out.push(format!(
                 "{} changed during the run ({} bytes when read, {} now); the results use the content that was read",
                 f.path.display(),
                 f.len,
-                m.len()
+                len
             )),
             Ok(_) => {}
         }
@@ -292,12 +312,14 @@ mod tests {
             every: 1,
             integration: Integration::default(),
             store: None,
+            params_csv: false,
             quiet: true,
             resume: false,
             precision: Precision::F32,
             shard: None,
             share_first_layer: false,
             torch: None,
+            verify_loss: true,
         };
         let native = analyze(&opts("native"), &mut |_| {}).unwrap();
         let o = opts("plain");

@@ -49,6 +49,15 @@ pub fn prepare_as<T: Real>(
     last: Option<u64>,
     every: usize,
 ) -> Result<Prepared<T>> {
+    // Test hook: `LCA_TEST_PREPARE_DELAY_MS` stands for a slow input read (it does not look
+    // at the interrupt flag, as a blocked read cannot), so that the tests can check that the
+    // first signal ends the run at once while the inputs are read.
+    if let Some(ms) = std::env::var("LCA_TEST_PREPARE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let spec = Spec::load(spec_path)?;
     let spec_sha256 = crate::tensors::sha256_hex(spec.source.as_bytes());
     let loss = match spec.loss {

@@ -46,7 +46,7 @@ fn interrupted() -> Result<()> {
 
 impl<E: Engine> Objectives<'_, E> {
     /// Loss and gradient of every objective at `theta`.
-    fn at(&self, theta: &[Vec<E::Real>]) -> Result<Vec<LossGrad>> {
+    pub(super) fn at(&self, theta: &[Vec<E::Real>]) -> Result<Vec<LossGrad>> {
         interrupted()?;
         let mut r = vec![self.train.loss_and_grad(theta)?];
         if let Some(v) = self.val {
@@ -102,6 +102,8 @@ pub(crate) struct Run<'a, E: Engine> {
     theta0: Vec<Vec<f32>>,
     start: Vec<LossGrad>,
     carries: [Option<E::Carry>; 2],
+    /// The budget policy's plan (`None` with the tolerance policy).
+    budget: Option<super::budget::BudgetPlan>,
 }
 
 impl<'a, E: Engine> Run<'a, E> {
@@ -135,6 +137,7 @@ impl<'a, E: Engine> Run<'a, E> {
             theta0: Vec::new(),
             start: Vec::new(),
             carries: [None, None],
+            budget: None,
         }
     }
 
@@ -153,9 +156,13 @@ impl<'a, E: Engine> Run<'a, E> {
 
     fn stages(&mut self, saved: Option<Saved>, note: &mut dyn FnMut(&str)) -> Result<Summary> {
         self.open_exporters(saved.as_ref())?;
+        let fresh = saved.is_none();
         match saved {
             None => self.start_fresh(note)?,
             Some((state, _)) => self.restore(state, note)?,
+        }
+        if self.opts.integration.uses_budget() {
+            self.plan_budget(fresh, note)?;
         }
         for i in self.finished()..self.plan.nsteps {
             self.step(i)?;
@@ -180,6 +187,7 @@ impl<'a, E: Engine> Run<'a, E> {
             store: self.plan.store,
             validation: self.objectives.val.is_some(),
             l2: self.opts.shard.is_some() && self.l2.is_some(),
+            params_csv: self.opts.params_csv,
         };
         let jdir = Journal::dir_of(&self.opts.out);
         let start = match saved {
@@ -214,6 +222,14 @@ impl<'a, E: Engine> Run<'a, E> {
             .objectives
             .at(&widen::<E::Real>(&first.theta))
             .map_err(|e| at_checkpoint(e, &self.files[0]))?;
+        // Verification against PyTorch, before any step and before any output is committed.
+        super::verify::check(
+            &self.files[0],
+            start[0].loss,
+            self.opts.verify_loss,
+            self.p.batch_norm,
+            note,
+        )?;
         self.state = Some(RunState {
             records: Vec::with_capacity(self.plan.nsteps),
             checkpoint_sha256: vec![first.sha256],
@@ -223,9 +239,11 @@ impl<'a, E: Engine> Run<'a, E> {
                 .l2
                 .map(|lam| l2_penalty(lam, &first.theta, &self.p.l2_mask)),
             ignored: first.unused,
-            totals: self
-                .layout
-                .zero_totals(self.objectives.val.is_some(), self.l2.is_some()),
+            totals: self.layout.zero_totals(
+                self.objectives.val.is_some(),
+                self.l2.is_some(),
+                self.opts.integration.uses_budget(),
+            ),
         });
         self.theta0 = first.theta;
         self.start = start;
@@ -263,14 +281,46 @@ impl<'a, E: Engine> Run<'a, E> {
         Ok(())
     }
 
+    /// The budget policy's passes 1 and 2 (`super::budget`): every step's panels.
+    fn plan_budget(&mut self, fresh: bool, note: &mut dyn FnMut(&str)) -> Result<()> {
+        let first = fresh.then(|| self.start.clone());
+        let b = super::budget::plan(
+            &self.objectives,
+            self.files,
+            &self.p.model.params,
+            &self.opts.integration,
+            first,
+            self.finished(),
+        )?;
+        if b.ending == crate::lca::budget::Ending::EvaluationCap {
+            note(&format!(
+                "warning: error budget: refinement stopped at the evaluation cap ({} evaluations, {}× plain Simpson's {}) with Σ|r|/|ΔL| = {:.4} % > {} %; a larger --max-evals-factor refines further",
+                b.evaluations,
+                self.opts.integration.max_evals_factor,
+                1 + 2 * b.steps.len(),
+                100.0 * b.planned_ratio(),
+                100.0 * self.opts.integration.target
+            ));
+        }
+        self.budget = Some(b);
+        Ok(())
+    }
+
     /// Integrate step `i` (θ_i → θ_{i+1}) and its tallies; the objectives' step figures
     /// (training first) and the evaluations at θ_{i+1} when the next step can reuse them.
     fn integrate(
         &mut self,
+        i: usize,
         delta: &[Vec<f64>],
         a: &CheckpointFile,
         b: &CheckpointFile,
     ) -> Result<(Vec<StepLca>, Vec<LossGrad>)> {
+        if let Some(plan) = self.budget.as_mut() {
+            let objs = plan
+                .integrate(i, &self.theta0, delta, &self.objectives)
+                .map_err(|e| at_step(e, a, b))?;
+            return Ok((objs, Vec::new()));
+        }
         let integration = &self.opts.integration;
         let theta0 = &self.theta0;
         let at = |s: f64| point::<E::Real>(theta0, delta, s);
@@ -304,7 +354,7 @@ impl<'a, E: Engine> Run<'a, E> {
         let (a, b) = (&self.files[i], &self.files[i + 1]);
         let next = checkpoint::load(b, &self.p.model.params)?;
         let delta = difference(&self.theta0, &next.theta);
-        let (mut objs, end) = self.integrate(&delta, a, b)?;
+        let (mut objs, end) = self.integrate(i, &delta, a, b)?;
         let val = if objs.len() > 1 { objs.pop() } else { None };
         let s = objs.pop().ok_or_else(|| {
             LcaError::Numeric("internal: no training objective in the step".into())
@@ -316,6 +366,7 @@ impl<'a, E: Engine> Run<'a, E> {
             lca: &s.lca,
             val: val.as_ref().map(|v| v.lca.as_slice()),
             l2: l2_lca.as_deref(),
+            err: s.err.as_deref(),
         };
         let groups = step_groups(&self.layout, values);
         let state = self.state.as_ref().expect("started");
@@ -327,7 +378,7 @@ impl<'a, E: Engine> Run<'a, E> {
         self.exporting = false;
         // The step is written: only now does it count as finished.
         let state = self.state.as_mut().expect("started");
-        accumulate(&mut state.totals, values);
+        accumulate(&mut state.totals, values, &groups);
         state.records.push(rec);
         state.checkpoint_sha256.push(next.sha256);
         self.theta0 = next.theta;
@@ -393,7 +444,18 @@ impl<'a, E: Engine> Run<'a, E> {
             self.opts.last,
         );
         let state = self.state.as_ref().expect("started");
-        let header = super::header(self.opts, self.p, self.plan, &self.layout, state);
+        let mut header = super::header(self.opts, self.p, self.plan, &self.layout, state);
+        header.integration.budget = self.budget.as_ref().map(|b| crate::output::BudgetInfo {
+            target: self.opts.integration.target,
+            safety: self.opts.integration.safety,
+            bound: b.bound,
+            max_evals_factor: self.opts.integration.max_evals_factor,
+            ending: b.ending,
+            evaluations: b.evaluations,
+            plain_evaluations: 1 + 2 * b.steps.len(),
+            evaluations_performed: b.performed,
+            refined_steps: b.steps.iter().filter(|s| s.leaves.len() > 1).count(),
+        });
         let l2 = match (&self.p.spec.regularization, state.l2_first) {
             (Some(r), Some(first)) => Some(L2Ends {
                 lambda: r.l2,

@@ -20,6 +20,7 @@ pub(crate) struct Header {
     pub integration: IntegrationInfo,
     pub step_spacing: Spacing,
     pub ignored_tensors: Vec<String>,
+    pub loss_check: Option<crate::output::LossCheck>,
 }
 
 impl Header {
@@ -34,6 +35,7 @@ impl Header {
             integration: s.integration.clone(),
             step_spacing: s.step_spacing.clone(),
             ignored_tensors: s.ignored_tensors.clone(),
+            loss_check: s.loss_check.clone(),
         }
     }
 }
@@ -85,6 +87,35 @@ fn rows(records: &[StepRecord]) -> (Vec<ResidualRow>, Vec<ResidualRow>) {
     (train, val)
 }
 
+use crate::output::LARGE_RESIDUAL;
+
+/// The warning when the run's LCA does not add up to its loss change (Σ|r|/|ΔL| above
+/// [`LARGE_RESIDUAL`], or undefined because the loss did not change), saying what to do.
+fn large_residual_warning(r: &crate::output::ResidualReport, steps: usize) -> Option<String> {
+    let v = r.rel_abs_residual;
+    if steps == 0 || (v.is_finite() && v <= LARGE_RESIDUAL) {
+        return None;
+    }
+    let what = if v.is_finite() {
+        format!(
+            "Σ|r|/|ΔL| = {:.3} % exceeds {} %",
+            100.0 * v,
+            100.0 * LARGE_RESIDUAL
+        )
+    } else {
+        format!(
+            "Σ|r|/|ΔL| is undefined (the loss did not change; Σ|r| = {:.3e})",
+            r.residual_abs_sum
+        )
+    };
+    Some(format!(
+        "{what}: the LCA does not add up to the loss change (per-step residuals in steps.csv; \
+         `lca check` fails on this run). Use the default --policy budget, a larger \
+         --max-evals-factor or --max-splits, denser checkpoints, or --precision f64 when |ΔL| \
+         is tiny against the per-step loss changes (docs/integration.md)"
+    ))
+}
+
 /// The summary of a run; `note` receives the warnings found here and at the end.
 pub(crate) fn build(h: Header, o: Outcome, note: &mut dyn FnMut(&str)) -> Summary {
     let records = o.records;
@@ -98,6 +129,7 @@ pub(crate) fn build(h: Header, o: Outcome, note: &mut dyn FnMut(&str)) -> Summar
     let mut warnings = o.leading_warnings;
     let closing = capped_warning(&capped_steps, o.max_splits)
         .into_iter()
+        .chain(large_residual_warning(&train, records.len()))
         .chain(o.closing_warnings);
     for w in closing {
         note(&format!("warning: {w}"));
@@ -144,5 +176,6 @@ pub(crate) fn build(h: Header, o: Outcome, note: &mut dyn FnMut(&str)) -> Summar
         ignored_tensors: h.ignored_tensors,
         warnings,
         files: o.files,
+        loss_check: h.loss_check,
     }
 }

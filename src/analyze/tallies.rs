@@ -103,7 +103,7 @@ impl Layout {
     }
 
     /// Zeroed run totals for these tensors.
-    pub fn zero_totals(&self, val: bool, l2: bool) -> ParamTotals {
+    pub fn zero_totals(&self, val: bool, l2: bool, err: bool) -> ParamTotals {
         let zeros =
             || -> Vec<Vec<f64>> { self.params.iter().map(|q| vec![0.0; q.numel]).collect() };
         ParamTotals {
@@ -112,6 +112,10 @@ impl Layout {
             hurt_steps: self.params.iter().map(|q| vec![0; q.numel]).collect(),
             val_lca: val.then(zeros),
             l2_lca: l2.then(zeros),
+            err_sq: err.then(|| crate::output::ErrSquares {
+                tensors: vec![0.0; self.params.len()],
+                layers: vec![0.0; self.layers.len()],
+            }),
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct StepValues<'a> {
     pub lca: &'a [Vec<f64>],
     pub val: Option<&'a [Vec<f64>]>,
     pub l2: Option<&'a [Vec<f64>]>,
+    /// Error estimate of each tensor's LCA on this step.
+    pub err: Option<&'a [f64]>,
 }
 
 /// One step's figures per tensor and per layer, and the trained parameters' counts.
@@ -162,6 +168,7 @@ pub(crate) fn step_groups(layout: &Layout, v: StepValues) -> StepGroups {
             hurt: 0,
             val_lca: v.val.map(|_| 0.0),
             l2_lca: v.l2.map(|_| 0.0),
+            lca_err: v.err.map(|_| 0.0),
         })
         .collect();
     let mut counts = Counts::default();
@@ -185,6 +192,10 @@ pub(crate) fn step_groups(layout: &Layout, v: StepValues) -> StepGroups {
         if let (Some(a), Some(b)) = (ls.l2_lca.as_mut(), lsum) {
             *a += b;
         }
+        let err = v.err.map(|e| e[pi]);
+        if let (Some(a), Some(b)) = (ls.lca_err.as_mut(), err) {
+            *a += b;
+        }
         tensors.push(GroupStep {
             name: params[pi].name.clone(),
             layer: params[pi].layer.clone(),
@@ -194,6 +205,7 @@ pub(crate) fn step_groups(layout: &Layout, v: StepValues) -> StepGroups {
             hurt: c.hurt,
             val_lca: vsum,
             l2_lca: lsum,
+            lca_err: err,
         });
     }
     StepGroups {
@@ -211,8 +223,16 @@ fn add_to(acc: &mut [Vec<f64>], v: &[Vec<f64>]) {
     }
 }
 
-/// Add one step's per-parameter values to the run's totals.
-pub(crate) fn accumulate(totals: &mut ParamTotals, v: StepValues) {
+/// Add one step's per-parameter values (and its groups' error estimates) to the run's totals.
+pub(crate) fn accumulate(totals: &mut ParamTotals, v: StepValues, groups: &StepGroups) {
+    if let Some(sq) = totals.err_sq.as_mut() {
+        for (a, g) in sq.tensors.iter_mut().zip(&groups.tensors) {
+            *a += g.lca_err.unwrap_or(0.0).powi(2);
+        }
+        for (a, g) in sq.layers.iter_mut().zip(&groups.layers) {
+            *a += g.lca_err.unwrap_or(0.0).powi(2);
+        }
+    }
     for (pi, x) in v.lca.iter().enumerate() {
         for (k, &x) in x.iter().enumerate() {
             totals.lca[pi][k] += x;
@@ -264,21 +284,30 @@ pub(crate) fn group_totals(layout: &Layout, totals: &ParamTotals) -> GroupTotals
             helped_fraction: fraction(c.helped, n as u64),
             val_lca: sum_of(&totals.val_lca),
             l2_lca: sum_of(&totals.l2_lca),
+            lca_err: None,
         }
     };
+    let sq = totals.err_sq.as_ref();
     let tensors = params
         .iter()
         .enumerate()
-        .map(|(pi, q)| group_total(&q.name, &q.layer, &[pi]))
+        .map(|(pi, q)| GroupTotal {
+            lca_err: sq.map(|s| s.tensors[pi].sqrt()),
+            ..group_total(&q.name, &q.layer, &[pi])
+        })
         .collect();
     let layers = layout
         .layers
         .iter()
-        .map(|l| {
+        .enumerate()
+        .map(|(li, l)| {
             let ids: Vec<usize> = (0..params.len())
                 .filter(|&pi| params[pi].layer == *l)
                 .collect();
-            group_total(l, l, &ids)
+            GroupTotal {
+                lca_err: sq.map(|s| s.layers[li].sqrt()),
+                ..group_total(l, l, &ids)
+            }
         })
         .collect();
     GroupTotals { tensors, layers }

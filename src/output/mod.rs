@@ -8,6 +8,7 @@ pub mod csv;
 pub mod json;
 pub mod summary;
 pub mod tensors;
+pub mod totals;
 
 use crate::error::{LcaError, Result};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ pub struct GroupStep {
     pub val_lca: Option<f64>,
     /// LCA of the L2 term, when configured.
     pub l2_lca: Option<f64>,
+    /// Error estimate of `lca` (docs/integration.md), when the policy gives one.
+    pub lca_err: Option<f64>,
 }
 
 /// One finished step, as exporters see it.
@@ -50,6 +53,16 @@ pub struct ParamTotals {
     pub hurt_steps: Vec<Vec<u32>>,
     pub val_lca: Option<Vec<Vec<f64>>>,
     pub l2_lca: Option<Vec<Vec<f64>>>,
+    /// Σ_t est_{t,k}² per tensor and Σ_t est_{t,ℓ}² per layer (the error estimates' run
+    /// totals are their square roots), when the policy gives estimates.
+    pub err_sq: Option<ErrSquares>,
+}
+
+/// Sums of squared per-step error estimates.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrSquares {
+    pub tensors: Vec<f64>,
+    pub layers: Vec<f64>,
 }
 
 /// A writer of one output format.
@@ -85,12 +98,13 @@ pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Every file `analyze` may write; those a new run does not write are removed from a previous
 /// output on commit, so that a directory never mixes two runs.
-pub const OUTPUT_FILES: [&str; 9] = [
+pub const OUTPUT_FILES: [&str; 10] = [
     "summary.json",
     "steps.csv",
     "layers.csv",
     "tensors.csv",
     "params.csv",
+    "totals.safetensors",
     "lca.safetensors",
     "lca_validation.safetensors",
     // Written by `analyze --shard` only (see docs/scale-out.md).

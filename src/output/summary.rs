@@ -26,6 +26,35 @@ pub struct Summary {
     pub ignored_tensors: Vec<String>,
     pub warnings: Vec<String>,
     pub files: Vec<String>,
+    /// lca's loss at the first checkpoint compared with PyTorch's, when the checkpoint
+    /// carries it (`lca.torch_loss`, written by the Python Recorder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_check: Option<LossCheck>,
+}
+
+/// lca's loss at a checkpoint compared with the one PyTorch computed (docs/python.md,
+/// "Verification").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossCheck {
+    /// The checkpoint compared (the run's first).
+    pub checkpoint: String,
+    pub step: u64,
+    /// PyTorch's loss, from the checkpoint's metadata `lca.torch_loss`.
+    pub torch_loss: f64,
+    /// The dtype of the model output PyTorch's loss was computed from.
+    pub torch_dtype: String,
+    /// The batch-norm mode PyTorch's loss was computed in (`lca.batch_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_batch_norm: Option<String>,
+    pub lca_loss: f64,
+    /// lca's loss minus PyTorch's.
+    pub difference: f64,
+    /// The largest difference float rounding explains.
+    pub tolerance: f64,
+    /// |difference| ≤ tolerance.
+    pub agree: bool,
+    /// Whether a disagreement stops the run (false with `--no-verify-loss`).
+    pub enforced: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,6 +174,11 @@ pub struct IntegrationInfo {
     /// The engine that evaluated, when it is not the built-in one (`--engine torch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineInfo>,
+    /// The budget policy's outcome (`--policy budget`); absent with the tolerance policy and
+    /// in summaries of older versions. In a merged run: the first shard's (each shard has its
+    /// own budget, docs/scale-out.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetInfo>,
 }
 
 /// A foreign evaluation engine as recorded in `summary.json` and the resume journal: a
@@ -163,6 +197,31 @@ pub struct EngineInfo {
     pub chunk_size: usize,
     /// The model reference the worker loaded.
     pub model: String,
+}
+
+/// Σ|r|/|ΔL| above which analyze warns and `lca check` fails by default (0.1 %).
+pub const LARGE_RESIDUAL: f64 = 1e-3;
+
+/// What the budget policy did (docs/integration.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BudgetInfo {
+    /// The target Σ|r|/|ΔL|.
+    pub target: f64,
+    /// The fraction of the target refinement aimed at.
+    pub safety: f64,
+    /// B = safety · target · |L_T − L_0| (loss units).
+    pub bound: f64,
+    pub max_evals_factor: f64,
+    /// How refinement ended: `met`, `evaluation-cap` or `narrowest`.
+    pub ending: crate::lca::budget::Ending,
+    /// Distinct points of the run's rule (plain Simpson: 1 + 2S).
+    pub evaluations: usize,
+    pub plain_evaluations: usize,
+    /// Evaluations actually performed (more than `evaluations` when gradients did not fit the
+    /// cache, or when a resumed run planned again).
+    pub evaluations_performed: usize,
+    /// Steps with more than one panel.
+    pub refined_steps: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -287,6 +346,9 @@ pub struct GroupTotal {
     pub val_lca: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l2_lca: Option<f64>,
+    /// Error estimate of `lca` over the run: √(Σ_t est_t²) (docs/integration.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lca_err: Option<f64>,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`; read `null` back as NaN.

@@ -10,7 +10,13 @@ fn out() -> &'static Path {
     &DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        analyze("mlp", &out, &["--quiet", "--no-lca-tensors"]);
+        // The figures asserted below are plain Simpson's (the per-step policy, which never
+        // refines this run); the budget default is checked in integration_budget.rs.
+        analyze(
+            "mlp",
+            &out,
+            &["--quiet", "--no-lca-tensors", "--policy", "tolerance"],
+        );
         (dir, out)
     })
     .1

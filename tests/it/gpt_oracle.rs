@@ -138,13 +138,14 @@ fn f64_plain_simpson_matches_the_oracle() {
     }
 }
 
-/// The default run (f32, adaptive refinement): the oracle's split counts, per-step per-tensor
+/// The f32 run with the per-step tolerance policy (`--policy tolerance`, the oracle's
+/// `adaptive` rule: uniform doubling while |r_t| > 1e-3): the oracle's split counts, per-step per-tensor
 /// LCA at those counts to 1e-4 relative, the residual report, and the head and block views.
 #[test]
 fn f32_default_run_matches_the_oracle_and_views_add_up() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o");
-    let o = analyze("gpt", &out, &["--quiet"]);
+    let o = analyze("gpt", &out, &["--quiet", "--policy", "tolerance"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("Σ|r|/|ΔL|"), "residual report: {stderr}");
     let oracle = oracle();

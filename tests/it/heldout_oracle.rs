@@ -155,10 +155,17 @@ fn adaptive_refinement_matches_the_oracle_split_counts_and_values() {
             "f64",
         ],
     );
+    // The oracle's `adaptive` rule is the per-step tolerance policy (uniform doubling).
     let o = analyze(
         "mlp_heldout",
         &out,
-        &["--no-lca-tensors", "--precision", "f64"],
+        &[
+            "--no-lca-tensors",
+            "--precision",
+            "f64",
+            "--policy",
+            "tolerance",
+        ],
     );
     let oracle = json(&fixture("mlp_heldout/golden/oracle.json"));
     let adaptive = &oracle["adaptive"];

@@ -104,11 +104,24 @@ fn resnet20_state_dict_saved_by_pytorch_loads_and_analyses() {
         assert_eq!(oracle["batch_norm"], mode);
         assert_eq!(s["model"]["batch_norm"], mode);
         assert_eq!(s["data"]["sample_shape"], serde_json::json!([3, 32, 32]));
-        assert!(
-            s["warnings"].as_array().unwrap().is_empty(),
-            "{}",
-            s["warnings"]
-        );
+        // No warning, except the one issue 20 asks for: plain Simpson (--no-adaptive) leaves
+        // Σ|r|/|ΔL| = 0.24 % > 0.1 % on the running-stats step, and analyze must say so.
+        let warnings: Vec<&str> = s["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap())
+            .collect();
+        let rel = s["run"]["rel_abs_residual"].as_f64().unwrap();
+        if rel > 1e-3 {
+            assert_eq!(warnings.len(), 1, "{mode}: {warnings:?}");
+            assert!(
+                warnings[0].contains("exceeds 0.1 %"),
+                "{mode}: {warnings:?}"
+            );
+        } else {
+            assert!(warnings.is_empty(), "{mode}: {warnings:?}");
+        }
 
         // The PyTorch loss at both checkpoints, and the per-tensor LCA of the step.
         let losses = floats(&oracle["losses"]);
