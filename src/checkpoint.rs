@@ -204,7 +204,7 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
         let entry = entry.map_err(|e| LcaError::io(dir, e))?;
         let p = entry.path();
-        if !p.extension().is_some_and(|e| e == "safetensors") {
+        if p.extension().is_none_or(|e| e != "safetensors") {
             continue;
         }
         match std::fs::metadata(&p) {

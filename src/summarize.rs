@@ -147,9 +147,9 @@ fn group_table(g: &[crate::output::GroupTotal], with_layer: bool, delta: f64) ->
                 Cell::Int(t.params as u64),
                 Cell::Float(t.lca),
                 Cell::Float(share(t.lca, delta)),
-                Cell::Int(t.helped as u64),
-                Cell::Int(t.zero as u64),
-                Cell::Int(t.hurt as u64),
+                Cell::Int(t.helped),
+                Cell::Int(t.zero),
+                Cell::Int(t.hurt),
                 Cell::Float(t.helped_fraction),
             ]);
             if has_val {
@@ -243,8 +243,8 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 .iter()
                 .map(|r| {
                     vec![
-                        Cell::Int(r.step as u64),
-                        Cell::Int(r.next_step as u64),
+                        Cell::Int(r.step),
+                        Cell::Int(r.next_step),
                         Cell::Float(r.loss_before),
                         Cell::Float(r.loss_after),
                         Cell::Float(r.delta_loss),
@@ -455,9 +455,9 @@ fn head_view(s: &Summary, rows: &[ParamRow], delta: f64) -> Result<Table> {
                 Cell::Int(e.params as u64),
                 Cell::Float(e.lca),
                 Cell::Float(share(e.lca, delta)),
-                Cell::Int(e.signs[0] as u64),
-                Cell::Int(e.signs[1] as u64),
-                Cell::Int(e.signs[2] as u64),
+                Cell::Int(e.signs[0]),
+                Cell::Int(e.signs[1]),
+                Cell::Int(e.signs[2]),
                 Cell::Float(e.signs[0] as f64 / e.params.max(1) as f64),
                 Cell::Float(e.parts[0]),
                 Cell::Float(e.parts[1]),

@@ -26,13 +26,14 @@ const MAX_NPY_HEADER: u64 = 1 << 20;
 const BLOCK: usize = 1 << 16;
 
 /// Element types of `.npy` arrays that `lca` reads.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     F,
     I,
     U,
 }
 
+#[derive(Debug)]
 struct Descr {
     kind: Kind,
     size: usize,

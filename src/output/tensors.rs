@@ -315,7 +315,7 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
             ));
         }
         let row = row.unwrap_or(0);
-        let per_neuron = if neurons == 0 { 0 } else { row / neurons };
+        let per_neuron = row.checked_div(neurons).unwrap_or(0);
         let vals = values.get_or_insert_with(|| vec![vec![0.0; neurons]; nsteps]);
         if vals.first().is_some_and(|r| r.len() != neurons) {
             return Err(bad(&format!(
