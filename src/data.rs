@@ -395,6 +395,16 @@ impl Dataset {
                 let mut ids = Vec::with_capacity(y_vals.len());
                 for (i, &v) in y_vals.iter().enumerate() {
                     if !v.is_finite() || v.fract() != 0.0 || v < 0.0 || v > u32::MAX as f64 {
+                        // With `data.tokens` the targets are columns 1..=T of the token rows:
+                        // name that array and its column, not `y`.
+                        if let Some(tok) = &spec.tokens {
+                            return Err(err(format!(
+                                "'{tok}' must hold token ids (non-negative integers); sample {} target position {} (column {} of the row) is {v}",
+                                i / per_y,
+                                i % per_y,
+                                i % per_y + 1
+                            )));
+                        }
                         let at = if y_shape.is_empty() {
                             format!("sample {i}")
                         } else {

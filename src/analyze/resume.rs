@@ -62,7 +62,7 @@ pub(crate) fn open<T: Real>(
                     return Err(LcaError::Output {
                         path: opts.out.clone(),
                         msg: format!(
-                            "cannot resume the interrupted analysis: {}. Run with the inputs and options it was started with, or delete {} to start over",
+                            "cannot resume the interrupted analysis: {}. Run with the inputs and options it was started with (its --shard too, if it was a shard) to continue it; its {kept} finished step(s) are kept in {}",
                             diffs.join("; "),
                             jdir.display()
                         ),

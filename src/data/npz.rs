@@ -26,7 +26,7 @@ const MAX_NPY_HEADER: u64 = 1 << 20;
 const BLOCK: usize = 1 << 16;
 
 /// Element types of `.npy` arrays that `lca` reads.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     F,
     I,

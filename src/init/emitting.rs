@@ -12,7 +12,7 @@ pub(super) struct Out {
 
 impl Out {
     pub(super) fn line(&mut self, s: impl Into<String>) {
-        self.lines.push(s.into());
+        self.lines.push(one_line(s.into()));
     }
 
     /// The name of the last layer table written, giving it one (`base`, made unique) when it
@@ -81,6 +81,24 @@ impl Out {
         }
         self.lines.push(cur);
     }
+}
+
+/// A line of the draft kept on one line: control characters (a newline in a tensor name
+/// quoted in a comment) are written escaped, so that a name can never end a comment and start
+/// a line of TOML. (Names in TOML values are quoted by [`quote`], which escapes them.)
+fn one_line(s: String) -> String {
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// TOML string literal.

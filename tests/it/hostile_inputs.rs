@@ -359,3 +359,33 @@ fn merge_part_with_data_offsets_ending_before_they_start_is_refused() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn negative_token_id_is_reported_against_tokens_not_y() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = std::fs::read_to_string(fixture("gpt/model.toml")).unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let mut ids: Vec<i64> = (0..4 * 33).map(|i| (i * 7 % 82) as i64).collect();
+    ids[2 * 33 + 32] = -3; // only a target: sample 2, target position 31
+    write_st(
+        &dir.path().join("data/train.safetensors"),
+        &[T::i64("tokens", &[4, 33], &ids)],
+        None,
+    );
+    std::fs::write(dir.path().join("model.toml"), spec).unwrap();
+    let o = analyze_run(
+        &fixture("gpt/ckpts"),
+        &dir.path().join("model.toml"),
+        &dir.path().join("out"),
+        &["--quiet", "--last", "1"],
+    );
+    let err = fails_with(
+        &o,
+        &[
+            "'tokens' must hold token ids",
+            "sample 2 target position 31",
+            "-3",
+        ],
+    );
+    assert!(!err.contains("'y'"), "{err}");
+}
