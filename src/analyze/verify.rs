@@ -188,6 +188,7 @@ mod tests {
             step: 0,
             step_source: StepSource::Metadata,
             len: 0,
+            identity: None,
             tensors: Vec::new(),
         }
     }
