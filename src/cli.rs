@@ -8,7 +8,7 @@ use crate::inspect::{InspectOptions, inspect};
 use crate::lca::{Integration, Method, Policy};
 use crate::output::tensors::StoreDtype;
 use crate::plot::{PlotKind, PlotOptions, plot};
-use crate::summarize::{By, Format, Sort, view};
+use crate::summarize::{By, Format, Sort, view_top};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -129,6 +129,10 @@ pub struct AnalyzeArgs {
     /// Do not write per-step, per-parameter LCA (lca.safetensors).
     #[arg(long)]
     pub no_lca_tensors: bool,
+    /// Also write params.csv, one row per parameter (about 60 bytes per parameter; the same
+    /// totals are always in totals.safetensors, 12 bytes per parameter).
+    #[arg(long)]
+    pub params_csv: bool,
     /// Element type of lca.safetensors.
     #[arg(long, value_enum, default_value_t = StoreDtype::F32)]
     pub lca_dtype: StoreDtype,
@@ -211,6 +215,14 @@ pub struct PlotArgs {
     /// Height in pixels (default 800; taller for many layers or neurons).
     #[arg(long)]
     pub height: Option<u32>,
+    /// Lines (layers figure) and panels (peaks figure) per layer or per block; either way the
+    /// largest ones are drawn and the others summed into one "the rest".
+    #[arg(long, value_enum, default_value_t = crate::plot::series::GroupBy::Layer)]
+    pub by: crate::plot::series::GroupBy,
+    /// Vocabulary file, one token per line (line i = token id i), to label the rows of an
+    /// embedding's heat map.
+    #[arg(long, value_name = "FILE")]
+    pub vocab: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -417,6 +429,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         every: a.select.every,
         integration,
         store: (!a.no_lca_tensors).then_some(a.lca_dtype),
+        params_csv: a.params_csv,
         quiet: a.quiet,
         precision: a.precision,
         resume: a.resume,
@@ -494,11 +507,11 @@ fn print_report(s: &crate::output::Summary, out: &std::path::Path) {
 }
 
 fn run_summarize(a: SummarizeArgs) -> anyhow::Result<()> {
-    let (_, mut table) = view(&a.out, a.by)?;
     let sort = a.sort.unwrap_or(match a.by {
         By::Layer | By::Block | By::Tensor | By::Step | By::Head => Sort::Order,
         By::Neuron | By::Param => Sort::Helped,
     });
+    let (_, mut table) = view_top(&a.out, a.by, sort, a.top)?;
     table.sort_and_limit(sort, a.top);
     let text = match a.format {
         Format::Table => table.to_text(),
@@ -516,6 +529,8 @@ fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
         layer: a.layer,
         width: a.width,
         height: a.height,
+        by: a.by,
+        vocab: a.vocab,
     };
     plot(&a.out, &opts)?;
     eprintln!("wrote {}", opts.file.display());

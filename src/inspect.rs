@@ -145,11 +145,19 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
                 .collect();
             TensorLine {
                 name: t.name.clone(),
+                // A tied weight stored under its alias (as safetensors' save_model writes
+                // `lm_head.weight` for `transformer.wte.weight`) is used, as an alias.
                 layer: model
                     .params
                     .iter()
-                    .find(|q| q.name == t.name)
-                    .map(|q| q.layer.clone()),
+                    .find(|q| q.answers_to(&t.name))
+                    .map(|q| {
+                        if q.name == t.name {
+                            q.layer.clone()
+                        } else {
+                            format!("{} (tied: alias of {})", q.layer, q.name)
+                        }
+                    }),
                 shape: t.shape.clone(),
                 dtypes: dtypes.into_iter().collect(),
             }
@@ -159,7 +167,7 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
     let mut ordered: Vec<TensorLine> = model
         .params
         .iter()
-        .filter_map(|q| tensors.iter().find(|t| t.name == q.name).cloned())
+        .flat_map(|q| tensors.iter().filter(|t| q.answers_to(&t.name)).cloned())
         .collect();
     ordered.extend(tensors.iter().filter(|t| t.layer.is_none()).cloned());
 

@@ -62,6 +62,8 @@ pub struct AnalyzeOptions {
     pub integration: Integration,
     /// Element type of `lca.safetensors`, or `None` not to write it.
     pub store: Option<StoreDtype>,
+    /// Also write `params.csv` (one row per parameter; large for large models).
+    pub params_csv: bool,
     /// Hide the progress bar.
     pub quiet: bool,
     /// Continue the interrupted run whose journal is in `out` (see `docs/reliability.md`).
@@ -299,6 +301,7 @@ mod tests {
             every: 1,
             integration: Integration::default(),
             store: None,
+            params_csv: false,
             quiet: true,
             resume: false,
             precision: Precision::F32,

@@ -187,6 +187,7 @@ impl<'a, E: Engine> Run<'a, E> {
             store: self.plan.store,
             validation: self.objectives.val.is_some(),
             l2: self.opts.shard.is_some() && self.l2.is_some(),
+            params_csv: self.opts.params_csv,
         };
         let jdir = Journal::dir_of(&self.opts.out);
         let start = match saved {
