@@ -115,7 +115,10 @@ fn resnet20_state_dict_saved_by_pytorch_loads_and_analyses() {
         let rel = s["run"]["rel_abs_residual"].as_f64().unwrap();
         if rel > 1e-3 {
             assert_eq!(warnings.len(), 1, "{mode}: {warnings:?}");
-            assert!(warnings[0].contains("exceeds 0.1 %"), "{mode}: {warnings:?}");
+            assert!(
+                warnings[0].contains("exceeds 0.1 %"),
+                "{mode}: {warnings:?}"
+            );
         } else {
             assert!(warnings.is_empty(), "{mode}: {warnings:?}");
         }
