@@ -7,7 +7,11 @@ synthetic path on the same device, precision and chunk size:
   lca.engine.client, as the `lca` binary drives it (θ and gradients through pipes, f64
   accumulation), with the LCA sums in numpy as lca keeps them;
 - `script`: what a PyTorch user writes by hand: functional_call per chunk, loss.backward(),
-  gradients accumulated in .grad, LCA accumulated on the device.
+  gradients accumulated in .grad, LCA accumulated on the device;
+- `lca`: the `lca` binary itself (`lca analyze RUN --engine torch --no-adaptive`, LCA_BIN or
+  target/release/lca) on a Recorder-style run of the same kind of path, everything included
+  (checkpoint reading, pipes, outputs, journal); its seconds per step are
+  (T(S steps) − T(1 step)) / (S − 1), so start-up and the first gradient do not count.
 
     python bench/torch_engine.py --model resnet20 --samples 2000 --steps 3 --device cpu
     python bench/torch_engine.py --model gpt10m --samples 64 --steps 3 --device cuda
@@ -123,6 +127,66 @@ def run_engine(args: argparse.Namespace, data: Path, bn: str | None) -> tuple[fl
     return statistics.median(times), t_first
 
 
+def write_run(args: argparse.Namespace, run: Path, data: Path, bn: str | None) -> None:
+    """A Recorder-style run directory: lca-run.json, the data, one checkpoint per point."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = MODELS[args.model][0]()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    theta0 = torch.cat([sd[n].reshape(-1).double() for n in names])
+    (run / "checkpoints").mkdir(parents=True)
+    for t, pt in enumerate(path_points(theta0.numpy(), args.steps)):
+        o, th = 0, torch.from_numpy(pt)
+        for n in names:
+            k = sd[n].numel()
+            sd[n] = th[o : o + k].view(sd[n].shape).float()
+            o += k
+        save_file(sd, str(run / f"checkpoints/step_{t:06d}.safetensors"), {"step": str(t)})
+    tokens = args.model == "gpt10m"
+    manifest = {
+        "format": "lca-run",
+        "format_version": 1,
+        "model": {"factory": f"torch_engine:{args.model}", "sys_path": [str(ROOT / "bench")]},
+        "data": {
+            "file": str(data),
+            "x": None if tokens else "x",
+            "y": None if tokens else "y",
+            "tokens": "tokens" if tokens else None,
+        },
+        "loss": "cross_entropy",
+        "batch_norm": bn or "running-stats",
+        "model_has_batch_norm": bn is not None,
+        "chunk_size": args.chunk_size,
+        "checkpoints": "checkpoints",
+    }
+    (run / "lca-run.json").write_text(json.dumps(manifest))
+
+
+def run_lca(args: argparse.Namespace, tmp: Path, data: Path, bn: str | None) -> float:
+    """Seconds per analysed step of `lca analyze --engine torch` (see the module docstring)."""
+    import os
+    import subprocess
+
+    lca = os.environ.get("LCA_BIN", str(ROOT / "target/release/lca"))
+    run = tmp / "run"
+    write_run(args, run, data, bn)
+    env = dict(os.environ, LCA_PYTHON=sys.executable)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
+
+    def once(last: int) -> float:
+        cmd = [lca, "analyze", str(run), "--engine", "torch", "--device", args.device]
+        cmd += ["--precision", args.precision, "--chunk-size", str(args.chunk_size)]
+        cmd += ["--no-adaptive", "-q", "--last", str(last), "-o", str(tmp / f"out{last}")]
+        s = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, capture_output=True)
+        return time.perf_counter() - s
+
+    return (once(args.steps) - once(1)) / (args.steps - 1)
+
+
 def run_script(
     args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, bn: str | None
 ) -> tuple[float, float]:
@@ -190,6 +254,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["f32", "f64"], default="f32")
     p.add_argument("--chunk-size", type=int, default=500)
+    p.add_argument("--no-lca", action="store_true", help="skip the `lca` binary's column")
     args = p.parse_args()
     bn = MODELS[args.model][1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,15 +262,17 @@ def main() -> None:
         x, y = make_data(args.model, args.samples, data)
         script, script_first = run_script(args, x, y, bn)
         engine, engine_first = run_engine(args, data, bn)
+        lca = run_lca(args, Path(tmp), data, bn) if args.steps >= 2 and not args.no_lca else None
     dev = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     print(
         "| model | device | precision | samples | chunk | script s/step | engine s/step "
-        "| engine / script | first gradient script / engine s |"
+        "| engine / script | lca s/step | lca / script | first gradient script / engine s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    lca_cols = f"{lca:.3f} | {lca / script:.3f}" if lca is not None else "– | –"
     print(
         f"| {args.model} | {dev} | {args.precision} | {args.samples} | {args.chunk_size} "
-        f"| {script:.3f} | {engine:.3f} | {engine / script:.3f} "
+        f"| {script:.3f} | {engine:.3f} | {engine / script:.3f} | {lca_cols} "
         f"| {script_first:.3f} / {engine_first:.3f} |"
     )
 

@@ -22,7 +22,7 @@ LAYERS = [
     ["spec"],
     ["net"],
     ["checkpoint", "data"],
-    ["eval"],
+    ["eval", "engine"],
     ["lca"],
     ["output", "report"],
     ["journal"],

@@ -1,4 +1,6 @@
-//! The checkpoint directory: every `*.safetensors` file in it is one checkpoint.
+//! The checkpoint directory: every `*.safetensors` file in it is one checkpoint (other
+//! formats — `torch.save` files, Hugging Face `checkpoint-N/` folders — are converted in
+//! memory by [`foreign::open`], the one dispatch point; docs/checkpoints.md).
 //!
 //! The step of a file comes from its header metadata key `step` when present, else from the
 //! last integer in its file name (`ckpt_10.safetensors` → 10); files are ordered by step.
@@ -16,6 +18,12 @@ pub use crate::safetensors_header::{
 };
 use std::path::{Path, PathBuf};
 
+pub mod foreign;
+pub mod hf;
+pub mod run_dir;
+pub mod torch_pickle;
+pub use foreign::{source_len, source_sha256};
+
 /// Where a checkpoint's step number came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -32,6 +40,9 @@ pub struct CheckpointFile {
     pub step_source: StepSource,
     /// File size when scanned (to notice files still being written).
     pub len: u64,
+    /// Which file it was when scanned (to notice a file replaced by another of the same
+    /// size); `None` for a checkpoint described from memory.
+    pub identity: Option<crate::files::FileIdentity>,
     pub tensors: Vec<HeaderTensor>,
 }
 
@@ -53,13 +64,18 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> LcaError {
 
 /// The last run of decimal digits in a file stem.
 pub fn last_integer(stem: &str) -> Option<u64> {
+    last_digits(stem)?.parse().ok()
+}
+
+/// The last run of decimal digits in a file stem, as text.
+fn last_digits(stem: &str) -> Option<&str> {
     let bytes = stem.as_bytes();
     let end = bytes.iter().rposition(|b| b.is_ascii_digit())? + 1;
     let start = bytes[..end]
         .iter()
         .rposition(|b| !b.is_ascii_digit())
         .map_or(0, |i| i + 1);
-    stem[start..end].parse().ok()
+    Some(&stem[start..end])
 }
 
 /// Build a [`CheckpointFile`] from a checked header: find the step.
@@ -88,6 +104,16 @@ fn describe_header(
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
             match last_integer(stem) {
                 Some(s) => (s, StepSource::FileName),
+                None if last_digits(stem).is_some() => {
+                    return Err(ck_err(
+                        path,
+                        format!(
+                            "no step: the header has no `step` metadata and the number in the file name ({}) is too large for a step (at most {})",
+                            last_digits(stem).unwrap_or_default(),
+                            u64::MAX
+                        ),
+                    ));
+                }
                 None => {
                     return Err(ck_err(
                         path,
@@ -102,20 +128,24 @@ fn describe_header(
         step,
         step_source,
         len,
+        identity: None,
         tensors,
     })
 }
 
 /// Describe a checkpoint file from its header (the tensor data is not read).
 pub fn describe(path: &Path) -> Result<CheckpointFile> {
-    let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
-    let meta = f.metadata().map_err(|e| LcaError::io(path, e))?;
-    if !meta.is_file() {
-        return Err(ck_err(path, "is not a regular file"));
+    if let Some(c) = foreign::open(path)? {
+        let mut f = describe_bytes(path, &c.bytes)?;
+        f.len = c.source_len;
+        return Ok(f);
     }
+    let (mut f, meta) = crate::files::open_regular(path)?;
     let len = meta.len();
     let (_, header, tensors) = read_checked(path, len, &mut f)?;
-    describe_header(path, len, &header, tensors)
+    let mut c = describe_header(path, len, &header, tensors)?;
+    c.identity = Some(crate::files::FileIdentity::of(&meta));
+    Ok(c)
 }
 
 /// Check that `bytes` form a valid safetensors file (the header checks of [`describe`],
@@ -136,7 +166,10 @@ pub fn describe_bytes(path: &Path, bytes: &[u8]) -> Result<CheckpointFile> {
 pub fn scan(dir: &Path) -> Result<Vec<CheckpointFile>> {
     let paths = list(dir)?;
     if paths.is_empty() {
-        return Err(ck_err(dir, "contains no *.safetensors files"));
+        return Err(ck_err(
+            dir,
+            "contains no *.safetensors files (nor torch.save files *.pt, *.pth, *.bin, *.ckpt, nor Hugging Face checkpoint-N/ folders)",
+        ));
     }
     let mut files: Vec<CheckpointFile> =
         paths.iter().map(|p| describe(p)).collect::<Result<_>>()?;
@@ -163,15 +196,36 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
     if !meta.is_dir() {
         return Err(ck_err(dir, "is not a directory of checkpoints"));
     }
+    let hf = foreign::hf_dirs(dir)?;
+    if !hf.is_empty() {
+        return Ok(hf);
+    }
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| LcaError::io(dir, e))? {
         let entry = entry.map_err(|e| LcaError::io(dir, e))?;
         let p = entry.path();
-        if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
-            paths.push(p);
+        if !p.extension().is_some_and(|e| e == "safetensors") {
+            continue;
+        }
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            // Not a regular file (a FIFO, a device): `describe` refuses it by name.
+            Ok(_) => paths.push(p),
+            // A symbolic link to nothing, or a loop of them, named like a checkpoint.
+            Err(e) => {
+                let what = if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_symlink()) {
+                    "is a symbolic link that leads to no file (dangling, or a loop)"
+                } else {
+                    "cannot be read"
+                };
+                return Err(ck_err(&p, format!("{what}: {e}")));
+            }
         }
     }
     paths.sort();
+    if paths.is_empty() {
+        return foreign::torch_files(dir);
+    }
     Ok(paths)
 }
 
@@ -205,15 +259,46 @@ pub fn prefix_hint<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -
 /// Load one checkpoint's parameters, in model order, as f32.
 pub fn load(file: &CheckpointFile, params: &[ParamInfo]) -> Result<Loaded> {
     let path = &file.path;
-    let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
-    if bytes.len() as u64 != file.len {
+    if let Some(c) = foreign::open(path)? {
+        if c.source_len != file.len {
+            return Err(ck_err(path, "changed size while lca was running"));
+        }
+        let mut loaded = load_bytes(file, &c.bytes, params)?;
+        loaded.sha256 = c.sha256;
+        return Ok(loaded);
+    }
+    let (f, meta) = crate::files::open_regular(path)?;
+    let now = crate::files::FileIdentity::of(&meta);
+    let mut bytes = Vec::with_capacity(meta.len().min(file.len) as usize);
+    {
+        use std::io::Read;
+        // Never more than the size it had when listed (a file still growing is refused below).
+        f.take(file.len.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| LcaError::io(path, e))?;
+    }
+    if bytes.len() as u64 != file.len || meta.len() != file.len {
         return Err(ck_err(
             path,
             format!(
                 "changed size while lca was running ({} bytes when listed, {} now): is it still being written?",
                 file.len,
-                bytes.len()
+                if meta.len() != file.len {
+                    meta.len()
+                } else {
+                    bytes.len() as u64
+                }
             ),
+        ));
+    }
+    if let Some(then) = file.identity
+        && then != now
+    {
+        return Err(ck_err(
+            path,
+            "was replaced or rewritten since lca listed it (same size, but another file or a \
+             newer modification): its content may differ from what was checked; restore it, or \
+             run again",
         ));
     }
     load_bytes(file, &bytes, params)

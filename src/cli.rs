@@ -8,7 +8,7 @@ use crate::inspect::{InspectOptions, inspect};
 use crate::lca::{Integration, Method, Policy};
 use crate::output::tensors::StoreDtype;
 use crate::plot::{PlotKind, PlotOptions, plot};
-use crate::summarize::{By, Format, Sort, view};
+use crate::summarize::{By, Format, Sort, view_top};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -86,13 +86,43 @@ pub struct Selection {
     pub every: usize,
 }
 
+/// Which engine evaluates the loss and gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// This program's evaluator (a spec is required).
+    Builtin,
+    /// A PyTorch worker process (`python -m lca.engine.worker`).
+    Torch,
+}
+
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
-    /// Directory of *.safetensors checkpoints (one per training step).
+    /// Directory of checkpoints (one per training step: *.safetensors, torch.save files,
+    /// Hugging Face checkpoint-N/ folders; see docs/checkpoints.md), or a run directory of
+    /// the Python Recorder (holding lca-run.json: its checkpoints and model.toml are used).
     pub ckpts: PathBuf,
-    /// Model spec (architecture, loss, training set): see docs/spec.md.
+    /// Model spec (architecture, loss, training set): see docs/spec.md. Optional for a
+    /// Recorder run directory.
     #[arg(long, short = 's')]
-    pub spec: PathBuf,
+    pub spec: Option<PathBuf>,
+    /// Evaluation engine: `builtin` (this program, from the spec) or `torch` (a PyTorch worker
+    /// process evaluating the model's own code; see docs/engines.md).
+    #[arg(long, value_enum, default_value_t = EngineKind::Builtin)]
+    pub engine: EngineKind,
+    /// The model for `--engine torch`: FILE.py:FACTORY, package.module:factory, an exported
+    /// .pt2, or a Recorder run directory / lca-run.json (default: the run of the checkpoints).
+    #[arg(long, value_name = "MODEL")]
+    pub torch_model: Option<String>,
+    /// Device of `--engine torch`: cpu, cuda, cuda:N or mps.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Samples per evaluation chunk of `--engine torch` (default: the spec's or run's, or
+    /// fitted to the GPU's memory).
+    #[arg(long, value_name = "N")]
+    pub chunk_size: Option<usize>,
+    /// Python interpreter of `--engine torch` (default: $LCA_PYTHON, else python3).
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
     /// Output directory (created; an existing one must be empty or a previous lca output).
     #[arg(long, short = 'o', default_value = "lca-out")]
     pub out: PathBuf,
@@ -126,6 +156,10 @@ pub struct AnalyzeArgs {
     /// Do not write per-step, per-parameter LCA (lca.safetensors).
     #[arg(long)]
     pub no_lca_tensors: bool,
+    /// Also write params.csv, one row per parameter (about 60 bytes per parameter; the same
+    /// totals are always in totals.safetensors, 12 bytes per parameter).
+    #[arg(long)]
+    pub params_csv: bool,
     /// Element type of lca.safetensors.
     #[arg(long, value_enum, default_value_t = StoreDtype::F32)]
     pub lca_dtype: StoreDtype,
@@ -155,6 +189,10 @@ pub struct AnalyzeArgs {
     /// (Kubernetes) or SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN (Slurm).
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// Analyse even when lca's loss at the first checkpoint disagrees with the one PyTorch
+    /// recorded in it (the Python Recorder's `lca.torch_loss`): warn instead of refusing.
+    #[arg(long)]
+    pub no_verify_loss: bool,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +242,14 @@ pub struct PlotArgs {
     /// Height in pixels (default 800; taller for many layers or neurons).
     #[arg(long)]
     pub height: Option<u32>,
+    /// Lines (layers figure) and panels (peaks figure) per layer or per block; either way the
+    /// largest ones are drawn and the others summed into one "the rest".
+    #[arg(long, value_enum, default_value_t = crate::plot::series::GroupBy::Layer)]
+    pub by: crate::plot::series::GroupBy,
+    /// Vocabulary file, one token per line (line i = token id i), to label the rows of an
+    /// embedding's heat map.
+    #[arg(long, value_name = "FILE")]
+    pub vocab: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -250,11 +296,11 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Directory of *.safetensors checkpoints.
+    /// Directory of checkpoints, or a Recorder run directory (holding lca-run.json).
     pub ckpts: PathBuf,
-    /// Model spec: see docs/spec.md.
+    /// Model spec: see docs/spec.md. Optional for a Recorder run directory.
     #[arg(long, short = 's')]
-    pub spec: PathBuf,
+    pub spec: Option<PathBuf>,
     #[command(flatten)]
     pub select: Selection,
     /// Integration rule to estimate the work for.
@@ -306,10 +352,32 @@ pub struct ManArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// The most worker threads `--threads` accepts: more than the cores gain nothing, and a
+/// thread costs memory (its stack) and start-up time.
+pub const MAX_THREADS: usize = 1024;
+/// The largest `--max-splits`: each doubling doubles the gradient evaluations a step may take.
+pub const MAX_SPLITS: usize = 1 << 16;
+
+fn max_splits(n: usize) -> anyhow::Result<()> {
+    if n < 2 || !n.is_power_of_two() {
+        anyhow::bail!("--max-splits must be a power of two ≥ 2, got {n}");
+    }
+    if n > MAX_SPLITS {
+        anyhow::bail!("--max-splits must be at most {MAX_SPLITS}, got {n}");
+    }
+    Ok(())
+}
+
 fn threads(n: Option<usize>) -> anyhow::Result<()> {
     if let Some(n) = n {
         if n == 0 {
             anyhow::bail!("--threads must be at least 1");
+        }
+        if n > MAX_THREADS {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            anyhow::bail!(
+                "--threads must be at most {MAX_THREADS}, got {n} (this machine has {cores} cores)"
+            );
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -353,12 +421,7 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
     {
         anyhow::bail!("--rel-tolerance must be a finite number ≥ 0, got {r}");
     }
-    if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
-        anyhow::bail!(
-            "--max-splits must be a power of two ≥ 2, got {}",
-            a.max_splits
-        );
-    }
+    max_splits(a.max_splits)?;
     Ok(Integration {
         method: a.method,
         adaptive: !a.no_adaptive && a.method == Method::Simpson,
@@ -383,20 +446,49 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     threads(a.threads)?;
+    let torch = match a.engine {
+        EngineKind::Torch => Some(crate::analyze::TorchOptions {
+            model: a.torch_model.clone(),
+            spec: a.spec.clone(),
+            device: a.device.clone(),
+            chunk_size: a.chunk_size,
+            python: a.python.clone(),
+        }),
+        EngineKind::Builtin => {
+            if a.torch_model.is_some()
+                || a.chunk_size.is_some()
+                || a.python.is_some()
+                || a.device != "cpu"
+            {
+                anyhow::bail!(
+                    "--torch-model, --device, --chunk-size and --python apply to --engine torch"
+                );
+            }
+            None
+        }
+    };
+    let (ckpt_dir, spec) = match a.engine {
+        // The worker reads a Recorder run itself; a spec is optional (its data and loss keys).
+        EngineKind::Torch => (a.ckpts.clone(), a.spec.clone().unwrap_or_default()),
+        EngineKind::Builtin => crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?,
+    };
     let opts = AnalyzeOptions {
-        ckpt_dir: a.ckpts,
-        spec: a.spec,
+        ckpt_dir,
+        spec,
+        torch,
         out: a.out.clone(),
         first: a.select.first,
         last: a.select.last,
         every: a.select.every,
         integration,
         store: (!a.no_lca_tensors).then_some(a.lca_dtype),
+        params_csv: a.params_csv,
         quiet: a.quiet,
         precision: a.precision,
         resume: a.resume,
         shard,
         share_first_layer: !a.no_share_first_layer,
+        verify_loss: !a.no_verify_loss,
     };
     crate::interrupt::install();
     let quiet = a.quiet;
@@ -468,11 +560,11 @@ fn print_report(s: &crate::output::Summary, out: &std::path::Path) {
 }
 
 fn run_summarize(a: SummarizeArgs) -> anyhow::Result<()> {
-    let (_, mut table) = view(&a.out, a.by)?;
     let sort = a.sort.unwrap_or(match a.by {
         By::Layer | By::Block | By::Tensor | By::Step | By::Head => Sort::Order,
         By::Neuron | By::Param => Sort::Helped,
     });
+    let (_, mut table) = view_top(&a.out, a.by, sort, a.top)?;
     table.sort_and_limit(sort, a.top);
     let text = match a.format {
         Format::Table => table.to_text(),
@@ -490,6 +582,8 @@ fn run_plot(a: PlotArgs) -> anyhow::Result<()> {
         layer: a.layer,
         width: a.width,
         height: a.height,
+        by: a.by,
+        vocab: a.vocab,
     };
     plot(&a.out, &opts)?;
     eprintln!("wrote {}", opts.file.display());
@@ -536,16 +630,12 @@ fn run_check(a: CheckArgs) -> anyhow::Result<Status> {
 }
 
 fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
-    if a.max_splits < 2 || !a.max_splits.is_power_of_two() {
-        anyhow::bail!(
-            "--max-splits must be a power of two ≥ 2, got {}",
-            a.max_splits
-        );
-    }
+    max_splits(a.max_splits)?;
     threads(a.threads)?;
+    let (ckpt_dir, spec) = crate::checkpoint::run_dir::resolve(&a.ckpts, a.spec.as_deref())?;
     let opts = InspectOptions {
-        ckpt_dir: a.ckpts,
-        spec: a.spec,
+        ckpt_dir,
+        spec,
         first: a.select.first,
         last: a.select.last,
         every: a.select.every,

@@ -10,6 +10,8 @@ use crate::spec::DataSpec;
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 use std::path::{Path, PathBuf};
 
+mod npz;
+
 /// Targets of the whole set.
 #[derive(Debug, Clone)]
 pub enum Targets {
@@ -68,13 +70,16 @@ impl Raw {
                 len,
             } => {
                 use std::io::{Read, Seek, SeekFrom};
-                let mut r = std::fs::File::open(file).map_err(|e| LcaError::io(path, e))?;
+                let (mut r, _) = crate::files::open_regular(file)?;
                 r.seek(SeekFrom::Start(*offset))
                     .map_err(|e| LcaError::io(path, e))?;
                 let size = dtype.bitsize().div_ceil(8);
                 let mut buf = vec![0u8; BLOCK_ELEMS * size];
                 let mut i = 0;
                 while i < *len {
+                    if crate::interrupt::requested() {
+                        return Err(LcaError::Interrupted(crate::error::Interruption::Requested));
+                    }
                     let k = BLOCK_ELEMS.min(len - i);
                     let bytes = &mut buf[..k * size];
                     r.read_exact(bytes).map_err(|e| LcaError::io(path, e))?;
@@ -156,46 +161,30 @@ fn read_safetensors(path: &Path, names: [&str; 2]) -> Result<[Raw; 2]> {
 }
 
 fn read_npz(path: &Path, names: [&str; 2]) -> Result<[Raw; 2]> {
-    use ndarray_npy::NpzReader;
-    let err = |msg: String| LcaError::Data {
-        path: path.to_path_buf(),
-        msg,
+    let raw = |a: npz::NpyArray| Raw {
+        shape: a.shape,
+        values: Values::Mem(a.values),
+        integral: a.integral,
+        dtype: a.dtype,
     };
-    let file = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
-    let mut npz = NpzReader::new(file).map_err(|e| err(format!("not a valid .npz file: {e}")))?;
-    let available = npz
-        .names()
-        .map_err(|e| err(format!("not a valid .npz file: {e}")))?;
-    let mut get = |name: &str| -> Result<Raw> {
-        let key = [name.to_string(), format!("{name}.npy")]
-            .into_iter()
-            .find(|k| available.contains(k))
-            .ok_or_else(|| {
-                err(format!(
-                    "has no array '{name}' (it holds: {}); set `data.x`/`data.y` in the spec",
-                    available.join(", ")
-                ))
-            })?;
-        macro_rules! try_type {
-            ($($ty:ty => $int:expr),*) => {{
-                $(
-                    if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$ty>, IxDyn>(&key) {
-                        return Ok(Raw {
-                            shape: a.shape().to_vec(),
-                            values: Values::Mem(a.iter().map(|&v| v as f64).collect()),
-                            integral: $int,
-                            dtype: stringify!($ty).to_string(),
-                        });
-                    }
-                )*
-            }};
-        }
-        try_type!(f32 => false, f64 => false, u8 => true, i64 => true, i32 => true, i16 => true, i8 => true, u16 => true, u32 => true, u64 => true);
-        Err(err(format!(
-            "array '{name}' has an unsupported dtype (supported: float32/64, (u)int8-64)"
-        )))
+    // The token stream is one array read once.
+    let wanted: &[&str] = if names[0] == names[1] {
+        &names[..1]
+    } else {
+        &names
     };
-    Ok([get(names[0])?, get(names[1])?])
+    let mut arrays = npz::read(path, wanted)?.into_iter();
+    let x = arrays.next().map(raw).expect("one array per name");
+    let y = match arrays.next() {
+        Some(a) => raw(a),
+        None => Raw {
+            shape: x.shape.clone(),
+            values: Values::Mem(Vec::new()),
+            integral: x.integral,
+            dtype: x.dtype.clone(),
+        },
+    };
+    Ok([x, y])
 }
 
 /// `[N, T+1]` token ids → inputs (the first T columns) and targets (the last T).
@@ -295,6 +284,8 @@ impl Dataset {
                 "is a directory, not a data file (.safetensors or .npz)".into(),
             ));
         }
+        // Only a regular file: a FIFO or a device (/dev/zero) would block or read forever.
+        drop(crate::files::open_regular(path)?);
         let sha256 = crate::tensors::sha256_file(path).map_err(|e| LcaError::io(path, e))?;
         let [x, y] = read_xy(path, spec)?;
         let y_values = {

@@ -41,6 +41,14 @@ pub enum LcaError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// lca's loss at θ_0 disagrees with the one PyTorch recorded (the spec or data do not
+    /// describe the trained model).
+    #[error("{0}")]
+    LossMismatch(String),
+    /// A foreign evaluation engine (the PyTorch worker) failed: it could not load the model,
+    /// ran out of memory, or died; the message names the cause.
+    #[error("{0}")]
+    Engine(String),
     /// Invalid command-line usage detected by the library.
     #[error("{0}")]
     Usage(String),

@@ -45,13 +45,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Mode) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
+    let tmp = dir.join(temp_name(&name));
     let result = write_synced(&tmp, bytes).and_then(|()| move_into_place(&tmp, path, mode));
     let _ = std::fs::remove_file(&tmp);
     if result.is_ok() {
         sync_dir(&dir);
     }
     result
+}
+
+/// The temporary name for a file named `name`: `.NAME.PID.partial`, with a long `NAME`
+/// shortened to a prefix and a hash of the whole so that the temporary name stays within the
+/// 255 bytes a file name may have (a legal final name must never fail on its temporary one).
+pub fn temp_name(name: &str) -> String {
+    const KEEP: usize = 120;
+    let short = if name.len() > KEEP {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(name.as_bytes());
+        let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let mut cut = KEEP;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}~{hex}", &name[..cut])
+    } else {
+        name.to_string()
+    };
+    format!(".{short}.{}.partial", std::process::id())
 }
 
 fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<()> {
@@ -77,6 +97,111 @@ fn move_into_place(tmp: &Path, path: &Path, mode: Mode) -> Result<()> {
             Err(e) => Err(LcaError::io(path, e)),
         },
     }
+}
+
+/// Open an input file for reading, refusing anything but a regular file (after following
+/// symbolic links): a FIFO blocks, a device such as `/dev/zero` reads forever, a directory or
+/// socket cannot be read as a file. Every input reader (spec, data sets, checkpoints, part
+/// files) opens its file here, so that reads can then be bounded by the returned metadata's
+/// real length.
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata)> {
+    // Look before opening: opening a FIFO for reading blocks until a writer appears.
+    let meta = std::fs::metadata(path).map_err(|e| LcaError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(path, &meta));
+    }
+    let f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let meta = f.metadata().map_err(|e| LcaError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(path, &meta));
+    }
+    Ok((f, meta))
+}
+
+/// Which file a path named when it was opened: a file replaced (renamed over) or rewritten in
+/// place since has another identity, even at the same size (the change time cannot be set back
+/// by a user).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub len: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            len: meta.len(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        }
+    }
+}
+
+/// The error for an input that is not a regular file, saying what it is.
+fn not_regular(path: &Path, meta: &std::fs::Metadata) -> LcaError {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    LcaError::Io {
+        path: path.to_path_buf(),
+        error: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is {kind}, not a regular file: inputs must be regular files"),
+        ),
+    }
+}
+
+/// Read a whole input file, refusing non-regular files and files larger than `max` bytes
+/// before anything is allocated; the read stops at the length the file had when opened (a
+/// file that grows meanwhile is not followed), and stops early with an interruption when a
+/// stop is requested.
+pub fn read_regular(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let (f, meta) = open_regular(path)?;
+    let len = meta.len();
+    if len > max {
+        return Err(LcaError::Io {
+            path: path.to_path_buf(),
+            error: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("is {len} bytes, more than the {max} bytes allowed for {what}"),
+            ),
+        });
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    let mut r = f.take(len);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        if crate::interrupt::requested() {
+            return Err(LcaError::Interrupted(crate::error::Interruption::Requested));
+        }
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LcaError::io(path, e)),
+        };
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(out)
 }
 
 /// fsync a directory so that renames in it survive a power loss (best effort: not every

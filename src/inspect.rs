@@ -97,6 +97,11 @@ pub struct Inspection {
     pub max_splits: usize,
     pub estimate: Estimate,
     pub timing: Option<Timing>,
+    /// lca's loss at the first selected checkpoint compared with PyTorch's, when the
+    /// checkpoint carries it (the Python Recorder's `lca.torch_loss`).
+    pub loss_check: Option<crate::output::LossCheck>,
+    /// Whether the loss at the first checkpoint was evaluated only for that comparison.
+    pub loss_check_evaluated: bool,
 }
 
 /// Inspect a checkpoint directory against a spec.
@@ -140,11 +145,19 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
                 .collect();
             TensorLine {
                 name: t.name.clone(),
+                // A tied weight stored under its alias (as safetensors' save_model writes
+                // `lm_head.weight` for `transformer.wte.weight`) is used, as an alias.
                 layer: model
                     .params
                     .iter()
-                    .find(|q| q.name == t.name)
-                    .map(|q| q.layer.clone()),
+                    .find(|q| q.answers_to(&t.name))
+                    .map(|q| {
+                        if q.name == t.name {
+                            q.layer.clone()
+                        } else {
+                            format!("{} (tied: alias of {})", q.layer, q.name)
+                        }
+                    }),
                 shape: t.shape.clone(),
                 dtypes: dtypes.into_iter().collect(),
             }
@@ -154,7 +167,7 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
     let mut ordered: Vec<TensorLine> = model
         .params
         .iter()
-        .filter_map(|q| tensors.iter().find(|t| t.name == q.name).cloned())
+        .flat_map(|q| tensors.iter().filter(|t| q.answers_to(&t.name)).cloned())
         .collect();
     ordered.extend(tensors.iter().filter(|t| t.layer.is_none()).cloned());
 
@@ -203,6 +216,23 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
     } else {
         None
     };
+    let torch = crate::analyze::verify::recorded(first)?;
+    let loss_check_evaluated = torch.is_some() && timing.is_none();
+    let loss_check = match torch {
+        None => None,
+        Some(torch) => {
+            let lca_loss = match &timing {
+                Some(t) => t.loss,
+                None => {
+                    use crate::eval::Engine;
+                    eval.loss(&checkpoint::load(first, &model.params)?.theta)?
+                }
+            };
+            Some(crate::analyze::verify::compare(
+                first, &torch, lca_loss, true,
+            ))
+        }
+    };
     Ok(Inspection {
         spec: opts.spec.clone(),
         loss: match model.loss {
@@ -230,6 +260,8 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
         max_splits: opts.max_splits,
         estimate,
         timing,
+        loss_check,
+        loss_check_evaluated,
     })
 }
 
@@ -274,9 +306,45 @@ impl Inspection {
     pub fn to_text(&self) -> String {
         let mut o = String::new();
         self.write_run(&mut o);
+        self.write_loss_check(&mut o);
         self.write_tensors(&mut o);
         self.write_estimate(&mut o);
         o
+    }
+
+    /// lca's loss against PyTorch's, when the first checkpoint carries it.
+    fn write_loss_check(&self, o: &mut String) {
+        let Some(c) = &self.loss_check else {
+            return;
+        };
+        let how = if self.loss_check_evaluated {
+            " (lca evaluated the loss at this checkpoint for this comparison)"
+        } else {
+            ""
+        };
+        let verdict = if c.agree {
+            format!(
+                "agree: difference {:.2e} ≤ {:.2e}, float rounding",
+                c.difference, c.tolerance
+            )
+        } else {
+            format!(
+                "DISAGREE: difference {:.3e} > {:.2e}; `lca analyze` will refuse this spec (--no-verify-loss overrides). Likely causes: the spec (layer hyperparameters, head count), preprocessing ([data] scale/mean/std, input_shape), the batch-norm mode",
+                c.difference, c.tolerance
+            )
+        };
+        o.push_str(&format!(
+            "{:<12}step {}: lca {:.10}, PyTorch {:.10} ({}{}): {verdict}{how}\n",
+            "loss check",
+            c.step,
+            c.lca_loss,
+            c.torch_loss,
+            c.torch_dtype,
+            c.torch_batch_norm
+                .as_deref()
+                .map(|b| format!(", {b}"))
+                .unwrap_or_default(),
+        ));
     }
 
     /// The checkpoints, their sources and spacing.

@@ -64,6 +64,9 @@ pub struct Manifest {
     pub checkpoints: Vec<ManifestCheckpoint>,
     /// Parameter tensors (name, shape), model order.
     pub params: Vec<(String, Vec<usize>)>,
+    /// The foreign engine that evaluated (`--engine torch`); `None`: the built-in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::output::EngineInfo>,
 }
 
 impl Manifest {
@@ -92,6 +95,7 @@ impl Manifest {
             lca_tensors,
             checkpoints,
             params,
+            engine: None,
         }
     }
 
@@ -121,6 +125,20 @@ impl Manifest {
         }
         if self.validation_sha256 != now.validation_sha256 {
             d.push("the validation set changed".into());
+        }
+        if self.engine != now.engine {
+            let e = |e: &Option<crate::output::EngineInfo>| match e {
+                None => "the built-in engine".to_string(),
+                Some(e) => format!(
+                    "--engine {} on {} in {} (PyTorch {}, chunks of {}, model {})",
+                    e.name, e.device, e.precision, e.torch, e.chunk_size, e.model
+                ),
+            };
+            d.push(format!(
+                "the engine changed ({} then, {} now)",
+                e(&self.engine),
+                e(&now.engine)
+            ));
         }
         if self.precision != now.precision {
             d.push(format!(

@@ -4,7 +4,7 @@
 //! The change of the full-training-set loss between consecutive checkpoints is split over
 //! parameters as a path integral of the gradient along the straight segment between them.
 //! Modules: [`spec`] (model.toml), [`checkpoint`] (safetensors directory), [`data`] (training
-//! set), [`net`] (layers, forward and backward), [`eval`] (full-set loss and gradient),
+//! set), [`net`] (layers, forward and backward), [`eval`] (full-set loss and gradient), [`engine`] (the PyTorch worker engine),
 //! [`lca`] (integration and allocation), [`analyze`] (the run), [`output`] (output writers),
 //! [`summarize`] (coarser views), [`plot`] (figures), [`check`] (CI gates), [`inspect`]
 //! (dry run and work estimate), [`init`] (draft a spec from a checkpoint), [`html`] (the
@@ -17,6 +17,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod files;

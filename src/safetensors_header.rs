@@ -94,8 +94,8 @@ impl<'de> serde::Deserialize<'de> for Entries {
 /// Read and parse a safetensors header (without reading tensor data). Returns the file size
 /// and the header's JSON object, unchecked; [`describe`] checks it.
 pub fn read_header(path: &Path) -> Result<(u64, Header)> {
-    let mut f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
-    let len = f.metadata().map_err(|e| LcaError::io(path, e))?.len();
+    let (mut f, meta) = crate::files::open_regular(path)?;
+    let len = meta.len();
     let (_, h, _) = read_header_from(path, len, &mut f)?;
     Ok((len, h))
 }
@@ -253,8 +253,7 @@ pub(crate) fn read_checked(
 /// Read and check the header of a safetensors file without reading its data: the byte offset
 /// where the data section starts and the tensors it lists.
 pub fn read_file_header(path: &Path) -> Result<(u64, Vec<HeaderTensor>)> {
-    let meta = std::fs::metadata(path).map_err(|e| LcaError::io(path, e))?;
-    let file = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let (file, meta) = crate::files::open_regular(path)?;
     let mut r = std::io::BufReader::new(file);
     let len = meta.len();
     let (hlen, _, tensors) = read_checked(path, len, &mut r)?;

@@ -525,6 +525,42 @@ impl LayerKind {
                 Ok(())
             }
         };
+        // Numbers the evaluator uses as they are: refused here, at their key, rather than
+        // met later as a NaN gradient blamed on a checkpoint.
+        match self {
+            LayerKind::LayerNorm { eps, .. }
+            | LayerKind::BatchNorm1d(BatchNormSpec { eps, .. })
+            | LayerKind::BatchNorm2d(BatchNormSpec { eps, .. })
+                if !(eps.is_finite() && *eps > 0.0) =>
+            {
+                return Err((
+                    "eps",
+                    format!("`eps` must be a finite number > 0, got {eps}"),
+                ));
+            }
+            LayerKind::LeakyRelu { negative_slope } if !negative_slope.is_finite() => {
+                return Err((
+                    "negative_slope",
+                    format!("`negative_slope` must be a finite number, got {negative_slope}"),
+                ));
+            }
+            LayerKind::Dropout { p: v }
+            | LayerKind::CausalSelfAttention { dropout: v, .. }
+            | LayerKind::MultiheadAttention { dropout: v, .. }
+                if !(0.0..=1.0).contains(v) =>
+            {
+                let key = if matches!(self, LayerKind::Dropout { .. }) {
+                    "p"
+                } else {
+                    "dropout"
+                };
+                return Err((
+                    key,
+                    format!("`{key}` must be a probability in [0, 1], got {v}"),
+                ));
+            }
+            _ => {}
+        }
         match self {
             LayerKind::Conv2d {
                 in_channels,
@@ -698,6 +734,10 @@ struct RawSpec {
     regularization: Option<Regularization>,
 }
 
+/// Spec files larger than this are refused before they are read (a spec of 100,000 layers
+/// is a few megabytes).
+pub const MAX_SPEC_BYTES: u64 = 64 << 20;
+
 impl Spec {
     /// Read and parse a spec file.
     pub fn load(path: &Path) -> Result<Spec> {
@@ -708,7 +748,7 @@ impl Spec {
                 msg: "is a directory, not a spec file (model.toml)".into(),
             });
         }
-        let bytes = std::fs::read(path).map_err(|e| LcaError::io(path, e))?;
+        let bytes = crate::files::read_regular(path, MAX_SPEC_BYTES, "a spec")?;
         let source = String::from_utf8(bytes).map_err(|e| {
             let at = e.utf8_error().valid_up_to();
             let bytes = e.as_bytes();
@@ -737,9 +777,18 @@ impl Spec {
             err(line, msg)
         })?;
         let mut layers = Vec::with_capacity(raw.layers.len());
+        // Lines of layer offsets by binary search: counting newlines from the start for each
+        // layer made parsing quadratic in the number of layers.
+        let newlines: Vec<usize> = source
+            .bytes()
+            .enumerate()
+            .filter(|&(_, b)| b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
+        let line_at = |offset: usize| newlines.partition_point(|&i| i < offset) + 1;
         for (index, spanned) in raw.layers.into_iter().enumerate() {
             let start = spanned.span().start;
-            let line = line_of(source, start);
+            let line = line_at(start);
             let mut table = spanned.into_inner();
             let name = match table.remove("name") {
                 None => None,

@@ -13,8 +13,9 @@
 //! Output as an aligned table for people, or CSV / JSON for scripts.
 
 use crate::error::{LcaError, Result};
+use crate::output::ParamTotals;
+use crate::output::totals::read_totals;
 use crate::output::{Summary, json::read_summary};
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -60,7 +61,7 @@ pub enum Sort {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
     Str(String),
-    Int(i64),
+    Int(u64),
     Float(f64),
 }
 
@@ -71,33 +72,6 @@ pub struct Table {
     pub rows: Vec<Vec<Cell>>,
     /// Index of the LCA column used for sorting.
     lca_col: usize,
-}
-
-#[derive(Debug, Deserialize)]
-struct ParamRow {
-    tensor: String,
-    layer: String,
-    flat_index: usize,
-    index: String,
-    lca: f64,
-    helped_steps: u32,
-    hurt_steps: u32,
-}
-
-fn read_params(dir: &Path) -> Result<Vec<ParamRow>> {
-    let path = dir.join("params.csv");
-    let mut r = csv::Reader::from_path(&path).map_err(|e| LcaError::Output {
-        path: path.clone(),
-        msg: e.to_string(),
-    })?;
-    r.deserialize()
-        .map(|row| {
-            row.map_err(|e| LcaError::Output {
-                path: path.clone(),
-                msg: format!("unreadable row: {e}"),
-            })
-        })
-        .collect()
 }
 
 fn share(lca: f64, delta: f64) -> f64 {
@@ -144,12 +118,12 @@ fn group_table(g: &[crate::output::GroupTotal], with_layer: bool, delta: f64) ->
                 r.push(Cell::Str(t.layer.clone()));
             }
             r.extend([
-                Cell::Int(t.params as i64),
+                Cell::Int(t.params as u64),
                 Cell::Float(t.lca),
                 Cell::Float(share(t.lca, delta)),
-                Cell::Int(t.helped as i64),
-                Cell::Int(t.zero as i64),
-                Cell::Int(t.hurt as i64),
+                Cell::Int(t.helped as u64),
+                Cell::Int(t.zero as u64),
+                Cell::Int(t.hurt as u64),
                 Cell::Float(t.helped_fraction),
             ]);
             if has_val {
@@ -171,8 +145,15 @@ fn group_table(g: &[crate::output::GroupTotal], with_layer: bool, delta: f64) ->
     }
 }
 
-/// Build the requested view.
+/// Build the requested view (every row).
 pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
+    view_top(dir, by, Sort::Order, None)
+}
+
+/// Build the requested view; with `top` and an order other than [`Sort::Order`], the
+/// per-parameter view keeps only the rows that [`Table::sort_and_limit`] would keep (so
+/// that it never builds millions of rows for a top-N question).
+pub fn view_top(dir: &Path, by: By, sort: Sort, top: Option<usize>) -> Result<(Summary, Table)> {
     let s = read_summary(dir)?;
     let delta = s.run.delta_loss;
     let table = match by {
@@ -243,112 +224,135 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 .iter()
                 .map(|r| {
                     vec![
-                        Cell::Int(r.step as i64),
-                        Cell::Int(r.next_step as i64),
+                        Cell::Int(r.step as u64),
+                        Cell::Int(r.next_step as u64),
                         Cell::Float(r.loss_before),
                         Cell::Float(r.loss_after),
                         Cell::Float(r.delta_loss),
                         Cell::Float(r.lca_sum),
                         Cell::Float(r.residual),
-                        Cell::Int(r.splits as i64),
+                        Cell::Int(r.splits as u64),
                         Cell::Float(r.helped_fraction),
                     ]
                 })
                 .collect(),
             lca_col: 5,
         },
-        By::Param => {
-            let rows = read_params(dir)?;
-            Table {
-                columns: vec![
-                    "tensor",
-                    "layer",
-                    "flat_index",
-                    "index",
-                    "lca",
-                    "helped_steps",
-                    "hurt_steps",
-                ],
-                rows: rows
-                    .into_iter()
-                    .map(|p| {
-                        vec![
-                            Cell::Str(p.tensor),
-                            Cell::Str(p.layer),
-                            Cell::Int(p.flat_index as i64),
-                            Cell::Str(p.index),
-                            Cell::Float(p.lca),
-                            Cell::Int(p.helped_steps as i64),
-                            Cell::Int(p.hurt_steps as i64),
-                        ]
-                    })
-                    .collect(),
-                lca_col: 4,
-            }
-        }
-        By::Head => head_view(&s, &read_params(dir)?, delta)?,
-        By::Neuron => {
-            let rows = read_params(dir)?;
-            // Elements per axis-0 slice and the sub-module, per tensor: a layer whose tensors
-            // belong to sub-modules (attention's `c_attn.*` and `c_proj.*`) has neurons per
-            // sub-module.
-            let shapes: BTreeMap<&str, (usize, &str)> = s
-                .model
-                .params
-                .iter()
-                .filter(|p| !p.shape.is_empty() && !p.buffer)
-                .map(|p| {
-                    (
-                        p.name.as_str(),
-                        (p.numel / p.shape[0].max(1), unit_of(&p.role)),
-                    )
-                })
-                .collect();
-            let order: Vec<&str> = s.model.layers.iter().map(|l| l.as_str()).collect();
-            let mut acc: BTreeMap<(usize, &str, usize), (f64, usize)> = BTreeMap::new();
-            for p in &rows {
-                let Some(&(per, unit)) = shapes.get(p.tensor.as_str()) else {
-                    continue;
-                };
-                let li = order
-                    .iter()
-                    .position(|l| *l == p.layer)
-                    .unwrap_or(usize::MAX);
-                let e = acc
-                    .entry((li, unit, p.flat_index / per.max(1)))
-                    .or_insert((0.0, 0));
-                e.0 += p.lca;
-                e.1 += 1;
-            }
-            Table {
-                columns: vec!["layer", "neuron", "params", "lca", "share_of_abs_delta"],
-                rows: acc
-                    .into_iter()
-                    .map(|((li, unit, n), (lca, k))| {
-                        let layer = order.get(li).map_or("?".into(), |s| s.to_string());
-                        vec![
-                            Cell::Str(if unit.is_empty() {
-                                layer
-                            } else {
-                                format!("{layer}.{unit}")
-                            }),
-                            Cell::Int(n as i64),
-                            Cell::Int(k as i64),
-                            Cell::Float(lca),
-                            Cell::Float(share(lca, delta)),
-                        ]
-                    })
-                    .collect(),
-                lca_col: 3,
-            }
-        }
+        By::Param => param_view(&s, &read_totals(dir, &s)?, sort, top),
+        By::Head => head_view(&s, &read_totals(dir, &s)?, delta)?,
+        By::Neuron => neuron_view(&s, &read_totals(dir, &s)?, delta),
     };
     Ok((s, table))
 }
 
+/// Single parameters (buffers excluded: they are not trained), with their flat and
+/// multi-dimensional index.
+fn param_view(s: &Summary, t: &ParamTotals, sort: Sort, top: Option<usize>) -> Table {
+    let mut keys: Vec<(f64, u32, u32)> = Vec::new();
+    for (pi, p) in s.model.params.iter().enumerate() {
+        if p.buffer {
+            continue;
+        }
+        keys.extend(
+            t.lca[pi]
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| (v, pi as u32, k as u32)),
+        );
+    }
+    if let Some(n) = top.filter(|_| sort != Sort::Order) {
+        let key = |v: f64| match sort {
+            Sort::Helped => v,
+            Sort::Hurt => -v,
+            _ => -v.abs(),
+        };
+        if n < keys.len() {
+            keys.select_nth_unstable_by(n, |a, b| key(a.0).total_cmp(&key(b.0)));
+            keys.truncate(n);
+        }
+    }
+    let rows = keys
+        .into_iter()
+        .map(|(v, pi, k)| {
+            let (pi, k) = (pi as usize, k as usize);
+            let p = &s.model.params[pi];
+            let index = crate::output::csv::unravel(k, &p.shape)
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            vec![
+                Cell::Str(p.name.clone()),
+                Cell::Str(p.layer.clone()),
+                Cell::Int(k as u64),
+                Cell::Str(format!("[{index}]")),
+                Cell::Float(v),
+                Cell::Int(t.helped_steps[pi][k] as u64),
+                Cell::Int(t.hurt_steps[pi][k] as u64),
+            ]
+        })
+        .collect();
+    Table {
+        columns: vec![
+            "tensor",
+            "layer",
+            "flat_index",
+            "index",
+            "lca",
+            "helped_steps",
+            "hurt_steps",
+        ],
+        rows,
+        lca_col: 4,
+    }
+}
+
+/// Neurons (channels): index i along axis 0 of each of a layer's (sub-module's) tensors.
+fn neuron_view(s: &Summary, t: &ParamTotals, delta: f64) -> Table {
+    let order: Vec<&str> = s.model.layers.iter().map(|l| l.as_str()).collect();
+    let mut acc: BTreeMap<(usize, &str, usize), (f64, usize)> = BTreeMap::new();
+    for (pi, p) in s.model.params.iter().enumerate() {
+        if p.shape.is_empty() || p.buffer {
+            continue;
+        }
+        let per = (p.numel / p.shape[0].max(1)).max(1);
+        let unit = unit_of(&p.role);
+        let li = order
+            .iter()
+            .position(|l| *l == p.layer)
+            .unwrap_or(usize::MAX);
+        for (n, chunk) in t.lca[pi].chunks(per).enumerate() {
+            let e = acc.entry((li, unit, n)).or_insert((0.0, 0));
+            e.0 += chunk.iter().sum::<f64>();
+            e.1 += chunk.len();
+        }
+    }
+    Table {
+        columns: vec!["layer", "neuron", "params", "lca", "share_of_abs_delta"],
+        rows: acc
+            .into_iter()
+            .map(|((li, unit, n), (lca, k))| {
+                let layer = order.get(li).map_or("?".into(), |s| s.to_string());
+                vec![
+                    Cell::Str(if unit.is_empty() {
+                        layer
+                    } else {
+                        format!("{layer}.{unit}")
+                    }),
+                    Cell::Int(n as u64),
+                    Cell::Int(k as u64),
+                    Cell::Float(lca),
+                    Cell::Float(share(lca, delta)),
+                ]
+            })
+            .collect(),
+        lca_col: 3,
+    }
+}
+
 /// The sub-module of a parameter role: `c_attn.weight` → `c_attn`, `in_proj_bias` →
 /// `in_proj`, `weight` → `` (the layer itself).
-fn unit_of(role: &str) -> &str {
+pub fn unit_of(role: &str) -> &str {
     match role.rsplit_once('.') {
         Some((unit, _)) => unit,
         None => role
@@ -359,7 +363,7 @@ fn unit_of(role: &str) -> &str {
 }
 
 /// Per-head totals of attention layers from per-parameter totals; see [`By::Head`].
-fn head_view(s: &Summary, rows: &[ParamRow], delta: f64) -> Result<Table> {
+fn head_view(s: &Summary, totals: &ParamTotals, delta: f64) -> Result<Table> {
     let att = &s.model.attention;
     if att.is_empty() {
         return Err(LcaError::Usage(
@@ -412,32 +416,34 @@ fn head_view(s: &Summary, rows: &[ParamRow], delta: f64) -> Result<Table> {
         .iter()
         .map(|a| vec![Acc::default(); a.heads + 1])
         .collect();
-    for p in rows {
-        let Some(&(li, role)) = roles.get(p.tensor.as_str()) else {
+    for (pi, p) in s.model.params.iter().enumerate() {
+        let Some(&(li, role)) = roles.get(p.name.as_str()) else {
             continue;
         };
         let a = &att[li];
         let c = a.heads * a.head_dim;
-        let (slot, part) = match role {
-            Role::InWeight(cols) => {
-                let r = p.flat_index / cols;
-                ((r % c) / a.head_dim, r / c)
-            }
-            Role::InBias => ((p.flat_index % c) / a.head_dim, p.flat_index / c),
-            Role::OutWeight(cols) => ((p.flat_index % cols) / a.head_dim, 3),
-            Role::OutBias => (a.heads, 3),
-        };
-        let e = &mut acc[li][slot];
-        e.params += 1;
-        e.lca += p.lca;
-        e.parts[part.min(3)] += p.lca;
-        e.signs[if p.lca < 0.0 {
-            0
-        } else if p.lca > 0.0 {
-            2
-        } else {
-            1
-        }] += 1;
+        for (flat, &lca) in totals.lca[pi].iter().enumerate() {
+            let (slot, part) = match role {
+                Role::InWeight(cols) => {
+                    let r = flat / cols;
+                    ((r % c) / a.head_dim, r / c)
+                }
+                Role::InBias => ((flat % c) / a.head_dim, flat / c),
+                Role::OutWeight(cols) => ((flat % cols) / a.head_dim, 3),
+                Role::OutBias => (a.heads, 3),
+            };
+            let e = &mut acc[li][slot.min(a.heads)];
+            e.params += 1;
+            e.lca += lca;
+            e.parts[part.min(3)] += lca;
+            e.signs[if lca < 0.0 {
+                0
+            } else if lca > 0.0 {
+                2
+            } else {
+                1
+            }] += 1;
+        }
     }
     let mut out = Vec::new();
     for (a, heads) in att.iter().zip(acc) {
@@ -452,12 +458,12 @@ fn head_view(s: &Summary, rows: &[ParamRow], delta: f64) -> Result<Table> {
                 } else {
                     h.to_string()
                 }),
-                Cell::Int(e.params as i64),
+                Cell::Int(e.params as u64),
                 Cell::Float(e.lca),
                 Cell::Float(share(e.lca, delta)),
-                Cell::Int(e.signs[0] as i64),
-                Cell::Int(e.signs[1] as i64),
-                Cell::Int(e.signs[2] as i64),
+                Cell::Int(e.signs[0] as u64),
+                Cell::Int(e.signs[1] as u64),
+                Cell::Int(e.signs[2] as u64),
                 Cell::Float(e.signs[0] as f64 / e.params.max(1) as f64),
                 Cell::Float(e.parts[0]),
                 Cell::Float(e.parts[1]),

@@ -76,10 +76,27 @@ fn hex(d: &[u8]) -> String {
 /// Lower-case hex sha256 of a file's content, read in pieces (the file is not held in memory).
 pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    // Only a regular file, and only the length it has when opened (a device such as
+    // /dev/zero would be read forever, a FIFO would block).
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file: inputs must be regular files",
+        ));
+    }
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut f = f.take(len);
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        if crate::interrupt::requested() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted while hashing",
+            ));
+        }
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;

@@ -231,9 +231,39 @@ class Results:
 
     @cached_property
     def params(self) -> pd.DataFrame:
-        """params.csv: tensor, layer, flat_index, index, lca, helped_steps, hurt_steps (one row
-        per parameter: large for large models)."""
-        return self._csv("params.csv")
+        """One row per parameter: tensor, layer, flat_index, index, lca, helped_steps,
+        hurt_steps (large for large models). Read from params.csv when analyze wrote it
+        (`--params-csv`), else built from totals.safetensors (always written)."""
+        if (self.out / "params.csv").is_file() or not (self.out / "totals.safetensors").is_file():
+            return self._csv("params.csv")
+        return self._params_from_totals()
+
+    def _params_from_totals(self) -> pd.DataFrame:
+        import pandas as pd
+
+        t = LcaTensors(self.out / "totals.safetensors")
+        frames = []
+        for p in self.summary["model"]["params"]:
+            name = str(p["name"])
+            shape = tuple(int(d) for d in p["shape"])
+            lca = np.asarray(t[f"lca/{name}"], dtype=np.float64).reshape(-1)
+            n = lca.size
+            idx = np.unravel_index(np.arange(n), shape) if shape else ()
+            index = ["[" + ", ".join(str(int(a[k])) for a in idx) + "]" for k in range(n)]
+            cols: dict[str, Any] = {
+                "tensor": [name] * n,
+                "layer": [str(p["layer"])] * n,
+                "flat_index": np.arange(n),
+                "index": index,
+                "lca": lca,
+                "helped_steps": np.asarray(t[f"helped_steps/{name}"]).reshape(-1).astype(np.int64),
+                "hurt_steps": np.asarray(t[f"hurt_steps/{name}"]).reshape(-1).astype(np.int64),
+            }
+            for extra in ("val_lca", "l2_lca"):
+                if f"{extra}/{name}" in t:
+                    cols[extra] = np.asarray(t[f"{extra}/{name}"]).reshape(-1)
+            frames.append(pd.DataFrame(cols))
+        return pd.concat(frames, ignore_index=True)
 
     def _totals(self, key: str) -> pd.DataFrame:
         import pandas as pd
@@ -437,6 +467,8 @@ _DTYPES = {
     "I16": "<i2",
     "I8": "i1",
     "U8": "u1",
+    "U16": "<u2",
+    "U32": "<u4",
     "BOOL": "?",
     "BF16": "<u2",
 }

@@ -491,3 +491,16 @@ def test_a_run_without_spec_names_the_unsupported_ops(tmp_path: Path) -> None:
         lca.analyze(run, progress=False)
     assert "pass spec=" in str(e.value)
     assert e.value.returncode == 2
+
+
+def test_params_are_built_from_totals_without_params_csv(mlp_run: Path, tmp_path: Path) -> None:
+    opts = {"last": 5, "no_lca_tensors": True}
+    a = analyze_mlp(mlp_run, tmp_path / "csv", params_csv=True, **opts).params
+    compact = analyze_mlp(mlp_run, tmp_path / "compact", **opts)
+    assert not (tmp_path / "compact" / "params.csv").exists()
+    b = compact.params
+    assert list(a.columns) == list(b.columns)
+    assert len(a) == len(b) == 3466
+    assert (a["index"] == b["index"]).all()
+    assert (a["helped_steps"].to_numpy() == b["helped_steps"].to_numpy()).all()
+    np.testing.assert_array_equal(a["lca"].to_numpy(), b["lca"].to_numpy())

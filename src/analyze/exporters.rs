@@ -8,6 +8,7 @@ use crate::output::{
     csv::CsvExporter,
     json::JsonExporter,
     tensors::{StoreDtype, TensorExporter, TensorSource},
+    totals::{TOTALS_FILE, TotalsExporter},
 };
 use std::path::Path;
 
@@ -23,6 +24,8 @@ pub(crate) struct ExportPlan {
     pub validation: bool,
     /// Whether to write `lca_l2.safetensors` (parts of a sharded run with an L2 term).
     pub l2: bool,
+    /// Whether to write `params.csv` (`analyze --params-csv`).
+    pub params_csv: bool,
 }
 
 /// Where the exporters start.
@@ -47,7 +50,12 @@ pub(crate) struct Exporters {
 impl Exporters {
     /// Open every exporter of `plan` in `out`.
     pub fn open(out: &mut OutDir, plan: &ExportPlan, start: &Start) -> Result<Exporters> {
-        let mut list: Vec<Box<dyn Exporter>> = vec![Box::new(csv(out, start)?)];
+        let mut list: Vec<Box<dyn Exporter>> = vec![
+            Box::new(csv(out, start, plan.params_csv)?),
+            Box::new(TotalsExporter {
+                path: out.partial(TOTALS_FILE),
+            }),
+        ];
         if let Some(dtype) = plan.store {
             let mut names = vec![("lca.safetensors", TensorSource::Train)];
             if plan.validation {
@@ -113,15 +121,15 @@ impl Exporters {
     }
 }
 
-fn csv(out: &mut OutDir, start: &Start) -> Result<CsvExporter> {
+fn csv(out: &mut OutDir, start: &Start, params_csv: bool) -> Result<CsvExporter> {
     let paths = [
         out.partial("steps.csv"),
         out.partial("layers.csv"),
         out.partial("tensors.csv"),
-        out.partial("params.csv"),
     ];
+    let params = params_csv.then(|| out.partial("params.csv"));
     match start {
-        Start::Fresh => CsvExporter::new(paths),
+        Start::Fresh => CsvExporter::new(paths, params),
         Start::Resume {
             journal_dir,
             lengths,
@@ -142,6 +150,7 @@ fn csv(out: &mut OutDir, start: &Start) -> Result<CsvExporter> {
             };
             CsvExporter::resume(
                 paths,
+                params,
                 [len("steps.csv")?, len("layers.csv")?, len("tensors.csv")?],
             )
         }

@@ -158,6 +158,8 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
         store: info.inputs.lca_tensors,
         validation: has_val,
         l2: false,
+        // The merged run writes params.csv when its parts were asked to.
+        params_csv: parts[0].dir.join("params.csv").is_file(),
     };
     let (mut od, _) = OutDir::prepare(out)?;
     od.remove_partials()?;

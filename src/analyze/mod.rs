@@ -26,9 +26,12 @@ pub mod shard;
 pub mod step;
 pub mod summary;
 pub mod tallies;
+pub mod verify;
+pub mod torch;
 
 pub use prepare::{Prepared, prepare, prepare_as};
 pub use tallies::l2_step;
+pub use torch::TorchOptions;
 
 use crate::checkpoint::{self, CheckpointFile};
 use crate::error::Result;
@@ -61,6 +64,8 @@ pub struct AnalyzeOptions {
     pub integration: Integration,
     /// Element type of `lca.safetensors`, or `None` not to write it.
     pub store: Option<StoreDtype>,
+    /// Also write `params.csv` (one row per parameter; large for large models).
+    pub params_csv: bool,
     /// Hide the progress bar.
     pub quiet: bool,
     /// Continue the interrupted run whose journal is in `out` (see `docs/reliability.md`).
@@ -73,6 +78,11 @@ pub struct AnalyzeOptions {
     /// Share the first layer between Simpson's points when the model allows it
     /// ([`crate::eval::Evaluator::simpson_sharing_first`]); `false` evaluates every point in full.
     pub share_first_layer: bool,
+    /// Refuse to run when lca's loss at the first checkpoint disagrees with the one PyTorch
+    /// recorded in it ([`verify`]); `false` (`--no-verify-loss`) only warns.
+    pub verify_loss: bool,
+    /// Evaluate with the PyTorch worker (`--engine torch`) instead of the built-in engine.
+    pub torch: Option<TorchOptions>,
 }
 
 /// Arithmetic of the evaluator.
@@ -89,6 +99,12 @@ pub enum Precision {
 
 /// Run the analysis; `note` receives human-readable notes and warnings (for stderr).
 pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
+    if let Some(t) = &opts.torch {
+        return match opts.precision {
+            Precision::F32 => torch::analyze_torch::<f32>(opts, t, note),
+            Precision::F64 => torch::analyze_torch::<f64>(opts, t, note),
+        };
+    }
     match opts.precision {
         Precision::F32 => analyze_in::<f32>(opts, note),
         Precision::F64 => analyze_in::<f64>(opts, note),
@@ -136,6 +152,9 @@ pub fn run<E: Engine>(
             saved,
         } => (out, journal, saved),
     };
+    // The step loop checks for a stop at every gradient evaluation: from here on the first
+    // signal stops it tidily (before, it exits at once: src/interrupt.rs).
+    crate::interrupt::set_graceful(true);
     step::Run::new(opts, p, &plan, train, val, out, journal).execute(saved, note)
 }
 
@@ -197,9 +216,19 @@ fn header<T: Real>(
             },
             shared_first_layer: plan.shared,
             budget: None,
+            engine: p.engine.clone(),
         },
         step_spacing: plan.spacing.clone(),
         ignored_tensors: state.ignored.clone(),
+        loss_check: plan.files(p).first().and_then(|f| {
+            let torch = verify::recorded(f).ok().flatten()?;
+            Some(verify::compare(
+                f,
+                &torch,
+                state.loss_first,
+                opts.verify_loss,
+            ))
+        }),
     }
 }
 
@@ -237,16 +266,16 @@ fn directory_changes(
         }
     }
     for f in selected {
-        match std::fs::metadata(&f.path) {
+        match checkpoint::source_len(&f.path) {
             Err(_) => out.push(format!(
                 "{} was removed during the run, after it had been read",
                 f.path.display()
             )),
-            Ok(m) if m.len() != f.len => out.push(format!(
+            Ok(len) if len != f.len => out.push(format!(
                 "{} changed during the run ({} bytes when read, {} now); the results use the content that was read",
                 f.path.display(),
                 f.len,
-                m.len()
+                len
             )),
             Ok(_) => {}
         }
@@ -283,11 +312,14 @@ mod tests {
             every: 1,
             integration: Integration::default(),
             store: None,
+            params_csv: false,
             quiet: true,
             resume: false,
             precision: Precision::F32,
             shard: None,
             share_first_layer: false,
+            verify_loss: true,
+            torch: None,
         };
         let native = analyze(&opts("native"), &mut |_| {}).unwrap();
         let o = opts("plain");

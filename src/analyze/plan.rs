@@ -110,7 +110,7 @@ fn manifest_of<T: Real>(
     shared: bool,
     sel: &[CheckpointFile],
 ) -> Manifest {
-    Manifest::new(
+    let mut m = Manifest::new(
         &p.spec_sha256,
         &p.data.sha256,
         p.validation.as_ref().map(|v| v.sha256.as_str()),
@@ -136,7 +136,9 @@ fn manifest_of<T: Real>(
             .iter()
             .map(|q| (q.name.clone(), q.shape.clone()))
             .collect(),
-    )
+    );
+    m.engine = p.engine.clone();
+    m
 }
 
 fn spacing(all: &[CheckpointFile]) -> Spacing {

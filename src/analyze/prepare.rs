@@ -25,6 +25,8 @@ pub struct Prepared<T: Real = f32> {
     pub l2_mask: Vec<bool>,
     /// The batch norm mode, when the model has batch norm layers.
     pub batch_norm: Option<BnMode>,
+    /// The foreign engine that evaluates (`--engine torch`); `None`: the built-in one.
+    pub engine: Option<crate::output::EngineInfo>,
 }
 
 /// [`prepare_as`] with the model in f32.
@@ -47,6 +49,15 @@ pub fn prepare_as<T: Real>(
     last: Option<u64>,
     every: usize,
 ) -> Result<Prepared<T>> {
+    // Test hook: `LCA_TEST_PREPARE_DELAY_MS` stands for a slow input read (it does not look
+    // at the interrupt flag, as a blocked read cannot), so that the tests can check that the
+    // first signal ends the run at once while the inputs are read.
+    if let Some(ms) = std::env::var("LCA_TEST_PREPARE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let spec = Spec::load(spec_path)?;
     let spec_sha256 = crate::tensors::sha256_hex(spec.source.as_bytes());
     let loss = match spec.loss {
@@ -92,6 +103,7 @@ pub fn prepare_as<T: Real>(
         listed,
         l2_mask,
         batch_norm,
+        engine: None,
     })
 }
 
@@ -153,7 +165,7 @@ fn l2_mask<T: Real>(spec: &Spec, model: &Model<T>) -> Result<Vec<bool>> {
 }
 
 /// Every parameter of the model is in `f`, with its shape and a float dtype.
-fn check_header<T: Real>(f: &CheckpointFile, model: &Model<T>) -> Result<()> {
+pub(crate) fn check_header<T: Real>(f: &CheckpointFile, model: &Model<T>) -> Result<()> {
     for p in &model.params {
         match f.tensors.iter().find(|t| p.answers_to(&t.name)) {
             None => {

@@ -136,7 +136,7 @@ pub(crate) fn verify(
         ),
     };
     for (f, then) in files.iter().zip(&state.checkpoint_sha256).take(k) {
-        let now = crate::tensors::sha256_file(&f.path).map_err(|e| LcaError::io(&f.path, e))?;
+        let now = checkpoint::source_sha256(&f.path).map_err(|e| LcaError::io(&f.path, e))?;
         if now != *then {
             return Err(changed(f, then, &now));
         }

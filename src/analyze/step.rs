@@ -187,6 +187,7 @@ impl<'a, E: Engine> Run<'a, E> {
             store: self.plan.store,
             validation: self.objectives.val.is_some(),
             l2: self.opts.shard.is_some() && self.l2.is_some(),
+            params_csv: self.opts.params_csv,
         };
         let jdir = Journal::dir_of(&self.opts.out);
         let start = match saved {
@@ -221,6 +222,14 @@ impl<'a, E: Engine> Run<'a, E> {
             .objectives
             .at(&widen::<E::Real>(&first.theta))
             .map_err(|e| at_checkpoint(e, &self.files[0]))?;
+        // Verification against PyTorch, before any step and before any output is committed.
+        super::verify::check(
+            &self.files[0],
+            start[0].loss,
+            self.opts.verify_loss,
+            self.p.batch_norm,
+            note,
+        )?;
         self.state = Some(RunState {
             records: Vec::with_capacity(self.plan.nsteps),
             checkpoint_sha256: vec![first.sha256],

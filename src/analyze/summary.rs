@@ -20,6 +20,7 @@ pub(crate) struct Header {
     pub integration: IntegrationInfo,
     pub step_spacing: Spacing,
     pub ignored_tensors: Vec<String>,
+    pub loss_check: Option<crate::output::LossCheck>,
 }
 
 impl Header {
@@ -34,6 +35,7 @@ impl Header {
             integration: s.integration.clone(),
             step_spacing: s.step_spacing.clone(),
             ignored_tensors: s.ignored_tensors.clone(),
+            loss_check: s.loss_check.clone(),
         }
     }
 }
@@ -174,5 +176,6 @@ pub(crate) fn build(h: Header, o: Outcome, note: &mut dyn FnMut(&str)) -> Summar
         ignored_tensors: h.ignored_tensors,
         warnings,
         files: o.files,
+        loss_check: h.loss_check,
     }
 }

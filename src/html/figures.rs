@@ -17,19 +17,24 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<Figures> {
     };
     let mut drawn = Vec::new();
     let mut missing = Vec::new();
-    for kind in [
+    let mut kinds = vec![
         PlotKind::Loss,
         PlotKind::Layers,
         PlotKind::Helped,
         PlotKind::Peaks,
         PlotKind::Heatmap,
-    ] {
+    ];
+    if !s.model.attention.is_empty() {
+        kinds.push(PlotKind::Heads);
+    }
+    for kind in kinds {
         let name = match kind {
             PlotKind::Loss => "loss",
             PlotKind::Layers => "layers",
             PlotKind::Helped => "helped",
             PlotKind::Peaks => "peaks",
             PlotKind::Heatmap => "heatmap",
+            PlotKind::Heads => "heads",
         };
         let layer = (kind == PlotKind::Heatmap)
             .then_some(heat_layer.as_deref())

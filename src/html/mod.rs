@@ -14,7 +14,7 @@
 use crate::error::{LcaError, Result};
 use crate::output::{Summary, json::read_summary, step_list};
 use crate::plot::{Figure, PlotKind};
-use crate::summarize::{By, Cell, Sort, Table, view};
+use crate::summarize::{By, Cell, Sort, Table, view, view_top};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -276,11 +276,18 @@ fn code(s: &str) -> String {
     format!("<code>{}</code>", esc(s))
 }
 
-/// The layer the heat map shows by default: the largest |LCA| among layers with parameters.
+/// The layer the heat map shows by default: the largest |LCA| among layers with parameters
+/// (never the buffers group).
 fn default_heatmap_layer(s: &Summary) -> Option<String> {
     s.layers
         .iter()
-        .filter(|l| s.model.layers.contains(&l.name))
+        .filter(|l| {
+            s.model.layers.contains(&l.name)
+                && s.model
+                    .params
+                    .iter()
+                    .any(|p| p.layer == l.name && !p.buffer)
+        })
         .max_by(|a, b| a.lca.abs().total_cmp(&b.lca.abs()))
         .map(|l| l.name.clone())
 }
@@ -334,9 +341,10 @@ pub fn base64(bytes: &[u8]) -> String {
 fn caption(kind: PlotKind, layer: Option<&str>) -> String {
     match kind {
         PlotKind::Loss => "<b>Loss.</b> The full-training-set loss at every checkpoint (light blue) and the loss rebuilt from LCA, L(θ₀) + cumulative ΣLCA (dashed); they coincide when the allocation is exact. Below: the per-step residual r_t = ΔL_t − ΣLCA_t.".into(),
-        PlotKind::Layers => "<b>Layers.</b> Cumulative LCA of every layer. Going down = the layer lowered the loss; a layer that ends above 0 hurt over the run.".into(),
+        PlotKind::Layers => "<b>Layers.</b> Cumulative LCA per layer. Going down = the layer lowered the loss; a layer that ends above 0 hurt over the run. With more than nine layers, the nine with the largest |total| are drawn and the others summed into one dashed line (<code>lca plot --by block</code> groups by block); batch-norm running statistics, if any, are a dotted line of their own (buffers, not a layer).".into(),
         PlotKind::Helped => "<b>Helped.</b> On each step, the percentage of parameters whose LCA was negative (helped, blue), zero (grey) and positive (hurt, red).".into(),
-        PlotKind::Peaks => "<b>Peaks.</b> Each layer's LCA per step, divided by its own largest |LCA| per step: dips on the same step in several layers are synchronised learning peaks.".into(),
+        PlotKind::Peaks => "<b>Peaks.</b> Each layer's LCA per step, divided by its own largest |LCA| per step: dips on the same step in several layers are synchronised learning peaks. With more than eight layers, the eight with the largest |total| get a panel and the others are summed into one.".into(),
+        PlotKind::Heads => "<b>Attention heads.</b> LCA of every head on every step, split into its q, k and v rows of the in-projection and its columns of the output projection (as <code>lca summarize --by head</code>). Blue = helped, red = hurt.".into(),
         PlotKind::Heatmap => format!(
             "<b>Heat map of {}.</b> LCA of every neuron (rows: index along axis 0 of the layer's tensors) on every step (columns). Blue = helped, red = hurt; the scale is clipped at the 99th percentile of |LCA|.",
             esc(layer.unwrap_or("?"))

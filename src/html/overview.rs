@@ -64,33 +64,106 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<()> {
         "warn"
     };
     let _ = write!(h, "<p class=\"verdict {class}\">{text}</p>");
-    let mut layers_sorted: Vec<&crate::output::GroupTotal> = s.layers.iter().collect();
-    layers_sorted.sort_by(|a, b| a.lca.total_cmp(&b.lca));
-    if let Some(best) = layers_sorted.first() {
-        let hurt: Vec<String> = s
-            .layers
-            .iter()
-            .filter(|l| l.lca > 0.0)
-            .map(|l| format!("{} ({:+.4})", code(&l.name), l.lca))
-            .collect();
-        let _ = write!(
-            h,
-            "<p>The layer that lowered the loss most: {} with LCA {:+.6} ({:.1} % of |ΔL|). Layers whose total LCA is positive (they raised the loss over the run): {}.</p>",
-            code(&best.name),
-            best.lca,
-            if r.delta_loss != 0.0 {
-                100.0 * best.lca.abs() / r.delta_loss.abs()
-            } else {
-                f64::NAN
-            },
-            if hurt.is_empty() {
-                "none".to_string()
-            } else {
-                hurt.join(", ")
-            }
-        );
-    }
+    layer_sentences(h, s);
     h.push_str("</section>");
 
     Ok(())
+}
+
+/// A number with three significant digits (scientific notation when small or large), so that
+/// a small value never reads as `+0.0000`.
+pub(super) fn sig(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.abs() >= 1e-2 && v.abs() < 1e4 {
+        let d = (2 - v.abs().log10().floor() as i32).clamp(0, 4) as usize;
+        format!("{v:+.d$}")
+    } else {
+        format!("{v:+.2e}")
+    }
+}
+
+/// The summary's sentences on layers: the one that lowered the loss most (buffers are not a
+/// layer and are reported apart), the ones that truly hurt, with shares of Σ|LCA| (which,
+/// unlike shares of |ΔL|, never exceed 100 %).
+fn layer_sentences(h: &mut String, s: &Summary) {
+    let is_layer = |name: &str| s.model.params.iter().any(|p| p.layer == name && !p.buffer);
+    let layers: Vec<&crate::output::GroupTotal> =
+        s.layers.iter().filter(|l| is_layer(&l.name)).collect();
+    let abs_sum: f64 = s.layers.iter().map(|l| l.lca.abs()).sum();
+    let share = |v: f64| {
+        if abs_sum > 0.0 {
+            format!("{:.1} %", 100.0 * v.abs() / abs_sum)
+        } else {
+            "–".into()
+        }
+    };
+    let best = layers
+        .iter()
+        .filter(|l| l.lca < 0.0)
+        .min_by(|a, b| a.lca.total_cmp(&b.lca));
+    match best {
+        Some(b) => {
+            let _ = write!(
+                h,
+                "<p>The layer that lowered the loss most: {} with LCA {} ({} of Σ|LCA|, the sum of every layer's |LCA|{}).",
+                code(&b.name),
+                sig(b.lca),
+                share(b.lca),
+                if s.layers.iter().any(|l| !is_layer(&l.name)) {
+                    " and the buffers'"
+                } else {
+                    ""
+                }
+            );
+        }
+        None => h.push_str("<p>No layer lowered the loss over the run."),
+    }
+    // Layers that truly hurt: a positive total above 0.1 % of Σ|LCA| (smaller ones are within
+    // what integration error and rounding can move).
+    let floor = 1e-3 * abs_sum;
+    let mut hurt: Vec<&&crate::output::GroupTotal> =
+        layers.iter().filter(|l| l.lca > floor).collect();
+    hurt.sort_by(|a, b| b.lca.total_cmp(&a.lca));
+    let slight = layers
+        .iter()
+        .filter(|l| l.lca > 0.0 && l.lca <= floor)
+        .count();
+    const SHOWN: usize = 10;
+    let listed: Vec<String> = hurt
+        .iter()
+        .take(SHOWN)
+        .map(|l| format!("{} ({}, {})", code(&l.name), sig(l.lca), share(l.lca)))
+        .collect();
+    let _ = write!(
+        h,
+        " Layers that raised the loss over the run (total LCA above 0.1 % of Σ|LCA|): {}{}.",
+        if listed.is_empty() {
+            "none".to_string()
+        } else {
+            listed.join(", ")
+        },
+        if hurt.len() > SHOWN {
+            format!(" and {} more (see the Layers table)", hurt.len() - SHOWN)
+        } else {
+            String::new()
+        }
+    );
+    if slight > 0 {
+        let _ = write!(
+            h,
+            " {slight} more {} a positive total below that, within integration error.",
+            if slight == 1 { "has" } else { "have" }
+        );
+    }
+    h.push_str("</p>");
+    for b in s.layers.iter().filter(|l| !is_layer(&l.name)) {
+        let _ = write!(
+            h,
+            "<p>{} (batch-norm running statistics; not a layer, not trained) account for LCA {} ({} of Σ|LCA|): the statistics moving along the path change the loss in <code>running-stats</code> mode.</p>",
+            code(&b.name),
+            sig(b.lca),
+            share(b.lca)
+        );
+    }
 }

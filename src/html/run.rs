@@ -140,7 +140,7 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<()> {
     // The spec text, when the file is still the analysed one.
     h.push_str("<h3>Spec</h3>");
     let spec_path = Path::new(&s.spec.path);
-    match std::fs::read(spec_path) {
+    match crate::files::read_regular(spec_path, crate::spec::MAX_SPEC_BYTES, "a spec") {
         Ok(bytes) if crate::tensors::sha256_hex(&bytes) == s.spec.sha256 => {
             let _ = write!(
                 h,

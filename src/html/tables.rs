@@ -32,9 +32,10 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<()> {
             "Totals over the run per parameter tensor, in model order."
         )
     );
-    match view(dir, By::Param) {
-        Ok((_, mut helped)) => {
-            let mut hurt = helped.clone();
+    match view_top(dir, By::Param, Sort::Helped, Some(opts.top)).and_then(|(_, helped)| {
+        view_top(dir, By::Param, Sort::Hurt, Some(opts.top)).map(|(_, hurt)| (helped, hurt))
+    }) {
+        Ok((mut helped, mut hurt)) => {
             helped.sort_and_limit(Sort::Helped, Some(opts.top));
             helped
                 .rows

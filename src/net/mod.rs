@@ -267,8 +267,11 @@ impl<T: Real> Model<T> {
         reorder: bool,
     ) -> Result<Model<T>> {
         let mut nodes: Vec<Node<T>> = Vec::new();
-        let mut params = Vec::new();
+        let mut params: Vec<ParamInfo> = Vec::new();
+        let mut param_index: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
         let mut index_of = std::collections::HashMap::new();
+        let mut own_names = std::collections::HashSet::new();
         let has_bn = spec.layers.iter().any(|l| {
             matches!(
                 l.kind,
@@ -366,11 +369,12 @@ impl<T: Real> Model<T> {
             }
             for (decl, buffer) in decls {
                 let own = spec.param_name(&ls.name, decl.suffix);
+                own_names.insert(own.clone());
                 let name = match ls.tied.iter().find(|(s, _)| s == decl.suffix) {
                     Some((_, target)) => format!("{}{target}", spec.model.prefix),
                     None => own.clone(),
                 };
-                if let Some(j) = params.iter().position(|p: &ParamInfo| p.name == name) {
+                if let Some(&j) = param_index.get(&name) {
                     if params[j].shape != decl.shape {
                         return Err(LcaError::Model(format!(
                             "{where_}: parameter '{name}' is shared with another layer with shape {} but here needs {}",
@@ -396,6 +400,7 @@ impl<T: Real> Model<T> {
                         buffer,
                         aliases: if own != name { vec![own] } else { vec![] },
                     });
+                    param_index.insert(name.clone(), params.len() - 1);
                     param_ids.push(params.len() - 1);
                 }
             }
@@ -414,6 +419,25 @@ impl<T: Real> Model<T> {
                 in_shapes,
                 out_shape,
                 depends_on_params,
+            });
+        }
+        // Every tensor a `tied` table names must be a parameter of some layer: a typo would
+        // otherwise make a new, untied parameter of that name.
+        if let Some(p) = params.iter().find(|p| !own_names.contains(&p.name)) {
+            let ls = spec.layers.iter().find(|l| l.name == p.layer);
+            let mut known: Vec<&str> = own_names.iter().map(String::as_str).collect();
+            known.sort_unstable();
+            known.truncate(12);
+            return Err(LcaError::Spec {
+                path: spec.path.clone(),
+                line: ls.map(|l| l.line),
+                msg: format!(
+                    "layer '{}': `tied.{}` names '{}', which is not a parameter of any layer (parameters include: {})",
+                    p.layer,
+                    p.role,
+                    p.name,
+                    known.join(", ")
+                ),
             });
         }
         let loss = match spec.loss {
@@ -439,7 +463,8 @@ impl<T: Real> Model<T> {
 
     /// Shape of the model output per sample.
     pub fn output_shape(&self) -> &[usize] {
-        &self.nodes.last().expect("model has nodes").out_shape
+        // A model without nodes holds only the parameter list of a foreign engine's model.
+        self.nodes.last().map_or(&[], |n| &n.out_shape)
     }
 
     /// Number of trained parameter values (buffers not counted).
@@ -693,11 +718,20 @@ pub(crate) unsafe fn filled<T: Real>(
 /// ReLU then runs on a quarter of the values (for 2×2 pooling). Names stay with their
 /// positions, so a layer that reads the pool's name still gets relu(pool(x)).
 fn pool_before_relu<T: Real>(nodes: &mut [Node<T>]) {
+    // Whether node i is read by a node other than i + 1, computed once (a scan per node made
+    // building a deep model quadratic in its depth).
+    let mut read_elsewhere_by = vec![false; nodes.len()];
+    for (j, n) in nodes.iter().enumerate() {
+        for s in &n.inputs {
+            if let Src::Node(k) = *s
+                && j != k + 1
+            {
+                read_elsewhere_by[k] = true;
+            }
+        }
+    }
     for i in 0..nodes.len().saturating_sub(1) {
-        let read_elsewhere = nodes
-            .iter()
-            .enumerate()
-            .any(|(j, n)| j != i + 1 && n.inputs.contains(&Src::Node(i)));
+        let read_elsewhere = read_elsewhere_by[i];
         if nodes[i].type_name != "relu"
             || nodes[i + 1].type_name != "max_pool2d"
             || nodes[i + 1].inputs != [Src::Node(i)]

@@ -5,7 +5,9 @@
 //! - `params.csv`: one row per parameter with its LCA summed over all steps, its flat index
 //!   and its multi-dimensional index (a JSON array such as `[3, 5]`).
 //!
-//! Per-step tables are streamed as steps finish; `params.csv` is written at the end.
+//! Per-step tables are streamed as steps finish; `params.csv` is written at the end, and
+//! only on request (`analyze --params-csv`): it takes about 60 bytes per parameter, where
+//! `totals.safetensors` ([`super::totals`]) holds the same numbers in 12.
 
 use super::{Exporter, GroupStep, ParamTotals, StepOutput, Summary, create};
 use crate::error::{LcaError, Result};
@@ -61,9 +63,11 @@ struct ParamRow<'a> {
     l2_lca: Option<f64>,
 }
 
-/// Writes the four CSV tables.
+/// Writes the three per-step CSV tables and, on request, `params.csv`.
 pub struct CsvExporter {
-    paths: [PathBuf; 4],
+    paths: [PathBuf; 3],
+    /// Where to write `params.csv`, if at all.
+    params: Option<PathBuf>,
     steps: Writer,
     layers: Writer,
     tensors: Writer,
@@ -95,9 +99,11 @@ fn reopen(path: &Path, len: u64) -> Result<Writer> {
 }
 
 impl CsvExporter {
-    /// Open the streamed tables at the given (temporary) paths: steps, layers, tensors, params.
-    pub fn new(paths: [PathBuf; 4]) -> Result<CsvExporter> {
+    /// Open the streamed tables at the given (temporary) paths: steps, layers, tensors; and
+    /// `params.csv`'s path when it is to be written.
+    pub fn new(paths: [PathBuf; 3], params: Option<PathBuf>) -> Result<CsvExporter> {
         Ok(CsvExporter {
+            params,
             steps: open(&paths[0])?,
             layers: open(&paths[1])?,
             tensors: open(&paths[2])?,
@@ -107,8 +113,13 @@ impl CsvExporter {
 
     /// Continue the tables of an interrupted run: `lengths` of steps, layers and tensors as
     /// its journal recorded them (what follows is cut off and written again).
-    pub fn resume(paths: [PathBuf; 4], lengths: [u64; 3]) -> Result<CsvExporter> {
+    pub fn resume(
+        paths: [PathBuf; 3],
+        params: Option<PathBuf>,
+        lengths: [u64; 3],
+    ) -> Result<CsvExporter> {
         Ok(CsvExporter {
+            params,
             steps: reopen(&paths[0], lengths[0])?,
             layers: reopen(&paths[1], lengths[1])?,
             tensors: reopen(&paths[2], lengths[2])?,
@@ -118,7 +129,7 @@ impl CsvExporter {
 
     /// The streamed tables' paths (steps, layers, tensors).
     pub fn streamed(&self) -> &[PathBuf] {
-        &self.paths[..3]
+        &self.paths
     }
 }
 
@@ -226,7 +237,9 @@ impl Exporter for CsvExporter {
         ] {
             w.flush().map_err(|e| LcaError::io(p, e))?;
         }
-        let path = &self.paths[3];
+        let Some(path) = &self.params else {
+            return Ok(());
+        };
         let mut w = open(path)?;
         for (pi, p) in summary.model.params.iter().enumerate() {
             for (k, &v) in totals.lca[pi].iter().enumerate() {

@@ -8,6 +8,7 @@ pub mod csv;
 pub mod json;
 pub mod summary;
 pub mod tensors;
+pub mod totals;
 
 use crate::error::{LcaError, Result};
 use std::path::{Path, PathBuf};
@@ -97,12 +98,13 @@ pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Every file `analyze` may write; those a new run does not write are removed from a previous
 /// output on commit, so that a directory never mixes two runs.
-pub const OUTPUT_FILES: [&str; 9] = [
+pub const OUTPUT_FILES: [&str; 10] = [
     "summary.json",
     "steps.csv",
     "layers.csv",
     "tensors.csv",
     "params.csv",
+    "totals.safetensors",
     "lca.safetensors",
     "lca_validation.safetensors",
     // Written by `analyze --shard` only (see docs/scale-out.md).

@@ -26,6 +26,35 @@ pub struct Summary {
     pub ignored_tensors: Vec<String>,
     pub warnings: Vec<String>,
     pub files: Vec<String>,
+    /// lca's loss at the first checkpoint compared with PyTorch's, when the checkpoint
+    /// carries it (`lca.torch_loss`, written by the Python Recorder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_check: Option<LossCheck>,
+}
+
+/// lca's loss at a checkpoint compared with the one PyTorch computed (docs/python.md,
+/// "Verification").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LossCheck {
+    /// The checkpoint compared (the run's first).
+    pub checkpoint: String,
+    pub step: u64,
+    /// PyTorch's loss, from the checkpoint's metadata `lca.torch_loss`.
+    pub torch_loss: f64,
+    /// The dtype of the model output PyTorch's loss was computed from.
+    pub torch_dtype: String,
+    /// The batch-norm mode PyTorch's loss was computed in (`lca.batch_norm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_batch_norm: Option<String>,
+    pub lca_loss: f64,
+    /// lca's loss minus PyTorch's.
+    pub difference: f64,
+    /// The largest difference float rounding explains.
+    pub tolerance: f64,
+    /// |difference| ≤ tolerance.
+    pub agree: bool,
+    /// Whether a disagreement stops the run (false with `--no-verify-loss`).
+    pub enforced: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +176,9 @@ pub struct IntegrationInfo {
     /// own budget, docs/scale-out.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetInfo>,
+    /// The engine that evaluated, when it is not the built-in one (`--engine torch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineInfo>,
 }
 
 /// Σ|r|/|ΔL| above which analyze warns and `lca check` fails by default (0.1 %).
@@ -169,6 +201,24 @@ pub struct BudgetInfo {
     pub plain_evaluations: usize,
     /// Steps with more than one panel.
     pub refined_steps: usize,
+}
+
+/// A foreign evaluation engine as recorded in `summary.json` and the resume journal: a
+/// resumed run or a shard must use the same one (the bits depend on it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    /// `torch`.
+    pub name: String,
+    /// The device it computed on (`cpu`, `cuda:0`, `mps`).
+    pub device: String,
+    /// `f32` (TF32 off) or `f64`.
+    pub precision: String,
+    /// The PyTorch version.
+    pub torch: String,
+    /// Samples per evaluation chunk.
+    pub chunk_size: usize,
+    /// The model reference the worker loaded.
+    pub model: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

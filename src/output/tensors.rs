@@ -250,6 +250,80 @@ fn meta_steps(
     })
 }
 
+/// Per-step LCA of one tensor summed into `buckets`: entry `k` (flat, C order) of each step's
+/// row goes to bucket `bucket(k)` (values `>= buckets` are dropped). Used for per-head sums of
+/// attention projections.
+pub fn read_bucket_steps(
+    path: &std::path::Path,
+    name: &str,
+    buckets: usize,
+    bucket: &dyn Fn(usize) -> usize,
+) -> Result<NeuronSteps> {
+    // One "neuron" per entry, then bucketed: read the tensor row by row.
+    let (len, header) = crate::safetensors_header::read_header(path)?;
+    let meta = header.get("__metadata__");
+    let steps = meta_steps(path, meta, "steps")?;
+    let next_steps = meta_steps(path, meta, "next_steps")?;
+    let nsteps = steps.len();
+    let mut f = File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| LcaError::io(path, e))?;
+    let data_start = 8 + u64::from_le_bytes(n);
+    let entry = header
+        .get(name)
+        .ok_or_else(|| st_err(path, format!("no tensor '{name}'")))?;
+    let bad = |m: &str| st_err(path, format!("tensor '{name}': {m}"));
+    let es = match entry.get("dtype").and_then(|d| d.as_str()) {
+        Some("F32") => 4usize,
+        Some("F64") => 8,
+        other => return Err(bad(&format!("dtype {other:?}, expected F32 or F64"))),
+    };
+    let shape: Vec<usize> = entry
+        .get("shape")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .ok_or_else(|| bad("no shape"))?;
+    if shape.is_empty() || shape[0] != nsteps {
+        return Err(bad(&format!(
+            "shape {shape:?}, expected [{nsteps} steps, ...]"
+        )));
+    }
+    let row: usize = shape[1..].iter().product();
+    let offs: Vec<u64> = entry
+        .get("data_offsets")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .filter(|o: &Vec<u64>| o.len() == 2)
+        .ok_or_else(|| bad("no data_offsets"))?;
+    if offs[1] - offs[0] != (nsteps * row * es) as u64 || data_start + offs[1] > len {
+        return Err(bad(
+            "data_offsets do not match the shape or the file size (truncated?)",
+        ));
+    }
+    f.seek(SeekFrom::Start(data_start + offs[0]))
+        .map_err(|e| LcaError::io(path, e))?;
+    let map: Vec<usize> = (0..row).map(bucket).collect();
+    let mut buf = vec![0u8; row * es];
+    let mut values = vec![vec![0.0; buckets]; nsteps];
+    for out in values.iter_mut() {
+        f.read_exact(&mut buf).map_err(|e| LcaError::io(path, e))?;
+        for (k, &b) in map.iter().enumerate() {
+            if b >= buckets {
+                continue;
+            }
+            let c = &buf[k * es..(k + 1) * es];
+            out[b] += if es == 4 {
+                f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64
+            } else {
+                f64::from_le_bytes(c.try_into().expect("8 bytes"))
+            };
+        }
+    }
+    Ok(NeuronSteps {
+        steps,
+        next_steps,
+        values,
+    })
+}
+
 /// Per-step, per-neuron LCA of the tensors `names` (one layer's weight and bias): neuron `i`
 /// is index `i` along axis 0 of every tensor, summed over the other axes. Each tensor is
 /// stored as `[steps, d0, ...]`; all must have the same `d0`. Reads one step row of one
@@ -295,18 +369,27 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
             )));
         }
         let neurons = shape[1];
-        let per_neuron: usize = shape[2..].iter().product();
-        let row = neurons * per_neuron;
+        let row = shape[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let bytes = row.and_then(|r| r.checked_mul(nsteps)?.checked_mul(es));
         let offs: Vec<u64> = entry
             .get("data_offsets")
             .and_then(|s| serde_json::from_value(s.clone()).ok())
             .filter(|o: &Vec<u64>| o.len() == 2)
             .ok_or_else(|| bad("no data_offsets"))?;
-        if offs[1] - offs[0] != (nsteps * row * es) as u64 || data_start + offs[1] > len {
+        let fits = offs[1].checked_sub(offs[0]).is_some_and(|n| {
+            Some(n) == bytes.map(|b| b as u64)
+                && shape[2..].iter().all(|&d| d > 0)
+                && data_start
+                    .checked_add(offs[1])
+                    .is_some_and(|end| end <= len)
+        });
+        if !fits {
             return Err(bad(
                 "data_offsets do not match the shape or the file size (truncated?)",
             ));
         }
+        let row = row.unwrap_or(0);
+        let per_neuron = if neurons == 0 { 0 } else { row / neurons };
         let vals = values.get_or_insert_with(|| vec![vec![0.0; neurons]; nsteps]);
         if vals.first().is_some_and(|r| r.len() != neurons) {
             return Err(bad(&format!(
@@ -390,7 +473,13 @@ impl StepReader {
                 .filter(|o: &Vec<u64>| o.len() == 2)
                 .ok_or_else(|| bad("no data_offsets"))?;
             let numel: usize = shape.iter().product();
-            if offs[1] - offs[0] != (steps.len() * numel * 8) as u64 || data_start + offs[1] > len {
+            let fits = offs[1].checked_sub(offs[0]).is_some_and(|n| {
+                Some(n) == steps.len().checked_mul(numel * 8).map(|b| b as u64)
+                    && data_start
+                        .checked_add(offs[1])
+                        .is_some_and(|end| end <= len)
+            });
+            if !fits {
                 return Err(bad(
                     "data_offsets do not match the shape or the file size (truncated?)",
                 ));

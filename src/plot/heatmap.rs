@@ -9,7 +9,7 @@ use super::DrawResult;
 use super::style::{self, AXIS, TICKS, font, tick};
 use crate::error::{LcaError, Result};
 use crate::output::Summary;
-use crate::output::tensors::read_neuron_steps;
+use crate::output::tensors::{NeuronSteps, read_bucket_steps, read_neuron_steps};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
@@ -23,6 +23,10 @@ pub struct HeatmapFigure {
     pub layer: String,
     /// Tensors the neurons sum over.
     pub tensors: Vec<String>,
+    /// Label of every row (neuron index, `c_proj 3`, a token, `h0 q`).
+    pub rows: Vec<String>,
+    /// What a row is (the first subtitle line).
+    pub what: String,
     /// Columns: (first step, last next step, LCA per neuron).
     pub columns: Vec<(f64, f64, Vec<f64>)>,
     /// Steps per column (1 unless binned).
@@ -35,33 +39,181 @@ pub struct HeatmapFigure {
     pub saturated: usize,
 }
 
+fn lca_file(dir: &Path) -> Result<std::path::PathBuf> {
+    let path = dir.join("lca.safetensors");
+    if !path.is_file() {
+        return Err(LcaError::Output {
+            path,
+            msg: "not found: the heat map needs the per-step, per-parameter LCA that `lca analyze` writes unless --no-lca-tensors is given; rerun analyze without it".into(),
+        });
+    }
+    Ok(path)
+}
+
+/// Append the rows of `ns` below those of `acc` (same steps).
+fn stack(acc: &mut Option<NeuronSteps>, ns: NeuronSteps) {
+    match acc {
+        None => *acc = Some(ns),
+        Some(a) => {
+            for (row, more) in a.values.iter_mut().zip(ns.values) {
+                row.extend(more);
+            }
+        }
+    }
+}
+
 impl HeatmapFigure {
-    pub fn load(dir: &Path, s: &Summary, layer: &str) -> Result<HeatmapFigure> {
-        let tensors: Vec<String> = s
-            .model
-            .params
-            .iter()
-            .filter(|p| p.layer == layer)
-            .map(|p| p.name.clone())
+    /// The heat map of one layer. A layer whose tensors belong to sub-modules (attention's
+    /// `c_attn` and `c_proj`) gets the neurons of each sub-module, one block of rows each.
+    /// `vocab` labels the rows of a layer with as many rows as tokens (an embedding).
+    pub fn load(
+        dir: &Path,
+        s: &Summary,
+        layer: &str,
+        vocab: Option<&[String]>,
+    ) -> Result<HeatmapFigure> {
+        let all: Vec<&crate::output::ParamRef> =
+            s.model.params.iter().filter(|p| p.layer == layer).collect();
+        if !all.is_empty() && all.iter().all(|p| p.buffer) {
+            return Err(LcaError::Usage(format!(
+                "--layer {layer}: these are batch-norm running statistics (buffers), not a layer; the layers are {}",
+                layer_list(s)
+            )));
+        }
+        let params: Vec<&crate::output::ParamRef> = all
+            .into_iter()
+            .filter(|p| !p.buffer && !p.shape.is_empty())
             .collect();
-        if tensors.is_empty() {
+        if params.is_empty() {
             return Err(LcaError::Usage(format!(
                 "--layer {layer}: no layer with parameters of that name in {}; the layers are {}",
                 dir.display(),
-                s.model.layers.join(", ")
+                layer_list(s)
             )));
         }
-        let path = dir.join("lca.safetensors");
-        if !path.is_file() {
-            return Err(LcaError::Output {
-                path,
-                msg: "not found: the heat map needs the per-step, per-parameter LCA that `lca analyze` writes unless --no-lca-tensors is given; rerun analyze without it".into(),
-            });
+        let path = lca_file(dir)?;
+        let mut units: Vec<(&str, Vec<String>)> = Vec::new();
+        for p in &params {
+            let u = crate::summarize::unit_of(&p.role);
+            match units.iter_mut().find(|(k, _)| *k == u) {
+                Some((_, v)) => v.push(p.name.clone()),
+                None => units.push((u, vec![p.name.clone()])),
+            }
         }
-        let ns = read_neuron_steps(&path, &tensors)?;
+        let mut acc = None;
+        let mut rows = Vec::new();
+        for (unit, names) in &units {
+            let ns = read_neuron_steps(&path, names)?;
+            let n = ns.values.first().map_or(0, |r| r.len());
+            for i in 0..n {
+                let token = vocab
+                    .filter(|v| units.len() == 1 && v.len() == n)
+                    .map(|v| v[i].as_str());
+                rows.push(match (unit.is_empty(), token) {
+                    (_, Some(t)) => format!("{i} {}", printable(t)),
+                    (true, None) => i.to_string(),
+                    (false, None) => format!("{unit} {i}"),
+                });
+            }
+            stack(&mut acc, ns);
+        }
+        let tensors: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
+        let what = if units.len() > 1 {
+            format!(
+                "rows: neurons of {} (index along axis 0, summed over the other axes)",
+                units
+                    .iter()
+                    .map(|u| u.0)
+                    .collect::<Vec<_>>()
+                    .join(", then ")
+            )
+        } else {
+            format!(
+                "neuron i = index i along axis 0 of {}, summed over the other axes",
+                tensors.join(" + ")
+            )
+        };
+        let ns = acc.expect("a layer with parameters");
+        Self::from_steps(s, &path, layer.to_string(), tensors, rows, what, ns)
+    }
+
+    /// The per-head heat map of the attention layers: for every head, its q, k and v rows of
+    /// the in-projection and its columns of the output projection (as `summarize --by head`),
+    /// one row each, on every step.
+    pub fn load_heads(dir: &Path, s: &Summary) -> Result<HeatmapFigure> {
+        let att = &s.model.attention;
+        if att.is_empty() {
+            return Err(LcaError::Usage(
+                "--kind heads: the analysed model has no attention layers".into(),
+            ));
+        }
+        let path = lca_file(dir)?;
+        let width = |name: &str| {
+            s.model
+                .params
+                .iter()
+                .find(|p| p.name == name)
+                .and_then(|p| p.shape.last().copied())
+                .unwrap_or(1)
+        };
+        let mut acc: Option<NeuronSteps> = None;
+        let mut rows = Vec::new();
+        let mut tensors = Vec::new();
+        for a in att {
+            let (c, hd, nh) = (a.heads * a.head_dim, a.head_dim.max(1), a.heads);
+            let n = 4 * nh;
+            let mut sum: Option<NeuronSteps> = None;
+            let mut add = |ns: NeuronSteps| match &mut sum {
+                None => sum = Some(ns),
+                Some(t) => {
+                    for (r, m) in t.values.iter_mut().zip(ns.values) {
+                        r.iter_mut().zip(m).for_each(|(x, y)| *x += y);
+                    }
+                }
+            };
+            let cols = width(&a.in_proj_weight);
+            add(read_bucket_steps(&path, &a.in_proj_weight, n, &|k| {
+                let r = k / cols;
+                ((r % c) / hd) * 4 + r / c
+            })?);
+            if let Some(b) = &a.in_proj_bias {
+                add(read_bucket_steps(&path, b, n, &|k| {
+                    ((k % c) / hd) * 4 + k / c
+                })?);
+                tensors.push(b.clone());
+            }
+            let cols = width(&a.out_proj_weight);
+            add(read_bucket_steps(&path, &a.out_proj_weight, n, &|k| {
+                ((k % cols) / hd) * 4 + 3
+            })?);
+            tensors.push(a.in_proj_weight.clone());
+            tensors.push(a.out_proj_weight.clone());
+            for h in 0..nh {
+                for part in ["q", "k", "v", "out"] {
+                    rows.push(format!("{} h{h} {part}", a.layer));
+                }
+            }
+            if let Some(ns) = sum {
+                stack(&mut acc, ns);
+            }
+        }
+        let what = "rows: each head's q, k, v rows of the in-projection and its columns of the output projection (summarize --by head)".to_string();
+        let ns = acc.expect("attention layers");
+        Self::from_steps(s, &path, "attention heads".into(), tensors, rows, what, ns)
+    }
+
+    fn from_steps(
+        s: &Summary,
+        path: &Path,
+        layer: String,
+        tensors: Vec<String>,
+        rows: Vec<String>,
+        what: String,
+        ns: NeuronSteps,
+    ) -> Result<HeatmapFigure> {
         if ns.steps.len() != s.steps.len() {
             return Err(LcaError::Output {
-                path,
+                path: path.to_path_buf(),
                 msg: format!(
                     "{} steps, but summary.json has {} (files of two different runs?)",
                     ns.steps.len(),
@@ -103,8 +255,10 @@ impl HeatmapFigure {
         };
         let saturated = abs.iter().filter(|&&v| v > scale).count();
         Ok(HeatmapFigure {
-            layer: layer.to_string(),
+            layer,
             tensors,
+            rows,
+            what,
             columns,
             bin,
             scale,
@@ -125,8 +279,8 @@ impl HeatmapFigure {
     pub fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
         let n = self.neurons();
         let what = format!(
-            "neuron i = index i along axis 0 of {}, summed over the other axes{}",
-            self.tensors.join(" + "),
+            "{}{}",
+            self.what,
             if self.bin > 1 {
                 format!(" · {} steps per column", self.bin)
             } else {
@@ -142,7 +296,11 @@ impl HeatmapFigure {
         );
         let area = style::titled(
             root,
-            &format!("LCA per neuron and step: layer {}", self.layer),
+            &if self.layer == "attention heads" {
+                "LCA per attention head and step".to_string()
+            } else {
+                format!("LCA per neuron and step: layer {}", self.layer)
+            },
             &[&what, &scale],
         )?;
         let (w, _) = area.dim_in_pixel();
@@ -150,25 +308,39 @@ impl HeatmapFigure {
         let x0 = self.columns[0].0;
         let x1 = self.columns.last().map_or(x0 + 1.0, |c| c.1).max(x0 + 1.0);
         let (y0, y1) = (-0.5, n as f64 - 0.5);
+        let widest = self
+            .rows
+            .iter()
+            .map(|r| style::text_width(&left, r, TICKS))
+            .max()
+            .unwrap_or(40)
+            .min(w / 3);
         let mut chart = ChartBuilder::on(&left)
             .margin_left(10)
             .margin_right(10)
             .margin_top(5)
             .x_label_area_size(50)
-            .y_label_area_size(80)
+            .y_label_area_size(widest + AXIS + 30)
             .build_cartesian_2d(x0..x1, y0..y1)?;
+        let rows = &self.rows;
         chart
             .configure_mesh()
             .disable_mesh()
             .x_desc("step t (θ_t → θ_t+1)")
-            .y_desc("neuron")
+            .y_desc(if self.layer == "attention heads" {
+                "head"
+            } else {
+                "neuron"
+            })
             .axis_desc_style(font(AXIS))
             .label_style(font(TICKS))
-            .x_label_formatter(&|v| tick(*v, x0, x1))
-            .y_labels(n.clamp(2, 17))
+            .x_labels(style::step_labels(x0, x1))
+            .x_label_formatter(&|v| style::step_tick(*v))
+            .y_labels(if n <= 48 { n.max(2) } else { 17 })
             .y_label_formatter(&|v| {
-                if (v - v.round()).abs() < 1e-6 {
-                    format!("{}", v.round())
+                let i = v.round();
+                if (v - i).abs() < 1e-6 && i >= 0.0 {
+                    rows.get(i as usize).cloned().unwrap_or_default()
                 } else {
                     String::new()
                 }
@@ -236,4 +408,31 @@ impl HeatmapFigure {
         ))?;
         Ok(())
     }
+}
+
+/// The layers a heat map can show (buffers excluded).
+fn layer_list(s: &Summary) -> String {
+    s.model
+        .layers
+        .iter()
+        .filter(|l| s.model.params.iter().any(|p| &p.layer == *l && !p.buffer))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A token as a row label: control characters and spaces made visible, at most 16 characters.
+fn printable(t: &str) -> String {
+    let s: String = t
+        .chars()
+        .map(|c| match c {
+            ' ' => '␣',
+            '\n' => '↵',
+            '\t' => '⇥',
+            c if c.is_control() => '·',
+            c => c,
+        })
+        .take(16)
+        .collect();
+    format!("‘{s}’")
 }

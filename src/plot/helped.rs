@@ -3,7 +3,7 @@
 //! 100 %. The study found barely more than half helping on any step.
 
 use super::DrawResult;
-use super::style::{self, AXIS, LegendEntry, LegendKind, TICKS, font, tick};
+use super::style::{self, AXIS, LegendEntry, LegendKind, TICKS, font};
 use crate::output::Summary;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -64,7 +64,8 @@ impl HelpedFigure {
             .y_desc("% of parameters")
             .axis_desc_style(font(AXIS))
             .label_style(font(TICKS))
-            .x_label_formatter(&|v| tick(*v, x0, x1))
+            .x_labels(style::step_labels(x0, x1))
+            .x_label_formatter(&|v| style::step_tick(*v))
             .y_label_formatter(&|v| format!("{v:.0}%"))
             .y_labels(11)
             .disable_x_mesh()

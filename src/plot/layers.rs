@@ -3,6 +3,7 @@
 //! lowering the loss; one ending above zero is a layer that hurt over the run.
 
 use super::DrawResult;
+use super::series::{GroupBy, MAX_SERIES, Series, SeriesKind, select};
 use super::style::{self, AXIS, LegendEntry, LegendKind, TICKS, font, padded, tick};
 use crate::error::{LcaError, Result};
 use crate::output::Summary;
@@ -15,8 +16,13 @@ use std::path::Path;
 pub struct LayersFigure {
     /// Checkpoint steps: the first step, then every step's next step.
     pub x: Vec<f64>,
-    /// (layer, cumulative LCA at each x, starting at 0).
-    pub layers: Vec<(String, Vec<f64>)>,
+    /// Lines: the largest layers (or blocks), "the rest" and the buffers, with their
+    /// cumulative LCA at each x, starting at 0.
+    pub series: Vec<Series>,
+    /// How layers are grouped.
+    pub by: GroupBy,
+    /// Layers (or blocks) in the run, buffers not counted.
+    pub groups: usize,
 }
 
 /// Per-layer, per-step LCA from `layers.csv`, in model order: (layer, values per step).
@@ -64,38 +70,104 @@ pub fn per_step(dir: &Path, s: &Summary) -> Result<Vec<(String, Vec<f64>)>> {
 }
 
 impl LayersFigure {
-    pub fn load(dir: &Path, s: &Summary) -> Result<LayersFigure> {
+    pub fn load(dir: &Path, s: &Summary, by: GroupBy) -> Result<LayersFigure> {
         let mut x = vec![s.steps[0].step as f64];
         x.extend(s.steps.iter().map(|r| r.next_step as f64));
-        let layers = per_step(dir, s)?
+        let per = per_step(dir, s)?;
+        let groups = select(per.clone(), by, usize::MAX)
+            .iter()
+            .filter(|g| g.kind == SeriesKind::Group)
+            .count();
+        let series = select(per, by, MAX_SERIES)
             .into_iter()
-            .map(|(name, v)| {
+            .map(|mut g| {
                 let mut cum = vec![0.0];
                 let mut acc = 0.0;
-                for d in v {
+                for d in &g.values {
                     acc += d;
                     cum.push(acc);
                 }
-                (name, cum)
+                g.values = cum;
+                g
             })
             .collect();
-        Ok(LayersFigure { x, layers })
+        Ok(LayersFigure {
+            x,
+            series,
+            by,
+            groups,
+        })
     }
 
     pub fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
+        let what = match self.by {
+            GroupBy::Layer => "layer",
+            GroupBy::Block => "block",
+        };
+        let shown = self
+            .series
+            .iter()
+            .filter(|g| g.kind == SeriesKind::Group)
+            .count();
+        let sub2 = if shown < self.groups {
+            format!(
+                "the {shown} {what}s with the largest |total| of {}; the others summed into one line",
+                self.groups
+            )
+        } else {
+            format!("all {} {what}s", self.groups)
+        };
         let area = style::titled(
             root,
-            "Cumulative LCA per layer",
-            &["going down = the layer lowered the loss; above 0 at the end = it hurt over the run"],
+            &format!("Cumulative LCA per {what}"),
+            &[
+                "going down = it lowered the loss; above 0 at the end = it hurt over the run",
+                &sub2,
+            ],
         )?;
         let total: Vec<f64> = (0..self.x.len())
-            .map(|i| self.layers.iter().map(|(_, v)| v[i]).sum())
+            .map(|i| self.series.iter().map(|g| g.values[i]).sum())
             .collect();
+        let mut entries = Vec::new();
+        let mut rank = 0;
+        let styled: Vec<(RGBColor, LegendKind)> = self
+            .series
+            .iter()
+            .map(|g| match g.kind {
+                SeriesKind::Group => {
+                    let (c, dashed) = style::layer_colour(rank);
+                    rank += 1;
+                    (
+                        c,
+                        if dashed {
+                            LegendKind::Dashed
+                        } else {
+                            LegendKind::Line
+                        },
+                    )
+                }
+                SeriesKind::Rest(_) => (style::REST, LegendKind::Dashed),
+                SeriesKind::Buffers => (style::BUFFER, LegendKind::Dotted),
+            })
+            .collect();
+        for (g, (c, kind)) in self.series.iter().zip(&styled) {
+            entries.push(LegendEntry {
+                label: format!(
+                    "{}  {}",
+                    g.label(self.by),
+                    style::short(*g.values.last().unwrap_or(&0.0))
+                ),
+                colour: *c,
+                kind: *kind,
+            });
+        }
         let (w, _) = area.dim_in_pixel();
-        let (left, legend) = area.split_horizontally(w.saturating_sub(300));
+        let labels: Vec<String> = entries.iter().map(|e| e.label.clone()).collect();
+        let lw = style::legend_width(&area, &labels, 240, w * 2 / 5);
+        let (left, legend) = area.split_horizontally(w.saturating_sub(lw));
         let x0 = self.x[0];
         let x1 = self.x.last().copied().unwrap_or(x0).max(x0 + 1.0);
-        let all = self.layers.iter().flat_map(|(_, v)| v.iter()).copied();
+        let all = self.series.iter().flat_map(|g| g.values.iter()).copied();
         let (lo, hi) = all.fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
         let (y0, y1) = padded(lo, hi, 0.05);
         let mut chart = ChartBuilder::on(&left)
@@ -103,7 +175,7 @@ impl LayersFigure {
             .margin_right(20)
             .margin_top(5)
             .x_label_area_size(50)
-            .y_label_area_size(95)
+            .y_label_area_size(style::y_label_width(&left, y0, y1))
             .build_cartesian_2d(x0..x1, y0..y1)?;
         chart
             .configure_mesh()
@@ -111,7 +183,8 @@ impl LayersFigure {
             .y_desc("cumulative LCA (loss units)")
             .axis_desc_style(font(AXIS))
             .label_style(font(TICKS))
-            .x_label_formatter(&|v| tick(*v, x0, x1))
+            .x_labels(style::step_labels(x0, x1))
+            .x_label_formatter(&|v| style::step_tick(*v))
             .y_label_formatter(&|v| tick(*v, y0, y1))
             .light_line_style(TRANSPARENT)
             .bold_line_style(style::GRID)
@@ -120,26 +193,21 @@ impl LayersFigure {
             [(x0, 0.0), (x1, 0.0)],
             style::AXIS_GREY.stroke_width(1),
         ))?;
-        let mut entries = Vec::new();
-        for (i, (name, v)) in self.layers.iter().enumerate() {
-            let (c, dashed) = style::layer_colour(i);
-            let pts = self.x.iter().copied().zip(v.iter().copied());
-            if dashed {
-                chart.draw_series(DashedLineSeries::new(pts, 8, 5, c.stroke_width(3)))?;
-            } else {
-                chart.draw_series(LineSeries::new(pts, c.stroke_width(3)))?;
+        for (g, (c, kind)) in self.series.iter().zip(&styled) {
+            let pts = self.x.iter().copied().zip(g.values.iter().copied());
+            match kind {
+                LegendKind::Dashed => {
+                    chart.draw_series(DashedLineSeries::new(pts, 8, 5, c.stroke_width(3)))?;
+                }
+                LegendKind::Dotted => {
+                    chart.draw_series(DashedLineSeries::new(pts, 3, 4, c.stroke_width(3)))?;
+                }
+                _ => {
+                    chart.draw_series(LineSeries::new(pts, c.stroke_width(3)))?;
+                }
             }
-            entries.push(LegendEntry {
-                label: format!("{name}  {}", style::short(*v.last().unwrap_or(&0.0))),
-                colour: c,
-                kind: if dashed {
-                    LegendKind::Dashed
-                } else {
-                    LegendKind::Line
-                },
-            });
         }
-        let y = style::draw_legend(&legend, Some("layer  total LCA"), &entries, 10)?;
+        let y = style::draw_legend(&legend, Some(&format!("{what}  total LCA")), &entries, 10)?;
         legend.draw(&Text::new(
             format!("sum  {}", style::short(*total.last().unwrap_or(&0.0))),
             (48, y),

@@ -19,6 +19,7 @@ pub mod helped;
 pub mod layers;
 pub mod loss;
 pub mod peaks;
+pub mod series;
 mod style;
 
 use crate::error::{LcaError, Result};
@@ -40,6 +41,9 @@ pub enum PlotKind {
     Heatmap,
     /// Per-layer LCA per step, each layer normalised by its own max |LCA|.
     Peaks,
+    /// Head × step heat map of the attention layers: each head's q, k, v and output
+    /// projection (needs lca.safetensors).
+    Heads,
 }
 
 /// What to draw and where.
@@ -53,6 +57,17 @@ pub struct PlotOptions {
     /// Size in pixels (SVG: user units); `None` = the kind's default.
     pub width: Option<u32>,
     pub height: Option<u32>,
+    /// Lines of the layers and peaks figures per layer or per block.
+    pub by: series::GroupBy,
+    /// Token list (one per line) labelling the rows of an embedding's heat map.
+    pub vocab: Option<PathBuf>,
+}
+
+/// Read a vocabulary file: one token per line (the line number is the token id).
+pub fn read_vocab(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LcaError::Usage(format!("--vocab {}: {e}", path.display())))?;
+    Ok(text.lines().map(|l| l.to_string()).collect())
 }
 
 /// Output format, from the file extension.
@@ -90,9 +105,27 @@ pub enum Figure {
     Peaks(peaks::PeaksFigure),
 }
 
+impl PlotKind {
+    /// Whether the kind is a heat map drawn from lca.safetensors.
+    pub fn is_heatmap(self) -> bool {
+        matches!(self, PlotKind::Heatmap | PlotKind::Heads)
+    }
+}
+
 impl Figure {
     /// Read what the figure of `kind` needs from the output directory `dir`.
     pub fn load(dir: &Path, kind: PlotKind, layer: Option<&str>) -> Result<Figure> {
+        Figure::load_by(dir, kind, layer, series::GroupBy::Layer, None)
+    }
+
+    /// As [`Figure::load`], with the layers and peaks figures grouped `by` layer or block.
+    pub fn load_by(
+        dir: &Path,
+        kind: PlotKind,
+        layer: Option<&str>,
+        by: series::GroupBy,
+        vocab: Option<&[String]>,
+    ) -> Result<Figure> {
         if kind != PlotKind::Heatmap && layer.is_some() {
             return Err(LcaError::Usage(
                 "--layer is only used by --kind heatmap".into(),
@@ -107,7 +140,7 @@ impl Figure {
         }
         Ok(match kind {
             PlotKind::Loss => Figure::Loss(loss::LossFigure::new(&s)),
-            PlotKind::Layers => Figure::Layers(layers::LayersFigure::load(dir, &s)?),
+            PlotKind::Layers => Figure::Layers(layers::LayersFigure::load(dir, &s, by)?),
             PlotKind::Helped => Figure::Helped(helped::HelpedFigure::new(&s)),
             PlotKind::Heatmap => {
                 let Some(layer) = layer else {
@@ -116,9 +149,10 @@ impl Figure {
                         s.model.layers.join(", ")
                     )));
                 };
-                Figure::Heatmap(heatmap::HeatmapFigure::load(dir, &s, layer)?)
+                Figure::Heatmap(heatmap::HeatmapFigure::load(dir, &s, layer, vocab)?)
             }
-            PlotKind::Peaks => Figure::Peaks(peaks::PeaksFigure::load(dir, &s)?),
+            PlotKind::Heads => Figure::Heatmap(heatmap::HeatmapFigure::load_heads(dir, &s)?),
+            PlotKind::Peaks => Figure::Peaks(peaks::PeaksFigure::load(dir, &s, by)?),
         })
     }
 
@@ -223,7 +257,14 @@ pub fn plot(dir: &Path, opts: &PlotOptions) -> Result<()> {
             )));
         }
     }
-    let fig = Figure::load(dir, opts.kind, opts.layer.as_deref())?;
+    let vocab = opts.vocab.as_deref().map(read_vocab).transpose()?;
+    let fig = Figure::load_by(
+        dir,
+        opts.kind,
+        opts.layer.as_deref(),
+        opts.by,
+        vocab.as_deref(),
+    )?;
     let (w, h) = fig.default_size();
     fig.render(
         &opts.file,

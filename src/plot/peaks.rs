@@ -5,7 +5,8 @@
 
 use super::DrawResult;
 use super::layers::per_step;
-use super::style::{self, TICKS, font, grey_font, tick};
+use super::series::{GroupBy, SeriesKind, select};
+use super::style::{self, TICKS, font, grey_font};
 use crate::error::Result;
 use crate::output::Summary;
 use plotters::coord::Shift;
@@ -16,31 +17,38 @@ use std::path::Path;
 pub struct PeaksFigure {
     /// Step t of each value.
     pub x: Vec<f64>,
-    /// Last next step (end of the axis).
-    pub x_end: f64,
-    /// (layer, LCA per step / max |LCA|, max |LCA|).
+    /// (label, LCA per step / max |LCA|, max |LCA|): the largest layers (or blocks), "the
+    /// rest" and the buffers (see [`super::series`]).
     pub layers: Vec<(String, Vec<f64>, f64)>,
+    /// Kind of each panel, as `layers`.
+    pub kinds: Vec<SeriesKind>,
 }
+
+/// At most this many layer (or block) panels; the others are summed into one.
+pub const MAX_PANELS: usize = 8;
 
 const X_LABELS: u32 = 70;
 
 impl PeaksFigure {
-    pub fn load(dir: &Path, s: &Summary) -> Result<PeaksFigure> {
-        let layers = per_step(dir, s)?
+    pub fn load(dir: &Path, s: &Summary, by: GroupBy) -> Result<PeaksFigure> {
+        let series = select(per_step(dir, s)?, by, MAX_PANELS);
+        let kinds = series.iter().map(|g| g.kind).collect();
+        let layers = series
             .into_iter()
-            .map(|(name, v)| {
+            .map(|g| {
+                let v = &g.values;
                 let m = v.iter().fold(0.0f64, |a, x| a.max(x.abs()));
                 let norm = v
                     .iter()
                     .map(|x| if m > 0.0 { x / m } else { 0.0 })
                     .collect();
-                (name, norm, m)
+                (g.label(by), norm, m)
             })
             .collect();
         Ok(PeaksFigure {
             x: s.steps.iter().map(|r| r.step as f64).collect(),
-            x_end: s.steps.last().map_or(1.0, |r| r.next_step as f64),
             layers,
+            kinds,
         })
     }
 
@@ -61,8 +69,12 @@ impl PeaksFigure {
         let k = self.layers.len().max(1) as u32;
         let (w, h) = area.dim_in_pixel();
         let panel = (h.saturating_sub(X_LABELS + 10) / k).max(40);
-        let x0 = self.x[0];
-        let x1 = self.x_end.max(x0 + 1.0);
+        // The axis runs over the steps that have values (θ_t → θ_t+1 is drawn at t).
+        let (mut x0, mut x1) = (self.x[0], self.x.last().copied().unwrap_or(self.x[0]));
+        if x1 <= x0 {
+            x0 -= 0.5;
+            x1 += 0.5;
+        }
         let mut rest = area;
         for (i, (name, v, m)) in self.layers.iter().enumerate() {
             let last = i + 1 == self.layers.len();
@@ -73,8 +85,12 @@ impl PeaksFigure {
                 rest.split_vertically(panel)
             };
             rest = below;
-            let (plot_area, label) = this.split_horizontally(w.saturating_sub(230));
-            let (c, _) = style::layer_colour(i);
+            let (plot_area, label) = this.split_horizontally(w.saturating_sub(260));
+            let c = match self.kinds.get(i) {
+                Some(SeriesKind::Rest(_)) => style::REST,
+                Some(SeriesKind::Buffers) => style::BUFFER,
+                _ => style::layer_colour(i).0,
+            };
             let mut chart = ChartBuilder::on(&plot_area)
                 .margin_left(10)
                 .margin_right(10)
@@ -82,11 +98,12 @@ impl PeaksFigure {
                 .x_label_area_size(if last { X_LABELS } else { 0 })
                 .y_label_area_size(80)
                 .build_cartesian_2d(x0..x1, -1.15..1.15)?;
-            let xfmt = |v: &f64| tick(*v, x0, x1);
+            let xfmt = |v: &f64| style::step_tick(*v);
             let yfmt = |v: &f64| format!("{v:.0}");
             let mut mesh = chart.configure_mesh();
             mesh.label_style(font(TICKS))
                 .axis_desc_style(font(style::AXIS))
+                .x_labels(style::step_labels(x0, x1))
                 .x_label_formatter(&xfmt)
                 .y_labels(3)
                 .y_label_formatter(&yfmt)
@@ -110,8 +127,9 @@ impl PeaksFigure {
             } else {
                 ph
             } as i32;
+            let (lw, _) = label.dim_in_pixel();
             label.draw(&Text::new(
-                name.clone(),
+                style::fit_text(&label, name, style::AXIS, lw.saturating_sub(14)),
                 (10, ph / 2 - 22),
                 font(style::AXIS).color(&c),
             ))?;

@@ -59,6 +59,10 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(186, 176, 172),
 ];
 
+/// Colour of "the rest" (layers summed into one line) and of the buffers.
+pub const REST: RGBColor = RGBColor(110, 110, 110);
+pub const BUFFER: RGBColor = RGBColor(20, 20, 20);
+
 /// Colour of the i-th layer, and whether its line is dashed (past the tenth layer).
 pub fn layer_colour(i: usize) -> (RGBColor, bool) {
     (PALETTE[i % PALETTE.len()], i >= PALETTE.len())
@@ -150,6 +154,87 @@ pub fn short(v: f64) -> String {
     }
 }
 
+/// Number of x labels for a step axis from `x0` to `x1`: at most one per step, so that the
+/// ticks of a short run fall on whole steps (with [`step_tick`]).
+pub fn step_labels(x0: f64, x1: f64) -> usize {
+    (((x1 - x0).abs().round() as usize) + 1).clamp(2, 11)
+}
+
+/// A tick label on a step axis: the whole step, or nothing at a fractional position.
+pub fn step_tick(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-6 {
+        format!("{}", v.round() as i64)
+    } else {
+        String::new()
+    }
+}
+
+/// Width in pixels of the widest tick label `tick` gives on an axis spanning `lo..hi` (nine
+/// sample values), plus room for the axis title: the size of a y label area that never clips
+/// a number.
+pub fn y_label_width<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, lo: f64, hi: f64) -> u32 {
+    let widest = (0..=8)
+        .map(|i| lo + (hi - lo) * i as f64 / 8.0)
+        .chain([lo, hi, -(lo.abs().max(hi.abs()))])
+        .map(|v| text_width(area, &tick(v, lo, hi), TICKS))
+        .max()
+        .unwrap_or(60);
+    // Scientific ticks between the samples may have one more digit.
+    widest + TICKS + AXIS + 24
+}
+
+/// Width in pixels of `text` at `size`.
+pub fn text_width<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, text: &str, size: u32) -> u32 {
+    area.estimate_text_size(text, &font(size))
+        .map(|(w, _)| w)
+        .unwrap_or((text.chars().count() as f64 * size as f64 * 0.62) as u32)
+}
+
+/// `text` shortened in the middle (`blocks.1…fc2`) so that it is at most `max` pixels wide.
+pub fn fit_text<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    text: &str,
+    size: u32,
+    max: u32,
+) -> String {
+    if text_width(area, text, size) <= max {
+        return text.to_string();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut keep = chars.len();
+    while keep > 2 {
+        keep -= 1;
+        let head = keep.div_ceil(2);
+        let tail = keep - head;
+        let s: String = chars[..head]
+            .iter()
+            .chain(std::iter::once(&'…'))
+            .chain(&chars[chars.len() - tail..])
+            .collect();
+        if text_width(area, &s, size) <= max {
+            return s;
+        }
+    }
+    "…".into()
+}
+
+/// Width of a legend column for `labels` (sample, gap and text), between `min` and `max`.
+pub fn legend_width<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    labels: &[String],
+    min: u32,
+    max: u32,
+) -> u32 {
+    let widest = labels
+        .iter()
+        .map(|l| text_width(area, l, LEGEND))
+        .max()
+        .unwrap_or(0);
+    // 10 % and 24 px to spare: a browser draws an SVG's text in its own sans-serif font,
+    // which may be wider than the embedded one.
+    (widest + widest / 10 + 48 + 24).clamp(min, max.max(min))
+}
+
 /// One legend line: a label and how its sample is drawn.
 pub struct LegendEntry {
     pub label: String,
@@ -162,11 +247,13 @@ pub struct LegendEntry {
 pub enum LegendKind {
     Line,
     Dashed,
+    Dotted,
     Box,
 }
 
 /// Draw a legend as a column in `area` (beside the chart), starting at `top` pixels; returns
-/// the y just below it.
+/// the y just below it. Labels wider than the column are shortened in the middle, so that
+/// nothing is clipped.
 pub fn draw_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: Option<&str>,
@@ -202,8 +289,19 @@ pub fn draw_legend<DB: DrawingBackend>(
                     ))?;
                 }
             }
+            LegendKind::Dotted => {
+                for k in 0..6 {
+                    area.draw(&PathElement::new(
+                        vec![(8 + k * 6, mid), (11 + k * 6, mid)],
+                        e.colour.stroke_width(3),
+                    ))?;
+                }
+            }
         }
-        area.draw(&Text::new(e.label.clone(), (48, y), font(LEGEND)))?;
+        let (w, _) = area.dim_in_pixel();
+        let room = w.saturating_sub(72);
+        let label = fit_text(area, &e.label, LEGEND, room - room / 11);
+        area.draw(&Text::new(label, (48, y), font(LEGEND)))?;
         y += line_h;
     }
     Ok(y)

@@ -750,7 +750,6 @@ fn data_file_that_is_not_safetensors_or_npz() {
 /// allocated (found by the `npz` fuzz target: today the process aborts with "memory
 /// allocation of 281474976710656 bytes failed"). Crash input: fuzz/regressions/npz/.
 #[test]
-#[ignore = "issue 19: npz bomb, fixed in src/data.rs later"]
 fn npz_header_declaring_an_enormous_shape_is_refused_before_allocating() {
     let t = tiny();
     std::fs::write(&t.spec, TINY_SPEC.replace("train.safetensors", "train.npz")).unwrap();

@@ -115,14 +115,15 @@ fn outputs_are_identical_for_one_and_two_threads() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a");
     let b = dir.path().join("b");
-    analyze("mlp", &a, &["--quiet", "-j", "1"]);
-    analyze("mlp", &b, &["--quiet", "-j", "2"]);
+    analyze("mlp", &a, &["--quiet", "-j", "1", "--params-csv"]);
+    analyze("mlp", &b, &["--quiet", "-j", "2", "--params-csv"]);
     for f in [
         "summary.json",
         "steps.csv",
         "layers.csv",
         "tensors.csv",
         "params.csv",
+        "totals.safetensors",
         "lca.safetensors",
     ] {
         let x = std::fs::read(a.join(f)).unwrap();
@@ -135,7 +136,11 @@ fn outputs_are_identical_for_one_and_two_threads() {
 fn lca_tensors_hold_per_step_values_that_sum_to_the_tables() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o");
-    analyze("mlp", &out, &["--quiet", "--lca-dtype", "f64"]);
+    analyze(
+        "mlp",
+        &out,
+        &["--quiet", "--lca-dtype", "f64", "--params-csv"],
+    );
     let bytes = std::fs::read(out.join("lca.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let w = st.tensor("fc2.weight").unwrap();
@@ -163,6 +168,76 @@ fn lca_tensors_hold_per_step_values_that_sum_to_the_tables() {
         (got - total).abs() <= 1e-12 * total.abs().max(1e-12),
         "{got} vs {total}"
     );
+    // totals.safetensors holds the same totals and step counts, bit for bit: the per-parameter
+    // view read from it equals params.csv row for row.
+    let o = lca()
+        .args([
+            "summarize",
+            "--by",
+            "param",
+            "--sort",
+            "order",
+            "--format",
+            "csv",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let view = csv_rows_str(&String::from_utf8(o.stdout).unwrap());
+    assert_eq!(view.len(), rows.len());
+    for (a, b) in view.iter().zip(&rows) {
+        for k in [
+            "tensor",
+            "layer",
+            "flat_index",
+            "index",
+            "helped_steps",
+            "hurt_steps",
+        ] {
+            assert_eq!(a[k], b[k], "{k}");
+        }
+        let (x, y): (f64, f64) = (a["lca"].parse().unwrap(), b["lca"].parse().unwrap());
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "{} {}",
+            a["tensor"],
+            a["flat_index"]
+        );
+    }
+}
+
+#[test]
+fn params_csv_is_written_only_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    analyze("mlp", &out, &["--quiet"]);
+    assert!(!out.join("params.csv").exists());
+    let totals = out.join("totals.safetensors");
+    let bytes = std::fs::read(&totals).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let w = st.tensor("lca/fc1.weight").unwrap();
+    assert_eq!(w.shape(), &[32, 64]);
+    assert_eq!(
+        st.tensor("helped_steps/fc1.weight").unwrap().dtype(),
+        safetensors::Dtype::U16
+    );
+    // 12 bytes per parameter plus the header.
+    let n = 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10;
+    let len = std::fs::metadata(&totals).unwrap().len() as usize;
+    assert!(
+        len >= 12 * n && len < 12 * n + 4096,
+        "{len} bytes for {n} parameters"
+    );
+    // The neuron view reads it.
+    let o = lca()
+        .args(["summarize", "--by", "neuron", "--top", "3"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 4);
 }
 
 #[test]

@@ -153,3 +153,23 @@ fn bad_input_exits_2_with_the_culprit_named() {
         &["--max-splits"],
     );
 }
+
+#[test]
+fn a_tied_weight_stored_under_its_alias_is_labelled_as_such() {
+    // fixtures/gpt stores the tied embedding only as `lm_head.weight` (save_model).
+    let s = stdout(&inspect(
+        &fixture("gpt/ckpts"),
+        &fixture("gpt/model.toml"),
+        &["--no-time"],
+    ));
+    let line = s
+        .lines()
+        .find(|l| l.trim_start().starts_with("lm_head.weight"))
+        .unwrap_or_else(|| panic!("{s}"));
+    assert!(
+        line.contains("transformer.wte (tied: alias of transformer.wte.weight)"),
+        "{line}"
+    );
+    assert!(!s.contains("(ignored)"), "{s}");
+    assert!(!s.contains("will be ignored"), "{s}");
+}

@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const OUTPUTS: [&str; 7] = [
+const OUTPUTS: [&str; 8] = [
     "summary.json",
     "steps.csv",
     "layers.csv",
     "tensors.csv",
     "params.csv",
+    "totals.safetensors",
     "lca.safetensors",
     "lca_validation.safetensors",
 ];
@@ -295,7 +296,7 @@ fn a_run_killed_during_commit_is_completed_by_the_next() {
         "steps.csv",
         "layers.csv",
         "tensors.csv",
-        "params.csv",
+        "totals.safetensors",
         "lca.safetensors",
         "summary.json",
     ];

@@ -5,12 +5,13 @@
 use crate::util::*;
 use std::path::{Path, PathBuf};
 
-const OUTPUTS: [&str; 7] = [
+const OUTPUTS: [&str; 8] = [
     "summary.json",
     "steps.csv",
     "layers.csv",
     "tensors.csv",
     "params.csv",
+    "totals.safetensors",
     "lca.safetensors",
     "lca_validation.safetensors",
 ];

@@ -79,6 +79,12 @@ pub fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
     r.deserialize().map(|x| x.expect("csv row")).collect()
 }
 
+/// Rows of CSV text (e.g. `summarize --format csv` output).
+pub fn csv_rows_str(text: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let mut r = csv::Reader::from_reader(text.as_bytes());
+    r.deserialize().map(|x| x.expect("csv row")).collect()
+}
+
 /// Numbers of a JSON array.
 pub fn floats(v: &Value) -> Vec<f64> {
     v.as_array()

@@ -86,6 +86,8 @@ def _as_floats(v: Any, key: str) -> list[float] | None:
 def _data_from_table(t: dict[str, Any], base: Path, into: DataConfig, where: str) -> None:
     known = {"train", "path", "file", "x", "y", "tokens", "scale", "mean", "std", "validation"}
     known |= {"input_shape", "n_samples", "sha256", "format", "dtype", "shape", "shapes"}
+    # What lca.Recorder writes about the stored tensors (docs/recorder.md), informative only.
+    known |= {"samples", "x_shape", "x_dtype", "y_shape", "y_dtype"}
     for k in t:
         if k not in known:
             raise ConfigError(f"{where}: unknown data key `{k}`")
