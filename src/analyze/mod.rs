@@ -26,8 +26,8 @@ pub mod shard;
 pub mod step;
 pub mod summary;
 pub mod tallies;
-pub mod verify;
 pub mod torch;
+pub mod verify;
 
 pub use prepare::{Prepared, prepare, prepare_as};
 pub use tallies::l2_step;
