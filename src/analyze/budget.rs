@@ -63,8 +63,6 @@ pub(crate) struct BudgetPlan {
     pub bound: f64,
     /// Distinct points of the run (1 + 2S for plain Simpson).
     pub evaluations: usize,
-    /// Evaluations actually performed (planning, and points that were not cached).
-    pub performed: usize,
     cache: Cache,
 }
 
@@ -136,7 +134,6 @@ pub(crate) fn plan<E: Engine>(
         from,
         n,
     };
-    let mut performed = 0;
     let mut segs = Segments {
         files,
         params,
@@ -145,7 +142,6 @@ pub(crate) fn plan<E: Engine>(
     let mut start = match first {
         Some(v) => v,
         None => {
-            performed += 1;
             let theta = checkpoint::load(&files[0], params)?.theta;
             objectives.at(&widen::<E::Real>(&theta))?
         }
@@ -156,7 +152,6 @@ pub(crate) fn plan<E: Engine>(
         let v0 = value(delta, &start);
         let mid = objectives.at(&point::<E::Real>(theta, delta, 0.5))?;
         let end = objectives.at(&point::<E::Real>(theta, delta, 1.0))?;
-        performed += 2;
         steps.push(StepPanels::plain(
             n,
             v0,
@@ -178,7 +173,6 @@ pub(crate) fn plan<E: Engine>(
     let ending = refine(&mut steps, limits, &mut evaluations, &mut |t, j| {
         let (theta, delta) = segs.get(t)?;
         let v = objectives.at(&point::<E::Real>(theta, delta, j as f64 / n as f64))?;
-        performed += 1;
         let pv = value(delta, &v);
         cache.put(t, j, v);
         Ok(pv)
@@ -188,7 +182,6 @@ pub(crate) fn plan<E: Engine>(
         ending,
         bound,
         evaluations,
-        performed,
         cache,
     })
 }
@@ -224,7 +217,6 @@ impl BudgetPlan {
                 Some(v) => v,
                 None => {
                     owned = objectives.at(&point::<E::Real>(theta0, delta, j as f64 / n as f64))?;
-                    self.performed += 1;
                     &owned
                 }
             };

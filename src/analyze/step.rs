@@ -453,7 +453,6 @@ impl<'a, E: Engine> Run<'a, E> {
             ending: b.ending,
             evaluations: b.evaluations,
             plain_evaluations: 1 + 2 * b.steps.len(),
-            evaluations_performed: b.performed,
             refined_steps: b.steps.iter().filter(|s| s.leaves.len() > 1).count(),
         });
         let l2 = match (&self.p.spec.regularization, state.l2_first) {

@@ -199,9 +199,6 @@ pub struct BudgetInfo {
     /// Distinct points of the run's rule (plain Simpson: 1 + 2S).
     pub evaluations: usize,
     pub plain_evaluations: usize,
-    /// Evaluations actually performed (more than `evaluations` when gradients did not fit the
-    /// cache, or when a resumed run planned again).
-    pub evaluations_performed: usize,
     /// Steps with more than one panel.
     pub refined_steps: usize,
 }

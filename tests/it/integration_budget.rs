@@ -201,11 +201,7 @@ fn large_residual_warns_and_check_fails_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("trap");
     // The trapezoid rule: Σ|r|/|ΔL| ≈ 0.5 % on this run.
-    let o = analyze(
-        "mlp",
-        &out,
-        &["--quiet", "--no-lca-tensors", "--method", "trapezoid"],
-    );
+    let o = analyze("mlp", &out, &["--no-lca-tensors", "--method", "trapezoid"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("exceeds 0.1 %"), "{err}");
     assert!(err.contains("--policy budget"), "{err}");
