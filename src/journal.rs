@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 /// Name of the journal directory inside the output directory (lca's state directory, which
 /// the writers also use for their commit marker).
 pub use crate::output::STATE_DIR as DIR;
-const MANIFEST: &str = "manifest.json";
+use crate::output::JOURNAL_MANIFEST as MANIFEST;
 const STATE: &str = "state.bin";
 /// Version of the journal layout.
 const FORMAT: u32 = 1;
@@ -482,10 +482,8 @@ impl Journal {
     /// Start a fresh journal (any previous one is removed).
     pub fn create(out: &Path, manifest: &Manifest) -> Result<Journal> {
         let dir = Journal::dir_of(out);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| LcaError::io(&dir, e))?;
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| LcaError::io(&dir, e))?;
+        crate::output::remove_state_dir(out)?;
+        crate::files::create_dir_all(&dir)?;
         let json = serde_json::to_vec_pretty(manifest).map_err(|e| LcaError::Output {
             path: dir.join(MANIFEST),
             msg: e.to_string(),
@@ -523,6 +521,9 @@ impl Journal {
     /// run's time goes into saving (every step for small models; for large ones, whose state
     /// takes longer to write, every few steps).
     pub fn due(&self) -> bool {
+        if crate::files::crash_at().is_some() {
+            return true;
+        }
         self.last_save.elapsed() >= self.last_cost * 10
     }
 

@@ -7,7 +7,8 @@ use super::shard::{FILE, Shard, ShardInfo};
 use super::summary::{Header, L2Ends, Outcome, build};
 use super::tallies::{Layout, StepValues, accumulate, step_groups};
 use crate::error::{LcaError, Result};
-use crate::output::{OutDir, ParamTotals, StepRecord, Summary, tensors::StepReader};
+use super::resume::Writer;
+use crate::output::{ParamTotals, StepRecord, Summary, tensors::StepReader};
 use std::path::{Path, PathBuf};
 
 /// One part given to `merge`.
@@ -159,7 +160,8 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
         validation: has_val,
         l2: false,
     };
-    let (mut od, _) = OutDir::prepare(out)?;
+    // The same check as `analyze`'s: an interrupted analysis in `out` is never replaced.
+    let (mut od, _, _) = super::resume::prepare_out(out, Writer::Merge, &mut |_| {})?;
     od.remove_partials()?;
     let mut exporters = Exporters::open(&mut od, &plan, &Start::Fresh)?;
     let mut totals = layout.zero_totals(has_val, has_l2);

@@ -468,7 +468,7 @@ impl<'a, E: Engine> Run<'a, E> {
         }
         let nsteps = self.plan.nsteps;
         if self.journal.saved() == 0 {
-            let _ = std::fs::remove_dir_all(self.journal.dir());
+            let _ = crate::output::remove_state_dir(&self.opts.out);
             return match e {
                 LcaError::Interrupted(_) => {
                     LcaError::Interrupted(crate::error::Interruption::NothingKept)

@@ -63,7 +63,7 @@ fn wait_for(child: &mut Child, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Assert that two output directories hold the same files with the same bytes.
-fn same_outputs(a: &Path, b: &Path) {
+pub(crate) fn same_outputs(a: &Path, b: &Path) {
     let mut compared = 0;
     for f in OUTPUTS {
         let (pa, pb) = (a.join(f), b.join(f));
@@ -125,7 +125,7 @@ fn kill_9_mid_run_then_resume_gives_identical_outputs() {
 }
 
 /// The tiny problem with `n` checkpoints, a validation set and an L2 term.
-fn tiny_n(n: usize) -> Tiny {
+pub(crate) fn tiny_n(n: usize) -> Tiny {
     let t = tiny();
     for k in 3..n {
         let (w, b) = tiny_params(k);
