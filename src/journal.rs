@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::output::JOURNAL_MANIFEST as MANIFEST;
 /// Name of the journal directory inside the output directory (lca's state directory, which
 /// the writers also use for their commit marker).
 pub use crate::output::STATE_DIR as DIR;
-use crate::output::JOURNAL_MANIFEST as MANIFEST;
 const STATE: &str = "state.bin";
 /// Version of the journal layout.
 const FORMAT: u32 = 1;

@@ -35,7 +35,9 @@ pub(crate) fn prepare_out(
         && let Some((state, files)) = &j.state
         && committed_already(out, state, files)
     {
-        note("note: removed a resume journal left behind by a run whose outputs were already in place");
+        note(
+            "note: removed a resume journal left behind by a run whose outputs were already in place",
+        );
         crate::output::remove_state_dir(out)?;
         journal = None;
         found.completed_commit = true;
@@ -108,7 +110,13 @@ pub(crate) fn open<T: Real>(
     plan: &Plan,
     note: &mut dyn FnMut(&str),
 ) -> Result<Opened> {
-    let (mut out, found, journal) = prepare_out(&opts.out, Writer::Analyze { resume: opts.resume }, note)?;
+    let (mut out, found, journal) = prepare_out(
+        &opts.out,
+        Writer::Analyze {
+            resume: opts.resume,
+        },
+        note,
+    )?;
     let jdir = Journal::dir_of(&opts.out);
     let mut saved: Option<Saved> = None;
     match journal {

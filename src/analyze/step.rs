@@ -439,7 +439,7 @@ impl<'a, E: Engine> Run<'a, E> {
         let exporters = self.exporters.as_mut().expect("opened");
         exporters.finish(&summary, &state.totals)?;
         if let Some(s) = self.opts.shard {
-            let info = super::shard::ShardInfo::of_run(
+            let mut info = super::shard::ShardInfo::of_run(
                 s,
                 self.p,
                 self.plan,
@@ -447,6 +447,7 @@ impl<'a, E: Engine> Run<'a, E> {
                 state,
                 dir_warnings,
             );
+            info.record_files(&self.out)?;
             info.write(&self.out.partial(super::shard::FILE))?;
         }
         Ok(summary)

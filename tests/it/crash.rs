@@ -65,7 +65,10 @@ fn recover(t: &Tiny, out: &Path, resume: bool, reference: &Path, what: &str) {
         );
     }
     same_outputs(reference, out);
-    assert!(!out.join(".lca-resume").exists(), "journal left after {what}");
+    assert!(
+        !out.join(".lca-resume").exists(),
+        "journal left after {what}"
+    );
 }
 
 #[test]
@@ -129,17 +132,7 @@ fn a_journal_left_beside_the_outputs_it_produced_is_removed_by_either_command() 
     assert!(t.run_to(&reference, &[]).status.success());
     let out = t.dir.path().join("out");
     // Kill the run at the commit's first operation: the journal holds finished steps.
-    let mut n = 1;
-    loop {
-        let _ = std::fs::remove_dir_all(&out);
-        let o = run_crashing(&t, &out, n);
-        assert!(!o.status.success(), "no commit found");
-        let what = killed_before(&o);
-        if what.starts_with("fsync") && what.ends_with(".steps.csv.partial") {
-            break;
-        }
-        n += 1;
-    }
+    interrupted_before_commit(&t, &out);
     let saved = t.dir.path().join("journal");
     copy_dir(&out.join(".lca-resume"), &saved);
     assert!(saved.join("state.bin").is_file() && saved.join("manifest.json").is_file());
@@ -152,8 +145,27 @@ fn a_journal_left_beside_the_outputs_it_produced_is_removed_by_either_command() 
         let o = analyze_run(&t.ckpts, &t.spec, dir, args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{args:?}: {err}");
-        assert!(err.contains("removed a resume journal left behind"), "{err}");
+        assert!(
+            err.contains("removed a resume journal left behind"),
+            "{err}"
+        );
         same_outputs(&reference, dir);
         assert!(!dir.join(".lca-resume").exists());
     }
+}
+
+/// Leave in `out` an analysis of `t` killed at the first operation of its commit: every step
+/// is finished and in the journal, nothing is in place.
+pub(crate) fn interrupted_before_commit(t: &Tiny, out: &Path) {
+    for n in 1..200 {
+        let _ = std::fs::remove_dir_all(out);
+        let o = run_crashing(t, out, n);
+        assert!(!o.status.success(), "no commit found");
+        let what = killed_before(&o);
+        if what.starts_with("fsync") && what.ends_with(".steps.csv.partial") {
+            assert!(out.join(".lca-resume/state.bin").is_file());
+            return;
+        }
+    }
+    panic!("no commit found");
 }
