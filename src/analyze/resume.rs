@@ -138,6 +138,7 @@ pub(crate) fn open<T: Real>(
                         ),
                     });
                 }
+                j.verify_tables(&opts.out)?;
                 saved = j.state;
             }
         }
