@@ -33,7 +33,7 @@ LAYERS = [
 LAYER = {m: i for i, ms in enumerate(LAYERS) for m in ms}
 # Upward imports known and assigned (printed, not counted): spec.rs names
 # net::batch_norm::BnMode; the mode belongs in spec (the spec/registry work of issue 16).
-PENDING = {("spec", "net")}
+PENDING: set[tuple[str, str]] = set()
 # `lca::report` is an alias of `output` kept for callers not yet moved over.
 ALIAS = {"report": "output"}
 

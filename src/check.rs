@@ -9,7 +9,7 @@
 //!   output's, and both outputs have the same layers.
 
 use crate::error::{LcaError, Result};
-use crate::report::{Summary, json::read_summary};
+use crate::output::{Summary, json::read_summary};
 use std::path::{Path, PathBuf};
 
 /// Default relative tolerance of `--baseline` comparisons.

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::eval::Evaluator;
 use crate::lca::Method;
 use crate::net::LossKind;
-use crate::report::step_list;
+use crate::output::step_list;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

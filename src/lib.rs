@@ -37,7 +37,3 @@ pub mod summarize;
 pub mod tensors;
 
 pub use error::{LcaError, Result};
-
-/// The output writers at their former path (`src/report/`, now [`output`]), for callers not
-/// yet moved over.
-pub use output as report;

@@ -13,7 +13,7 @@
 //! Output as an aligned table for people, or CSV / JSON for scripts.
 
 use crate::error::{LcaError, Result};
-use crate::report::{Summary, json::read_summary};
+use crate::output::{Summary, json::read_summary};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -109,7 +109,7 @@ fn share(lca: f64, delta: f64) -> f64 {
 }
 
 /// The table of group totals (layers, tensors or blocks), with the `layer` column for tensors.
-fn group_table(g: &[crate::report::GroupTotal], with_layer: bool, delta: f64) -> Table {
+fn group_table(g: &[crate::output::GroupTotal], with_layer: bool, delta: f64) -> Table {
     let mut columns = vec!["name"];
     if with_layer {
         columns.push("layer");
@@ -170,12 +170,12 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
     let table = match by {
         By::Block => {
             let mut order: Vec<String> = Vec::new();
-            let mut acc: BTreeMap<String, crate::report::GroupTotal> = BTreeMap::new();
+            let mut acc: BTreeMap<String, crate::output::GroupTotal> = BTreeMap::new();
             for l in &s.layers {
                 let b = block_of(&l.name).to_string();
                 let e = acc.entry(b.clone()).or_insert_with(|| {
                     order.push(b.clone());
-                    crate::report::GroupTotal {
+                    crate::output::GroupTotal {
                         name: b.clone(),
                         layer: b.clone(),
                         params: 0,
@@ -197,7 +197,7 @@ pub fn view(dir: &Path, by: By) -> Result<(Summary, Table)> {
                 e.val_lca = e.val_lca.zip(l.val_lca).map(|(a, b)| a + b);
                 e.l2_lca = e.l2_lca.zip(l.l2_lca).map(|(a, b)| a + b);
             }
-            let blocks: Vec<crate::report::GroupTotal> =
+            let blocks: Vec<crate::output::GroupTotal> =
                 order.iter().map(|b| acc[b].clone()).collect();
             let mut t = group_table(&blocks, false, delta);
             t.columns[0] = "block";

@@ -69,6 +69,6 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     if lca::shard::merge(&[part], &out).is_ok() {
-        lca::report::json::read_summary(&out).expect("a merged summary reads back");
+        lca::output::json::read_summary(&out).expect("a merged summary reads back");
     }
 });

@@ -12,8 +12,8 @@
 //! which the tests use to check its structure.
 
 use crate::error::{LcaError, Result};
+use crate::output::{Summary, json::read_summary, step_list};
 use crate::plot::{Figure, PlotKind};
-use crate::report::{Summary, json::read_summary, step_list};
 use crate::summarize::{By, Cell, Sort, Table, view};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -81,7 +81,7 @@ pub fn report(dir: &Path, opts: &ReportOptions) -> Result<Written> {
         figures,
         missing,
     } = render(dir, opts)?;
-    crate::init::write_atomically(&opts.file, html.as_bytes(), true)?;
+    crate::files::write_atomic(&opts.file, html.as_bytes(), crate::files::Mode::Replace)?;
     Ok(Written {
         file: opts.file.clone(),
         bytes: html.len(),

@@ -64,7 +64,7 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<()> {
         "warn"
     };
     let _ = write!(h, "<p class=\"verdict {class}\">{text}</p>");
-    let mut layers_sorted: Vec<&crate::report::GroupTotal> = s.layers.iter().collect();
+    let mut layers_sorted: Vec<&crate::output::GroupTotal> = s.layers.iter().collect();
     layers_sorted.sort_by(|a, b| a.lca.total_cmp(&b.lca));
     if let Some(best) = layers_sorted.first() {
         let hurt: Vec<String> = s

@@ -29,6 +29,7 @@
 use crate::checkpoint;
 use crate::data::{Dataset, Targets};
 use crate::error::{LcaError, Result};
+use crate::files::Mode;
 use crate::net::{LossKind, Model};
 use crate::spec::{BatchNormSpec, LayerKind, Padding, Pair, Spec};
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,54 +123,13 @@ pub fn init(opts: &InitOptions) -> Result<Draft> {
         None => None,
     };
     let draft = draft_from(&src, data.as_ref(), &opts.out)?;
-    write_atomically(&opts.out, draft.text.as_bytes(), opts.force)?;
-    Ok(draft)
-}
-
-/// Write `bytes` to `path` through a temporary file in the same directory, renamed into
-/// place; without `replace`, an existing file is never replaced (checked again at the end).
-pub fn write_atomically(path: &Path, bytes: &[u8], replace: bool) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+    let mode = if opts.force {
+        Mode::Replace
+    } else {
+        Mode::CreateNew
     };
-    if !dir.is_dir() {
-        return Err(LcaError::Output {
-            path: path.to_path_buf(),
-            msg: format!("directory {} does not exist", dir.display()),
-        });
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| LcaError::io(&tmp, e))?;
-        f.write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| LcaError::io(&tmp, e))?;
-        drop(f);
-        if replace {
-            std::fs::rename(&tmp, path).map_err(|e| LcaError::io(path, e))
-        } else {
-            // A hard link fails if the target appeared meanwhile: never replace a file.
-            match std::fs::hard_link(&tmp, path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(LcaError::Output {
-                    path: path.to_path_buf(),
-                    msg: "exists; not replaced (use --force)".into(),
-                }),
-                Err(_) if !path.exists() => {
-                    std::fs::rename(&tmp, path).map_err(|e| LcaError::io(path, e))
-                }
-                Err(e) => Err(LcaError::io(path, e)),
-            }
-        }
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    crate::files::write_atomic(&opts.out, draft.text.as_bytes(), mode)?;
+    Ok(draft)
 }
 
 /// What `lca init` prints after writing the draft: the layers, every TODO line with its line

@@ -8,8 +8,8 @@
 use super::DrawResult;
 use super::style::{self, AXIS, TICKS, font, tick};
 use crate::error::{LcaError, Result};
-use crate::report::Summary;
-use crate::report::tensors::read_neuron_steps;
+use crate::output::Summary;
+use crate::output::tensors::read_neuron_steps;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;

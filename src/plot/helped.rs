@@ -4,7 +4,7 @@
 
 use super::DrawResult;
 use super::style::{self, AXIS, LegendEntry, LegendKind, TICKS, font, tick};
-use crate::report::Summary;
+use crate::output::Summary;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 

@@ -5,8 +5,8 @@
 use super::DrawResult;
 use super::style::{self, AXIS, LegendEntry, LegendKind, TICKS, font, padded, tick};
 use crate::error::{LcaError, Result};
-use crate::report::Summary;
-use crate::report::csv::read_layer_steps;
+use crate::output::Summary;
+use crate::output::csv::read_layer_steps;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;

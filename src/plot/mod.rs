@@ -22,7 +22,7 @@ pub mod peaks;
 mod style;
 
 use crate::error::{LcaError, Result};
-use crate::report::json::read_summary;
+use crate::output::json::read_summary;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -101,7 +101,7 @@ impl Figure {
         let s = read_summary(dir)?;
         if s.steps.is_empty() {
             return Err(LcaError::Output {
-                path: dir.join(crate::report::SUMMARY_FILE),
+                path: dir.join(crate::output::SUMMARY_FILE),
                 msg: "the run has no steps to plot".into(),
             });
         }

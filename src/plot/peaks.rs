@@ -7,7 +7,7 @@ use super::DrawResult;
 use super::layers::per_step;
 use super::style::{self, TICKS, font, grey_font, tick};
 use crate::error::Result;
-use crate::report::Summary;
+use crate::output::Summary;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;

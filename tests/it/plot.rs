@@ -218,7 +218,7 @@ fn heatmap_rows_are_the_neurons_of_the_layer() {
     // The neuron values behind the heat map equal `summarize --by neuron` summed over steps.
     let names = vec!["fc3.weight".to_string(), "fc3.bias".to_string()];
     let ns =
-        lca::report::tensors::read_neuron_steps(&out().join("lca.safetensors"), &names).unwrap();
+        lca::output::tensors::read_neuron_steps(&out().join("lca.safetensors"), &names).unwrap();
     assert_eq!(ns.values.len(), 100);
     assert_eq!(ns.values[0].len(), 10);
     assert_eq!(ns.steps[0], 0);
