@@ -378,7 +378,10 @@ impl Reader<'_> {
     }
 }
 
-fn decode_state(path: &Path, bytes: &[u8]) -> Result<(RunState, Vec<(String, u64)>, Vec<String>)> {
+/// A decoded state: the run state, the streamed files' lengths and their sha256.
+type Decoded = (RunState, Vec<(String, u64)>, Vec<String>);
+
+fn decode_state(path: &Path, bytes: &[u8]) -> Result<Decoded> {
     let corrupt = |what: &str| {
         jerr(
             path,
