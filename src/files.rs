@@ -10,6 +10,11 @@
 //!    rename where links are not supported and the name is still free;
 //! 4. fsync the directory, so that the rename survives a power loss;
 //! 5. remove the temporary file in every case.
+//!
+//! Every file-system operation of a write, of the output commit and of the journal goes
+//! through [`op`], which counts them: the test hook `LCA_TEST_CRASH_AT=N` kills the process
+//! (SIGKILL) right before the N-th, so that the tests can stop a run at each of them and check
+//! that the next run recovers (`docs/reliability.md`).
 
 use crate::error::{LcaError, Result};
 use std::io::Write;
@@ -32,6 +37,109 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Count one file-system operation (`what` on `path`) and, under the test hook
+/// `LCA_TEST_CRASH_AT=N`, kill the process right before the N-th: as `kill -9` or a power
+/// loss would, with no destructor run and nothing flushed.
+pub fn op(what: &str, path: &Path) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let Some(at) = crash_at() else {
+        return;
+    };
+    let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
+    if n == at {
+        eprintln!(
+            "LCA_TEST_CRASH_AT: killed before file-system operation {n}: {what} {}",
+            path.display()
+        );
+        #[cfg(unix)]
+        // SAFETY: kill(2) on our own pid; no memory is touched.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        std::process::abort();
+    }
+}
+
+/// The test hook `LCA_TEST_CRASH_AT=N`, if set. Under it the journal is saved after every
+/// step (not on a timer), so that operation N is the same one from run to run.
+pub fn crash_at() -> Option<u64> {
+    static CRASH_AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *CRASH_AT.get_or_init(|| {
+        std::env::var("LCA_TEST_CRASH_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+/// Remove a file (counted by [`op`]); a missing file is not an error.
+pub fn remove_file(path: &Path) -> Result<()> {
+    op("remove", path);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LcaError::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Rename `from` to `to` (counted by [`op`]).
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    op("rename", to);
+    std::fs::rename(from, to).map_err(|e| LcaError::io(to, e))
+}
+
+/// Create a directory and its parents (counted by [`op`]).
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    op("mkdir", dir);
+    std::fs::create_dir_all(dir).map_err(|e| LcaError::io(dir, e))
+}
+
+/// fsync a file that is already written (counted by [`op`]).
+pub fn sync_file(path: &Path) -> Result<()> {
+    op("fsync", path);
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| LcaError::io(path, e))
+}
+
+/// Remove a directory and what it holds, one counted operation per entry, in the order
+/// `first(name)` sorts them (`false` before `true`), then the directory itself, with an fsync
+/// of the directory before the entries that sort last, so that they are removed only after
+/// the others even across a power loss. A missing directory is not an error.
+pub fn remove_dir_ordered(dir: &Path, last: &dyn Fn(&str) -> bool) -> Result<()> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(LcaError::io(dir, e)),
+    };
+    let mut entries = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| LcaError::io(dir, e))?;
+        entries.push(e.file_name().to_string_lossy().to_string());
+    }
+    entries.sort_by_key(|n| (last(n), n.clone()));
+    let mut synced = false;
+    for name in entries {
+        let p = dir.join(&name);
+        if last(&name) && !synced {
+            sync_dir(dir);
+            synced = true;
+        }
+        if p.is_dir() && !p.is_symlink() {
+            remove_dir_ordered(&p, &|_| false)?;
+        } else {
+            remove_file(&p)?;
+        }
+    }
+    op("rmdir", dir);
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LcaError::io(dir, e)),
+        _ => {
+            sync_dir(&parent_dir(dir));
+            Ok(())
+        }
+    }
+}
+
 /// Write `bytes` to `path` atomically under the rules of this module.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: Mode) -> Result<()> {
     let dir = parent_dir(path);
@@ -47,6 +155,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Mode) -> Result<()> {
         .unwrap_or_else(|| "out".into());
     let tmp = dir.join(temp_name(&name));
     let result = write_synced(&tmp, bytes).and_then(|()| move_into_place(&tmp, path, mode));
+    op("remove", &tmp);
     let _ = std::fs::remove_file(&tmp);
     if result.is_ok() {
         sync_dir(&dir);
@@ -75,6 +184,7 @@ pub fn temp_name(name: &str) -> String {
 }
 
 fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<()> {
+    op("write", tmp);
     let mut f = std::fs::File::create(tmp).map_err(|e| LcaError::io(tmp, e))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
@@ -82,6 +192,7 @@ fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn move_into_place(tmp: &Path, path: &Path, mode: Mode) -> Result<()> {
+    op("rename", path);
     match mode {
         Mode::Replace => std::fs::rename(tmp, path).map_err(|e| LcaError::io(path, e)),
         // A hard link fails if the target appeared meanwhile: never replace a file.
@@ -207,6 +318,7 @@ pub fn read_regular(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
 /// fsync a directory so that renames in it survive a power loss (best effort: not every
 /// file system supports it).
 pub fn sync_dir(dir: &Path) {
+    op("fsync", dir);
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::output::JOURNAL_MANIFEST as MANIFEST;
 /// Name of the journal directory inside the output directory (lca's state directory, which
 /// the writers also use for their commit marker).
 pub use crate::output::STATE_DIR as DIR;
-const MANIFEST: &str = "manifest.json";
 const STATE: &str = "state.bin";
 /// Version of the journal layout.
 const FORMAT: u32 = 1;
@@ -277,6 +277,10 @@ struct StateHeader {
     ignored: Vec<String>,
     /// Streamed files (name inside OUT) and their byte length when the state was written.
     files: Vec<(String, u64)>,
+    /// sha256 of each streamed file's first `length` bytes (same order as `files`), so that
+    /// `--resume` refuses a table whose finished rows were edited since.
+    #[serde(default)]
+    files_sha256: Vec<String>,
     /// Elements per parameter tensor.
     numel: Vec<usize>,
     val: bool,
@@ -298,7 +302,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::files::write_atomic(path, bytes, crate::files::Mode::Replace)
 }
 
-fn encode_state(state: &RunState, files: &[(String, u64)]) -> Result<Vec<u8>> {
+fn encode_state(
+    state: &RunState,
+    files: &[(String, u64)],
+    files_sha256: Vec<String>,
+) -> Result<Vec<u8>> {
     let t = &state.totals;
     let header = StateHeader {
         records: state.records.clone(),
@@ -308,6 +316,7 @@ fn encode_state(state: &RunState, files: &[(String, u64)]) -> Result<Vec<u8>> {
         l2_first: state.l2_first,
         ignored: state.ignored.clone(),
         files: files.to_vec(),
+        files_sha256,
         numel: t.lca.iter().map(Vec::len).collect(),
         val: t.val_lca.is_some(),
         l2: t.l2_lca.is_some(),
@@ -391,7 +400,10 @@ impl Reader<'_> {
     }
 }
 
-fn decode_state(path: &Path, bytes: &[u8]) -> Result<(RunState, Vec<(String, u64)>)> {
+/// A decoded state: the run state, the streamed files' lengths and their sha256.
+type Decoded = (RunState, Vec<(String, u64)>, Vec<String>);
+
+fn decode_state(path: &Path, bytes: &[u8]) -> Result<Decoded> {
     let corrupt = |what: &str| {
         jerr(
             path,
@@ -430,7 +442,10 @@ fn decode_state(path: &Path, bytes: &[u8]) -> Result<(RunState, Vec<(String, u64
     } else {
         None
     };
-    if !r.b.is_empty() || h.checkpoint_sha256.len() != h.records.len() + 1 {
+    if !r.b.is_empty()
+        || h.checkpoint_sha256.len() != h.records.len() + 1
+        || !(h.files_sha256.is_empty() || h.files_sha256.len() == h.files.len())
+    {
         return Err(corrupt("inconsistent lengths"));
     }
     Ok((
@@ -451,7 +466,34 @@ fn decode_state(path: &Path, bytes: &[u8]) -> Result<(RunState, Vec<(String, u64
             },
         },
         h.files,
+        h.files_sha256,
     ))
+}
+
+/// sha256 of the first `len` bytes of `path` (hex).
+fn prefix_sha256(path: &Path, len: u64) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| LcaError::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, f.take(len));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n_read = 0u64;
+    loop {
+        let n = r.read(&mut buf).map_err(|e| LcaError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        n_read += n as u64;
+        h.update(&buf[..n]);
+    }
+    if n_read != len {
+        return Err(jerr(
+            path,
+            format!("holds {n_read} bytes, fewer than the {len} the resume journal recorded"),
+        ));
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// What an output directory's journal holds.
@@ -459,6 +501,35 @@ pub struct Found {
     pub manifest: Manifest,
     /// The last saved state and the streamed files' lengths, if any step was saved.
     pub state: Option<(RunState, Vec<(String, u64)>)>,
+    /// sha256 of the streamed files' first `length` bytes when the state was saved.
+    pub files_sha256: Vec<String>,
+}
+
+impl Found {
+    /// Check that the rows the interrupted run wrote to its streamed tables in `out` are
+    /// those it journaled (sha256 recorded when the state was saved): an edited finished row
+    /// is refused, never carried into the final tables.
+    pub fn verify_tables(&self, out: &Path) -> Result<()> {
+        let Some((_, files)) = &self.state else {
+            return Ok(());
+        };
+        for ((name, len), then) in files.iter().zip(&self.files_sha256) {
+            let p = out.join(name);
+            let now = prefix_sha256(&p, *len)?;
+            if now != *then {
+                return Err(jerr(
+                    &p,
+                    format!(
+                        "its first {len} bytes (the rows of the finished steps) changed since the interrupted run wrote them (sha256 {}… then, {}… now): cannot resume; delete {} to start over",
+                        &then[..then.len().min(12)],
+                        &now[..12],
+                        Journal::dir_of(out).display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The journal of the run in progress.
@@ -493,22 +564,25 @@ impl Journal {
             )
         })?;
         let spath = dir.join(STATE);
-        let state = if spath.is_file() {
+        let (state, files_sha256) = if spath.is_file() {
             let bytes = std::fs::read(&spath).map_err(|e| LcaError::io(&spath, e))?;
-            Some(decode_state(&spath, &bytes)?)
+            let (s, files, sums) = decode_state(&spath, &bytes)?;
+            (Some((s, files)), sums)
         } else {
-            None
+            (None, Vec::new())
         };
-        Ok(Some(Found { manifest, state }))
+        Ok(Some(Found {
+            manifest,
+            state,
+            files_sha256,
+        }))
     }
 
     /// Start a fresh journal (any previous one is removed).
     pub fn create(out: &Path, manifest: &Manifest) -> Result<Journal> {
         let dir = Journal::dir_of(out);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| LcaError::io(&dir, e))?;
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| LcaError::io(&dir, e))?;
+        crate::output::remove_state_dir(out)?;
+        crate::files::create_dir_all(&dir)?;
         let json = serde_json::to_vec_pretty(manifest).map_err(|e| LcaError::Output {
             path: dir.join(MANIFEST),
             msg: e.to_string(),
@@ -546,13 +620,21 @@ impl Journal {
     /// run's time goes into saving (every step for small models; for large ones, whose state
     /// takes longer to write, every few steps).
     pub fn due(&self) -> bool {
+        if crate::files::crash_at().is_some() {
+            return true;
+        }
         self.last_save.elapsed() >= self.last_cost * 10
     }
 
     /// Save `state`; `files` are the streamed files' lengths, already flushed to disk.
     pub fn save(&mut self, state: &RunState, files: &[(String, u64)]) -> Result<()> {
         let t0 = Instant::now();
-        let bytes = encode_state(state, files)?;
+        let out = self.dir.parent().unwrap_or(Path::new("."));
+        let sums = files
+            .iter()
+            .map(|(name, len)| prefix_sha256(&out.join(name), *len))
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = encode_state(state, files, sums)?;
         write_atomic(&self.dir.join(STATE), &bytes)?;
         self.saved = state.finished();
         self.last_cost = t0.elapsed();
@@ -625,9 +707,11 @@ mod tests {
             },
         };
         let files = vec![(".steps.csv.partial".to_string(), 1234u64)];
-        let bytes = encode_state(&state, &files).unwrap();
-        let (back, f) = decode_state(Path::new("s"), &bytes).unwrap();
+        let sums = vec!["ab".repeat(32)];
+        let bytes = encode_state(&state, &files, sums.clone()).unwrap();
+        let (back, f, s) = decode_state(Path::new("s"), &bytes).unwrap();
         assert_eq!(f, files);
+        assert_eq!(s, sums);
         assert_eq!(back.records, state.records);
         for (a, b) in back.records.iter().zip(&state.records) {
             assert_eq!(a.loss_before.to_bits(), b.loss_before.to_bits());

@@ -3,11 +3,12 @@
 //! unsharded run writes.
 
 use super::exporters::{ExportPlan, Exporters, Start};
+use super::resume::Writer;
 use super::shard::{FILE, Shard, ShardInfo};
 use super::summary::{Header, L2Ends, Outcome, build};
 use super::tallies::{Layout, StepValues, accumulate, step_groups};
 use crate::error::{LcaError, Result};
-use crate::output::{OutDir, ParamTotals, StepRecord, Summary, tensors::StepReader};
+use crate::output::{ParamTotals, StepRecord, Summary, tensors::StepReader};
 use std::path::{Path, PathBuf};
 
 /// One part given to `merge`.
@@ -161,7 +162,8 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
         // The merged run writes params.csv when its parts were asked to.
         params_csv: parts[0].dir.join("params.csv").is_file(),
     };
-    let (mut od, _) = OutDir::prepare(out)?;
+    // The same check as `analyze`'s: an interrupted analysis in `out` is never replaced.
+    let (mut od, _, _) = super::resume::prepare_out(out, Writer::Merge, &mut |_| {})?;
     od.remove_partials()?;
     let mut exporters = Exporters::open(&mut od, &plan, &Start::Fresh)?;
     let mut totals = layout.zero_totals(has_val, has_l2, false);
@@ -228,6 +230,7 @@ fn read_parts(dirs: &[PathBuf], out: &Path) -> Result<Vec<Part>> {
     let mut parts = Vec::with_capacity(dirs.len());
     for d in dirs {
         let info = ShardInfo::read(d)?;
+        info.verify_files(d)?;
         let summary = crate::output::json::read_summary(d)?;
         parts.push(Part {
             dir: d.clone(),
@@ -244,6 +247,23 @@ fn read_parts(dirs: &[PathBuf], out: &Path) -> Result<Vec<Part>> {
         }
     }
     validate(parts)
+}
+
+/// Refuse a non-finite per-parameter value of step `step` read from `path`, naming the
+/// tensor, the step and the flat index (a part's files hold finite values only: NaN would
+/// reach `summary.json` as `null`).
+fn finite(path: &Path, shapes: &[(String, Vec<usize>)], v: &[Vec<f64>], step: u64) -> Result<()> {
+    for ((name, _), t) in shapes.iter().zip(v) {
+        if let Some((i, x)) = t.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(LcaError::Output {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "tensor '{name}' holds {x} at step {step} (flat index {i}): the part is damaged; run the shard again"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Replay one part's steps through the exporters and into the totals.
@@ -286,6 +306,16 @@ fn replay(
         let lca = lca_r.read(t)?;
         let val = val_r.as_mut().map(|r| r.read(t)).transpose()?;
         let l2 = l2_r.as_mut().map(|r| r.read(t)).transpose()?;
+        let named = [
+            ("lca.safetensors", Some(&lca)),
+            ("lca_validation.safetensors", val.as_ref()),
+            ("lca_l2.safetensors", l2.as_ref()),
+        ];
+        for (file, values) in named {
+            if let Some(v) = values {
+                finite(&part.dir.join(file), &shapes, v, rec.step)?;
+            }
+        }
         let values = StepValues {
             lca: &lca,
             val: val.as_deref(),

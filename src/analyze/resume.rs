@@ -7,10 +7,84 @@ use super::plan::Plan;
 use super::prepare::Prepared;
 use crate::checkpoint::{self, CheckpointFile, Loaded};
 use crate::error::{LcaError, Result};
-use crate::journal::{Journal, RunState};
+use crate::journal::{self, Journal, RunState};
 use crate::net::Real;
 use crate::output::{OutDir, Summary};
 use std::path::Path;
+
+/// The command that is about to write into an output directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Writer {
+    Analyze { resume: bool },
+    Merge,
+}
+
+/// Prepare the output directory `out` for a command that writes into it, and read its journal.
+/// The one check `analyze` and `merge` share ([`OutDir::prepare`] refuses foreign content and
+/// completes an interrupted commit): a journal with finished steps is refused unless it is
+/// being resumed, so that finished work is never thrown away silently; a journal left beside
+/// the outputs it produced (their commit was complete) is garbage and removed.
+pub(crate) fn prepare_out(
+    out: &Path,
+    writer: Writer,
+    note: &mut dyn FnMut(&str),
+) -> Result<(OutDir, crate::output::Found, Option<journal::Found>)> {
+    let (od, mut found) = OutDir::prepare(out)?;
+    let mut journal = Journal::read(out)?;
+    if let Some(j) = &journal
+        && let Some((state, files)) = &j.state
+        && committed_already(out, state, files)
+    {
+        note(
+            "note: removed a resume journal left behind by a run whose outputs were already in place",
+        );
+        crate::output::remove_state_dir(out)?;
+        journal = None;
+        found.completed_commit = true;
+    }
+    let kept = journal
+        .as_ref()
+        .and_then(|j| j.state.as_ref())
+        .map_or(0, |(s, _)| s.finished());
+    if kept > 0 && writer != (Writer::Analyze { resume: true }) {
+        let j = journal.as_ref().expect("kept > 0");
+        let jdir = Journal::dir_of(out);
+        let advice = match writer {
+            Writer::Merge => format!(
+                "continue it with lca analyze … --resume, delete {} to start over, or choose another -o",
+                jdir.display()
+            ),
+            Writer::Analyze { .. } => format!(
+                "add --resume to continue it, or delete {} to start over",
+                jdir.display()
+            ),
+        };
+        return Err(LcaError::Output {
+            path: out.to_path_buf(),
+            msg: format!(
+                "holds an interrupted analysis ({kept} of {} steps finished, journal in {}): {advice}",
+                j.manifest.checkpoints.len().saturating_sub(1),
+                jdir.display(),
+            ),
+        });
+    }
+    Ok((od, found, journal))
+}
+
+/// Whether the journal state `state` belongs to the run whose outputs are in `out`: every
+/// streamed temporary table it describes has been renamed away and `summary.json` holds its
+/// finished steps (what a kill in the middle of removing the journal, after a complete commit,
+/// left in lca ≤ 0.1's order of removal).
+fn committed_already(out: &Path, state: &RunState, files: &[(String, u64)]) -> bool {
+    if files.is_empty() || files.iter().any(|(n, _)| out.join(n).exists()) {
+        return false;
+    }
+    let Ok(summary) = crate::output::json::read_summary(out) else {
+        return false;
+    };
+    summary.steps.len() >= state.records.len()
+        && summary.steps[..state.records.len()] == state.records[..]
+}
 
 /// A saved state to continue from and the streamed files' lengths when it was saved.
 pub(crate) type Saved = (RunState, Vec<(String, u64)>);
@@ -36,27 +110,23 @@ pub(crate) fn open<T: Real>(
     plan: &Plan,
     note: &mut dyn FnMut(&str),
 ) -> Result<Opened> {
-    let (mut out, found) = OutDir::prepare(&opts.out)?;
+    let (mut out, found, journal) = prepare_out(
+        &opts.out,
+        Writer::Analyze {
+            resume: opts.resume,
+        },
+        note,
+    )?;
     let jdir = Journal::dir_of(&opts.out);
     let mut saved: Option<Saved> = None;
-    match Journal::read(&opts.out)? {
+    match journal {
         Some(j) => {
             let kept = j.state.as_ref().map_or(0, |(s, _)| s.finished());
-            if !opts.resume {
-                if kept > 0 {
-                    return Err(LcaError::Output {
-                        path: opts.out.clone(),
-                        msg: format!(
-                            "holds an interrupted analysis ({kept} of {} steps finished, journal in {}): add --resume to continue it, or delete {} to start over",
-                            j.manifest.checkpoints.len().saturating_sub(1),
-                            jdir.display(),
-                            jdir.display()
-                        ),
-                    });
-                }
-            } else if kept == 0 {
+            // Without --resume, a journal without a finished step is replaced
+            // (`prepare_out` refused one with finished steps).
+            if opts.resume && kept == 0 {
                 note("note: the interrupted run had not finished a step; starting from the first");
-            } else {
+            } else if opts.resume {
                 let diffs = j.manifest.differences(&plan.manifest);
                 if !diffs.is_empty() {
                     return Err(LcaError::Output {
@@ -68,6 +138,7 @@ pub(crate) fn open<T: Real>(
                         ),
                     });
                 }
+                j.verify_tables(&opts.out)?;
                 saved = j.state;
             }
         }

@@ -168,6 +168,10 @@ pub struct ShardInfo {
     pub leading_warnings: Vec<String>,
     /// Checkpoint files that appeared or changed while the shard ran.
     pub directory_warnings: Vec<String>,
+    /// sha256 of every other file of the part (`summary.json`, the tables, the f64 tensors),
+    /// recorded when the part is written and checked by `merge` ([`ShardInfo::verify_files`]).
+    #[serde(default)]
+    pub files_sha256: std::collections::BTreeMap<String, String>,
 }
 
 impl ShardInfo {
@@ -197,7 +201,64 @@ impl ShardInfo {
             checkpoint_sha256: state.checkpoint_sha256.clone(),
             leading_warnings: plan.leading_warnings.clone(),
             directory_warnings,
+            files_sha256: Default::default(),
         }
+    }
+
+    /// Record the sha256 of the part's files, written (under their temporary names) in `out`.
+    pub(crate) fn record_files(&mut self, out: &crate::output::OutDir) -> Result<()> {
+        for name in out.pending_names() {
+            if name == FILE {
+                continue;
+            }
+            let p = out.dir.join(crate::output::partial_name(&name));
+            let sha = crate::tensors::sha256_file(&p).map_err(|e| LcaError::io(&p, e))?;
+            self.files_sha256.insert(name, sha);
+        }
+        Ok(())
+    }
+
+    /// Check the files of the part in `dir` against the sha256 recorded when it was written:
+    /// an edited or damaged file, one missing or one not recorded is refused, naming it.
+    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+        let rerun = "run the shard again";
+        if self.files_sha256.is_empty() {
+            return Err(LcaError::Output {
+                path: dir.join(FILE),
+                msg: format!(
+                    "records no checksums of the part's files (written by an older lca?): {rerun}"
+                ),
+            });
+        }
+        for name in crate::output::OUTPUT_FILES {
+            if name != FILE && dir.join(name).exists() && !self.files_sha256.contains_key(name) {
+                return Err(LcaError::Output {
+                    path: dir.join(name),
+                    msg: format!("is not one of the part's files recorded in {FILE}: {rerun}"),
+                });
+            }
+        }
+        for (name, then) in &self.files_sha256 {
+            let p = dir.join(name);
+            if !crate::output::OUTPUT_FILES.contains(&name.as_str()) || name == FILE {
+                return Err(LcaError::Output {
+                    path: dir.join(FILE),
+                    msg: format!("records a checksum of an unknown file {name:?}: {rerun}"),
+                });
+            }
+            let now = crate::tensors::sha256_file(&p).map_err(|e| LcaError::io(&p, e))?;
+            if now != *then {
+                return Err(LcaError::Output {
+                    path: p,
+                    msg: format!(
+                        "differs from the file the shard wrote (sha256 {}… recorded in {FILE}, {}… now): it was edited or damaged; {rerun}",
+                        &then[..then.len().min(12)],
+                        &now[..12]
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Write as pretty JSON.

@@ -500,7 +500,7 @@ impl<'a, E: Engine> Run<'a, E> {
         let exporters = self.exporters.as_mut().expect("opened");
         exporters.finish(&summary, &state.totals)?;
         if let Some(s) = self.opts.shard {
-            let info = super::shard::ShardInfo::of_run(
+            let mut info = super::shard::ShardInfo::of_run(
                 s,
                 self.p,
                 self.plan,
@@ -508,6 +508,7 @@ impl<'a, E: Engine> Run<'a, E> {
                 state,
                 dir_warnings,
             );
+            info.record_files(&self.out)?;
             info.write(&self.out.partial(super::shard::FILE))?;
         }
         Ok(summary)
@@ -529,7 +530,7 @@ impl<'a, E: Engine> Run<'a, E> {
         }
         let nsteps = self.plan.nsteps;
         if self.journal.saved() == 0 {
-            let _ = std::fs::remove_dir_all(self.journal.dir());
+            let _ = crate::output::remove_state_dir(&self.opts.out);
             return match e {
                 LcaError::Interrupted(_) => {
                     LcaError::Interrupted(crate::error::Interruption::NothingKept)

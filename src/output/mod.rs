@@ -117,6 +117,9 @@ pub const OUTPUT_FILES: [&str; 10] = [
 pub const STATE_DIR: &str = ".lca-resume";
 /// Marker of a commit in progress (see [`OutDir::commit`]), inside [`STATE_DIR`].
 pub const COMMIT: &str = "commit.json";
+/// The journal's manifest ([`crate::journal`]), inside [`STATE_DIR`]: a state directory
+/// without it (and without [`COMMIT`]) holds nothing to continue.
+pub const JOURNAL_MANIFEST: &str = "manifest.json";
 
 /// The temporary name of output file `name`.
 pub fn partial_name(name: &str) -> String {
@@ -186,6 +189,13 @@ impl OutDir {
             }
             lock = Some(lock_dir(dir)?);
             found.completed_commit = complete_commit(dir)?;
+            // A state directory with neither a commit marker nor a journal manifest is what a
+            // kill leaves at the very end of a commit's clean-up (or before a new journal's
+            // manifest was written): it holds nothing to continue.
+            let jdir = dir.join(STATE_DIR);
+            if jdir.is_dir() && !jdir.join(JOURNAL_MANIFEST).is_file() {
+                remove_state_dir(dir)?;
+            }
             found.finished_output = dir.join(SUMMARY_FILE).is_file();
         } else {
             std::fs::create_dir_all(dir).map_err(|e| LcaError::Output {
@@ -214,7 +224,7 @@ impl OutDir {
         for f in OUTPUT_FILES {
             let p = self.dir.join(partial_name(f));
             if p.is_file() {
-                std::fs::remove_file(&p).map_err(|e| LcaError::io(&p, e))?;
+                crate::files::remove_file(&p)?;
             }
         }
         Ok(())
@@ -248,20 +258,19 @@ impl OutDir {
     ///    beside tables of another run) and any output of a previous run this one does not
     ///    write;
     /// 3. rename the temporary files into place, `summary.json` last;
-    /// 4. remove the journal.
+    /// 4. remove the journal, the commit marker last ([`remove_state_dir`]).
     ///
-    /// A run killed during 2–3 leaves the marker; the next `analyze` into the directory
-    /// completes the renames before anything else.
+    /// A run killed after 1 leaves the marker until the very end; the next `analyze` (or
+    /// `merge`) into the directory completes the commit before anything else. Every step
+    /// goes through [`crate::files::op`] (the crash test hook).
     pub fn commit(mut self) -> Result<Vec<PathBuf>> {
         self.pending
             .sort_by_key(|(_, f)| f.file_name().is_some_and(|n| n == SUMMARY_FILE));
         for (tmp, _) in &self.pending {
-            std::fs::File::open(tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| LcaError::io(tmp, e))?;
+            crate::files::sync_file(tmp)?;
         }
         let jdir = self.dir.join(STATE_DIR);
-        std::fs::create_dir_all(&jdir).map_err(|e| LcaError::io(&jdir, e))?;
+        crate::files::create_dir_all(&jdir)?;
         let names: Vec<String> = self
             .pending
             .iter()
@@ -276,6 +285,15 @@ impl OutDir {
         complete_commit(&self.dir)?;
         Ok(self.pending.iter().map(|(_, f)| f.clone()).collect())
     }
+}
+
+/// Remove lca's state directory `OUT/.lca-resume` (the journal and the commit marker), the
+/// commit marker last: until the marker goes, a kill leaves a commit that the next run
+/// completes (and the journal files it still finds are then garbage); after it, only an
+/// empty directory or one without a manifest, which is garbage too ([`OutDir::prepare`]
+/// removes it).
+pub fn remove_state_dir(out: &Path) -> Result<()> {
+    crate::files::remove_dir_ordered(&out.join(STATE_DIR), &|name| name == COMMIT)
 }
 
 /// Open `dir` and take an exclusive advisory lock on it, or say that another run holds it.
@@ -320,12 +338,12 @@ fn complete_commit(dir: &Path) -> Result<bool> {
         && dir.join(partial_name(SUMMARY_FILE)).is_file()
         && summary.is_file()
     {
-        std::fs::remove_file(&summary).map_err(|e| LcaError::io(&summary, e))?;
+        crate::files::remove_file(&summary)?;
     }
     for name in OUTPUT_FILES {
         let stale = dir.join(name);
         if !names.iter().any(|n| n == name) && stale.is_file() {
-            std::fs::remove_file(&stale).map_err(|e| LcaError::io(&stale, e))?;
+            crate::files::remove_file(&stale)?;
         }
     }
     let mut order: Vec<&String> = names.iter().filter(|n| *n != SUMMARY_FILE).collect();
@@ -333,13 +351,11 @@ fn complete_commit(dir: &Path) -> Result<bool> {
     for name in order {
         let tmp = dir.join(partial_name(name));
         if tmp.is_file() {
-            let fin = dir.join(name);
-            std::fs::rename(&tmp, &fin).map_err(|e| LcaError::io(&fin, e))?;
+            crate::files::rename(&tmp, &dir.join(name))?;
         }
     }
     crate::files::sync_dir(dir);
-    std::fs::remove_dir_all(&jdir).map_err(|e| LcaError::io(&jdir, e))?;
-    crate::files::sync_dir(dir);
+    remove_state_dir(dir)?;
     Ok(true)
 }
 

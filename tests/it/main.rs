@@ -11,6 +11,7 @@ mod check;
 mod cli;
 mod cnn_oracle;
 mod conv_specs;
+mod crash;
 mod deep40;
 mod gpt_oracle;
 mod heldout_oracle;

@@ -64,7 +64,7 @@ fn wait_for(child: &mut Child, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Assert that two output directories hold the same files with the same bytes.
-fn same_outputs(a: &Path, b: &Path) {
+pub(crate) fn same_outputs(a: &Path, b: &Path) {
     let mut compared = 0;
     for f in OUTPUTS {
         let (pa, pb) = (a.join(f), b.join(f));
@@ -126,7 +126,7 @@ fn kill_9_mid_run_then_resume_gives_identical_outputs() {
 }
 
 /// The tiny problem with `n` checkpoints, a validation set and an L2 term.
-fn tiny_n(n: usize) -> Tiny {
+pub(crate) fn tiny_n(n: usize) -> Tiny {
     let t = tiny();
     for k in 3..n {
         let (w, b) = tiny_params(k);
@@ -404,6 +404,41 @@ fn two_runs_never_write_into_one_directory() {
         &["in use by another lca analyze"],
     );
     let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference = t.dir.path().join("ref");
+    assert!(t.run_to(&reference, &[]).status.success());
+    same_outputs(&reference, &out);
+}
+
+#[test]
+fn an_edited_finished_row_in_a_journal_table_is_refused() {
+    // It used to be carried into the final steps.csv: the journal recorded only the tables'
+    // lengths. Now it records their sha256 too.
+    let t = tiny_n(4);
+    let out = t.dir.path().join("out");
+    crate::crash::interrupted_before_commit(&t, &out);
+    let table = out.join(".steps.csv.partial");
+    let orig = std::fs::read_to_string(&table).unwrap();
+    let row = orig.lines().nth(1).unwrap();
+    let pos = orig.find(row).unwrap() + row.find(|c: char| c.is_ascii_digit() && c != '0').unwrap();
+    let mut edited = orig.clone().into_bytes();
+    edited[pos] = if edited[pos] == b'9' {
+        b'8'
+    } else {
+        edited[pos] + 1
+    };
+    std::fs::write(&table, &edited).unwrap();
+    fails_with(
+        &t.run_to(&out, &["--resume"]),
+        &[
+            ".steps.csv.partial",
+            "changed since the interrupted run wrote them",
+            "delete",
+        ],
+    );
+    // Restored, the run resumes to the outputs of an uninterrupted one.
+    std::fs::write(&table, &orig).unwrap();
+    let o = t.run_to(&out, &["--resume"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let reference = t.dir.path().join("ref");
     assert!(t.run_to(&reference, &[]).status.success());

@@ -399,3 +399,153 @@ fn shards_takes_the_index_from_slurm_or_kubernetes() {
     );
     assert!(!bad.exists());
 }
+
+#[test]
+fn merge_refuses_an_output_directory_holding_an_interrupted_analysis() {
+    // `merge -o DIR` used to replace an interrupted analysis in DIR and delete its journal.
+    let t = crate::resume::tiny_n(4);
+    let out = t.dir.path().join("out");
+    crate::crash::interrupted_before_commit(&t, &out);
+    let parts: Vec<PathBuf> = (0..2)
+        .map(|k| {
+            let p = t.dir.path().join(format!("part{k}"));
+            ok(t.run_to(&p, &["--shard", &format!("{k}/2")]));
+            p
+        })
+        .collect();
+    fails_with(
+        &merge(&parts, &out),
+        &[
+            "holds an interrupted analysis",
+            "of 3 steps finished",
+            "--resume",
+            "choose another -o",
+        ],
+    );
+    // Nothing was touched: the interrupted run still finishes with --resume.
+    assert!(out.join(".lca-resume/state.bin").is_file());
+    assert!(out.join(".steps.csv.partial").is_file());
+    assert!(!out.join("summary.json").exists());
+    ok(t.run_to(&out, &["--resume"]));
+    let reference = t.dir.path().join("ref");
+    ok(t.run_to(&reference, &[]));
+    crate::resume::same_outputs(&reference, &out);
+    // A directory with a finished output is replaced by merge, as by analyze.
+    ok(merge(&parts, &out));
+    crate::resume::same_outputs(&reference, &out);
+}
+
+/// The part's `shard.json`, as JSON.
+fn shard_json(part: &Path) -> serde_json::Value {
+    json(&part.join("shard.json"))
+}
+
+/// Overwrite the first f64 of the tensor at data offset 0 in `path`; returns its name.
+fn poke_first_value(path: &Path, v: f64) -> String {
+    let mut b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let name = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, e)| *k != "__metadata__" && e["data_offsets"][0] == 0)
+        .map(|(k, _)| k.clone())
+        .unwrap();
+    b[8 + n..8 + n + 8].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(path, b).unwrap();
+    name
+}
+
+#[test]
+fn merge_verifies_each_part_and_refuses_non_finite_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let parts = shards("mlp", dir.path(), 2, &["--last", "10"]);
+    let out = dir.path().join("merged");
+    // Every file of a part has its sha256 in shard.json.
+    let sums = shard_json(&parts[1])["files_sha256"].clone();
+    for f in [
+        "summary.json",
+        "steps.csv",
+        "tensors.csv",
+        "lca.safetensors",
+    ] {
+        assert_eq!(sums[f].as_str().map(str::len), Some(64), "{f}: {sums}");
+    }
+    let edited = dir.path().join("edited");
+    let fresh = |from: &Path| {
+        let _ = std::fs::remove_dir_all(&edited);
+        std::fs::create_dir_all(&edited).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), edited.join(e.file_name())).unwrap();
+        }
+    };
+    let with = |p: &Path| vec![parts[0].clone(), p.to_path_buf()];
+    let lca_file = edited.join("lca.safetensors");
+
+    // An edited value: refused by its checksum (the merged output would contradict itself:
+    // steps.csv from the part's summary, tensors.csv from the edited data).
+    fresh(&parts[1]);
+    poke_first_value(&lca_file, 1e-3);
+    fails_with(
+        &merge(&with(&edited), &out),
+        &[
+            &lca_file.display().to_string(),
+            "differs from the file the shard wrote",
+            "edited or damaged",
+        ],
+    );
+    assert!(!out.exists());
+
+    // An edited row of a table, likewise.
+    fresh(&parts[1]);
+    let steps = edited.join("steps.csv");
+    let text = std::fs::read_to_string(&steps).unwrap();
+    std::fs::write(&steps, text.replacen(",2,", ",3,", 1)).unwrap();
+    assert_ne!(std::fs::read_to_string(&steps).unwrap(), text);
+    fails_with(
+        &merge(&with(&edited), &out),
+        &["steps.csv", "differs from the file the shard wrote"],
+    );
+
+    // NaN, even with a matching checksum: refused naming the part's file, the tensor and the
+    // step (it used to be merged into `"lca": null`, which summarize and check cannot read).
+    for (bad, word) in [(f64::NAN, "NaN"), (f64::INFINITY, "inf")] {
+        fresh(&parts[1]);
+        let tensor = poke_first_value(&lca_file, bad);
+        let mut info = shard_json(&edited);
+        info["files_sha256"]["lca.safetensors"] =
+            sha256_hex(&std::fs::read(&lca_file).unwrap()).into();
+        std::fs::write(edited.join("shard.json"), info.to_string()).unwrap();
+        let first = info["first_step"].as_u64().unwrap();
+        fails_with(
+            &merge(&with(&edited), &out),
+            &[
+                &lca_file.display().to_string(),
+                &format!("tensor '{tensor}' holds {word} at step {first} (flat index 0)"),
+                "run the shard again",
+            ],
+        );
+        // Nothing is left behind (the replay stopped before the commit).
+        let left: Vec<_> = std::fs::read_dir(&out).map_or(Vec::new(), |d| d.collect());
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    // A part without checksums (an older lca, or a hand-made part) is refused.
+    fresh(&parts[1]);
+    let mut info = shard_json(&edited);
+    info.as_object_mut().unwrap().remove("files_sha256");
+    std::fs::write(edited.join("shard.json"), info.to_string()).unwrap();
+    fails_with(
+        &merge(&with(&edited), &out),
+        &["records no checksums", "run the shard again"],
+    );
+
+    // The untouched parts still merge.
+    ok(merge(&parts, &out));
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    lca::tensors::sha256_hex(b)
+}
