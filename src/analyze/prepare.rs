@@ -83,6 +83,7 @@ pub fn prepare_as<T: Real>(
             ),
         });
     }
+    check_external_tied(&spec, &model, &files[0])?;
     for f in &files {
         check_header(f, &model)?;
     }
@@ -199,6 +200,34 @@ pub(crate) fn check_header<T: Real>(f: &CheckpointFile, model: &Model<T>) -> Res
             }
             Some(_) => {}
         }
+    }
+    Ok(())
+}
+
+/// Every tensor a `tied` table names that no layer owns must be stored in the checkpoints:
+/// a typo would otherwise silently untie the weight (the layer's own stored copy is used).
+fn check_external_tied<T: Real>(
+    spec: &Spec,
+    model: &Model<T>,
+    first: &checkpoint::CheckpointFile,
+) -> Result<()> {
+    for t in &model.external_tied {
+        if first.tensors.iter().any(|h| h.name == t.name) {
+            continue;
+        }
+        return Err(LcaError::Spec {
+            path: spec.path.clone(),
+            line: t.line,
+            msg: format!(
+                "layer '{}': `tied.{}` names '{}', which is not a parameter of any layer nor a \
+                 tensor of {} (parameters include: {})",
+                t.layer,
+                t.role,
+                t.name,
+                first.path.display(),
+                t.owned.join(", ")
+            ),
+        });
     }
     Ok(())
 }

@@ -284,6 +284,7 @@ fn prepare_without_spec<T: Real>(o: &AnalyzeOptions, r: &RunDir) -> Result<Prepa
         params: Vec::new(),
         loss: kind,
         input_shape: data.sample_shape().to_vec(),
+        external_tied: Vec::new(),
     };
     Ok(Prepared {
         spec,

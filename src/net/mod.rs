@@ -237,6 +237,20 @@ pub struct Model<T: Real> {
     pub params: Vec<ParamInfo>,
     pub loss: LossKind,
     pub input_shape: Vec<usize>,
+    /// Tensors that `tied` tables name but no layer owns: they must be in the checkpoints.
+    pub external_tied: Vec<ExternalTied>,
+}
+
+/// A `tied` name that no layer of the spec owns.
+#[derive(Debug, Clone)]
+pub struct ExternalTied {
+    pub layer: String,
+    pub role: String,
+    pub name: String,
+    /// The spec line of the layer whose `tied` table names it.
+    pub line: Option<usize>,
+    /// Some parameter names the layers do own (for the message).
+    pub owned: Vec<String>,
 }
 
 /// A shape as the error messages write it: `3×32×32`, or `scalar`.
@@ -421,25 +435,30 @@ impl<T: Real> Model<T> {
                 depends_on_params,
             });
         }
-        // Every tensor a `tied` table names must be a parameter of some layer: a typo would
-        // otherwise make a new, untied parameter of that name.
-        if let Some(p) = params.iter().find(|p| !own_names.contains(&p.name)) {
-            let ls = spec.layers.iter().find(|l| l.name == p.layer);
-            let mut known: Vec<&str> = own_names.iter().map(String::as_str).collect();
-            known.sort_unstable();
-            known.truncate(12);
-            return Err(LcaError::Spec {
-                path: spec.path.clone(),
-                line: ls.map(|l| l.line),
-                msg: format!(
-                    "layer '{}': `tied.{}` names '{}', which is not a parameter of any layer (parameters include: {})",
-                    p.layer,
-                    p.role,
-                    p.name,
-                    known.join(", ")
-                ),
-            });
-        }
+        // A tensor a `tied` table names that no layer owns (a weight used functionally, e.g.
+        // `F.linear(h, self.proj.weight)`) must be stored in the checkpoints: checked against
+        // them when they are read (`analyze::prepare`), so that a typo is an error rather than
+        // a new, untied parameter.
+        let external_tied = params
+            .iter()
+            .filter(|p| !own_names.contains(&p.name))
+            .map(|p| ExternalTied {
+                layer: p.layer.clone(),
+                role: p.role.clone(),
+                name: p.name.clone(),
+                line: spec
+                    .layers
+                    .iter()
+                    .find(|l| l.name == p.layer)
+                    .map(|l| l.line),
+                owned: {
+                    let mut known: Vec<String> = own_names.iter().cloned().collect();
+                    known.sort_unstable();
+                    known.truncate(12);
+                    known
+                },
+            })
+            .collect();
         let loss = match spec.loss {
             crate::spec::LossSpec::CrossEntropy {} => LossKind::CrossEntropy,
             crate::spec::LossSpec::Mse {} => LossKind::Mse,
@@ -458,6 +477,7 @@ impl<T: Real> Model<T> {
             params,
             loss,
             input_shape: input_shape.to_vec(),
+            external_tied,
         })
     }
 

@@ -80,8 +80,12 @@ fn check_against_oracle(
     let s = json(&out.join("summary.json"));
     assert_eq!(s["model"]["batch_norm"], mode);
     assert_eq!(s["data"]["chunk_size"], 512);
+    // These runs are plain Simpson (like the oracle), whose Σ|r|/|ΔL| may exceed the 0.1 %
+    // gate of issue 20 on these short runs: that warning, and no other, is expected.
     assert!(
-        s["warnings"].as_array().unwrap().is_empty(),
+        s["warnings"].as_array().unwrap().iter().all(|w| w
+            .as_str()
+            .is_some_and(|w| w.starts_with("Σ|r|/|ΔL| = ") && w.contains("exceeds 0.1 %"))),
         "{}",
         s["warnings"]
     );
