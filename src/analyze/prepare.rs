@@ -215,6 +215,15 @@ fn check_external_tied<T: Real>(
         if first.tensors.iter().any(|h| h.name == t.name) {
             continue;
         }
+        // Some names the layers do own, for the message.
+        let mut owned: Vec<&str> = model
+            .params
+            .iter()
+            .map(|p| p.name.as_str())
+            .filter(|n| model.external_tied.iter().all(|e| e.name != *n))
+            .collect();
+        owned.sort_unstable();
+        owned.truncate(12);
         return Err(LcaError::Spec {
             path: spec.path.clone(),
             line: t.line,
@@ -225,7 +234,7 @@ fn check_external_tied<T: Real>(
                 t.role,
                 t.name,
                 first.path.display(),
-                t.owned.join(", ")
+                owned.join(", ")
             ),
         });
     }

@@ -249,8 +249,6 @@ pub struct ExternalTied {
     pub name: String,
     /// The spec line of the layer whose `tied` table names it.
     pub line: Option<usize>,
-    /// Some parameter names the layers do own (for the message).
-    pub owned: Vec<String>,
 }
 
 /// A shape as the error messages write it: `3×32×32`, or `scalar`.
@@ -451,12 +449,6 @@ impl<T: Real> Model<T> {
                     .iter()
                     .find(|l| l.name == p.layer)
                     .map(|l| l.line),
-                owned: {
-                    let mut known: Vec<String> = own_names.iter().cloned().collect();
-                    known.sort_unstable();
-                    known.truncate(12);
-                    known
-                },
             })
             .collect();
         let loss = match spec.loss {
