@@ -30,8 +30,12 @@ use crate::checkpoint;
 use crate::data::{Dataset, Targets};
 use crate::error::{LcaError, Result};
 use crate::files::Mode;
+use crate::net::embedding::{embedding_like, positional_like};
+use crate::net::registry::{
+    DRAFTERS, DraftIn, Drafter, Flow, Lead, ModuleTensors, Recognised, Role, dims,
+};
 use crate::net::{LossKind, Model};
-use crate::spec::{BatchNormSpec, LayerKind, Padding, Pair, Spec};
+use crate::spec::{BnMode, EvalSection, GeluApprox, LayerKind, LossSpec, Spec};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
