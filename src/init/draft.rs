@@ -49,6 +49,27 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         skipped,
         ..
     } = w;
+    if layers.is_empty() {
+        // A spec needs one layer at least: say why each module was left out.
+        let why: Vec<String> = modules
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Kind::Other { what } => Some(format!("module '{}': {what}", m.path)),
+                Kind::Layer { .. } => None,
+            })
+            .collect();
+        return Err(LcaError::Checkpoint {
+            path: src.checkpoint.clone(),
+            msg: one_line(format!(
+                "lca init found no layer it can write a spec for ({})",
+                if why.is_empty() {
+                    "the checkpoint holds no tensors".to_string()
+                } else {
+                    why.join("; ")
+                }
+            )),
+        });
+    }
     write_loss(&mut o, data, &flow);
     write_data(&mut o, data, &spec_dir, &facts);
     write_closing(&mut o);
@@ -419,7 +440,16 @@ impl<'m> Writer<'m> {
             o.line(format!("#     {}  {} {:?}", t.full, t.dtype, t.shape));
         }
         o.line("");
-        skipped.push(m.path.clone());
+        skipped.push(if m.path.is_empty() {
+            // No module name: the tensors say what was left out.
+            m.tensors
+                .iter()
+                .map(|t| t.full.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            m.path.clone()
+        });
     }
 
     /// An activation after a linear or conv layer (after its norm, if one follows), except

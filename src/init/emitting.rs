@@ -48,7 +48,8 @@ impl Out {
 
     /// A `# TODO(lca init): …` note, wrapped at about 96 columns.
     pub(super) fn todo(&mut self, text: &str) {
-        self.todos.push((self.lines.len() + 1, text.to_string()));
+        self.todos
+            .push((self.lines.len() + 1, one_line(text.to_string())));
         self.comment(TODO, text);
     }
 
@@ -85,7 +86,7 @@ impl Out {
 /// A line of the draft kept on one line: control characters (a newline in a tensor name
 /// quoted in a comment) are written escaped, so that a name can never end a comment and start
 /// a line of TOML. (Names in TOML values are serialised by [`kv`], which escapes them.)
-fn one_line(s: String) -> String {
+pub(super) fn one_line(s: String) -> String {
     if !s.chars().any(char::is_control) {
         return s;
     }
@@ -100,11 +101,58 @@ fn one_line(s: String) -> String {
         .collect()
 }
 
-/// One `key = value` line of TOML, the value serialised (strings quoted and escaped, lists
-/// and inline tables written as TOML writes them).
+/// One `key = value` line of TOML, the value serialised on one line: strings as basic
+/// strings with every control character escaped (a multi-line string would not survive the
+/// draft's one-line rule), lists and inline tables of those.
 pub(super) fn kv(key: &str, value: impl serde::Serialize) -> String {
     let value = toml::Value::try_from(value).expect("a draft's values serialise to TOML");
-    format!("{key} = {value}")
+    format!("{} = {}", toml_key(key), inline(&value))
+}
+
+/// A TOML value on one line.
+fn inline(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => basic_string(s),
+        toml::Value::Array(a) => {
+            format!("[{}]", a.iter().map(inline).collect::<Vec<_>>().join(", "))
+        }
+        toml::Value::Table(t) if t.is_empty() => "{}".to_string(),
+        toml::Value::Table(t) => format!(
+            "{{ {} }}",
+            t.iter()
+                .map(|(k, v)| format!("{} = {}", toml_key(k), inline(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// A key: bare when TOML allows it, else a basic string.
+fn toml_key(k: &str) -> String {
+    let bare = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare { k.to_string() } else { basic_string(k) }
+}
+
+/// A TOML basic string (`"..."`) with quotes, backslashes and control characters escaped.
+fn basic_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The lines of a spec type serialised as a TOML table, in the order of its fields.

@@ -150,7 +150,7 @@ pub fn draft_notice(d: &Draft, out: &Path) -> String {
                 " ({})",
                 d.layers
                     .iter()
-                    .map(|(n, w)| format!("{n}: {w}"))
+                    .map(|(n, w)| one_line(format!("{n}: {w}")))
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -159,7 +159,7 @@ pub fn draft_notice(d: &Draft, out: &Path) -> String {
     if !d.skipped.is_empty() {
         s.push_str(&format!(
             "left out (written as comments): {}\n",
-            d.skipped.join(", ")
+            one_line(d.skipped.join(", "))
         ));
     }
     s.push_str(&format!(

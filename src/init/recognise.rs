@@ -83,6 +83,24 @@ pub(super) fn last_component(path: &str) -> &str {
 /// What a module is: the first drafter of the registry that recognises its tensors; a
 /// module with a tensor that is not a float parameter, or that no drafter claims, is left out.
 pub(super) fn classify(path: &str, t: &BTreeMap<String, Tensor>) -> Kind {
+    // A layer's name is its module path: the spec needs it non-empty and not `input`.
+    if path.is_empty() || path == "input" {
+        return Kind::Other {
+            what: format!(
+                "{}: a [[layers]] name must be non-empty and not 'input' (the model input), \
+                 so no spec layer can own {}",
+                if path.is_empty() {
+                    "its tensors have no module name"
+                } else {
+                    "its module is named 'input'"
+                },
+                t.values()
+                    .map(|x| format!("'{}'", x.full))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+    }
     if let Some(bad) = t
         .values()
         .find(|x| !is_float(&x.dtype) && !x.full.ends_with("num_batches_tracked"))

@@ -403,3 +403,29 @@ fn segments_compare_naturally() {
     assert!(natural_key("layer1.0.conv1") < natural_key("layer1.0.conv2"));
     assert!(natural_key("fc") > natural_key("layer4.1.conv2"));
 }
+
+#[test]
+fn values_are_written_on_one_line_and_read_back_unchanged() {
+    let all_ascii: String = (0u8..=127).map(char::from).collect();
+    for s in [
+        all_ascii.as_str(),
+        "\nleading newline",
+        "é中\u{2028}\u{85}\u{feff}",
+        "'single' \"double\" '''triple'''",
+        "",
+    ] {
+        let line = kv("name", s);
+        assert!(!line.contains('\n') && !line.contains('\r'), "{line:?}");
+        let t: toml::Table = toml::from_str(&line).unwrap();
+        assert_eq!(t["name"].as_str(), Some(s), "{line:?}");
+        let list = kv("input", [s, "b"]);
+        let t: toml::Table = toml::from_str(&list).unwrap();
+        assert_eq!(t["input"][0].as_str(), Some(s), "{list:?}");
+        let mut tied = toml::Table::new();
+        tied.insert(s.to_string(), toml::Value::String(s.to_string()));
+        let line = kv("tied", tied);
+        assert!(!line.contains('\n'), "{line:?}");
+        let t: toml::Table = toml::from_str(&line).unwrap();
+        assert_eq!(t["tied"][s].as_str(), Some(s), "{line:?}");
+    }
+}
