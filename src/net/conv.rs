@@ -560,11 +560,11 @@ fn recognise(m: &ModuleTensors) -> Option<Recognised> {
     if !m.only(&["weight", "bias"]) {
         return None;
     }
-    match m.shape("weight")? {
-        &[o, i, k] => Some(Recognised::Unsupported(format!(
+    match *m.shape("weight")? {
+        [o, i, k] => Some(Recognised::Unsupported(format!(
             "nn.Conv1d({i}·groups, {o}, kernel_size={k}) (weight [{o}, {i}, {k}])"
         ))),
-        &[o, i, a, b, c] => Some(Recognised::Unsupported(format!(
+        [o, i, a, b, c] => Some(Recognised::Unsupported(format!(
             "nn.Conv3d({i}·groups, {o}, kernel_size=({a}, {b}, {c}))"
         ))),
         _ => None,

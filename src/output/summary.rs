@@ -126,6 +126,18 @@ pub struct ModelInfo {
     pub attention: Vec<AttentionInfo>,
 }
 
+impl ModelInfo {
+    /// The length of the last axis of parameter `name` (1 when it has none or is unknown):
+    /// the columns of a weight, whose entries are stored row by row.
+    pub fn last_axis(&self, name: &str) -> usize {
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.shape.last().copied())
+            .unwrap_or(1)
+    }
+}
+
 /// An attention layer: its head count and projection tensors. Head h owns rows
 /// `[h·head_dim, (h+1)·head_dim)` of each of q, k and v in the in-projection (weight rows and
 /// bias entries) and the same columns of the output-projection weight.

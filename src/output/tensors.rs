@@ -262,7 +262,7 @@ pub fn read_bucket_steps(
     // One "neuron" per entry, then bucketed: read the tensor row by row.
     let file = StepFile::open(path)?;
     let nsteps = file.steps.len();
-    let t = file.tensor(name, 1, "[steps, ...]")?;
+    let t = file.tensor(name, 0, "[steps, ...]")?;
     let mut f = file.rows_of(&t)?;
     let map: Vec<usize> = (0..t.row).map(bucket).collect();
     let mut buf = vec![0u8; t.row * t.es];
@@ -405,7 +405,7 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
     let nsteps = file.steps.len();
     let mut values: Option<Vec<Vec<f64>>> = None;
     for name in names {
-        let t = file.tensor(name, 2, "[steps, neurons, ...]")?;
+        let t = file.tensor(name, 1, "[steps, neurons, ...]")?;
         let bad = |m: &str| st_err(path, format!("tensor '{name}': {m}"));
         let (es, neurons) = (t.es, t.shape[1]);
         if t.shape[2..].contains(&0) {
@@ -455,14 +455,15 @@ impl StepReader {
     /// Open `path`, checking that it holds every tensor of `params` (name, shape) as F64 with
     /// a leading step axis.
     pub fn open(path: &std::path::Path, params: &[(String, Vec<usize>)]) -> Result<StepReader> {
-        let (len, header) = crate::safetensors_header::read_header(path)?;
-        let meta = header.get("__metadata__");
-        let steps = meta_steps(path, meta, "steps")?;
-        let next_steps = meta_steps(path, meta, "next_steps")?;
-        let mut file = File::open(path).map_err(|e| LcaError::io(path, e))?;
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|e| LcaError::io(path, e))?;
-        let data_start = 8 + u64::from_le_bytes(n);
+        let StepFile {
+            len,
+            header,
+            data_start,
+            steps,
+            next_steps,
+            ..
+        } = StepFile::open(path)?;
+        let file = File::open(path).map_err(|e| LcaError::io(path, e))?;
         let mut entries = Vec::with_capacity(params.len());
         for (name, shape) in params {
             let entry = header
