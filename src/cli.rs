@@ -86,6 +86,44 @@ pub struct Selection {
     pub every: usize,
 }
 
+/// The row order of the evaluation chunks (shared by `analyze` and `inspect`).
+#[derive(Debug, Args)]
+pub struct OrderArgs {
+    /// Order of the training rows in the evaluation chunks when batch norm uses batch
+    /// statistics (the only mode whose loss depends on it): `shuffled` (chunks drawn by a
+    /// seeded permutation) or `file` (consecutive rows of the file). See docs/spec.md.
+    #[arg(long, value_enum, default_value_t = OrderKind::Shuffled)]
+    pub data_order: OrderKind,
+    /// Seed of the permutation of `--data-order shuffled` [default: 0].
+    #[arg(long, value_name = "N")]
+    pub data_seed: Option<u64>,
+}
+
+/// `--data-order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrderKind {
+    /// Chunks drawn by a seeded permutation of the rows.
+    Shuffled,
+    /// Consecutive rows of the file.
+    File,
+}
+
+impl OrderArgs {
+    /// The requested order.
+    pub fn order(&self) -> anyhow::Result<crate::data::DataOrder> {
+        use crate::data::{DataOrder, order::DEFAULT_SEED};
+        match (self.data_order, self.data_seed) {
+            (OrderKind::File, Some(_)) => {
+                anyhow::bail!("--data-seed applies to --data-order shuffled, not file")
+            }
+            (OrderKind::File, None) => Ok(DataOrder::File),
+            (OrderKind::Shuffled, seed) => Ok(DataOrder::Shuffled {
+                seed: seed.unwrap_or(DEFAULT_SEED),
+            }),
+        }
+    }
+}
+
 /// Which engine evaluates the loss and gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
@@ -193,6 +231,8 @@ pub struct AnalyzeArgs {
     /// recorded in it (the Python Recorder's `lca.torch_loss`): warn instead of refusing.
     #[arg(long)]
     pub no_verify_loss: bool,
+    #[command(flatten)]
+    pub order: OrderArgs,
 }
 
 #[derive(Debug, Args)]
@@ -315,6 +355,8 @@ pub struct InspectArgs {
     /// Worker threads for the timed evaluation (default: all cores).
     #[arg(long, short = 'j')]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub order: OrderArgs,
 }
 
 #[derive(Debug, Args)]
@@ -489,6 +531,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         shard,
         share_first_layer: !a.no_share_first_layer,
         verify_loss: !a.no_verify_loss,
+        data_order: a.order.order()?,
     };
     crate::interrupt::install();
     let quiet = a.quiet;
@@ -642,6 +685,7 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
         method: a.method,
         max_splits: a.max_splits,
         time: !a.no_time,
+        data_order: a.order.order()?,
     };
     print(&inspect(&opts)?.to_text());
     Ok(())

@@ -228,6 +228,7 @@ impl<'a, E: Engine> Run<'a, E> {
             start[0].loss,
             self.opts.verify_loss,
             self.p.batch_norm,
+            self.p.order,
             note,
         )?;
         self.state = Some(RunState {

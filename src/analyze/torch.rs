@@ -297,6 +297,7 @@ fn prepare_without_spec<T: Real>(o: &AnalyzeOptions, r: &RunDir) -> Result<Prepa
         l2_mask: Vec::new(),
         batch_norm: None,
         engine: None,
+        order: crate::data::DataOrder::File,
     })
 }
 
