@@ -121,8 +121,8 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
         opts.last,
         opts.every,
     )?;
-    let order_warning = p.order_warning();
     p.order_rows(opts.data_order);
+    let order_warning = p.order_warning();
     let Prepared {
         spec,
         data,

@@ -55,8 +55,8 @@ impl<T: Real> Prepared<T> {
 
     /// The warning for batch statistics evaluated in file order when the file's labels are
     /// sorted or in long single-class runs (each chunk then sees few classes, and the loss is
-    /// not the one training's shuffled batches saw). Call before any reordering or with file
-    /// order (the labels are read in the current row order).
+    /// not the one training's shuffled batches saw). Only in file order, where the rows are
+    /// still the file's.
     pub fn order_warning(&self) -> Option<String> {
         if !self.order_matters() || self.order != DataOrder::File {
             return None;

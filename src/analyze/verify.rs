@@ -14,9 +14,9 @@
 //! exact one changed a small CNN's loss by 10⁻⁷).
 
 use crate::checkpoint::CheckpointFile;
+use crate::data::DataOrder;
 use crate::error::{LcaError, Result};
 use crate::output::LossCheck;
-use crate::data::DataOrder;
 use crate::spec::BnMode;
 
 /// The loss the Recorder stored in a checkpoint's metadata.
@@ -36,7 +36,11 @@ impl TorchLoss {
     /// Whether this loss can be compared with lca's, computed with batch norm `spec_bn` and
     /// the rows in `order`: in batch-stats mode the row order must be the same (the chunks'
     /// statistics depend on it). `Err` says why not.
-    pub fn comparable(&self, spec_bn: Option<BnMode>, order: DataOrder) -> std::result::Result<(), String> {
+    pub fn comparable(
+        &self,
+        spec_bn: Option<BnMode>,
+        order: DataOrder,
+    ) -> std::result::Result<(), String> {
         let theirs = self.order.unwrap_or(DataOrder::File);
         if spec_bn == Some(BnMode::BatchStats)
             && self.batch_norm.as_deref() == Some("batch-stats")
@@ -280,11 +284,18 @@ mod tests {
         assert!(t.comparable(Some(BnMode::RunningStats), shuffled).is_ok());
         t.batch_norm = Some("batch-stats".into());
         // Not recorded: file order.
-        let e = t.comparable(Some(BnMode::BatchStats), shuffled).unwrap_err();
+        let e = t
+            .comparable(Some(BnMode::BatchStats), shuffled)
+            .unwrap_err();
         assert!(e.contains("--data-order file"), "{e}");
-        assert!(t.comparable(Some(BnMode::BatchStats), DataOrder::File).is_ok());
+        assert!(
+            t.comparable(Some(BnMode::BatchStats), DataOrder::File)
+                .is_ok()
+        );
         t.order = Some(DataOrder::Shuffled { seed: 3 });
-        let e = t.comparable(Some(BnMode::BatchStats), shuffled).unwrap_err();
+        let e = t
+            .comparable(Some(BnMode::BatchStats), shuffled)
+            .unwrap_err();
         assert!(e.contains("--data-seed 3"), "{e}");
         assert!(
             t.comparable(Some(BnMode::BatchStats), DataOrder::Shuffled { seed: 3 })
@@ -315,8 +326,8 @@ mod tests {
         assert!(
             check(&file(), 1.0, true, None, DataOrder::File, &mut |m| notes
                 .push(m.to_string()))
-                .unwrap()
-                .is_none()
+            .unwrap()
+            .is_none()
         );
     }
 }

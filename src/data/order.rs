@@ -244,7 +244,10 @@ mod tests {
         let mut v: Vec<u32> = (0..150).collect();
         permute_rows(&mut v, 3, &perm);
         for (k, &src) in perm.iter().enumerate() {
-            assert_eq!(&v[3 * k..3 * k + 3], &[3 * src as u32, 3 * src as u32 + 1, 3 * src as u32 + 2]);
+            assert_eq!(
+                &v[3 * k..3 * k + 3],
+                &[3 * src as u32, 3 * src as u32 + 1, 3 * src as u32 + 2]
+            );
         }
     }
 

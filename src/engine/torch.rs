@@ -210,7 +210,9 @@ impl Hello {
                 raw.get("data_order").and_then(Value::as_str),
                 raw.get("data_seed").and_then(Value::as_u64),
             )
-            .ok_or_else(|| bad_hello("`data_order` is not \"file\" or \"shuffled\" with a `data_seed`"))?,
+            .ok_or_else(|| {
+                bad_hello("`data_order` is not \"file\" or \"shuffled\" with a `data_seed`")
+            })?,
             raw,
         })
     }

@@ -31,10 +31,9 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<()> {
                         Some(seed) => format!(
                             " (batch statistics: chunks drawn by the permutation of seed {seed})"
                         ),
-                        None => format!(
-                            " (batch statistics: rows in {} order)",
-                            esc(&s.data.order)
-                        ),
+                        None => {
+                            format!(" (batch statistics: rows in {} order)", esc(&s.data.order))
+                        }
                     }
                 } else {
                     String::new()

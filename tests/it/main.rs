@@ -12,6 +12,7 @@ mod cli;
 mod cnn_oracle;
 mod conv_specs;
 mod crash;
+mod data_order;
 mod deep40;
 mod gpt_oracle;
 mod heldout_oracle;
