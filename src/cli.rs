@@ -182,6 +182,11 @@ pub struct AnalyzeArgs {
     /// Budget policy: at most this many times plain Simpson's evaluations.
     #[arg(long, default_value_t = 4.0, value_name = "FACTOR")]
     pub max_evals_factor: f64,
+    /// Budget policy: after the budget, refine until every layer's error bar (run total) is at
+    /// most REL × max(|layer LCA|, 1 % of |ΔL|); bounded by --max-splits, not by
+    /// --max-evals-factor (docs/integration.md).
+    #[arg(long, value_name = "REL")]
+    pub converge_layers: Option<f64>,
     /// Tolerance policy: refine a step while |residual| exceeds this (loss units) [default: 1e-3].
     #[arg(long, value_name = "LOSS")]
     pub tolerance: Option<f64>,
@@ -464,6 +469,16 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
         anyhow::bail!("--rel-tolerance must be a finite number ≥ 0, got {r}");
     }
     max_splits(a.max_splits)?;
+    if let Some(r) = a.converge_layers {
+        if !(r > 0.0 && r.is_finite()) {
+            anyhow::bail!("--converge-layers must be a finite number > 0, got {r}");
+        }
+        if policy != Policy::Budget || a.no_adaptive || a.method != Method::Simpson {
+            anyhow::bail!(
+                "--converge-layers refines with the budget policy: it needs --method simpson, adaptive refinement and --policy budget (the default)"
+            );
+        }
+    }
     Ok(Integration {
         method: a.method,
         adaptive: !a.no_adaptive && a.method == Method::Simpson,
@@ -473,6 +488,7 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
         policy,
         target: a.target,
         max_evals_factor: a.max_evals_factor,
+        converge_layers: a.converge_layers,
         ..Integration::default()
     })
 }

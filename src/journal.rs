@@ -210,6 +210,23 @@ impl Manifest {
             a.max_splits.to_string(),
             b.max_splits.to_string(),
         );
+        opt(
+            "--policy",
+            format!("{:?}", a.policy).to_lowercase(),
+            format!("{:?}", b.policy).to_lowercase(),
+        );
+        opt("--target", format!("{:e}", a.target), format!("{:e}", b.target));
+        opt(
+            "--max-evals-factor",
+            a.max_evals_factor.to_string(),
+            b.max_evals_factor.to_string(),
+        );
+        let conv = |c: Option<f64>| c.map_or_else(|| "off".to_string(), |r| format!("{r:e}"));
+        opt(
+            "--converge-layers",
+            conv(a.converge_layers),
+            conv(b.converge_layers),
+        );
         let store = |s: Option<StoreDtype>| match s {
             None => "--no-lca-tensors".to_string(),
             Some(StoreDtype::F32) => "--lca-dtype f32".to_string(),

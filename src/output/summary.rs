@@ -220,6 +220,24 @@ pub struct BudgetInfo {
     pub plain_evaluations: usize,
     /// Steps with more than one panel.
     pub refined_steps: usize,
+    /// What `--converge-layers` did (its evaluations are included in `evaluations`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayerConvergence>,
+}
+
+/// `--converge-layers REL` in `summary.json` (`integration.budget.layers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerConvergence {
+    /// REL: each layer's run-total estimate ≤ REL · max(|layer LCA|, floor · |ΔL|).
+    pub rel: f64,
+    pub floor: f64,
+    /// `met`, or `narrowest` (layers still above their tolerance had nothing left to split).
+    pub ending: crate::lca::budget::Ending,
+    /// Evaluations the layer refinement added.
+    pub evaluations: usize,
+    /// The largest estimate ÷ tolerance over the layers, before and after (as planned).
+    pub worst_before: f64,
+    pub worst_after: f64,
 }
 
 /// A foreign evaluation engine as recorded in `summary.json` and the resume journal: a
