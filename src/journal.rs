@@ -215,7 +215,11 @@ impl Manifest {
             format!("{:?}", a.policy).to_lowercase(),
             format!("{:?}", b.policy).to_lowercase(),
         );
-        opt("--target", format!("{:e}", a.target), format!("{:e}", b.target));
+        opt(
+            "--target",
+            format!("{:e}", a.target),
+            format!("{:e}", b.target),
+        );
         opt(
             "--max-evals-factor",
             a.max_evals_factor.to_string(),

@@ -286,7 +286,12 @@ fn layer_terms(panels: &StepPanels, fk: &Samples, goal: &LayerGoal) -> (Vec<f64>
 
 /// The leaf of step `panels` to split for `layer`: the splittable leaf with the largest
 /// Σ_{k∈layer} |d_{P,k}| (the split-step estimator's term; an unsplit step's only panel).
-fn leaf_for_layer(panels: &StepPanels, fk: &Samples, goal: &LayerGoal, layer: usize) -> Option<usize> {
+fn leaf_for_layer(
+    panels: &StepPanels,
+    fk: &Samples,
+    goal: &LayerGoal,
+    layer: usize,
+) -> Option<usize> {
     let n = panels.n;
     let simpson = |lo: u32, hi: u32, t: usize| {
         let h = (hi - lo) as f64 / n as f64;
@@ -309,7 +314,9 @@ fn leaf_for_layer(panels: &StepPanels, fk: &Samples, goal: &LayerGoal, layer: us
         };
         let d: f64 = (0..goal.layer_of.len())
             .filter(|&t| goal.layer_of[t] == layer)
-            .map(|t| ((simpson(lo, hi, t) + simpson(slo, shi, t) - simpson(qlo, qhi, t)) / 2.0).abs())
+            .map(|t| {
+                ((simpson(lo, hi, t) + simpson(slo, shi, t) - simpson(qlo, qhi, t)) / 2.0).abs()
+            })
             .sum();
         if best.is_none_or(|(_, b)| d > b) {
             best = Some((i, d));
@@ -345,7 +352,13 @@ pub fn converge_layers(
                 let est = terms.iter().map(|(e, _)| e[l] * e[l]).sum::<f64>().sqrt();
                 let lca: f64 = terms.iter().map(|(_, c)| c[l]).sum();
                 let tol = goal.rel * lca.abs().max(LAYER_FLOOR * delta);
-                if tol > 0.0 { est / tol } else if est > 0.0 { f64::INFINITY } else { 0.0 }
+                if tol > 0.0 {
+                    est / tol
+                } else if est > 0.0 {
+                    f64::INFINITY
+                } else {
+                    0.0
+                }
             })
             .collect()
     };
@@ -590,7 +603,10 @@ mod tests {
         assert!(out.worst_before > 1.0, "{out:?}");
         assert!(out.worst_after < out.worst_before / 10.0, "{out:?}");
         assert_eq!(out.evaluations, evals - 11);
-        assert!(after[0].abs() < before[0].abs() / 10.0, "{before:?} {after:?}");
+        assert!(
+            after[0].abs() < before[0].abs() / 10.0,
+            "{before:?} {after:?}"
+        );
         // The smooth layer needs nothing: Simpson is exact on it.
         assert!(before[1].abs() < 1e-12 && after[1].abs() < 1e-12);
         // With the narrowest panel the kinks cannot be resolved to 1e-3: it stops there.

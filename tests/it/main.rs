@@ -11,6 +11,7 @@ mod check;
 mod cli;
 mod cnn_oracle;
 mod conv_specs;
+mod converge_layers;
 mod crash;
 mod data_order;
 mod deep40;
