@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Compute LCA between consecutive checkpoints and write tables to OUT/.
-    Analyze(AnalyzeArgs),
+    Analyze(Box<AnalyzeArgs>),
     /// Show coarser views of an analysis: per layer, tensor, neuron, step or parameter.
     Summarize(SummarizeArgs),
     /// Draw a figure of an analysis as SVG or PNG.
@@ -747,7 +747,7 @@ fn run_man(a: ManArgs) -> anyhow::Result<()> {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<Status> {
     match cli.command {
-        Command::Analyze(a) => run_analyze(a)?,
+        Command::Analyze(a) => run_analyze(*a)?,
         Command::Summarize(a) => run_summarize(a)?,
         Command::Plot(a) => run_plot(a)?,
         Command::Report(a) => run_report(a)?,
