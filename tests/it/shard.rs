@@ -559,7 +559,20 @@ fn sha256_hex(b: &[u8]) -> String {
 #[test]
 fn budget_parts_carry_their_error_estimates_through_merge() {
     let dir = tempfile::tempdir().unwrap();
-    let parts = shards("mlp", dir.path(), 2, &["-q"]);
+    // The budget policy (the default; `shards` pins the per-step one).
+    let parts: Vec<PathBuf> = (0..2)
+        .map(|k| {
+            let out = dir.path().join(format!("budget/{k}"));
+            let shard = format!("{k}/2");
+            analyze_ok(
+                &fixture("mlp/ckpts"),
+                &fixture("mlp/model.toml"),
+                &out,
+                &["-q", "--shard", &shard],
+            );
+            out
+        })
+        .collect();
     let merged = dir.path().join("merged");
     ok(merge(&parts, &merged));
     for table in ["tensors.csv", "layers.csv"] {
@@ -595,12 +608,7 @@ fn budget_parts_carry_their_error_estimates_through_merge() {
         );
     }
     // A part without estimates (the tolerance policy) merges without them.
-    let tol = shards(
-        "mlp",
-        &dir.path().join("tol"),
-        2,
-        &["-q", "--policy", "tolerance"],
-    );
+    let tol = shards("mlp", &dir.path().join("tol"), 2, &[]);
     let m2 = dir.path().join("merged-tol");
     ok(merge(&tol, &m2));
     let s = json(&m2.join("summary.json"));
