@@ -321,6 +321,15 @@ impl Dataset {
                 )));
             }
         }
+        // A sample of no values (a shape such as (N, 0)) has nothing to evaluate or to train
+        // towards; refused here, before anything is sized by it.
+        for (key, shape) in [(&spec.x, &x.shape), (&spec.y, &y_values.1)] {
+            if shape[1..].contains(&0) {
+                return Err(err(format!(
+                    "'{key}' has shape {shape:?}: each sample holds no values"
+                )));
+            }
+        }
         let mut sample_shape = x.shape[1..].to_vec();
         if let Some(want) = input_shape {
             let have: usize = sample_shape.iter().product();
