@@ -480,6 +480,10 @@ impl LayerKind {
                 Ok(())
             }
         };
+        let nonzero = |sizes: &[(&'static str, usize)]| match sizes.iter().find(|(_, v)| *v == 0) {
+            Some((key, _)) => Err((*key, format!("`{key}` must be at least 1"))),
+            None => Ok(()),
+        };
         // The dilated kernel's extent, dilation·(kernel − 1) + 1, unless it overflows.
         let span_of = |kernel: Pair, dilation: Pair| {
             let span = [0, 1].map(|a| {
@@ -645,6 +649,43 @@ impl LayerKind {
             LayerKind::AdaptiveAvgPool2d { output_size } => {
                 at_least_one("output_size", *output_size)
             }
+            // Sizes of 0 make empty tensors that no layer computes with (found by the `model`
+            // fuzz target: a linear layer with `out_features = 0` reached a matrix product).
+            LayerKind::Linear {
+                in_features,
+                out_features,
+                ..
+            } => nonzero(&[
+                ("in_features", *in_features),
+                ("out_features", *out_features),
+            ]),
+            LayerKind::Embedding {
+                num_embeddings,
+                embedding_dim,
+                ..
+            }
+            | LayerKind::PositionalEmbedding {
+                num_embeddings,
+                embedding_dim,
+                ..
+            } => nonzero(&[
+                ("num_embeddings", *num_embeddings),
+                ("embedding_dim", *embedding_dim),
+            ]),
+            LayerKind::LayerNorm {
+                normalized_shape, ..
+            } => nonzero(&[("normalized_shape", *normalized_shape)]),
+            LayerKind::BatchNorm1d(b) | LayerKind::BatchNorm2d(b) => {
+                nonzero(&[("num_features", b.num_features)])
+            }
+            LayerKind::CausalSelfAttention { n_embd, n_head, .. } => {
+                nonzero(&[("n_embd", *n_embd), ("n_head", *n_head)])
+            }
+            LayerKind::MultiheadAttention {
+                embed_dim,
+                num_heads,
+                ..
+            } => nonzero(&[("embed_dim", *embed_dim), ("num_heads", *num_heads)]),
             _ => Ok(()),
         }
     }
@@ -1400,6 +1441,41 @@ train = "x.safetensors"
                 .to_string();
             assert!(e.contains(line) && e.contains(msg), "{to}: {e}");
         }
+    }
+
+    /// Zero sizes are refused with the key and its line (found by the `model` fuzz target:
+    /// `out_features = 0` reached a matrix product and panicked).
+    #[test]
+    fn zero_sizes_name_key_and_line() {
+        for (from, to, line, key) in [
+            (
+                "out_features = 3",
+                "out_features = 0",
+                "m.toml:9",
+                "out_features",
+            ),
+            (
+                "in_features = 3",
+                "in_features = 0",
+                "m.toml:17",
+                "in_features",
+            ),
+        ] {
+            let src = GOOD.replacen(from, to, 1);
+            let e = Spec::parse(&src, Path::new("m.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(line) && e.contains(&format!("`{key}` must be at least 1")),
+                "{to}: {e}"
+            );
+        }
+        let norm = "[[layers]]\nname = \"ln\"\ntype = \"layer_norm\"\nnormalized_shape = 0\n";
+        let src = GOOD.replacen("[loss]", &format!("{norm}\n[loss]"), 1);
+        let e = Spec::parse(&src, Path::new("m.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`normalized_shape` must be at least 1"), "{e}");
     }
 
     #[test]

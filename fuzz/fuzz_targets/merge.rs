@@ -1,11 +1,12 @@
 //! `lca merge` on a part directory built from arbitrary bytes: the input is split into the
-//! files of a part (`shard.json`, `summary.json`, `lca.safetensors`, in that order) at each
+//! files of a part (`shard.json`, `summary.json`, `lca.safetensors`, `tensors.csv` — whose
+//! `lca_err` column carries the part's error estimates —, in that order) at each
 //! occurrence of the separator line `\n--lca-fuzz-file--\n`, written to a temporary part
 //! directory, and merged into a fresh output directory with `lca::shard::merge`.
 //!
 //! A part records the sha256 of its files in `shard.json` (`files_sha256`), which `merge`
 //! checks first; so that fuzzed contents get past that check, the target inserts the sha256
-//! of the fuzzed `summary.json` and `lca.safetensors` into a `shard.json` that ends with `}`
+//! of the other fuzzed files into a `shard.json` that ends with `}`
 //! and has no `files_sha256` of its own.
 //!
 //! Besides "never panics": a merge that succeeds leaves a `summary.json` that reads back.
@@ -14,7 +15,7 @@
 use libfuzzer_sys::fuzz_target;
 
 const SEP: &[u8] = b"\n--lca-fuzz-file--\n";
-const FILES: [&str; 3] = ["shard.json", "summary.json", "lca.safetensors"];
+const FILES: [&str; 4] = ["shard.json", "summary.json", "lca.safetensors", "tensors.csv"];
 
 fn split(data: &[u8]) -> Vec<&[u8]> {
     let mut parts = Vec::new();

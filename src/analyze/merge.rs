@@ -100,6 +100,9 @@ fn validate(mut parts: Vec<Part>) -> Result<Vec<Part>> {
             )));
         }
     }
+    for p in &parts {
+        model_matches_manifest(p)?;
+    }
     let present: Vec<usize> = parts.iter().map(|p| p.info.index).collect();
     let missing: Vec<String> = (0..count)
         .filter(|k| !present.contains(k))
@@ -138,6 +141,55 @@ fn validate(mut parts: Vec<Part>) -> Result<Vec<Part>> {
         }
     }
     Ok(parts)
+}
+
+/// The tensors a part's `summary.json` lists (what the merged tables are laid out by) must be
+/// the ones its `shard.json` was made for — names, shapes and order —, each with the number of
+/// values its shape holds and a layer the summary lists: a part whose summary disagrees is
+/// refused before any of its values is read (found by the `merge` fuzz target: a `numel` of 1
+/// for a [3] tensor made the totals shorter than the values).
+fn model_matches_manifest(p: &Part) -> Result<()> {
+    let damaged = |msg: String| LcaError::Output {
+        path: p.dir.join("summary.json"),
+        msg: format!("{msg}: the part is damaged; run the shard again"),
+    };
+    let (params, layers) = (&p.summary.model.params, &p.summary.model.layers);
+    let want = &p.info.inputs.params;
+    if params.len() != want.len()
+        || params
+            .iter()
+            .zip(want)
+            .any(|(q, (name, shape))| q.name != *name || q.shape != *shape)
+    {
+        return Err(damaged(format!(
+            "its tensors ({}) are not the ones {FILE} records ({})",
+            params
+                .iter()
+                .map(|q| format!("{} {:?}", q.name, q.shape))
+                .collect::<Vec<_>>()
+                .join(", "),
+            want.iter()
+                .map(|(n, s)| format!("{n} {s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for q in params {
+        let numel = q.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel != Some(q.numel) {
+            return Err(damaged(format!(
+                "tensor '{}' of shape {:?} claims {} values",
+                q.name, q.shape, q.numel
+            )));
+        }
+        if !layers.contains(&q.layer) {
+            return Err(damaged(format!(
+                "tensor '{}' is reported under layer '{}', which the summary does not list",
+                q.name, q.layer
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Merge the parts of a sharded analysis into `out`, with the outputs of a single run.

@@ -536,6 +536,58 @@ fn merge_verifies_each_part_and_refuses_non_finite_values() {
         assert!(left.is_empty(), "{left:?}");
     }
 
+    // A summary whose tensors disagree with the part's manifest, even with a matching
+    // checksum: refused before any value is read (found by the `merge` fuzz target: a
+    // tensor's `numel` smaller than its shape made the merge index past its totals).
+    let resealed = |summary: &serde_json::Value| {
+        let text = summary.to_string();
+        std::fs::write(edited.join("summary.json"), &text).unwrap();
+        let mut info = shard_json(&edited);
+        info["files_sha256"]["summary.json"] = sha256_hex(text.as_bytes()).into();
+        std::fs::write(edited.join("shard.json"), info.to_string()).unwrap();
+    };
+    let summary = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("summary.json")).unwrap()).unwrap()
+    };
+    fresh(&parts[1]);
+    let mut s = summary(&edited);
+    let name = s["model"]["params"][1]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s["model"]["params"][1]["numel"] = 1.into();
+    resealed(&s);
+    fails_with(
+        &merge(&with(&edited), &out),
+        &[
+            "summary.json",
+            &format!("tensor '{name}' of shape"),
+            "claims 1 values",
+            "run the shard again",
+        ],
+    );
+    fresh(&parts[1]);
+    let mut s = summary(&edited);
+    s["model"]["params"][0]["shape"] = serde_json::json!([1]);
+    resealed(&s);
+    fails_with(
+        &merge(&with(&edited), &out),
+        &["summary.json", "are not the ones shard.json records"],
+    );
+    fresh(&parts[1]);
+    let mut s = summary(&edited);
+    s["model"]["params"][0]["layer"] = "nowhere".into();
+    resealed(&s);
+    fails_with(
+        &merge(&with(&edited), &out),
+        &[
+            "summary.json",
+            "layer 'nowhere', which the summary does not list",
+        ],
+    );
+    let left: Vec<_> = std::fs::read_dir(&out).map_or(Vec::new(), |d| d.collect());
+    assert!(left.is_empty(), "{left:?}");
+
     // A part without checksums (an older lca, or a hand-made part) is refused.
     fresh(&parts[1]);
     let mut info = shard_json(&edited);
