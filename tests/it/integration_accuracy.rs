@@ -24,9 +24,10 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
             "--no-share-first-layer",
         ],
     );
-    // Every point evaluated in full; and the default, which shares the first layer between
-    // Simpson's points (docs/performance.md) and integrates a step that needs refinement
-    // again with full evaluations.
+    // Every point evaluated in full; and the first layer shared between Simpson's points
+    // (--share-first-layer: the cost model alone would not share this small MLP's;
+    // docs/performance.md), which integrates a step that needs refinement again with full
+    // evaluations.
     let refined_shared = dir.path().join("refined_shared");
     analyze(
         "mlp",
@@ -42,7 +43,13 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
     analyze(
         "mlp",
         &refined_shared,
-        &["--quiet", "--no-lca-tensors", "--tolerance", "1e-5"],
+        &[
+            "--quiet",
+            "--no-lca-tensors",
+            "--tolerance",
+            "1e-5",
+            "--share-first-layer",
+        ],
     );
     let p = json(&plain.join("summary.json"));
     let r = json(&refined.join("summary.json"));
