@@ -29,6 +29,7 @@
 
 use super::gemm::mat_mul;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
+use super::scratch::Scratch;
 use crate::spec::{Padding, Pair};
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, s};
 
@@ -440,15 +441,14 @@ impl<T: Real> Layer<T> for Conv2d {
         let d = self.dims(x.shape());
         let n = d.plane();
         let shape = [d.batch, self.out_channels, d.oh, d.ow];
-        let mut col = vec![T::zero(); d.k * d.block * n];
-        let mut out = vec![T::zero(); d.mg * d.block * n];
+        // im2col and the product's output: this thread's buffers, fully written before read.
+        let mut scratch = Scratch::take();
+        let [col, out, _] = scratch.slices([d.k * d.block * n, d.mg * d.block * n, 0]);
         // SAFETY: the blocks cover every sample, the groups every output channel, and each
         // (sample, channel) plane of n outputs is written in full below.
-        unsafe {
-            super::filled(&shape, |ys| {
-                self.forward_into(params, xs, &d, &mut col, &mut out, ys)
-            })
-        }
+        let y = unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, &d, col, out, ys)) };
+        scratch.give_back();
+        y
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
@@ -462,24 +462,26 @@ impl<T: Real> Layer<T> for Conv2d {
         let mut gbias = vec![T::zero(); self.out_channels];
         let need_x = b.need_input_grad[0];
         let mut gx = need_x.then(|| ArrayD::<T>::zeros(x.shape()));
-        let mut col = vec![T::zero(); d.k * d.block * n];
-        let mut gcol = if need_x {
-            vec![T::zero(); d.k * d.block * n]
-        } else {
-            Vec::new()
-        };
-        let mut gout = vec![T::zero(); d.mg * d.block * n];
+        // im2col, its gradient and the gathered output gradients: this thread's buffers, each
+        // entry written before it is read (im2col and the products write whole blocks, the
+        // gather below every row).
+        let mut scratch = Scratch::take();
+        let len = d.k * d.block * n;
+        let [col, gcol, gout] =
+            scratch.slices([len, if need_x { len } else { 0 }, d.mg * d.block * n]);
         for s0 in (0..d.batch).step_by(d.block) {
             let nb = d.block.min(d.batch - s0);
             let cols = nb * n;
             for g in 0..self.groups {
-                // Gather gy[s0 + j, g·mg + m, :] into [mg, nb·n], summing it for the bias.
+                // Gather gy[s0 + j, g·mg + m, :] into [mg, nb·n], summing it for the bias (if any).
                 for m in 0..d.mg {
                     let o = g * d.mg + m;
                     for j in 0..nb {
                         let src = &gys[((s0 + j) * self.out_channels + o) * n..][..n];
                         gout[m * cols + j * n..][..n].copy_from_slice(src);
-                        gbias[o] += lanes_sum(src);
+                        if self.bias {
+                            gbias[o] += lanes_sum(src);
+                        }
                     }
                 }
                 let goutv = ArrayView2::from_shape((d.mg, cols), &gout[..d.mg * cols])
@@ -507,6 +509,7 @@ impl<T: Real> Layer<T> for Conv2d {
                 }
             }
         }
+        scratch.give_back();
         if self.bias {
             for (a, v) in gp[1].iter_mut().zip(gbias) {
                 *a += v;
