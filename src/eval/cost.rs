@@ -134,7 +134,14 @@ mod tests {
         // The study's MNIST-FC: the first layer is ~93 % of the arithmetic (measured: a shared
         // step takes ~0.73 of an unshared one).
         let fc = model(
-            &[linear("fc1", 784, 100), RELU.into(), linear("fc2", 100, 50), RELU.into(), linear("fc3", 50, 10)].concat(),
+            &[
+                linear("fc1", 784, 100),
+                RELU.into(),
+                linear("fc2", 100, 50),
+                RELU.into(),
+                linear("fc3", 50, 10),
+            ]
+            .concat(),
             "[784]",
         );
         let c = StepCost::of(&fc).unwrap();
@@ -143,7 +150,14 @@ mod tests {
         // The fixture MLP 64-32-32-10: the first layer is 60 % of the multiply-adds, and the
         // third evaluation of the rest eats the saving.
         let mlp = model(
-            &[linear("fc1", 64, 32), RELU.into(), linear("fc2", 32, 32), RELU.into(), linear("fc3", 32, 10)].concat(),
+            &[
+                linear("fc1", 64, 32),
+                RELU.into(),
+                linear("fc2", 32, 32),
+                RELU.into(),
+                linear("fc3", 32, 10),
+            ]
+            .concat(),
             "[64]",
         );
         assert!(!StepCost::of(&mlp).unwrap().sharing_pays());

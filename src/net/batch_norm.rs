@@ -145,7 +145,9 @@ impl<T: Real> Layer<T> for BatchNorm {
                                 beta.map_or(0.0, |b| b[ch].f64()),
                             );
                             let (mu, is) = (mean[ch], inv_std[ch]);
-                            let rows = xh[base..base + inner].iter_mut().zip(&mut ys[base..base + inner]);
+                            let rows = xh[base..base + inner]
+                                .iter_mut()
+                                .zip(&mut ys[base..base + inner]);
                             for ((h_out, y_out), &xv) in rows.zip(&xs[base..base + inner]) {
                                 let h = (xv.f64() - mu) * is;
                                 h_out.write(T::of(h));
@@ -220,7 +222,9 @@ impl<T: Real> Layer<T> for BatchNorm {
                         let base = (i * c + ch) * inner;
                         let k0 = gamma[ch] * inv_std[ch];
                         let out = gs[base..base + inner].iter_mut();
-                        let rows = out.zip(&gy[base..base + inner]).zip(&xh[base..base + inner]);
+                        let rows = out
+                            .zip(&gy[base..base + inner])
+                            .zip(&xh[base..base + inner]);
                         match self.mode {
                             BnMode::RunningStats => {
                                 for ((o, &g), _) in rows {

@@ -28,8 +28,8 @@
 //! ```
 
 use super::gemm::mat_mul;
-use super::{Backward, Layer, ParamDecl, Real, Saved};
 use super::scratch::Scratch;
+use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, s};
 
@@ -446,7 +446,8 @@ impl<T: Real> Layer<T> for Conv2d {
         let [col, out, _] = scratch.slices([d.k * d.block * n, d.mg * d.block * n, 0]);
         // SAFETY: the blocks cover every sample, the groups every output channel, and each
         // (sample, channel) plane of n outputs is written in full below.
-        let y = unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, &d, col, out, ys)) };
+        let y =
+            unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, &d, col, out, ys)) };
         scratch.give_back();
         y
     }
