@@ -15,7 +15,7 @@
 //! Each node's cost is `MAC` per multiply-add plus `ELEM` per value it reads or writes, for its
 //! forward, for its weight gradient (nodes with parameters) and for its input gradient (nodes
 //! whose input depends on parameters). The constants are in units of one multiply-add of a
-//! large f32 matrix product and were calibrated on the 2-core development machine (Intel Xeon,
+//! large f32 matrix product (the loss's per-logit `exp` is priced apart) and were calibrated on the 2-core development machine (Intel Xeon,
 //! AVX-512) from single-thread timings of the fixtures and the MNIST-FC benchmark
 //! (docs/performance.md, "Sharing the first layer"): a value moved by an elementwise pass, a
 //! small-inner-dimension product or an im2col costs about as much as 8 multiply-adds of a
@@ -29,6 +29,9 @@ use crate::net::{Model, Real, Src};
 const MAC: f64 = 1.0;
 /// Cost of one value read or written by a pass (activations, packing, im2col, the loss).
 const ELEM: f64 = 8.0;
+/// Cost of the loss per model output value: cross-entropy takes an f64 `exp` per logit
+/// (libm, ~250 multiply-adds' time) plus its passes; it runs at every evaluated point.
+const LOSS: f64 = 300.0;
 /// Passes over node 0's output that a shared step adds per value: the carried θ_t outputs read
 /// back from memory, the midpoint's mean (two reads, one write), the weighted sum of the three
 /// output gradients (one scaled copy, two fused multiply-adds) and keeping θ_{t+1}'s outputs.
@@ -81,7 +84,7 @@ impl StepCost {
             rest += pass + weight_grad + input_grad;
         }
         // The loss: forward and its gradient over the logits.
-        rest += 3.0 * ELEM * elems(model.output_shape());
+        rest += LOSS * elems(model.output_shape());
         Some(StepCost {
             first_forward: first.0,
             first_weight_grad: first.1,
