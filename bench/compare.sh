@@ -9,7 +9,8 @@
 # resnet20_bs_step, gpt0_step, gpt1_step, gpt2_step, gpt3_step, resnet20_grad, resnet18_grad;
 # gpt_step means the four gpt*_step rows), GPT_CONFIGS (which bench/gpt_compare.py
 # configurations gpt_grad runs, e.g. 0,1; default all), SCALE (multiplies the sample counts of
-# bench/step_compare.py's rows, default 1), PYTHON or BENCH_PYTHON (a python that already has
+# bench/step_compare.py's rows, default 1), FC_STEPS (steps of the fc_step rows, default 50),
+# RSS_STEPS (steps of the rss row, default 200), PYTHON or BENCH_PYTHON (a python that already has
 # torch, numpy, safetensors and torchvision, e.g. /work/venv/bin/python; default: the venv
 # bench/.venv, created and filled from bench/requirements.txt on first use).
 #
@@ -117,25 +118,26 @@ fi
 if want fc_step; then
   # REPS runs of each, interleaved (lca shared, lca unshared, PyTorch), so that a slow phase of
   # the machine hits all three; the report shows the median and the spread.
-  say "lca analyze, 50 steps (plain Simpson; lca's own sharing decision, then --no-share-first-layer), then the PyTorch Simpson script (chunk $torch_fc_chunk); $reps times"
+  fc_steps=${FC_STEPS:-50}
+  say "lca analyze, $fc_steps steps (plain Simpson; lca's own sharing decision, then --no-share-first-layer), then the PyTorch Simpson script (chunk $torch_fc_chunk); $reps times"
   for i in $(seq 1 "$reps"); do
     rm -rf "$work/lca_out"
     /usr/bin/time -v "$bin/lca" analyze "$work/ckpts" -s bench/mnist_fc.toml -o "$work/lca_out" \
-      --last 50 --no-adaptive -j "$threads" -q 2> "$res/analyze_50_r$i.time"
+      --last "$fc_steps" --no-adaptive -j "$threads" -q 2> "$res/analyze_50_r$i.time"
     rm -rf "$work/lca_out"
     /usr/bin/time -v "$bin/lca" analyze "$work/ckpts" -s bench/mnist_fc.toml -o "$work/lca_out" \
-      --last 50 --no-adaptive --no-share-first-layer -j "$threads" -q 2> "$res/analyze_50_unshared_r$i.time"
+      --last "$fc_steps" --no-adaptive --no-share-first-layer -j "$threads" -q 2> "$res/analyze_50_unshared_r$i.time"
     rm -rf "$work/torch_lca_out"
-    (cd bench && "$py" torch_lca.py work/mnist_55k.safetensors work/ckpts 50 "$torch_fc_chunk" "$threads" \
+    (cd bench && "$py" torch_lca.py work/mnist_55k.safetensors work/ckpts "$fc_steps" "$torch_fc_chunk" "$threads" \
       work/torch_lca_out) > "$res/torch_lca_50_r$i.json"
   done
 fi
 
 if want rss; then
-  say "lca analyze, 200 steps (peak RSS must not grow with steps)"
+  say "lca analyze, ${RSS_STEPS:-200} steps (peak RSS must not grow with steps)"
   rm -rf "$work/lca_out"
   /usr/bin/time -v "$bin/lca" analyze "$work/ckpts" -s bench/mnist_fc.toml -o "$work/lca_out" \
-    --last 200 --no-adaptive -j "$threads" -q 2> "$res/analyze_200.time"
+    --last "${RSS_STEPS:-200}" --no-adaptive -j "$threads" -q 2> "$res/analyze_200.time"
 fi
 
 if want gpt_grad; then

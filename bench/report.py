@@ -277,9 +277,12 @@ def main():
     mem = []
     for name in ("analyze_50", "analyze_200"):
         a = time_v_reps(d, name)
-        if a and fc:
-            train = fc["samples"] * 784 * 4 + fc["samples"] * 4
-            ckpt = fc["params"] * 4
+        if a:
+            # Without the gradient rows (ROWS subset): the samples from lca's own report and
+            # MNIST-FC's 84,060 parameters (bench/mnist_fc.toml).
+            samples = fc["samples"] if fc else a["samples"]
+            train = samples * 784 * 4 + samples * 4
+            ckpt = (fc["params"] if fc else 84060) * 4
             bound = train + 4 * ckpt + 64 * MIB
             mem.append(
                 f"| {a['steps']} | {a['evaluations']} | {a['seconds']:.1f} | {a['rss'] / MIB:.1f} | "
