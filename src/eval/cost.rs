@@ -15,11 +15,13 @@
 //! Each node's cost is `MAC` per multiply-add plus `ELEM` per value it reads or writes, for its
 //! forward, for its weight gradient (nodes with parameters) and for its input gradient (nodes
 //! whose input depends on parameters). The constants are in units of one multiply-add of a
-//! large f32 matrix product (the loss's per-logit `exp` is priced apart) and were calibrated on the 2-core development machine (Intel Xeon,
-//! AVX-512) from single-thread timings of the fixtures and the MNIST-FC benchmark
-//! (docs/performance.md, "Sharing the first layer"): a value moved by an elementwise pass, a
-//! small-inner-dimension product or an im2col costs about as much as 8 multiply-adds of a
-//! large product. The decision depends only on the model's shapes, never on a measurement of
+//! large f32 matrix product (the loss's per-logit `exp` is priced apart). They were set from
+//! single-thread profiles on the 2-core development machine (Intel Xeon, AVX-512: GEMM at
+//! ~50 G multiply-adds/s, elementwise passes and small-inner-dimension products ~8× slower per
+//! value, libm's f64 `exp` ~250 multiply-adds) and checked against measured step ratios: MNIST-FC
+//! shared/unshared 0.73 measured vs 0.68 estimated; the fixtures' MLP and CNNs, where forced
+//! sharing measured 1.4–2.5× slower, estimated ≥ 1.2 (docs/performance.md, "Sharing
+//! decision"). The decision depends only on the model's shapes, never on a measurement of
 //! this run, so it is the same on every machine, thread count, resume and shard: outputs stay
 //! byte-identical across them.
 
