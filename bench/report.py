@@ -61,6 +61,19 @@ def spread(lca_all, tor_all):
     return f"{lo:.2f}–{hi:.2f} ({len(lca_all)}/{len(tor_all)} runs)"
 
 
+def torch_version(d, tgemm):
+    """PyTorch's version from whichever result recorded it."""
+    if tgemm and tgemm.get("torch"):
+        return tgemm["torch"]
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".json") and name != "machine.json":
+            r = load(d, name)
+            for x in r if isinstance(r, list) else [r]:
+                if isinstance(x, dict) and x.get("torch"):
+                    return x["torch"]
+    return "?"
+
+
 def time_v_reps(d, stem):
     """`time_v` of every repetition STEM_r<i>.time (or the single STEM.time)."""
     names = sorted(f for f in os.listdir(d) if re.fullmatch(re.escape(stem) + r"_r\d+\.time", f))
@@ -202,7 +215,7 @@ def main():
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; "
         f"{machine.get('date', '?')}; {threads} threads; "
         f"load average {machine.get('load_before', '?')} before, {machine.get('load_after', '?')} after; "
-        f"torch {(tgemm or {}).get('torch', '?')}."
+        f"torch {torch_version(d, tgemm)}."
     )
     print()
     head = [
