@@ -210,8 +210,16 @@ struct Dims {
     mg: usize,
     oh: usize,
     ow: usize,
-    /// Unfolded rows per group: cg·kh·kw.
+    /// Unfolded rows per group: cg·(taps that reach the input for some output). Equal to
+    /// cg·kh·kw unless some taps fall in the padding for every output (e.g. a 3×3 kernel with
+    /// padding 1 on a 1×1 input: only the centre tap), whose all-zero rows are left out of
+    /// the products.
     k: usize,
+    /// Weight columns per output channel: cg·kh·kw.
+    kfull: usize,
+    /// The kernel taps (ki, kj) that reach the input for at least one output, in row-major
+    /// order; unfolded row of (channel ci, tap t) is ci·taps.len() + t.
+    taps: Vec<(usize, usize)>,
     /// Samples per block.
     block: usize,
 }
@@ -229,6 +237,15 @@ impl Conv2d {
         let [oh, ow] = self.window.out_checked(h, w);
         let cg = c / self.groups;
         let n = oh * ow;
+        let [kh, kw] = self.window.kernel;
+        let taps: Vec<(usize, usize)> = (0..kh)
+            .flat_map(|ki| (0..kw).map(move |kj| (ki, kj)))
+            .filter(|&(ki, kj)| {
+                let (ylo, yhi) = self.window.valid_outputs(0, ki, h, oh);
+                let (xlo, xhi) = self.window.valid_outputs(1, kj, w, ow);
+                ylo < yhi && xlo < xhi
+            })
+            .collect();
         Dims {
             batch: b,
             cg,
@@ -237,7 +254,9 @@ impl Conv2d {
             mg: self.out_channels / self.groups,
             oh,
             ow,
-            k: cg * self.window.kernel[0] * self.window.kernel[1],
+            k: cg * taps.len(),
+            kfull: cg * kh * kw,
+            taps,
             block: (BLOCK_COLUMNS / n).clamp(1, b.max(1)),
         }
     }
@@ -245,7 +264,7 @@ impl Conv2d {
     /// Unfold group `g` of samples `s0..s0+nb` of `x` into `col` (`[k, nb·oh·ow]`, row-major).
     fn im2col<T: Real>(&self, x: &[T], d: &Dims, g: usize, s0: usize, nb: usize, col: &mut [T]) {
         let win = &self.window;
-        let [kh, kw] = win.kernel;
+        let kw = win.kernel[1];
         let n = d.plane();
         let ld = nb * n;
         let cols_x: Vec<(usize, usize)> = (0..kw)
@@ -256,10 +275,11 @@ impl Conv2d {
             let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
             for ci in 0..d.cg {
                 let xc = &x[base + ci * d.h * d.w..][..d.h * d.w];
-                for ki in 0..kh {
+                for (t, &(ki, kj)) in d.taps.iter().enumerate() {
                     let (ylo, yhi) = win.valid_outputs(0, ki, d.h, d.oh);
-                    for (kj, &(xlo, xhi)) in cols_x.iter().enumerate() {
-                        let row = (ci * kh + ki) * kw + kj;
+                    let (xlo, xhi) = cols_x[kj];
+                    {
+                        let row = ci * d.taps.len() + t;
                         let dst = &mut col[row * ld + j * n..][..n];
                         dst[..ylo * d.ow].fill(T::zero());
                         dst[yhi * d.ow..].fill(T::zero());
@@ -308,7 +328,7 @@ impl Conv2d {
     /// Fold `col` (as [`Conv2d::im2col`] lays it out) back, adding into the gradient `gx`.
     fn col2im<T: Real>(&self, col: &[T], d: &Dims, g: usize, s0: usize, nb: usize, gx: &mut [T]) {
         let win = &self.window;
-        let [kh, kw] = win.kernel;
+        let kw = win.kernel[1];
         let n = d.plane();
         let ld = nb * n;
         let cols_x: Vec<(usize, usize)> = (0..kw)
@@ -318,13 +338,14 @@ impl Conv2d {
             let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
             for ci in 0..d.cg {
                 let gc = &mut gx[base + ci * d.h * d.w..][..d.h * d.w];
-                for ki in 0..kh {
+                for (t, &(ki, kj)) in d.taps.iter().enumerate() {
                     let (ylo, yhi) = win.valid_outputs(0, ki, d.h, d.oh);
-                    for (kj, &(xlo, xhi)) in cols_x.iter().enumerate() {
+                    let (xlo, xhi) = cols_x[kj];
+                    {
                         if xlo >= xhi {
                             continue;
                         }
-                        let row = (ci * kh + ki) * kw + kj;
+                        let row = ci * d.taps.len() + t;
                         let src = &col[row * ld + j * n..][..n];
                         let ix0 = win.input_pos(1, xlo, kj) as usize;
                         for oy in ylo..yhi {
@@ -348,10 +369,46 @@ impl Conv2d {
         }
     }
 
-    /// Weight rows of group `g` as `[mg, k]`.
-    fn group_weight<'a, T>(&self, w: &'a [T], d: &Dims, g: usize) -> ArrayView2<'a, T> {
-        ArrayView2::from_shape((d.mg, d.k), &w[g * d.mg * d.k..][..d.mg * d.k])
-            .expect("weight has its declared shape")
+    /// Weight rows of group `g` as `[mg, k]`: the weight itself when every tap is used,
+    /// else its columns of the used taps, gathered into `buf`.
+    fn group_weight<'a, T: Real>(
+        &self,
+        w: &'a [T],
+        d: &Dims,
+        g: usize,
+        buf: &'a mut Vec<T>,
+    ) -> ArrayView2<'a, T> {
+        let full = &w[g * d.mg * d.kfull..][..d.mg * d.kfull];
+        if d.k == d.kfull {
+            return ArrayView2::from_shape((d.mg, d.k), full)
+                .expect("weight has its declared shape");
+        }
+        let kk = self.window.kernel[1];
+        let per = self.window.kernel[0] * kk;
+        buf.clear();
+        for row in full.chunks_exact(d.kfull) {
+            for ci in 0..d.cg {
+                for &(ki, kj) in &d.taps {
+                    buf.push(row[ci * per + ki * kk + kj]);
+                }
+            }
+        }
+        ArrayView2::from_shape((d.mg, d.k), &buf[..]).expect("gathered above")
+    }
+
+    /// Add the weight gradient of the used taps (`[mg, k]`, compact layout) into group `g`'s
+    /// full weight gradient.
+    fn scatter_weight_grad<T: Real>(&self, gwc: &[T], d: &Dims, g: usize, gw: &mut [T]) {
+        let kk = self.window.kernel[1];
+        let per = self.window.kernel[0] * kk;
+        let full = &mut gw[g * d.mg * d.kfull..][..d.mg * d.kfull];
+        for (row, src) in full.chunks_exact_mut(d.kfull).zip(gwc.chunks_exact(d.k)) {
+            for ci in 0..d.cg {
+                for (t, &(ki, kj)) in d.taps.iter().enumerate() {
+                    row[ci * per + ki * kk + kj] += src[ci * d.taps.len() + t];
+                }
+            }
+        }
     }
 
     /// Forward into `ys` (every element is written): im2col, one product per block and
@@ -375,8 +432,9 @@ impl Conv2d {
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
                     .expect("sized above");
+                let mut wbuf = Vec::new();
                 mat_mul(
-                    self.group_weight(params[0], d, g),
+                    self.group_weight(params[0], d, g, &mut wbuf),
                     colv,
                     false,
                     outm.view_mut(),
@@ -490,17 +548,25 @@ impl<T: Real> Layer<T> for Conv2d {
                 let colm = &mut col[..d.k * cols];
                 self.im2col(xs, &d, g, s0, nb, colm);
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
-                {
+                if d.k == d.kfull {
                     let gw = &mut gp[0][g * d.mg * d.k..][..d.mg * d.k];
                     let gw = ArrayViewMut2::from_shape((d.mg, d.k), gw)
                         .expect("weight gradient has the weight's shape");
                     mat_mul(goutv, colv.t(), true, gw);
+                } else {
+                    // Only the used taps: their gradient, then added into the full one.
+                    let mut gwc = vec![T::zero(); d.mg * d.k];
+                    let gwv =
+                        ArrayViewMut2::from_shape((d.mg, d.k), &mut gwc[..]).expect("sized above");
+                    mat_mul(goutv, colv.t(), false, gwv);
+                    self.scatter_weight_grad(&gwc, &d, g, gp[0]);
                 }
                 if let Some(gx) = gx.as_mut() {
                     let mut gcolm = ArrayViewMut2::from_shape((d.k, cols), &mut gcol[..d.k * cols])
                         .expect("sized above");
+                    let mut wbuf = Vec::new();
                     mat_mul(
-                        self.group_weight(b.params[0], &d, g).t(),
+                        self.group_weight(b.params[0], &d, g, &mut wbuf).t(),
                         goutv,
                         false,
                         gcolm.view_mut(),
@@ -617,6 +683,24 @@ mod tests {
         check_layer(
             &conv([1, 2, 1], [5, 5], [1, 1], p(1, 1), [1, 1], true),
             &[vec![1, 3, 3]],
+            2,
+        );
+        // Taps that fall in the padding for every output are left out of the products: a 3×3
+        // kernel with padding 1 on a 1×1 input (the centre tap only, ResNet's last stage at
+        // 32×32), in groups, and with stride 2 on 2×2 (4 of 9 taps).
+        check_layer(
+            &conv([3, 4, 1], [3, 3], [1, 1], p(1, 1), [1, 1], false),
+            &[vec![3, 1, 1]],
+            3,
+        );
+        check_layer(
+            &conv([4, 2, 2], [3, 3], [1, 1], p(1, 1), [1, 1], true),
+            &[vec![4, 1, 2]],
+            2,
+        );
+        check_layer(
+            &conv([2, 3, 1], [3, 3], [2, 2], p(1, 1), [1, 1], false),
+            &[vec![2, 2, 2]],
             2,
         );
     }
