@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Compute LCA between consecutive checkpoints and write tables to OUT/.
-    Analyze(AnalyzeArgs),
+    Analyze(Box<AnalyzeArgs>),
     /// Show coarser views of an analysis: per layer, tensor, neuron, step or parameter.
     Summarize(SummarizeArgs),
     /// Draw a figure of an analysis as SVG or PNG.
@@ -84,6 +84,44 @@ pub struct Selection {
     /// Take every K-th of the selected checkpoints.
     #[arg(long, default_value_t = 1, value_name = "K")]
     pub every: usize,
+}
+
+/// The row order of the evaluation chunks (shared by `analyze` and `inspect`).
+#[derive(Debug, Args)]
+pub struct OrderArgs {
+    /// Order of the training rows in the evaluation chunks when batch norm uses batch
+    /// statistics (the only mode whose loss depends on it): `shuffled` (chunks drawn by a
+    /// seeded permutation) or `file` (consecutive rows of the file). See docs/spec.md.
+    #[arg(long, value_enum, default_value_t = OrderKind::Shuffled)]
+    pub data_order: OrderKind,
+    /// Seed of the permutation of `--data-order shuffled` [default: 0].
+    #[arg(long, value_name = "N")]
+    pub data_seed: Option<u64>,
+}
+
+/// `--data-order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrderKind {
+    /// Chunks drawn by a seeded permutation of the rows.
+    Shuffled,
+    /// Consecutive rows of the file.
+    File,
+}
+
+impl OrderArgs {
+    /// The requested order.
+    pub fn order(&self) -> anyhow::Result<crate::data::DataOrder> {
+        use crate::data::{DataOrder, order::DEFAULT_SEED};
+        match (self.data_order, self.data_seed) {
+            (OrderKind::File, Some(_)) => {
+                anyhow::bail!("--data-seed applies to --data-order shuffled, not file")
+            }
+            (OrderKind::File, None) => Ok(DataOrder::File),
+            (OrderKind::Shuffled, seed) => Ok(DataOrder::Shuffled {
+                seed: seed.unwrap_or(DEFAULT_SEED),
+            }),
+        }
+    }
 }
 
 /// Which engine evaluates the loss and gradient.
@@ -144,6 +182,11 @@ pub struct AnalyzeArgs {
     /// Budget policy: at most this many times plain Simpson's evaluations.
     #[arg(long, default_value_t = 4.0, value_name = "FACTOR")]
     pub max_evals_factor: f64,
+    /// Budget policy: after the budget, refine until every layer's error bar (run total) is at
+    /// most REL × max(|layer LCA|, 1 % of |ΔL|); bounded by --max-splits, not by
+    /// --max-evals-factor (docs/integration.md).
+    #[arg(long, value_name = "REL")]
+    pub converge_layers: Option<f64>,
     /// Tolerance policy: refine a step while |residual| exceeds this (loss units) [default: 1e-3].
     #[arg(long, value_name = "LOSS")]
     pub tolerance: Option<f64>,
@@ -198,6 +241,8 @@ pub struct AnalyzeArgs {
     /// recorded in it (the Python Recorder's `lca.torch_loss`): warn instead of refusing.
     #[arg(long)]
     pub no_verify_loss: bool,
+    #[command(flatten)]
+    pub order: OrderArgs,
 }
 
 #[derive(Debug, Args)]
@@ -320,6 +365,8 @@ pub struct InspectArgs {
     /// Worker threads for the timed evaluation (default: all cores).
     #[arg(long, short = 'j')]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub order: OrderArgs,
 }
 
 #[derive(Debug, Args)]
@@ -427,6 +474,16 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
         anyhow::bail!("--rel-tolerance must be a finite number ≥ 0, got {r}");
     }
     max_splits(a.max_splits)?;
+    if let Some(r) = a.converge_layers {
+        if !(r > 0.0 && r.is_finite()) {
+            anyhow::bail!("--converge-layers must be a finite number > 0, got {r}");
+        }
+        if policy != Policy::Budget || a.no_adaptive || a.method != Method::Simpson {
+            anyhow::bail!(
+                "--converge-layers refines with the budget policy: it needs --method simpson, adaptive refinement and --policy budget (the default)"
+            );
+        }
+    }
     Ok(Integration {
         method: a.method,
         adaptive: !a.no_adaptive && a.method == Method::Simpson,
@@ -436,6 +493,7 @@ fn validate(a: &AnalyzeArgs) -> anyhow::Result<Integration> {
         policy,
         target: a.target,
         max_evals_factor: a.max_evals_factor,
+        converge_layers: a.converge_layers,
         ..Integration::default()
     })
 }
@@ -500,6 +558,7 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
             crate::eval::FirstLayerSharing::Auto
         },
         verify_loss: !a.no_verify_loss,
+        data_order: a.order.order()?,
     };
     crate::interrupt::install();
     let quiet = a.quiet;
@@ -653,6 +712,7 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<()> {
         method: a.method,
         max_splits: a.max_splits,
         time: !a.no_time,
+        data_order: a.order.order()?,
     };
     print(&inspect(&opts)?.to_text());
     Ok(())
@@ -698,7 +758,7 @@ fn run_man(a: ManArgs) -> anyhow::Result<()> {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<Status> {
     match cli.command {
-        Command::Analyze(a) => run_analyze(a)?,
+        Command::Analyze(a) => run_analyze(*a)?,
         Command::Summarize(a) => run_summarize(a)?,
         Command::Plot(a) => run_plot(a)?,
         Command::Report(a) => run_report(a)?,

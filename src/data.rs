@@ -11,6 +11,9 @@ use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 use std::path::{Path, PathBuf};
 
 mod npz;
+pub mod order;
+
+pub use order::{DataOrder, LabelRuns};
 
 /// Targets of the whole set.
 #[derive(Debug, Clone)]
@@ -318,6 +321,15 @@ impl Dataset {
                 )));
             }
         }
+        // A sample of no values (a shape such as (N, 0)) has nothing to evaluate or to train
+        // towards; refused here, before anything is sized by it.
+        for (key, shape) in [(&spec.x, &x.shape), (&spec.y, &y_values.1)] {
+            if shape[1..].contains(&0) {
+                return Err(err(format!(
+                    "'{key}' has shape {shape:?}: each sample holds no values"
+                )));
+            }
+        }
         let mut sample_shape = x.shape[1..].to_vec();
         if let Some(want) = input_shape {
             let have: usize = sample_shape.iter().product();
@@ -527,6 +539,40 @@ impl Dataset {
         }
     }
 
+    /// Reorder the rows in place for evaluation in `order` (nothing for file order): row k
+    /// becomes the file's row `permutation(n, seed)[k]` ([`order`]).
+    pub fn reorder(&mut self, order: DataOrder) {
+        let DataOrder::Shuffled { seed } = order else {
+            return;
+        };
+        let n = self.len();
+        let perm = order::permutation(n, seed);
+        let per: usize = self.x.shape()[1..].iter().product();
+        match self.x.as_slice_mut() {
+            Some(v) => order::permute_rows(v, per, &perm),
+            None => self.x = self.x.select(Axis(0), &perm),
+        }
+        match &mut self.targets {
+            Targets::Classes { ids, per_sample } => order::permute_rows(ids, *per_sample, &perm),
+            Targets::Values(v) => {
+                let per: usize = v.shape()[1..].iter().product();
+                match v.as_slice_mut() {
+                    Some(s) => order::permute_rows(s, per, &perm),
+                    None => *v = v.select(Axis(0), &perm),
+                }
+            }
+        }
+    }
+
+    /// How clustered the class labels are in the current row order (classification with one
+    /// label per sample only).
+    pub fn label_runs(&self) -> Option<LabelRuns> {
+        match &self.targets {
+            Targets::Classes { ids, per_sample: 1 } => LabelRuns::of(ids),
+            _ => None,
+        }
+    }
+
     /// Inputs and targets of samples `start..end`.
     pub fn chunk(&self, start: usize, end: usize) -> (ArrayViewD<'_, f32>, TargetsView<'_>) {
         let x = self.x.slice_axis(Axis(0), (start..end).into());
@@ -633,5 +679,30 @@ mod tests {
                 .contains("`model.input_shape` is [1, 4, 4] (16 values)"),
             "{bad}"
         );
+    }
+
+    /// Reordering moves inputs and targets together, row by row.
+    #[test]
+    fn reorder_moves_each_sample_with_its_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let x: Vec<u8> = (0..7 * 3).map(|v| v as u8).collect();
+        let y: Vec<i64> = (0..7).collect();
+        write(&path, &x, &[7, 3], &y);
+        let s = spec(None, None);
+        let file = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        let mut d = file.clone();
+        d.reorder(DataOrder::File);
+        assert_eq!(d.x, file.x);
+        d.reorder(DataOrder::Shuffled { seed: 5 });
+        let perm = order::permutation(7, 5);
+        let Targets::Classes { ids, .. } = &d.targets else {
+            panic!("classes")
+        };
+        for (k, &src) in perm.iter().enumerate() {
+            assert_eq!(ids[k] as usize, src);
+            assert_eq!(d.x[[k, 2]], file.x[[src, 2]]);
+        }
+        assert_ne!(d.x, file.x);
     }
 }

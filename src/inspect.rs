@@ -29,6 +29,8 @@ pub struct InspectOptions {
     pub max_splits: usize,
     /// Time one full-set gradient evaluation.
     pub time: bool,
+    /// The row order of the evaluation chunks (batch-stats batch norm only).
+    pub data_order: crate::data::DataOrder,
 }
 
 /// One tensor of the first selected checkpoint.
@@ -102,18 +104,25 @@ pub struct Inspection {
     pub loss_check: Option<crate::output::LossCheck>,
     /// Whether the loss at the first checkpoint was evaluated only for that comparison.
     pub loss_check_evaluated: bool,
+    /// The row order of the evaluation chunks, when the loss depends on it (batch norm with
+    /// batch statistics).
+    pub order: Option<crate::data::DataOrder>,
+    /// Warnings `analyze` would give about the inputs (batch statistics on sorted labels).
+    pub warnings: Vec<String>,
 }
 
 /// Inspect a checkpoint directory against a spec.
 pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
     let found = checkpoint::scan(&opts.ckpt_dir)?.len();
-    let p = prepare(
+    let mut p = prepare(
         &opts.ckpt_dir,
         &opts.spec,
         opts.first,
         opts.last,
         opts.every,
     )?;
+    p.order_rows(opts.data_order);
+    let order_warning = p.order_warning();
     let Prepared {
         spec,
         data,
@@ -216,7 +225,12 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
     } else {
         None
     };
-    let torch = crate::analyze::verify::recorded(first)?;
+    let mut warnings: Vec<String> = order_warning.into_iter().collect();
+    let torch = crate::analyze::verify::recorded(first)?.filter(|t| {
+        t.comparable(p.batch_norm, p.order)
+            .map_err(|why| warnings.push(why))
+            .is_ok()
+    });
     let loss_check_evaluated = torch.is_some() && timing.is_none();
     let loss_check = match torch {
         None => None,
@@ -262,6 +276,8 @@ pub fn inspect(opts: &InspectOptions) -> Result<Inspection> {
         timing,
         loss_check,
         loss_check_evaluated,
+        order: p.order_matters().then_some(p.order),
+        warnings,
     })
 }
 
@@ -309,6 +325,9 @@ impl Inspection {
         self.write_loss_check(&mut o);
         self.write_tensors(&mut o);
         self.write_estimate(&mut o);
+        for w in &self.warnings {
+            o.push_str(&format!("warning: {w}\n"));
+        }
         o
     }
 
@@ -357,12 +376,16 @@ impl Inspection {
         line(
             "data",
             format!(
-                "{}: {} samples of shape {}, evaluated in {} chunk(s) of {}",
+                "{}: {} samples of shape {}, evaluated in {} chunk(s) of {}{}",
                 self.data.display(),
                 self.samples,
                 shape(&self.sample_shape),
                 self.chunks,
-                self.chunk_size
+                self.chunk_size,
+                match self.order {
+                    Some(o) => format!(" (batch statistics; rows in {o})"),
+                    None => String::new(),
+                }
             ),
         );
         line(

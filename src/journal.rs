@@ -67,6 +67,10 @@ pub struct Manifest {
     /// The foreign engine that evaluated (`--engine torch`); `None`: the built-in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<crate::output::EngineInfo>,
+    /// The row order of the evaluation chunks (batch-stats batch norm only; file order
+    /// otherwise, and in journals written before the option existed).
+    #[serde(default)]
+    pub data_order: crate::data::DataOrder,
 }
 
 impl Manifest {
@@ -96,6 +100,7 @@ impl Manifest {
             checkpoints,
             params,
             engine: None,
+            data_order: crate::data::DataOrder::File,
         }
     }
 
@@ -138,6 +143,19 @@ impl Manifest {
                 "the engine changed ({} then, {} now)",
                 e(&self.engine),
                 e(&now.engine)
+            ));
+        }
+        if self.data_order != now.data_order {
+            let how = |o: crate::data::DataOrder| match o {
+                crate::data::DataOrder::File => "--data-order file".to_string(),
+                crate::data::DataOrder::Shuffled { seed } => {
+                    format!("--data-order shuffled --data-seed {seed}")
+                }
+            };
+            d.push(format!(
+                "the batch-stats evaluation order was {}, now {}",
+                how(self.data_order),
+                how(now.data_order)
             ));
         }
         if self.precision != now.precision {
@@ -191,6 +209,27 @@ impl Manifest {
             "--max-splits",
             a.max_splits.to_string(),
             b.max_splits.to_string(),
+        );
+        opt(
+            "--policy",
+            format!("{:?}", a.policy).to_lowercase(),
+            format!("{:?}", b.policy).to_lowercase(),
+        );
+        opt(
+            "--target",
+            format!("{:e}", a.target),
+            format!("{:e}", b.target),
+        );
+        opt(
+            "--max-evals-factor",
+            a.max_evals_factor.to_string(),
+            b.max_evals_factor.to_string(),
+        );
+        let conv = |c: Option<f64>| c.map_or_else(|| "off".to_string(), |r| format!("{r:e}"));
+        opt(
+            "--converge-layers",
+            conv(a.converge_layers),
+            conv(b.converge_layers),
         );
         let store = |s: Option<StoreDtype>| match s {
             None => "--no-lca-tensors".to_string(),

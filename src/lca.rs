@@ -77,6 +77,11 @@ pub struct Integration {
     /// Budget policy: at most this many times plain Simpson's 1 + 2S evaluations.
     #[serde(default = "default_cap")]
     pub max_evals_factor: f64,
+    /// Budget policy, `--converge-layers REL`: then refine until every layer's run-total
+    /// error estimate is at most REL · max(|layer LCA|, 1 % of |ΔL|)
+    /// ([`budget::converge_layers`]); `None`: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converge_layers: Option<f64>,
 }
 
 impl Default for Integration {
@@ -91,6 +96,7 @@ impl Default for Integration {
             target: default_target(),
             safety: default_safety(),
             max_evals_factor: default_cap(),
+            converge_layers: None,
         }
     }
 }

@@ -378,14 +378,7 @@ fn head_view(s: &Summary, totals: &ParamTotals, delta: f64) -> Result<Table> {
         parts: [f64; 4],
         signs: [u64; 3],
     }
-    let width = |name: &str| {
-        s.model
-            .params
-            .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.shape.last().copied())
-            .unwrap_or(1)
-    };
+    let width = |name: &str| s.model.last_axis(name);
     // For every tensor of an attention layer: (layer index, role).
     #[derive(Clone, Copy)]
     enum Role {

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _order
 from ._version import __version__
 from .trace import BATCH_NORM_MODES, LOSSES, SpecResult, trace_spec
 
@@ -150,6 +151,16 @@ def _loss_terms(loss: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, y.to(out.dtype), reduction="none")
 
 
+def row_order_for(
+    model: nn.Module, n: int, data_order: str, data_seed: int | None
+) -> list[int] | None:
+    """The evaluation order of `n` rows in batch-stats mode: lca's permutation when the model
+    has batch norm and `data_order` is `"shuffled"`; `None` (file order) otherwise."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    return _order.row_order(n, data_order, data_seed)
+
+
 def torch_loss(
     model: nn.Module,
     x: torch.Tensor,
@@ -157,6 +168,8 @@ def torch_loss(
     loss: str,
     chunk_size: int = 256,
     batch_norm: str = "running-stats",
+    data_order: str = "shuffled",
+    data_seed: int | None = None,
 ) -> tuple[float, str]:
     """PyTorch's full-training-set loss of `model` and the dtype it was computed in.
 
@@ -164,8 +177,10 @@ def torch_loss(
     `chunk_size` with gradients off and the terms summed in float64. The model is in
     evaluation mode (dropout off, batch norm with running statistics); with
     `batch_norm="batch-stats"` its batch-norm layers normalise each chunk with the chunk's own
-    statistics, as lca's `batch-stats` mode does (running statistics are left untouched).
-    The model's train/eval mode is restored afterwards.
+    statistics, as lca's `batch-stats` mode does (running statistics are left untouched), and
+    the chunks are drawn in lca's row order (`data_order="shuffled"`: the permutation of
+    `data_seed`, default 0, as `lca analyze --data-order shuffled --data-seed N`; `"file"`:
+    consecutive rows). The model's train/eval mode is restored afterwards.
     """
     import copy
 
@@ -178,6 +193,10 @@ def torch_loss(
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
+        rows = row_order_for(net, x.shape[0], data_order, data_seed)
+        if rows is not None:
+            index = torch.tensor(rows, dtype=torch.int64, device=x.device)
+            x, y = x.index_select(0, index), y.index_select(0, index)
     device = _model_device(net)
     total = 0.0
     count = 0
@@ -226,6 +245,10 @@ class Recorder:
         batch_norm: `"running-stats"` (PyTorch's `model.eval()`, default) or `"batch-stats"`.
         chunk_size: samples per evaluation chunk, for lca's `[eval] chunk_size` and PyTorch's
             loss.
+        data_order, data_seed: with `batch_norm="batch-stats"`, the row order of PyTorch's
+            loss chunks: `"shuffled"` (lca's default: the permutation of `data_seed`, default
+            0) or `"file"`; recorded as `lca.data_order`/`lca.data_seed` so that `lca analyze`
+            compares its loss only when it evaluates in the same order.
         export: try `torch.export` and write `model.pt2` (a PyTorch engine can rebuild the
             module from it).
         example_size: how many samples the module is traced and exported with.
@@ -246,6 +269,8 @@ class Recorder:
         chunk_size: int = 256,
         export: bool = True,
         example_size: int = 2,
+        data_order: str = "shuffled",
+        data_seed: int | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, not {loss!r}")
@@ -260,6 +285,15 @@ class Recorder:
             raise ValueError(f"torch_loss_every must be >= 1, not {torch_loss_every}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, not {chunk_size}")
+        if data_order not in ("shuffled", "file"):
+            raise ValueError(f"data_order must be 'shuffled' or 'file', not {data_order!r}")
+        if data_seed is not None and (data_order == "file" or not 0 <= data_seed < 1 << 64):
+            raise ValueError(
+                f"data_seed must be an integer in [0, 2^64) with data_order='shuffled', "
+                f"not {data_seed!r}"
+            )
+        self.data_order = data_order
+        self.data_seed = data_seed
         model = _unwrap(model)
         self.model = model
         self.run_dir = Path(run_dir)
@@ -391,11 +425,26 @@ class Recorder:
         meta.update(aliases)  # as safetensors.torch.save_model records a left-out name
         if t == 0 or (self.torch_loss_every is not None and t % self.torch_loss_every == 0):
             value, dtype = torch_loss(
-                self.model, self.x, self.y, self.loss, self.chunk_size, self.batch_norm
+                self.model,
+                self.x,
+                self.y,
+                self.loss,
+                self.chunk_size,
+                self.batch_norm,
+                self.data_order,
+                self.data_seed,
             )
             meta["lca.torch_loss"] = repr(value)
             meta["lca.torch_loss_dtype"] = dtype
             meta["lca.batch_norm"] = self.batch_norm
+            if self.batch_norm == "batch-stats":
+                order = self.data_order
+                if row_order_for(self.model, 1, order, self.data_seed) is None:
+                    order = "file"
+                meta["lca.data_order"] = order
+                if order == "shuffled":
+                    seed = _order.DEFAULT_SEED if self.data_seed is None else self.data_seed
+                    meta["lca.data_seed"] = str(seed)
         path = self.checkpoints_dir / f"step_{t:06d}.safetensors"
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         self.last_written = t
@@ -478,6 +527,8 @@ class Recorder:
             "batch_norm": self.batch_norm,
             "model_has_batch_norm": self.spec.batch_norm is not None,
             "chunk_size": self.chunk_size,
+            "data_order": self.data_order,
+            "data_seed": self.data_seed,
             "params": self.spec.params,
             "aliases": self.spec.aliases,
             "model": self.model_ref,

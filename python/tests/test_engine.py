@@ -78,7 +78,15 @@ CASES = {
         [(0, "0.5"), (30, "1")],
     ),
     "resnet-batch-stats": (
-        ["--model", model("resnet"), "--spec", str(FIX / "resnet/model_batch_stats.toml")],
+        # The oracle evaluated the rows in file order.
+        [
+            "--model",
+            model("resnet"),
+            "--spec",
+            str(FIX / "resnet/model_batch_stats.toml"),
+            "--data-order",
+            "file",
+        ],
         FIX / "resnet/golden/batch_stats",
         "resnet",
         [(0, "0"), (39, "0.5")],
@@ -130,12 +138,16 @@ def check_layout(case: str, h: dict) -> None:
         assert all(k == "parameter" for _, k in names)
         assert h["batch_norm"] == "batch-stats" and h["chunk_size"] == 512
         assert h["n_chunks"] == 4
+        assert h["data_order"] == "file" and h["data_seed"] is None
     elif case == "gpt":
         assert h["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
         assert h["n_samples"] == 256 and h["n_terms"] == 256 * 32
         assert names[0] == ("transformer.wte.weight", "parameter")
     else:
         assert h["batch_norm"] is None and h["aliases"] == {}
+    if h["batch_norm"] != "batch-stats":
+        # Without batch statistics the order does not matter: file order, whatever was asked.
+        assert h["data_order"] == "file" and h["data_seed"] is None
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures"
 
 
-def make(module, data, *, loss="cross_entropy", bn_mode=None, chunk=100, precision="f64"):
+def make(
+    module, data, *, loss="cross_entropy", bn_mode=None, chunk=100, precision="f64", order=None
+):
+    extra = {} if order is None else {"data_order": order}
     return evaluator.Evaluator(
         module,
         data,
@@ -29,6 +32,7 @@ def make(module, data, *, loss="cross_entropy", bn_mode=None, chunk=100, precisi
         precision=precision,
         chunk_size=chunk,
         exported=False,
+        **extra,
     )
 
 
@@ -107,21 +111,32 @@ def mlp_data():
 def test_batch_stats_normalise_each_chunk() -> None:
     from engine_models import BN1d
 
+    from lca import _order
+
     data = mlp_data()
-    ev = make(BN1d(), data, bn_mode="batch-stats", chunk=500)
-    assert [c.kind for c in ev.coords] == ["parameter"] * 6
-    th = theta(ev)
-    loss, grad = ev.evaluate(th, want_grad=True)
-    ref = BN1d().double().train()
-    ts = named(ev, th)
-    total = torch.zeros((), dtype=torch.float64)
-    for a in range(0, 1797, 500):  # chunks 500, 500, 500, 297
-        out = torch.func.functional_call(ref, ts, (data.x[a : a + 500].double(),))
-        total = total + F.cross_entropy(out, data.y[a : a + 500], reduction="sum")
-    (total / 1797).backward()
-    g = torch.cat([ts[c.name].grad.reshape(-1) for c in ev.coords]).numpy()
-    assert abs(loss - total.item() / 1797) < 1e-13
-    assert grad is not None and rel_err(grad, g) < 1e-12
+    losses = {}
+    for order in ["shuffled", "file"]:
+        ev = make(BN1d(), data, bn_mode="batch-stats", chunk=500, order=order)
+        assert [c.kind for c in ev.coords] == ["parameter"] * 6
+        th = theta(ev)
+        loss, grad = ev.evaluate(th, want_grad=True)
+        # The chunks: rows in lca's permutation of seed 0 by default, else in file order.
+        rows = _order.permutation(1797, 0) if order == "shuffled" else list(range(1797))
+        x, y = data.x[rows].double(), data.y[rows]
+        ref = BN1d().double().train()
+        ts = named(ev, th)
+        total = torch.zeros((), dtype=torch.float64)
+        for a in range(0, 1797, 500):  # chunks 500, 500, 500, 297
+            out = torch.func.functional_call(ref, ts, (x[a : a + 500],))
+            total = total + F.cross_entropy(out, y[a : a + 500], reduction="sum")
+        (total / 1797).backward()
+        g = torch.cat([ts[c.name].grad.reshape(-1) for c in ev.coords]).numpy()
+        assert abs(loss - total.item() / 1797) < 1e-13
+        assert grad is not None and rel_err(grad, g) < 1e-12
+        assert (ev.data_order, ev.data_seed) == (order, 0 if order == "shuffled" else None)
+        losses[order] = loss
+    # The row order is part of the loss with batch statistics.
+    assert abs(losses["shuffled"] - losses["file"]) > 1e-6
     # Another chunk size is another loss.
     other = make(BN1d(), data, bn_mode="batch-stats", chunk=256).evaluate(th, want_grad=False)[0]
     assert abs(other - loss) > 1e-6

@@ -13,7 +13,8 @@ use crate::checkpoint::{self, CheckpointFile};
 use crate::error::Result;
 use crate::eval::{Engine, LossGrad};
 use crate::lca::budget::{
-    Ending, Limits, PointValue, StepPanels, estimate, refine, total_abs_residual,
+    Ending, LayerGoal, LayerOutcome, Limits, PointValue, Samples, StepPanels, converge_layers,
+    estimate, refine, total_abs_residual,
 };
 use crate::lca::{Integration, StepLca, difference, point};
 use crate::net::ParamInfo;
@@ -63,6 +64,8 @@ pub(crate) struct BudgetPlan {
     pub bound: f64,
     /// Distinct points of the run (1 + 2S for plain Simpson).
     pub evaluations: usize,
+    /// What `--converge-layers` did, when asked.
+    pub layers: Option<LayerOutcome>,
     cache: Cache,
 }
 
@@ -79,6 +82,15 @@ fn value(delta: &[Vec<f64>], lg: &[LossGrad]) -> PointValue {
         loss: lg[0].loss,
         f: dot(delta, &lg[0].grads),
     }
+}
+
+/// The training objective's per-tensor samples f_k = Σ_{i∈k} Δθ_i ∂_i L at a point.
+fn per_tensor(delta: &[Vec<f64>], lg: &[LossGrad]) -> Vec<f64> {
+    delta
+        .iter()
+        .zip(&lg[0].grads)
+        .map(|(d, g)| d.iter().zip(g).map(|(d, g)| d * g).sum())
+        .collect()
 }
 
 fn widen<T: crate::net::Real>(theta: &[Vec<f32>]) -> Vec<Vec<T>> {
@@ -119,7 +131,11 @@ pub(crate) fn plan<E: Engine>(
     opts: &Integration,
     first: Option<Vec<LossGrad>>,
     from: usize,
+    layer_of: &[usize],
 ) -> Result<BudgetPlan> {
+    // Per-tensor samples of every point, for --converge-layers only.
+    let layered = opts.converge_layers.is_some();
+    let mut samples: Vec<Samples> = Vec::new();
     let nsteps = files.len() - 1;
     let n = opts.max_splits as u32;
     let limit = std::env::var("LCA_GRAD_CACHE_MIB")
@@ -152,6 +168,16 @@ pub(crate) fn plan<E: Engine>(
         let v0 = value(delta, &start);
         let mid = objectives.at(&point::<E::Real>(theta, delta, 0.5))?;
         let end = objectives.at(&point::<E::Real>(theta, delta, 1.0))?;
+        if layered {
+            samples.push(
+                [
+                    (0, per_tensor(delta, &start)),
+                    (n / 2, per_tensor(delta, &mid)),
+                    (n, per_tensor(delta, &end)),
+                ]
+                .into(),
+            );
+        }
         steps.push(StepPanels::plain(
             n,
             v0,
@@ -170,18 +196,52 @@ pub(crate) fn plan<E: Engine>(
         max_evaluations: ((opts.max_evals_factor * plain as f64).floor() as usize).max(plain),
     };
     let mut evaluations = plain;
-    let ending = refine(&mut steps, limits, &mut evaluations, &mut |t, j| {
+    let mut eval = |t: usize, j: u32| -> Result<(PointValue, Vec<f64>)> {
         let (theta, delta) = segs.get(t)?;
         let v = objectives.at(&point::<E::Real>(theta, delta, j as f64 / n as f64))?;
         let pv = value(delta, &v);
+        let fk = if layered {
+            per_tensor(delta, &v)
+        } else {
+            Vec::new()
+        };
         cache.put(t, j, v);
+        Ok((pv, fk))
+    };
+    let mut split: Vec<(usize, u32, Vec<f64>)> = Vec::new();
+    let ending = refine(&mut steps, limits, &mut evaluations, &mut |t, j| {
+        let (pv, fk) = eval(t, j)?;
+        if layered {
+            split.push((t, j, fk));
+        }
         Ok(pv)
     })?;
+    for (t, j, fk) in split {
+        samples[t].insert(j, fk);
+    }
+    let layers = match opts.converge_layers {
+        Some(rel) => {
+            let goal = LayerGoal {
+                rel,
+                layer_of,
+                layers: layer_of.iter().copied().max().map_or(0, |m| m + 1),
+            };
+            Some(converge_layers(
+                &mut steps,
+                &mut samples,
+                &goal,
+                &mut evaluations,
+                &mut eval,
+            )?)
+        }
+        None => None,
+    };
     Ok(BudgetPlan {
         steps,
         ending,
         bound,
         evaluations,
+        layers,
         cache,
     })
 }

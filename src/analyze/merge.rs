@@ -166,7 +166,13 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
     let (mut od, _, _) = super::resume::prepare_out(out, Writer::Merge, &mut |_| {})?;
     od.remove_partials()?;
     let mut exporters = Exporters::open(&mut od, &plan, &Start::Fresh)?;
-    let mut totals = layout.zero_totals(has_val, has_l2, false);
+    // Error estimates (budget policy): carried when every part has them.
+    let mut errors = Vec::with_capacity(parts.len());
+    for p in &parts {
+        errors.push(part_errors(p, &layout)?);
+    }
+    let errors: Option<Vec<Vec<Vec<f64>>>> = errors.into_iter().collect();
+    let mut totals = layout.zero_totals(has_val, has_l2, errors.is_some());
     let loss_first = base.run.loss_first;
     let mut records: Vec<StepRecord> = Vec::with_capacity(plan.steps.len());
     let mut checkpoints = Vec::with_capacity(plan.steps.len() + 1);
@@ -175,6 +181,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Summary> {
         checkpoints.extend(part.summary.checkpoints.iter().skip(skip).cloned());
         replay(
             part,
+            errors.as_ref().map(|e| e[i].as_slice()),
             &layout,
             &mut exporters,
             &mut totals,
@@ -266,9 +273,67 @@ fn finite(path: &Path, shapes: &[(String, Vec<usize>)], v: &[Vec<f64>], step: u6
     Ok(())
 }
 
+/// The per-step error estimates of each tensor's LCA in a part (`lca_err` of its
+/// `tensors.csv`, written with round-trip precision), in its steps' order; `None` when the
+/// part has none (the tolerance policy).
+fn part_errors(part: &Part, layout: &Layout) -> Result<Option<Vec<Vec<f64>>>> {
+    let path = part.dir.join("tensors.csv");
+    let damaged = |msg: String| LcaError::Output {
+        path: path.clone(),
+        msg: format!("{msg}: the part is damaged; run the shard again"),
+    };
+    let mut r = csv::Reader::from_path(&path).map_err(|e| damaged(e.to_string()))?;
+    let headers = r.headers().map_err(|e| damaged(e.to_string()))?.clone();
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let Some(err_col) = col("lca_err") else {
+        return Ok(None);
+    };
+    let (Some(step_col), Some(tensor_col)) = (col("step"), col("tensor")) else {
+        return Err(damaged("no `step` or `tensor` column".into()));
+    };
+    let index: std::collections::HashMap<&str, usize> = layout
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.name.as_str(), i))
+        .collect();
+    let steps: Vec<u64> = part.summary.steps.iter().map(|s| s.step).collect();
+    let mut out = vec![vec![f64::NAN; layout.params.len()]; steps.len()];
+    for row in r.records() {
+        let row = row.map_err(|e| damaged(e.to_string()))?;
+        let field = |c: usize| row.get(c).unwrap_or("");
+        let step: u64 = field(step_col)
+            .parse()
+            .map_err(|_| damaged(format!("step {:?} is not a number", field(step_col))))?;
+        let t = steps
+            .iter()
+            .position(|&s| s == step)
+            .ok_or_else(|| damaged(format!("step {step} is not one of the part's steps")))?;
+        let k = *index
+            .get(field(tensor_col))
+            .ok_or_else(|| damaged(format!("tensor '{}' is not the model's", field(tensor_col))))?;
+        let v: f64 = field(err_col).parse().map_err(|_| {
+            damaged(format!(
+                "lca_err {:?} of step {step} tensor '{}' is not a number",
+                field(err_col),
+                field(tensor_col)
+            ))
+        })?;
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(damaged(format!("lca_err of step {step} is {v}")));
+        }
+        out[t][k] = v;
+    }
+    if out.iter().flatten().any(|v| v.is_nan()) {
+        return Err(damaged("a (step, tensor) row has no lca_err".into()));
+    }
+    Ok(Some(out))
+}
+
 /// Replay one part's steps through the exporters and into the totals.
 fn replay(
     part: &Part,
+    errors: Option<&[Vec<f64>]>,
     layout: &Layout,
     exporters: &mut Exporters,
     totals: &mut ParamTotals,
@@ -320,7 +385,7 @@ fn replay(
             lca: &lca,
             val: val.as_deref(),
             l2: l2.as_deref(),
-            err: None,
+            err: errors.map(|e| e[t].as_slice()),
         };
         let groups = step_groups(layout, values);
         let mut rec = rec.clone();

@@ -84,6 +84,9 @@ pub struct AnalyzeOptions {
     pub verify_loss: bool,
     /// Evaluate with the PyTorch worker (`--engine torch`) instead of the built-in engine.
     pub torch: Option<TorchOptions>,
+    /// The row order of the evaluation chunks (`--data-order`, `--data-seed`); applied only
+    /// where the loss depends on it (batch norm with batch statistics).
+    pub data_order: crate::data::DataOrder,
 }
 
 /// Arithmetic of the evaluator.
@@ -114,13 +117,14 @@ pub fn analyze(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summ
 
 /// The analysis with this crate's evaluator in `T`.
 fn analyze_in<T: Real>(opts: &AnalyzeOptions, note: &mut dyn FnMut(&str)) -> Result<Summary> {
-    let p = prepare_as::<T>(
+    let mut p = prepare_as::<T>(
         &opts.ckpt_dir,
         &opts.spec,
         opts.first,
         opts.last,
         opts.every,
     )?;
+    p.order_rows(opts.data_order);
     let chunk_size = p.spec.eval.chunk_size;
     let train = Evaluator {
         model: &p.model,
@@ -186,6 +190,8 @@ fn header<T: Real>(
             sample_shape: p.data.sample_shape().to_vec(),
             chunk_size,
             chunks: p.data.len().div_ceil(chunk_size),
+            order: p.order.name().into(),
+            seed: p.order.seed(),
             validation: p.validation.as_ref().map(|v| FileInfo {
                 path: v.path.display().to_string(),
                 sha256: v.sha256.clone(),
@@ -223,6 +229,7 @@ fn header<T: Real>(
         ignored_tensors: state.ignored.clone(),
         loss_check: plan.files(p).first().and_then(|f| {
             let torch = verify::recorded(f).ok().flatten()?;
+            torch.comparable(p.batch_norm, p.order).ok()?;
             Some(verify::compare(
                 f,
                 &torch,
@@ -321,6 +328,7 @@ mod tests {
             share_first_layer: crate::eval::FirstLayerSharing::Never,
             verify_loss: true,
             torch: None,
+            data_order: crate::data::DataOrder::default(),
         };
         let native = analyze(&opts("native"), &mut |_| {}).unwrap();
         let o = opts("plain");

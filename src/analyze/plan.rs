@@ -75,6 +75,17 @@ impl Plan {
             note(&format!("warning: {w}"));
             leading_warnings.push(w);
         }
+        if let Some(w) = p.order_warning() {
+            note(&format!("warning: {w}"));
+            leading_warnings.push(w);
+        }
+        if p.order_matters()
+            && let crate::data::DataOrder::Shuffled { seed } = p.order
+        {
+            note(&format!(
+                "note: batch statistics: evaluation chunks are drawn by the permutation of seed {seed} (--data-seed; --data-order file keeps the file's order)"
+            ));
+        }
         Ok(Plan {
             lo,
             hi,
@@ -137,6 +148,7 @@ fn manifest_of<T: Real>(
             .collect(),
     );
     m.engine = p.engine.clone();
+    m.data_order = p.order;
     m
 }
 

@@ -3,7 +3,7 @@
 //! computation.
 
 use crate::checkpoint::{self, CheckpointFile};
-use crate::data::Dataset;
+use crate::data::{DataOrder, Dataset};
 use crate::error::{LcaError, Result};
 use crate::net::batch_norm::BnMode;
 use crate::net::{LossKind, Model, Real};
@@ -27,6 +27,53 @@ pub struct Prepared<T: Real = f32> {
     pub batch_norm: Option<BnMode>,
     /// The foreign engine that evaluates (`--engine torch`); `None`: the built-in one.
     pub engine: Option<crate::output::EngineInfo>,
+    /// The row order the sets are evaluated in ([`Prepared::order_rows`]): file order unless
+    /// batch norm uses batch statistics (the only mode whose loss depends on it).
+    pub order: DataOrder,
+}
+
+impl<T: Real> Prepared<T> {
+    /// Whether the loss depends on the order of the rows: batch norm in batch-stats mode.
+    pub fn order_matters(&self) -> bool {
+        self.batch_norm == Some(BnMode::BatchStats)
+    }
+
+    /// Put the training (and validation) rows in the `requested` order when the loss depends
+    /// on it; otherwise keep file order (the results then do not depend on the order, apart
+    /// from the rounding of f64 sums) and record file order.
+    pub fn order_rows(&mut self, requested: DataOrder) {
+        self.order = if self.order_matters() {
+            requested
+        } else {
+            DataOrder::File
+        };
+        self.data.reorder(self.order);
+        if let Some(v) = &mut self.validation {
+            v.reorder(self.order);
+        }
+    }
+
+    /// The warning for batch statistics evaluated in file order when the file's labels are
+    /// sorted or in long single-class runs (each chunk then sees few classes, and the loss is
+    /// not the one training's shuffled batches saw). Only in file order, where the rows are
+    /// still the file's.
+    pub fn order_warning(&self) -> Option<String> {
+        if !self.order_matters() || self.order != DataOrder::File {
+            return None;
+        }
+        let r = self.data.label_runs()?;
+        r.clustered().then(|| {
+            format!(
+                "batch norm uses batch statistics, the rows are evaluated in file order (--data-order file) and the labels in {} are {} ({:.0} % of neighbouring rows share a label, {:.0} % would in a random order; the longest run of one label is {} rows, chunk_size {}): each evaluation chunk sees few classes, so its statistics and the loss differ from training's; drop --data-order file to evaluate chunks drawn by a seeded permutation",
+                self.data.path.display(),
+                if r.sorted { "sorted" } else { "in long single-class runs" },
+                100.0 * r.same_neighbours,
+                100.0 * r.expected,
+                r.longest_run,
+                self.spec.eval.chunk_size
+            )
+        })
+    }
 }
 
 /// [`prepare_as`] with the model in f32.
@@ -105,6 +152,7 @@ pub fn prepare_as<T: Real>(
         l2_mask,
         batch_norm,
         engine: None,
+        order: DataOrder::File,
     })
 }
 

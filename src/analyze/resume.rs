@@ -148,6 +148,7 @@ pub(crate) fn open<T: Real>(
                 && s.spec.sha256 == p.spec_sha256
                 && s.data.sha256 == p.data.sha256
                 && s.checkpoints.len() == plan.files(p).len()
+                && s.data.data_order() == Some(p.order)
             {
                 note("note: the interrupted run had finished; its outputs are now in place");
                 return Ok(Opened::Finished(s));

@@ -228,6 +228,7 @@ impl<'a, E: Engine> Run<'a, E> {
             start[0].loss,
             self.opts.verify_loss,
             self.p.batch_norm,
+            self.p.order,
             note,
         )?;
         self.state = Some(RunState {
@@ -291,6 +292,7 @@ impl<'a, E: Engine> Run<'a, E> {
             &self.opts.integration,
             first,
             self.finished(),
+            &self.layout.layer_of,
         )?;
         if b.ending == crate::lca::budget::Ending::EvaluationCap {
             note(&format!(
@@ -454,6 +456,14 @@ impl<'a, E: Engine> Run<'a, E> {
             evaluations: b.evaluations,
             plain_evaluations: 1 + 2 * b.steps.len(),
             refined_steps: b.steps.iter().filter(|s| s.leaves.len() > 1).count(),
+            layers: b.layers.map(|o| crate::output::LayerConvergence {
+                rel: self.opts.integration.converge_layers.unwrap_or(0.0),
+                floor: crate::lca::budget::LAYER_FLOOR,
+                ending: o.ending,
+                evaluations: o.evaluations,
+                worst_before: o.worst_before,
+                worst_after: o.worst_after,
+            }),
         });
         let l2 = match (&self.p.spec.regularization, state.l2_first) {
             (Some(r), Some(first)) => Some(L2Ends {

@@ -154,6 +154,7 @@ pub(super) fn analyze_torch<T: Real>(
         device: t.device.clone(),
         precision: precision_name(o.precision).into(),
         chunk_size: t.chunk_size,
+        data_order: opts.data_order,
         extra: Vec::new(),
     };
     // A factory with a Recorder run (and no spec): the run gives the data, loss and modes.
@@ -222,6 +223,23 @@ pub(super) fn analyze_torch<T: Real>(
         note(
             "warning: the validation set is not evaluated with --engine torch (only the training set)",
         );
+    }
+    // The row order: what was asked where batch statistics make the loss depend on it, file
+    // order elsewhere; the worker must have applied exactly that.
+    // (lca's own copy of the rows is not evaluated: it stays in file order, for the
+    // sorted-labels warning.)
+    p.order = if p.order_matters() {
+        opts.data_order
+    } else {
+        crate::data::DataOrder::File
+    };
+    if h.order != p.order {
+        return Err(LcaError::Engine(format!(
+            "the PyTorch worker evaluates the rows in {}, lca asked for {} (batch norm: {}): the worker and lca disagree on the row order",
+            h.order,
+            p.order,
+            h.batch_norm.as_deref().unwrap_or("none")
+        )));
     }
     p.spec.eval.chunk_size = h.chunk_size;
     p.engine = Some(EngineInfo {
@@ -297,6 +315,7 @@ fn prepare_without_spec<T: Real>(o: &AnalyzeOptions, r: &RunDir) -> Result<Prepa
         l2_mask: Vec::new(),
         batch_norm: None,
         engine: None,
+        order: crate::data::DataOrder::File,
     })
 }
 

@@ -14,6 +14,7 @@
 //! exact one changed a small CNN's loss by 10⁻⁷).
 
 use crate::checkpoint::CheckpointFile;
+use crate::data::DataOrder;
 use crate::error::{LcaError, Result};
 use crate::output::LossCheck;
 use crate::spec::BnMode;
@@ -26,6 +27,35 @@ pub struct TorchLoss {
     pub dtype: String,
     /// The batch-norm mode it was computed in (`running-stats` / `batch-stats`), when given.
     pub batch_norm: Option<String>,
+    /// The row order of its evaluation chunks (`lca.data_order`, `lca.data_seed`); `None`
+    /// when not recorded (Recorders before the option evaluated in file order).
+    pub order: Option<DataOrder>,
+}
+
+impl TorchLoss {
+    /// Whether this loss can be compared with lca's, computed with batch norm `spec_bn` and
+    /// the rows in `order`: in batch-stats mode the row order must be the same (the chunks'
+    /// statistics depend on it). `Err` says why not.
+    pub fn comparable(
+        &self,
+        spec_bn: Option<BnMode>,
+        order: DataOrder,
+    ) -> std::result::Result<(), String> {
+        let theirs = self.order.unwrap_or(DataOrder::File);
+        if spec_bn == Some(BnMode::BatchStats)
+            && self.batch_norm.as_deref() == Some("batch-stats")
+            && theirs != order
+        {
+            return Err(format!(
+                "PyTorch's loss was computed with batch statistics on the rows in {theirs}, lca evaluates them in {order}: the losses are not comparable and were not compared (pass {} to compare them)",
+                match theirs {
+                    DataOrder::File => "--data-order file".to_string(),
+                    DataOrder::Shuffled { seed } => format!("--data-seed {seed}"),
+                }
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The metadata key holding PyTorch's loss.
@@ -54,10 +84,30 @@ pub fn recorded(file: &CheckpointFile) -> Result<Option<TorchLoss>> {
             path: path.clone(),
             msg: format!("metadata `{TORCH_LOSS_KEY}` is {raw:?}, not a finite number"),
         })?;
+    let order_name = text("lca.data_order");
+    let seed = match text("lca.data_seed") {
+        None => None,
+        Some(s) => Some(s.trim().parse::<u64>().map_err(|_| LcaError::Checkpoint {
+            path: path.clone(),
+            msg: format!("metadata `lca.data_seed` is {s:?}, not an unsigned integer"),
+        })?),
+    };
+    let order = match order_name.as_deref() {
+        None => None,
+        Some(name) => Some(DataOrder::from_parts(Some(name), seed).ok_or_else(|| {
+            LcaError::Checkpoint {
+                path: path.clone(),
+                msg: format!(
+                    "metadata `lca.data_order` is {name:?} (expected \"shuffled\" with `lca.data_seed`, or \"file\")"
+                ),
+            }
+        })?),
+    };
     Ok(Some(TorchLoss {
         loss,
         dtype: text("lca.torch_loss_dtype").unwrap_or_else(|| "float32".into()),
         batch_norm: text("lca.batch_norm"),
+        order,
     }))
 }
 
@@ -155,11 +205,16 @@ pub fn check(
     lca_loss: f64,
     enforced: bool,
     spec_bn: Option<BnMode>,
+    order: DataOrder,
     note: &mut dyn FnMut(&str),
 ) -> Result<Option<LossCheck>> {
     let Some(torch) = recorded(file)? else {
         return Ok(None);
     };
+    if let Err(why) = torch.comparable(spec_bn, order) {
+        note(&format!("note: {}: {why}", file.path.display()));
+        return Ok(None);
+    }
     let c = compare(file, &torch, lca_loss, enforced);
     if c.agree {
         note(&format!(
@@ -198,6 +253,7 @@ mod tests {
             loss,
             dtype: dtype.into(),
             batch_norm: Some("running-stats".into()),
+            order: None,
         }
     }
 
@@ -221,6 +277,33 @@ mod tests {
     }
 
     #[test]
+    fn batch_stats_losses_in_another_row_order_are_not_compared() {
+        let mut t = torch(2.0, "float32");
+        let shuffled = DataOrder::Shuffled { seed: 0 };
+        // Running statistics: the order does not matter.
+        assert!(t.comparable(Some(BnMode::RunningStats), shuffled).is_ok());
+        t.batch_norm = Some("batch-stats".into());
+        // Not recorded: file order.
+        let e = t
+            .comparable(Some(BnMode::BatchStats), shuffled)
+            .unwrap_err();
+        assert!(e.contains("--data-order file"), "{e}");
+        assert!(
+            t.comparable(Some(BnMode::BatchStats), DataOrder::File)
+                .is_ok()
+        );
+        t.order = Some(DataOrder::Shuffled { seed: 3 });
+        let e = t
+            .comparable(Some(BnMode::BatchStats), shuffled)
+            .unwrap_err();
+        assert!(e.contains("--data-seed 3"), "{e}");
+        assert!(
+            t.comparable(Some(BnMode::BatchStats), DataOrder::Shuffled { seed: 3 })
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn the_message_has_both_losses_the_difference_and_the_causes() {
         let t = torch(2.0, "float32");
         let c = compare(&file(), &t, 2.001, true);
@@ -241,9 +324,10 @@ mod tests {
         let mut notes = Vec::new();
         // No file on disk: nothing recorded, nothing checked.
         assert!(
-            check(&file(), 1.0, true, None, &mut |m| notes.push(m.to_string()))
-                .unwrap()
-                .is_none()
+            check(&file(), 1.0, true, None, DataOrder::File, &mut |m| notes
+                .push(m.to_string()))
+            .unwrap()
+            .is_none()
         );
     }
 }

@@ -14,6 +14,7 @@
 //! kernel when lca dies (`PR_SET_PDEATHSIG`); elsewhere it sees its stdin close and exits.
 
 use super::protocol::{self, ReadError};
+use crate::data::DataOrder;
 use crate::error::{LcaError, Result};
 use crate::eval::{Engine, LossGrad};
 use crate::net::{ParamInfo, Real};
@@ -46,6 +47,9 @@ pub struct WorkerConfig {
     pub precision: String,
     /// Samples per evaluation chunk (`None`: the worker's default).
     pub chunk_size: Option<usize>,
+    /// The row order of the evaluation chunks (`--data-order`, `--data-seed`; the worker
+    /// applies it with batch statistics only and reports what it applied in its hello).
+    pub data_order: DataOrder,
     /// Further worker arguments, passed as they are.
     pub extra: Vec<String>,
 }
@@ -75,6 +79,15 @@ impl WorkerConfig {
         }
         if let Some(c) = self.chunk_size {
             a.extend(["--chunk-size".into(), c.to_string()]);
+        }
+        match self.data_order {
+            DataOrder::File => a.extend(["--data-order".into(), "file".into()]),
+            DataOrder::Shuffled { seed } => a.extend([
+                "--data-order".into(),
+                "shuffled".into(),
+                "--data-seed".into(),
+                seed.to_string(),
+            ]),
         }
         a.extend(self.extra.iter().cloned());
         a
@@ -109,6 +122,9 @@ pub struct Hello {
     pub loss: String,
     /// `running-stats`, `batch-stats`, or `None` (no batch norm).
     pub batch_norm: Option<String>,
+    /// The row order the worker evaluates in (`data_order`, `data_seed`; file order when the
+    /// hello does not say).
+    pub order: DataOrder,
 }
 
 fn bad_hello(msg: impl std::fmt::Display) -> LcaError {
@@ -190,6 +206,13 @@ impl Hello {
             n_samples: n("n_samples")?,
             loss: s("loss").unwrap_or_default(),
             batch_norm: s("batch_norm"),
+            order: DataOrder::from_parts(
+                raw.get("data_order").and_then(Value::as_str),
+                raw.get("data_seed").and_then(Value::as_u64),
+            )
+            .ok_or_else(|| {
+                bad_hello("`data_order` is not \"file\" or \"shuffled\" with a `data_seed`")
+            })?,
             raw,
         })
     }

@@ -19,13 +19,25 @@ pub(super) fn write(h: &mut String, p: &Page) -> Result<()> {
         (
             "training set",
             format!(
-                "{} <br/>sha256 {}<br/>{} samples of shape {}, evaluated in {} chunk(s) of {}",
+                "{} <br/>sha256 {}<br/>{} samples of shape {}, evaluated in {} chunk(s) of {}{}",
                 code(&s.data.path),
                 code(&s.data.sha256),
                 s.data.samples,
                 esc(&shape(&s.data.sample_shape)),
                 s.data.chunks,
-                s.data.chunk_size
+                s.data.chunk_size,
+                if s.model.batch_norm == Some(crate::net::batch_norm::BnMode::BatchStats) {
+                    match s.data.seed {
+                        Some(seed) => format!(
+                            " (batch statistics: chunks drawn by the permutation of seed {seed})"
+                        ),
+                        None => {
+                            format!(" (batch statistics: rows in {} order)", esc(&s.data.order))
+                        }
+                    }
+                } else {
+                    String::new()
+                }
             ),
         ),
     ];

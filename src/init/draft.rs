@@ -16,12 +16,11 @@ struct ModelFacts<'m> {
     input_note: Option<String>,
 }
 
-/// The input of the current residual block: its name, and the flow and channels there.
+/// The input of the current residual block: its name, and the flow there.
 #[derive(Debug, Clone)]
 struct BlockInput {
     name: String,
     flow: Flow,
-    channels: Option<usize>,
 }
 
 /// Draft a spec from a checkpoint's tensors and, optionally, facts about the training set.
@@ -50,6 +49,27 @@ pub fn draft_from(src: &Source, data: Option<&DataFacts>, out: &Path) -> Result<
         skipped,
         ..
     } = w;
+    if layers.is_empty() {
+        // A spec needs one layer at least: say why each module was left out.
+        let why: Vec<String> = modules
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Kind::Other { what } => Some(format!("module '{}': {what}", m.path)),
+                Kind::Layer { .. } => None,
+            })
+            .collect();
+        return Err(LcaError::Checkpoint {
+            path: src.checkpoint.clone(),
+            msg: one_line(format!(
+                "lca init found no layer it can write a spec for ({})",
+                if why.is_empty() {
+                    "the checkpoint holds no tensors".to_string()
+                } else {
+                    why.join("; ")
+                }
+            )),
+        });
+    }
     write_loss(&mut o, data, &flow);
     write_data(&mut o, data, &spec_dir, &facts);
     write_closing(&mut o);
@@ -91,26 +111,26 @@ fn write_header(o: &mut Out, src: &Source, data: Option<&DataFacts>, modules: &[
 
 /// Facts that decide the `[model]` section, from a first pass over the modules.
 fn model_facts<'m>(modules: &'m [Module], data: Option<&DataFacts>) -> ModelFacts<'m> {
-    let has_bn = modules
-        .iter()
-        .any(|m| matches!(m.kind, Kind::BatchNorm { running: true, .. }));
-    let transformer = modules
-        .iter()
-        .any(|m| matches!(m.kind, Kind::Embedding { .. } | Kind::Attention { .. }));
-    let first_weighted = modules.iter().find(|m| {
+    let has_bn = modules.iter().any(|m| {
         matches!(
-            m.kind,
-            Kind::Linear { .. } | Kind::Conv2d { .. } | Kind::Embedding { .. }
+            m.kind.layer(),
+            Some(LayerKind::BatchNorm1d(b) | LayerKind::BatchNorm2d(b)) if b.track_running_stats
         )
     });
+    let transformer = modules
+        .iter()
+        .any(|m| m.kind.is(Role::Embedding) || m.kind.is(Role::Attention));
+    let first_weighted = modules
+        .iter()
+        .find(|m| m.kind.is(Role::Weighted) || m.kind.is(Role::Embedding));
     let mut input_shape: Option<Vec<usize>> = None;
     let mut input_note: Option<String> = None;
+    // A convolution is recognised with its input channels per group as `in_channels`.
     if let (Some(d), Some(m)) = (data, first_weighted)
-        && let Kind::Conv2d {
-            in_per_group,
-            kernel: _,
+        && let Some(&LayerKind::Conv2d {
+            in_channels: in_per_group,
             ..
-        } = m.kind
+        }) = m.kind.layer()
         && d.sample_shape.len() == 1
     {
         let f = d.sample_shape[0];
@@ -147,18 +167,12 @@ fn write_model(o: &mut Out, prefix: &str, facts: &ModelFacts) {
     } = facts;
 
     o.line("[model]");
-    o.line(format!("prefix = {}", quote(prefix)));
+    o.line(kv("prefix", prefix));
     if let Some(s) = &input_shape {
         if let Some(n) = &input_note {
             o.todo(n);
         }
-        o.line(format!(
-            "input_shape = [{}]",
-            s.iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        o.line(kv("input_shape", s));
     }
     if *has_bn {
         o.todo(
@@ -167,7 +181,7 @@ fn write_model(o: &mut Out, prefix: &str, facts: &ModelFacts) {
              evaluation chunk, as training and the LCA study (set [eval] chunk_size to your \
              batch size then).",
         );
-        o.line("batch_norm = \"running-stats\"");
+        o.line(kv("batch_norm", BnMode::RunningStats));
     }
     o.line("");
 }
@@ -180,16 +194,14 @@ struct Writer<'m> {
     /// The flow at the model input, and at the current layer.
     model_input: Flow,
     flow: Flow,
-    /// Channels of the last layer with parameters written.
-    channels: Option<usize>,
     /// Layers written as real tables, and modules left out.
     layers: Vec<(String, String)>,
     skipped: Vec<String>,
     /// Indices of the linear and convolution modules.
     weighted: Vec<usize>,
     last_weighted: Option<usize>,
-    activation: &'static str,
-    add_supported: bool,
+    /// The activation the draft guesses (GELU in a language model, else ReLU).
+    activation: LayerKind,
     names: BTreeSet<String>,
     /// Output shape of every named layer written so far (None: unknown without data).
     shapes: BTreeMap<String, Option<Vec<usize>>>,
@@ -212,7 +224,7 @@ impl<'m> Writer<'m> {
                     .clone()
                     .unwrap_or_else(|| d.sample_shape.clone())
             }),
-            after_conv: false,
+            ..Flow::default()
         };
         let flow = model_input.clone();
         let layers = Vec::new();
@@ -220,15 +232,19 @@ impl<'m> Writer<'m> {
         let weighted: Vec<usize> = modules
             .iter()
             .enumerate()
-            .filter(|(_, m)| matches!(m.kind, Kind::Linear { .. } | Kind::Conv2d { .. }))
+            .filter(|(_, m)| m.kind.is(Role::Weighted))
             .map(|(i, _)| i)
             .collect();
         let last_weighted = weighted.last().copied();
-        let activation = if *transformer { "gelu" } else { "relu" };
-        let channels: Option<usize> = None;
-        let add_supported = supported(&["type = \"add\"".into()]);
+        let activation = if *transformer {
+            LayerKind::Gelu {
+                approximate: GeluApprox::None,
+            }
+        } else {
+            LayerKind::Relu {}
+        };
         let mut names: BTreeSet<String> = modules.iter().map(|m| m.path.clone()).collect();
-        let plans = plan(modules, add_supported, &mut names);
+        let plans = plan(modules, &mut names);
         // Output shape of every named layer written so far (None: unknown without data).
         let mut shapes: BTreeMap<String, Option<Vec<usize>>> = BTreeMap::new();
         shapes.insert("input".into(), model_input.shape.clone());
@@ -238,13 +254,11 @@ impl<'m> Writer<'m> {
             plans,
             flow,
             model_input,
-            channels,
             layers,
             skipped,
             weighted,
             last_weighted,
             activation,
-            add_supported,
             names,
             shapes,
             block_in: None,
@@ -260,23 +274,7 @@ impl<'m> Writer<'m> {
         self.block_start(i);
         let head = self.head(i);
         match &m.kind {
-            Kind::Linear { inp, out, bias } => self.linear(m, head, *inp, *out, *bias),
-            Kind::Conv2d {
-                in_per_group,
-                out,
-                kernel,
-                bias,
-            } => self.conv2d(i, head, *in_per_group, *out, *kernel, *bias),
-            Kind::BatchNorm { c, affine, running } => {
-                self.batch_norm(m, head, *c, *affine, *running)
-            }
-            Kind::LayerNorm { c, bias } => self.layer_norm(m, head, *c, *bias),
-            Kind::Embedding {
-                num,
-                dim,
-                positional,
-            } => self.embedding(m, head, *num, *dim, *positional),
-            Kind::Attention { mha, c, bias } => self.attention(m, head, *mha, *c, *bias),
+            Kind::Layer { kind, drafter } => self.layer(i, head, kind.clone(), drafter),
             Kind::Other { what } => self.other(m, what),
         }
         self.shapes.insert(m.path.clone(), self.flow.shape.clone());
@@ -286,13 +284,12 @@ impl<'m> Writer<'m> {
 
     /// Before the first module of a block: the block's note, and its input.
     fn block_start(&mut self, i: usize) {
-        let (activation, add_supported) = (self.activation, self.add_supported);
+        let activation = self.activation.type_name();
         let Writer {
             o,
             modules,
             plans,
             flow,
-            channels,
             names,
             shapes,
             block_in,
@@ -314,7 +311,6 @@ impl<'m> Writer<'m> {
                 *block_in = Some(BlockInput {
                     name: inp.clone(),
                     flow: flow.clone(),
-                    channels: *channels,
                 });
                 match start {
                     Start::Res {
@@ -322,10 +318,7 @@ impl<'m> Writer<'m> {
                         main_out,
                         shortcut,
                     } => {
-                        let cin = match &flow.shape {
-                            Some(s) if s.len() == 3 => Some(s[0]),
-                            _ => *channels,
-                        };
+                        let cin = flow.image_channels();
                         *stride = if cin.is_some_and(|c| *main_out == 2 * c) {
                             2
                         } else {
@@ -374,12 +367,7 @@ impl<'m> Writer<'m> {
                     o.todo(&format!(
                     "the layers named {b}.* form one block (a ResNet or transformer block?). \
                      A skip connection is not stored in a checkpoint: if the block has one, \
-                     write it {}(docs/spec.md, \"Residual connections\"), and check where its activations go.",
-                    if add_supported {
-                        "as a layer `type = \"add\"` with `input = [\"<layer before the block>\", \"<last layer of the block>\"]` "
-                    } else {
-                        ""
-                    }
+                     write it as a layer `type = \"add\"` with `input = [\"<layer before the block>\", \"<last layer of the block>\"]` (docs/spec.md, \"Residual connections\"), and check where its activations go."
                 ));
                     o.line("");
                 }
@@ -394,397 +382,51 @@ impl<'m> Writer<'m> {
             plans,
             model_input,
             flow,
-            channels,
             block_in,
             ..
         } = self;
         let m = &modules[i];
         let p = &plans[i];
 
-        let mut head = vec![format!("name = {}", quote(&m.path))];
+        let mut head = vec![kv("name", &m.path)];
         if p.from_model_input {
-            head.push("input = \"input\"".into());
+            head.push(kv("input", "input"));
             *flow = model_input.clone();
         } else if p.from_block_input
             && let Some(b) = block_in
         {
-            head.push(format!("input = {}", quote(&b.name)));
+            head.push(kv("input", &b.name));
             *flow = b.flow.clone();
-            *channels = b.channels;
         }
         head
     }
 
-    fn linear(&mut self, m: &Module, head: Vec<String>, inp: usize, out: usize, bias: bool) {
-        let Writer {
-            o,
-            flow,
-            channels,
-            layers,
-            skipped,
-            ..
-        } = self;
-        match flow.shape.clone() {
-            Some(s) if flow.after_conv && s.len() == 3 => {
-                if s.iter().product::<usize>() == inp {
-                    write_table(o, &["type = \"flatten\"".into()]);
-                    flow.shape = Some(vec![inp]);
-                } else {
-                    pool_to_fit(o, flow, &m.path, inp);
-                }
-            }
-            Some(s)
-                if s.len() >= 2 && s.last() != Some(&inp) && s.iter().product::<usize>() == inp =>
-            {
-                o.todo(&format!(
-                    "'{}' takes {inp} features and each sample is {} = {inp} values: \
-                     flattened first (nn.Flatten).",
-                    m.path,
-                    dims(&s)
-                ));
-                write_table(o, &["type = \"flatten\"".into()]);
-                flow.shape = Some(vec![inp]);
-            }
-            None if flow.after_conv => {
-                o.todo(&format!(
-                    "a linear layer after convolutions: the feature maps are flattened \
-                     first; '{}' expects {inp} = channels × height × width (add the \
-                     pooling of your model before it).",
-                    m.path
-                ));
-                write_table(o, &["type = \"flatten\"".into()]);
-            }
-            _ => {}
-        }
-        if let Some(s) = &flow.shape {
-            let last = s.last().copied().unwrap_or(1);
-            if last != inp {
-                o.todo(&format!(
-                    "'{}' expects {inp} input features but receives {} ({}): fix the \
-                     layers before it (or the data).",
-                    m.path,
-                    last,
-                    dims(s)
-                ));
-            }
-        }
-        let mut t = head.clone();
-        t.extend(settings(
-            &LayerKind::Linear {
-                in_features: inp,
-                out_features: out,
-                bias,
-            },
-            &[],
-        ));
-        emit(o, m, &t, layers, skipped, format!("linear {inp}→{out}"));
-        flow.shape = Some(match flow.shape.take() {
-            Some(mut s) if !s.is_empty() => {
-                *s.last_mut().expect("non-empty") = out;
-                s
-            }
-            _ => vec![out],
-        });
-        flow.after_conv = false;
-        *channels = Some(out);
-    }
-
-    fn conv2d(
-        &mut self,
-        i: usize,
-        head: Vec<String>,
-        in_per_group: usize,
-        out: usize,
-        kernel: [usize; 2],
-        bias: bool,
-    ) {
-        let Writer {
-            o,
-            modules,
-            plans,
-            flow,
-            channels,
-            layers,
-            skipped,
-            stride,
-            ..
-        } = self;
-        let m = &modules[i];
-        let p = &plans[i];
-        let have = match &flow.shape {
-            Some(s) if s.len() == 3 => Some(s[0]),
-            Some(_) => None,
-            None => *channels,
-        };
-        let mut groups = 1;
-        if let Some(c) = have
-            && c != in_per_group
-            && c.is_multiple_of(in_per_group)
-            && out.is_multiple_of(c / in_per_group)
-        {
-            groups = c / in_per_group;
-        }
-        let in_channels = in_per_group * groups;
-        let padding = [kernel[0] / 2, kernel[1] / 2];
-        let s = if p.strided { *stride } else { 1 };
-        let mut note = format!(
-            "'{}': stride, padding and dilation are not stored in a checkpoint; guessed \
-             stride {s}, padding {}{}. Pooling after it is not stored either: add your \
-             model's max_pool2d / avg_pool2d layers.",
-            m.path,
-            pair(padding),
-            if s == 1 {
-                " (keeps the size for odd kernels)"
+    /// A layer of the registry, drafted by its layer type's drafter where it stands: the
+    /// notes and parameter-free layers it needs before it, its table, the flow after it.
+    fn layer(&mut self, i: usize, head: Vec<String>, kind: LayerKind, drafter: &Drafter) {
+        let at = DraftIn {
+            path: &self.modules[i].path,
+            flow: self.flow.clone(),
+            stride: if self.plans[i].strided {
+                self.stride
             } else {
-                " (the block's down-sampling)"
+                1
+            },
+        };
+        let d = (drafter.draft)(kind, at);
+        let Writer {
+            o, modules, layers, ..
+        } = self;
+        for piece in &d.lead {
+            match piece {
+                Lead::Todo(text) => o.todo(text),
+                Lead::Table(kind) => write_table(o, &settings(kind, &[])),
             }
-        );
-        if groups > 1 {
-            note.push_str(&format!(
-                " groups = {groups}: the weight has {in_per_group} input channels per \
-                 group and the layer before gives {in_channels}."
-            ));
-        } else if have.is_none_or(|c| c == in_per_group) {
-            note.push_str(" groups = 1 assumed (in_channels = weight.shape[1]).");
         }
-        if let Some(sh) = &flow.shape
-            && (sh.len() != 3 || sh[0] != in_channels)
-        {
-            note.push_str(&format!(
-                " It receives {} but expects {in_channels} channels × height × width: \
-                 check [model] input_shape and the layers before it.",
-                dims(sh)
-            ));
-        }
-        o.todo(&note);
-        let mut t = head.clone();
-        t.extend(settings(
-            &LayerKind::Conv2d {
-                in_channels,
-                out_channels: out,
-                kernel_size: Pair(kernel),
-                stride: Pair([s, s]),
-                padding: Padding::Explicit(Pair(padding)),
-                dilation: Pair::one(),
-                groups,
-                bias,
-            },
-            // Guessed, so written even at their defaults.
-            &["stride", "padding"],
-        ));
-        emit(
-            o,
-            m,
-            &t,
-            layers,
-            skipped,
-            format!("conv2d {in_channels}→{out}, {} kernel", dims(&kernel)),
-        );
-        // Output size: ⌊(H + 2·padding − kernel) / stride⌋ + 1.
-        let size = |h: usize, a: usize| {
-            (h + 2 * padding[a])
-                .checked_sub(kernel[a])
-                .map_or(0, |v| v / s + 1)
-        };
-        flow.shape = match &flow.shape {
-            Some(sh) if sh.len() == 3 => Some(vec![out, size(sh[1], 0), size(sh[2], 1)]),
-            _ => None,
-        };
-        flow.after_conv = true;
-        *channels = Some(out);
-    }
-
-    fn batch_norm(&mut self, m: &Module, head: Vec<String>, c: usize, affine: bool, running: bool) {
-        let Writer {
-            o,
-            flow,
-            channels,
-            layers,
-            skipped,
-            ..
-        } = self;
-        let two_d = match &flow.shape {
-            Some(s) => s.len() == 3,
-            None => flow.after_conv,
-        };
-        let ty = if two_d {
-            "batch_norm2d"
-        } else {
-            "batch_norm1d"
-        };
-        let have = match &flow.shape {
-            Some(s) if s.len() >= 2 => Some(s[0]),
-            Some(s) => s.first().copied(),
-            None => *channels,
-        };
-        if have.is_some_and(|h| h != c) {
-            o.todo(&format!(
-                "'{}' normalises {c} channels but the layer before gives {}: check the \
-                 layer order.",
-                m.path,
-                have.unwrap_or(0)
-            ));
-        }
-        let mut t = head.clone();
-        let bn = BatchNormSpec {
-            num_features: c,
-            eps: 1e-5,
-            momentum: None,
-            affine,
-            track_running_stats: running,
-        };
-        t.extend(settings(
-            &if two_d {
-                LayerKind::BatchNorm2d(bn)
-            } else {
-                LayerKind::BatchNorm1d(bn)
-            },
-            &[],
-        ));
-        emit(o, m, &t, layers, skipped, format!("{ty} {c}"));
-    }
-
-    fn layer_norm(&mut self, m: &Module, head: Vec<String>, c: usize, bias: bool) {
-        let Writer {
-            o, layers, skipped, ..
-        } = self;
-        let mut t = head.clone();
-        t.extend(settings(
-            &LayerKind::LayerNorm {
-                normalized_shape: c,
-                eps: 1e-5,
-                elementwise_affine: true,
-                bias,
-            },
-            &[],
-        ));
-        emit(o, m, &t, layers, skipped, format!("layer_norm {c}"));
-    }
-
-    fn embedding(
-        &mut self,
-        m: &Module,
-        head: Vec<String>,
-        num: usize,
-        dim: usize,
-        positional: bool,
-    ) {
-        let Writer {
-            o,
-            flow,
-            channels,
-            layers,
-            skipped,
-            ..
-        } = self;
-        let ty = if positional {
-            if let Some(s) = &flow.shape
-                && let Some(&t) = s.last()
-                && t > num
-            {
-                o.todo(&format!(
-                    "'{}' holds {num} positions but the sequences are {t} long.",
-                    m.path
-                ));
-            }
-            o.todo(&format!(
-                "'{}' is read as a learned position table (nanoGPT's wpe): rows 0..T \
-                 of it, added to the token embeddings. If it is a second token \
-                 embedding, make it type = \"embedding\".",
-                m.path
-            ));
-            "positional_embedding"
-        } else {
-            "embedding"
-        };
-        let mut t = head.clone();
-        t.extend(settings(
-            &if positional {
-                LayerKind::PositionalEmbedding {
-                    num_embeddings: num,
-                    embedding_dim: dim,
-                }
-            } else {
-                LayerKind::Embedding {
-                    num_embeddings: num,
-                    embedding_dim: dim,
-                    padding_idx: None,
-                }
-            },
-            &[],
-        ));
-        emit(o, m, &t, layers, skipped, format!("{ty} {num}×{dim}"));
-        flow.shape = flow.shape.take().map(|mut s| {
-            s.push(dim);
-            s
-        });
-        *channels = Some(dim);
-    }
-
-    fn attention(&mut self, m: &Module, head: Vec<String>, mha: bool, c: usize, bias: bool) {
-        let Writer {
-            o, layers, skipped, ..
-        } = self;
-        let heads = guess_heads(c);
-        let divisors: Vec<String> = (1..=c)
-            .filter(|h| c.is_multiple_of(*h))
-            .map(|h| h.to_string())
-            .collect();
-        o.todo(&format!(
-            "'{}' is multi-head self-attention ({}, {c} channels). The number of heads \
-             is not stored: {heads} guessed ({}); {c} channels split into {} heads. \
-             Set your model's {}.",
-            m.path,
-            if mha {
-                "nn.MultiheadAttention: in_proj_weight [3C, C] holds q, k, v"
-            } else {
-                "nanoGPT CausalSelfAttention: c_attn [3C, C] holds q, k, v"
-            },
-            if heads == 1 {
-                "one head, as the channels are not a multiple of GPT-2's head size 64"
-            } else {
-                "head size 64, as GPT-2"
-            },
-            divisors.join(", "),
-            if mha { "num_heads" } else { "n_head" }
-        ));
-        let mut t = head.clone();
-        if mha {
-            o.todo(
-                "causal mask guessed (mha(x, x, x, attn_mask=causal mask), as a language \
-                 model): set causal = false if forward() passes no mask.",
-            );
-            t.extend(settings(
-                &LayerKind::MultiheadAttention {
-                    embed_dim: c,
-                    num_heads: heads,
-                    causal: true,
-                    bias,
-                    dropout: 0.0,
-                    batch_first: None,
-                },
-                // Guessed, so written even at its default.
-                &["causal"],
-            ));
-        } else {
-            t.extend(settings(
-                &LayerKind::CausalSelfAttention {
-                    n_embd: c,
-                    n_head: heads,
-                    bias,
-                    dropout: 0.0,
-                },
-                &[],
-            ));
-        }
-        emit(
-            o,
-            m,
-            &t,
-            layers,
-            skipped,
-            format!("self-attention {c}, {heads} head(s)"),
-        );
+        let mut t = head;
+        t.extend(settings(&d.kind, d.explicit));
+        emit(o, &modules[i], &t, layers, d.what);
+        self.flow = d.flow;
     }
 
     fn other(&mut self, m: &Module, what: &str) {
@@ -798,13 +440,23 @@ impl<'m> Writer<'m> {
             o.line(format!("#     {}  {} {:?}", t.full, t.dtype, t.shape));
         }
         o.line("");
-        skipped.push(m.path.clone());
+        skipped.push(if m.path.is_empty() {
+            // No module name: the tensors say what was left out.
+            m.tensors
+                .iter()
+                .map(|t| t.full.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            m.path.clone()
+        });
     }
 
     /// An activation after a linear or conv layer (after its norm, if one follows), except
     /// after the last one; inside a recognised block, where the block puts them.
     fn activation_after(&mut self, i: usize) {
-        let (activation, last_weighted) = (self.activation, self.last_weighted);
+        let last_weighted = self.last_weighted;
+        let activation = settings(&self.activation, &[]);
         let Writer {
             o,
             modules,
@@ -814,14 +466,15 @@ impl<'m> Writer<'m> {
         } = self;
         let m = &modules[i];
         let p = &plans[i];
-        let next_is_norm = modules.get(i + 1).is_some_and(|n| {
-            matches!(n.kind, Kind::BatchNorm { .. })
-                && matches!(m.kind, Kind::Linear { .. } | Kind::Conv2d { .. })
-        });
-        let ends_hidden = match m.kind {
-            Kind::Linear { .. } | Kind::Conv2d { .. } => Some(i),
-            Kind::BatchNorm { .. } if i > 0 => Some(i - 1),
-            _ => None,
+        let next_is_norm = modules
+            .get(i + 1)
+            .is_some_and(|n| n.kind.is_batch_norm() && m.kind.is(Role::Weighted));
+        let ends_hidden = if m.kind.is(Role::Weighted) {
+            Some(i)
+        } else if m.kind.is_batch_norm() && i > 0 {
+            Some(i - 1)
+        } else {
+            None
         };
         if let Some(j) = ends_hidden
             && !p.planned
@@ -831,17 +484,18 @@ impl<'m> Writer<'m> {
             && last_weighted.is_some_and(|l| l > i)
         {
             o.todo(&format!(
-                "activation not stored in a checkpoint: {activation} guessed after '{}' (or \
+                "activation not stored in a checkpoint: {} guessed after '{}' (or \
              tanh, sigmoid, gelu, leaky_relu; none if the model has none).",
+                self.activation.type_name(),
                 m.path
             ));
-            write_table(o, &[format!("type = \"{activation}\"")]);
+            write_table(o, &activation);
         }
     }
 
     /// The layers the plan writes after module `i`: activations and residual joins.
     fn extras(&mut self, i: usize) {
-        let activation = self.activation;
+        let activation = settings(&self.activation, &[]);
         let Writer {
             o,
             plans,
@@ -856,10 +510,10 @@ impl<'m> Writer<'m> {
                 Extra::Act(name) => {
                     let mut t = Vec::new();
                     if let Some(n) = name {
-                        t.push(format!("name = {}", quote(n)));
+                        t.push(kv("name", n));
                         shapes.insert(n.clone(), flow.shape.clone());
                     }
-                    t.push(format!("type = \"{activation}\""));
+                    t.extend(activation.iter().cloned());
                     write_table(o, &t);
                 }
                 Extra::Add { name, inputs } => {
@@ -876,16 +530,9 @@ impl<'m> Writer<'m> {
                         .iter()
                         .filter_map(|n| shapes.get(n).and_then(|s| s.as_ref()))
                         .collect();
-                    let list = inputs
-                        .iter()
-                        .map(|n| quote(n))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let t = vec![
-                        format!("name = {}", quote(name)),
-                        "type = \"add\"".into(),
-                        format!("input = [{list}]"),
-                    ];
+                    let mut t = vec![kv("name", name)];
+                    t.extend(settings(&LayerKind::Add {}, &[]));
+                    t.push(kv("input", &inputs));
                     if known.windows(2).any(|w| w[0] != w[1]) {
                         o.todo(&format!(
                             "the residual join '{name}' adds {}: the shapes differ (a stride, a \
@@ -966,11 +613,13 @@ fn write_loss(o: &mut Out, data: Option<&DataFacts>, flow: &Flow) {
             "loss guessed (no --data): cross_entropy for class labels, mse for float targets.",
         ),
     }
-    o.line(if loss_ce {
-        "type = \"cross_entropy\""
+    for l in lines_of(&if loss_ce {
+        LossSpec::CrossEntropy {}
     } else {
-        "type = \"mse\""
-    });
+        LossSpec::Mse {}
+    }) {
+        o.line(l);
+    }
     o.line("");
 }
 
@@ -980,10 +629,7 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
     o.line("[data]");
     match data {
         Some(d) => {
-            o.line(format!(
-                "train = {}",
-                quote(&spec_path(&d.path, spec_dir).to_string_lossy())
-            ));
+            o.line(kv("train", spec_path(&d.path, spec_dir).to_string_lossy()));
             if let Some(t) = &d.tokens {
                 o.todo(&format!(
                     "'{t}' holds token ids [N, T+1] = [{}, {}]: each row gives the inputs (its \
@@ -993,7 +639,7 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
                     d.sample_shape.first().copied().unwrap_or(0),
                     d.sample_shape.first().copied().unwrap_or(0),
                 ));
-                o.line(format!("tokens = {}", quote(t)));
+                o.line(kv("tokens", t));
             } else {
                 if d.names_guessed {
                     o.todo(&format!(
@@ -1002,13 +648,10 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
                         d.x, d.y
                     ));
                 }
-                o.line(format!("x = {}", quote(&d.x)));
-                o.line(format!("y = {}", quote(&d.y)));
+                o.line(kv("x", &d.x));
+                o.line(kv("y", &d.y));
             }
-            let token_ids = matches!(
-                first_weighted.map(|m| &m.kind),
-                Some(Kind::Embedding { .. })
-            );
+            let token_ids = first_weighted.is_some_and(|m| m.kind.is(Role::Embedding));
             if d.tokens.is_some() {
                 // Token ids: no preprocessing (a [data] tokens tensor has none).
             } else if token_ids {
@@ -1036,7 +679,7 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
                         .map(|t| format!(" ({t})"))
                         .unwrap_or_default(),
                 ));
-                o.line(format!("scale = {scale:?}"));
+                o.line(kv("scale", scale));
             } else {
                 o.todo(&format!(
                     "x holds values {}..{}, used as they are. If your training transform \
@@ -1058,8 +701,8 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
                 }
             ));
             o.line(format!(
-                "# validation = {}",
-                quote(val.as_deref().unwrap_or("val.safetensors"))
+                "# {}",
+                kv("validation", val.as_deref().unwrap_or("val.safetensors"))
             ));
         }
         None => {
@@ -1067,9 +710,9 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
                 "the training set (no --data given): a .safetensors or .npz file with inputs x \
                  [N, ...] and targets y; set its path (relative to this file) and preprocessing.",
             );
-            o.line("train = \"train.safetensors\"");
-            o.line("x = \"x\"");
-            o.line("y = \"y\"");
+            o.line(kv("train", "train.safetensors"));
+            o.line(kv("x", "x"));
+            o.line(kv("y", "y"));
         }
     }
 }
@@ -1078,7 +721,7 @@ fn write_data(o: &mut Out, data: Option<&DataFacts>, spec_dir: &Path, facts: &Mo
 fn write_closing(o: &mut Out) {
     o.line("");
     o.line("[eval]");
-    o.line("chunk_size = 256");
+    o.line(kv("chunk_size", EvalSection::default().chunk_size));
     o.line("");
     o.todo(
         "an explicit L2 term λ‖θ‖² in the training objective? Uncomment and set λ (its LCA is \

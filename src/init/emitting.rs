@@ -37,8 +37,7 @@ impl Out {
         }
         let ty = table.iter().find_map(|l| value(l, "type"));
         let name = unique(names, ty.as_deref().unwrap_or(base));
-        self.lines
-            .insert(start + 1, format!("name = {}", quote(&name)));
+        self.lines.insert(start + 1, kv("name", &name));
         for t in &mut self.todos {
             if t.0 > start + 1 {
                 t.0 += 1;
@@ -49,7 +48,8 @@ impl Out {
 
     /// A `# TODO(lca init): …` note, wrapped at about 96 columns.
     pub(super) fn todo(&mut self, text: &str) {
-        self.todos.push((self.lines.len() + 1, text.to_string()));
+        self.todos
+            .push((self.lines.len() + 1, one_line(text.to_string())));
         self.comment(TODO, text);
     }
 
@@ -73,20 +73,20 @@ impl Out {
         }
         for word in &words {
             if cur.chars().count() + 1 + word.chars().count() > 96 && cur.len() > lead.len() {
-                self.lines.push(cur);
+                self.lines.push(one_line(cur));
                 cur = "#  ".to_string();
             }
             cur.push(' ');
             cur.push_str(word);
         }
-        self.lines.push(cur);
+        self.lines.push(one_line(cur));
     }
 }
 
 /// A line of the draft kept on one line: control characters (a newline in a tensor name
 /// quoted in a comment) are written escaped, so that a name can never end a comment and start
-/// a line of TOML. (Names in TOML values are quoted by [`quote`], which escapes them.)
-fn one_line(s: String) -> String {
+/// a line of TOML. (Names in TOML values are serialised by [`kv`], which escapes them.)
+pub(super) fn one_line(s: String) -> String {
     if !s.chars().any(char::is_control) {
         return s;
     }
@@ -101,70 +101,88 @@ fn one_line(s: String) -> String {
         .collect()
 }
 
-/// TOML string literal.
-pub(super) fn quote(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
+/// One `key = value` line of TOML, the value serialised on one line: strings as basic
+/// strings with every control character escaped (a multi-line string would not survive the
+/// draft's one-line rule), lists and inline tables of those.
+pub(super) fn kv(key: &str, value: impl serde::Serialize) -> String {
+    let value = toml::Value::try_from(value).expect("a draft's values serialise to TOML");
+    format!("{} = {}", toml_key(key), inline(&value))
 }
 
-pub(super) fn pair(p: [usize; 2]) -> String {
-    if p[0] == p[1] {
-        p[0].to_string()
-    } else {
-        format!("[{}, {}]", p[0], p[1])
+/// A TOML value on one line.
+fn inline(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => basic_string(s),
+        toml::Value::Array(a) => {
+            format!("[{}]", a.iter().map(inline).collect::<Vec<_>>().join(", "))
+        }
+        toml::Value::Table(t) if t.is_empty() => "{}".to_string(),
+        toml::Value::Table(t) => format!(
+            "{{ {} }}",
+            t.iter()
+                .map(|(k, v)| format!("{} = {}", toml_key(k), inline(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => other.to_string(),
     }
 }
 
-pub(super) fn dims(s: &[usize]) -> String {
-    s.iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join("×")
+/// A key: bare when TOML allows it, else a basic string.
+fn toml_key(k: &str) -> String {
+    let bare = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare { k.to_string() } else { basic_string(k) }
+}
+
+/// A TOML basic string (`"..."`) with quotes, backslashes and control characters escaped.
+fn basic_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The lines of a spec type serialised as a TOML table, in the order of its fields.
+pub(super) fn lines_of(value: &impl serde::Serialize) -> Vec<String> {
+    toml::to_string(value)
+        .expect("spec types serialise to TOML")
+        .lines()
+        .map(|l| l.to_string())
+        .collect()
 }
 
 /// A layer's settings as the spec writes them, by serialising the spec type: `type` first,
 /// then, in the order of the type's fields, every setting that differs from its default or is
 /// named in `explicit` (settings the draft guessed and wants seen).
 pub(super) fn settings(kind: &LayerKind, explicit: &[&str]) -> Vec<String> {
-    let text = toml::to_string(kind).expect("layer settings serialise to TOML");
-    let table: toml::Table = toml::from_str(&text).expect("serialised settings parse");
+    let lines = lines_of(kind);
+    let table: toml::Table = toml::from_str(&lines.join("\n")).expect("serialised settings parse");
     // A setting is at its default when leaving it out reads back the same layer.
     let is_default = |key: &str| {
         let mut t = table.clone();
         t.remove(key);
         toml::Value::Table(t).try_into::<LayerKind>().ok().as_ref() == Some(kind)
     };
-    text.lines()
+    lines
+        .into_iter()
         .filter(|l| {
             let key = l.split(" = ").next().unwrap_or("");
             key == "type" || explicit.contains(&key) || !is_default(key)
         })
-        .map(|l| l.to_string())
         .collect()
-}
-
-/// Whether this build's spec parser accepts a layer table (so that new layer types are used
-/// as soon as they exist, and never before).
-pub(super) fn supported(table: &[String]) -> bool {
-    // `name`, `input` and `tied` are read by the spec parser, not by the layer type.
-    let keys: Vec<&str> = table
-        .iter()
-        .map(|l| l.as_str())
-        .filter(|l| {
-            !l.starts_with("name =") && !l.starts_with("input =") && !l.starts_with("tied =")
-        })
-        .collect();
-    toml::from_str::<toml::Table>(&keys.join("\n"))
-        .ok()
-        .and_then(|t| toml::Value::Table(t).try_into::<LayerKind>().ok())
-        .is_some()
-}
-
-/// The per-sample shape flowing between layers, as far as it is known.
-#[derive(Debug, Clone)]
-pub(super) struct Flow {
-    pub(super) shape: Option<Vec<usize>>,
-    /// Kind of the last layer with parameters written.
-    pub(super) after_conv: bool,
 }
 
 /// Write a parameter-free layer table.
@@ -176,14 +194,13 @@ pub(super) fn write_table(o: &mut Out, keys: &[String]) {
     o.line("");
 }
 
-/// Write a layer with parameters: as a real table when this build supports it, else as a
-/// commented-out block with a TODO.
+/// Write a layer with parameters, with its `tied` key and the note about it when it shares a
+/// tensor with an earlier layer.
 pub(super) fn emit(
     o: &mut Out,
     m: &Module,
     table: &[String],
     layers: &mut Vec<(String, String)>,
-    skipped: &mut Vec<String>,
     what: String,
 ) {
     let mut table = table.to_vec();
@@ -196,12 +213,6 @@ pub(super) fn emit(
         table.insert(t, line);
     }
     if !m.tied.is_empty() {
-        let list = m
-            .tied
-            .iter()
-            .map(|(k, v)| format!("{k} = {}", quote(v)))
-            .collect::<Vec<_>>()
-            .join(", ");
         o.todo(&format!(
             "'{}' shares {} with an earlier layer (tied weights: the checkpoint stores the \
              tensor once, or twice with the same values): one parameter, reported under the \
@@ -213,109 +224,12 @@ pub(super) fn emit(
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
-        table.push(format!("tied = {{ {list} }}"));
-    }
-    let table = &table[..];
-    if supported(table) {
-        write_table(o, table);
-        layers.push((m.path.clone(), what));
-    } else {
-        let ty = table
-            .iter()
-            .find_map(|l| l.strip_prefix("type = "))
-            .unwrap_or("?");
-        o.todo(&format!(
-            "'{}' is a {what} layer, but this build of lca has no layer type {ty}: the block \
-             below is left commented out and its tensors ({}) are not analysed.",
-            m.path,
-            m.tensors
-                .iter()
-                .map(|t| t.full.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        o.line("# [[layers]]");
-        for k in table {
-            o.line(format!("# {k}"));
+        let mut tied = toml::Table::new();
+        for (k, v) in &m.tied {
+            tied.insert(k.clone(), toml::Value::String(v.clone()));
         }
-        o.line("");
-        skipped.push(m.path.clone());
+        table.push(kv("tied", tied));
     }
-}
-
-/// The convolutions give `[C, H, W]` but the linear layer `name` takes `inp` features: write
-/// the pooling that makes the sizes fit (global average pooling when `inp = C`, an adaptive
-/// average pool to the size `inp / C` implies otherwise), marked TODO.
-pub(super) fn pool_to_fit(o: &mut Out, flow: &mut Flow, name: &str, inp: usize) {
-    let Some(s) = flow.shape.clone() else { return };
-    let (c, h, w) = (s[0], s[1], s[2]);
-    let flatten = ["type = \"flatten\"".to_string()];
-    if inp == c {
-        let gap = ["type = \"global_avg_pool\"".to_string()];
-        o.todo(&format!(
-            "the convolutions give {c}×{h}×{w} and '{name}' takes {inp} = {c} channels: a \
-             global average pool (ResNet-style, nn.AdaptiveAvgPool2d(1) + flatten) guessed."
-        ));
-        if supported(&gap) {
-            write_table(o, &gap);
-        } else {
-            let ada = [
-                "type = \"adaptive_avg_pool2d\"".to_string(),
-                "output_size = 1".into(),
-            ];
-            if supported(&ada) {
-                write_table(o, &ada);
-                write_table(o, &flatten);
-            } else {
-                o.line("# [[layers]]");
-                o.line("# type = \"global_avg_pool\"");
-                o.line("");
-                write_table(o, &flatten);
-            }
-        }
-        flow.shape = Some(vec![c]);
-        return;
-    }
-    let side = if inp.is_multiple_of(c) {
-        let a = inp / c;
-        let r = (a as f64).sqrt().round() as usize;
-        (r * r == a && r <= h.min(w)).then_some(r)
-    } else {
-        None
-    };
-    match side {
-        Some(r) => {
-            let ada = [
-                "type = \"adaptive_avg_pool2d\"".to_string(),
-                format!("output_size = {r}"),
-            ];
-            let ok = supported(&ada);
-            o.todo(&format!(
-                "the convolutions (with the guessed strides and padding) give {c}×{h}×{w} = {} \
-                 values, but '{name}' takes {inp} = {c}×{r}×{r}: the maps must shrink from \
-                 {h}×{w} to {r}×{r}. {} Replace it by your model's pooling (max_pool2d, \
-                 avg_pool2d) and strides.",
-                c * h * w,
-                if ok {
-                    "An adaptive average pool to that size is written so that the file runs."
-                } else {
-                    "Pooling is needed here."
-                }
-            ));
-            if ok {
-                write_table(o, &ada);
-            }
-            write_table(o, &flatten);
-            flow.shape = Some(vec![if ok { inp } else { c * h * w }]);
-        }
-        None => {
-            o.todo(&format!(
-                "the convolutions give {c}×{h}×{w} = {} values but '{name}' takes {inp}: add \
-                 the pooling and strides of your model.",
-                c * h * w
-            ));
-            write_table(o, &flatten);
-            flow.shape = Some(vec![c * h * w]);
-        }
-    }
+    write_table(o, &table);
+    layers.push((m.path.clone(), what));
 }

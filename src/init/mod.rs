@@ -30,8 +30,12 @@ use crate::checkpoint;
 use crate::data::{Dataset, Targets};
 use crate::error::{LcaError, Result};
 use crate::files::Mode;
+use crate::net::embedding::{embedding_like, positional_like};
+use crate::net::registry::{
+    DRAFTERS, DraftIn, Drafter, Flow, Lead, ModuleTensors, Recognised, Role, dims,
+};
 use crate::net::{LossKind, Model};
-use crate::spec::{BatchNormSpec, LayerKind, Padding, Pair, Spec};
+use crate::spec::{BnMode, EvalSection, GeluApprox, LayerKind, LossSpec, Spec};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -146,7 +150,7 @@ pub fn draft_notice(d: &Draft, out: &Path) -> String {
                 " ({})",
                 d.layers
                     .iter()
-                    .map(|(n, w)| format!("{n}: {w}"))
+                    .map(|(n, w)| one_line(format!("{n}: {w}")))
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -155,7 +159,7 @@ pub fn draft_notice(d: &Draft, out: &Path) -> String {
     if !d.skipped.is_empty() {
         s.push_str(&format!(
             "left out (written as comments): {}\n",
-            d.skipped.join(", ")
+            one_line(d.skipped.join(", "))
         ));
     }
     s.push_str(&format!(

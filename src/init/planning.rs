@@ -8,16 +8,6 @@ pub(super) fn block_name(m: &Module) -> Option<String> {
     (b != m.path).then(|| b.to_string())
 }
 
-/// How many heads a self-attention layer of `c` channels is guessed to have: head size 64
-/// (GPT-2, nanoGPT's configurations) when `c` is a multiple of 64, else one head.
-pub(super) fn guess_heads(c: usize) -> usize {
-    if c >= 64 && c.is_multiple_of(64) {
-        c / 64
-    } else {
-        1
-    }
-}
-
 /// A layer the draft writes that has no module: an activation or a residual join.
 #[derive(Debug, Clone)]
 pub(super) enum Extra {
@@ -80,30 +70,15 @@ pub(super) fn unique(names: &mut BTreeSet<String>, base: &str) -> String {
 
 /// Recognise the blocks whose wiring the draft can guess — ResNet blocks, pre-norm
 /// transformer blocks, token + position embeddings — and plan their extra layers.
-pub(super) fn plan(modules: &[Module], add: bool, names: &mut BTreeSet<String>) -> Vec<Plan> {
+pub(super) fn plan(modules: &[Module], names: &mut BTreeSet<String>) -> Vec<Plan> {
     let mut plans = vec![Plan::default(); modules.len()];
-    if !add {
-        return plans;
-    }
     // Token and position embeddings, joined by an add after the later one.
-    let tok = modules.iter().position(|m| {
-        matches!(
-            m.kind,
-            Kind::Embedding {
-                positional: false,
-                ..
-            }
-        )
-    });
-    let pos = modules.iter().position(|m| {
-        matches!(
-            m.kind,
-            Kind::Embedding {
-                positional: true,
-                ..
-            }
-        )
-    });
+    let tok = modules
+        .iter()
+        .position(|m| matches!(m.kind.layer(), Some(LayerKind::Embedding { .. })));
+    let pos = modules
+        .iter()
+        .position(|m| matches!(m.kind.layer(), Some(LayerKind::PositionalEmbedding { .. })));
     if let (Some(t), Some(q)) = (tok, pos) {
         plans[t].from_model_input = true;
         plans[q].from_model_input = true;
@@ -151,8 +126,8 @@ pub(super) fn plan_res_block(
     plans: &mut [Plan],
     names: &mut BTreeSet<String>,
 ) {
-    let is_conv = |i: usize| matches!(modules[i].kind, Kind::Conv2d { .. });
-    let is_bn = |i: usize| matches!(modules[i].kind, Kind::BatchNorm { .. });
+    let is_conv = |i: usize| modules[i].kind.is_conv();
+    let is_bn = |i: usize| modules[i].kind.is_batch_norm();
     if !members.iter().all(|&i| is_conv(i) || is_bn(i))
         || members.iter().filter(|&&i| is_conv(i)).count() < 2
     {
@@ -170,8 +145,8 @@ pub(super) fn plan_res_block(
     let main_out = main
         .iter()
         .rev()
-        .find_map(|&i| match modules[i].kind {
-            Kind::Conv2d { out, .. } => Some(out),
+        .find_map(|&i| match modules[i].kind.layer() {
+            Some(LayerKind::Conv2d { out_channels, .. }) => Some(*out_channels),
             _ => None,
         })
         .unwrap_or(0);
@@ -191,7 +166,10 @@ pub(super) fn plan_res_block(
     let strided = main
         .iter()
         .copied()
-        .find(|&i| matches!(modules[i].kind, Kind::Conv2d { kernel, .. } if kernel != [1, 1]))
+        .find(|&i| {
+            matches!(modules[i].kind.layer(),
+                Some(LayerKind::Conv2d { kernel_size, .. }) if kernel_size.0 != [1, 1])
+        })
         .unwrap_or(main[0]);
     plans[strided].strided = true;
     // An activation after each convolution (after its batch norm) but the last.
@@ -224,12 +202,13 @@ pub(super) fn plan_prenorm_block(
     plans: &mut [Plan],
     names: &mut BTreeSet<String>,
 ) {
-    let kind = |k: usize| &modules[members[k]].kind;
+    let kind = |k: usize| modules[members[k]].kind.layer();
+    let layer_norm = |k: usize| matches!(kind(k), Some(LayerKind::LayerNorm { .. }));
     if members.len() < 4
-        || !matches!(kind(0), Kind::LayerNorm { .. })
-        || !matches!(kind(1), Kind::Attention { .. })
-        || !matches!(kind(2), Kind::LayerNorm { .. })
-        || !(3..members.len()).all(|k| matches!(kind(k), Kind::Linear { .. }))
+        || !layer_norm(0)
+        || !modules[members[1]].kind.is(Role::Attention)
+        || !layer_norm(2)
+        || !(3..members.len()).all(|k| matches!(kind(k), Some(LayerKind::Linear { .. })))
     {
         return;
     }

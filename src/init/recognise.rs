@@ -14,46 +14,49 @@ pub(super) struct Tensor {
 }
 
 /// What a module's tensors say it is.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub(super) enum Kind {
-    Linear {
-        inp: usize,
-        out: usize,
-        bias: bool,
-    },
-    Conv2d {
-        /// Input channels per group (`weight.shape[1]`).
-        in_per_group: usize,
-        out: usize,
-        kernel: [usize; 2],
-        bias: bool,
-    },
-    BatchNorm {
-        c: usize,
-        affine: bool,
-        running: bool,
-    },
-    LayerNorm {
-        c: usize,
-        bias: bool,
-    },
-    Embedding {
-        num: usize,
-        dim: usize,
-        /// A learned position table (`wpe`, `pos_emb`, `position_embeddings`).
-        positional: bool,
-    },
-    /// Multi-head self-attention: `nn.MultiheadAttention` (`in_proj_weight`, `out_proj`) or
-    /// nanoGPT's `CausalSelfAttention` (`c_attn`, `c_proj`).
-    Attention {
-        mha: bool,
-        c: usize,
-        bias: bool,
+    /// A layer type of the registry ([`DRAFTERS`]): the spec layer its tensors tell and the
+    /// drafter that recognised it.
+    Layer {
+        kind: LayerKind,
+        drafter: &'static Drafter,
     },
     /// Recognised but not supported, or not recognised: why.
-    Other {
-        what: String,
-    },
+    Other { what: String },
+}
+
+impl Kind {
+    /// The spec layer, when the module is one.
+    pub(super) fn layer(&self) -> Option<&LayerKind> {
+        match self {
+            Kind::Layer { kind, .. } => Some(kind),
+            Kind::Other { .. } => None,
+        }
+    }
+
+    /// The part the layer plays, when the module is one.
+    pub(super) fn role(&self) -> Option<Role> {
+        match self {
+            Kind::Layer { drafter, .. } => Some(drafter.role),
+            Kind::Other { .. } => None,
+        }
+    }
+
+    pub(super) fn is(&self, role: Role) -> bool {
+        self.role() == Some(role)
+    }
+
+    pub(super) fn is_conv(&self) -> bool {
+        matches!(self.layer(), Some(LayerKind::Conv2d { .. }))
+    }
+
+    pub(super) fn is_batch_norm(&self) -> bool {
+        matches!(
+            self.layer(),
+            Some(LayerKind::BatchNorm1d(_) | LayerKind::BatchNorm2d(_))
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -77,25 +80,27 @@ pub(super) fn last_component(path: &str) -> &str {
     path.rsplit('.').next().unwrap_or(path)
 }
 
-pub(super) fn embedding_like(component: &str) -> bool {
-    let c = component.to_ascii_lowercase();
-    c == "wte" || c == "wpe" || c.contains("emb")
-}
-
-/// A learned position table: `wpe` (nanoGPT, GPT-2), `pos_emb`, `position_embeddings`.
-pub(super) fn positional_like(component: &str) -> bool {
-    let c = component.to_ascii_lowercase();
-    embedding_like(&c) && (c == "wpe" || c.contains("pos"))
-}
-
+/// What a module is: the first drafter of the registry that recognises its tensors; a
+/// module with a tensor that is not a float parameter, or that no drafter claims, is left out.
 pub(super) fn classify(path: &str, t: &BTreeMap<String, Tensor>) -> Kind {
-    let shape = |k: &str| t.get(k).map(|x| x.shape.clone());
-    let keys: Vec<&str> = t
-        .keys()
-        .map(|k| k.as_str())
-        .filter(|k| *k != "num_batches_tracked")
-        .collect();
-    let only = |allowed: &[&str]| keys.iter().all(|k| allowed.contains(k));
+    // A layer's name is its module path: the spec needs it non-empty and not `input`.
+    if path.is_empty() || path == "input" {
+        return Kind::Other {
+            what: format!(
+                "{}: a [[layers]] name must be non-empty and not 'input' (the model input), \
+                 so no spec layer can own {}",
+                if path.is_empty() {
+                    "its tensors have no module name"
+                } else {
+                    "its module is named 'input'"
+                },
+                t.values()
+                    .map(|x| format!("'{}'", x.full))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+    }
     if let Some(bad) = t
         .values()
         .find(|x| !is_float(&x.dtype) && !x.full.ends_with("num_batches_tracked"))
@@ -107,112 +112,26 @@ pub(super) fn classify(path: &str, t: &BTreeMap<String, Tensor>) -> Kind {
             ),
         };
     }
-    if keys.contains(&"in_proj_weight") {
-        if let Some(s) = shape("in_proj_weight")
-            && s.len() == 2
-            && s[0] == 3 * s[1]
-            && only(&[
-                "in_proj_weight",
-                "in_proj_bias",
-                "out_proj.weight",
-                "out_proj.bias",
-            ])
-        {
-            return Kind::Attention {
-                mha: true,
-                c: s[1],
-                bias: keys.contains(&"in_proj_bias"),
-            };
-        }
-        return Kind::Other {
-            what: "an attention layer with an unusual in_proj_weight".into(),
-        };
-    }
-    if keys.contains(&"c_attn.weight")
-        && let Some(s) = shape("c_attn.weight")
-        && s.len() == 2
-        && s[0] == 3 * s[1]
-    {
-        let bias = keys.contains(&"c_attn.bias");
-        if only(&[
-            "c_attn.weight",
-            "c_attn.bias",
-            "c_proj.weight",
-            "c_proj.bias",
-        ]) && keys.contains(&"c_proj.bias") == bias
-        {
-            return Kind::Attention {
-                mha: false,
-                c: s[1],
-                bias,
-            };
-        }
-        return Kind::Other {
-            what: "an attention layer with an unusual set of tensors".into(),
-        };
-    }
-    if keys.contains(&"running_mean") && keys.contains(&"running_var") {
-        let c = shape("running_mean").map_or(0, |s| s.iter().product());
-        let affine = keys.contains(&"weight");
-        if only(&["weight", "bias", "running_mean", "running_var"]) {
-            return Kind::BatchNorm {
-                c,
-                affine,
-                running: true,
-            };
+    let view = ModuleTensors {
+        path,
+        shapes: t
+            .iter()
+            .filter(|(k, _)| *k != "num_batches_tracked")
+            .map(|(k, x)| (k.as_str(), x.shape.as_slice()))
+            .collect(),
+    };
+    for &drafter in DRAFTERS {
+        match (drafter.recognise)(&view) {
+            Some(Recognised::Layer(kind)) => return Kind::Layer { kind, drafter },
+            Some(Recognised::Unsupported(what)) => return Kind::Other { what },
+            None => {}
         }
     }
-    let w = shape("weight");
-    let bias_ok = |n: usize| shape("bias").is_none_or(|b| b == [n]);
-    match w.as_deref() {
-        Some([c]) if only(&["weight", "bias"]) && bias_ok(*c) => {
-            let name = last_component(path).to_ascii_lowercase();
-            if name.contains("bn") || name.contains("batch") {
-                Kind::BatchNorm {
-                    c: *c,
-                    affine: true,
-                    running: false,
-                }
-            } else {
-                Kind::LayerNorm {
-                    c: *c,
-                    bias: keys.contains(&"bias"),
-                }
-            }
-        }
-        Some([a, b]) if only(&["weight", "bias"]) && bias_ok(*a) => {
-            if embedding_like(last_component(path)) && !keys.contains(&"bias") {
-                Kind::Embedding {
-                    num: *a,
-                    dim: *b,
-                    positional: positional_like(last_component(path)),
-                }
-            } else {
-                Kind::Linear {
-                    inp: *b,
-                    out: *a,
-                    bias: keys.contains(&"bias"),
-                }
-            }
-        }
-        Some([o, i, kh, kw]) if only(&["weight", "bias"]) && bias_ok(*o) => Kind::Conv2d {
-            in_per_group: *i,
-            out: *o,
-            kernel: [*kh, *kw],
-            bias: keys.contains(&"bias"),
-        },
-        Some([o, i, k]) if only(&["weight", "bias"]) => Kind::Other {
-            what: format!("nn.Conv1d({i}·groups, {o}, kernel_size={k}) (weight [{o}, {i}, {k}])"),
-        },
-        Some([o, i, a, b, c]) if only(&["weight", "bias"]) => Kind::Other {
-            what: format!("nn.Conv3d({i}·groups, {o}, kernel_size=({a}, {b}, {c}))"),
-        },
-        _ => Kind::Other {
-            what: if keys.is_empty() {
-                "only a num_batches_tracked counter".into()
-            } else {
-                "an unrecognised set of tensors".into()
-            },
+    Kind::Other {
+        what: if view.shapes.is_empty() {
+            "only a num_batches_tracked counter".into()
+        } else {
+            "an unrecognised set of tensors".into()
         },
     }
 }
@@ -450,8 +369,8 @@ pub(super) fn order_modules(modules: &mut [Module]) {
         modules.sort_by_key(|m| m.rank);
         return;
     }
-    let is_norm = |k: &Kind| matches!(k, Kind::BatchNorm { .. } | Kind::LayerNorm { .. });
-    let is_weighted = |k: &Kind| matches!(k, Kind::Linear { .. } | Kind::Conv2d { .. });
+    let is_norm = |k: &Kind| k.is(Role::Norm);
+    let is_weighted = |k: &Kind| k.is(Role::Weighted);
     let anchors: Vec<(String, String, u64)> = modules
         .iter()
         .filter(|m| is_weighted(&m.kind))
@@ -472,7 +391,7 @@ pub(super) fn order_modules(modules: &mut [Module]) {
     };
     let blocks: Vec<(String, String)> = modules
         .iter()
-        .filter(|m| matches!(m.kind, Kind::Attention { .. }))
+        .filter(|m| m.kind.is(Role::Attention))
         .filter_map(|m| {
             let (parent, attn) = m.path.rsplit_once('.')?;
             let child = |n: u64| {

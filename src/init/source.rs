@@ -220,15 +220,19 @@ impl DataFacts {
                 .map(|s| s.to_string());
         }
         let data_spec = |tokens: &Option<String>| -> Result<crate::spec::DataSpec> {
-            let names = match tokens {
-                Some(t) => format!("tokens = {}", quote(t)),
-                None => format!("x = {}\ny = {}", quote(&x), quote(&y)),
+            let mut t = toml::Table::new();
+            let mut set = |k: &str, v: &str| t.insert(k.into(), toml::Value::String(v.into()));
+            set("train", &path.to_string_lossy());
+            match tokens {
+                Some(tk) => set("tokens", tk),
+                None => {
+                    set("x", &x);
+                    set("y", &y)
+                }
             };
-            toml::from_str(&format!(
-                "train = {}\n{names}\n",
-                quote(&path.to_string_lossy())
-            ))
-            .map_err(|e| LcaError::Usage(e.to_string()))
+            toml::Value::Table(t)
+                .try_into()
+                .map_err(|e| LcaError::Usage(e.to_string()))
         };
         let load = |tokens: &Option<String>| -> Result<Dataset> {
             let spec = data_spec(tokens)?;

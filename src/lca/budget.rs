@@ -236,6 +236,176 @@ pub fn refine(
     }
 }
 
+/// Per evaluated point of a step (grid units), the per-tensor integrand samples
+/// f_k(s) = Σ_{i∈k} Δθ_i ∂_i L (the training objective's).
+pub type Samples = BTreeMap<u32, Vec<f64>>;
+
+/// `--converge-layers REL`: refine until every layer's run-total error estimate is at most
+/// REL · max(|layer LCA|, [`LAYER_FLOOR`] · |L_T − L_0|).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerGoal<'a> {
+    pub rel: f64,
+    /// Tensor → layer index (as the tables group them).
+    pub layer_of: &'a [usize],
+    pub layers: usize,
+}
+
+/// The floor of a layer's tolerance, as a fraction of |ΔL|: layers whose LCA is below 1 % of
+/// the loss change are held to REL of 1 % of it, not of their own (tiny) size.
+pub const LAYER_FLOOR: f64 = 0.01;
+
+/// What the layer refinement found at its end.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerOutcome {
+    /// `met` (every layer within its tolerance) or `narrowest` (the layers still above it
+    /// have nothing left to split).
+    pub ending: Ending,
+    /// Evaluations this refinement added.
+    pub evaluations: usize,
+    /// max over layers of (run-total estimate ÷ tolerance), before and after.
+    pub worst_before: f64,
+    pub worst_after: f64,
+}
+
+/// Per step, per layer: the error estimate (Σ of its tensors' [`estimate`]s) and the LCA
+/// (the step's rule on f_k).
+fn layer_terms(panels: &StepPanels, fk: &Samples, goal: &LayerGoal) -> (Vec<f64>, Vec<f64>) {
+    let est = estimate(panels, fk, panels.residual());
+    let mut e = vec![0.0; goal.layers];
+    let mut lca = vec![0.0; goal.layers];
+    for (k, v) in est.iter().enumerate() {
+        e[goal.layer_of[k]] += v;
+    }
+    for (j, w) in panels.weights() {
+        for (k, f) in fk[&j].iter().enumerate() {
+            lca[goal.layer_of[k]] += w * f;
+        }
+    }
+    (e, lca)
+}
+
+/// The leaf of step `panels` to split for `layer`: the splittable leaf with the largest
+/// Σ_{k∈layer} |d_{P,k}| (the split-step estimator's term; an unsplit step's only panel).
+fn leaf_for_layer(
+    panels: &StepPanels,
+    fk: &Samples,
+    goal: &LayerGoal,
+    layer: usize,
+) -> Option<usize> {
+    let n = panels.n;
+    let simpson = |lo: u32, hi: u32, t: usize| {
+        let h = (hi - lo) as f64 / n as f64;
+        h / 6.0 * (fk[&lo][t] + 4.0 * fk[&((lo + hi) / 2)][t] + fk[&hi][t])
+    };
+    if panels.leaves.len() == 1 {
+        let (lo, hi) = panels.leaves[0];
+        return (hi - lo >= 4).then_some(0);
+    }
+    let mut best: Option<(usize, f64)> = None;
+    for (i, &(lo, hi)) in panels.leaves.iter().enumerate() {
+        let w = hi - lo;
+        if w < 4 {
+            continue;
+        }
+        let (qlo, qhi, slo, shi) = if lo % (2 * w) == 0 {
+            (lo, lo + 2 * w, hi, hi + w)
+        } else {
+            (lo - w, hi, lo - w, lo)
+        };
+        let d: f64 = (0..goal.layer_of.len())
+            .filter(|&t| goal.layer_of[t] == layer)
+            .map(|t| {
+                ((simpson(lo, hi, t) + simpson(slo, shi, t) - simpson(qlo, qhi, t)) / 2.0).abs()
+            })
+            .sum();
+        if best.is_none_or(|(_, b)| d > b) {
+            best = Some((i, d));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Pass 3 of the budget policy with `--converge-layers` (docs/integration.md): while some
+/// layer's run-total estimate √(Σ_t est_{t,ℓ}²) exceeds its tolerance
+/// REL · max(|LCA_ℓ|, [`LAYER_FLOOR`]·|ΔL|), split, in the step contributing most to the layer
+/// whose estimate is furthest above its tolerance, the leaf with the largest term for that
+/// layer. Bounded by the narrowest panel (`--max-splits`). `eval(t, j)` evaluates step t at
+/// grid point j, with its per-tensor samples.
+pub fn converge_layers(
+    steps: &mut [StepPanels],
+    samples: &mut [Samples],
+    goal: &LayerGoal,
+    evaluations: &mut usize,
+    eval: &mut dyn FnMut(usize, u32) -> Result<(PointValue, Vec<f64>)>,
+) -> Result<LayerOutcome> {
+    let n = steps[0].n;
+    let delta = (steps[steps.len() - 1].points[&n].loss - steps[0].points[&0].loss).abs();
+    let mut terms: Vec<(Vec<f64>, Vec<f64>)> = steps
+        .iter()
+        .zip(samples.iter())
+        .map(|(p, fk)| layer_terms(p, fk, goal))
+        .collect();
+    let start = *evaluations;
+    let ratios = |terms: &[(Vec<f64>, Vec<f64>)]| -> Vec<f64> {
+        (0..goal.layers)
+            .map(|l| {
+                let est = terms.iter().map(|(e, _)| e[l] * e[l]).sum::<f64>().sqrt();
+                let lca: f64 = terms.iter().map(|(_, c)| c[l]).sum();
+                let tol = goal.rel * lca.abs().max(LAYER_FLOOR * delta);
+                if tol > 0.0 {
+                    est / tol
+                } else if est > 0.0 {
+                    f64::INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    };
+    let worst = |r: &[f64]| r.iter().copied().fold(0.0, f64::max);
+    let worst_before = worst(&ratios(&terms));
+    let mut exhausted = vec![false; goal.layers];
+    loop {
+        let r = ratios(&terms);
+        let pick = (0..goal.layers)
+            .filter(|&l| r[l] > 1.0 && !exhausted[l])
+            .max_by(|&a, &b| r[a].total_cmp(&r[b]).then(b.cmp(&a)));
+        let Some(l) = pick else {
+            let ending = if r.iter().all(|&x| x <= 1.0) {
+                Ending::Met
+            } else {
+                Ending::Narrowest
+            };
+            return Ok(LayerOutcome {
+                ending,
+                evaluations: *evaluations - start,
+                worst_before,
+                worst_after: worst(&r),
+            });
+        };
+        // The steps by their share of this layer's estimate, largest first.
+        let mut order: Vec<usize> = (0..steps.len()).filter(|&t| terms[t].0[l] > 0.0).collect();
+        order.sort_by(|&a, &b| terms[b].0[l].total_cmp(&terms[a].0[l]).then(a.cmp(&b)));
+        let target = order
+            .into_iter()
+            .find_map(|t| leaf_for_layer(&steps[t], &samples[t], goal, l).map(|i| (t, i)));
+        let Some((t, i)) = target else {
+            exhausted[l] = true;
+            continue;
+        };
+        let (lo, hi) = steps[t].leaves[i];
+        let m = (lo + hi) / 2;
+        for j in [(lo + m) / 2, (m + hi) / 2] {
+            let (v, fk) = eval(t, j)?;
+            steps[t].points.insert(j, v);
+            samples[t].insert(j, fk);
+        }
+        *evaluations += 2;
+        steps[t].leaves.splice(i..=i, [(lo, m), (m, hi)]);
+        terms[t] = layer_terms(&steps[t], &samples[t], goal);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +543,74 @@ mod tests {
         // f_0 is a quadratic: every Simpson difference vanishes.
         assert!(e[0].abs() < 1e-15, "{e:?}");
         assert!(e[1] > 0.0);
+    }
+
+    /// Two layers on five kinked steps: refinement until each layer's run-total estimate is
+    /// within REL of its LCA shrinks the estimates and the actual errors.
+    #[test]
+    fn layers_converge_and_their_errors_shrink() {
+        // Tensor 0 (layer 0): f = k·sign(s − c) (a kink); tensor 1 (layer 1): f = s² + s.
+        let f = |t: usize, s: f64| {
+            let c = 0.13 + 0.17 * t as f64;
+            let k = 1.0 + t as f64;
+            vec![k * (s - c).signum(), s * s + s]
+        };
+        let exact = |t: usize| {
+            let c = 0.13 + 0.17 * t as f64;
+            let k = 1.0 + t as f64;
+            [k * ((1.0 - c) - c), 1.0 / 3.0 + 0.5]
+        };
+        let n = 256u32;
+        let pv = |t: usize, s: f64| {
+            let v = f(t, s);
+            let c = 0.13 + 0.17 * t as f64;
+            let k = 1.0 + t as f64;
+            PointValue {
+                loss: -(t as f64) * 10.0 + k * (s - c).abs() + s * s * s / 3.0 + s * s / 2.0,
+                f: v.iter().sum(),
+            }
+        };
+        let mut steps: Vec<StepPanels> = (0..5)
+            .map(|t| StepPanels::plain(n, pv(t, 0.0), pv(t, 0.5), pv(t, 1.0)))
+            .collect();
+        let mut samples: Vec<Samples> = (0..5)
+            .map(|t| [0, n / 2, n].map(|j| (j, f(t, j as f64 / n as f64))).into())
+            .collect();
+        let layer_of = [0usize, 1];
+        let goal = LayerGoal {
+            rel: 1e-3,
+            layer_of: &layer_of,
+            layers: 2,
+        };
+        let error = |steps: &[StepPanels], samples: &[Samples]| {
+            let mut e = [0.0f64; 2];
+            for t in 0..5 {
+                let (_, lca) = layer_terms(&steps[t], &samples[t], &goal);
+                for l in 0..2 {
+                    e[l] += lca[l] - exact(t)[l];
+                }
+            }
+            e
+        };
+        let before = error(&steps, &samples);
+        let mut evals = 11;
+        let out = converge_layers(&mut steps, &mut samples, &goal, &mut evals, &mut |t, j| {
+            let s = j as f64 / n as f64;
+            Ok((pv(t, s), f(t, s)))
+        })
+        .unwrap();
+        let after = error(&steps, &samples);
+        assert!(out.worst_before > 1.0, "{out:?}");
+        assert!(out.worst_after < out.worst_before / 10.0, "{out:?}");
+        assert_eq!(out.evaluations, evals - 11);
+        assert!(
+            after[0].abs() < before[0].abs() / 10.0,
+            "{before:?} {after:?}"
+        );
+        // The smooth layer needs nothing: Simpson is exact on it.
+        assert!(before[1].abs() < 1e-12 && after[1].abs() < 1e-12);
+        // With the narrowest panel the kinks cannot be resolved to 1e-3: it stops there.
+        assert!(matches!(out.ending, Ending::Met | Ending::Narrowest));
     }
 
     #[test]

@@ -466,6 +466,125 @@ pub fn describe<T: Real>(spec: &Spec, model: &Model<T>) -> Vec<AttentionLayer> {
         .collect()
 }
 
+// ---------------------------------------------------------------------------------------
+// Drafting (`lca init`)
+
+use super::registry::{DraftIn, Drafted, Drafter, Lead, ModuleTensors, Recognised, Role};
+
+/// Multi-head self-attention: `nn.MultiheadAttention` (`in_proj_weight` `[3C, C]`,
+/// `out_proj`) or nanoGPT's `CausalSelfAttention` (`c_attn` `[3C, C]`, `c_proj`).
+pub static DRAFTER: Drafter = Drafter {
+    recognise,
+    role: Role::Attention,
+    draft,
+};
+
+/// How many heads a self-attention layer of `c` channels is guessed to have: head size 64
+/// (GPT-2, nanoGPT's configurations) when `c` is a multiple of 64, else one head.
+pub fn guess_heads(c: usize) -> usize {
+    if c >= 64 && c.is_multiple_of(64) {
+        c / 64
+    } else {
+        1
+    }
+}
+
+/// Recognised with the guessed number of heads ([`guess_heads`]) and, for
+/// `nn.MultiheadAttention`, a causal mask.
+fn recognise(m: &ModuleTensors) -> Option<Recognised> {
+    let qkv = |name: &str| m.shape(name).filter(|s| s.len() == 2 && s[0] == 3 * s[1]);
+    if m.has("in_proj_weight") {
+        if let Some(s) = qkv("in_proj_weight")
+            && m.only(&[
+                "in_proj_weight",
+                "in_proj_bias",
+                "out_proj.weight",
+                "out_proj.bias",
+            ])
+        {
+            return Some(Recognised::Layer(LayerKind::MultiheadAttention {
+                embed_dim: s[1],
+                num_heads: guess_heads(s[1]),
+                causal: true,
+                bias: m.has("in_proj_bias"),
+                dropout: 0.0,
+                batch_first: None,
+            }));
+        }
+        return Some(Recognised::Unsupported(
+            "an attention layer with an unusual in_proj_weight".into(),
+        ));
+    }
+    let s = qkv("c_attn.weight")?;
+    let bias = m.has("c_attn.bias");
+    if m.only(&[
+        "c_attn.weight",
+        "c_attn.bias",
+        "c_proj.weight",
+        "c_proj.bias",
+    ]) && m.has("c_proj.bias") == bias
+    {
+        return Some(Recognised::Layer(LayerKind::CausalSelfAttention {
+            n_embd: s[1],
+            n_head: guess_heads(s[1]),
+            bias,
+            dropout: 0.0,
+        }));
+    }
+    Some(Recognised::Unsupported(
+        "an attention layer with an unusual set of tensors".into(),
+    ))
+}
+
+fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
+    let (mha, c, heads) = match kind {
+        LayerKind::MultiheadAttention {
+            embed_dim,
+            num_heads,
+            ..
+        } => (true, embed_dim, num_heads),
+        LayerKind::CausalSelfAttention { n_embd, n_head, .. } => (false, n_embd, n_head),
+        _ => return Drafted::as_recognised(kind, at),
+    };
+    let divisors: Vec<String> = (1..=c)
+        .filter(|h| c.is_multiple_of(*h))
+        .map(|h| h.to_string())
+        .collect();
+    let mut lead = vec![Lead::Todo(format!(
+        "'{}' is multi-head self-attention ({}, {c} channels). The number of heads \
+         is not stored: {heads} guessed ({}); {c} channels split into {} heads. \
+         Set your model's {}.",
+        at.path,
+        if mha {
+            "nn.MultiheadAttention: in_proj_weight [3C, C] holds q, k, v"
+        } else {
+            "nanoGPT CausalSelfAttention: c_attn [3C, C] holds q, k, v"
+        },
+        if heads == 1 {
+            "one head, as the channels are not a multiple of GPT-2's head size 64"
+        } else {
+            "head size 64, as GPT-2"
+        },
+        divisors.join(", "),
+        if mha { "num_heads" } else { "n_head" }
+    ))];
+    if mha {
+        lead.push(Lead::Todo(
+            "causal mask guessed (mha(x, x, x, attn_mask=causal mask), as a language \
+             model): set causal = false if forward() passes no mask."
+                .into(),
+        ));
+    }
+    Drafted {
+        lead,
+        kind,
+        // Guessed, so written even at its default.
+        explicit: if mha { &["causal"] } else { &[] },
+        what: format!("self-attention {c}, {heads} head(s)"),
+        flow: at.flow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -278,6 +278,83 @@ fn lanes_dot_f64<T: Real>(a: &[T], b: &[T]) -> f64 {
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
 
+// ---------------------------------------------------------------------------------------
+// Drafting (`lca init`)
+
+use super::registry::{DraftIn, Drafted, Drafter, Lead, ModuleTensors, Recognised, Role};
+use crate::spec::{BatchNormSpec, LayerKind};
+
+/// `nn.BatchNorm1d` / `nn.BatchNorm2d`: `running_mean` and `running_var` (maybe `weight` and
+/// `bias`), or a 1-D `weight` (maybe a `bias`) of a module named like a batch norm (`bn1`)
+/// without running statistics.
+pub static DRAFTER: Drafter = Drafter {
+    recognise,
+    role: Role::Norm,
+    draft,
+};
+
+/// Recognised as `batch_norm1d`; [`draft`] picks 1d or 2d from the shape that arrives.
+fn recognise(m: &ModuleTensors) -> Option<Recognised> {
+    let bn = |num_features: usize, affine: bool, track_running_stats: bool| {
+        Recognised::Layer(LayerKind::BatchNorm1d(BatchNormSpec {
+            num_features,
+            eps: 1e-5,
+            momentum: None,
+            affine,
+            track_running_stats,
+        }))
+    };
+    if m.has("running_mean")
+        && m.has("running_var")
+        && m.only(&["weight", "bias", "running_mean", "running_var"])
+    {
+        let c = m.shape("running_mean").map_or(0, |s| s.iter().product());
+        return Some(bn(c, m.has("weight"), true));
+    }
+    let w = m.weight_and_bias(1)?;
+    let name = m.last_component().to_ascii_lowercase();
+    (name.contains("bn") || name.contains("batch")).then(|| bn(w[0], true, false))
+}
+
+fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
+    let (LayerKind::BatchNorm1d(bn) | LayerKind::BatchNorm2d(bn)) = kind else {
+        return Drafted::as_recognised(kind, at);
+    };
+    let flow = at.flow;
+    let c = bn.num_features;
+    let two_d = match &flow.shape {
+        Some(s) => s.len() == 3,
+        None => flow.after_conv,
+    };
+    let have = match &flow.shape {
+        Some(s) if s.len() >= 2 => Some(s[0]),
+        Some(s) => s.first().copied(),
+        None => flow.channels,
+    };
+    let mut lead = Vec::new();
+    if let Some(h) = have
+        && h != c
+    {
+        lead.push(Lead::Todo(format!(
+            "'{}' normalises {c} channels but the layer before gives {h}: check the \
+             layer order.",
+            at.path
+        )));
+    }
+    let kind = if two_d {
+        LayerKind::BatchNorm2d(bn)
+    } else {
+        LayerKind::BatchNorm1d(bn)
+    };
+    Drafted {
+        lead,
+        what: format!("{} {c}", kind.type_name()),
+        kind,
+        explicit: &[],
+        flow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

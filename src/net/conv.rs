@@ -598,6 +598,139 @@ impl<T: Real> Layer<T> for Conv2d {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Drafting (`lca init`)
+
+use super::registry::{DraftIn, Drafted, Drafter, ModuleTensors, Recognised, Role, dims, pair};
+use crate::spec::LayerKind;
+
+/// `nn.Conv2d`: a 4-D `weight` `[out_channels, in_channels / groups, kh, kw]`, maybe a `bias`
+/// `[out_channels]`. A 3-D or 5-D weight is a `Conv1d` or `Conv3d`, which lca cannot evaluate.
+pub static DRAFTER: Drafter = Drafter {
+    recognise,
+    role: Role::Weighted,
+    draft,
+};
+
+/// Recognised with `in_channels` = the weight's input channels per group and `groups = 1`;
+/// [`draft`] decides the groups from the channels that arrive.
+fn recognise(m: &ModuleTensors) -> Option<Recognised> {
+    if let Some(&[o, i, kh, kw]) = m.weight_and_bias(4) {
+        return Some(Recognised::Layer(LayerKind::Conv2d {
+            in_channels: i,
+            out_channels: o,
+            kernel_size: Pair([kh, kw]),
+            stride: Pair::one(),
+            padding: Padding::default(),
+            dilation: Pair::one(),
+            groups: 1,
+            bias: m.has("bias"),
+        }));
+    }
+    if !m.only(&["weight", "bias"]) {
+        return None;
+    }
+    match *m.shape("weight")? {
+        [o, i, k] => Some(Recognised::Unsupported(format!(
+            "nn.Conv1d({i}·groups, {o}, kernel_size={k}) (weight [{o}, {i}, {k}])"
+        ))),
+        [o, i, a, b, c] => Some(Recognised::Unsupported(format!(
+            "nn.Conv3d({i}·groups, {o}, kernel_size=({a}, {b}, {c}))"
+        ))),
+        _ => None,
+    }
+}
+
+/// Groups from the channels that arrive; stride, padding and dilation guessed (the block's
+/// stride, padding that keeps the size for odd kernels).
+fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
+    let LayerKind::Conv2d {
+        in_channels: in_per_group,
+        out_channels: out,
+        kernel_size: Pair(kernel),
+        bias,
+        ..
+    } = kind
+    else {
+        return Drafted::as_recognised(kind, at);
+    };
+    let mut flow = at.flow;
+    let have = match &flow.shape {
+        Some(s) if s.len() == 3 => Some(s[0]),
+        Some(_) => None,
+        None => flow.channels,
+    };
+    let mut groups = 1;
+    if let Some(c) = have
+        && c != in_per_group
+        && c.is_multiple_of(in_per_group)
+        && out.is_multiple_of(c / in_per_group)
+    {
+        groups = c / in_per_group;
+    }
+    let in_channels = in_per_group * groups;
+    let padding = [kernel[0] / 2, kernel[1] / 2];
+    let s = at.stride;
+    let mut note = format!(
+        "'{}': stride, padding and dilation are not stored in a checkpoint; guessed \
+         stride {s}, padding {}{}. Pooling after it is not stored either: add your \
+         model's max_pool2d / avg_pool2d layers.",
+        at.path,
+        pair(padding),
+        if s == 1 {
+            " (keeps the size for odd kernels)"
+        } else {
+            " (the block's down-sampling)"
+        }
+    );
+    if groups > 1 {
+        note.push_str(&format!(
+            " groups = {groups}: the weight has {in_per_group} input channels per \
+             group and the layer before gives {in_channels}."
+        ));
+    } else if have.is_none_or(|c| c == in_per_group) {
+        note.push_str(" groups = 1 assumed (in_channels = weight.shape[1]).");
+    }
+    if let Some(sh) = &flow.shape
+        && (sh.len() != 3 || sh[0] != in_channels)
+    {
+        note.push_str(&format!(
+            " It receives {} but expects {in_channels} channels × height × width: \
+             check [model] input_shape and the layers before it.",
+            dims(sh)
+        ));
+    }
+    // Output size: ⌊(H + 2·padding − kernel) / stride⌋ + 1.
+    let size = |h: usize, a: usize| {
+        (h + 2 * padding[a])
+            .checked_sub(kernel[a])
+            .map_or(0, |v| v / s + 1)
+    };
+    flow.shape = match &flow.shape {
+        Some(sh) if sh.len() == 3 => Some(vec![out, size(sh[1], 0), size(sh[2], 1)]),
+        _ => None,
+    };
+    flow.after_conv = true;
+    flow.channels = Some(out);
+    Drafted {
+        lead: vec![super::registry::Lead::Todo(note)],
+        kind: LayerKind::Conv2d {
+            in_channels,
+            out_channels: out,
+            kernel_size: Pair(kernel),
+            stride: Pair([s, s]),
+            padding: Padding::Explicit(Pair(padding)),
+            dilation: Pair::one(),
+            groups,
+            bias,
+        },
+        // Guessed, so written even at their defaults.
+        explicit: &["stride", "padding"],
+        what: format!("conv2d {in_channels}→{out}, {} kernel", dims(&kernel)),
+        flow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

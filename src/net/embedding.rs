@@ -197,6 +197,99 @@ impl<T: Real> Layer<T> for PositionalEmbedding {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Drafting (`lca init`)
+
+use super::registry::{DraftIn, Drafted, Drafter, Lead, ModuleTensors, Recognised, Role};
+use crate::spec::LayerKind;
+
+/// `nn.Embedding`: a 2-D `weight` `[num_embeddings, embedding_dim]` and no bias, in a module
+/// named like an embedding (`wte`, `embed`); a learned position table when named like one
+/// (`wpe`, `pos_emb`).
+pub static DRAFTER: Drafter = Drafter {
+    recognise,
+    role: Role::Embedding,
+    draft,
+};
+
+/// A module name that reads as an embedding: `wte`, `wpe`, or containing `emb`.
+pub fn embedding_like(component: &str) -> bool {
+    let c = component.to_ascii_lowercase();
+    c == "wte" || c == "wpe" || c.contains("emb")
+}
+
+/// A learned position table: `wpe` (nanoGPT, GPT-2), `pos_emb`, `position_embeddings`.
+pub fn positional_like(component: &str) -> bool {
+    let c = component.to_ascii_lowercase();
+    embedding_like(&c) && (c == "wpe" || c.contains("pos"))
+}
+
+fn recognise(m: &ModuleTensors) -> Option<Recognised> {
+    let w = m.weight_and_bias(2)?;
+    if !embedding_like(m.last_component()) || m.has("bias") {
+        return None;
+    }
+    let (num_embeddings, embedding_dim) = (w[0], w[1]);
+    Some(Recognised::Layer(if positional_like(m.last_component()) {
+        LayerKind::PositionalEmbedding {
+            num_embeddings,
+            embedding_dim,
+        }
+    } else {
+        LayerKind::Embedding {
+            num_embeddings,
+            embedding_dim,
+            padding_idx: None,
+        }
+    }))
+}
+
+fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
+    let (num, dim, positional) = match kind {
+        LayerKind::Embedding {
+            num_embeddings,
+            embedding_dim,
+            ..
+        } => (num_embeddings, embedding_dim, false),
+        LayerKind::PositionalEmbedding {
+            num_embeddings,
+            embedding_dim,
+        } => (num_embeddings, embedding_dim, true),
+        _ => return Drafted::as_recognised(kind, at),
+    };
+    let mut flow = at.flow;
+    let mut lead = Vec::new();
+    if positional {
+        if let Some(s) = &flow.shape
+            && let Some(&t) = s.last()
+            && t > num
+        {
+            lead.push(Lead::Todo(format!(
+                "'{}' holds {num} positions but the sequences are {t} long.",
+                at.path
+            )));
+        }
+        lead.push(Lead::Todo(format!(
+            "'{}' is read as a learned position table (nanoGPT's wpe): rows 0..T \
+             of it, added to the token embeddings. If it is a second token \
+             embedding, make it type = \"embedding\".",
+            at.path
+        )));
+    }
+    flow.shape = flow.shape.take().map(|mut s| {
+        s.push(dim);
+        s
+    });
+    flow.channels = Some(dim);
+    Drafted {
+        lead,
+        what: format!("{} {num}×{dim}", kind.type_name()),
+        kind,
+        explicit: &[],
+        flow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

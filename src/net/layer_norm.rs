@@ -178,6 +178,46 @@ impl<T: Real> Layer<T> for LayerNorm {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Drafting (`lca init`)
+
+use super::registry::{DraftIn, Drafted, Drafter, ModuleTensors, Recognised, Role};
+use crate::spec::LayerKind;
+
+/// `nn.LayerNorm(C)`: a 1-D `weight` `[C]`, maybe a `bias` `[C]` (a batch norm without
+/// running statistics is recognised first, by its name).
+pub static DRAFTER: Drafter = Drafter {
+    recognise,
+    role: Role::Norm,
+    draft,
+};
+
+fn recognise(m: &ModuleTensors) -> Option<Recognised> {
+    let w = m.weight_and_bias(1)?;
+    Some(Recognised::Layer(LayerKind::LayerNorm {
+        normalized_shape: w[0],
+        eps: 1e-5,
+        elementwise_affine: true,
+        bias: m.has("bias"),
+    }))
+}
+
+fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
+    let LayerKind::LayerNorm {
+        normalized_shape, ..
+    } = kind
+    else {
+        return Drafted::as_recognised(kind, at);
+    };
+    Drafted {
+        lead: Vec::new(),
+        kind,
+        explicit: &[],
+        what: format!("layer_norm {normalized_shape}"),
+        flow: at.flow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

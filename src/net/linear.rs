@@ -125,6 +125,158 @@ fn weight<T>(w: &[T], out: usize, inp: usize) -> ArrayView2<'_, T> {
     ArrayView2::from_shape((out, inp), w).expect("weight has its declared shape")
 }
 
+// ---------------------------------------------------------------------------------------
+// Drafting (`lca init`)
+
+use super::registry::{
+    DraftIn, Drafted, Drafter, Flow, Lead, ModuleTensors, Recognised, Role, dims,
+};
+use crate::spec::LayerKind;
+
+/// `nn.Linear`: a 2-D `weight` `[out_features, in_features]`, maybe a `bias` `[out_features]`.
+pub static DRAFTER: Drafter = Drafter {
+    recognise,
+    role: Role::Weighted,
+    draft,
+};
+
+fn recognise(m: &ModuleTensors) -> Option<Recognised> {
+    let w = m.weight_and_bias(2)?;
+    Some(Recognised::Layer(LayerKind::Linear {
+        in_features: w[1],
+        out_features: w[0],
+        bias: m.has("bias"),
+    }))
+}
+
+/// `nn.Flatten()`.
+fn flatten() -> Lead {
+    Lead::Table(LayerKind::Flatten {
+        start_dim: 1,
+        end_dim: -1,
+    })
+}
+
+/// The layer, after what makes the flow fit its `in_features`: a flatten (after
+/// convolutions, or of a multi-axis sample), or the pooling that shrinks feature maps.
+fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
+    let LayerKind::Linear {
+        in_features: inp,
+        out_features: out,
+        ..
+    } = kind
+    else {
+        return Drafted::as_recognised(kind, at);
+    };
+    let name = at.path;
+    let mut flow = at.flow;
+    let mut lead = Vec::new();
+    match flow.shape.clone() {
+        Some(s) if flow.after_conv && s.len() == 3 => {
+            if s.iter().product::<usize>() == inp {
+                lead.push(flatten());
+                flow.shape = Some(vec![inp]);
+            } else {
+                pool_to_fit(&mut lead, &mut flow, name, inp);
+            }
+        }
+        Some(s) if s.len() >= 2 && s.last() != Some(&inp) && s.iter().product::<usize>() == inp => {
+            lead.push(Lead::Todo(format!(
+                "'{name}' takes {inp} features and each sample is {} = {inp} values: \
+                 flattened first (nn.Flatten).",
+                dims(&s)
+            )));
+            lead.push(flatten());
+            flow.shape = Some(vec![inp]);
+        }
+        None if flow.after_conv => {
+            lead.push(Lead::Todo(format!(
+                "a linear layer after convolutions: the feature maps are flattened \
+                 first; '{name}' expects {inp} = channels × height × width (add the \
+                 pooling of your model before it)."
+            )));
+            lead.push(flatten());
+        }
+        _ => {}
+    }
+    if let Some(s) = &flow.shape {
+        let last = s.last().copied().unwrap_or(1);
+        if last != inp {
+            lead.push(Lead::Todo(format!(
+                "'{name}' expects {inp} input features but receives {last} ({}): fix the \
+                 layers before it (or the data).",
+                dims(s)
+            )));
+        }
+    }
+    flow.shape = Some(match flow.shape.take() {
+        Some(mut s) if !s.is_empty() => {
+            *s.last_mut().expect("non-empty") = out;
+            s
+        }
+        _ => vec![out],
+    });
+    flow.after_conv = false;
+    flow.channels = Some(out);
+    Drafted {
+        lead,
+        kind,
+        explicit: &[],
+        what: format!("linear {inp}→{out}"),
+        flow,
+    }
+}
+
+/// The convolutions give `[C, H, W]` but the linear layer `name` takes `inp` features: the
+/// pooling that makes the sizes fit (global average pooling when `inp = C`, an adaptive
+/// average pool to the size `inp / C` implies otherwise), marked TODO.
+fn pool_to_fit(lead: &mut Vec<Lead>, flow: &mut Flow, name: &str, inp: usize) {
+    let Some(s) = flow.shape.clone() else { return };
+    let (c, h, w) = (s[0], s[1], s[2]);
+    if inp == c {
+        lead.push(Lead::Todo(format!(
+            "the convolutions give {c}×{h}×{w} and '{name}' takes {inp} = {c} channels: a \
+             global average pool (ResNet-style, nn.AdaptiveAvgPool2d(1) + flatten) guessed."
+        )));
+        lead.push(Lead::Table(LayerKind::GlobalAvgPool {}));
+        flow.shape = Some(vec![c]);
+        return;
+    }
+    let side = if inp.is_multiple_of(c) {
+        let a = inp / c;
+        let r = (a as f64).sqrt().round() as usize;
+        (r * r == a && r <= h.min(w)).then_some(r)
+    } else {
+        None
+    };
+    match side {
+        Some(r) => {
+            lead.push(Lead::Todo(format!(
+                "the convolutions (with the guessed strides and padding) give {c}×{h}×{w} = {} \
+                 values, but '{name}' takes {inp} = {c}×{r}×{r}: the maps must shrink from \
+                 {h}×{w} to {r}×{r}. An adaptive average pool to that size is written so that \
+                 the file runs. Replace it by your model's pooling (max_pool2d, avg_pool2d) and \
+                 strides.",
+                c * h * w,
+            )));
+            lead.push(Lead::Table(LayerKind::AdaptiveAvgPool2d {
+                output_size: crate::spec::Pair([r, r]),
+            }));
+            lead.push(flatten());
+            flow.shape = Some(vec![inp]);
+        }
+        None => {
+            lead.push(Lead::Todo(format!(
+                "the convolutions give {c}×{h}×{w} = {} values but '{name}' takes {inp}: add \
+                 the pooling and strides of your model.",
+                c * h * w
+            )));
+            lead.push(flatten());
+            flow.shape = Some(vec![c * h * w]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

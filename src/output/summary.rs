@@ -77,9 +77,28 @@ pub struct DataInfo {
     pub sample_shape: Vec<usize>,
     pub chunk_size: usize,
     pub chunks: usize,
+    /// The order the rows were evaluated in: `shuffled` (chunks drawn by the permutation of
+    /// `seed`) or `file`; always `file` unless batch norm uses batch statistics (docs/spec.md).
+    /// Summaries written before the option existed read as `file`.
+    #[serde(default = "file_order")]
+    pub order: String,
+    /// The permutation's seed, with `order = "shuffled"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// The held-out set whose loss is allocated along the same path, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<FileInfo>,
+}
+
+fn file_order() -> String {
+    "file".into()
+}
+
+impl DataInfo {
+    /// The recorded row order (`None`: a name this lca does not know).
+    pub fn data_order(&self) -> Option<crate::data::DataOrder> {
+        crate::data::DataOrder::from_parts(Some(&self.order), self.seed)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +143,18 @@ pub struct ModelInfo {
     /// Attention layers, for `summarize --by head`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attention: Vec<AttentionInfo>,
+}
+
+impl ModelInfo {
+    /// The length of the last axis of parameter `name` (1 when it has none or is unknown):
+    /// the columns of a weight, whose entries are stored row by row.
+    pub fn last_axis(&self, name: &str) -> usize {
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.shape.last().copied())
+            .unwrap_or(1)
+    }
 }
 
 /// An attention layer: its head count and projection tensors. Head h owns rows
@@ -201,6 +232,24 @@ pub struct BudgetInfo {
     pub plain_evaluations: usize,
     /// Steps with more than one panel.
     pub refined_steps: usize,
+    /// What `--converge-layers` did (its evaluations are included in `evaluations`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayerConvergence>,
+}
+
+/// `--converge-layers REL` in `summary.json` (`integration.budget.layers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerConvergence {
+    /// REL: each layer's run-total estimate ≤ REL · max(|layer LCA|, floor · |ΔL|).
+    pub rel: f64,
+    pub floor: f64,
+    /// `met`, or `narrowest` (layers still above their tolerance had nothing left to split).
+    pub ending: crate::lca::budget::Ending,
+    /// Evaluations the layer refinement added.
+    pub evaluations: usize,
+    /// The largest estimate ÷ tolerance over the layers, before and after (as planned).
+    pub worst_before: f64,
+    pub worst_after: f64,
 }
 
 /// A foreign evaluation engine as recorded in `summary.json` and the resume journal: a

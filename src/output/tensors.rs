@@ -260,97 +260,74 @@ pub fn read_bucket_steps(
     bucket: &dyn Fn(usize) -> usize,
 ) -> Result<NeuronSteps> {
     // One "neuron" per entry, then bucketed: read the tensor row by row.
-    let (len, header) = crate::safetensors_header::read_header(path)?;
-    let meta = header.get("__metadata__");
-    let steps = meta_steps(path, meta, "steps")?;
-    let next_steps = meta_steps(path, meta, "next_steps")?;
-    let nsteps = steps.len();
-    let mut f = File::open(path).map_err(|e| LcaError::io(path, e))?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|e| LcaError::io(path, e))?;
-    let data_start = 8 + u64::from_le_bytes(n);
-    let entry = header
-        .get(name)
-        .ok_or_else(|| st_err(path, format!("no tensor '{name}'")))?;
-    let bad = |m: &str| st_err(path, format!("tensor '{name}': {m}"));
-    let es = match entry.get("dtype").and_then(|d| d.as_str()) {
-        Some("F32") => 4usize,
-        Some("F64") => 8,
-        other => return Err(bad(&format!("dtype {other:?}, expected F32 or F64"))),
-    };
-    let shape: Vec<usize> = entry
-        .get("shape")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .ok_or_else(|| bad("no shape"))?;
-    if shape.is_empty() || shape[0] != nsteps {
-        return Err(bad(&format!(
-            "shape {shape:?}, expected [{nsteps} steps, ...]"
-        )));
-    }
-    let row: usize = shape[1..].iter().product();
-    let offs: Vec<u64> = entry
-        .get("data_offsets")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .filter(|o: &Vec<u64>| o.len() == 2)
-        .ok_or_else(|| bad("no data_offsets"))?;
-    if offs[1] - offs[0] != (nsteps * row * es) as u64 || data_start + offs[1] > len {
-        return Err(bad(
-            "data_offsets do not match the shape or the file size (truncated?)",
-        ));
-    }
-    f.seek(SeekFrom::Start(data_start + offs[0]))
-        .map_err(|e| LcaError::io(path, e))?;
-    let map: Vec<usize> = (0..row).map(bucket).collect();
-    let mut buf = vec![0u8; row * es];
+    let file = StepFile::open(path)?;
+    let nsteps = file.steps.len();
+    let t = file.tensor(name, 0, "[steps, ...]")?;
+    let mut f = file.rows_of(&t)?;
+    let map: Vec<usize> = (0..t.row).map(bucket).collect();
+    let mut buf = vec![0u8; t.row * t.es];
     let mut values = vec![vec![0.0; buckets]; nsteps];
     for out in values.iter_mut() {
         f.read_exact(&mut buf).map_err(|e| LcaError::io(path, e))?;
         for (k, &b) in map.iter().enumerate() {
-            if b >= buckets {
-                continue;
+            if b < buckets {
+                out[b] += le_float(&buf[k * t.es..(k + 1) * t.es]);
             }
-            let c = &buf[k * es..(k + 1) * es];
-            out[b] += if es == 4 {
-                f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64
-            } else {
-                f64::from_le_bytes(c.try_into().expect("8 bytes"))
-            };
         }
     }
     Ok(NeuronSteps {
-        steps,
-        next_steps,
+        steps: file.steps,
+        next_steps: file.next_steps,
         values,
     })
 }
 
-/// Per-step, per-neuron LCA of the tensors `names` (one layer's weight and bias): neuron `i`
-/// is index `i` along axis 0 of every tensor, summed over the other axes. Each tensor is
-/// stored as `[steps, d0, ...]`; all must have the same `d0`. Reads one step row of one
-/// tensor at a time, so memory stays at one row plus the result.
-pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<NeuronSteps> {
-    use std::io::Read;
-    let (len, header) = crate::safetensors_header::read_header(path)?;
-    let meta = header.get("__metadata__");
-    let steps = meta_steps(path, meta, "steps")?;
-    let next_steps = meta_steps(path, meta, "next_steps")?;
-    if steps.len() != next_steps.len() {
-        return Err(st_err(
-            path,
-            "metadata `steps` and `next_steps` differ in length",
-        ));
-    }
-    let nsteps = steps.len();
-    let data_start = 8 + u64::from_le_bytes({
+/// A per-step tensor file (`lca_steps.safetensors` and the like): its header, its steps, and
+/// where its data section starts.
+struct StepFile<'p> {
+    path: &'p std::path::Path,
+    len: u64,
+    header: crate::safetensors_header::Header,
+    data_start: u64,
+    steps: Vec<u64>,
+    next_steps: Vec<u64>,
+}
+
+/// One `[steps, ...]` tensor of a [`StepFile`]: element size, shape, elements per step, and
+/// the byte offset of its first row.
+struct StepTensor {
+    es: usize,
+    shape: Vec<usize>,
+    row: usize,
+    start: u64,
+}
+
+impl<'p> StepFile<'p> {
+    fn open(path: &'p std::path::Path) -> Result<Self> {
+        let (len, header) = crate::safetensors_header::read_header(path)?;
+        let meta = header.get("__metadata__");
+        let steps = meta_steps(path, meta, "steps")?;
+        let next_steps = meta_steps(path, meta, "next_steps")?;
         let mut f = File::open(path).map_err(|e| LcaError::io(path, e))?;
         let mut n = [0u8; 8];
         f.read_exact(&mut n).map_err(|e| LcaError::io(path, e))?;
-        n
-    });
-    let mut file = File::open(path).map_err(|e| LcaError::io(path, e))?;
-    let mut values: Option<Vec<Vec<f64>>> = None;
-    for name in names {
-        let entry = header
+        Ok(StepFile {
+            path,
+            len,
+            header,
+            data_start: 8 + u64::from_le_bytes(n),
+            steps,
+            next_steps,
+        })
+    }
+
+    /// Tensor `name`, F32 or F64, of shape `[steps, ...]` with at least `axes` axes after the
+    /// steps (`expected` says so in the message), its data inside the file.
+    fn tensor(&self, name: &str, axes: usize, expected: &str) -> Result<StepTensor> {
+        let path = self.path;
+        let nsteps = self.steps.len();
+        let entry = self
+            .header
             .get(name)
             .ok_or_else(|| st_err(path, format!("no tensor '{name}'")))?;
         let bad = |m: &str| st_err(path, format!("tensor '{name}': {m}"));
@@ -363,12 +340,12 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
             .get("shape")
             .and_then(|s| serde_json::from_value(s.clone()).ok())
             .ok_or_else(|| bad("no shape"))?;
-        if shape.len() < 2 || shape[0] != nsteps {
+        if shape.len() < 1 + axes || shape[0] != nsteps {
             return Err(bad(&format!(
-                "shape {shape:?}, expected [{nsteps} steps, neurons, ...]"
+                "shape {shape:?}, expected {}",
+                expected.replacen("steps", &format!("{nsteps} steps"), 1)
             )));
         }
-        let neurons = shape[1];
         let row = shape[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let bytes = row.and_then(|r| r.checked_mul(nsteps)?.checked_mul(es));
         let offs: Vec<u64> = entry
@@ -378,17 +355,65 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
             .ok_or_else(|| bad("no data_offsets"))?;
         let fits = offs[1].checked_sub(offs[0]).is_some_and(|n| {
             Some(n) == bytes.map(|b| b as u64)
-                && shape[2..].iter().all(|&d| d > 0)
-                && data_start
+                && self
+                    .data_start
                     .checked_add(offs[1])
-                    .is_some_and(|end| end <= len)
+                    .is_some_and(|end| end <= self.len)
         });
         if !fits {
             return Err(bad(
                 "data_offsets do not match the shape or the file size (truncated?)",
             ));
         }
-        let row = row.unwrap_or(0);
+        Ok(StepTensor {
+            es,
+            row: row.unwrap_or(0),
+            shape,
+            start: self.data_start + offs[0],
+        })
+    }
+
+    /// The file, positioned at the first row of `t`.
+    fn rows_of(&self, t: &StepTensor) -> Result<File> {
+        let mut f = File::open(self.path).map_err(|e| LcaError::io(self.path, e))?;
+        f.seek(SeekFrom::Start(t.start))
+            .map_err(|e| LcaError::io(self.path, e))?;
+        Ok(f)
+    }
+}
+
+/// A little-endian F32 (4 bytes) or F64 (8 bytes) as f64.
+fn le_float(c: &[u8]) -> f64 {
+    match c.len() {
+        4 => f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
+        _ => f64::from_le_bytes(c.try_into().expect("8 bytes")),
+    }
+}
+
+/// Per-step, per-neuron LCA of the tensors `names` (one layer's weight and bias): neuron `i`
+/// is index `i` along axis 0 of every tensor, summed over the other axes. Each tensor is
+/// stored as `[steps, d0, ...]`; all must have the same `d0`. Reads one step row of one
+/// tensor at a time, so memory stays at one row plus the result.
+pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<NeuronSteps> {
+    let file = StepFile::open(path)?;
+    if file.steps.len() != file.next_steps.len() {
+        return Err(st_err(
+            path,
+            "metadata `steps` and `next_steps` differ in length",
+        ));
+    }
+    let nsteps = file.steps.len();
+    let mut values: Option<Vec<Vec<f64>>> = None;
+    for name in names {
+        let t = file.tensor(name, 1, "[steps, neurons, ...]")?;
+        let bad = |m: &str| st_err(path, format!("tensor '{name}': {m}"));
+        let (es, neurons) = (t.es, t.shape[1]);
+        if t.shape[2..].contains(&0) {
+            return Err(bad(
+                "data_offsets do not match the shape or the file size (truncated?)",
+            ));
+        }
+        let row = t.row;
         let per_neuron = row.checked_div(neurons).unwrap_or(0);
         let vals = values.get_or_insert_with(|| vec![vec![0.0; neurons]; nsteps]);
         if vals.first().is_some_and(|r| r.len() != neurons) {
@@ -397,31 +422,19 @@ pub fn read_neuron_steps(path: &std::path::Path, names: &[String]) -> Result<Neu
                 vals[0].len()
             )));
         }
-        file.seek(SeekFrom::Start(data_start + offs[0]))
-            .map_err(|e| LcaError::io(path, e))?;
+        let mut f = file.rows_of(&t)?;
         let mut buf = vec![0u8; row * es];
         for out in vals.iter_mut() {
-            file.read_exact(&mut buf)
-                .map_err(|e| LcaError::io(path, e))?;
+            f.read_exact(&mut buf).map_err(|e| LcaError::io(path, e))?;
             for (i, o) in out.iter_mut().enumerate() {
                 let chunk = &buf[i * per_neuron * es..(i + 1) * per_neuron * es];
-                *o += if es == 4 {
-                    chunk
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
-                        .sum::<f64>()
-                } else {
-                    chunk
-                        .chunks_exact(8)
-                        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-                        .sum::<f64>()
-                };
+                *o += chunk.chunks_exact(es).map(le_float).sum::<f64>();
             }
         }
     }
     Ok(NeuronSteps {
-        steps,
-        next_steps,
+        steps: file.steps,
+        next_steps: file.next_steps,
         values: values.unwrap_or_else(|| vec![Vec::new(); nsteps]),
     })
 }
@@ -442,14 +455,15 @@ impl StepReader {
     /// Open `path`, checking that it holds every tensor of `params` (name, shape) as F64 with
     /// a leading step axis.
     pub fn open(path: &std::path::Path, params: &[(String, Vec<usize>)]) -> Result<StepReader> {
-        let (len, header) = crate::safetensors_header::read_header(path)?;
-        let meta = header.get("__metadata__");
-        let steps = meta_steps(path, meta, "steps")?;
-        let next_steps = meta_steps(path, meta, "next_steps")?;
-        let mut file = File::open(path).map_err(|e| LcaError::io(path, e))?;
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|e| LcaError::io(path, e))?;
-        let data_start = 8 + u64::from_le_bytes(n);
+        let StepFile {
+            len,
+            header,
+            data_start,
+            steps,
+            next_steps,
+            ..
+        } = StepFile::open(path)?;
+        let file = File::open(path).map_err(|e| LcaError::io(path, e))?;
         let mut entries = Vec::with_capacity(params.len());
         for (name, shape) in params {
             let entry = header

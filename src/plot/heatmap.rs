@@ -148,14 +148,7 @@ impl HeatmapFigure {
             ));
         }
         let path = lca_file(dir)?;
-        let width = |name: &str| {
-            s.model
-                .params
-                .iter()
-                .find(|p| p.name == name)
-                .and_then(|p| p.shape.last().copied())
-                .unwrap_or(1)
-        };
+        let width = |name: &str| s.model.last_axis(name);
         let mut acc: Option<NeuronSteps> = None;
         let mut rows = Vec::new();
         let mut tensors = Vec::new();

@@ -3,7 +3,7 @@
 //! 100 %. The study found barely more than half helping on any step.
 
 use super::DrawResult;
-use super::style::{self, AXIS, LegendEntry, LegendKind, TICKS, font};
+use super::style::{self, LegendEntry, LegendKind};
 use crate::output::Summary;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -58,19 +58,12 @@ impl HelpedFigure {
             .x_label_area_size(50)
             .y_label_area_size(80)
             .build_cartesian_2d(x0..x1, 0.0..100.0)?;
-        chart
-            .configure_mesh()
+        style::step_mesh(&mut chart.configure_mesh(), x0, x1)
             .x_desc("step t (θ_t → θ_t+1)")
             .y_desc("% of parameters")
-            .axis_desc_style(font(AXIS))
-            .label_style(font(TICKS))
-            .x_labels(style::step_labels(x0, x1))
-            .x_label_formatter(&|v| style::step_tick(*v))
             .y_label_formatter(&|v| format!("{v:.0}%"))
             .y_labels(11)
             .disable_x_mesh()
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(style::GRID)
             .draw()?;
         for &(a, b, h, z, _) in &self.steps {
             chart.draw_series([

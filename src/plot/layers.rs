@@ -4,7 +4,7 @@
 
 use super::DrawResult;
 use super::series::{GroupBy, MAX_SERIES, Series, SeriesKind, select};
-use super::style::{self, AXIS, LegendEntry, LegendKind, TICKS, font, padded, tick};
+use super::style::{self, LegendEntry, LegendKind, font, padded, tick};
 use crate::error::{LcaError, Result};
 use crate::output::Summary;
 use crate::output::csv::read_layer_steps;
@@ -177,17 +177,10 @@ impl LayersFigure {
             .x_label_area_size(50)
             .y_label_area_size(style::y_label_width(&left, y0, y1))
             .build_cartesian_2d(x0..x1, y0..y1)?;
-        chart
-            .configure_mesh()
+        style::step_mesh(&mut chart.configure_mesh(), x0, x1)
             .x_desc("checkpoint step t")
             .y_desc("cumulative LCA (loss units)")
-            .axis_desc_style(font(AXIS))
-            .label_style(font(TICKS))
-            .x_labels(style::step_labels(x0, x1))
-            .x_label_formatter(&|v| style::step_tick(*v))
             .y_label_formatter(&|v| tick(*v, y0, y1))
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(style::GRID)
             .draw()?;
         chart.draw_series(LineSeries::new(
             [(x0, 0.0), (x1, 0.0)],

@@ -3,7 +3,7 @@
 //! per-step residuals r_t = ΔL_t − ΣLCA_t that separate them.
 
 use super::DrawResult;
-use super::style::{self, AXIS, TICKS, font, padded, tick};
+use super::style::{self, AXIS, font, padded, tick};
 use crate::output::Summary;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -83,17 +83,10 @@ impl LossFigure {
             .x_label_area_size(50)
             .y_label_area_size(95)
             .build_cartesian_2d(x0..x1, y0..y1)?;
-        chart
-            .configure_mesh()
+        style::step_mesh(&mut chart.configure_mesh(), x0, x1)
             .x_desc("checkpoint step t")
             .y_desc("full-training-set loss L(θ_t)")
-            .axis_desc_style(font(AXIS))
-            .label_style(font(TICKS))
-            .x_labels(style::step_labels(x0, x1))
-            .x_label_formatter(&|v| style::step_tick(*v))
             .y_label_formatter(&|v| tick(*v, y0, y1))
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(style::GRID)
             .draw()?;
         let actual = RGBColor(120, 170, 220);
         chart
@@ -141,17 +134,11 @@ impl LossFigure {
             .x_label_area_size(50)
             .y_label_area_size(95)
             .build_cartesian_2d(x0..x1, -m..m)?;
-        res.configure_mesh()
+        style::step_mesh(&mut res.configure_mesh(), x0, x1)
             .x_desc("step t (θ_t → θ_t+1)")
             .y_desc("residual (loss)")
-            .axis_desc_style(font(AXIS))
-            .label_style(font(TICKS))
-            .x_labels(style::step_labels(x0, x1))
-            .x_label_formatter(&|v| style::step_tick(*v))
             .y_label_formatter(&|v| tick(*v, -m, m))
             .y_labels(7)
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(style::GRID)
             .draw()?;
         res.draw_series(self.residuals.iter().map(|&(a, b, r)| {
             let gap = (b - a) * 0.15;

@@ -6,7 +6,7 @@
 use super::DrawResult;
 use super::layers::per_step;
 use super::series::{GroupBy, SeriesKind, select};
-use super::style::{self, TICKS, font, grey_font};
+use super::style::{self, font, grey_font};
 use crate::error::Result;
 use crate::output::Summary;
 use plotters::coord::Shift;
@@ -98,17 +98,11 @@ impl PeaksFigure {
                 .x_label_area_size(if last { X_LABELS } else { 0 })
                 .y_label_area_size(80)
                 .build_cartesian_2d(x0..x1, -1.15..1.15)?;
-            let xfmt = |v: &f64| style::step_tick(*v);
             let yfmt = |v: &f64| format!("{v:.0}");
             let mut mesh = chart.configure_mesh();
-            mesh.label_style(font(TICKS))
-                .axis_desc_style(font(style::AXIS))
-                .x_labels(style::step_labels(x0, x1))
-                .x_label_formatter(&xfmt)
+            style::step_mesh(&mut mesh, x0, x1)
                 .y_labels(3)
-                .y_label_formatter(&yfmt)
-                .light_line_style(TRANSPARENT)
-                .bold_line_style(style::GRID);
+                .y_label_formatter(&yfmt);
             if last {
                 mesh.x_desc("step t (θ_t → θ_t+1)");
             }

@@ -1,7 +1,9 @@
 //! Shared look of the figures: the embedded font, font sizes, colours, the diverging colour
 //! map, tick-label formatting and a legend drawn beside a chart.
 
+use plotters::chart::MeshStyle;
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -161,6 +163,25 @@ pub fn step_labels(x0: f64, x1: f64) -> usize {
 }
 
 /// A tick label on a step axis: the whole step, or nothing at a fractional position.
+/// The mesh of every chart over checkpoint steps: step ticks and labels on x, the axis and
+/// tick fonts, grid lines without the light ones. The caller adds the axis descriptions, the
+/// y ticks, and draws.
+pub fn step_mesh<'m, 'a, 'b, DB: DrawingBackend>(
+    mesh: &'m mut MeshStyle<'a, 'b, RangedCoordf64, RangedCoordf64, DB>,
+    x0: f64,
+    x1: f64,
+) -> &'m mut MeshStyle<'a, 'b, RangedCoordf64, RangedCoordf64, DB> {
+    fn x_label(v: &f64) -> String {
+        step_tick(*v)
+    }
+    mesh.axis_desc_style(font(AXIS))
+        .label_style(font(TICKS))
+        .x_labels(step_labels(x0, x1))
+        .x_label_formatter(&x_label)
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID)
+}
+
 pub fn step_tick(v: f64) -> String {
     if (v - v.round()).abs() < 1e-6 {
         format!("{}", v.round() as i64)

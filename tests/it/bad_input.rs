@@ -782,6 +782,52 @@ fn data_with_zero_samples_or_no_sample_axis() {
     );
 }
 
+/// Samples of no values: `x` or `y` of shape (N, 0). Found by the `npz` fuzz target (an
+/// `.npz` with `x` and `y` of shape (4, 0) loaded, then `Dataset::chunk` indexed past the
+/// empty targets and panicked); the same for `.safetensors`.
+#[test]
+fn data_whose_samples_hold_no_values_is_refused() {
+    let t = tiny();
+    rewrite_data(
+        &t,
+        &[T::f32("x", &[4, 0], &[]), T::i64("y", &[4], &[0, 1, 2, 0])],
+    );
+    fails_with(
+        &t.run(&[]),
+        &[
+            "train.safetensors",
+            "'x' has shape [4, 0]: each sample holds no values",
+        ],
+    );
+    rewrite_data(
+        &t,
+        &[T::f32("x", &[4, 4], &[0.5; 16]), T::i64("y", &[4, 0], &[])],
+    );
+    fails_with(
+        &t.run(&[]),
+        &[
+            "train.safetensors",
+            "'y' has shape [4, 0]: each sample holds no values",
+        ],
+    );
+    std::fs::write(&t.spec, TINY_SPEC.replace("train.safetensors", "train.npz")).unwrap();
+    let x = npy(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 0), }",
+        &[],
+    );
+    let y = npy(
+        "{'descr': '<i8', 'fortran_order': False, 'shape': (4, 0), }",
+        &[],
+    );
+    std::fs::write(
+        t.dir.path().join("train.npz"),
+        stored_zip(&[("x.npy", &x), ("y.npy", &y)]),
+    )
+    .unwrap();
+    fails_with(&t.run(&[]), &["train.npz", "each sample holds no values"]);
+    no_visible_outputs(&t.dir.path().join("out"));
+}
+
 #[test]
 fn data_beyond_f32_after_preprocessing_names_the_sample() {
     let t = tiny();

@@ -389,3 +389,143 @@ fn negative_token_id_is_reported_against_tokens_not_y() {
     );
     assert!(!err.contains("'y'"), "{err}");
 }
+
+/// Run `lca init CKPT -o SPEC` and return (exit success, stdout + stderr).
+fn init_draft(ckpt: &std::path::Path, spec: &std::path::Path) -> (bool, String) {
+    let o = lca()
+        .arg("init")
+        .arg(ckpt)
+        .arg("-o")
+        .arg(spec)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(!text.contains("internal error"), "{text}");
+    (o.status.success(), text)
+}
+
+/// A chain of `Linear(4→4)` modules with these names.
+fn linear_chain(names: &[&str]) -> Vec<T> {
+    names
+        .iter()
+        .flat_map(|n| {
+            [
+                T::f32(&format!("{n}.weight"), &[4, 4], &[0.5; 16]),
+                T::f32(&format!("{n}.bias"), &[4], &[0.0; 4]),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn init_with_hostile_tensor_names_writes_toml_that_reads_back_the_same_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = [
+        "q\"uote",
+        "back\\slash",
+        "new\nline",
+        "x\n[[layers]]\ntype = \"relu\"\n#",
+        "close]bracket",
+        "[[layers]]",
+        "ctrl\u{1}char",
+        "nul\u{0}char",
+        "carriage\rreturn",
+        "tab\tname",
+        "del\u{7f}char",
+        "non-ascii é中",
+        "line\u{2028}separator",
+        "apostrophe's",
+    ];
+    let ckpt = dir.path().join("ckpt_0.safetensors");
+    write_st(&ckpt, &linear_chain(&names), Some(0));
+    let spec = dir.path().join("model.toml");
+    let (ok, out) = init_draft(&ckpt, &spec);
+    assert!(ok, "{out}");
+    // The notice escapes control characters: a name cannot break or rewrite the terminal's lines.
+    for c in ['\u{0}', '\u{1}', '\r', '\u{7f}'] {
+        assert!(!out.contains(c), "{out:?}");
+    }
+    assert!(out.contains("new\\nline"), "{out}");
+    // The draft parses, and its layers with parameters are exactly the checkpoint's modules,
+    // names read back unchanged; nothing was injected by a name (only the guessed activations
+    // between the layers, which the draft writes without a name).
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let parsed = lca::spec::Spec::parse(&text, &spec).unwrap();
+    let mut linear: Vec<&str> = parsed
+        .layers
+        .iter()
+        .filter(|l| l.kind.type_name() == "linear")
+        .map(|l| l.name.as_str())
+        .collect();
+    linear.sort();
+    let mut want = names.to_vec();
+    want.sort();
+    assert_eq!(linear, want, "{text}");
+    assert!(
+        parsed
+            .layers
+            .iter()
+            .all(|l| l.kind.type_name() == "linear" || (!l.named && l.kind.type_name() == "relu")),
+        "{text}"
+    );
+    assert_eq!(parsed.layers.len(), 2 * names.len() - 1, "{text}");
+}
+
+#[test]
+fn init_leaves_out_modules_whose_name_cannot_be_a_layer_name_and_names_their_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    // `weight` / `bias` (no module name) and `input.*` (the model input's reserved name)
+    // beside a usable layer: the draft leaves them out, naming their tensors.
+    let mut tensors = vec![
+        T::f32("weight", &[4, 4], &[0.5; 16]),
+        T::f32("bias", &[4], &[0.0; 4]),
+    ];
+    tensors.extend(linear_chain(&["input", "fc"]));
+    let ckpt = dir.path().join("ckpt_0.safetensors");
+    write_st(&ckpt, &tensors, Some(0));
+    let spec = dir.path().join("model.toml");
+    let (ok, out) = init_draft(&ckpt, &spec);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("left out (written as comments): bias, weight, input"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&spec).unwrap();
+    // The notes as one line each (comments are wrapped at about 96 columns).
+    let unwrapped = text.replace("\n#   ", " ");
+    for needle in [
+        "its tensors have no module name",
+        "'bias', 'weight'",
+        "its module is named 'input'",
+        "'input.bias', 'input.weight'",
+    ] {
+        assert!(unwrapped.contains(needle), "{needle}: {text}");
+    }
+    let parsed = lca::spec::Spec::parse(&text, &spec).unwrap();
+    let names: Vec<&str> = parsed.layers.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["fc"], "{text}");
+
+    // With no usable module at all there is no spec to write: an error naming the tensors.
+    let only = dir.path().join("only").join("ckpt_0.safetensors");
+    std::fs::create_dir_all(only.parent().unwrap()).unwrap();
+    write_st(
+        &only,
+        &[
+            T::f32(".weight", &[4, 4], &[0.5; 16]),
+            T::f32(".bias", &[4], &[0.0; 4]),
+        ],
+        Some(0),
+    );
+    let spec2 = dir.path().join("only.toml");
+    let (ok, out) = init_draft(&only, &spec2);
+    assert!(!ok, "{out}");
+    for needle in ["ckpt_0.safetensors", "no layer", "'.bias', '.weight'"] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    assert!(!spec2.exists());
+}

@@ -28,7 +28,9 @@ fn spec_path(mode: &str) -> std::path::PathBuf {
 }
 
 fn run(mode: &str, out: &Path, extra: &[&str]) {
-    let args: Vec<&str> = std::iter::once("--quiet")
+    // The oracle evaluated the rows in file order (batch-stats chunks depend on it).
+    let args: Vec<&str> = ["--quiet", "--data-order", "file"]
+        .into_iter()
         .chain(extra.iter().copied())
         .collect();
     analyze_ok(&fixture("resnet/ckpts"), &spec_path(mode), out, &args);

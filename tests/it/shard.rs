@@ -553,3 +553,64 @@ fn merge_verifies_each_part_and_refuses_non_finite_values() {
 fn sha256_hex(b: &[u8]) -> String {
     lca::tensors::sha256_hex(b)
 }
+
+/// Parts of the budget policy carry their error estimates (`lca_err`) through the merge: the
+/// merged tables hold the parts' rows, and the run totals are √(Σ_t est_t²) over all steps.
+#[test]
+fn budget_parts_carry_their_error_estimates_through_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    // The budget policy (the default; `shards` pins the per-step one).
+    let parts: Vec<PathBuf> = (0..2)
+        .map(|k| {
+            let out = dir.path().join(format!("budget/{k}"));
+            let shard = format!("{k}/2");
+            analyze_ok(
+                &fixture("mlp/ckpts"),
+                &fixture("mlp/model.toml"),
+                &out,
+                &["-q", "--shard", &shard],
+            );
+            out
+        })
+        .collect();
+    let merged = dir.path().join("merged");
+    ok(merge(&parts, &merged));
+    for table in ["tensors.csv", "layers.csv"] {
+        let text = std::fs::read_to_string(merged.join(table)).unwrap();
+        let header = text.lines().next().unwrap();
+        assert!(header.ends_with(",lca_err"), "{table}: {header}");
+        let rows: Vec<&str> = text.lines().skip(1).collect();
+        let from_parts: Vec<String> = parts
+            .iter()
+            .flat_map(|p| {
+                let t = std::fs::read_to_string(p.join(table)).unwrap();
+                t.lines().skip(1).map(String::from).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(rows, from_parts, "{table}: the merged rows are the parts'");
+    }
+    let s = json(&merged.join("summary.json"));
+    let rows = csv_rows(&merged.join("layers.csv"));
+    for l in s["layers"].as_array().unwrap() {
+        let name = l["name"].as_str().unwrap();
+        let sq: f64 = rows
+            .iter()
+            .filter(|r| r["layer"] == name)
+            .map(|r| r["lca_err"].parse::<f64>().unwrap().powi(2))
+            .sum();
+        let got = l["lca_err"]
+            .as_f64()
+            .expect("a merged layer has an error bar");
+        assert!(
+            (got - sq.sqrt()).abs() <= 1e-12 * got,
+            "{name}: {got} vs {}",
+            sq.sqrt()
+        );
+    }
+    // A part without estimates (the tolerance policy) merges without them.
+    let tol = shards("mlp", &dir.path().join("tol"), 2, &[]);
+    let m2 = dir.path().join("merged-tol");
+    ok(merge(&tol, &m2));
+    let s = json(&m2.join("summary.json"));
+    assert!(s["layers"][0].get("lca_err").is_none_or(|v| v.is_null()));
+}

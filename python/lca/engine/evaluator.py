@@ -13,7 +13,10 @@ Dropout is off. Batch norm follows the mode:
   (x − running_mean) / √(running_var + eps) · weight + bias.
 - `batch-stats`: every batch-norm module normalises each chunk with the chunk's own mean and
   biased variance (PyTorch's train-mode batch norm); running statistics are ignored. The chunk
-  size is then part of the definition of the loss.
+  size is then part of the definition of the loss, and so is the row order: by default the
+  rows are evaluated in the order of lca's seeded permutation (`lca._order`,
+  `data_order="shuffled"`, `data_seed`), as lca's built-in engine does; `data_order="file"`
+  keeps the file's order. Without batch statistics the rows stay in file order.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import _order
 from .loading import Dataset
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
@@ -113,6 +117,8 @@ class Evaluator:
         precision: str,
         chunk_size: int,
         exported: bool,
+        data_order: str = "shuffled",
+        data_seed: int | None = None,
     ) -> None:
         self.dtype = DTYPES[precision]
         self.device = device
@@ -177,6 +183,17 @@ class Evaluator:
 
         x = data.x if not data.x.is_floating_point() else data.x.to(self.dtype)
         y = data.y if not data.y.is_floating_point() else data.y.to(self.dtype)
+        # The row order of the chunks matters only with batch statistics; there the rows are
+        # evaluated in lca's order (`lca._order`: the same permutation as lca's built-in
+        # engine), elsewhere in file order.
+        self.data_order = data_order if self.bn_mode == "batch-stats" else "file"
+        order = _order.row_order(self.n, self.data_order, data_seed)
+        self.data_seed: int | None = None
+        if order is not None:
+            self.data_seed = _order.DEFAULT_SEED if data_seed is None else data_seed
+            index = torch.tensor(order, dtype=torch.int64)
+            x = x.index_select(0, index)
+            y = y.index_select(0, index)
         self.x = x.to(device)
         self.y = y.to(device)
         self.count = self._check_shapes()

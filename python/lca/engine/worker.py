@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--bn-mode", choices=["running-stats", "batch-stats"], default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    p.add_argument(
+        "--data-order",
+        choices=["shuffled", "file"],
+        default="shuffled",
+        help="row order of the chunks with batch statistics (lca's --data-order)",
+    )
+    p.add_argument(
+        "--data-seed", type=int, default=None, help="seed of the shuffled order (default 0)"
+    )
     return p
 
 
@@ -135,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
                 setattr(cfg.data, k, getattr(args, k))
         cfg.loss = args.loss or cfg.loss
         cfg.bn_mode = args.bn_mode or cfg.bn_mode
+        if args.data_seed is not None and not 0 <= args.data_seed < 1 << 64:
+            raise loading.ConfigError(f"--data-seed must be in [0, 2^64), found {args.data_seed}")
+        if args.data_seed is not None and args.data_order == "file":
+            raise loading.ConfigError("--data-seed applies to --data-order shuffled, not file")
         if cfg.loss is None:
             raise loading.ConfigError("no loss: pass --loss cross_entropy|mse (or --spec)")
         if cfg.loss not in loading.LOSSES:
@@ -187,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             precision=args.precision,
             chunk_size=chunk or min(data.n, 256),
             exported=exported,
+            data_order=args.data_order,
+            data_seed=args.data_seed,
         )
         if probe:
             ev.chunk_size = chunk = ev.probe_chunk_size()
@@ -235,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         "n_terms": ev.count,
         "chunk_size": ev.chunk_size,
         "n_chunks": -(-ev.n // ev.chunk_size),
+        "data_order": ev.data_order,
+        "data_seed": ev.data_seed,
         "numel": ev.numel,
         "tensors": [
             {
