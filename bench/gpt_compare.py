@@ -58,6 +58,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file, save_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpt_specs import CONFIGS, sdpa_forward, spec_toml  # noqa: E402
+
 torch.set_num_threads(ARGS.threads)
 
 
@@ -70,63 +73,6 @@ def nanogpt():
 
 
 NG = nanogpt()
-
-# (name, vocab, context, layers, heads, channels, sequences, chunk size)
-CONFIGS = [
-    ("fixture gpt (C=16)", 82, 32, 2, 4, 16, 256, 32),
-    ("tiny GPT (C=32)", 82, 32, 2, 4, 32, 256, 32),
-    ("small GPT (C=64, T=64, 4 layers)", 82, 64, 4, 4, 64, 512, 32),
-    ("nanoGPT char (C=128, T=128, 4 layers)", 65, 128, 4, 4, 128, 256, 16),
-]
-
-
-def spec_toml(vocab: int, t: int, layers: int, heads: int, c: int, chunk: int) -> str:
-    """The docs/examples/nanogpt.toml layout for another configuration."""
-    out = [
-        f'[[layers]]\nname = "transformer.wte"\ntype = "embedding"\nnum_embeddings = {vocab}\n'
-        f'embedding_dim = {c}\ninput = "input"\n',
-        f'[[layers]]\nname = "transformer.wpe"\ntype = "positional_embedding"\n'
-        f'num_embeddings = {t}\nembedding_dim = {c}\ninput = "input"\n',
-        '[[layers]]\nname = "transformer.drop"\ntype = "add"\n'
-        'input = ["transformer.wte", "transformer.wpe"]\n',
-    ]
-    prev = "transformer.drop"
-    for i in range(layers):
-        p = f"transformer.h.{i}"
-        out += [
-            f'[[layers]]\nname = "{p}.ln_1"\ntype = "layer_norm"\nnormalized_shape = {c}\n',
-            f'[[layers]]\nname = "{p}.attn"\ntype = "causal_self_attention"\nn_embd = {c}\n'
-            f'n_head = {heads}\n',
-            f'[[layers]]\nname = "{p}.res1"\ntype = "add"\ninput = ["{prev}", "{p}.attn"]\n',
-            f'[[layers]]\nname = "{p}.ln_2"\ntype = "layer_norm"\nnormalized_shape = {c}\n',
-            f'[[layers]]\nname = "{p}.mlp.c_fc"\ntype = "linear"\nin_features = {c}\n'
-            f'out_features = {4 * c}\n',
-            '[[layers]]\ntype = "gelu"\n',
-            f'[[layers]]\nname = "{p}.mlp.c_proj"\ntype = "linear"\nin_features = {4 * c}\n'
-            f'out_features = {c}\n',
-            f'[[layers]]\nname = "{p}.res2"\ntype = "add"\ninput = ["{p}.res1", '
-            f'"{p}.mlp.c_proj"]\n',
-        ]
-        prev = f"{p}.res2"
-    out += [
-        f'[[layers]]\nname = "transformer.ln_f"\ntype = "layer_norm"\nnormalized_shape = {c}\n',
-        f'[[layers]]\nname = "lm_head"\ntype = "linear"\nin_features = {c}\n'
-        f'out_features = {vocab}\nbias = false\ntied = {{ weight = "transformer.wte.weight" }}\n',
-        '[loss]\ntype = "cross_entropy"\n',
-        f'[data]\ntrain = "train.safetensors"\ntokens = "tokens"\n',
-        f'[eval]\nchunk_size = {chunk}\n',
-    ]
-    return "\n".join(out)
-
-
-def sdpa_forward(self, x):
-    B, T, C = x.size()
-    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-    q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-    k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-    v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 def time_torch(model, tokens: torch.Tensor, chunk: int | None) -> tuple[float, float]:

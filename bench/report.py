@@ -47,13 +47,68 @@ def fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+
+def spread(lca_all, tor_all):
+    """The range of the speed-up over the repetitions: slowest PyTorch run against fastest lca
+    run and the other way round, with the number of repetitions."""
+    if not lca_all or not tor_all:
+        return "–"
+    lo, hi = min(tor_all) / max(lca_all), max(tor_all) / min(lca_all)
+    return f"{lo:.2f}–{hi:.2f} ({len(lca_all)}/{len(tor_all)} runs)"
+
+
+def torch_version(d, tgemm):
+    """PyTorch's version from whichever result recorded it."""
+    if tgemm and tgemm.get("torch"):
+        return tgemm["torch"]
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".json") and name != "machine.json":
+            r = load(d, name)
+            for x in r if isinstance(r, list) else [r]:
+                if isinstance(x, dict) and x.get("torch"):
+                    return x["torch"]
+    return "?"
+
+
+def time_v_reps(d, stem):
+    """`time_v` of every repetition STEM_r<i>.time (or the single STEM.time)."""
+    names = sorted(f for f in os.listdir(d) if re.fullmatch(re.escape(stem) + r"_r\d+\.time", f))
+    runs = [time_v(d, f) for f in names] or [time_v(d, stem + ".time")]
+    runs = [r for r in runs if r]
+    if not runs:
+        return None
+    out = dict(runs[0])
+    out["all_seconds"] = [r["seconds"] for r in runs]
+    out["seconds"] = median(out["all_seconds"])
+    out["rss"] = max(r["rss"] for r in runs)
+    return out
+
+
+def load_reps(d, stem):
+    """JSON results of every repetition STEM_r<i>.json (or the single STEM.json), with the
+    median `seconds_per_step` and all of them."""
+    names = sorted(f for f in os.listdir(d) if re.fullmatch(re.escape(stem) + r"_r\d+\.json", f))
+    runs = [load(d, f) for f in names] or [load(d, stem + ".json")]
+    runs = [r for r in runs if r]
+    if not runs:
+        return None
+    out = dict(runs[0])
+    out["all_seconds_per_step"] = [r["seconds_per_step"] for r in runs]
+    out["seconds_per_step"] = median(out["all_seconds_per_step"])
+    return out
+
+
 def main():
     d = sys.argv[1]
     machine = load(d, "machine.json") or {}
     gemm, tgemm = load(d, "gemm.json"), load(d, "torch_gemm.json")
     rows = []
 
-    def row(name, lca_s, tor_s, flops, lca_ceiling, tor_ceiling):
+    def row(name, lca_s, tor_s, flops, lca_ceiling, tor_ceiling, lca_all=None, tor_all=None):
         lg = flops / lca_s / 1e9 if lca_s and flops else None
         tg = flops / tor_s / 1e9 if tor_s and flops else None
         pct = lambda g, c: "ceiling" if c == "self" else fmt(g / c * 100 if g and c else None, ".0f")
@@ -67,6 +122,7 @@ def main():
                 fmt(tg, ".1f"),
                 pct(tg, tor_ceiling),
                 fmt(tor_s / lca_s if lca_s and tor_s else None, ".2f"),
+                spread(lca_all, tor_all),
             ]
         )
 
@@ -123,10 +179,13 @@ def main():
             ref["flops"],
             lca_c2,
             tor_c2,
+            g and g.get("seconds"),
+            t and t.get("seconds"),
         )
     fc = load(d, "grad_mnist_fc.json") or load(d, "torch_grad_mnist_fc.json")
-    a50, tl = time_v(d, "analyze_50.time"), load(d, "torch_lca_50.json")
-    un = time_v(d, "analyze_50_unshared.time")
+    a50, tl = time_v_reps(d, "analyze_50"), load_reps(d, "torch_lca_50")
+    un = time_v_reps(d, "analyze_50_unshared")
+    tl_all = tl and tl["all_seconds_per_step"]
     if un:
         row(
             f"MNIST-FC LCA per step, every point in full (--no-share-first-layer, {un['steps']} steps)",
@@ -135,6 +194,8 @@ def main():
             fc and fc["flops"] * un["evaluations"] / un["steps"],
             lca_c2,
             tor_c2,
+            [x / un["steps"] for x in un["all_seconds"]],
+            tl_all,
         )
     if a50 or tl:
         steps = (a50 or tl)["steps"]
@@ -146,13 +207,15 @@ def main():
             fc and fc["flops"] * evals / steps,
             lca_c2,
             tor_c2,
+            a50 and [x / steps for x in a50["all_seconds"]],
+            tl_all,
         )
 
     print(
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; "
         f"{machine.get('date', '?')}; {threads} threads; "
         f"load average {machine.get('load_before', '?')} before, {machine.get('load_after', '?')} after; "
-        f"torch {(tgemm or {}).get('torch', '?')}."
+        f"torch {torch_version(d, tgemm)}."
     )
     print()
     head = [
@@ -164,6 +227,7 @@ def main():
         "PyTorch GFLOP/s",
         "PyTorch % of GEMM ceiling",
         "speed-up (PyTorch s / lca s)",
+        "speed-up spread",
     ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -196,13 +260,42 @@ def main():
                 f"{g['load_before']:.2f}→{g['load_after']:.2f} |"
             )
 
+    # bench/step_compare.py: per analysed step and the ResNet gradients.
+    steps = load(d, "steps.json")
+    if steps:
+        print(
+            "\nPer analysed step (`lca analyze --no-adaptive`, the process end to end, against "
+            "PyTorch Simpson with the end gradient reused) and full-set loss+gradient "
+            "(bench/step_compare.py); medians of the repetitions, PyTorch at its faster chunk; "
+            "spread = slowest PyTorch / fastest lca … fastest PyTorch / slowest lca:\n"
+        )
+        print(
+            "| row | model | samples | steps | lca chunk | lca s (min–max) | PyTorch chunk | "
+            "PyTorch s (min–max) | speed-up | speed-up spread | load |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in steps:
+            what = "per step" if r["kind"] == "step" else "loss+gradient"
+            lo, hi = r["speedup_spread"]
+            la, tb = r["lca"], r["torch_best"]
+            print(
+                f"| {what} | {r['model']} | {r['samples']:,} | {r.get('steps', '–')} | "
+                f"{r['lca_chunk']} | {la['median_s']:.4f} ({la['min_s']:.4f}–{la['max_s']:.4f}) | "
+                f"{r['torch_chunk']} | {tb['median_s']:.4f} ({tb['min_s']:.4f}–{tb['max_s']:.4f}) | "
+                f"{r['speedup']:.2f} | {lo:.2f}–{hi:.2f} | "
+                f"{r['load_before']:.2f}→{r['load_after']:.2f} |"
+            )
+
     # Peak memory of `lca analyze`.
     mem = []
-    for name in ("analyze_50.time", "analyze_200.time"):
-        a = time_v(d, name)
-        if a and fc:
-            train = fc["samples"] * 784 * 4 + fc["samples"] * 4
-            ckpt = fc["params"] * 4
+    for name in ("analyze_50", "analyze_200"):
+        a = time_v_reps(d, name)
+        if a:
+            # Without the gradient rows (ROWS subset): the samples from lca's own report and
+            # MNIST-FC's 84,060 parameters (bench/mnist_fc.toml).
+            samples = fc["samples"] if fc else a["samples"]
+            train = samples * 784 * 4 + samples * 4
+            ckpt = (fc["params"] if fc else 84060) * 4
             bound = train + 4 * ckpt + 64 * MIB
             mem.append(
                 f"| {a['steps']} | {a['evaluations']} | {a['seconds']:.1f} | {a['rss'] / MIB:.1f} | "

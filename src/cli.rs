@@ -213,10 +213,15 @@ pub struct AnalyzeArgs {
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
     /// Evaluate every Simpson point in full instead of sharing the first layer's work between
-    /// the points of a step (sharing is exact up to rounding and is used when the first layer
-    /// is linear or conv2d on the data; see docs/performance.md).
-    #[arg(long)]
+    /// the points of a step (sharing is exact up to rounding; by default it is used when the
+    /// first layer is linear or conv2d on the data and a cost model estimates that it pays;
+    /// see docs/performance.md).
+    #[arg(long, conflicts_with = "share_first_layer")]
     pub no_share_first_layer: bool,
+    /// Share the first layer between Simpson's points whenever the model allows it, even where
+    /// the cost model estimates that it does not pay.
+    #[arg(long)]
+    pub share_first_layer: bool,
     /// No progress bar or notes on stderr (the final residual report is still printed).
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -545,7 +550,13 @@ fn run_analyze(a: AnalyzeArgs) -> anyhow::Result<()> {
         precision: a.precision,
         resume: a.resume,
         shard,
-        share_first_layer: !a.no_share_first_layer,
+        share_first_layer: if a.no_share_first_layer {
+            crate::eval::FirstLayerSharing::Never
+        } else if a.share_first_layer {
+            crate::eval::FirstLayerSharing::Always
+        } else {
+            crate::eval::FirstLayerSharing::Auto
+        },
         verify_loss: !a.no_verify_loss,
         data_order: a.order.order()?,
     };

@@ -11,6 +11,32 @@ use crate::net::{Model, Real};
 use ndarray::ArrayD;
 use rayon::prelude::*;
 
+mod cost;
+pub use cost::StepCost;
+
+/// When a plain Simpson step shares the first layer between its points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FirstLayerSharing {
+    /// When the engine can and its cost model says it pays ([`Engine::shares_first_layer`]).
+    #[default]
+    Auto,
+    /// Whenever the engine can ([`Engine::can_share_first_layer`]; `--share-first-layer`).
+    Always,
+    /// Never: every point in full (`--no-share-first-layer`).
+    Never,
+}
+
+impl FirstLayerSharing {
+    /// Whether `engine` shares under this setting.
+    pub fn decide<E: Engine + ?Sized>(self, engine: &E) -> bool {
+        match self {
+            FirstLayerSharing::Auto => engine.shares_first_layer(),
+            FirstLayerSharing::Always => engine.can_share_first_layer(),
+            FirstLayerSharing::Never => false,
+        }
+    }
+}
+
 /// Chunks evaluated per parallel wave; bounds memory to this many gradient buffers and does
 /// not depend on the thread count.
 const WAVE: usize = 8;
@@ -139,8 +165,15 @@ pub trait Engine {
         Ok(self.loss_and_grad(theta)?.loss)
     }
 
-    /// Capability query: whether [`Engine::simpson_sharing_first`] is available (and worth
-    /// using) for this model. Engines without it keep the default `false`.
+    /// Capability query: whether [`Engine::simpson_sharing_first`] is available for this model
+    /// (whether or not it pays). Engines without it keep the default `false`.
+    fn can_share_first_layer(&self) -> bool {
+        false
+    }
+
+    /// Whether [`Engine::simpson_sharing_first`] is available **and** worth using for this
+    /// model (the default decision of `lca analyze`). It must depend on the model only (not on
+    /// timings of this run), so that resumed and sharded runs make the same choice.
     fn shares_first_layer(&self) -> bool {
         false
     }
@@ -171,6 +204,10 @@ impl<T: Real> Engine for Evaluator<'_, T> {
         Evaluator::loss_and_grad(self, theta)
     }
 
+    fn can_share_first_layer(&self) -> bool {
+        self.model.first_layer_shareable()
+    }
+
     fn shares_first_layer(&self) -> bool {
         Evaluator::shares_first_layer(self)
     }
@@ -185,10 +222,6 @@ impl<T: Real> Engine for Evaluator<'_, T> {
         Evaluator::simpson_sharing_first(self, theta0, mid, theta1, carry)
     }
 }
-
-/// Smallest fraction of a model's forward multiply-adds in its first layer for which
-/// [`Evaluator::shares_first_layer`] shares it between Simpson's points.
-pub const SHARE_MIN_FRACTION: f64 = 0.25;
 
 /// Node 0's outputs at one parameter point, one array per chunk: what a Simpson step that
 /// shares the first layer ([`Evaluator::simpson_sharing_first`]) carries to the next step.
@@ -218,17 +251,12 @@ struct SharedChunk<T> {
 
 impl<T: Real> Evaluator<'_, T> {
     /// Whether [`Evaluator::simpson_sharing_first`] applies to this model and pays: node 0 is
-    /// shareable and does at least [`SHARE_MIN_FRACTION`] of the forward multiply-adds (a
-    /// shared step saves about half of node 0's arithmetic and none of the rest's, so below
-    /// that the plain evaluation, which keeps the previous rounding, is used).
+    /// shareable and the cost model ([`StepCost`]: per-node multiply-adds and memory traffic,
+    /// the third evaluation of the rest of the network and the carried outputs) estimates a
+    /// shared step clearly cheaper than two full evaluations. Depends on the model's shapes
+    /// only, so the choice is the same for every thread count, resume and shard.
     pub fn shares_first_layer(&self) -> bool {
-        let m = self.model;
-        if !m.first_layer_shareable() {
-            return false;
-        }
-        let total = m.macs_per_sample();
-        let first = m.nodes[0].layer.macs_per_sample(&m.nodes[0].in_shapes);
-        total > 0 && first as f64 >= SHARE_MIN_FRACTION * total as f64
+        StepCost::of(self.model).is_some_and(|c| c.sharing_pays())
     }
 
     /// Simpson's rule over one step with the model's first layer (node 0, see
@@ -565,7 +593,7 @@ mod tests {
         carry: &mut Option<FirstOutputs<T>>,
     ) -> SharedSimpson {
         on_threads(model, data, chunk, threads, |e| {
-            assert!(e.shares_first_layer());
+            assert!(e.model.first_layer_shareable());
             e.simpson_sharing_first(pts[0], pts[1], pts[2], carry)
         })
         .unwrap()

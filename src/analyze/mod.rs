@@ -75,9 +75,10 @@ pub struct AnalyzeOptions {
     /// Analyse only this shard of the steps and write a part for `lca merge`
     /// (see `docs/scale-out.md`).
     pub shard: Option<shard::Shard>,
-    /// Share the first layer between Simpson's points when the model allows it
-    /// ([`crate::eval::Evaluator::simpson_sharing_first`]); `false` evaluates every point in full.
-    pub share_first_layer: bool,
+    /// When to share the first layer between Simpson's points
+    /// ([`crate::eval::Evaluator::simpson_sharing_first`]): by default when the engine's cost
+    /// model says it pays; `Never` evaluates every point in full.
+    pub share_first_layer: crate::eval::FirstLayerSharing,
     /// Refuse to run when lca's loss at the first checkpoint disagrees with the one PyTorch
     /// recorded in it ([`verify`]); `false` (`--no-verify-loss`) only warns.
     pub verify_loss: bool,
@@ -147,7 +148,7 @@ pub fn run<E: Engine>(
     val: Option<&E>,
     note: &mut dyn FnMut(&str),
 ) -> Result<Summary> {
-    let plan = Plan::new(opts, p, train.shares_first_layer(), note)?;
+    let plan = Plan::new(opts, p, opts.share_first_layer.decide(train), note)?;
     let (out, journal, saved) = match resume::open(opts, p, &plan, note)? {
         Opened::Finished(summary) => return Ok(summary),
         Opened::Run {
@@ -324,7 +325,7 @@ mod tests {
             resume: false,
             precision: Precision::F32,
             shard: None,
-            share_first_layer: false,
+            share_first_layer: crate::eval::FirstLayerSharing::Never,
             verify_loss: true,
             torch: None,
             data_order: crate::data::DataOrder::default(),

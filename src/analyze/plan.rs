@@ -62,10 +62,9 @@ impl Plan {
             opts.store
         };
         // Plain Simpson steps share the first layer's work between their points when it allows.
-        let shared = opts.share_first_layer
+        let shared = engine_shares_first_layer
             && opts.integration.method == crate::lca::Method::Simpson
-            && !opts.integration.uses_budget()
-            && engine_shares_first_layer;
+            && !opts.integration.uses_budget();
         let mut leading_warnings = Vec::new();
         let spacing = spacing(all);
         if let Some(w) = sparse_warning(&spacing) {

@@ -111,16 +111,13 @@ impl<T: Real> Layer<T> for BatchNorm {
                     let mut s = 0.0;
                     for i in 0..n {
                         let base = (i * c + ch) * inner;
-                        s += xs[base..base + inner].iter().map(|v| v.f64()).sum::<f64>();
+                        s += lanes_sum_f64(&xs[base..base + inner], |x| x.f64());
                     }
                     let mu = s / m;
                     let mut v = 0.0;
                     for i in 0..n {
                         let base = (i * c + ch) * inner;
-                        v += xs[base..base + inner]
-                            .iter()
-                            .map(|x| (x.f64() - mu).powi(2))
-                            .sum::<f64>();
+                        v += lanes_sum_f64(&xs[base..base + inner], |x| (x.f64() - mu).powi(2));
                     }
                     mean[ch] = mu;
                     inv_std[ch] = 1.0 / (v / m + self.eps).sqrt();
@@ -133,26 +130,35 @@ impl<T: Real> Layer<T> for BatchNorm {
                 }
             }
         }
-        let mut xhat = ArrayD::<T>::zeros(x.raw_dim());
-        let mut y = ArrayD::<T>::zeros(x.raw_dim());
-        {
-            let xh = xhat.as_slice_mut().expect("fresh");
-            let ys = y.as_slice_mut().expect("fresh");
-            for i in 0..n {
-                for ch in 0..c {
-                    let base = (i * c + ch) * inner;
-                    let (g, b) = (
-                        gamma.map_or(1.0, |g| g[ch].f64()),
-                        beta.map_or(0.0, |b| b[ch].f64()),
-                    );
-                    for k in base..base + inner {
-                        let h = (xs[k].f64() - mean[ch]) * inv_std[ch];
-                        xh[k] = T::of(h);
-                        ys[k] = T::of(g * h + b);
+        let shape = x.shape().to_vec();
+        let mut xhat = None;
+        // SAFETY: both closures write every element: the loops cover every (sample, channel)
+        // row of `inner` values.
+        let y = unsafe {
+            super::filled(&shape, |ys| {
+                xhat = Some(super::filled(&shape, |xh| {
+                    for i in 0..n {
+                        for ch in 0..c {
+                            let base = (i * c + ch) * inner;
+                            let (g, b) = (
+                                gamma.map_or(1.0, |g| g[ch].f64()),
+                                beta.map_or(0.0, |b| b[ch].f64()),
+                            );
+                            let (mu, is) = (mean[ch], inv_std[ch]);
+                            let rows = xh[base..base + inner]
+                                .iter_mut()
+                                .zip(&mut ys[base..base + inner]);
+                            for ((h_out, y_out), &xv) in rows.zip(&xs[base..base + inner]) {
+                                let h = (xv.f64() - mu) * is;
+                                h_out.write(T::of(h));
+                                y_out.write(T::of(g * h + b));
+                            }
+                        }
                     }
-                }
-            }
-        }
+                }));
+            })
+        };
+        let xhat = xhat.expect("filled above");
         let stats = ArrayD::from_shape_vec(
             ndarray::IxDyn(&[c]),
             inv_std.into_iter().map(T::of).collect(),
@@ -179,10 +185,9 @@ impl<T: Real> Layer<T> for BatchNorm {
         for i in 0..n {
             for ch in 0..c {
                 let base = (i * c + ch) * inner;
-                for k in base..base + inner {
-                    sum_dy[ch] += gy[k].f64();
-                    sum_dy_xh[ch] += gy[k].f64() * xh[k].f64();
-                }
+                let (g, h) = (&gy[base..base + inner], &xh[base..base + inner]);
+                sum_dy[ch] += lanes_sum_f64(g, |v| v.f64());
+                sum_dy_xh[ch] += lanes_dot_f64(g, h);
             }
         }
         let mut gp = b.grad_params;
@@ -209,33 +214,68 @@ impl<T: Real> Layer<T> for BatchNorm {
         if !b.need_input_grad[0] {
             return vec![None];
         }
-        let mut gx = ArrayD::<T>::zeros(x.raw_dim());
-        {
-            let gs = gx.as_slice_mut().expect("fresh");
-            for i in 0..n {
-                for ch in 0..c {
-                    let base = (i * c + ch) * inner;
-                    let k0 = gamma[ch] * inv_std[ch];
-                    for k in base..base + inner {
-                        let v = match self.mode {
-                            BnMode::RunningStats => k0 * gy[k].f64(),
-                            BnMode::BatchStats => {
-                                k0 * (gy[k].f64()
-                                    - sum_dy[ch] / m
-                                    - xh[k].f64() * sum_dy_xh[ch] / m)
+        // SAFETY: the loops write every (sample, channel) row of `inner` values.
+        let gx = unsafe {
+            super::filled(x.shape(), |gs| {
+                for i in 0..n {
+                    for ch in 0..c {
+                        let base = (i * c + ch) * inner;
+                        let k0 = gamma[ch] * inv_std[ch];
+                        let out = gs[base..base + inner].iter_mut();
+                        let rows = out
+                            .zip(&gy[base..base + inner])
+                            .zip(&xh[base..base + inner]);
+                        match self.mode {
+                            BnMode::RunningStats => {
+                                for ((o, &g), _) in rows {
+                                    o.write(T::of(k0 * g.f64()));
+                                }
                             }
-                        };
-                        gs[k] = T::of(v);
+                            BnMode::BatchStats => {
+                                let (a, bb) = (sum_dy[ch] / m, sum_dy_xh[ch] / m);
+                                for ((o, &g), &h) in rows {
+                                    o.write(T::of(k0 * (g.f64() - a - h.f64() * bb)));
+                                }
+                            }
+                        }
                     }
                 }
-            }
-        }
+            })
+        };
         vec![Some(gx)]
     }
 
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
         2 * inputs[0].iter().product::<usize>() as u64
     }
+}
+
+/// `Σ f(v)` over a slice in f64, in 4 interleaved partial sums (vectorisable, unlike one
+/// running sum; a fixed order, so the result depends on the values only).
+fn lanes_sum_f64<T: Real>(v: &[T], f: impl Fn(T) -> f64) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut chunks = v.chunks_exact(4);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
+}
+
+/// `Σ a·b` over two slices in f64, as [`lanes_sum_f64`].
+fn lanes_dot_f64<T: Real>(a: &[T], b: &[T]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k].f64() * y[k].f64();
+        }
+    }
+    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x.f64() * y.f64()).sum();
+    (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
 
 // ---------------------------------------------------------------------------------------

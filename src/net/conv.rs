@@ -28,6 +28,7 @@
 //! ```
 
 use super::gemm::mat_mul;
+use super::scratch::Scratch;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, s};
@@ -209,8 +210,16 @@ struct Dims {
     mg: usize,
     oh: usize,
     ow: usize,
-    /// Unfolded rows per group: cg·kh·kw.
+    /// Unfolded rows per group: cg·(taps that reach the input for some output). Equal to
+    /// cg·kh·kw unless some taps fall in the padding for every output (e.g. a 3×3 kernel with
+    /// padding 1 on a 1×1 input: only the centre tap), whose all-zero rows are left out of
+    /// the products.
     k: usize,
+    /// Weight columns per output channel: cg·kh·kw.
+    kfull: usize,
+    /// The kernel taps (ki, kj) that reach the input for at least one output, in row-major
+    /// order; unfolded row of (channel ci, tap t) is ci·taps.len() + t.
+    taps: Vec<(usize, usize)>,
     /// Samples per block.
     block: usize,
 }
@@ -228,6 +237,15 @@ impl Conv2d {
         let [oh, ow] = self.window.out_checked(h, w);
         let cg = c / self.groups;
         let n = oh * ow;
+        let [kh, kw] = self.window.kernel;
+        let taps: Vec<(usize, usize)> = (0..kh)
+            .flat_map(|ki| (0..kw).map(move |kj| (ki, kj)))
+            .filter(|&(ki, kj)| {
+                let (ylo, yhi) = self.window.valid_outputs(0, ki, h, oh);
+                let (xlo, xhi) = self.window.valid_outputs(1, kj, w, ow);
+                ylo < yhi && xlo < xhi
+            })
+            .collect();
         Dims {
             batch: b,
             cg,
@@ -236,7 +254,9 @@ impl Conv2d {
             mg: self.out_channels / self.groups,
             oh,
             ow,
-            k: cg * self.window.kernel[0] * self.window.kernel[1],
+            k: cg * taps.len(),
+            kfull: cg * kh * kw,
+            taps,
             block: (BLOCK_COLUMNS / n).clamp(1, b.max(1)),
         }
     }
@@ -244,7 +264,7 @@ impl Conv2d {
     /// Unfold group `g` of samples `s0..s0+nb` of `x` into `col` (`[k, nb·oh·ow]`, row-major).
     fn im2col<T: Real>(&self, x: &[T], d: &Dims, g: usize, s0: usize, nb: usize, col: &mut [T]) {
         let win = &self.window;
-        let [kh, kw] = win.kernel;
+        let kw = win.kernel[1];
         let n = d.plane();
         let ld = nb * n;
         let cols_x: Vec<(usize, usize)> = (0..kw)
@@ -255,10 +275,11 @@ impl Conv2d {
             let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
             for ci in 0..d.cg {
                 let xc = &x[base + ci * d.h * d.w..][..d.h * d.w];
-                for ki in 0..kh {
+                for (t, &(ki, kj)) in d.taps.iter().enumerate() {
                     let (ylo, yhi) = win.valid_outputs(0, ki, d.h, d.oh);
-                    for (kj, &(xlo, xhi)) in cols_x.iter().enumerate() {
-                        let row = (ci * kh + ki) * kw + kj;
+                    let (xlo, xhi) = cols_x[kj];
+                    {
+                        let row = ci * d.taps.len() + t;
                         let dst = &mut col[row * ld + j * n..][..n];
                         dst[..ylo * d.ow].fill(T::zero());
                         dst[yhi * d.ow..].fill(T::zero());
@@ -307,7 +328,7 @@ impl Conv2d {
     /// Fold `col` (as [`Conv2d::im2col`] lays it out) back, adding into the gradient `gx`.
     fn col2im<T: Real>(&self, col: &[T], d: &Dims, g: usize, s0: usize, nb: usize, gx: &mut [T]) {
         let win = &self.window;
-        let [kh, kw] = win.kernel;
+        let kw = win.kernel[1];
         let n = d.plane();
         let ld = nb * n;
         let cols_x: Vec<(usize, usize)> = (0..kw)
@@ -317,13 +338,14 @@ impl Conv2d {
             let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
             for ci in 0..d.cg {
                 let gc = &mut gx[base + ci * d.h * d.w..][..d.h * d.w];
-                for ki in 0..kh {
+                for (t, &(ki, kj)) in d.taps.iter().enumerate() {
                     let (ylo, yhi) = win.valid_outputs(0, ki, d.h, d.oh);
-                    for (kj, &(xlo, xhi)) in cols_x.iter().enumerate() {
+                    let (xlo, xhi) = cols_x[kj];
+                    {
                         if xlo >= xhi {
                             continue;
                         }
-                        let row = (ci * kh + ki) * kw + kj;
+                        let row = ci * d.taps.len() + t;
                         let src = &col[row * ld + j * n..][..n];
                         let ix0 = win.input_pos(1, xlo, kj) as usize;
                         for oy in ylo..yhi {
@@ -347,10 +369,46 @@ impl Conv2d {
         }
     }
 
-    /// Weight rows of group `g` as `[mg, k]`.
-    fn group_weight<'a, T>(&self, w: &'a [T], d: &Dims, g: usize) -> ArrayView2<'a, T> {
-        ArrayView2::from_shape((d.mg, d.k), &w[g * d.mg * d.k..][..d.mg * d.k])
-            .expect("weight has its declared shape")
+    /// Weight rows of group `g` as `[mg, k]`: the weight itself when every tap is used,
+    /// else its columns of the used taps, gathered into `buf`.
+    fn group_weight<'a, T: Real>(
+        &self,
+        w: &'a [T],
+        d: &Dims,
+        g: usize,
+        buf: &'a mut Vec<T>,
+    ) -> ArrayView2<'a, T> {
+        let full = &w[g * d.mg * d.kfull..][..d.mg * d.kfull];
+        if d.k == d.kfull {
+            return ArrayView2::from_shape((d.mg, d.k), full)
+                .expect("weight has its declared shape");
+        }
+        let kk = self.window.kernel[1];
+        let per = self.window.kernel[0] * kk;
+        buf.clear();
+        for row in full.chunks_exact(d.kfull) {
+            for ci in 0..d.cg {
+                for &(ki, kj) in &d.taps {
+                    buf.push(row[ci * per + ki * kk + kj]);
+                }
+            }
+        }
+        ArrayView2::from_shape((d.mg, d.k), &buf[..]).expect("gathered above")
+    }
+
+    /// Add the weight gradient of the used taps (`[mg, k]`, compact layout) into group `g`'s
+    /// full weight gradient.
+    fn scatter_weight_grad<T: Real>(&self, gwc: &[T], d: &Dims, g: usize, gw: &mut [T]) {
+        let kk = self.window.kernel[1];
+        let per = self.window.kernel[0] * kk;
+        let full = &mut gw[g * d.mg * d.kfull..][..d.mg * d.kfull];
+        for (row, src) in full.chunks_exact_mut(d.kfull).zip(gwc.chunks_exact(d.k)) {
+            for ci in 0..d.cg {
+                for (t, &(ki, kj)) in d.taps.iter().enumerate() {
+                    row[ci * per + ki * kk + kj] += src[ci * d.taps.len() + t];
+                }
+            }
+        }
     }
 
     /// Forward into `ys` (every element is written): im2col, one product per block and
@@ -374,8 +432,9 @@ impl Conv2d {
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
                     .expect("sized above");
+                let mut wbuf = Vec::new();
                 mat_mul(
-                    self.group_weight(params[0], d, g),
+                    self.group_weight(params[0], d, g, &mut wbuf),
                     colv,
                     false,
                     outm.view_mut(),
@@ -440,15 +499,15 @@ impl<T: Real> Layer<T> for Conv2d {
         let d = self.dims(x.shape());
         let n = d.plane();
         let shape = [d.batch, self.out_channels, d.oh, d.ow];
-        let mut col = vec![T::zero(); d.k * d.block * n];
-        let mut out = vec![T::zero(); d.mg * d.block * n];
+        // im2col and the product's output: this thread's buffers, fully written before read.
+        let mut scratch = Scratch::take();
+        let [col, out, _] = scratch.slices([d.k * d.block * n, d.mg * d.block * n, 0]);
         // SAFETY: the blocks cover every sample, the groups every output channel, and each
         // (sample, channel) plane of n outputs is written in full below.
-        unsafe {
-            super::filled(&shape, |ys| {
-                self.forward_into(params, xs, &d, &mut col, &mut out, ys)
-            })
-        }
+        let y =
+            unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, &d, col, out, ys)) };
+        scratch.give_back();
+        y
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
@@ -462,24 +521,26 @@ impl<T: Real> Layer<T> for Conv2d {
         let mut gbias = vec![T::zero(); self.out_channels];
         let need_x = b.need_input_grad[0];
         let mut gx = need_x.then(|| ArrayD::<T>::zeros(x.shape()));
-        let mut col = vec![T::zero(); d.k * d.block * n];
-        let mut gcol = if need_x {
-            vec![T::zero(); d.k * d.block * n]
-        } else {
-            Vec::new()
-        };
-        let mut gout = vec![T::zero(); d.mg * d.block * n];
+        // im2col, its gradient and the gathered output gradients: this thread's buffers, each
+        // entry written before it is read (im2col and the products write whole blocks, the
+        // gather below every row).
+        let mut scratch = Scratch::take();
+        let len = d.k * d.block * n;
+        let [col, gcol, gout] =
+            scratch.slices([len, if need_x { len } else { 0 }, d.mg * d.block * n]);
         for s0 in (0..d.batch).step_by(d.block) {
             let nb = d.block.min(d.batch - s0);
             let cols = nb * n;
             for g in 0..self.groups {
-                // Gather gy[s0 + j, g·mg + m, :] into [mg, nb·n], summing it for the bias.
+                // Gather gy[s0 + j, g·mg + m, :] into [mg, nb·n], summing it for the bias (if any).
                 for m in 0..d.mg {
                     let o = g * d.mg + m;
                     for j in 0..nb {
                         let src = &gys[((s0 + j) * self.out_channels + o) * n..][..n];
                         gout[m * cols + j * n..][..n].copy_from_slice(src);
-                        gbias[o] += lanes_sum(src);
+                        if self.bias {
+                            gbias[o] += lanes_sum(src);
+                        }
                     }
                 }
                 let goutv = ArrayView2::from_shape((d.mg, cols), &gout[..d.mg * cols])
@@ -487,17 +548,25 @@ impl<T: Real> Layer<T> for Conv2d {
                 let colm = &mut col[..d.k * cols];
                 self.im2col(xs, &d, g, s0, nb, colm);
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
-                {
+                if d.k == d.kfull {
                     let gw = &mut gp[0][g * d.mg * d.k..][..d.mg * d.k];
                     let gw = ArrayViewMut2::from_shape((d.mg, d.k), gw)
                         .expect("weight gradient has the weight's shape");
                     mat_mul(goutv, colv.t(), true, gw);
+                } else {
+                    // Only the used taps: their gradient, then added into the full one.
+                    let mut gwc = vec![T::zero(); d.mg * d.k];
+                    let gwv =
+                        ArrayViewMut2::from_shape((d.mg, d.k), &mut gwc[..]).expect("sized above");
+                    mat_mul(goutv, colv.t(), false, gwv);
+                    self.scatter_weight_grad(&gwc, &d, g, gp[0]);
                 }
                 if let Some(gx) = gx.as_mut() {
                     let mut gcolm = ArrayViewMut2::from_shape((d.k, cols), &mut gcol[..d.k * cols])
                         .expect("sized above");
+                    let mut wbuf = Vec::new();
                     mat_mul(
-                        self.group_weight(b.params[0], &d, g).t(),
+                        self.group_weight(b.params[0], &d, g, &mut wbuf).t(),
                         goutv,
                         false,
                         gcolm.view_mut(),
@@ -507,6 +576,7 @@ impl<T: Real> Layer<T> for Conv2d {
                 }
             }
         }
+        scratch.give_back();
         if self.bias {
             for (a, v) in gp[1].iter_mut().zip(gbias) {
                 *a += v;
@@ -746,6 +816,24 @@ mod tests {
         check_layer(
             &conv([1, 2, 1], [5, 5], [1, 1], p(1, 1), [1, 1], true),
             &[vec![1, 3, 3]],
+            2,
+        );
+        // Taps that fall in the padding for every output are left out of the products: a 3×3
+        // kernel with padding 1 on a 1×1 input (the centre tap only, ResNet's last stage at
+        // 32×32), in groups, and with stride 2 on 2×2 (4 of 9 taps).
+        check_layer(
+            &conv([3, 4, 1], [3, 3], [1, 1], p(1, 1), [1, 1], false),
+            &[vec![3, 1, 1]],
+            3,
+        );
+        check_layer(
+            &conv([4, 2, 2], [3, 3], [1, 1], p(1, 1), [1, 1], true),
+            &[vec![4, 1, 2]],
+            2,
+        );
+        check_layer(
+            &conv([2, 3, 1], [3, 3], [2, 2], p(1, 1), [1, 1], false),
+            &[vec![2, 2, 2]],
             2,
         );
     }

@@ -31,15 +31,22 @@ pub fn loss_sum_and_grad<T: Real>(
             {
                 let k = z.ncols();
                 let gs = g.as_slice_mut().expect("fresh array is contiguous");
+                // exp(z − max) of one row, kept for the gradient: one exp per logit (the
+                // softmax is exp(z − max) / Σ, not a second exp of z − log Σ exp).
+                let mut e = vec![0.0f64; k];
                 for (r, row) in z.rows().into_iter().enumerate() {
                     let m = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.f64()));
-                    let se: f64 = row.iter().map(|v| (v.f64() - m).exp()).sum();
+                    let mut se = 0.0f64;
+                    for (ei, v) in e.iter_mut().zip(row.iter()) {
+                        *ei = (v.f64() - m).exp();
+                        se += *ei;
+                    }
                     let lse = m + se.ln();
                     let c = cls[r] as usize;
                     sum += lse - row[c].f64();
                     let gr = &mut gs[r * k..(r + 1) * k];
-                    for (gi, v) in gr.iter_mut().zip(row.iter()) {
-                        *gi = T::of((v.f64() - lse).exp());
+                    for (gi, &ei) in gr.iter_mut().zip(&e) {
+                        *gi = T::of(ei / se);
                     }
                     gr[c] = gr[c] - T::one();
                 }

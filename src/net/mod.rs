@@ -24,6 +24,7 @@ pub mod loss;
 pub mod pool;
 pub mod registry;
 pub mod reshape;
+pub(crate) mod scratch;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

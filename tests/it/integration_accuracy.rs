@@ -24,9 +24,10 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
             "--no-share-first-layer",
         ],
     );
-    // Every point evaluated in full; and the default, which shares the first layer between
-    // Simpson's points (docs/performance.md) and integrates a step that needs refinement
-    // again with full evaluations.
+    // Every point evaluated in full; and the first layer shared between Simpson's points
+    // (--share-first-layer: the cost model alone would not share this small MLP's;
+    // docs/performance.md), which integrates a step that needs refinement again with full
+    // evaluations.
     let refined_shared = dir.path().join("refined_shared");
     analyze(
         "mlp",
@@ -42,7 +43,13 @@ fn adaptive_refinement_refines_steps_and_their_residuals_fall() {
     analyze(
         "mlp",
         &refined_shared,
-        &["--quiet", "--no-lca-tensors", "--tolerance", "1e-5"],
+        &[
+            "--quiet",
+            "--no-lca-tensors",
+            "--tolerance",
+            "1e-5",
+            "--share-first-layer",
+        ],
     );
     let p = json(&plain.join("summary.json"));
     let r = json(&refined.join("summary.json"));
@@ -328,4 +335,35 @@ fn unknown_regularised_tensor_is_named() {
     fails_with(&t.run(&[]), &["model.toml:18", "fc.wieght", "fc.weight"]);
     std::fs::write(&t.spec, format!("{TINY_SPEC}\n[regularization]\nl2 = -1\n")).unwrap();
     fails_with(&t.run(&[]), &["model.toml:17", "l2"]);
+}
+
+/// The sharing decision (docs/performance.md, "Sharing decision"): the cost model does not
+/// share the fixture MLP's first layer (60 % of its multiply-adds: the third evaluation of the
+/// rest costs more than the saving), `--share-first-layer` forces it, and the two options
+/// contradict each other.
+#[test]
+fn the_cost_model_decides_sharing_and_the_options_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared_of = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["--quiet", "--no-lca-tensors", "--no-adaptive"];
+        args.extend_from_slice(extra);
+        analyze("mlp", &out, &args);
+        json(&out.join("summary.json"))["integration"]["shared_first_layer"].clone()
+    };
+    assert_eq!(shared_of("auto", &[]), false);
+    assert_eq!(shared_of("forced", &["--share-first-layer"]), true);
+    assert_eq!(shared_of("never", &["--no-share-first-layer"]), false);
+    let o = analyze_run(
+        &fixture("mlp/ckpts"),
+        &fixture("mlp/model.toml"),
+        &dir.path().join("both"),
+        &["--share-first-layer", "--no-share-first-layer"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
