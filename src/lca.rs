@@ -210,10 +210,10 @@ impl SimpsonSums {
 pub type PointEvaluator<'a> = dyn FnMut(f64) -> Result<Vec<LossGrad>> + 'a;
 
 /// Per-parameter LCA of one objective and its sum.
-type Allocation = (Vec<Vec<f64>>, f64);
+pub(crate) type Allocation = (Vec<Vec<f64>>, f64);
 
 /// Per-parameter LCA Δθ ⊙ w and its sum.
-fn allocate(weights: &[Vec<f64>], delta: &[Vec<f64>]) -> Allocation {
+pub(crate) fn allocate(weights: &[Vec<f64>], delta: &[Vec<f64>]) -> Allocation {
     let mut sum = 0.0;
     let lca: Vec<Vec<f64>> = weights
         .iter()

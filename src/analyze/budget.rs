@@ -324,21 +324,7 @@ impl BudgetPlan {
             .zip(losses)
             .enumerate()
             .map(|(o, (w, [before, after]))| {
-                let mut sum = 0.0;
-                let lca: Vec<Vec<f64>> = w
-                    .iter()
-                    .zip(delta)
-                    .map(|(w, d)| {
-                        w.iter()
-                            .zip(d)
-                            .map(|(&w, &d)| {
-                                let v = w * d;
-                                sum += v;
-                                v
-                            })
-                            .collect()
-                    })
-                    .collect();
+                let (lca, sum) = crate::lca::allocate(&w, delta);
                 let residual = after - before - sum;
                 StepLca {
                     err: (o == 0).then(|| estimate(panels, &fk, residual)),
