@@ -125,13 +125,22 @@ impl Shard {
     /// indices of its first and last checkpoint. Contiguous ranges, sizes differing by at most
     /// one, in order. More shards than steps is an error.
     pub fn range(&self, nsteps: usize) -> Result<(usize, usize)> {
+        // The command line refuses these; a shard.json read by `merge` may hold anything
+        // (found by the `merge` fuzz target: a count of 0 divided by zero).
+        if self.count == 0 || self.index >= self.count {
+            return Err(LcaError::Usage(format!(
+                "shard {}/{}: the index must be below the number of shards, which must be at least 1",
+                self.index, self.count
+            )));
+        }
         if self.count > nsteps {
             return Err(LcaError::Usage(format!(
                 "--shard {self}: {} shards but only {nsteps} step(s) selected; use at most {nsteps} shards",
                 self.count
             )));
         }
-        let at = |k: usize| k * nsteps / self.count;
+        // In u128: k · nsteps cannot overflow; the result is at most nsteps.
+        let at = |k: usize| (k as u128 * nsteps as u128 / self.count as u128) as usize;
         Ok((at(self.index), at(self.index + 1)))
     }
 }
@@ -337,6 +346,26 @@ mod tests {
                 .is_err()
             );
         }
+    }
+
+    /// What a `shard.json` read by `merge` may hold (found by the `merge` fuzz target: a count
+    /// of 0 divided by zero): refused, never a panic or an overflow.
+    #[test]
+    fn ranges_of_impossible_shards_are_errors() {
+        for (index, count, nsteps) in [(0, 0, 0), (0, 0, 5), (3, 3, 5), (usize::MAX, 2, 5)] {
+            assert!(
+                Shard { index, count }.range(nsteps).is_err(),
+                "{index}/{count}"
+            );
+        }
+        let big = usize::MAX;
+        let (a, b) = Shard {
+            index: big - 1,
+            count: big,
+        }
+        .range(big)
+        .unwrap();
+        assert_eq!((a, b), (big - 1, big));
     }
 
     #[test]
