@@ -84,7 +84,11 @@ fn validate(mut parts: Vec<Part>) -> Result<Vec<Part>> {
             index: p.info.index,
             count,
         }
-        .range(total)?;
+        .range(total)
+        .map_err(|e| LcaError::Output {
+            path: p.dir.join(FILE),
+            msg: format!("{e}: the part is damaged; run the shard again"),
+        })?;
         if (p.info.first_step_index, p.info.end_step_index) != want
             || p.summary.steps.len() != p.info.steps
             || p.info.steps != want.1 - want.0
