@@ -630,6 +630,22 @@ impl<T: Real> Model<T> {
                 _ => outs[j].view(),
             }
         }
+        let xv = x.view();
+        // The inputs of a node: the chunk's inputs or earlier nodes' outputs.
+        fn inputs_of<'a, T: Real>(
+            node: &Node<T>,
+            x: &ArrayViewD<'a, T>,
+            outs: &'a [ArrayD<T>],
+            first: &'a Option<ArrayViewD<'_, T>>,
+        ) -> Vec<ArrayViewD<'a, T>> {
+            node.inputs
+                .iter()
+                .map(|s| match s {
+                    Src::Input => x.clone(),
+                    Src::Node(j) => output(outs, first, *j),
+                })
+                .collect()
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             if i == 0 && given {
                 outs.push(ArrayD::zeros(IxDyn(&[0])));
@@ -637,14 +653,7 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let p = node.param_slices(theta);
-            let ins: Vec<ArrayViewD<T>> = node
-                .inputs
-                .iter()
-                .map(|s| match s {
-                    Src::Input => x.view(),
-                    Src::Node(j) => output(&outs, &first, *j),
-                })
-                .collect();
+            let ins = inputs_of(node, &xv, &outs, &first);
             let mut sv = Saved::None;
             let y_out = node.layer.forward(&p, &ins, &mut sv);
             outs.push(y_out);
@@ -664,14 +673,7 @@ impl<T: Real> Model<T> {
             }
             let Some(g) = gouts[i].take() else { continue };
             let p = node.param_slices(theta);
-            let ins: Vec<ArrayViewD<T>> = node
-                .inputs
-                .iter()
-                .map(|s| match s {
-                    Src::Input => x.view(),
-                    Src::Node(j) => output(&outs, &first, *j),
-                })
-                .collect();
+            let ins = inputs_of(node, &xv, &outs, &first);
             let need: Vec<bool> = node
                 .inputs
                 .iter()
