@@ -470,19 +470,64 @@ impl LayerKind {
         }
     }
 
+    /// Sizes of 0, which make empty tensors that no layer computes with (found by the `model`
+    /// fuzz target: a linear layer with `out_features = 0` reached a matrix product), as
+    /// (key, message).
+    fn check_sizes(&self) -> std::result::Result<(), (&'static str, String)> {
+        let nonzero = |sizes: &[(&'static str, usize)]| match sizes.iter().find(|(_, v)| *v == 0) {
+            Some((key, _)) => Err((*key, format!("`{key}` must be at least 1"))),
+            None => Ok(()),
+        };
+        match self {
+            LayerKind::Linear {
+                in_features,
+                out_features,
+                ..
+            } => nonzero(&[
+                ("in_features", *in_features),
+                ("out_features", *out_features),
+            ]),
+            LayerKind::Embedding {
+                num_embeddings,
+                embedding_dim,
+                ..
+            }
+            | LayerKind::PositionalEmbedding {
+                num_embeddings,
+                embedding_dim,
+                ..
+            } => nonzero(&[
+                ("num_embeddings", *num_embeddings),
+                ("embedding_dim", *embedding_dim),
+            ]),
+            LayerKind::LayerNorm {
+                normalized_shape, ..
+            } => nonzero(&[("normalized_shape", *normalized_shape)]),
+            LayerKind::BatchNorm1d(b) | LayerKind::BatchNorm2d(b) => {
+                nonzero(&[("num_features", b.num_features)])
+            }
+            LayerKind::CausalSelfAttention { n_embd, n_head, .. } => {
+                nonzero(&[("n_embd", *n_embd), ("n_head", *n_head)])
+            }
+            LayerKind::MultiheadAttention {
+                embed_dim,
+                num_heads,
+                ..
+            } => nonzero(&[("embed_dim", *embed_dim), ("num_heads", *num_heads)]),
+            _ => Ok(()),
+        }
+    }
+
     /// Settings that PyTorch would refuse, as (key, message). Shapes are checked later, when
     /// the model is built for the data's input shape.
     pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        self.check_sizes()?;
         let at_least_one = |key: &'static str, p: Pair| {
             if p.0.contains(&0) {
                 Err((key, format!("`{key}` must be at least 1, got {p}")))
             } else {
                 Ok(())
             }
-        };
-        let nonzero = |sizes: &[(&'static str, usize)]| match sizes.iter().find(|(_, v)| *v == 0) {
-            Some((key, _)) => Err((*key, format!("`{key}` must be at least 1"))),
-            None => Ok(()),
         };
         // The dilated kernel's extent, dilation·(kernel − 1) + 1, unless it overflows.
         let span_of = |kernel: Pair, dilation: Pair| {
@@ -649,43 +694,6 @@ impl LayerKind {
             LayerKind::AdaptiveAvgPool2d { output_size } => {
                 at_least_one("output_size", *output_size)
             }
-            // Sizes of 0 make empty tensors that no layer computes with (found by the `model`
-            // fuzz target: a linear layer with `out_features = 0` reached a matrix product).
-            LayerKind::Linear {
-                in_features,
-                out_features,
-                ..
-            } => nonzero(&[
-                ("in_features", *in_features),
-                ("out_features", *out_features),
-            ]),
-            LayerKind::Embedding {
-                num_embeddings,
-                embedding_dim,
-                ..
-            }
-            | LayerKind::PositionalEmbedding {
-                num_embeddings,
-                embedding_dim,
-                ..
-            } => nonzero(&[
-                ("num_embeddings", *num_embeddings),
-                ("embedding_dim", *embedding_dim),
-            ]),
-            LayerKind::LayerNorm {
-                normalized_shape, ..
-            } => nonzero(&[("normalized_shape", *normalized_shape)]),
-            LayerKind::BatchNorm1d(b) | LayerKind::BatchNorm2d(b) => {
-                nonzero(&[("num_features", b.num_features)])
-            }
-            LayerKind::CausalSelfAttention { n_embd, n_head, .. } => {
-                nonzero(&[("n_embd", *n_embd), ("n_head", *n_head)])
-            }
-            LayerKind::MultiheadAttention {
-                embed_dim,
-                num_heads,
-                ..
-            } => nonzero(&[("embed_dim", *embed_dim), ("num_heads", *num_heads)]),
             _ => Ok(()),
         }
     }
