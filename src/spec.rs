@@ -441,6 +441,14 @@ pub enum GeluApprox {
     Tanh,
 }
 
+/// The first of `sizes` that is 0, as (key, message): a size of 0 makes empty tensors.
+fn nonzero(sizes: &[(&'static str, usize)]) -> std::result::Result<(), (&'static str, String)> {
+    match sizes.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err((key, format!("`{key}` must be at least 1"))),
+        None => Ok(()),
+    }
+}
+
 impl LayerKind {
     /// The `type` string of this layer.
     pub fn type_name(&self) -> &'static str {
@@ -474,10 +482,6 @@ impl LayerKind {
     /// fuzz target: a linear layer with `out_features = 0` reached a matrix product), as
     /// (key, message).
     fn check_sizes(&self) -> std::result::Result<(), (&'static str, String)> {
-        let nonzero = |sizes: &[(&'static str, usize)]| match sizes.iter().find(|(_, v)| *v == 0) {
-            Some((key, _)) => Err((*key, format!("`{key}` must be at least 1"))),
-            None => Ok(()),
-        };
         match self {
             LayerKind::Linear {
                 in_features,
@@ -625,15 +629,11 @@ impl LayerKind {
                 at_least_one("stride", *stride)?;
                 at_least_one("dilation", *dilation)?;
                 span_of(*kernel_size, *dilation)?;
-                for (key, v) in [
+                nonzero(&[
                     ("in_channels", *in_channels),
                     ("out_channels", *out_channels),
                     ("groups", *groups),
-                ] {
-                    if v == 0 {
-                        return Err((key, format!("`{key}` must be at least 1")));
-                    }
-                }
+                ])?;
                 for (key, v) in [
                     ("in_channels", *in_channels),
                     ("out_channels", *out_channels),
