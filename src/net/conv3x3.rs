@@ -32,8 +32,6 @@ const NV: usize = 6;
 const MR: usize = 4;
 /// Positions per tile.
 const TILE: usize = 16 * NV;
-/// Output-gradient channels per weight-gradient tile.
-const WR: usize = 3;
 /// Target size of one block's frame (values per buffer) — it stays in L2.
 const FRAME_TARGET: usize = 96 * 1024;
 
@@ -174,47 +172,77 @@ fn conv_frames(packed: &[f32], mout: usize, cin: usize, frame: &[f32], f: &Frame
     }
 }
 
-/// `gw[o][i][t] += Σ_q gframe[o][q + l + 1]·frame[i][q + offset(t)]` over the block's output
-/// positions (the output gradient's frame is zero at every padding position, so only real
-/// outputs contribute).
-fn weight_grad(gframe: &[f32], mout: usize, frame: &[f32], cin: usize, f: &Frame, gw: &mut [f32]) {
-    assert!(gframe.len() >= mout * f.len && frame.len() >= cin * f.len);
-    assert!(gw.len() >= mout * cin * 9);
+/// The output gradient of a block laid out for [`weight_grad`]: `gt[ob][q][r]` = the gradient
+/// of output channel `16·ob + r` at output-frame position `q` (zero at positions that are not
+/// outputs and for channels past `cout`). `gt` is `[⌈cout / 16⌉][f.q][16]`; every value is
+/// written.
+fn fill_transposed(gy: &[f32], cout: usize, s0: usize, f: &Frame, gt: &mut [f32]) {
+    let (h, w) = (f.h, f.w);
+    gt.fill(0.0);
+    for o in 0..cout {
+        let (ob, r) = (o / 16, o % 16);
+        let dst = &mut gt[ob * f.q * 16..][..f.q * 16];
+        for j in 0..f.nb {
+            let src = &gy[((s0 + j) * cout + o) * h * w..][..h * w];
+            for y in 0..h {
+                let q0 = f.out_row(j, y);
+                for (x, &v) in src[y * w..][..w].iter().enumerate() {
+                    dst[(q0 + x) * 16 + r] = v;
+                }
+            }
+        }
+    }
+}
+
+/// Positions per weight-gradient tile: each tile's sums are added into the gradient, so no
+/// f32 sum runs over more than this many terms.
+const QT: usize = 512;
+
+/// `gw[o][i][t] += Σ_q gt[o][q]·frame[i][q + offset(t)]` over the block's output positions
+/// (`gt` as [`fill_transposed`] writes it: zero where there is no output, so only real outputs
+/// contribute), in tiles of [`QT`] positions, 16 output channels × 3 input channels × 9 taps
+/// at a time.
+fn weight_grad(gt: &[f32], cout: usize, frame: &[f32], cin: usize, f: &Frame, gw: &mut [f32]) {
+    let obs = cout.div_ceil(16);
+    assert!(gt.len() >= obs * f.q * 16 && frame.len() >= cin * f.len);
+    assert!(gw.len() >= cout * cin * 9);
     let offs = f.offsets();
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "conv3x3 needs AVX-512F");
-        let g0 = f.l + 1;
-        let mut o0 = 0;
-        while o0 < mout {
-            let rows = WR.min(mout - o0);
-            for i in 0..cin {
-                let mut sums = [[0.0f32; 9]; WR];
-                // SAFETY: AVX-512F is available (asserted above). The kernel reads
-                // gframe[(o0 + r)·len + g0 + 0..f.q] for r < rows (g0 + f.q ≤ len) and
-                // frame[i·len + offset + 0..f.q] (offset + f.q ≤ 2l + 2 + f.q ≤ len).
-                unsafe {
-                    let g = gframe.as_ptr().add(o0 * f.len + g0);
-                    let x = frame.as_ptr().add(i * f.len);
-                    match rows {
-                        3 => avx512::wgrad::<3>(g, f.len, x, &offs, f.q, &mut sums),
-                        2 => avx512::wgrad::<2>(g, f.len, x, &offs, f.q, &mut sums),
-                        _ => avx512::wgrad::<1>(g, f.len, x, &offs, f.q, &mut sums),
+        let mut sums = [[[0.0f32; 16]; 9]; 3];
+        for q0 in (0..f.q).step_by(QT) {
+            let n = QT.min(f.q - q0);
+            for ob in 0..obs {
+                let g = &gt[(ob * f.q + q0) * 16..][..n * 16];
+                for i0 in (0..cin).step_by(3) {
+                    let ic = 3.min(cin - i0);
+                    // SAFETY: AVX-512F is available (asserted above); the kernel reads
+                    // g[0..16·n] and frame[(i0 + c)·len + q0 + offset + 0..n] for c < ic, below
+                    // (i0 + c)·len + f.q + 2l + 2 ≤ (i0 + c + 1)·len.
+                    unsafe {
+                        let x = frame.as_ptr().add(i0 * f.len + q0);
+                        match ic {
+                            3 => avx512::wgrad::<3>(x, f.len, &offs, g.as_ptr(), n, &mut sums),
+                            2 => avx512::wgrad::<2>(x, f.len, &offs, g.as_ptr(), n, &mut sums),
+                            _ => avx512::wgrad::<1>(x, f.len, &offs, g.as_ptr(), n, &mut sums),
+                        }
                     }
-                }
-                for (r, s) in sums.iter().enumerate().take(rows) {
-                    let dst = &mut gw[((o0 + r) * cin + i) * 9..][..9];
-                    for (d, v) in dst.iter_mut().zip(s) {
-                        *d += v;
+                    for (c, sc) in sums.iter().enumerate().take(ic) {
+                        for o in ob * 16..cout.min(ob * 16 + 16) {
+                            let dst = &mut gw[(o * cin + i0 + c) * 9..][..9];
+                            for (d, st) in dst.iter_mut().zip(sc) {
+                                *d += st[o % 16];
+                            }
+                        }
                     }
                 }
             }
-            o0 += rows;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (offs, gframe, frame, gw);
+        let _ = (offs, gt, frame, gw);
         unreachable!("conv3x3 runs only where `available()`");
     }
 }
@@ -330,10 +358,12 @@ pub(crate) fn backward(
         let f = Frame::new(h, wd, nb.min(batch - s0));
         let frame = grow(&mut bufs.a, cin * f.len);
         fill_frames(x, cin, s0, &f, frame);
-        let gframe = grow(&mut bufs.b, cout * f.len);
-        fill_frames(gy, cout, s0, &f, gframe);
-        weight_grad(gframe, cout, frame, cin, &f, gw);
+        let gt = grow(&mut bufs.c, cout.div_ceil(16) * f.q * 16);
+        fill_transposed(gy, cout, s0, &f, gt);
+        weight_grad(gt, cout, frame, cin, &f, gw);
         if let Some(gx) = gx.as_deref_mut() {
+            let gframe = grow(&mut bufs.b, cout * f.len);
+            fill_frames(gy, cout, s0, &f, gframe);
             let out = grow(&mut bufs.c, cin.div_ceil(MR) * MR * f.q);
             conv_frames(&bufs.packed, cin, cout, gframe, &f, out);
             for j in 0..f.nb {
@@ -402,39 +432,37 @@ mod avx512 {
         }
     }
 
-    /// `sums[r][t] = Σ_{q < n} g[r·len + q]·x[offs[t] + q]` for `r < R`, 16 lanes per sum,
-    /// the lanes added at the end; `n` is a multiple of 16.
+    /// `sums[c][t][r] = Σ_{q < n} x[c·len + offs[t] + q]·g[16·q + r]` for `c < IC`, each sum
+    /// in order of `q`.
     ///
     /// # Safety
-    /// AVX-512F; `g` valid for `R` rows of `n` values `len` apart, `x` for `offs[8] + n`.
+    /// AVX-512F; `g` valid for `16·n` reads, `x` for `c·len + offs[t] + q`, `c < IC`, `q < n`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn wgrad<const R: usize>(
-        g: *const f32,
-        len: usize,
+    pub(super) unsafe fn wgrad<const IC: usize>(
         x: *const f32,
+        len: usize,
         offs: &[usize; 9],
+        g: *const f32,
         n: usize,
-        sums: &mut [[f32; 9]; super::WR],
+        sums: &mut [[[f32; 16]; 9]; 3],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 9]; R];
-        for q in (0..n).step_by(16) {
+        let mut acc = [[_mm512_setzero_ps(); 9]; IC];
+        for q in 0..n {
             // SAFETY: within the bounds the caller guarantees.
             unsafe {
-                let mut gv = [_mm512_setzero_ps(); R];
-                for (r, gv) in gv.iter_mut().enumerate() {
-                    *gv = _mm512_loadu_ps(g.add(r * len + q));
-                }
-                for (t, &o) in offs.iter().enumerate() {
-                    let xv = _mm512_loadu_ps(x.add(o + q));
-                    for (acc, gv) in acc.iter_mut().zip(&gv) {
-                        acc[t] = _mm512_fmadd_ps(*gv, xv, acc[t]);
+                let gv = _mm512_loadu_ps(g.add(16 * q));
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let xc = x.add(c * len + q);
+                    for (a, &o) in acc.iter_mut().zip(offs) {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*xc.add(o)), gv, *a);
                     }
                 }
             }
         }
         for (s, acc) in sums.iter_mut().zip(&acc) {
             for (s, a) in s.iter_mut().zip(acc) {
-                *s = _mm512_reduce_add_ps(*a);
+                // SAFETY: `s` is 16 f32.
+                unsafe { _mm512_storeu_ps(s.as_mut_ptr(), *a) };
             }
         }
     }
