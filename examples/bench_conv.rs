@@ -90,6 +90,7 @@ fn bench_layer(layer: &dyn Layer<f32>, shape: &[usize], reps: usize, macs: f64, 
 }
 
 fn main() {
+    lca::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
     let batch = arg(&args, "--batch", 50);
     let reps = arg(&args, "--reps", 20);

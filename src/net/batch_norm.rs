@@ -131,40 +131,39 @@ impl<T: Real> Layer<T> for BatchNorm {
             }
         }
         let shape = x.shape().to_vec();
-        let mut xhat = None;
-        // SAFETY: both closures write every element: the loops cover every (sample, channel)
-        // row of `inner` values.
+        // SAFETY: the loops write every (sample, channel) row of `inner` values.
         let y = unsafe {
             super::filled(&shape, |ys| {
-                xhat = Some(super::filled(&shape, |xh| {
-                    for i in 0..n {
-                        for ch in 0..c {
-                            let base = (i * c + ch) * inner;
-                            let (g, b) = (
-                                gamma.map_or(1.0, |g| g[ch].f64()),
-                                beta.map_or(0.0, |b| b[ch].f64()),
-                            );
-                            let (mu, is) = (mean[ch], inv_std[ch]);
-                            let rows = xh[base..base + inner]
-                                .iter_mut()
-                                .zip(&mut ys[base..base + inner]);
-                            for ((h_out, y_out), &xv) in rows.zip(&xs[base..base + inner]) {
-                                let h = (xv.f64() - mu) * is;
-                                h_out.write(T::of(h));
-                                y_out.write(T::of(g * h + b));
-                            }
+                for i in 0..n {
+                    for ch in 0..c {
+                        let base = (i * c + ch) * inner;
+                        let (g, b) = (
+                            gamma.map_or(1.0, |g| g[ch].f64()),
+                            beta.map_or(0.0, |b| b[ch].f64()),
+                        );
+                        let (mu, is) = (mean[ch], inv_std[ch]);
+                        let rows = ys[base..base + inner].iter_mut();
+                        for (y_out, &xv) in rows.zip(&xs[base..base + inner]) {
+                            y_out.write(T::of(g * ((xv.f64() - mu) * is) + b));
                         }
                     }
-                }));
+                }
             })
         };
-        let xhat = xhat.expect("filled above");
-        let stats = ArrayD::from_shape_vec(
-            ndarray::IxDyn(&[c]),
-            inv_std.into_iter().map(T::of).collect(),
-        )
-        .expect("c values");
-        *saved = Saved::Arrays(vec![xhat, stats]);
+        // Backward recomputes x̂ from x with the same statistics (kept as T pairs, hi + lo,
+        // so that f32 keeps them to ~48 bits and f64 exactly) instead of keeping x̂.
+        let split = |v: f64| {
+            let hi = T::of(v);
+            (hi, T::of(v - hi.f64()))
+        };
+        let mut stats = Vec::with_capacity(4 * c);
+        for v in [&mean, &inv_std] {
+            let (hi, lo): (Vec<T>, Vec<T>) = v.iter().map(|&m| split(m)).unzip();
+            stats.extend(hi);
+            stats.extend(lo);
+        }
+        let stats = ArrayD::from_shape_vec(ndarray::IxDyn(&[4, c]), stats).expect("4·c values");
+        *saved = Saved::Arrays(vec![stats]);
         y
     }
 
@@ -172,37 +171,63 @@ impl<T: Real> Layer<T> for BatchNorm {
         let x = &b.inputs[0];
         let (n, c, inner) = Self::dims(x);
         let Saved::Arrays(sv) = b.saved else {
-            unreachable!("forward saves x̂ and 1/σ")
+            unreachable!("forward saves the statistics")
         };
-        let xh = sv[0].as_slice().expect("contiguous");
-        let inv_std: Vec<f64> = sv[1].iter().map(|v| v.f64()).collect();
+        let st = sv[0].as_slice().expect("contiguous");
+        let join = |k: usize, ch: usize| st[k * c + ch].f64() + st[(k + 1) * c + ch].f64();
+        let mean: Vec<f64> = (0..c).map(|ch| join(0, ch)).collect();
+        let inv_std: Vec<f64> = (0..c).map(|ch| join(2, ch)).collect();
+        let xs = x.as_slice().expect("activations are contiguous");
         let gy = b.grad_out.as_standard_layout();
         let gy = gy.as_slice().expect("contiguous");
         let m = (n * inner) as f64;
-        // Per channel: Σ dy and Σ dy·x̂.
-        let mut sum_dy = vec![0.0f64; c];
-        let mut sum_dy_xh = vec![0.0f64; c];
-        for i in 0..n {
-            for ch in 0..c {
-                let base = (i * c + ch) * inner;
-                let (g, h) = (&gy[base..base + inner], &xh[base..base + inner]);
-                sum_dy[ch] += lanes_sum_f64(g, |v| v.f64());
-                sum_dy_xh[ch] += lanes_dot_f64(g, h);
-            }
-        }
-        let mut gp = b.grad_params;
         let gamma: Vec<f64> = if self.affine {
             b.params[0].iter().map(|v| v.f64()).collect()
         } else {
             vec![1.0; c]
         };
+        let need_x = b.need_input_grad[0];
+        // Per channel: Σ dy and Σ dy·x̂; with running statistics the input gradient
+        // (γ/σ·dy) is written in the same pass, row by row.
+        let mut sum_dy = vec![0.0f64; c];
+        let mut sum_dy_xh = vec![0.0f64; c];
+        let running = self.mode == BnMode::RunningStats;
+        let sums = |gs: Option<&mut [std::mem::MaybeUninit<T>]>,
+                    sum_dy: &mut [f64],
+                    sum_dy_xh: &mut [f64]| {
+            let mut gs = gs;
+            for i in 0..n {
+                for ch in 0..c {
+                    let base = (i * c + ch) * inner;
+                    let (g, xr) = (&gy[base..base + inner], &xs[base..base + inner]);
+                    sum_dy[ch] += lanes_sum_f64(g, |v| v.f64());
+                    sum_dy_xh[ch] += lanes_dot_xhat(g, xr, mean[ch], inv_std[ch]);
+                    if let Some(gs) = gs.as_deref_mut() {
+                        let k0 = gamma[ch] * inv_std[ch];
+                        for (o, &gv) in gs[base..base + inner].iter_mut().zip(g) {
+                            o.write(T::of(k0 * gv.f64()));
+                        }
+                    }
+                }
+            }
+        };
+        let mut gx = None;
+        if running && need_x {
+            // SAFETY: the pass writes every (sample, channel) row of `inner` values.
+            gx = Some(unsafe {
+                super::filled(x.shape(), |gs| sums(Some(gs), &mut sum_dy, &mut sum_dy_xh))
+            });
+        } else {
+            sums(None, &mut sum_dy, &mut sum_dy_xh);
+        }
+        let mut gp = b.grad_params;
         if self.affine {
             for ch in 0..c {
                 gp[0][ch] += T::of(sum_dy_xh[ch]);
                 gp[1][ch] += T::of(sum_dy[ch]);
             }
         }
-        if self.mode == BnMode::RunningStats {
+        if running {
             // x̂ = (x − μ_r)·(v_r + ε)^(-1/2): ∂/∂μ_r = −γ/σ Σ dy; ∂/∂v_r = −½ γ/σ² Σ dy·x̂.
             let buf = if self.affine { 2 } else { 0 };
             for ch in 0..c {
@@ -211,8 +236,8 @@ impl<T: Real> Layer<T> for BatchNorm {
                     T::of(-0.5 * gamma[ch] * inv_std[ch] * inv_std[ch] * sum_dy_xh[ch]);
             }
         }
-        if !b.need_input_grad[0] {
-            return vec![None];
+        if !need_x || running {
+            return vec![gx];
         }
         // SAFETY: the loops write every (sample, channel) row of `inner` values.
         let gx = unsafe {
@@ -221,22 +246,15 @@ impl<T: Real> Layer<T> for BatchNorm {
                     for ch in 0..c {
                         let base = (i * c + ch) * inner;
                         let k0 = gamma[ch] * inv_std[ch];
-                        let out = gs[base..base + inner].iter_mut();
-                        let rows = out
+                        let (mu, is) = (mean[ch], inv_std[ch]);
+                        let (a, bb) = (sum_dy[ch] / m, sum_dy_xh[ch] / m);
+                        let rows = gs[base..base + inner]
+                            .iter_mut()
                             .zip(&gy[base..base + inner])
-                            .zip(&xh[base..base + inner]);
-                        match self.mode {
-                            BnMode::RunningStats => {
-                                for ((o, &g), _) in rows {
-                                    o.write(T::of(k0 * g.f64()));
-                                }
-                            }
-                            BnMode::BatchStats => {
-                                let (a, bb) = (sum_dy[ch] / m, sum_dy_xh[ch] / m);
-                                for ((o, &g), &h) in rows {
-                                    o.write(T::of(k0 * (g.f64() - a - h.f64() * bb)));
-                                }
-                            }
+                            .zip(&xs[base..base + inner]);
+                        for ((o, &g), &xv) in rows {
+                            let h = (xv.f64() - mu) * is;
+                            o.write(T::of(k0 * (g.f64() - a - h * bb)));
                         }
                     }
                 }
@@ -264,17 +282,21 @@ fn lanes_sum_f64<T: Real>(v: &[T], f: impl Fn(T) -> f64) -> f64 {
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
 
-/// `Σ a·b` over two slices in f64, as [`lanes_sum_f64`].
-fn lanes_dot_f64<T: Real>(a: &[T], b: &[T]) -> f64 {
+/// `Σ dy·x̂` with `x̂ = (x − μ)·is` over two slices in f64, as [`lanes_sum_f64`].
+fn lanes_dot_xhat<T: Real>(dy: &[T], x: &[T], mu: f64, is: f64) -> f64 {
     let mut acc = [0.0f64; 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ca, cb) = (dy.chunks_exact(4), x.chunks_exact(4));
     let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
+    for (g, x) in ca.zip(cb) {
         for k in 0..4 {
-            acc[k] += x[k].f64() * y[k].f64();
+            acc[k] += g[k].f64() * ((x[k].f64() - mu) * is);
         }
     }
-    let tail: f64 = ra.iter().zip(rb).map(|(x, y)| x.f64() * y.f64()).sum();
+    let tail: f64 = ra
+        .iter()
+        .zip(rb)
+        .map(|(g, x)| g.f64() * ((x.f64() - mu) * is))
+        .sum();
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
 

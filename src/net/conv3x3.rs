@@ -179,15 +179,18 @@ fn conv_frames(packed: &[f32], mout: usize, cin: usize, frame: &[f32], f: &Frame
 fn fill_transposed(gy: &[f32], cout: usize, s0: usize, f: &Frame, gt: &mut [f32]) {
     let (h, w) = (f.h, f.w);
     gt.fill(0.0);
-    for o in 0..cout {
-        let (ob, r) = (o / 16, o % 16);
+    for ob in 0..cout.div_ceil(16) {
         let dst = &mut gt[ob * f.q * 16..][..f.q * 16];
+        let rows = 16.min(cout - ob * 16);
         for j in 0..f.nb {
-            let src = &gy[((s0 + j) * cout + o) * h * w..][..h * w];
             for y in 0..h {
-                let q0 = f.out_row(j, y);
-                for (x, &v) in src[y * w..][..w].iter().enumerate() {
-                    dst[(q0 + x) * 16 + r] = v;
+                // One image row of 16 channels: a block of 16·w values that stays in L1.
+                let d = &mut dst[f.out_row(j, y) * 16..][..w * 16];
+                for r in 0..rows {
+                    let src = &gy[((s0 + j) * cout + ob * 16 + r) * h * w + y * w..][..w];
+                    for (x, &v) in src.iter().enumerate() {
+                        d[x * 16 + r] = v;
+                    }
                 }
             }
         }
