@@ -414,27 +414,32 @@ impl Conv2d {
     }
 
     /// The shapes of a call on the direct 3×3 path ([`conv3x3`]), or `None` when it cannot
-    /// take it: f32 on a CPU with AVX-512F, one group, a 3×3 kernel with stride 1, dilation 1
-    /// and padding 1 on every side, and an input of at least 4×4 (on smaller ones most taps
-    /// read padding, which the im2col path leaves out).
+    /// take it: f32 on a CPU with AVX-512F, one group, a 3×3 kernel with dilation 1 and
+    /// padding 1 on every side, stride 1, or stride 2 on an even height and width, and an
+    /// output of at least 8×8 (on smaller ones the frames' padding is a large share of the
+    /// work, and im2col + GEMM, which leaves out taps that only read padding, was faster).
     fn direct<T: Real>(&self, shape: &[usize]) -> Option<conv3x3::Shape> {
         let w = &self.window;
+        let (h, wd) = (shape[2], shape[3]);
+        let stride = w.stride[0];
         let fits = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && self.groups == 1
             && w.kernel == [3, 3]
-            && w.stride == [1, 1]
+            && w.stride[1] == stride
+            && (stride == 1 || (stride == 2 && h % 2 == 0 && wd % 2 == 0))
             && w.dilation == [1, 1]
             && w.pad_begin == [1, 1]
             && w.pad_end == [1, 1]
-            && shape[2] >= 4
-            && shape[3] >= 4
+            && h / stride >= 8
+            && wd / stride >= 8
             && conv3x3::available();
         fits.then(|| conv3x3::Shape {
             batch: shape[0],
             cin: self.in_channels,
             cout: self.out_channels,
-            h: shape[2],
-            w: shape[3],
+            h,
+            w: wd,
+            stride,
         })
     }
 
@@ -446,7 +451,7 @@ impl Conv2d {
         sh: conv3x3::Shape,
         ys: &mut [std::mem::MaybeUninit<f32>],
     ) {
-        let (cout, h, w) = (sh.cout, sh.h, sh.w);
+        let (cout, h, w) = (sh.cout, sh.h / sh.stride, sh.w / sh.stride);
         conv3x3::with_buffers(|bufs| {
             conv3x3::forward(xs, params[0], sh, bufs, |s, o, y, row| {
                 let dst = &mut ys[((s * cout + o) * h + y) * w..][..w];
@@ -472,7 +477,7 @@ impl Conv2d {
         let gy32 = f32_slice(gys).expect("T is f32");
         let w32 = f32_slice(params[0]).expect("T is f32");
         if self.bias {
-            let n = sh.h * sh.w;
+            let n = (sh.h / sh.stride) * (sh.w / sh.stride);
             for (o, g) in gp[1].iter_mut().enumerate() {
                 let mut sum = T::zero();
                 for s in 0..sh.batch {
@@ -590,7 +595,7 @@ impl<T: Real> Layer<T> for Conv2d {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
         if let Some(sh) = self.direct::<T>(x.shape()) {
-            let shape = [sh.batch, sh.cout, sh.h, sh.w];
+            let shape = [sh.batch, sh.cout, sh.h / sh.stride, sh.w / sh.stride];
             let p32: Vec<&[f32]> = params.iter().filter_map(|p| f32_slice(p)).collect();
             let x32 = f32_slice(xs).expect("direct() checked that T is f32");
             // SAFETY: `forward_direct` writes every output value.
@@ -976,21 +981,40 @@ mod tests {
                 .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - y).abs()));
             err / scale.max(1e-30)
         };
-        for &(cin, cout, h, w, batch, bias) in &[
-            (3, 16, 32, 32, 2, false),
-            (16, 16, 8, 8, 5, true),
-            (5, 7, 6, 9, 3, true),
-            (64, 64, 8, 8, 3, false),
-            (2, 3, 4, 4, 7, true),
-            (32, 8, 32, 32, 4, false),
-            (16, 16, 16, 16, 30, true),
+        for &(cin, cout, h, w, batch, bias, stride) in &[
+            (3, 16, 32, 32, 2, false, 1),
+            (16, 16, 8, 8, 5, true, 1),
+            (5, 7, 9, 11, 3, true, 1),
+            (64, 64, 8, 8, 3, false, 1),
+            (2, 3, 8, 8, 7, true, 1),
+            (32, 8, 32, 32, 4, false, 1),
+            (16, 16, 16, 16, 30, true, 1),
+            // Stride 2 (even sizes): four parity planes per channel.
+            (16, 32, 32, 32, 3, false, 2),
+            (3, 5, 16, 18, 4, true, 2),
+            (32, 64, 16, 16, 40, false, 2),
         ] {
-            let c = conv([cin, cout, 1], [3, 3], [1, 1], p(1, 1), [1, 1], bias);
+            let c = conv(
+                [cin, cout, 1],
+                [3, 3],
+                [stride, stride],
+                p(1, 1),
+                [1, 1],
+                bias,
+            );
             assert!(c.direct::<f32>(&[batch, cin, h, w]).is_some());
             assert!(c.direct::<f64>(&[batch, cin, h, w]).is_none());
+            // Odd sizes with stride 2 and small outputs take the im2col path.
+            assert!(
+                c.direct::<f32>(&[batch, cin, 7 * stride, 7 * stride])
+                    .is_none()
+            );
+            if stride == 2 {
+                assert!(c.direct::<f32>(&[batch, cin, h + 1, w]).is_none());
+            }
             let mut rng = Rng::new((cin * 1000 + h) as u64);
             let x = rng.array(&[batch, cin, h, w]);
-            let gy = rng.array(&[batch, cout, h, w]);
+            let gy = rng.array(&[batch, cout, h / stride, w / stride]);
             let params: Vec<Vec<f64>> = <Conv2d as Layer<f64>>::params(&c)
                 .iter()
                 .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)

@@ -81,11 +81,6 @@ impl Frame {
         (FRAME_TARGET / (channels.max(1) * (h + 1) * (w + 1))).clamp(1, batch.max(1))
     }
 
-    /// Frame offsets of the taps, row-major.
-    fn offsets(&self) -> [usize; 9] {
-        std::array::from_fn(|t| (t / 3) * self.l + t % 3)
-    }
-
     /// Frame index of input `(j, y, 0)`.
     fn row(&self, j: usize, y: usize) -> usize {
         (1 + j * (self.h + 1) + y) * self.l + 1
@@ -97,67 +92,163 @@ impl Frame {
     }
 }
 
-/// Lay samples `s0..s0 + f.nb` of the NCHW batch `x` (`c` channels) out as frames in `dst`
-/// (`[c][f.len]`), writing every value (padding included).
-pub(crate) fn fill_frames(x: &[f32], c: usize, s0: usize, f: &Frame, dst: &mut [f32]) {
-    let (h, w, l) = (f.h, f.w, f.l);
+/// Lay samples `s0..s0 + f.nb` of the NCHW batch `x` (`c` channels of `h × w`) out as frames
+/// in `dst`, writing every value (padding included). With stride 1 a channel is one frame
+/// (`[c][f.len]`, `h × w` = the frame's size); with stride 2 it is four, one per parity of row
+/// and column (`[c][2·pr + pc][f.len]`, holding `x[2r + pr][2c + pc]`; `h × w` is twice the
+/// frame's size on each axis).
+fn fill_frames(x: &[f32], c: usize, stride: usize, s0: usize, f: &Frame, dst: &mut [f32]) {
+    let (fh, fw, l) = (f.h, f.w, f.l);
+    let (h, w) = (fh * stride, fw * stride);
+    let planes = stride * stride;
     for ch in 0..c {
-        let d = &mut dst[ch * f.len..][..f.len];
-        d[..l].fill(0.0);
-        for j in 0..f.nb {
-            let src = &x[((s0 + j) * c + ch) * h * w..][..h * w];
-            for y in 0..h {
-                let r = f.row(j, y);
-                d[r - 1] = 0.0;
-                d[r..r + w].copy_from_slice(&src[y * w..][..w]);
+        for p in 0..planes {
+            let (pr, pc) = (p / stride, p % stride);
+            let d = &mut dst[(ch * planes + p) * f.len..][..f.len];
+            d[..l].fill(0.0);
+            for j in 0..f.nb {
+                let src = &x[((s0 + j) * c + ch) * h * w..][..h * w];
+                for y in 0..fh {
+                    let r = f.row(j, y);
+                    d[r - 1] = 0.0;
+                    let row = &src[(stride * y + pr) * w..][..w];
+                    if stride == 1 {
+                        copy_row(row, &mut d[r..r + fw]);
+                    } else {
+                        for (o, v) in d[r..r + fw]
+                            .iter_mut()
+                            .zip(row[pc..].iter().step_by(stride))
+                        {
+                            *o = *v;
+                        }
+                    }
+                }
+                let sep = f.row(j, fh) - 1;
+                d[sep..sep + l].fill(0.0);
             }
-            let sep = f.row(j, h) - 1;
-            d[sep..sep + l].fill(0.0);
+            d[f.row(f.nb, 0) - 1..].fill(0.0);
         }
-        d[f.row(f.nb, 0) - 1..].fill(0.0);
     }
 }
 
-/// Weights `get(o, i, t)` (`o < mout` output channels, `i < cin` inputs, tap `t`) packed as
-/// `[⌈mout / MR⌉][cin][9][MR]`, rows past `mout` zero.
-fn pack(mout: usize, cin: usize, get: impl Fn(usize, usize, usize) -> f32, dst: &mut Vec<f32>) {
-    dst.clear();
+/// Frame offsets of the forward taps (row-major) for a stride: with stride 2, tap `(ki, kj)`
+/// reads the plane of its parities (rows `2y + ki − 1`: odd for ki = 0, 2), one row / column
+/// further on unless it is the first tap of its axis.
+fn forward_offsets(f: &Frame, stride: usize) -> [usize; 9] {
+    std::array::from_fn(|t| {
+        let (ki, kj) = (t / 3, t % 3);
+        if stride == 1 {
+            ki * f.l + kj
+        } else {
+            let plane = 2 * usize::from(ki != 1) + usize::from(kj != 1);
+            plane * f.len + usize::from(ki > 0) * f.l + usize::from(kj > 0)
+        }
+    })
+}
+
+/// The input gradient as convolutions of the output gradient's frame: one pass per input
+/// plane, each a list of (weight tap, frame offset). Stride 1: one plane, all taps flipped;
+/// stride 2: per parity plane the taps of that parity (4, 2, 2, 1 of them).
+fn grad_passes(f: &Frame, stride: usize) -> Vec<Vec<(usize, usize)>> {
+    let taps = |par: usize| -> Vec<usize> {
+        match (stride, par) {
+            (1, _) => vec![0, 1, 2],
+            (_, 0) => vec![1],
+            _ => vec![0, 2],
+        }
+    };
+    (0..stride * stride)
+        .map(|p| {
+            let mut v = Vec::new();
+            for &ki in &taps(p / stride) {
+                for &kj in &taps(p % stride) {
+                    // Stride 1: gy(y + 1 − ki, x + 1 − kj), the flipped kernel, in order of
+                    // increasing offset. Stride 2: gy(r + [ki = 0], c + [kj = 0]).
+                    v.push(if stride == 1 {
+                        (3 * (2 - ki) + (2 - kj), ki * f.l + kj)
+                    } else {
+                        let off = (1 + usize::from(ki == 0)) * f.l + 1 + usize::from(kj == 0);
+                        (3 * ki + kj, off)
+                    });
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// `dst = src` for a short row, in 8-value pieces the compiler keeps inline (a `memcpy` call
+/// per row of 8–32 values cost more than the copy).
+#[inline(always)]
+fn copy_row(src: &[f32], dst: &mut [f32]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let v: [f32; 8] = s.try_into().expect("8 values");
+        d.copy_from_slice(&v);
+    }
+    for (d, &v) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = v;
+    }
+}
+
+/// Weights `get(o, i, k)` (`o < mout` output channels, `i < cin` inputs, `k < taps`) appended
+/// to `dst` as `[⌈mout / MR⌉][cin][taps][MR]`, rows past `mout` zero.
+fn pack(
+    mout: usize,
+    cin: usize,
+    taps: usize,
+    get: impl Fn(usize, usize, usize) -> f32,
+    dst: &mut Vec<f32>,
+) {
     for m0 in (0..mout).step_by(MR) {
         for i in 0..cin {
-            for t in 0..9 {
+            for k in 0..taps {
                 for r in 0..MR {
                     let o = m0 + r;
-                    dst.push(if o < mout { get(o, i, t) } else { 0.0 });
+                    dst.push(if o < mout { get(o, i, k) } else { 0.0 });
                 }
             }
         }
     }
 }
 
-/// `out[o][q] = Σ_i Σ_t w[o][i][t]·frame[i][q + offset(t)]` for `o < ⌈mout / MR⌉·MR` (rows
-/// past `mout` are zero weights) and `q < f.q`; `out` is `[⌈mout / MR⌉·MR][f.q]`.
-fn conv_frames(packed: &[f32], mout: usize, cin: usize, frame: &[f32], f: &Frame, out: &mut [f32]) {
+/// `out[o][q] = Σ_i Σ_k w[o][i][k]·frame[i·cs + q + offs[k]]` for `o < ⌈mout / MR⌉·MR` (rows
+/// past `mout` are zero weights) and `q < f.q`; `packed` as [`pack`] lays it out, `cs` the
+/// frame's channel stride, `out` `[⌈mout / MR⌉·MR][f.q]`.
+#[allow(clippy::too_many_arguments)]
+fn conv_frames(
+    packed: &[f32],
+    mout: usize,
+    cin: usize,
+    frame: &[f32],
+    cs: usize,
+    offs: &[usize],
+    f: &Frame,
+    out: &mut [f32],
+) {
     let blocks = mout.div_ceil(MR);
-    assert!(packed.len() >= blocks * cin * 9 * MR);
-    assert!(frame.len() >= cin * f.len && out.len() >= blocks * MR * f.q);
-    let offs = f.offsets();
+    let taps = offs.len();
+    assert!(packed.len() >= blocks * cin * taps * MR);
+    assert!(offs.iter().all(|&o| o + f.q <= cs) && frame.len() >= cin * cs);
+    assert!(out.len() >= blocks * MR * f.q);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "conv3x3 needs AVX-512F");
         for b in 0..blocks {
-            let a = &packed[b * cin * 9 * MR..][..cin * 9 * MR];
+            let a = &packed[b * cin * taps * MR..][..cin * taps * MR];
             for q0 in (0..f.q).step_by(TILE) {
                 // SAFETY: AVX-512F is available (asserted above). The tile reads `a`
-                // (cin·9·MR values), the frame at channel·len + q0 + offset + 0..TILE, which is
-                // below cin·len since q0 + TILE ≤ f.q and f.q + 2l + 2 ≤ len, and writes
-                // out[(b·MR + r)·f.q + q0 ..][..TILE] for r < MR, inside `out` (sizes asserted).
+                // (cin·taps·MR values), the frame at i·cs + q0 + offset + 0..TILE for i < cin,
+                // below (i + 1)·cs since q0 + TILE ≤ f.q and offset + f.q ≤ cs (asserted), and
+                // writes out[(b·MR + r)·f.q + q0 ..][..TILE] for r < MR, inside `out`.
                 unsafe {
                     avx512::conv_tile::<MR, NV>(
                         a.as_ptr(),
                         frame.as_ptr().add(q0),
-                        f.len,
+                        cs,
                         cin,
-                        &offs,
+                        offs,
                         out.as_mut_ptr().add(b * MR * f.q + q0),
                         f.q,
                     );
@@ -167,7 +258,7 @@ fn conv_frames(packed: &[f32], mout: usize, cin: usize, frame: &[f32], f: &Frame
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (offs, packed, frame, out);
+        let _ = (packed, frame, cs, out);
         unreachable!("conv3x3 runs only where `available()`");
     }
 }
@@ -205,11 +296,21 @@ const QT: usize = 512;
 /// (`gt` as [`fill_transposed`] writes it: zero where there is no output, so only real outputs
 /// contribute), in tiles of [`QT`] positions, 16 output channels × 3 input channels × 9 taps
 /// at a time.
-fn weight_grad(gt: &[f32], cout: usize, frame: &[f32], cin: usize, f: &Frame, gw: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn weight_grad(
+    gt: &[f32],
+    cout: usize,
+    frame: &[f32],
+    cs: usize,
+    cin: usize,
+    offs: &[usize; 9],
+    f: &Frame,
+    gw: &mut [f32],
+) {
     let obs = cout.div_ceil(16);
-    assert!(gt.len() >= obs * f.q * 16 && frame.len() >= cin * f.len);
+    assert!(gt.len() >= obs * f.q * 16 && frame.len() >= cin * cs);
+    assert!(offs.iter().all(|&o| o + f.q <= cs));
     assert!(gw.len() >= cout * cin * 9);
-    let offs = f.offsets();
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "conv3x3 needs AVX-512F");
@@ -221,14 +322,14 @@ fn weight_grad(gt: &[f32], cout: usize, frame: &[f32], cin: usize, f: &Frame, gw
                 for i0 in (0..cin).step_by(3) {
                     let ic = 3.min(cin - i0);
                     // SAFETY: AVX-512F is available (asserted above); the kernel reads
-                    // g[0..16·n] and frame[(i0 + c)·len + q0 + offset + 0..n] for c < ic, below
-                    // (i0 + c)·len + f.q + 2l + 2 ≤ (i0 + c + 1)·len.
+                    // g[0..16·n] and frame[(i0 + c)·cs + q0 + offset + 0..n] for c < ic, below
+                    // (i0 + c + 1)·cs since q0 + n ≤ f.q and offset + f.q ≤ cs (asserted).
                     unsafe {
-                        let x = frame.as_ptr().add(i0 * f.len + q0);
+                        let x = frame.as_ptr().add(i0 * cs + q0);
                         match ic {
-                            3 => avx512::wgrad::<3>(x, f.len, &offs, g.as_ptr(), n, &mut sums),
-                            2 => avx512::wgrad::<2>(x, f.len, &offs, g.as_ptr(), n, &mut sums),
-                            _ => avx512::wgrad::<1>(x, f.len, &offs, g.as_ptr(), n, &mut sums),
+                            3 => avx512::wgrad::<3>(x, cs, offs, g.as_ptr(), n, &mut sums),
+                            2 => avx512::wgrad::<2>(x, cs, offs, g.as_ptr(), n, &mut sums),
+                            _ => avx512::wgrad::<1>(x, cs, offs, g.as_ptr(), n, &mut sums),
                         }
                     }
                     for (c, sc) in sums.iter().enumerate().take(ic) {
@@ -245,12 +346,13 @@ fn weight_grad(gt: &[f32], cout: usize, frame: &[f32], cin: usize, f: &Frame, gw
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (offs, gt, frame, gw);
+        let _ = (offs, gt, frame, cs, gw);
         unreachable!("conv3x3 runs only where `available()`");
     }
 }
 
-/// Shapes of one call: batch, input channels, output channels, height, width.
+/// Shapes of one call: batch, input channels, output channels, input height and width,
+/// stride (1, or 2 with an even height and width).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shape {
     pub batch: usize,
@@ -258,6 +360,25 @@ pub(crate) struct Shape {
     pub cout: usize,
     pub h: usize,
     pub w: usize,
+    pub stride: usize,
+}
+
+impl Shape {
+    /// Output height and width.
+    fn out_hw(&self) -> (usize, usize) {
+        (self.h / self.stride, self.w / self.stride)
+    }
+
+    /// Samples per block, and the frames of the block at `s0`.
+    fn blocks(&self) -> impl Iterator<Item = (usize, Frame)> + use<> {
+        let (oh, ow) = self.out_hw();
+        let chans = (self.cin * self.stride * self.stride).max(self.cout);
+        let nb = Frame::block(oh, ow, chans, self.batch);
+        let batch = self.batch;
+        (0..batch)
+            .step_by(nb)
+            .map(move |s0| (s0, Frame::new(oh, ow, nb.min(batch - s0))))
+    }
 }
 
 /// Buffers a call reuses (frames, outputs, packed weights): one set per thread, see [`with_buffers`].
@@ -288,9 +409,8 @@ fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
-/// Forward: `y[s][o] = bias[o] + Σ_i w[o][i] ⋆ x[s][i]` (3×3, stride 1, padding 1), NCHW,
-/// weight `[cout, cin, 3, 3]`; `emit(s, o, row)` receives each output row (w values, bias not
-/// added) once.
+/// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i]` (3×3, padding 1, the shape's stride), NCHW,
+/// weight `[cout, cin, 3, 3]`; `emit(s, o, y, row)` receives each output row once.
 pub(crate) fn forward(
     x: &[f32],
     w: &[f32],
@@ -298,31 +418,35 @@ pub(crate) fn forward(
     bufs: &mut Buffers,
     mut emit: impl FnMut(usize, usize, usize, &[f32]),
 ) {
-    let Shape {
-        batch,
-        cin,
-        cout,
-        h,
-        w: wd,
-    } = sh;
+    let (cin, cout, planes) = (sh.cin, sh.cout, sh.stride * sh.stride);
+    let (oh, ow) = sh.out_hw();
+    bufs.packed.clear();
     pack(
         cout,
         cin,
+        9,
         |o, i, t| w[(o * cin + i) * 9 + t],
         &mut bufs.packed,
     );
-    let nb = Frame::block(h, wd, cin.max(cout), batch);
-    for s0 in (0..batch).step_by(nb) {
-        let f = Frame::new(h, wd, nb.min(batch - s0));
-        let frame = grow(&mut bufs.a, cin * f.len);
-        fill_frames(x, cin, s0, &f, frame);
+    for (s0, f) in sh.blocks() {
+        let frame = grow(&mut bufs.a, cin * planes * f.len);
+        fill_frames(x, cin, sh.stride, s0, &f, frame);
         let out = grow(&mut bufs.b, cout.div_ceil(MR) * MR * f.q);
-        conv_frames(&bufs.packed, cout, cin, frame, &f, out);
+        let offs = forward_offsets(&f, sh.stride);
+        conv_frames(
+            &bufs.packed,
+            cout,
+            cin,
+            frame,
+            planes * f.len,
+            &offs,
+            &f,
+            out,
+        );
         for j in 0..f.nb {
             for o in 0..cout {
-                for y in 0..h {
-                    let src = &out[o * f.q + f.out_row(j, y)..][..wd];
-                    emit(s0 + j, o, y, src);
+                for y in 0..oh {
+                    emit(s0 + j, o, y, &out[o * f.q + f.out_row(j, y)..][..ow]);
                 }
             }
         }
@@ -340,42 +464,50 @@ pub(crate) fn backward(
     gw: &mut [f32],
     mut gx: Option<&mut [std::mem::MaybeUninit<f32>]>,
 ) {
-    let Shape {
-        batch,
-        cin,
-        cout,
-        h,
-        w: wd,
-    } = sh;
-    if gx.is_some() {
-        // Transposed and flipped: output channel i, input channel o, tap 8 − t.
-        pack(
-            cin,
-            cout,
-            |i, o, t| w[(o * cin + i) * 9 + 8 - t],
-            &mut bufs.packed,
-        );
-    }
-    let nb = Frame::block(h, wd, cin.max(cout), batch);
-    for s0 in (0..batch).step_by(nb) {
-        let f = Frame::new(h, wd, nb.min(batch - s0));
-        let frame = grow(&mut bufs.a, cin * f.len);
-        fill_frames(x, cin, s0, &f, frame);
+    let (cin, cout, stride) = (sh.cin, sh.cout, sh.stride);
+    let planes = stride * stride;
+    let (oh, ow) = sh.out_hw();
+    let (h, wd) = (sh.h, sh.w);
+    for (s0, f) in sh.blocks() {
+        let frame = grow(&mut bufs.a, cin * planes * f.len);
+        fill_frames(x, cin, stride, s0, &f, frame);
         let gt = grow(&mut bufs.c, cout.div_ceil(16) * f.q * 16);
         fill_transposed(gy, cout, s0, &f, gt);
-        weight_grad(gt, cout, frame, cin, &f, gw);
-        if let Some(gx) = gx.as_deref_mut() {
-            let gframe = grow(&mut bufs.b, cout * f.len);
-            fill_frames(gy, cout, s0, &f, gframe);
+        let offs = forward_offsets(&f, stride);
+        weight_grad(gt, cout, frame, planes * f.len, cin, &offs, &f, gw);
+        let Some(gx) = gx.as_deref_mut() else {
+            continue;
+        };
+        let gframe = grow(&mut bufs.b, cout * f.len);
+        fill_frames(gy, cout, 1, s0, &f, gframe);
+        for (p, taps) in grad_passes(&f, stride).iter().enumerate() {
+            // Transposed: output channel i, input channel o, the pass's taps.
+            bufs.packed.clear();
+            pack(
+                cin,
+                cout,
+                taps.len(),
+                |i, o, k| w[(o * cin + i) * 9 + taps[k].0],
+                &mut bufs.packed,
+            );
+            let offs: Vec<usize> = taps.iter().map(|t| t.1).collect();
             let out = grow(&mut bufs.c, cin.div_ceil(MR) * MR * f.q);
-            conv_frames(&bufs.packed, cin, cout, gframe, &f, out);
+            conv_frames(&bufs.packed, cin, cout, gframe, f.len, &offs, &f, out);
+            let (pr, pc) = (p / stride, p % stride);
             for j in 0..f.nb {
                 for i in 0..cin {
                     let dst = &mut gx[((s0 + j) * cin + i) * h * wd..][..h * wd];
-                    for y in 0..h {
-                        let src = &out[i * f.q + f.out_row(j, y)..][..wd];
-                        for (d, &v) in dst[y * wd..][..wd].iter_mut().zip(src) {
-                            d.write(v);
+                    for y in 0..oh {
+                        let src = &out[i * f.q + f.out_row(j, y)..][..ow];
+                        let row = &mut dst[(stride * y + pr) * wd..][..wd];
+                        if stride == 1 {
+                            for (d, &v) in row.iter_mut().zip(src) {
+                                d.write(v);
+                            }
+                        } else {
+                            for (d, &v) in row[pc..].iter_mut().step_by(stride).zip(src) {
+                                d.write(v);
+                            }
                         }
                     }
                 }
@@ -388,8 +520,8 @@ pub(crate) fn backward(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// One tile: `MR` output channels × `16·NV` positions, summed over `cin` channels × 9 taps
-    /// in that order. `a` is the tile's packed weights `[cin][9][MR]`, `x` the frame at the
+    /// One tile: `MR` output channels × `16·NV` positions, summed over `cin` channels × the taps
+    /// in that order. `a` is the tile's packed weights `[cin][taps][MR]`, `x` the frame at the
     /// tile's first position, `len` the frame's channel stride, `out` the first output, `ld`
     /// its row stride.
     ///
@@ -401,7 +533,7 @@ mod avx512 {
         x: *const f32,
         len: usize,
         cin: usize,
-        offs: &[usize; 9],
+        offs: &[usize],
         out: *mut f32,
         ld: usize,
     ) {
