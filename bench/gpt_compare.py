@@ -71,7 +71,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file, save_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt_specs import CONFIGS, sdpa_forward, spec_toml  # noqa: E402
+from gpt_specs import CONFIGS, build, sdpa_forward, spec_toml  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -137,16 +137,7 @@ def main() -> int:
             continue
         load_before = os.getloadavg()[0]
         torch.manual_seed(0)
-        cfg = NG.GPTConfig(
-            block_size=t,
-            vocab_size=vocab,
-            n_layer=layers,
-            n_head=heads,
-            n_embd=c,
-            dropout=0.0,
-            bias=True,
-        )
-        model = NG.GPT(cfg).eval()
+        model = build(NG, i).eval()
         g = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, vocab, (n_seq, t + 1), generator=g)
         with tempfile.TemporaryDirectory() as tmp:

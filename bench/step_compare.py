@@ -139,16 +139,8 @@ class Row:
 
             i = int(key[3])
             name, vocab, t, layers, heads, c, n_seq, chunk = gpt_specs.CONFIGS[i]
-            cfg = nanogpt.GPTConfig(
-                block_size=t,
-                vocab_size=vocab,
-                n_layer=layers,
-                n_head=heads,
-                n_embd=c,
-                dropout=0.0,
-                bias=True,
-            )
-            self.model, self.name, self.tokens, self.sdpa = nanogpt.GPT(cfg), name, True, True
+            self.model = gpt_specs.build(nanogpt, i)
+            self.name, self.tokens, self.sdpa = name, True, True
             self.gpt = (vocab, t, layers, heads, c)
             self.steps, self.chunk, self.torch_chunks = 3, chunk, [chunk, n_seq]
             self.x = torch.randint(0, vocab, (int(n_seq * ARGS.scale), t + 1), generator=g)
