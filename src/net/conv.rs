@@ -27,6 +27,8 @@
 //! assert_eq!(y.as_slice().unwrap(), &[8.5, 12.5, 20.5, 24.5]);
 //! ```
 
+use super::conv3x3;
+use super::fastmath::{f32_slice, f32_slice_mut};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
@@ -411,6 +413,102 @@ impl Conv2d {
         }
     }
 
+    /// The shapes of a call on the direct 3×3 path ([`conv3x3`]), or `None` when it cannot
+    /// take it: f32 on a CPU with AVX-512F, one group, a 3×3 kernel with dilation 1 and
+    /// padding 1 on every side, stride 1, or stride 2 on an even height and width, and an
+    /// output of at least 8×8 (on smaller ones the frames' padding is a large share of the
+    /// work, and im2col + GEMM, which leaves out taps that only read padding, was faster).
+    fn direct<T: Real>(&self, shape: &[usize]) -> Option<conv3x3::Shape> {
+        let w = &self.window;
+        let (h, wd) = (shape[2], shape[3]);
+        let stride = w.stride[0];
+        let fits = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && self.groups == 1
+            && w.kernel == [3, 3]
+            && w.stride[1] == stride
+            && (stride == 1 || (stride == 2 && h % 2 == 0 && wd % 2 == 0))
+            && w.dilation == [1, 1]
+            && w.pad_begin == [1, 1]
+            && w.pad_end == [1, 1]
+            && h / stride >= 8
+            && wd / stride >= 8
+            && conv3x3::available();
+        fits.then(|| conv3x3::Shape {
+            batch: shape[0],
+            cin: self.in_channels,
+            cout: self.out_channels,
+            h,
+            w: wd,
+            stride,
+        })
+    }
+
+    /// Forward on the direct 3×3 path into `ys` (every element is written).
+    fn forward_direct(
+        &self,
+        params: &[&[f32]],
+        xs: &[f32],
+        sh: conv3x3::Shape,
+        ys: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        let (cout, h, w) = (sh.cout, sh.h / sh.stride, sh.w / sh.stride);
+        conv3x3::with_buffers(|bufs| {
+            conv3x3::forward(xs, params[0], sh, bufs, |s, o, y, row| {
+                let dst = &mut ys[((s * cout + o) * h + y) * w..][..w];
+                let b = if self.bias { params[1][o] } else { 0.0 };
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    d.write(v + b);
+                }
+            })
+        });
+    }
+
+    /// Backward on the direct 3×3 path (`T` is f32).
+    fn backward_direct<T: Real>(
+        &self,
+        params: &[&[T]],
+        xs: &[T],
+        gys: &[T],
+        sh: conv3x3::Shape,
+        mut gp: Vec<&mut [T]>,
+        need_x: bool,
+    ) -> Vec<Option<ArrayD<T>>> {
+        let x32 = f32_slice(xs).expect("direct() checked that T is f32");
+        let gy32 = f32_slice(gys).expect("T is f32");
+        let w32 = f32_slice(params[0]).expect("T is f32");
+        if self.bias {
+            let n = (sh.h / sh.stride) * (sh.w / sh.stride);
+            for (o, g) in gp[1].iter_mut().enumerate() {
+                let mut sum = T::zero();
+                for s in 0..sh.batch {
+                    sum += lanes_sum(&gys[(s * sh.cout + o) * n..][..n]);
+                }
+                *g += sum;
+            }
+        }
+        let gw = f32_slice_mut(gp[0]).expect("T is f32");
+        let gx = need_x.then(|| {
+            let shape = [sh.batch, sh.cin, sh.h, sh.w];
+            // SAFETY: `conv3x3::backward` writes every value of the input gradient.
+            unsafe {
+                super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
+                    // SAFETY: T is f32, so this is the same memory as `[MaybeUninit<f32>]`.
+                    let gx32 = std::slice::from_raw_parts_mut(
+                        gx.as_mut_ptr().cast::<std::mem::MaybeUninit<f32>>(),
+                        gx.len(),
+                    );
+                    conv3x3::with_buffers(|bufs| {
+                        conv3x3::backward(x32, w32, gy32, sh, bufs, gw, Some(gx32))
+                    });
+                })
+            }
+        });
+        if gx.is_none() {
+            conv3x3::with_buffers(|bufs| conv3x3::backward(x32, w32, gy32, sh, bufs, gw, None));
+        }
+        vec![gx]
+    }
+
     /// Forward into `ys` (every element is written): im2col, one product per block and
     /// group, bias added on the way out.
     fn forward_into<T: Real>(
@@ -496,6 +594,23 @@ impl<T: Real> Layer<T> for Conv2d {
     ) -> ArrayD<T> {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
+        if let Some(sh) = self.direct::<T>(x.shape()) {
+            let shape = [sh.batch, sh.cout, sh.h / sh.stride, sh.w / sh.stride];
+            let p32: Vec<&[f32]> = params.iter().filter_map(|p| f32_slice(p)).collect();
+            let x32 = f32_slice(xs).expect("direct() checked that T is f32");
+            // SAFETY: `forward_direct` writes every output value.
+            return unsafe {
+                super::filled(&shape, |ys: &mut [std::mem::MaybeUninit<T>]| {
+                    // SAFETY: T is f32 (checked by `direct`), so the slice is one of
+                    // MaybeUninit<f32> of the same length.
+                    let ys32 = std::slice::from_raw_parts_mut(
+                        ys.as_mut_ptr().cast::<std::mem::MaybeUninit<f32>>(),
+                        ys.len(),
+                    );
+                    self.forward_direct(&p32, x32, sh, ys32)
+                })
+            };
+        }
         let d = self.dims(x.shape());
         let n = d.plane();
         let shape = [d.batch, self.out_channels, d.oh, d.ow];
@@ -515,6 +630,16 @@ impl<T: Real> Layer<T> for Conv2d {
         let xs = x.as_slice().expect("standard layout");
         let gy = b.grad_out.as_standard_layout();
         let gys = gy.as_slice().expect("standard layout");
+        if let Some(sh) = self.direct::<T>(x.shape()) {
+            return self.backward_direct(
+                b.params,
+                xs,
+                gys,
+                sh,
+                b.grad_params,
+                b.need_input_grad[0],
+            );
+        }
         let d = self.dims(x.shape());
         let n = d.plane();
         let mut gp = b.grad_params;
@@ -734,7 +859,7 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::gradcheck::check_layer;
+    use crate::net::gradcheck::{Rng, check_layer};
 
     /// `Conv2d(cin, cout, k, stride, pad, dil, groups, bias)` with `[cin, cout, groups]`.
     fn conv(
@@ -838,6 +963,127 @@ mod tests {
         );
     }
 
+    /// The direct 3×3 path (f32, AVX-512F) against the im2col path in f64, which the finite
+    /// differences above check: forward, weight, bias and input gradients, over shapes with
+    /// channel counts that are not multiples of the kernels' tiles, odd sizes, and batches
+    /// that span several blocks of frames.
+    #[test]
+    fn direct_3x3_matches_the_f64_path() {
+        if !conv3x3::available() {
+            eprintln!("no AVX-512F: the direct 3×3 path is not used on this CPU");
+            return;
+        }
+        let max_err = |a: &[f32], b: &[f64]| {
+            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b)
+                .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - y).abs()));
+            err / scale.max(1e-30)
+        };
+        for &(cin, cout, h, w, batch, bias, stride) in &[
+            (3, 16, 32, 32, 2, false, 1),
+            (16, 16, 8, 8, 5, true, 1),
+            (5, 7, 9, 11, 3, true, 1),
+            (64, 64, 8, 8, 3, false, 1),
+            (2, 3, 8, 8, 7, true, 1),
+            (32, 8, 32, 32, 4, false, 1),
+            (16, 16, 16, 16, 30, true, 1),
+            // Stride 2 (even sizes): four parity planes per channel.
+            (16, 32, 32, 32, 3, false, 2),
+            (3, 5, 16, 18, 4, true, 2),
+            (32, 64, 16, 16, 40, false, 2),
+        ] {
+            let c = conv(
+                [cin, cout, 1],
+                [3, 3],
+                [stride, stride],
+                p(1, 1),
+                [1, 1],
+                bias,
+            );
+            assert!(c.direct::<f32>(&[batch, cin, h, w]).is_some());
+            assert!(c.direct::<f64>(&[batch, cin, h, w]).is_none());
+            // Odd sizes with stride 2 and small outputs take the im2col path.
+            assert!(
+                c.direct::<f32>(&[batch, cin, 7 * stride, 7 * stride])
+                    .is_none()
+            );
+            if stride == 2 {
+                assert!(c.direct::<f32>(&[batch, cin, h + 1, w]).is_none());
+            }
+            let mut rng = Rng::new((cin * 1000 + h) as u64);
+            let x = rng.array(&[batch, cin, h, w]);
+            let gy = rng.array(&[batch, cout, h / stride, w / stride]);
+            let params: Vec<Vec<f64>> = <Conv2d as Layer<f64>>::params(&c)
+                .iter()
+                .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let run64 = |need_x: bool| {
+                let pr: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
+                let y = c.forward(&pr, &[x.view()], &mut Saved::None);
+                let mut g: Vec<Vec<f64>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
+                let gx = c.backward(Backward {
+                    params: &pr,
+                    inputs: &[x.view()],
+                    output: y.view(),
+                    saved: &Saved::None,
+                    grad_out: gy.view(),
+                    grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
+                    need_input_grad: &[need_x],
+                });
+                (y, g, gx)
+            };
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let run32 = |need_x: bool| {
+                let pr: Vec<&[f32]> = p32.iter().map(|v| v.as_slice()).collect();
+                let y = c.forward(&pr, &[x32.view()], &mut Saved::None);
+                // Gradients are added to what is there.
+                let mut g: Vec<Vec<f32>> = p32.iter().map(|v| vec![1.0; v.len()]).collect();
+                let gx = c.backward(Backward {
+                    params: &pr,
+                    inputs: &[x32.view()],
+                    output: y.view(),
+                    saved: &Saved::None,
+                    grad_out: gy32.view(),
+                    grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
+                    need_input_grad: &[need_x],
+                });
+                for v in g.iter_mut().flatten() {
+                    *v -= 1.0;
+                }
+                (y, g, gx)
+            };
+            let (y, g, gx) = run64(true);
+            for need_x in [true, false] {
+                let (y32, g32, gx32) = run32(need_x);
+                let what = format!("{cin}→{cout} {h}×{w} ×{batch}");
+                let e = max_err(y32.as_slice().unwrap(), y.as_slice().unwrap());
+                assert!(e < 1e-6, "{what}: forward {e}");
+                for (a, b) in g32.iter().zip(&g) {
+                    let e = max_err(a, b);
+                    assert!(e < 1e-5, "{what}: parameter gradient {e}");
+                }
+                assert_eq!(gx32.len(), 1);
+                match (&gx32[0], need_x) {
+                    (Some(a), true) => {
+                        let e = max_err(
+                            a.as_slice().unwrap(),
+                            gx[0].as_ref().unwrap().as_slice().unwrap(),
+                        );
+                        assert!(e < 1e-6, "{what}: input gradient {e}");
+                    }
+                    (None, false) => {}
+                    _ => panic!("{what}: input gradient given iff asked for"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn blocks_of_samples_give_the_same_result() {
         // More samples than one GEMM block holds (1024 columns / 9 pixels = 113 per block).
@@ -923,7 +1169,7 @@ mod tests {
     /// none for the data) against central differences of its summed loss, in f64.
     #[test]
     fn small_cnn_model_gradient_matches_finite_differences() {
-        use crate::net::{Model, TargetsView, gradcheck::Rng};
+        use crate::net::{Model, TargetsView};
         let src = r#"
 [[layers]]
 name = "c1"

@@ -15,6 +15,7 @@ pub mod add;
 pub mod attention;
 pub mod batch_norm;
 pub mod conv;
+pub(crate) mod conv3x3;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm;
