@@ -175,12 +175,35 @@ unsafe fn softmax_avx512(row: &mut [f32]) {
 #[inline(always)]
 fn softmax_body(row: &mut [f32]) {
     let m = max(row);
-    for e in row.iter_mut() {
-        *e = exp(*e - m);
-    }
+    exp_shifted(row, m);
     let inv = 1.0 / sum(row);
     for e in row.iter_mut() {
         *e *= inv;
+    }
+}
+
+/// `x ← exp(x − m)` element by element, in blocks of 16 so that the whole slice runs in vector
+/// registers: the last, partial block is copied into a full one (padded with `m`, whose
+/// `exp(0)` is discarded) instead of falling back to a scalar loop, which for the short rows of
+/// attention (lengths 1..T) was most of the work. Each element's arithmetic is the same as a
+/// plain loop's, so the bits are too.
+#[inline(always)]
+fn exp_shifted(x: &mut [f32], m: f32) {
+    const B: usize = 16;
+    let mut blocks = x.chunks_exact_mut(B);
+    for b in &mut blocks {
+        for e in b.iter_mut() {
+            *e = exp(*e - m);
+        }
+    }
+    let rest = blocks.into_remainder();
+    if !rest.is_empty() {
+        let mut buf = [m; B];
+        buf[..rest.len()].copy_from_slice(rest);
+        for e in buf.iter_mut() {
+            *e = exp(*e - m);
+        }
+        rest.copy_from_slice(&buf[..rest.len()]);
     }
 }
 
