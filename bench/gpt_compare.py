@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,12 +42,23 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--keep", metavar="DIR", help="write each configuration's spec, data and "
-                   "checkpoint to DIR/<index>/ and keep them (for profiling)")
+    p.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="write each configuration's spec, data and "
+        "checkpoint to DIR/<index>/ and keep them (for profiling)",
+    )
     p.add_argument("--only", metavar="INDEX[,INDEX...]", help="run only these configurations")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON (bench/report.py)")
-    p.add_argument("--binary", default=str(Path(os.environ.get(
-        "CARGO_TARGET_DIR", ROOT / "target")) / "release" / "examples" / "bench_gpt"))
+    p.add_argument(
+        "--binary",
+        default=str(
+            Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+            / "release"
+            / "examples"
+            / "bench_gpt"
+        ),
+    )
     return p.parse_args()
 
 
@@ -59,12 +71,12 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file, save_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt_specs import CONFIGS, sdpa_forward, spec_toml  # noqa: E402
+from gpt_specs import CONFIGS, build, sdpa_forward, spec_toml  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
 
-def nanogpt():
+def nanogpt() -> ModuleType:
     spec = importlib.util.spec_from_file_location("nanogpt", ROOT / "docs/examples/nanogpt.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["nanogpt"] = mod
@@ -75,7 +87,9 @@ def nanogpt():
 NG = nanogpt()
 
 
-def time_torch(model, tokens: torch.Tensor, chunk: int | None) -> tuple[float, float]:
+def time_torch(
+    model: torch.nn.Module, tokens: torch.Tensor, chunk: int | None
+) -> tuple[float, float]:
     x, y = tokens[:, :-1], tokens[:, 1:]
     n_tok = y.numel()
 
@@ -84,10 +98,16 @@ def time_torch(model, tokens: torch.Tensor, chunk: int | None) -> tuple[float, f
         total = 0.0
         step = chunk or len(tokens)
         for a in range(0, len(tokens), step):
-            logits = model(x[a:a + step])
+            logits = model(x[a : a + step])
             # Summed over the chunk, divided by the whole set's count: the full-set mean.
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                   y[a:a + step].reshape(-1), reduction="sum") / n_tok
+            loss = (
+                F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)),
+                    y[a : a + step].reshape(-1),
+                    reduction="sum",
+                )
+                / n_tok
+            )
             loss.backward()
             total += float(loss.detach())
         return total
@@ -104,8 +124,10 @@ def time_torch(model, tokens: torch.Tensor, chunk: int | None) -> tuple[float, f
 def main() -> int:
     binary = Path(ARGS.binary)
     if not binary.exists():
-        print(f"build the example first: cargo build --release --example bench_gpt ({binary})",
-              file=sys.stderr)
+        print(
+            f"build the example first: cargo build --release --example bench_gpt ({binary})",
+            file=sys.stderr,
+        )
         return 2
     print(f"torch {torch.__version__}, {ARGS.threads} thread(s), median of {ARGS.repeats}")
     rows = []
@@ -115,9 +137,7 @@ def main() -> int:
             continue
         load_before = os.getloadavg()[0]
         torch.manual_seed(0)
-        cfg = NG.GPTConfig(block_size=t, vocab_size=vocab, n_layer=layers, n_head=heads,
-                           n_embd=c, dropout=0.0, bias=True)
-        model = NG.GPT(cfg).eval()
+        model = build(NG, i).eval()
         g = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, vocab, (n_seq, t + 1), generator=g)
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,9 +146,18 @@ def main() -> int:
             (d / "model.toml").write_text(spec_toml(vocab, t, layers, heads, c, chunk))
             save_file({"tokens": tokens}, str(d / "train.safetensors"))
             save_model(model, str(d / "ckpt_0.safetensors"))
-            r = subprocess.run([str(binary), str(d / "model.toml"), str(d / "ckpt_0.safetensors"),
-                                str(ARGS.repeats), str(ARGS.threads)],
-                               check=True, capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    str(binary),
+                    str(d / "model.toml"),
+                    str(d / "ckpt_0.safetensors"),
+                    str(ARGS.repeats),
+                    str(ARGS.threads),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             ours = json.loads(r.stdout)
         t_plain, m_plain, l_plain = time_torch(model, tokens, None)
         NG.CausalSelfAttention.forward, plain = sdpa_forward, NG.CausalSelfAttention.forward
@@ -140,24 +169,49 @@ def main() -> int:
         assert math.isclose(l_sdpa, l_plain, rel_tol=1e-5), (l_sdpa, l_plain)
         n_params = sum(p.numel() for p in model.parameters())
         assert n_params == ours["params"], (n_params, ours["params"])
-        rows.append({
-            "model": name, "params": n_params, "tokens": n_seq * t, "chunk": chunk,
-            "threads": ARGS.threads, "repeats": ARGS.repeats, "torch": torch.__version__,
-            "torch_min_s": t_plain, "torch_median_s": m_plain,
-            "torch_sdpa_min_s": t_sdpa, "torch_sdpa_median_s": m_sdpa,
-            "lca_min_s": ours["min_s"], "lca_median_s": ours["median_s"],
-            "speedup": min(m_plain, m_sdpa) / ours["median_s"],
-            "load_before": load_before, "load_after": os.getloadavg()[0],
-        })
-    head = ("model", "params", "tokens", "lca chunk", "threads", "torch ms", "torch SDPA ms",
-            "lca ms", "faster torch / lca (medians)", "load")
+        rows.append(
+            {
+                "model": name,
+                "params": n_params,
+                "tokens": n_seq * t,
+                "chunk": chunk,
+                "threads": ARGS.threads,
+                "repeats": ARGS.repeats,
+                "torch": torch.__version__,
+                "torch_min_s": t_plain,
+                "torch_median_s": m_plain,
+                "torch_sdpa_min_s": t_sdpa,
+                "torch_sdpa_median_s": m_sdpa,
+                "lca_min_s": ours["min_s"],
+                "lca_median_s": ours["median_s"],
+                "speedup": min(m_plain, m_sdpa) / ours["median_s"],
+                "load_before": load_before,
+                "load_after": os.getloadavg()[0],
+            }
+        )
+    head = (
+        "model",
+        "params",
+        "tokens",
+        "lca chunk",
+        "threads",
+        "torch ms",
+        "torch SDPA ms",
+        "lca ms",
+        "faster torch / lca (medians)",
+        "load",
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        print(f"| {r['model']} | {r['params']} | {r['tokens']} | {r['chunk']} | {r['threads']} | "
-              + " | ".join(f"{1e3 * r[k + '_median_s']:.1f} (min {1e3 * r[k + '_min_s']:.1f})"
-                           for k in ("torch", "torch_sdpa", "lca"))
-              + f" | {r['speedup']:.2f}x | {r['load_before']:.2f}→{r['load_after']:.2f} |")
+        print(
+            f"| {r['model']} | {r['params']} | {r['tokens']} | {r['chunk']} | {r['threads']} | "
+            + " | ".join(
+                f"{1e3 * r[k + '_median_s']:.1f} (min {1e3 * r[k + '_min_s']:.1f})"
+                for k in ("torch", "torch_sdpa", "lca")
+            )
+            + f" | {r['speedup']:.2f}x | {r['load_before']:.2f}→{r['load_after']:.2f} |"
+        )
     if ARGS.json:
         Path(ARGS.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

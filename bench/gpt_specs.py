@@ -17,6 +17,22 @@ CONFIGS = [
 ]
 
 
+def build(nanogpt: Any, i: int) -> torch.nn.Module:
+    """Configuration ``i`` of CONFIGS as a ``nanogpt.GPT`` (docs/examples/nanogpt.py, passed in
+    as the loaded module), without dropout and with biases, as both benchmarks use it."""
+    _, vocab, t, layers, heads, c, _, _ = CONFIGS[i]
+    cfg = nanogpt.GPTConfig(
+        block_size=t,
+        vocab_size=vocab,
+        n_layer=layers,
+        n_head=heads,
+        n_embd=c,
+        dropout=0.0,
+        bias=True,
+    )
+    return nanogpt.GPT(cfg)
+
+
 def spec_toml(vocab: int, t: int, layers: int, heads: int, c: int, chunk: int) -> str:
     """The docs/examples/nanogpt.toml layout for another configuration."""
     out = [

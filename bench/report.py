@@ -4,15 +4,19 @@ can be pasted into docs/performance.md).
 Usage: python report.py RESULTS_DIR
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import sys
+from typing import Any
 
 MIB = 1 << 20
 
 
-def load(d, name):
+def load(d: str, name: str) -> Any:
+    """The parsed JSON file d/name (a dict or a list), or None when it is absent."""
     p = os.path.join(d, name)
     if not os.path.exists(p):
         return None
@@ -20,7 +24,7 @@ def load(d, name):
         return json.load(f)
 
 
-def time_v(d, name):
+def time_v(d: str, name: str) -> dict[str, Any] | None:
     """Wall seconds and peak RSS (bytes) from a `/usr/bin/time -v` log, plus lca's own lines."""
     p = os.path.join(d, name)
     if not os.path.exists(p):
@@ -31,7 +35,9 @@ def time_v(d, name):
     for part in wall.split(":"):
         secs = secs * 60 + float(part)
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
-    m = re.search(r"analysed (\d+) steps .* with (\d+) gradient evaluations over (\d+) samples", text)
+    m = re.search(
+        r"analysed (\d+) steps .* with (\d+) gradient evaluations over (\d+) samples", text
+    )
     res = re.search(r"residual: Σ\|r\|/\|ΔL\| = (\S+)%", text)
     return {
         "seconds": secs,
@@ -43,16 +49,16 @@ def time_v(d, name):
     }
 
 
-def fmt(v, spec):
+def fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
-def median(xs):
+def median(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
 
 
-def spread(lca_all, tor_all):
+def spread(lca_all: list[float] | None, tor_all: list[float] | None) -> str:
     """The range of the speed-up over the repetitions: slowest PyTorch run against fastest lca
     run and the other way round, with the number of repetitions."""
     if not lca_all or not tor_all:
@@ -61,7 +67,7 @@ def spread(lca_all, tor_all):
     return f"{lo:.2f}–{hi:.2f} ({len(lca_all)}/{len(tor_all)} runs)"
 
 
-def torch_version(d, tgemm):
+def torch_version(d: str, tgemm: dict[str, Any] | None) -> str:
     """PyTorch's version from whichever result recorded it."""
     if tgemm and tgemm.get("torch"):
         return tgemm["torch"]
@@ -74,7 +80,7 @@ def torch_version(d, tgemm):
     return "?"
 
 
-def time_v_reps(d, stem):
+def time_v_reps(d: str, stem: str) -> dict[str, Any] | None:
     """`time_v` of every repetition STEM_r<i>.time (or the single STEM.time)."""
     names = sorted(f for f in os.listdir(d) if re.fullmatch(re.escape(stem) + r"_r\d+\.time", f))
     runs = [time_v(d, f) for f in names] or [time_v(d, stem + ".time")]
@@ -88,7 +94,7 @@ def time_v_reps(d, stem):
     return out
 
 
-def load_reps(d, stem):
+def load_reps(d: str, stem: str) -> dict[str, Any] | None:
     """JSON results of every repetition STEM_r<i>.json (or the single STEM.json), with the
     median `seconds_per_step` and all of them."""
     names = sorted(f for f in os.listdir(d) if re.fullmatch(re.escape(stem) + r"_r\d+\.json", f))
@@ -102,16 +108,28 @@ def load_reps(d, stem):
     return out
 
 
-def main():
+def main() -> None:
     d = sys.argv[1]
     machine = load(d, "machine.json") or {}
     gemm, tgemm = load(d, "gemm.json"), load(d, "torch_gemm.json")
-    rows = []
+    rows: list[list[str]] = []
 
-    def row(name, lca_s, tor_s, flops, lca_ceiling, tor_ceiling, lca_all=None, tor_all=None):
+    # A ceiling is the GEMM GFLOP/s of the row's library, "self" for the GEMM row itself, or None.
+    def pct(g: float | None, c: float | str | None) -> str:
+        return "ceiling" if c == "self" else fmt(g / c * 100 if g and c else None, ".0f")
+
+    def row(
+        name: str,
+        lca_s: float | None,
+        tor_s: float | None,
+        flops: float | None,
+        lca_ceiling: float | str | None,
+        tor_ceiling: float | str | None,
+        lca_all: list[float] | None = None,
+        tor_all: list[float] | None = None,
+    ) -> None:
         lg = flops / lca_s / 1e9 if lca_s and flops else None
         tg = flops / tor_s / 1e9 if tor_s and flops else None
-        pct = lambda g, c: "ceiling" if c == "self" else fmt(g / c * 100 if g and c else None, ".0f")
         rows.append(
             [
                 name,
@@ -188,7 +206,8 @@ def main():
     tl_all = tl and tl["all_seconds_per_step"]
     if un:
         row(
-            f"MNIST-FC LCA per step, every point in full (--no-share-first-layer, {un['steps']} steps)",
+            "MNIST-FC LCA per step, every point in full "
+            f"(--no-share-first-layer, {un['steps']} steps)",
             un["seconds"] / un["steps"],
             tl and tl["seconds_per_step"],
             fc and fc["flops"] * un["evaluations"] / un["steps"],
@@ -201,7 +220,8 @@ def main():
         steps = (a50 or tl)["steps"]
         evals = (a50 or tl)["evaluations"]
         row(
-            f"MNIST-FC LCA per step (Simpson, {steps} steps, {evals} evaluations, whole run / steps)",
+            f"MNIST-FC LCA per step (Simpson, {steps} steps, {evals} evaluations, "
+            "whole run / steps)",
             a50 and a50["seconds"] / steps,
             tl and tl["seconds_per_step"],
             fc and fc["flops"] * evals / steps,
@@ -214,7 +234,8 @@ def main():
     print(
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; "
         f"{machine.get('date', '?')}; {threads} threads; "
-        f"load average {machine.get('load_before', '?')} before, {machine.get('load_after', '?')} after; "
+        f"load average {machine.get('load_before', '?')} before, "
+        f"{machine.get('load_after', '?')} after; "
         f"torch {torch_version(d, tgemm)}."
     )
     print()
@@ -248,9 +269,13 @@ def main():
     if gpt:
         print(
             "\nnanoGPT-style models (bench/gpt_compare.py), full-set loss+gradient, median ms "
-            "(PyTorch with the explicit masked softmax and with SDPA; speed-up = faster PyTorch / lca):\n"
+            "(PyTorch with the explicit masked softmax and with SDPA; "
+            "speed-up = faster PyTorch / lca):\n"
         )
-        print("| model | params | tokens | threads | PyTorch ms | PyTorch SDPA ms | lca ms | speed-up | load |")
+        print(
+            "| model | params | tokens | threads | PyTorch ms | PyTorch SDPA ms | lca ms | "
+            "speed-up | load |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for g in gpt:
             print(
@@ -280,8 +305,10 @@ def main():
             la, tb = r["lca"], r["torch_best"]
             print(
                 f"| {what} | {r['model']} | {r['samples']:,} | {r.get('steps', '–')} | "
-                f"{r['lca_chunk']} | {la['median_s']:.4f} ({la['min_s']:.4f}–{la['max_s']:.4f}) | "
-                f"{r['torch_chunk']} | {tb['median_s']:.4f} ({tb['min_s']:.4f}–{tb['max_s']:.4f}) | "
+                f"{r['lca_chunk']} | "
+                f"{la['median_s']:.4f} ({la['min_s']:.4f}–{la['max_s']:.4f}) | "
+                f"{r['torch_chunk']} | "
+                f"{tb['median_s']:.4f} ({tb['min_s']:.4f}–{tb['max_s']:.4f}) | "
                 f"{r['speedup']:.2f} | {lo:.2f}–{hi:.2f} | "
                 f"{r['load_before']:.2f}→{r['load_after']:.2f} |"
             )
@@ -298,13 +325,15 @@ def main():
             ckpt = (fc["params"] if fc else 84060) * 4
             bound = train + 4 * ckpt + 64 * MIB
             mem.append(
-                f"| {a['steps']} | {a['evaluations']} | {a['seconds']:.1f} | {a['rss'] / MIB:.1f} | "
+                f"| {a['steps']} | {a['evaluations']} | {a['seconds']:.1f} | "
+                f"{a['rss'] / MIB:.1f} | "
                 f"{bound / MIB:.1f} | {'yes' if a['rss'] <= bound else 'NO'} |"
             )
     if mem:
         print(
             "\nPeak RSS of `lca analyze` (MNIST-FC, /usr/bin/time -v). Bound = training set as f32 "
-            f"inputs + u32 labels ({train / MIB:.1f} MiB) + 4 checkpoints ({4 * ckpt / MIB:.2f} MiB) + 64 MiB.\n"
+            f"inputs + u32 labels ({train / MIB:.1f} MiB) + "
+            f"4 checkpoints ({4 * ckpt / MIB:.2f} MiB) + 64 MiB.\n"
         )
         print("| steps | evaluations | wall s | peak RSS MiB | bound MiB | within bound |")
         print("|---|---|---|---|---|---|")

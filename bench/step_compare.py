@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [
@@ -86,7 +86,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "docs/examples"))
 import gpt_specs  # noqa: E402
-from common import LeNet  # noqa: E402
+from common import LeNet, timed  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -139,16 +139,8 @@ class Row:
 
             i = int(key[3])
             name, vocab, t, layers, heads, c, n_seq, chunk = gpt_specs.CONFIGS[i]
-            cfg = nanogpt.GPTConfig(
-                block_size=t,
-                vocab_size=vocab,
-                n_layer=layers,
-                n_head=heads,
-                n_embd=c,
-                dropout=0.0,
-                bias=True,
-            )
-            self.model, self.name, self.tokens, self.sdpa = nanogpt.GPT(cfg), name, True, True
+            self.model = gpt_specs.build(nanogpt, i)
+            self.name, self.tokens, self.sdpa = name, True, True
             self.gpt = (vocab, t, layers, heads, c)
             self.steps, self.chunk, self.torch_chunks = 3, chunk, [chunk, n_seq]
             self.x = torch.randint(0, vocab, (int(n_seq * ARGS.scale), t + 1), generator=g)
@@ -296,7 +288,7 @@ class Row:
             self.model.train(self.bn == "batch-stats")
             tries = {}
             for c in self.torch_chunks:
-                self.full_grad(c)  # warm-up
+                # common.timed: one warm-up call, then ARGS.reps timed calls.
                 tries[c] = timed(lambda c=c: self.full_grad(c), ARGS.reps)
         best = min(tries, key=lambda c: statistics.median(tries[c]))
         out["lca"] = stats(lca_t)
@@ -361,15 +353,6 @@ class Row:
         if r.returncode != 0:
             raise SystemExit(f"{self.key}: bench_grad failed:\n{r.stderr}")
         return json.loads(r.stdout)["seconds"]
-
-
-def timed(fn: Callable[[], object], reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> int:

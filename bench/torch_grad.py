@@ -1,12 +1,14 @@
 """PyTorch reference timings on the CPU, printed as one JSON object.
 
-  torch_grad.py gemm --threads T [--n 2048] [--reps 5]
-      f32 n^3 matrix product with T intra-op threads (and with 1), GFLOP/s = 2 n^3 / s.
-  torch_grad.py grad --model mnist_fc|lenet --data D.safetensors --chunk C --threads T
-                     [--reps 7] [--ckpt C.safetensors]
-      full-training-set mean cross-entropy and its gradient, float32, chunks of C samples,
-      gradient accumulated over chunks, no input gradient; median of --reps after a warm-up.
+torch_grad.py gemm --threads T [--n 2048] [--reps 5]
+    f32 n^3 matrix product with T intra-op threads (and with 1), GFLOP/s = 2 n^3 / s.
+torch_grad.py grad --model mnist_fc|lenet --data D.safetensors --chunk C --threads T
+                   [--reps 7] [--ckpt C.safetensors]
+    full-training-set mean cross-entropy and its gradient, float32, chunks of C samples,
+    gradient accumulated over chunks, no input gradient; median of --reps after a warm-up.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 from common import MODELS, flops_per_sample, full_grad, load_data, timed
 
 
-def gemm(args):
+def gemm(args: argparse.Namespace) -> None:
     a = torch.rand(args.n, args.n, generator=torch.Generator().manual_seed(1)) * 2 - 1
     b = torch.rand(args.n, args.n, generator=torch.Generator().manual_seed(2)) * 2 - 1
     c = torch.empty(args.n, args.n)
@@ -32,7 +34,7 @@ def gemm(args):
     print(json.dumps(out))
 
 
-def grad(args):
+def grad(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MODELS[args.model]()
@@ -65,7 +67,7 @@ def grad(args):
     )
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("gemm")

@@ -10,6 +10,8 @@ OUTDIR/step_<t>.safetensors (as `lca analyze` writes lca.safetensors). Prints on
 Usage: python torch_lca.py DATA.safetensors CKPT_DIR STEPS CHUNK THREADS OUTDIR
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from common import MnistFC, full_grad, load_data
 
 
-def main():
+def main() -> None:
     data, ckpts, steps, chunk, threads, out = sys.argv[1:7]
     steps, chunk, threads = int(steps), int(chunk), int(threads)
     torch.set_num_threads(threads)
@@ -31,11 +33,11 @@ def main():
     model = MnistFC()
     names = [n for n, _ in model.named_parameters()]
 
-    def ckpt(t):
+    def ckpt(t: int) -> dict[str, torch.Tensor]:
         sd = load_file(os.path.join(ckpts, f"ckpt_{t}.safetensors"))
         return {n: sd[n].double() for n in names}
 
-    def grad_at(theta):
+    def grad_at(theta: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(theta[n])

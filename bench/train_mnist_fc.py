@@ -8,6 +8,8 @@ safetensors metadata {"step": "<t>"}.
 Usage: python train_mnist_fc.py DATA.safetensors OUTDIR STEPS
 """
 
+from __future__ import annotations
+
 import os
 import sys
 
@@ -20,7 +22,7 @@ from common import MnistFC, load_data
 BATCH = 250
 
 
-def main():
+def main() -> None:
     data, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)
     torch.manual_seed(20190901)
@@ -30,7 +32,7 @@ def main():
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
 
-    def save(t):
+    def save(t: int) -> None:
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, os.path.join(out, f"ckpt_{t}.safetensors"), metadata={"step": str(t)})
 

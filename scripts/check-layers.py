@@ -9,6 +9,8 @@ modules it names as `crate::Y` (in `use` lines and in paths), then report:
 Exit status 1 if anything is found. Usage: scripts/check-layers.py [--graph]
 """
 
+from __future__ import annotations
+
 import re
 import sys
 from pathlib import Path
@@ -38,8 +40,8 @@ PENDING: set[tuple[str, str]] = set()
 ALIAS = {"report": "output"}
 
 
-def modules():
-    out = {}
+def modules() -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
     for p in SRC.iterdir():
         if p.name in ("lib.rs", "main.rs"):
             continue
@@ -50,7 +52,7 @@ def modules():
     return out
 
 
-def strip_tests(text):
+def strip_tests(text: str) -> str:
     # Unit tests (`#[cfg(test)] mod tests`) may use anything; they sit at the end of a file.
     # Comments (docs included) name modules without depending on them.
     i = text.find("#[cfg(test)]\nmod tests")
@@ -58,8 +60,8 @@ def strip_tests(text):
     return re.sub(r"//[^\n]*", "", text)
 
 
-def edges(mods):
-    g = {m: set() for m in mods}
+def edges(mods: dict[str, list[Path]]) -> dict[str, set[str]]:
+    g: dict[str, set[str]] = {m: set() for m in mods}
     for m, files in mods.items():
         for f in files:
             text = strip_tests(f.read_text())
@@ -75,11 +77,15 @@ def edges(mods):
     return g
 
 
-def cycles(g):
-    index, low, stack, on, out = {}, {}, [], set(), []
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
     counter = [0]
 
-    def visit(v):
+    def visit(v: str) -> None:
         index[v] = low[v] = counter[0]
         counter[0] += 1
         stack.append(v)
@@ -107,7 +113,7 @@ def cycles(g):
     return out
 
 
-def main():
+def main() -> int:
     mods = modules()
     g = edges(mods)
     if "--graph" in sys.argv:

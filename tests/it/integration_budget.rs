@@ -12,9 +12,12 @@ struct Validation {
     rel_abs_residual: f64,
     /// Per (step, tensor), entries whose actual error the reference resolves: bounded / all.
     entries_bounded: usize,
+    /// ... of which the estimate is also within 10× (actual ≤ est ≤ 10·actual).
+    entries_within10: usize,
     entries: usize,
     /// Per layer run total (resolvable ones): bounded / all, and the largest est/actual.
     layers_bounded: usize,
+    layers_within10: usize,
     layers: usize,
     /// The layer with the largest run-total error against the reference: error ÷ |ΔL|, and
     /// its estimate ÷ its error.
@@ -82,7 +85,7 @@ fn validate(name: &str) -> Validation {
             ),
         );
     }
-    let (mut entries, mut entries_bounded) = (0, 0);
+    let (mut entries, mut entries_bounded, mut entries_within10) = (0, 0, 0);
     // layer → (Σ actual signed error, Σ reference uncertainty)
     let mut layer_err: HashMap<String, (f64, f64)> = HashMap::new();
     for name_v in conv["names"].as_array().unwrap() {
@@ -105,11 +108,14 @@ fn validate(name: &str) -> Validation {
                 entries += 1;
                 if *est >= actual.abs() {
                     entries_bounded += 1;
+                    if *est <= 10.0 * actual.abs() {
+                        entries_within10 += 1;
+                    }
                 }
             }
         }
     }
-    let (mut layers, mut layers_bounded) = (0, 0);
+    let (mut layers, mut layers_bounded, mut layers_within10) = (0, 0, 0);
     let (mut max_layer_err, mut max_layer_ratio) = (0.0, f64::NAN);
     for l in s["layers"].as_array().unwrap() {
         let lname = l["name"].as_str().unwrap();
@@ -125,6 +131,9 @@ fn validate(name: &str) -> Validation {
             layers += 1;
             if est >= err.abs() {
                 layers_bounded += 1;
+                if est <= 10.0 * err.abs() {
+                    layers_within10 += 1;
+                }
             }
         }
     }
@@ -133,8 +142,10 @@ fn validate(name: &str) -> Validation {
         plain,
         rel_abs_residual,
         entries_bounded,
+        entries_within10,
         entries,
         layers_bounded,
+        layers_within10,
         layers,
         max_layer_err,
         max_layer_ratio,
@@ -144,7 +155,7 @@ fn validate(name: &str) -> Validation {
 fn check(name: &str) {
     let v = validate(name);
     eprintln!(
-        "| {name} | {} ({:.2}× plain {}) | {:.4} % | {:.1e} | {:.1} | {}/{} | {}/{} |",
+        "| {name} | {} ({:.2}× plain {}) | {:.4} % | {:.1e} | {:.1} | {}/{} | {}/{} | {}/{} | {}/{} |",
         v.evaluations,
         v.evaluations as f64 / v.plain as f64,
         v.plain,
@@ -153,7 +164,11 @@ fn check(name: &str) {
         v.max_layer_ratio,
         v.entries_bounded,
         v.entries,
+        v.entries_within10,
+        v.entries,
         v.layers_bounded,
+        v.layers,
+        v.layers_within10,
         v.layers,
     );
     // The policy's promise.
