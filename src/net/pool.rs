@@ -318,7 +318,10 @@ fn f32_uninit<T: 'static>(s: &mut [MaybeUninit<T>]) -> Option<&mut [MaybeUninit<
 }
 
 /// [`MaxPool2d::pool2x2`] for f32 with AVX2 intrinsics, 8 outputs at a time
-/// ([`fwd_row_avx2`], [`bwd_row_avx2`]).
+/// ([`fwd_row_avx2`], [`bwd_row_avx2`]): each pair of input rows is split into its even and
+/// odd columns, the four taps compared as [`moves`] does, and backward's four gradient
+/// vectors interleaved back; the same comparisons and selects as the scalar kernels, so the
+/// same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn pool2x2_f32_avx2(
@@ -343,25 +346,61 @@ unsafe fn pool2x2_f32_avx2(
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
-    __m256, _CMP_GT_OQ, _CMP_UNORD_Q, _mm256_and_ps, _mm256_andnot_ps, _mm256_blendv_ps,
-    _mm256_castpd_ps, _mm256_castps_pd, _mm256_cmp_ps, _mm256_loadu_ps, _mm256_or_ps,
-    _mm256_permute2f128_ps, _mm256_permute4x64_pd, _mm256_shuffle_ps, _mm256_storeu_ps,
-    _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    __m256, __m256i, _CMP_GT_OQ, _CMP_UNORD_Q, _mm256_and_ps, _mm256_andnot_ps,
+    _mm256_blendv_ps, _mm256_castpd_ps, _mm256_castps_pd, _mm256_cmp_ps, _mm256_cmpgt_epi32,
+    _mm256_loadu_ps, _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_or_ps,
+    _mm256_permute2f128_ps, _mm256_permute4x64_pd, _mm256_set1_epi32, _mm256_setr_epi32,
+    _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
 };
 
-/// Even and odd entries of `r[..16]`, each in order: two in-lane shuffles
-/// (`[x0 x2 x8 x10 | x4 x6 x12 x14]`) and a permute of the 64-bit pairs.
+/// The mask of lanes `i < n` (all lanes for n ≥ 8, none for n ≤ 0).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn split16(r: &[f32; 16]) -> (__m256, __m256) {
-    // SAFETY: `r` holds 16 values; unaligned loads.
-    let (v0, v1) = unsafe {
-        (
-            _mm256_loadu_ps(r.as_ptr()),
-            _mm256_loadu_ps(r.as_ptr().add(8)),
-        )
-    };
+fn lanes_below(n: usize) -> __m256i {
+    let n = n.min(8) as i32;
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
+/// 8 values of `s` from `at` (lanes past the end of `s` read as 0, without touching memory).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load8(s: &[f32], at: usize) -> __m256 {
+    let p = s.as_ptr().wrapping_add(at);
+    if at + 8 <= s.len() {
+        // SAFETY: `s[at..at + 8]` is in bounds.
+        unsafe { _mm256_loadu_ps(p) }
+    } else {
+        // SAFETY: only the lanes below `s.len() − at` are read, all in bounds.
+        unsafe { _mm256_maskload_ps(p, lanes_below(s.len().saturating_sub(at))) }
+    }
+}
+
+/// Store the lanes of `v` that fall inside `d` from `at` on (at most 8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store8(d: &mut [MaybeUninit<f32>], at: usize, v: __m256) {
+    let p = d.as_mut_ptr().cast::<f32>().wrapping_add(at);
+    if at + 8 <= d.len() {
+        // SAFETY: `d[at..at + 8]` is in bounds.
+        unsafe { _mm256_storeu_ps(p, v) }
+    } else {
+        // SAFETY: only the lanes below `d.len() − at` are written, all in bounds.
+        unsafe { _mm256_maskstore_ps(p, lanes_below(d.len().saturating_sub(at)), v) }
+    }
+}
+
+/// Even and odd entries of `r[at..at + 16]`, each in order (entries past the end of `r` read
+/// as 0): two in-lane shuffles (`[x0 x2 x8 x10 | x4 x6 x12 x14]`) and a permute of the 64-bit
+/// pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn split16(r: &[f32], at: usize) -> (__m256, __m256) {
+    // SAFETY: AVX2 is enabled here too; `load8` reads in bounds only.
+    let (v0, v1) = unsafe { (load8(r, at), load8(r, at + 8)) };
     let fix = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
     (
         fix(_mm256_shuffle_ps::<0x88>(v0, v1)),
@@ -369,31 +408,29 @@ unsafe fn split16(r: &[f32; 16]) -> (__m256, __m256) {
     )
 }
 
-/// `[x0 y0 x1 y1 …]`, the 16 values of two vectors interleaved.
+/// `[x0 y0 x1 y1 …]`, the 16 values of two vectors interleaved, stored at `dst[at..]` (those
+/// inside `dst`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn interleave16(x: __m256, y: __m256, dst: &mut [f32; 16]) {
+unsafe fn interleave16(x: __m256, y: __m256, dst: &mut [MaybeUninit<f32>], at: usize) {
     let lo = _mm256_unpacklo_ps(x, y);
     let hi = _mm256_unpackhi_ps(x, y);
-    // SAFETY: `dst` holds 16 values; unaligned stores.
+    // SAFETY: AVX2 is enabled here too; `store8` writes in bounds only.
     unsafe {
-        _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_permute2f128_ps::<0x20>(lo, hi));
-        _mm256_storeu_ps(
-            dst.as_mut_ptr().add(8),
-            _mm256_permute2f128_ps::<0x31>(lo, hi),
-        );
+        store8(dst, at, _mm256_permute2f128_ps::<0x20>(lo, hi));
+        store8(dst, at + 8, _mm256_permute2f128_ps::<0x31>(lo, hi));
     }
 }
 
-/// The vector form of [`moves`] on 8 windows (taps a, b, c, d in scan order): the maximum and
-/// the masks of b, c, d having moved it (`>` ordered, or NaN; blends).
+/// The vector form of [`moves`] on the 8 windows of rows `r0`, `r1` from column `at`: the
+/// maximum and the masks of taps b, c, d having moved it (`>` ordered, or NaN; blends).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn vmoves(r0: &[f32; 16], r1: &[f32; 16]) -> [__m256; 4] {
+unsafe fn vmoves(r0: &[f32], r1: &[f32], at: usize) -> [__m256; 4] {
     // SAFETY: AVX2 is enabled here too.
-    let ((a, b), (c, d)) = unsafe { (split16(r0), split16(r1)) };
+    let ((a, b), (c, d)) = unsafe { (split16(r0, at), split16(r1, at)) };
     let moved = |x: __m256, m: __m256| {
         _mm256_or_ps(
             _mm256_cmp_ps::<_CMP_GT_OQ>(x, m),
@@ -408,47 +445,18 @@ unsafe fn vmoves(r0: &[f32; 16], r1: &[f32; 16]) -> [__m256; 4] {
     [_mm256_blendv_ps(m2, d, md), mb, mc, md]
 }
 
-/// Windows `8j .. 8j + 8` of a row pair as two 16-value arrays: borrowed when whole, else the
-/// `2·len` values there are copied into `pad0`, `pad1` (their other entries are never used).
-#[inline(always)]
-fn block<'a>(
-    r: [&'a [f32]; 2],
-    j: usize,
-    pads: &'a mut [[f32; 16]; 2],
-) -> (&'a [f32; 16], &'a [f32; 16]) {
-    let at = 16 * j;
-    if at + 16 <= r[0].len() {
-        let f = |r: &'a [f32]| <&[f32; 16]>::try_from(&r[at..at + 16]).expect("16 values");
-        return (f(r[0]), f(r[1]));
-    }
-    let n = r[0].len() - at;
-    let [p0, p1] = pads;
-    p0[..n].copy_from_slice(&r[0][at..]);
-    p1[..n].copy_from_slice(&r[1][at..]);
-    (p0, p1)
-}
-
 /// Forward of one output row (`o.len()` windows) of input rows `r0`, `r1`, 8 windows per
-/// step; a partial last block goes through padded copies. Same bits as [`fwd_row`].
+/// step; a partial last block through masked loads and stores. Same bits as [`fwd_row`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn fwd_row_avx2(r0: &[f32], r1: &[f32], o: &mut [f32]) {
-    let mut pads = [[0.0f32; 16]; 2];
-    for j in 0..o.len().div_ceil(8) {
-        let (a, b) = block([r0, r1], j, &mut pads);
-        // SAFETY: AVX2 is enabled here.
-        let m = unsafe { vmoves(a, b)[0] };
-        let dst = &mut o[8 * j..];
-        if dst.len() >= 8 {
-            // SAFETY: `dst` holds at least 8 values.
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), m) };
-        } else {
-            let mut t = [0.0f32; 8];
-            // SAFETY: `t` holds 8 values.
-            unsafe { _mm256_storeu_ps(t.as_mut_ptr(), m) };
-            let n = dst.len();
-            dst.copy_from_slice(&t[..n]);
-        }
+    // SAFETY: the same memory as `o`, viewed as possibly uninitialised (stores only).
+    let out = unsafe {
+        std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<MaybeUninit<f32>>(), o.len())
+    };
+    for j in 0..out.len().div_ceil(8) {
+        // SAFETY: AVX2 is enabled here; loads and stores stay in bounds.
+        unsafe { store8(out, 8 * j, vmoves(r0, r1, 16 * j)[0]) };
     }
 }
 
@@ -458,40 +466,23 @@ unsafe fn fwd_row_avx2(r0: &[f32], r1: &[f32], o: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn bwd_row_avx2(
-    r: [&[f32]; 2],
+    [r0, r1]: [&[f32]; 2],
     g: &[f32],
     g0: &mut [MaybeUninit<f32>],
     g1: &mut [MaybeUninit<f32>],
 ) {
-    let mut pads = [[0.0f32; 16]; 2];
-    let mut gpad = [0.0f32; 8];
     for j in 0..g.len().div_ceil(8) {
-        let (a, b) = block(r, j, &mut pads);
-        let gs = &g[8 * j..];
-        let n = gs.len().min(8);
-        let gsrc = if n == 8 {
-            &gs[..8]
-        } else {
-            gpad[..n].copy_from_slice(gs);
-            &gpad[..]
-        };
-        let (mut o0, mut o1) = ([0.0f32; 16], [0.0f32; 16]);
-        // SAFETY: AVX2 is enabled here; `gsrc` holds 8 values.
+        // SAFETY: AVX2 is enabled here; loads and stores stay in bounds.
         unsafe {
-            let [_, mb, mc, md] = vmoves(a, b);
-            let gv = _mm256_loadu_ps(gsrc.as_ptr());
+            let [_, mb, mc, md] = vmoves(r0, r1, 16 * j);
+            let gv = load8(g, 8 * j);
             let any = _mm256_or_ps(mb, _mm256_or_ps(mc, md));
             let v0 = _mm256_andnot_ps(any, gv);
             let v1 = _mm256_and_ps(_mm256_andnot_ps(_mm256_or_ps(mc, md), mb), gv);
             let v2 = _mm256_and_ps(_mm256_andnot_ps(md, mc), gv);
             let v3 = _mm256_and_ps(md, gv);
-            interleave16(v0, v1, &mut o0);
-            interleave16(v2, v3, &mut o1);
-        }
-        for (dst, src) in [(&mut *g0, &o0), (&mut *g1, &o1)] {
-            for (d, &v) in dst[16 * j..16 * j + 2 * n].iter_mut().zip(src) {
-                d.write(v);
-            }
+            interleave16(v0, v1, g0, 16 * j);
+            interleave16(v2, v3, g1, 16 * j);
         }
     }
 }
