@@ -346,11 +346,11 @@ unsafe fn pool2x2_f32_avx2(
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
-    __m256, __m256i, _CMP_GT_OQ, _CMP_UNORD_Q, _mm256_and_ps, _mm256_andnot_ps,
-    _mm256_blendv_ps, _mm256_castpd_ps, _mm256_castps_pd, _mm256_cmp_ps, _mm256_cmpgt_epi32,
-    _mm256_loadu_ps, _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_or_ps,
-    _mm256_permute2f128_ps, _mm256_permute4x64_pd, _mm256_set1_epi32, _mm256_setr_epi32,
-    _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    __m256, __m256i, _CMP_GT_OQ, _CMP_UNORD_Q, _mm256_and_ps, _mm256_andnot_ps, _mm256_blendv_ps,
+    _mm256_castpd_ps, _mm256_castps_pd, _mm256_cmp_ps, _mm256_cmpgt_epi32, _mm256_loadu_ps,
+    _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_or_ps, _mm256_permute2f128_ps,
+    _mm256_permute4x64_pd, _mm256_set1_epi32, _mm256_setr_epi32, _mm256_shuffle_ps,
+    _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
 };
 
 /// The mask of lanes `i < n` (all lanes for n ≥ 8, none for n ≤ 0).
@@ -359,7 +359,10 @@ use std::arch::x86_64::{
 #[inline]
 fn lanes_below(n: usize) -> __m256i {
     let n = n.min(8) as i32;
-    _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
 }
 
 /// 8 values of `s` from `at` (lanes past the end of `s` read as 0, without touching memory).
