@@ -91,7 +91,7 @@ pub fn exp(x: f32) -> f32 {
 /// 1.5·2^52: adding and subtracting it rounds an f64 of magnitude < 2^51 to an integer.
 const ROUND64: f64 = 6_755_399_441_055_744.0;
 /// ln 2 split (fdlibm's) so that `k·LN2_HI64` is exact for |k| < 2^11.
-const LN2_HI64: f64 = 6.931_471_803_691_238_2e-1;
+const LN2_HI64: f64 = 6.931_471_803_691_238e-1;
 const LN2_LO64: f64 = 1.908_214_929_270_587_7e-10;
 
 /// e^x in f64 for x in [−708, 709] (clamped outside; NaN stays NaN), within 2 ulp of the
