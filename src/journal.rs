@@ -626,12 +626,15 @@ impl Journal {
             path: dir.join(MANIFEST),
             msg: e.to_string(),
         })?;
+        let t0 = Instant::now();
         write_atomic(&dir.join(MANIFEST), &json)?;
         Ok(Journal {
             dir,
             saved: 0,
             last_save: Instant::now(),
-            last_cost: Duration::ZERO,
+            // Until the first save, the manifest's atomic write (a file and a directory
+            // fsync, as the state's) stands for a save's cost.
+            last_cost: t0.elapsed(),
         })
     }
 
@@ -665,9 +668,15 @@ impl Journal {
         self.last_save.elapsed() >= self.last_cost * 10
     }
 
-    /// Save `state`; `files` are the streamed files' lengths, already flushed to disk.
-    pub fn save(&mut self, state: &RunState, files: &[(String, u64)]) -> Result<()> {
-        let t0 = Instant::now();
+    /// Save `state`; `files` are the streamed files' lengths, already flushed to disk. The
+    /// save's cost, which [`Journal::due`] bounds, counts from `started`: the caller passes the
+    /// moment it began flushing those files, so that their fsyncs count too.
+    pub fn save(
+        &mut self,
+        state: &RunState,
+        files: &[(String, u64)],
+        started: Instant,
+    ) -> Result<()> {
         let out = self.dir.parent().unwrap_or(Path::new("."));
         let sums = files
             .iter()
@@ -676,7 +685,7 @@ impl Journal {
         let bytes = encode_state(state, files, sums)?;
         write_atomic(&self.dir.join(STATE), &bytes)?;
         self.saved = state.finished();
-        self.last_cost = t0.elapsed();
+        self.last_cost = started.elapsed();
         self.last_save = Instant::now();
         Ok(())
     }

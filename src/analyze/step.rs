@@ -429,9 +429,10 @@ impl<'a, E: Engine> Run<'a, E> {
 
     /// Flush the exporters to disk and save the run's state in the journal.
     fn save_journal(&mut self) -> Result<()> {
+        let started = std::time::Instant::now();
         let files = self.exporters().sync()?;
         let state = self.state.as_ref().expect("started");
-        self.journal.save(state, &files)?;
+        self.journal.save(state, &files, started)?;
         self.out.keep_partials();
         Ok(())
     }

@@ -189,9 +189,9 @@ impl<T: Real> Layer<T> for Attention {
                 let ps = p.as_slice_mut().expect("contiguous");
                 for i in 0..t {
                     let row = &mut ps[i * t..(i + 1) * t];
-                    let (seen, masked) = row.split_at_mut(self.visible(i, t));
-                    softmax_in_place(seen);
-                    masked.fill(T::zero());
+                    let seen = self.visible(i, t);
+                    softmax_prefix(row, seen);
+                    row[seen..].fill(T::zero());
                 }
                 mat_mul(
                     T::one(),
@@ -338,12 +338,14 @@ impl<T: Real> Layer<T> for Attention {
     }
 }
 
-/// Softmax of one row of scores in place, with the row maximum subtracted (stable); in f32
-/// through the vectorised `exp` of [`fastmath`].
-fn softmax_in_place<T: Real>(row: &mut [T]) {
+/// Softmax of the first `n` scores of a row in place, with their maximum subtracted (stable);
+/// in f32 through the vectorised `exp` of [`fastmath`], which may use the entries after `n` as
+/// scratch (the caller overwrites them).
+fn softmax_prefix<T: Real>(row: &mut [T], n: usize) {
     if let Some(r) = fastmath::f32_slice_mut(row) {
-        return fastmath::softmax(r);
+        return fastmath::softmax_prefix(r, n);
     }
+    let row = &mut row[..n];
     let m = fastmath::max(row);
     for e in row.iter_mut() {
         *e = (*e - m).exp();

@@ -81,32 +81,16 @@ impl<T: Real> Layer<T> for LayerNorm {
         // input): backward recomputes x̂ from its input with the same operations, bit for bit.
         let mut stats = Vec::with_capacity(2 * rows);
         let mut y = Vec::with_capacity(xs.len());
-        let mut xh = vec![T::zero(); c];
-        let inv_c = T::of(1.0 / c as f64);
         let eps = T::of(self.eps);
-        for xr in xs.chunks_exact(c) {
-            // Two passes in the element type (f32 accumulation over one row, as PyTorch's
-            // float kernel; exact arithmetic for f64).
-            let m = fastmath::sum(xr) * inv_c;
-            for (h, &v) in xh.iter_mut().zip(xr) {
-                *h = v - m;
-            }
-            let var = fastmath::dot(&xh, &xh) * inv_c;
-            let s = T::one() / (var + eps).sqrt();
-            stats.push(m);
-            stats.push(s);
-            y.extend(xh.iter().enumerate().map(|(k, &h)| {
-                let h = h * s;
-                let mut v = match gamma {
-                    Some(g) => h * g[k],
-                    None => h,
-                };
-                if let Some(b) = beta {
-                    v += b[k];
-                }
-                v
-            }));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { forward_rows_avx2(xs, c, gamma, beta, eps, &mut stats, &mut y) };
+        } else {
+            forward_rows(xs, c, gamma, beta, eps, &mut stats, &mut y);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        forward_rows(xs, c, gamma, beta, eps, &mut stats, &mut y);
         *saved = Saved::Arrays(vec![
             ArrayD::from_shape_vec(IxDyn(&[2 * rows]), stats).expect("sizes match"),
         ]);
@@ -124,51 +108,26 @@ impl<T: Real> Layer<T> for LayerNorm {
         let mut gp = b.grad_params;
         let gamma = self.weight.then(|| b.params[0]);
         let need_gx = b.need_input_grad[0];
-        let inv_c = T::of(1.0 / c as f64);
         let mut gx = Vec::with_capacity(if need_gx { gy.len() } else { 0 });
-        let (mut xh, mut ghat) = (vec![T::zero(); c], vec![T::zero(); c]);
-        // One pass over the rows: x̂ recomputed as forward computed it, the parameter
-        // gradients' column sums of dy·x̂ and dy, and dx.
-        for ((xr, g), ms) in xs
-            .chunks_exact(c)
-            .zip(gy.chunks_exact(c))
-            .zip(stats.chunks_exact(2))
-        {
-            let (m, s) = (ms[0], ms[1]);
-            for (h, &v) in xh.iter_mut().zip(xr) {
-                *h = (v - m) * s;
+        let (gw, gb) = match (self.weight, self.bias) {
+            (true, true) => {
+                let (w, b) = gp.split_at_mut(1);
+                (Some(&mut *w[0]), Some(&mut *b[0]))
             }
-            if self.weight {
-                for ((a, &gk), &hk) in gp[0].iter_mut().zip(g).zip(&xh) {
-                    *a += gk * hk;
-                }
-            }
-            if self.bias {
-                for (a, &gk) in gp[usize::from(self.weight)].iter_mut().zip(g) {
-                    *a += gk;
-                }
-            }
-            if !need_gx {
-                continue;
-            }
-            match gamma {
-                Some(w) => {
-                    for ((o, &gk), &wk) in ghat.iter_mut().zip(g).zip(w) {
-                        *o = gk * wk;
-                    }
-                }
-                None => ghat.copy_from_slice(g),
-            }
-            let (mg, mgh) = (
-                fastmath::sum(&ghat) * inv_c,
-                fastmath::dot(&ghat, &xh) * inv_c,
-            );
-            gx.extend(
-                ghat.iter()
-                    .zip(&xh)
-                    .map(|(&gk, &hk)| (gk - mg - hk * mgh) * s),
-            );
+            (true, false) => (Some(&mut *gp[0]), None),
+            (false, true) => (None, Some(&mut *gp[0])),
+            (false, false) => (None, None),
+        };
+        let gx_out = need_gx.then_some(&mut gx);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { backward_rows_avx2(xs, gy, stats, c, gamma, gw, gb, gx_out) };
+        } else {
+            backward_rows(xs, gy, stats, c, gamma, gw, gb, gx_out);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        backward_rows(xs, gy, stats, c, gamma, gw, gb, gx_out);
         if !need_gx {
             return vec![None];
         }
@@ -176,6 +135,135 @@ impl<T: Real> Layer<T> for LayerNorm {
             ArrayD::from_shape_vec(b.inputs[0].raw_dim(), gx).expect("sizes match"),
         )]
     }
+}
+
+/// Forward of every row of `xs` (rows of `c`): each row's mean and 1/σ appended to `stats`,
+/// its output to `y`. Two passes in the element type (f32 accumulation over one row, as
+/// PyTorch's float kernel; exact arithmetic for f64).
+#[inline(always)]
+fn forward_rows<T: Real>(
+    xs: &[T],
+    c: usize,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    eps: T,
+    stats: &mut Vec<T>,
+    y: &mut Vec<T>,
+) {
+    let mut xh = vec![T::zero(); c];
+    let inv_c = T::of(1.0 / c as f64);
+    for xr in xs.chunks_exact(c) {
+        let m = fastmath::sum(xr) * inv_c;
+        for (h, &v) in xh.iter_mut().zip(xr) {
+            *h = v - m;
+        }
+        let var = fastmath::dot(&xh, &xh) * inv_c;
+        let s = T::one() / (var + eps).sqrt();
+        stats.push(m);
+        stats.push(s);
+        y.extend(xh.iter().enumerate().map(|(k, &h)| {
+            let h = h * s;
+            let mut v = match gamma {
+                Some(g) => h * g[k],
+                None => h,
+            };
+            if let Some(b) = beta {
+                v += b[k];
+            }
+            v
+        }));
+    }
+}
+
+/// Backward of every row, one pass: x̂ recomputed as forward computed it, the parameter
+/// gradients' column sums of dy·x̂ (`gw`) and dy (`gb`), and dx appended to `gx` when asked.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_rows<T: Real>(
+    xs: &[T],
+    gy: &[T],
+    stats: &[T],
+    c: usize,
+    gamma: Option<&[T]>,
+    mut gw: Option<&mut [T]>,
+    mut gb: Option<&mut [T]>,
+    mut gx: Option<&mut Vec<T>>,
+) {
+    let inv_c = T::of(1.0 / c as f64);
+    let (mut xh, mut ghat) = (vec![T::zero(); c], vec![T::zero(); c]);
+    for ((xr, g), ms) in xs
+        .chunks_exact(c)
+        .zip(gy.chunks_exact(c))
+        .zip(stats.chunks_exact(2))
+    {
+        let (m, s) = (ms[0], ms[1]);
+        for (h, &v) in xh.iter_mut().zip(xr) {
+            *h = (v - m) * s;
+        }
+        if let Some(gw) = gw.as_deref_mut() {
+            for ((a, &gk), &hk) in gw.iter_mut().zip(g).zip(&xh) {
+                *a += gk * hk;
+            }
+        }
+        if let Some(gb) = gb.as_deref_mut() {
+            for (a, &gk) in gb.iter_mut().zip(g) {
+                *a += gk;
+            }
+        }
+        let Some(gx) = gx.as_deref_mut() else {
+            continue;
+        };
+        match gamma {
+            Some(w) => {
+                for ((o, &gk), &wk) in ghat.iter_mut().zip(g).zip(w) {
+                    *o = gk * wk;
+                }
+            }
+            None => ghat.copy_from_slice(g),
+        }
+        let (mg, mgh) = (
+            fastmath::sum(&ghat) * inv_c,
+            fastmath::dot(&ghat, &xh) * inv_c,
+        );
+        gx.extend(
+            ghat.iter()
+                .zip(&xh)
+                .map(|(&gk, &hk)| (gk - mg - hk * mgh) * s),
+        );
+    }
+}
+
+/// [`forward_rows`] compiled with AVX2 (the same operations in the same order, so the same
+/// bits: no fused multiply-adds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn forward_rows_avx2<T: Real>(
+    xs: &[T],
+    c: usize,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    eps: T,
+    stats: &mut Vec<T>,
+    y: &mut Vec<T>,
+) {
+    forward_rows(xs, c, gamma, beta, eps, stats, y)
+}
+
+/// [`backward_rows`] compiled with AVX2 (the same bits).
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn backward_rows_avx2<T: Real>(
+    xs: &[T],
+    gy: &[T],
+    stats: &[T],
+    c: usize,
+    gamma: Option<&[T]>,
+    gw: Option<&mut [T]>,
+    gb: Option<&mut [T]>,
+    gx: Option<&mut Vec<T>>,
+) {
+    backward_rows(xs, gy, stats, c, gamma, gw, gb, gx)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -222,6 +310,66 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 mod tests {
     use super::*;
     use crate::net::gradcheck::check_layer;
+
+    /// The AVX2 builds of the row loops give the generic build's bits (f32, widths around the
+    /// vector sizes, with and without the affine parameters).
+    #[test]
+    fn avx2_build_gives_the_same_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut rng = crate::net::gradcheck::Rng::new(9);
+            for c in [1usize, 7, 16, 37] {
+                let rows = 5;
+                let f = |n: usize, rng: &mut crate::net::gradcheck::Rng| -> Vec<f32> {
+                    rng.array(&[n]).iter().map(|&v| (v * 3.0) as f32).collect()
+                };
+                let (xs, gy, w, b) = (
+                    f(rows * c, &mut rng),
+                    f(rows * c, &mut rng),
+                    f(c, &mut rng),
+                    f(c, &mut rng),
+                );
+                for affine in [false, true] {
+                    let (gamma, beta) = (affine.then_some(&w[..]), affine.then_some(&b[..]));
+                    let (mut s1, mut y1, mut s2, mut y2) = (vec![], vec![], vec![], vec![]);
+                    forward_rows(&xs, c, gamma, beta, 1e-5, &mut s1, &mut y1);
+                    // SAFETY: the CPU supports AVX2 (checked above).
+                    unsafe { forward_rows_avx2(&xs, c, gamma, beta, 1e-5, &mut s2, &mut y2) };
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&s1), bits(&s2));
+                    assert_eq!(bits(&y1), bits(&y2));
+                    let (mut gw1, mut gb1, mut gx1) = (vec![0.5f32; c], vec![0.25f32; c], vec![]);
+                    let (mut gw2, mut gb2, mut gx2) = (gw1.clone(), gb1.clone(), vec![]);
+                    backward_rows(
+                        &xs,
+                        &gy,
+                        &s1,
+                        c,
+                        gamma,
+                        Some(&mut gw1),
+                        Some(&mut gb1),
+                        Some(&mut gx1),
+                    );
+                    // SAFETY: as above.
+                    unsafe {
+                        backward_rows_avx2(
+                            &xs,
+                            &gy,
+                            &s1,
+                            c,
+                            gamma,
+                            Some(&mut gw2),
+                            Some(&mut gb2),
+                            Some(&mut gx2),
+                        )
+                    };
+                    assert_eq!(bits(&gw1), bits(&gw2));
+                    assert_eq!(bits(&gb1), bits(&gb2));
+                    assert_eq!(bits(&gx1), bits(&gx2));
+                }
+            }
+        }
+    }
 
     #[test]
     fn layer_norm_matches_finite_differences() {

@@ -14,7 +14,7 @@
 //! assert_eq!(g.as_slice().unwrap(), &[0.5, -0.5]);
 //! ```
 
-use super::{LossKind, Real, TargetsView, as_rows};
+use super::{LossKind, Real, TargetsView, as_rows, fastmath};
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 /// Summed loss, number of terms, and gradient of the sum with respect to `out`.
@@ -32,14 +32,18 @@ pub fn loss_sum_and_grad<T: Real>(
                 let k = z.ncols();
                 let gs = g.as_slice_mut().expect("fresh array is contiguous");
                 // exp(z − max) of one row, kept for the gradient: one exp per logit (the
-                // softmax is exp(z − max) / Σ, not a second exp of z − log Σ exp).
+                // softmax is exp(z − max) / Σ, not a second exp of z − log Σ exp), the whole
+                // row at once through the vectorised f64 `exp` of `fastmath`.
                 let mut e = vec![0.0f64; k];
                 for (r, row) in z.rows().into_iter().enumerate() {
                     let m = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.f64()));
-                    let mut se = 0.0f64;
                     for (ei, v) in e.iter_mut().zip(row.iter()) {
-                        *ei = (v.f64() - m).exp();
-                        se += *ei;
+                        *ei = v.f64() - m;
+                    }
+                    fastmath::exp64_in_place(&mut e);
+                    let mut se = 0.0f64;
+                    for &ei in &e {
+                        se += ei;
                     }
                     let lse = m + se.ln();
                     let c = cls[r] as usize;

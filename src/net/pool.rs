@@ -23,6 +23,7 @@
 use super::conv::{Window2d, chw};
 use super::{Backward, Layer, Real, Saved};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use std::mem::MaybeUninit;
 
 /// Number of planes (samples × channels) and their (height, width) in an NCHW batch.
 fn planes<T>(x: &ArrayViewD<T>) -> (usize, [usize; 2]) {
@@ -114,6 +115,17 @@ impl MaxPool2d {
     ) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
+            use super::fastmath::{f32_slice, f32_slice_mut};
+            if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+                let f32s = "T is f32";
+                let xf = f32_slice(xs).expect(f32s);
+                let of = f32_slice_mut(out).expect(f32s);
+                let bf = backward
+                    .map(|(gy, gx)| (f32_slice(gy).expect(f32s), f32_uninit(gx).expect(f32s)));
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                unsafe { pool2x2_f32_avx2(xf, np, hw, of, bf) };
+                return;
+            }
             // SAFETY: the CPU supports AVX2 (checked just above).
             unsafe { pool2x2_avx2(xs, np, hw, out, backward) };
             return;
@@ -189,19 +201,33 @@ fn pool2x2_impl<T: Real>(
     out: &mut [T],
     backward: Option<(&[T], &mut [std::mem::MaybeUninit<T>])>,
 ) {
+    pool2x2_rows(
+        xs,
+        np,
+        hw,
+        out,
+        backward,
+        |r0, r1, o| fwd_row(r0, r1, o, 0),
+        |r, g, g0, g1| bwd_row(r, g, g0, g1, 0),
+    );
+}
+
+/// The loops over planes and row pairs of the tiled 2×2 pooling, with the work on one pair of
+/// input rows (`fwd(r0, r1, out)`, `bwd([r0, r1], gy, gx0, gx1)`, each `2·ow` / `ow` long)
+/// handed to the caller's kernels. Backward writes 0 to the inputs outside every window (an
+/// odd last row or column).
+#[inline(always)]
+fn pool2x2_rows<T: Real>(
+    xs: &[T],
+    np: usize,
+    hw: [usize; 2],
+    out: &mut [T],
+    backward: Option<(&[T], &mut [std::mem::MaybeUninit<T>])>,
+    mut fwd: impl FnMut(&[T], &[T], &mut [T]),
+    mut bwd: impl FnMut([&[T]; 2], &[T], &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
+) {
     let (h, w) = (hw[0], hw[1]);
     let (oh, ow) = (h / 2, w / 2);
-    // Which tap wins, as PyTorch's scan decides: a later tap moves the maximum when it is
-    // larger or NaN. Returns the maximum and the masks of taps 1, 2, 3 having moved it.
-    #[inline(always)]
-    fn moves<T: Real>(a: T, b: T, c: T, d: T) -> (T, bool, bool, bool) {
-        let mb = (b > a) | b.is_nan();
-        let m1 = if mb { b } else { a };
-        let mc = (c > m1) | c.is_nan();
-        let m2 = if mc { c } else { m1 };
-        let md = (d > m2) | d.is_nan();
-        (if md { d } else { m2 }, mb, mc, md)
-    }
     match backward {
         None => {
             for p in 0..np {
@@ -209,10 +235,7 @@ fn pool2x2_impl<T: Real>(
                 for oy in 0..oh {
                     let r0 = &plane[2 * oy * w..][..2 * ow];
                     let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
-                    let o = &mut out[(p * oh + oy) * ow..][..ow];
-                    for (i, o) in o.iter_mut().enumerate() {
-                        *o = moves(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]).0;
-                    }
+                    fwd(r0, r1, &mut out[(p * oh + oy) * ow..][..ow]);
                 }
             }
         }
@@ -221,7 +244,6 @@ fn pool2x2_impl<T: Real>(
             for p in 0..np {
                 let plane = &xs[p * h * w..][..h * w];
                 let gplane = &mut gx[p * h * w..][..h * w];
-                // Inputs outside every window (an odd last row or column) get 0.
                 for v in &mut gplane[2 * oh * w..] {
                     v.write(z);
                 }
@@ -235,22 +257,235 @@ fn pool2x2_impl<T: Real>(
                     let r1 = &plane[(2 * oy + 1) * w..][..2 * ow];
                     let g = &gy[(p * oh + oy) * ow..][..ow];
                     let (g0, g1) = gplane[2 * oy * w..].split_at_mut(w);
-                    let g0 = &mut g0[..2 * ow];
-                    let g1 = &mut g1[..2 * ow];
-                    for (i, &g) in g.iter().enumerate() {
-                        let (_, mb, mc, md) =
-                            moves(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]);
-                        // The last tap that moved the maximum gets the gradient.
-                        let (t3, t2) = (md, mc & !md);
-                        let t1 = mb & !mc & !md;
-                        let t0 = !(mb | mc | md);
-                        g0[2 * i].write(if t0 { g } else { z });
-                        g0[2 * i + 1].write(if t1 { g } else { z });
-                        g1[2 * i].write(if t2 { g } else { z });
-                        g1[2 * i + 1].write(if t3 { g } else { z });
-                    }
+                    bwd([r0, r1], g, &mut g0[..2 * ow], &mut g1[..2 * ow]);
                 }
             }
+        }
+    }
+}
+
+/// Which tap wins, as PyTorch's scan decides: a later tap moves the maximum when it is larger
+/// or NaN. Returns the maximum and the masks of taps 1, 2, 3 having moved it.
+#[inline(always)]
+fn moves<T: Real>(a: T, b: T, c: T, d: T) -> (T, bool, bool, bool) {
+    let mb = (b > a) | b.is_nan();
+    let m1 = if mb { b } else { a };
+    let mc = (c > m1) | c.is_nan();
+    let m2 = if mc { c } else { m1 };
+    let md = (d > m2) | d.is_nan();
+    (if md { d } else { m2 }, mb, mc, md)
+}
+
+/// Forward of outputs `from..` of one output row: the maxima of input rows `r0`, `r1`.
+#[inline(always)]
+fn fwd_row<T: Real>(r0: &[T], r1: &[T], o: &mut [T], from: usize) {
+    for (i, o) in o.iter_mut().enumerate().skip(from) {
+        *o = moves(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]).0;
+    }
+}
+
+/// Backward of outputs `from..` of one output row: each window's gradient to the last tap
+/// that moved its maximum, 0 to its other taps.
+#[inline(always)]
+fn bwd_row<T: Real>(
+    [r0, r1]: [&[T]; 2],
+    g: &[T],
+    g0: &mut [MaybeUninit<T>],
+    g1: &mut [MaybeUninit<T>],
+    from: usize,
+) {
+    let z = T::zero();
+    for (i, &g) in g.iter().enumerate().skip(from) {
+        let (_, mb, mc, md) = moves(r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]);
+        let (t3, t2) = (md, mc & !md);
+        let t1 = mb & !mc & !md;
+        let t0 = !(mb | mc | md);
+        g0[2 * i].write(if t0 { g } else { z });
+        g0[2 * i + 1].write(if t1 { g } else { z });
+        g1[2 * i].write(if t2 { g } else { z });
+        g1[2 * i + 1].write(if t3 { g } else { z });
+    }
+}
+
+/// `s` as `[MaybeUninit<f32>]` when `T` is f32.
+fn f32_uninit<T: 'static>(s: &mut [MaybeUninit<T>]) -> Option<&mut [MaybeUninit<f32>]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: `T` is f32, so the memory is a valid `[MaybeUninit<f32>]` of the same length.
+        Some(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
+    } else {
+        None
+    }
+}
+
+/// [`MaxPool2d::pool2x2`] for f32 with AVX2 intrinsics, 8 outputs at a time
+/// ([`fwd_row_avx2`], [`bwd_row_avx2`]): each pair of input rows is split into its even and
+/// odd columns, the four taps compared as [`moves`] does, and backward's four gradient
+/// vectors interleaved back; the same comparisons and selects as the scalar kernels, so the
+/// same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pool2x2_f32_avx2(
+    xs: &[f32],
+    np: usize,
+    hw: [usize; 2],
+    out: &mut [f32],
+    backward: Option<(&[f32], &mut [MaybeUninit<f32>])>,
+) {
+    pool2x2_rows(
+        xs,
+        np,
+        hw,
+        out,
+        backward,
+        // SAFETY: the CPU supports AVX2 (this function's callers check it).
+        |r0, r1, o| unsafe { fwd_row_avx2(r0, r1, o) },
+        // SAFETY: as above.
+        |r, g, g0, g1| unsafe { bwd_row_avx2(r, g, g0, g1) },
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{
+    __m256, __m256i, _CMP_GT_OQ, _CMP_UNORD_Q, _mm256_and_ps, _mm256_andnot_ps, _mm256_blendv_ps,
+    _mm256_castpd_ps, _mm256_castps_pd, _mm256_cmp_ps, _mm256_cmpgt_epi32, _mm256_loadu_ps,
+    _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_or_ps, _mm256_permute2f128_ps,
+    _mm256_permute4x64_pd, _mm256_set1_epi32, _mm256_setr_epi32, _mm256_shuffle_ps,
+    _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+};
+
+/// The mask of lanes `i < n` (all lanes for n ≥ 8, none for n ≤ 0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lanes_below(n: usize) -> __m256i {
+    let n = n.min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// 8 values of `s` from `at` (lanes past the end of `s` read as 0, without touching memory).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load8(s: &[f32], at: usize) -> __m256 {
+    let p = s.as_ptr().wrapping_add(at);
+    if at + 8 <= s.len() {
+        // SAFETY: `s[at..at + 8]` is in bounds.
+        unsafe { _mm256_loadu_ps(p) }
+    } else {
+        // SAFETY: only the lanes below `s.len() − at` are read, all in bounds.
+        unsafe { _mm256_maskload_ps(p, lanes_below(s.len().saturating_sub(at))) }
+    }
+}
+
+/// Store the lanes of `v` that fall inside `d` from `at` on (at most 8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store8(d: &mut [MaybeUninit<f32>], at: usize, v: __m256) {
+    let p = d.as_mut_ptr().cast::<f32>().wrapping_add(at);
+    if at + 8 <= d.len() {
+        // SAFETY: `d[at..at + 8]` is in bounds.
+        unsafe { _mm256_storeu_ps(p, v) }
+    } else {
+        // SAFETY: only the lanes below `d.len() − at` are written, all in bounds.
+        unsafe { _mm256_maskstore_ps(p, lanes_below(d.len().saturating_sub(at)), v) }
+    }
+}
+
+/// Even and odd entries of `r[at..at + 16]`, each in order (entries past the end of `r` read
+/// as 0): two in-lane shuffles (`[x0 x2 x8 x10 | x4 x6 x12 x14]`) and a permute of the 64-bit
+/// pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn split16(r: &[f32], at: usize) -> (__m256, __m256) {
+    // SAFETY: AVX2 is enabled here too; `load8` reads in bounds only.
+    let (v0, v1) = unsafe { (load8(r, at), load8(r, at + 8)) };
+    let fix = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
+    (
+        fix(_mm256_shuffle_ps::<0x88>(v0, v1)),
+        fix(_mm256_shuffle_ps::<0xDD>(v0, v1)),
+    )
+}
+
+/// `[x0 y0 x1 y1 …]`, the 16 values of two vectors interleaved, stored at `dst[at..]` (those
+/// inside `dst`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn interleave16(x: __m256, y: __m256, dst: &mut [MaybeUninit<f32>], at: usize) {
+    let lo = _mm256_unpacklo_ps(x, y);
+    let hi = _mm256_unpackhi_ps(x, y);
+    // SAFETY: AVX2 is enabled here too; `store8` writes in bounds only.
+    unsafe {
+        store8(dst, at, _mm256_permute2f128_ps::<0x20>(lo, hi));
+        store8(dst, at + 8, _mm256_permute2f128_ps::<0x31>(lo, hi));
+    }
+}
+
+/// The vector form of [`moves`] on the 8 windows of rows `r0`, `r1` from column `at`: the
+/// maximum and the masks of taps b, c, d having moved it (`>` ordered, or NaN; blends).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn vmoves(r0: &[f32], r1: &[f32], at: usize) -> [__m256; 4] {
+    // SAFETY: AVX2 is enabled here too.
+    let ((a, b), (c, d)) = unsafe { (split16(r0, at), split16(r1, at)) };
+    let moved = |x: __m256, m: __m256| {
+        _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(x, m),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x),
+        )
+    };
+    let mb = moved(b, a);
+    let m1 = _mm256_blendv_ps(a, b, mb);
+    let mc = moved(c, m1);
+    let m2 = _mm256_blendv_ps(m1, c, mc);
+    let md = moved(d, m2);
+    [_mm256_blendv_ps(m2, d, md), mb, mc, md]
+}
+
+/// Forward of one output row (`o.len()` windows) of input rows `r0`, `r1`, 8 windows per
+/// step; a partial last block through masked loads and stores. Same bits as [`fwd_row`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fwd_row_avx2(r0: &[f32], r1: &[f32], o: &mut [f32]) {
+    // SAFETY: the same memory as `o`, viewed as possibly uninitialised (stores only).
+    let out = unsafe {
+        std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<MaybeUninit<f32>>(), o.len())
+    };
+    for j in 0..out.len().div_ceil(8) {
+        // SAFETY: AVX2 is enabled here; loads and stores stay in bounds.
+        unsafe { store8(out, 8 * j, vmoves(r0, r1, 16 * j)[0]) };
+    }
+}
+
+/// Backward of one output row: each window's gradient `g` to the last tap that moved its
+/// maximum, +0 to the others (the masks and-ed with `g`, as the scalar selects give), 8
+/// windows per step. Same bits as [`bwd_row`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bwd_row_avx2(
+    [r0, r1]: [&[f32]; 2],
+    g: &[f32],
+    g0: &mut [MaybeUninit<f32>],
+    g1: &mut [MaybeUninit<f32>],
+) {
+    for j in 0..g.len().div_ceil(8) {
+        // SAFETY: AVX2 is enabled here; loads and stores stay in bounds.
+        unsafe {
+            let [_, mb, mc, md] = vmoves(r0, r1, 16 * j);
+            let gv = load8(g, 8 * j);
+            let any = _mm256_or_ps(mb, _mm256_or_ps(mc, md));
+            let v0 = _mm256_andnot_ps(any, gv);
+            let v1 = _mm256_and_ps(_mm256_andnot_ps(_mm256_or_ps(mc, md), mb), gv);
+            let v2 = _mm256_and_ps(_mm256_andnot_ps(md, mc), gv);
+            let v3 = _mm256_and_ps(md, gv);
+            interleave16(v0, v1, g0, 16 * j);
+            interleave16(v2, v3, g1, 16 * j);
         }
     }
 }
@@ -636,6 +871,58 @@ mod tests {
             }
             .tiled()
         );
+    }
+
+    /// The f32 kernels chosen at run time (AVX2 intrinsics, 8 windows per step, padded
+    /// partial blocks) give the scalar kernels' bits, forward and backward, for row lengths
+    /// that are and are not multiples of the block, odd sizes, ties, ±0, NaN and −∞.
+    #[test]
+    fn f32_max_pool_2x2_kernels_agree_bitwise() {
+        let mut rng = crate::net::gradcheck::Rng::new(5);
+        for (h, w) in [
+            (2, 2),
+            (3, 5),
+            (4, 14),
+            (6, 15),
+            (2, 16),
+            (5, 33),
+            (28, 28),
+            (14, 14),
+            (7, 9),
+        ] {
+            let np = 3;
+            let x: Vec<f32> = rng
+                .array(&[np * h * w])
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % 13 {
+                    3 => f32::NAN,
+                    7 => f32::NEG_INFINITY,
+                    11 => -0.0,
+                    _ => (v * 3.0).round() as f32,
+                })
+                .collect();
+            let (oh, ow) = (h / 2, w / 2);
+            let (mut y, mut y2) = (vec![0.0f32; np * oh * ow], vec![1.0f32; np * oh * ow]);
+            MaxPool2d::pool2x2(&x, np, [h, w], &mut y, None);
+            pool2x2_impl(&x, np, [h, w], &mut y2, None);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&y2), "{h}x{w} forward");
+            let gy: Vec<f32> = (0..y.len()).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let unset = || vec![std::mem::MaybeUninit::new(f32::NAN); x.len()];
+            // SAFETY: the buffers were initialised (to NaN) when made.
+            let read = |v: Vec<std::mem::MaybeUninit<f32>>| -> Vec<u32> {
+                v.into_iter()
+                    .map(|v| unsafe { v.assume_init() }.to_bits())
+                    .collect()
+            };
+            let (mut gx, mut gx2) = (unset(), unset());
+            MaxPool2d::pool2x2(&x, np, [h, w], &mut [], Some((&gy, &mut gx)));
+            pool2x2_impl(&x, np, [h, w], &mut [], Some((&gy, &mut gx2)));
+            let (gx, gx2) = (read(gx), read(gx2));
+            assert!(gx.iter().all(|&b| !f32::from_bits(b).is_nan()));
+            assert_eq!(gx, gx2, "{h}x{w} backward");
+        }
     }
 
     #[test]
