@@ -5,24 +5,6 @@
 use crate::util::*;
 use std::collections::HashMap;
 
-/// The f64 tensors of a safetensors file by name.
-fn read_f64(path: &std::path::Path) -> HashMap<String, Vec<f64>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F64)
-        .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, v)
-        })
-        .collect()
-}
-
 /// One run: per layer (LCA, error bar, actual error against the 32-interval reference, the
 /// reference's own uncertainty |lca32 − lca16|), and the summary.
 struct Run {
@@ -41,7 +23,7 @@ fn run(name: &str, extra: &[&str]) -> Run {
     let s = json(&out.join("summary.json"));
     let golden = fixture(&format!("{name}/golden"));
     let conv = json(&golden.join("converged.json"));
-    let reference = read_f64(&golden.join("converged.safetensors"));
+    let reference = crate::oracle::read_f64_only(&golden.join("converged.safetensors"));
     let ref_steps: Vec<u64> = conv["steps"]
         .as_array()
         .unwrap()
@@ -62,10 +44,10 @@ fn run(name: &str, extra: &[&str]) -> Run {
         let Some(i) = ref_steps.iter().position(|&x| x == t) else {
             continue;
         };
-        let Some(r32) = reference.get(&format!("lca32/{}", r["tensor"])) else {
+        let Some((_, r32)) = reference.get(&format!("lca32/{}", r["tensor"])) else {
             continue;
         };
-        let r16 = &reference[&format!("lca16/{}", r["tensor"])];
+        let (_, r16) = &reference[&format!("lca16/{}", r["tensor"])];
         let lca: f64 = r["lca"].parse().unwrap();
         let e = err.entry(r["layer"].clone()).or_default();
         e.0 += lca - r32[i];

@@ -25,24 +25,6 @@ struct Validation {
     max_layer_ratio: f64,
 }
 
-/// The f64 tensors of a safetensors file by name (others, such as the int64 `steps`, skipped).
-fn read_f64(path: &std::path::Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    st.tensors()
-        .into_iter()
-        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F64)
-        .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, (t.shape().to_vec(), v))
-        })
-        .collect()
-}
-
 fn validate(name: &str) -> Validation {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -57,7 +39,7 @@ fn validate(name: &str) -> Validation {
 
     let golden = fixture(&format!("{name}/golden"));
     let conv = json(&golden.join("converged.json"));
-    let st = read_f64(&golden.join("converged.safetensors"));
+    let st = crate::oracle::read_f64_only(&golden.join("converged.safetensors"));
     let ref_steps: Vec<u64> = conv["steps"]
         .as_array()
         .unwrap()

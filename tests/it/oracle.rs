@@ -158,10 +158,21 @@ pub fn compare_step_tensor_lca_with(
 /// The f64 tensors of a safetensors file, by name, with their shapes (every golden tensor is
 /// f64).
 pub fn read_f64(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    f64_tensors(path, false)
+}
+
+/// As [`read_f64`], leaving out the tensors of other dtypes (the int64 `steps` of
+/// `golden/converged.safetensors`).
+pub fn read_f64_only(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    f64_tensors(path, true)
+}
+
+fn f64_tensors(path: &Path, skip_others: bool) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
     st.tensors()
         .into_iter()
+        .filter(|(_, t)| !skip_others || t.dtype() == safetensors::Dtype::F64)
         .map(|(name, t)| {
             assert_eq!(t.dtype(), safetensors::Dtype::F64, "{name}");
             let v = t
