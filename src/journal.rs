@@ -146,16 +146,10 @@ impl Manifest {
             ));
         }
         if self.data_order != now.data_order {
-            let how = |o: crate::data::DataOrder| match o {
-                crate::data::DataOrder::File => "--data-order file".to_string(),
-                crate::data::DataOrder::Shuffled { seed } => {
-                    format!("--data-order shuffled --data-seed {seed}")
-                }
-            };
             d.push(format!(
                 "the batch-stats evaluation order was {}, now {}",
-                how(self.data_order),
-                how(now.data_order)
+                self.data_order.flags(),
+                now.data_order.flags()
             ));
         }
         if self.precision != now.precision {

@@ -48,10 +48,7 @@ impl TorchLoss {
         {
             return Err(format!(
                 "PyTorch's loss was computed with batch statistics on the rows in {theirs}, lca evaluates them in {order}: the losses are not comparable and were not compared (pass {} to compare them)",
-                match theirs {
-                    DataOrder::File => "--data-order file".to_string(),
-                    DataOrder::Shuffled { seed } => format!("--data-seed {seed}"),
-                }
+                theirs.flags()
             ));
         }
         Ok(())

@@ -51,6 +51,14 @@ impl DataOrder {
         }
     }
 
+    /// The `analyze` options that select this order (for messages saying what to pass).
+    pub fn flags(self) -> String {
+        match self {
+            DataOrder::File => "--data-order file".to_string(),
+            DataOrder::Shuffled { seed } => format!("--data-order shuffled --data-seed {seed}"),
+        }
+    }
+
     /// From the names recorded in a summary or sent by a worker (`None`: not recorded, i.e.
     /// written before the order existed: file order).
     pub fn from_parts(name: Option<&str>, seed: Option<u64>) -> Option<DataOrder> {
