@@ -49,12 +49,9 @@ fn add_in_chunk_order<T: Real>(acc: &mut [Vec<f64>], parts: &[&[Vec<T>]]) {
     const BLOCK: usize = 1 << 14;
     acc.par_iter_mut().enumerate().for_each(|(j, a)| {
         a.par_chunks_mut(BLOCK).enumerate().for_each(|(b, blk)| {
-            let off = b * BLOCK;
-            for p in parts {
-                let Some(g) = p[j].get(off..off + blk.len()) else {
-                    continue;
-                };
-                for (a, v) in blk.iter_mut().zip(g) {
+            let range = b * BLOCK..b * BLOCK + blk.len();
+            for p in parts.iter().filter(|p| !p[j].is_empty()) {
+                for (a, v) in blk.iter_mut().zip(&p[j][range.clone()]) {
                     *a += v.f64();
                 }
             }
