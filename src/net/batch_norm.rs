@@ -20,7 +20,7 @@
 //! assert_eq!(y.as_slice().unwrap(), &[-1.0, 1.0]);
 //! ```
 
-use super::fastmath::f32_slice;
+use super::fastmath::{f32_slice, f32_uninit};
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use ndarray::{ArrayD, ArrayViewD};
 use std::mem::MaybeUninit;
@@ -144,12 +144,8 @@ impl<T: Real> Layer<T> for BatchNorm {
         // SAFETY: the loops write every (sample, channel) row of `inner` values.
         let y = unsafe {
             super::filled(&shape, |ys| {
-                if let Some(x32) = f32_slice(xs).filter(|_| inner >= 16) {
-                    // SAFETY: T is f32 (`f32_slice` succeeded), so `ys` is `[MaybeUninit<f32>]`.
-                    let ys = std::slice::from_raw_parts_mut(
-                        ys.as_mut_ptr().cast::<MaybeUninit<f32>>(),
-                        ys.len(),
-                    );
+                if let (Some(x32), true) = (f32_slice(xs), inner >= 16) {
+                    let ys = f32_uninit(ys).expect("T is f32 (f32_slice succeeded)");
                     return rows32::forward(x32, ys, n, c, inner, &coef);
                 }
                 for i in 0..n {
@@ -209,13 +205,7 @@ impl<T: Real> Layer<T> for BatchNorm {
         let sums =
             |gs: Option<&mut [MaybeUninit<T>]>, sum_dy: &mut [f64], sum_dy_xh: &mut [f64]| {
                 if let (Some(g32), Some(x32), true) = (f32_slice(gy), f32_slice(xs), inner >= 16) {
-                    // SAFETY: T is f32, so `gs` is `[MaybeUninit<f32>]`.
-                    let gs = gs.map(|gs| unsafe {
-                        std::slice::from_raw_parts_mut(
-                            gs.as_mut_ptr().cast::<MaybeUninit<f32>>(),
-                            gs.len(),
-                        )
-                    });
+                    let gs = gs.map(|gs| f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"));
                     let coef = |ch: usize| (mean[ch], inv_std[ch], gamma[ch] * inv_std[ch]);
                     return rows32::backward(g32, x32, gs, n, c, inner, &coef, sum_dy, sum_dy_xh);
                 }
@@ -569,7 +559,7 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::gradcheck::{Rng, check_layer, check_layer_with};
+    use crate::net::gradcheck::{Rng, check_layer, check_layer_with, run_layer};
 
     /// The f32 path (16 f64 lanes per channel, AVX-512F where the CPU has it) against the f64
     /// path, which the finite differences below check: output, input gradient and every
@@ -608,34 +598,18 @@ mod tests {
                     }
                 })
                 .collect();
-            fn run<T: Real>(
-                bn: &BatchNorm,
-                params: &[Vec<T>],
-                x: &ArrayD<T>,
-                gy: &ArrayD<T>,
-            ) -> (ArrayD<T>, ArrayD<T>, Vec<Vec<T>>) {
-                let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
-                let mut saved = Saved::None;
-                let y = bn.forward(&pr, &[x.view()], &mut saved);
-                let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![T::zero(); v.len()]).collect();
-                let gx = bn.backward(Backward {
-                    params: &pr,
-                    inputs: &[x.view()],
-                    output: y.view(),
-                    saved: &saved,
-                    grad_out: gy.view(),
-                    grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
-                    need_input_grad: &[true],
-                });
-                let gx = gx.into_iter().next().flatten().expect("input gradient");
-                (y, gx, g)
-            }
-            let (y, gx, g) = run(&bn, &params, &x, &gy);
+            let (y, g, gx) = run_layer::<f64>(&bn, &params, &x, &gy, true, 0.0);
             let p32: Vec<Vec<f32>> = params
                 .iter()
                 .map(|v| v.iter().map(|&x| x as f32).collect())
                 .collect();
-            let (y32, gx32, g32) = run(&bn, &p32, &x.mapv(|v| v as f32), &gy.mapv(|v| v as f32));
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let (y32, g32, gx32) = run_layer::<f32>(&bn, &p32, &x32, &gy32, true, 0.0);
+            let input_grad = "input gradient";
+            let (gx, gx32) = (
+                gx[0].as_ref().expect(input_grad),
+                gx32[0].as_ref().expect(input_grad),
+            );
             let close = |a: &[f32], b: &[f64], what: &str| {
                 let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
                 for (k, (&u, &v)) in a.iter().zip(b).enumerate() {

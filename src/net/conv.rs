@@ -28,7 +28,7 @@
 //! ```
 
 use super::conv3x3;
-use super::fastmath::{f32_slice, f32_slice_mut};
+use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
@@ -492,11 +492,7 @@ impl Conv2d {
             // SAFETY: `conv3x3::backward` writes every value of the input gradient.
             unsafe {
                 super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
-                    // SAFETY: T is f32, so this is the same memory as `[MaybeUninit<f32>]`.
-                    let gx32 = std::slice::from_raw_parts_mut(
-                        gx.as_mut_ptr().cast::<std::mem::MaybeUninit<f32>>(),
-                        gx.len(),
-                    );
+                    let gx32 = f32_uninit(gx).expect("T is f32");
                     conv3x3::with_buffers(|bufs| {
                         conv3x3::backward(x32, w32, gy32, sh, bufs, gw, Some(gx32))
                     });
@@ -601,12 +597,7 @@ impl<T: Real> Layer<T> for Conv2d {
             // SAFETY: `forward_direct` writes every output value.
             return unsafe {
                 super::filled(&shape, |ys: &mut [std::mem::MaybeUninit<T>]| {
-                    // SAFETY: T is f32 (checked by `direct`), so the slice is one of
-                    // MaybeUninit<f32> of the same length.
-                    let ys32 = std::slice::from_raw_parts_mut(
-                        ys.as_mut_ptr().cast::<std::mem::MaybeUninit<f32>>(),
-                        ys.len(),
-                    );
+                    let ys32 = f32_uninit(ys).expect("direct() checked that T is f32");
                     self.forward_direct(&p32, x32, sh, ys32)
                 })
             };
@@ -859,7 +850,7 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::gradcheck::{Rng, check_layer};
+    use crate::net::gradcheck::{Rng, check_layer, run_layer};
 
     /// `Conv2d(cin, cout, k, stride, pad, dil, groups, bias)` with `[cin, cout, groups]`.
     fn conv(
@@ -1023,42 +1014,16 @@ mod tests {
                 .iter()
                 .map(|v| v.iter().map(|&x| x as f32).collect())
                 .collect();
-            let run64 = |need_x: bool| {
-                let pr: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
-                let y = c.forward(&pr, &[x.view()], &mut Saved::None);
-                let mut g: Vec<Vec<f64>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
-                let gx = c.backward(Backward {
-                    params: &pr,
-                    inputs: &[x.view()],
-                    output: y.view(),
-                    saved: &Saved::None,
-                    grad_out: gy.view(),
-                    grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
-                    need_input_grad: &[need_x],
-                });
-                (y, g, gx)
-            };
             let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let (y, g, gx) = run_layer::<f64>(&c, &params, &x, &gy, true, 0.0);
             let run32 = |need_x: bool| {
-                let pr: Vec<&[f32]> = p32.iter().map(|v| v.as_slice()).collect();
-                let y = c.forward(&pr, &[x32.view()], &mut Saved::None);
                 // Gradients are added to what is there.
-                let mut g: Vec<Vec<f32>> = p32.iter().map(|v| vec![1.0; v.len()]).collect();
-                let gx = c.backward(Backward {
-                    params: &pr,
-                    inputs: &[x32.view()],
-                    output: y.view(),
-                    saved: &Saved::None,
-                    grad_out: gy32.view(),
-                    grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
-                    need_input_grad: &[need_x],
-                });
+                let (y, mut g, gx) = run_layer::<f32>(&c, &p32, &x32, &gy32, need_x, 1.0);
                 for v in g.iter_mut().flatten() {
                     *v -= 1.0;
                 }
                 (y, g, gx)
             };
-            let (y, g, gx) = run64(true);
             for need_x in [true, false] {
                 let (y32, g32, gx32) = run32(need_x);
                 let what = format!("{cin}→{cout} {h}×{w} ×{batch}");

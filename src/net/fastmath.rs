@@ -42,6 +42,19 @@ pub fn f32_slice_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
     }
 }
 
+/// As [`f32_slice_mut`], for an output not yet written (`[MaybeUninit<T>]`).
+pub fn f32_uninit<T: 'static>(
+    s: &mut [std::mem::MaybeUninit<T>],
+) -> Option<&mut [std::mem::MaybeUninit<f32>]> {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        // SAFETY: `T` is f32, so the memory is a valid `[MaybeUninit<f32>]` of the same length,
+        // and the mutable borrow of `s` is handed on unchanged.
+        Some(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
+    } else {
+        None
+    }
+}
+
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split so that `k·LN2_HI` is exact for |k| < 2^15.
 const LN2_HI: f32 = 0.693_359_4;

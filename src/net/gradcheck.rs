@@ -7,6 +7,38 @@
 use super::{Backward, Layer, Saved};
 use ndarray::{ArrayD, IxDyn};
 
+/// What [`run_layer`] returns: the output, the parameter gradients, the input gradients.
+pub(crate) type LayerRun<T> = (ArrayD<T>, Vec<Vec<T>>, Vec<Option<ArrayD<T>>>);
+
+/// One forward and one backward pass of `layer` (one input `x`, output gradient `gy`), in any
+/// precision: the output, the parameter gradients (added by backward to buffers that start at
+/// `g_start`, so that a test can check that gradients are added, not stored) and the input
+/// gradients. For tests comparing a layer's paths against each other (f32 kernels against
+/// the f64 path, which [`check_layer`] checks against finite differences).
+pub(crate) fn run_layer<T: super::Real>(
+    layer: &dyn Layer<T>,
+    params: &[Vec<T>],
+    x: &ArrayD<T>,
+    gy: &ArrayD<T>,
+    need_x: bool,
+    g_start: T,
+) -> LayerRun<T> {
+    let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
+    let mut saved = Saved::None;
+    let y = layer.forward(&pr, &[x.view()], &mut saved);
+    let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![g_start; v.len()]).collect();
+    let gx = layer.backward(Backward {
+        params: &pr,
+        inputs: &[x.view()],
+        output: y.view(),
+        saved: &saved,
+        grad_out: gy.view(),
+        grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
+        need_input_grad: &[need_x],
+    });
+    (y, g, gx)
+}
+
 /// Deterministic pseudo-random numbers in [-1, 1) (SplitMix64).
 pub(crate) struct Rng(u64);
 

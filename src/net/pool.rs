@@ -115,7 +115,7 @@ impl MaxPool2d {
     ) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
-            use super::fastmath::{f32_slice, f32_slice_mut};
+            use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
             if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
                 let f32s = "T is f32";
                 let xf = f32_slice(xs).expect(f32s);
@@ -304,16 +304,6 @@ fn bwd_row<T: Real>(
         g0[2 * i + 1].write(if t1 { g } else { z });
         g1[2 * i].write(if t2 { g } else { z });
         g1[2 * i + 1].write(if t3 { g } else { z });
-    }
-}
-
-/// `s` as `[MaybeUninit<f32>]` when `T` is f32.
-fn f32_uninit<T: 'static>(s: &mut [MaybeUninit<T>]) -> Option<&mut [MaybeUninit<f32>]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: `T` is f32, so the memory is a valid `[MaybeUninit<f32>]` of the same length.
-        Some(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) })
-    } else {
-        None
     }
 }
 
