@@ -48,52 +48,14 @@ impl BatchNorm {
     }
 }
 
-impl<T: Real> Layer<T> for BatchNorm {
-    fn params(&self) -> Vec<ParamDecl> {
-        if !self.affine {
-            return Vec::new();
-        }
-        ["weight", "bias"]
-            .into_iter()
-            .map(|suffix| ParamDecl {
-                suffix,
-                shape: vec![self.num_features],
-            })
-            .collect()
-    }
-
-    fn buffers(&self) -> Vec<ParamDecl> {
-        match self.mode {
-            BnMode::BatchStats => Vec::new(),
-            BnMode::RunningStats => ["running_mean", "running_var"]
-                .into_iter()
-                .map(|suffix| ParamDecl {
-                    suffix,
-                    shape: vec![self.num_features],
-                })
-                .collect(),
-        }
-    }
-
-    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        let [s] = inputs else {
-            return Err(format!("takes 1 input, got {}", inputs.len()));
-        };
-        match s.first() {
-            Some(&c) if c == self.num_features => Ok(s.clone()),
-            Some(&c) => Err(format!(
-                "num_features = {} does not match the {c} channels it receives",
-                self.num_features
-            )),
-            None => Err("needs an input with a channel axis".into()),
-        }
-    }
-
-    fn forward(
+impl BatchNorm {
+    /// Forward, followed by a ReLU when `relu` (the same bits as the ReLU layer after it).
+    fn run_forward<T: Real>(
         &self,
         params: &[&[T]],
         inputs: &[ArrayViewD<T>],
         saved: &mut Saved<T>,
+        relu: bool,
     ) -> ArrayD<T> {
         let x = &inputs[0];
         let (n, c, inner) = Self::dims(x);
@@ -140,6 +102,23 @@ impl<T: Real> Layer<T> for BatchNorm {
                 }
             }
         }
+        // Backward recomputes x̂ from x with the same statistics (kept as T pairs, hi + lo,
+        // so that f32 keeps them to ~48 bits and f64 exactly) instead of keeping x̂; forward
+        // uses the kept values too, so that backward can recompute the output exactly (the
+        // mask of a fused ReLU).
+        let split = |v: f64| {
+            let hi = T::of(v);
+            (hi, T::of(v - hi.f64()))
+        };
+        let mut stats = Vec::with_capacity(4 * c);
+        for v in [&mut mean, &mut inv_std] {
+            let (hi, lo): (Vec<T>, Vec<T>) = v.iter().map(|&m| split(m)).unzip();
+            for ((m, h), l) in v.iter_mut().zip(&hi).zip(&lo) {
+                *m = h.f64() + l.f64();
+            }
+            stats.extend(hi);
+            stats.extend(lo);
+        }
         let shape = x.shape().to_vec();
         let coef = |ch: usize| {
             (
@@ -154,7 +133,7 @@ impl<T: Real> Layer<T> for BatchNorm {
             super::filled(&shape, |ys| {
                 if let (Some(x32), true) = (f32_slice(xs), inner >= 16) {
                     let ys = f32_uninit(ys).expect("T is f32 (f32_slice succeeded)");
-                    return rows32::forward(x32, ys, n, c, inner, &coef);
+                    return rows32::forward(x32, ys, n, c, inner, &coef, relu);
                 }
                 for i in 0..n {
                     for ch in 0..c {
@@ -162,30 +141,25 @@ impl<T: Real> Layer<T> for BatchNorm {
                         let (mu, is, g, b) = coef(ch);
                         let rows = ys[base..base + inner].iter_mut();
                         for (y_out, &xv) in rows.zip(&xs[base..base + inner]) {
-                            y_out.write(T::of(g * ((xv.f64() - mu) * is) + b));
+                            let y = T::of(g * ((xv.f64() - mu) * is) + b);
+                            y_out.write(if relu && !(y > T::zero()) {
+                                T::zero()
+                            } else {
+                                y
+                            });
                         }
                     }
                 }
             })
         };
-        // Backward recomputes x̂ from x with the same statistics (kept as T pairs, hi + lo,
-        // so that f32 keeps them to ~48 bits and f64 exactly) instead of keeping x̂.
-        let split = |v: f64| {
-            let hi = T::of(v);
-            (hi, T::of(v - hi.f64()))
-        };
-        let mut stats = Vec::with_capacity(4 * c);
-        for v in [&mean, &inv_std] {
-            let (hi, lo): (Vec<T>, Vec<T>) = v.iter().map(|&m| split(m)).unzip();
-            stats.extend(hi);
-            stats.extend(lo);
-        }
         let stats = ArrayD::from_shape_vec(ndarray::IxDyn(&[4, c]), stats).expect("4·c values");
         *saved = Saved::Arrays(vec![stats]);
         y
     }
 
-    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+    /// Backward; with `relu`, of `relu ∘ batch norm` (`b.grad_out` is the gradient of the
+    /// ReLU's output; the mask is recomputed from the input, `b.output` is not read).
+    fn run_backward<T: Real>(&self, b: Backward<'_, T>, relu: bool) -> Vec<Option<ArrayD<T>>> {
         let x = &b.inputs[0];
         let (n, c, inner) = Self::dims(x);
         let Saved::Arrays(sv) = b.saved else {
@@ -199,11 +173,33 @@ impl<T: Real> Layer<T> for BatchNorm {
         let gy = b.grad_out.as_standard_layout();
         let gy = gy.as_slice().expect("contiguous");
         let m = (n * inner) as f64;
-        let gamma: Vec<f64> = if self.affine {
-            b.params[0].iter().map(|v| v.f64()).collect()
+        let (gamma, beta): (Vec<f64>, Vec<f64>) = if self.affine {
+            let f = |p: &[T]| p.iter().map(|v| v.f64()).collect();
+            (f(b.params[0]), f(b.params[1]))
         } else {
-            vec![1.0; c]
+            (vec![1.0; c], vec![0.0; c])
         };
+        // With a fused ReLU the f32 path masks the gradient where forward's output was not
+        // positive as it reads it (recomputing that output as forward did); the generic path
+        // masks a copy first.
+        let fast = f32_slice(gy).is_some() && inner >= 16;
+        let masked: Option<Vec<T>> = (relu && !fast).then(|| {
+            let mut v = gy.to_vec();
+            for i in 0..n {
+                for ch in 0..c {
+                    let base = (i * c + ch) * inner;
+                    let (mu, is, g, bb) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+                    for (d, &xv) in v[base..base + inner].iter_mut().zip(&xs[base..]) {
+                        if T::of(g * ((xv.f64() - mu) * is) + bb) <= T::zero() {
+                            *d = T::zero();
+                        }
+                    }
+                }
+            }
+            v
+        });
+        let gy: &[T] = masked.as_deref().unwrap_or(gy);
+        let relu = relu && fast;
         let need_x = b.need_input_grad[0];
         // Per channel: Σ dy and Σ dy·x̂; with running statistics the input gradient
         // (γ/σ·dy) is written in the same pass, row by row.
@@ -214,8 +210,12 @@ impl<T: Real> Layer<T> for BatchNorm {
             |gs: Option<&mut [MaybeUninit<T>]>, sum_dy: &mut [f64], sum_dy_xh: &mut [f64]| {
                 if let (Some(g32), Some(x32), true) = (f32_slice(gy), f32_slice(xs), inner >= 16) {
                     let gs = gs.map(|gs| f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"));
-                    let coef = |ch: usize| (mean[ch], inv_std[ch], gamma[ch] * inv_std[ch]);
-                    return rows32::backward(g32, x32, gs, n, c, inner, &coef, sum_dy, sum_dy_xh);
+                    let coef = |ch: usize| {
+                        let k0 = gamma[ch] * inv_std[ch];
+                        (mean[ch], inv_std[ch], k0, gamma[ch], beta[ch])
+                    };
+                    let (sums, coef) = (rows32::Sums { sum_dy, sum_dy_xh }, &coef);
+                    return rows32::backward(g32, x32, gs, n, c, inner, coef, sums, relu);
                 }
                 let mut gs = gs;
                 for i in 0..n {
@@ -268,9 +268,10 @@ impl<T: Real> Layer<T> for BatchNorm {
                     let gs = f32_uninit(gs).expect("T is f32 (f32_slice succeeded)");
                     let coef = |ch: usize| {
                         let (a, bb) = (sum_dy[ch] / m, sum_dy_xh[ch] / m);
-                        (mean[ch], inv_std[ch], gamma[ch] * inv_std[ch], a, bb)
+                        let k0 = gamma[ch] * inv_std[ch];
+                        (mean[ch], inv_std[ch], k0, a, bb, gamma[ch], beta[ch])
                     };
-                    return rows32::input_grad(g32, x32, gs, n, c, inner, &coef);
+                    return rows32::input_grad(g32, x32, gs, n, c, inner, &coef, relu);
                 }
                 for i in 0..n {
                     for ch in 0..c {
@@ -291,6 +292,80 @@ impl<T: Real> Layer<T> for BatchNorm {
             })
         };
         vec![Some(gx)]
+    }
+}
+
+impl<T: Real> Layer<T> for BatchNorm {
+    fn params(&self) -> Vec<ParamDecl> {
+        if !self.affine {
+            return Vec::new();
+        }
+        ["weight", "bias"]
+            .into_iter()
+            .map(|suffix| ParamDecl {
+                suffix,
+                shape: vec![self.num_features],
+            })
+            .collect()
+    }
+
+    fn buffers(&self) -> Vec<ParamDecl> {
+        match self.mode {
+            BnMode::BatchStats => Vec::new(),
+            BnMode::RunningStats => ["running_mean", "running_var"]
+                .into_iter()
+                .map(|suffix| ParamDecl {
+                    suffix,
+                    shape: vec![self.num_features],
+                })
+                .collect(),
+        }
+    }
+
+    fn out_shape(&self, inputs: &[Vec<usize>]) -> Result<Vec<usize>, String> {
+        let [s] = inputs else {
+            return Err(format!("takes 1 input, got {}", inputs.len()));
+        };
+        match s.first() {
+            Some(&c) if c == self.num_features => Ok(s.clone()),
+            Some(&c) => Err(format!(
+                "num_features = {} does not match the {c} channels it receives",
+                self.num_features
+            )),
+            None => Err("needs an input with a channel axis".into()),
+        }
+    }
+
+    fn forward(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        self.run_forward(params, inputs, saved, false)
+    }
+
+    fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        self.run_backward(b, false)
+    }
+
+    /// Batch norm computes `max(y, 0)` as it writes `y`, and backward recomputes `y` from the
+    /// input (with the saved statistics, which forward also used) for the ReLU's mask.
+    fn fuses_relu(&self) -> bool {
+        true
+    }
+
+    fn forward_relu(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        self.run_forward(params, inputs, saved, true)
+    }
+
+    fn backward_relu(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        self.run_backward(b, true)
     }
 
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
@@ -342,10 +417,11 @@ mod rows32 {
 
     /// Channel coefficients for forward: (mean, 1/σ, γ, β).
     pub(super) type FwdCoef<'a> = &'a dyn Fn(usize) -> (f64, f64, f64, f64);
-    /// Channel coefficients for backward: (mean, 1/σ, γ/σ).
-    pub(super) type BwdCoef<'a> = &'a dyn Fn(usize) -> (f64, f64, f64);
+    /// Channel coefficients for backward: (mean, 1/σ, γ/σ, γ, β).
+    pub(super) type BwdCoef<'a> = &'a dyn Fn(usize) -> (f64, f64, f64, f64, f64);
 
     /// `y = γ·((x − μ)·is) + β`, every value of `ys` written.
+    /// With `relu`, `max(y, 0)` (0 for NaN, as the ReLU layer).
     pub(super) fn forward(
         xs: &[f32],
         ys: &mut [MaybeUninit<f32>],
@@ -353,13 +429,17 @@ mod rows32 {
         c: usize,
         inner: usize,
         coef: FwdCoef,
+        relu: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { forward_avx512(xs, ys, n, c, inner, coef) };
+            return unsafe { forward_avx512(xs, ys, n, c, inner, coef, relu) };
         }
-        forward_body(xs, ys, n, c, inner, coef)
+        match relu {
+            true => forward_body::<true>(xs, ys, n, c, inner, coef),
+            false => forward_body::<false>(xs, ys, n, c, inner, coef),
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -371,12 +451,29 @@ mod rows32 {
         c: usize,
         inner: usize,
         coef: FwdCoef,
+        relu: bool,
     ) {
-        forward_body(xs, ys, n, c, inner, coef)
+        match relu {
+            true => forward_body::<true>(xs, ys, n, c, inner, coef),
+            false => forward_body::<false>(xs, ys, n, c, inner, coef),
+        }
+    }
+
+    /// `max(v, 0)`, 0 for NaN (the ReLU layer's forward), when `RELU`.
+    #[inline(always)]
+    fn act<const RELU: bool>(v: f32) -> f32 {
+        if RELU && !(v > 0.0) { 0.0 } else { v }
+    }
+
+    /// `g` where `y` > 0 or is NaN, else 0 (the ReLU layer's backward at its input `y`), when
+    /// `RELU`.
+    #[inline(always)]
+    fn mask<const RELU: bool>(g: f32, y: f32) -> f32 {
+        if RELU && y <= 0.0 { 0.0 } else { g }
     }
 
     #[inline(always)]
-    fn forward_body(
+    fn forward_body<const RELU: bool>(
         xs: &[f32],
         ys: &mut [MaybeUninit<f32>],
         n: usize,
@@ -392,14 +489,21 @@ mod rows32 {
                     .iter_mut()
                     .zip(&xs[base..base + inner])
                 {
-                    y.write((g * ((f64::from(x) - mu) * is) + b) as f32);
+                    y.write(act::<RELU>((g * ((f64::from(x) - mu) * is) + b) as f32));
                 }
             }
         }
     }
 
+    /// Per-channel sums that backward adds to.
+    pub(super) struct Sums<'a> {
+        pub sum_dy: &'a mut [f64],
+        pub sum_dy_xh: &'a mut [f64],
+    }
+
     /// Adds Σ dy and Σ dy·x̂ per channel into the sums and, when `gs` is given, writes
-    /// `γ/σ·dy` into it.
+    /// `γ/σ·dy` into it. With `relu`, `dy` is first masked where forward's output was not
+    /// positive (the ReLU layer's backward), that output recomputed as forward computed it.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(
         gy: &[f32],
@@ -409,15 +513,15 @@ mod rows32 {
         c: usize,
         inner: usize,
         coef: BwdCoef,
-        sum_dy: &mut [f64],
-        sum_dy_xh: &mut [f64],
+        sums: Sums,
+        relu: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { backward_avx512(gy, xs, gs, n, c, inner, coef, sum_dy, sum_dy_xh) };
+            return unsafe { backward_avx512(gy, xs, gs, n, c, inner, coef, sums, relu) };
         }
-        backward_body(gy, xs, gs, n, c, inner, coef, sum_dy, sum_dy_xh)
+        backward_any(gy, xs, gs, n, c, inner, coef, sums, relu)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -431,10 +535,32 @@ mod rows32 {
         c: usize,
         inner: usize,
         coef: BwdCoef,
-        sum_dy: &mut [f64],
-        sum_dy_xh: &mut [f64],
+        sums: Sums,
+        relu: bool,
     ) {
-        backward_body(gy, xs, gs, n, c, inner, coef, sum_dy, sum_dy_xh)
+        backward_any(gy, xs, gs, n, c, inner, coef, sums, relu)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn backward_any(
+        gy: &[f32],
+        xs: &[f32],
+        gs: Option<&mut [MaybeUninit<f32>]>,
+        n: usize,
+        c: usize,
+        inner: usize,
+        coef: BwdCoef,
+        sums: Sums,
+        relu: bool,
+    ) {
+        let d = (n, c, inner);
+        match (relu, gs) {
+            (false, None) => backward_body::<false, false>(gy, xs, &mut [], d, coef, sums),
+            (true, None) => backward_body::<true, false>(gy, xs, &mut [], d, coef, sums),
+            (false, Some(gs)) => backward_body::<false, true>(gy, xs, gs, d, coef, sums),
+            (true, Some(gs)) => backward_body::<true, true>(gy, xs, gs, d, coef, sums),
+        }
     }
 
     /// Mean and biased variance per channel (batch statistics), in one pass: the sums of
@@ -503,11 +629,13 @@ mod rows32 {
     }
 
     /// Channel coefficients for the batch-statistics input gradient:
-    /// (mean, 1/σ, γ/σ, Σdy/m, Σdy·x̂/m).
-    pub(super) type GradCoef<'a> = &'a dyn Fn(usize) -> (f64, f64, f64, f64, f64);
+    /// (mean, 1/σ, γ/σ, Σdy/m, Σdy·x̂/m, γ, β).
+    pub(super) type GradCoef<'a> = &'a dyn Fn(usize) -> (f64, f64, f64, f64, f64, f64, f64);
 
     /// The input gradient with batch statistics, `γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m)`, the
-    /// generic path's f64 arithmetic per element; every value of `gs` written.
+    /// generic path's f64 arithmetic per element; every value of `gs` written. With `relu`,
+    /// `dy` masked as in [`backward`].
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn input_grad(
         gy: &[f32],
         xs: &[f32],
@@ -516,17 +644,22 @@ mod rows32 {
         c: usize,
         inner: usize,
         coef: GradCoef,
+        relu: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { input_grad_avx512(gy, xs, gs, n, c, inner, coef) };
+            return unsafe { input_grad_avx512(gy, xs, gs, n, c, inner, coef, relu) };
         }
-        input_grad_body(gy, xs, gs, n, c, inner, coef)
+        match relu {
+            true => input_grad_body::<true>(gy, xs, gs, n, c, inner, coef),
+            false => input_grad_body::<false>(gy, xs, gs, n, c, inner, coef),
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn input_grad_avx512(
         gy: &[f32],
         xs: &[f32],
@@ -535,12 +668,16 @@ mod rows32 {
         c: usize,
         inner: usize,
         coef: GradCoef,
+        relu: bool,
     ) {
-        input_grad_body(gy, xs, gs, n, c, inner, coef)
+        match relu {
+            true => input_grad_body::<true>(gy, xs, gs, n, c, inner, coef),
+            false => input_grad_body::<false>(gy, xs, gs, n, c, inner, coef),
+        }
     }
 
     #[inline(always)]
-    fn input_grad_body(
+    fn input_grad_body<const RELU: bool>(
         gy: &[f32],
         xs: &[f32],
         gs: &mut [MaybeUninit<f32>],
@@ -550,7 +687,7 @@ mod rows32 {
         coef: GradCoef,
     ) {
         for ch in 0..c {
-            let (mu, is, k0, a, bb) = coef(ch);
+            let (mu, is, k0, a, bb, gam, bet) = coef(ch);
             for i in 0..n {
                 let base = (i * c + ch) * inner;
                 let rows = gs[base..base + inner]
@@ -559,6 +696,7 @@ mod rows32 {
                     .zip(&xs[base..base + inner]);
                 for ((o, &g), &x) in rows {
                     let h = (f64::from(x) - mu) * is;
+                    let g = mask::<RELU>(g, (gam * h + bet) as f32);
                     o.write((k0 * (f64::from(g) - a - h * bb)) as f32);
                 }
             }
@@ -577,48 +715,64 @@ mod rows32 {
         v[0]
     }
 
+    /// [`backward`] for one choice of ReLU mask and of writing `gs` (`WRITE`; else empty).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn backward_body(
+    fn backward_body<const RELU: bool, const WRITE: bool>(
         gy: &[f32],
         xs: &[f32],
-        mut gs: Option<&mut [MaybeUninit<f32>]>,
-        n: usize,
-        c: usize,
-        inner: usize,
+        gs: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
         coef: BwdCoef,
-        sum_dy: &mut [f64],
-        sum_dy_xh: &mut [f64],
+        sums: Sums,
     ) {
         for ch in 0..c {
-            let (mu, is, k0) = coef(ch);
+            let (mu, is, k0, gam, bet) = coef(ch);
             // 16 f64 lanes.
             let (mut a1, mut a2) = ([0.0f64; 16], [0.0f64; 16]);
             let (mut t1, mut t2) = (0.0f64, 0.0f64);
             for i in 0..n {
                 let base = (i * c + ch) * inner;
                 let (g, x) = (&gy[base..base + inner], &xs[base..base + inner]);
+                // One block of 16: the masked gradient, its sums into the lanes.
+                let mut block = |g: &[f32; 16], x: &[f32; 16]| {
+                    let mut gv = [0.0f64; 16];
+                    for k in 0..16 {
+                        let h = (f64::from(x[k]) - mu) * is;
+                        gv[k] = f64::from(mask::<RELU>(g[k], (gam * h + bet) as f32));
+                        a1[k] += gv[k];
+                        a2[k] += gv[k] * h;
+                    }
+                    gv
+                };
                 let (gc, xc) = (g.chunks_exact(16), x.chunks_exact(16));
                 let (gr, xr) = (gc.remainder(), xc.remainder());
-                for (g, x) in gc.zip(xc) {
-                    for k in 0..16 {
-                        let g = f64::from(g[k]);
-                        a1[k] += g;
-                        a2[k] += g * ((f64::from(x[k]) - mu) * is);
+                let as16 = |v: &[f32]| -> [f32; 16] { v.try_into().expect("16 values") };
+                if WRITE {
+                    let os = gs[base..base + inner].chunks_exact_mut(16);
+                    for ((g, x), o) in gc.zip(xc).zip(os) {
+                        let gv = block(&as16(g), &as16(x));
+                        for (o, gv) in o.iter_mut().zip(gv) {
+                            o.write((k0 * gv) as f32);
+                        }
+                    }
+                } else {
+                    for (g, x) in gc.zip(xc) {
+                        block(&as16(g), &as16(x));
                     }
                 }
-                for (&g, &x) in gr.iter().zip(xr) {
-                    t1 += f64::from(g);
-                    t2 += f64::from(g) * ((f64::from(x) - mu) * is);
-                }
-                if let Some(gs) = gs.as_deref_mut() {
-                    for (o, &g) in gs[base..base + inner].iter_mut().zip(g) {
-                        o.write((k0 * f64::from(g)) as f32);
+                let tail = base + inner - gr.len();
+                for (j, (&g, &x)) in gr.iter().zip(xr).enumerate() {
+                    let h = (f64::from(x) - mu) * is;
+                    let gv = f64::from(mask::<RELU>(g, (gam * h + bet) as f32));
+                    t1 += gv;
+                    t2 += gv * h;
+                    if WRITE {
+                        gs[tail + j].write((k0 * gv) as f32);
                     }
                 }
             }
-            sum_dy[ch] += lanes(&a1) + t1;
-            sum_dy_xh[ch] += lanes(&a2) + t2;
+            sums.sum_dy[ch] += lanes(&a1) + t1;
+            sums.sum_dy_xh[ch] += lanes(&a2) + t2;
         }
     }
 }
@@ -703,6 +857,7 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::check_fused_relu;
     use crate::net::gradcheck::{Rng, check_layer, check_layer_with, run_layer};
 
     /// The f32 path (16 f64 lanes per channel, AVX-512F where the CPU has it) against the f64
@@ -768,6 +923,56 @@ mod tests {
             for ((a, b), d) in g32.iter().zip(&g).zip(&decls) {
                 close(a, b, d.suffix);
             }
+        }
+    }
+
+    /// Batch norm with the next ReLU fused (`forward_relu`, `backward_relu`: the mask
+    /// recomputed from the input) gives the same bits as batch norm and then the ReLU layer:
+    /// f32 rows of at least 16 values (the AVX-512 kernels) and shorter ones, and f64, in both
+    /// modes, with and without affine parameters.
+    #[test]
+    fn fused_relu_gives_the_same_bits_as_the_relu_layer() {
+        for (mode, affine, shape) in [
+            (BnMode::RunningStats, true, vec![5usize, 3, 6, 6]),
+            (BnMode::BatchStats, true, vec![4, 3, 8, 8]),
+            (BnMode::BatchStats, false, vec![3, 2, 5, 7]),
+            (BnMode::RunningStats, false, vec![2, 4, 1, 3]),
+            (BnMode::BatchStats, true, vec![3, 2, 2, 5]),
+            (BnMode::RunningStats, true, vec![2, 3, 20]),
+        ] {
+            let bn = BatchNorm {
+                num_features: shape[1],
+                eps: 1e-5,
+                affine,
+                mode,
+            };
+            let mut rng = Rng::new(11);
+            let x = rng.array(&shape).mapv(|v| 3.0 + v);
+            let gy = rng.array(&shape);
+            let decls: Vec<ParamDecl> = <BatchNorm as Layer<f64>>::params(&bn)
+                .into_iter()
+                .chain(<BatchNorm as Layer<f64>>::buffers(&bn))
+                .collect();
+            let params: Vec<Vec<f64>> = decls
+                .iter()
+                .map(|d| {
+                    let v = rng.array(&d.shape).into_raw_vec_and_offset().0;
+                    match d.suffix {
+                        "running_var" => v.iter().map(|x| x.abs() + 0.5).collect(),
+                        "running_mean" => v.iter().map(|x| x + 3.0).collect(),
+                        _ => v,
+                    }
+                })
+                .collect();
+            let zeroed = check_fused_relu(&bn, &params, &[x.clone()], &gy);
+            assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let zeroed = check_fused_relu(&bn, &p32, &[x32], &gy32);
+            assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");
         }
     }
 
