@@ -129,11 +129,7 @@ impl BatchNorm {
                         let rows = ys[base..base + inner].iter_mut();
                         for (y_out, &xv) in rows.zip(&xs[base..base + inner]) {
                             let y = T::of(g * ((xv.f64() - mu) * is) + b);
-                            y_out.write(if relu && !(y > T::zero()) {
-                                T::zero()
-                            } else {
-                                y
-                            });
+                            y_out.write(if !relu || y > T::zero() { y } else { T::zero() });
                         }
                     }
                 }
@@ -450,7 +446,7 @@ mod rows32 {
     /// `max(v, 0)`, 0 for NaN (the ReLU layer's forward), when `RELU`.
     #[inline(always)]
     fn act<const RELU: bool>(v: f32) -> f32 {
-        if RELU && !(v > 0.0) { 0.0 } else { v }
+        if !RELU || v > 0.0 { v } else { 0.0 }
     }
 
     /// `g` where `y` > 0 or is NaN, else 0 (the ReLU layer's backward at its input `y`), when
@@ -973,7 +969,7 @@ mod tests {
                     }
                 })
                 .collect();
-            let zeroed = check_fused_relu(&bn, &params, &[x.clone()], &gy);
+            let zeroed = check_fused_relu(&bn, &params, std::slice::from_ref(&x), &gy);
             assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");
             let p32: Vec<Vec<f32>> = params
                 .iter()
