@@ -60,6 +60,28 @@ impl<T: Real> Layer<T> for Add {
     /// sum, which the ReLU maps to 0, gets a zero gradient here where the unfused ReLU
     /// passes its gradient on).
     fn backward_relu(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        if let ([true, true], Some(gs), Some(ys)) = (
+            b.need_input_grad,
+            b.grad_out.as_slice(),
+            b.output.as_slice(),
+        ) {
+            // The usual residual join: both gradients written in one pass.
+            let mut second = ArrayD::<T>::uninit(b.output.raw_dim());
+            let s2 = second.as_slice_mut().expect("a fresh array is contiguous");
+            // SAFETY: the loop writes every element of both arrays (all have the output's
+            // shape).
+            let first = unsafe {
+                super::filled(b.output.shape(), |s1| {
+                    for (((d1, d2), &g), &y) in s1.iter_mut().zip(s2.iter_mut()).zip(gs).zip(ys) {
+                        let v = if y > T::zero() { g } else { T::zero() };
+                        d1.write(v);
+                        d2.write(v);
+                    }
+                })
+            };
+            // SAFETY: written in full just above.
+            return vec![Some(first), Some(unsafe { second.assume_init() })];
+        }
         let mut g = Some(
             Zip::from(&b.grad_out)
                 .and(&b.output)
