@@ -206,8 +206,10 @@ impl SimpsonSums {
     }
 }
 
-/// Evaluates every objective (loss and gradient) at the point θ_t + s·Δθ of a step.
-pub type PointEvaluator<'a> = dyn FnMut(f64) -> Result<Vec<LossGrad>> + 'a;
+/// Evaluates every objective (loss and gradient) at the points θ_t + s·Δθ of a step, for each
+/// `s` of the slice (asked together, so that an engine can evaluate them at once): one `Vec`
+/// per point, in order, each holding one [`LossGrad`] per objective.
+pub type PointEvaluator<'a> = dyn FnMut(&[f64]) -> Result<Vec<Vec<LossGrad>>> + 'a;
 
 /// Per-parameter LCA of one objective and its sum.
 pub(crate) type Allocation = (Vec<Vec<f64>>, f64);
@@ -243,7 +245,13 @@ pub fn integrate_step(
     opts: &Integration,
     grad_at: &mut PointEvaluator<'_>,
 ) -> Result<(Vec<StepLca>, Vec<LossGrad>)> {
-    let end = grad_at(1.0)?;
+    // Simpson's midpoint is asked for with the end, so that both are evaluated together.
+    let (end, mid) = if opts.method == Method::Simpson {
+        let mut v = grad_at(&[1.0, 0.5])?.into_iter();
+        (v.next().expect("two points"), v.next())
+    } else {
+        (grad_at(&[1.0])?.remove(0), None)
+    };
     let mut evaluations = 1;
     let k = start.len();
     // Per objective: (lca, sum); plus splits and capped (shared).
@@ -268,7 +276,7 @@ pub fn integrate_step(
             false,
         ),
         Method::Simpson => {
-            let mid = grad_at(0.5)?;
+            let mid = mid.expect("asked with the end");
             evaluations += 1;
             let mut sums: Vec<SimpsonSums> = (0..k)
                 .map(|o| {
@@ -298,11 +306,14 @@ pub fn integrate_step(
                 // Refine: every current point becomes "interior of a coarser level".
                 n *= 2;
                 let mut newb: Vec<Vec<Vec<f64>>> = sums.iter().map(|s| zeros_like(&s.e)).collect();
-                for j in (1..n).step_by(2) {
-                    let g = grad_at(j as f64 / n as f64)?;
-                    evaluations += 1;
-                    for (nb, gi) in newb.iter_mut().zip(&g) {
-                        add_into(nb, &gi.grads, 1.0);
+                // The new points two at a time (together, without holding a whole level).
+                let new: Vec<f64> = (1..n).step_by(2).map(|j| j as f64 / n as f64).collect();
+                for pair in new.chunks(2) {
+                    for g in grad_at(pair)? {
+                        evaluations += 1;
+                        for (nb, gi) in newb.iter_mut().zip(&g) {
+                            add_into(nb, &gi.grads, 1.0);
+                        }
                     }
                 }
                 for (s, nb) in sums.iter_mut().zip(newb) {
@@ -392,10 +403,12 @@ mod tests {
         let t1 = vec![vec![0.0f32, 0.5, 1.0]];
         let start = sextic(&t0).unwrap();
         let d = difference(&t0, &t1);
-        integrate_step(&d, &start, &opts, &mut |s| sextic(&point(&t0, &d, s)))
-            .unwrap()
-            .0
-            .remove(0)
+        integrate_step(&d, &start, &opts, &mut |ss: &[f64]| {
+            ss.iter().map(|&s| sextic(&point(&t0, &d, s))).collect()
+        })
+        .unwrap()
+        .0
+        .remove(0)
     }
 
     #[test]
@@ -453,8 +466,8 @@ mod tests {
         let t1 = vec![vec![0.0f32, -0.5, 1.0]];
         let start = sextic(&t0).unwrap();
         let d = difference(&t0, &t1);
-        let (s, _) = integrate_step(&d, &start, &Integration::default(), &mut |s| {
-            sextic(&point(&t0, &d, s))
+        let (s, _) = integrate_step(&d, &start, &Integration::default(), &mut |ss: &[f64]| {
+            ss.iter().map(|&s| sextic(&point(&t0, &d, s))).collect()
         })
         .unwrap();
         assert_eq!(s[0].lca[0][1], 0.0);

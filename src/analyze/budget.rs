@@ -166,8 +166,12 @@ pub(crate) fn plan<E: Engine>(
     for t in 0..nsteps {
         let (theta, delta) = segs.get(t)?;
         let v0 = value(delta, &start);
-        let mid = objectives.at(&point::<E::Real>(theta, delta, 0.5))?;
-        let end = objectives.at(&point::<E::Real>(theta, delta, 1.0))?;
+        // The midpoint and the end, evaluated together.
+        let (mid, end) = {
+            let pts = [0.5, 1.0].map(|s| point::<E::Real>(theta, delta, s));
+            let mut v = objectives.at_many(&[&pts[0], &pts[1]])?.into_iter();
+            (v.next().expect("two points"), v.next().expect("two points"))
+        };
         if layered {
             samples.push(
                 [

@@ -56,6 +56,28 @@ impl<E: Engine> Objectives<'_, E> {
         Ok(r)
     }
 
+    /// Loss and gradient of every objective at each of `thetas` (one `Vec` per point, in
+    /// order), the points evaluated together ([`Engine::loss_and_grad_many`]).
+    pub(super) fn at_many(&self, thetas: &[&[Vec<E::Real>]]) -> Result<Vec<Vec<LossGrad>>> {
+        interrupted()?;
+        let mut r: Vec<Vec<LossGrad>> = self
+            .train
+            .loss_and_grad_many(thetas)?
+            .into_iter()
+            .map(|t| vec![t])
+            .collect();
+        if let Some(v) = self.val {
+            let vs = v.loss_and_grad_many(thetas).map_err(on_validation)?;
+            for (r, v) in r.iter_mut().zip(vs) {
+                r.push(v);
+            }
+        }
+        for _ in thetas {
+            self.progress.inc();
+        }
+        Ok(r)
+    }
+
     /// A shared-first-layer Simpson step of every objective; `carries` holds each
     /// objective's first-layer outputs at θ_t.
     fn shared(
@@ -328,8 +350,12 @@ impl<'a, E: Engine> Run<'a, E> {
         let at = |s: f64| point::<E::Real>(theta0, delta, s);
         let objectives = &self.objectives;
         let plain = |start: &[LossGrad]| {
-            integrate_step(delta, start, integration, &mut |s| objectives.at(&at(s)))
-                .map_err(|e| at_step(e, a, b))
+            integrate_step(delta, start, integration, &mut |ss: &[f64]| {
+                let pts: Vec<Vec<Vec<E::Real>>> = ss.iter().map(|&s| at(s)).collect();
+                let refs: Vec<&[Vec<E::Real>]> = pts.iter().map(|p| p.as_slice()).collect();
+                objectives.at_many(&refs)
+            })
+            .map_err(|e| at_step(e, a, b))
         };
         if !self.plan.shared {
             return plain(&self.start);
