@@ -29,10 +29,24 @@
 //! assert_eq!(y.as_slice().unwrap(), &[1.0, 2.0, 2.0, 3.0]);
 //! ```
 
+mod fused;
+
 use super::gemm::mat_mul_scaled as mat_mul;
 use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
-use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, s};
+use ndarray::{
+    Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut2, Axis, s,
+};
+
+/// The slice as f32, where [`Attention::fused_dims`] found `T` to be f32.
+fn f32_of<T: 'static>(s: &[T]) -> &[f32] {
+    fastmath::f32_slice(s).expect("T is f32")
+}
+
+/// As [`f32_of`], mutable.
+fn f32_of_mut<T: 'static>(s: &mut [T]) -> &mut [f32] {
+    fastmath::f32_slice_mut(s).expect("T is f32")
+}
 
 /// Parameter names of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +110,128 @@ impl Attention {
         } else {
             (0, None, 1, None)
         }
+    }
+
+    /// The fused f32 kernel's shapes, when `T` is f32.
+    fn fused_dims<T: Real>(&self, n: usize, t: usize) -> Option<fused::Dims> {
+        fastmath::f32_slice::<T>(&[])?;
+        let d = self.head_dim();
+        Some(fused::Dims {
+            n,
+            t,
+            c: self.embed_dim,
+            h: self.num_heads,
+            d,
+            causal: self.causal,
+            scale: (1.0 / (d as f64).sqrt()) as f32,
+        })
+    }
+
+    /// The attention probabilities (`[n·h, t, t]`) and the concatenated heads (`[n·t, c]`)
+    /// from q/k/v, per sequence and head with `gemm` products (the path of f64; f32 takes
+    /// [`fused::forward`]).
+    fn heads_forward<T: Real>(
+        &self,
+        qkv: ArrayView2<T>,
+        n: usize,
+        t: usize,
+    ) -> (ArrayD<T>, Array2<T>) {
+        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let scale = T::of(1.0 / (d as f64).sqrt());
+        let mut probs = Array3::<T>::zeros((n * h, t, t));
+        let mut heads = Array2::<T>::zeros((n * t, c));
+        for seq in 0..n {
+            let rows = seq * t..(seq + 1) * t;
+            for hd in 0..h {
+                let cols = hd * d..(hd + 1) * d;
+                let q = qkv.slice(s![rows.clone(), cols.clone()]);
+                let k = qkv.slice(s![rows.clone(), c + hd * d..c + (hd + 1) * d]);
+                let v = qkv.slice(s![rows.clone(), 2 * c + hd * d..2 * c + (hd + 1) * d]);
+                let mut p = probs.index_axis_mut(Axis(0), seq * h + hd);
+                // Scores q·kᵀ/√d: the scale is the GEMM's α.
+                mat_mul(scale, q, k.t(), false, p.view_mut());
+                let ps = p.as_slice_mut().expect("contiguous");
+                for i in 0..t {
+                    let row = &mut ps[i * t..(i + 1) * t];
+                    let seen = self.visible(i, t);
+                    softmax_prefix(row, seen);
+                    row[seen..].fill(T::zero());
+                }
+                mat_mul(
+                    T::one(),
+                    p.view(),
+                    v,
+                    false,
+                    heads.slice_mut(s![rows.clone(), cols]),
+                );
+            }
+        }
+        (probs.into_dyn(), heads)
+    }
+
+    /// Back through the heads with `gemm` products (the path of f64; f32 takes
+    /// [`fused::backward`]): every entry of `gqkv` is written.
+    fn heads_backward<T: Real>(
+        &self,
+        qkv: ArrayView2<T>,
+        probs: ArrayView3<T>,
+        gheads: ArrayView2<T>,
+        mut gqkv: ArrayViewMut2<T>,
+        gs: &mut Vec<T>,
+    ) {
+        let (n, t) = (probs.shape()[0] / self.num_heads, probs.shape()[1]);
+        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        // Per sequence and head: back through P V, the softmax and Q Kᵀ.
+        let scale = T::of(1.0 / (d as f64).sqrt());
+        let mut gs = scratch_view(gs, t, t);
+        for seq in 0..n {
+            let rows = seq * t..(seq + 1) * t;
+            for hd in 0..h {
+                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
+                let q = qkv.slice(s![rows.clone(), qc..qc + d]);
+                let k = qkv.slice(s![rows.clone(), kc..kc + d]);
+                let v = qkv.slice(s![rows.clone(), vc..vc + d]);
+                let p = probs.index_axis(Axis(0), seq * h + hd);
+                let g = gheads.slice(s![rows.clone(), qc..qc + d]);
+                // dV = Pᵀ dO, dP = dO Vᵀ.
+                mat_mul(
+                    T::one(),
+                    p.t(),
+                    g,
+                    false,
+                    gqkv.slice_mut(s![rows.clone(), vc..vc + d]),
+                );
+                mat_mul(T::one(), g, v.t(), false, gs.view_mut());
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries are 0.
+                let ps = p.as_slice().expect("contiguous");
+                let gss = gs.as_slice_mut().expect("contiguous");
+                for i in 0..t {
+                    let (pr, gr) = (&ps[i * t..(i + 1) * t], &mut gss[i * t..(i + 1) * t]);
+                    let lim = self.visible(i, t);
+                    let dot = fastmath::dot(&pr[..lim], &gr[..lim]);
+                    for (g, &p) in gr[..lim].iter_mut().zip(&pr[..lim]) {
+                        *g = p * (*g - dot);
+                    }
+                    gr[lim..].fill(T::zero());
+                }
+                // dQ = dS K/√d, dK = dSᵀ Q/√d (the scale is the GEMMs' α).
+                mat_mul(
+                    scale,
+                    gs.view(),
+                    k,
+                    false,
+                    gqkv.slice_mut(s![rows.clone(), qc..qc + d]),
+                );
+                mat_mul(
+                    scale,
+                    gs.t(),
+                    q,
+                    false,
+                    gqkv.slice_mut(s![rows.clone(), kc..kc + d]),
+                );
+            }
+        }
+
     }
 
     /// Entries of row i of the scores that take part (the causal mask keeps j ≤ i).
@@ -165,7 +301,7 @@ impl<T: Real> Layer<T> for Attention {
         saved: &mut Saved<T>,
     ) -> ArrayD<T> {
         let (n, t) = (inputs[0].shape()[0], inputs[0].shape()[1]);
-        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let (c, h) = (self.embed_dim, self.num_heads);
         let (iw, ib, ow, ob) = self.idx();
         let x = as_rows(&inputs[0]);
         // q | k | v for every position: one GEMM over all N·T rows.
@@ -173,35 +309,20 @@ impl<T: Real> Layer<T> for Attention {
         let mut qkv = bias_rows(n * t, 3 * c, ib.map(|i| params[i]));
         mat_mul(T::one(), x, w_in.t(), ib.is_some(), qkv.view_mut());
 
-        let scale = T::of(1.0 / (d as f64).sqrt());
-        let mut probs = Array3::<T>::zeros((n * h, t, t));
-        let mut heads = Array2::<T>::zeros((n * t, c));
-        for seq in 0..n {
-            let rows = seq * t..(seq + 1) * t;
-            for hd in 0..h {
-                let cols = hd * d..(hd + 1) * d;
-                let q = qkv.slice(s![rows.clone(), cols.clone()]);
-                let k = qkv.slice(s![rows.clone(), c + hd * d..c + (hd + 1) * d]);
-                let v = qkv.slice(s![rows.clone(), 2 * c + hd * d..2 * c + (hd + 1) * d]);
-                let mut p = probs.index_axis_mut(Axis(0), seq * h + hd);
-                // Scores q·kᵀ/√d: the scale is the GEMM's α.
-                mat_mul(scale, q, k.t(), false, p.view_mut());
-                let ps = p.as_slice_mut().expect("contiguous");
-                for i in 0..t {
-                    let row = &mut ps[i * t..(i + 1) * t];
-                    let seen = self.visible(i, t);
-                    softmax_prefix(row, seen);
-                    row[seen..].fill(T::zero());
-                }
-                mat_mul(
-                    T::one(),
-                    p.view(),
-                    v,
-                    false,
-                    heads.slice_mut(s![rows.clone(), cols]),
+        let (probs, heads) = match self.fused_dims::<T>(n, t) {
+            Some(dm) => {
+                let mut probs = Array2::<T>::zeros((n * h, dm.packed_len())).into_dyn();
+                let mut heads = Array2::<T>::zeros((n * t, c));
+                fused::forward(
+                    &dm,
+                    f32_of(qkv.as_slice().expect("contiguous")),
+                    f32_of_mut(probs.as_slice_mut().expect("contiguous")),
+                    f32_of_mut(heads.as_slice_mut().expect("contiguous")),
                 );
+                (probs, heads)
             }
-        }
+            None => self.heads_forward(qkv.view(), n, t),
+        };
         let w_out = ArrayView2::from_shape((c, c), params[ow]).expect("declared shape");
         let mut y = bias_rows(n * t, c, ob.map(|i| params[i]));
         mat_mul(
@@ -222,16 +343,12 @@ impl<T: Real> Layer<T> for Attention {
             unreachable!("forward saves q/k/v, probabilities and heads")
         };
         let (n, t) = (b.inputs[0].shape()[0], b.inputs[0].shape()[1]);
-        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let c = self.embed_dim;
         let (iw, ib, ow, ob) = self.idx();
         let qkv = sv[0]
             .view()
             .into_dimensionality::<ndarray::Ix2>()
             .expect("2-D");
-        let probs = sv[1]
-            .view()
-            .into_dimensionality::<ndarray::Ix3>()
-            .expect("3-D");
         let heads = sv[2]
             .view()
             .into_dimensionality::<ndarray::Ix2>()
@@ -256,55 +373,21 @@ impl<T: Real> Layer<T> for Attention {
         let mut gheads = scratch_view(gheads, n * t, c);
         mat_mul(T::one(), gy, w_out, false, gheads.view_mut());
 
-        // Per sequence and head: back through P V, the softmax and Q Kᵀ.
-        let scale = T::of(1.0 / (d as f64).sqrt());
         let mut gqkv = scratch_view(gqkv, n * t, 3 * c);
-        let mut gs = scratch_view(gs, t, t);
-        for seq in 0..n {
-            let rows = seq * t..(seq + 1) * t;
-            for hd in 0..h {
-                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
-                let q = qkv.slice(s![rows.clone(), qc..qc + d]);
-                let k = qkv.slice(s![rows.clone(), kc..kc + d]);
-                let v = qkv.slice(s![rows.clone(), vc..vc + d]);
-                let p = probs.index_axis(Axis(0), seq * h + hd);
-                let g = gheads.slice(s![rows.clone(), qc..qc + d]);
-                // dV = Pᵀ dO, dP = dO Vᵀ.
-                mat_mul(
-                    T::one(),
-                    p.t(),
-                    g,
-                    false,
-                    gqkv.slice_mut(s![rows.clone(), vc..vc + d]),
-                );
-                mat_mul(T::one(), g, v.t(), false, gs.view_mut());
-                // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries are 0.
-                let ps = p.as_slice().expect("contiguous");
-                let gss = gs.as_slice_mut().expect("contiguous");
-                for i in 0..t {
-                    let (pr, gr) = (&ps[i * t..(i + 1) * t], &mut gss[i * t..(i + 1) * t]);
-                    let lim = self.visible(i, t);
-                    let dot = fastmath::dot(&pr[..lim], &gr[..lim]);
-                    for (g, &p) in gr[..lim].iter_mut().zip(&pr[..lim]) {
-                        *g = p * (*g - dot);
-                    }
-                    gr[lim..].fill(T::zero());
-                }
-                // dQ = dS K/√d, dK = dSᵀ Q/√d (the scale is the GEMMs' α).
-                mat_mul(
-                    scale,
-                    gs.view(),
-                    k,
-                    false,
-                    gqkv.slice_mut(s![rows.clone(), qc..qc + d]),
-                );
-                mat_mul(
-                    scale,
-                    gs.t(),
-                    q,
-                    false,
-                    gqkv.slice_mut(s![rows.clone(), kc..kc + d]),
-                );
+        match self.fused_dims::<T>(n, t) {
+            Some(dm) => fused::backward(
+                &dm,
+                f32_of(qkv.as_slice().expect("contiguous")),
+                f32_of(sv[1].as_slice().expect("contiguous")),
+                f32_of(gheads.as_slice().expect("contiguous")),
+                f32_of_mut(gqkv.as_slice_mut().expect("contiguous")),
+            ),
+            None => {
+                let probs = sv[1]
+                    .view()
+                    .into_dimensionality::<ndarray::Ix3>()
+                    .expect("3-D");
+                self.heads_backward(qkv, probs, gheads.view(), gqkv.view_mut(), gs);
             }
         }
 
