@@ -112,9 +112,12 @@ impl Attention {
         }
     }
 
-    /// The fused f32 kernel's shapes, when `T` is f32.
+    /// The fused f32 kernel's shapes, when `T` is f32 and the CPU runs the kernel.
     fn fused_dims<T: Real>(&self, n: usize, t: usize) -> Option<fused::Dims> {
         fastmath::f32_slice::<T>(&[])?;
+        if !fused::available() {
+            return None;
+        }
         let d = self.head_dim();
         Some(fused::Dims {
             n,

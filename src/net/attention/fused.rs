@@ -1,24 +1,22 @@
-//! Attention's per-(sequence, head) work in f32 as one fused kernel: scores, causal mask,
-//! softmax and `P V` forward; `dP`, `dS`, `dQ`, `dK`, `dV` backward. Positions `i` (the query
-//! side) sit in the 16 lanes of a vector, so that the scores of a block of 16 queries against
-//! key j are one vector (`Σ_k K[j][k]·Qᵀ[k][i..i+16]`), the softmax's maximum and sum over j are
-//! lane-wise (no horizontal reductions, no ragged causal rows) and `P V` is `d` vector
-//! accumulators. The per-head products are far too small (32×32×4 for the fixture's GPT) for a
-//! general GEMM to pay for its packing and dispatch per call.
+//! Attention's per-(sequence, head) work in f32 as one fused AVX-512 kernel: scores, causal
+//! mask, softmax and `P V` forward; `dP`, `dS`, `dQ`, `dK`, `dV` backward. Positions `i` (the
+//! query side) sit in the 16 lanes of a vector, so that the scores of a block of 16 queries
+//! against key j are one vector (`Σ_k K[j][k]·Qᵀ[k][i..i+16]`), the softmax's maximum and sum
+//! over j are lane-wise (no horizontal reductions, no ragged causal rows) and `P V` is `d`
+//! vector accumulators. The per-head products are far too small (32×32×4 for the fixture's
+//! GPT) for a general GEMM to pay for its packing and dispatch per call.
 //!
 //! The probabilities are kept transposed and packed for backward: query block b (queries
 //! `16b..16b+16`) stores `Pᵀ[j][16b..16b+16]` for the keys j it sees (`j < min(t, 16b + 16)`
 //! when causal, all t otherwise), 16 values per key, blocks one after another
 //! ([`Dims::packed_len`] values per head). Lanes past the last position hold the softmax of
-//! zero scores; they meet zeros (padded `Qᵀ` and `dOᵀ`) everywhere they could contribute.
+//! zero scores; they meet zeros (padded `Qᵀ` and `dOᵀ`) or are skipped wherever they could
+//! contribute. Backward's key side (`dV = Pᵀ dO`, `dK = dSᵀ Q`) turns 16×16 tiles of `Pᵀ` and
+//! `dSᵀ` query-major so that keys sit in the lanes.
 //!
-//! The loops are plain Rust on `[f32; 16]`, compiled for AVX-512 and AVX2 (chosen at run time)
-//! and for the baseline; the arithmetic is the same in every build (no fused multiply-adds).
-
-use crate::net::fastmath;
+//! Only on CPUs with AVX-512F ([`available`]); elsewhere attention takes its `gemm` path.
 
 const L: usize = 16;
-type V = [f32; L];
 
 /// The shapes of one attention layer's call.
 #[derive(Debug, Clone, Copy)]
@@ -70,26 +68,39 @@ impl Dims {
     }
 }
 
+/// Whether this CPU runs the fused kernel (AVX-512F).
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Forward: `qkv` is `[n·t, 3c]` (q | k | v per position), `probs` `[n·h, packed_len]`,
 /// `heads` `[n·t, c]`; both outputs are written in full.
+///
+/// # Panics
+/// If the sizes do not match `dm` or the CPU lacks AVX-512F.
 pub(super) fn forward(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
     assert!(qkv.len() == dm.n * dm.t * 3 * dm.c && heads.len() == dm.n * dm.t * dm.c);
-    assert!(probs.len() == dm.n * dm.h * dm.packed_len());
+    assert!(probs.len() == dm.n * dm.h * dm.packed_len() && dm.d * dm.h == dm.c);
+    assert!(available(), "the fused attention kernel needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { forward_avx512(dm, qkv, probs, heads) };
+    // SAFETY: the CPU supports AVX-512F (checked just above).
+    unsafe {
+        x86::forward(dm, qkv, probs, heads)
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { forward_avx2(dm, qkv, probs, heads) };
-    }
-    forward_body(dm, qkv, probs, heads)
 }
 
 /// Backward: from `qkv` and `probs` as forward left them and `gheads` (`[n·t, c]`, the
 /// gradient of the concatenated heads), write every entry of `gqkv` (`[n·t, 3c]`).
+///
+/// # Panics
+/// If the sizes do not match `dm` or the CPU lacks AVX-512F.
 pub(super) fn backward(
     dm: &Dims,
     qkv: &[f32],
@@ -98,59 +109,14 @@ pub(super) fn backward(
     gqkv: &mut [f32],
 ) {
     assert!(qkv.len() == dm.n * dm.t * 3 * dm.c && gqkv.len() == qkv.len());
-    assert!(gheads.len() == dm.n * dm.t * dm.c);
+    assert!(gheads.len() == dm.n * dm.t * dm.c && dm.d * dm.h == dm.c);
     assert!(probs.len() == dm.n * dm.h * dm.packed_len());
+    assert!(available(), "the fused attention kernel needs AVX-512F");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { backward_avx512(dm, qkv, probs, gheads, gqkv) };
+    // SAFETY: the CPU supports AVX-512F (checked just above).
+    unsafe {
+        x86::backward(dm, qkv, probs, gheads, gqkv)
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { backward_avx2(dm, qkv, probs, gheads, gqkv) };
-    }
-    backward_body(dm, qkv, probs, gheads, gqkv)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn forward_avx512(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
-    forward_body(dm, qkv, probs, heads)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn forward_avx2(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
-    forward_body(dm, qkv, probs, heads)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn backward_avx512(
-    dm: &Dims,
-    qkv: &[f32],
-    probs: &[f32],
-    gheads: &[f32],
-    gqkv: &mut [f32],
-) {
-    backward_body(dm, qkv, probs, gheads, gqkv)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn backward_avx2(dm: &Dims, qkv: &[f32], probs: &[f32], gheads: &[f32], gqkv: &mut [f32]) {
-    backward_body(dm, qkv, probs, gheads, gqkv)
-}
-
-#[inline(always)]
-fn lanes(s: &[f32], at: usize) -> &V {
-    s[at..at + L].try_into().expect("16 values")
-}
-
-#[inline(always)]
-fn lanes_mut(s: &mut [f32], at: usize) -> &mut V {
-    (&mut s[at..at + L]).try_into().expect("16 values")
 }
 
 /// `dst[k·tp + i] = α·src[i·stride + k]` for i < t, k < d (a transpose; lanes t..tp stay as
@@ -166,52 +132,18 @@ fn transpose_in(src: &[f32], stride: usize, t: usize, d: usize, alpha: f32, dst:
     }
 }
 
+/// `dst[l·16 + a] = src[a·16 + l]` for the `src.len() / 16` rows a of a tile (the rest of
+/// `dst`'s columns keep what they held).
 #[inline(always)]
-fn forward_body(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
-    let Dims { t, c, h, d, .. } = *dm;
-    let tp = dm.blocks() * L;
-    let pl = dm.packed_len();
-    let offs = dm.offsets();
-    let rs = 3 * c;
-    let mut qt = vec![0.0f32; d * tp];
-    for ((rows, out), pseq) in qkv
-        .chunks_exact(t * rs)
-        .zip(heads.chunks_exact_mut(t * c))
-        .zip(probs.chunks_exact_mut(h * pl))
-    {
-        for (hd, pt) in pseq.chunks_exact_mut(pl).enumerate() {
-            let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
-            transpose_in(&rows[qc..], rs, t, d, dm.scale, &mut qt);
-            for (b, &off) in offs.iter().enumerate() {
-                let jm = dm.keys(b);
-                let blk = &mut pt[off..off + jm * L];
-                softmax_block(dm, &rows[kc..], &qt, b * L, blk);
-                let mut k0 = 0;
-                while k0 < d {
-                    let at = Cols {
-                        src: &rows[vc + k0..],
-                        src_stride: rs,
-                        out_col: qc + k0,
-                        out_stride: c,
-                        i0: b * L,
-                        t,
-                    };
-                    let u = width(d - k0);
-                    match u {
-                        8 => product::<8>(blk, &at, 1.0, out),
-                        4 => product::<4>(blk, &at, 1.0, out),
-                        2 => product::<2>(blk, &at, 1.0, out),
-                        _ => product::<1>(blk, &at, 1.0, out),
-                    }
-                    k0 += u;
-                }
-            }
+fn transpose_tile(src: &[f32], dst: &mut [f32]) {
+    for (a, row) in src.chunks_exact(L).enumerate() {
+        for (l, &v) in row.iter().enumerate() {
+            dst[l * L + a] = v;
         }
     }
 }
 
-/// The widest of 8, 4, 2, 1 that fits in `rest` columns (no closures here: a closure would
-/// not be compiled with the calling kernel's target features).
+/// The widest of 8, 4, 2, 1 that fits in `rest` columns.
 #[inline(always)]
 fn width(rest: usize) -> usize {
     if rest >= 8 {
@@ -222,60 +154,6 @@ fn width(rest: usize) -> usize {
         2
     } else {
         1
-    }
-}
-
-/// The probabilities of query block `i0..i0+16` against its keys, transposed: `blk[j·16 + l]`
-/// = P[i0 + l][j]. `k` is the first key's row (stride 3c), `qt` the scaled `Qᵀ` (`[d][tp]`).
-#[inline(always)]
-fn softmax_block(dm: &Dims, k: &[f32], qt: &[f32], i0: usize, blk: &mut [f32]) {
-    let (d, rs) = (dm.d, 3 * dm.c);
-    let tp = qt.len() / d;
-    let jm = blk.len() / L;
-    let mut m = [f32::NEG_INFINITY; L];
-    for j in 0..jm {
-        let kr = &k[j * rs..j * rs + d];
-        let mut s = [0.0f32; L];
-        for (kk, &kv) in kr.iter().enumerate() {
-            let q = lanes(qt, kk * tp + i0);
-            for l in 0..L {
-                s[l] += kv * q[l];
-            }
-        }
-        if dm.causal && j > i0 {
-            for (l, v) in s.iter_mut().enumerate() {
-                if i0 + l < j {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
-        for l in 0..L {
-            m[l] = if s[l] > m[l] { s[l] } else { m[l] };
-        }
-        *lanes_mut(blk, j * L) = s;
-    }
-    let mut sum = [0.0f32; L];
-    for j in 0..jm {
-        let e = lanes_mut(blk, j * L);
-        for l in 0..L {
-            let v = if e[l] == f32::NEG_INFINITY {
-                0.0
-            } else {
-                fastmath::exp(e[l] - m[l])
-            };
-            e[l] = v;
-            sum[l] += v;
-        }
-    }
-    let mut inv = [0.0f32; L];
-    for l in 0..L {
-        inv[l] = 1.0 / sum[l];
-    }
-    for j in 0..jm {
-        let e = lanes_mut(blk, j * L);
-        for l in 0..L {
-            e[l] *= inv[l];
-        }
     }
 }
 
@@ -292,174 +170,366 @@ struct Cols<'a> {
     t: usize,
 }
 
-/// `out[i0 + l][out_col + u] = α·Σ_j blk[j·16 + l]·src[j][u]` for the block's queries (l with
-/// i0 + l < t) and u < U.
-#[inline(always)]
-fn product<const U: usize>(blk: &[f32], at: &Cols, alpha: f32, out: &mut [f32]) {
-    let mut acc = [[0.0f32; L]; U];
-    for j in 0..blk.len() / L {
-        let p = lanes(blk, j * L);
-        let v = &at.src[j * at.src_stride..j * at.src_stride + U];
-        for u in 0..U {
-            for l in 0..L {
-                acc[u][l] += v[u] * p[l];
+/// One key block's tiles, query-major: for each query block from the first that sees the
+/// keys, `P[i0 + l][j0 + a]` at `[l·16 + a]` and then `dS` the same way.
+struct KeyTiles<'a> {
+    tiles: &'a [f32],
+    /// First query of the first tile, positions per sequence.
+    i0: usize,
+    t: usize,
+    /// First key and number of keys of the block.
+    j0: usize,
+    nj: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Cols, Dims, KeyTiles, L, transpose_in, transpose_tile, width};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn ld(s: &[f32], at: usize) -> __m512 {
+        let s = &s[at..at + L];
+        // SAFETY: `s` holds 16 floats.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn st(s: &mut [f32], at: usize, v: __m512) {
+        let s = &mut s[at..at + L];
+        // SAFETY: `s` holds 16 floats.
+        unsafe { _mm512_storeu_ps(s.as_mut_ptr(), v) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn lanes(v: __m512) -> [f32; L] {
+        let mut a = [0.0f32; L];
+        st(&mut a, 0, v);
+        a
+    }
+
+    /// e^x lane-wise: `fastmath::exp`'s reduction and polynomial, with fused multiply-adds.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp(x: __m512) -> __m512 {
+        const ROUND: f32 = 12_582_912.0;
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+        let kr = _mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(ROUND),
+        );
+        let k = _mm512_sub_ps(kr, _mm512_set1_ps(ROUND));
+        let bits = _mm512_sub_epi32(
+            _mm512_castps_si512(kr),
+            _mm512_set1_epi32((ROUND.to_bits() - 127) as i32),
+        );
+        let two_k = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits));
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_mul_ps(p, two_k)
+    }
+
+    /// Rows j..j+J of a head's d columns (`src`, stride `stride`) against the block's 16
+    /// transposed positions: `Σ_k src[j + r][k]·xt[k·tp + i0 + l]`, J independent sums.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn dots<const J: usize>(
+        src: &[f32],
+        stride: usize,
+        d: usize,
+        xt: &[f32],
+        tp: usize,
+        i0: usize,
+        j: usize,
+    ) -> [__m512; J] {
+        let mut acc = [_mm512_setzero_ps(); J];
+        let rows: [&[f32]; J] =
+            std::array::from_fn(|r| &src[(j + r) * stride..(j + r) * stride + d]);
+        for k in 0..d {
+            let x = ld(xt, k * tp + i0);
+            for r in 0..J {
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(rows[r][k]), x, acc[r]);
+            }
+        }
+        acc
+    }
+
+    /// Calls `f(j, values)` for the rows 0..jm of [`dots`], four at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn each_dot(
+        src: &[f32],
+        stride: usize,
+        d: usize,
+        xt: &[f32],
+        tp: usize,
+        i0: usize,
+        jm: usize,
+        mut f: impl FnMut(usize, __m512),
+    ) {
+        let mut j = 0;
+        while j + 4 <= jm {
+            let v = dots::<4>(src, stride, d, xt, tp, i0, j);
+            for (r, v) in v.into_iter().enumerate() {
+                f(j + r, v);
+            }
+            j += 4;
+        }
+        while j < jm {
+            f(j, dots::<1>(src, stride, d, xt, tp, i0, j)[0]);
+            j += 1;
+        }
+    }
+
+    /// The lanes of query block i0 that see key j (all but those with i0 + l < j).
+    #[inline(always)]
+    fn seen(causal: bool, i0: usize, j: usize) -> __mmask16 {
+        if causal && j > i0 {
+            !((1u16 << (j - i0)) - 1)
+        } else {
+            0xffff
+        }
+    }
+
+    /// The probabilities of query block `i0..i0+16` against its keys, transposed: `blk[j·16 +
+    /// l]` = P[i0 + l][j]. `k` is the first key's row (stride 3c), `qt` the scaled `Qᵀ`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn softmax_block(dm: &Dims, k: &[f32], qt: &[f32], i0: usize, blk: &mut [f32]) {
+        let (d, rs) = (dm.d, 3 * dm.c);
+        let tp = qt.len() / d;
+        let jm = blk.len() / L;
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        each_dot(k, rs, d, qt, tp, i0, jm, |j, s| {
+            m = _mm512_mask_max_ps(m, seen(dm.causal, i0, j), m, s);
+            st(blk, j * L, s);
+        });
+        let mut sum = _mm512_setzero_ps();
+        for j in 0..jm {
+            let e = exp(_mm512_sub_ps(ld(blk, j * L), m));
+            let e = _mm512_maskz_mov_ps(seen(dm.causal, i0, j), e);
+            st(blk, j * L, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let inv = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
+        for j in 0..jm {
+            st(blk, j * L, _mm512_mul_ps(ld(blk, j * L), inv));
+        }
+    }
+
+    /// `out[i0 + l][out_col + u] = α·Σ_j blk[j·16 + l]·src[j][u]` for the block's queries (l
+    /// with i0 + l < t) and u < U.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn product<const U: usize>(blk: &[f32], at: &Cols, alpha: f32, out: &mut [f32]) {
+        let mut acc = [_mm512_setzero_ps(); U];
+        for j in 0..blk.len() / L {
+            let p = ld(blk, j * L);
+            let v = &at.src[j * at.src_stride..j * at.src_stride + U];
+            for u in 0..U {
+                acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(v[u]), p, acc[u]);
+            }
+        }
+        let a: [[f32; L]; U] =
+            std::array::from_fn(|u| lanes(_mm512_mul_ps(acc[u], _mm512_set1_ps(alpha))));
+        for l in 0..L.min(at.t - at.i0) {
+            let row = &mut out[(at.i0 + l) * at.out_stride + at.out_col..][..U];
+            for u in 0..U {
+                row[u] = a[u][l];
             }
         }
     }
-    for l in 0..L.min(at.t - at.i0) {
-        let row = &mut out[(at.i0 + l) * at.out_stride + at.out_col..][..U];
-        for u in 0..U {
-            row[u] = alpha * acc[u][l];
+
+    /// [`product`] over all of a block's head columns, U at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn products(blk: &[f32], at: Cols, d: usize, alpha: f32, out: &mut [f32]) {
+        let mut k0 = 0;
+        while k0 < d {
+            let u = width(d - k0);
+            let at = Cols {
+                src: &at.src[k0..],
+                out_col: at.out_col + k0,
+                ..at
+            };
+            match u {
+                8 => product::<8>(blk, &at, alpha, out),
+                4 => product::<4>(blk, &at, alpha, out),
+                2 => product::<2>(blk, &at, alpha, out),
+                _ => product::<1>(blk, &at, alpha, out),
+            }
+            k0 += u;
         }
     }
-}
 
-/// Σ of the 16 lanes, pairwise.
-#[inline(always)]
-fn hsum(a: &V) -> f32 {
-    let mut s = [0.0f32; 8];
-    for l in 0..8 {
-        s[l] = a[l] + a[l + 8];
-    }
-    let s4 = [s[0] + s[4], s[1] + s[5], s[2] + s[6], s[3] + s[7]];
-    (s4[0] + s4[2]) + (s4[1] + s4[3])
-}
-
-#[inline(always)]
-fn backward_body(dm: &Dims, qkv: &[f32], probs: &[f32], gheads: &[f32], gqkv: &mut [f32]) {
-    let Dims { t, c, h, d, .. } = *dm;
-    let tp = dm.blocks() * L;
-    let pl = dm.packed_len();
-    let offs = dm.offsets();
-    let rs = 3 * c;
-    let (mut got, mut qt) = (vec![0.0f32; d * tp], vec![0.0f32; d * tp]);
-    let mut ds = vec![0.0f32; pl];
-    for (((rows, g), pseq), grows) in qkv
-        .chunks_exact(t * rs)
-        .zip(gheads.chunks_exact(t * c))
-        .zip(probs.chunks_exact(h * pl))
-        .zip(gqkv.chunks_exact_mut(t * rs))
-    {
-        for (hd, pt) in pseq.chunks_exact(pl).enumerate() {
-            let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
-            transpose_in(&g[qc..], c, t, d, 1.0, &mut got);
-            transpose_in(&rows[qc..], rs, t, d, dm.scale, &mut qt);
-            // Per query block: dPᵀ = V dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Σ_j Pᵀ ⊙ dPᵀ), dQ = dS K/√d.
-            for (b, &off) in offs.iter().enumerate() {
-                let i0 = b * L;
-                let jm = dm.keys(b);
-                let (p, s) = (&pt[off..off + jm * L], &mut ds[off..off + jm * L]);
-                let mut dot = [0.0f32; L];
-                for j in 0..jm {
-                    let vr = &rows[j * rs + vc..j * rs + vc + d];
-                    let mut dp = [0.0f32; L];
-                    for (kk, &vv) in vr.iter().enumerate() {
-                        let go = lanes(&got, kk * tp + i0);
-                        for l in 0..L {
-                            dp[l] += vv * go[l];
-                        }
-                    }
-                    let pj = lanes(p, j * L);
-                    for l in 0..L {
-                        dot[l] += pj[l] * dp[l];
-                    }
-                    *lanes_mut(s, j * L) = dp;
-                }
-                for j in 0..jm {
-                    let pj = *lanes(p, j * L);
-                    let sj = lanes_mut(s, j * L);
-                    for l in 0..L {
-                        sj[l] = pj[l] * (sj[l] - dot[l]);
-                    }
-                }
-                let mut k0 = 0;
-                while k0 < d {
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn forward(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
+        let Dims { t, c, h, d, .. } = *dm;
+        let tp = dm.blocks() * L;
+        let pl = dm.packed_len();
+        let offs = dm.offsets();
+        let rs = 3 * c;
+        let mut qt = vec![0.0f32; d * tp];
+        for ((rows, out), pseq) in qkv
+            .chunks_exact(t * rs)
+            .zip(heads.chunks_exact_mut(t * c))
+            .zip(probs.chunks_exact_mut(h * pl))
+        {
+            for (hd, pt) in pseq.chunks_exact_mut(pl).enumerate() {
+                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
+                transpose_in(&rows[qc..], rs, t, d, dm.scale, &mut qt);
+                for (b, &off) in offs.iter().enumerate() {
+                    let blk = &mut pt[off..off + dm.keys(b) * L];
+                    softmax_block(dm, &rows[kc..], &qt, b * L, blk);
                     let at = Cols {
-                        src: &rows[kc + k0..],
+                        src: &rows[vc..],
                         src_stride: rs,
-                        out_col: qc + k0,
+                        out_col: qc,
+                        out_stride: c,
+                        i0: b * L,
+                        t,
+                    };
+                    products(blk, at, d, 1.0, out);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn backward(
+        dm: &Dims,
+        qkv: &[f32],
+        probs: &[f32],
+        gheads: &[f32],
+        gqkv: &mut [f32],
+    ) {
+        let Dims { t, c, h, d, .. } = *dm;
+        let tp = dm.blocks() * L;
+        let pl = dm.packed_len();
+        let offs = dm.offsets();
+        let rs = 3 * c;
+        let (mut got, mut qt) = (vec![0.0f32; d * tp], vec![0.0f32; d * tp]);
+        let mut ds = vec![0.0f32; pl];
+        let mut tiles = vec![0.0f32; dm.blocks() * 2 * L * L];
+        for (((rows, g), pseq), grows) in qkv
+            .chunks_exact(t * rs)
+            .zip(gheads.chunks_exact(t * c))
+            .zip(probs.chunks_exact(h * pl))
+            .zip(gqkv.chunks_exact_mut(t * rs))
+        {
+            for (hd, pt) in pseq.chunks_exact(pl).enumerate() {
+                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
+                transpose_in(&g[qc..], c, t, d, 1.0, &mut got);
+                transpose_in(&rows[qc..], rs, t, d, 1.0, &mut qt);
+                // Per query block: dPᵀ = V dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Σ_j Pᵀ ⊙ dPᵀ), dQ = dS K/√d.
+                for (b, &off) in offs.iter().enumerate() {
+                    let i0 = b * L;
+                    let jm = dm.keys(b);
+                    let (p, s) = (&pt[off..off + jm * L], &mut ds[off..off + jm * L]);
+                    let mut dot = _mm512_setzero_ps();
+                    each_dot(&rows[vc..], rs, d, &got, tp, i0, jm, |j, dp| {
+                        dot = _mm512_fmadd_ps(ld(p, j * L), dp, dot);
+                        st(s, j * L, dp);
+                    });
+                    for j in 0..jm {
+                        let v = _mm512_mul_ps(ld(p, j * L), _mm512_sub_ps(ld(s, j * L), dot));
+                        st(s, j * L, v);
+                    }
+                    let at = Cols {
+                        src: &rows[kc..],
+                        src_stride: rs,
+                        out_col: qc,
                         out_stride: rs,
                         i0,
                         t,
                     };
-                    let u = width(d - k0);
-                    match u {
-                        8 => product::<8>(s, &at, dm.scale, grows),
-                        4 => product::<4>(s, &at, dm.scale, grows),
-                        2 => product::<2>(s, &at, dm.scale, grows),
-                        _ => product::<1>(s, &at, dm.scale, grows),
-                    }
-                    k0 += u;
+                    products(s, at, d, dm.scale, grows);
                 }
-            }
-            // Per key j: dV[j] = Σ_i P[i][j]·dO[i], dK[j] = Σ_i dS[i][j]·Q[i]/√d.
-            for j in 0..t {
-                let first = if dm.causal { j / L } else { 0 };
-                let mut k0 = 0;
-                while k0 < d {
-                    let kv = KeyCols {
-                        offs: &offs[first..],
-                        first,
-                        j,
-                        k0,
-                        tp,
+                // Per block of 16 keys: dV = Pᵀ dO and dK = dSᵀ Q/√d, from the 16×16 tiles of
+                // the query blocks that see those keys, turned key-major (keys in the lanes).
+                for jb in 0..dm.blocks() {
+                    let (j0, first) = (jb * L, if dm.causal { jb } else { 0 });
+                    let nj = (t - j0).min(L);
+                    for (b, &off) in offs.iter().enumerate().skip(first) {
+                        let at = off + j0 * L;
+                        let (pt_b, dt_b) = tiles[(b - first) * 2 * L * L..].split_at_mut(L * L);
+                        transpose_tile(&pt[at..at + nj * L], pt_b);
+                        transpose_tile(&ds[at..at + nj * L], &mut dt_b[..L * L]);
+                    }
+                    let kt = KeyTiles {
+                        tiles: &tiles[..(dm.blocks() - first) * 2 * L * L],
+                        i0: first * L,
+                        t,
+                        j0,
+                        nj,
                     };
-                    let out = &mut grows[j * rs..(j + 1) * rs];
-                    let u = width(d - k0);
-                    match u {
-                        8 => key_grads::<8>(&kv, pt, &ds, &got, &qt, out, kc, vc),
-                        4 => key_grads::<4>(&kv, pt, &ds, &got, &qt, out, kc, vc),
-                        2 => key_grads::<2>(&kv, pt, &ds, &got, &qt, out, kc, vc),
-                        _ => key_grads::<1>(&kv, pt, &ds, &got, &qt, out, kc, vc),
+                    let mut k0 = 0;
+                    while k0 < d {
+                        let u = width(d - k0);
+                        let (gc, qk) = (&g[qc + k0..], &rows[qc + k0..]);
+                        let cols = (kc + k0, vc + k0);
+                        match u {
+                            8 => key_block::<8>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                            4 => key_block::<4>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                            2 => key_block::<2>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                            _ => key_block::<1>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                        }
+                        k0 += u;
                     }
-                    k0 += u;
                 }
             }
         }
     }
-}
 
-/// Which entries of the packed `Pᵀ`/`dSᵀ` hold key j, and which columns of the result.
-struct KeyCols<'a> {
-    /// Offsets of the blocks that see key j.
-    offs: &'a [usize],
-    /// Index of the first of them.
-    first: usize,
-    j: usize,
-    k0: usize,
-    tp: usize,
-}
-
-/// `out[vc + k0 + u] = Σ_i Pᵀ[j][i]·dOᵀ[k0 + u][i]` and `out[kc + k0 + u] = Σ_i dSᵀ[j][i]·
-/// (Qᵀ/√d)[k0 + u][i]` over the blocks that see key j.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn key_grads<const U: usize>(
-    kv: &KeyCols,
-    pt: &[f32],
-    ds: &[f32],
-    got: &[f32],
-    qt: &[f32],
-    out: &mut [f32],
-    kc: usize,
-    vc: usize,
-) {
-    let (mut av, mut ak) = ([[0.0f32; L]; U], [[0.0f32; L]; U]);
-    for (bi, &off) in kv.offs.iter().enumerate() {
-        let i0 = (kv.first + bi) * L;
-        let p = lanes(pt, off + kv.j * L);
-        let s = lanes(ds, off + kv.j * L);
-        for u in 0..U {
-            let go = lanes(got, (kv.k0 + u) * kv.tp + i0);
-            let q = lanes(qt, (kv.k0 + u) * kv.tp + i0);
-            for l in 0..L {
-                av[u][l] += p[l] * go[l];
-                ak[u][l] += s[l] * q[l];
+    /// For the block's keys j0 + a and u < U: `out[j0 + a][vc + u] = Σ_i P[i][j0 + a]·g[i·gs +
+    /// u]` and `out[j0 + a][kc + u] = α·Σ_i dS[i][j0 + a]·q[i·qs + u]` (output row stride
+    /// `qs`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn key_block<const U: usize>(
+        kt: &KeyTiles,
+        g: &[f32],
+        gs: usize,
+        q: &[f32],
+        qs: usize,
+        alpha: f32,
+        out: &mut [f32],
+        (kc, vc): (usize, usize),
+    ) {
+        let (mut av, mut ak) = ([_mm512_setzero_ps(); U], [_mm512_setzero_ps(); U]);
+        for (n, tile) in kt.tiles.chunks_exact(2 * L * L).enumerate() {
+            let i0 = kt.i0 + n * L;
+            let (pt, dt) = tile.split_at(L * L);
+            for l in 0..L.min(kt.t - i0) {
+                let i = i0 + l;
+                let (p, s) = (ld(pt, l * L), ld(dt, l * L));
+                let (gr, qr) = (&g[i * gs..i * gs + U], &q[i * qs..i * qs + U]);
+                for u in 0..U {
+                    av[u] = _mm512_fmadd_ps(_mm512_set1_ps(gr[u]), p, av[u]);
+                    ak[u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[u]), s, ak[u]);
+                }
             }
         }
-    }
-    for u in 0..U {
-        out[vc + kv.k0 + u] = hsum(&av[u]);
-        out[kc + kv.k0 + u] = hsum(&ak[u]);
+        let av: [[f32; L]; U] = std::array::from_fn(|u| lanes(av[u]));
+        let ak: [[f32; L]; U] =
+            std::array::from_fn(|u| lanes(_mm512_mul_ps(ak[u], _mm512_set1_ps(alpha))));
+        for a in 0..kt.nj {
+            let row = &mut out[(kt.j0 + a) * qs..];
+            for u in 0..U {
+                row[vc + u] = av[u][a];
+                row[kc + u] = ak[u][a];
+            }
+        }
     }
 }
