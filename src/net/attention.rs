@@ -34,9 +34,7 @@ mod fused;
 use super::gemm::mat_mul_scaled as mat_mul;
 use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
-use ndarray::{
-    Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut2, Axis, s,
-};
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut2, Axis, s};
 
 /// The slice as f32, where [`Attention::fused_dims`] found `T` to be f32.
 fn f32_of<T: 'static>(s: &[T]) -> &[f32] {
@@ -234,7 +232,6 @@ impl Attention {
                 );
             }
         }
-
     }
 
     /// Entries of row i of the scores that take part (the causal mask keeps j ≤ i).
@@ -694,6 +691,67 @@ mod tests {
             check_layer(&att(bias, causal, Layout::NanoGpt), &[vec![5, 6]], 2);
         }
         check_layer(&att(true, true, Layout::Multihead), &[vec![4, 6]], 3);
+    }
+
+    /// The f32 path (the fused kernel where the CPU has AVX-512F) against the f64 `gemm` path
+    /// that `attention_matches_finite_differences` checks: output, parameter and input
+    /// gradients, causal or not, for sequence lengths around the 16-lane blocks and head sizes
+    /// that exercise each column width (8, 4, 2, 1).
+    #[test]
+    fn f32_path_matches_the_f64_path() {
+        use crate::net::gradcheck::{Rng, run_layer};
+        for (i, &(t, c, h, causal, layout)) in [
+            (5, 6, 3, true, Layout::NanoGpt),
+            (16, 8, 2, true, Layout::NanoGpt),
+            (17, 12, 3, false, Layout::Multihead),
+            (33, 16, 4, true, Layout::NanoGpt),
+            (40, 30, 2, true, Layout::Multihead),
+            (31, 9, 1, false, Layout::NanoGpt),
+            (48, 64, 2, true, Layout::NanoGpt),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let a = Attention {
+                embed_dim: c,
+                num_heads: h,
+                bias: i % 2 == 0,
+                causal,
+                layout,
+            };
+            let mut rng = Rng::new(40 + i as u64);
+            let params: Vec<Vec<f64>> = <Attention as Layer<f64>>::params(&a)
+                .iter()
+                .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let x = rng.array(&[3, t, c]).mapv(|v| 2.0 * v);
+            let gy = rng.array(&[3, t, c]);
+            let want = run_layer::<f64>(&a, &params, &x, &gy, true, 0.5);
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let got = run_layer::<f32>(&a, &p32, &x32, &gy32, true, 0.5);
+            let close = |what: &str, g: &mut dyn Iterator<Item = f32>, w: &[f64]| {
+                let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                let mut n = 0;
+                for (k, (g, &w)) in g.zip(w).enumerate() {
+                    assert!(
+                        (f64::from(g) - w).abs() < 2e-5 * scale,
+                        "case {i} {what}[{k}]: {g} vs {w}"
+                    );
+                    n += 1;
+                }
+                assert_eq!(n, w.len(), "case {i} {what}");
+            };
+            close("y", &mut got.0.iter().copied(), want.0.as_slice().unwrap());
+            for (pi, (g, w)) in got.1.iter().zip(&want.1).enumerate() {
+                close(&format!("param {pi}"), &mut g.iter().copied(), w);
+            }
+            let (gx, wx) = (got.2[0].as_ref().unwrap(), want.2[0].as_ref().unwrap());
+            close("x", &mut gx.iter().copied(), wx.as_slice().unwrap());
+        }
     }
 
     /// Backward's reused scratch buffers leave no trace: gradients of a batch are bit for bit

@@ -101,13 +101,7 @@ pub(super) fn forward(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f3
 ///
 /// # Panics
 /// If the sizes do not match `dm` or the CPU lacks AVX-512F.
-pub(super) fn backward(
-    dm: &Dims,
-    qkv: &[f32],
-    probs: &[f32],
-    gheads: &[f32],
-    gqkv: &mut [f32],
-) {
+pub(super) fn backward(dm: &Dims, qkv: &[f32], probs: &[f32], gheads: &[f32], gqkv: &mut [f32]) {
     assert!(qkv.len() == dm.n * dm.t * 3 * dm.c && gqkv.len() == qkv.len());
     assert!(gheads.len() == dm.n * dm.t * dm.c && dm.d * dm.h == dm.c);
     assert!(probs.len() == dm.n * dm.h * dm.packed_len());
@@ -216,7 +210,10 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) fn exp(x: __m512) -> __m512 {
         const ROUND: f32 = 12_582_912.0;
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.3));
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+            _mm512_set1_ps(88.3),
+        );
         let kr = _mm512_fmadd_ps(
             x,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
@@ -231,7 +228,15 @@ mod x86 {
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         _mm512_mul_ps(p, two_k)
