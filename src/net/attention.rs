@@ -31,7 +31,7 @@
 
 mod fused;
 
-use super::gemm::mat_mul_scaled as mat_mul;
+use super::gemm::{mat_mul_scaled as mat_mul, mat_mul_uninit};
 use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
 use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut2, Axis, s};
@@ -404,14 +404,14 @@ impl<T: Real> Layer<T> for Attention {
             return vec![None];
         }
         let w_in = ArrayView2::from_shape((3 * c, c), b.params[iw]).expect("declared shape");
-        let mut gx = Array2::<T>::zeros((n * t, c));
-        mat_mul(T::one(), gqkv.view(), w_in, false, gx.view_mut());
+        // SAFETY: `mat_mul_uninit` writes every value.
+        let gx = unsafe {
+            super::filled(&[n, t, c], |gs| {
+                mat_mul_uninit(T::one(), gqkv.view(), w_in, gs)
+            })
+        };
         scratch.give_back();
-        vec![Some(
-            gx.into_shape_with_order(vec![n, t, c])
-                .expect("row-major")
-                .into_dyn(),
-        )]
+        vec![Some(gx)]
     }
 
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
