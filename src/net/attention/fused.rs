@@ -126,17 +126,6 @@ fn transpose_in(src: &[f32], stride: usize, t: usize, d: usize, alpha: f32, dst:
     }
 }
 
-/// `dst[l·16 + a] = src[a·16 + l]` for the `src.len() / 16` rows a of a tile (the rest of
-/// `dst`'s columns keep what they held).
-#[inline(always)]
-fn transpose_tile(src: &[f32], dst: &mut [f32]) {
-    for (a, row) in src.chunks_exact(L).enumerate() {
-        for (l, &v) in row.iter().enumerate() {
-            dst[l * L + a] = v;
-        }
-    }
-}
-
 /// The widest of 8, 4, 2, 1 that fits in `rest` columns.
 #[inline(always)]
 fn width(rest: usize) -> usize {
@@ -178,7 +167,7 @@ struct KeyTiles<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Cols, Dims, KeyTiles, L, transpose_in, transpose_tile, width};
+    use super::{Cols, Dims, KeyTiles, L, transpose_in, width};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -203,6 +192,42 @@ mod x86 {
         let mut a = [0.0f32; L];
         st(&mut a, 0, v);
         a
+    }
+
+    /// `dst[l·16 + a] = src[a·16 + l]` for the `src.len() / 16` (≤ 16) rows a of a tile, the
+    /// other columns of `dst` zero: a 16×16 transpose in registers (unpacks within 128-bit
+    /// lanes, then two rounds of lane shuffles).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose_tile(src: &[f32], dst: &mut [f32]) {
+        let mut r = [_mm512_setzero_ps(); L];
+        for (a, r) in r.iter_mut().enumerate().take(src.len() / L) {
+            *r = ld(src, a * L);
+        }
+        let mut t = [_mm512_setzero_ps(); L];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // u[4g + c], 128-bit lane q: column 4q + c of rows 4g..4g+4.
+        let mut u = [_mm512_setzero_ps(); L];
+        for g in 0..4 {
+            let b = 4 * g;
+            u[b] = _mm512_shuffle_ps::<0x44>(t[b], t[b + 2]);
+            u[b + 1] = _mm512_shuffle_ps::<0xEE>(t[b], t[b + 2]);
+            u[b + 2] = _mm512_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+            u[b + 3] = _mm512_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
+        }
+        for c in 0..4 {
+            let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let w = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+            let w2 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            st(dst, c * L, _mm512_shuffle_f32x4::<0x88>(v, w));
+            st(dst, (8 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v, w));
+            st(dst, (4 + c) * L, _mm512_shuffle_f32x4::<0x88>(v2, w2));
+            st(dst, (12 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v2, w2));
+        }
     }
 
     /// e^x lane-wise: `fastmath::exp`'s reduction and polynomial, with fused multiply-adds.
@@ -468,7 +493,7 @@ mod x86 {
                     for (b, &off) in offs.iter().enumerate().skip(first) {
                         let at = off + j0 * L;
                         let (pt_b, dt_b) = tiles[(b - first) * 2 * L * L..].split_at_mut(L * L);
-                        transpose_tile(&pt[at..at + nj * L], pt_b);
+                        transpose_tile(&pt[at..at + nj * L], &mut pt_b[..L * L]);
                         transpose_tile(&ds[at..at + nj * L], &mut dt_b[..L * L]);
                     }
                     let kt = KeyTiles {
@@ -534,6 +559,45 @@ mod x86 {
             for u in 0..U {
                 row[vc + u] = av[u][a];
                 row[kc + u] = ak[u][a];
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The register transpose against the definition, for full and partial tiles; and the
+    /// vector `exp` against `fastmath::exp`.
+    #[test]
+    fn tile_transpose_and_exp() {
+        if !available() {
+            return;
+        }
+        let src: Vec<f32> = (0..256).map(|v| v as f32).collect();
+        for rows in [16, 9, 1] {
+            let mut dst = vec![-1.0f32; 256];
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            unsafe { x86::transpose_tile(&src[..rows * L], &mut dst) };
+            for l in 0..L {
+                for a in 0..L {
+                    let want = if a < rows { src[a * L + l] } else { 0.0 };
+                    assert_eq!(dst[l * L + a], want, "rows {rows}, [{l}][{a}]");
+                }
+            }
+        }
+        let xs: Vec<f32> = (0..4000).map(|i| -90.0 + 0.045 * i as f32).collect();
+        for x in xs.chunks_exact(L) {
+            let mut got = [0.0f32; L];
+            // SAFETY: as above.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(got.as_mut_ptr(), x86::exp(_mm512_loadu_ps(x.as_ptr())));
+            }
+            for (g, &x) in got.iter().zip(x) {
+                let want = crate::net::fastmath::exp(x);
+                assert!((g - want).abs() <= 4e-7 * want, "exp({x}): {g} vs {want}");
             }
         }
     }
