@@ -64,8 +64,22 @@ impl Raw {
     /// Visit every value in order as f64 (exact for every supported dtype but 64-bit integers
     /// beyond 2^53), stopping at the first error.
     fn for_each(&self, path: &Path, mut f: impl FnMut(usize, f64) -> Result<()>) -> Result<()> {
+        self.for_each_block(path, |start, vals| {
+            vals.iter()
+                .enumerate()
+                .try_for_each(|(j, &v)| f(start + j, v))
+        })
+    }
+
+    /// Visit the values in order, a block at a time, as f64: `f(index of the block's first
+    /// value, the block)`, stopping at the first error.
+    fn for_each_block(
+        &self,
+        path: &Path,
+        mut f: impl FnMut(usize, &[f64]) -> Result<()>,
+    ) -> Result<()> {
         match &self.values {
-            Values::Mem(v) => v.iter().enumerate().try_for_each(|(i, &x)| f(i, x)),
+            Values::Mem(v) => f(0, v),
             Values::File {
                 path: file,
                 offset,
@@ -95,9 +109,7 @@ impl Raw {
                         path: path.to_path_buf(),
                         msg: format!("unsupported dtype {d}"),
                     })?;
-                    for (j, v) in vals.into_iter().enumerate() {
-                        f(i + j, v)?;
-                    }
+                    f(i, &vals)?;
                     i += k;
                 }
                 Ok(())
@@ -372,26 +384,50 @@ impl Dataset {
         // values that preprocessing takes beyond the f32 range the evaluator computes in.
         let total = x.shape.iter().product::<usize>();
         let mut xs: Vec<f32> = Vec::with_capacity(total);
-        x.for_each(path, |i, v| {
-            if !v.is_finite() {
-                return Err(err(format!(
-                    "'{}' holds a non-finite value ({v}) in sample {} (flat index {})",
-                    spec.x,
-                    i / per,
-                    i % per
-                )));
+        // Each position of a sample has its channel's mean and std (tables of one sample's
+        // length), so a block converts in runs along the sample without a division per value.
+        let offsets: Vec<f64> = (0..per).map(|p| mean[p / inner]).collect();
+        let divisors: Vec<f64> = (0..per).map(|p| std[p / inner]).collect();
+        x.for_each_block(path, |start, vals| {
+            let mut i = start;
+            let mut rest = vals;
+            while !rest.is_empty() {
+                let p = i % per;
+                let k = (per - p).min(rest.len());
+                let (run, tail) = rest.split_at(k);
+                let from = xs.len();
+                xs.extend(
+                    run.iter()
+                        .zip(&offsets[p..p + k])
+                        .zip(&divisors[p..p + k])
+                        .map(|((&v, &m), &d)| ((v * scale - m) / d) as f32),
+                );
+                let finite = run
+                    .iter()
+                    .zip(&xs[from..])
+                    .fold(true, |ok, (v, p)| ok & v.is_finite() & p.is_finite());
+                let bad = |j: usize| !run[j].is_finite() || !xs[from + j].is_finite();
+                if let Some(j) = (0..k).find(|&j| !finite && bad(j)) {
+                    let (at, v) = (i + j, run[j]);
+                    return Err(err(if !v.is_finite() {
+                        format!(
+                            "'{}' holds a non-finite value ({v}) in sample {} (flat index {})",
+                            spec.x,
+                            at / per,
+                            at % per
+                        )
+                    } else {
+                        format!(
+                            "'{}' sample {} (flat index {}) holds {v:e}, beyond the f32 range after preprocessing (scale, mean, std)",
+                            spec.x,
+                            at / per,
+                            at % per,
+                        )
+                    }));
+                }
+                i += k;
+                rest = tail;
             }
-            let c = (i % per) / inner;
-            let p = ((v * scale - mean[c]) / std[c]) as f32;
-            if !p.is_finite() {
-                return Err(err(format!(
-                    "'{}' sample {} (flat index {}) holds {v:e}, beyond the f32 range after preprocessing (scale, mean, std)",
-                    spec.x,
-                    i / per,
-                    i % per,
-                )));
-            }
-            xs.push(p);
             Ok(())
         })?;
         let mut shape = vec![n];
@@ -655,6 +691,52 @@ mod tests {
             e.contains("`data.mean` has 2 values") && e.contains("3 features/channels"),
             "{e}"
         );
+    }
+
+    /// Values are converted a file block at a time, in runs along the sample; blocks end in
+    /// the middle of samples. Every value matches the per-value formula, and a non-finite
+    /// value after the first block is named by its sample and flat index.
+    #[test]
+    fn blocks_that_split_samples_convert_every_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let (n, c, hw) = (1000, 3, 49);
+        let per = c * hw;
+        let x: Vec<u8> = (0..n * per).map(|i| (i * 7 % 251) as u8).collect();
+        assert!(x.len() > 2 * BLOCK_ELEMS && BLOCK_ELEMS % per != 0);
+        write(&path, &x, &[n, c, 7, 7], &vec![0; n]);
+        let (mean, std) = ([1.0, 2.0, 3.0], [1.0, 3.0, 7.0]);
+        let s = spec(Some(mean.to_vec()), Some(std.to_vec()));
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        let flat = d.x.as_slice().unwrap();
+        for (i, (&got, &raw)) in flat.iter().zip(&x).enumerate() {
+            let ch = (i % per) / hw;
+            let want = ((raw as f64 * 0.5 - mean[ch]) / std[ch]) as f32;
+            assert_eq!(got.to_bits(), want.to_bits(), "flat value {i}");
+        }
+
+        let mut xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let at = BLOCK_ELEMS + 5 * per + 17;
+        xf[at] = f32::NAN;
+        let xb: Vec<u8> = xf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let yb: Vec<u8> = vec![0i64; n].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            (
+                "x",
+                TensorView::new(Dtype::F32, vec![n, c, 7, 7], &xb).unwrap(),
+            ),
+            ("y", TensorView::new(Dtype::I64, vec![n], &yb).unwrap()),
+        ];
+        serialize_to_file(views, None, &path).unwrap();
+        let e = Dataset::load(&path, &s, None, LossKind::CrossEntropy)
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "non-finite value (NaN) in sample {} (flat index {})",
+            at / per,
+            at % per
+        );
+        assert!(e.contains(&want), "{e}");
     }
 
     /// `[N, H, W]` one-channel images get their channel axis from `model.input_shape`, so that

@@ -362,6 +362,8 @@ impl<T: Real> Evaluator<'_, T> {
                         k = cnt;
                         let w = if i == 1 { four } else { T::one() };
                         match gsum.as_mut() {
+                            // The first point has weight 1: its gradient is the sum so far.
+                            None if i == 0 => gsum = Some(g),
                             None => gsum = Some(g.mapv(|v| v * w)),
                             Some(s) => ndarray::Zip::from(s).and(&g).for_each(|s, &v| *s += v * w),
                         }
