@@ -12,10 +12,13 @@
 //! and head, `P = softmax(Q Kᵀ / √d)` with position i attending to positions j ≤ i (the causal
 //! mask), computed stably (row maximum subtracted; in f32 with the vectorised `exp` of
 //! [`super::fastmath`]), and the heads' `P V` are concatenated and
-//! projected. Dropout is the identity. Every product is a matrix product (GEMM): the
-//! projections over all N·T rows at once, the scores and `P V` per sequence and head on
-//! strided views of the one q/k/v buffer, with no copies. Forward keeps q/k/v, the attention
-//! probabilities and the concatenated heads for backward.
+//! projected. Dropout is the identity. The projections are matrix products (GEMM) over all
+//! N·T rows at once. Per sequence and head, f32 on a CPU with AVX-512F takes one fused
+//! kernel (`attention/fused.rs`: scores, mask, softmax and `P V` with the queries in the
+//! vector lanes, and the matching backward); f64 and other CPUs take `gemm` products on
+//! strided views of the one q/k/v buffer and a row-wise softmax. Forward keeps q/k/v, the
+//! attention probabilities (in the path's own layout) and the concatenated heads for
+//! backward.
 //!
 //! ```
 //! use lca::net::{attention::{Attention, Layout}, Layer, Saved};
