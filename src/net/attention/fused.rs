@@ -271,7 +271,7 @@ mod x86 {
     /// transposed positions: `Σ_k src[j + r][k]·xt[k·tp + i0 + l]`, J independent sums.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     fn dots<const J: usize>(
         src: &[f32],
         stride: usize,
