@@ -116,10 +116,10 @@ impl Attention {
     /// The fused f32 kernel's shapes, when `T` is f32 and the CPU runs the kernel.
     fn fused_dims<T: Real>(&self, n: usize, t: usize) -> Option<fused::Dims> {
         fastmath::f32_slice::<T>(&[])?;
-        if !fused::available() {
+        let d = self.head_dim();
+        if d == 0 || !fused::available() {
             return None;
         }
-        let d = self.head_dim();
         Some(fused::Dims {
             n,
             t,
@@ -705,6 +705,7 @@ mod tests {
         use crate::net::gradcheck::{Rng, run_layer};
         for (i, &(t, c, h, causal, layout)) in [
             (5, 6, 3, true, Layout::NanoGpt),
+            (1, 4, 2, true, Layout::NanoGpt),
             (16, 8, 2, true, Layout::NanoGpt),
             (17, 12, 3, false, Layout::Multihead),
             (33, 16, 4, true, Layout::NanoGpt),
