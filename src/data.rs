@@ -703,7 +703,7 @@ mod tests {
         let (n, c, hw) = (1000, 3, 49);
         let per = c * hw;
         let x: Vec<u8> = (0..n * per).map(|i| (i * 7 % 251) as u8).collect();
-        assert!(x.len() > 2 * BLOCK_ELEMS && BLOCK_ELEMS % per != 0);
+        assert!(x.len() > 2 * BLOCK_ELEMS && !BLOCK_ELEMS.is_multiple_of(per));
         write(&path, &x, &[n, c, 7, 7], &vec![0; n]);
         let (mean, std) = ([1.0, 2.0, 3.0], [1.0, 3.0, 7.0]);
         let s = spec(Some(mean.to_vec()), Some(std.to_vec()));

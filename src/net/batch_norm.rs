@@ -48,6 +48,265 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// Forward, followed by a ReLU when `relu` (the same bits as the ReLU layer after it).
+    fn run_forward<T: Real>(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        saved: &mut Saved<T>,
+        relu: bool,
+    ) -> ArrayD<T> {
+        let x = &inputs[0];
+        let (n, c, inner) = Self::dims(x);
+        let xs = x.as_slice().expect("activations are contiguous");
+        let (gamma, beta) = if self.affine {
+            (Some(params[0]), Some(params[1]))
+        } else {
+            (None, None)
+        };
+        let buf = if self.affine { 2 } else { 0 };
+        let x32 = f32_slice(xs).filter(|_| inner >= 16);
+        let mut mean = vec![0.0f64; c];
+        let mut inv_std = vec![0.0f64; c];
+        let mut stats = vec![T::zero(); 4 * c];
+        // Channel ch's statistics, into `mean` and `inv_std` as kept for backward: backward
+        // recomputes x̂ from x with the same statistics (kept as T pairs, hi + lo, so that f32
+        // keeps them to ~48 bits and f64 exactly) instead of keeping x̂, and forward uses the
+        // kept values too, so that backward can recompute the output exactly (the mask of a
+        // fused ReLU).
+        let stat = |ch: usize, mean: &mut [f64], inv_std: &mut [f64], stats: &mut [T]| {
+            let (mu, var) = match (self.mode, x32) {
+                (BnMode::BatchStats, Some(x32)) => rows32::stats(x32, n, c, inner, ch),
+                (BnMode::BatchStats, None) => {
+                    let m = (n * inner) as f64;
+                    let rows = || (0..n).map(|i| &xs[(i * c + ch) * inner..][..inner]);
+                    let s: f64 = rows().map(|r| lanes_sum_f64(r, |x| x.f64())).sum();
+                    let mu = s / m;
+                    let v: f64 = rows()
+                        .map(|r| lanes_sum_f64(r, |x| (x.f64() - mu).powi(2)))
+                        .sum();
+                    (mu, v / m)
+                }
+                (BnMode::RunningStats, _) => (params[buf][ch].f64(), params[buf + 1][ch].f64()),
+            };
+            let is = 1.0 / (var + self.eps).sqrt();
+            for (k, v, dst) in [(0, mu, &mut mean[ch]), (2, is, &mut inv_std[ch])] {
+                let hi = T::of(v);
+                let lo = T::of(v - hi.f64());
+                (stats[k * c + ch], stats[(k + 1) * c + ch]) = (hi, lo);
+                *dst = hi.f64() + lo.f64();
+            }
+        };
+        let gb = |ch: usize| {
+            (
+                gamma.map_or(1.0, |g| g[ch].f64()),
+                beta.map_or(0.0, |b| b[ch].f64()),
+            )
+        };
+        // SAFETY: the loops write every (sample, channel) row of `inner` values.
+        let y = unsafe {
+            super::filled(x.shape(), |ys| {
+                if let Some(x32) = x32 {
+                    // One channel at a time: its statistics, then its outputs while its
+                    // values are still in L2.
+                    let ys = f32_uninit(ys).expect("T is f32 (f32_slice succeeded)");
+                    for ch in 0..c {
+                        stat(ch, &mut mean, &mut inv_std, &mut stats);
+                        let (g, b) = gb(ch);
+                        let coef = (mean[ch], inv_std[ch], g, b);
+                        rows32::forward(x32, ys, n, c, inner, ch, coef, relu);
+                    }
+                    return;
+                }
+                for ch in 0..c {
+                    stat(ch, &mut mean, &mut inv_std, &mut stats);
+                }
+                for i in 0..n {
+                    for ch in 0..c {
+                        let base = (i * c + ch) * inner;
+                        let ((mu, is), (g, b)) = ((mean[ch], inv_std[ch]), gb(ch));
+                        let rows = ys[base..base + inner].iter_mut();
+                        for (y_out, &xv) in rows.zip(&xs[base..base + inner]) {
+                            let y = T::of(g * ((xv.f64() - mu) * is) + b);
+                            y_out.write(if !relu || y > T::zero() { y } else { T::zero() });
+                        }
+                    }
+                }
+            })
+        };
+        let stats = ArrayD::from_shape_vec(ndarray::IxDyn(&[4, c]), stats).expect("4·c values");
+        *saved = Saved::Arrays(vec![stats]);
+        y
+    }
+
+    /// Backward; with `relu`, of `relu ∘ batch norm` (`b.grad_out` is the gradient of the
+    /// ReLU's output; the mask is recomputed from the input, `b.output` is not read).
+    fn run_backward<T: Real>(&self, b: Backward<'_, T>, relu: bool) -> Vec<Option<ArrayD<T>>> {
+        let x = &b.inputs[0];
+        let (n, c, inner) = Self::dims(x);
+        let Saved::Arrays(sv) = b.saved else {
+            unreachable!("forward saves the statistics")
+        };
+        let st = sv[0].as_slice().expect("contiguous");
+        let join = |k: usize, ch: usize| st[k * c + ch].f64() + st[(k + 1) * c + ch].f64();
+        let mean: Vec<f64> = (0..c).map(|ch| join(0, ch)).collect();
+        let inv_std: Vec<f64> = (0..c).map(|ch| join(2, ch)).collect();
+        let xs = x.as_slice().expect("activations are contiguous");
+        let gy = b.grad_out.as_standard_layout();
+        let gy = gy.as_slice().expect("contiguous");
+        let m = (n * inner) as f64;
+        let (gamma, beta): (Vec<f64>, Vec<f64>) = if self.affine {
+            let f = |p: &[T]| p.iter().map(|v| v.f64()).collect();
+            (f(b.params[0]), f(b.params[1]))
+        } else {
+            (vec![1.0; c], vec![0.0; c])
+        };
+        let need_x = b.need_input_grad[0];
+        let running = self.mode == BnMode::RunningStats;
+        // Per channel: Σ dy and Σ dy·x̂ (dy masked by a fused ReLU).
+        let mut sum_dy = vec![0.0f64; c];
+        let mut sum_dy_xh = vec![0.0f64; c];
+        let fast = f32_slice(gy).zip(f32_slice(xs)).filter(|_| inner >= 16);
+        let gx = if let Some((g32, x32)) = fast {
+            // One channel at a time: its sums, then (batch statistics) its input gradient
+            // while its values are still in L2; with running statistics the input gradient,
+            // γ/σ·dy, is written in the sums' pass. A fused ReLU's mask is applied as the
+            // gradient is read, forward's output recomputed as forward computed it.
+            let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
+                for ch in 0..c {
+                    let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+                    let write = if running { gs.as_deref_mut() } else { None };
+                    let coef = (mu, is, g * is, g, bt);
+                    let (s1, s2) = rows32::backward(g32, x32, write, n, c, inner, ch, coef, relu);
+                    (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
+                    if let (false, Some(gs)) = (running, gs.as_deref_mut()) {
+                        let coef = (mu, is, g * is, s1 / m, s2 / m, g, bt);
+                        rows32::input_grad(g32, x32, gs, n, c, inner, ch, coef, relu);
+                    }
+                }
+            };
+            if need_x {
+                // SAFETY: the passes write every (sample, channel) row of `inner` values.
+                Some(unsafe {
+                    super::filled(x.shape(), |gs| {
+                        pass(Some(
+                            f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"),
+                        ))
+                    })
+                })
+            } else {
+                pass(None);
+                None
+            }
+        } else {
+            let stats = Stats {
+                mean: &mean,
+                inv_std: &inv_std,
+                gamma: &gamma,
+                beta: &beta,
+            };
+            let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
+            self.generic_backward(x.shape(), xs, gy, &stats, relu, need_x, sums)
+        };
+        let mut gp = b.grad_params;
+        if self.affine {
+            for ch in 0..c {
+                gp[0][ch] += T::of(sum_dy_xh[ch]);
+                gp[1][ch] += T::of(sum_dy[ch]);
+            }
+        }
+        if running {
+            // x̂ = (x − μ_r)·(v_r + ε)^(-1/2): ∂/∂μ_r = −γ/σ Σ dy; ∂/∂v_r = −½ γ/σ² Σ dy·x̂.
+            let buf = if self.affine { 2 } else { 0 };
+            for ch in 0..c {
+                gp[buf][ch] += T::of(-gamma[ch] * inv_std[ch] * sum_dy[ch]);
+                gp[buf + 1][ch] +=
+                    T::of(-0.5 * gamma[ch] * inv_std[ch] * inv_std[ch] * sum_dy_xh[ch]);
+            }
+        }
+        vec![gx]
+    }
+
+    /// Backward's passes for any `T` and row length: the sums into `sums` (Σ dy, Σ dy·x̂ per
+    /// channel) and, when `need_x`, the input gradient. A fused ReLU's mask is applied to a
+    /// copy of the gradient first.
+    #[allow(clippy::too_many_arguments)]
+    fn generic_backward<T: Real>(
+        &self,
+        shape: &[usize],
+        xs: &[T],
+        gy: &[T],
+        st: &Stats,
+        relu: bool,
+        need_x: bool,
+        (sum_dy, sum_dy_xh): (&mut [f64], &mut [f64]),
+    ) -> Option<ArrayD<T>> {
+        let (n, c) = (shape[0], shape[1]);
+        let inner: usize = shape[2..].iter().product();
+        let m = (n * inner) as f64;
+        let rows = |ch: usize| (0..n).map(move |i| (i * c + ch) * inner);
+        let masked: Option<Vec<T>> = relu.then(|| {
+            let mut v = gy.to_vec();
+            for ch in 0..c {
+                let (mu, is, g, bb) = (st.mean[ch], st.inv_std[ch], st.gamma[ch], st.beta[ch]);
+                for base in rows(ch) {
+                    for (d, &xv) in v[base..base + inner].iter_mut().zip(&xs[base..]) {
+                        if T::of(g * ((xv.f64() - mu) * is) + bb) <= T::zero() {
+                            *d = T::zero();
+                        }
+                    }
+                }
+            }
+            v
+        });
+        let gy: &[T] = masked.as_deref().unwrap_or(gy);
+        for ch in 0..c {
+            for base in rows(ch) {
+                let (g, xr) = (&gy[base..base + inner], &xs[base..base + inner]);
+                sum_dy[ch] += lanes_sum_f64(g, |v| v.f64());
+                sum_dy_xh[ch] += lanes_dot_xhat(g, xr, st.mean[ch], st.inv_std[ch]);
+            }
+        }
+        if !need_x {
+            return None;
+        }
+        let running = self.mode == BnMode::RunningStats;
+        // SAFETY: the loops write every (sample, channel) row of `inner` values.
+        Some(unsafe {
+            super::filled(shape, |gs| {
+                for ch in 0..c {
+                    let k0 = st.gamma[ch] * st.inv_std[ch];
+                    let (mu, is) = (st.mean[ch], st.inv_std[ch]);
+                    let (a, bb) = (sum_dy[ch] / m, sum_dy_xh[ch] / m);
+                    for base in rows(ch) {
+                        let rows = gs[base..base + inner]
+                            .iter_mut()
+                            .zip(&gy[base..base + inner])
+                            .zip(&xs[base..base + inner]);
+                        for ((o, &g), &xv) in rows {
+                            if running {
+                                o.write(T::of(k0 * g.f64()));
+                            } else {
+                                let h = (xv.f64() - mu) * is;
+                                o.write(T::of(k0 * (g.f64() - a - h * bb)));
+                            }
+                        }
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// A channel's statistics and affine parameters in f64 (γ = 1, β = 0 without them).
+struct Stats<'a> {
+    mean: &'a [f64],
+    inv_std: &'a [f64],
+    gamma: &'a [f64],
+    beta: &'a [f64],
+}
+
 impl<T: Real> Layer<T> for BatchNorm {
     fn params(&self) -> Vec<ParamDecl> {
         if !self.affine {
@@ -95,186 +354,30 @@ impl<T: Real> Layer<T> for BatchNorm {
         inputs: &[ArrayViewD<T>],
         saved: &mut Saved<T>,
     ) -> ArrayD<T> {
-        let x = &inputs[0];
-        let (n, c, inner) = Self::dims(x);
-        let xs = x.as_slice().expect("activations are contiguous");
-        let (gamma, beta) = if self.affine {
-            (Some(params[0]), Some(params[1]))
-        } else {
-            (None, None)
-        };
-        let buf = if self.affine { 2 } else { 0 };
-        let mut mean = vec![0.0f64; c];
-        let mut inv_std = vec![0.0f64; c];
-        match self.mode {
-            BnMode::BatchStats => {
-                let m = (n * inner) as f64;
-                for ch in 0..c {
-                    let mut s = 0.0;
-                    for i in 0..n {
-                        let base = (i * c + ch) * inner;
-                        s += lanes_sum_f64(&xs[base..base + inner], |x| x.f64());
-                    }
-                    let mu = s / m;
-                    let mut v = 0.0;
-                    for i in 0..n {
-                        let base = (i * c + ch) * inner;
-                        v += lanes_sum_f64(&xs[base..base + inner], |x| (x.f64() - mu).powi(2));
-                    }
-                    mean[ch] = mu;
-                    inv_std[ch] = 1.0 / (v / m + self.eps).sqrt();
-                }
-            }
-            BnMode::RunningStats => {
-                for ch in 0..c {
-                    mean[ch] = params[buf][ch].f64();
-                    inv_std[ch] = 1.0 / (params[buf + 1][ch].f64() + self.eps).sqrt();
-                }
-            }
-        }
-        let shape = x.shape().to_vec();
-        let coef = |ch: usize| {
-            (
-                mean[ch],
-                inv_std[ch],
-                gamma.map_or(1.0, |g| g[ch].f64()),
-                beta.map_or(0.0, |b| b[ch].f64()),
-            )
-        };
-        // SAFETY: the loops write every (sample, channel) row of `inner` values.
-        let y = unsafe {
-            super::filled(&shape, |ys| {
-                if let (Some(x32), true) = (f32_slice(xs), inner >= 16) {
-                    let ys = f32_uninit(ys).expect("T is f32 (f32_slice succeeded)");
-                    return rows32::forward(x32, ys, n, c, inner, &coef);
-                }
-                for i in 0..n {
-                    for ch in 0..c {
-                        let base = (i * c + ch) * inner;
-                        let (mu, is, g, b) = coef(ch);
-                        let rows = ys[base..base + inner].iter_mut();
-                        for (y_out, &xv) in rows.zip(&xs[base..base + inner]) {
-                            y_out.write(T::of(g * ((xv.f64() - mu) * is) + b));
-                        }
-                    }
-                }
-            })
-        };
-        // Backward recomputes x̂ from x with the same statistics (kept as T pairs, hi + lo,
-        // so that f32 keeps them to ~48 bits and f64 exactly) instead of keeping x̂.
-        let split = |v: f64| {
-            let hi = T::of(v);
-            (hi, T::of(v - hi.f64()))
-        };
-        let mut stats = Vec::with_capacity(4 * c);
-        for v in [&mean, &inv_std] {
-            let (hi, lo): (Vec<T>, Vec<T>) = v.iter().map(|&m| split(m)).unzip();
-            stats.extend(hi);
-            stats.extend(lo);
-        }
-        let stats = ArrayD::from_shape_vec(ndarray::IxDyn(&[4, c]), stats).expect("4·c values");
-        *saved = Saved::Arrays(vec![stats]);
-        y
+        self.run_forward(params, inputs, saved, false)
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
-        let x = &b.inputs[0];
-        let (n, c, inner) = Self::dims(x);
-        let Saved::Arrays(sv) = b.saved else {
-            unreachable!("forward saves the statistics")
-        };
-        let st = sv[0].as_slice().expect("contiguous");
-        let join = |k: usize, ch: usize| st[k * c + ch].f64() + st[(k + 1) * c + ch].f64();
-        let mean: Vec<f64> = (0..c).map(|ch| join(0, ch)).collect();
-        let inv_std: Vec<f64> = (0..c).map(|ch| join(2, ch)).collect();
-        let xs = x.as_slice().expect("activations are contiguous");
-        let gy = b.grad_out.as_standard_layout();
-        let gy = gy.as_slice().expect("contiguous");
-        let m = (n * inner) as f64;
-        let gamma: Vec<f64> = if self.affine {
-            b.params[0].iter().map(|v| v.f64()).collect()
-        } else {
-            vec![1.0; c]
-        };
-        let need_x = b.need_input_grad[0];
-        // Per channel: Σ dy and Σ dy·x̂; with running statistics the input gradient
-        // (γ/σ·dy) is written in the same pass, row by row.
-        let mut sum_dy = vec![0.0f64; c];
-        let mut sum_dy_xh = vec![0.0f64; c];
-        let running = self.mode == BnMode::RunningStats;
-        let sums =
-            |gs: Option<&mut [MaybeUninit<T>]>, sum_dy: &mut [f64], sum_dy_xh: &mut [f64]| {
-                if let (Some(g32), Some(x32), true) = (f32_slice(gy), f32_slice(xs), inner >= 16) {
-                    let gs = gs.map(|gs| f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"));
-                    let coef = |ch: usize| (mean[ch], inv_std[ch], gamma[ch] * inv_std[ch]);
-                    return rows32::backward(g32, x32, gs, n, c, inner, &coef, sum_dy, sum_dy_xh);
-                }
-                let mut gs = gs;
-                for i in 0..n {
-                    for ch in 0..c {
-                        let base = (i * c + ch) * inner;
-                        let (g, xr) = (&gy[base..base + inner], &xs[base..base + inner]);
-                        sum_dy[ch] += lanes_sum_f64(g, |v| v.f64());
-                        sum_dy_xh[ch] += lanes_dot_xhat(g, xr, mean[ch], inv_std[ch]);
-                        if let Some(gs) = gs.as_deref_mut() {
-                            let k0 = gamma[ch] * inv_std[ch];
-                            for (o, &gv) in gs[base..base + inner].iter_mut().zip(g) {
-                                o.write(T::of(k0 * gv.f64()));
-                            }
-                        }
-                    }
-                }
-            };
-        let mut gx = None;
-        if running && need_x {
-            // SAFETY: the pass writes every (sample, channel) row of `inner` values.
-            gx = Some(unsafe {
-                super::filled(x.shape(), |gs| sums(Some(gs), &mut sum_dy, &mut sum_dy_xh))
-            });
-        } else {
-            sums(None, &mut sum_dy, &mut sum_dy_xh);
-        }
-        let mut gp = b.grad_params;
-        if self.affine {
-            for ch in 0..c {
-                gp[0][ch] += T::of(sum_dy_xh[ch]);
-                gp[1][ch] += T::of(sum_dy[ch]);
-            }
-        }
-        if running {
-            // x̂ = (x − μ_r)·(v_r + ε)^(-1/2): ∂/∂μ_r = −γ/σ Σ dy; ∂/∂v_r = −½ γ/σ² Σ dy·x̂.
-            let buf = if self.affine { 2 } else { 0 };
-            for ch in 0..c {
-                gp[buf][ch] += T::of(-gamma[ch] * inv_std[ch] * sum_dy[ch]);
-                gp[buf + 1][ch] +=
-                    T::of(-0.5 * gamma[ch] * inv_std[ch] * inv_std[ch] * sum_dy_xh[ch]);
-            }
-        }
-        if !need_x || running {
-            return vec![gx];
-        }
-        // SAFETY: the loops write every (sample, channel) row of `inner` values.
-        let gx = unsafe {
-            super::filled(x.shape(), |gs| {
-                for i in 0..n {
-                    for ch in 0..c {
-                        let base = (i * c + ch) * inner;
-                        let k0 = gamma[ch] * inv_std[ch];
-                        let (mu, is) = (mean[ch], inv_std[ch]);
-                        let (a, bb) = (sum_dy[ch] / m, sum_dy_xh[ch] / m);
-                        let rows = gs[base..base + inner]
-                            .iter_mut()
-                            .zip(&gy[base..base + inner])
-                            .zip(&xs[base..base + inner]);
-                        for ((o, &g), &xv) in rows {
-                            let h = (xv.f64() - mu) * is;
-                            o.write(T::of(k0 * (g.f64() - a - h * bb)));
-                        }
-                    }
-                }
-            })
-        };
-        vec![Some(gx)]
+        self.run_backward(b, false)
+    }
+
+    /// Batch norm computes `max(y, 0)` as it writes `y`, and backward recomputes `y` from the
+    /// input (with the saved statistics, which forward also used) for the ReLU's mask.
+    fn fuses_relu(&self) -> bool {
+        true
+    }
+
+    fn forward_relu(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        self.run_forward(params, inputs, saved, true)
+    }
+
+    fn backward_relu(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        self.run_backward(b, true)
     }
 
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
@@ -316,109 +419,41 @@ fn lanes_dot_xhat<T: Real>(dy: &[T], x: &[T], mu: f64, is: f64) -> f64 {
 
 /// The f32 path of the per-element passes: the generic path's f64 arithmetic per element,
 /// with the sums in 16 f64 lanes per channel summed at the end (in a fixed order, so results
-/// depend on the values only), compiled for AVX-512F when
-/// the CPU has it. (x̂ and the output in f32 arithmetic were faster, but the f32 rounding of
-/// the statistics shifts every value of a channel the same way, and a bias gradient that is a
-/// sum with much cancellation moved by 2.5e-4 relative on the ResNet-20 oracle.) Used for
-/// rows of at least 16 values (shorter ones take the generic loops).
+/// depend on the values only), compiled for AVX-512F when the CPU has it. (x̂ and the output
+/// in f32 arithmetic were faster, but the f32 rounding of the statistics shifts every value of
+/// a channel the same way, and a bias gradient that is a sum with much cancellation moved by
+/// 2.5e-4 relative on the ResNet-20 oracle.) Used for rows of at least 16 values (shorter
+/// ones take the generic loops). Each call handles one channel (its `n` rows of `inner`
+/// values), so that the passes of a channel that follow each other (statistics, then
+/// output; sums, then input gradient) find its values in the L2 cache.
 mod rows32 {
     use std::mem::MaybeUninit;
 
     /// Channel coefficients for forward: (mean, 1/σ, γ, β).
-    pub(super) type FwdCoef<'a> = &'a dyn Fn(usize) -> (f64, f64, f64, f64);
-    /// Channel coefficients for backward: (mean, 1/σ, γ/σ).
-    pub(super) type BwdCoef<'a> = &'a dyn Fn(usize) -> (f64, f64, f64);
+    pub(super) type FwdCoef = (f64, f64, f64, f64);
+    /// Channel coefficients for backward: (mean, 1/σ, γ/σ, γ, β).
+    pub(super) type BwdCoef = (f64, f64, f64, f64, f64);
+    /// Channel coefficients for the batch-statistics input gradient:
+    /// (mean, 1/σ, γ/σ, Σdy/m, Σdy·x̂/m, γ, β).
+    pub(super) type GradCoef = (f64, f64, f64, f64, f64, f64, f64);
 
-    /// `y = γ·((x − μ)·is) + β`, every value of `ys` written.
-    pub(super) fn forward(
-        xs: &[f32],
-        ys: &mut [MaybeUninit<f32>],
-        n: usize,
-        c: usize,
-        inner: usize,
-        coef: FwdCoef,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { forward_avx512(xs, ys, n, c, inner, coef) };
-        }
-        forward_body(xs, ys, n, c, inner, coef)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn forward_avx512(
-        xs: &[f32],
-        ys: &mut [MaybeUninit<f32>],
-        n: usize,
-        c: usize,
-        inner: usize,
-        coef: FwdCoef,
-    ) {
-        forward_body(xs, ys, n, c, inner, coef)
-    }
-
+    /// The rows of channel `ch`: (start, end) of each of the `n` samples.
     #[inline(always)]
-    fn forward_body(
-        xs: &[f32],
-        ys: &mut [MaybeUninit<f32>],
-        n: usize,
-        c: usize,
-        inner: usize,
-        coef: FwdCoef,
-    ) {
-        for ch in 0..c {
-            let (mu, is, g, b) = coef(ch);
-            for i in 0..n {
-                let base = (i * c + ch) * inner;
-                for (y, &x) in ys[base..base + inner]
-                    .iter_mut()
-                    .zip(&xs[base..base + inner])
-                {
-                    y.write((g * ((f64::from(x) - mu) * is) + b) as f32);
-                }
-            }
-        }
+    fn rows(n: usize, c: usize, inner: usize, ch: usize) -> impl Iterator<Item = usize> {
+        (0..n).map(move |i| (i * c + ch) * inner)
     }
 
-    /// Adds Σ dy and Σ dy·x̂ per channel into the sums and, when `gs` is given, writes
-    /// `γ/σ·dy` into it.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward(
-        gy: &[f32],
-        xs: &[f32],
-        gs: Option<&mut [MaybeUninit<f32>]>,
-        n: usize,
-        c: usize,
-        inner: usize,
-        coef: BwdCoef,
-        sum_dy: &mut [f64],
-        sum_dy_xh: &mut [f64],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { backward_avx512(gy, xs, gs, n, c, inner, coef, sum_dy, sum_dy_xh) };
-        }
-        backward_body(gy, xs, gs, n, c, inner, coef, sum_dy, sum_dy_xh)
+    /// `max(v, 0)`, 0 for NaN (the ReLU layer's forward), when `RELU`.
+    #[inline(always)]
+    fn act<const RELU: bool>(v: f32) -> f32 {
+        if !RELU || v > 0.0 { v } else { 0.0 }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn backward_avx512(
-        gy: &[f32],
-        xs: &[f32],
-        gs: Option<&mut [MaybeUninit<f32>]>,
-        n: usize,
-        c: usize,
-        inner: usize,
-        coef: BwdCoef,
-        sum_dy: &mut [f64],
-        sum_dy_xh: &mut [f64],
-    ) {
-        backward_body(gy, xs, gs, n, c, inner, coef, sum_dy, sum_dy_xh)
+    /// `g` where `y` > 0 or is NaN, else 0 (the ReLU layer's backward at its input `y`), when
+    /// `RELU`.
+    #[inline(always)]
+    fn mask<const RELU: bool>(g: f32, y: f32) -> f32 {
+        if RELU && y <= 0.0 { 0.0 } else { g }
     }
 
     /// The 16 lanes summed in f64, pairwise in a fixed order.
@@ -433,48 +468,316 @@ mod rows32 {
         v[0]
     }
 
+    /// Runs `body` compiled for AVX-512F when the CPU has it (the bodies are
+    /// `#[inline(always)]`, so they are compiled again inside the AVX-512F function).
+    macro_rules! dispatch {
+        ($avx:ident, $body:expr) => {{
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn $avx<R>(f: impl FnOnce() -> R) -> R {
+                    f()
+                }
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                return unsafe { $avx(|| $body) };
+            }
+            $body
+        }};
+    }
+
+    /// Mean and biased variance of channel `ch` (batch statistics), in one pass: the sums of
+    /// `d = x − s` and `d²` in 16 f64 lanes, `s` the channel's first value. Then
+    /// `var = (Σd² − (Σd)²/m)/m`, whose rounding error is at most a few f64 ulps of
+    /// `var + (μ − s)²`, and `(μ − s)² ≤ m·var` since `s` is one of the values: relative
+    /// error below ~1e-9 for a chunk's m ≤ 10⁶ values, far below f32's resolution.
+    pub(super) fn stats(xs: &[f32], n: usize, c: usize, inner: usize, ch: usize) -> (f64, f64) {
+        dispatch!(stats_avx512, stats_body(xs, n, c, inner, ch))
+    }
+
     #[inline(always)]
+    fn stats_body(xs: &[f32], n: usize, c: usize, inner: usize, ch: usize) -> (f64, f64) {
+        let m = (n * inner) as f64;
+        let s = f64::from(xs[ch * inner]);
+        let (mut a1, mut a2) = ([0.0f64; 16], [0.0f64; 16]);
+        let (mut t1, mut t2) = (0.0f64, 0.0f64);
+        for base in rows(n, c, inner, ch) {
+            let xc = xs[base..base + inner].chunks_exact(16);
+            for &x in xc.remainder() {
+                let d = f64::from(x) - s;
+                t1 += d;
+                t2 += d * d;
+            }
+            for x in xc {
+                for k in 0..16 {
+                    let d = f64::from(x[k]) - s;
+                    a1[k] += d;
+                    a2[k] += d * d;
+                }
+            }
+        }
+        let (s1, s2) = (lanes(&a1) + t1, lanes(&a2) + t2);
+        (s + s1 / m, ((s2 - s1 * (s1 / m)) / m).max(0.0))
+    }
+
+    /// `y = γ·((x − μ)·is) + β` for channel `ch`, its values of `ys` written; with `relu`,
+    /// `max(y, 0)` (0 for NaN, as the ReLU layer).
     #[allow(clippy::too_many_arguments)]
-    fn backward_body(
-        gy: &[f32],
+    pub(super) fn forward(
         xs: &[f32],
-        mut gs: Option<&mut [MaybeUninit<f32>]>,
+        ys: &mut [MaybeUninit<f32>],
         n: usize,
         c: usize,
         inner: usize,
-        coef: BwdCoef,
-        sum_dy: &mut [f64],
-        sum_dy_xh: &mut [f64],
+        ch: usize,
+        coef: FwdCoef,
+        relu: bool,
     ) {
-        for ch in 0..c {
-            let (mu, is, k0) = coef(ch);
-            // 16 f64 lanes.
-            let (mut a1, mut a2) = ([0.0f64; 16], [0.0f64; 16]);
-            let (mut t1, mut t2) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let base = (i * c + ch) * inner;
-                let (g, x) = (&gy[base..base + inner], &xs[base..base + inner]);
-                let (gc, xc) = (g.chunks_exact(16), x.chunks_exact(16));
-                let (gr, xr) = (gc.remainder(), xc.remainder());
-                for (g, x) in gc.zip(xc) {
-                    for k in 0..16 {
-                        let g = f64::from(g[k]);
-                        a1[k] += g;
-                        a2[k] += g * ((f64::from(x[k]) - mu) * is);
+        dispatch!(
+            forward_avx512,
+            match relu {
+                true => forward_body::<true>(xs, ys, (n, c, inner), ch, coef),
+                false => forward_body::<false>(xs, ys, (n, c, inner), ch, coef),
+            }
+        )
+    }
+
+    #[inline(always)]
+    fn forward_body<const RELU: bool>(
+        xs: &[f32],
+        ys: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        (mu, is, g, b): FwdCoef,
+    ) {
+        for base in rows(n, c, inner, ch) {
+            for (y, &x) in ys[base..base + inner]
+                .iter_mut()
+                .zip(&xs[base..base + inner])
+            {
+                y.write(act::<RELU>((g * ((f64::from(x) - mu) * is) + b) as f32));
+            }
+        }
+    }
+
+    /// (Σ dy, Σ dy·x̂) of channel `ch`; when `gs` is given, writes `γ/σ·dy` into its values
+    /// of it. With `relu`, `dy` is first masked where forward's output was not positive (the
+    /// ReLU layer's backward), that output recomputed as forward computed it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        gy: &[f32],
+        xs: &[f32],
+        gs: Option<&mut [MaybeUninit<f32>]>,
+        n: usize,
+        c: usize,
+        inner: usize,
+        ch: usize,
+        coef: BwdCoef,
+        relu: bool,
+    ) -> (f64, f64) {
+        let d = (n, c, inner);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            return unsafe {
+                match (relu, gs) {
+                    (false, None) => avx512::backward::<false, false>(gy, xs, &mut [], d, ch, coef),
+                    (true, None) => avx512::backward::<true, false>(gy, xs, &mut [], d, ch, coef),
+                    (false, Some(gs)) => avx512::backward::<false, true>(gy, xs, gs, d, ch, coef),
+                    (true, Some(gs)) => avx512::backward::<true, true>(gy, xs, gs, d, ch, coef),
+                }
+            };
+        }
+        dispatch!(
+            backward_avx512,
+            match (relu, gs) {
+                (false, None) => backward_body::<false, false>(gy, xs, &mut [], d, ch, coef),
+                (true, None) => backward_body::<true, false>(gy, xs, &mut [], d, ch, coef),
+                (false, Some(gs)) => backward_body::<false, true>(gy, xs, gs, d, ch, coef),
+                (true, Some(gs)) => backward_body::<true, true>(gy, xs, gs, d, ch, coef),
+            }
+        )
+    }
+
+    /// [`backward`] for one choice of ReLU mask and of writing `gs` (`WRITE`; else empty).
+    #[inline(always)]
+    fn backward_body<const RELU: bool, const WRITE: bool>(
+        gy: &[f32],
+        xs: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        (mu, is, k0, gam, bet): BwdCoef,
+    ) -> (f64, f64) {
+        // 16 f64 lanes.
+        let (mut a1, mut a2) = ([0.0f64; 16], [0.0f64; 16]);
+        let (mut t1, mut t2) = (0.0f64, 0.0f64);
+        let as16 = |v: &[f32]| -> [f32; 16] { v.try_into().expect("16 values") };
+        for base in rows(n, c, inner, ch) {
+            let (g, x) = (&gy[base..base + inner], &xs[base..base + inner]);
+            // One block of 16: the masked gradient, its sums into the lanes.
+            let mut block = |g: &[f32; 16], x: &[f32; 16]| {
+                let mut gv = [0.0f64; 16];
+                for k in 0..16 {
+                    let h = (f64::from(x[k]) - mu) * is;
+                    gv[k] = f64::from(mask::<RELU>(g[k], (gam * h + bet) as f32));
+                    a1[k] += gv[k];
+                    a2[k] += gv[k] * h;
+                }
+                gv
+            };
+            let (gc, xc) = (g.chunks_exact(16), x.chunks_exact(16));
+            let (gr, xr) = (gc.remainder(), xc.remainder());
+            if WRITE {
+                let os = gs[base..base + inner].chunks_exact_mut(16);
+                for ((g, x), o) in gc.zip(xc).zip(os) {
+                    let gv = block(&as16(g), &as16(x));
+                    for (o, gv) in o.iter_mut().zip(gv) {
+                        o.write((k0 * gv) as f32);
                     }
                 }
-                for (&g, &x) in gr.iter().zip(xr) {
-                    t1 += f64::from(g);
-                    t2 += f64::from(g) * ((f64::from(x) - mu) * is);
+            } else {
+                for (g, x) in gc.zip(xc) {
+                    block(&as16(g), &as16(x));
                 }
-                if let Some(gs) = gs.as_deref_mut() {
-                    for (o, &g) in gs[base..base + inner].iter_mut().zip(g) {
-                        o.write((k0 * f64::from(g)) as f32);
+            }
+            let tail = base + inner - gr.len();
+            for (j, (&g, &x)) in gr.iter().zip(xr).enumerate() {
+                let h = (f64::from(x) - mu) * is;
+                let gv = f64::from(mask::<RELU>(g, (gam * h + bet) as f32));
+                t1 += gv;
+                t2 += gv * h;
+                if WRITE {
+                    gs[tail + j].write((k0 * gv) as f32);
+                }
+            }
+        }
+        (lanes(&a1) + t1, lanes(&a2) + t2)
+    }
+
+    /// [`backward_body`] in AVX-512F intrinsics (the compiler left the masked variant
+    /// scalar): the same operations in the same order, so the same bits.
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use super::{BwdCoef, MaybeUninit, lanes, rows};
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn backward<const RELU: bool, const WRITE: bool>(
+            gy: &[f32],
+            xs: &[f32],
+            gs: &mut [MaybeUninit<f32>],
+            (n, c, inner): (usize, usize, usize),
+            ch: usize,
+            (mu, is, k0, gam, bet): BwdCoef,
+        ) -> (f64, f64) {
+            let (vmu, vis, vk0) = (_mm512_set1_pd(mu), _mm512_set1_pd(is), _mm512_set1_pd(k0));
+            let (vgam, vbet) = (_mm512_set1_pd(gam), _mm512_set1_pd(bet));
+            let mut a1 = [_mm512_setzero_pd(); 2];
+            let mut a2 = [_mm512_setzero_pd(); 2];
+            let (mut t1, mut t2) = (0.0f64, 0.0f64);
+            let full = inner / 16 * 16;
+            for base in rows(n, c, inner, ch) {
+                let (g, x) = (&gy[base..base + inner], &xs[base..base + inner]);
+                for j in (0..full).step_by(16) {
+                    for half in 0..2 {
+                        let o = j + 8 * half;
+                        // SAFETY: o + 8 ≤ full ≤ inner: the 8 values are inside the rows.
+                        unsafe {
+                            let xv = _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(o)));
+                            let gv = _mm512_cvtps_pd(_mm256_loadu_ps(g.as_ptr().add(o)));
+                            let h = _mm512_mul_pd(_mm512_sub_pd(xv, vmu), vis);
+                            let gv = if RELU {
+                                let z = _mm512_add_pd(_mm512_mul_pd(vgam, h), vbet);
+                                let z = _mm512_cvtpd_ps(z);
+                                let le = _mm256_cmp_ps::<_CMP_LE_OQ>(z, _mm256_setzero_ps());
+                                let keep = !(_mm256_movemask_ps(le) as u8);
+                                _mm512_maskz_mov_pd(keep, gv)
+                            } else {
+                                gv
+                            };
+                            a1[half] = _mm512_add_pd(a1[half], gv);
+                            a2[half] = _mm512_add_pd(a2[half], _mm512_mul_pd(gv, h));
+                            if WRITE {
+                                let out = _mm512_cvtpd_ps(_mm512_mul_pd(vk0, gv));
+                                let dst = gs.as_mut_ptr().add(base + o) as *mut f32;
+                                _mm256_storeu_ps(dst, out);
+                            }
+                        }
+                    }
+                }
+                for j in full..inner {
+                    let h = (f64::from(x[j]) - mu) * is;
+                    let z = (gam * h + bet) as f32;
+                    let gv = if RELU && z <= 0.0 {
+                        0.0
+                    } else {
+                        f64::from(g[j])
+                    };
+                    t1 += gv;
+                    t2 += gv * h;
+                    if WRITE {
+                        gs[base + j].write((k0 * gv) as f32);
                     }
                 }
             }
-            sum_dy[ch] += lanes(&a1) + t1;
-            sum_dy_xh[ch] += lanes(&a2) + t2;
+            let (mut l1, mut l2) = ([0.0f64; 16], [0.0f64; 16]);
+            for half in 0..2 {
+                // SAFETY: each half is 8 of the 16 values.
+                unsafe {
+                    _mm512_storeu_pd(l1.as_mut_ptr().add(8 * half), a1[half]);
+                    _mm512_storeu_pd(l2.as_mut_ptr().add(8 * half), a2[half]);
+                }
+            }
+            (lanes(&l1) + t1, lanes(&l2) + t2)
+        }
+    }
+
+    /// The input gradient of channel `ch` with batch statistics,
+    /// `γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m)`, the generic path's f64 arithmetic per element; its
+    /// values of `gs` written. With `relu`, `dy` masked as in [`backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn input_grad(
+        gy: &[f32],
+        xs: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        n: usize,
+        c: usize,
+        inner: usize,
+        ch: usize,
+        coef: GradCoef,
+        relu: bool,
+    ) {
+        let d = (n, c, inner);
+        dispatch!(
+            input_grad_avx512,
+            match relu {
+                true => input_grad_body::<true>(gy, xs, gs, d, ch, coef),
+                false => input_grad_body::<false>(gy, xs, gs, d, ch, coef),
+            }
+        )
+    }
+
+    #[inline(always)]
+    fn input_grad_body<const RELU: bool>(
+        gy: &[f32],
+        xs: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        (mu, is, k0, a, bb, gam, bet): GradCoef,
+    ) {
+        for base in rows(n, c, inner, ch) {
+            let rows = gs[base..base + inner]
+                .iter_mut()
+                .zip(&gy[base..base + inner])
+                .zip(&xs[base..base + inner]);
+            for ((o, &g), &x) in rows {
+                let h = (f64::from(x) - mu) * is;
+                let g = mask::<RELU>(g, (gam * h + bet) as f32);
+                o.write((k0 * (f64::from(g) - a - h * bb)) as f32);
+            }
         }
     }
 }
@@ -559,6 +862,7 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::check_fused_relu;
     use crate::net::gradcheck::{Rng, check_layer, check_layer_with, run_layer};
 
     /// The f32 path (16 f64 lanes per channel, AVX-512F where the CPU has it) against the f64
@@ -624,6 +928,56 @@ mod tests {
             for ((a, b), d) in g32.iter().zip(&g).zip(&decls) {
                 close(a, b, d.suffix);
             }
+        }
+    }
+
+    /// Batch norm with the next ReLU fused (`forward_relu`, `backward_relu`: the mask
+    /// recomputed from the input) gives the same bits as batch norm and then the ReLU layer:
+    /// f32 rows of at least 16 values (the AVX-512 kernels) and shorter ones, and f64, in both
+    /// modes, with and without affine parameters.
+    #[test]
+    fn fused_relu_gives_the_same_bits_as_the_relu_layer() {
+        for (mode, affine, shape) in [
+            (BnMode::RunningStats, true, vec![5usize, 3, 6, 6]),
+            (BnMode::BatchStats, true, vec![4, 3, 8, 8]),
+            (BnMode::BatchStats, false, vec![3, 2, 5, 7]),
+            (BnMode::RunningStats, false, vec![2, 4, 1, 3]),
+            (BnMode::BatchStats, true, vec![3, 2, 2, 5]),
+            (BnMode::RunningStats, true, vec![2, 3, 20]),
+        ] {
+            let bn = BatchNorm {
+                num_features: shape[1],
+                eps: 1e-5,
+                affine,
+                mode,
+            };
+            let mut rng = Rng::new(11);
+            let x = rng.array(&shape).mapv(|v| 3.0 + v);
+            let gy = rng.array(&shape);
+            let decls: Vec<ParamDecl> = <BatchNorm as Layer<f64>>::params(&bn)
+                .into_iter()
+                .chain(<BatchNorm as Layer<f64>>::buffers(&bn))
+                .collect();
+            let params: Vec<Vec<f64>> = decls
+                .iter()
+                .map(|d| {
+                    let v = rng.array(&d.shape).into_raw_vec_and_offset().0;
+                    match d.suffix {
+                        "running_var" => v.iter().map(|x| x.abs() + 0.5).collect(),
+                        "running_mean" => v.iter().map(|x| x + 3.0).collect(),
+                        _ => v,
+                    }
+                })
+                .collect();
+            let zeroed = check_fused_relu(&bn, &params, std::slice::from_ref(&x), &gy);
+            assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let zeroed = check_fused_relu(&bn, &p32, &[x32], &gy32);
+            assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");
         }
     }
 

@@ -148,6 +148,39 @@ pub trait Layer<T: Real>: Send + Sync {
     fn check_model_input(&self, _x: ArrayViewD<'_, f32>) -> std::result::Result<(), String> {
         Ok(())
     }
+    /// Whether the layer evaluates `relu(layer(x))` in one pass ([`Layer::forward_relu`],
+    /// [`Layer::backward_relu`]): the executor then fuses a ReLU that is this layer's only
+    /// reader into it. Such a layer's backward must not read its own output.
+    fn fuses_relu(&self) -> bool {
+        false
+    }
+    /// `relu(forward(..))`, the same bits as forward followed by the ReLU layer (ReLU maps
+    /// NaN to 0 as [`activation::Activation::Relu`] does).
+    fn forward_relu(
+        &self,
+        params: &[&[T]],
+        inputs: &[ArrayViewD<T>],
+        saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        let mut y = self.forward(params, inputs, saved);
+        y.mapv_inplace(|v| if v > T::zero() { v } else { T::zero() });
+        y
+    }
+    /// Backward of `relu ∘ layer`: `grad_out` is the gradient with respect to the ReLU's
+    /// output and `output` that output ([`Layer::forward_relu`]'s). The default masks the
+    /// gradient where the output is not positive and runs [`Layer::backward`].
+    fn backward_relu(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
+        let mut g = b.grad_out.to_owned();
+        g.zip_mut_with(&b.output, |g, &y| {
+            if y <= T::zero() {
+                *g = T::zero()
+            }
+        });
+        self.backward(Backward {
+            grad_out: g.view(),
+            ..b
+        })
+    }
 }
 
 /// Where a node reads from.
@@ -171,6 +204,9 @@ pub struct Node<T: Real> {
     pub out_shape: Vec<usize>,
     /// Whether any parameter upstream (or here) influences this node's output.
     pub depends_on_params: bool,
+    /// This node also applies node `i + 1`, a ReLU that is its only reader
+    /// ([`Layer::fuses_relu`]): node `i + 1` then passes values and gradients through.
+    pub fuses_next_relu: bool,
 }
 
 impl<T: Real> Node<T> {
@@ -273,8 +309,8 @@ impl<T: Real> Model<T> {
         Self::build_with(spec, input_shape, true)
     }
 
-    /// [`Model::build`], with the equivalent reordering of `relu → max_pool2d` optional (off
-    /// only to test that it changes nothing).
+    /// [`Model::build`], with the equivalent reordering of `relu → max_pool2d` and the fused
+    /// ReLUs ([`Node::fuses_next_relu`]) optional (off only to test that they change nothing).
     pub(crate) fn build_with(
         spec: &Spec,
         input_shape: &[usize],
@@ -433,6 +469,7 @@ impl<T: Real> Model<T> {
                 in_shapes,
                 out_shape,
                 depends_on_params,
+                fuses_next_relu: false,
             });
         }
         // A tensor a `tied` table names that no layer owns (a weight used functionally, e.g.
@@ -465,6 +502,7 @@ impl<T: Real> Model<T> {
         }
         if reorder {
             pool_before_relu(&mut nodes);
+            fuse_relus(&mut nodes);
         }
         Ok(Model {
             nodes,
@@ -647,17 +685,29 @@ impl<T: Real> Model<T> {
                 })
                 .collect()
         }
+        // The output of a node that applied the next node's ReLU: that node's output.
+        let mut fused_out = None;
         for (i, node) in self.nodes.iter().enumerate() {
             if i == 0 && given {
                 outs.push(ArrayD::zeros(IxDyn(&[0])));
                 saved.push(Saved::None);
                 continue;
             }
+            if let Some(y) = fused_out.take() {
+                outs.push(y);
+                saved.push(Saved::None);
+                continue;
+            }
             let p = node.param_slices(theta);
             let ins = inputs_of(node, &xv, &outs, &first);
             let mut sv = Saved::None;
-            let y_out = node.layer.forward(&p, &ins, &mut sv);
-            outs.push(y_out);
+            if node.fuses_next_relu {
+                fused_out = Some(node.layer.forward_relu(&p, &ins, &mut sv));
+                // Read by nobody: the ReLU node was its only reader.
+                outs.push(ArrayD::zeros(IxDyn(&[0])));
+            } else {
+                outs.push(node.layer.forward(&p, &ins, &mut sv));
+            }
             saved.push(sv);
         }
         let (loss_sum, count, g_last) =
@@ -673,6 +723,11 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let Some(g) = gouts[i].take() else { continue };
+            if i > 0 && self.nodes[i - 1].fuses_next_relu {
+                // A fused ReLU: node i − 1's backward takes the gradient of its output.
+                gouts[i - 1] = Some(g);
+                continue;
+            }
             let p = node.param_slices(theta);
             let ins = inputs_of(node, &xv, &outs, &first);
             let need: Vec<bool> = node
@@ -684,20 +739,29 @@ impl<T: Real> Model<T> {
                 })
                 .collect();
             let gp = disjoint_mut(grads, &node.param_ids);
-            let gin = node.layer.backward(Backward {
+            let fused = node.fuses_next_relu;
+            let b = Backward {
                 params: &p,
                 inputs: &ins,
-                output: output(&outs, &first, i),
+                output: output(&outs, &first, i + usize::from(fused)),
                 saved: &saved[i],
                 grad_out: g.view(),
                 grad_params: gp,
                 need_input_grad: &need,
-            });
+            };
+            let gin = if fused {
+                node.layer.backward_relu(b)
+            } else {
+                node.layer.backward(b)
+            };
             // Every reader of node i's output has a larger index and is done: free it and
             // what forward saved, to hold fewer chunk-sized arrays at once.
             saved[i] = Saved::None;
             if i > 0 || !given {
                 outs[i] = ArrayD::zeros(IxDyn(&[0]));
+            }
+            if fused {
+                outs[i + 1] = ArrayD::zeros(IxDyn(&[0]));
             }
             for (s, gi) in node.inputs.iter().zip(gin) {
                 if let (Src::Node(j), Some(gi)) = (s, gi) {
@@ -764,6 +828,110 @@ fn pool_before_relu<T: Real>(nodes: &mut [Node<T>]) {
         relu.out_shape = pool.out_shape.clone();
         pool.in_shapes = vec![pool.out_shape.clone()];
     }
+}
+
+/// Mark the nodes that apply the next node's ReLU themselves ([`Node::fuses_next_relu`]):
+/// a layer that [fuses ReLUs](Layer::fuses_relu), followed by a ReLU that reads only it and is
+/// its only reader. Node 0 is left alone (its output may be given, shared between integration
+/// points).
+fn fuse_relus<T: Real>(nodes: &mut [Node<T>]) {
+    let mut readers = vec![0usize; nodes.len()];
+    for n in nodes.iter() {
+        for s in &n.inputs {
+            if let Src::Node(k) = *s {
+                readers[k] += 1;
+            }
+        }
+    }
+    for i in 1..nodes.len().saturating_sub(1) {
+        if nodes[i].layer.fuses_relu()
+            && !nodes[i - 1].fuses_next_relu
+            && nodes[i + 1].type_name == "relu"
+            && nodes[i + 1].inputs == [Src::Node(i)]
+            && readers[i] == 1
+        {
+            nodes[i].fuses_next_relu = true;
+        }
+    }
+}
+
+/// Test helper: `layer.forward_relu` / `layer.backward_relu` against `layer` followed by the
+/// ReLU layer, in two passes each: the same bits of output, input gradients and parameter
+/// gradients. Returns the fraction of outputs the ReLU zeroed (so that a test can check that
+/// its data exercise the mask).
+#[cfg(test)]
+pub(crate) fn check_fused_relu<T: Real>(
+    layer: &dyn Layer<T>,
+    params: &[Vec<T>],
+    inputs: &[ArrayD<T>],
+    gy: &ArrayD<T>,
+) -> f64 {
+    let relu = activation::Activation::Relu;
+    let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
+    let ins: Vec<ArrayViewD<T>> = inputs.iter().map(|a| a.view()).collect();
+    let need = vec![true; inputs.len()];
+    let zeros = || -> Vec<Vec<T>> { params.iter().map(|v| vec![T::zero(); v.len()]).collect() };
+    // Unfused: the layer, then the ReLU layer.
+    let mut s1 = Saved::None;
+    let z = layer.forward(&pr, &ins, &mut s1);
+    let r1 = relu.forward(&[], &[z.view()], &mut Saved::None);
+    let gz = relu
+        .backward(Backward {
+            params: &[],
+            inputs: &[z.view()],
+            output: r1.view(),
+            saved: &Saved::None,
+            grad_out: gy.view(),
+            grad_params: Vec::new(),
+            need_input_grad: &[true],
+        })
+        .remove(0)
+        .expect("the ReLU's input gradient");
+    let mut g1 = zeros();
+    let gx1 = layer.backward(Backward {
+        params: &pr,
+        inputs: &ins,
+        output: z.view(),
+        saved: &s1,
+        grad_out: gz.view(),
+        grad_params: g1.iter_mut().map(|v| v.as_mut_slice()).collect(),
+        need_input_grad: &need,
+    });
+    // Fused.
+    let mut s2 = Saved::None;
+    let r2 = layer.forward_relu(&pr, &ins, &mut s2);
+    let mut g2 = zeros();
+    let gx2 = layer.backward_relu(Backward {
+        params: &pr,
+        inputs: &ins,
+        output: r2.view(),
+        saved: &s2,
+        grad_out: gy.view(),
+        grad_params: g2.iter_mut().map(|v| v.as_mut_slice()).collect(),
+        need_input_grad: &need,
+    });
+    let bits = |a: &mut dyn Iterator<Item = T>| a.map(|v| v.f64().to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&mut r1.iter().copied()),
+        bits(&mut r2.iter().copied()),
+        "output"
+    );
+    for (k, (a, b)) in gx1.iter().zip(&gx2).enumerate() {
+        let (a, b) = (a.as_ref().expect("gradient"), b.as_ref().expect("gradient"));
+        assert_eq!(
+            bits(&mut a.iter().copied()),
+            bits(&mut b.iter().copied()),
+            "input gradient {k}"
+        );
+    }
+    for (k, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        assert_eq!(
+            bits(&mut a.iter().copied()),
+            bits(&mut b.iter().copied()),
+            "parameter gradient {k}"
+        );
+    }
+    r2.iter().filter(|&&v| v == T::zero()).count() as f64 / r2.len().max(1) as f64
 }
 
 /// Mutable slices of `grads` at the given distinct indices, in that order.
@@ -964,6 +1132,114 @@ train = "unused"
             (l.to_bits(), bits)
         };
         assert_eq!(run(&a), run(&b));
+    }
+
+    /// A ResNet block (conv → BN → ReLU → conv → BN → add → ReLU) with the ReLUs fused into
+    /// batch norm and the add gives the same bits as without fusion: loss and every gradient,
+    /// both batch-norm modes, maps of 8×8 (the f32 kernels' rows) and 3×3.
+    #[test]
+    fn fused_relus_change_nothing() {
+        for (mode, hw) in [("batch-stats", 8), ("running-stats", 8), ("batch-stats", 3)] {
+            let src = format!(
+                r#"
+[model]
+input_shape = [2, {hw}, {hw}]
+batch_norm = "{mode}"
+
+[[layers]]
+name = "conv"
+type = "conv2d"
+in_channels = 2
+out_channels = 3
+kernel_size = 3
+padding = 1
+bias = false
+
+[[layers]]
+name = "bn"
+type = "batch_norm2d"
+num_features = 3
+
+[[layers]]
+name = "relu"
+type = "relu"
+
+[[layers]]
+name = "conv2"
+type = "conv2d"
+in_channels = 3
+out_channels = 3
+kernel_size = 3
+padding = 1
+bias = false
+
+[[layers]]
+name = "bn2"
+type = "batch_norm2d"
+num_features = 3
+
+[[layers]]
+name = "add"
+type = "add"
+input = ["bn2", "relu"]
+
+[[layers]]
+name = "relu2"
+type = "relu"
+
+[[layers]]
+type = "flatten"
+
+[[layers]]
+name = "fc"
+type = "linear"
+in_features = {}
+out_features = 4
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "unused"
+"#,
+                3 * hw * hw
+            );
+            let spec = Spec::parse(&src, std::path::Path::new("t.toml")).unwrap();
+            let shape = [2, hw, hw];
+            let a: Model<f32> = Model::build_with(&spec, &shape, true).unwrap();
+            let b: Model<f32> = Model::build_with(&spec, &shape, false).unwrap();
+            let fused: Vec<&str> = a
+                .nodes
+                .iter()
+                .filter(|n| n.fuses_next_relu)
+                .map(|n| n.name.as_str())
+                .collect();
+            assert_eq!(fused, ["bn", "add"]);
+            assert!(b.nodes.iter().all(|n| !n.fuses_next_relu));
+            let mut rng = Rng::new(9);
+            let theta: Vec<Vec<f32>> = a
+                .params
+                .iter()
+                .map(|p| {
+                    let v = rng.array(&p.shape);
+                    let v = if p.role == "running_var" {
+                        v.mapv(|x| x.abs() + 0.5)
+                    } else {
+                        v
+                    };
+                    v.iter().map(|&x| x as f32).collect()
+                })
+                .collect();
+            let x = rng.array(&[5, 2, hw, hw]).mapv(|v| v as f32);
+            let y = [0u32, 3, 1, 2, 1];
+            let run = |m: &Model<f32>| {
+                let mut g: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+                let (l, _) = m.chunk_loss_grad(&theta, x.view(), TargetsView::Classes(&y), &mut g);
+                let bits: Vec<u32> = g.iter().flatten().map(|v| v.to_bits()).collect();
+                (l.to_bits(), bits)
+            };
+            assert_eq!(run(&a), run(&b), "{mode}, {hw}×{hw}");
+        }
     }
 
     #[test]
