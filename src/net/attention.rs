@@ -12,10 +12,13 @@
 //! and head, `P = softmax(Q Kᵀ / √d)` with position i attending to positions j ≤ i (the causal
 //! mask), computed stably (row maximum subtracted; in f32 with the vectorised `exp` of
 //! [`super::fastmath`]), and the heads' `P V` are concatenated and
-//! projected. Dropout is the identity. Every product is a matrix product (GEMM): the
-//! projections over all N·T rows at once, the scores and `P V` per sequence and head on
-//! strided views of the one q/k/v buffer, with no copies. Forward keeps q/k/v, the attention
-//! probabilities and the concatenated heads for backward.
+//! projected. Dropout is the identity. The projections are matrix products (GEMM) over all
+//! N·T rows at once. Per sequence and head, f32 on a CPU with AVX-512F takes one fused
+//! kernel (`attention/fused.rs`: scores, mask, softmax and `P V` with the queries in the
+//! vector lanes, and the matching backward); f64 and other CPUs take `gemm` products on
+//! strided views of the one q/k/v buffer and a row-wise softmax. Forward keeps q/k/v, the
+//! attention probabilities (in the path's own layout) and the concatenated heads for
+//! backward.
 //!
 //! ```
 //! use lca::net::{attention::{Attention, Layout}, Layer, Saved};
@@ -29,10 +32,22 @@
 //! assert_eq!(y.as_slice().unwrap(), &[1.0, 2.0, 2.0, 3.0]);
 //! ```
 
-use super::gemm::mat_mul_scaled as mat_mul;
+mod fused;
+
+use super::gemm::{mat_mul_scaled as mat_mul, mat_mul_uninit};
 use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
-use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, s};
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut2, Axis, s};
+
+/// The slice as f32, where [`Attention::fused_dims`] found `T` to be f32.
+fn f32_of<T: 'static>(s: &[T]) -> &[f32] {
+    fastmath::f32_slice(s).expect("T is f32")
+}
+
+/// As [`f32_of`], mutable.
+fn f32_of_mut<T: 'static>(s: &mut [T]) -> &mut [f32] {
+    fastmath::f32_slice_mut(s).expect("T is f32")
+}
 
 /// Parameter names of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +110,130 @@ impl Attention {
             (0, Some(1), 2, Some(3))
         } else {
             (0, None, 1, None)
+        }
+    }
+
+    /// The fused f32 kernel's shapes, when `T` is f32 and the CPU runs the kernel.
+    fn fused_dims<T: Real>(&self, n: usize, t: usize) -> Option<fused::Dims> {
+        fastmath::f32_slice::<T>(&[])?;
+        let d = self.head_dim();
+        if d == 0 || !fused::available() {
+            return None;
+        }
+        Some(fused::Dims {
+            n,
+            t,
+            c: self.embed_dim,
+            h: self.num_heads,
+            d,
+            causal: self.causal,
+            scale: (1.0 / (d as f64).sqrt()) as f32,
+        })
+    }
+
+    /// The attention probabilities (`[n·h, t, t]`) and the concatenated heads (`[n·t, c]`)
+    /// from q/k/v, per sequence and head with `gemm` products (the path of f64; f32 takes
+    /// [`fused::forward`]).
+    fn heads_forward<T: Real>(
+        &self,
+        qkv: ArrayView2<T>,
+        n: usize,
+        t: usize,
+    ) -> (ArrayD<T>, Array2<T>) {
+        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let scale = T::of(1.0 / (d as f64).sqrt());
+        let mut probs = Array3::<T>::zeros((n * h, t, t));
+        let mut heads = Array2::<T>::zeros((n * t, c));
+        for seq in 0..n {
+            let rows = seq * t..(seq + 1) * t;
+            for hd in 0..h {
+                let cols = hd * d..(hd + 1) * d;
+                let q = qkv.slice(s![rows.clone(), cols.clone()]);
+                let k = qkv.slice(s![rows.clone(), c + hd * d..c + (hd + 1) * d]);
+                let v = qkv.slice(s![rows.clone(), 2 * c + hd * d..2 * c + (hd + 1) * d]);
+                let mut p = probs.index_axis_mut(Axis(0), seq * h + hd);
+                // Scores q·kᵀ/√d: the scale is the GEMM's α.
+                mat_mul(scale, q, k.t(), false, p.view_mut());
+                let ps = p.as_slice_mut().expect("contiguous");
+                for i in 0..t {
+                    let row = &mut ps[i * t..(i + 1) * t];
+                    let seen = self.visible(i, t);
+                    softmax_prefix(row, seen);
+                    row[seen..].fill(T::zero());
+                }
+                mat_mul(
+                    T::one(),
+                    p.view(),
+                    v,
+                    false,
+                    heads.slice_mut(s![rows.clone(), cols]),
+                );
+            }
+        }
+        (probs.into_dyn(), heads)
+    }
+
+    /// Back through the heads with `gemm` products (the path of f64; f32 takes
+    /// [`fused::backward`]): every entry of `gqkv` is written.
+    fn heads_backward<T: Real>(
+        &self,
+        qkv: ArrayView2<T>,
+        probs: ArrayView3<T>,
+        gheads: ArrayView2<T>,
+        mut gqkv: ArrayViewMut2<T>,
+        gs: &mut Vec<T>,
+    ) {
+        let (n, t) = (probs.shape()[0] / self.num_heads, probs.shape()[1]);
+        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        // Per sequence and head: back through P V, the softmax and Q Kᵀ.
+        let scale = T::of(1.0 / (d as f64).sqrt());
+        let mut gs = scratch_view(gs, t, t);
+        for seq in 0..n {
+            let rows = seq * t..(seq + 1) * t;
+            for hd in 0..h {
+                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
+                let q = qkv.slice(s![rows.clone(), qc..qc + d]);
+                let k = qkv.slice(s![rows.clone(), kc..kc + d]);
+                let v = qkv.slice(s![rows.clone(), vc..vc + d]);
+                let p = probs.index_axis(Axis(0), seq * h + hd);
+                let g = gheads.slice(s![rows.clone(), qc..qc + d]);
+                // dV = Pᵀ dO, dP = dO Vᵀ.
+                mat_mul(
+                    T::one(),
+                    p.t(),
+                    g,
+                    false,
+                    gqkv.slice_mut(s![rows.clone(), vc..vc + d]),
+                );
+                mat_mul(T::one(), g, v.t(), false, gs.view_mut());
+                // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries are 0.
+                let ps = p.as_slice().expect("contiguous");
+                let gss = gs.as_slice_mut().expect("contiguous");
+                for i in 0..t {
+                    let (pr, gr) = (&ps[i * t..(i + 1) * t], &mut gss[i * t..(i + 1) * t]);
+                    let lim = self.visible(i, t);
+                    let dot = fastmath::dot(&pr[..lim], &gr[..lim]);
+                    for (g, &p) in gr[..lim].iter_mut().zip(&pr[..lim]) {
+                        *g = p * (*g - dot);
+                    }
+                    gr[lim..].fill(T::zero());
+                }
+                // dQ = dS K/√d, dK = dSᵀ Q/√d (the scale is the GEMMs' α).
+                mat_mul(
+                    scale,
+                    gs.view(),
+                    k,
+                    false,
+                    gqkv.slice_mut(s![rows.clone(), qc..qc + d]),
+                );
+                mat_mul(
+                    scale,
+                    gs.t(),
+                    q,
+                    false,
+                    gqkv.slice_mut(s![rows.clone(), kc..kc + d]),
+                );
+            }
         }
     }
 
@@ -165,7 +304,7 @@ impl<T: Real> Layer<T> for Attention {
         saved: &mut Saved<T>,
     ) -> ArrayD<T> {
         let (n, t) = (inputs[0].shape()[0], inputs[0].shape()[1]);
-        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let (c, h) = (self.embed_dim, self.num_heads);
         let (iw, ib, ow, ob) = self.idx();
         let x = as_rows(&inputs[0]);
         // q | k | v for every position: one GEMM over all N·T rows.
@@ -173,35 +312,20 @@ impl<T: Real> Layer<T> for Attention {
         let mut qkv = bias_rows(n * t, 3 * c, ib.map(|i| params[i]));
         mat_mul(T::one(), x, w_in.t(), ib.is_some(), qkv.view_mut());
 
-        let scale = T::of(1.0 / (d as f64).sqrt());
-        let mut probs = Array3::<T>::zeros((n * h, t, t));
-        let mut heads = Array2::<T>::zeros((n * t, c));
-        for seq in 0..n {
-            let rows = seq * t..(seq + 1) * t;
-            for hd in 0..h {
-                let cols = hd * d..(hd + 1) * d;
-                let q = qkv.slice(s![rows.clone(), cols.clone()]);
-                let k = qkv.slice(s![rows.clone(), c + hd * d..c + (hd + 1) * d]);
-                let v = qkv.slice(s![rows.clone(), 2 * c + hd * d..2 * c + (hd + 1) * d]);
-                let mut p = probs.index_axis_mut(Axis(0), seq * h + hd);
-                // Scores q·kᵀ/√d: the scale is the GEMM's α.
-                mat_mul(scale, q, k.t(), false, p.view_mut());
-                let ps = p.as_slice_mut().expect("contiguous");
-                for i in 0..t {
-                    let row = &mut ps[i * t..(i + 1) * t];
-                    let seen = self.visible(i, t);
-                    softmax_prefix(row, seen);
-                    row[seen..].fill(T::zero());
-                }
-                mat_mul(
-                    T::one(),
-                    p.view(),
-                    v,
-                    false,
-                    heads.slice_mut(s![rows.clone(), cols]),
+        let (probs, heads) = match self.fused_dims::<T>(n, t) {
+            Some(dm) => {
+                let mut probs = Array2::<T>::zeros((n * h, dm.packed_len())).into_dyn();
+                let mut heads = Array2::<T>::zeros((n * t, c));
+                fused::forward(
+                    &dm,
+                    f32_of(qkv.as_slice().expect("contiguous")),
+                    f32_of_mut(probs.as_slice_mut().expect("contiguous")),
+                    f32_of_mut(heads.as_slice_mut().expect("contiguous")),
                 );
+                (probs, heads)
             }
-        }
+            None => self.heads_forward(qkv.view(), n, t),
+        };
         let w_out = ArrayView2::from_shape((c, c), params[ow]).expect("declared shape");
         let mut y = bias_rows(n * t, c, ob.map(|i| params[i]));
         mat_mul(
@@ -222,16 +346,12 @@ impl<T: Real> Layer<T> for Attention {
             unreachable!("forward saves q/k/v, probabilities and heads")
         };
         let (n, t) = (b.inputs[0].shape()[0], b.inputs[0].shape()[1]);
-        let (c, h, d) = (self.embed_dim, self.num_heads, self.head_dim());
+        let c = self.embed_dim;
         let (iw, ib, ow, ob) = self.idx();
         let qkv = sv[0]
             .view()
             .into_dimensionality::<ndarray::Ix2>()
             .expect("2-D");
-        let probs = sv[1]
-            .view()
-            .into_dimensionality::<ndarray::Ix3>()
-            .expect("3-D");
         let heads = sv[2]
             .view()
             .into_dimensionality::<ndarray::Ix2>()
@@ -256,55 +376,21 @@ impl<T: Real> Layer<T> for Attention {
         let mut gheads = scratch_view(gheads, n * t, c);
         mat_mul(T::one(), gy, w_out, false, gheads.view_mut());
 
-        // Per sequence and head: back through P V, the softmax and Q Kᵀ.
-        let scale = T::of(1.0 / (d as f64).sqrt());
         let mut gqkv = scratch_view(gqkv, n * t, 3 * c);
-        let mut gs = scratch_view(gs, t, t);
-        for seq in 0..n {
-            let rows = seq * t..(seq + 1) * t;
-            for hd in 0..h {
-                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
-                let q = qkv.slice(s![rows.clone(), qc..qc + d]);
-                let k = qkv.slice(s![rows.clone(), kc..kc + d]);
-                let v = qkv.slice(s![rows.clone(), vc..vc + d]);
-                let p = probs.index_axis(Axis(0), seq * h + hd);
-                let g = gheads.slice(s![rows.clone(), qc..qc + d]);
-                // dV = Pᵀ dO, dP = dO Vᵀ.
-                mat_mul(
-                    T::one(),
-                    p.t(),
-                    g,
-                    false,
-                    gqkv.slice_mut(s![rows.clone(), vc..vc + d]),
-                );
-                mat_mul(T::one(), g, v.t(), false, gs.view_mut());
-                // dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked entries are 0.
-                let ps = p.as_slice().expect("contiguous");
-                let gss = gs.as_slice_mut().expect("contiguous");
-                for i in 0..t {
-                    let (pr, gr) = (&ps[i * t..(i + 1) * t], &mut gss[i * t..(i + 1) * t]);
-                    let lim = self.visible(i, t);
-                    let dot = fastmath::dot(&pr[..lim], &gr[..lim]);
-                    for (g, &p) in gr[..lim].iter_mut().zip(&pr[..lim]) {
-                        *g = p * (*g - dot);
-                    }
-                    gr[lim..].fill(T::zero());
-                }
-                // dQ = dS K/√d, dK = dSᵀ Q/√d (the scale is the GEMMs' α).
-                mat_mul(
-                    scale,
-                    gs.view(),
-                    k,
-                    false,
-                    gqkv.slice_mut(s![rows.clone(), qc..qc + d]),
-                );
-                mat_mul(
-                    scale,
-                    gs.t(),
-                    q,
-                    false,
-                    gqkv.slice_mut(s![rows.clone(), kc..kc + d]),
-                );
+        match self.fused_dims::<T>(n, t) {
+            Some(dm) => fused::backward(
+                &dm,
+                f32_of(qkv.as_slice().expect("contiguous")),
+                f32_of(sv[1].as_slice().expect("contiguous")),
+                f32_of(gheads.as_slice().expect("contiguous")),
+                f32_of_mut(gqkv.as_slice_mut().expect("contiguous")),
+            ),
+            None => {
+                let probs = sv[1]
+                    .view()
+                    .into_dimensionality::<ndarray::Ix3>()
+                    .expect("3-D");
+                self.heads_backward(qkv, probs, gheads.view(), gqkv.view_mut(), gs);
             }
         }
 
@@ -321,14 +407,14 @@ impl<T: Real> Layer<T> for Attention {
             return vec![None];
         }
         let w_in = ArrayView2::from_shape((3 * c, c), b.params[iw]).expect("declared shape");
-        let mut gx = Array2::<T>::zeros((n * t, c));
-        mat_mul(T::one(), gqkv.view(), w_in, false, gx.view_mut());
+        // SAFETY: `mat_mul_uninit` writes every value.
+        let gx = unsafe {
+            super::filled(&[n, t, c], |gs| {
+                mat_mul_uninit(T::one(), gqkv.view(), w_in, gs)
+            })
+        };
         scratch.give_back();
-        vec![Some(
-            gx.into_shape_with_order(vec![n, t, c])
-                .expect("row-major")
-                .into_dyn(),
-        )]
+        vec![Some(gx)]
     }
 
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
@@ -608,6 +694,68 @@ mod tests {
             check_layer(&att(bias, causal, Layout::NanoGpt), &[vec![5, 6]], 2);
         }
         check_layer(&att(true, true, Layout::Multihead), &[vec![4, 6]], 3);
+    }
+
+    /// The f32 path (the fused kernel where the CPU has AVX-512F) against the f64 `gemm` path
+    /// that `attention_matches_finite_differences` checks: output, parameter and input
+    /// gradients, causal or not, for sequence lengths around the 16-lane blocks and head sizes
+    /// that exercise each column width (8, 4, 2, 1).
+    #[test]
+    fn f32_path_matches_the_f64_path() {
+        use crate::net::gradcheck::{Rng, run_layer};
+        for (i, &(t, c, h, causal, layout)) in [
+            (5, 6, 3, true, Layout::NanoGpt),
+            (1, 4, 2, true, Layout::NanoGpt),
+            (16, 8, 2, true, Layout::NanoGpt),
+            (17, 12, 3, false, Layout::Multihead),
+            (33, 16, 4, true, Layout::NanoGpt),
+            (40, 30, 2, true, Layout::Multihead),
+            (31, 9, 1, false, Layout::NanoGpt),
+            (48, 64, 2, true, Layout::NanoGpt),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let a = Attention {
+                embed_dim: c,
+                num_heads: h,
+                bias: i % 2 == 0,
+                causal,
+                layout,
+            };
+            let mut rng = Rng::new(40 + i as u64);
+            let params: Vec<Vec<f64>> = <Attention as Layer<f64>>::params(&a)
+                .iter()
+                .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let x = rng.array(&[3, t, c]).mapv(|v| 2.0 * v);
+            let gy = rng.array(&[3, t, c]);
+            let want = run_layer::<f64>(&a, &params, &x, &gy, true, 0.5);
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let got = run_layer::<f32>(&a, &p32, &x32, &gy32, true, 0.5);
+            let close = |what: &str, g: &mut dyn Iterator<Item = f32>, w: &[f64]| {
+                let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                let mut n = 0;
+                for (k, (g, &w)) in g.zip(w).enumerate() {
+                    assert!(
+                        (f64::from(g) - w).abs() < 2e-5 * scale,
+                        "case {i} {what}[{k}]: {g} vs {w}"
+                    );
+                    n += 1;
+                }
+                assert_eq!(n, w.len(), "case {i} {what}");
+            };
+            close("y", &mut got.0.iter().copied(), want.0.as_slice().unwrap());
+            for (pi, (g, w)) in got.1.iter().zip(&want.1).enumerate() {
+                close(&format!("param {pi}"), &mut g.iter().copied(), w);
+            }
+            let (gx, wx) = (got.2[0].as_ref().unwrap(), want.2[0].as_ref().unwrap());
+            close("x", &mut gx.iter().copied(), wx.as_slice().unwrap());
+        }
     }
 
     /// Backward's reused scratch buffers leave no trace: gradients of a batch are bit for bit

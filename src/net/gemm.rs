@@ -96,6 +96,69 @@ pub fn mat_mul_scaled<T: Real>(
     }
 }
 
+/// `out = α·a·b` into `out` (`m×n`, row-major) not yet written: the product writes every
+/// entry without reading any (for f32 and f64; other types clear `out` first), so a caller
+/// can skip clearing a fresh buffer.
+///
+/// # Panics
+/// If the shapes do not chain or `out` does not hold m·n values.
+pub fn mat_mul_uninit<T: Real>(
+    alpha: T,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    out: &mut [std::mem::MaybeUninit<T>],
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    assert!(
+        b.nrows() == k && out.len() == m * n,
+        "mat_mul_uninit: {:?}·{:?} into {} values",
+        a.dim(),
+        b.dim(),
+        out.len()
+    );
+    let supported =
+        TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<f64>();
+    if !supported || k == 0 || m == 0 || n == 0 {
+        for v in out.iter_mut() {
+            v.write(T::zero());
+        }
+        // SAFETY: every value was written just above.
+        let c = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<T>(), m * n) };
+        let c = ArrayViewMut2::from_shape((m, n), c).expect("sizes match");
+        mat_mul_scaled(alpha, a, b, false, c);
+        return;
+    }
+    let (as_, bs) = (a.strides().to_vec(), b.strides().to_vec());
+    // SAFETY: `a` and `b` are live views (m×k, k×n, read only) described by their pointers and
+    // strides; `out` holds m·n values (checked above), written row-major (column stride 1,
+    // row stride n) and borrowed mutably, so it overlaps neither. `T` is f32 or f64. With
+    // `read_dst == false`, `gemm` writes every entry of `out` without reading it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr().cast::<T>(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            as_[1],
+            as_[0],
+            b.as_ptr(),
+            bs[1],
+            bs[0],
+            T::one(),
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +228,28 @@ mod tests {
         assert_eq!(p32, s32);
         mat_mul_scaled(0.25, af.view(), btf.t(), false, s32.view_mut());
         assert!((&s32 - &(&p32 * 0.25)).iter().all(|d| d.abs() < 1e-5));
+    }
+
+    /// The product into unwritten memory equals the ordinary one bit for bit (f32, f64), for
+    /// transposed views and an empty inner dimension.
+    #[test]
+    fn product_into_uninit_memory_equals_mat_mul() {
+        fn run<T: Real>(a: ArrayView2<T>, b: ArrayView2<T>) {
+            let (m, n) = (a.nrows(), b.ncols());
+            let mut want = Array2::<T>::from_elem((m, n), T::one());
+            mat_mul_scaled(T::of(0.5), a, b, false, want.view_mut());
+            let mut out = vec![std::mem::MaybeUninit::<T>::uninit(); m * n];
+            mat_mul_uninit(T::of(0.5), a, b, &mut out);
+            // SAFETY: mat_mul_uninit writes every value.
+            let got: Vec<T> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_eq!(got, want.into_raw_vec_and_offset().0);
+        }
+        for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (33, 70, 17), (4, 0, 3)] {
+            let (a, bt) = (random(m, k, 6), random(n, k, 7));
+            run(a.view(), bt.t());
+            let (af, btf) = (a.mapv(|v| v as f32), bt.mapv(|v| v as f32));
+            run(af.view(), btf.t());
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! assert_eq!(y[[0, 0]], 2.5);
 //! ```
 
-use super::gemm::mat_mul;
+use super::gemm::{mat_mul, mat_mul_uninit};
 use super::{Backward, Layer, ParamDecl, Real, Saved, as_rows};
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis};
 
@@ -71,12 +71,22 @@ impl<T: Real> Layer<T> for Linear {
     ) -> ArrayD<T> {
         let x = as_rows(&inputs[0]);
         let w = weight(params[0], self.out_features, self.in_features);
-        let mut y = Array2::<T>::zeros((x.nrows(), self.out_features));
-        mat_mul(x, w.t(), false, y.view_mut());
-        if self.bias {
-            let b = ndarray::ArrayView1::from(params[1]);
-            y += &b;
-        }
+        let (rows, out) = (x.nrows(), self.out_features);
+        // With a bias, every row starts as the bias and the product is added to it (one pass
+        // over y instead of clearing it and adding the bias after); without, the product
+        // writes y without it being cleared first.
+        let y = if self.bias {
+            let mut v = Vec::with_capacity(rows * out);
+            for _ in 0..rows {
+                v.extend_from_slice(params[1]);
+            }
+            let mut y = Array2::from_shape_vec((rows, out), v).expect("sizes match");
+            mat_mul(x, w.t(), true, y.view_mut());
+            y.into_dyn()
+        } else {
+            // SAFETY: `mat_mul_uninit` writes every value.
+            unsafe { super::filled(&[rows, out], |ys| mat_mul_uninit(T::one(), x, w.t(), ys)) }
+        };
         let mut shape = inputs[0].shape().to_vec();
         *shape.last_mut().expect("non-empty") = self.out_features;
         y.into_shape_with_order(shape)
@@ -102,12 +112,12 @@ impl<T: Real> Layer<T> for Linear {
             return vec![None];
         }
         let w = weight(b.params[0], self.out_features, self.in_features);
-        let mut gx = Array2::<T>::zeros((gy.nrows(), self.in_features));
-        mat_mul(gy, w, false, gx.view_mut());
-        let gx = gx
-            .into_shape_with_order(b.inputs[0].shape())
-            .expect("row-major")
-            .into_dyn();
+        // SAFETY: `mat_mul_uninit` writes every value.
+        let gx = unsafe {
+            super::filled(b.inputs[0].shape(), |gs| {
+                mat_mul_uninit(T::one(), gy, w, gs)
+            })
+        };
         vec![Some(gx)]
     }
 

@@ -26,36 +26,40 @@ pub fn loss_sum_and_grad<T: Real>(
     match (kind, y) {
         (LossKind::CrossEntropy, TargetsView::Classes(cls)) => {
             let z = as_rows(&out);
-            let mut g = ArrayD::<T>::zeros(out.shape());
+            let (rows, k) = z.dim();
+            assert!(cls.len() >= rows, "one target per output row");
+            let z = z.as_standard_layout();
+            let zs = z.as_slice().expect("standard layout");
             let mut sum = 0.0f64;
-            {
-                let k = z.ncols();
-                let gs = g.as_slice_mut().expect("fresh array is contiguous");
-                // exp(z − max) of one row, kept for the gradient: one exp per logit (the
-                // softmax is exp(z − max) / Σ, not a second exp of z − log Σ exp), the whole
-                // row at once through the vectorised f64 `exp` of `fastmath`.
-                let mut e = vec![0.0f64; k];
-                for (r, row) in z.rows().into_iter().enumerate() {
-                    let m = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.f64()));
-                    for (ei, v) in e.iter_mut().zip(row.iter()) {
-                        *ei = v.f64() - m;
+            // SAFETY: every row of the gradient is written in full below.
+            let g = unsafe {
+                super::filled(out.shape(), |gs| {
+                    // exp(z − max) of one row, kept for the gradient: one exp per logit (the
+                    // softmax is exp(z − max) / Σ, not a second exp of z − log Σ exp), the
+                    // whole row at once through the vectorised f64 `exp` of `fastmath`.
+                    let mut e = vec![0.0f64; k];
+                    for ((row, gr), &c) in zs
+                        .chunks_exact(k)
+                        .zip(gs.chunks_exact_mut(k))
+                        .zip(&cls[..rows])
+                    {
+                        let m = fastmath::max(row).f64();
+                        for (ei, v) in e.iter_mut().zip(row) {
+                            *ei = v.f64() - m;
+                        }
+                        fastmath::exp64_in_place(&mut e);
+                        let se = sum8(&e);
+                        let c = c as usize;
+                        sum += m + se.ln() - row[c].f64();
+                        let inv = 1.0 / se;
+                        for (gi, &ei) in gr.iter_mut().zip(&e) {
+                            gi.write(T::of(ei * inv));
+                        }
+                        gr[c].write(T::of(e[c] * inv) - T::one());
                     }
-                    fastmath::exp64_in_place(&mut e);
-                    let mut se = 0.0f64;
-                    for &ei in &e {
-                        se += ei;
-                    }
-                    let lse = m + se.ln();
-                    let c = cls[r] as usize;
-                    sum += lse - row[c].f64();
-                    let gr = &mut gs[r * k..(r + 1) * k];
-                    for (gi, &ei) in gr.iter_mut().zip(&e) {
-                        *gi = T::of(ei / se);
-                    }
-                    gr[c] = gr[c] - T::one();
-                }
-            }
-            (sum, z.nrows(), g)
+                })
+            };
+            (sum, rows, g)
         }
         (LossKind::Mse, TargetsView::Values(t)) => {
             let mut g = ArrayD::<T>::zeros(out.shape());
@@ -75,6 +79,24 @@ pub fn loss_sum_and_grad<T: Real>(
             unreachable!("targets are loaded for the spec's loss")
         }
     }
+}
+
+/// Σ with eight independent accumulators (so that a row's sum is not one long chain of
+/// dependent additions).
+fn sum8(xs: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for &v in rest {
+        s += v;
+    }
+    s
 }
 
 #[cfg(test)]

@@ -1,0 +1,604 @@
+//! Attention's per-(sequence, head) work in f32 as one fused AVX-512 kernel: scores, causal
+//! mask, softmax and `P V` forward; `dP`, `dS`, `dQ`, `dK`, `dV` backward. Positions `i` (the
+//! query side) sit in the 16 lanes of a vector, so that the scores of a block of 16 queries
+//! against key j are one vector (`Σ_k K[j][k]·Qᵀ[k][i..i+16]`), the softmax's maximum and sum
+//! over j are lane-wise (no horizontal reductions, no ragged causal rows) and `P V` is `d`
+//! vector accumulators. The per-head products are far too small (32×32×4 for the fixture's
+//! GPT) for a general GEMM to pay for its packing and dispatch per call.
+//!
+//! The probabilities are kept transposed and packed for backward: query block b (queries
+//! `16b..16b+16`) stores `Pᵀ[j][16b..16b+16]` for the keys j it sees (`j < min(t, 16b + 16)`
+//! when causal, all t otherwise), 16 values per key, blocks one after another
+//! ([`Dims::packed_len`] values per head). Lanes past the last position hold the softmax of
+//! zero scores; they meet zeros (padded `Qᵀ` and `dOᵀ`) or are skipped wherever they could
+//! contribute. Backward's key side (`dV = Pᵀ dO`, `dK = dSᵀ Q`) turns 16×16 tiles of `Pᵀ` and
+//! `dSᵀ` query-major so that keys sit in the lanes.
+//!
+//! Only on CPUs with AVX-512F ([`available`]); elsewhere attention takes its `gemm` path.
+
+const L: usize = 16;
+
+/// The shapes of one attention layer's call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dims {
+    /// Sequences.
+    pub n: usize,
+    /// Positions per sequence.
+    pub t: usize,
+    /// Channels.
+    pub c: usize,
+    /// Heads.
+    pub h: usize,
+    /// Head size (c / h).
+    pub d: usize,
+    pub causal: bool,
+    /// 1/√d.
+    pub scale: f32,
+}
+
+impl Dims {
+    fn blocks(&self) -> usize {
+        self.t.div_ceil(L)
+    }
+
+    /// Keys seen by query block b.
+    fn keys(&self, b: usize) -> usize {
+        if self.causal {
+            (b * L + L).min(self.t)
+        } else {
+            self.t
+        }
+    }
+
+    /// Values of one head's packed probabilities.
+    pub fn packed_len(&self) -> usize {
+        (0..self.blocks()).map(|b| self.keys(b) * L).sum()
+    }
+
+    /// Offset of each block in a head's packed probabilities.
+    fn offsets(&self) -> Vec<usize> {
+        let mut off = 0;
+        (0..self.blocks())
+            .map(|b| {
+                let o = off;
+                off += self.keys(b) * L;
+                o
+            })
+            .collect()
+    }
+}
+
+/// Whether this CPU runs the fused kernel (AVX-512F).
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Forward: `qkv` is `[n·t, 3c]` (q | k | v per position), `probs` `[n·h, packed_len]`,
+/// `heads` `[n·t, c]`; both outputs are written in full.
+///
+/// # Panics
+/// If the sizes do not match `dm` or the CPU lacks AVX-512F.
+pub(super) fn forward(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
+    assert!(qkv.len() == dm.n * dm.t * 3 * dm.c && heads.len() == dm.n * dm.t * dm.c);
+    assert!(probs.len() == dm.n * dm.h * dm.packed_len() && dm.d * dm.h == dm.c);
+    assert!(available(), "the fused attention kernel needs AVX-512F");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU supports AVX-512F (checked just above).
+    unsafe {
+        x86::forward(dm, qkv, probs, heads)
+    }
+}
+
+/// Backward: from `qkv` and `probs` as forward left them and `gheads` (`[n·t, c]`, the
+/// gradient of the concatenated heads), write every entry of `gqkv` (`[n·t, 3c]`).
+///
+/// # Panics
+/// If the sizes do not match `dm` or the CPU lacks AVX-512F.
+pub(super) fn backward(dm: &Dims, qkv: &[f32], probs: &[f32], gheads: &[f32], gqkv: &mut [f32]) {
+    assert!(qkv.len() == dm.n * dm.t * 3 * dm.c && gqkv.len() == qkv.len());
+    assert!(gheads.len() == dm.n * dm.t * dm.c && dm.d * dm.h == dm.c);
+    assert!(probs.len() == dm.n * dm.h * dm.packed_len());
+    assert!(available(), "the fused attention kernel needs AVX-512F");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU supports AVX-512F (checked just above).
+    unsafe {
+        x86::backward(dm, qkv, probs, gheads, gqkv)
+    }
+}
+
+/// `dst[k·tp + i] = α·src[i·stride + k]` for i < t, k < d (a transpose; lanes t..tp stay as
+/// they are, zero in a fresh buffer).
+#[inline(always)]
+fn transpose_in(src: &[f32], stride: usize, t: usize, d: usize, alpha: f32, dst: &mut [f32]) {
+    let tp = dst.len() / d;
+    for i in 0..t {
+        let row = &src[i * stride..i * stride + d];
+        for (k, &v) in row.iter().enumerate() {
+            dst[k * tp + i] = alpha * v;
+        }
+    }
+}
+
+/// The widest of 8, 4, 2, 1 that fits in `rest` columns.
+#[inline(always)]
+fn width(rest: usize) -> usize {
+    if rest >= 8 {
+        8
+    } else if rest >= 4 {
+        4
+    } else if rest >= 2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Where a block product reads its `U` columns and writes its result.
+struct Cols<'a> {
+    /// Row 0 of the `U` source columns (stride `src_stride`).
+    src: &'a [f32],
+    src_stride: usize,
+    /// First output column and the output's row stride.
+    out_col: usize,
+    out_stride: usize,
+    /// First query of the block, positions per sequence.
+    i0: usize,
+    t: usize,
+}
+
+/// One key block's tiles, query-major: for each query block from the first that sees the
+/// keys, `P[i0 + l][j0 + a]` at `[l·16 + a]` and then `dS` the same way.
+struct KeyTiles<'a> {
+    tiles: &'a [f32],
+    /// First query of the first tile, positions per sequence.
+    i0: usize,
+    t: usize,
+    /// First key and number of keys of the block.
+    j0: usize,
+    nj: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Cols, Dims, KeyTiles, L, transpose_in, width};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn ld(s: &[f32], at: usize) -> __m512 {
+        let s = &s[at..at + L];
+        // SAFETY: `s` holds 16 floats.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn st(s: &mut [f32], at: usize, v: __m512) {
+        let s = &mut s[at..at + L];
+        // SAFETY: `s` holds 16 floats.
+        unsafe { _mm512_storeu_ps(s.as_mut_ptr(), v) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn lanes(v: __m512) -> [f32; L] {
+        let mut a = [0.0f32; L];
+        st(&mut a, 0, v);
+        a
+    }
+
+    /// `dst[l·16 + a] = src[a·16 + l]` for the `src.len() / 16` (≤ 16) rows a of a tile, the
+    /// other columns of `dst` zero: a 16×16 transpose in registers (unpacks within 128-bit
+    /// lanes, then two rounds of lane shuffles).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose_tile(src: &[f32], dst: &mut [f32]) {
+        let mut r = [_mm512_setzero_ps(); L];
+        for (a, r) in r.iter_mut().enumerate().take(src.len() / L) {
+            *r = ld(src, a * L);
+        }
+        let mut t = [_mm512_setzero_ps(); L];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // u[4g + c], 128-bit lane q: column 4q + c of rows 4g..4g+4.
+        let mut u = [_mm512_setzero_ps(); L];
+        for g in 0..4 {
+            let b = 4 * g;
+            u[b] = _mm512_shuffle_ps::<0x44>(t[b], t[b + 2]);
+            u[b + 1] = _mm512_shuffle_ps::<0xEE>(t[b], t[b + 2]);
+            u[b + 2] = _mm512_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+            u[b + 3] = _mm512_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
+        }
+        for c in 0..4 {
+            let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let w = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+            let w2 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            st(dst, c * L, _mm512_shuffle_f32x4::<0x88>(v, w));
+            st(dst, (8 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v, w));
+            st(dst, (4 + c) * L, _mm512_shuffle_f32x4::<0x88>(v2, w2));
+            st(dst, (12 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v2, w2));
+        }
+    }
+
+    /// e^x lane-wise: `fastmath::exp`'s reduction and polynomial, with fused multiply-adds.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp(x: __m512) -> __m512 {
+        const ROUND: f32 = 12_582_912.0;
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+            _mm512_set1_ps(88.3),
+        );
+        let kr = _mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(ROUND),
+        );
+        let k = _mm512_sub_ps(kr, _mm512_set1_ps(ROUND));
+        let bits = _mm512_sub_epi32(
+            _mm512_castps_si512(kr),
+            _mm512_set1_epi32((ROUND.to_bits() - 127) as i32),
+        );
+        let two_k = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits));
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_mul_ps(p, two_k)
+    }
+
+    /// Rows j..j+J of a head's d columns (`src`, stride `stride`) against the block's 16
+    /// transposed positions: `Σ_k src[j + r][k]·xt[k·tp + i0 + l]`, J independent sums.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    fn dots<const J: usize>(
+        src: &[f32],
+        stride: usize,
+        d: usize,
+        xt: &[f32],
+        tp: usize,
+        i0: usize,
+        j: usize,
+    ) -> [__m512; J] {
+        let mut acc = [_mm512_setzero_ps(); J];
+        let rows: [&[f32]; J] =
+            std::array::from_fn(|r| &src[(j + r) * stride..(j + r) * stride + d]);
+        for k in 0..d {
+            let x = ld(xt, k * tp + i0);
+            for r in 0..J {
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(rows[r][k]), x, acc[r]);
+            }
+        }
+        acc
+    }
+
+    /// Calls `f(j, values)` for the rows 0..jm of [`dots`], four at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn each_dot(
+        src: &[f32],
+        stride: usize,
+        d: usize,
+        xt: &[f32],
+        tp: usize,
+        i0: usize,
+        jm: usize,
+        mut f: impl FnMut(usize, __m512),
+    ) {
+        let mut j = 0;
+        while j + 4 <= jm {
+            let v = dots::<4>(src, stride, d, xt, tp, i0, j);
+            for (r, v) in v.into_iter().enumerate() {
+                f(j + r, v);
+            }
+            j += 4;
+        }
+        while j < jm {
+            f(j, dots::<1>(src, stride, d, xt, tp, i0, j)[0]);
+            j += 1;
+        }
+    }
+
+    /// The lanes of query block i0 that see key j (all but those with i0 + l < j).
+    #[inline(always)]
+    fn seen(causal: bool, i0: usize, j: usize) -> __mmask16 {
+        if causal && j > i0 {
+            !((1u16 << (j - i0)) - 1)
+        } else {
+            0xffff
+        }
+    }
+
+    /// The probabilities of query block `i0..i0+16` against its keys, transposed: `blk[j·16 +
+    /// l]` = P[i0 + l][j]. `k` is the first key's row (stride 3c), `qt` the scaled `Qᵀ`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn softmax_block(dm: &Dims, k: &[f32], qt: &[f32], i0: usize, blk: &mut [f32]) {
+        let (d, rs) = (dm.d, 3 * dm.c);
+        let tp = qt.len() / d;
+        let jm = blk.len() / L;
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        each_dot(k, rs, d, qt, tp, i0, jm, |j, s| {
+            m = _mm512_mask_max_ps(m, seen(dm.causal, i0, j), m, s);
+            st(blk, j * L, s);
+        });
+        let mut sum = _mm512_setzero_ps();
+        for j in 0..jm {
+            let e = exp(_mm512_sub_ps(ld(blk, j * L), m));
+            let e = _mm512_maskz_mov_ps(seen(dm.causal, i0, j), e);
+            st(blk, j * L, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let inv = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
+        for j in 0..jm {
+            st(blk, j * L, _mm512_mul_ps(ld(blk, j * L), inv));
+        }
+    }
+
+    /// `out[i0 + l][out_col + u] = α·Σ_j blk[j·16 + l]·src[j][u]` for the block's queries (l
+    /// with i0 + l < t) and u < U.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn product<const U: usize>(blk: &[f32], at: &Cols, alpha: f32, out: &mut [f32]) {
+        let mut acc = [_mm512_setzero_ps(); U];
+        for j in 0..blk.len() / L {
+            let p = ld(blk, j * L);
+            let v = &at.src[j * at.src_stride..j * at.src_stride + U];
+            for u in 0..U {
+                acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(v[u]), p, acc[u]);
+            }
+        }
+        let a: [[f32; L]; U] =
+            std::array::from_fn(|u| lanes(_mm512_mul_ps(acc[u], _mm512_set1_ps(alpha))));
+        for l in 0..L.min(at.t - at.i0) {
+            let row = &mut out[(at.i0 + l) * at.out_stride + at.out_col..][..U];
+            for u in 0..U {
+                row[u] = a[u][l];
+            }
+        }
+    }
+
+    /// [`product`] over all of a block's head columns, U at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn products(blk: &[f32], at: Cols, d: usize, alpha: f32, out: &mut [f32]) {
+        let mut k0 = 0;
+        while k0 < d {
+            let u = width(d - k0);
+            let at = Cols {
+                src: &at.src[k0..],
+                out_col: at.out_col + k0,
+                ..at
+            };
+            match u {
+                8 => product::<8>(blk, &at, alpha, out),
+                4 => product::<4>(blk, &at, alpha, out),
+                2 => product::<2>(blk, &at, alpha, out),
+                _ => product::<1>(blk, &at, alpha, out),
+            }
+            k0 += u;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn forward(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
+        let Dims { t, c, h, d, .. } = *dm;
+        let tp = dm.blocks() * L;
+        let pl = dm.packed_len();
+        let offs = dm.offsets();
+        let rs = 3 * c;
+        let mut qt = vec![0.0f32; d * tp];
+        for ((rows, out), pseq) in qkv
+            .chunks_exact(t * rs)
+            .zip(heads.chunks_exact_mut(t * c))
+            .zip(probs.chunks_exact_mut(h * pl))
+        {
+            for (hd, pt) in pseq.chunks_exact_mut(pl).enumerate() {
+                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
+                transpose_in(&rows[qc..], rs, t, d, dm.scale, &mut qt);
+                for (b, &off) in offs.iter().enumerate() {
+                    let blk = &mut pt[off..off + dm.keys(b) * L];
+                    softmax_block(dm, &rows[kc..], &qt, b * L, blk);
+                    let at = Cols {
+                        src: &rows[vc..],
+                        src_stride: rs,
+                        out_col: qc,
+                        out_stride: c,
+                        i0: b * L,
+                        t,
+                    };
+                    products(blk, at, d, 1.0, out);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn backward(
+        dm: &Dims,
+        qkv: &[f32],
+        probs: &[f32],
+        gheads: &[f32],
+        gqkv: &mut [f32],
+    ) {
+        let Dims { t, c, h, d, .. } = *dm;
+        let tp = dm.blocks() * L;
+        let pl = dm.packed_len();
+        let offs = dm.offsets();
+        let rs = 3 * c;
+        let (mut got, mut qt) = (vec![0.0f32; d * tp], vec![0.0f32; d * tp]);
+        let mut ds = vec![0.0f32; pl];
+        let mut tiles = vec![0.0f32; dm.blocks() * 2 * L * L];
+        for (((rows, g), pseq), grows) in qkv
+            .chunks_exact(t * rs)
+            .zip(gheads.chunks_exact(t * c))
+            .zip(probs.chunks_exact(h * pl))
+            .zip(gqkv.chunks_exact_mut(t * rs))
+        {
+            for (hd, pt) in pseq.chunks_exact(pl).enumerate() {
+                let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
+                transpose_in(&g[qc..], c, t, d, 1.0, &mut got);
+                transpose_in(&rows[qc..], rs, t, d, 1.0, &mut qt);
+                // Per query block: dPᵀ = V dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Σ_j Pᵀ ⊙ dPᵀ), dQ = dS K/√d.
+                for (b, &off) in offs.iter().enumerate() {
+                    let i0 = b * L;
+                    let jm = dm.keys(b);
+                    let (p, s) = (&pt[off..off + jm * L], &mut ds[off..off + jm * L]);
+                    let mut dot = _mm512_setzero_ps();
+                    each_dot(&rows[vc..], rs, d, &got, tp, i0, jm, |j, dp| {
+                        dot = _mm512_fmadd_ps(ld(p, j * L), dp, dot);
+                        st(s, j * L, dp);
+                    });
+                    for j in 0..jm {
+                        let v = _mm512_mul_ps(ld(p, j * L), _mm512_sub_ps(ld(s, j * L), dot));
+                        st(s, j * L, v);
+                    }
+                    let at = Cols {
+                        src: &rows[kc..],
+                        src_stride: rs,
+                        out_col: qc,
+                        out_stride: rs,
+                        i0,
+                        t,
+                    };
+                    products(s, at, d, dm.scale, grows);
+                }
+                // Per block of 16 keys: dV = Pᵀ dO and dK = dSᵀ Q/√d, from the 16×16 tiles of
+                // the query blocks that see those keys, turned key-major (keys in the lanes).
+                for jb in 0..dm.blocks() {
+                    let (j0, first) = (jb * L, if dm.causal { jb } else { 0 });
+                    let nj = (t - j0).min(L);
+                    for (b, &off) in offs.iter().enumerate().skip(first) {
+                        let at = off + j0 * L;
+                        let (pt_b, dt_b) = tiles[(b - first) * 2 * L * L..].split_at_mut(L * L);
+                        transpose_tile(&pt[at..at + nj * L], &mut pt_b[..L * L]);
+                        transpose_tile(&ds[at..at + nj * L], &mut dt_b[..L * L]);
+                    }
+                    let kt = KeyTiles {
+                        tiles: &tiles[..(dm.blocks() - first) * 2 * L * L],
+                        i0: first * L,
+                        t,
+                        j0,
+                        nj,
+                    };
+                    let mut k0 = 0;
+                    while k0 < d {
+                        let u = width(d - k0);
+                        let (gc, qk) = (&g[qc + k0..], &rows[qc + k0..]);
+                        let cols = (kc + k0, vc + k0);
+                        match u {
+                            8 => key_block::<8>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                            4 => key_block::<4>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                            2 => key_block::<2>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                            _ => key_block::<1>(&kt, gc, c, qk, rs, dm.scale, grows, cols),
+                        }
+                        k0 += u;
+                    }
+                }
+            }
+        }
+    }
+
+    /// For the block's keys j0 + a and u < U: `out[j0 + a][vc + u] = Σ_i P[i][j0 + a]·g[i·gs +
+    /// u]` and `out[j0 + a][kc + u] = α·Σ_i dS[i][j0 + a]·q[i·qs + u]` (output row stride
+    /// `qs`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    fn key_block<const U: usize>(
+        kt: &KeyTiles,
+        g: &[f32],
+        gs: usize,
+        q: &[f32],
+        qs: usize,
+        alpha: f32,
+        out: &mut [f32],
+        (kc, vc): (usize, usize),
+    ) {
+        let (mut av, mut ak) = ([_mm512_setzero_ps(); U], [_mm512_setzero_ps(); U]);
+        for (n, tile) in kt.tiles.chunks_exact(2 * L * L).enumerate() {
+            let i0 = kt.i0 + n * L;
+            let (pt, dt) = tile.split_at(L * L);
+            for l in 0..L.min(kt.t - i0) {
+                let i = i0 + l;
+                let (p, s) = (ld(pt, l * L), ld(dt, l * L));
+                let (gr, qr) = (&g[i * gs..i * gs + U], &q[i * qs..i * qs + U]);
+                for u in 0..U {
+                    av[u] = _mm512_fmadd_ps(_mm512_set1_ps(gr[u]), p, av[u]);
+                    ak[u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[u]), s, ak[u]);
+                }
+            }
+        }
+        let av: [[f32; L]; U] = std::array::from_fn(|u| lanes(av[u]));
+        let ak: [[f32; L]; U] =
+            std::array::from_fn(|u| lanes(_mm512_mul_ps(ak[u], _mm512_set1_ps(alpha))));
+        for a in 0..kt.nj {
+            let row = &mut out[(kt.j0 + a) * qs..];
+            for u in 0..U {
+                row[vc + u] = av[u][a];
+                row[kc + u] = ak[u][a];
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The register transpose against the definition, for full and partial tiles; and the
+    /// vector `exp` against `fastmath::exp`.
+    #[test]
+    fn tile_transpose_and_exp() {
+        if !available() {
+            return;
+        }
+        let src: Vec<f32> = (0..256).map(|v| v as f32).collect();
+        for rows in [16, 9, 1] {
+            let mut dst = vec![-1.0f32; 256];
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            unsafe { x86::transpose_tile(&src[..rows * L], &mut dst) };
+            for l in 0..L {
+                for a in 0..L {
+                    let want = if a < rows { src[a * L + l] } else { 0.0 };
+                    assert_eq!(dst[l * L + a], want, "rows {rows}, [{l}][{a}]");
+                }
+            }
+        }
+        let xs: Vec<f32> = (0..4000).map(|i| -90.0 + 0.045 * i as f32).collect();
+        for x in xs.chunks_exact(L) {
+            let mut got = [0.0f32; L];
+            // SAFETY: as above.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(got.as_mut_ptr(), x86::exp(_mm512_loadu_ps(x.as_ptr())));
+            }
+            for (g, &x) in got.iter().zip(x) {
+                let want = crate::net::fastmath::exp(x);
+                assert!((g - want).abs() <= 4e-7 * want, "exp({x}): {g} vs {want}");
+            }
+        }
+    }
+}
