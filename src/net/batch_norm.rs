@@ -865,6 +865,58 @@ mod tests {
     use crate::net::check_fused_relu;
     use crate::net::gradcheck::{Rng, check_layer, check_layer_with, run_layer};
 
+    /// A test case: batch norm over `shape`'s axis 1, an input off-centre (mean 3), an output
+    /// gradient, and its parameters and buffers (running variance positive, running mean
+    /// near the data's), with their declarations.
+    struct Case {
+        bn: BatchNorm,
+        decls: Vec<ParamDecl>,
+        params: Vec<Vec<f64>>,
+        x: ArrayD<f64>,
+        gy: ArrayD<f64>,
+    }
+
+    fn case(mode: BnMode, affine: bool, shape: &[usize], seed: u64) -> Case {
+        let bn = BatchNorm {
+            num_features: shape[1],
+            eps: 1e-5,
+            affine,
+            mode,
+        };
+        let mut rng = Rng::new(seed);
+        let x = rng.array(shape).mapv(|v| 3.0 + v);
+        let gy = rng.array(shape);
+        let decls: Vec<ParamDecl> = <BatchNorm as Layer<f64>>::params(&bn)
+            .into_iter()
+            .chain(<BatchNorm as Layer<f64>>::buffers(&bn))
+            .collect();
+        let params: Vec<Vec<f64>> = decls
+            .iter()
+            .map(|d| {
+                let v = rng.array(&d.shape).into_raw_vec_and_offset().0;
+                match d.suffix {
+                    "running_var" => v.iter().map(|x| x.abs() + 0.5).collect(),
+                    "running_mean" => v.iter().map(|x| x + 3.0).collect(),
+                    _ => v,
+                }
+            })
+            .collect();
+        Case {
+            bn,
+            decls,
+            params,
+            x,
+            gy,
+        }
+    }
+
+    fn to_f32(params: &[Vec<f64>]) -> Vec<Vec<f32>> {
+        params
+            .iter()
+            .map(|v| v.iter().map(|&x| x as f32).collect())
+            .collect()
+    }
+
     /// The f32 path (16 f64 lanes per channel, AVX-512F where the CPU has it) against the f64
     /// path, which the finite differences below check: output, input gradient and every
     /// parameter and buffer gradient, in both modes, with and without affine parameters,
@@ -878,35 +930,15 @@ mod tests {
             (BnMode::RunningStats, false, [2, 4, 1, 3]),
             (BnMode::BatchStats, true, [3, 2, 4, 5]),
         ] {
-            let bn = BatchNorm {
-                num_features: shape[1],
-                eps: 1e-5,
-                affine,
-                mode,
-            };
-            let mut rng = Rng::new(7);
-            let x = rng.array(&shape).mapv(|v| 3.0 + v);
-            let gy = rng.array(&shape);
-            let decls: Vec<ParamDecl> = <BatchNorm as Layer<f64>>::params(&bn)
-                .into_iter()
-                .chain(<BatchNorm as Layer<f64>>::buffers(&bn))
-                .collect();
-            let params: Vec<Vec<f64>> = decls
-                .iter()
-                .map(|d| {
-                    let v = rng.array(&d.shape).into_raw_vec_and_offset().0;
-                    match d.suffix {
-                        "running_var" => v.iter().map(|x| x.abs() + 0.5).collect(),
-                        "running_mean" => v.iter().map(|x| x + 3.0).collect(),
-                        _ => v,
-                    }
-                })
-                .collect();
+            let Case {
+                bn,
+                decls,
+                params,
+                x,
+                gy,
+            } = case(mode, affine, &shape, 7);
             let (y, g, gx) = run_layer::<f64>(&bn, &params, &x, &gy, true, 0.0);
-            let p32: Vec<Vec<f32>> = params
-                .iter()
-                .map(|v| v.iter().map(|&x| x as f32).collect())
-                .collect();
+            let p32 = to_f32(&params);
             let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
             let (y32, g32, gx32) = run_layer::<f32>(&bn, &p32, &x32, &gy32, true, 0.0);
             let input_grad = "input gradient";
@@ -945,36 +977,12 @@ mod tests {
             (BnMode::BatchStats, true, vec![3, 2, 2, 5]),
             (BnMode::RunningStats, true, vec![2, 3, 20]),
         ] {
-            let bn = BatchNorm {
-                num_features: shape[1],
-                eps: 1e-5,
-                affine,
-                mode,
-            };
-            let mut rng = Rng::new(11);
-            let x = rng.array(&shape).mapv(|v| 3.0 + v);
-            let gy = rng.array(&shape);
-            let decls: Vec<ParamDecl> = <BatchNorm as Layer<f64>>::params(&bn)
-                .into_iter()
-                .chain(<BatchNorm as Layer<f64>>::buffers(&bn))
-                .collect();
-            let params: Vec<Vec<f64>> = decls
-                .iter()
-                .map(|d| {
-                    let v = rng.array(&d.shape).into_raw_vec_and_offset().0;
-                    match d.suffix {
-                        "running_var" => v.iter().map(|x| x.abs() + 0.5).collect(),
-                        "running_mean" => v.iter().map(|x| x + 3.0).collect(),
-                        _ => v,
-                    }
-                })
-                .collect();
+            let Case {
+                bn, params, x, gy, ..
+            } = case(mode, affine, &shape, 11);
             let zeroed = check_fused_relu(&bn, &params, std::slice::from_ref(&x), &gy);
             assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");
-            let p32: Vec<Vec<f32>> = params
-                .iter()
-                .map(|v| v.iter().map(|&x| x as f32).collect())
-                .collect();
+            let p32 = to_f32(&params);
             let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
             let zeroed = check_fused_relu(&bn, &p32, &[x32], &gy32);
             assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");

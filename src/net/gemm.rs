@@ -62,24 +62,43 @@ pub fn mat_mul_scaled<T: Real>(
         ndarray::linalg::general_mat_mul(alpha, &a, &b, beta, &mut c);
         return;
     }
-    let (cs, as_, bs) = (
-        c.strides().to_vec(),
-        a.strides().to_vec(),
-        b.strides().to_vec(),
-    );
-    // SAFETY: the three pointers and their strides describe the live views `a`, `b` (m×k, k×n,
-    // read only) and `c` (m×n, written), whose shapes were checked above; `c` is borrowed
-    // mutably, so it overlaps neither `a` nor `b`. `T` is f32 or f64, which `gemm` supports.
-    // With `read_dst == false`, `gemm` writes `c` without reading it.
+    let cs = c.strides().to_vec();
+    // SAFETY: `c` is a live m×n view described by its pointer and strides, borrowed mutably,
+    // so it overlaps neither `a` nor `b`, whose shapes were checked above.
+    unsafe { raw_gemm(c.as_mut_ptr(), cs[0], cs[1], accumulate, alpha, &a, &b) };
+}
+
+/// `dst = α·a·b` (or `dst += α·a·b` with `read_dst`) through the `gemm` crate, for f32 or
+/// f64, single-threaded.
+///
+/// # Safety
+/// `T` is f32 or f64; `dst` points to `a.nrows() × b.ncols()` values at row stride `dst_rs`
+/// and column stride `dst_cs`, writable and overlapping neither `a` nor `b`; `a.ncols() ==
+/// b.nrows()`. With `read_dst == false` `gemm` writes every value without reading it, so they
+/// may be uninitialised.
+unsafe fn raw_gemm<T: Real>(
+    dst: *mut T,
+    dst_rs: isize,
+    dst_cs: isize,
+    read_dst: bool,
+    alpha: T,
+    a: &ArrayView2<T>,
+    b: &ArrayView2<T>,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let (as_, bs) = (a.strides(), b.strides());
+    // SAFETY: the caller's contract; `a` and `b` are live views described by their pointers
+    // and strides.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
-            cs[1],
-            cs[0],
-            accumulate,
+            dst,
+            dst_cs,
+            dst_rs,
+            read_dst,
             a.as_ptr(),
             as_[1],
             as_[0],
@@ -129,34 +148,19 @@ pub fn mat_mul_uninit<T: Real>(
         mat_mul_scaled(alpha, a, b, false, c);
         return;
     }
-    let (as_, bs) = (a.strides().to_vec(), b.strides().to_vec());
-    // SAFETY: `a` and `b` are live views (m×k, k×n, read only) described by their pointers and
-    // strides; `out` holds m·n values (checked above), written row-major (column stride 1,
-    // row stride n) and borrowed mutably, so it overlaps neither. `T` is f32 or f64. With
-    // `read_dst == false`, `gemm` writes every entry of `out` without reading it.
+    // SAFETY: `out` holds m·n values (checked above), written row-major (row stride n, column
+    // stride 1) and borrowed mutably, so it overlaps neither `a` nor `b`; `T` is f32 or f64.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        raw_gemm(
             out.as_mut_ptr().cast::<T>(),
-            1,
             n as isize,
+            1,
             false,
-            a.as_ptr(),
-            as_[1],
-            as_[0],
-            b.as_ptr(),
-            bs[1],
-            bs[0],
-            T::one(),
             alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+            &a,
+            &b,
+        )
+    };
 }
 
 #[cfg(test)]
