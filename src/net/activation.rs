@@ -99,17 +99,21 @@ impl Activation {
             _ => return None,
         };
         let xs = super::fastmath::f32_slice(x.as_slice()?)?;
-        let mut out = ArrayD::<T>::zeros(x.raw_dim());
-        let os = super::fastmath::f32_slice_mut(out.as_slice_mut()?)?;
-        match grad_out {
-            None => super::fastmath::gelu(xs, os, tanh),
-            Some(g) => super::fastmath::gelu_backward(
-                xs,
-                super::fastmath::f32_slice(g.as_slice()?)?,
-                os,
-                tanh,
-            ),
-        }
+        let gs = match grad_out {
+            None => None,
+            Some(g) => Some(super::fastmath::f32_slice(g.as_slice()?)?),
+        };
+        // SAFETY: `gelu_uninit` and `gelu_backward_uninit` write every value of the output
+        // (`T` is f32: `f32_slice` succeeded above).
+        let out = unsafe {
+            super::filled(x.shape(), |o| {
+                let os = super::fastmath::f32_uninit(o).expect("T is f32");
+                match gs {
+                    None => super::fastmath::gelu_uninit(xs, os, tanh),
+                    Some(gs) => super::fastmath::gelu_backward_uninit(xs, gs, os, tanh),
+                }
+            })
+        };
         Some(out)
     }
 }

@@ -21,6 +21,7 @@
 //! ```
 
 use std::any::TypeId;
+use std::mem::MaybeUninit;
 
 /// The slice as f32 when `T` is f32 (the kernels' fast path), `None` otherwise.
 pub fn f32_slice<T: 'static>(s: &[T]) -> Option<&[f32]> {
@@ -215,6 +216,11 @@ fn half_one_plus_tanh(x: f32) -> (f32, f32) {
 
 /// `y = GELU(x)`: exact (`x·Φ(x)`) or, with `tanh`, PyTorch's tanh approximation.
 pub fn gelu(x: &[f32], y: &mut [f32], tanh: bool) {
+    gelu_uninit(x, as_uninit(y), tanh)
+}
+
+/// [`gelu`] into an output not yet written: every value of `y` is written.
+pub fn gelu_uninit(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -231,6 +237,11 @@ pub fn gelu(x: &[f32], y: &mut [f32], tanh: bool) {
 
 /// `dx = dy · GELU'(x)`.
 pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+    gelu_backward_uninit(x, dy, as_uninit(dx), tanh)
+}
+
+/// [`gelu_backward`] into an output not yet written: every value of `dx` is written.
+pub fn gelu_backward_uninit(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     assert!(x.len() == dy.len() && x.len() == dx.len());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -243,6 +254,14 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
         return unsafe { gelu_backward_avx2(x, dy, dx, tanh) };
     }
     gelu_backward_body(x, dy, dx, tanh)
+}
+
+/// A written slice seen as one that may be written again (every value stays initialised:
+/// callers only write `f32` values).
+fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the borrow is handed on unchanged,
+    // and writing through it only stores initialised values.
+    unsafe { std::slice::from_raw_parts_mut(y.as_mut_ptr().cast(), y.len()) }
 }
 
 /// Softmax of one row in place, stably: `e^(x − max) / Σ e^(x − max)` with this module's
@@ -303,54 +322,54 @@ fn softmax_body(row: &mut [f32], n: usize) {
 /// baseline build's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn gelu_avx2(x: &[f32], y: &mut [f32], tanh: bool) {
+unsafe fn gelu_avx2(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_body(x, y, tanh)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn gelu_avx512(x: &[f32], y: &mut [f32], tanh: bool) {
+unsafe fn gelu_avx512(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_body(x, y, tanh)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn gelu_backward_avx2(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+unsafe fn gelu_backward_avx2(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_backward_body(x, dy, dx, tanh)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn gelu_backward_avx512(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+unsafe fn gelu_backward_avx512(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_backward_body(x, dy, dx, tanh)
 }
 
 #[inline(always)]
-fn gelu_body(x: &[f32], y: &mut [f32], tanh: bool) {
+fn gelu_body(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     if tanh {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * half_one_plus_tanh(x).0;
+            y.write(x * half_one_plus_tanh(x).0);
         }
     } else {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * normal_cdf_pdf(x).0;
+            y.write(x * normal_cdf_pdf(x).0);
         }
     }
 }
 
 #[inline(always)]
-fn gelu_backward_body(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
+fn gelu_backward_body(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     if tanh {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
             let (s, _) = half_one_plus_tanh(x);
             // d/dx [x·s(u)] with s = (1 + tanh u)/2: s + x·2s(1−s)·u'.
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
-            *dx = g * (s + 2.0 * x * s * (1.0 - s) * du);
+            dx.write(g * (s + 2.0 * x * s * (1.0 - s) * du));
         }
     } else {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
             let (cdf, pdf) = normal_cdf_pdf(x);
-            *dx = g * (cdf + x * pdf);
+            dx.write(g * (cdf + x * pdf));
         }
     }
 }
@@ -530,10 +549,19 @@ mod tests {
         let g: Vec<f32> = x.iter().map(|v| 0.5 - v * 0.1).collect();
         for tanh in [false, true] {
             let (mut a, mut b) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
-            gelu_body(&x, &mut a, tanh);
+            gelu_body(&x, as_uninit(&mut a), tanh);
             gelu(&x, &mut b, tanh);
             assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
-            gelu_backward_body(&x, &g, &mut a, tanh);
+            // Into memory not yet written: every value is written, the same bits.
+            let mut u = vec![MaybeUninit::<f32>::uninit(); x.len()];
+            gelu_uninit(&x, &mut u, tanh);
+            // SAFETY: `gelu_uninit` wrote every value.
+            assert!(
+                a.iter()
+                    .zip(&u)
+                    .all(|(p, q)| p.to_bits() == unsafe { q.assume_init() }.to_bits())
+            );
+            gelu_backward_body(&x, &g, as_uninit(&mut a), tanh);
             gelu_backward(&x, &g, &mut b, tanh);
             assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
             // Each SIMD build the CPU can run, not only the one the dispatch picks.
@@ -541,8 +569,8 @@ mod tests {
             for (ok, f, fb) in [
                 (
                     std::arch::is_x86_feature_detected!("avx2"),
-                    gelu_avx2 as unsafe fn(&[f32], &mut [f32], bool),
-                    gelu_backward_avx2 as unsafe fn(&[f32], &[f32], &mut [f32], bool),
+                    gelu_avx2 as unsafe fn(&[f32], &mut [MaybeUninit<f32>], bool),
+                    gelu_backward_avx2 as unsafe fn(&[f32], &[f32], &mut [MaybeUninit<f32>], bool),
                 ),
                 (
                     std::arch::is_x86_feature_detected!("avx512f"),
@@ -553,13 +581,13 @@ mod tests {
                 if !ok {
                     continue;
                 }
-                gelu_body(&x, &mut a, tanh);
+                gelu_body(&x, as_uninit(&mut a), tanh);
                 // SAFETY: the CPU supports the build's features (checked above).
-                unsafe { f(&x, &mut b, tanh) };
+                unsafe { f(&x, as_uninit(&mut b), tanh) };
                 assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
-                gelu_backward_body(&x, &g, &mut a, tanh);
+                gelu_backward_body(&x, &g, as_uninit(&mut a), tanh);
                 // SAFETY: as above.
-                unsafe { fb(&x, &g, &mut b, tanh) };
+                unsafe { fb(&x, &g, as_uninit(&mut b), tanh) };
                 assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
             }
         }
