@@ -406,8 +406,10 @@ impl Dataset {
                     .iter()
                     .zip(&xs[from..])
                     .fold(true, |ok, (v, p)| ok & v.is_finite() & p.is_finite());
-                let bad = |j: usize| !run[j].is_finite() || !xs[from + j].is_finite();
-                if let Some(j) = (0..k).find(|&j| !finite && bad(j)) {
+                if !finite {
+                    let j = (0..k)
+                        .find(|&j| !run[j].is_finite() || !xs[from + j].is_finite())
+                        .expect("a non-finite value in the run");
                     let (at, v) = (i + j, run[j]);
                     return Err(err(if !v.is_finite() {
                         format!(

@@ -80,6 +80,22 @@ impl<T: Real> Evaluator<'_, T> {
         self.data.len().div_ceil(self.chunk_size)
     }
 
+    /// Chunk `c`'s inputs and targets (the last chunk may be shorter).
+    fn chunk(&self, c: usize) -> (ndarray::ArrayViewD<'_, f32>, crate::net::TargetsView<'_>) {
+        let a = c * self.chunk_size;
+        let b = ((c + 1) * self.chunk_size).min(self.data.len());
+        self.data.chunk(a, b)
+    }
+
+    /// One buffer per parameter tensor (model order), every value `v`.
+    fn per_param<U: Clone>(&self, v: U) -> Vec<Vec<U>> {
+        self.model
+            .params
+            .iter()
+            .map(|p| vec![v.clone(); p.numel()])
+            .collect()
+    }
+
     /// Mean loss and its gradient over the whole data set at parameters `theta`.
     pub fn loss_and_grad(&self, theta: &[Vec<T>]) -> Result<LossGrad> {
         Ok(self.loss_and_grad_many(&[theta])?.remove(0))
@@ -91,16 +107,8 @@ impl<T: Real> Evaluator<'_, T> {
     /// points together instead of 6). Each point's chunks are still added in chunk order, so
     /// every result has the same bits as evaluating its point alone.
     pub fn loss_and_grad_many(&self, thetas: &[&[Vec<T>]]) -> Result<Vec<LossGrad>> {
-        let n = self.data.len();
         let chunks = self.num_chunks();
-        let zeros = || -> Vec<Vec<f64>> {
-            self.model
-                .params
-                .iter()
-                .map(|p| vec![0.0; p.numel()])
-                .collect()
-        };
-        let mut grads: Vec<Vec<Vec<f64>>> = thetas.iter().map(|_| zeros()).collect();
+        let mut grads: Vec<Vec<Vec<f64>>> = thetas.iter().map(|_| self.per_param(0.0)).collect();
         let mut loss = vec![0.0f64; thetas.len()];
         let mut count = vec![0usize; thetas.len()];
         // Jobs (point, chunk), point by point, each point's chunks in order.
@@ -111,15 +119,8 @@ impl<T: Real> Evaluator<'_, T> {
             let parts: Vec<(usize, f64, usize, Vec<Vec<T>>)> = wave
                 .par_iter()
                 .map(|&(p, c)| {
-                    let a = c * self.chunk_size;
-                    let b = ((c + 1) * self.chunk_size).min(n);
-                    let (x, y) = self.data.chunk(a, b);
-                    let mut g: Vec<Vec<T>> = self
-                        .model
-                        .params
-                        .iter()
-                        .map(|p| vec![T::zero(); p.numel()])
-                        .collect();
+                    let (x, y) = self.chunk(c);
+                    let mut g = self.per_param(T::zero());
                     let (l, k) = self.model.chunk_loss_grad(thetas[p], x, y, &mut g);
                     (p, l, k, g)
                 })
@@ -335,11 +336,9 @@ impl<T: Real> Evaluator<'_, T> {
         carry: &mut Option<FirstOutputs<T>>,
     ) -> Result<SharedSimpson> {
         let model = self.model;
-        let n = self.data.len();
         let chunks = self.num_chunks();
         let first_ids = &model.nodes[0].param_ids;
-        let zeros_f64 =
-            || -> Vec<Vec<f64>> { model.params.iter().map(|p| vec![0.0; p.numel()]).collect() };
+        let zeros_f64 = || self.per_param(0.0f64);
         let mut acc = [zeros_f64(), zeros_f64(), zeros_f64()];
         let mut first_acc = zeros_f64();
         let mut loss = [0.0f64; 3];
@@ -359,9 +358,7 @@ impl<T: Real> Evaluator<'_, T> {
             let parts: Vec<SharedChunk<T>> = jobs
                 .into_par_iter()
                 .map(|(c, z0)| {
-                    let a = c * self.chunk_size;
-                    let b = ((c + 1) * self.chunk_size).min(n);
-                    let (x, y) = self.data.chunk(a, b);
+                    let (x, y) = self.chunk(c);
                     let z0 = z0.unwrap_or_else(|| model.first_output(theta0, x.view()));
                     let z1 = model.first_output(theta1, x.view());
                     let zm = ndarray::Zip::from(&z0)
@@ -402,9 +399,8 @@ impl<T: Real> Evaluator<'_, T> {
                         k = cnt;
                         let w = if i == 1 { four } else { T::one() };
                         match gsum.as_mut() {
-                            // The first point has weight 1: its gradient is the sum so far.
-                            None if i == 0 => gsum = Some(g),
-                            None => gsum = Some(g.mapv(|v| v * w)),
+                            // The first point (θ_t, weight 1): its gradient is the sum so far.
+                            None => gsum = Some(g),
                             Some(s) => ndarray::Zip::from(s).and(&g).for_each(|s, &v| *s += v * w),
                         }
                     }

@@ -47,13 +47,7 @@ fn interrupted() -> Result<()> {
 impl<E: Engine> Objectives<'_, E> {
     /// Loss and gradient of every objective at `theta`.
     pub(super) fn at(&self, theta: &[Vec<E::Real>]) -> Result<Vec<LossGrad>> {
-        interrupted()?;
-        let mut r = vec![self.train.loss_and_grad(theta)?];
-        if let Some(v) = self.val {
-            r.push(v.loss_and_grad(theta).map_err(on_validation)?);
-        }
-        self.progress.inc();
-        Ok(r)
+        Ok(self.at_many(&[theta])?.remove(0))
     }
 
     /// Loss and gradient of every objective at each of `thetas` (one `Vec` per point, in

@@ -1066,6 +1066,20 @@ train = "unused"
         }
     }
 
+    /// The bits of a chunk's summed loss and of every gradient, for comparing two builds of
+    /// one model.
+    fn loss_grad_bits(
+        m: &Model<f32>,
+        theta: &[Vec<f32>],
+        x: &ArrayD<f32>,
+        y: &[u32],
+    ) -> (u64, Vec<u32>) {
+        let mut g: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
+        let (l, _) = m.chunk_loss_grad(theta, x.view(), TargetsView::Classes(y), &mut g);
+        let bits: Vec<u32> = g.iter().flatten().map(|v| v.to_bits()).collect();
+        (l.to_bits(), bits)
+    }
+
     /// `relu → max_pool2d` evaluated as `max_pool2d → relu` gives the same bits: loss and every
     /// gradient, on inputs with ties and windows of negative values only.
     #[test]
@@ -1125,13 +1139,10 @@ train = "unused"
             .array(&[5, 2, 6, 6])
             .mapv(|v| ((v * 2.0).round() / 2.0) as f32);
         let y = [0u32, 3, 1, 2, 1];
-        let run = |m: &Model<f32>| {
-            let mut g: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
-            let (l, _) = m.chunk_loss_grad(&theta, x.view(), TargetsView::Classes(&y), &mut g);
-            let bits: Vec<u32> = g.iter().flatten().map(|v| v.to_bits()).collect();
-            (l.to_bits(), bits)
-        };
-        assert_eq!(run(&a), run(&b));
+        assert_eq!(
+            loss_grad_bits(&a, &theta, &x, &y),
+            loss_grad_bits(&b, &theta, &x, &y)
+        );
     }
 
     /// A ResNet block (conv → BN → ReLU → conv → BN → add → ReLU) with the ReLUs fused into
@@ -1232,13 +1243,11 @@ train = "unused"
                 .collect();
             let x = rng.array(&[5, 2, hw, hw]).mapv(|v| v as f32);
             let y = [0u32, 3, 1, 2, 1];
-            let run = |m: &Model<f32>| {
-                let mut g: Vec<Vec<f32>> = theta.iter().map(|t| vec![0.0; t.len()]).collect();
-                let (l, _) = m.chunk_loss_grad(&theta, x.view(), TargetsView::Classes(&y), &mut g);
-                let bits: Vec<u32> = g.iter().flatten().map(|v| v.to_bits()).collect();
-                (l.to_bits(), bits)
-            };
-            assert_eq!(run(&a), run(&b), "{mode}, {hw}×{hw}");
+            assert_eq!(
+                loss_grad_bits(&a, &theta, &x, &y),
+                loss_grad_bits(&b, &theta, &x, &y),
+                "{mode}, {hw}×{hw}"
+            );
         }
     }
 
