@@ -27,13 +27,14 @@
 //! assert_eq!(y.as_slice().unwrap(), &[8.5, 12.5, 20.5, 24.5]);
 //! ```
 
+use super::conv_small;
 use super::conv3x3;
 use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
-use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, s};
+use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};
 
 /// Geometry of a 2-D sliding window: kernel, stride, dilation and padding per axis
 /// (height, width), with PyTorch's output-size rule (no ceil mode).
@@ -586,7 +587,7 @@ impl<T: Real> Layer<T> for Conv2d {
         &self,
         params: &[&[T]],
         inputs: &[ArrayViewD<T>],
-        _saved: &mut Saved<T>,
+        saved: &mut Saved<T>,
     ) -> ArrayD<T> {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
@@ -603,17 +604,10 @@ impl<T: Real> Layer<T> for Conv2d {
             };
         }
         let d = self.dims(x.shape());
-        let n = d.plane();
-        let shape = [d.batch, self.out_channels, d.oh, d.ow];
-        // im2col and the product's output: this thread's buffers, fully written before read.
-        let mut scratch = Scratch::take();
-        let [col, out, _] = scratch.slices([d.k * d.block * n, d.mg * d.block * n, 0]);
-        // SAFETY: the blocks cover every sample, the groups every output channel, and each
-        // (sample, channel) plane of n outputs is written in full below.
-        let y =
-            unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, &d, col, out, ys)) };
-        scratch.give_back();
-        y
+        if let Some(plan) = self.small(&d, x.shape()) {
+            return self.forward_small(&plan, params, xs, &d, saved);
+        }
+        self.forward_im2col(params, xs, &d)
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
@@ -632,11 +626,133 @@ impl<T: Real> Layer<T> for Conv2d {
             );
         }
         let d = self.dims(x.shape());
-        let n = d.plane();
-        let mut gp = b.grad_params;
-        let mut gbias = vec![T::zero(); self.out_channels];
         let need_x = b.need_input_grad[0];
-        let mut gx = need_x.then(|| ArrayD::<T>::zeros(x.shape()));
+        if let Some(plan) = self.small(&d, x.shape()) {
+            return vec![self.backward_small(
+                &plan,
+                b.params,
+                xs,
+                gys,
+                b.saved,
+                b.grad_params,
+                need_x,
+            )];
+        }
+        vec![self.backward_im2col(b.params, xs, gys, &d, b.grad_params, need_x)]
+    }
+
+    fn affine_in_params(&self) -> bool {
+        true
+    }
+
+    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
+        let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
+            return 0;
+        };
+        let k = (self.in_channels / self.groups) * self.window.kernel[0] * self.window.kernel[1];
+        (out.iter().product::<usize>() * k) as u64
+    }
+}
+
+impl Conv2d {
+    /// Forward through im2col and GEMM.
+    fn forward_im2col<T: Real>(&self, params: &[&[T]], xs: &[T], d: &Dims) -> ArrayD<T> {
+        let n = d.plane();
+        let shape = [d.batch, self.out_channels, d.oh, d.ow];
+        // im2col and the product's output: this thread's buffers, fully written before read.
+        let mut scratch = Scratch::take();
+        let [col, out, _] = scratch.slices([d.k * d.block * n, d.mg * d.block * n, 0]);
+        // SAFETY: the blocks cover every sample, the groups every output channel, and each
+        // (sample, channel) plane of n outputs is written in full below.
+        let y =
+            unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, d, col, out, ys)) };
+        scratch.give_back();
+        y
+    }
+
+    /// The dense product's plan ([`conv_small`]) for a call, or `None` for im2col.
+    fn small(&self, d: &Dims, shape: &[usize]) -> Option<conv_small::Plan> {
+        conv_small::Plan::new(
+            &self.window,
+            self.groups,
+            self.out_channels,
+            shape,
+            [d.oh, d.ow],
+            d.taps.len(),
+        )
+    }
+
+    /// Forward as one dense product; `Wbig` is kept in `saved` for backward.
+    fn forward_small<T: Real>(
+        &self,
+        plan: &conv_small::Plan,
+        params: &[&[T]],
+        xs: &[T],
+        d: &Dims,
+        saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        let mut wbig = vec![T::zero(); plan.wbig_len()];
+        plan.wbig(params[0], &mut wbig);
+        let shape = [d.batch, self.out_channels, d.oh, d.ow];
+        let bias = self.bias.then(|| params[1]);
+        // SAFETY: `Plan::forward` writes every output value.
+        let y = unsafe { super::filled(&shape, |ys| plan.forward(&wbig, bias, xs, ys)) };
+        let len = wbig.len();
+        *saved = Saved::Arrays(vec![
+            ArrayD::from_shape_vec(IxDyn(&[len]), wbig).expect("one axis of its length"),
+        ]);
+        y
+    }
+
+    /// Backward as dense products, with forward's `Wbig` when it was kept.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_small<T: Real>(
+        &self,
+        plan: &conv_small::Plan,
+        params: &[&[T]],
+        xs: &[T],
+        gys: &[T],
+        saved: &Saved<T>,
+        gp: Vec<&mut [T]>,
+        need_x: bool,
+    ) -> Option<ArrayD<T>> {
+        let len = plan.wbig_len();
+        let built;
+        let wbig: &[T] = match saved {
+            Saved::Arrays(v) if v.len() == 1 && v[0].len() == len => {
+                v[0].as_slice().expect("kept contiguous")
+            }
+            _ => {
+                let mut w = vec![T::zero(); len];
+                plan.wbig(params[0], &mut w);
+                built = w;
+                &built
+            }
+        };
+        let mut gp = gp.into_iter();
+        let gw = gp.next().expect("a weight gradient");
+        let gbias = gp.next();
+        let mut scratch = Scratch::take();
+        let [gwbig, _, _] = scratch.slices([len, 0, 0]);
+        let gx = plan.backward(wbig, xs, gys, gw, gbias, gwbig, need_x);
+        scratch.give_back();
+        gx
+    }
+
+    /// Backward through im2col and GEMM.
+    fn backward_im2col<T: Real>(
+        &self,
+        params: &[&[T]],
+        xs: &[T],
+        gys: &[T],
+        d: &Dims,
+        mut gp: Vec<&mut [T]>,
+        need_x: bool,
+    ) -> Option<ArrayD<T>> {
+        let n = d.plane();
+        let mut gbias = vec![T::zero(); self.out_channels];
+        let mut gx =
+            need_x.then(|| ArrayD::<T>::zeros(IxDyn(&[d.batch, self.in_channels, d.h, d.w])));
         // im2col, its gradient and the gathered output gradients: this thread's buffers, each
         // entry written before it is read (im2col and the products write whole blocks, the
         // gather below every row).
@@ -682,7 +798,7 @@ impl<T: Real> Layer<T> for Conv2d {
                         .expect("sized above");
                     let mut wbuf = Vec::new();
                     mat_mul(
-                        self.group_weight(b.params[0], &d, g, &mut wbuf).t(),
+                        self.group_weight(params[0], d, g, &mut wbuf).t(),
                         goutv,
                         false,
                         gcolm.view_mut(),
@@ -698,19 +814,7 @@ impl<T: Real> Layer<T> for Conv2d {
                 *a += v;
             }
         }
-        vec![gx]
-    }
-
-    fn affine_in_params(&self) -> bool {
-        true
-    }
-
-    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
-        let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
-            return 0;
-        };
-        let k = (self.in_channels / self.groups) * self.window.kernel[0] * self.window.kernel[1];
-        (out.iter().product::<usize>() * k) as u64
+        gx
     }
 }
 
@@ -1046,6 +1150,132 @@ mod tests {
                     _ => panic!("{what}: input gradient given iff asked for"),
                 }
             }
+        }
+    }
+
+    /// The dense product of tiny planes ([`conv_small`]) against the im2col path in f64
+    /// (which the finite differences above check): outputs, weight, bias and input gradients,
+    /// in f64 and in f32, with and without forward's kept `Wbig`, on every kind of plane it
+    /// takes (2×2 and 1×1 outputs, stride 2 onto 1×1, a 1×1 kernel reading one position of
+    /// four, a 1×2 plane, a 5×5 kernel) and not on the shapes it leaves to im2col.
+    #[test]
+    fn small_planes_match_the_im2col_path() {
+        fn im2col_run(
+            c: &Conv2d,
+            params: &[Vec<f64>],
+            x: &ArrayD<f64>,
+            gy: &ArrayD<f64>,
+        ) -> (ArrayD<f64>, Vec<Vec<f64>>, ArrayD<f64>) {
+            let d = c.dims(x.shape());
+            let pr: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
+            let xs = x.as_slice().unwrap();
+            let y = c.forward_im2col(&pr, xs, &d);
+            let mut g: Vec<Vec<f64>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
+            let gp = g.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let gx = c.backward_im2col(&pr, xs, gy.as_slice().unwrap(), &d, gp, true);
+            (y, g, gx.unwrap())
+        }
+        let max_err = |a: &[f64], b: &[f64]| {
+            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b)
+                .fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs()));
+            err / scale.max(1e-30)
+        };
+        // (cin, cout, h, w, batch, kernel, stride, padding, bias)
+        for &(cin, cout, h, w, batch, k, stride, pad, bias) in &[
+            (8, 6, 2, 2, 5, 3, 1, 1, true),
+            (5, 7, 1, 1, 4, 3, 1, 1, false),
+            (6, 4, 2, 2, 3, 3, 2, 1, true),
+            (6, 5, 2, 2, 3, 1, 2, 0, true),
+            (3, 2, 1, 2, 2, 3, 1, 1, false),
+            (4, 3, 2, 2, 3, 5, 1, 2, true),
+            (16, 9, 1, 1, 1, 3, 1, 1, true),
+        ] {
+            let c = conv(
+                [cin, cout, 1],
+                [k, k],
+                [stride, stride],
+                p(pad, pad),
+                [1, 1],
+                bias,
+            );
+            let what = format!("{cin}→{cout} {h}×{w} k{k} s{stride} ×{batch}");
+            let d = c.dims(&[batch, cin, h, w]);
+            assert!(c.small(&d, &[batch, cin, h, w]).is_some(), "{what}");
+            let mut rng = Rng::new((cin * 100 + h * 10 + k) as u64);
+            let x = rng.array(&[batch, cin, h, w]);
+            let gy = rng.array(&[batch, cout, d.oh, d.ow]);
+            let params: Vec<Vec<f64>> = <Conv2d as Layer<f64>>::params(&c)
+                .iter()
+                .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let (y, g, gx) = im2col_run(&c, &params, &x, &gy);
+            // f64 through the layer (forward keeps Wbig), then backward rebuilding it.
+            let (y64, g64, gx64) = run_layer::<f64>(&c, &params, &x, &gy, true, 0.0);
+            let e = max_err(y64.as_slice().unwrap(), y.as_slice().unwrap());
+            assert!(e < 1e-13, "{what}: f64 forward {e}");
+            for (a, b) in g64.iter().zip(&g) {
+                let e = max_err(a, b);
+                assert!(e < 1e-13, "{what}: f64 parameter gradient {e}");
+            }
+            let gx64 = gx64[0].as_ref().unwrap();
+            let e = max_err(gx64.as_slice().unwrap(), gx.as_slice().unwrap());
+            assert!(e < 1e-13, "{what}: f64 input gradient {e}");
+            let pr: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
+            let mut g2: Vec<Vec<f64>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
+            let gx2 = c.backward(Backward {
+                params: &pr,
+                inputs: &[x.view()],
+                output: y.view(),
+                saved: &Saved::None,
+                grad_out: gy.view(),
+                grad_params: g2.iter_mut().map(|v| v.as_mut_slice()).collect(),
+                need_input_grad: &[false],
+            });
+            assert!(gx2[0].is_none(), "{what}: no input gradient asked for");
+            assert_eq!(g2, g64, "{what}: Wbig rebuilt in backward");
+            // f32, gradients added to what is there.
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let (y32, g32, gx32) = run_layer::<f32>(&c, &p32, &x32, &gy32, true, 1.0);
+            let up = |a: &[f32]| a.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            let e = max_err(&up(y32.as_slice().unwrap()), y.as_slice().unwrap());
+            assert!(e < 1e-6, "{what}: f32 forward {e}");
+            for (a, b) in g32.iter().zip(&g) {
+                let a: Vec<f64> = a.iter().map(|&v| f64::from(v) - 1.0).collect();
+                let e = max_err(&a, b);
+                assert!(e < 1e-5, "{what}: f32 parameter gradient {e}");
+            }
+            let gx32 = gx32[0].as_ref().unwrap();
+            let e = max_err(&up(gx32.as_slice().unwrap()), gx.as_slice().unwrap());
+            assert!(e < 1e-6, "{what}: f32 input gradient {e}");
+        }
+        // Left to im2col: 4×4 planes, a 1×1 kernel reading 4 of 16 positions, groups.
+        for (c, shape) in [
+            (
+                conv([8, 8, 1], [3, 3], [1, 1], p(1, 1), [1, 1], false),
+                [2, 8, 4, 4],
+            ),
+            (
+                conv([8, 8, 1], [1, 1], [2, 2], p(0, 0), [1, 1], false),
+                [2, 8, 4, 4],
+            ),
+            (
+                conv([8, 8, 2], [3, 3], [1, 1], p(1, 1), [1, 1], false),
+                [2, 8, 2, 2],
+            ),
+            (
+                conv([8, 8, 1], [1, 1], [1, 1], p(0, 0), [1, 1], false),
+                [2, 8, 2, 2],
+            ),
+        ] {
+            let d = c.dims(&shape);
+            assert!(c.small(&d, &shape).is_none(), "{shape:?}");
         }
     }
 
