@@ -778,7 +778,7 @@ impl Conv2d {
                 let goutv = ArrayView2::from_shape((d.mg, cols), &gout[..d.mg * cols])
                     .expect("sized above");
                 let colm = &mut col[..d.k * cols];
-                self.im2col(xs, &d, g, s0, nb, colm);
+                self.im2col(xs, d, g, s0, nb, colm);
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 if d.k == d.kfull {
                     let gw = &mut gp[0][g * d.mg * d.k..][..d.mg * d.k];
@@ -791,7 +791,7 @@ impl Conv2d {
                     let gwv =
                         ArrayViewMut2::from_shape((d.mg, d.k), &mut gwc[..]).expect("sized above");
                     mat_mul(goutv, colv.t(), false, gwv);
-                    self.scatter_weight_grad(&gwc, &d, g, gp[0]);
+                    self.scatter_weight_grad(&gwc, d, g, gp[0]);
                 }
                 if let Some(gx) = gx.as_mut() {
                     let mut gcolm = ArrayViewMut2::from_shape((d.k, cols), &mut gcol[..d.k * cols])
@@ -804,7 +804,7 @@ impl Conv2d {
                         gcolm.view_mut(),
                     );
                     let gxs = gx.as_slice_mut().expect("fresh array");
-                    self.col2im(&gcol[..d.k * cols], &d, g, s0, nb, gxs);
+                    self.col2im(&gcol[..d.k * cols], d, g, s0, nb, gxs);
                 }
             }
         }

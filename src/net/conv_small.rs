@@ -215,6 +215,7 @@ impl Plan {
     /// Adds the weight gradient (`gw`, `[cout, cin, kh, kw]`) and the bias gradient (if
     /// `gbias`), and returns the input gradient when `need_x`. `gwbig` is scratch of
     /// [`Plan::wbig_len`] entries.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward<T: Real>(
         &self,
         wbig: &[T],
