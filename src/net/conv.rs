@@ -225,7 +225,24 @@ struct Dims {
     taps: Vec<(usize, usize)>,
     /// Samples per block.
     block: usize,
+    /// The gather table of small planes (see [`Frame`]), `None` on larger ones.
+    frame: Option<Frame>,
 }
+
+/// Unfolding of a small plane through a frame: the input plane is copied into a zero-padded
+/// `hp × wp` frame, and entry `p` of used tap `t`'s unfolded row is frame position
+/// `idx[t·n + p]`. One copy per plane and a table lookup per entry, where the row-wise copies
+/// of [`Conv2d::im2col`] spend more on finding the in-range runs of a 4×4 plane than on copying
+/// them. Folding back runs the other way (sums in a zeroed frame, the interior copied out).
+#[derive(Debug, Clone)]
+struct Frame {
+    hp: usize,
+    wp: usize,
+    idx: Vec<u32>,
+}
+
+/// Largest output plane (oh·ow) unfolded through a [`Frame`].
+const FRAME_PLANE: usize = 64;
 
 impl Dims {
     fn plane(&self) -> usize {
@@ -259,8 +276,104 @@ impl Conv2d {
             ow,
             k: cg * taps.len(),
             kfull: cg * kh * kw,
+            frame: (n <= FRAME_PLANE).then(|| self.frame(&taps, [h, w], [oh, ow])),
             taps,
             block: (BLOCK_COLUMNS / n).clamp(1, b.max(1)),
+        }
+    }
+
+    /// The [`Frame`] of an `h × w` input with `oh × ow` outputs and the used `taps`.
+    fn frame(&self, taps: &[(usize, usize)], [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Frame {
+        let win = &self.window;
+        let hp = h + win.pad_begin[0] + win.pad_end[0];
+        let wp = w + win.pad_begin[1] + win.pad_end[1];
+        let mut idx = Vec::with_capacity(taps.len() * oh * ow);
+        for &(ki, kj) in taps {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    // Frame coordinates: input position + padding before, inside the padded
+                    // extent for every window (the output size rule).
+                    let fy = oy * win.stride[0] + ki * win.dilation[0];
+                    let fx = ox * win.stride[1] + kj * win.dilation[1];
+                    idx.push((fy * wp + fx) as u32);
+                }
+            }
+        }
+        Frame { hp, wp, idx }
+    }
+
+    /// [`Conv2d::im2col`] through the [`Frame`] `fr`; `buf` is scratch for the frame.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_framed<T: Real>(
+        &self,
+        x: &[T],
+        d: &Dims,
+        fr: &Frame,
+        g: usize,
+        s0: usize,
+        nb: usize,
+        col: &mut [T],
+        buf: &mut Vec<T>,
+    ) {
+        let n = d.plane();
+        let ld = nb * n;
+        let nt = d.taps.len();
+        let [pb0, pb1] = self.window.pad_begin;
+        buf.clear();
+        buf.resize(fr.hp * fr.wp, T::zero());
+        for j in 0..nb {
+            let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
+            for ci in 0..d.cg {
+                let xc = &x[base + ci * d.h * d.w..][..d.h * d.w];
+                for (y, src) in xc.chunks_exact(d.w).enumerate() {
+                    buf[(y + pb0) * fr.wp + pb1..][..d.w].copy_from_slice(src);
+                }
+                for (t, ix) in fr.idx.chunks_exact(n).enumerate() {
+                    let dst = &mut col[(ci * nt + t) * ld + j * n..][..n];
+                    for (o, &i) in dst.iter_mut().zip(ix) {
+                        *o = buf[i as usize];
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Conv2d::col2im`] through the [`Frame`] `fr`: each input plane's gradient is summed in
+    /// a zeroed frame (taps in order, as `col2im` adds them) and its interior written to `gx`
+    /// (every value of the planes of group `g`, samples `s0..s0+nb`).
+    #[allow(clippy::too_many_arguments)]
+    fn col2im_framed<T: Real>(
+        &self,
+        col: &[T],
+        d: &Dims,
+        fr: &Frame,
+        g: usize,
+        s0: usize,
+        nb: usize,
+        gx: &mut [T],
+        buf: &mut Vec<T>,
+    ) {
+        let n = d.plane();
+        let ld = nb * n;
+        let nt = d.taps.len();
+        let [pb0, pb1] = self.window.pad_begin;
+        buf.clear();
+        buf.resize(fr.hp * fr.wp, T::zero());
+        for j in 0..nb {
+            let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
+            for ci in 0..d.cg {
+                buf.fill(T::zero());
+                for (t, ix) in fr.idx.chunks_exact(n).enumerate() {
+                    let src = &col[(ci * nt + t) * ld + j * n..][..n];
+                    for (&v, &i) in src.iter().zip(ix) {
+                        buf[i as usize] += v;
+                    }
+                }
+                let gc = &mut gx[base + ci * d.h * d.w..][..d.h * d.w];
+                for (y, dst) in gc.chunks_exact_mut(d.w).enumerate() {
+                    dst.copy_from_slice(&buf[(y + pb0) * fr.wp + pb1..][..d.w]);
+                }
+            }
         }
     }
 
@@ -518,12 +631,16 @@ impl Conv2d {
         ys: &mut [std::mem::MaybeUninit<T>],
     ) {
         let n = d.plane();
+        let mut fbuf = Vec::new();
         for s0 in (0..d.batch).step_by(d.block) {
             let nb = d.block.min(d.batch - s0);
             let cols = nb * n;
             for g in 0..self.groups {
                 let colm = &mut col[..d.k * cols];
-                self.im2col(xs, d, g, s0, nb, colm);
+                match &d.frame {
+                    Some(fr) => self.im2col_framed(xs, d, fr, g, s0, nb, colm, &mut fbuf),
+                    None => self.im2col(xs, d, g, s0, nb, colm),
+                }
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
                     .expect("sized above");
@@ -751,6 +868,7 @@ impl Conv2d {
     ) -> Option<ArrayD<T>> {
         let n = d.plane();
         let mut gbias = vec![T::zero(); self.out_channels];
+        let mut fbuf = Vec::new();
         let mut gx =
             need_x.then(|| ArrayD::<T>::zeros(IxDyn(&[d.batch, self.in_channels, d.h, d.w])));
         // im2col, its gradient and the gathered output gradients: this thread's buffers, each
@@ -778,7 +896,10 @@ impl Conv2d {
                 let goutv = ArrayView2::from_shape((d.mg, cols), &gout[..d.mg * cols])
                     .expect("sized above");
                 let colm = &mut col[..d.k * cols];
-                self.im2col(xs, d, g, s0, nb, colm);
+                match &d.frame {
+                    Some(fr) => self.im2col_framed(xs, d, fr, g, s0, nb, colm, &mut fbuf),
+                    None => self.im2col(xs, d, g, s0, nb, colm),
+                }
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 if d.k == d.kfull {
                     let gw = &mut gp[0][g * d.mg * d.k..][..d.mg * d.k];
@@ -804,7 +925,11 @@ impl Conv2d {
                         gcolm.view_mut(),
                     );
                     let gxs = gx.as_slice_mut().expect("fresh array");
-                    self.col2im(&gcol[..d.k * cols], d, g, s0, nb, gxs);
+                    let gcolm = &gcol[..d.k * cols];
+                    match &d.frame {
+                        Some(fr) => self.col2im_framed(gcolm, d, fr, g, s0, nb, gxs, &mut fbuf),
+                        None => self.col2im(gcolm, d, g, s0, nb, gxs),
+                    }
                 }
             }
         }
