@@ -152,15 +152,30 @@ impl Plan {
 
     /// `Wbig` from the weight `[cout, cin, kh, kw]`, into `out` (every entry written).
     pub(crate) fn wbig<T: Real>(&self, w: &[T], out: &mut [T]) {
-        let (n, nq, kk) = (self.n, self.nq, self.kk);
-        let kc = self.cin * nq;
-        for (o, wo) in w.chunks_exact(self.cin * kk).enumerate() {
-            for p in 0..n {
-                let row = &mut out[(o * n + p) * kc..][..kc];
-                let taps = &self.tap[p * nq..][..nq];
-                for (dst, wc) in row.chunks_exact_mut(nq).zip(wo.chunks_exact(kk)) {
-                    for (d, &t) in dst.iter_mut().zip(taps) {
-                        *d = if t == NONE { T::zero() } else { wc[t as usize] };
+        let (n, nq, kk, cin) = (self.n, self.nq, self.kk, self.cin);
+        let kc = cin * nq;
+        // One (output position, read position) pair at a time: a strided copy of one tap of
+        // every (o, c), or zeros.
+        for p in 0..n {
+            for qi in 0..nq {
+                let t = self.tap[p * nq + qi];
+                for o in 0..self.cout {
+                    let row = &mut out[(o * n + p) * kc + qi..];
+                    if t == NONE {
+                        row.iter_mut()
+                            .step_by(nq)
+                            .take(cin)
+                            .for_each(|d| *d = T::zero());
+                        continue;
+                    }
+                    let src = &w[o * cin * kk + t as usize..];
+                    for (d, &v) in row
+                        .iter_mut()
+                        .step_by(nq)
+                        .zip(src.iter().step_by(kk))
+                        .take(cin)
+                    {
+                        *d = v;
                     }
                 }
             }
@@ -247,17 +262,16 @@ impl Plan {
         let x = self.x_view(xs);
         let gwb = ArrayViewMut2::from_shape((m, kc), &mut gwbig[..m * kc]).expect("sized");
         mat_mul(gy, x.t(), false, gwb);
-        for o in 0..self.cout {
-            let block = &gwbig[o * n * kc..][..n * kc];
-            for c in 0..self.cin {
-                let dst = &mut gw[(o * self.cin + c) * kk..][..kk];
-                let col = &block[c * nq..];
-                for (t, offs) in &self.by_tap {
+        for (t, offs) in &self.by_tap {
+            for o in 0..self.cout {
+                let block = &gwbig[o * n * kc..][..n * kc];
+                let dst = &mut gw[o * self.cin * kk + t..];
+                for (c, d) in dst.iter_mut().step_by(kk).take(self.cin).enumerate() {
                     let mut sum = T::zero();
                     for &off in offs {
-                        sum += col[off];
+                        sum += block[off + c * nq];
                     }
-                    dst[*t] += sum;
+                    *d += sum;
                 }
             }
         }

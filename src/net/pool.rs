@@ -135,8 +135,9 @@ impl MaxPool2d {
 
     /// [`MaxPool2d::scan`] one window at a time: the same maxima (the window's in-range taps in
     /// scan order from −∞, moving on `v > max || isnan(v)`), with each output's running
-    /// maximum in a register instead of a row of them in memory (3× faster on ResNet's 3×3
-    /// stride-2 pool of 16×16 planes).
+    /// maximum in a register instead of a row of them in memory, and every window's in-range
+    /// taps listed once per call as plane offsets (ResNet's 3×3 stride-2 pool of 16×16
+    /// planes: about 4× faster).
     fn scan_windows<T: Real>(
         &self,
         xs: &[T],
@@ -148,26 +149,35 @@ impl MaxPool2d {
         let [oh, ow] = win.out_checked(hw[0], hw[1]);
         let rows = taps(win, 0, hw[0], oh, hw[1]);
         let cols = taps(win, 1, hw[1], ow, 1);
+        // Output o's taps are offs[ends[o - 1]..ends[o]], in scan order.
+        let mut offs: Vec<u32> = Vec::new();
+        let mut ends: Vec<usize> = Vec::with_capacity(oh * ow);
+        for r in &rows {
+            for c in &cols {
+                for &ry in r {
+                    offs.extend(c.iter().map(|&cx| (ry + cx) as u32));
+                }
+                ends.push(offs.len());
+            }
+        }
         let size = hw[0] * hw[1];
         let mut o = 0;
         for p in 0..np {
             let plane = &xs[p * size..][..size];
-            for r in &rows {
-                for c in &cols {
-                    let mut best = T::neg_infinity();
-                    let mut at = r[0] + c[0];
-                    for &ry in r {
-                        let row = &plane[ry..];
-                        for &cx in c {
-                            let v = row[cx];
-                            let better = (v > best) | v.is_nan();
-                            best = if better { v } else { best };
-                            at = if better { ry + cx } else { at };
-                        }
-                    }
-                    f(o, p * size + at);
-                    o += 1;
+            let mut from = 0;
+            for &end in &ends {
+                let window = &offs[from..end];
+                from = end;
+                let mut best = T::neg_infinity();
+                let mut at = window[0];
+                for &i in window {
+                    let v = plane[i as usize];
+                    let better = (v > best) | v.is_nan();
+                    best = if better { v } else { best };
+                    at = if better { i } else { at };
                 }
+                f(o, p * size + at as usize);
+                o += 1;
             }
         }
     }
