@@ -58,9 +58,8 @@ pub(crate) struct Plan {
     q0: usize,
     /// `tap[p·nq + qi]`: the tap joining output `p` to read position `qi`, or [`NONE`].
     tap: Vec<u32>,
-    /// Each used tap with the offsets `p·cin·nq + qi` of its entries in a row block of
-    /// `gWbig` (output positions in order).
-    by_tap: Vec<(usize, Vec<usize>)>,
+    /// The taps that join some pair, in order.
+    used: Vec<usize>,
 }
 
 impl Plan {
@@ -121,17 +120,11 @@ impl Plan {
                 }
             }
         }
-        let by_tap = (0..kh * kw)
-            .filter_map(|t| {
-                let offs: Vec<usize> = (0..n * nq)
-                    .filter(|&i| tap[i] == t as u32)
-                    .map(|i| (i / nq) * cin * nq + i % nq)
-                    .collect();
-                (!offs.is_empty()).then_some((t, offs))
-            })
+        let used = (0..kh * kw)
+            .filter(|&t| tap.contains(&(t as u32)))
             .collect();
         Some(Plan {
-            by_tap,
+            used,
             batch,
             cin,
             cout,
@@ -154,28 +147,20 @@ impl Plan {
     pub(crate) fn wbig<T: Real>(&self, w: &[T], out: &mut [T]) {
         let (n, nq, kk, cin) = (self.n, self.nq, self.kk, self.cin);
         let kc = cin * nq;
-        // One (output position, read position) pair at a time: a strided copy of one tap of
-        // every (o, c), or zeros.
-        for p in 0..n {
-            for qi in 0..nq {
-                let t = self.tap[p * nq + qi];
-                for o in 0..self.cout {
-                    let row = &mut out[(o * n + p) * kc + qi..];
-                    if t == NONE {
-                        row.iter_mut()
-                            .step_by(nq)
-                            .take(cin)
-                            .for_each(|d| *d = T::zero());
-                        continue;
-                    }
-                    let src = &w[o * cin * kk + t as usize..];
-                    for (d, &v) in row
-                        .iter_mut()
-                        .step_by(nq)
-                        .zip(src.iter().step_by(kk))
-                        .take(cin)
-                    {
-                        *d = v;
+        // Row (o, p) is written one read position at a time: a strided copy of one tap of
+        // o's weights (a few KB, in L1), or zeros.
+        for (o, wo) in w.chunks_exact(cin * kk).enumerate() {
+            for p in 0..n {
+                let row = &mut out[(o * n + p) * kc..][..kc];
+                for qi in 0..nq {
+                    let dst = row[qi..].iter_mut().step_by(nq);
+                    match self.tap[p * nq + qi] {
+                        NONE => dst.for_each(|d| *d = T::zero()),
+                        t => {
+                            for (d, &v) in dst.zip(wo[t as usize..].iter().step_by(kk)) {
+                                *d = v;
+                            }
+                        }
                     }
                 }
             }
@@ -262,16 +247,31 @@ impl Plan {
         let x = self.x_view(xs);
         let gwb = ArrayViewMut2::from_shape((m, kc), &mut gwbig[..m * kc]).expect("sized");
         mat_mul(gy, x.t(), false, gwb);
-        for (t, offs) in &self.by_tap {
-            for o in 0..self.cout {
-                let block = &gwbig[o * n * kc..][..n * kc];
-                let dst = &mut gw[o * self.cin * kk + t..];
-                for (c, d) in dst.iter_mut().step_by(kk).take(self.cin).enumerate() {
-                    let mut sum = T::zero();
-                    for &off in offs {
-                        sum += block[off + c * nq];
+        // Per output channel o: its taps' sums over the output positions (in order) in `acc`
+        // ([cin, kk], as o's weight gradient), then added to the weight gradient.
+        let mut acc = vec![T::zero(); self.cin * kk];
+        for (o, gwo) in gw.chunks_exact_mut(self.cin * kk).enumerate() {
+            let block = &gwbig[o * n * kc..][..n * kc];
+            acc.fill(T::zero());
+            for p in 0..n {
+                for qi in 0..nq {
+                    let t = self.tap[p * nq + qi];
+                    if t == NONE {
+                        continue;
                     }
-                    *d += sum;
+                    let src = block[p * kc + qi..].iter().step_by(nq);
+                    for (a, &v) in acc[t as usize..].iter_mut().step_by(kk).zip(src) {
+                        *a += v;
+                    }
+                }
+            }
+            for &t in &self.used {
+                for (g, &a) in gwo[t..]
+                    .iter_mut()
+                    .step_by(kk)
+                    .zip(acc[t..].iter().step_by(kk))
+                {
+                    *g += a;
                 }
             }
         }
