@@ -161,17 +161,31 @@ fn forward_rows<T: Real>(
         let s = T::one() / (var + eps).sqrt();
         stats.push(m);
         stats.push(s);
-        y.extend(xh.iter().enumerate().map(|(k, &h)| {
-            let h = h * s;
-            let mut v = match gamma {
-                Some(g) => h * g[k],
-                None => h,
-            };
-            if let Some(b) = beta {
-                v += b[k];
+        // x̂·γ + β in place, one plain loop per case (a per-element `match` on the options
+        // kept the loop scalar), then appended: the same operations in the same order.
+        match (gamma, beta) {
+            (Some(g), Some(b)) => {
+                for ((h, &gk), &bk) in xh.iter_mut().zip(g).zip(b) {
+                    *h = *h * s * gk + bk;
+                }
             }
-            v
-        }));
+            (Some(g), None) => {
+                for (h, &gk) in xh.iter_mut().zip(g) {
+                    *h = *h * s * gk;
+                }
+            }
+            (None, Some(b)) => {
+                for (h, &bk) in xh.iter_mut().zip(b) {
+                    *h = *h * s + bk;
+                }
+            }
+            (None, None) => {
+                for h in xh.iter_mut() {
+                    *h = *h * s;
+                }
+            }
+        }
+        y.extend_from_slice(&xh);
     }
 }
 
@@ -367,6 +381,38 @@ mod tests {
                     assert_eq!(bits(&gb1), bits(&gb2));
                     assert_eq!(bits(&gx1), bits(&gx2));
                 }
+            }
+        }
+    }
+
+    /// Every combination of weight and bias: each output is `(x − mean)·(1/σ)·γ + β` from the
+    /// row's kept statistics, in that order, bit for bit.
+    #[test]
+    fn forward_rows_follow_the_formula_in_every_case() {
+        let mut rng = crate::net::gradcheck::Rng::new(4);
+        let c = 19;
+        let v = |n: usize, rng: &mut crate::net::gradcheck::Rng| -> Vec<f32> {
+            rng.array(&[n]).iter().map(|&v| (v * 2.0) as f32).collect()
+        };
+        let (xs, w, b) = (v(3 * c, &mut rng), v(c, &mut rng), v(c, &mut rng));
+        for (gamma, beta) in [
+            (Some(&w[..]), Some(&b[..])),
+            (Some(&w[..]), None),
+            (None, Some(&b[..])),
+            (None, None),
+        ] {
+            let (mut st, mut y) = (vec![], vec![]);
+            forward_rows(&xs, c, gamma, beta, 1e-5f32, &mut st, &mut y);
+            for (i, (&x, &got)) in xs.iter().zip(&y).enumerate() {
+                let (r, k) = (i / c, i % c);
+                let mut want = (x - st[2 * r]) * st[2 * r + 1];
+                if let Some(g) = gamma {
+                    want = want * g[k];
+                }
+                if let Some(b) = beta {
+                    want += b[k];
+                }
+                assert_eq!(got.to_bits(), want.to_bits(), "{gamma:?} {beta:?} at {i}");
             }
         }
     }
