@@ -150,6 +150,10 @@ fn forward_rows<T: Real>(
     stats: &mut Vec<T>,
     y: &mut Vec<T>,
 ) {
+    assert!(
+        gamma.is_none_or(|g| g.len() == c) && beta.is_none_or(|b| b.len() == c),
+        "weight and bias have normalized_shape values"
+    );
     let mut xh = vec![T::zero(); c];
     let inv_c = T::of(1.0 / c as f64);
     for xr in xs.chunks_exact(c) {
@@ -161,31 +165,37 @@ fn forward_rows<T: Real>(
         let s = T::one() / (var + eps).sqrt();
         stats.push(m);
         stats.push(s);
-        // x̂·γ + β in place, one plain loop per case (a per-element `match` on the options
-        // kept the loop scalar), then appended: the same operations in the same order.
+        // x̂·γ + β written straight into `y`'s spare capacity, one plain loop per case (a
+        // per-element `match` on the options kept the loop scalar): the same operations in the
+        // same order.
+        let start = y.len();
+        y.reserve(c);
+        let out = &mut y.spare_capacity_mut()[..c];
         match (gamma, beta) {
             (Some(g), Some(b)) => {
-                for ((h, &gk), &bk) in xh.iter_mut().zip(g).zip(b) {
-                    *h = *h * s * gk + bk;
+                for (((o, &h), &gk), &bk) in out.iter_mut().zip(&xh).zip(g).zip(b) {
+                    o.write(h * s * gk + bk);
                 }
             }
             (Some(g), None) => {
-                for (h, &gk) in xh.iter_mut().zip(g) {
-                    *h = *h * s * gk;
+                for ((o, &h), &gk) in out.iter_mut().zip(&xh).zip(g) {
+                    o.write(h * s * gk);
                 }
             }
             (None, Some(b)) => {
-                for (h, &bk) in xh.iter_mut().zip(b) {
-                    *h = *h * s + bk;
+                for ((o, &h), &bk) in out.iter_mut().zip(&xh).zip(b) {
+                    o.write(h * s + bk);
                 }
             }
             (None, None) => {
-                for h in xh.iter_mut() {
-                    *h = *h * s;
+                for (o, &h) in out.iter_mut().zip(&xh) {
+                    o.write(h * s);
                 }
             }
         }
-        y.extend_from_slice(&xh);
+        // SAFETY: the loop above wrote all c values after `start` (γ and β, when present,
+        // have c values: asserted above).
+        unsafe { y.set_len(start + c) };
     }
 }
 
