@@ -417,7 +417,7 @@ mod tests {
                 let (r, k) = (i / c, i % c);
                 let mut want = (x - st[2 * r]) * st[2 * r + 1];
                 if let Some(g) = gamma {
-                    want = want * g[k];
+                    want *= g[k];
                 }
                 if let Some(b) = beta {
                     want += b[k];
