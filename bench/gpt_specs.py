@@ -22,8 +22,9 @@ CONFIGS = [
 # Further chunk sizes (sequences) at which both sides are timed, beside the spec's and the whole
 # set; each side is reported at its fastest. PyTorch's best is not the whole set on the larger
 # models: one thread, CPU s per full-set gradient with SDPA, C=64 at 8 / 16 / 32 / 512 sequences
-# 0.66 / 0.69 / 0.71 / 0.86 s, C=128 at 4 / 8 / 16 / 256 1.90–2.07 / 1.93 / 1.90 / 2.41 s.
-EXTRA_CHUNKS = {2: [32]}
+# 0.66 / 0.69 / 0.71 / 0.86 s, C=128 at 4 / 8 / 16 / 256 2.07 / 1.93 / 1.90 / 2.41 s. lca's
+# C=128 at 4 took 2-6 % less CPU than at 16 in one-thread runs on the loaded machine (indicative).
+EXTRA_CHUNKS = {2: [32], 3: [4]}
 
 
 def chunk_candidates(i: int) -> list[int]:
