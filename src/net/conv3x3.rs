@@ -747,17 +747,19 @@ mod avx512 {
         let (h, w) = (fh * stride, fw * stride);
         let planes = stride * stride;
         let tail = f.row(f.nb, 0) - 1;
-        for ch in 0..c {
-            let chd = &mut dst[ch * planes * len..][..planes * len];
-            for d in chd.chunks_exact_mut(len) {
-                zero(&mut d[..l]);
-                for j in 0..f.nb {
-                    let sep = f.row(j, fh) - 1;
-                    zero(&mut d[sep..sep + l]);
-                }
-                zero(&mut d[tail..]);
-            }
+        for d in dst[..c * planes * len].chunks_exact_mut(len) {
+            zero(&mut d[..l]);
             for j in 0..f.nb {
+                let sep = f.row(j, fh) - 1;
+                zero(&mut d[sep..sep + l]);
+            }
+            zero(&mut d[tail..]);
+        }
+        // Sample by sample, its channels in order: the input is read in memory order (a
+        // channel of an 8×8 map is only 256 bytes).
+        for j in 0..f.nb {
+            for ch in 0..c {
+                let chd = &mut dst[ch * planes * len..][..planes * len];
                 let src = &x[((s0 + j) * c + ch) * h * w..][..h * w];
                 for y in 0..fh {
                     let r = f.row(j, y);
