@@ -288,7 +288,7 @@ fn conv_frames(
 /// channels past `cout`). `gt` is `[⌈cout / 16⌉][f.q][16]`; every value is written, 16×16
 /// blocks transposed in registers.
 fn transpose_frames(g: &[f32], cout: usize, f: &Frame, gt: &mut [f32]) {
-    assert!(g.len() >= cout * f.len && f.q + f.l + 1 <= f.len);
+    assert!(g.len() >= cout * f.len && f.q + f.l < f.len);
     assert!(gt.len() >= cout.div_ceil(16) * f.q * 16);
     #[cfg(target_arch = "x86_64")]
     {
