@@ -25,6 +25,13 @@
 //! `Σ_q gy[m][q]·x[c][q + offset(t)]` over the frames, 16 lanes per (m, c, t) summed at the
 //! end of each block. The order of every sum is fixed by the shapes alone, so results do not
 //! depend on the thread count.
+//!
+//! **Data movement.** Frames are filled and results copied out with AVX-512 masked loads and
+//! stores (a `memcpy` call per short row cost more than the copy), the input read in memory
+//! order; with stride 2 each input row is read once and split into its even and odd columns
+//! in registers (and the input gradient's parity planes joined back the same way). Backward
+//! reads the output gradient once per block, into its frame; the weight gradient's transposed
+//! copy (`[q][16 channels]`) is made from that frame by 16×16 transposes in registers.
 
 /// Output positions per forward tile ([`NV`] vectors of 16).
 const NV: usize = 6;
