@@ -5,16 +5,17 @@ For each configuration, writes a spec (the layout of docs/examples/nanogpt.toml)
 set and one checkpoint (save_model, nanoGPT init) to a temporary directory, then times
 
   - PyTorch (float32, `torch.set_num_threads(THREADS)`, model.eval()): forward, mean
-    cross-entropy over every position and backward over the whole set in one batch (its
-    fastest way; chunking only adds overhead), with attention as docs/examples/nanogpt.py
-    writes it (explicit masked softmax) and with F.scaled_dot_product_attention(is_causal=True),
-    as nanoGPT does on PyTorch >= 2;
+    cross-entropy over every position and backward over the whole set, in chunks of each of
+    gpt_specs.chunk_candidates' sizes (the whole set in one batch among them; on the larger
+    models smaller chunks are faster), with attention as docs/examples/nanogpt.py writes it
+    (explicit masked softmax) and with F.scaled_dot_product_attention(is_causal=True), as
+    nanoGPT does on PyTorch >= 2, each variant at its fastest chunk;
   - lca (examples/bench_gpt.rs, THREADS rayon workers, the same spec, data and checkpoint,
     chunks of the spec's chunk_size in parallel, as `lca analyze`).
 
 Each figure is the median of REPEATS timed runs after a warm-up (the fastest is printed too);
-the speed-up compares medians, and the load average before and after each configuration is
-recorded beside it. The losses must agree.
+the speed-up compares medians (PyTorch's faster variant at its faster chunk against lca), and
+the load average before and after each configuration is recorded beside it. The losses must agree.
 
     cargo build --release --example bench_gpt
     bench/.venv/bin/python bench/gpt_compare.py [--threads 2] [--repeats 10] [--only 0,1] [--json F]
@@ -71,7 +72,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file, save_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt_specs import CONFIGS, build, sdpa_forward, spec_toml  # noqa: E402
+from gpt_specs import CONFIGS, build, chunk_candidates, sdpa_forward, spec_toml  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -89,7 +90,7 @@ NG = nanogpt()
 
 def time_torch(
     model: torch.nn.Module, tokens: torch.Tensor, chunk: int | None
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     x, y = tokens[:, :-1], tokens[:, 1:]
     n_tok = y.numel()
 
@@ -159,12 +160,17 @@ def main() -> int:
                 text=True,
             )
             ours = json.loads(r.stdout)
-        t_plain, m_plain, l_plain = time_torch(model, tokens, None)
+        chunks = chunk_candidates(i)
+        by_plain = {c: time_torch(model, tokens, c) for c in chunks}
         NG.CausalSelfAttention.forward, plain = sdpa_forward, NG.CausalSelfAttention.forward
         try:
-            t_sdpa, m_sdpa, l_sdpa = time_torch(model, tokens, None)
+            by_sdpa = {c: time_torch(model, tokens, c) for c in chunks}
         finally:
             NG.CausalSelfAttention.forward = plain
+        c_plain = min(chunks, key=lambda c: by_plain[c][1])
+        c_sdpa = min(chunks, key=lambda c: by_sdpa[c][1])
+        t_plain, m_plain, l_plain = by_plain[c_plain]
+        t_sdpa, m_sdpa, l_sdpa = by_sdpa[c_sdpa]
         assert math.isclose(ours["loss"], l_plain, rel_tol=1e-5), (ours["loss"], l_plain)
         assert math.isclose(l_sdpa, l_plain, rel_tol=1e-5), (l_sdpa, l_plain)
         n_params = sum(p.numel() for p in model.parameters())
@@ -178,6 +184,10 @@ def main() -> int:
                 "threads": ARGS.threads,
                 "repeats": ARGS.repeats,
                 "torch": torch.__version__,
+                "torch_chunk": c_plain,
+                "torch_sdpa_chunk": c_sdpa,
+                "torch_median_by_chunk": {str(c): by_plain[c][1] for c in chunks},
+                "torch_sdpa_median_by_chunk": {str(c): by_sdpa[c][1] for c in chunks},
                 "torch_min_s": t_plain,
                 "torch_median_s": m_plain,
                 "torch_sdpa_min_s": t_sdpa,
@@ -195,8 +205,8 @@ def main() -> int:
         "tokens",
         "lca chunk",
         "threads",
-        "torch ms",
-        "torch SDPA ms",
+        "torch ms (chunk)",
+        "torch SDPA ms (chunk)",
         "lca ms",
         "faster torch / lca (medians)",
         "load",
@@ -208,6 +218,7 @@ def main() -> int:
             f"| {r['model']} | {r['params']} | {r['tokens']} | {r['chunk']} | {r['threads']} | "
             + " | ".join(
                 f"{1e3 * r[k + '_median_s']:.1f} (min {1e3 * r[k + '_min_s']:.1f})"
+                + (f" ({r[k + '_chunk']})" if k != "lca" else "")
                 for k in ("torch", "torch_sdpa", "lca")
             )
             + f" | {r['speedup']:.2f}x | {r['load_before']:.2f}→{r['load_after']:.2f} |"

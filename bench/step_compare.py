@@ -148,7 +148,7 @@ class Row:
             self.model = gpt_specs.build(nanogpt, i)
             self.name, self.tokens, self.sdpa = name, True, True
             self.gpt = (vocab, t, layers, heads, c)
-            self.steps, self.chunk, self.torch_chunks = 3, chunk, [chunk, n_seq]
+            self.steps, self.chunk, self.torch_chunks = 3, chunk, gpt_specs.chunk_candidates(i)
             self.x = torch.randint(0, vocab, (int(n_seq * ARGS.scale), t + 1), generator=g)
             nanogpt.CausalSelfAttention.forward = gpt_specs.sdpa_forward
         else:
@@ -319,10 +319,12 @@ class Row:
         return out
 
     def spec_with_chunk(self, d: Path, chunk: int) -> Path:
-        """The row's spec with another `chunk_size` (written beside it)."""
-        if chunk == self.chunk:
-            return d / "model.toml"
+        """The row's spec with another `chunk_size` (written beside it; the spec itself when it
+        has that chunk already: a work directory written before a row's chunk changed keeps
+        its old spec, so the chunk is read, not assumed)."""
         text = (d / "model.toml").read_text()
+        if re.search(rf"(?m)^chunk_size = {chunk}$", text):
+            return d / "model.toml"
         new, n = re.subn(r"(?m)^chunk_size = \d+$", f"chunk_size = {chunk}", text)
         if n != 1:
             raise SystemExit(f"{self.key}: no single chunk_size line in {d / 'model.toml'}")

@@ -10,6 +10,7 @@
 //! assert_eq!(y.as_slice().unwrap(), &[1.5, 0.0]);
 //! ```
 
+use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::{Backward, Layer, Real, Saved};
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
@@ -70,15 +71,7 @@ impl<T: Real> Layer<T> for Add {
             let s2 = second.as_slice_mut().expect("a fresh array is contiguous");
             // SAFETY: the loop writes every element of both arrays (all have the output's
             // shape).
-            let first = unsafe {
-                super::filled(b.output.shape(), |s1| {
-                    for (((d1, d2), &g), &y) in s1.iter_mut().zip(s2.iter_mut()).zip(gs).zip(ys) {
-                        let v = if y > T::zero() { g } else { T::zero() };
-                        d1.write(v);
-                        d2.write(v);
-                    }
-                })
-            };
+            let first = unsafe { super::filled(b.output.shape(), |s1| masked2(gs, ys, s1, s2)) };
             // SAFETY: written in full just above.
             return vec![Some(first), Some(unsafe { second.assume_init() })];
         }
@@ -122,11 +115,150 @@ fn sum<T: Real>(inputs: &[ArrayViewD<T>], relu: bool) -> ArrayD<T> {
     y
 }
 
-/// `ys = a + b`, with `RELU` its ReLU, as a select the compiler vectorises.
+/// `ys = a + b`, with `RELU` its ReLU, as a select the compiler vectorises (f32 on AVX-512F:
+/// [`avx512::sum2`], the same operations).
 fn sum2<T: Real, const RELU: bool>(a: &[T], b: &[T], ys: &mut [std::mem::MaybeUninit<T>]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && let (Some(a), Some(b)) = (f32_slice(a), f32_slice(b))
+    {
+        let ys = f32_uninit(ys).expect("T is f32 (f32_slice succeeded)");
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        unsafe { avx512::sum2::<RELU>(a, b, ys) };
+        return;
+    }
     for ((y, &u), &v) in ys.iter_mut().zip(a).zip(b) {
         let s = u + v;
         y.write(if !RELU || s > T::zero() { s } else { T::zero() });
+    }
+}
+
+/// `d1 = d2 = (y > 0 ? g : 0)` element-wise (the fused ReLU's backward written for both
+/// inputs of the join); f32 on AVX-512F: [`avx512::masked2`], the same selection.
+fn masked2<T: Real>(
+    gs: &[T],
+    ys: &[T],
+    d1: &mut [std::mem::MaybeUninit<T>],
+    d2: &mut [std::mem::MaybeUninit<T>],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && let (Some(g), Some(y)) = (f32_slice(gs), f32_slice(ys))
+    {
+        let d1 = f32_uninit(d1).expect("T is f32 (f32_slice succeeded)");
+        let d2 = f32_uninit(d2).expect("T is f32");
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        unsafe { avx512::masked2(g, y, d1, d2) };
+        return;
+    }
+    for (((d1, d2), &g), &y) in d1.iter_mut().zip(d2.iter_mut()).zip(gs).zip(ys) {
+        let v = if y > T::zero() { g } else { T::zero() };
+        d1.write(v);
+        d2.write(v);
+    }
+}
+
+/// `acc += g` element-wise (the executor's sum of the gradients of a value read by several
+/// layers): f32 on AVX-512F through [`avx512::add_assign`] (the same additions), else
+/// ndarray's.
+pub(crate) fn accumulate<T: Real>(acc: &mut ArrayD<T>, g: &ArrayD<T>) {
+    #[cfg(target_arch = "x86_64")]
+    if acc.shape() == g.shape()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && let (Some(a), Some(g)) = (acc.as_slice_mut(), g.as_slice())
+        && let (Some(a), Some(g)) = (f32_slice_mut(a), f32_slice(g))
+    {
+        // SAFETY: the CPU supports AVX-512F (checked just above).
+        unsafe { avx512::add_assign(a, g) };
+        return;
+    }
+    *acc += g;
+}
+
+/// The f32 loops in AVX-512F intrinsics, with masked loads and stores for a partial last
+/// vector.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// The lanes below `n` (all for `n ≥ 16`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// `ys = a + b` (with `RELU`, `s > 0 ? s : 0`: 0 for NaN and −0, as the ReLU layer).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn sum2<const RELU: bool>(a: &[f32], b: &[f32], ys: &mut [MaybeUninit<f32>]) {
+        let n = ys.len();
+        assert!(a.len() >= n && b.len() >= n);
+        let d = ys.as_mut_ptr().cast::<f32>();
+        for k in (0..n).step_by(16) {
+            let m = mask(n - k);
+            // SAFETY: lanes below `n` of the three slices only.
+            unsafe {
+                let s = _mm512_add_ps(
+                    _mm512_maskz_loadu_ps(m, a.as_ptr().add(k)),
+                    _mm512_maskz_loadu_ps(m, b.as_ptr().add(k)),
+                );
+                let s = if RELU {
+                    let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(s, _mm512_setzero_ps());
+                    _mm512_maskz_mov_ps(pos, s)
+                } else {
+                    s
+                };
+                _mm512_mask_storeu_ps(d.add(k), m, s);
+            }
+        }
+    }
+
+    /// `d1 = d2 = (y > 0 ? g : 0)`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn masked2(
+        g: &[f32],
+        y: &[f32],
+        d1: &mut [MaybeUninit<f32>],
+        d2: &mut [MaybeUninit<f32>],
+    ) {
+        let n = d1.len();
+        assert!(g.len() >= n && y.len() >= n && d2.len() >= n);
+        let (p1, p2) = (d1.as_mut_ptr().cast::<f32>(), d2.as_mut_ptr().cast::<f32>());
+        for k in (0..n).step_by(16) {
+            let m = mask(n - k);
+            // SAFETY: lanes below `n` of the four slices only.
+            unsafe {
+                let yv = _mm512_maskz_loadu_ps(m, y.as_ptr().add(k));
+                let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(yv, _mm512_setzero_ps());
+                let v = _mm512_maskz_loadu_ps(m & pos, g.as_ptr().add(k));
+                _mm512_mask_storeu_ps(p1.add(k), m, v);
+                _mm512_mask_storeu_ps(p2.add(k), m, v);
+            }
+        }
+    }
+
+    /// `a += g`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn add_assign(a: &mut [f32], g: &[f32]) {
+        let n = a.len();
+        assert!(g.len() >= n);
+        let p = a.as_mut_ptr();
+        for k in (0..n).step_by(16) {
+            let m = mask(n - k);
+            // SAFETY: lanes below `n` of both slices only.
+            unsafe {
+                let v = _mm512_add_ps(
+                    _mm512_maskz_loadu_ps(m, p.add(k)),
+                    _mm512_maskz_loadu_ps(m, g.as_ptr().add(k)),
+                );
+                _mm512_mask_storeu_ps(p.add(k), m, v);
+            }
+        }
     }
 }
 
@@ -154,6 +286,27 @@ mod tests {
             assert!(zeroed > 0.1 && zeroed < 0.9, "{zeroed}");
             let x32: Vec<ArrayD<f32>> = xs.iter().map(|x| x.mapv(|v| v as f32)).collect();
             check_fused_relu(&Add, &[], &x32, &gy.mapv(|v| v as f32));
+        }
+    }
+
+    /// The executor's gradient sum gives ndarray's bits, for lengths around a vector's 16.
+    #[test]
+    fn accumulate_matches_ndarray() {
+        let mut rng = Rng::new(5);
+        for n in [1, 15, 16, 17, 40] {
+            let a = rng.array(&[n, 3]).mapv(|v| v as f32);
+            let g = rng.array(&[n, 3]).mapv(|v| v as f32);
+            let mut fast = a.clone();
+            accumulate(&mut fast, &g);
+            let plain = &a + &g;
+            let same = fast
+                .iter()
+                .zip(&plain)
+                .all(|(u, v)| u.to_bits() == v.to_bits());
+            assert!(same, "{n}");
+            let mut a64 = a.mapv(f64::from);
+            accumulate(&mut a64, &g.mapv(f64::from));
+            assert_eq!(a64, a.mapv(f64::from) + g.mapv(f64::from));
         }
     }
 

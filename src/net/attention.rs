@@ -35,6 +35,7 @@
 mod fused;
 
 use super::gemm::{mat_mul_scaled as mat_mul, mat_mul_uninit};
+use super::linear::affine_rows;
 use super::{Backward, Layer, Model, ParamDecl, Real, Saved, as_rows, fastmath};
 use crate::spec::{LayerKind, Spec};
 use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut2, Axis, s};
@@ -309,8 +310,7 @@ impl<T: Real> Layer<T> for Attention {
         let x = as_rows(&inputs[0]);
         // q | k | v for every position: one GEMM over all N·T rows.
         let w_in = ArrayView2::from_shape((3 * c, c), params[iw]).expect("declared shape");
-        let mut qkv = bias_rows(n * t, 3 * c, ib.map(|i| params[i]));
-        mat_mul(T::one(), x, w_in.t(), ib.is_some(), qkv.view_mut());
+        let qkv = affine_rows(x, w_in, ib.map(|i| params[i]));
 
         let (probs, heads) = match self.fused_dims::<T>(n, t) {
             Some(dm) => {
@@ -327,14 +327,7 @@ impl<T: Real> Layer<T> for Attention {
             None => self.heads_forward(qkv.view(), n, t),
         };
         let w_out = ArrayView2::from_shape((c, c), params[ow]).expect("declared shape");
-        let mut y = bias_rows(n * t, c, ob.map(|i| params[i]));
-        mat_mul(
-            T::one(),
-            heads.view(),
-            w_out.t(),
-            ob.is_some(),
-            y.view_mut(),
-        );
+        let y = affine_rows(heads.view(), w_out, ob.map(|i| params[i]));
         *saved = Saved::Arrays(vec![qkv.into_dyn(), probs.into_dyn(), heads.into_dyn()]);
         y.into_shape_with_order(vec![n, t, c])
             .expect("row-major")
@@ -481,20 +474,6 @@ fn scratch_view<T: Real>(buf: &mut Vec<T>, rows: usize, cols: usize) -> ArrayVie
         buf.resize(rows * cols, T::zero());
     }
     ArrayViewMut2::from_shape((rows, cols), &mut buf[..rows * cols]).expect("sizes match")
-}
-
-/// `[rows, cols]`, every row the bias (or zeros without one).
-fn bias_rows<T: Real>(rows: usize, cols: usize, bias: Option<&[T]>) -> Array2<T> {
-    match bias {
-        None => Array2::zeros((rows, cols)),
-        Some(b) => {
-            let mut v = Vec::with_capacity(rows * cols);
-            for _ in 0..rows {
-                v.extend_from_slice(b);
-            }
-            Array2::from_shape_vec((rows, cols), v).expect("sizes match")
-        }
-    }
 }
 
 /// An attention layer as the per-head view needs it. Head h owns rows

@@ -664,16 +664,8 @@ impl Conv2d {
         sh: conv3x3::Shape,
         ys: &mut [std::mem::MaybeUninit<f32>],
     ) {
-        let (cout, h, w) = (sh.cout, sh.h / sh.stride, sh.w / sh.stride);
-        conv3x3::with_buffers(|bufs| {
-            conv3x3::forward(xs, params[0], sh, bufs, |s, o, y, row| {
-                let dst = &mut ys[((s * cout + o) * h + y) * w..][..w];
-                let b = if self.bias { params[1][o] } else { 0.0 };
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    d.write(v + b);
-                }
-            })
-        });
+        let bias = self.bias.then(|| params[1]);
+        conv3x3::with_buffers(|bufs| conv3x3::forward(xs, params[0], bias, sh, bufs, ys));
     }
 
     /// Backward on the direct 3×3 path (`T` is f32).

@@ -25,6 +25,13 @@
 //! `Σ_q gy[m][q]·x[c][q + offset(t)]` over the frames, 16 lanes per (m, c, t) summed at the
 //! end of each block. The order of every sum is fixed by the shapes alone, so results do not
 //! depend on the thread count.
+//!
+//! **Data movement.** Frames are filled and results copied out with AVX-512 masked loads and
+//! stores (a `memcpy` call per short row cost more than the copy), the input read in memory
+//! order; with stride 2 each input row is read once and split into its even and odd columns
+//! in registers (and the input gradient's parity planes joined back the same way). Backward
+//! reads the output gradient once per block, into its frame; the weight gradient's transposed
+//! copy (`[q][16 channels]`) is made from that frame by 16×16 transposes in registers.
 
 /// Output positions per forward tile ([`NV`] vectors of 16).
 const NV: usize = 6;
@@ -55,7 +62,8 @@ pub(crate) struct Frame {
     nb: usize,
     /// Row stride, `w + 1`.
     l: usize,
-    /// Output positions computed (a multiple of [`TILE`]).
+    /// Output positions computed (a multiple of 16; the last tile of [`conv_frames`] may be
+    /// shorter than [`TILE`]).
     q: usize,
     /// Values per channel of a frame (every read of a tile stays inside).
     len: usize,
@@ -64,7 +72,7 @@ pub(crate) struct Frame {
 impl Frame {
     pub(crate) fn new(h: usize, w: usize, nb: usize) -> Frame {
         let l = w + 1;
-        let q = (nb * (h + 1) * l).div_ceil(TILE) * TILE;
+        let q = (nb * (h + 1) * l).div_ceil(16) * 16;
         let len = (q + 2 * l + 2).div_ceil(16) * 16;
         Frame {
             h,
@@ -96,8 +104,35 @@ impl Frame {
 /// in `dst`, writing every value (padding included). With stride 1 a channel is one frame
 /// (`[c][f.len]`, `h × w` = the frame's size); with stride 2 it is four, one per parity of row
 /// and column (`[c][2·pr + pc][f.len]`, holding `x[2r + pr][2c + pc]`; `h × w` is twice the
-/// frame's size on each axis).
+/// frame's size on each axis). AVX-512 copies (stride 2: each input row read once and split
+/// into its even and odd columns in registers).
 fn fill_frames(x: &[f32], c: usize, stride: usize, s0: usize, f: &Frame, dst: &mut [f32]) {
+    assert!(stride == 1 || stride == 2);
+    let (h, w) = (f.h * stride, f.w * stride);
+    assert!(dst.len() >= c * stride * stride * f.len);
+    assert!(x.len() >= (s0 + f.nb) * c * h * w);
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available(), "conv3x3 needs AVX-512F");
+        // SAFETY: AVX-512F is available (asserted above); the kernel indexes slices.
+        unsafe { avx512::fill_frames(x, c, stride, s0, f, dst) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, c, s0, f, dst);
+        unreachable!("conv3x3 runs only where `available()`");
+    }
+}
+
+#[cfg(test)]
+/// The scalar reference of [`fill_frames`] (tests).
+///
+/// Lay samples `s0..s0 + f.nb` of the NCHW batch `x` (`c` channels of `h × w`) out as frames
+/// in `dst`, writing every value (padding included). With stride 1 a channel is one frame
+/// (`[c][f.len]`, `h × w` = the frame's size); with stride 2 it is four, one per parity of row
+/// and column (`[c][2·pr + pc][f.len]`, holding `x[2r + pr][2c + pc]`; `h × w` is twice the
+/// frame's size on each axis).
+fn fill_frames_scalar(x: &[f32], c: usize, stride: usize, s0: usize, f: &Frame, dst: &mut [f32]) {
     let (fh, fw, l) = (f.h, f.w, f.l);
     let (h, w) = (fh * stride, fw * stride);
     let planes = stride * stride;
@@ -113,7 +148,7 @@ fn fill_frames(x: &[f32], c: usize, stride: usize, s0: usize, f: &Frame, dst: &m
                     d[r - 1] = 0.0;
                     let row = &src[(stride * y + pr) * w..][..w];
                     if stride == 1 {
-                        copy_row(row, &mut d[r..r + fw]);
+                        d[r..r + fw].copy_from_slice(row);
                     } else {
                         for (o, v) in d[r..r + fw]
                             .iter_mut()
@@ -177,21 +212,6 @@ fn grad_passes(f: &Frame, stride: usize) -> Vec<Vec<(usize, usize)>> {
         .collect()
 }
 
-/// `dst = src` for a short row, in 8-value pieces the compiler keeps inline (a `memcpy` call
-/// per row of 8–32 values cost more than the copy).
-#[inline(always)]
-fn copy_row(src: &[f32], dst: &mut [f32]) {
-    let mut d = dst.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (d, s) in (&mut d).zip(&mut s) {
-        let v: [f32; 8] = s.try_into().expect("8 values");
-        d.copy_from_slice(&v);
-    }
-    for (d, &v) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *d = v;
-    }
-}
-
 /// Weights `get(o, i, k)` (`o < mout` output channels, `i < cin` inputs, `k < taps`) appended
 /// to `dst` as `[⌈mout / MR⌉][cin][taps][MR]`, rows past `mout` zero.
 fn pack(
@@ -239,19 +259,24 @@ fn conv_frames(
             let a = &packed[b * cin * taps * MR..][..cin * taps * MR];
             for q0 in (0..f.q).step_by(TILE) {
                 // SAFETY: AVX-512F is available (asserted above). The tile reads `a`
-                // (cin·taps·MR values), the frame at i·cs + q0 + offset + 0..TILE for i < cin,
-                // below (i + 1)·cs since q0 + TILE ≤ f.q and offset + f.q ≤ cs (asserted), and
-                // writes out[(b·MR + r)·f.q + q0 ..][..TILE] for r < MR, inside `out`.
+                // (cin·taps·MR values), the frame at i·cs + q0 + offset + 0..16·nv for i < cin,
+                // below (i + 1)·cs since q0 + 16·nv ≤ f.q and offset + f.q ≤ cs (asserted), and
+                // writes out[(b·MR + r)·f.q + q0 ..][..16·nv] for r < MR, inside `out`.
                 unsafe {
-                    avx512::conv_tile::<MR, NV>(
-                        a.as_ptr(),
+                    let (x, o) = (
                         frame.as_ptr().add(q0),
-                        cs,
-                        cin,
-                        offs,
                         out.as_mut_ptr().add(b * MR * f.q + q0),
-                        f.q,
                     );
+                    let ap = a.as_ptr();
+                    // The last tile: the vectors left (f.q is a multiple of 16).
+                    match (f.q - q0).min(TILE) / 16 {
+                        NV => avx512::conv_tile::<MR, NV>(ap, x, cs, cin, offs, o, f.q),
+                        5 => avx512::conv_tile::<MR, 5>(ap, x, cs, cin, offs, o, f.q),
+                        4 => avx512::conv_tile::<MR, 4>(ap, x, cs, cin, offs, o, f.q),
+                        3 => avx512::conv_tile::<MR, 3>(ap, x, cs, cin, offs, o, f.q),
+                        2 => avx512::conv_tile::<MR, 2>(ap, x, cs, cin, offs, o, f.q),
+                        _ => avx512::conv_tile::<MR, 1>(ap, x, cs, cin, offs, o, f.q),
+                    }
                 }
             }
         }
@@ -263,11 +288,34 @@ fn conv_frames(
     }
 }
 
-/// The output gradient of a block laid out for [`weight_grad`]: `gt[ob][q][r]` = the gradient
+/// The output gradient of a block laid out for [`weight_grad`], from its frame `g` (as
+/// [`fill_frames`] lays out the output gradient, `[cout][f.len]`): `gt[ob][q][r]` = the
+/// gradient of output channel `16·ob + r` at output-frame position `q`, i.e. `g[16·ob + r][q +
+/// l + 1]` (zero at positions that are not outputs, which read the frame's padding, and for
+/// channels past `cout`). `gt` is `[⌈cout / 16⌉][f.q][16]`; every value is written, 16×16
+/// blocks transposed in registers.
+fn transpose_frames(g: &[f32], cout: usize, f: &Frame, gt: &mut [f32]) {
+    assert!(g.len() >= cout * f.len && f.q + f.l < f.len);
+    assert!(gt.len() >= cout.div_ceil(16) * f.q * 16);
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available(), "conv3x3 needs AVX-512F");
+        // SAFETY: AVX-512F is available (asserted above); the kernel indexes slices.
+        unsafe { avx512::transpose_frames(g, cout, f, gt) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (g, cout, f, gt);
+        unreachable!("conv3x3 runs only where `available()`");
+    }
+}
+
+#[cfg(test)]
+/// The scalar reference of [`transpose_frames`] (tests), from the NCHW gradient: `gt[ob][q][r]` = the gradient
 /// of output channel `16·ob + r` at output-frame position `q` (zero at positions that are not
 /// outputs and for channels past `cout`). `gt` is `[⌈cout / 16⌉][f.q][16]`; every value is
 /// written.
-fn fill_transposed(gy: &[f32], cout: usize, s0: usize, f: &Frame, gt: &mut [f32]) {
+fn fill_transposed_scalar(gy: &[f32], cout: usize, s0: usize, f: &Frame, gt: &mut [f32]) {
     let (h, w) = (f.h, f.w);
     gt.fill(0.0);
     for ob in 0..cout.div_ceil(16) {
@@ -293,7 +341,7 @@ fn fill_transposed(gy: &[f32], cout: usize, s0: usize, f: &Frame, gt: &mut [f32]
 const QT: usize = 512;
 
 /// `gw[o][i][t] += Σ_q gt[o][q]·frame[i][q + offset(t)]` over the block's output positions
-/// (`gt` as [`fill_transposed`] writes it: zero where there is no output, so only real outputs
+/// (`gt` as [`transpose_frames`] writes it: zero where there is no output, so only real outputs
 /// contribute), in tiles of [`QT`] positions, 16 output channels × 3 input channels × 9 taps
 /// at a time.
 #[allow(clippy::too_many_arguments)]
@@ -409,17 +457,21 @@ fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
-/// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i]` (3×3, padding 1, the shape's stride), NCHW,
-/// weight `[cout, cin, 3, 3]`; `emit(s, o, y, row)` receives each output row once.
+/// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i] + bias[o]` (3×3, padding 1, the shape's stride;
+/// no bias: `+ 0.0`), NCHW, weight `[cout, cin, 3, 3]`, into `y` (`[batch, cout, h / stride, w /
+/// stride]`, every value written).
 pub(crate) fn forward(
     x: &[f32],
     w: &[f32],
+    bias: Option<&[f32]>,
     sh: Shape,
     bufs: &mut Buffers,
-    mut emit: impl FnMut(usize, usize, usize, &[f32]),
+    y: &mut [std::mem::MaybeUninit<f32>],
 ) {
     let (cin, cout, planes) = (sh.cin, sh.cout, sh.stride * sh.stride);
     let (oh, ow) = sh.out_hw();
+    assert!(y.len() >= sh.batch * cout * oh * ow);
+    assert!(bias.is_none_or(|b| b.len() >= cout));
     bufs.packed.clear();
     pack(
         cout,
@@ -443,14 +495,43 @@ pub(crate) fn forward(
             &f,
             out,
         );
-        for j in 0..f.nb {
-            for o in 0..cout {
-                for y in 0..oh {
-                    emit(s0 + j, o, y, &out[o * f.q + f.out_row(j, y)..][..ow]);
-                }
-            }
-        }
+        let ys = &mut y[s0 * cout * oh * ow..][..f.nb * cout * oh * ow];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is available (`conv_frames` asserted it); the kernel indexes slices.
+        unsafe {
+            avx512::emit(out, cout, bias, &f, ys)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = ys;
     }
+}
+
+/// The input gradient's passes packed once for every block: per pass, its weights (transposed:
+/// output channel i, input channel o, the pass's taps) at an offset of `packed`, and its frame
+/// offsets.
+fn pack_passes(
+    w: &[f32],
+    cin: usize,
+    cout: usize,
+    f: &Frame,
+    stride: usize,
+    packed: &mut Vec<f32>,
+) -> Vec<(usize, Vec<usize>)> {
+    packed.clear();
+    grad_passes(f, stride)
+        .iter()
+        .map(|taps| {
+            let at = packed.len();
+            pack(
+                cin,
+                cout,
+                taps.len(),
+                |i, o, k| w[(o * cin + i) * 9 + taps[k].0],
+                packed,
+            );
+            (at, taps.iter().map(|t| t.1).collect())
+        })
+        .collect()
 }
 
 /// Backward: adds the weight gradient into `gw` (`[cout, cin, 3, 3]`) and, when `gx` is
@@ -466,59 +547,355 @@ pub(crate) fn backward(
 ) {
     let (cin, cout, stride) = (sh.cin, sh.cout, sh.stride);
     let planes = stride * stride;
-    let (oh, ow) = sh.out_hw();
-    let (h, wd) = (sh.h, sh.w);
+    let cinr = cin.div_ceil(MR) * MR;
+    let mut passes = None;
     for (s0, f) in sh.blocks() {
         let frame = grow(&mut bufs.a, cin * planes * f.len);
         fill_frames(x, cin, stride, s0, &f, frame);
+        let gframe = grow(&mut bufs.b, cout * f.len);
+        fill_frames(gy, cout, 1, s0, &f, gframe);
         let gt = grow(&mut bufs.c, cout.div_ceil(16) * f.q * 16);
-        fill_transposed(gy, cout, s0, &f, gt);
+        transpose_frames(gframe, cout, &f, gt);
         let offs = forward_offsets(&f, stride);
         weight_grad(gt, cout, frame, planes * f.len, cin, &offs, &f, gw);
         let Some(gx) = gx.as_deref_mut() else {
             continue;
         };
-        let gframe = grow(&mut bufs.b, cout * f.len);
-        fill_frames(gy, cout, 1, s0, &f, gframe);
-        for (p, taps) in grad_passes(&f, stride).iter().enumerate() {
-            // Transposed: output channel i, input channel o, the pass's taps.
-            bufs.packed.clear();
-            pack(
-                cin,
-                cout,
-                taps.len(),
-                |i, o, k| w[(o * cin + i) * 9 + taps[k].0],
-                &mut bufs.packed,
-            );
-            let offs: Vec<usize> = taps.iter().map(|t| t.1).collect();
-            let out = grow(&mut bufs.c, cin.div_ceil(MR) * MR * f.q);
-            conv_frames(&bufs.packed, cin, cout, gframe, f.len, &offs, &f, out);
-            let (pr, pc) = (p / stride, p % stride);
+        // The passes' frame offsets depend on the row stride only, the same for every block.
+        let passes =
+            passes.get_or_insert_with(|| pack_passes(w, cin, cout, &f, stride, &mut bufs.packed));
+        let out = grow(&mut bufs.c, planes * cinr * f.q);
+        for (p, (at, offs)) in passes.iter().enumerate() {
+            let dst = &mut out[p * cinr * f.q..][..cinr * f.q];
+            conv_frames(&bufs.packed[*at..], cin, cout, gframe, f.len, offs, &f, dst);
+        }
+        let (h, wd) = (sh.h, sh.w);
+        let gxs = &mut gx[s0 * cin * h * wd..][..f.nb * cin * h * wd];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is available (`conv_frames` asserted it); the kernel indexes slices.
+        unsafe {
+            avx512::emit_grad(out, cin, cinr, stride, &f, gxs)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = gxs;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Frame;
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// The first `n` lanes (all for `n ≥ 16`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// `d[k] = s[k] (+ add)` for `k < n`, `ADD` saying whether to add.
+    ///
+    /// # Safety
+    /// `s` valid for `n` reads, `d` for `n` writes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn copy_n<const ADD: bool>(s: *const f32, d: *mut f32, n: usize, add: __m512) {
+        // Masked throughout: the compiler would turn an unmasked copy loop into a `memcpy`
+        // call, which costs more than the copy for rows of 8–32 values.
+        let op = |v: __m512| if ADD { _mm512_add_ps(v, add) } else { v };
+        let mut k = 0;
+        // SAFETY: lanes below `n` only.
+        unsafe {
+            while k < n {
+                let m = mask(n - k);
+                _mm512_mask_storeu_ps(d.add(k), m, op(_mm512_maskz_loadu_ps(m, s.add(k))));
+                k += 16;
+            }
+        }
+    }
+
+    /// `dst = src` (`dst.len()` values, `src` at least as long).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn copy(src: &[f32], dst: &mut [f32]) {
+        assert!(src.len() >= dst.len());
+        // SAFETY: `dst.len()` values of each.
+        unsafe {
+            copy_n::<false>(
+                src.as_ptr(),
+                dst.as_mut_ptr(),
+                dst.len(),
+                _mm512_setzero_ps(),
+            )
+        }
+    }
+
+    /// `dst = src` into memory not yet written (`dst.len()` values, `src` at least as long).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn copy_uninit(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        assert!(src.len() >= dst.len());
+        // SAFETY: `dst.len()` values of each.
+        unsafe {
+            copy_n::<false>(
+                src.as_ptr(),
+                dst.as_mut_ptr().cast(),
+                dst.len(),
+                _mm512_setzero_ps(),
+            )
+        }
+    }
+
+    /// `dst = src + add` lane-wise into memory not yet written.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn copy_add(src: &[f32], add: __m512, dst: &mut [MaybeUninit<f32>]) {
+        assert!(src.len() >= dst.len());
+        // SAFETY: `dst.len()` values of each.
+        unsafe { copy_n::<true>(src.as_ptr(), dst.as_mut_ptr().cast(), dst.len(), add) }
+    }
+
+    /// `dst = 0`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn zero(dst: &mut [f32]) {
+        let n = dst.len();
+        let d = dst.as_mut_ptr();
+        let mut k = 0;
+        // SAFETY: lanes below `n` only.
+        unsafe {
+            while k < n {
+                _mm512_mask_storeu_ps(d.add(k), mask(n - k), _mm512_setzero_ps());
+                k += 16;
+            }
+        }
+    }
+
+    /// `even[k] = row[2k]`, `odd[k] = row[2k + 1]` for `k < even.len()` (`row` at least twice
+    /// as long; `odd` as long as `even`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn deinterleave(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+        let n = even.len();
+        assert!(odd.len() == n && row.len() >= 2 * n);
+        let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let s = row.as_ptr();
+        let mut k = 0;
+        while k < n {
+            let left = 2 * (n - k);
+            // SAFETY: lanes below `2n` of `row` and below `n` of `even` and `odd` only (the
+            // pointers are formed with wrapping arithmetic: a fully masked load reads nothing).
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(mask(left), s.wrapping_add(2 * k));
+                let hi = _mm512_maskz_loadu_ps(
+                    mask(left.saturating_sub(16)),
+                    s.wrapping_add(2 * k + 16),
+                );
+                let m = mask(n - k);
+                let e = _mm512_permutex2var_ps(lo, ie, hi);
+                let o = _mm512_permutex2var_ps(lo, io, hi);
+                _mm512_mask_storeu_ps(even.as_mut_ptr().add(k), m, e);
+                _mm512_mask_storeu_ps(odd.as_mut_ptr().add(k), m, o);
+            }
+            k += 16;
+        }
+    }
+
+    /// `dst[2k] = even[k]`, `dst[2k + 1] = odd[k]` for `2k < dst.len()` (`even`, `odd` at
+    /// least half as long, rounded up).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn interleave(even: &[f32], odd: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        let n = dst.len();
+        let half = n.div_ceil(2);
+        assert!(even.len() >= half && odd.len() >= half);
+        let il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let d = dst.as_mut_ptr().cast::<f32>();
+        let mut k = 0;
+        while k < half {
+            let m = mask(half - k);
+            let left = n - 2 * k;
+            // SAFETY: lanes below `half` of `even` and `odd`, below `n` of `dst` only (wrapping
+            // pointer arithmetic: a fully masked store writes nothing).
+            unsafe {
+                let e = _mm512_maskz_loadu_ps(m, even.as_ptr().add(k));
+                let o = _mm512_maskz_loadu_ps(m, odd.as_ptr().add(k));
+                let lo = _mm512_permutex2var_ps(e, il, o);
+                let hi = _mm512_permutex2var_ps(e, ih, o);
+                _mm512_mask_storeu_ps(d.wrapping_add(2 * k), mask(left), lo);
+                _mm512_mask_storeu_ps(
+                    d.wrapping_add(2 * k + 16),
+                    mask(left.saturating_sub(16)),
+                    hi,
+                );
+            }
+            k += 16;
+        }
+    }
+
+    /// [`super::fill_frames`] (its checks done by the caller).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn fill_frames(
+        x: &[f32],
+        c: usize,
+        stride: usize,
+        s0: usize,
+        f: &Frame,
+        dst: &mut [f32],
+    ) {
+        let (fh, fw, l, len) = (f.h, f.w, f.l, f.len);
+        let (h, w) = (fh * stride, fw * stride);
+        let planes = stride * stride;
+        let tail = f.row(f.nb, 0) - 1;
+        for d in dst[..c * planes * len].chunks_exact_mut(len) {
+            zero(&mut d[..l]);
             for j in 0..f.nb {
-                for i in 0..cin {
-                    let dst = &mut gx[((s0 + j) * cin + i) * h * wd..][..h * wd];
-                    for y in 0..oh {
-                        let src = &out[i * f.q + f.out_row(j, y)..][..ow];
-                        let row = &mut dst[(stride * y + pr) * wd..][..wd];
+                let sep = f.row(j, fh) - 1;
+                zero(&mut d[sep..sep + l]);
+            }
+            zero(&mut d[tail..]);
+        }
+        // Sample by sample, its channels in order: the input is read in memory order (a
+        // channel of an 8×8 map is only 256 bytes).
+        for j in 0..f.nb {
+            for ch in 0..c {
+                let chd = &mut dst[ch * planes * len..][..planes * len];
+                let src = &x[((s0 + j) * c + ch) * h * w..][..h * w];
+                for y in 0..fh {
+                    let r = f.row(j, y);
+                    for pr in 0..stride {
+                        let row = &src[(stride * y + pr) * w..][..w];
                         if stride == 1 {
-                            for (d, &v) in row.iter_mut().zip(src) {
-                                d.write(v);
-                            }
+                            chd[r - 1] = 0.0;
+                            copy(row, &mut chd[r..r + fw]);
                         } else {
-                            for (d, &v) in row[pc..].iter_mut().step_by(stride).zip(src) {
-                                d.write(v);
-                            }
+                            let (a, b) = chd[2 * pr * len..][..2 * len].split_at_mut(len);
+                            a[r - 1] = 0.0;
+                            b[r - 1] = 0.0;
+                            deinterleave(row, &mut a[r..r + fw], &mut b[r..r + fw]);
                         }
                     }
                 }
             }
         }
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+    /// [`super::transpose_frames`] (its checks done by the caller).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose_frames(g: &[f32], cout: usize, f: &Frame, gt: &mut [f32]) {
+        let (len, shift) = (f.len, f.l + 1);
+        for ob in 0..cout.div_ceil(16) {
+            let rows = 16.min(cout - 16 * ob);
+            let src = &g[16 * ob * len..][..rows * len];
+            let dst = &mut gt[ob * f.q * 16..][..f.q * 16];
+            for q0 in (0..f.q).step_by(16) {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (a, r) in r.iter_mut().enumerate().take(rows) {
+                    let v = &src[a * len + q0 + shift..][..16];
+                    // SAFETY: `v` holds 16 values.
+                    *r = unsafe { _mm512_loadu_ps(v.as_ptr()) };
+                }
+                transpose16(&mut r);
+                let d = &mut dst[q0 * 16..][..256];
+                for (k, r) in r.iter().enumerate() {
+                    // SAFETY: `d` holds 16 × 16 values.
+                    unsafe { _mm512_storeu_ps(d.as_mut_ptr().add(16 * k), *r) };
+                }
+            }
+        }
+    }
+
+    /// Transpose a 16×16 block held as 16 rows: unpacks within 128-bit lanes, then two rounds
+    /// of lane shuffles.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [__m512; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // u[4g + c], 128-bit lane q: column 4q + c of rows 4g..4g+4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let b = 4 * g;
+            u[b] = _mm512_shuffle_ps::<0x44>(t[b], t[b + 2]);
+            u[b + 1] = _mm512_shuffle_ps::<0xEE>(t[b], t[b + 2]);
+            u[b + 2] = _mm512_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+            u[b + 3] = _mm512_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
+        }
+        for c in 0..4 {
+            let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let w = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+            let w2 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            r[c] = _mm512_shuffle_f32x4::<0x88>(v, w);
+            r[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v, w);
+            r[4 + c] = _mm512_shuffle_f32x4::<0x88>(v2, w2);
+            r[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v2, w2);
+        }
+    }
+
+    /// The forward outputs of a block (`out`, `[cout][f.q]` at output-frame positions) into
+    /// the NCHW block `ys` (`[f.nb][cout][f.h][f.w]`), plus the bias (no bias: `+ 0.0`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn emit(
+        out: &[f32],
+        cout: usize,
+        bias: Option<&[f32]>,
+        f: &Frame,
+        ys: &mut [MaybeUninit<f32>],
+    ) {
+        let (oh, ow) = (f.h, f.w);
+        for (j, ys) in ys.chunks_exact_mut(cout * oh * ow).take(f.nb).enumerate() {
+            for (o, ys) in ys.chunks_exact_mut(oh * ow).enumerate() {
+                let b = _mm512_set1_ps(bias.map_or(0.0, |b| b[o]));
+                let plane = &out[o * f.q..][..f.q];
+                for (y, dst) in ys.chunks_exact_mut(ow).enumerate() {
+                    copy_add(&plane[f.out_row(j, y)..], b, dst);
+                }
+            }
+        }
+    }
+
+    /// The input-gradient passes' outputs of a block (`out`, `[planes][cinr][f.q]`) into the
+    /// NCHW block `gx` (`[f.nb][cin][stride·f.h][stride·f.w]`, every value written): stride 2
+    /// interleaves the column parities of each row.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn emit_grad(
+        out: &[f32],
+        cin: usize,
+        cinr: usize,
+        stride: usize,
+        f: &Frame,
+        gx: &mut [MaybeUninit<f32>],
+    ) {
+        let (oh, ow) = (f.h, f.w);
+        let (h, w) = (oh * stride, ow * stride);
+        for (j, gx) in gx.chunks_exact_mut(cin * h * w).take(f.nb).enumerate() {
+            for (i, gx) in gx.chunks_exact_mut(h * w).enumerate() {
+                for y in 0..oh {
+                    let at = f.out_row(j, y);
+                    for pr in 0..stride {
+                        let dst = &mut gx[(stride * y + pr) * w..][..w];
+                        let plane = |pc: usize| &out[((stride * pr + pc) * cinr + i) * f.q + at..];
+                        if stride == 1 {
+                            copy_uninit(plane(0), dst);
+                        } else {
+                            interleave(plane(0), plane(1), dst);
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// One tile: `MR` output channels × `16·NV` positions, summed over `cin` channels × the taps
     /// in that order. `a` is the tile's packed weights `[cin][taps][MR]`, `x` the frame at the
@@ -598,6 +975,64 @@ mod avx512 {
             for (s, a) in s.iter_mut().zip(acc) {
                 // SAFETY: `s` is 16 f32.
                 unsafe { _mm512_storeu_ps(s.as_mut_ptr(), *a) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::gradcheck::Rng;
+
+    fn values(rng: &mut Rng, n: usize) -> Vec<f32> {
+        rng.array(&[n]).iter().map(|&v: &f64| v as f32).collect()
+    }
+
+    /// The AVX-512 frames hold the same values as the scalar reference, padding included, for
+    /// both strides, row lengths that are not multiples of 16 and blocks inside a batch.
+    #[test]
+    fn frames_match_the_scalar_reference() {
+        if !available() {
+            return;
+        }
+        let mut rng = Rng::new(11);
+        for (stride, h, w) in [(1, 8, 8), (1, 5, 37), (1, 32, 32), (2, 16, 16), (2, 6, 42)] {
+            let (batch, c) = (5, 3);
+            let x = values(&mut rng, batch * c * h * w);
+            for (s0, nb) in [(0, 5), (1, 3), (4, 1)] {
+                let f = Frame::new(h / stride, w / stride, nb);
+                let n = c * stride * stride * f.len;
+                let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                fill_frames(&x, c, stride, s0, &f, &mut a);
+                fill_frames_scalar(&x, c, stride, s0, &f, &mut b);
+                let same = a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits());
+                assert!(same, "stride {stride}, {h}×{w}, block {s0}+{nb}");
+            }
+        }
+    }
+
+    /// The transposed output gradient built from its frame equals the scalar layout built from
+    /// the NCHW gradient, for channel counts below, at and past 16.
+    #[test]
+    fn transposed_frames_match_the_scalar_reference() {
+        if !available() {
+            return;
+        }
+        let mut rng = Rng::new(12);
+        for (cout, h, w) in [(3, 8, 8), (16, 5, 11), (21, 16, 16), (32, 9, 8)] {
+            let batch = 3;
+            let gy = values(&mut rng, batch * cout * h * w);
+            for (s0, nb) in [(0, 3), (1, 2)] {
+                let f = Frame::new(h, w, nb);
+                let mut frame = vec![f32::NAN; cout * f.len];
+                fill_frames(&gy, cout, 1, s0, &f, &mut frame);
+                let n = cout.div_ceil(16) * f.q * 16;
+                let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                transpose_frames(&frame, cout, &f, &mut a);
+                fill_transposed_scalar(&gy, cout, s0, &f, &mut b);
+                let same = a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits());
+                assert!(same, "{cout} channels, {h}×{w}, block {s0}+{nb}");
             }
         }
     }

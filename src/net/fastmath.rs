@@ -191,17 +191,46 @@ fn exp64_body(x: &mut [f64]) {
     }
 }
 
+/// [`exp`] with fused multiply-adds (`mul_add`: one rounding each, so every build gives the same
+/// bits; the vector builds enable FMA, the baseline build calls libm's `fmaf`), for GELU: half
+/// the arithmetic instructions of `exp`, whose loops were throughput-bound. The softmax keeps
+/// `exp` (the generic attention path and the fused kernel's tests compare against it).
+#[inline(always)]
+fn exp_fma(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    let kr = x.mul_add(LOG2E, ROUND);
+    let k = kr - ROUND;
+    let two_k = f32::from_bits(kr.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23);
+    let r = (-k).mul_add(LN2_LO, (-k).mul_add(LN2_HI, x));
+    const C: [f32; 8] = [
+        1.0,
+        1.0,
+        0.5,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5040.0,
+    ];
+    let mut p = C[7];
+    for &c in C[..7].iter().rev() {
+        p = p.mul_add(r, c);
+    }
+    p * two_k
+}
+
 /// Φ(x) (the standard normal CDF) and φ(x) (its density), from one `exp`:
-/// erfc(z) = t·Q(t)·e^{−z²} with z = |x|/√2, and φ(x) = e^{−z²}/√(2π).
+/// erfc(z) = t·Q(t)·e^{−z²} with z = |x|/√2, and φ(x) = e^{−z²}/√(2π). Horner's scheme and the
+/// exponential in fused multiply-adds.
 #[inline(always)]
 fn normal_cdf_pdf(x: f32) -> (f32, f32) {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + 0.5 * z);
+    let t = 1.0 / z.mul_add(0.5, 1.0);
     let mut q = ERFC_Q[10];
     for &c in ERFC_Q[..10].iter().rev() {
-        q = q * t + c;
+        q = q.mul_add(t, c);
     }
-    let e = exp(-0.5 * x * x); // e^{−z²}, with z² = x²/2 rounded once
+    let e = exp_fma(-0.5 * x * x); // e^{−z²}, with z² = x²/2 rounded once
     let half_erfc = 0.5 * t * q * e;
     let cdf = if x < 0.0 { half_erfc } else { 1.0 - half_erfc };
     (cdf, FRAC_1_SQRT_2PI * e)
@@ -210,8 +239,8 @@ fn normal_cdf_pdf(x: f32) -> (f32, f32) {
 /// 1/(1 + e^{−2u}) = (1 + tanh u)/2.
 #[inline(always)]
 fn half_one_plus_tanh(x: f32) -> (f32, f32) {
-    let u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
-    (1.0 / (1.0 + exp(-2.0 * u)), u)
+    let u = SQRT_2_OVER_PI * (GELU_C * x * x).mul_add(x, x);
+    (1.0 / (1.0 + exp_fma(-2.0 * u)), u)
 }
 
 /// `y = GELU(x)`: exact (`x·Φ(x)`) or, with `tanh`, PyTorch's tanh approximation.
@@ -223,13 +252,14 @@ pub fn gelu(x: &[f32], y: &mut [f32], tanh: bool) {
 pub fn gelu_uninit(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU supports AVX-512F and FMA (checked just above).
         return unsafe { gelu_avx512(x, y, tanh) };
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { gelu_avx2(x, y, tanh) };
     }
     gelu_body(x, y, tanh)
@@ -244,13 +274,14 @@ pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32], tanh: bool) {
 pub fn gelu_backward_uninit(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     assert!(x.len() == dy.len() && x.len() == dx.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU supports AVX-512F and FMA (checked just above).
         return unsafe { gelu_backward_avx512(x, dy, dx, tanh) };
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { gelu_backward_avx2(x, dy, dx, tanh) };
     }
     gelu_backward_body(x, dy, dx, tanh)
@@ -317,29 +348,29 @@ fn softmax_body(row: &mut [f32], n: usize) {
     }
 }
 
-/// The same loops compiled for 8-wide AVX2 and 16-wide AVX-512 registers. The arithmetic per
-/// element is the same (no fused multiply-adds), so the results are bit-identical to the
-/// baseline build's.
+/// The same loops compiled for 8-wide AVX2 (with FMA) and 16-wide AVX-512 registers. The
+/// arithmetic per element is the same (fused multiply-adds exactly where the source asks for
+/// them with `mul_add`), so the results are bit-identical to the baseline build's.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_avx2(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_body(x, y, tanh)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn gelu_avx512(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_body(x, y, tanh)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_backward_avx2(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_backward_body(x, dy, dx, tanh)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn gelu_backward_avx512(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     gelu_backward_body(x, dy, dx, tanh)
 }
@@ -455,6 +486,21 @@ mod tests {
         assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
     }
 
+    /// GELU's `exp` in fused multiply-adds: as accurate as `exp`, the same clamping.
+    #[test]
+    fn exp_fma_is_accurate() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + i as f32 * (175.0 / 200_000.0);
+            let want = (x as f64).exp();
+            worst = worst.max((exp_fma(x) as f64 - want).abs() / want);
+        }
+        assert!(worst < 2e-7, "{worst}");
+        assert_eq!(exp_fma(0.0), 1.0);
+        assert!(exp_fma(-1000.0) >= 0.0 && exp_fma(-1000.0) < 1e-37);
+        assert!(exp_fma(1000.0).is_finite() && exp_fma(1000.0) > 1e38);
+    }
+
     /// The f64 `exp` against libm's: within 2 ulp over the whole range, exact at 0, and the
     /// vector builds give the baseline's bits.
     #[test]
@@ -568,12 +614,14 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             for (ok, f, fb) in [
                 (
-                    std::arch::is_x86_feature_detected!("avx2"),
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma"),
                     gelu_avx2 as unsafe fn(&[f32], &mut [MaybeUninit<f32>], bool),
                     gelu_backward_avx2 as unsafe fn(&[f32], &[f32], &mut [MaybeUninit<f32>], bool),
                 ),
                 (
-                    std::arch::is_x86_feature_detected!("avx512f"),
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("fma"),
                     gelu_avx512,
                     gelu_backward_avx512,
                 ),

@@ -150,6 +150,10 @@ fn forward_rows<T: Real>(
     stats: &mut Vec<T>,
     y: &mut Vec<T>,
 ) {
+    assert!(
+        gamma.is_none_or(|g| g.len() == c) && beta.is_none_or(|b| b.len() == c),
+        "weight and bias have normalized_shape values"
+    );
     let mut xh = vec![T::zero(); c];
     let inv_c = T::of(1.0 / c as f64);
     for xr in xs.chunks_exact(c) {
@@ -161,17 +165,37 @@ fn forward_rows<T: Real>(
         let s = T::one() / (var + eps).sqrt();
         stats.push(m);
         stats.push(s);
-        y.extend(xh.iter().enumerate().map(|(k, &h)| {
-            let h = h * s;
-            let mut v = match gamma {
-                Some(g) => h * g[k],
-                None => h,
-            };
-            if let Some(b) = beta {
-                v += b[k];
+        // x̂·γ + β written straight into `y`'s spare capacity, one plain loop per case (a
+        // per-element `match` on the options kept the loop scalar): the same operations in the
+        // same order.
+        let start = y.len();
+        y.reserve(c);
+        let out = &mut y.spare_capacity_mut()[..c];
+        match (gamma, beta) {
+            (Some(g), Some(b)) => {
+                for (((o, &h), &gk), &bk) in out.iter_mut().zip(&xh).zip(g).zip(b) {
+                    o.write(h * s * gk + bk);
+                }
             }
-            v
-        }));
+            (Some(g), None) => {
+                for ((o, &h), &gk) in out.iter_mut().zip(&xh).zip(g) {
+                    o.write(h * s * gk);
+                }
+            }
+            (None, Some(b)) => {
+                for ((o, &h), &bk) in out.iter_mut().zip(&xh).zip(b) {
+                    o.write(h * s + bk);
+                }
+            }
+            (None, None) => {
+                for (o, &h) in out.iter_mut().zip(&xh) {
+                    o.write(h * s);
+                }
+            }
+        }
+        // SAFETY: the loop above wrote all c values after `start` (γ and β, when present,
+        // have c values: asserted above).
+        unsafe { y.set_len(start + c) };
     }
 }
 
@@ -367,6 +391,38 @@ mod tests {
                     assert_eq!(bits(&gb1), bits(&gb2));
                     assert_eq!(bits(&gx1), bits(&gx2));
                 }
+            }
+        }
+    }
+
+    /// Every combination of weight and bias: each output is `(x − mean)·(1/σ)·γ + β` from the
+    /// row's kept statistics, in that order, bit for bit.
+    #[test]
+    fn forward_rows_follow_the_formula_in_every_case() {
+        let mut rng = crate::net::gradcheck::Rng::new(4);
+        let c = 19;
+        let v = |n: usize, rng: &mut crate::net::gradcheck::Rng| -> Vec<f32> {
+            rng.array(&[n]).iter().map(|&v| (v * 2.0) as f32).collect()
+        };
+        let (xs, w, b) = (v(3 * c, &mut rng), v(c, &mut rng), v(c, &mut rng));
+        for (gamma, beta) in [
+            (Some(&w[..]), Some(&b[..])),
+            (Some(&w[..]), None),
+            (None, Some(&b[..])),
+            (None, None),
+        ] {
+            let (mut st, mut y) = (vec![], vec![]);
+            forward_rows(&xs, c, gamma, beta, 1e-5f32, &mut st, &mut y);
+            for (i, (&x, &got)) in xs.iter().zip(&y).enumerate() {
+                let (r, k) = (i / c, i % c);
+                let mut want = (x - st[2 * r]) * st[2 * r + 1];
+                if let Some(g) = gamma {
+                    want *= g[k];
+                }
+                if let Some(b) = beta {
+                    want += b[k];
+                }
+                assert_eq!(got.to_bits(), want.to_bits(), "{gamma:?} {beta:?} at {i}");
             }
         }
     }

@@ -71,22 +71,7 @@ impl<T: Real> Layer<T> for Linear {
     ) -> ArrayD<T> {
         let x = as_rows(&inputs[0]);
         let w = weight(params[0], self.out_features, self.in_features);
-        let (rows, out) = (x.nrows(), self.out_features);
-        // With a bias, every row starts as the bias and the product is added to it (one pass
-        // over y instead of clearing it and adding the bias after); without, the product
-        // writes y without it being cleared first.
-        let y = if self.bias {
-            let mut v = Vec::with_capacity(rows * out);
-            for _ in 0..rows {
-                v.extend_from_slice(params[1]);
-            }
-            let mut y = Array2::from_shape_vec((rows, out), v).expect("sizes match");
-            mat_mul(x, w.t(), true, y.view_mut());
-            y.into_dyn()
-        } else {
-            // SAFETY: `mat_mul_uninit` writes every value.
-            unsafe { super::filled(&[rows, out], |ys| mat_mul_uninit(T::one(), x, w.t(), ys)) }
-        };
+        let y = affine_rows(x, w, self.bias.then(|| params[1])).into_dyn();
         let mut shape = inputs[0].shape().to_vec();
         *shape.last_mut().expect("non-empty") = self.out_features;
         y.into_shape_with_order(shape)
@@ -129,6 +114,31 @@ impl<T: Real> Layer<T> for Linear {
         let rows: usize = inputs[0].iter().rev().skip(1).product();
         (rows * self.in_features * self.out_features) as u64
     }
+}
+
+/// `y = x·wᵀ + b` for `x` `[rows, in]` and `w` `[out, in]` (PyTorch's layout), the affine map of
+/// [`Linear`] and of attention's projections. With a bias, every row starts as the bias and the
+/// product is added onto it (one pass over y instead of clearing it and adding the bias after);
+/// without, the product writes y without it being cleared first.
+pub(crate) fn affine_rows<T: Real>(
+    x: ArrayView2<T>,
+    w: ArrayView2<T>,
+    bias: Option<&[T]>,
+) -> Array2<T> {
+    let (rows, out) = (x.nrows(), w.nrows());
+    let Some(b) = bias else {
+        // SAFETY: `mat_mul_uninit` writes every value.
+        let y = unsafe { super::filled(&[rows, out], |ys| mat_mul_uninit(T::one(), x, w.t(), ys)) };
+        return y.into_dimensionality().expect("2-D");
+    };
+    assert_eq!(b.len(), out, "bias has one value per output");
+    let mut v = Vec::with_capacity(rows * out);
+    for _ in 0..rows {
+        v.extend_from_slice(b);
+    }
+    let mut y = Array2::from_shape_vec((rows, out), v).expect("sizes match");
+    mat_mul(x, w.t(), true, y.view_mut());
+    y
 }
 
 fn weight<T>(w: &[T], out: usize, inp: usize) -> ArrayView2<'_, T> {

@@ -767,7 +767,7 @@ impl<T: Real> Model<T> {
             for (s, gi) in node.inputs.iter().zip(gin) {
                 if let (Src::Node(j), Some(gi)) = (s, gi) {
                     match &mut gouts[*j] {
-                        Some(acc) => *acc += &gi,
+                        Some(acc) => add::accumulate(acc, &gi),
                         slot @ None => *slot = Some(gi),
                     }
                 }

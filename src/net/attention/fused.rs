@@ -114,8 +114,9 @@ pub(super) fn backward(dm: &Dims, qkv: &[f32], probs: &[f32], gheads: &[f32], gq
 }
 
 /// `dst[k·tp + i] = α·src[i·stride + k]` for i < t, k < d (a transpose; lanes t..tp stay as
-/// they are, zero in a fresh buffer).
-#[inline(always)]
+/// they are, zero in a fresh buffer): the definition that the kernels' tiled
+/// `x86::transpose_in16` is tested against.
+#[cfg(test)]
 fn transpose_in(src: &[f32], stride: usize, t: usize, d: usize, alpha: f32, dst: &mut [f32]) {
     let tp = dst.len() / d;
     for i in 0..t {
@@ -167,7 +168,7 @@ struct KeyTiles<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Cols, Dims, KeyTiles, L, transpose_in, width};
+    use super::{Cols, Dims, KeyTiles, L, width};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -227,6 +228,55 @@ mod x86 {
             st(dst, (8 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v, w));
             st(dst, (4 + c) * L, _mm512_shuffle_f32x4::<0x88>(v2, w2));
             st(dst, (12 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v2, w2));
+        }
+    }
+
+    /// [`transpose_in`] (`dst[k·tp + i] = α·src[i·stride + k]` for i < t, k < d; lanes t..tp
+    /// untouched) by 16×16 tiles transposed in registers: a tile's rows are read with masked
+    /// loads (`min(16, d − k0)` values each), scaled, transposed through [`transpose_tile`],
+    /// and its columns written with masked stores (`min(16, t − i0)` lanes). The same
+    /// products `α·v`, so the same bits as the scalar loop, which wrote one value at a time
+    /// with a stride of `tp` (a sixth of the fused backward's samples at C = 128).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose_in16(
+        src: &[f32],
+        stride: usize,
+        t: usize,
+        d: usize,
+        alpha: f32,
+        dst: &mut [f32],
+    ) {
+        if t == 0 || d == 0 {
+            return;
+        }
+        let tp = dst.len() / d;
+        assert!(t <= tp && (t - 1) * stride + d <= src.len());
+        let a = _mm512_set1_ps(alpha);
+        let (mut tile, mut out) = ([0.0f32; L * L], [0.0f32; L * L]);
+        for i0 in (0..t).step_by(L) {
+            let rows = (t - i0).min(L);
+            let row_mask: __mmask16 = if rows == L {
+                0xffff
+            } else {
+                (1u16 << rows) - 1
+            };
+            for k0 in (0..d).step_by(L) {
+                let w = (d - k0).min(L);
+                let col_mask: __mmask16 = if w == L { 0xffff } else { (1u16 << w) - 1 };
+                for r in 0..rows {
+                    let row = &src[(i0 + r) * stride + k0..(i0 + r) * stride + k0 + w];
+                    // SAFETY: `row` holds the w values the mask reads.
+                    let v = unsafe { _mm512_maskz_loadu_ps(col_mask, row.as_ptr()) };
+                    st(&mut tile, r * L, _mm512_mul_ps(v, a));
+                }
+                transpose_tile(&tile[..rows * L], &mut out);
+                for l in 0..w {
+                    let col = &mut dst[(k0 + l) * tp + i0..(k0 + l) * tp + i0 + rows];
+                    // SAFETY: `col` holds the `rows` values the mask writes.
+                    unsafe { _mm512_mask_storeu_ps(col.as_mut_ptr(), row_mask, ld(&out, l * L)) };
+                }
+            }
         }
     }
 
@@ -417,7 +467,7 @@ mod x86 {
         {
             for (hd, pt) in pseq.chunks_exact_mut(pl).enumerate() {
                 let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
-                transpose_in(&rows[qc..], rs, t, d, dm.scale, &mut qt);
+                transpose_in16(&rows[qc..], rs, t, d, dm.scale, &mut qt);
                 for (b, &off) in offs.iter().enumerate() {
                     let blk = &mut pt[off..off + dm.keys(b) * L];
                     softmax_block(dm, &rows[kc..], &qt, b * L, blk);
@@ -459,8 +509,8 @@ mod x86 {
         {
             for (hd, pt) in pseq.chunks_exact(pl).enumerate() {
                 let (qc, kc, vc) = (hd * d, c + hd * d, 2 * c + hd * d);
-                transpose_in(&g[qc..], c, t, d, 1.0, &mut got);
-                transpose_in(&rows[qc..], rs, t, d, 1.0, &mut qt);
+                transpose_in16(&g[qc..], c, t, d, 1.0, &mut got);
+                transpose_in16(&rows[qc..], rs, t, d, 1.0, &mut qt);
                 // Per query block: dPᵀ = V dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − Σ_j Pᵀ ⊙ dPᵀ), dQ = dS K/√d.
                 for (b, &off) in offs.iter().enumerate() {
                     let i0 = b * L;
@@ -598,6 +648,33 @@ mod tests {
             for (g, &x) in got.iter().zip(x) {
                 let want = crate::net::fastmath::exp(x);
                 assert!((g - want).abs() <= 4e-7 * want, "exp({x}): {g} vs {want}");
+            }
+        }
+    }
+
+    /// The tiled register transpose writes what the scalar loop writes, bit for bit, for
+    /// sequence lengths and head sizes around the tile size and row strides wider than d;
+    /// the lanes after t keep what they held.
+    #[test]
+    fn tiled_transpose_equals_the_scalar_loop() {
+        if !available() {
+            return;
+        }
+        for t in [1usize, 5, 16, 17, 31, 48, 128] {
+            for d in [1usize, 4, 7, 16, 20, 32, 33] {
+                let tp = t.div_ceil(L) * L;
+                for (stride, alpha) in [(d, 1.0f32), (3 * d + 5, 0.176_776_7)] {
+                    let src: Vec<f32> = (0..(t - 1) * stride + d)
+                        .map(|v| (v as f32 * 0.37).sin() * 3.0)
+                        .collect();
+                    let mut want = vec![-7.0f32; d * tp];
+                    let mut got = want.clone();
+                    transpose_in(&src, stride, t, d, alpha, &mut want);
+                    // SAFETY: the CPU supports AVX-512F (checked above).
+                    unsafe { x86::transpose_in16(&src, stride, t, d, alpha, &mut got) };
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "t {t}, d {d}, stride {stride}");
+                }
             }
         }
     }
