@@ -27,13 +27,14 @@
 //! assert_eq!(y.as_slice().unwrap(), &[8.5, 12.5, 20.5, 24.5]);
 //! ```
 
+use super::conv_small;
 use super::conv3x3;
 use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
-use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, s};
+use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};
 
 /// Geometry of a 2-D sliding window: kernel, stride, dilation and padding per axis
 /// (height, width), with PyTorch's output-size rule (no ceil mode).
@@ -191,6 +192,11 @@ pub(crate) fn chw(s: &[usize]) -> Result<[usize; 3], String> {
 /// while the unfolded block stays small.
 const BLOCK_COLUMNS: usize = 2048;
 
+/// Most entries of an unfolded block (512 KiB in f32): ResNet-18's 128-channel 3×3
+/// convolutions at 4×4 unfold 1152 rows, and a whole chunk's block (7 MB) went through L3
+/// twice; blocks of 7 samples keep it in L2 (one thread, CPU time: backward −20 %).
+const BLOCK_ENTRIES: usize = 1 << 17;
+
 /// A 2-D convolution (cross-correlation, as PyTorch).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -224,6 +230,110 @@ struct Dims {
     taps: Vec<(usize, usize)>,
     /// Samples per block.
     block: usize,
+    /// The gather table of small planes (see [`Frame`]), `None` on larger ones.
+    frame: Option<Frame>,
+}
+
+/// Unfolding of a small plane through a frame: the input plane is copied into a zero-padded
+/// `hp × wp` frame, and entry `p` of used tap `t`'s unfolded row is frame position
+/// `idx[t·n + p]`. One copy per plane and a table lookup per entry, where the row-wise copies
+/// of [`Conv2d::im2col`] spend more on finding the in-range runs of a 4×4 plane than on copying
+/// them. Folding back runs the other way (sums in a zeroed frame, the interior copied out).
+#[derive(Debug, Clone)]
+struct Frame {
+    hp: usize,
+    wp: usize,
+    idx: Vec<u32>,
+}
+
+/// Largest output plane (oh·ow) unfolded through a [`Frame`].
+const FRAME_PLANE: usize = 64;
+
+/// `dst[p] = frame[idx[p]]` with `idx` used tap `t`'s row of `fr` (one tap's row of a
+/// plane); in f32 with AVX-512F (`simd`), sixteen at a time by vector gathers.
+fn gather<T: Real>(dst: &mut [T], frame: &[T], fr: &Frame, t: usize, simd: bool) {
+    let idx = &fr.idx[t * dst.len()..][..dst.len()];
+    #[cfg(target_arch = "x86_64")]
+    if simd && let (Some(d), Some(f)) = (f32_slice_mut(dst), f32_slice(frame)) {
+        assert!(f.len() >= fr.hp * fr.wp, "a whole frame");
+        // SAFETY: AVX-512F is available (`simd`); `idx` covers `dst`, and its indices are
+        // below hp·wp (checked when the frame was made), so inside `frame`.
+        unsafe { avx512::gather(d, f, idx) };
+        return;
+    }
+    let _ = simd;
+    for (o, &i) in dst.iter_mut().zip(idx) {
+        *o = frame[i as usize];
+    }
+}
+
+/// `frame[idx[p]] += src[p]` with `idx` used tap `t`'s row of `fr` (the indices of a row are
+/// distinct, so the vector version adds exactly as the scalar one does).
+fn scatter_add<T: Real>(frame: &mut [T], src: &[T], fr: &Frame, t: usize, simd: bool) {
+    let idx = &fr.idx[t * src.len()..][..src.len()];
+    #[cfg(target_arch = "x86_64")]
+    if simd && let (Some(f), Some(s)) = (f32_slice_mut(frame), f32_slice(src)) {
+        assert!(f.len() >= fr.hp * fr.wp, "a whole frame");
+        // SAFETY: AVX-512F is available (`simd`); `idx` covers `src`, its indices are below
+        // hp·wp (checked when the frame was made), so inside `frame`, and distinct.
+        unsafe { avx512::scatter_add(f, s, idx) };
+        return;
+    }
+    let _ = simd;
+    for (&v, &i) in src.iter().zip(idx) {
+        frame[i as usize] += v;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// The mask of the first `min(left, 16)` lanes.
+    fn mask(left: usize) -> __mmask16 {
+        if left >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << left) - 1
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `idx.len() == dst.len()`, every index `< frame.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather(dst: &mut [f32], frame: &[f32], idx: &[u32]) {
+        let n = dst.len();
+        let mut p = 0;
+        while p < n {
+            let m = mask(n - p);
+            // SAFETY: the masked lanes are inside `idx` and `dst`, the indices inside `frame`.
+            unsafe {
+                let vi = _mm512_maskz_loadu_epi32(m, idx.as_ptr().add(p).cast());
+                let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, vi, frame.as_ptr());
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(p), m, v);
+            }
+            p += 16;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `idx.len() == src.len()`, every index `< frame.len()`, no index twice.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scatter_add(frame: &mut [f32], src: &[f32], idx: &[u32]) {
+        let n = src.len();
+        let mut p = 0;
+        while p < n {
+            let m = mask(n - p);
+            // SAFETY: as in `gather`; distinct indices, so no lane's store hides another's.
+            unsafe {
+                let vi = _mm512_maskz_loadu_epi32(m, idx.as_ptr().add(p).cast());
+                let g = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, vi, frame.as_ptr());
+                let v = _mm512_add_ps(g, _mm512_maskz_loadu_ps(m, src.as_ptr().add(p)));
+                _mm512_mask_i32scatter_ps::<4>(frame.as_mut_ptr(), m, vi, v);
+            }
+            p += 16;
+        }
+    }
 }
 
 impl Dims {
@@ -248,6 +358,10 @@ impl Conv2d {
                 ylo < yhi && xlo < xhi
             })
             .collect();
+        // Columns per block: up to BLOCK_COLUMNS, fewer where the unfolded block would pass
+        // BLOCK_ENTRIES (so that it stays in L2 between being written and multiplied).
+        let columns = BLOCK_COLUMNS.min(BLOCK_ENTRIES / (cg * taps.len()).max(1));
+        let block = (columns / n).clamp(1, b.max(1));
         Dims {
             batch: b,
             cg,
@@ -258,8 +372,107 @@ impl Conv2d {
             ow,
             k: cg * taps.len(),
             kfull: cg * kh * kw,
+            frame: (n <= FRAME_PLANE).then(|| self.frame(&taps, [h, w], [oh, ow])),
             taps,
-            block: (BLOCK_COLUMNS / n).clamp(1, b.max(1)),
+            block,
+        }
+    }
+
+    /// The [`Frame`] of an `h × w` input with `oh × ow` outputs and the used `taps`.
+    fn frame(&self, taps: &[(usize, usize)], [h, w]: [usize; 2], [oh, ow]: [usize; 2]) -> Frame {
+        let win = &self.window;
+        let hp = h + win.pad_begin[0] + win.pad_end[0];
+        let wp = w + win.pad_begin[1] + win.pad_end[1];
+        let mut idx = Vec::with_capacity(taps.len() * oh * ow);
+        for &(ki, kj) in taps {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    // Frame coordinates: input position + padding before, inside the padded
+                    // extent for every window (the output size rule).
+                    let fy = oy * win.stride[0] + ki * win.dilation[0];
+                    let fx = ox * win.stride[1] + kj * win.dilation[1];
+                    idx.push((fy * wp + fx) as u32);
+                }
+            }
+        }
+        // The gathers below rely on it (unchecked vector gathers).
+        assert!(
+            idx.iter().all(|&i| (i as usize) < hp * wp),
+            "frame taps inside the frame"
+        );
+        Frame { hp, wp, idx }
+    }
+
+    /// [`Conv2d::im2col`] through the [`Frame`] `fr`; `buf` is scratch for the frame.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_framed<T: Real>(
+        &self,
+        x: &[T],
+        d: &Dims,
+        fr: &Frame,
+        g: usize,
+        s0: usize,
+        nb: usize,
+        col: &mut [T],
+        buf: &mut Vec<T>,
+    ) {
+        let n = d.plane();
+        let ld = nb * n;
+        let nt = d.taps.len();
+        let [pb0, pb1] = self.window.pad_begin;
+        buf.clear();
+        buf.resize(fr.hp * fr.wp, T::zero());
+        let simd = conv3x3::available();
+        for j in 0..nb {
+            let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
+            for ci in 0..d.cg {
+                let xc = &x[base + ci * d.h * d.w..][..d.h * d.w];
+                for (y, src) in xc.chunks_exact(d.w).enumerate() {
+                    buf[(y + pb0) * fr.wp + pb1..][..d.w].copy_from_slice(src);
+                }
+                for t in 0..nt {
+                    let dst = &mut col[(ci * nt + t) * ld + j * n..][..n];
+                    gather(dst, buf, fr, t, simd);
+                }
+            }
+        }
+    }
+
+    /// [`Conv2d::col2im`] through the [`Frame`] `fr`: each input plane's gradient is summed in
+    /// a zeroed frame (taps in order, as `col2im` adds them) and its interior written to `gx`
+    /// (every value of the planes of group `g`, samples `s0..s0+nb`).
+    #[allow(clippy::too_many_arguments)]
+    fn col2im_framed<T: Real>(
+        &self,
+        col: &[T],
+        d: &Dims,
+        fr: &Frame,
+        g: usize,
+        s0: usize,
+        nb: usize,
+        gx: &mut [T],
+        buf: &mut Vec<T>,
+    ) {
+        let n = d.plane();
+        let ld = nb * n;
+        let nt = d.taps.len();
+        let [pb0, pb1] = self.window.pad_begin;
+        buf.clear();
+        buf.resize(fr.hp * fr.wp, T::zero());
+        let simd = conv3x3::available();
+        for j in 0..nb {
+            let base = ((s0 + j) * self.in_channels + g * d.cg) * d.h * d.w;
+            for ci in 0..d.cg {
+                buf.fill(T::zero());
+                for t in 0..nt {
+                    let src = &col[(ci * nt + t) * ld + j * n..][..n];
+                    scatter_add(buf, src, fr, t, simd);
+                }
+                let gc = &mut gx[base + ci * d.h * d.w..][..d.h * d.w];
+                for (y, dst) in gc.chunks_exact_mut(d.w).enumerate() {
+                    dst.copy_from_slice(&buf[(y + pb0) * fr.wp + pb1..][..d.w]);
+                }
+            }
         }
     }
 
@@ -509,12 +722,16 @@ impl Conv2d {
         ys: &mut [std::mem::MaybeUninit<T>],
     ) {
         let n = d.plane();
+        let mut fbuf = Vec::new();
         for s0 in (0..d.batch).step_by(d.block) {
             let nb = d.block.min(d.batch - s0);
             let cols = nb * n;
             for g in 0..self.groups {
                 let colm = &mut col[..d.k * cols];
-                self.im2col(xs, d, g, s0, nb, colm);
+                match &d.frame {
+                    Some(fr) => self.im2col_framed(xs, d, fr, g, s0, nb, colm, &mut fbuf),
+                    None => self.im2col(xs, d, g, s0, nb, colm),
+                }
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 let mut outm = ArrayViewMut2::from_shape((d.mg, cols), &mut out[..d.mg * cols])
                     .expect("sized above");
@@ -578,7 +795,7 @@ impl<T: Real> Layer<T> for Conv2d {
         &self,
         params: &[&[T]],
         inputs: &[ArrayViewD<T>],
-        _saved: &mut Saved<T>,
+        saved: &mut Saved<T>,
     ) -> ArrayD<T> {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
@@ -595,17 +812,10 @@ impl<T: Real> Layer<T> for Conv2d {
             };
         }
         let d = self.dims(x.shape());
-        let n = d.plane();
-        let shape = [d.batch, self.out_channels, d.oh, d.ow];
-        // im2col and the product's output: this thread's buffers, fully written before read.
-        let mut scratch = Scratch::take();
-        let [col, out, _] = scratch.slices([d.k * d.block * n, d.mg * d.block * n, 0]);
-        // SAFETY: the blocks cover every sample, the groups every output channel, and each
-        // (sample, channel) plane of n outputs is written in full below.
-        let y =
-            unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, &d, col, out, ys)) };
-        scratch.give_back();
-        y
+        if let Some(plan) = self.small(&d, x.shape()) {
+            return self.forward_small(&plan, params, xs, &d, saved);
+        }
+        self.forward_im2col(params, xs, &d)
     }
 
     fn backward(&self, b: Backward<'_, T>) -> Vec<Option<ArrayD<T>>> {
@@ -624,11 +834,134 @@ impl<T: Real> Layer<T> for Conv2d {
             );
         }
         let d = self.dims(x.shape());
-        let n = d.plane();
-        let mut gp = b.grad_params;
-        let mut gbias = vec![T::zero(); self.out_channels];
         let need_x = b.need_input_grad[0];
-        let mut gx = need_x.then(|| ArrayD::<T>::zeros(x.shape()));
+        if let Some(plan) = self.small(&d, x.shape()) {
+            return vec![self.backward_small(
+                &plan,
+                b.params,
+                xs,
+                gys,
+                b.saved,
+                b.grad_params,
+                need_x,
+            )];
+        }
+        vec![self.backward_im2col(b.params, xs, gys, &d, b.grad_params, need_x)]
+    }
+
+    fn affine_in_params(&self) -> bool {
+        true
+    }
+
+    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
+        let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
+            return 0;
+        };
+        let k = (self.in_channels / self.groups) * self.window.kernel[0] * self.window.kernel[1];
+        (out.iter().product::<usize>() * k) as u64
+    }
+}
+
+impl Conv2d {
+    /// Forward through im2col and GEMM.
+    fn forward_im2col<T: Real>(&self, params: &[&[T]], xs: &[T], d: &Dims) -> ArrayD<T> {
+        let n = d.plane();
+        let shape = [d.batch, self.out_channels, d.oh, d.ow];
+        // im2col and the product's output: this thread's buffers, fully written before read.
+        let mut scratch = Scratch::take();
+        let [col, out, _] = scratch.slices([d.k * d.block * n, d.mg * d.block * n, 0]);
+        // SAFETY: the blocks cover every sample, the groups every output channel, and each
+        // (sample, channel) plane of n outputs is written in full below.
+        let y =
+            unsafe { super::filled(&shape, |ys| self.forward_into(params, xs, d, col, out, ys)) };
+        scratch.give_back();
+        y
+    }
+
+    /// The dense product's plan ([`conv_small`]) for a call, or `None` for im2col.
+    fn small(&self, d: &Dims, shape: &[usize]) -> Option<conv_small::Plan> {
+        conv_small::Plan::new(
+            &self.window,
+            self.groups,
+            self.out_channels,
+            shape,
+            [d.oh, d.ow],
+            d.taps.len(),
+        )
+    }
+
+    /// Forward as one dense product; `Wbig` is kept in `saved` for backward.
+    fn forward_small<T: Real>(
+        &self,
+        plan: &conv_small::Plan,
+        params: &[&[T]],
+        xs: &[T],
+        d: &Dims,
+        saved: &mut Saved<T>,
+    ) -> ArrayD<T> {
+        let mut wbig = vec![T::zero(); plan.wbig_len()];
+        plan.wbig(params[0], &mut wbig);
+        let shape = [d.batch, self.out_channels, d.oh, d.ow];
+        let bias = self.bias.then(|| params[1]);
+        // SAFETY: `Plan::forward` writes every output value.
+        let y = unsafe { super::filled(&shape, |ys| plan.forward(&wbig, bias, xs, ys)) };
+        let len = wbig.len();
+        *saved = Saved::Arrays(vec![
+            ArrayD::from_shape_vec(IxDyn(&[len]), wbig).expect("one axis of its length"),
+        ]);
+        y
+    }
+
+    /// Backward as dense products, with forward's `Wbig` when it was kept.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_small<T: Real>(
+        &self,
+        plan: &conv_small::Plan,
+        params: &[&[T]],
+        xs: &[T],
+        gys: &[T],
+        saved: &Saved<T>,
+        gp: Vec<&mut [T]>,
+        need_x: bool,
+    ) -> Option<ArrayD<T>> {
+        let len = plan.wbig_len();
+        let built;
+        let wbig: &[T] = match saved {
+            Saved::Arrays(v) if v.len() == 1 && v[0].len() == len => {
+                v[0].as_slice().expect("kept contiguous")
+            }
+            _ => {
+                let mut w = vec![T::zero(); len];
+                plan.wbig(params[0], &mut w);
+                built = w;
+                &built
+            }
+        };
+        let mut gp = gp.into_iter();
+        let gw = gp.next().expect("a weight gradient");
+        let gbias = gp.next();
+        let mut scratch = Scratch::take();
+        let [gwbig, _, _] = scratch.slices([len, 0, 0]);
+        let gx = plan.backward(wbig, xs, gys, gw, gbias, gwbig, need_x);
+        scratch.give_back();
+        gx
+    }
+
+    /// Backward through im2col and GEMM.
+    fn backward_im2col<T: Real>(
+        &self,
+        params: &[&[T]],
+        xs: &[T],
+        gys: &[T],
+        d: &Dims,
+        mut gp: Vec<&mut [T]>,
+        need_x: bool,
+    ) -> Option<ArrayD<T>> {
+        let n = d.plane();
+        let mut gbias = vec![T::zero(); self.out_channels];
+        let mut fbuf = Vec::new();
+        let mut gx =
+            need_x.then(|| ArrayD::<T>::zeros(IxDyn(&[d.batch, self.in_channels, d.h, d.w])));
         // im2col, its gradient and the gathered output gradients: this thread's buffers, each
         // entry written before it is read (im2col and the products write whole blocks, the
         // gather below every row).
@@ -654,7 +987,10 @@ impl<T: Real> Layer<T> for Conv2d {
                 let goutv = ArrayView2::from_shape((d.mg, cols), &gout[..d.mg * cols])
                     .expect("sized above");
                 let colm = &mut col[..d.k * cols];
-                self.im2col(xs, &d, g, s0, nb, colm);
+                match &d.frame {
+                    Some(fr) => self.im2col_framed(xs, d, fr, g, s0, nb, colm, &mut fbuf),
+                    None => self.im2col(xs, d, g, s0, nb, colm),
+                }
                 let colv = ArrayView2::from_shape((d.k, cols), &*colm).expect("sized above");
                 if d.k == d.kfull {
                     let gw = &mut gp[0][g * d.mg * d.k..][..d.mg * d.k];
@@ -667,20 +1003,24 @@ impl<T: Real> Layer<T> for Conv2d {
                     let gwv =
                         ArrayViewMut2::from_shape((d.mg, d.k), &mut gwc[..]).expect("sized above");
                     mat_mul(goutv, colv.t(), false, gwv);
-                    self.scatter_weight_grad(&gwc, &d, g, gp[0]);
+                    self.scatter_weight_grad(&gwc, d, g, gp[0]);
                 }
                 if let Some(gx) = gx.as_mut() {
                     let mut gcolm = ArrayViewMut2::from_shape((d.k, cols), &mut gcol[..d.k * cols])
                         .expect("sized above");
                     let mut wbuf = Vec::new();
                     mat_mul(
-                        self.group_weight(b.params[0], &d, g, &mut wbuf).t(),
+                        self.group_weight(params[0], d, g, &mut wbuf).t(),
                         goutv,
                         false,
                         gcolm.view_mut(),
                     );
                     let gxs = gx.as_slice_mut().expect("fresh array");
-                    self.col2im(&gcol[..d.k * cols], &d, g, s0, nb, gxs);
+                    let gcolm = &gcol[..d.k * cols];
+                    match &d.frame {
+                        Some(fr) => self.col2im_framed(gcolm, d, fr, g, s0, nb, gxs, &mut fbuf),
+                        None => self.col2im(gcolm, d, g, s0, nb, gxs),
+                    }
                 }
             }
         }
@@ -690,19 +1030,7 @@ impl<T: Real> Layer<T> for Conv2d {
                 *a += v;
             }
         }
-        vec![gx]
-    }
-
-    fn affine_in_params(&self) -> bool {
-        true
-    }
-
-    fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
-        let Ok(out) = <Self as Layer<T>>::out_shape(self, inputs) else {
-            return 0;
-        };
-        let k = (self.in_channels / self.groups) * self.window.kernel[0] * self.window.kernel[1];
-        (out.iter().product::<usize>() * k) as u64
+        gx
     }
 }
 
@@ -1038,6 +1366,132 @@ mod tests {
                     _ => panic!("{what}: input gradient given iff asked for"),
                 }
             }
+        }
+    }
+
+    /// The dense product of tiny planes ([`conv_small`]) against the im2col path in f64
+    /// (which the finite differences above check): outputs, weight, bias and input gradients,
+    /// in f64 and in f32, with and without forward's kept `Wbig`, on every kind of plane it
+    /// takes (2×2 and 1×1 outputs, stride 2 onto 1×1, a 1×1 kernel reading one position of
+    /// four, a 1×2 plane, a 5×5 kernel) and not on the shapes it leaves to im2col.
+    #[test]
+    fn small_planes_match_the_im2col_path() {
+        fn im2col_run(
+            c: &Conv2d,
+            params: &[Vec<f64>],
+            x: &ArrayD<f64>,
+            gy: &ArrayD<f64>,
+        ) -> (ArrayD<f64>, Vec<Vec<f64>>, ArrayD<f64>) {
+            let d = c.dims(x.shape());
+            let pr: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
+            let xs = x.as_slice().unwrap();
+            let y = c.forward_im2col(&pr, xs, &d);
+            let mut g: Vec<Vec<f64>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
+            let gp = g.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let gx = c.backward_im2col(&pr, xs, gy.as_slice().unwrap(), &d, gp, true);
+            (y, g, gx.unwrap())
+        }
+        let max_err = |a: &[f64], b: &[f64]| {
+            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b)
+                .fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs()));
+            err / scale.max(1e-30)
+        };
+        // (cin, cout, h, w, batch, kernel, stride, padding, bias)
+        for &(cin, cout, h, w, batch, k, stride, pad, bias) in &[
+            (8, 6, 2, 2, 5, 3, 1, 1, true),
+            (5, 7, 1, 1, 4, 3, 1, 1, false),
+            (6, 4, 2, 2, 3, 3, 2, 1, true),
+            (6, 5, 2, 2, 3, 1, 2, 0, true),
+            (3, 2, 1, 2, 2, 3, 1, 1, false),
+            (4, 3, 2, 2, 3, 5, 1, 2, true),
+            (16, 9, 1, 1, 1, 3, 1, 1, true),
+        ] {
+            let c = conv(
+                [cin, cout, 1],
+                [k, k],
+                [stride, stride],
+                p(pad, pad),
+                [1, 1],
+                bias,
+            );
+            let what = format!("{cin}→{cout} {h}×{w} k{k} s{stride} ×{batch}");
+            let d = c.dims(&[batch, cin, h, w]);
+            assert!(c.small(&d, &[batch, cin, h, w]).is_some(), "{what}");
+            let mut rng = Rng::new((cin * 100 + h * 10 + k) as u64);
+            let x = rng.array(&[batch, cin, h, w]);
+            let gy = rng.array(&[batch, cout, d.oh, d.ow]);
+            let params: Vec<Vec<f64>> = <Conv2d as Layer<f64>>::params(&c)
+                .iter()
+                .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let (y, g, gx) = im2col_run(&c, &params, &x, &gy);
+            // f64 through the layer (forward keeps Wbig), then backward rebuilding it.
+            let (y64, g64, gx64) = run_layer::<f64>(&c, &params, &x, &gy, true, 0.0);
+            let e = max_err(y64.as_slice().unwrap(), y.as_slice().unwrap());
+            assert!(e < 1e-13, "{what}: f64 forward {e}");
+            for (a, b) in g64.iter().zip(&g) {
+                let e = max_err(a, b);
+                assert!(e < 1e-13, "{what}: f64 parameter gradient {e}");
+            }
+            let gx64 = gx64[0].as_ref().unwrap();
+            let e = max_err(gx64.as_slice().unwrap(), gx.as_slice().unwrap());
+            assert!(e < 1e-13, "{what}: f64 input gradient {e}");
+            let pr: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
+            let mut g2: Vec<Vec<f64>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
+            let gx2 = c.backward(Backward {
+                params: &pr,
+                inputs: &[x.view()],
+                output: y.view(),
+                saved: &Saved::None,
+                grad_out: gy.view(),
+                grad_params: g2.iter_mut().map(|v| v.as_mut_slice()).collect(),
+                need_input_grad: &[false],
+            });
+            assert!(gx2[0].is_none(), "{what}: no input gradient asked for");
+            assert_eq!(g2, g64, "{what}: Wbig rebuilt in backward");
+            // f32, gradients added to what is there.
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let (y32, g32, gx32) = run_layer::<f32>(&c, &p32, &x32, &gy32, true, 1.0);
+            let up = |a: &[f32]| a.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            let e = max_err(&up(y32.as_slice().unwrap()), y.as_slice().unwrap());
+            assert!(e < 1e-6, "{what}: f32 forward {e}");
+            for (a, b) in g32.iter().zip(&g) {
+                let a: Vec<f64> = a.iter().map(|&v| f64::from(v) - 1.0).collect();
+                let e = max_err(&a, b);
+                assert!(e < 1e-5, "{what}: f32 parameter gradient {e}");
+            }
+            let gx32 = gx32[0].as_ref().unwrap();
+            let e = max_err(&up(gx32.as_slice().unwrap()), gx.as_slice().unwrap());
+            assert!(e < 1e-6, "{what}: f32 input gradient {e}");
+        }
+        // Left to im2col: 4×4 planes, a 1×1 kernel reading 4 of 16 positions, groups.
+        for (c, shape) in [
+            (
+                conv([8, 8, 1], [3, 3], [1, 1], p(1, 1), [1, 1], false),
+                [2, 8, 4, 4],
+            ),
+            (
+                conv([8, 8, 1], [1, 1], [2, 2], p(0, 0), [1, 1], false),
+                [2, 8, 4, 4],
+            ),
+            (
+                conv([8, 8, 2], [3, 3], [1, 1], p(1, 1), [1, 1], false),
+                [2, 8, 2, 2],
+            ),
+            (
+                conv([8, 8, 1], [1, 1], [1, 1], p(0, 0), [1, 1], false),
+                [2, 8, 2, 2],
+            ),
+        ] {
+            let d = c.dims(&shape);
+            assert!(c.small(&d, &shape).is_none(), "{shape:?}");
         }
     }
 

@@ -13,7 +13,7 @@
 //! ```
 
 use super::Real;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use std::any::TypeId;
 
 /// `c = a·b`, or `c += a·b` when `accumulate`; the views may have any strides.
@@ -161,6 +161,49 @@ pub fn mat_mul_uninit<T: Real>(
             &b,
         )
     };
+}
+
+/// `dst = a·b` into `m×n` values at row stride `rs` and column stride `cs` not yet written:
+/// the product writes every entry without reading any (for f32 and f64; other types write
+/// zeros first), so a caller can write straight into a fresh array in any layout.
+///
+/// # Safety
+/// `dst` points to `a.nrows() × b.ncols()` writable values at strides `rs`, `cs` (no two
+/// entries at one address), overlapping neither `a` nor `b`.
+///
+/// # Panics
+/// If the shapes do not chain.
+pub(crate) unsafe fn mat_mul_strided_uninit<T: Real>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    dst: *mut T,
+    rs: isize,
+    cs: isize,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    assert!(b.nrows() == k, "mat_mul: {:?}·{:?}", a.dim(), b.dim());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let supported =
+        TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<f64>();
+    if !supported || k == 0 {
+        for i in 0..m as isize {
+            for j in 0..n as isize {
+                // SAFETY: the caller's contract: entry (i, j) is inside `dst`.
+                unsafe { dst.offset(i * rs + j * cs).write(T::zero()) };
+            }
+        }
+        // SAFETY: every entry was written just above; the caller's contract otherwise.
+        let c = unsafe {
+            ArrayViewMut2::from_shape_ptr((m, n).strides((rs as usize, cs as usize)), dst)
+        };
+        mat_mul(a, b, false, c);
+        return;
+    }
+    // SAFETY: the caller's contract; `T` is f32 or f64 and the shapes chain.
+    unsafe { raw_gemm(dst, rs, cs, false, T::one(), &a, &b) };
 }
 
 #[cfg(test)]

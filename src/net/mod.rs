@@ -16,6 +16,7 @@ pub mod attention;
 pub mod batch_norm;
 pub mod conv;
 pub(crate) mod conv3x3;
+pub(crate) mod conv_small;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm;

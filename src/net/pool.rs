@@ -133,11 +133,62 @@ impl MaxPool2d {
         pool2x2_impl(xs, np, hw, out, backward);
     }
 
+    /// [`MaxPool2d::scan`] one window at a time: the same maxima (the window's in-range taps in
+    /// scan order from −∞, moving on `v > max || isnan(v)`), with each output's running
+    /// maximum in a register instead of a row of them in memory, and every window's in-range
+    /// taps listed once per call as plane offsets (ResNet's 3×3 stride-2 pool of 16×16
+    /// planes: about 4× faster).
+    fn scan_windows<T: Real>(
+        &self,
+        xs: &[T],
+        np: usize,
+        hw: [usize; 2],
+        mut f: impl FnMut(usize, usize),
+    ) {
+        let win = &self.window;
+        let [oh, ow] = win.out_checked(hw[0], hw[1]);
+        let rows = taps(win, 0, hw[0], oh, hw[1]);
+        let cols = taps(win, 1, hw[1], ow, 1);
+        // Output o's taps are offs[ends[o - 1]..ends[o]], in scan order.
+        let mut offs: Vec<u32> = Vec::new();
+        let mut ends: Vec<usize> = Vec::with_capacity(oh * ow);
+        for r in &rows {
+            for c in &cols {
+                for &ry in r {
+                    offs.extend(c.iter().map(|&cx| (ry + cx) as u32));
+                }
+                ends.push(offs.len());
+            }
+        }
+        let size = hw[0] * hw[1];
+        let mut o = 0;
+        for p in 0..np {
+            let plane = &xs[p * size..][..size];
+            let mut from = 0;
+            for &end in &ends {
+                let window = &offs[from..end];
+                from = end;
+                let mut best = T::neg_infinity();
+                let mut at = window[0];
+                for &i in window {
+                    let v = plane[i as usize];
+                    let better = (v > best) | v.is_nan();
+                    best = if better { v } else { best };
+                    at = if better { i } else { at };
+                }
+                f(o, p * size + at as usize);
+                o += 1;
+            }
+        }
+    }
+
     /// Calls `f(output index, input index of its maximum)` for every output of the batch `xs`
     /// (`np` planes of `hw`). The maximum is PyTorch's choice: its CPU kernel starts from −∞ at
     /// the window's first in-range tap and moves on `v > max || isnan(v)` in scan order (row by
     /// row), so the first maximum wins, and the last NaN. A whole output row is updated tap by
     /// tap, which keeps the per-output comparisons independent (no branch, no serial chain).
+    /// The reference of [`MaxPool2d::scan_windows`] in tests.
+    #[cfg(test)]
     fn scan<T: Real>(&self, xs: &[T], np: usize, hw: [usize; 2], mut f: impl FnMut(usize, usize)) {
         let win = &self.window;
         let [oh, ow] = win.out_checked(hw[0], hw[1]);
@@ -500,7 +551,9 @@ impl<T: Real> Layer<T> for MaxPool2d {
         Ok(out)
     }
 
-    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
+    /// Overlapping or padded windows keep each output's arg-max (`Saved::Indices`), so that
+    /// backward scatters instead of scanning again.
+    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], saved: &mut Saved<T>) -> ArrayD<T> {
         let x = inputs[0].as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
         let (np, hw) = planes(&x.view());
@@ -512,7 +565,12 @@ impl<T: Real> Layer<T> for MaxPool2d {
         } else if self.tiled() {
             self.scan_tiled(xs, np, hw, |o, i| ys[o] = xs[i]);
         } else {
-            self.scan(xs, np, hw, |o, i| ys[o] = xs[i]);
+            let mut at = Vec::with_capacity(ys.len());
+            self.scan_windows(xs, np, hw, |o, i| {
+                ys[o] = xs[i];
+                at.push(i);
+            });
+            *saved = Saved::Indices(at);
         }
         y
     }
@@ -539,8 +597,15 @@ impl<T: Real> Layer<T> for MaxPool2d {
         let gxs = gx.as_slice_mut().expect("fresh array");
         if self.tiled() {
             self.scan_tiled(xs, np, hw, |o, i| gxs[i] = gys[o]);
+        } else if let Saved::Indices(at) = b.saved
+            && at.len() == gys.len()
+        {
+            // Forward's arg-maxes, in output order: the same sums as the scan below.
+            for (&i, &g) in at.iter().zip(gys) {
+                gxs[i] += g;
+            }
         } else {
-            self.scan(xs, np, hw, |o, i| gxs[i] += gys[o]);
+            self.scan_windows(xs, np, hw, |o, i| gxs[i] += gys[o]);
         }
         vec![Some(gx)]
     }
@@ -912,6 +977,62 @@ mod tests {
             let (gx, gx2) = (read(gx), read(gx2));
             assert!(gx.iter().all(|&b| !f32::from_bits(b).is_nan()));
             assert_eq!(gx, gx2, "{h}x{w} backward");
+        }
+    }
+
+    /// The window-at-a-time scan picks the general scan's maxima (ties, NaN, −∞, padding,
+    /// stride, dilation), and backward from forward's kept arg-maxes gives the bits of
+    /// backward by a new scan.
+    #[test]
+    fn window_scan_and_kept_argmaxes_equal_the_general_scan() {
+        let mut rng = crate::net::gradcheck::Rng::new(5);
+        for w in [
+            win([3, 3], [2, 2], [1, 1], [1, 1]),
+            win([3, 2], [1, 2], [1, 1], [1, 0]),
+            win([2, 2], [1, 1], [2, 2], [1, 1]),
+            win([3, 3], [3, 3], [1, 1], [1, 1]),
+            win([1, 1], [2, 2], [1, 1], [0, 0]),
+        ] {
+            let pool = MaxPool2d { window: w };
+            let (np, hw) = (6, [9, 8]);
+            let x: Vec<f64> = rng
+                .array(&[np * 9 * 8])
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % 13 {
+                    5 => f64::NAN,
+                    9 | 10 => f64::NEG_INFINITY,
+                    _ => (v * 3.0).round(),
+                })
+                .collect();
+            let mut general = Vec::new();
+            pool.scan(&x, np, hw, |o, i| general.push((o, i)));
+            let mut windows = Vec::new();
+            pool.scan_windows(&x, np, hw, |o, i| windows.push((o, i)));
+            assert_eq!(general, windows, "{w:?}");
+            let xa = Array::from_shape_vec((2, 3, 9, 8), x.clone())
+                .unwrap()
+                .into_dyn();
+            let mut saved = Saved::None;
+            let y = pool.forward(&[], &[xa.view()], &mut saved);
+            assert!(matches!(saved, Saved::Indices(_)));
+            let gy = y.mapv(|_| rng.next());
+            let run = |saved: &Saved<f64>| {
+                pool.backward(Backward {
+                    params: &[],
+                    inputs: &[xa.view()],
+                    output: y.view(),
+                    saved,
+                    grad_out: gy.view(),
+                    grad_params: vec![],
+                    need_input_grad: &[true],
+                })
+                .remove(0)
+                .unwrap()
+            };
+            let (kept, rescanned) = (run(&saved), run(&Saved::None));
+            let bits = |a: &ArrayD<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&kept), bits(&rescanned), "{w:?}");
         }
     }
 
