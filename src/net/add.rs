@@ -179,19 +179,9 @@ pub(crate) fn accumulate<T: Real>(acc: &mut ArrayD<T>, g: &ArrayD<T>) {
 /// vector.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use crate::net::simd::x86::mask;
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
-
-    /// The lanes below `n` (all for `n ≥ 16`).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn mask(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
 
     /// `ys = a + b` (with `RELU`, `s > 0 ? s : 0`: 0 for NaN and −0, as the ReLU layer).
     #[target_feature(enable = "avx512f")]

@@ -27,6 +27,7 @@ pub mod pool;
 pub mod registry;
 pub mod reshape;
 pub(crate) mod scratch;
+pub(crate) mod simd;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

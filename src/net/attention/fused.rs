@@ -169,6 +169,7 @@ struct KeyTiles<'a> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Cols, Dims, KeyTiles, L, width};
+    use crate::net::simd::x86::transpose16;
     use std::arch::x86_64::*;
 
     #[inline]
@@ -196,8 +197,8 @@ mod x86 {
     }
 
     /// `dst[l·16 + a] = src[a·16 + l]` for the `src.len() / 16` (≤ 16) rows a of a tile, the
-    /// other columns of `dst` zero: a 16×16 transpose in registers (unpacks within 128-bit
-    /// lanes, then two rounds of lane shuffles).
+    /// other columns of `dst` zero: a 16×16 transpose in registers
+    /// ([`crate::net::simd::x86::transpose16`]).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) fn transpose_tile(src: &[f32], dst: &mut [f32]) {
@@ -205,29 +206,9 @@ mod x86 {
         for (a, r) in r.iter_mut().enumerate().take(src.len() / L) {
             *r = ld(src, a * L);
         }
-        let mut t = [_mm512_setzero_ps(); L];
-        for p in 0..8 {
-            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
-            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
-        }
-        // u[4g + c], 128-bit lane q: column 4q + c of rows 4g..4g+4.
-        let mut u = [_mm512_setzero_ps(); L];
-        for g in 0..4 {
-            let b = 4 * g;
-            u[b] = _mm512_shuffle_ps::<0x44>(t[b], t[b + 2]);
-            u[b + 1] = _mm512_shuffle_ps::<0xEE>(t[b], t[b + 2]);
-            u[b + 2] = _mm512_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
-            u[b + 3] = _mm512_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
-        }
-        for c in 0..4 {
-            let v = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-            let w = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-            let v2 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
-            let w2 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
-            st(dst, c * L, _mm512_shuffle_f32x4::<0x88>(v, w));
-            st(dst, (8 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v, w));
-            st(dst, (4 + c) * L, _mm512_shuffle_f32x4::<0x88>(v2, w2));
-            st(dst, (12 + c) * L, _mm512_shuffle_f32x4::<0xDD>(v2, w2));
+        transpose16(&mut r);
+        for (k, r) in r.iter().enumerate() {
+            st(dst, k * L, *r);
         }
     }
 
