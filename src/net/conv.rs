@@ -287,16 +287,8 @@ fn scatter_add<T: Real>(frame: &mut [T], src: &[T], fr: &Frame, t: usize, simd: 
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use crate::net::simd::x86::mask;
     use std::arch::x86_64::*;
-
-    /// The mask of the first `min(left, 16)` lanes.
-    fn mask(left: usize) -> __mmask16 {
-        if left >= 16 {
-            0xFFFF
-        } else {
-            (1u16 << left) - 1
-        }
-    }
 
     /// # Safety
     /// AVX-512F; `idx.len() == dst.len()`, every index `< frame.len()`.

@@ -169,7 +169,7 @@ struct KeyTiles<'a> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Cols, Dims, KeyTiles, L, width};
-    use crate::net::simd::x86::transpose16;
+    use crate::net::simd::x86::{mask, transpose16};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -214,7 +214,8 @@ mod x86 {
 
     /// [`transpose_in`] (`dst[k·tp + i] = α·src[i·stride + k]` for i < t, k < d; lanes t..tp
     /// untouched) by 16×16 tiles transposed in registers: a tile's rows are read with masked
-    /// loads (`min(16, d − k0)` values each), scaled, transposed through [`transpose_tile`],
+    /// loads (`min(16, d − k0)` values each) into registers, scaled, transposed there
+    /// ([`crate::net::simd::x86::transpose16`]),
     /// and its columns written with masked stores (`min(16, t − i0)` lanes). The same
     /// products `α·v`, so the same bits as the scalar loop, which wrote one value at a time
     /// with a stride of `tp` (a sixth of the fused backward's samples at C = 128).
@@ -234,28 +235,25 @@ mod x86 {
         let tp = dst.len() / d;
         assert!(t <= tp && (t - 1) * stride + d <= src.len());
         let a = _mm512_set1_ps(alpha);
-        let (mut tile, mut out) = ([0.0f32; L * L], [0.0f32; L * L]);
         for i0 in (0..t).step_by(L) {
             let rows = (t - i0).min(L);
-            let row_mask: __mmask16 = if rows == L {
-                0xffff
-            } else {
-                (1u16 << rows) - 1
-            };
+            let row_mask = mask(rows);
             for k0 in (0..d).step_by(L) {
                 let w = (d - k0).min(L);
-                let col_mask: __mmask16 = if w == L { 0xffff } else { (1u16 << w) - 1 };
-                for r in 0..rows {
-                    let row = &src[(i0 + r) * stride + k0..(i0 + r) * stride + k0 + w];
+                let col_mask = mask(w);
+                // The tile's rows (the rest zero), scaled, then transposed in registers.
+                let mut r = [_mm512_setzero_ps(); L];
+                for (i, r) in r.iter_mut().enumerate().take(rows) {
+                    let row = &src[(i0 + i) * stride + k0..(i0 + i) * stride + k0 + w];
                     // SAFETY: `row` holds the w values the mask reads.
                     let v = unsafe { _mm512_maskz_loadu_ps(col_mask, row.as_ptr()) };
-                    st(&mut tile, r * L, _mm512_mul_ps(v, a));
+                    *r = _mm512_mul_ps(v, a);
                 }
-                transpose_tile(&tile[..rows * L], &mut out);
-                for l in 0..w {
+                transpose16(&mut r);
+                for (l, r) in r.iter().enumerate().take(w) {
                     let col = &mut dst[(k0 + l) * tp + i0..(k0 + l) * tp + i0 + rows];
                     // SAFETY: `col` holds the `rows` values the mask writes.
-                    unsafe { _mm512_mask_storeu_ps(col.as_mut_ptr(), row_mask, ld(&out, l * L)) };
+                    unsafe { _mm512_mask_storeu_ps(col.as_mut_ptr(), row_mask, *r) };
                 }
             }
         }
