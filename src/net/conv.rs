@@ -29,6 +29,7 @@
 
 use super::conv_small;
 use super::conv3x3;
+use super::winograd;
 use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
@@ -657,6 +658,9 @@ impl Conv2d {
         ys: &mut [std::mem::MaybeUninit<f32>],
     ) {
         let bias = self.bias.then(|| params[1]);
+        if winograd::fits(&sh) {
+            return winograd::forward(xs, params[0], bias, sh, ys);
+        }
         conv3x3::with_buffers(|bufs| conv3x3::forward(xs, params[0], bias, sh, bufs, ys));
     }
 
@@ -690,6 +694,13 @@ impl Conv2d {
             unsafe {
                 super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
                     let gx32 = f32_uninit(gx).expect("T is f32");
+                    if winograd::fits(&sh) {
+                        conv3x3::with_buffers(|bufs| {
+                            conv3x3::backward(x32, w32, gy32, sh, bufs, gw, None)
+                        });
+                        winograd::input_grad(gy32, w32, sh, gx32);
+                        return;
+                    }
                     conv3x3::with_buffers(|bufs| {
                         conv3x3::backward(x32, w32, gy32, sh, bufs, gw, Some(gx32))
                     });

@@ -17,6 +17,7 @@ pub mod batch_norm;
 pub mod conv;
 pub(crate) mod conv3x3;
 pub(crate) mod conv_small;
+pub(crate) mod winograd;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm;
