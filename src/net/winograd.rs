@@ -45,6 +45,8 @@ const NV: usize = 6;
 const BLOCK_TARGET: usize = 256 * 1024;
 /// Fewest input and output channels taken (see the module's documentation).
 const MIN_CHANNELS: usize = 8;
+/// Extra values between the planes `ξ` of the transformed inputs and of the products.
+const PAD: usize = 16;
 
 /// Whether a call of shape `sh` takes the Winograd path (the rule in the module's
 /// documentation; also needs AVX-512F).
@@ -171,19 +173,22 @@ fn run(
         for s0 in (0..batch).step_by(nb) {
             let n = nb.min(batch - s0);
             let t = n * p;
-            let v = grow(&mut bufs.v, 16 * cin * t);
+            // Planes ξ are `PAD` values more than a multiple of 4 KiB apart (else the 16 loads
+            // or stores of a tile's transform map to one L1 set).
+            let (vs, ms) = (cin * t + PAD, coutr * t + PAD);
+            let v = grow(&mut bufs.v, 16 * vs);
             let xs = &x[s0 * cin * h * w..][..n * cin * h * w];
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512F is available (`fits` checked it); the kernel indexes slices.
             unsafe {
-                avx512::input_transform(xs, cin, h, w, n, v)
+                avx512::input_transform(xs, cin, h, w, n, vs, v)
             };
-            let m = grow(&mut bufs.m, 16 * coutr * t);
+            let m = grow(&mut bufs.m, 16 * ms);
             for xi in 0..16 {
                 for ob in 0..nob {
                     let ua = &u[(xi * nob + ob) * cin * MR..][..cin * MR];
-                    let va = &v[xi * cin * t..][..cin * t];
-                    let ma = &mut m[(xi * coutr + ob * MR) * t..][..MR * t];
+                    let va = &v[xi * vs..][..cin * t];
+                    let ma = &mut m[xi * ms + ob * MR * t..][..MR * t];
                     products(ua, va, cin, t, ma);
                 }
             }
@@ -191,7 +196,7 @@ fn run(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX-512F is available (`fits` checked it); the kernel indexes slices.
             unsafe {
-                avx512::output_transform(m, cout, coutr, bias, h, w, n, ys)
+                avx512::output_transform(m, ms, cout, bias, h, w, n, ys)
             };
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (xs, ys, m);
@@ -294,8 +299,9 @@ mod avx512 {
         }
     }
 
-    /// `v[ξ][c][t] = (Bᵀ·d·B)[ξ]` for every tile `t` (sample-major, then tile row and column) of
-    /// the `n` samples of `x` (`[n][cin][h][w]`) and every channel `c`.
+    /// `v[ξ·vs + c·t + q] = (Bᵀ·d·B)[ξ]` for every tile `q` (sample-major, then tile row and
+    /// column; `t` tiles in all) of the `n` samples of `x` (`[n][cin][h][w]`) and every
+    /// channel `c`.
     ///
     /// # Safety
     /// AVX-512F; the shape fits (`super::fits`).
@@ -306,11 +312,12 @@ mod avx512 {
         h: usize,
         w: usize,
         n: usize,
+        vs: usize,
         v: &mut [f32],
     ) {
         let (g, p) = (32 / w, (h / 2) * (w / 2));
         let t = n * p;
-        assert!(x.len() >= n * cin * h * w && v.len() >= 16 * cin * t);
+        assert!(x.len() >= n * cin * h * w && vs >= cin * t && v.len() >= 15 * vs + cin * t);
         let zero = [0.0f32; 32];
         let (idx, msk) = column_picks(w);
         let idx: [__m512i; 4] =
@@ -346,8 +353,8 @@ mod avx512 {
                         ];
                         for (i, val) in vals.into_iter().enumerate() {
                             let xi = 4 * i + k;
-                            // SAFETY: `(ξ·cin + c)·t + base + 16 ≤ 16·cin·t` (asserted).
-                            unsafe { _mm512_storeu_ps(vp.add((xi * cin + c) * t + base), val) };
+                            // SAFETY: `ξ·vs + c·t + base + 16 ≤ 15·vs + cin·t` (asserted).
+                            unsafe { _mm512_storeu_ps(vp.add(xi * vs + c * t + base), val) };
                         }
                     }
                 }
@@ -393,7 +400,7 @@ mod avx512 {
     }
 
     /// `y[j][o] = Aᵀ·M·A (+ bias[o])` for every tile of the `n` samples, from the products
-    /// `m[ξ][o][t]` (`coutr` rows per ξ), into `y` (`[n][cout][h][w]`, every value written).
+    /// `m[ξ·ms + o·t + q]`, into `y` (`[n][cout][h][w]`, every value written).
     ///
     /// # Safety
     /// AVX-512F; the shape fits (`super::fits`).
@@ -401,8 +408,8 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn output_transform(
         m: &[f32],
+        ms: usize,
         cout: usize,
-        coutr: usize,
         bias: Option<&[f32]>,
         h: usize,
         w: usize,
@@ -411,7 +418,7 @@ mod avx512 {
     ) {
         let (g, p) = (32 / w, (h / 2) * (w / 2));
         let t = n * p;
-        assert!(m.len() >= 16 * coutr * t && y.len() >= n * cout * h * w);
+        assert!(ms >= cout * t && m.len() >= 15 * ms + cout * t && y.len() >= n * cout * h * w);
         // Interleave the even (first source) and odd (second) columns of 8 tiles.
         let lo: [i32; 16] = std::array::from_fn(|l| (l / 2 + 16 * (l % 2)) as i32);
         let hi: [i32; 16] = std::array::from_fn(|l| (8 + l / 2 + 16 * (l % 2)) as i32);
@@ -434,9 +441,9 @@ mod avx512 {
                     let mut a = [_mm512_setzero_ps(); 4];
                     let mut bb = [_mm512_setzero_ps(); 4];
                     for i in 0..4 {
-                        // SAFETY: `(ξ·coutr + o)·t + base + 16 ≤ 16·coutr·t` (asserted).
+                        // SAFETY: `ξ·ms + o·t + base + 16 ≤ 15·ms + cout·t` (asserted).
                         let mv: [__m512; 4] = std::array::from_fn(|k| unsafe {
-                            _mm512_loadu_ps(mp.add(((4 * i + k) * coutr + o) * t + base))
+                            _mm512_loadu_ps(mp.add((4 * i + k) * ms + o * t + base))
                         });
                         a[i] = _mm512_add_ps(_mm512_add_ps(mv[0], mv[1]), mv[2]);
                         bb[i] = _mm512_sub_ps(_mm512_sub_ps(mv[1], mv[2]), mv[3]);
