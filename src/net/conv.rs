@@ -688,19 +688,26 @@ impl Conv2d {
             }
         }
         let gw = f32_slice_mut(gp[0]).expect("T is f32");
+        if winograd::fits(&sh) {
+            winograd::weight_grad(x32, gy32, sh, gw);
+            let gx = need_x.then(|| {
+                let shape = [sh.batch, sh.cin, sh.h, sh.w];
+                // SAFETY: `winograd::input_grad` writes every value of the input gradient.
+                unsafe {
+                    super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
+                        let gx32 = f32_uninit(gx).expect("T is f32");
+                        winograd::input_grad(gy32, w32, sh, gx32);
+                    })
+                }
+            });
+            return vec![gx];
+        }
         let gx = need_x.then(|| {
             let shape = [sh.batch, sh.cin, sh.h, sh.w];
             // SAFETY: `conv3x3::backward` writes every value of the input gradient.
             unsafe {
                 super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
                     let gx32 = f32_uninit(gx).expect("T is f32");
-                    if winograd::fits(&sh) {
-                        conv3x3::with_buffers(|bufs| {
-                            conv3x3::backward(x32, w32, gy32, sh, bufs, gw, None)
-                        });
-                        winograd::input_grad(gy32, w32, sh, gx32);
-                        return;
-                    }
                     conv3x3::with_buffers(|bufs| {
                         conv3x3::backward(x32, w32, gy32, sh, bufs, gw, Some(gx32))
                     });

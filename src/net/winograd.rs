@@ -149,6 +149,104 @@ pub(crate) fn input_grad(gy: &[f32], w: &[f32], sh: Shape, gx: &mut [MaybeUninit
     run(gy, cout, cin, &u, None, back, gx);
 }
 
+/// Adds the weight gradient `gw[o][i][t] += Σ_s Σ_p gy[s][o][p]·x[s][i][p + offset(t)]` (the
+/// forward call's shape `sh`, which must [`fits`]) into `gw` (`[cout, cin, 3, 3]`), as
+/// `Gᵀ·dU·G` with `dU_ξ = Σ_tiles (A·dY·Aᵀ)_ξ·(Bᵀ·d·B)_ξ`: per block of samples 16 products
+/// over the tiles (16 lanes of partial sums per pair of channels, added up at the end of the
+/// block into f64 totals), the fixed order of every sum given by the shape.
+pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
+    assert!(fits(&sh), "winograd: shape {sh:?} does not fit");
+    let (cin, cout, h, w, batch) = (sh.cin, sh.cout, sh.h, sh.w, sh.batch);
+    assert!(x.len() >= batch * cin * h * w && gy.len() >= batch * cout * h * w);
+    assert!(gw.len() >= cout * cin * 9);
+    let p = (h / 2) * (w / 2);
+    let nob = cout.div_ceil(MR);
+    let coutr = nob * MR;
+    let nb = (BLOCK_TARGET / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
+    // dU[ξ][o][i] in f64.
+    let mut du = vec![0.0f64; 16 * cout * cin];
+    with_buffers(|bufs| {
+        for s0 in (0..batch).step_by(nb) {
+            let n = nb.min(batch - s0);
+            let t = n * p;
+            let (vs, ms) = (cin * t + PAD, coutr * t + PAD);
+            let v = grow(&mut bufs.v, 16 * vs);
+            let d = grow(&mut bufs.m, 16 * ms);
+            let xs = &x[s0 * cin * h * w..][..n * cin * h * w];
+            let gys = &gy[s0 * cout * h * w..][..n * cout * h * w];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F is available (`fits` checked it); the kernels index slices.
+            unsafe {
+                avx512::input_transform(xs, cin, h, w, n, vs, v);
+                avx512::grad_transform(gys, cout, h, w, n, ms, d);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (xs, gys);
+            for xi in 0..16 {
+                for ob in 0..nob {
+                    let da = &d[xi * ms + ob * MR * t..][..MR * t];
+                    let mut i0 = 0;
+                    while i0 < cin {
+                        let nc = (cin - i0).min(NV);
+                        let va = &v[xi * vs + i0 * t..][..nc * t];
+                        let sums = weight_products(da, va, nc, t);
+                        for (r, row) in sums.iter().enumerate() {
+                            let o = ob * MR + r;
+                            if o >= cout {
+                                break;
+                            }
+                            let dst = &mut du[(xi * cout + o) * cin + i0..][..nc];
+                            for (dst, &s) in dst.iter_mut().zip(row) {
+                                *dst += f64::from(s);
+                            }
+                        }
+                        i0 += nc;
+                    }
+                }
+            }
+        }
+    });
+    // gw += Gᵀ·dU·G, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
+    let gt = |a: [f64; 4]| [a[0] + 0.5 * (a[1] + a[2]), 0.5 * (a[1] - a[2]), 0.5 * (a[1] + a[2]) + a[3]];
+    for o in 0..cout {
+        for i in 0..cin {
+            let u: [f64; 16] = std::array::from_fn(|xi| du[(xi * cout + o) * cin + i]);
+            // Columns first: for each row r of dU, (dU_r·G) = Gᵀ applied to the row.
+            let rows: [[f64; 3]; 4] = std::array::from_fn(|r| gt([u[4 * r], u[4 * r + 1], u[4 * r + 2], u[4 * r + 3]]));
+            for b in 0..3 {
+                let col = gt([rows[0][b], rows[1][b], rows[2][b], rows[3][b]]);
+                for (a, &val) in col.iter().enumerate() {
+                    let g = &mut gw[(o * cin + i) * 9 + 3 * a + b];
+                    *g = (f64::from(*g) + val) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// `sums[r][c] = Σ_{q < t} d[r·t + q]·v[c·t + q]` for `r < MR`, `c < nc ≤ NV`, in 16 lanes
+/// of `q` added up at the end (the same order for the same `t`).
+fn weight_products(d: &[f32], v: &[f32], nc: usize, t: usize) -> [[f32; NV]; MR] {
+    assert!(d.len() >= MR * t && v.len() >= nc * t && (1..=NV).contains(&nc));
+    assert_eq!(t % 16, 0);
+    let mut sums = [[0.0f32; NV]; MR];
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F (checked by `fits`); the kernel reads `d[r·t + q]` and `v[c·t + q]`
+    // for `q < t`, `r < MR`, `c < nc`: in bounds (asserted).
+    unsafe {
+        let (dp, vp) = (d.as_ptr(), v.as_ptr());
+        match nc {
+            6 => avx512::wtile::<6>(dp, vp, t, &mut sums),
+            5 => avx512::wtile::<5>(dp, vp, t, &mut sums),
+            4 => avx512::wtile::<4>(dp, vp, t, &mut sums),
+            3 => avx512::wtile::<3>(dp, vp, t, &mut sums),
+            2 => avx512::wtile::<2>(dp, vp, t, &mut sums),
+            _ => avx512::wtile::<1>(dp, vp, t, &mut sums),
+        }
+    }
+    sums
+}
+
 /// The convolution of `x` (`cin` channels) with the transformed weights `u` into `y`.
 fn run(
     x: &[f32],
@@ -399,6 +497,106 @@ mod avx512 {
         }
     }
 
+    /// `d[ξ·ms + o·t + q] = (A·dY·Aᵀ)[ξ]` (`A = [[1, 0], [1, 1], [1, −1], [0, −1]]`, `dY` the
+    /// tile's 2×2 output gradients) for every tile `q` of the `n` samples of `gy`
+    /// (`[n][cout][h][w]`) and every channel `o`.
+    ///
+    /// # Safety
+    /// AVX-512F; the shape fits (`super::fits`).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn grad_transform(
+        gy: &[f32],
+        cout: usize,
+        h: usize,
+        w: usize,
+        n: usize,
+        ms: usize,
+        d: &mut [f32],
+    ) {
+        let (g, p) = (32 / w, (h / 2) * (w / 2));
+        let t = n * p;
+        assert!(gy.len() >= n * cout * h * w && ms >= cout * t && d.len() >= 15 * ms + cout * t);
+        let zero = [0.0f32; 32];
+        // Lane (s, tx) takes column 2·tx (even) or 2·tx + 1 (odd) of its sub-row's row.
+        let even: [i32; 16] = std::array::from_fn(|l| ((l / (w / 2)) * w + 2 * (l % (w / 2))) as i32);
+        // SAFETY: 16 i32.
+        let even = unsafe { _mm512_loadu_si512(even.as_ptr().cast()) };
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let z = _mm512_setzero_ps();
+        let dp = d.as_mut_ptr();
+        for j in 0..n {
+            for o in 0..cout {
+                let plane = gy[(j * cout + o) * h * w..][..h * w].as_ptr();
+                for vi in 0..p / 16 {
+                    let r0 = 2 * (vi * g) as isize;
+                    // dY[a][b] for the 16 tiles.
+                    let dy: [[__m512; 2]; 2] = std::array::from_fn(|a| {
+                        // SAFETY: `plane` holds the `h × w` plane.
+                        let [x0, x1] = unsafe { rows(plane, h, w, r0 + a as isize, &zero) };
+                        [
+                            _mm512_permutex2var_ps(x0, even, x1),
+                            _mm512_permutex2var_ps(x0, odd, x1),
+                        ]
+                    });
+                    // Rows: A·dY.
+                    let rt: [[__m512; 2]; 4] = std::array::from_fn(|b| match b {
+                        0 => dy[0],
+                        1 => [_mm512_add_ps(dy[0][0], dy[1][0]), _mm512_add_ps(dy[0][1], dy[1][1])],
+                        2 => [_mm512_sub_ps(dy[0][0], dy[1][0]), _mm512_sub_ps(dy[0][1], dy[1][1])],
+                        _ => [_mm512_sub_ps(z, dy[1][0]), _mm512_sub_ps(z, dy[1][1])],
+                    });
+                    let base = j * p + vi * 16;
+                    for (i, [c0, c1]) in rt.into_iter().enumerate() {
+                        let vals = [
+                            c0,
+                            _mm512_add_ps(c0, c1),
+                            _mm512_sub_ps(c0, c1),
+                            _mm512_sub_ps(z, c1),
+                        ];
+                        for (k, val) in vals.into_iter().enumerate() {
+                            // SAFETY: `ξ·ms + o·t + base + 16 ≤ 15·ms + cout·t` (asserted).
+                            unsafe { _mm512_storeu_ps(dp.add((4 * i + k) * ms + o * t + base), val) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `sums[r][c] = Σ_{q < t} d[r·t + q]·v[c·t + q]` for `r < MR`, `c < NC`, in 16 lanes of
+    /// `q` (in order of `q`), then the lanes added up.
+    ///
+    /// # Safety
+    /// AVX-512F; `d` valid for `r·t + q` reads, `v` for `c·t + q` (`q < t`, `t` a multiple of
+    /// 16).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn wtile<const NC: usize>(
+        d: *const f32,
+        v: *const f32,
+        t: usize,
+        sums: &mut [[f32; super::NV]; MR],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NC]; MR];
+        for q in (0..t).step_by(16) {
+            // SAFETY: within the bounds the caller guarantees.
+            unsafe {
+                let vv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(v.add(c * t + q)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let dv = _mm512_loadu_ps(d.add(r * t + q));
+                    for (a, vv) in acc.iter_mut().zip(&vv) {
+                        *a = _mm512_fmadd_ps(dv, *vv, *a);
+                    }
+                }
+            }
+        }
+        for (s, acc) in sums.iter_mut().zip(&acc) {
+            for (s, a) in s.iter_mut().zip(acc) {
+                *s = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+
     /// `y[j][o] = Aᵀ·M·A (+ bias[o])` for every tile of the `n` samples, from the products
     /// `m[ξ·ms + o·t + q]`, into `y` (`[n][cout][h][w]`, every value written).
     ///
@@ -602,6 +800,35 @@ mod tests {
             let gx: Vec<f32> = gx.iter().map(|v| unsafe { v.assume_init() }).collect();
             let e = max_rel(&gx, &want);
             assert!(e < 1e-6, "{what}: input gradient {e}");
+
+            // The weight gradient, added to what is there.
+            let mut want = vec![0.0f64; cout * cin * 9];
+            for s in 0..batch {
+                for o in 0..cout {
+                    for i in 0..cin {
+                        for t in 0..9 {
+                            let (ki, kj) = (t / 3, t % 3);
+                            let mut acc = 0.0;
+                            for r in 0..h {
+                                for col in 0..w {
+                                    let (rr, cc) = (r + ki, col + kj);
+                                    if rr < 1 || cc < 1 || rr > h || cc > w {
+                                        continue;
+                                    }
+                                    acc += gy[((s * cout + o) * h + r) * w + col]
+                                        * x[((s * cin + i) * h + rr - 1) * w + cc - 1];
+                                }
+                            }
+                            want[(o * cin + i) * 9 + t] += acc;
+                        }
+                    }
+                }
+            }
+            let mut gw = vec![1.0f32; cout * cin * 9];
+            weight_grad(&x32, &gy32, sh, &mut gw);
+            let gw: Vec<f32> = gw.iter().map(|v| v - 1.0).collect();
+            let e = max_rel(&gw, &want);
+            assert!(e < 1e-5, "{what}: weight gradient {e}");
         }
     }
 
