@@ -29,10 +29,10 @@
 
 use super::conv_small;
 use super::conv3x3;
-use super::winograd;
 use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
+use super::winograd;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};

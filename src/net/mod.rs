@@ -17,7 +17,6 @@ pub mod batch_norm;
 pub mod conv;
 pub(crate) mod conv3x3;
 pub(crate) mod conv_small;
-pub(crate) mod winograd;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm;
@@ -29,6 +28,7 @@ pub mod registry;
 pub mod reshape;
 pub(crate) mod scratch;
 pub(crate) mod simd;
+pub(crate) mod winograd;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

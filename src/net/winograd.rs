@@ -54,8 +54,8 @@ pub(crate) fn fits(sh: &Shape) -> bool {
     sh.stride == 1
         && matches!(sh.w, 8 | 16 | 32)
         && sh.h >= 2
-        && sh.h % 2 == 0
-        && (sh.h / 2) % (32 / sh.w) == 0
+        && sh.h.is_multiple_of(2)
+        && (sh.h / 2).is_multiple_of(32 / sh.w)
         && sh.cin >= MIN_CHANNELS
         && sh.cout >= MIN_CHANNELS
         && conv3x3::available()
@@ -89,7 +89,11 @@ fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 /// `U_ξ = G·g·Gᵀ` of every (output, input) channel pair, computed in f64, packed as
 /// `u[ξ][o / MR][i][o % MR]` (output channels rounded up to `MR` with zeros); `tap(o, i, t)`
 /// is the 3×3 kernel's tap `t = 3·ki + kj`.
-fn transform_weights(cout: usize, cin: usize, tap: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+fn transform_weights(
+    cout: usize,
+    cin: usize,
+    tap: impl Fn(usize, usize, usize) -> f32,
+) -> Vec<f32> {
     let nob = cout.div_ceil(MR);
     let mut u = vec![0.0f32; 16 * nob * MR * cin];
     for o in 0..cout {
@@ -207,12 +211,19 @@ pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
         }
     });
     // gw += Gᵀ·dU·G, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
-    let gt = |a: [f64; 4]| [a[0] + 0.5 * (a[1] + a[2]), 0.5 * (a[1] - a[2]), 0.5 * (a[1] + a[2]) + a[3]];
+    let gt = |a: [f64; 4]| {
+        [
+            a[0] + 0.5 * (a[1] + a[2]),
+            0.5 * (a[1] - a[2]),
+            0.5 * (a[1] + a[2]) + a[3],
+        ]
+    };
     for o in 0..cout {
         for i in 0..cin {
             let u: [f64; 16] = std::array::from_fn(|xi| du[(xi * cout + o) * cin + i]);
             // Columns first: for each row r of dU, (dU_r·G) = Gᵀ applied to the row.
-            let rows: [[f64; 3]; 4] = std::array::from_fn(|r| gt([u[4 * r], u[4 * r + 1], u[4 * r + 2], u[4 * r + 3]]));
+            let rows: [[f64; 3]; 4] =
+                std::array::from_fn(|r| gt([u[4 * r], u[4 * r + 1], u[4 * r + 2], u[4 * r + 3]]));
             for b in 0..3 {
                 let col = gt([rows[0][b], rows[1][b], rows[2][b], rows[3][b]]);
                 for (a, &val) in col.iter().enumerate() {
@@ -347,14 +358,14 @@ mod avx512 {
         let tw = w / 2;
         let mut idx = [[0i32; 16]; 4];
         let mut msk = [0u16; 4];
-        for k in 0..4 {
-            for lane in 0..16 {
+        for (k, (idx, msk)) in idx.iter_mut().zip(&mut msk).enumerate() {
+            for (lane, idx) in idx.iter_mut().enumerate() {
                 let (s, tx) = (lane / tw, lane % tw);
                 // Padded column 2·tx + k is input column 2·tx + k − 1.
                 let col = 2 * tx + k;
                 if col >= 1 && col - 1 < w {
-                    idx[k][lane] = (s * w + col - 1) as i32;
-                    msk[k] |= 1 << lane;
+                    *idx = (s * w + col - 1) as i32;
+                    *msk |= 1 << lane;
                 }
             }
         }
@@ -431,9 +442,10 @@ mod avx512 {
                     for (i, rt) in rt.iter_mut().enumerate() {
                         // SAFETY: `plane` holds the `h × w` plane.
                         let [a, b] = unsafe { rows(plane, h, w, r0 + i as isize, &zero) };
-                        let d: [__m512; 4] = std::array::from_fn(|k| {
-                            _mm512_maskz_permutex2var_ps(msk[k], a, idx[k], b)
-                        });
+                        let mut d = [_mm512_setzero_ps(); 4];
+                        for (k, d) in d.iter_mut().enumerate() {
+                            *d = _mm512_maskz_permutex2var_ps(msk[k], a, idx[k], b);
+                        }
                         *rt = [
                             _mm512_sub_ps(d[0], d[2]),
                             _mm512_add_ps(d[1], d[2]),
@@ -442,6 +454,7 @@ mod avx512 {
                         ];
                     }
                     let base = j * p + vi * 16;
+                    #[allow(clippy::needless_range_loop)]
                     for k in 0..4 {
                         let vals = [
                             _mm512_sub_ps(rt[0][k], rt[2][k]),
@@ -479,7 +492,10 @@ mod avx512 {
             // SAFETY: within the bounds the caller guarantees.
             unsafe {
                 let src = v.add(c * t);
-                let xv: [__m512; NV] = std::array::from_fn(|k| _mm512_loadu_ps(src.add(16 * k)));
+                let mut xv = [_mm512_setzero_ps(); NV];
+                for (k, xv) in xv.iter_mut().enumerate() {
+                    *xv = _mm512_loadu_ps(src.add(16 * k));
+                }
                 let up = u.add(c * MR);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let wv = _mm512_set1_ps(*up.add(r));
@@ -519,7 +535,8 @@ mod avx512 {
         assert!(gy.len() >= n * cout * h * w && ms >= cout * t && d.len() >= 15 * ms + cout * t);
         let zero = [0.0f32; 32];
         // Lane (s, tx) takes column 2·tx (even) or 2·tx + 1 (odd) of its sub-row's row.
-        let even: [i32; 16] = std::array::from_fn(|l| ((l / (w / 2)) * w + 2 * (l % (w / 2))) as i32);
+        let even: [i32; 16] =
+            std::array::from_fn(|l| ((l / (w / 2)) * w + 2 * (l % (w / 2))) as i32);
         // SAFETY: 16 i32.
         let even = unsafe { _mm512_loadu_si512(even.as_ptr().cast()) };
         let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -531,21 +548,28 @@ mod avx512 {
                 for vi in 0..p / 16 {
                     let r0 = 2 * (vi * g) as isize;
                     // dY[a][b] for the 16 tiles.
-                    let dy: [[__m512; 2]; 2] = std::array::from_fn(|a| {
+                    let mut dy = [[z; 2]; 2];
+                    for (a, dy) in dy.iter_mut().enumerate() {
                         // SAFETY: `plane` holds the `h × w` plane.
                         let [x0, x1] = unsafe { rows(plane, h, w, r0 + a as isize, &zero) };
-                        [
+                        *dy = [
                             _mm512_permutex2var_ps(x0, even, x1),
                             _mm512_permutex2var_ps(x0, odd, x1),
-                        ]
-                    });
+                        ];
+                    }
                     // Rows: A·dY.
-                    let rt: [[__m512; 2]; 4] = std::array::from_fn(|b| match b {
-                        0 => dy[0],
-                        1 => [_mm512_add_ps(dy[0][0], dy[1][0]), _mm512_add_ps(dy[0][1], dy[1][1])],
-                        2 => [_mm512_sub_ps(dy[0][0], dy[1][0]), _mm512_sub_ps(dy[0][1], dy[1][1])],
-                        _ => [_mm512_sub_ps(z, dy[1][0]), _mm512_sub_ps(z, dy[1][1])],
-                    });
+                    let rt = [
+                        dy[0],
+                        [
+                            _mm512_add_ps(dy[0][0], dy[1][0]),
+                            _mm512_add_ps(dy[0][1], dy[1][1]),
+                        ],
+                        [
+                            _mm512_sub_ps(dy[0][0], dy[1][0]),
+                            _mm512_sub_ps(dy[0][1], dy[1][1]),
+                        ],
+                        [_mm512_sub_ps(z, dy[1][0]), _mm512_sub_ps(z, dy[1][1])],
+                    ];
                     let base = j * p + vi * 16;
                     for (i, [c0, c1]) in rt.into_iter().enumerate() {
                         let vals = [
@@ -556,7 +580,9 @@ mod avx512 {
                         ];
                         for (k, val) in vals.into_iter().enumerate() {
                             // SAFETY: `ξ·ms + o·t + base + 16 ≤ 15·ms + cout·t` (asserted).
-                            unsafe { _mm512_storeu_ps(dp.add((4 * i + k) * ms + o * t + base), val) };
+                            unsafe {
+                                _mm512_storeu_ps(dp.add((4 * i + k) * ms + o * t + base), val)
+                            };
                         }
                     }
                 }
@@ -581,7 +607,10 @@ mod avx512 {
         for q in (0..t).step_by(16) {
             // SAFETY: within the bounds the caller guarantees.
             unsafe {
-                let vv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(v.add(c * t + q)));
+                let mut vv = [_mm512_setzero_ps(); NC];
+                for (c, vv) in vv.iter_mut().enumerate() {
+                    *vv = _mm512_loadu_ps(v.add(c * t + q));
+                }
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let dv = _mm512_loadu_ps(d.add(r * t + q));
                     for (a, vv) in acc.iter_mut().zip(&vv) {
@@ -590,11 +619,67 @@ mod avx512 {
                 }
             }
         }
-        for (s, acc) in sums.iter_mut().zip(&acc) {
-            for (s, a) in s.iter_mut().zip(acc) {
-                *s = _mm512_reduce_add_ps(*a);
+        // The lanes added up 16 accumulators at a time (`acc[r][4·g + j]` for r, j < 4).
+        for g in 0..NC.div_ceil(4) {
+            let mut a = [_mm512_setzero_ps(); 16];
+            for (k, a) in a.iter_mut().enumerate() {
+                let (r, c) = (k / 4, 4 * g + k % 4);
+                if c < NC {
+                    *a = acc[r][c];
+                }
+            }
+            let mut e = [0.0f32; 16];
+            // SAFETY: `e` is 16 f32.
+            unsafe { _mm512_storeu_ps(e.as_mut_ptr(), reduce16(&a)) };
+            for k in 0..16 {
+                let (r, c) = (k / 4, 4 * g + k % 4);
+                if c < NC {
+                    sums[r][c] = e[4 * (k % 4) + k / 4];
+                }
             }
         }
+    }
+
+    /// The sums of the lanes of 16 vectors: lane `4·j + m` of the result is the sum of
+    /// `a[4·m + j]`'s lanes (a transposing tree of 15 additions, one fixed order).
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
+        // Halves: low 256 bits a[2i]'s 8 partial sums, high a[2i + 1]'s.
+        let mut b = [_mm512_setzero_ps(); 8];
+        for (i, b) in b.iter_mut().enumerate() {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            *b = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x, y),
+                _mm512_shuffle_f32x4::<0xEE>(x, y),
+            );
+        }
+        // Quarter j of c[i]: a[4i + j]'s 4 partial sums.
+        let mut c = [_mm512_setzero_ps(); 4];
+        for (i, c) in c.iter_mut().enumerate() {
+            let (x, y) = (b[2 * i], b[2 * i + 1]);
+            *c = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(x, y),
+                _mm512_shuffle_f32x4::<0xDD>(x, y),
+            );
+        }
+        // Quarter j of d[i]: two partial sums of a[8i + j], two of a[8i + 4 + j].
+        let mut d = [_mm512_setzero_ps(); 2];
+        for (i, d) in d.iter_mut().enumerate() {
+            let (x, y) = (c[2 * i], c[2 * i + 1]);
+            *d = _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(x, y),
+                _mm512_shuffle_ps::<0xEE>(x, y),
+            );
+        }
+        let (x, y) = (d[0], d[1]);
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(x, y),
+            _mm512_shuffle_ps::<0xDD>(x, y),
+        )
     }
 
     /// `y[j][o] = Aᵀ·M·A (+ bias[o])` for every tile of the `n` samples, from the products
@@ -639,10 +724,12 @@ mod avx512 {
                     let mut a = [_mm512_setzero_ps(); 4];
                     let mut bb = [_mm512_setzero_ps(); 4];
                     for i in 0..4 {
-                        // SAFETY: `ξ·ms + o·t + base + 16 ≤ 15·ms + cout·t` (asserted).
-                        let mv: [__m512; 4] = std::array::from_fn(|k| unsafe {
-                            _mm512_loadu_ps(mp.add((4 * i + k) * ms + o * t + base))
-                        });
+                        let mut mv = [_mm512_setzero_ps(); 4];
+                        for (k, mv) in mv.iter_mut().enumerate() {
+                            // SAFETY: `ξ·ms + o·t + base + 16 ≤ 15·ms + cout·t` (asserted).
+                            *mv =
+                                unsafe { _mm512_loadu_ps(mp.add((4 * i + k) * ms + o * t + base)) };
+                        }
                         a[i] = _mm512_add_ps(_mm512_add_ps(mv[0], mv[1]), mv[2]);
                         bb[i] = _mm512_sub_ps(_mm512_sub_ps(mv[1], mv[2]), mv[3]);
                     }
@@ -700,7 +787,15 @@ mod tests {
     use crate::net::gradcheck::Rng;
 
     /// The direct 3×3 convolution in f64 (padding 1, stride 1): `y[s][o][p] = Σ w·x`.
-    fn direct(x: &[f64], w: &[f64], n: usize, cin: usize, cout: usize, h: usize, wd: usize) -> Vec<f64> {
+    fn direct(
+        x: &[f64],
+        w: &[f64],
+        n: usize,
+        cin: usize,
+        cout: usize,
+        h: usize,
+        wd: usize,
+    ) -> Vec<f64> {
         let mut y = vec![0.0; n * cout * h * wd];
         for s in 0..n {
             for o in 0..cout {
@@ -765,9 +860,15 @@ mod tests {
             };
             assert!(fits(&sh), "{sh:?}");
             let mut rng = Rng::new((cin * 100 + cout * 7 + h) as u64);
-            let x: Vec<f64> = rng.array(&[batch * cin * h * w]).into_raw_vec_and_offset().0;
+            let x: Vec<f64> = rng
+                .array(&[batch * cin * h * w])
+                .into_raw_vec_and_offset()
+                .0;
             let wt: Vec<f64> = rng.array(&[cout * cin * 9]).into_raw_vec_and_offset().0;
-            let gy: Vec<f64> = rng.array(&[batch * cout * h * w]).into_raw_vec_and_offset().0;
+            let gy: Vec<f64> = rng
+                .array(&[batch * cout * h * w])
+                .into_raw_vec_and_offset()
+                .0;
             let bias: Vec<f64> = rng.array(&[cout]).into_raw_vec_and_offset().0;
             let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
             let (x32, w32, gy32, b32) = (f32s(&x), f32s(&wt), f32s(&gy), f32s(&bias));
