@@ -645,6 +645,11 @@ impl<T: Real> Evaluator<'_, T> {
 /// the loss's gradient with respect to it.
 type StartOfChunk<T> = (ArrayD<T>, Option<ArrayD<T>>);
 
+/// What one chunk contributes to a refinement level ([`Evaluator::refine_chunk`]): the
+/// gradients after node 0 summed over the new points, node 0's gradients for the level's
+/// weighted output gradient, and the kept output-gradient sums (ends, interior points).
+type RefinedChunk<T> = (Vec<Vec<T>>, Vec<Vec<T>>, [ArrayD<T>; 2]);
+
 impl<T: Real> Evaluator<'_, T> {
     /// One refinement level of a step computed by [`Evaluator::simpson_sharing_first`] with
     /// `keep` (composite Simpson over `n` intervals, `n` ≥ 4 a power of two): evaluates the new
@@ -688,7 +693,7 @@ impl<T: Real> Evaluator<'_, T> {
                 .map(|c| (c, kept[c].take().expect("each chunk once")))
                 .collect();
             let outputs = &carry.outputs;
-            let parts: Vec<(Vec<Vec<T>>, Vec<Vec<T>>, [ArrayD<T>; 2])> = jobs
+            let parts: Vec<RefinedChunk<T>> = jobs
                 .into_par_iter()
                 .map(|(c, k)| self.refine_chunk(c, [theta0, theta1], &outputs[c], ss, thetas, k))
                 .collect();
@@ -732,7 +737,7 @@ impl<T: Real> Evaluator<'_, T> {
         ss: &[f64],
         thetas: &[&[Vec<T>]],
         kept: [ArrayD<T>; 2],
-    ) -> (Vec<Vec<T>>, Vec<Vec<T>>, [ArrayD<T>; 2]) {
+    ) -> RefinedChunk<T> {
         let model = self.model;
         let (x, y) = self.chunk(c);
         let z0 = model.first_output(ends[0], x.view());

@@ -378,6 +378,10 @@ pub fn finish_shared_step(
     Some(out)
 }
 
+/// Evaluates the new points `ss` of refinement level `n` of a shared step for every objective
+/// ([`refine_shared_step`]).
+pub type LevelEvaluator<'a> = dyn FnMut(usize, &[f64]) -> Result<Vec<SharedLevel>> + 'a;
+
 /// Refines a step whose shared Simpson try ([`finish_shared_step`] returned `None`; computed
 /// with `keep`) missed the bound, the first layer still shared: composite Simpson over 4, 8, …
 /// intervals as [`integrate_step`] refines, with the try's points reused. `level(n, ss)`
@@ -387,7 +391,7 @@ pub fn refine_shared_step(
     delta: &[Vec<f64>],
     shared: &[SharedSimpson],
     opts: &Integration,
-    level: &mut dyn FnMut(usize, &[f64]) -> Result<Vec<SharedLevel>>,
+    level: &mut LevelEvaluator<'_>,
 ) -> Result<Vec<StepLca>> {
     let mut sums: Vec<SimpsonSums> = shared
         .iter()
