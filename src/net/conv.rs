@@ -625,7 +625,7 @@ impl Conv2d {
     /// output of at least 8×8 (on smaller ones the frames' padding is a large share of the
     /// work, and im2col + GEMM, which leaves out taps that only read padding, was faster).
     /// Within this path, the shapes that [`winograd::fits`] takes (stride 1, widths 8, 16 and
-    /// 32, at least 8 channels each way) run on Winograd F(2×2, 3×3) instead of the direct
+    /// 32, at least 16 channels each way) run on Winograd F(2×2, 3×3) instead of the direct
     /// kernels: forward, weight and input gradients.
     fn direct<T: Real>(&self, shape: &[usize]) -> Option<conv3x3::Shape> {
         let w = &self.window;
