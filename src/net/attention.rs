@@ -314,15 +314,19 @@ impl<T: Real> Layer<T> for Attention {
 
         let (probs, heads) = match self.fused_dims::<T>(n, t) {
             Some(dm) => {
-                let mut probs = Array2::<T>::zeros((n * h, dm.packed_len())).into_dyn();
-                let mut heads = Array2::<T>::zeros((n * t, c));
+                // Not cleared: `fused::forward` writes both in full.
+                let mut probs = Array2::<T>::uninit((n * h, dm.packed_len()));
+                let mut heads = Array2::<T>::uninit((n * t, c));
                 fused::forward(
                     &dm,
                     f32_of(qkv.as_slice().expect("contiguous")),
-                    f32_of_mut(probs.as_slice_mut().expect("contiguous")),
-                    f32_of_mut(heads.as_slice_mut().expect("contiguous")),
+                    fastmath::f32_uninit(probs.as_slice_mut().expect("contiguous"))
+                        .expect("T is f32"),
+                    fastmath::f32_uninit(heads.as_slice_mut().expect("contiguous"))
+                        .expect("T is f32"),
                 );
-                (probs, heads)
+                // SAFETY: `fused::forward` initialised every element of both.
+                unsafe { (probs.assume_init().into_dyn(), heads.assume_init()) }
             }
             None => self.heads_forward(qkv.view(), n, t),
         };

@@ -16,6 +16,8 @@
 //!
 //! Only on CPUs with AVX-512F ([`available`]); elsewhere attention takes its `gemm` path.
 
+use std::mem::MaybeUninit;
+
 const L: usize = 16;
 
 /// The shapes of one attention layer's call.
@@ -81,11 +83,17 @@ pub(super) fn available() -> bool {
 }
 
 /// Forward: `qkv` is `[n·t, 3c]` (q | k | v per position), `probs` `[n·h, packed_len]`,
-/// `heads` `[n·t, c]`; both outputs are written in full.
+/// `heads` `[n·t, c]`; both outputs are written in full (every element of both slices is
+/// initialised on return, so the caller may pass memory not yet written).
 ///
 /// # Panics
 /// If the sizes do not match `dm` or the CPU lacks AVX-512F.
-pub(super) fn forward(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
+pub(super) fn forward(
+    dm: &Dims,
+    qkv: &[f32],
+    probs: &mut [MaybeUninit<f32>],
+    heads: &mut [MaybeUninit<f32>],
+) {
     assert!(qkv.len() == dm.n * dm.t * 3 * dm.c && heads.len() == dm.n * dm.t * dm.c);
     assert!(probs.len() == dm.n * dm.h * dm.packed_len() && dm.d * dm.h == dm.c);
     assert!(available(), "the fused attention kernel needs AVX-512F");
@@ -171,6 +179,27 @@ mod x86 {
     use super::{Cols, Dims, KeyTiles, L, width};
     use crate::net::simd::x86::{mask, transpose16};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// Stores 16 lanes into memory that may not be written yet.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn st_uninit(s: &mut [MaybeUninit<f32>], at: usize, v: __m512) {
+        let s = &mut s[at..at + L];
+        // SAFETY: `s` holds 16 floats (`MaybeUninit<f32>` has f32's layout).
+        unsafe { _mm512_storeu_ps(s.as_mut_ptr().cast::<f32>(), v) }
+    }
+
+    /// `s` seen as memory not yet written, for a writer that writes only initialised values.
+    ///
+    /// # Safety
+    /// The caller must write only initialised values through the result (never
+    /// `MaybeUninit::uninit()`), so that `s` stays initialised.
+    #[inline(always)]
+    unsafe fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+        // SAFETY: same layout; the caller keeps every element initialised.
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
+    }
 
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -362,17 +391,30 @@ mod x86 {
 
     /// The probabilities of query block `i0..i0+16` against its keys, transposed: `blk[j·16 +
     /// l]` = P[i0 + l][j]. `k` is the first key's row (stride 3c), `qt` the scaled `Qᵀ`.
+    /// `blk` may be memory not yet written: every element is written, and the block is
+    /// returned initialised.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn softmax_block(dm: &Dims, k: &[f32], qt: &[f32], i0: usize, blk: &mut [f32]) {
+    fn softmax_block<'a>(
+        dm: &Dims,
+        k: &[f32],
+        qt: &[f32],
+        i0: usize,
+        blk: &'a mut [MaybeUninit<f32>],
+    ) -> &'a [f32] {
         let (d, rs) = (dm.d, 3 * dm.c);
         let tp = qt.len() / d;
         let jm = blk.len() / L;
+        assert_eq!(blk.len(), jm * L);
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        // `each_dot` calls the closure once for every j < jm: all jm·16 values are written.
         each_dot(k, rs, d, qt, tp, i0, jm, |j, s| {
             m = _mm512_mask_max_ps(m, seen(dm.causal, i0, j), m, s);
-            st(blk, j * L, s);
+            st_uninit(blk, j * L, s);
         });
+        // SAFETY: every element of `blk` was written just above (its length is jm·16).
+        let blk: &mut [f32] =
+            unsafe { std::slice::from_raw_parts_mut(blk.as_mut_ptr().cast(), blk.len()) };
         let mut sum = _mm512_setzero_ps();
         for j in 0..jm {
             let e = exp(_mm512_sub_ps(ld(blk, j * L), m));
@@ -384,13 +426,14 @@ mod x86 {
         for j in 0..jm {
             st(blk, j * L, _mm512_mul_ps(ld(blk, j * L), inv));
         }
+        blk
     }
 
     /// `out[i0 + l][out_col + u] = α·Σ_j blk[j·16 + l]·src[j][u]` for the block's queries (l
     /// with i0 + l < t) and u < U.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn product<const U: usize>(blk: &[f32], at: &Cols, alpha: f32, out: &mut [f32]) {
+    fn product<const U: usize>(blk: &[f32], at: &Cols, alpha: f32, out: &mut [MaybeUninit<f32>]) {
         let mut acc = [_mm512_setzero_ps(); U];
         for j in 0..blk.len() / L {
             let p = ld(blk, j * L);
@@ -404,7 +447,7 @@ mod x86 {
         for l in 0..L.min(at.t - at.i0) {
             let row = &mut out[(at.i0 + l) * at.out_stride + at.out_col..][..U];
             for u in 0..U {
-                row[u] = a[u][l];
+                row[u].write(a[u][l]);
             }
         }
     }
@@ -412,7 +455,7 @@ mod x86 {
     /// [`product`] over all of a block's head columns, U at a time.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn products(blk: &[f32], at: Cols, d: usize, alpha: f32, out: &mut [f32]) {
+    fn products(blk: &[f32], at: Cols, d: usize, alpha: f32, out: &mut [MaybeUninit<f32>]) {
         let mut k0 = 0;
         while k0 < d {
             let u = width(d - k0);
@@ -432,7 +475,12 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn forward(dm: &Dims, qkv: &[f32], probs: &mut [f32], heads: &mut [f32]) {
+    pub(super) fn forward(
+        dm: &Dims,
+        qkv: &[f32],
+        probs: &mut [MaybeUninit<f32>],
+        heads: &mut [MaybeUninit<f32>],
+    ) {
         let Dims { t, c, h, d, .. } = *dm;
         let tp = dm.blocks() * L;
         let pl = dm.packed_len();
@@ -449,7 +497,7 @@ mod x86 {
                 transpose_in16(&rows[qc..], rs, t, d, dm.scale, &mut qt);
                 for (b, &off) in offs.iter().enumerate() {
                     let blk = &mut pt[off..off + dm.keys(b) * L];
-                    softmax_block(dm, &rows[kc..], &qt, b * L, blk);
+                    let blk = softmax_block(dm, &rows[kc..], &qt, b * L, blk);
                     let at = Cols {
                         src: &rows[vc..],
                         src_stride: rs,
@@ -512,7 +560,8 @@ mod x86 {
                         i0,
                         t,
                     };
-                    products(s, at, d, dm.scale, grows);
+                    // SAFETY: `products` writes only initialised values.
+                    products(s, at, d, dm.scale, unsafe { as_uninit(grows) });
                 }
                 // Per block of 16 keys: dV = Pᵀ dO and dK = dSᵀ Q/√d, from the 16×16 tiles of
                 // the query blocks that see those keys, turned key-major (keys in the lanes).
@@ -627,6 +676,53 @@ mod tests {
             for (g, &x) in got.iter().zip(x) {
                 let want = crate::net::fastmath::exp(x);
                 assert!((g - want).abs() <= 4e-7 * want, "exp({x}): {g} vs {want}");
+            }
+        }
+    }
+
+    /// Forward writes every element of both outputs: the same bits whether they start as
+    /// zeros (as they did when the caller cleared them) or as NaN, causal or not, for
+    /// sequence lengths around the block size and several head sizes.
+    #[test]
+    fn forward_writes_both_outputs_in_full() {
+        if !available() {
+            return;
+        }
+        for causal in [true, false] {
+            for (t, c, h) in [
+                (1usize, 4usize, 1usize),
+                (5, 8, 2),
+                (17, 12, 3),
+                (40, 32, 4),
+            ] {
+                let (n, d) = (2, c / h);
+                let dm = Dims {
+                    n,
+                    t,
+                    c,
+                    h,
+                    d,
+                    causal,
+                    scale: (1.0 / (d as f64).sqrt()) as f32,
+                };
+                let qkv: Vec<f32> = (0..n * t * 3 * c)
+                    .map(|v| (v as f32 * 0.61).sin() * 2.0)
+                    .collect();
+                let run = |fill: f32| {
+                    let mut p = vec![MaybeUninit::new(fill); n * h * dm.packed_len()];
+                    let mut o = vec![MaybeUninit::new(fill); n * t * c];
+                    forward(&dm, &qkv, &mut p, &mut o);
+                    // SAFETY: initialised above (and written by `forward`).
+                    let bits = |v: &[MaybeUninit<f32>]| -> Vec<u32> {
+                        v.iter()
+                            .map(|x| unsafe { x.assume_init() }.to_bits())
+                            .collect()
+                    };
+                    (bits(&p), bits(&o))
+                };
+                let (zeroed, nan) = (run(0.0), run(f32::NAN));
+                assert_eq!(zeroed, nan, "t {t}, c {c}, h {h}, causal {causal}");
+                assert!(zeroed.1.iter().all(|&b| f32::from_bits(b).is_finite()));
             }
         }
     }
