@@ -43,6 +43,11 @@ impl<T: Real> Layer<T> for Add {
             .collect()
     }
 
+    /// Each input's gradient is the output's: the executor hands it on without copying.
+    fn passes_gradient_through(&self) -> bool {
+        true
+    }
+
     /// The sum and its ReLU in one pass (the residual join of a ResNet block).
     fn fuses_relu(&self) -> bool {
         true

@@ -151,6 +151,15 @@ pub trait Layer<T: Real>: Send + Sync {
     fn check_model_input(&self, _x: ArrayViewD<'_, f32>) -> std::result::Result<(), String> {
         Ok(())
     }
+    /// Whether the layer has no parameters and the gradient of each of its inputs is the
+    /// gradient of its output, unchanged (a plain sum: [`add::Add`]). The executor then hands
+    /// the output's gradient on without calling [`Layer::backward`] (which must still return
+    /// copies of `grad_out`): moved to the first input whose gradient it starts, added into
+    /// those that already have one, copied only for further inputs
+    /// ([`Model::chunk_pass`]'s `pass_gradient_on`).
+    fn passes_gradient_through(&self) -> bool {
+        false
+    }
     /// Whether the layer evaluates `relu(layer(x))` in one pass ([`Layer::forward_relu`],
     /// [`Layer::backward_relu`]): the executor then fuses a ReLU that is this layer's only
     /// reader into it. Such a layer's backward must not read its own output.
@@ -731,8 +740,6 @@ impl<T: Real> Model<T> {
                 gouts[i - 1] = Some(g);
                 continue;
             }
-            let p = node.param_slices(theta);
-            let ins = inputs_of(node, &xv, &outs, &first);
             let need: Vec<bool> = node
                 .inputs
                 .iter()
@@ -741,21 +748,28 @@ impl<T: Real> Model<T> {
                     Src::Node(j) => self.nodes[*j].depends_on_params,
                 })
                 .collect();
-            let gp = disjoint_mut(grads, &node.param_ids);
             let fused = node.fuses_next_relu;
-            let b = Backward {
-                params: &p,
-                inputs: &ins,
-                output: output(&outs, &first, i + usize::from(fused)),
-                saved: &saved[i],
-                grad_out: g.view(),
-                grad_params: gp,
-                need_input_grad: &need,
-            };
-            let gin = if fused {
-                node.layer.backward_relu(b)
+            // A plain sum's input gradients are `g` itself: handed on below, not copied.
+            let passes = !fused && node.layer.passes_gradient_through();
+            let gin = if passes {
+                Vec::new()
             } else {
-                node.layer.backward(b)
+                let p = node.param_slices(theta);
+                let ins = inputs_of(node, &xv, &outs, &first);
+                let b = Backward {
+                    params: &p,
+                    inputs: &ins,
+                    output: output(&outs, &first, i + usize::from(fused)),
+                    saved: &saved[i],
+                    grad_out: g.view(),
+                    grad_params: disjoint_mut(grads, &node.param_ids),
+                    need_input_grad: &need,
+                };
+                if fused {
+                    node.layer.backward_relu(b)
+                } else {
+                    node.layer.backward(b)
+                }
             };
             // Every reader of node i's output has a larger index and is done: free it and
             // what forward saved, to hold fewer chunk-sized arrays at once.
@@ -765,6 +779,10 @@ impl<T: Real> Model<T> {
             }
             if fused {
                 outs[i + 1] = ArrayD::zeros(IxDyn(&[0]));
+            }
+            if passes {
+                pass_gradient_on(&mut gouts, &node.inputs, &need, g);
+                continue;
             }
             for (s, gi) in node.inputs.iter().zip(gin) {
                 if let (Src::Node(j), Some(gi)) = (s, gi) {
@@ -776,6 +794,32 @@ impl<T: Real> Model<T> {
             }
         }
         (loss_sum, count, None)
+    }
+}
+
+/// The input gradients of a layer that [passes its gradient through](Layer::passes_gradient_through),
+/// `g` for every input that needs one, into `gouts` as the executor adds up gradients: the
+/// same operations as for the copies its backward returns (a slot still empty takes the
+/// value, a filled one gets `g` added with [`add::accumulate`], inputs in order), so the same
+/// bits, without copying `g` for the last input that needs it.
+fn pass_gradient_on<T: Real>(
+    gouts: &mut [Option<ArrayD<T>>],
+    inputs: &[Src],
+    need: &[bool],
+    g: ArrayD<T>,
+) {
+    let last = need.iter().rposition(|&n| n);
+    let mut g = Some(g);
+    for (k, s) in inputs.iter().enumerate() {
+        let (Src::Node(j), true) = (*s, need[k]) else {
+            continue;
+        };
+        let gk = g.as_ref().expect("kept until the last input that needs it");
+        match &mut gouts[j] {
+            Some(acc) => add::accumulate(acc, gk),
+            slot @ None if Some(k) == last => *slot = g.take(),
+            slot @ None => *slot = Some(gk.clone()),
+        }
     }
 }
 
@@ -1250,6 +1294,153 @@ train = "unused"
                 loss_grad_bits(&a, &theta, &x, &y),
                 loss_grad_bits(&b, &theta, &x, &y),
                 "{mode}, {hw}×{hw}"
+            );
+        }
+    }
+
+    /// `add` as it was before [`Layer::passes_gradient_through`]: the executor calls its
+    /// backward, which returns a copy of the output's gradient per input.
+    struct CopyingAdd;
+
+    impl Layer<f32> for CopyingAdd {
+        fn out_shape(&self, inputs: &[Vec<usize>]) -> std::result::Result<Vec<usize>, String> {
+            Layer::<f32>::out_shape(&add::Add, inputs)
+        }
+        fn forward(&self, p: &[&[f32]], x: &[ArrayViewD<f32>], sv: &mut Saved<f32>) -> ArrayD<f32> {
+            add::Add.forward(p, x, sv)
+        }
+        fn backward(&self, b: Backward<'_, f32>) -> Vec<Option<ArrayD<f32>>> {
+            add::Add.backward(b)
+        }
+        fn fuses_relu(&self) -> bool {
+            true
+        }
+        fn forward_relu(
+            &self,
+            p: &[&[f32]],
+            x: &[ArrayViewD<f32>],
+            sv: &mut Saved<f32>,
+        ) -> ArrayD<f32> {
+            add::Add.forward_relu(p, x, sv)
+        }
+        fn backward_relu(&self, b: Backward<'_, f32>) -> Vec<Option<ArrayD<f32>>> {
+            add::Add.backward_relu(b)
+        }
+    }
+
+    /// `m` with every `add` node replaced by [`CopyingAdd`]; the number of plain (unfused)
+    /// adds, whose gradients the executor passes on.
+    fn with_copying_adds(m: &mut Model<f32>) -> usize {
+        let mut plain = 0;
+        for n in m.nodes.iter_mut().filter(|n| n.type_name == "add") {
+            assert!(n.layer.passes_gradient_through());
+            plain += usize::from(!n.fuses_next_relu);
+            n.layer = Box::new(CopyingAdd);
+        }
+        plain
+    }
+
+    /// Passing a plain sum's gradient on without copies gives the same bits as its backward's
+    /// copies: the fixture GPT (residual stream: each join's gradient feeds a LayerNorm and
+    /// the previous join) and a ResNet-like graph with a fused and unfused join, a join of
+    /// three inputs and one reading the same value twice; loss and every gradient.
+    #[test]
+    fn passing_sum_gradients_on_changes_nothing() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gpt");
+        let spec = Spec::load(&dir.join("model.toml")).unwrap();
+        let mut rng = Rng::new(11);
+        let (seqs, t) = (3, 32);
+        let x = rng
+            .array(&[seqs, t])
+            .mapv(|v| ((v + 1.0) * 40.9).floor() as f32);
+        let y: Vec<u32> = (0..seqs * t)
+            .map(|_| ((rng.next() + 1.0) * 40.9) as u32)
+            .collect();
+        let a: Model<f32> = Model::build(&spec, &[t]).unwrap();
+        let mut b: Model<f32> = Model::build(&spec, &[t]).unwrap();
+        assert!(with_copying_adds(&mut b) >= 3);
+        let theta: Vec<Vec<f32>> = a
+            .params
+            .iter()
+            .map(|p| rng.array(&p.shape).iter().map(|&v| v as f32).collect())
+            .collect();
+        assert_eq!(
+            loss_grad_bits(&a, &theta, &x, &y),
+            loss_grad_bits(&b, &theta, &x, &y),
+            "GPT fixture"
+        );
+
+        let src = r#"
+[model]
+input_shape = [2, 6, 6]
+
+[[layers]]
+name = "c1"
+type = "conv2d"
+in_channels = 2
+out_channels = 3
+kernel_size = 3
+padding = 1
+
+[[layers]]
+name = "r1"
+type = "relu"
+
+[[layers]]
+name = "c2"
+type = "conv2d"
+in_channels = 3
+out_channels = 3
+kernel_size = 3
+padding = 1
+
+[[layers]]
+name = "s1"
+type = "add"
+input = ["c2", "r1"]
+
+[[layers]]
+name = "r2"
+type = "relu"
+
+[[layers]]
+name = "s2"
+type = "add"
+input = ["r2", "r2", "r1"]
+
+[[layers]]
+type = "flatten"
+
+[[layers]]
+name = "fc"
+type = "linear"
+in_features = 108
+out_features = 4
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "unused"
+"#;
+        let spec = Spec::parse(src, std::path::Path::new("t.toml")).unwrap();
+        let shape = [2, 6, 6];
+        let x = rng.array(&[5, 2, 6, 6]).mapv(|v| v as f32);
+        let y = [0u32, 3, 1, 2, 1];
+        for reorder in [true, false] {
+            let a: Model<f32> = Model::build_with(&spec, &shape, reorder).unwrap();
+            let mut b: Model<f32> = Model::build_with(&spec, &shape, reorder).unwrap();
+            let plain = with_copying_adds(&mut b);
+            assert_eq!(plain, if reorder { 1 } else { 2 });
+            let theta: Vec<Vec<f32>> = a
+                .params
+                .iter()
+                .map(|p| rng.array(&p.shape).iter().map(|&v| v as f32).collect())
+                .collect();
+            assert_eq!(
+                loss_grad_bits(&a, &theta, &x, &y),
+                loss_grad_bits(&b, &theta, &x, &y),
+                "ResNet-like graph, fused ReLUs {reorder}"
             );
         }
     }
