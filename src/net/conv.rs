@@ -627,14 +627,17 @@ impl Conv2d {
         let w = &self.window;
         let (h, wd) = (shape[2], shape[3]);
         let stride = w.stride[0];
+        let k = w.kernel[0];
+        let p = k / 2;
         let fits = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && self.groups == 1
-            && w.kernel == [3, 3]
+            && (k == 3 || k == 5)
+            && w.kernel == [k, k]
             && w.stride[1] == stride
-            && (stride == 1 || (stride == 2 && h % 2 == 0 && wd % 2 == 0))
+            && (stride == 1 || (k == 3 && stride == 2 && h % 2 == 0 && wd % 2 == 0))
             && w.dilation == [1, 1]
-            && w.pad_begin == [1, 1]
-            && w.pad_end == [1, 1]
+            && w.pad_begin == [p, p]
+            && w.pad_end == [p, p]
             && h / stride >= 8
             && wd / stride >= 8
             && conv3x3::available();
@@ -645,6 +648,7 @@ impl Conv2d {
             h,
             w: wd,
             stride,
+            k,
         })
     }
 
@@ -1358,6 +1362,125 @@ mod tests {
                     _ => panic!("{what}: input gradient given iff asked for"),
                 }
             }
+        }
+    }
+
+    /// The direct path's 5×5 "same" convolutions (f32, AVX-512F; LeNet's) against the im2col
+    /// path in f64, which the finite differences above check, and in f32: forward, weight,
+    /// bias and input gradients, with and without the input gradient, over one input channel,
+    /// channel counts that are not multiples of the tiles (4 output channels, 16 lanes), odd
+    /// sizes, batches of one sample and batches that span several blocks of frames.
+    #[test]
+    fn direct_5x5_matches_the_im2col_path() {
+        if !conv3x3::available() {
+            eprintln!("no AVX-512F: the direct 5×5 path is not used on this CPU");
+            return;
+        }
+        fn im2col_run<T: Real>(
+            c: &Conv2d,
+            params: &[Vec<T>],
+            x: &ArrayD<T>,
+            gy: &ArrayD<T>,
+        ) -> (Vec<f64>, Vec<Vec<f64>>, Vec<f64>) {
+            let up = |v: &[T]| v.iter().map(|x| x.to_f64().unwrap()).collect::<Vec<f64>>();
+            let d = c.dims(x.shape());
+            let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
+            let xs = x.as_slice().unwrap();
+            let y = c.forward_im2col(&pr, xs, &d);
+            let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![T::zero(); v.len()]).collect();
+            let gp = g.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let gx = c.backward_im2col(&pr, xs, gy.as_slice().unwrap(), &d, gp, true);
+            let g = g.iter().map(|v| up(v)).collect();
+            (
+                up(y.as_slice().unwrap()),
+                g,
+                up(gx.unwrap().as_slice().unwrap()),
+            )
+        }
+        let max_err = |a: &[f32], b: &[f64]| {
+            assert_eq!(a.len(), b.len());
+            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b)
+                .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - y).abs()));
+            err / scale.max(1e-30)
+        };
+        // (cin, cout, h, w, batch, bias)
+        for &(cin, cout, h, w, batch, bias) in &[
+            (1, 20, 28, 28, 3, true),
+            (20, 40, 14, 14, 5, true),
+            (1, 20, 28, 28, 1, false),
+            (20, 40, 14, 14, 23, true),
+            (5, 7, 9, 11, 3, true),
+            (17, 19, 8, 8, 1, false),
+            (3, 33, 10, 23, 2, true),
+            (2, 1, 8, 8, 4, false),
+        ] {
+            let c = conv([cin, cout, 1], [5, 5], [1, 1], p(2, 2), [1, 1], bias);
+            let what = format!("5×5 {cin}→{cout} {h}×{w} ×{batch}");
+            assert!(c.direct::<f32>(&[batch, cin, h, w]).is_some(), "{what}");
+            assert!(c.direct::<f64>(&[batch, cin, h, w]).is_none(), "{what}");
+            let mut rng = Rng::new((cin * 1000 + h * 10 + batch) as u64);
+            let x = rng.array(&[batch, cin, h, w]);
+            let gy = rng.array(&[batch, cout, h, w]);
+            let params: Vec<Vec<f64>> = <Conv2d as Layer<f64>>::params(&c)
+                .iter()
+                .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let refs = [
+                ("f64", im2col_run::<f64>(&c, &params, &x, &gy), 4e-6, 2e-5),
+                ("f32", im2col_run::<f32>(&c, &p32, &x32, &gy32), 4e-6, 2e-5),
+            ];
+            for need_x in [true, false] {
+                // Gradients are added to what is there.
+                let (y32, mut g32, gx32) = run_layer::<f32>(&c, &p32, &x32, &gy32, need_x, 1.0);
+                for v in g32.iter_mut().flatten() {
+                    *v -= 1.0;
+                }
+                for (name, (y, g, gx), tol, gtol) in &refs {
+                    let e = max_err(y32.as_slice().unwrap(), y);
+                    assert!(e < *tol, "{what}: forward against {name} im2col: {e}");
+                    for (a, b) in g32.iter().zip(g) {
+                        let e = max_err(a, b);
+                        assert!(e < *gtol, "{what}: parameter gradient ({name}): {e}");
+                    }
+                    match (&gx32[0], need_x) {
+                        (Some(a), true) => {
+                            let e = max_err(a.as_slice().unwrap(), gx);
+                            assert!(e < *tol, "{what}: input gradient ({name}): {e}");
+                        }
+                        (None, false) => {}
+                        _ => panic!("{what}: input gradient given iff asked for"),
+                    }
+                }
+            }
+        }
+        // Left to the other paths: padding other than 2, stride 2, dilation, small outputs.
+        for (c, shape) in [
+            (
+                conv([4, 4, 1], [5, 5], [1, 1], p(1, 1), [1, 1], false),
+                [2, 4, 12, 12],
+            ),
+            (
+                conv([4, 4, 1], [5, 5], [2, 2], p(2, 2), [1, 1], false),
+                [2, 4, 16, 16],
+            ),
+            (
+                conv([4, 4, 1], [5, 5], [1, 1], p(4, 4), [2, 2], false),
+                [2, 4, 12, 12],
+            ),
+            (
+                conv([4, 4, 1], [5, 5], [1, 1], p(2, 2), [1, 1], false),
+                [2, 4, 7, 7],
+            ),
+        ] {
+            assert!(c.direct::<f32>(&shape).is_none(), "{shape:?}");
         }
     }
 
