@@ -346,13 +346,13 @@ fn fill_transposed_scalar(gy: &[f32], cout: usize, s0: usize, f: &Frame, gt: &mu
     }
 }
 
-/// Positions per weight-gradient tile: each tile's sums are added into the gradient, so no
-/// f32 sum runs over more than this many terms.
+/// Positions per weight-gradient tile (whole output rows, at least one): each tile's sums are
+/// added into the gradient, so no f32 sum runs over more than this many terms (or one row).
 const QT: usize = 512;
 
 /// `gw[o][i][t] += Σ_q gt[o][q]·frame[i][q + offset(t)]` over the block's output positions
-/// (`gt` as [`transpose_frames`] writes it: zero where there is no output, so only real outputs
-/// contribute), in tiles of [`QT`] positions, 16 output channels × 3 input channels × 9 taps
+/// (`gt` as [`transpose_frames`] writes it; the frame's padding positions, where it is zero,
+/// are skipped), in tiles of whole output rows of at most [`QT`] positions, 16 output channels × 3 input channels × 9 taps
 /// at a time (5×5: 1 input channel × 25 taps).
 #[allow(clippy::too_many_arguments)]
 fn weight_grad(
@@ -393,21 +393,28 @@ fn weight_grad_taps<const T: usize, const IB: usize>(
     {
         assert!(available(), "conv3x3 needs AVX-512F");
         let mut sums = [[[0.0f32; 16]; T]; IB];
-        for q0 in (0..f.q).step_by(QT) {
-            let n = QT.min(f.q - q0);
+        // Only the output rows' positions (the frame's padding positions hold zero gradients):
+        // tiles of whole rows, at most QT positions (at least one row).
+        let rows: Vec<usize> = (0..f.nb)
+            .flat_map(|j| (0..f.h).map(move |y| f.out_row(j, y)))
+            .collect();
+        assert!(rows.last().is_none_or(|&r| r + f.w <= f.q));
+        for tile in rows.chunks((QT / f.w).max(1)) {
             for ob in 0..obs {
-                let g = &gt[(ob * f.q + q0) * 16..][..n * 16];
+                let g = &gt[ob * f.q * 16..][..f.q * 16];
                 for i0 in (0..cin).step_by(IB) {
                     let ic = IB.min(cin - i0);
-                    // SAFETY: AVX-512F is available (asserted above); the kernel reads
-                    // g[0..16·n] and frame[(i0 + c)·cs + q0 + offset + 0..n] for c < ic, below
-                    // (i0 + c + 1)·cs since q0 + n ≤ f.q and offset + f.q ≤ cs (asserted).
+                    // SAFETY: AVX-512F is available (asserted above); the kernel reads g[16·q
+                    // ..][..16] and frame[(i0 + c)·cs + offset + q] for c < ic and q in the
+                    // tile's rows, q < f.q (asserted), below (i0 + c + 1)·cs since offset + f.q
+                    // ≤ cs (asserted).
                     unsafe {
-                        let x = frame.as_ptr().add(i0 * cs + q0);
+                        let x = frame.as_ptr().add(i0 * cs);
+                        let (g, w) = (g.as_ptr(), f.w);
                         match ic {
-                            3 => avx512::wgrad::<3, T>(x, cs, offs, g.as_ptr(), n, &mut sums),
-                            2 => avx512::wgrad::<2, T>(x, cs, offs, g.as_ptr(), n, &mut sums),
-                            _ => avx512::wgrad::<1, T>(x, cs, offs, g.as_ptr(), n, &mut sums),
+                            3 => avx512::wgrad::<3, T>(x, cs, offs, g, tile, w, &mut sums),
+                            2 => avx512::wgrad::<2, T>(x, cs, offs, g, tile, w, &mut sums),
+                            _ => avx512::wgrad::<1, T>(x, cs, offs, g, tile, w, &mut sums),
                         }
                     }
                     for (c, sc) in sums.iter().enumerate().take(ic) {
@@ -938,29 +945,34 @@ mod avx512 {
         }
     }
 
-    /// `sums[c][t][r] = Σ_{q < n} x[c·len + offs[t] + q]·g[16·q + r]` for `c < IC` (`sums`
-    /// at least `IC` long), `t < T`, each sum in order of `q`.
+    /// `sums[c][t][r] = Σ_q x[c·len + offs[t] + q]·g[16·q + r]` for `c < IC` (`sums` at
+    /// least `IC` long), `t < T`, over the positions `q` of the runs `s..s + w` for `s` in
+    /// `runs`, each sum in that order.
     ///
     /// # Safety
-    /// AVX-512F; `g` valid for `16·n` reads, `x` for `c·len + offs[t] + q`, `c < IC`, `q < n`.
+    /// AVX-512F; `g` valid for reads at `16·q..16·q + 16`, `x` at `c·len + offs[t] + q`,
+    /// `c < IC`, for those `q`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn wgrad<const IC: usize, const T: usize>(
         x: *const f32,
         len: usize,
         offs: &[usize; T],
         g: *const f32,
-        n: usize,
+        runs: &[usize],
+        w: usize,
         sums: &mut [[[f32; 16]; T]],
     ) {
         let mut acc = [[_mm512_setzero_ps(); T]; IC];
-        for q in 0..n {
-            // SAFETY: within the bounds the caller guarantees.
-            unsafe {
-                let gv = _mm512_loadu_ps(g.add(16 * q));
-                for (c, acc) in acc.iter_mut().enumerate() {
-                    let xc = x.add(c * len + q);
-                    for (a, &o) in acc.iter_mut().zip(offs) {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*xc.add(o)), gv, *a);
+        for &s in runs {
+            for q in s..s + w {
+                // SAFETY: within the bounds the caller guarantees.
+                unsafe {
+                    let gv = _mm512_loadu_ps(g.add(16 * q));
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        let xc = x.add(c * len + q);
+                        for (a, &o) in acc.iter_mut().zip(offs) {
+                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*xc.add(o)), gv, *a);
+                        }
                     }
                 }
             }
