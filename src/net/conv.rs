@@ -677,17 +677,13 @@ impl Conv2d {
         let x32 = f32_slice(xs).expect("direct() checked that T is f32");
         let gy32 = f32_slice(gys).expect("T is f32");
         let w32 = f32_slice(params[0]).expect("T is f32");
-        if self.bias {
-            let n = (sh.h / sh.stride) * (sh.w / sh.stride);
-            for (o, g) in gp[1].iter_mut().enumerate() {
-                let mut sum = T::zero();
-                for s in 0..sh.batch {
-                    sum += lanes_sum(&gys[(s * sh.cout + o) * n..][..n]);
-                }
-                *g += sum;
-            }
-        }
-        let gw = f32_slice_mut(gp[0]).expect("T is f32");
+        // The bias gradient is summed from the output gradient's frames (in cache then).
+        let (gw, mut gb) = match &mut gp[..] {
+            [gw, gb] => (f32_slice_mut(gw), f32_slice_mut(gb)),
+            [gw] => (f32_slice_mut(gw), None),
+            _ => unreachable!("a weight and at most a bias"),
+        };
+        let gw = gw.expect("T is f32");
         let gx = need_x.then(|| {
             let shape = [sh.batch, sh.cin, sh.h, sh.w];
             // SAFETY: `conv3x3::backward` writes every value of the input gradient.
@@ -695,13 +691,15 @@ impl Conv2d {
                 super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
                     let gx32 = f32_uninit(gx).expect("T is f32");
                     conv3x3::with_buffers(|bufs| {
-                        conv3x3::backward(x32, w32, gy32, sh, bufs, gw, Some(gx32))
+                        conv3x3::backward(x32, w32, gy32, sh, bufs, gw, gb.take(), Some(gx32))
                     });
                 })
             }
         });
         if gx.is_none() {
-            conv3x3::with_buffers(|bufs| conv3x3::backward(x32, w32, gy32, sh, bufs, gw, None));
+            conv3x3::with_buffers(|bufs| {
+                conv3x3::backward(x32, w32, gy32, sh, bufs, gw, gb.take(), None)
+            });
         }
         vec![gx]
     }

@@ -576,8 +576,11 @@ fn pack_passes(
         .collect()
 }
 
-/// Backward: adds the weight gradient into `gw` (`[cout, cin, k, k]`) and, when `gx` is
-/// given, writes the input gradient into it (NCHW, every value written).
+/// Backward: adds the weight gradient into `gw` (`[cout, cin, k, k]`) and, when `gb` is
+/// given, the bias gradient into it (`[cout]`, summed from the output gradient's frames, a
+/// block at a time); when `gx` is given, writes the input gradient into it (NCHW, every value
+/// written).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     x: &[f32],
     w: &[f32],
@@ -585,6 +588,7 @@ pub(crate) fn backward(
     sh: Shape,
     bufs: &mut Buffers,
     gw: &mut [f32],
+    mut gb: Option<&mut [f32]>,
     mut gx: Option<&mut [std::mem::MaybeUninit<f32>]>,
 ) {
     let (cin, cout, stride) = (sh.cin, sh.cout, sh.stride);
@@ -596,6 +600,15 @@ pub(crate) fn backward(
         fill_frames(x, cin, stride, s0, &f, frame);
         let gframe = grow(&mut bufs.b, cout * f.len);
         fill_frames(gy, cout, 1, s0, &f, gframe);
+        if let Some(gb) = gb.as_deref_mut() {
+            assert!(gb.len() >= cout);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F is available (`fill_frames` asserted it); the kernel indexes
+            // slices.
+            unsafe {
+                avx512::channel_sums(gframe, f.len, &mut gb[..cout])
+            };
+        }
         let gt = grow(&mut bufs.c, cout.div_ceil(16) * f.q * 16);
         transpose_frames(gframe, cout, &f, gt);
         let offs = forward_offsets(&f, stride);
@@ -816,6 +829,37 @@ mod avx512 {
                     }
                 }
             }
+        }
+    }
+
+    /// `gb[c] += Σ frame[c·len..][..len]` (16 lanes in 4 accumulators, added up in a fixed
+    /// tree); `len` a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn channel_sums(frame: &[f32], len: usize, gb: &mut [f32]) {
+        assert!(len % 16 == 0 && frame.len() >= gb.len() * len);
+        for (c, g) in gb.iter_mut().enumerate() {
+            let src = &frame[c * len..][..len];
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut k = 0;
+            while k + 64 <= len {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: `k + 16·a + 16 ≤ len`.
+                    *acc = _mm512_add_ps(*acc, unsafe {
+                        _mm512_loadu_ps(src.as_ptr().add(k + 16 * a))
+                    });
+                }
+                k += 64;
+            }
+            while k < len {
+                // SAFETY: `k + 16 ≤ len` (a multiple of 16).
+                acc[0] = _mm512_add_ps(acc[0], unsafe { _mm512_loadu_ps(src.as_ptr().add(k)) });
+                k += 16;
+            }
+            let v = _mm512_add_ps(
+                _mm512_add_ps(acc[0], acc[1]),
+                _mm512_add_ps(acc[2], acc[3]),
+            );
+            *g += _mm512_reduce_add_ps(v);
         }
     }
 
