@@ -26,6 +26,12 @@
 //! end of each block. The order of every sum is fixed by the shapes alone, so results do not
 //! depend on the thread count.
 //!
+//! **5×5 "same" (stride 1; LeNet's).** The same frames with `p = 2` zeros starting each row
+//! and `p` zero rows between samples (`l = w + p`, [`Frame::padded`]); the 25 taps read the
+//! frame at `q + ki·l + kj`, the input gradient flips them (`t ↦ 24 − t`), and the weight
+//! gradient's kernel takes one input channel × 25 taps at a time. The weight gradient (both
+//! sizes) runs over the output rows only, skipping the padding positions.
+//!
 //! **Data movement.** Frames are filled and results copied out with AVX-512 masked loads and
 //! stores (a `memcpy` call per short row cost more than the copy), the input read in memory
 //! order; with stride 2 each input row is read once and split into its even and odd columns
