@@ -842,7 +842,7 @@ mod avx512 {
     /// tree); `len` a multiple of 16.
     #[target_feature(enable = "avx512f")]
     pub(super) fn channel_sums(frame: &[f32], len: usize, gb: &mut [f32]) {
-        assert!(len % 16 == 0 && frame.len() >= gb.len() * len);
+        assert!(len.is_multiple_of(16) && frame.len() >= gb.len() * len);
         for (c, g) in gb.iter_mut().enumerate() {
             let src = &frame[c * len..][..len];
             let mut acc = [_mm512_setzero_ps(); 4];
@@ -861,10 +861,7 @@ mod avx512 {
                 acc[0] = _mm512_add_ps(acc[0], unsafe { _mm512_loadu_ps(src.as_ptr().add(k)) });
                 k += 16;
             }
-            let v = _mm512_add_ps(
-                _mm512_add_ps(acc[0], acc[1]),
-                _mm512_add_ps(acc[2], acc[3]),
-            );
+            let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             *g += _mm512_reduce_add_ps(v);
         }
     }
