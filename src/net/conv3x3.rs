@@ -358,8 +358,8 @@ const QT: usize = 512;
 
 /// `gw[o][i][t] += Σ_q gt[o][q]·frame[i][q + offset(t)]` over the block's output positions
 /// (`gt` as [`transpose_frames`] writes it; the frame's padding positions, where it is zero,
-/// are skipped), in tiles of whole output rows of at most [`QT`] positions, 16 output channels × 3 input channels × 9 taps
-/// at a time (5×5: 1 input channel × 25 taps).
+/// are skipped), in tiles of whole output rows of at most [`QT`] positions, 16 output
+/// channels × 3 input channels × 9 taps at a time (5×5: 1 input channel × 25 taps).
 #[allow(clippy::too_many_arguments)]
 fn weight_grad(
     gt: &[f32],
