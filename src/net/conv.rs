@@ -32,6 +32,7 @@ use super::conv3x3;
 use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
+use super::winograd;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};
@@ -624,6 +625,9 @@ impl Conv2d {
     /// output of at least 8×8, or a 5×5 kernel with padding 2 ("same"), stride 1 and an output
     /// of at least 6×6 (on smaller ones the frames' padding is a large share of the work, and
     /// im2col + GEMM, which leaves out taps that only read padding, was faster).
+    /// Within this path, the 3×3 shapes that [`winograd::fits`] takes (stride 1, widths 8, 16
+    /// and 32, at least 16 channels each way) run on Winograd F(2×2, 3×3) instead of the
+    /// direct kernels: forward, weight and input gradients.
     fn direct<T: Real>(&self, shape: &[usize]) -> Option<conv3x3::Shape> {
         let w = &self.window;
         let (h, wd) = (shape[2], shape[3]);
@@ -665,6 +669,9 @@ impl Conv2d {
         ys: &mut [std::mem::MaybeUninit<f32>],
     ) {
         let bias = self.bias.then(|| params[1]);
+        if winograd::fits(&sh) {
+            return winograd::forward(xs, params[0], bias, sh, ys);
+        }
         conv3x3::with_buffers(|bufs| conv3x3::forward(xs, params[0], bias, sh, bufs, ys));
     }
 
@@ -681,13 +688,38 @@ impl Conv2d {
         let x32 = f32_slice(xs).expect("direct() checked that T is f32");
         let gy32 = f32_slice(gys).expect("T is f32");
         let w32 = f32_slice(params[0]).expect("T is f32");
-        // The bias gradient is summed from the output gradient's frames (in cache then).
+        // The bias gradient is summed from the output gradient's frames (in cache then) on
+        // the direct kernels, from the NCHW gradient on the Winograd path.
         let (gw, mut gb) = match &mut gp[..] {
             [gw, gb] => (f32_slice_mut(gw), f32_slice_mut(gb)),
             [gw] => (f32_slice_mut(gw), None),
             _ => unreachable!("a weight and at most a bias"),
         };
         let gw = gw.expect("T is f32");
+        if winograd::fits(&sh) {
+            if let Some(gb) = gb {
+                let n = sh.h * sh.w;
+                for (o, g) in gb.iter_mut().enumerate() {
+                    let mut sum = 0.0f32;
+                    for s in 0..sh.batch {
+                        sum += lanes_sum(&gy32[(s * sh.cout + o) * n..][..n]);
+                    }
+                    *g += sum;
+                }
+            }
+            winograd::weight_grad(x32, gy32, sh, gw);
+            let gx = need_x.then(|| {
+                let shape = [sh.batch, sh.cin, sh.h, sh.w];
+                // SAFETY: `winograd::input_grad` writes every value of the input gradient.
+                unsafe {
+                    super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
+                        let gx32 = f32_uninit(gx).expect("T is f32");
+                        winograd::input_grad(gy32, w32, sh, gx32);
+                    })
+                }
+            });
+            return vec![gx];
+        }
         let gx = need_x.then(|| {
             let shape = [sh.batch, sh.cin, sh.h, sh.w];
             // SAFETY: `conv3x3::backward` writes every value of the input gradient.
@@ -1419,6 +1451,8 @@ mod tests {
             (3, 33, 10, 23, 2, true),
             (2, 1, 8, 8, 4, false),
             (6, 5, 6, 7, 2, true),
+            // Winograd's widths and channel counts: 3×3 only.
+            (16, 16, 16, 16, 2, true),
         ] {
             let c = conv([cin, cout, 1], [5, 5], [1, 1], p(2, 2), [1, 1], bias);
             let what = format!("5×5 {cin}→{cout} {h}×{w} ×{batch}");

@@ -28,6 +28,7 @@ pub mod registry;
 pub mod reshape;
 pub(crate) mod scratch;
 pub(crate) mod simd;
+pub(crate) mod winograd;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
