@@ -54,7 +54,8 @@ const PAD: usize = 16;
 /// Whether a call of shape `sh` takes the Winograd path (the rule in the module's
 /// documentation; also needs AVX-512F).
 pub(crate) fn fits(sh: &Shape) -> bool {
-    sh.stride == 1
+    sh.k == 3
+        && sh.stride == 1
         && matches!(sh.w, 8 | 16 | 32)
         && sh.h >= 2
         && sh.h.is_multiple_of(2)
@@ -860,6 +861,7 @@ mod tests {
                 h,
                 w,
                 stride: 1,
+                k: 3,
             };
             assert!(fits(&sh), "{sh:?}");
             let mut rng = Rng::new((cin * 100 + cout * 7 + h) as u64);
@@ -950,6 +952,7 @@ mod tests {
             h,
             w,
             stride,
+            k: 3,
         };
         assert!(fits(&sh(16, 16, 32, 32, 1)));
         assert!(fits(&sh(32, 32, 16, 16, 1)));
