@@ -1,13 +1,17 @@
 //! The training set: `x` and `y` tensors from a `.safetensors` or `.npz` file, with the
 //! preprocessing the spec declares (`scale`, then per-feature/per-channel `mean` and `std`).
 //!
-//! Inputs are held in memory as f32, preprocessed once. Targets are class indices (for
-//! cross-entropy, from any integer dtype or integral floats) or float values (for MSE).
+//! Inputs are held in memory preprocessed once: as f32, or, when the file stores them as
+//! bytes (`uint8`, `int8`), as those bytes with a table of each byte's preprocessed f32
+//! value per channel ([`Inputs::Codes`], a quarter of the memory; chunks are expanded
+//! through the table when a layer reads them, to the same bits). Targets are class indices
+//! (for cross-entropy, from any integer dtype or integral floats) or float values (for MSE).
 
 use crate::error::{LcaError, Result};
-use crate::net::{LossKind, TargetsView};
+use crate::net::input::CODES;
+use crate::net::{CodeTable, Codes, Input, LossKind, TargetsView};
 use crate::spec::DataSpec;
-use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn};
 use std::path::{Path, PathBuf};
 
 mod npz;
@@ -30,10 +34,92 @@ pub struct Dataset {
     pub path: PathBuf,
     pub sha256: String,
     /// Inputs `[N, ...]`, preprocessed.
-    pub x: ArrayD<f32>,
+    pub x: Inputs,
     pub targets: Targets,
     /// Per-sample shape of the stored targets.
     pub y_shape: Vec<usize>,
+}
+
+/// The inputs of a data set, `[N, ...]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inputs {
+    /// Preprocessed values.
+    F32(ArrayD<f32>),
+    /// One byte per value as stored in the file (shifted by 128 for `int8`), and the
+    /// preprocessed f32 value of each byte per channel.
+    Codes { codes: ArrayD<u8>, table: CodeTable },
+}
+
+impl From<ArrayD<f32>> for Inputs {
+    fn from(x: ArrayD<f32>) -> Inputs {
+        Inputs::F32(x)
+    }
+}
+
+impl Inputs {
+    /// Shape `[N, ...]`.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Inputs::F32(x) => x.shape(),
+            Inputs::Codes { codes, .. } => codes.shape(),
+        }
+    }
+
+    /// The preprocessed values in row-major order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &f32> + '_> {
+        match self {
+            Inputs::F32(x) => Box::new(x.iter()),
+            Inputs::Codes { codes, table } => {
+                let per: usize = codes.shape()[1..].iter().product::<usize>().max(1);
+                Box::new(
+                    codes
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, &c)| &table.row_at(i % per)[c as usize]),
+                )
+            }
+        }
+    }
+
+    /// The preprocessed values as one f32 array (a copy for a byte-held set).
+    pub fn to_f32(&self) -> ArrayD<f32> {
+        match self {
+            Inputs::F32(x) => x.clone(),
+            Inputs::Codes { .. } => match self.rows(0, self.shape()[0]) {
+                Input::Codes(c) => c.expand(),
+                Input::F32(x) => x.to_owned(),
+            },
+        }
+    }
+
+    /// The inputs of samples `start..end`.
+    pub fn rows(&self, start: usize, end: usize) -> Input<'_> {
+        match self {
+            Inputs::F32(x) => Input::F32(x.slice_axis(Axis(0), (start..end).into())),
+            Inputs::Codes { codes, table } => Input::Codes(Codes {
+                codes: codes.slice_axis(Axis(0), (start..end).into()),
+                table,
+            }),
+        }
+    }
+
+    /// The byte table of a byte-held set.
+    pub fn code_table(&self) -> Option<&CodeTable> {
+        match self {
+            Inputs::F32(_) => None,
+            Inputs::Codes { table, .. } => Some(table),
+        }
+    }
+}
+
+/// What a byte of a stored dtype holds: `Some(k)` where a value `v` is held as the byte
+/// `v + k` (`uint8`: 0, `int8`: 128); `None` for other dtypes (held as f32).
+fn byte_code_offset(dtype: &str) -> Option<f64> {
+    match dtype {
+        "U8" | "|u1" | "<u1" | ">u1" | "=u1" | "u1" => Some(0.0),
+        "I8" | "|i1" | "<i1" | ">i1" | "=i1" | "i1" => Some(128.0),
+        _ => None,
+    }
 }
 
 /// A raw tensor from the file: shape, values and whether the dtype is integral.
@@ -113,6 +199,56 @@ impl Raw {
                     i += k;
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Visit the values of a byte dtype (`uint8`, `int8`) in order, a block at a time, as
+    /// bytes `v + offset` ([`byte_code_offset`]): read straight from the file, or converted
+    /// from the values in memory.
+    fn for_each_code_block(
+        &self,
+        path: &Path,
+        offset: f64,
+        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        match &self.values {
+            Values::File {
+                path: file,
+                offset: at,
+                dtype,
+                len,
+            } if dtype.bitsize() == 8 => {
+                use std::io::{Read, Seek, SeekFrom};
+                let (mut r, _) = crate::files::open_regular(file)?;
+                r.seek(SeekFrom::Start(*at))
+                    .map_err(|e| LcaError::io(path, e))?;
+                let flip = if offset == 0.0 { 0 } else { 0x80 };
+                let mut buf = vec![0u8; 4 * BLOCK_ELEMS];
+                let mut i = 0;
+                while i < *len {
+                    if crate::interrupt::requested() {
+                        return Err(LcaError::Interrupted(crate::error::Interruption::Requested));
+                    }
+                    let k = buf.len().min(len - i);
+                    let bytes = &mut buf[..k];
+                    r.read_exact(bytes).map_err(|e| LcaError::io(path, e))?;
+                    if flip != 0 {
+                        // int8 `v` (two's complement) ↦ v + 128.
+                        bytes.iter_mut().for_each(|b| *b ^= flip);
+                    }
+                    f(i, bytes)?;
+                    i += k;
+                }
+                Ok(())
+            }
+            _ => {
+                let mut buf = Vec::with_capacity(BLOCK_ELEMS);
+                self.for_each_block(path, |start, vals| {
+                    buf.clear();
+                    buf.extend(vals.iter().map(|&v| (v + offset) as u8));
+                    f(start, &buf)
+                })
             }
         }
     }
@@ -270,16 +406,195 @@ fn read_xy(path: &Path, spec: &DataSpec) -> Result<[Raw; 2]> {
     })
 }
 
+/// The preprocessing of the inputs: `(v·scale − mean[c]) / std[c]` along the first
+/// per-sample axis (channel `c` = position / `inner`), computed in f64 and rounded to f32.
+struct Preprocess<'a> {
+    /// The tensor's name in the spec (`data.x`), for messages.
+    name: &'a str,
+    /// Values per sample.
+    per: usize,
+    /// Values per channel.
+    inner: usize,
+    mean: &'a [f64],
+    std: &'a [f64],
+    scale: f64,
+}
+
+impl Preprocess<'_> {
+    fn err(path: &Path, msg: String) -> LcaError {
+        LcaError::Data {
+            path: path.to_path_buf(),
+            msg,
+        }
+    }
+
+    /// The message for the value `v` at flat index `at` (of the whole tensor) that is not
+    /// finite, or that preprocessing took beyond the f32 range.
+    fn bad_value(&self, path: &Path, at: usize, v: f64) -> LcaError {
+        let (name, per) = (self.name, self.per);
+        Self::err(
+            path,
+            if !v.is_finite() {
+                format!(
+                    "'{name}' holds a non-finite value ({v}) in sample {} (flat index {})",
+                    at / per,
+                    at % per
+                )
+            } else {
+                format!(
+                    "'{name}' sample {} (flat index {}) holds {v:e}, beyond the f32 range after preprocessing (scale, mean, std)",
+                    at / per,
+                    at % per,
+                )
+            },
+        )
+    }
+
+    /// One pass over the stored values: refuse non-finite values, preprocess, and refuse
+    /// values that preprocessing takes beyond the f32 range the evaluator computes in.
+    fn values(&self, x: &Raw, path: &Path) -> Result<Vec<f32>> {
+        let (per, inner, scale) = (self.per, self.inner, self.scale);
+        let total = x.shape.iter().product::<usize>();
+        let mut xs: Vec<f32> = Vec::with_capacity(total);
+        // Each position of a sample has its channel's mean and std (tables of one sample's
+        // length), so a block converts in runs along the sample without a division per value.
+        let offsets: Vec<f64> = (0..per).map(|p| self.mean[p / inner]).collect();
+        let divisors: Vec<f64> = (0..per).map(|p| self.std[p / inner]).collect();
+        x.for_each_block(path, |start, vals| {
+            let mut i = start;
+            let mut rest = vals;
+            while !rest.is_empty() {
+                let p = i % per;
+                let k = (per - p).min(rest.len());
+                let (run, tail) = rest.split_at(k);
+                let from = xs.len();
+                xs.extend(
+                    run.iter()
+                        .zip(&offsets[p..p + k])
+                        .zip(&divisors[p..p + k])
+                        .map(|((&v, &m), &d)| ((v * scale - m) / d) as f32),
+                );
+                let finite = run
+                    .iter()
+                    .zip(&xs[from..])
+                    .fold(true, |ok, (v, p)| ok & v.is_finite() & p.is_finite());
+                if !finite {
+                    let j = (0..k)
+                        .find(|&j| !run[j].is_finite() || !xs[from + j].is_finite())
+                        .expect("a non-finite value in the run");
+                    return Err(self.bad_value(path, i + j, run[j]));
+                }
+                i += k;
+                rest = tail;
+            }
+            Ok(())
+        })?;
+        Ok(xs)
+    }
+
+    /// The stored bytes (each value `v` as the byte `v + offset`) and the table of their
+    /// preprocessed values: the value of byte `c` in channel `ch` is what
+    /// [`Preprocess::values`] computes for `c − offset` there (the same formula, the same
+    /// bits), and a value it would refuse is refused here with the same message, at its
+    /// first place in the file. Also measures the share of non-zero values.
+    fn codes(&self, x: &Raw, path: &Path, offset: f64) -> Result<(Vec<u8>, CodeTable)> {
+        let (per, inner, scale) = (self.per, self.inner, self.scale);
+        let channels = per / inner.max(1);
+        let rows: Vec<[f32; CODES]> = (0..channels)
+            .map(|ch| {
+                std::array::from_fn(|c| {
+                    let v = c as f64 - offset;
+                    ((v * scale - self.mean[ch]) / self.std[ch]) as f32
+                })
+            })
+            .collect();
+        // Per channel: whether some byte's value is refused, and which bytes are zero.
+        let bad_rows: Vec<bool> = rows
+            .iter()
+            .map(|r| r.iter().any(|v| !v.is_finite()))
+            .collect();
+        let zero_rows: Vec<[bool; CODES]> = rows
+            .iter()
+            .map(|r| std::array::from_fn(|c| r[c] == 0.0))
+            .collect();
+        let table = CodeTable::new(rows.clone(), inner);
+        // Runs of one channel row: the whole block when every channel has the same row.
+        let unit = if table.single_row() {
+            usize::MAX
+        } else {
+            inner.max(1)
+        };
+        let total = x.shape.iter().product::<usize>();
+        let mut codes: Vec<u8> = Vec::with_capacity(total);
+        let mut nonzero = 0usize;
+        x.for_each_code_block(path, offset, |start, block| {
+            codes.extend_from_slice(block);
+            let mut i = start;
+            let mut rest = block;
+            while !rest.is_empty() {
+                let (ch, k) = if unit == usize::MAX {
+                    (0, rest.len())
+                } else {
+                    (
+                        (i % per) / unit,
+                        ((i / unit + 1) * unit - i).min(rest.len()),
+                    )
+                };
+                let (run, tail) = rest.split_at(k);
+                let zero = &zero_rows[ch];
+                nonzero += if run.len() < 4 * CODES {
+                    run.iter().filter(|&&c| !zero[c as usize]).count()
+                } else {
+                    // A histogram of the bytes: one pass without a lookup per byte.
+                    let mut hist = [0usize; CODES];
+                    for &c in run {
+                        hist[c as usize] += 1;
+                    }
+                    (0..CODES).filter(|&c| !zero[c]).map(|c| hist[c]).sum()
+                };
+                if bad_rows[ch] {
+                    let row = &rows[ch];
+                    if let Some(j) = run.iter().position(|&c| !row[c as usize].is_finite()) {
+                        let v = run[j] as f64 - offset;
+                        return Err(self.bad_value(path, i + j, v));
+                    }
+                }
+                i += k;
+                rest = tail;
+            }
+            Ok(())
+        })?;
+        let mut table = table;
+        table.set_density(nonzero as f64 / total.max(1) as f64);
+        Ok((codes, table))
+    }
+}
+
 impl Dataset {
     /// Check the inputs' values against the layers that read them directly (token ids within
     /// their embedding), naming the sample and position of the first offending value.
     pub fn check_inputs<T: crate::net::Real>(&self, model: &crate::net::Model<T>) -> Result<()> {
-        model
-            .check_input(self.x.view())
-            .map_err(|m| LcaError::Data {
-                path: self.path.clone(),
-                msg: format!("inputs: {m}"),
-            })
+        let err = |m: String| LcaError::Data {
+            path: self.path.clone(),
+            msg: format!("inputs: {m}"),
+        };
+        let codes = match &self.x {
+            Inputs::F32(x) => return model.check_input(x.view()).map_err(err),
+            Inputs::Codes { codes, .. } => codes,
+        };
+        // A byte-held set is checked in blocks of expanded samples; a block with a problem is
+        // checked again from the first sample, so that the message names its sample.
+        const BLOCK: usize = 4096;
+        let n = codes.shape()[0];
+        for a in (0..n).step_by(BLOCK) {
+            let b = (a + BLOCK).min(n);
+            let x = self.x.rows(a, b).to_real::<f32>().into_owned();
+            if model.check_input(x.view()).is_err() {
+                let x = self.x.rows(0, b).to_real::<f32>().into_owned();
+                return model.check_input(x.view()).map_err(err);
+            }
+        }
+        Ok(())
     }
 
     /// Load and preprocess a data set. `input_shape` (from `[model]`) reshapes each sample
@@ -380,62 +695,32 @@ impl Dataset {
         let mean = per_channel("mean", &spec.mean, 0.0)?;
         let std = per_channel("std", &spec.std, 1.0)?;
         let scale = spec.scale.unwrap_or(1.0);
-        // One pass over the stored values: refuse non-finite values, preprocess, and refuse
-        // values that preprocessing takes beyond the f32 range the evaluator computes in.
-        let total = x.shape.iter().product::<usize>();
-        let mut xs: Vec<f32> = Vec::with_capacity(total);
-        // Each position of a sample has its channel's mean and std (tables of one sample's
-        // length), so a block converts in runs along the sample without a division per value.
-        let offsets: Vec<f64> = (0..per).map(|p| mean[p / inner]).collect();
-        let divisors: Vec<f64> = (0..per).map(|p| std[p / inner]).collect();
-        x.for_each_block(path, |start, vals| {
-            let mut i = start;
-            let mut rest = vals;
-            while !rest.is_empty() {
-                let p = i % per;
-                let k = (per - p).min(rest.len());
-                let (run, tail) = rest.split_at(k);
-                let from = xs.len();
-                xs.extend(
-                    run.iter()
-                        .zip(&offsets[p..p + k])
-                        .zip(&divisors[p..p + k])
-                        .map(|((&v, &m), &d)| ((v * scale - m) / d) as f32),
-                );
-                let finite = run
-                    .iter()
-                    .zip(&xs[from..])
-                    .fold(true, |ok, (v, p)| ok & v.is_finite() & p.is_finite());
-                if !finite {
-                    let j = (0..k)
-                        .find(|&j| !run[j].is_finite() || !xs[from + j].is_finite())
-                        .expect("a non-finite value in the run");
-                    let (at, v) = (i + j, run[j]);
-                    return Err(err(if !v.is_finite() {
-                        format!(
-                            "'{}' holds a non-finite value ({v}) in sample {} (flat index {})",
-                            spec.x,
-                            at / per,
-                            at % per
-                        )
-                    } else {
-                        format!(
-                            "'{}' sample {} (flat index {}) holds {v:e}, beyond the f32 range after preprocessing (scale, mean, std)",
-                            spec.x,
-                            at / per,
-                            at % per,
-                        )
-                    }));
-                }
-                i += k;
-                rest = tail;
-            }
-            Ok(())
-        })?;
         let mut shape = vec![n];
         shape.extend(&sample_shape);
-        let xarr = ArrayD::from_shape_vec(IxDyn(&shape), xs)
-            .map_err(|e| err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x)))?;
+        let pre = Preprocess {
+            name: &spec.x,
+            per,
+            inner,
+            mean: &mean,
+            std: &std,
+            scale,
+        };
+        let xarr = match byte_code_offset(&x.dtype) {
+            Some(offset) if spec.tokens.is_none() => {
+                let codes = pre.codes(&x, path, offset)?;
+                let (codes, table) = codes;
+                Inputs::Codes {
+                    codes: ArrayD::from_shape_vec(IxDyn(&shape), codes).map_err(|e| {
+                        err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x))
+                    })?,
+                    table,
+                }
+            }
+            _ => Inputs::F32(
+                ArrayD::from_shape_vec(IxDyn(&shape), pre.values(&x, path)?)
+                    .map_err(|e| err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x)))?,
+            ),
+        };
 
         let (y_vals, y_full_shape, y_integral, _) = y_values;
         let y_shape = y_full_shape[1..].to_vec();
@@ -586,9 +871,15 @@ impl Dataset {
         let n = self.len();
         let perm = order::permutation(n, seed);
         let per: usize = self.x.shape()[1..].iter().product();
-        match self.x.as_slice_mut() {
-            Some(v) => order::permute_rows(v, per, &perm),
-            None => self.x = self.x.select(Axis(0), &perm),
+        match &mut self.x {
+            Inputs::F32(x) => match x.as_slice_mut() {
+                Some(v) => order::permute_rows(v, per, &perm),
+                None => *x = x.select(Axis(0), &perm),
+            },
+            Inputs::Codes { codes, .. } => match codes.as_slice_mut() {
+                Some(v) => order::permute_rows(v, per, &perm),
+                None => *codes = codes.select(Axis(0), &perm),
+            },
         }
         match &mut self.targets {
             Targets::Classes { ids, per_sample } => order::permute_rows(ids, *per_sample, &perm),
@@ -612,8 +903,8 @@ impl Dataset {
     }
 
     /// Inputs and targets of samples `start..end`.
-    pub fn chunk(&self, start: usize, end: usize) -> (ArrayViewD<'_, f32>, TargetsView<'_>) {
-        let x = self.x.slice_axis(Axis(0), (start..end).into());
+    pub fn chunk(&self, start: usize, end: usize) -> (Input<'_>, TargetsView<'_>) {
+        let x = self.x.rows(start, end);
         let y = match &self.targets {
             Targets::Classes { ids, per_sample } => {
                 TargetsView::Classes(&ids[start * per_sample..end * per_sample])
@@ -671,13 +962,14 @@ mod tests {
         let s = spec(Some(vec![1.0, 2.0, 3.0]), Some(vec![1.0, 2.0, 4.0]));
         let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
         assert_eq!(d.sample_shape(), &[3, 2, 2]);
+        let dx = d.x.to_f32();
         for n in 0..2 {
             for c in 0..3 {
                 for p in 0..4 {
                     let raw = (40 * n + 10 * c + p) as f64;
                     let want = ((raw * 0.5 - [1.0, 2.0, 3.0][c]) / [1.0, 2.0, 4.0][c]) as f32;
                     assert_eq!(
-                        d.x[[n, c, p / 2, p % 2]],
+                        dx[[n, c, p / 2, p % 2]],
                         want,
                         "sample {n} channel {c} pixel {p}"
                     );
@@ -710,7 +1002,8 @@ mod tests {
         let (mean, std) = ([1.0, 2.0, 3.0], [1.0, 3.0, 7.0]);
         let s = spec(Some(mean.to_vec()), Some(std.to_vec()));
         let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
-        let flat = d.x.as_slice().unwrap();
+        let dx = d.x.to_f32();
+        let flat = dx.as_slice().unwrap();
         for (i, (&got, &raw)) in flat.iter().zip(&x).enumerate() {
             let ch = (i % per) / hw;
             let want = ((raw as f64 * 0.5 - mean[ch]) / std[ch]) as f32;
@@ -752,7 +1045,10 @@ mod tests {
         let s = spec(Some(vec![1.0]), Some(vec![2.0]));
         let d = Dataset::load(&path, &s, Some(&[1, 3, 4]), LossKind::CrossEntropy).unwrap();
         assert_eq!(d.x.shape(), &[2, 1, 3, 4]);
-        assert_eq!(d.x[[1, 0, 2, 3]], ((23.0 * 0.5 - 1.0) / 2.0) as f32);
+        assert_eq!(
+            d.x.to_f32()[[1, 0, 2, 3]],
+            ((23.0 * 0.5 - 1.0) / 2.0) as f32
+        );
         // The same file flattened to [N, 12] reshapes the same way.
         write(&path, &x, &[2, 12], &[0, 1]);
         let e = Dataset::load(&path, &s, Some(&[1, 3, 4]), LossKind::CrossEntropy).unwrap();
@@ -785,7 +1081,7 @@ mod tests {
         };
         for (k, &src) in perm.iter().enumerate() {
             assert_eq!(ids[k] as usize, src);
-            assert_eq!(d.x[[k, 2]], file.x[[src, 2]]);
+            assert_eq!(d.x.to_f32()[[k, 2]], file.x.to_f32()[[src, 2]]);
         }
         assert_ne!(d.x, file.x);
     }

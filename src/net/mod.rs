@@ -20,6 +20,7 @@ pub(crate) mod conv_small;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm;
+pub mod input;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
@@ -35,6 +36,7 @@ pub(crate) mod gradcheck;
 use crate::error::{LcaError, Result};
 use crate::spec::{LayerKind, Spec};
 use batch_norm::BnMode;
+pub use input::{CodeTable, Codes, Input};
 use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
 use std::fmt::Debug;
 
@@ -583,8 +585,9 @@ impl<T: Real> Model<T> {
     }
 
     /// Node 0's output for one chunk at parameters `theta` (for [`Model::chunk_loss_grad_after_first`]).
-    pub fn first_output(&self, theta: &[Vec<T>], x: ArrayViewD<f32>) -> ArrayD<T> {
-        let x = T::from_input(x);
+    pub fn first_output<'x>(&self, theta: &[Vec<T>], x: impl Into<Input<'x>>) -> ArrayD<T> {
+        let x = x.into();
+        let x = x.to_real::<T>();
         let node = &self.nodes[0];
         let p = node.param_slices(theta);
         node.layer.forward(&p, &[x.view()], &mut Saved::None)
@@ -593,15 +596,16 @@ impl<T: Real> Model<T> {
     /// Adds node 0's parameter gradients for the output gradient `grad_first` to `grads`
     /// (for a shareable first layer they do not depend on the parameter values; `theta` only
     /// fills the call).
-    pub fn first_param_grad(
+    pub fn first_param_grad<'x>(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: impl Into<Input<'x>>,
         output: ArrayViewD<T>,
         grad_first: ArrayViewD<T>,
         grads: &mut [Vec<T>],
     ) {
-        let x = T::from_input(x);
+        let x = x.into();
+        let x = x.to_real::<T>();
         let node = &self.nodes[0];
         let p = node.param_slices(theta);
         let gp = disjoint_mut(grads, &node.param_ids);
@@ -619,30 +623,30 @@ impl<T: Real> Model<T> {
     /// Forward and backward over one chunk. Adds the gradient of the chunk's **summed** loss
     /// to `grads` (one buffer per parameter tensor, model order) and returns the summed loss
     /// and the number of loss terms it contains.
-    pub fn chunk_loss_grad(
+    pub fn chunk_loss_grad<'x>(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: impl Into<Input<'x>>,
         y: TargetsView,
         grads: &mut [Vec<T>],
     ) -> (f64, usize) {
-        let (loss, count, _) = self.chunk_pass(theta, x, y, grads, None);
+        let (loss, count, _) = self.chunk_pass(theta, x.into(), y, grads, None);
         (loss, count)
     }
 
     /// As [`Model::chunk_loss_grad`], with node 0's output given (`first`) instead of computed,
     /// and node 0's backward pass left out: node 0's parameters get no gradient; the gradient
     /// of the chunk's summed loss with respect to `first` is returned instead.
-    pub fn chunk_loss_grad_after_first(
+    pub fn chunk_loss_grad_after_first<'x>(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: impl Into<Input<'x>>,
         y: TargetsView,
         first: ArrayViewD<T>,
         grads: &mut [Vec<T>],
     ) -> (f64, usize, ArrayD<T>) {
         let shape = first.shape().to_vec();
-        let (loss, count, g) = self.chunk_pass(theta, x, y, grads, Some(first));
+        let (loss, count, g) = self.chunk_pass(theta, x.into(), y, grads, Some(first));
         let g = g.unwrap_or_else(|| ArrayD::zeros(IxDyn(&shape)));
         (loss, count, g)
     }
@@ -650,14 +654,24 @@ impl<T: Real> Model<T> {
     fn chunk_pass(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: Input,
         y: TargetsView,
         grads: &mut [Vec<T>],
         first: Option<ArrayViewD<T>>,
     ) -> (f64, usize, Option<ArrayD<T>>) {
-        let x = T::from_input(x);
         let n = self.nodes.len();
         let given = first.is_some();
+        // Bytes are expanded only when a node that runs reads the model input.
+        let reads_input = self
+            .nodes
+            .iter()
+            .enumerate()
+            .any(|(i, node)| !(i == 0 && given) && node.inputs.contains(&Src::Input));
+        let x = if reads_input {
+            x.to_real::<T>()
+        } else {
+            CowArray::from(ArrayD::<T>::zeros(IxDyn(&[0])))
+        };
         let mut outs: Vec<ArrayD<T>> = Vec::with_capacity(n);
         let mut saved: Vec<Saved<T>> = Vec::with_capacity(n);
         // The output of node j (node 0's may be given).
