@@ -29,6 +29,7 @@ pub mod registry;
 pub mod reshape;
 pub(crate) mod scratch;
 pub(crate) mod simd;
+pub(crate) mod sparse;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -146,6 +147,42 @@ pub trait Layer<T: Real>: Send + Sync {
     /// Simpson's integration points ([`Model::first_layer_shareable`]).
     fn affine_in_params(&self) -> bool {
         false
+    }
+    /// Whether this layer, reading the model input directly, takes a byte-held chunk `x` as
+    /// its bytes ([`Layer::forward_codes`], [`Layer::param_grads_codes`]) instead of their
+    /// expanded values. Must depend on the layer and the data set only (not on the chunk), so
+    /// that every chunk of a run takes the same path.
+    fn takes_codes(&self, _x: &Codes) -> bool {
+        false
+    }
+    /// Forward from a byte-held input (when [`Layer::takes_codes`]); the default expands it.
+    fn forward_codes(&self, params: &[&[T]], x: &Codes) -> ArrayD<T> {
+        let x = Input::Codes(x.clone());
+        let x = x.to_real::<T>();
+        self.forward(params, &[x.view()], &mut Saved::None)
+    }
+    /// Backward's parameter gradients (added to `grad_params`) for a byte-held input that
+    /// needs no gradient (when [`Layer::takes_codes`], a layer whose backward reads neither
+    /// its output nor what forward saved); the default expands it.
+    fn param_grads_codes(
+        &self,
+        params: &[&[T]],
+        x: &Codes,
+        grad_out: ArrayViewD<T>,
+        grad_params: Vec<&mut [T]>,
+    ) {
+        let x = Input::Codes(x.clone());
+        let x = x.to_real::<T>();
+        let out = ArrayD::<T>::zeros(IxDyn(&[0]));
+        self.backward(Backward {
+            params,
+            inputs: &[x.view()],
+            output: out.view(),
+            saved: &Saved::None,
+            grad_out,
+            grad_params,
+            need_input_grad: &[false],
+        });
     }
     /// Check the values of the model input when this layer reads it directly (e.g. that token
     /// ids are integers within the embedding), naming the first offending sample and position.
@@ -584,12 +621,24 @@ impl<T: Real> Model<T> {
                 .all(|n| n.param_ids.iter().all(|j| !first.param_ids.contains(j)))
     }
 
+    /// The byte-held input when node `i` reads it as bytes: its only input is the model
+    /// input, it applies no fused ReLU, and its layer takes the bytes ([`Layer::takes_codes`]).
+    fn codes_for<'x, 'a>(&self, i: usize, x: &'x Input<'a>) -> Option<&'x Codes<'a>> {
+        let Input::Codes(c) = x else { return None };
+        let node = &self.nodes[i];
+        (node.inputs == [Src::Input] && !node.fuses_next_relu && node.layer.takes_codes(c))
+            .then_some(c)
+    }
+
     /// Node 0's output for one chunk at parameters `theta` (for [`Model::chunk_loss_grad_after_first`]).
     pub fn first_output<'x>(&self, theta: &[Vec<T>], x: impl Into<Input<'x>>) -> ArrayD<T> {
         let x = x.into();
-        let x = x.to_real::<T>();
         let node = &self.nodes[0];
         let p = node.param_slices(theta);
+        if let Some(c) = self.codes_for(0, &x) {
+            return node.layer.forward_codes(&p, c);
+        }
+        let x = x.to_real::<T>();
         node.layer.forward(&p, &[x.view()], &mut Saved::None)
     }
 
@@ -605,10 +654,14 @@ impl<T: Real> Model<T> {
         grads: &mut [Vec<T>],
     ) {
         let x = x.into();
-        let x = x.to_real::<T>();
         let node = &self.nodes[0];
         let p = node.param_slices(theta);
         let gp = disjoint_mut(grads, &node.param_ids);
+        if let Some(c) = self.codes_for(0, &x) {
+            node.layer.param_grads_codes(&p, c, grad_first, gp);
+            return;
+        }
+        let x = x.to_real::<T>();
         node.layer.backward(Backward {
             params: &p,
             inputs: &[x.view()],
@@ -662,12 +715,12 @@ impl<T: Real> Model<T> {
         let n = self.nodes.len();
         let given = first.is_some();
         // Bytes are expanded only when a node that runs reads the model input.
-        let reads_input = self
-            .nodes
-            .iter()
-            .enumerate()
-            .any(|(i, node)| !(i == 0 && given) && node.inputs.contains(&Src::Input));
-        let x = if reads_input {
+        // Nodes that read a byte-held input as bytes (`codes[i]`).
+        let codes: Vec<Option<&Codes>> = (0..n).map(|i| self.codes_for(i, &x)).collect();
+        let reads_input = self.nodes.iter().enumerate().any(|(i, node)| {
+            !(i == 0 && given) && codes[i].is_none() && node.inputs.contains(&Src::Input)
+        });
+        let xr = if reads_input {
             x.to_real::<T>()
         } else {
             CowArray::from(ArrayD::<T>::zeros(IxDyn(&[0])))
@@ -685,7 +738,7 @@ impl<T: Real> Model<T> {
                 _ => outs[j].view(),
             }
         }
-        let xv = x.view();
+        let xv = xr.view();
         // The inputs of a node: the chunk's inputs or earlier nodes' outputs.
         fn inputs_of<'a, T: Real>(
             node: &Node<T>,
@@ -715,6 +768,11 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let p = node.param_slices(theta);
+            if let Some(c) = codes[i] {
+                outs.push(node.layer.forward_codes(&p, c));
+                saved.push(Saved::None);
+                continue;
+            }
             let ins = inputs_of(node, &xv, &outs, &first);
             let mut sv = Saved::None;
             if node.fuses_next_relu {
@@ -745,6 +803,15 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let p = node.param_slices(theta);
+            if let Some(c) = codes[i] {
+                // Its only input is the model input, which needs no gradient.
+                let gp = disjoint_mut(grads, &node.param_ids);
+                node.layer.param_grads_codes(&p, c, g.view(), gp);
+                if i > 0 || !given {
+                    outs[i] = ArrayD::zeros(IxDyn(&[0]));
+                }
+                continue;
+            }
             let ins = inputs_of(node, &xv, &outs, &first);
             let need: Vec<bool> = node
                 .inputs
