@@ -28,7 +28,7 @@ const L: usize = 16;
 /// Output columns per tile (vectors of [`L`] held in registers).
 const MAX_NV: usize = 8;
 /// Rows per group (their inputs and outputs stay in the L2 cache while the group is done).
-const ROWS: usize = 32;
+const ROWS: usize = 64;
 /// Input columns per block (their rows of the weight stay in the L1 cache).
 const KB: usize = 64;
 /// Inputs at or below this share of non-zeros take the sparse kernels.
@@ -317,23 +317,21 @@ mod x86 {
         bias: Option<&[f32]>,
         y: &mut [MaybeUninit<f32>],
     ) {
-        for row in y.chunks_exact_mut(n) {
-            match bias {
-                Some(b) => row.iter_mut().zip(b).for_each(|(y, &b)| {
-                    y.write(b);
-                }),
-                None => row.iter_mut().for_each(|y| {
-                    y.write(0.0);
-                }),
-            }
-        }
-        // SAFETY: every value was written just above.
-        let y: &mut [f32] =
-            unsafe { std::slice::from_raw_parts_mut(y.as_mut_ptr().cast(), y.len()) };
         let (np, blocks) = (padded(n), k.div_ceil(KB));
         let mut bits = Vec::with_capacity(ROWS * blocks);
+        // The group's outputs, rows padded to whole vectors: read and written whole, never
+        // with a masked store that reaches into the next row (which the next row's load would
+        // wait for).
+        let mut acc = vec![0.0f32; ROWS * np];
         for r0 in (0..rows).step_by(ROWS) {
             let r1 = (r0 + ROWS).min(rows);
+            for row in acc.chunks_exact_mut(np) {
+                match bias {
+                    Some(b) => row[..n].copy_from_slice(b),
+                    None => row[..n].fill(0.0),
+                }
+                row[n..].fill(0.0);
+            }
             // SAFETY: as this function's.
             unsafe { group_bits(x, k, r0, r1, &mut bits) };
             for b in 0..blocks {
@@ -341,7 +339,7 @@ mod x86 {
                     x,
                     &bits,
                     wt,
-                    y,
+                    &mut acc,
                     Tile {
                         n,
                         np,
@@ -354,16 +352,27 @@ mod x86 {
                     }
                 ));
             }
+            for (i, row) in (r0..r1).zip(acc.chunks_exact(np)) {
+                for (y, &v) in y[i * n..(i + 1) * n].iter_mut().zip(row) {
+                    y.write(v);
+                }
+            }
         }
     }
 
-    /// Adds the non-zeros of block `b` of rows `r0..r1` to `y`'s columns `c0..c0 + width`:
-    /// two sets of accumulators take the non-zeros in turn (so that one product's latency does
-    /// not hold up the next), added at the end.
+    /// Adds the non-zeros of block `b` of rows `r0..r1` to columns `c0..c0 + width` of the
+    /// group's padded outputs `acc` (row `i − r0`; whole vectors, the padding gets `x·0`):
+    /// two sets of accumulators take the non-zeros in turn (so that one product's latency
+    /// does not hold up the next), added at the end.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn fwd_tile<X: Rows, const NV: usize>(x: &X, bits: &[u64], wt: &[f32], y: &mut [f32], t: Tile) {
-        let masks: [__mmask16; NV] = std::array::from_fn(|u| mask(t.width, u));
+    fn fwd_tile<X: Rows, const NV: usize>(
+        x: &X,
+        bits: &[u64],
+        wt: &[f32],
+        acc: &mut [f32],
+        t: Tile,
+    ) {
         let k0 = t.b * KB;
         // Row j of the block's rows of `wt`, from column c0: NV whole vectors (padded).
         let w_at = |j: usize| &wt[(k0 + j) * t.np + t.c0..][..NV * L];
@@ -374,11 +383,8 @@ mod x86 {
             if nz == 0 {
                 continue;
             }
-            let out = &mut y[i * t.n + t.c0..][..t.width];
-            // SAFETY (loads and stores of `out`): the masks keep them within `out`.
-            let mut a: [__m512; NV] = std::array::from_fn(|u| unsafe {
-                _mm512_maskz_loadu_ps(masks[u], out.as_ptr().add(u * L))
-            });
+            let out = &mut acc[(i - t.r0) * t.np + t.c0..][..NV * L];
+            let mut a: [__m512; NV] = std::array::from_fn(|u| load(out, u));
             let mut c = [_mm512_setzero_ps(); NV];
             while nz != 0 {
                 let j1 = nz.trailing_zeros() as usize;
@@ -400,11 +406,14 @@ mod x86 {
             }
             for u in 0..NV {
                 let s = _mm512_add_ps(a[u], c[u]);
-                // SAFETY: the mask keeps the store within `out`.
-                unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(u * L), masks[u], s) };
+                // SAFETY: `out` holds NV vectors.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(u * L), s) };
             }
         }
     }
+
+    /// Rows per group of the weight gradient (one bit each in a column's word).
+    const GROWS: usize = 64;
 
     /// # Safety
     /// AVX-512F (and BW for bytes); `x` `[rows, k]`, `gy` `[rows, n]`, `gwt` `[k, padded(n)]`.
@@ -418,15 +427,32 @@ mod x86 {
         gwt: &mut [f32],
     ) {
         let (np, blocks) = (padded(n), k.div_ceil(KB));
-        let mut bits = Vec::with_capacity(ROWS * blocks);
-        for r0 in (0..rows).step_by(ROWS) {
-            let r1 = (r0 + ROWS).min(rows);
-            // SAFETY: as this function's.
-            unsafe { group_bits(x, k, r0, r1, &mut bits) };
+        let mut bits = Vec::with_capacity(GROWS * blocks);
+        // The group's non-zeros by column: bit i − r0 of `cols[j]` for row i, column b·KB + j.
+        let mut cols = [0u64; KB];
+        for r0 in (0..rows).step_by(GROWS) {
+            let r1 = (r0 + GROWS).min(rows);
+            bits.clear();
+            for i in r0..r1 {
+                for c0 in (0..k).step_by(KB) {
+                    // SAFETY: as this function's.
+                    bits.push(unsafe { x.nonzeros(i, c0, KB.min(k - c0)) });
+                }
+                x.prefetch(i + GROWS);
+            }
             for b in 0..blocks {
+                cols.fill(0);
+                for i in r0..r1 {
+                    let mut nz = bits[(i - r0) * blocks + b];
+                    while nz != 0 {
+                        let j = nz.trailing_zeros() as usize;
+                        nz &= nz - 1;
+                        cols[j] |= 1 << (i - r0);
+                    }
+                }
                 tiles!(n, X, |c0, width| grad_tile(
                     x,
-                    &bits,
+                    &cols,
                     gy,
                     gwt,
                     Tile {
@@ -444,46 +470,65 @@ mod x86 {
         }
     }
 
-    /// Adds `x[i, j]·gy[i, c0..c0 + width]` to row `j` of `gwt` for the non-zeros of block
-    /// `b` of rows `r0..r1`, rows in order. The rows of `gwt` are read and written as whole
-    /// vectors (the padding lanes get `x·0`), so a row's store forwards to the next row's load.
+    /// For each column `j` of block `b` with non-zeros in rows `r0..r1`: the sum over those
+    /// rows, in order, of `x[i, j]·gy[i, c0..c0 + width]`, in registers (two sets of
+    /// accumulators taking the rows in turn, added at the end), then added to row `j` of
+    /// `gwt` once. The rows of `gwt` are read and written as whole vectors (the padding lanes
+    /// get `x·0`).
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn grad_tile<X: Rows, const NV: usize>(
         x: &X,
-        bits: &[u64],
+        cols: &[u64; KB],
         gy: &[f32],
         gwt: &mut [f32],
         t: Tile,
     ) {
         let masks: [__mmask16; NV] = std::array::from_fn(|u| mask(t.width, u));
         let k0 = t.b * KB;
-        for i in t.r0..t.r1 {
-            let mut nz = bits[(i - t.r0) * t.blocks + t.b];
+        // SAFETY (the loads of `gy`): the masks keep them within row i's columns c0..c0+width.
+        let load = |i: usize, u: usize| unsafe {
+            _mm512_maskz_loadu_ps(masks[u], gy.as_ptr().add(i * t.n + t.c0 + u * L))
+        };
+        debug_assert!(t.r1 * t.n <= gy.len());
+        for (j, &col) in cols.iter().enumerate() {
+            let mut nz = col;
             if nz == 0 {
                 continue;
             }
-            let g_row = &gy[i * t.n + t.c0..][..t.width];
-            // SAFETY: the masks keep the loads within `g_row`.
-            let g: [__m512; NV] = std::array::from_fn(|u| unsafe {
-                _mm512_maskz_loadu_ps(masks[u], g_row.as_ptr().add(u * L))
-            });
+            let mut a = [_mm512_setzero_ps(); NV];
+            let mut c = [_mm512_setzero_ps(); NV];
             while nz != 0 {
-                let j = nz.trailing_zeros() as usize;
+                let i1 = t.r0 + nz.trailing_zeros() as usize;
                 nz &= nz - 1;
-                let v = _mm512_set1_ps(x.value(i, k0 + j));
-                let row = &mut gwt[(k0 + j) * t.np + t.c0..][..NV * L];
-                for (u, g) in g.iter().enumerate() {
-                    // SAFETY: `row` holds NV vectors.
-                    unsafe {
-                        let p = row.as_mut_ptr().add(u * L);
-                        _mm512_storeu_ps(p, _mm512_fmadd_ps(v, *g, _mm512_loadu_ps(p)));
+                let v1 = _mm512_set1_ps(x.value(i1, k0 + j));
+                if nz == 0 {
+                    for (u, a) in a.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(v1, load(i1, u), *a);
                     }
+                    break;
+                }
+                let i2 = t.r0 + nz.trailing_zeros() as usize;
+                nz &= nz - 1;
+                let v2 = _mm512_set1_ps(x.value(i2, k0 + j));
+                for u in 0..NV {
+                    a[u] = _mm512_fmadd_ps(v1, load(i1, u), a[u]);
+                    c[u] = _mm512_fmadd_ps(v2, load(i2, u), c[u]);
+                }
+            }
+            let row = &mut gwt[(k0 + j) * t.np + t.c0..][..NV * L];
+            for u in 0..NV {
+                // SAFETY: `row` holds NV vectors.
+                unsafe {
+                    let p = row.as_mut_ptr().add(u * L);
+                    let s = _mm512_add_ps(a[u], c[u]);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), s));
                 }
             }
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
