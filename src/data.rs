@@ -1085,4 +1085,204 @@ mod tests {
         }
         assert_ne!(d.x, file.x);
     }
+
+    /// A two-layer MLP on 40 features (first Linear 40 → 16) and an evaluator over `d`.
+    fn mlp<T: crate::net::Real>() -> crate::net::Model<T> {
+        let src = r#"
+[[layers]]
+name = "fc1"
+type = "linear"
+in_features = 40
+out_features = 16
+
+[[layers]]
+type = "relu"
+
+[[layers]]
+name = "fc2"
+type = "linear"
+in_features = 16
+out_features = 3
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "unused"
+"#;
+        let spec = crate::spec::Spec::parse(src, Path::new("t.toml")).unwrap();
+        crate::net::Model::build(&spec, &[40]).unwrap()
+    }
+
+    fn theta<T: crate::net::Real>(m: &crate::net::Model<T>, seed: u64) -> Vec<Vec<T>> {
+        let mut rng = crate::net::gradcheck::Rng::new(seed);
+        m.params
+            .iter()
+            .map(|p| (0..p.numel()).map(|_| T::of(0.3 * rng.next())).collect())
+            .collect()
+    }
+
+    /// `n` samples of 40 bytes, about `density` of them not 0, and labels 0..3.
+    fn byte_set(dir: &Path, n: usize, density: f64) -> PathBuf {
+        let path = dir.join("b.safetensors");
+        let mut rng = crate::net::gradcheck::Rng::new(5);
+        let x: Vec<u8> = (0..n * 40)
+            .map(|_| {
+                if (rng.next() + 1.0) / 2.0 < density {
+                    ((rng.next() + 1.0) * 127.9) as u8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let y: Vec<i64> = (0..n as i64).map(|i| i % 3).collect();
+        write(&path, &x, &[n, 40], &y);
+        path
+    }
+
+    fn eval_bits<T: crate::net::Real>(
+        m: &crate::net::Model<T>,
+        d: &Dataset,
+        th: &[Vec<T>],
+    ) -> (f64, Vec<Vec<f64>>) {
+        let e = crate::eval::Evaluator {
+            model: m,
+            data: d,
+            chunk_size: 33,
+        };
+        let r = e.loss_and_grad(th).unwrap();
+        (r.loss, r.grads)
+    }
+
+    /// A `uint8` set is held as bytes; with mostly non-zero bytes (no sparse products) its
+    /// loss and gradient are the same bits as the same values held as f32, in f32 and f64.
+    #[test]
+    fn byte_held_set_gives_the_bits_of_the_f32_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = byte_set(dir.path(), 200, 0.9);
+        let mut s = spec(None, None);
+        s.scale = Some(1.0 / 255.0);
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        let table = d.x.code_table().expect("held as bytes");
+        assert!(table.density() > 0.85 && table.density() < 0.95);
+        let mut f = d.clone();
+        f.x = Inputs::F32(d.x.to_f32());
+        assert_eq!(
+            d.x.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            f.x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let (m32, m64) = (mlp::<f32>(), mlp::<f64>());
+        let (t32, t64) = (theta(&m32, 1), theta(&m64, 1));
+        let bits = |r: (f64, Vec<Vec<f64>>)| -> Vec<u64> {
+            std::iter::once(r.0.to_bits())
+                .chain(r.1.iter().flatten().map(|v| v.to_bits()))
+                .collect()
+        };
+        assert!(bits(eval_bits(&m32, &d, &t32)) == bits(eval_bits(&m32, &f, &t32)));
+        assert!(bits(eval_bits(&m64, &d, &t64)) == bits(eval_bits(&m64, &f, &t64)));
+        // Reordered together, still the same.
+        let (mut d2, mut f2) = (d.clone(), f.clone());
+        d2.reorder(DataOrder::Shuffled { seed: 3 });
+        f2.reorder(DataOrder::Shuffled { seed: 3 });
+        assert_eq!(d2.x.to_f32(), f2.x.to_f32());
+    }
+
+    /// A mostly-zero `uint8` set takes the first Linear's sparse products on the bytes (where
+    /// the CPU has AVX-512BW): loss and gradient, plain and with the first layer shared over
+    /// a Simpson step, agree with the f64 evaluation of the same values to f32 rounding.
+    #[test]
+    fn sparse_bytes_agree_with_the_dense_f64_evaluation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = byte_set(dir.path(), 300, 0.15);
+        let mut s = spec(None, None);
+        s.scale = Some(1.0 / 255.0);
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        let table = d.x.code_table().expect("held as bytes");
+        assert!(table.density() < 0.2);
+        assert_eq!(
+            crate::net::sparse::codes_pay(table, 40, 16),
+            crate::net::sparse::available()
+        );
+        let (m32, m64) = (mlp::<f32>(), mlp::<f64>());
+        let (t32, t64) = (theta(&m32, 2), theta(&m64, 2));
+        let (l32, g32) = eval_bits(&m32, &d, &t32);
+        let (l64, g64) = eval_bits(&m64, &d, &t64);
+        assert!((l32 - l64).abs() < 1e-6, "{l32} vs {l64}");
+        let scale = g64.iter().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (a, b) in g32.iter().flatten().zip(g64.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5 * scale, "{a} vs {b}");
+        }
+        // The shared first-layer step routes node 0 through the same products.
+        let t1 = theta(&m32, 3);
+        let mid: Vec<Vec<f32>> = t32
+            .iter()
+            .zip(&t1)
+            .map(|(a, b)| a.iter().zip(b).map(|(a, b)| (a + b) * 0.5).collect())
+            .collect();
+        let e = crate::eval::Evaluator {
+            model: &m32,
+            data: &d,
+            chunk_size: 64,
+        };
+        assert!(m32.first_layer_shareable());
+        let sh = e.simpson_sharing_first(&t32, &mid, &t1, &mut None).unwrap();
+        let plain: Vec<crate::eval::LossGrad> = [&t32, &mid, &t1]
+            .iter()
+            .map(|t| e.loss_and_grad(t).unwrap())
+            .collect();
+        for i in 0..3 {
+            assert!((sh.loss[i] - plain[i].loss).abs() < 1e-6);
+        }
+        let w: Vec<f64> = (0..plain[0].grads.len())
+            .flat_map(|j| {
+                let p = &plain;
+                (0..p[0].grads[j].len()).map(move |k| {
+                    (p[0].grads[j][k] + 4.0 * p[1].grads[j][k] + p[2].grads[j][k]) / 6.0
+                })
+            })
+            .collect();
+        let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (a, b) in sh.weighted.iter().flatten().zip(&w) {
+            assert!((a - b).abs() < 1e-5 * scale, "{a} vs {b}");
+        }
+    }
+
+    /// `int8` values are held as bytes too (shifted by 128), with their values; a byte whose
+    /// preprocessed value leaves the f32 range is refused at its first place, as for f32.
+    #[test]
+    fn int8_bytes_and_values_beyond_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.safetensors");
+        let x: Vec<i8> = (0..2 * 12).map(|v| (v * 11 - 128) as i8).collect();
+        let xb: Vec<u8> = x.iter().map(|&v| v as u8).collect();
+        let yb: Vec<u8> = [0i64, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            ("x", TensorView::new(Dtype::I8, vec![2, 3, 4], &xb).unwrap()),
+            ("y", TensorView::new(Dtype::I64, vec![2], &yb).unwrap()),
+        ];
+        serialize_to_file(views, None, &path).unwrap();
+        let s = spec(Some(vec![1.0, -2.0, 3.0]), Some(vec![2.0, 3.0, 0.5]));
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        assert!(d.x.code_table().is_some());
+        let dx = d.x.to_f32();
+        for (i, (&got, &raw)) in dx.iter().zip(&x).enumerate() {
+            let c = (i % 12) / 4;
+            let want = ((raw as f64 * 0.5 - [1.0, -2.0, 3.0][c]) / [2.0, 3.0, 0.5][c]) as f32;
+            assert_eq!(got.to_bits(), want.to_bits(), "value {i}");
+        }
+        // std 1e-300: every byte but the one of value 0 leaves the f32 range.
+        let path = dir.path().join("u.safetensors");
+        let mut x = vec![0u8; 3 * 10];
+        x[17] = 4;
+        x[25] = 9;
+        write(&path, &x, &[3, 10], &[0, 1, 2]);
+        let s = spec(None, Some(vec![1e-300]));
+        let e = Dataset::load(&path, &s, None, LossKind::CrossEntropy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'x' sample 1 (flat index 7) holds 4e0, beyond the f32 range"),
+            "{e}"
+        );
+    }
 }
