@@ -1230,8 +1230,8 @@ train = "unused"
             .iter()
             .map(|t| e.loss_and_grad(t).unwrap())
             .collect();
-        for i in 0..3 {
-            assert!((sh.loss[i] - plain[i].loss).abs() < 1e-6);
+        for (l, p) in sh.loss.iter().zip(&plain) {
+            assert!((l - p.loss).abs() < 1e-6);
         }
         let w: Vec<f64> = (0..plain[0].grads.len())
             .flat_map(|j| {
