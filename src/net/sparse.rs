@@ -135,7 +135,7 @@ pub(crate) fn weight_grad(x: Lhs, rows: usize, k: usize, gy: &[f32], n: usize, g
     assert_eq!(gy.len(), rows * n);
     assert_eq!(gw.len(), n * k);
     let np = padded(n);
-    let mut gwt = vec![0.0f32; k * np];
+    let mut gwt = Aligned::zeros(k * np);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU runs the kernel for `x` (asserted); the shapes are checked above.
     unsafe {
@@ -160,6 +160,42 @@ pub(crate) fn weight_grad(x: Lhs, rows: usize, k: usize, gy: &[f32], n: usize, g
     }
 }
 
+/// A zeroed f32 buffer aligned to 64 bytes, so that the whole-vector loads and stores of its
+/// padded rows never cross a cache line (a split load costs two).
+struct Aligned {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; L]);
+
+impl Aligned {
+    fn zeros(len: usize) -> Aligned {
+        Aligned {
+            lines: vec![Line([0.0; L]); len.div_ceil(L)],
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: the lines are contiguous arrays of f32 (`repr(C)`, a multiple of 64 bytes:
+        // no padding between them), at least `len` values.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as for `deref`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
+
 /// `n` rounded up to whole vectors: the row length of the transposed weight and of the
 /// weight gradient's buffer, so that their rows are read and written whole (a store the next
 /// load can forward from).
@@ -168,9 +204,9 @@ fn padded(n: usize) -> usize {
 }
 
 /// `a` (`[r, c]`) transposed (`[c, padded(r)]`, the padding zero).
-fn transpose_padded(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+fn transpose_padded(a: &[f32], r: usize, c: usize) -> Aligned {
     let rp = padded(r);
-    let mut t = vec![0.0f32; rp * c];
+    let mut t = Aligned::zeros(rp * c);
     for (i, row) in a.chunks_exact(c).enumerate() {
         for (j, &v) in row.iter().enumerate() {
             t[j * rp + i] = v;
@@ -184,13 +220,6 @@ mod x86 {
     use super::{CODES, KB, L, MAX_NV, ROWS, padded};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
-
-    /// Lanes of vector `u` of a run `width` values long.
-    #[inline]
-    fn mask(width: usize, u: usize) -> __mmask16 {
-        let lanes = width.saturating_sub(u * L).min(L);
-        ((1u32 << lanes) - 1) as __mmask16
-    }
 
     /// The sparse matrix the kernels read: its non-zeros, 64 columns at a time, and values.
     pub(super) trait Rows {
@@ -290,18 +319,16 @@ mod x86 {
     }
 
     /// Where one call's tile lies: rows `r0..r1`, block `b` of input columns
-    /// (`b·KB..b·KB + KB`), output columns `c0..c0 + width`, of a product with `n` outputs
-    /// (`np` = `padded(n)`: the row length of the transposed weight and gradient).
+    /// (`b·KB..b·KB + KB`) of `blocks`, output columns from `c0` (the call's NV vectors), in
+    /// rows of `np` values (`padded(n)`: the transposed weight, gradient and padded rows).
     #[derive(Clone, Copy)]
     struct Tile {
-        n: usize,
         np: usize,
         r0: usize,
         r1: usize,
         b: usize,
         blocks: usize,
         c0: usize,
-        width: usize,
     }
 
     /// # Safety
@@ -322,7 +349,7 @@ mod x86 {
         // The group's outputs, rows padded to whole vectors: read and written whole, never
         // with a masked store that reaches into the next row (which the next row's load would
         // wait for).
-        let mut acc = vec![0.0f32; ROWS * np];
+        let mut acc = super::Aligned::zeros(ROWS * np);
         for r0 in (0..rows).step_by(ROWS) {
             let r1 = (r0 + ROWS).min(rows);
             for row in acc.chunks_exact_mut(np) {
@@ -341,14 +368,12 @@ mod x86 {
                     wt,
                     &mut acc,
                     Tile {
-                        n,
                         np,
                         r0,
                         r1,
                         b,
                         blocks,
-                        c0,
-                        width
+                        c0
                     }
                 ));
             }
@@ -430,8 +455,13 @@ mod x86 {
         let mut bits = Vec::with_capacity(GROWS * blocks);
         // The group's non-zeros by column: bit i − r0 of `cols[j]` for row i, column b·KB + j.
         let mut cols = [0u64; KB];
+        // The group's output-gradient rows, padded to whole vectors (zeros) and aligned.
+        let mut gp = super::Aligned::zeros(GROWS * np);
         for r0 in (0..rows).step_by(GROWS) {
             let r1 = (r0 + GROWS).min(rows);
+            for (i, row) in (r0..r1).zip(gp.chunks_exact_mut(np)) {
+                row[..n].copy_from_slice(&gy[i * n..(i + 1) * n]);
+            }
             bits.clear();
             for i in r0..r1 {
                 for c0 in (0..k).step_by(KB) {
@@ -453,17 +483,15 @@ mod x86 {
                 tiles!(n, X, |c0, width| grad_tile(
                     x,
                     &cols,
-                    gy,
+                    &gp,
                     gwt,
                     Tile {
-                        n,
                         np,
                         r0,
                         r1,
                         b,
                         blocks,
-                        c0,
-                        width
+                        c0
                     }
                 ));
             }
@@ -471,26 +499,24 @@ mod x86 {
     }
 
     /// For each column `j` of block `b` with non-zeros in rows `r0..r1`: the sum over those
-    /// rows, in order, of `x[i, j]·gy[i, c0..c0 + width]`, in registers (two sets of
-    /// accumulators taking the rows in turn, added at the end), then added to row `j` of
-    /// `gwt` once. The rows of `gwt` are read and written as whole vectors (the padding lanes
-    /// get `x·0`).
+    /// rows, in order, of `x[i, j]·gy[i, c0..c0 + width]` (`gp`: the group's rows of `gy`,
+    /// padded with zeros to `np`), in registers (two sets of accumulators taking the rows in
+    /// turn, added at the end), then added to row `j` of `gwt` once. The rows of `gwt` are
+    /// read and written as whole vectors (the padding lanes get `x·0`).
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn grad_tile<X: Rows, const NV: usize>(
         x: &X,
         cols: &[u64; KB],
-        gy: &[f32],
+        gp: &[f32],
         gwt: &mut [f32],
         t: Tile,
     ) {
-        let masks: [__mmask16; NV] = std::array::from_fn(|u| mask(t.width, u));
         let k0 = t.b * KB;
-        // SAFETY (the loads of `gy`): the masks keep them within row i's columns c0..c0+width.
-        let load = |i: usize, u: usize| unsafe {
-            _mm512_maskz_loadu_ps(masks[u], gy.as_ptr().add(i * t.n + t.c0 + u * L))
-        };
-        debug_assert!(t.r1 * t.n <= gy.len());
+        // Row i's vectors from column c0 (NV whole vectors: padded).
+        let g_at = |i: usize| &gp[(i - t.r0) * t.np + t.c0..][..NV * L];
+        // SAFETY (the loads): `g` holds NV vectors.
+        let load = |g: &[f32], u: usize| unsafe { _mm512_loadu_ps(g.as_ptr().add(u * L)) };
         for (j, &col) in cols.iter().enumerate() {
             let mut nz = col;
             if nz == 0 {
@@ -501,19 +527,19 @@ mod x86 {
             while nz != 0 {
                 let i1 = t.r0 + nz.trailing_zeros() as usize;
                 nz &= nz - 1;
-                let v1 = _mm512_set1_ps(x.value(i1, k0 + j));
+                let (v1, g1) = (_mm512_set1_ps(x.value(i1, k0 + j)), g_at(i1));
                 if nz == 0 {
                     for (u, a) in a.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(v1, load(i1, u), *a);
+                        *a = _mm512_fmadd_ps(v1, load(g1, u), *a);
                     }
                     break;
                 }
                 let i2 = t.r0 + nz.trailing_zeros() as usize;
                 nz &= nz - 1;
-                let v2 = _mm512_set1_ps(x.value(i2, k0 + j));
+                let (v2, g2) = (_mm512_set1_ps(x.value(i2, k0 + j)), g_at(i2));
                 for u in 0..NV {
-                    a[u] = _mm512_fmadd_ps(v1, load(i1, u), a[u]);
-                    c[u] = _mm512_fmadd_ps(v2, load(i2, u), c[u]);
+                    a[u] = _mm512_fmadd_ps(v1, load(g1, u), a[u]);
+                    c[u] = _mm512_fmadd_ps(v2, load(g2, u), c[u]);
                 }
             }
             let row = &mut gwt[(k0 + j) * t.np + t.c0..][..NV * L];
