@@ -198,8 +198,9 @@ impl<T: Real> Evaluator<'_, T> {
 pub trait Engine {
     /// Element type of the parameter vectors the engine computes with.
     type Real: Real;
-    /// What a Simpson step that shares the first layer carries to the next step (the first
-    /// layer's outputs at θ_{t+1}); `()` for engines without the capability.
+    /// What a Simpson step that shares the first layer carries to the next step (what it
+    /// computed at θ_{t+1}, and with `keep` what refining the step needs); `()` for engines
+    /// without the capability.
     type Carry;
 
     /// Mean loss and its gradient over the training set at `theta`.
@@ -232,16 +233,37 @@ pub trait Engine {
 
     /// One plain Simpson step (θ_t, the midpoint, θ_{t+1}) with the first layer shared between
     /// the three points; exact up to rounding. Called only when
-    /// [`Engine::shares_first_layer`] is true. `carry` holds the first layer's outputs at
-    /// θ_t from the previous step (`None`: compute them) and is replaced by those at θ_{t+1}.
+    /// [`Engine::shares_first_layer`] is true. `carry` holds what the previous step computed
+    /// at θ_t (`None`: evaluate θ_t) and is replaced by the same at θ_{t+1}. With `keep`, the
+    /// result holds the gradients by point ([`SharedSimpson::parts`]) and the carry what
+    /// [`Engine::refine_sharing_first`] needs.
     fn simpson_sharing_first(
         &self,
         theta0: &[Vec<Self::Real>],
         mid: &[Vec<Self::Real>],
         theta1: &[Vec<Self::Real>],
         carry: &mut Option<Self::Carry>,
+        keep: bool,
     ) -> Result<SharedSimpson> {
-        let _ = (theta0, mid, theta1, carry);
+        let _ = (theta0, mid, theta1, carry, keep);
+        Err(LcaError::Numeric(
+            "internal: this engine does not share the first layer".into(),
+        ))
+    }
+
+    /// One refinement level (`n` intervals; the new points θ_t + s·Δθ, `thetas` at `ss`) of the
+    /// step last computed by [`Engine::simpson_sharing_first`] with `keep`, the first layer
+    /// still shared. Called only after such a step.
+    fn refine_sharing_first(
+        &self,
+        theta0: &[Vec<Self::Real>],
+        theta1: &[Vec<Self::Real>],
+        n: usize,
+        ss: &[f64],
+        thetas: &[&[Vec<Self::Real>]],
+        carry: &mut Option<Self::Carry>,
+    ) -> Result<SharedLevel> {
+        let _ = (theta0, theta1, n, ss, thetas, carry);
         Err(LcaError::Numeric(
             "internal: this engine does not share the first layer".into(),
         ))
@@ -250,7 +272,7 @@ pub trait Engine {
 
 impl<T: Real> Engine for Evaluator<'_, T> {
     type Real = T;
-    type Carry = FirstOutputs<T>;
+    type Carry = SharedCarry<T>;
 
     fn loss_and_grad(&self, theta: &[Vec<T>]) -> Result<LossGrad> {
         Evaluator::loss_and_grad(self, theta)
@@ -273,15 +295,53 @@ impl<T: Real> Engine for Evaluator<'_, T> {
         theta0: &[Vec<T>],
         mid: &[Vec<T>],
         theta1: &[Vec<T>],
-        carry: &mut Option<FirstOutputs<T>>,
+        carry: &mut Option<SharedCarry<T>>,
+        keep: bool,
     ) -> Result<SharedSimpson> {
-        Evaluator::simpson_sharing_first(self, theta0, mid, theta1, carry)
+        Evaluator::simpson_sharing_first(self, theta0, mid, theta1, carry, keep)
+    }
+
+    fn refine_sharing_first(
+        &self,
+        theta0: &[Vec<T>],
+        theta1: &[Vec<T>],
+        n: usize,
+        ss: &[f64],
+        thetas: &[&[Vec<T>]],
+        carry: &mut Option<SharedCarry<T>>,
+    ) -> Result<SharedLevel> {
+        Evaluator::refine_sharing_first(self, theta0, theta1, n, ss, thetas, carry)
     }
 }
 
-/// Node 0's outputs at one parameter point, one array per chunk: what a Simpson step that
-/// shares the first layer ([`Evaluator::simpson_sharing_first`]) carries to the next step.
-pub type FirstOutputs<T> = Vec<ArrayD<T>>;
+/// What a Simpson step that shares the first layer ([`Evaluator::simpson_sharing_first`])
+/// carries to the next step: everything it computed at θ_{t+1} that the next step needs at
+/// its θ_t, so that the next step evaluates the network at its midpoint and end only; and,
+/// when the step may be refined, what [`Evaluator::refine_sharing_first`] needs.
+#[derive(Debug)]
+pub struct SharedCarry<T> {
+    /// Node 0's outputs at θ_{t+1}, one array per chunk.
+    outputs: Vec<ArrayD<T>>,
+    /// The gradient of each chunk's summed loss with respect to those outputs.
+    output_grads: Vec<ArrayD<T>>,
+    /// The chunks' summed losses there, added in chunk order, and the number of loss terms.
+    loss_sum: f64,
+    count: usize,
+    /// The gradients of the tensors after node 0 there, summed in chunk order in f64 (node
+    /// 0's tensors are empty: they are never read).
+    rest: Vec<Vec<f64>>,
+    /// Per chunk, node 0's output gradients of the step just computed summed over its two
+    /// ends (δ₀ + δ₁) and over the interior points evaluated so far; `None` unless the step
+    /// was computed with `keep` (it may be refined).
+    refine: Option<Vec<[ArrayD<T>; 2]>>,
+}
+
+impl<T> SharedCarry<T> {
+    /// The number of chunks it holds.
+    pub fn chunks(&self) -> usize {
+        self.outputs.len()
+    }
+}
 
 /// One plain Simpson step (points θ_t, θ_t + ½Δθ, θ_{t+1}) computed with the first layer
 /// shared between the points.
@@ -291,148 +351,151 @@ pub struct SharedSimpson {
     pub loss: [f64; 3],
     /// Simpson's weighted gradient (g₀ + 4·g½ + g₁)/6 of every parameter tensor, model order.
     pub weighted: Vec<Vec<f64>>,
+    /// With `keep`: the mean gradients g₀ + g₁ and g½ of every tensor after node 0 (node 0's
+    /// are empty), for refining the step ([`crate::lca::refine_shared_step`]).
+    pub parts: Option<[Vec<Vec<f64>>; 2]>,
+}
+
+/// The new points of one refinement level of a shared step
+/// ([`Evaluator::refine_sharing_first`]).
+#[derive(Debug, Clone)]
+pub struct SharedLevel {
+    /// Σ over the new points of the mean gradient of every tensor after node 0 (node 0's
+    /// are empty).
+    pub rest: Vec<Vec<f64>>,
+    /// Composite Simpson's weighted gradient of node 0's tensors over all the level's points,
+    /// h/3·Σ wᵢ gᵢ (h = 1/n; weights 1, 4, 2, 4, …, 4, 1); the others are empty.
+    pub first: Vec<Vec<f64>>,
 }
 
 /// What one chunk contributes to a shared Simpson step.
 struct SharedChunk<T> {
+    /// Summed losses at s = 0 (0 when carried), ½ and 1.
     loss: [f64; 3],
     count: usize,
-    /// Gradients of the summed loss at the three points (node 0's tensors untouched).
+    /// Gradients of the summed loss at the points evaluated (node 0's tensors empty; none at
+    /// s = 0 when carried).
     grads: [Vec<Vec<T>>; 3],
-    /// Node 0's parameter gradients for the output gradient g₀ + 4·g½ + g₁.
+    /// Node 0's parameter gradients for the output gradient δ₀ + 4·δ½ + δ₁.
     first: Vec<Vec<T>>,
-    /// Node 0's output at θ_{t+1}.
+    /// Node 0's output at θ_{t+1} and the loss's gradient with respect to it.
     end: ArrayD<T>,
+    end_grad: ArrayD<T>,
+    /// With `keep`: δ₀ + δ₁ and δ½.
+    refine: Option<[ArrayD<T>; 2]>,
 }
 
 impl<T: Real> Evaluator<'_, T> {
     /// Whether [`Evaluator::simpson_sharing_first`] applies to this model and pays: node 0 is
     /// shareable and the cost model ([`StepCost`]: per-node multiply-adds and memory traffic,
-    /// the third evaluation of the rest of the network and the carried outputs) estimates a
-    /// shared step clearly cheaper than two full evaluations. Depends on the model's shapes
-    /// only, so the choice is the same for every thread count, resume and shard.
+    /// the carried outputs and output gradients) estimates a shared step clearly cheaper than
+    /// two full evaluations. Depends on the model's shapes only, so the choice is the same for
+    /// every thread count, resume and shard.
     pub fn shares_first_layer(&self) -> bool {
         StepCost::of(self.model).is_some_and(|c| c.sharing_pays())
+    }
+
+    /// Gradient buffers of the tensors after node 0 (`first` false: node 0's are left empty,
+    /// the passes after node 0 never touch them) or of node 0's (`first` true).
+    fn split_zeros(&self, first: bool) -> Vec<Vec<T>> {
+        let ids = &self.model.nodes[0].param_ids;
+        self.model
+            .params
+            .iter()
+            .enumerate()
+            .map(|(j, p)| {
+                if ids.contains(&j) == first {
+                    vec![T::zero(); p.numel()]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect()
     }
 
     /// Simpson's rule over one step with the model's first layer (node 0, see
     /// [`crate::net::Model::first_layer_shareable`]) shared between the three points. Exact up
     /// to rounding, because node 0 is affine in its parameters for the fixed data:
-    /// - its output at the midpoint is the mean of its outputs at the ends, and its output at
-    ///   θ_t is carried from the previous step (`carry`, replaced by the outputs at θ_{t+1}; when
-    ///   `None`, they are computed);
+    /// - its output at the midpoint is the mean of its outputs at the ends;
     /// - the Simpson-weighted sum of its parameter gradients is one backward pass of the
-    ///   weighted sum of its output gradients (g₀ + 4·g½ + g₁).
+    ///   weighted sum of its output gradients (δ₀ + 4·δ½ + δ₁).
     ///
-    /// So a step costs node 0 one forward and one weight-gradient product instead of two of
-    /// each; the rest of the network is evaluated at the three points (at θ_t again, for node
-    /// 0's output gradient there). Chunks are combined in order in f64, as in
+    /// Everything needed at θ_t (node 0's outputs and output gradients, the loss and the
+    /// other tensors' gradients) is carried from the previous step (`carry`, replaced by the
+    /// same at θ_{t+1}; when `None`, θ_t is evaluated). So a step costs node 0 one forward and
+    /// one weight-gradient product instead of two of each, and the rest of the network the two
+    /// evaluations of a plain step. A carried start gives the same bits as evaluating θ_t
+    /// afresh. With `keep`, the step's node-0 output gradients stay in the carry and the
+    /// result holds the other tensors' gradients by point, so that the step can be refined
+    /// ([`Evaluator::refine_sharing_first`]). Chunks are combined in order in f64, as in
     /// [`Evaluator::loss_and_grad`], so the result does not depend on the thread count.
     pub fn simpson_sharing_first(
         &self,
         theta0: &[Vec<T>],
         mid: &[Vec<T>],
         theta1: &[Vec<T>],
-        carry: &mut Option<FirstOutputs<T>>,
+        carry: &mut Option<SharedCarry<T>>,
+        keep: bool,
     ) -> Result<SharedSimpson> {
         let model = self.model;
         let chunks = self.num_chunks();
         let first_ids = &model.nodes[0].param_ids;
         let zeros_f64 = || self.per_param(0.0f64);
-        let mut acc = [zeros_f64(), zeros_f64(), zeros_f64()];
-        let mut first_acc = zeros_f64();
         let mut loss = [0.0f64; 3];
         let mut count = 0usize;
-        let mut old: Vec<Option<ArrayD<T>>> = match carry.take() {
-            Some(v) if v.len() == chunks => v.into_iter().map(Some).collect(),
-            _ => (0..chunks).map(|_| None).collect(),
+        // The start: carried, or evaluated with the other points.
+        let (mut start, mut acc0, carried) = match carry.take() {
+            Some(c) if c.chunks() == chunks => {
+                loss[0] = c.loss_sum;
+                count = c.count;
+                let start = c
+                    .outputs
+                    .into_iter()
+                    .zip(c.output_grads)
+                    .map(|(z, g)| Some((z, Some(g))));
+                (start.collect::<Vec<_>>(), c.rest, true)
+            }
+            _ => ((0..chunks).map(|_| None).collect(), zeros_f64(), false),
         };
-        let mut new: FirstOutputs<T> = Vec::with_capacity(chunks);
-        let two = T::of(0.5);
-        let four = T::of(4.0);
-        let mut start = 0;
-        while start < chunks {
-            let end = (start + WAVE).min(chunks);
-            let jobs: Vec<(usize, Option<ArrayD<T>>)> =
-                (start..end).map(|c| (c, old[c].take())).collect();
+        let mut acc = [zeros_f64(), zeros_f64()];
+        let mut first_acc = zeros_f64();
+        let mut outputs: Vec<ArrayD<T>> = Vec::with_capacity(chunks);
+        let mut output_grads: Vec<ArrayD<T>> = Vec::with_capacity(chunks);
+        let mut kept: Vec<[ArrayD<T>; 2]> = Vec::new();
+        let mut wave = 0;
+        while wave < chunks {
+            let end = (wave + WAVE).min(chunks);
+            let jobs: Vec<(usize, Option<StartOfChunk<T>>)> =
+                (wave..end).map(|c| (c, start[c].take())).collect();
             let parts: Vec<SharedChunk<T>> = jobs
                 .into_par_iter()
-                .map(|(c, z0)| {
-                    let (x, y) = self.chunk(c);
-                    let z0 = z0.unwrap_or_else(|| model.first_output(theta0, x.view()));
-                    let z1 = model.first_output(theta1, x.view());
-                    let zm = ndarray::Zip::from(&z0)
-                        .and(&z1)
-                        .map_collect(|&a, &b| (a + b) * two);
-                    // Gradient buffers of the rest of the network (node 0's tensors are
-                    // left empty: the passes after node 0 never touch them) and of node 0.
-                    let zeros = |first: bool| -> Vec<Vec<T>> {
-                        model
-                            .params
-                            .iter()
-                            .enumerate()
-                            .map(|(j, p)| {
-                                if first_ids.contains(&j) == first {
-                                    vec![T::zero(); p.numel()]
-                                } else {
-                                    Vec::new()
-                                }
-                            })
-                            .collect()
-                    };
-                    let mut grads = [zeros(false), zeros(false), zeros(false)];
-                    let mut losses = [0.0; 3];
-                    let mut k = 0;
-                    let mut gsum: Option<ArrayD<T>> = None;
-                    for (i, (th, z)) in [(theta0, &z0), (mid, &zm), (theta1, &z1)]
-                        .into_iter()
-                        .enumerate()
-                    {
-                        let (l, cnt, g) = model.chunk_loss_grad_after_first(
-                            th,
-                            x.view(),
-                            y.clone(),
-                            z.view(),
-                            &mut grads[i],
-                        );
-                        losses[i] = l;
-                        k = cnt;
-                        let w = if i == 1 { four } else { T::one() };
-                        match gsum.as_mut() {
-                            // The first point (θ_t, weight 1): its gradient is the sum so far.
-                            None => gsum = Some(g),
-                            Some(s) => ndarray::Zip::from(s).and(&g).for_each(|s, &v| *s += v * w),
-                        }
-                    }
-                    drop(z0);
-                    drop(zm);
-                    let mut first = zeros(true);
-                    let gsum = gsum.expect("three points");
-                    model.first_param_grad(theta1, x.view(), z1.view(), gsum.view(), &mut first);
-                    SharedChunk {
-                        loss: losses,
-                        count: k,
-                        grads,
-                        first,
-                        end: z1,
-                    }
-                })
+                .map(|(c, z0)| self.shared_chunk(c, [theta0, mid, theta1], z0, keep))
                 .collect();
+            if !carried {
+                let gs: Vec<&[Vec<T>]> = parts.iter().map(|p| p.grads[0].as_slice()).collect();
+                add_in_chunk_order(&mut acc0, &gs);
+            }
             for (i, acc) in acc.iter_mut().enumerate() {
-                let gs: Vec<&[Vec<T>]> = parts.iter().map(|p| p.grads[i].as_slice()).collect();
+                let gs: Vec<&[Vec<T>]> = parts.iter().map(|p| p.grads[i + 1].as_slice()).collect();
                 add_in_chunk_order(acc, &gs);
             }
             let gs: Vec<&[Vec<T>]> = parts.iter().map(|p| p.first.as_slice()).collect();
             add_in_chunk_order(&mut first_acc, &gs);
             for part in parts {
-                for (l, pl) in loss.iter_mut().zip(part.loss) {
+                let from = if carried { 1 } else { 0 };
+                for (l, pl) in loss.iter_mut().zip(part.loss).skip(from) {
                     *l += pl;
                 }
-                count += part.count;
-                new.push(part.end);
+                if !carried {
+                    count += part.count;
+                }
+                outputs.push(part.end);
+                output_grads.push(part.end_grad);
+                kept.extend(part.refine);
             }
-            start = end;
+            wave = end;
         }
+        let sums = loss;
         let inv = 1.0 / count as f64;
         let loss = loss.map(|l| l * inv);
         if let Some(l) = loss.iter().find(|l| !l.is_finite()) {
@@ -440,6 +503,7 @@ impl<T: Real> Evaluator<'_, T> {
                 "the full-set loss is {l} (overflow or NaN in the forward pass)"
             )));
         }
+        let [acc1, acc2] = acc;
         let mut weighted = zeros_f64();
         for (j, w) in weighted.iter_mut().enumerate() {
             if first_ids.contains(&j) {
@@ -448,18 +512,275 @@ impl<T: Real> Evaluator<'_, T> {
                 }
             } else {
                 for (k, w) in w.iter_mut().enumerate() {
-                    *w = (acc[0][j][k] + 4.0 * acc[1][j][k] + acc[2][j][k]) * inv / 6.0;
+                    *w = (acc0[j][k] + 4.0 * acc1[j][k] + acc2[j][k]) * inv / 6.0;
                 }
             }
-            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-                return Err(LcaError::Numeric(format!(
-                    "the gradient of '{}' is {} at flat index {i}",
-                    model.params[j].name, w[i]
-                )));
+            self.refuse_non_finite(j, w)?;
+        }
+        let parts = keep.then(|| {
+            let mean = |f: &dyn Fn(usize, usize) -> f64| -> Vec<Vec<f64>> {
+                (0..model.params.len())
+                    .map(|j| {
+                        if first_ids.contains(&j) {
+                            Vec::new()
+                        } else {
+                            (0..model.params[j].numel())
+                                .map(|k| f(j, k) * inv)
+                                .collect()
+                        }
+                    })
+                    .collect()
+            };
+            [
+                mean(&|j, k| acc0[j][k] + acc2[j][k]),
+                mean(&|j, k| acc1[j][k]),
+            ]
+        });
+        *carry = Some(SharedCarry {
+            outputs,
+            output_grads,
+            loss_sum: sums[2],
+            count,
+            rest: acc2,
+            refine: keep.then_some(kept),
+        });
+        Ok(SharedSimpson {
+            loss,
+            weighted,
+            parts,
+        })
+    }
+
+    /// Refuses a non-finite value in tensor `j`'s gradient.
+    fn refuse_non_finite(&self, j: usize, w: &[f64]) -> Result<()> {
+        match w.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(LcaError::Numeric(format!(
+                "the gradient of '{}' is {} at flat index {i}",
+                self.model.params[j].name, w[i]
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// One chunk of [`Evaluator::simpson_sharing_first`] at the points θ_t, the midpoint and
+    /// θ_{t+1}. `start` holds node 0's output at θ_t and, when carried, the loss's gradient
+    /// with respect to it (then θ_t is not evaluated).
+    fn shared_chunk(
+        &self,
+        c: usize,
+        pts: [&[Vec<T>]; 3],
+        start: Option<StartOfChunk<T>>,
+        keep: bool,
+    ) -> SharedChunk<T> {
+        let model = self.model;
+        let (x, y) = self.chunk(c);
+        let (z0, g0) = start.unwrap_or_else(|| (model.first_output(pts[0], x.view()), None));
+        let z1 = model.first_output(pts[2], x.view());
+        let half = T::of(0.5);
+        let zm = map2(&z0, &z1, |a, b| (a + b) * half);
+        let carried = g0.is_some();
+        let mut grads: [Vec<Vec<T>>; 3] =
+            [Vec::new(), self.split_zeros(false), self.split_zeros(false)];
+        let mut losses = [0.0; 3];
+        let mut k = 0;
+        // Node 0's output gradients at the three points (the carried δ₀ first).
+        let mut deltas: [Option<ArrayD<T>>; 3] = [g0, None, None];
+        for (i, z) in [&z0, &zm, &z1].into_iter().enumerate() {
+            if i == 0 {
+                if carried {
+                    continue;
+                }
+                grads[0] = self.split_zeros(false);
+            }
+            let (l, cnt, g) = model.chunk_loss_grad_after_first(
+                pts[i],
+                x.view(),
+                y.clone(),
+                z.view(),
+                &mut grads[i],
+            );
+            losses[i] = l;
+            k = cnt;
+            deltas[i] = Some(g);
+        }
+        drop(z0);
+        drop(zm);
+        let [d0, dm, d1] = deltas.map(|d| d.expect("every point has its output gradient"));
+        let four = T::of(4.0);
+        let mut first = self.split_zeros(true);
+        let refine = if keep {
+            // δ₀ + δ₁ and δ½ are kept; the product reads δ₀ + δ₁ + 4·δ½.
+            let mut ends = d0;
+            ends += &d1;
+            let sum = map2(&ends, &dm, |e, m| e + m * four);
+            model.first_param_grad(pts[2], x.view(), z1.view(), sum.view(), &mut first);
+            Some([ends, dm])
+        } else {
+            // δ₀ + 4·δ½ + δ₁, in the carried δ₀'s buffer.
+            let mut sum = d0;
+            match (sum.as_slice_mut(), dm.as_slice(), d1.as_slice()) {
+                // Slices, so that the loop vectorises (ndarray's three-way Zip does not).
+                (Some(s), Some(m), Some(e)) => {
+                    for ((s, &m), &e) in s.iter_mut().zip(m).zip(e) {
+                        *s = *s + m * four + e;
+                    }
+                }
+                _ => ndarray::Zip::from(&mut sum)
+                    .and(&dm)
+                    .and(&d1)
+                    .for_each(|s, &m, &e| *s = *s + m * four + e),
+            }
+            model.first_param_grad(pts[2], x.view(), z1.view(), sum.view(), &mut first);
+            None
+        };
+        SharedChunk {
+            loss: losses,
+            count: k,
+            grads,
+            first,
+            end: z1,
+            end_grad: d1,
+            refine,
+        }
+    }
+}
+
+/// `f` of two arrays of one shape, elementwise, into a new array: a plain loop over their
+/// slices when both are contiguous (it vectorises; ndarray's `Zip::map_collect` did not, ~3 %
+/// of a shared MNIST-FC step), the same values either way.
+fn map2<T: Real>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> T) -> ArrayD<T> {
+    assert_eq!(a.shape(), b.shape(), "map2: shapes differ");
+    if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
+        let v: Vec<T> = x.iter().zip(y).map(|(&p, &q)| f(p, q)).collect();
+        return ArrayD::from_shape_vec(a.raw_dim(), v).expect("same shape");
+    }
+    ndarray::Zip::from(a).and(b).map_collect(|&p, &q| f(p, q))
+}
+
+/// A chunk's start for [`Evaluator::shared_chunk`]: node 0's output at θ_t and, when carried,
+/// the loss's gradient with respect to it.
+type StartOfChunk<T> = (ArrayD<T>, Option<ArrayD<T>>);
+
+/// What one chunk contributes to a refinement level ([`Evaluator::refine_chunk`]): the
+/// gradients after node 0 summed over the new points, node 0's gradients for the level's
+/// weighted output gradient, and the kept output-gradient sums (ends, interior points).
+type RefinedChunk<T> = (Vec<Vec<T>>, Vec<Vec<T>>, [ArrayD<T>; 2]);
+
+impl<T: Real> Evaluator<'_, T> {
+    /// One refinement level of a step computed by [`Evaluator::simpson_sharing_first`] with
+    /// `keep` (composite Simpson over `n` intervals, `n` ≥ 4 a power of two): evaluates the new
+    /// points `thetas` (θ_t + s·Δθ for `ss`, the odd multiples of 1/n) with node 0 still
+    /// shared. Node 0's output there is (1 − s)·z₀ + s·z₁ (exact up to rounding: it is affine
+    /// along the step), z₁ carried and z₀ computed again once per chunk; the network after
+    /// node 0 is evaluated at each new point; node 0's weighted gradient over all the level's
+    /// points is one product of the weighted sum of its output gradients (the ends and earlier
+    /// points are kept in the carry). So a level costs node 0 one forward and one
+    /// weight-gradient product however many points it has, instead of one of each per point.
+    pub fn refine_sharing_first(
+        &self,
+        theta0: &[Vec<T>],
+        theta1: &[Vec<T>],
+        n: usize,
+        ss: &[f64],
+        thetas: &[&[Vec<T>]],
+        carry: &mut Option<SharedCarry<T>>,
+    ) -> Result<SharedLevel> {
+        let chunks = self.num_chunks();
+        let carry = carry
+            .as_mut()
+            .filter(|c| c.chunks() == chunks && c.refine.is_some())
+            .ok_or_else(|| {
+                LcaError::Numeric("internal: refining a shared step that was not kept".into())
+            })?;
+        let mut kept: Vec<Option<[ArrayD<T>; 2]>> = carry
+            .refine
+            .take()
+            .expect("checked")
+            .into_iter()
+            .map(Some)
+            .collect();
+        let first_ids = &self.model.nodes[0].param_ids;
+        let mut rest = self.per_param(0.0f64);
+        let mut first_acc = self.per_param(0.0f64);
+        let mut wave = 0;
+        while wave < chunks {
+            let end = (wave + WAVE).min(chunks);
+            let jobs: Vec<(usize, [ArrayD<T>; 2])> = (wave..end)
+                .map(|c| (c, kept[c].take().expect("each chunk once")))
+                .collect();
+            let outputs = &carry.outputs;
+            let parts: Vec<RefinedChunk<T>> = jobs
+                .into_par_iter()
+                .map(|(c, k)| self.refine_chunk(c, [theta0, theta1], &outputs[c], ss, thetas, k))
+                .collect();
+            let gs: Vec<&[Vec<T>]> = parts.iter().map(|p| p.0.as_slice()).collect();
+            add_in_chunk_order(&mut rest, &gs);
+            let gs: Vec<&[Vec<T>]> = parts.iter().map(|p| p.1.as_slice()).collect();
+            add_in_chunk_order(&mut first_acc, &gs);
+            for (c, part) in (wave..end).zip(parts) {
+                kept[c] = Some(part.2);
+            }
+            wave = end;
+        }
+        carry.refine = Some(kept.into_iter().map(|k| k.expect("returned")).collect());
+        let inv = 1.0 / carry.count as f64;
+        let h3 = 1.0 / (3.0 * n as f64);
+        let (mut r, mut f) = (Vec::new(), Vec::new());
+        for (j, (mut rj, mut fj)) in rest.into_iter().zip(first_acc).enumerate() {
+            if first_ids.contains(&j) {
+                fj.iter_mut().for_each(|v| *v *= inv * h3);
+                self.refuse_non_finite(j, &fj)?;
+                rj = Vec::new();
+            } else {
+                rj.iter_mut().for_each(|v| *v *= inv);
+                self.refuse_non_finite(j, &rj)?;
+                fj = Vec::new();
+            }
+            r.push(rj);
+            f.push(fj);
+        }
+        Ok(SharedLevel { rest: r, first: f })
+    }
+
+    /// One chunk of [`Evaluator::refine_sharing_first`]: the gradients after node 0 summed
+    /// over the new points, node 0's gradients for the level's weighted output gradient, and
+    /// the kept output gradients (δ₀ + δ₁, the interior points') with the new points added.
+    fn refine_chunk(
+        &self,
+        c: usize,
+        ends: [&[Vec<T>]; 2],
+        z1: &ArrayD<T>,
+        ss: &[f64],
+        thetas: &[&[Vec<T>]],
+        kept: [ArrayD<T>; 2],
+    ) -> RefinedChunk<T> {
+        let model = self.model;
+        let (x, y) = self.chunk(c);
+        let z0 = model.first_output(ends[0], x.view());
+        let mut grads = self.split_zeros(false);
+        let mut newest: Option<ArrayD<T>> = None;
+        for (&s, th) in ss.iter().zip(thetas) {
+            let (a, b) = (T::of(1.0 - s), T::of(s));
+            let z = map2(&z0, z1, |p, q| p * a + q * b);
+            let (_, _, g) =
+                model.chunk_loss_grad_after_first(th, x.view(), y.clone(), z.view(), &mut grads);
+            match newest.as_mut() {
+                None => newest = Some(g),
+                Some(acc) => *acc += &g,
             }
         }
-        *carry = Some(new);
-        Ok(SharedSimpson { loss, weighted })
+        drop(z0);
+        let newest = newest.expect("a level has new points");
+        let [ends_d, mut interior] = kept;
+        let (two, four) = (T::of(2.0), T::of(4.0));
+        let sum = ndarray::Zip::from(&ends_d)
+            .and(&interior)
+            .and(&newest)
+            .map_collect(|&e, &i, &b| e + i * two + b * four);
+        let mut first = self.split_zeros(true);
+        model.first_param_grad(ends[1], x.view(), z1.view(), sum.view(), &mut first);
+        interior += &newest;
+        (grads, first, [ends_d, interior])
     }
 }
 
@@ -639,11 +960,11 @@ mod tests {
         chunk: usize,
         threads: usize,
         pts: [&[Vec<T>]; 3],
-        carry: &mut Option<FirstOutputs<T>>,
+        carry: &mut Option<SharedCarry<T>>,
     ) -> SharedSimpson {
         on_threads(model, data, chunk, threads, |e| {
             assert!(e.model.first_layer_shareable());
-            e.simpson_sharing_first(pts[0], pts[1], pts[2], carry)
+            e.simpson_sharing_first(pts[0], pts[1], pts[2], carry, false)
         })
         .unwrap()
     }
@@ -700,7 +1021,7 @@ mod tests {
         let b = points::<f32>(&p, 11);
         let mut carry = None;
         shared(&model, &p.data, 256, 2, [&a[0], &a[1], &a[2]], &mut carry);
-        assert_eq!(carry.as_ref().unwrap().len(), p.data.len().div_ceil(256));
+        assert_eq!(carry.as_ref().unwrap().chunks(), p.data.len().div_ceil(256));
         let carried = shared(&model, &p.data, 256, 2, [&b[0], &b[1], &b[2]], &mut carry);
         for threads in [1, 3] {
             let fresh = shared(
@@ -713,5 +1034,110 @@ mod tests {
             );
             assert!(bits(&carried) == bits(&fresh), "{threads} threads");
         }
+    }
+
+    /// Refining a shared step keeps the first layer shared and equals composite Simpson over
+    /// 4 and 8 intervals from plain evaluations: f64 to 1e-12, f32 to f32 rounding; with the
+    /// start carried from the previous step or evaluated.
+    #[test]
+    fn refining_a_shared_step_equals_composite_simpson() {
+        fn check<T: Real>(tol: f64) {
+            let (p, model) = fixture::<T>();
+            for (t, carried) in [(3, false), (60, true)] {
+                let (a, b) = (theta(&p, t), theta(&p, t + 1));
+                let d = crate::lca::difference(&a, &b);
+                let at = |s: f64| crate::lca::point::<T>(&a, &d, s);
+                let grid: Vec<Vec<Vec<T>>> = (0..=8).map(|j| at(j as f64 / 8.0)).collect();
+                let plain: Vec<LossGrad> = grid
+                    .iter()
+                    .map(|th| run(&model, &p.data, 300, 2, th))
+                    .collect();
+                let (levels, try_) = on_threads(&model, &p.data, 300, 2, |e| {
+                    let mut carry = None;
+                    if carried {
+                        let prev = points::<T>(&p, t - 1);
+                        e.simpson_sharing_first(&prev[0], &prev[1], &prev[2], &mut carry, false)
+                            .unwrap();
+                    }
+                    let s = e
+                        .simpson_sharing_first(&grid[0], &grid[4], &grid[8], &mut carry, true)
+                        .unwrap();
+                    let l4 = e
+                        .refine_sharing_first(
+                            &grid[0],
+                            &grid[8],
+                            4,
+                            &[0.25, 0.75],
+                            &[&grid[2], &grid[6]],
+                            &mut carry,
+                        )
+                        .unwrap();
+                    let l8 = e
+                        .refine_sharing_first(
+                            &grid[0],
+                            &grid[8],
+                            8,
+                            &[0.125, 0.375, 0.625, 0.875],
+                            &[&grid[1], &grid[3], &grid[5], &grid[7]],
+                            &mut carry,
+                        )
+                        .unwrap();
+                    (vec![l4, l8], s)
+                });
+                let [e, m] = try_.parts.clone().unwrap();
+                for (li, (n, w)) in [
+                    (4usize, [1.0, 4.0, 2.0, 4.0, 1.0].as_slice()),
+                    (8, &[1.0, 4.0, 2.0, 4.0, 2.0, 4.0, 2.0, 4.0, 1.0]),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let step = 8 / n;
+                    let oracle: Vec<Vec<f64>> = (0..model.params.len())
+                        .map(|j| {
+                            (0..model.params[j].numel())
+                                .map(|k| {
+                                    w.iter()
+                                        .enumerate()
+                                        .map(|(i, wi)| wi * plain[i * step].grads[j][k])
+                                        .sum::<f64>()
+                                        / (3.0 * n as f64)
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    // The rest of the network: ends, the try's midpoint, the levels' points.
+                    let got: Vec<Vec<f64>> = (0..model.params.len())
+                        .map(|j| {
+                            let f = &levels[li].first[j];
+                            if !f.is_empty() {
+                                return f.clone();
+                            }
+                            (0..model.params[j].numel())
+                                .map(|k| {
+                                    let (a, b) = if n == 4 {
+                                        (m[j][k], levels[0].rest[j][k])
+                                    } else {
+                                        (m[j][k] + levels[0].rest[j][k], levels[1].rest[j][k])
+                                    };
+                                    (e[j][k] + 2.0 * a + 4.0 * b) / (3.0 * n as f64)
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let err = rel_err(&got, &oracle);
+                    assert!(err < tol, "step {t} carried {carried} n {n}: {err:e}");
+                    assert!(
+                        levels[li].first.iter().any(|f| !f.is_empty())
+                            && levels[li].rest.iter().any(|r| !r.is_empty()),
+                        "both halves are filled"
+                    );
+                }
+                assert_eq!(try_.loss[0].to_bits(), plain[0].loss.to_bits());
+                assert_eq!(try_.loss[2].to_bits(), plain[8].loss.to_bits());
+            }
+        }
+        check::<f64>(1e-12);
+        check::<f32>(1e-5);
     }
 }

@@ -8,8 +8,8 @@
 //! evaluated at each refinement. The gradient at θ_{t+1} is returned for reuse as the next
 //! step's start. Trapezoid and first-order rules exist for comparison.
 
-use crate::error::Result;
-use crate::eval::{LossGrad, SharedSimpson};
+use crate::error::{LcaError, Result};
+use crate::eval::{LossGrad, SharedLevel, SharedSimpson};
 
 pub mod budget;
 
@@ -376,6 +376,78 @@ pub fn finish_shared_step(
             .map(|s| step(allocate(&s.weighted, delta), s)),
     );
     Some(out)
+}
+
+/// Evaluates the new points `ss` of refinement level `n` of a shared step for every objective
+/// ([`refine_shared_step`]).
+pub type LevelEvaluator<'a> = dyn FnMut(usize, &[f64]) -> Result<Vec<SharedLevel>> + 'a;
+
+/// Refines a step whose shared Simpson try ([`finish_shared_step`] returned `None`; computed
+/// with `keep`) missed the bound, the first layer still shared: composite Simpson over 4, 8, …
+/// intervals as [`integrate_step`] refines, with the try's points reused. `level(n, ss)`
+/// evaluates the new points of level `n` (at `ss`) for every objective
+/// ([`crate::eval::Engine::refine_sharing_first`]). Objective 0 decides, as there.
+pub fn refine_shared_step(
+    delta: &[Vec<f64>],
+    shared: &[SharedSimpson],
+    opts: &Integration,
+    level: &mut LevelEvaluator<'_>,
+) -> Result<Vec<StepLca>> {
+    let mut sums: Vec<SimpsonSums> = shared
+        .iter()
+        .map(|s| {
+            let [e, b] = s.parts.clone().ok_or_else(|| {
+                LcaError::Numeric("internal: a shared step to refine was not kept".into())
+            })?;
+            Ok(SimpsonSums {
+                a: zeros_like(&e),
+                e,
+                b,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let dl = shared[0].loss[2] - shared[0].loss[0];
+    let mut evaluations = 2;
+    let mut n = 2usize;
+    loop {
+        n *= 2;
+        let new: Vec<f64> = (1..n).step_by(2).map(|j| j as f64 / n as f64).collect();
+        let levels = level(n, &new)?;
+        evaluations += new.len();
+        // The rest of the network by composite Simpson's sums; node 0 as the level gives it.
+        let mut weighted = Vec::with_capacity(sums.len());
+        for (s, l) in sums.iter_mut().zip(&levels) {
+            let old_b = std::mem::replace(&mut s.b, l.rest.clone());
+            add_into(&mut s.a, &old_b, 1.0);
+            let mut w = s.weights(n);
+            for (wj, fj) in w.iter_mut().zip(&l.first) {
+                if !fj.is_empty() {
+                    wj.clone_from(fj);
+                }
+            }
+            weighted.push(w);
+        }
+        let results: Vec<Allocation> = weighted.iter().map(|w| allocate(w, delta)).collect();
+        let ok = (dl - results[0].1).abs() <= opts.bound(dl);
+        if ok || n * 2 > opts.max_splits {
+            let steps = results
+                .into_iter()
+                .zip(shared)
+                .map(|((lca, lca_sum), s)| StepLca {
+                    lca,
+                    loss_before: s.loss[0],
+                    loss_after: s.loss[2],
+                    lca_sum,
+                    residual: s.loss[2] - s.loss[0] - lca_sum,
+                    splits: n,
+                    capped: !ok,
+                    evaluations,
+                    err: None,
+                })
+                .collect();
+            return Ok(steps);
+        }
+    }
 }
 
 #[cfg(test)]

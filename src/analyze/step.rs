@@ -15,9 +15,9 @@ use super::summary::{L2Ends, Outcome, build};
 use super::tallies::{Layout, StepValues, accumulate, fraction, l2_penalty, l2_step, step_groups};
 use crate::checkpoint::{self, CheckpointFile};
 use crate::error::{LcaError, Result};
-use crate::eval::{Engine, LossGrad, SharedSimpson};
+use crate::eval::{Engine, LossGrad, SharedLevel, SharedSimpson};
 use crate::journal::{Journal, RunState};
-use crate::lca::{StepLca, difference, integrate_step, point};
+use crate::lca::{StepLca, difference, integrate_step, point, refine_shared_step};
 use crate::net::Real;
 use crate::output::{CheckpointRef, OutDir, StepRecord, Summary};
 use crate::progress::Progress;
@@ -72,27 +72,58 @@ impl<E: Engine> Objectives<'_, E> {
         Ok(r)
     }
 
-    /// A shared-first-layer Simpson step of every objective; `carries` holds each
-    /// objective's first-layer outputs at θ_t.
+    /// A shared-first-layer Simpson step of every objective; `carries` holds what each
+    /// objective's previous step computed at θ_t. With `keep` the step can be refined
+    /// ([`Objectives::refine_shared`]).
     fn shared(
         &self,
         pts: [&[Vec<E::Real>]; 3],
         carries: &mut [Option<E::Carry>; 2],
+        keep: bool,
     ) -> Result<Vec<SharedSimpson>> {
         interrupted()?;
         let [t0, mid, t1] = pts;
         let mut r = vec![
             self.train
-                .simpson_sharing_first(t0, mid, t1, &mut carries[0])?,
+                .simpson_sharing_first(t0, mid, t1, &mut carries[0], keep)?,
         ];
         if let Some(v) = self.val {
             r.push(
-                v.simpson_sharing_first(t0, mid, t1, &mut carries[1])
+                v.simpson_sharing_first(t0, mid, t1, &mut carries[1], keep)
                     .map_err(on_validation)?,
             );
         }
         self.progress.inc();
         self.progress.inc();
+        Ok(r)
+    }
+
+    /// One refinement level of the shared step just computed, for every objective: the new
+    /// points `thetas` at `ss` of composite Simpson over `n` intervals.
+    fn refine_shared(
+        &self,
+        ends: [&[Vec<E::Real>]; 2],
+        n: usize,
+        ss: &[f64],
+        thetas: &[&[Vec<E::Real>]],
+        carries: &mut [Option<E::Carry>; 2],
+    ) -> Result<Vec<SharedLevel>> {
+        interrupted()?;
+        let [t0, t1] = ends;
+        let mut r =
+            vec![
+                self.train
+                    .refine_sharing_first(t0, t1, n, ss, thetas, &mut carries[0])?,
+            ];
+        if let Some(v) = self.val {
+            r.push(
+                v.refine_sharing_first(t0, t1, n, ss, thetas, &mut carries[1])
+                    .map_err(on_validation)?,
+            );
+        }
+        for _ in ss {
+            self.progress.inc();
+        }
         Ok(r)
     }
 }
@@ -355,19 +386,24 @@ impl<'a, E: Engine> Run<'a, E> {
             return plain(&self.start);
         }
         let pts = [at(0.0), at(0.5), at(1.0)];
+        // A step that may be refined keeps what refining it with the first layer still shared
+        // needs.
+        let keep = integration.adaptive && integration.max_splits >= 4;
         let shared = objectives
-            .shared([&pts[0], &pts[1], &pts[2]], &mut self.carries)
+            .shared([&pts[0], &pts[1], &pts[2]], &mut self.carries, keep)
             .map_err(|e| at_step(e, a, b))?;
         if let Some(objs) = crate::lca::finish_shared_step(delta, &shared, integration) {
             return Ok((objs, Vec::new()));
         }
-        // Refinement: integrate the step again with full evaluations, from θ_t.
-        let start = objectives.at(&pts[0]).map_err(|e| at_step(e, a, b))?;
-        let (mut objs, end) = plain(&start)?;
-        for o in &mut objs {
-            o.evaluations += 3;
-        }
-        Ok((objs, end))
+        // Refinement: composite Simpson from the try's points, the first layer still shared.
+        let carries = &mut self.carries;
+        let objs = refine_shared_step(delta, &shared, integration, &mut |n, ss| {
+            let new: Vec<Vec<Vec<E::Real>>> = ss.iter().map(|&s| at(s)).collect();
+            let refs: Vec<&[Vec<E::Real>]> = new.iter().map(|p| p.as_slice()).collect();
+            objectives.refine_shared([&pts[0], &pts[2]], n, ss, &refs, carries)
+        })
+        .map_err(|e| at_step(e, a, b))?;
+        Ok((objs, Vec::new()))
     }
 
     /// One step: load θ_{i+1}, integrate, record, hand to the exporters, then count it.

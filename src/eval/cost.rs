@@ -5,12 +5,12 @@
 //! previous step's end): `2·(F₀ + W₀ + R)`, where `F₀` is node 0's forward, `W₀` its
 //! weight-gradient product (its input gradient is never computed) and `R` the forward and
 //! backward of every other node and the loss. A shared step computes node 0 once and its weight
-//! gradient once, but the rest at three points (θ_t again, for node 0's output gradient
-//! there), and moves node 0's outputs through memory a few more times (the carried outputs at
-//! θ_t, the midpoint's mean, the weighted sum of the three output gradients):
-//! `F₀ + W₀ + 3·R + CARRY·|z₀|`. Sharing pays when the second is clearly below the first,
-//! i.e. when node 0 dominates: roughly when it does more than ~60 % of the multiply-adds, not
-//! (as the old fixed threshold said) a quarter.
+//! gradient once, evaluates the rest at the midpoint and θ_{t+1} (what it needs at θ_t, node
+//! 0's outputs and output gradients among it, is carried from the previous step), and moves
+//! node 0's outputs and output gradients through memory a few more times (the carried ones read
+//! back, the midpoint's mean, the weighted sum of the three output gradients):
+//! `F₀ + W₀ + 2·R + CARRY·|z₀|`. Sharing pays when the second is clearly below the first,
+//! i.e. when node 0 dominates the arithmetic and its output is not wide.
 //!
 //! Each node's cost is `MAC` per multiply-add plus `ELEM` per value it reads or writes, for its
 //! forward, for its weight gradient (nodes with parameters) and for its input gradient (nodes
@@ -34,10 +34,11 @@ const ELEM: f64 = 8.0;
 /// Cost of the loss per model output value: cross-entropy takes an f64 `exp` per logit
 /// (libm, ~250 multiply-adds' time) plus its passes; it runs at every evaluated point.
 const LOSS: f64 = 300.0;
-/// Passes over node 0's output that a shared step adds per value: the carried θ_t outputs read
-/// back from memory, the midpoint's mean (two reads, one write), the weighted sum of the three
-/// output gradients (one scaled copy, two fused multiply-adds) and keeping θ_{t+1}'s outputs.
-const CARRY: f64 = 12.0;
+/// Passes over node 0's output that a shared step adds per value: the carried θ_t outputs and
+/// output gradients read back from memory, the midpoint's mean (two reads, one write), the
+/// weighted sum of the three output gradients (three reads, one write) and keeping θ_{t+1}'s
+/// outputs and output gradients.
+const CARRY: f64 = 14.0;
 /// Share only when the shared step is estimated at most this fraction of the unshared one: a
 /// margin for the model's error, so that a borderline model never becomes slower.
 const MAX_RATIO: f64 = 0.85;
@@ -100,9 +101,9 @@ impl StepCost {
         2.0 * (self.first_forward + self.first_weight_grad + self.rest)
     }
 
-    /// A step with node 0 shared between its three points.
+    /// A step with node 0 shared between its three points (θ_t's evaluation carried).
     pub fn shared(&self) -> f64 {
-        self.first_forward + self.first_weight_grad + 3.0 * self.rest + self.carry
+        self.first_forward + self.first_weight_grad + 2.0 * self.rest + self.carry
     }
 
     /// Whether sharing is estimated to pay, with the safety margin.
@@ -153,7 +154,8 @@ mod tests {
         assert!(c.sharing_pays(), "{c:?}");
         assert!(c.shared() / c.unshared() < 0.7, "{c:?}");
         // The fixture MLP 64-32-32-10: the first layer is 60 % of the multiply-adds, and the
-        // third evaluation of the rest eats the saving.
+        // rest of the network (its elementwise passes, the loss) and the carried arrays eat
+        // the saving.
         let mlp = model(
             &[
                 linear("fc1", 64, 32),
