@@ -1225,7 +1225,9 @@ train = "unused"
             chunk_size: 64,
         };
         assert!(m32.first_layer_shareable());
-        let sh = e.simpson_sharing_first(&t32, &mid, &t1, &mut None).unwrap();
+        let sh = e
+            .simpson_sharing_first(&t32, &mid, &t1, &mut None, false)
+            .unwrap();
         let plain: Vec<crate::eval::LossGrad> = [&t32, &mid, &t1]
             .iter()
             .map(|t| e.loss_and_grad(t).unwrap())
