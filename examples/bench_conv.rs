@@ -3,8 +3,11 @@
 //! helper, not a test; indicative on a loaded machine).
 //!
 //! ```sh
-//! cargo run --release --example bench_conv -- [--batch 50] [--reps 20] [--bn]
+//! cargo run --release --example bench_conv -- [--batch 50] [--reps 20] [--bn] [--k5]
 //! ```
+//!
+//! `--k5` times 5×5 "same" convolutions instead (LeNet's two, then other sizes and channel
+//! counts: the shapes behind `Conv2d::direct`'s rule for 5×5 kernels).
 //!
 //! Prints one line per shape: milliseconds per forward and per backward (minimum over the
 //! repetitions) and the GFLOP/s of each (2 × nominal multiply-adds; backward counts both
@@ -95,8 +98,18 @@ fn main() {
     let batch = arg(&args, "--batch", 50);
     let reps = arg(&args, "--reps", 20);
     let bn = args.iter().any(|a| a == "--bn");
+    let k5 = [
+        (1, 20, 28, 5, 1, 2),
+        (20, 40, 14, 5, 1, 2),
+        (3, 16, 32, 5, 1, 2),
+        (16, 32, 16, 5, 1, 2),
+        (32, 32, 8, 5, 1, 2),
+        (20, 40, 7, 5, 1, 2),
+        (64, 64, 6, 5, 1, 2),
+        (40, 40, 4, 5, 1, 2),
+    ];
     // (in, out, size, kernel, stride, padding): ResNet-20's and ResNet-18's (at 32×32) shapes.
-    let shapes = [
+    let resnet = [
         (3, 16, 32, 3, 1, 1),
         (16, 16, 32, 3, 1, 1),
         (16, 32, 32, 3, 2, 1),
@@ -109,7 +122,12 @@ fn main() {
         (256, 256, 2, 3, 1, 1),
         (512, 512, 1, 3, 1, 1),
     ];
-    for (cin, cout, size, k, s, p) in shapes {
+    let shapes: &[_] = if args.iter().any(|a| a == "--k5") {
+        &k5
+    } else {
+        &resnet
+    };
+    for &(cin, cout, size, k, s, p) in shapes {
         let conv = Conv2d {
             in_channels: cin,
             out_channels: cout,

@@ -32,6 +32,7 @@ use super::conv3x3;
 use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::mat_mul;
 use super::scratch::Scratch;
+use super::winograd;
 use super::{Backward, Layer, ParamDecl, Real, Saved};
 use crate::spec::{Padding, Pair};
 use ndarray::{ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, IxDyn, s};
@@ -618,25 +619,35 @@ impl Conv2d {
         }
     }
 
-    /// The shapes of a call on the direct 3×3 path ([`conv3x3`]), or `None` when it cannot
-    /// take it: f32 on a CPU with AVX-512F, one group, a 3×3 kernel with dilation 1 and
-    /// padding 1 on every side, stride 1, or stride 2 on an even height and width, and an
-    /// output of at least 8×8 (on smaller ones the frames' padding is a large share of the
-    /// work, and im2col + GEMM, which leaves out taps that only read padding, was faster).
+    /// The shapes of a call on the direct path ([`conv3x3`]), or `None` when it cannot
+    /// take it: f32 on a CPU with AVX-512F, one group, dilation 1, and either a 3×3 kernel
+    /// with padding 1 on every side, stride 1, or stride 2 on an even height and width, and an
+    /// output of at least 8×8, or a 5×5 kernel with padding 2 ("same"), stride 1 and an output
+    /// of at least 6×6 (on smaller ones the frames' padding is a large share of the work, and
+    /// im2col + GEMM, which leaves out taps that only read padding, was faster).
+    /// Within this path, the 3×3 shapes that [`winograd::fits`] takes (stride 1, widths 8, 16
+    /// and 32, at least 16 channels each way) run on Winograd F(2×2, 3×3) instead of the
+    /// direct kernels: forward, weight and input gradients.
     fn direct<T: Real>(&self, shape: &[usize]) -> Option<conv3x3::Shape> {
         let w = &self.window;
         let (h, wd) = (shape[2], shape[3]);
         let stride = w.stride[0];
+        let k = w.kernel[0];
+        let p = k / 2;
+        // Measured (`bench_conv --k5`): 5×5 is faster on the direct path from 6×6 outputs on
+        // (at 4×4 its forward took 1.4× im2col's time), 3×3 from 8×8.
+        let min_out = if k == 5 { 6 } else { 8 };
         let fits = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && self.groups == 1
-            && w.kernel == [3, 3]
+            && (k == 3 || k == 5)
+            && w.kernel == [k, k]
             && w.stride[1] == stride
-            && (stride == 1 || (stride == 2 && h % 2 == 0 && wd % 2 == 0))
+            && (stride == 1 || (k == 3 && stride == 2 && h % 2 == 0 && wd % 2 == 0))
             && w.dilation == [1, 1]
-            && w.pad_begin == [1, 1]
-            && w.pad_end == [1, 1]
-            && h / stride >= 8
-            && wd / stride >= 8
+            && w.pad_begin == [p, p]
+            && w.pad_end == [p, p]
+            && h / stride >= min_out
+            && wd / stride >= min_out
             && conv3x3::available();
         fits.then(|| conv3x3::Shape {
             batch: shape[0],
@@ -645,6 +656,7 @@ impl Conv2d {
             h,
             w: wd,
             stride,
+            k,
         })
     }
 
@@ -657,6 +669,9 @@ impl Conv2d {
         ys: &mut [std::mem::MaybeUninit<f32>],
     ) {
         let bias = self.bias.then(|| params[1]);
+        if winograd::fits(&sh) {
+            return winograd::forward(xs, params[0], bias, sh, ys);
+        }
         conv3x3::with_buffers(|bufs| conv3x3::forward(xs, params[0], bias, sh, bufs, ys));
     }
 
@@ -673,17 +688,38 @@ impl Conv2d {
         let x32 = f32_slice(xs).expect("direct() checked that T is f32");
         let gy32 = f32_slice(gys).expect("T is f32");
         let w32 = f32_slice(params[0]).expect("T is f32");
-        if self.bias {
-            let n = (sh.h / sh.stride) * (sh.w / sh.stride);
-            for (o, g) in gp[1].iter_mut().enumerate() {
-                let mut sum = T::zero();
-                for s in 0..sh.batch {
-                    sum += lanes_sum(&gys[(s * sh.cout + o) * n..][..n]);
+        // The bias gradient is summed from the output gradient's frames (in cache then) on
+        // the direct kernels, from the NCHW gradient on the Winograd path.
+        let (gw, mut gb) = match &mut gp[..] {
+            [gw, gb] => (f32_slice_mut(gw), f32_slice_mut(gb)),
+            [gw] => (f32_slice_mut(gw), None),
+            _ => unreachable!("a weight and at most a bias"),
+        };
+        let gw = gw.expect("T is f32");
+        if winograd::fits(&sh) {
+            if let Some(gb) = gb {
+                let n = sh.h * sh.w;
+                for (o, g) in gb.iter_mut().enumerate() {
+                    let mut sum = 0.0f32;
+                    for s in 0..sh.batch {
+                        sum += lanes_sum(&gy32[(s * sh.cout + o) * n..][..n]);
+                    }
+                    *g += sum;
                 }
-                *g += sum;
             }
+            winograd::weight_grad(x32, gy32, sh, gw);
+            let gx = need_x.then(|| {
+                let shape = [sh.batch, sh.cin, sh.h, sh.w];
+                // SAFETY: `winograd::input_grad` writes every value of the input gradient.
+                unsafe {
+                    super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
+                        let gx32 = f32_uninit(gx).expect("T is f32");
+                        winograd::input_grad(gy32, w32, sh, gx32);
+                    })
+                }
+            });
+            return vec![gx];
         }
-        let gw = f32_slice_mut(gp[0]).expect("T is f32");
         let gx = need_x.then(|| {
             let shape = [sh.batch, sh.cin, sh.h, sh.w];
             // SAFETY: `conv3x3::backward` writes every value of the input gradient.
@@ -691,13 +727,15 @@ impl Conv2d {
                 super::filled(&shape, |gx: &mut [std::mem::MaybeUninit<T>]| {
                     let gx32 = f32_uninit(gx).expect("T is f32");
                     conv3x3::with_buffers(|bufs| {
-                        conv3x3::backward(x32, w32, gy32, sh, bufs, gw, Some(gx32))
+                        conv3x3::backward(x32, w32, gy32, sh, bufs, gw, gb.take(), Some(gx32))
                     });
                 })
             }
         });
         if gx.is_none() {
-            conv3x3::with_buffers(|bufs| conv3x3::backward(x32, w32, gy32, sh, bufs, gw, None));
+            conv3x3::with_buffers(|bufs| {
+                conv3x3::backward(x32, w32, gy32, sh, bufs, gw, gb.take(), None)
+            });
         }
         vec![gx]
     }
@@ -1358,6 +1396,128 @@ mod tests {
                     _ => panic!("{what}: input gradient given iff asked for"),
                 }
             }
+        }
+    }
+
+    /// The direct path's 5×5 "same" convolutions (f32, AVX-512F; LeNet's) against the im2col
+    /// path in f64, which the finite differences above check, and in f32: forward, weight,
+    /// bias and input gradients, with and without the input gradient, over one input channel,
+    /// channel counts that are not multiples of the tiles (4 output channels, 16 lanes), odd
+    /// sizes, batches of one sample and batches that span several blocks of frames.
+    #[test]
+    fn direct_5x5_matches_the_im2col_path() {
+        if !conv3x3::available() {
+            eprintln!("no AVX-512F: the direct 5×5 path is not used on this CPU");
+            return;
+        }
+        fn im2col_run<T: Real>(
+            c: &Conv2d,
+            params: &[Vec<T>],
+            x: &ArrayD<T>,
+            gy: &ArrayD<T>,
+        ) -> (Vec<f64>, Vec<Vec<f64>>, Vec<f64>) {
+            let up = |v: &[T]| v.iter().map(|x| x.to_f64().unwrap()).collect::<Vec<f64>>();
+            let d = c.dims(x.shape());
+            let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
+            let xs = x.as_slice().unwrap();
+            let y = c.forward_im2col(&pr, xs, &d);
+            let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![T::zero(); v.len()]).collect();
+            let gp = g.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let gx = c.backward_im2col(&pr, xs, gy.as_slice().unwrap(), &d, gp, true);
+            let g = g.iter().map(|v| up(v)).collect();
+            (
+                up(y.as_slice().unwrap()),
+                g,
+                up(gx.unwrap().as_slice().unwrap()),
+            )
+        }
+        let max_err = |a: &[f32], b: &[f64]| {
+            assert_eq!(a.len(), b.len());
+            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b)
+                .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - y).abs()));
+            err / scale.max(1e-30)
+        };
+        // (cin, cout, h, w, batch, bias)
+        for &(cin, cout, h, w, batch, bias) in &[
+            (1, 20, 28, 28, 3, true),
+            (20, 40, 14, 14, 5, true),
+            (1, 20, 28, 28, 1, false),
+            (20, 40, 14, 14, 23, true),
+            (5, 7, 9, 11, 3, true),
+            (17, 19, 8, 8, 1, false),
+            (3, 33, 10, 23, 2, true),
+            (2, 1, 8, 8, 4, false),
+            (6, 5, 6, 7, 2, true),
+            // Winograd's widths and channel counts: 3×3 only.
+            (16, 16, 16, 16, 2, true),
+        ] {
+            let c = conv([cin, cout, 1], [5, 5], [1, 1], p(2, 2), [1, 1], bias);
+            let what = format!("5×5 {cin}→{cout} {h}×{w} ×{batch}");
+            assert!(c.direct::<f32>(&[batch, cin, h, w]).is_some(), "{what}");
+            assert!(c.direct::<f64>(&[batch, cin, h, w]).is_none(), "{what}");
+            let mut rng = Rng::new((cin * 1000 + h * 10 + batch) as u64);
+            let x = rng.array(&[batch, cin, h, w]);
+            let gy = rng.array(&[batch, cout, h, w]);
+            let params: Vec<Vec<f64>> = <Conv2d as Layer<f64>>::params(&c)
+                .iter()
+                .map(|d| rng.array(&d.shape).into_raw_vec_and_offset().0)
+                .collect();
+            let p32: Vec<Vec<f32>> = params
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f32).collect())
+                .collect();
+            let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+            let refs = [
+                ("f64", im2col_run::<f64>(&c, &params, &x, &gy), 4e-6, 2e-5),
+                ("f32", im2col_run::<f32>(&c, &p32, &x32, &gy32), 4e-6, 2e-5),
+            ];
+            for need_x in [true, false] {
+                // Gradients are added to what is there.
+                let (y32, mut g32, gx32) = run_layer::<f32>(&c, &p32, &x32, &gy32, need_x, 1.0);
+                for v in g32.iter_mut().flatten() {
+                    *v -= 1.0;
+                }
+                for (name, (y, g, gx), tol, gtol) in &refs {
+                    let e = max_err(y32.as_slice().unwrap(), y);
+                    assert!(e < *tol, "{what}: forward against {name} im2col: {e}");
+                    for (a, b) in g32.iter().zip(g) {
+                        let e = max_err(a, b);
+                        assert!(e < *gtol, "{what}: parameter gradient ({name}): {e}");
+                    }
+                    match (&gx32[0], need_x) {
+                        (Some(a), true) => {
+                            let e = max_err(a.as_slice().unwrap(), gx);
+                            assert!(e < *tol, "{what}: input gradient ({name}): {e}");
+                        }
+                        (None, false) => {}
+                        _ => panic!("{what}: input gradient given iff asked for"),
+                    }
+                }
+            }
+        }
+        // Left to the other paths: padding other than 2, stride 2, dilation, small outputs.
+        for (c, shape) in [
+            (
+                conv([4, 4, 1], [5, 5], [1, 1], p(1, 1), [1, 1], false),
+                [2, 4, 12, 12],
+            ),
+            (
+                conv([4, 4, 1], [5, 5], [2, 2], p(2, 2), [1, 1], false),
+                [2, 4, 16, 16],
+            ),
+            (
+                conv([4, 4, 1], [5, 5], [1, 1], p(4, 4), [2, 2], false),
+                [2, 4, 12, 12],
+            ),
+            (
+                conv([4, 4, 1], [5, 5], [1, 1], p(2, 2), [1, 1], false),
+                [2, 4, 5, 8],
+            ),
+        ] {
+            assert!(c.direct::<f32>(&shape).is_none(), "{shape:?}");
         }
     }
 

@@ -26,6 +26,12 @@
 //! end of each block. The order of every sum is fixed by the shapes alone, so results do not
 //! depend on the thread count.
 //!
+//! **5×5 "same" (stride 1; LeNet's).** The same frames with `p = 2` zeros starting each row
+//! and `p` zero rows between samples (`l = w + p`, [`Frame::padded`]); the 25 taps read the
+//! frame at `q + ki·l + kj`, the input gradient flips them (`t ↦ 24 − t`), and the weight
+//! gradient's kernel takes one input channel × 25 taps at a time. The weight gradient (both
+//! sizes) runs over the output rows only, skipping the padding positions.
+//!
 //! **Data movement.** Frames are filled and results copied out with AVX-512 masked loads and
 //! stores (a `memcpy` call per short row cost more than the copy), the input read in memory
 //! order; with stride 2 each input row is read once and split into its even and odd columns
@@ -60,7 +66,9 @@ pub(crate) struct Frame {
     h: usize,
     w: usize,
     nb: usize,
-    /// Row stride, `w + 1`.
+    /// Padding on every side, `(k − 1) / 2` for a `k × k` kernel (1 for 3×3).
+    p: usize,
+    /// Row stride, `w + p`.
     l: usize,
     /// Output positions computed (a multiple of 16; the last tile of [`conv_frames`] may be
     /// shorter than [`TILE`]).
@@ -70,14 +78,17 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
-    pub(crate) fn new(h: usize, w: usize, nb: usize) -> Frame {
-        let l = w + 1;
-        let q = (nb * (h + 1) * l).div_ceil(16) * 16;
-        let len = (q + 2 * l + 2).div_ceil(16) * 16;
+    /// The frames of a `(2p + 1) × (2p + 1)` kernel: `p` zeros start each row (the right-hand
+    /// padding of the row before too) and `p` zero rows lead and separate the samples.
+    pub(crate) fn padded(h: usize, w: usize, nb: usize, p: usize) -> Frame {
+        let l = w + p;
+        let q = (nb * (h + p) * l).div_ceil(16) * 16;
+        let len = (q + 2 * p * l + 2 * p).div_ceil(16) * 16;
         Frame {
             h,
             w,
             nb,
+            p,
             l,
             q,
             len,
@@ -91,12 +102,12 @@ impl Frame {
 
     /// Frame index of input `(j, y, 0)`.
     fn row(&self, j: usize, y: usize) -> usize {
-        (1 + j * (self.h + 1) + y) * self.l + 1
+        (self.p + j * (self.h + self.p) + y) * self.l + self.p
     }
 
-    /// Output-frame index of output `(j, y, 0)` (= `row(j, y) − l − 1`).
+    /// Output-frame index of output `(j, y, 0)` (= `row(j, y) − p·l − p`).
     fn out_row(&self, j: usize, y: usize) -> usize {
-        (j * (self.h + 1) + y) * self.l
+        (j * (self.h + self.p) + y) * self.l
     }
 }
 
@@ -133,19 +144,19 @@ fn fill_frames(x: &[f32], c: usize, stride: usize, s0: usize, f: &Frame, dst: &m
 /// and column (`[c][2·pr + pc][f.len]`, holding `x[2r + pr][2c + pc]`; `h × w` is twice the
 /// frame's size on each axis).
 fn fill_frames_scalar(x: &[f32], c: usize, stride: usize, s0: usize, f: &Frame, dst: &mut [f32]) {
-    let (fh, fw, l) = (f.h, f.w, f.l);
+    let (fh, fw, l, pad) = (f.h, f.w, f.l, f.p);
     let (h, w) = (fh * stride, fw * stride);
     let planes = stride * stride;
     for ch in 0..c {
         for p in 0..planes {
             let (pr, pc) = (p / stride, p % stride);
             let d = &mut dst[(ch * planes + p) * f.len..][..f.len];
-            d[..l].fill(0.0);
+            d[..pad * l].fill(0.0);
             for j in 0..f.nb {
                 let src = &x[((s0 + j) * c + ch) * h * w..][..h * w];
                 for y in 0..fh {
                     let r = f.row(j, y);
-                    d[r - 1] = 0.0;
+                    d[r - pad..r].fill(0.0);
                     let row = &src[(stride * y + pr) * w..][..w];
                     if stride == 1 {
                         d[r..r + fw].copy_from_slice(row);
@@ -158,36 +169,41 @@ fn fill_frames_scalar(x: &[f32], c: usize, stride: usize, s0: usize, f: &Frame, 
                         }
                     }
                 }
-                let sep = f.row(j, fh) - 1;
-                d[sep..sep + l].fill(0.0);
+                let sep = f.row(j, fh) - pad;
+                d[sep..sep + pad * l].fill(0.0);
             }
-            d[f.row(f.nb, 0) - 1..].fill(0.0);
+            d[f.row(f.nb, 0) - pad..].fill(0.0);
         }
     }
 }
 
-/// Frame offsets of the forward taps (row-major) for a stride: with stride 2, tap `(ki, kj)`
-/// reads the plane of its parities (rows `2y + ki − 1`: odd for ki = 0, 2), one row / column
-/// further on unless it is the first tap of its axis.
-fn forward_offsets(f: &Frame, stride: usize) -> [usize; 9] {
-    std::array::from_fn(|t| {
-        let (ki, kj) = (t / 3, t % 3);
-        if stride == 1 {
-            ki * f.l + kj
-        } else {
-            let plane = 2 * usize::from(ki != 1) + usize::from(kj != 1);
-            plane * f.len + usize::from(ki > 0) * f.l + usize::from(kj > 0)
-        }
-    })
+/// Frame offsets of the forward taps (row-major, `k = 2p + 1` per axis) for a stride: with
+/// stride 2 (3×3 only), tap `(ki, kj)` reads the plane of its parities (rows `2y + ki − 1`:
+/// odd for ki = 0, 2), one row / column further on unless it is the first tap of its axis.
+fn forward_offsets(f: &Frame, stride: usize) -> Vec<usize> {
+    let k = 2 * f.p + 1;
+    assert!(stride == 1 || k == 3);
+    (0..k * k)
+        .map(|t| {
+            let (ki, kj) = (t / k, t % k);
+            if stride == 1 {
+                ki * f.l + kj
+            } else {
+                let plane = 2 * usize::from(ki != 1) + usize::from(kj != 1);
+                plane * f.len + usize::from(ki > 0) * f.l + usize::from(kj > 0)
+            }
+        })
+        .collect()
 }
 
 /// The input gradient as convolutions of the output gradient's frame: one pass per input
 /// plane, each a list of (weight tap, frame offset). Stride 1: one plane, all taps flipped;
 /// stride 2: per parity plane the taps of that parity (4, 2, 2, 1 of them).
 fn grad_passes(f: &Frame, stride: usize) -> Vec<Vec<(usize, usize)>> {
+    let k = 2 * f.p + 1;
     let taps = |par: usize| -> Vec<usize> {
         match (stride, par) {
-            (1, _) => vec![0, 1, 2],
+            (1, _) => (0..k).collect(),
             (_, 0) => vec![1],
             _ => vec![0, 2],
         }
@@ -200,7 +216,7 @@ fn grad_passes(f: &Frame, stride: usize) -> Vec<Vec<(usize, usize)>> {
                     // Stride 1: gy(y + 1 − ki, x + 1 − kj), the flipped kernel, in order of
                     // increasing offset. Stride 2: gy(r + [ki = 0], c + [kj = 0]).
                     v.push(if stride == 1 {
-                        (3 * (2 - ki) + (2 - kj), ki * f.l + kj)
+                        (k * (k - 1 - ki) + (k - 1 - kj), ki * f.l + kj)
                     } else {
                         let off = (1 + usize::from(ki == 0)) * f.l + 1 + usize::from(kj == 0);
                         (3 * ki + kj, off)
@@ -291,11 +307,11 @@ fn conv_frames(
 /// The output gradient of a block laid out for [`weight_grad`], from its frame `g` (as
 /// [`fill_frames`] lays out the output gradient, `[cout][f.len]`): `gt[ob][q][r]` = the
 /// gradient of output channel `16·ob + r` at output-frame position `q`, i.e. `g[16·ob + r][q +
-/// l + 1]` (zero at positions that are not outputs, which read the frame's padding, and for
+/// p·l + p]` (zero at positions that are not outputs, which read the frame's padding, and for
 /// channels past `cout`). `gt` is `[⌈cout / 16⌉][f.q][16]`; every value is written, 16×16
 /// blocks transposed in registers.
 fn transpose_frames(g: &[f32], cout: usize, f: &Frame, gt: &mut [f32]) {
-    assert!(g.len() >= cout * f.len && f.q + f.l < f.len);
+    assert!(g.len() >= cout * f.len && f.q + f.p * f.l + f.p <= f.len);
     assert!(gt.len() >= cout.div_ceil(16) * f.q * 16);
     #[cfg(target_arch = "x86_64")]
     {
@@ -336,14 +352,14 @@ fn fill_transposed_scalar(gy: &[f32], cout: usize, s0: usize, f: &Frame, gt: &mu
     }
 }
 
-/// Positions per weight-gradient tile: each tile's sums are added into the gradient, so no
-/// f32 sum runs over more than this many terms.
+/// Positions per weight-gradient tile (whole output rows, at least one): each tile's sums are
+/// added into the gradient, so no f32 sum runs over more than this many terms (or one row).
 const QT: usize = 512;
 
 /// `gw[o][i][t] += Σ_q gt[o][q]·frame[i][q + offset(t)]` over the block's output positions
-/// (`gt` as [`transpose_frames`] writes it: zero where there is no output, so only real outputs
-/// contribute), in tiles of [`QT`] positions, 16 output channels × 3 input channels × 9 taps
-/// at a time.
+/// (`gt` as [`transpose_frames`] writes it; the frame's padding positions, where it is zero,
+/// are skipped), in tiles of whole output rows of at most [`QT`] positions, 16 output
+/// channels × 3 input channels × 9 taps at a time (5×5: 1 input channel × 25 taps).
 #[allow(clippy::too_many_arguments)]
 fn weight_grad(
     gt: &[f32],
@@ -351,38 +367,65 @@ fn weight_grad(
     frame: &[f32],
     cs: usize,
     cin: usize,
-    offs: &[usize; 9],
+    offs: &[usize],
+    f: &Frame,
+    gw: &mut [f32],
+) {
+    match offs.len() {
+        9 => weight_grad_taps::<9, 3>(gt, cout, frame, cs, cin, offs, f, gw),
+        25 => weight_grad_taps::<25, 1>(gt, cout, frame, cs, cin, offs, f, gw),
+        t => unreachable!("{t} taps: only 3×3 and 5×5 kernels take the direct path"),
+    }
+}
+
+/// [`weight_grad`] with `T` taps, `IB` input channels at a time.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_taps<const T: usize, const IB: usize>(
+    gt: &[f32],
+    cout: usize,
+    frame: &[f32],
+    cs: usize,
+    cin: usize,
+    offs: &[usize],
     f: &Frame,
     gw: &mut [f32],
 ) {
     let obs = cout.div_ceil(16);
+    let offs: &[usize; T] = offs.try_into().expect("T taps");
     assert!(gt.len() >= obs * f.q * 16 && frame.len() >= cin * cs);
     assert!(offs.iter().all(|&o| o + f.q <= cs));
-    assert!(gw.len() >= cout * cin * 9);
+    assert!(gw.len() >= cout * cin * T);
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "conv3x3 needs AVX-512F");
-        let mut sums = [[[0.0f32; 16]; 9]; 3];
-        for q0 in (0..f.q).step_by(QT) {
-            let n = QT.min(f.q - q0);
+        let mut sums = [[[0.0f32; 16]; T]; IB];
+        // Only the output rows' positions (the frame's padding positions hold zero gradients):
+        // tiles of whole rows, at most QT positions (at least one row).
+        let rows: Vec<usize> = (0..f.nb)
+            .flat_map(|j| (0..f.h).map(move |y| f.out_row(j, y)))
+            .collect();
+        assert!(rows.last().is_none_or(|&r| r + f.w <= f.q));
+        for tile in rows.chunks((QT / f.w).max(1)) {
             for ob in 0..obs {
-                let g = &gt[(ob * f.q + q0) * 16..][..n * 16];
-                for i0 in (0..cin).step_by(3) {
-                    let ic = 3.min(cin - i0);
-                    // SAFETY: AVX-512F is available (asserted above); the kernel reads
-                    // g[0..16·n] and frame[(i0 + c)·cs + q0 + offset + 0..n] for c < ic, below
-                    // (i0 + c + 1)·cs since q0 + n ≤ f.q and offset + f.q ≤ cs (asserted).
+                let g = &gt[ob * f.q * 16..][..f.q * 16];
+                for i0 in (0..cin).step_by(IB) {
+                    let ic = IB.min(cin - i0);
+                    // SAFETY: AVX-512F is available (asserted above); the kernel reads g[16·q
+                    // ..][..16] and frame[(i0 + c)·cs + offset + q] for c < ic and q in the
+                    // tile's rows, q < f.q (asserted), below (i0 + c + 1)·cs since offset + f.q
+                    // ≤ cs (asserted).
                     unsafe {
-                        let x = frame.as_ptr().add(i0 * cs + q0);
+                        let x = frame.as_ptr().add(i0 * cs);
+                        let (g, w) = (g.as_ptr(), f.w);
                         match ic {
-                            3 => avx512::wgrad::<3>(x, cs, offs, g.as_ptr(), n, &mut sums),
-                            2 => avx512::wgrad::<2>(x, cs, offs, g.as_ptr(), n, &mut sums),
-                            _ => avx512::wgrad::<1>(x, cs, offs, g.as_ptr(), n, &mut sums),
+                            3 => avx512::wgrad::<3, T>(x, cs, offs, g, tile, w, &mut sums),
+                            2 => avx512::wgrad::<2, T>(x, cs, offs, g, tile, w, &mut sums),
+                            _ => avx512::wgrad::<1, T>(x, cs, offs, g, tile, w, &mut sums),
                         }
                     }
                     for (c, sc) in sums.iter().enumerate().take(ic) {
                         for o in ob * 16..cout.min(ob * 16 + 16) {
-                            let dst = &mut gw[(o * cin + i0 + c) * 9..][..9];
+                            let dst = &mut gw[(o * cin + i0 + c) * T..][..T];
                             for (d, st) in dst.iter_mut().zip(sc) {
                                 *d += st[o % 16];
                             }
@@ -400,7 +443,8 @@ fn weight_grad(
 }
 
 /// Shapes of one call: batch, input channels, output channels, input height and width,
-/// stride (1, or 2 with an even height and width).
+/// stride (1, or 2 with an even height and width), kernel size `k` (3, or 5 with stride 1;
+/// padding `(k − 1) / 2`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shape {
     pub batch: usize,
@@ -409,6 +453,7 @@ pub(crate) struct Shape {
     pub h: usize,
     pub w: usize,
     pub stride: usize,
+    pub k: usize,
 }
 
 impl Shape {
@@ -422,10 +467,10 @@ impl Shape {
         let (oh, ow) = self.out_hw();
         let chans = (self.cin * self.stride * self.stride).max(self.cout);
         let nb = Frame::block(oh, ow, chans, self.batch);
-        let batch = self.batch;
+        let (batch, p) = (self.batch, (self.k - 1) / 2);
         (0..batch)
             .step_by(nb)
-            .map(move |s0| (s0, Frame::new(oh, ow, nb.min(batch - s0))))
+            .map(move |s0| (s0, Frame::padded(oh, ow, nb.min(batch - s0), p)))
     }
 }
 
@@ -457,8 +502,8 @@ fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
-/// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i] + bias[o]` (3×3, padding 1, the shape's stride;
-/// no bias: `+ 0.0`), NCHW, weight `[cout, cin, 3, 3]`, into `y` (`[batch, cout, h / stride, w /
+/// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i] + bias[o]` (k × k, padding (k − 1) / 2, the
+/// shape's stride; no bias: `+ 0.0`), NCHW, weight `[cout, cin, k, k]`, into `y` (`[batch, cout, h / stride, w /
 /// stride]`, every value written).
 pub(crate) fn forward(
     x: &[f32],
@@ -470,14 +515,16 @@ pub(crate) fn forward(
 ) {
     let (cin, cout, planes) = (sh.cin, sh.cout, sh.stride * sh.stride);
     let (oh, ow) = sh.out_hw();
+    let kk = sh.k * sh.k;
     assert!(y.len() >= sh.batch * cout * oh * ow);
     assert!(bias.is_none_or(|b| b.len() >= cout));
+    assert!(w.len() >= cout * cin * kk);
     bufs.packed.clear();
     pack(
         cout,
         cin,
-        9,
-        |o, i, t| w[(o * cin + i) * 9 + t],
+        kk,
+        |o, i, t| w[(o * cin + i) * kk + t],
         &mut bufs.packed,
     );
     for (s0, f) in sh.blocks() {
@@ -518,6 +565,7 @@ fn pack_passes(
     packed: &mut Vec<f32>,
 ) -> Vec<(usize, Vec<usize>)> {
     packed.clear();
+    let kk = (2 * f.p + 1) * (2 * f.p + 1);
     grad_passes(f, stride)
         .iter()
         .map(|taps| {
@@ -526,7 +574,7 @@ fn pack_passes(
                 cin,
                 cout,
                 taps.len(),
-                |i, o, k| w[(o * cin + i) * 9 + taps[k].0],
+                |i, o, k| w[(o * cin + i) * kk + taps[k].0],
                 packed,
             );
             (at, taps.iter().map(|t| t.1).collect())
@@ -534,8 +582,11 @@ fn pack_passes(
         .collect()
 }
 
-/// Backward: adds the weight gradient into `gw` (`[cout, cin, 3, 3]`) and, when `gx` is
-/// given, writes the input gradient into it (NCHW, every value written).
+/// Backward: adds the weight gradient into `gw` (`[cout, cin, k, k]`) and, when `gb` is
+/// given, the bias gradient into it (`[cout]`, summed from the output gradient's frames, a
+/// block at a time); when `gx` is given, writes the input gradient into it (NCHW, every value
+/// written).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     x: &[f32],
     w: &[f32],
@@ -543,6 +594,7 @@ pub(crate) fn backward(
     sh: Shape,
     bufs: &mut Buffers,
     gw: &mut [f32],
+    mut gb: Option<&mut [f32]>,
     mut gx: Option<&mut [std::mem::MaybeUninit<f32>]>,
 ) {
     let (cin, cout, stride) = (sh.cin, sh.cout, sh.stride);
@@ -554,6 +606,15 @@ pub(crate) fn backward(
         fill_frames(x, cin, stride, s0, &f, frame);
         let gframe = grow(&mut bufs.b, cout * f.len);
         fill_frames(gy, cout, 1, s0, &f, gframe);
+        if let Some(gb) = gb.as_deref_mut() {
+            assert!(gb.len() >= cout);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F is available (`fill_frames` asserted it); the kernel indexes
+            // slices.
+            unsafe {
+                avx512::channel_sums(gframe, f.len, &mut gb[..cout])
+            };
+        }
         let gt = grow(&mut bufs.c, cout.div_ceil(16) * f.q * 16);
         transpose_frames(gframe, cout, &f, gt);
         let offs = forward_offsets(&f, stride);
@@ -740,15 +801,15 @@ mod avx512 {
         f: &Frame,
         dst: &mut [f32],
     ) {
-        let (fh, fw, l, len) = (f.h, f.w, f.l, f.len);
+        let (fh, fw, l, len, p) = (f.h, f.w, f.l, f.len, f.p);
         let (h, w) = (fh * stride, fw * stride);
         let planes = stride * stride;
-        let tail = f.row(f.nb, 0) - 1;
+        let tail = f.row(f.nb, 0) - p;
         for d in dst[..c * planes * len].chunks_exact_mut(len) {
-            zero(&mut d[..l]);
+            zero(&mut d[..p * l]);
             for j in 0..f.nb {
-                let sep = f.row(j, fh) - 1;
-                zero(&mut d[sep..sep + l]);
+                let sep = f.row(j, fh) - p;
+                zero(&mut d[sep..sep + p * l]);
             }
             zero(&mut d[tail..]);
         }
@@ -763,7 +824,7 @@ mod avx512 {
                     for pr in 0..stride {
                         let row = &src[(stride * y + pr) * w..][..w];
                         if stride == 1 {
-                            chd[r - 1] = 0.0;
+                            zero(&mut chd[r - p..r]);
                             copy(row, &mut chd[r..r + fw]);
                         } else {
                             let (a, b) = chd[2 * pr * len..][..2 * len].split_at_mut(len);
@@ -777,10 +838,38 @@ mod avx512 {
         }
     }
 
+    /// `gb[c] += Σ frame[c·len..][..len]` (16 lanes in 4 accumulators, added up in a fixed
+    /// tree); `len` a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn channel_sums(frame: &[f32], len: usize, gb: &mut [f32]) {
+        assert!(len.is_multiple_of(16) && frame.len() >= gb.len() * len);
+        for (c, g) in gb.iter_mut().enumerate() {
+            let src = &frame[c * len..][..len];
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut k = 0;
+            while k + 64 <= len {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: `k + 16·a + 16 ≤ len`.
+                    *acc = _mm512_add_ps(*acc, unsafe {
+                        _mm512_loadu_ps(src.as_ptr().add(k + 16 * a))
+                    });
+                }
+                k += 64;
+            }
+            while k < len {
+                // SAFETY: `k + 16 ≤ len` (a multiple of 16).
+                acc[0] = _mm512_add_ps(acc[0], unsafe { _mm512_loadu_ps(src.as_ptr().add(k)) });
+                k += 16;
+            }
+            let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            *g += _mm512_reduce_add_ps(v);
+        }
+    }
+
     /// [`super::transpose_frames`] (its checks done by the caller).
     #[target_feature(enable = "avx512f")]
     pub(super) fn transpose_frames(g: &[f32], cout: usize, f: &Frame, gt: &mut [f32]) {
-        let (len, shift) = (f.len, f.l + 1);
+        let (len, shift) = (f.len, f.p * f.l + f.p);
         for ob in 0..cout.div_ceil(16) {
             let rows = 16.min(cout - 16 * ob);
             let src = &g[16 * ob * len..][..rows * len];
@@ -903,29 +992,34 @@ mod avx512 {
         }
     }
 
-    /// `sums[c][t][r] = Σ_{q < n} x[c·len + offs[t] + q]·g[16·q + r]` for `c < IC`, each sum
-    /// in order of `q`.
+    /// `sums[c][t][r] = Σ_q x[c·len + offs[t] + q]·g[16·q + r]` for `c < IC` (`sums` at
+    /// least `IC` long), `t < T`, over the positions `q` of the runs `s..s + w` for `s` in
+    /// `runs`, each sum in that order.
     ///
     /// # Safety
-    /// AVX-512F; `g` valid for `16·n` reads, `x` for `c·len + offs[t] + q`, `c < IC`, `q < n`.
+    /// AVX-512F; `g` valid for reads at `16·q..16·q + 16`, `x` at `c·len + offs[t] + q`,
+    /// `c < IC`, for those `q`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn wgrad<const IC: usize>(
+    pub(super) unsafe fn wgrad<const IC: usize, const T: usize>(
         x: *const f32,
         len: usize,
-        offs: &[usize; 9],
+        offs: &[usize; T],
         g: *const f32,
-        n: usize,
-        sums: &mut [[[f32; 16]; 9]; 3],
+        runs: &[usize],
+        w: usize,
+        sums: &mut [[[f32; 16]; T]],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 9]; IC];
-        for q in 0..n {
-            // SAFETY: within the bounds the caller guarantees.
-            unsafe {
-                let gv = _mm512_loadu_ps(g.add(16 * q));
-                for (c, acc) in acc.iter_mut().enumerate() {
-                    let xc = x.add(c * len + q);
-                    for (a, &o) in acc.iter_mut().zip(offs) {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*xc.add(o)), gv, *a);
+        let mut acc = [[_mm512_setzero_ps(); T]; IC];
+        for &s in runs {
+            for q in s..s + w {
+                // SAFETY: within the bounds the caller guarantees.
+                unsafe {
+                    let gv = _mm512_loadu_ps(g.add(16 * q));
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        let xc = x.add(c * len + q);
+                        for (a, &o) in acc.iter_mut().zip(offs) {
+                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*xc.add(o)), gv, *a);
+                        }
                     }
                 }
             }
@@ -949,24 +1043,38 @@ mod tests {
     }
 
     /// The AVX-512 frames hold the same values as the scalar reference, padding included, for
-    /// both strides, row lengths that are not multiples of 16 and blocks inside a batch.
+    /// both strides, both paddings (3×3 and 5×5 kernels), row lengths that are not multiples
+    /// of 16 and blocks inside a batch.
     #[test]
     fn frames_match_the_scalar_reference() {
         if !available() {
             return;
         }
         let mut rng = Rng::new(11);
-        for (stride, h, w) in [(1, 8, 8), (1, 5, 37), (1, 32, 32), (2, 16, 16), (2, 6, 42)] {
+        for (stride, h, w, p) in [
+            (1, 8, 8, 1),
+            (1, 5, 37, 1),
+            (1, 32, 32, 1),
+            (2, 16, 16, 1),
+            (2, 6, 42, 1),
+            (1, 14, 14, 2),
+            (1, 28, 28, 2),
+            (1, 5, 37, 2),
+            (1, 8, 3, 2),
+        ] {
             let (batch, c) = (5, 3);
             let x = values(&mut rng, batch * c * h * w);
             for (s0, nb) in [(0, 5), (1, 3), (4, 1)] {
-                let f = Frame::new(h / stride, w / stride, nb);
+                let f = Frame::padded(h / stride, w / stride, nb, p);
                 let n = c * stride * stride * f.len;
                 let (mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n]);
                 fill_frames(&x, c, stride, s0, &f, &mut a);
                 fill_frames_scalar(&x, c, stride, s0, &f, &mut b);
                 let same = a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits());
-                assert!(same, "stride {stride}, {h}×{w}, block {s0}+{nb}");
+                assert!(
+                    same,
+                    "stride {stride}, padding {p}, {h}×{w}, block {s0}+{nb}"
+                );
             }
         }
     }
@@ -979,11 +1087,19 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(12);
-        for (cout, h, w) in [(3, 8, 8), (16, 5, 11), (21, 16, 16), (32, 9, 8)] {
+        for (cout, h, w, p) in [
+            (3, 8, 8, 1),
+            (16, 5, 11, 1),
+            (21, 16, 16, 1),
+            (32, 9, 8, 1),
+            (20, 28, 28, 2),
+            (40, 14, 14, 2),
+            (17, 5, 9, 2),
+        ] {
             let batch = 3;
             let gy = values(&mut rng, batch * cout * h * w);
             for (s0, nb) in [(0, 3), (1, 2)] {
-                let f = Frame::new(h, w, nb);
+                let f = Frame::padded(h, w, nb, p);
                 let mut frame = vec![f32::NAN; cout * f.len];
                 fill_frames(&gy, cout, 1, s0, &f, &mut frame);
                 let n = cout.div_ceil(16) * f.q * 16;
@@ -991,7 +1107,10 @@ mod tests {
                 transpose_frames(&frame, cout, &f, &mut a);
                 fill_transposed_scalar(&gy, cout, s0, &f, &mut b);
                 let same = a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits());
-                assert!(same, "{cout} channels, {h}×{w}, block {s0}+{nb}");
+                assert!(
+                    same,
+                    "{cout} channels, {h}×{w}, padding {p}, block {s0}+{nb}"
+                );
             }
         }
     }

@@ -30,6 +30,7 @@ pub mod reshape;
 pub(crate) mod scratch;
 pub(crate) mod simd;
 pub(crate) mod sparse;
+pub(crate) mod winograd;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
