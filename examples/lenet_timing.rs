@@ -56,7 +56,7 @@ fn main() -> lca::Result<()> {
     let data = Dataset {
         path: "random".into(),
         sha256: String::new(),
-        x,
+        x: x.into(),
         targets: Targets::Classes { ids, per_sample: 1 },
         y_shape: vec![],
     };

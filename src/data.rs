@@ -1,13 +1,17 @@
 //! The training set: `x` and `y` tensors from a `.safetensors` or `.npz` file, with the
 //! preprocessing the spec declares (`scale`, then per-feature/per-channel `mean` and `std`).
 //!
-//! Inputs are held in memory as f32, preprocessed once. Targets are class indices (for
-//! cross-entropy, from any integer dtype or integral floats) or float values (for MSE).
+//! Inputs are held in memory preprocessed once: as f32, or, when the file stores them as
+//! bytes (`uint8`, `int8`), as those bytes with a table of each byte's preprocessed f32
+//! value per channel ([`Inputs::Codes`], a quarter of the memory; chunks are expanded
+//! through the table when a layer reads them, to the same bits). Targets are class indices
+//! (for cross-entropy, from any integer dtype or integral floats) or float values (for MSE).
 
 use crate::error::{LcaError, Result};
-use crate::net::{LossKind, TargetsView};
+use crate::net::input::CODES;
+use crate::net::{CodeTable, Codes, Input, LossKind, TargetsView};
 use crate::spec::DataSpec;
-use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn};
 use std::path::{Path, PathBuf};
 
 mod npz;
@@ -30,10 +34,92 @@ pub struct Dataset {
     pub path: PathBuf,
     pub sha256: String,
     /// Inputs `[N, ...]`, preprocessed.
-    pub x: ArrayD<f32>,
+    pub x: Inputs,
     pub targets: Targets,
     /// Per-sample shape of the stored targets.
     pub y_shape: Vec<usize>,
+}
+
+/// The inputs of a data set, `[N, ...]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inputs {
+    /// Preprocessed values.
+    F32(ArrayD<f32>),
+    /// One byte per value as stored in the file (shifted by 128 for `int8`), and the
+    /// preprocessed f32 value of each byte per channel.
+    Codes { codes: ArrayD<u8>, table: CodeTable },
+}
+
+impl From<ArrayD<f32>> for Inputs {
+    fn from(x: ArrayD<f32>) -> Inputs {
+        Inputs::F32(x)
+    }
+}
+
+impl Inputs {
+    /// Shape `[N, ...]`.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Inputs::F32(x) => x.shape(),
+            Inputs::Codes { codes, .. } => codes.shape(),
+        }
+    }
+
+    /// The preprocessed values in row-major order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &f32> + '_> {
+        match self {
+            Inputs::F32(x) => Box::new(x.iter()),
+            Inputs::Codes { codes, table } => {
+                let per: usize = codes.shape()[1..].iter().product::<usize>().max(1);
+                Box::new(
+                    codes
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, &c)| &table.row_at(i % per)[c as usize]),
+                )
+            }
+        }
+    }
+
+    /// The preprocessed values as one f32 array (a copy for a byte-held set).
+    pub fn to_f32(&self) -> ArrayD<f32> {
+        match self {
+            Inputs::F32(x) => x.clone(),
+            Inputs::Codes { .. } => match self.rows(0, self.shape()[0]) {
+                Input::Codes(c) => c.expand(),
+                Input::F32(x) => x.to_owned(),
+            },
+        }
+    }
+
+    /// The inputs of samples `start..end`.
+    pub fn rows(&self, start: usize, end: usize) -> Input<'_> {
+        match self {
+            Inputs::F32(x) => Input::F32(x.slice_axis(Axis(0), (start..end).into())),
+            Inputs::Codes { codes, table } => Input::Codes(Codes {
+                codes: codes.slice_axis(Axis(0), (start..end).into()),
+                table,
+            }),
+        }
+    }
+
+    /// The byte table of a byte-held set.
+    pub fn code_table(&self) -> Option<&CodeTable> {
+        match self {
+            Inputs::F32(_) => None,
+            Inputs::Codes { table, .. } => Some(table),
+        }
+    }
+}
+
+/// What a byte of a stored dtype holds: `Some(k)` where a value `v` is held as the byte
+/// `v + k` (`uint8`: 0, `int8`: 128); `None` for other dtypes (held as f32).
+fn byte_code_offset(dtype: &str) -> Option<f64> {
+    match dtype {
+        "U8" | "|u1" | "<u1" | ">u1" | "=u1" | "u1" => Some(0.0),
+        "I8" | "|i1" | "<i1" | ">i1" | "=i1" | "i1" => Some(128.0),
+        _ => None,
+    }
 }
 
 /// A raw tensor from the file: shape, values and whether the dtype is integral.
@@ -113,6 +199,56 @@ impl Raw {
                     i += k;
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Visit the values of a byte dtype (`uint8`, `int8`) in order, a block at a time, as
+    /// bytes `v + offset` ([`byte_code_offset`]): read straight from the file, or converted
+    /// from the values in memory.
+    fn for_each_code_block(
+        &self,
+        path: &Path,
+        offset: f64,
+        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        match &self.values {
+            Values::File {
+                path: file,
+                offset: at,
+                dtype,
+                len,
+            } if dtype.bitsize() == 8 => {
+                use std::io::{Read, Seek, SeekFrom};
+                let (mut r, _) = crate::files::open_regular(file)?;
+                r.seek(SeekFrom::Start(*at))
+                    .map_err(|e| LcaError::io(path, e))?;
+                let flip = if offset == 0.0 { 0 } else { 0x80 };
+                let mut buf = vec![0u8; 4 * BLOCK_ELEMS];
+                let mut i = 0;
+                while i < *len {
+                    if crate::interrupt::requested() {
+                        return Err(LcaError::Interrupted(crate::error::Interruption::Requested));
+                    }
+                    let k = buf.len().min(len - i);
+                    let bytes = &mut buf[..k];
+                    r.read_exact(bytes).map_err(|e| LcaError::io(path, e))?;
+                    if flip != 0 {
+                        // int8 `v` (two's complement) ↦ v + 128.
+                        bytes.iter_mut().for_each(|b| *b ^= flip);
+                    }
+                    f(i, bytes)?;
+                    i += k;
+                }
+                Ok(())
+            }
+            _ => {
+                let mut buf = Vec::with_capacity(BLOCK_ELEMS);
+                self.for_each_block(path, |start, vals| {
+                    buf.clear();
+                    buf.extend(vals.iter().map(|&v| (v + offset) as u8));
+                    f(start, &buf)
+                })
             }
         }
     }
@@ -270,16 +406,195 @@ fn read_xy(path: &Path, spec: &DataSpec) -> Result<[Raw; 2]> {
     })
 }
 
+/// The preprocessing of the inputs: `(v·scale − mean[c]) / std[c]` along the first
+/// per-sample axis (channel `c` = position / `inner`), computed in f64 and rounded to f32.
+struct Preprocess<'a> {
+    /// The tensor's name in the spec (`data.x`), for messages.
+    name: &'a str,
+    /// Values per sample.
+    per: usize,
+    /// Values per channel.
+    inner: usize,
+    mean: &'a [f64],
+    std: &'a [f64],
+    scale: f64,
+}
+
+impl Preprocess<'_> {
+    fn err(path: &Path, msg: String) -> LcaError {
+        LcaError::Data {
+            path: path.to_path_buf(),
+            msg,
+        }
+    }
+
+    /// The message for the value `v` at flat index `at` (of the whole tensor) that is not
+    /// finite, or that preprocessing took beyond the f32 range.
+    fn bad_value(&self, path: &Path, at: usize, v: f64) -> LcaError {
+        let (name, per) = (self.name, self.per);
+        Self::err(
+            path,
+            if !v.is_finite() {
+                format!(
+                    "'{name}' holds a non-finite value ({v}) in sample {} (flat index {})",
+                    at / per,
+                    at % per
+                )
+            } else {
+                format!(
+                    "'{name}' sample {} (flat index {}) holds {v:e}, beyond the f32 range after preprocessing (scale, mean, std)",
+                    at / per,
+                    at % per,
+                )
+            },
+        )
+    }
+
+    /// One pass over the stored values: refuse non-finite values, preprocess, and refuse
+    /// values that preprocessing takes beyond the f32 range the evaluator computes in.
+    fn values(&self, x: &Raw, path: &Path) -> Result<Vec<f32>> {
+        let (per, inner, scale) = (self.per, self.inner, self.scale);
+        let total = x.shape.iter().product::<usize>();
+        let mut xs: Vec<f32> = Vec::with_capacity(total);
+        // Each position of a sample has its channel's mean and std (tables of one sample's
+        // length), so a block converts in runs along the sample without a division per value.
+        let offsets: Vec<f64> = (0..per).map(|p| self.mean[p / inner]).collect();
+        let divisors: Vec<f64> = (0..per).map(|p| self.std[p / inner]).collect();
+        x.for_each_block(path, |start, vals| {
+            let mut i = start;
+            let mut rest = vals;
+            while !rest.is_empty() {
+                let p = i % per;
+                let k = (per - p).min(rest.len());
+                let (run, tail) = rest.split_at(k);
+                let from = xs.len();
+                xs.extend(
+                    run.iter()
+                        .zip(&offsets[p..p + k])
+                        .zip(&divisors[p..p + k])
+                        .map(|((&v, &m), &d)| ((v * scale - m) / d) as f32),
+                );
+                let finite = run
+                    .iter()
+                    .zip(&xs[from..])
+                    .fold(true, |ok, (v, p)| ok & v.is_finite() & p.is_finite());
+                if !finite {
+                    let j = (0..k)
+                        .find(|&j| !run[j].is_finite() || !xs[from + j].is_finite())
+                        .expect("a non-finite value in the run");
+                    return Err(self.bad_value(path, i + j, run[j]));
+                }
+                i += k;
+                rest = tail;
+            }
+            Ok(())
+        })?;
+        Ok(xs)
+    }
+
+    /// The stored bytes (each value `v` as the byte `v + offset`) and the table of their
+    /// preprocessed values: the value of byte `c` in channel `ch` is what
+    /// [`Preprocess::values`] computes for `c − offset` there (the same formula, the same
+    /// bits), and a value it would refuse is refused here with the same message, at its
+    /// first place in the file. Also measures the share of non-zero values.
+    fn codes(&self, x: &Raw, path: &Path, offset: f64) -> Result<(Vec<u8>, CodeTable)> {
+        let (per, inner, scale) = (self.per, self.inner, self.scale);
+        let channels = per / inner.max(1);
+        let rows: Vec<[f32; CODES]> = (0..channels)
+            .map(|ch| {
+                std::array::from_fn(|c| {
+                    let v = c as f64 - offset;
+                    ((v * scale - self.mean[ch]) / self.std[ch]) as f32
+                })
+            })
+            .collect();
+        // Per channel: whether some byte's value is refused, and which bytes are zero.
+        let bad_rows: Vec<bool> = rows
+            .iter()
+            .map(|r| r.iter().any(|v| !v.is_finite()))
+            .collect();
+        let zero_rows: Vec<[bool; CODES]> = rows
+            .iter()
+            .map(|r| std::array::from_fn(|c| r[c] == 0.0))
+            .collect();
+        let table = CodeTable::new(rows.clone(), inner);
+        // Runs of one channel row: the whole block when every channel has the same row.
+        let unit = if table.single_row() {
+            usize::MAX
+        } else {
+            inner.max(1)
+        };
+        let total = x.shape.iter().product::<usize>();
+        let mut codes: Vec<u8> = Vec::with_capacity(total);
+        let mut nonzero = 0usize;
+        x.for_each_code_block(path, offset, |start, block| {
+            codes.extend_from_slice(block);
+            let mut i = start;
+            let mut rest = block;
+            while !rest.is_empty() {
+                let (ch, k) = if unit == usize::MAX {
+                    (0, rest.len())
+                } else {
+                    (
+                        (i % per) / unit,
+                        ((i / unit + 1) * unit - i).min(rest.len()),
+                    )
+                };
+                let (run, tail) = rest.split_at(k);
+                let zero = &zero_rows[ch];
+                nonzero += if run.len() < 4 * CODES {
+                    run.iter().filter(|&&c| !zero[c as usize]).count()
+                } else {
+                    // A histogram of the bytes: one pass without a lookup per byte.
+                    let mut hist = [0usize; CODES];
+                    for &c in run {
+                        hist[c as usize] += 1;
+                    }
+                    (0..CODES).filter(|&c| !zero[c]).map(|c| hist[c]).sum()
+                };
+                if bad_rows[ch] {
+                    let row = &rows[ch];
+                    if let Some(j) = run.iter().position(|&c| !row[c as usize].is_finite()) {
+                        let v = run[j] as f64 - offset;
+                        return Err(self.bad_value(path, i + j, v));
+                    }
+                }
+                i += k;
+                rest = tail;
+            }
+            Ok(())
+        })?;
+        let mut table = table;
+        table.set_density(nonzero as f64 / total.max(1) as f64);
+        Ok((codes, table))
+    }
+}
+
 impl Dataset {
     /// Check the inputs' values against the layers that read them directly (token ids within
     /// their embedding), naming the sample and position of the first offending value.
     pub fn check_inputs<T: crate::net::Real>(&self, model: &crate::net::Model<T>) -> Result<()> {
-        model
-            .check_input(self.x.view())
-            .map_err(|m| LcaError::Data {
-                path: self.path.clone(),
-                msg: format!("inputs: {m}"),
-            })
+        let err = |m: String| LcaError::Data {
+            path: self.path.clone(),
+            msg: format!("inputs: {m}"),
+        };
+        let codes = match &self.x {
+            Inputs::F32(x) => return model.check_input(x.view()).map_err(err),
+            Inputs::Codes { codes, .. } => codes,
+        };
+        // A byte-held set is checked in blocks of expanded samples; a block with a problem is
+        // checked again from the first sample, so that the message names its sample.
+        const BLOCK: usize = 4096;
+        let n = codes.shape()[0];
+        for a in (0..n).step_by(BLOCK) {
+            let b = (a + BLOCK).min(n);
+            let x = self.x.rows(a, b).to_real::<f32>().into_owned();
+            if model.check_input(x.view()).is_err() {
+                let x = self.x.rows(0, b).to_real::<f32>().into_owned();
+                return model.check_input(x.view()).map_err(err);
+            }
+        }
+        Ok(())
     }
 
     /// Load and preprocess a data set. `input_shape` (from `[model]`) reshapes each sample
@@ -380,62 +695,32 @@ impl Dataset {
         let mean = per_channel("mean", &spec.mean, 0.0)?;
         let std = per_channel("std", &spec.std, 1.0)?;
         let scale = spec.scale.unwrap_or(1.0);
-        // One pass over the stored values: refuse non-finite values, preprocess, and refuse
-        // values that preprocessing takes beyond the f32 range the evaluator computes in.
-        let total = x.shape.iter().product::<usize>();
-        let mut xs: Vec<f32> = Vec::with_capacity(total);
-        // Each position of a sample has its channel's mean and std (tables of one sample's
-        // length), so a block converts in runs along the sample without a division per value.
-        let offsets: Vec<f64> = (0..per).map(|p| mean[p / inner]).collect();
-        let divisors: Vec<f64> = (0..per).map(|p| std[p / inner]).collect();
-        x.for_each_block(path, |start, vals| {
-            let mut i = start;
-            let mut rest = vals;
-            while !rest.is_empty() {
-                let p = i % per;
-                let k = (per - p).min(rest.len());
-                let (run, tail) = rest.split_at(k);
-                let from = xs.len();
-                xs.extend(
-                    run.iter()
-                        .zip(&offsets[p..p + k])
-                        .zip(&divisors[p..p + k])
-                        .map(|((&v, &m), &d)| ((v * scale - m) / d) as f32),
-                );
-                let finite = run
-                    .iter()
-                    .zip(&xs[from..])
-                    .fold(true, |ok, (v, p)| ok & v.is_finite() & p.is_finite());
-                if !finite {
-                    let j = (0..k)
-                        .find(|&j| !run[j].is_finite() || !xs[from + j].is_finite())
-                        .expect("a non-finite value in the run");
-                    let (at, v) = (i + j, run[j]);
-                    return Err(err(if !v.is_finite() {
-                        format!(
-                            "'{}' holds a non-finite value ({v}) in sample {} (flat index {})",
-                            spec.x,
-                            at / per,
-                            at % per
-                        )
-                    } else {
-                        format!(
-                            "'{}' sample {} (flat index {}) holds {v:e}, beyond the f32 range after preprocessing (scale, mean, std)",
-                            spec.x,
-                            at / per,
-                            at % per,
-                        )
-                    }));
-                }
-                i += k;
-                rest = tail;
-            }
-            Ok(())
-        })?;
         let mut shape = vec![n];
         shape.extend(&sample_shape);
-        let xarr = ArrayD::from_shape_vec(IxDyn(&shape), xs)
-            .map_err(|e| err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x)))?;
+        let pre = Preprocess {
+            name: &spec.x,
+            per,
+            inner,
+            mean: &mean,
+            std: &std,
+            scale,
+        };
+        let xarr = match byte_code_offset(&x.dtype) {
+            Some(offset) if spec.tokens.is_none() => {
+                let codes = pre.codes(&x, path, offset)?;
+                let (codes, table) = codes;
+                Inputs::Codes {
+                    codes: ArrayD::from_shape_vec(IxDyn(&shape), codes).map_err(|e| {
+                        err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x))
+                    })?,
+                    table,
+                }
+            }
+            _ => Inputs::F32(
+                ArrayD::from_shape_vec(IxDyn(&shape), pre.values(&x, path)?)
+                    .map_err(|e| err(format!("'{}' cannot take shape {shape:?}: {e}", spec.x)))?,
+            ),
+        };
 
         let (y_vals, y_full_shape, y_integral, _) = y_values;
         let y_shape = y_full_shape[1..].to_vec();
@@ -586,9 +871,15 @@ impl Dataset {
         let n = self.len();
         let perm = order::permutation(n, seed);
         let per: usize = self.x.shape()[1..].iter().product();
-        match self.x.as_slice_mut() {
-            Some(v) => order::permute_rows(v, per, &perm),
-            None => self.x = self.x.select(Axis(0), &perm),
+        match &mut self.x {
+            Inputs::F32(x) => match x.as_slice_mut() {
+                Some(v) => order::permute_rows(v, per, &perm),
+                None => *x = x.select(Axis(0), &perm),
+            },
+            Inputs::Codes { codes, .. } => match codes.as_slice_mut() {
+                Some(v) => order::permute_rows(v, per, &perm),
+                None => *codes = codes.select(Axis(0), &perm),
+            },
         }
         match &mut self.targets {
             Targets::Classes { ids, per_sample } => order::permute_rows(ids, *per_sample, &perm),
@@ -612,8 +903,8 @@ impl Dataset {
     }
 
     /// Inputs and targets of samples `start..end`.
-    pub fn chunk(&self, start: usize, end: usize) -> (ArrayViewD<'_, f32>, TargetsView<'_>) {
-        let x = self.x.slice_axis(Axis(0), (start..end).into());
+    pub fn chunk(&self, start: usize, end: usize) -> (Input<'_>, TargetsView<'_>) {
+        let x = self.x.rows(start, end);
         let y = match &self.targets {
             Targets::Classes { ids, per_sample } => {
                 TargetsView::Classes(&ids[start * per_sample..end * per_sample])
@@ -671,13 +962,14 @@ mod tests {
         let s = spec(Some(vec![1.0, 2.0, 3.0]), Some(vec![1.0, 2.0, 4.0]));
         let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
         assert_eq!(d.sample_shape(), &[3, 2, 2]);
+        let dx = d.x.to_f32();
         for n in 0..2 {
             for c in 0..3 {
                 for p in 0..4 {
                     let raw = (40 * n + 10 * c + p) as f64;
                     let want = ((raw * 0.5 - [1.0, 2.0, 3.0][c]) / [1.0, 2.0, 4.0][c]) as f32;
                     assert_eq!(
-                        d.x[[n, c, p / 2, p % 2]],
+                        dx[[n, c, p / 2, p % 2]],
                         want,
                         "sample {n} channel {c} pixel {p}"
                     );
@@ -710,7 +1002,8 @@ mod tests {
         let (mean, std) = ([1.0, 2.0, 3.0], [1.0, 3.0, 7.0]);
         let s = spec(Some(mean.to_vec()), Some(std.to_vec()));
         let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
-        let flat = d.x.as_slice().unwrap();
+        let dx = d.x.to_f32();
+        let flat = dx.as_slice().unwrap();
         for (i, (&got, &raw)) in flat.iter().zip(&x).enumerate() {
             let ch = (i % per) / hw;
             let want = ((raw as f64 * 0.5 - mean[ch]) / std[ch]) as f32;
@@ -752,7 +1045,10 @@ mod tests {
         let s = spec(Some(vec![1.0]), Some(vec![2.0]));
         let d = Dataset::load(&path, &s, Some(&[1, 3, 4]), LossKind::CrossEntropy).unwrap();
         assert_eq!(d.x.shape(), &[2, 1, 3, 4]);
-        assert_eq!(d.x[[1, 0, 2, 3]], ((23.0 * 0.5 - 1.0) / 2.0) as f32);
+        assert_eq!(
+            d.x.to_f32()[[1, 0, 2, 3]],
+            ((23.0 * 0.5 - 1.0) / 2.0) as f32
+        );
         // The same file flattened to [N, 12] reshapes the same way.
         write(&path, &x, &[2, 12], &[0, 1]);
         let e = Dataset::load(&path, &s, Some(&[1, 3, 4]), LossKind::CrossEntropy).unwrap();
@@ -785,8 +1081,210 @@ mod tests {
         };
         for (k, &src) in perm.iter().enumerate() {
             assert_eq!(ids[k] as usize, src);
-            assert_eq!(d.x[[k, 2]], file.x[[src, 2]]);
+            assert_eq!(d.x.to_f32()[[k, 2]], file.x.to_f32()[[src, 2]]);
         }
         assert_ne!(d.x, file.x);
+    }
+
+    /// A two-layer MLP on 40 features (first Linear 40 → 16) and an evaluator over `d`.
+    fn mlp<T: crate::net::Real>() -> crate::net::Model<T> {
+        let src = r#"
+[[layers]]
+name = "fc1"
+type = "linear"
+in_features = 40
+out_features = 16
+
+[[layers]]
+type = "relu"
+
+[[layers]]
+name = "fc2"
+type = "linear"
+in_features = 16
+out_features = 3
+
+[loss]
+type = "cross_entropy"
+
+[data]
+train = "unused"
+"#;
+        let spec = crate::spec::Spec::parse(src, Path::new("t.toml")).unwrap();
+        crate::net::Model::build(&spec, &[40]).unwrap()
+    }
+
+    fn theta<T: crate::net::Real>(m: &crate::net::Model<T>, seed: u64) -> Vec<Vec<T>> {
+        let mut rng = crate::net::gradcheck::Rng::new(seed);
+        m.params
+            .iter()
+            .map(|p| (0..p.numel()).map(|_| T::of(0.3 * rng.next())).collect())
+            .collect()
+    }
+
+    /// `n` samples of 40 bytes, about `density` of them not 0, and labels 0..3.
+    fn byte_set(dir: &Path, n: usize, density: f64) -> PathBuf {
+        let path = dir.join("b.safetensors");
+        let mut rng = crate::net::gradcheck::Rng::new(5);
+        let x: Vec<u8> = (0..n * 40)
+            .map(|_| {
+                if (rng.next() + 1.0) / 2.0 < density {
+                    ((rng.next() + 1.0) * 127.9) as u8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let y: Vec<i64> = (0..n as i64).map(|i| i % 3).collect();
+        write(&path, &x, &[n, 40], &y);
+        path
+    }
+
+    fn eval_bits<T: crate::net::Real>(
+        m: &crate::net::Model<T>,
+        d: &Dataset,
+        th: &[Vec<T>],
+    ) -> (f64, Vec<Vec<f64>>) {
+        let e = crate::eval::Evaluator {
+            model: m,
+            data: d,
+            chunk_size: 33,
+        };
+        let r = e.loss_and_grad(th).unwrap();
+        (r.loss, r.grads)
+    }
+
+    /// A `uint8` set is held as bytes; with mostly non-zero bytes (no sparse products) its
+    /// loss and gradient are the same bits as the same values held as f32, in f32 and f64.
+    #[test]
+    fn byte_held_set_gives_the_bits_of_the_f32_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = byte_set(dir.path(), 200, 0.9);
+        let mut s = spec(None, None);
+        s.scale = Some(1.0 / 255.0);
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        let table = d.x.code_table().expect("held as bytes");
+        assert!(table.density() > 0.85 && table.density() < 0.95);
+        let mut f = d.clone();
+        f.x = Inputs::F32(d.x.to_f32());
+        assert_eq!(
+            d.x.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            f.x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let (m32, m64) = (mlp::<f32>(), mlp::<f64>());
+        let (t32, t64) = (theta(&m32, 1), theta(&m64, 1));
+        let bits = |r: (f64, Vec<Vec<f64>>)| -> Vec<u64> {
+            std::iter::once(r.0.to_bits())
+                .chain(r.1.iter().flatten().map(|v| v.to_bits()))
+                .collect()
+        };
+        assert!(bits(eval_bits(&m32, &d, &t32)) == bits(eval_bits(&m32, &f, &t32)));
+        assert!(bits(eval_bits(&m64, &d, &t64)) == bits(eval_bits(&m64, &f, &t64)));
+        // Reordered together, still the same.
+        let (mut d2, mut f2) = (d.clone(), f.clone());
+        d2.reorder(DataOrder::Shuffled { seed: 3 });
+        f2.reorder(DataOrder::Shuffled { seed: 3 });
+        assert_eq!(d2.x.to_f32(), f2.x.to_f32());
+    }
+
+    /// A mostly-zero `uint8` set takes the first Linear's sparse products on the bytes (where
+    /// the CPU has AVX-512BW): loss and gradient, plain and with the first layer shared over
+    /// a Simpson step, agree with the f64 evaluation of the same values to f32 rounding.
+    #[test]
+    fn sparse_bytes_agree_with_the_dense_f64_evaluation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = byte_set(dir.path(), 300, 0.15);
+        let mut s = spec(None, None);
+        s.scale = Some(1.0 / 255.0);
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        let table = d.x.code_table().expect("held as bytes");
+        assert!(table.density() < 0.2);
+        assert_eq!(
+            crate::net::sparse::codes_pay(table, 40, 16),
+            crate::net::sparse::available()
+        );
+        let (m32, m64) = (mlp::<f32>(), mlp::<f64>());
+        let (t32, t64) = (theta(&m32, 2), theta(&m64, 2));
+        let (l32, g32) = eval_bits(&m32, &d, &t32);
+        let (l64, g64) = eval_bits(&m64, &d, &t64);
+        assert!((l32 - l64).abs() < 1e-6, "{l32} vs {l64}");
+        let scale = g64.iter().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (a, b) in g32.iter().flatten().zip(g64.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5 * scale, "{a} vs {b}");
+        }
+        // The shared first-layer step routes node 0 through the same products.
+        let t1 = theta(&m32, 3);
+        let mid: Vec<Vec<f32>> = t32
+            .iter()
+            .zip(&t1)
+            .map(|(a, b)| a.iter().zip(b).map(|(a, b)| (a + b) * 0.5).collect())
+            .collect();
+        let e = crate::eval::Evaluator {
+            model: &m32,
+            data: &d,
+            chunk_size: 64,
+        };
+        assert!(m32.first_layer_shareable());
+        let sh = e
+            .simpson_sharing_first(&t32, &mid, &t1, &mut None, false)
+            .unwrap();
+        let plain: Vec<crate::eval::LossGrad> = [&t32, &mid, &t1]
+            .iter()
+            .map(|t| e.loss_and_grad(t).unwrap())
+            .collect();
+        for (l, p) in sh.loss.iter().zip(&plain) {
+            assert!((l - p.loss).abs() < 1e-6);
+        }
+        let w: Vec<f64> = (0..plain[0].grads.len())
+            .flat_map(|j| {
+                let p = &plain;
+                (0..p[0].grads[j].len()).map(move |k| {
+                    (p[0].grads[j][k] + 4.0 * p[1].grads[j][k] + p[2].grads[j][k]) / 6.0
+                })
+            })
+            .collect();
+        let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (a, b) in sh.weighted.iter().flatten().zip(&w) {
+            assert!((a - b).abs() < 1e-5 * scale, "{a} vs {b}");
+        }
+    }
+
+    /// `int8` values are held as bytes too (shifted by 128), with their values; a byte whose
+    /// preprocessed value leaves the f32 range is refused at its first place, as for f32.
+    #[test]
+    fn int8_bytes_and_values_beyond_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.safetensors");
+        let x: Vec<i8> = (0..2 * 12).map(|v| (v * 11 - 128) as i8).collect();
+        let xb: Vec<u8> = x.iter().map(|&v| v as u8).collect();
+        let yb: Vec<u8> = [0i64, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            ("x", TensorView::new(Dtype::I8, vec![2, 3, 4], &xb).unwrap()),
+            ("y", TensorView::new(Dtype::I64, vec![2], &yb).unwrap()),
+        ];
+        serialize_to_file(views, None, &path).unwrap();
+        let s = spec(Some(vec![1.0, -2.0, 3.0]), Some(vec![2.0, 3.0, 0.5]));
+        let d = Dataset::load(&path, &s, None, LossKind::CrossEntropy).unwrap();
+        assert!(d.x.code_table().is_some());
+        let dx = d.x.to_f32();
+        for (i, (&got, &raw)) in dx.iter().zip(&x).enumerate() {
+            let c = (i % 12) / 4;
+            let want = ((raw as f64 * 0.5 - [1.0, -2.0, 3.0][c]) / [2.0, 3.0, 0.5][c]) as f32;
+            assert_eq!(got.to_bits(), want.to_bits(), "value {i}");
+        }
+        // std 1e-300: every byte but the one of value 0 leaves the f32 range.
+        let path = dir.path().join("u.safetensors");
+        let mut x = vec![0u8; 3 * 10];
+        x[17] = 4;
+        x[25] = 9;
+        write(&path, &x, &[3, 10], &[0, 1, 2]);
+        let s = spec(None, Some(vec![1e-300]));
+        let e = Dataset::load(&path, &s, None, LossKind::CrossEntropy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'x' sample 1 (flat index 7) holds 4e0, beyond the f32 range"),
+            "{e}"
+        );
     }
 }

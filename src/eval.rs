@@ -81,7 +81,7 @@ impl<T: Real> Evaluator<'_, T> {
     }
 
     /// Chunk `c`'s inputs and targets (the last chunk may be shorter).
-    fn chunk(&self, c: usize) -> (ndarray::ArrayViewD<'_, f32>, crate::net::TargetsView<'_>) {
+    fn chunk(&self, c: usize) -> (crate::net::Input<'_>, crate::net::TargetsView<'_>) {
         let a = c * self.chunk_size;
         let b = ((c + 1) * self.chunk_size).min(self.data.len());
         self.data.chunk(a, b)

@@ -13,8 +13,10 @@
 //! assert_eq!(y[[0, 0]], 2.5);
 //! ```
 
+use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
 use super::gemm::{mat_mul, mat_mul_uninit};
-use super::{Backward, Layer, ParamDecl, Real, Saved, as_rows};
+use super::sparse;
+use super::{Backward, Codes, Layer, ParamDecl, Real, Saved, as_rows};
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis};
 
 /// A fully connected layer.
@@ -110,9 +112,66 @@ impl<T: Real> Layer<T> for Linear {
         true
     }
 
+    /// A byte-held input of one row per sample with mostly zero values is read as bytes by
+    /// the sparse products ([`sparse::codes_pay`]: decided from the whole set's share of
+    /// non-zeros, so every chunk of a run takes the same path); f32 only.
+    fn takes_codes(&self, x: &Codes) -> bool {
+        f32_slice::<T>(&[]).is_some()
+            && x.codes.ndim() == 2
+            && x.per_sample() == self.in_features
+            && sparse::codes_pay(x.table, self.in_features, self.out_features)
+    }
+
+    fn forward_codes(&self, params: &[&[T]], x: &Codes) -> ArrayD<T> {
+        let (rows, k, n) = (x.codes.shape()[0], self.in_features, self.out_features);
+        let codes = x.codes.as_standard_layout();
+        let lhs = code_lhs(x, codes.as_slice().expect("standard layout"));
+        let w = f32_slice(params[0]).expect("T is f32");
+        let bias = self.bias.then(|| f32_slice(params[1]).expect("T is f32"));
+        // SAFETY: `sparse::forward` writes every value.
+        unsafe {
+            super::filled(&[rows, n], |ys| {
+                let ys = f32_uninit(ys).expect("T is f32");
+                sparse::forward(lhs, rows, k, w, n, bias, ys)
+            })
+        }
+    }
+
+    fn param_grads_codes(
+        &self,
+        _params: &[&[T]],
+        x: &Codes,
+        grad_out: ArrayViewD<T>,
+        mut grad_params: Vec<&mut [T]>,
+    ) {
+        let (rows, k, n) = (x.codes.shape()[0], self.in_features, self.out_features);
+        let codes = x.codes.as_standard_layout();
+        let lhs = code_lhs(x, codes.as_slice().expect("standard layout"));
+        let gy = as_rows(&grad_out);
+        let gy = gy.as_standard_layout();
+        let g32 = f32_slice(gy.as_slice().expect("standard layout")).expect("T is f32");
+        let gw = f32_slice_mut(&mut *grad_params[0]).expect("T is f32");
+        sparse::weight_grad(lhs, rows, k, g32, n, gw);
+        if self.bias {
+            for (g, s) in grad_params[1].iter_mut().zip(gy.sum_axis(Axis(0))) {
+                *g += s;
+            }
+        }
+    }
+
     fn macs_per_sample(&self, inputs: &[Vec<usize>]) -> u64 {
         let rows: usize = inputs[0].iter().rev().skip(1).product();
         (rows * self.in_features * self.out_features) as u64
+    }
+}
+
+/// The sparse products' view of a byte-held chunk (`codes`, its bytes in standard layout):
+/// the table's single row and its zero byte ([`Linear::takes_codes`] made sure of both).
+fn code_lhs<'a>(x: &'a Codes, codes: &'a [u8]) -> sparse::Lhs<'a> {
+    sparse::Lhs::Codes {
+        codes,
+        row: x.table.row_at(0),
+        zero: sparse::zero_code(x.table).expect("a zero byte (takes_codes)"),
     }
 }
 

@@ -20,6 +20,7 @@ pub(crate) mod conv_small;
 pub mod embedding;
 pub mod fastmath;
 pub mod gemm;
+pub mod input;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
@@ -28,6 +29,7 @@ pub mod registry;
 pub mod reshape;
 pub(crate) mod scratch;
 pub(crate) mod simd;
+pub(crate) mod sparse;
 pub(crate) mod winograd;
 
 #[cfg(test)]
@@ -36,6 +38,7 @@ pub(crate) mod gradcheck;
 use crate::error::{LcaError, Result};
 use crate::spec::{LayerKind, Spec};
 use batch_norm::BnMode;
+pub use input::{CodeTable, Codes, Input};
 use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
 use std::fmt::Debug;
 
@@ -145,6 +148,42 @@ pub trait Layer<T: Real>: Send + Sync {
     /// Simpson's integration points ([`Model::first_layer_shareable`]).
     fn affine_in_params(&self) -> bool {
         false
+    }
+    /// Whether this layer, reading the model input directly, takes a byte-held chunk `x` as
+    /// its bytes ([`Layer::forward_codes`], [`Layer::param_grads_codes`]) instead of their
+    /// expanded values. Must depend on the layer and the data set only (not on the chunk), so
+    /// that every chunk of a run takes the same path.
+    fn takes_codes(&self, _x: &Codes) -> bool {
+        false
+    }
+    /// Forward from a byte-held input (when [`Layer::takes_codes`]); the default expands it.
+    fn forward_codes(&self, params: &[&[T]], x: &Codes) -> ArrayD<T> {
+        let x = Input::Codes(x.clone());
+        let x = x.to_real::<T>();
+        self.forward(params, &[x.view()], &mut Saved::None)
+    }
+    /// Backward's parameter gradients (added to `grad_params`) for a byte-held input that
+    /// needs no gradient (when [`Layer::takes_codes`], a layer whose backward reads neither
+    /// its output nor what forward saved); the default expands it.
+    fn param_grads_codes(
+        &self,
+        params: &[&[T]],
+        x: &Codes,
+        grad_out: ArrayViewD<T>,
+        grad_params: Vec<&mut [T]>,
+    ) {
+        let x = Input::Codes(x.clone());
+        let x = x.to_real::<T>();
+        let out = ArrayD::<T>::zeros(IxDyn(&[0]));
+        self.backward(Backward {
+            params,
+            inputs: &[x.view()],
+            output: out.view(),
+            saved: &Saved::None,
+            grad_out,
+            grad_params,
+            need_input_grad: &[false],
+        });
     }
     /// Check the values of the model input when this layer reads it directly (e.g. that token
     /// ids are integers within the embedding), naming the first offending sample and position.
@@ -592,29 +631,47 @@ impl<T: Real> Model<T> {
                 .all(|n| n.param_ids.iter().all(|j| !first.param_ids.contains(j)))
     }
 
+    /// The byte-held input when node `i` reads it as bytes: its only input is the model
+    /// input, it applies no fused ReLU, and its layer takes the bytes ([`Layer::takes_codes`]).
+    fn codes_for<'x, 'a>(&self, i: usize, x: &'x Input<'a>) -> Option<&'x Codes<'a>> {
+        let Input::Codes(c) = x else { return None };
+        let node = &self.nodes[i];
+        (node.inputs == [Src::Input] && !node.fuses_next_relu && node.layer.takes_codes(c))
+            .then_some(c)
+    }
+
     /// Node 0's output for one chunk at parameters `theta` (for [`Model::chunk_loss_grad_after_first`]).
-    pub fn first_output(&self, theta: &[Vec<T>], x: ArrayViewD<f32>) -> ArrayD<T> {
-        let x = T::from_input(x);
+    pub fn first_output<'x>(&self, theta: &[Vec<T>], x: impl Into<Input<'x>>) -> ArrayD<T> {
+        let x = x.into();
         let node = &self.nodes[0];
         let p = node.param_slices(theta);
+        if let Some(c) = self.codes_for(0, &x) {
+            return node.layer.forward_codes(&p, c);
+        }
+        let x = x.to_real::<T>();
         node.layer.forward(&p, &[x.view()], &mut Saved::None)
     }
 
     /// Adds node 0's parameter gradients for the output gradient `grad_first` to `grads`
     /// (for a shareable first layer they do not depend on the parameter values; `theta` only
     /// fills the call).
-    pub fn first_param_grad(
+    pub fn first_param_grad<'x>(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: impl Into<Input<'x>>,
         output: ArrayViewD<T>,
         grad_first: ArrayViewD<T>,
         grads: &mut [Vec<T>],
     ) {
-        let x = T::from_input(x);
+        let x = x.into();
         let node = &self.nodes[0];
         let p = node.param_slices(theta);
         let gp = disjoint_mut(grads, &node.param_ids);
+        if let Some(c) = self.codes_for(0, &x) {
+            node.layer.param_grads_codes(&p, c, grad_first, gp);
+            return;
+        }
+        let x = x.to_real::<T>();
         node.layer.backward(Backward {
             params: &p,
             inputs: &[x.view()],
@@ -629,30 +686,30 @@ impl<T: Real> Model<T> {
     /// Forward and backward over one chunk. Adds the gradient of the chunk's **summed** loss
     /// to `grads` (one buffer per parameter tensor, model order) and returns the summed loss
     /// and the number of loss terms it contains.
-    pub fn chunk_loss_grad(
+    pub fn chunk_loss_grad<'x>(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: impl Into<Input<'x>>,
         y: TargetsView,
         grads: &mut [Vec<T>],
     ) -> (f64, usize) {
-        let (loss, count, _) = self.chunk_pass(theta, x, y, grads, None);
+        let (loss, count, _) = self.chunk_pass(theta, x.into(), y, grads, None);
         (loss, count)
     }
 
     /// As [`Model::chunk_loss_grad`], with node 0's output given (`first`) instead of computed,
     /// and node 0's backward pass left out: node 0's parameters get no gradient; the gradient
     /// of the chunk's summed loss with respect to `first` is returned instead.
-    pub fn chunk_loss_grad_after_first(
+    pub fn chunk_loss_grad_after_first<'x>(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: impl Into<Input<'x>>,
         y: TargetsView,
         first: ArrayViewD<T>,
         grads: &mut [Vec<T>],
     ) -> (f64, usize, ArrayD<T>) {
         let shape = first.shape().to_vec();
-        let (loss, count, g) = self.chunk_pass(theta, x, y, grads, Some(first));
+        let (loss, count, g) = self.chunk_pass(theta, x.into(), y, grads, Some(first));
         let g = g.unwrap_or_else(|| ArrayD::zeros(IxDyn(&shape)));
         (loss, count, g)
     }
@@ -660,14 +717,24 @@ impl<T: Real> Model<T> {
     fn chunk_pass(
         &self,
         theta: &[Vec<T>],
-        x: ArrayViewD<f32>,
+        x: Input,
         y: TargetsView,
         grads: &mut [Vec<T>],
         first: Option<ArrayViewD<T>>,
     ) -> (f64, usize, Option<ArrayD<T>>) {
-        let x = T::from_input(x);
         let n = self.nodes.len();
         let given = first.is_some();
+        // Bytes are expanded only when a node that runs reads the model input.
+        // Nodes that read a byte-held input as bytes (`codes[i]`).
+        let codes: Vec<Option<&Codes>> = (0..n).map(|i| self.codes_for(i, &x)).collect();
+        let reads_input = self.nodes.iter().enumerate().any(|(i, node)| {
+            !(i == 0 && given) && codes[i].is_none() && node.inputs.contains(&Src::Input)
+        });
+        let xr = if reads_input {
+            x.to_real::<T>()
+        } else {
+            CowArray::from(ArrayD::<T>::zeros(IxDyn(&[0])))
+        };
         let mut outs: Vec<ArrayD<T>> = Vec::with_capacity(n);
         let mut saved: Vec<Saved<T>> = Vec::with_capacity(n);
         // The output of node j (node 0's may be given).
@@ -681,7 +748,7 @@ impl<T: Real> Model<T> {
                 _ => outs[j].view(),
             }
         }
-        let xv = x.view();
+        let xv = xr.view();
         // The inputs of a node: the chunk's inputs or earlier nodes' outputs.
         fn inputs_of<'a, T: Real>(
             node: &Node<T>,
@@ -711,6 +778,11 @@ impl<T: Real> Model<T> {
                 continue;
             }
             let p = node.param_slices(theta);
+            if let Some(c) = codes[i] {
+                outs.push(node.layer.forward_codes(&p, c));
+                saved.push(Saved::None);
+                continue;
+            }
             let ins = inputs_of(node, &xv, &outs, &first);
             let mut sv = Saved::None;
             if node.fuses_next_relu {
@@ -738,6 +810,16 @@ impl<T: Real> Model<T> {
             if i > 0 && self.nodes[i - 1].fuses_next_relu {
                 // A fused ReLU: node i − 1's backward takes the gradient of its output.
                 gouts[i - 1] = Some(g);
+                continue;
+            }
+            if let Some(c) = codes[i] {
+                // Its only input is the model input, which needs no gradient.
+                let p = node.param_slices(theta);
+                let gp = disjoint_mut(grads, &node.param_ids);
+                node.layer.param_grads_codes(&p, c, g.view(), gp);
+                if i > 0 || !given {
+                    outs[i] = ArrayD::zeros(IxDyn(&[0]));
+                }
                 continue;
             }
             let need: Vec<bool> = node
