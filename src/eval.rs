@@ -156,16 +156,11 @@ impl<T: Real> Evaluator<'_, T> {
                 "the full-set loss is {loss} (overflow or NaN in the forward pass)"
             )));
         }
-        for (g, p) in grads.iter_mut().zip(&self.model.params) {
+        for (j, g) in grads.iter_mut().enumerate() {
             for v in g.iter_mut() {
                 *v *= inv;
             }
-            if let Some(i) = g.iter().position(|v| !v.is_finite()) {
-                return Err(LcaError::Numeric(format!(
-                    "the gradient of '{}' is {} at flat index {i}",
-                    p.name, g[i]
-                )));
-            }
+            self.refuse_non_finite(j, g)?;
         }
         Ok(LossGrad { loss, grads })
     }

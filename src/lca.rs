@@ -144,6 +144,30 @@ pub struct StepLca {
     pub err: Option<Vec<f64>>,
 }
 
+impl StepLca {
+    /// A step from its allocation and end losses (the residual follows); no error estimate.
+    fn of(
+        (lca, lca_sum): Allocation,
+        loss_before: f64,
+        loss_after: f64,
+        splits: usize,
+        capped: bool,
+        evaluations: usize,
+    ) -> StepLca {
+        StepLca {
+            lca,
+            loss_before,
+            loss_after,
+            lca_sum,
+            residual: loss_after - loss_before - lca_sum,
+            splits,
+            capped,
+            evaluations,
+            err: None,
+        }
+    }
+}
+
 /// Interpolate θ_t + s·Δθ in f64, rounded to the evaluator's precision.
 ///
 /// At s = 1 this is exactly θ_{t+1}: Δθ of two f32 values is exact in f64.
@@ -326,17 +350,7 @@ pub fn integrate_step(
     let steps = results
         .into_iter()
         .zip(start.iter().zip(&end))
-        .map(|((lca, lca_sum), (s, e))| StepLca {
-            lca,
-            loss_before: s.loss,
-            loss_after: e.loss,
-            lca_sum,
-            residual: e.loss - s.loss - lca_sum,
-            splits,
-            capped,
-            evaluations,
-            err: None,
-        })
+        .map(|(a, (s, e))| StepLca::of(a, s.loss, e.loss, splits, capped, evaluations))
         .collect();
     Ok((steps, end))
 }
@@ -358,16 +372,8 @@ pub fn finish_shared_step(
     if !ok && opts.adaptive && opts.max_splits >= 4 {
         return None;
     }
-    let step = |(lca, lca_sum): Allocation, s: &SharedSimpson| StepLca {
-        lca,
-        loss_before: s.loss[0],
-        loss_after: s.loss[2],
-        lca_sum,
-        residual: s.loss[2] - s.loss[0] - lca_sum,
-        splits: 2,
-        capped: !ok && opts.adaptive,
-        evaluations: 2,
-        err: None,
+    let step = |a: Allocation, s: &SharedSimpson| {
+        StepLca::of(a, s.loss[0], s.loss[2], 2, !ok && opts.adaptive, 2)
     };
     let mut out = vec![step((lca0, sum0), s0)];
     out.extend(
@@ -389,14 +395,14 @@ pub type LevelEvaluator<'a> = dyn FnMut(usize, &[f64]) -> Result<Vec<SharedLevel
 /// ([`crate::eval::Engine::refine_sharing_first`]). Objective 0 decides, as there.
 pub fn refine_shared_step(
     delta: &[Vec<f64>],
-    shared: &[SharedSimpson],
+    shared: &mut [SharedSimpson],
     opts: &Integration,
     level: &mut LevelEvaluator<'_>,
 ) -> Result<Vec<StepLca>> {
     let mut sums: Vec<SimpsonSums> = shared
-        .iter()
+        .iter_mut()
         .map(|s| {
-            let [e, b] = s.parts.clone().ok_or_else(|| {
+            let [e, b] = s.parts.take().ok_or_else(|| {
                 LcaError::Numeric("internal: a shared step to refine was not kept".into())
             })?;
             Ok(SimpsonSums {
@@ -416,13 +422,13 @@ pub fn refine_shared_step(
         evaluations += new.len();
         // The rest of the network by composite Simpson's sums; node 0 as the level gives it.
         let mut weighted = Vec::with_capacity(sums.len());
-        for (s, l) in sums.iter_mut().zip(&levels) {
-            let old_b = std::mem::replace(&mut s.b, l.rest.clone());
+        for (s, SharedLevel { rest, first }) in sums.iter_mut().zip(levels) {
+            let old_b = std::mem::replace(&mut s.b, rest);
             add_into(&mut s.a, &old_b, 1.0);
             let mut w = s.weights(n);
-            for (wj, fj) in w.iter_mut().zip(&l.first) {
+            for (wj, fj) in w.iter_mut().zip(first) {
                 if !fj.is_empty() {
-                    wj.clone_from(fj);
+                    *wj = fj;
                 }
             }
             weighted.push(w);
@@ -432,18 +438,8 @@ pub fn refine_shared_step(
         if ok || n * 2 > opts.max_splits {
             let steps = results
                 .into_iter()
-                .zip(shared)
-                .map(|((lca, lca_sum), s)| StepLca {
-                    lca,
-                    loss_before: s.loss[0],
-                    loss_after: s.loss[2],
-                    lca_sum,
-                    residual: s.loss[2] - s.loss[0] - lca_sum,
-                    splits: n,
-                    capped: !ok,
-                    evaluations,
-                    err: None,
-                })
+                .zip(shared.iter())
+                .map(|(a, s)| StepLca::of(a, s.loss[0], s.loss[2], n, !ok, evaluations))
                 .collect();
             return Ok(steps);
         }

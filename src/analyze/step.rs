@@ -389,7 +389,7 @@ impl<'a, E: Engine> Run<'a, E> {
         // A step that may be refined keeps what refining it with the first layer still shared
         // needs.
         let keep = integration.adaptive && integration.max_splits >= 4;
-        let shared = objectives
+        let mut shared = objectives
             .shared([&pts[0], &pts[1], &pts[2]], &mut self.carries, keep)
             .map_err(|e| at_step(e, a, b))?;
         if let Some(objs) = crate::lca::finish_shared_step(delta, &shared, integration) {
@@ -397,7 +397,7 @@ impl<'a, E: Engine> Run<'a, E> {
         }
         // Refinement: composite Simpson from the try's points, the first layer still shared.
         let carries = &mut self.carries;
-        let objs = refine_shared_step(delta, &shared, integration, &mut |n, ss| {
+        let objs = refine_shared_step(delta, &mut shared, integration, &mut |n, ss| {
             let new: Vec<Vec<Vec<E::Real>>> = ss.iter().map(|&s| at(s)).collect();
             let refs: Vec<&[Vec<E::Real>]> = new.iter().map(|p| p.as_slice()).collect();
             objectives.refine_shared([&pts[0], &pts[2]], n, ss, &refs, carries)

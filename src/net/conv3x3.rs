@@ -495,7 +495,9 @@ pub(crate) fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
     r
 }
 
-fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+/// The first `len` values of `v`, grown with zeros when shorter (thread buffers here and in
+/// [`super::winograd`]).
+pub(super) fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if v.len() < len {
         v.resize(len, 0.0);
     }

@@ -37,7 +37,7 @@
 //! roundings that test's residual tolerance was set with (on Winograd one step's residual
 //! moved by 1.2·10⁻⁵ against its 10⁻⁵ bound, while its gradients stay within their 10⁻⁴).
 
-use super::conv3x3::{self, Shape};
+use super::conv3x3::{self, Shape, grow};
 use std::mem::MaybeUninit;
 
 /// Output channels per product tile.
@@ -81,13 +81,6 @@ fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
     let r = f(&mut b);
     BUFFERS.with(|c| c.set(Some(b)));
     r
-}
-
-fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    &mut v[..len]
 }
 
 /// `U_ξ = G·g·Gᵀ` of every (output, input) channel pair, computed in f64, packed as
