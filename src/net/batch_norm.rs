@@ -77,7 +77,7 @@ impl BatchNorm {
         // fused ReLU).
         let stat = |ch: usize, mean: &mut [f64], inv_std: &mut [f64], stats: &mut [T]| {
             let (mu, var) = match (self.mode, x32) {
-                (BnMode::BatchStats, Some(x32)) => rows32::stats(x32, n, c, inner, ch),
+                (BnMode::BatchStats, Some(x32)) => stats32(x32, n, c, inner, ch),
                 (BnMode::BatchStats, None) => {
                     let m = (n * inner) as f64;
                     let rows = || (0..n).map(|i| &xs[(i * c + ch) * inner..][..inner]);
@@ -109,6 +109,25 @@ impl BatchNorm {
             super::filled(x.shape(), |ys| {
                 if let Some(x32) = x32 {
                     let ys = f32_uninit(ys).expect("T is f32 (f32_slice succeeded)");
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512() {
+                        // The f32 kernels: as below, with their coefficients.
+                        let d = (n, c, inner);
+                        let mut coef = |ch: usize| {
+                            stat(ch, &mut mean, &mut inv_std, &mut stats);
+                            let (g, b) = gb(ch);
+                            coef32(&stats, c, ch, inv_std[ch], g, b)
+                        };
+                        if self.mode == BnMode::RunningStats {
+                            let coefs: Vec<x16::Coef> = (0..c).map(&mut coef).collect();
+                            x16::forward_all(x32, ys, d, &coefs, relu);
+                        } else {
+                            for ch in 0..c {
+                                x16::forward(x32, ys, d, ch, &coef(ch), relu);
+                            }
+                        }
+                        return;
+                    }
                     if self.mode == BnMode::RunningStats {
                         // No statistics to gather: one pass in memory order.
                         let coefs: Vec<rows32::FwdCoef> = (0..c)
@@ -180,64 +199,87 @@ impl BatchNorm {
         let mut sum_dy = vec![0.0f64; c];
         let mut sum_dy_xh = vec![0.0f64; c];
         let fast = f32_slice(gy).zip(f32_slice(xs)).filter(|_| inner >= 16);
-        let gx = if let Some((g32, x32)) = fast {
-            // One channel at a time: its sums, then (batch statistics) its input gradient
-            // while its values are still in L2; with running statistics the input gradient,
-            // γ/σ·dy, is written in the sums' pass. A fused ReLU's mask is applied as the
-            // gradient is read, forward's output recomputed as forward computed it.
-            let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
-                if running {
-                    // No statistics: the sums and the input gradient in one pass in memory
-                    // order.
-                    let coefs: Vec<rows32::BwdCoef> = (0..c)
-                        .map(|ch| {
-                            let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-                            (mu, is, g * is, g, bt)
-                        })
-                        .collect();
+        let gx = 'gx: {
+            if let Some((g32, x32)) = fast {
+                #[cfg(target_arch = "x86_64")]
+                if avx512() {
+                    let stats = Stats {
+                        mean: &mean,
+                        inv_std: &inv_std,
+                        gamma: &gamma,
+                        beta: &beta,
+                    };
+                    let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
                     let d = (n, c, inner);
-                    let gs = gs.as_deref_mut();
-                    if let Some(sums) = rows32::backward_all(g32, x32, gs, d, &coefs, relu) {
-                        for (ch, (s1, s2)) in sums.into_iter().enumerate() {
-                            (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
+                    break 'gx backward16(
+                        x.shape(),
+                        (g32, x32),
+                        st,
+                        d,
+                        &stats,
+                        (running, relu, need_x),
+                        sums,
+                    );
+                }
+                // One channel at a time: its sums, then (batch statistics) its input gradient
+                // while its values are still in L2; with running statistics the input gradient,
+                // γ/σ·dy, is written in the sums' pass. A fused ReLU's mask is applied as the
+                // gradient is read, forward's output recomputed as forward computed it.
+                let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
+                    if running {
+                        // No statistics: the sums and the input gradient in one pass in memory
+                        // order.
+                        let coefs: Vec<rows32::BwdCoef> = (0..c)
+                            .map(|ch| {
+                                let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+                                (mu, is, g * is, g, bt)
+                            })
+                            .collect();
+                        let d = (n, c, inner);
+                        let gs = gs.as_deref_mut();
+                        if let Some(sums) = rows32::backward_all(g32, x32, gs, d, &coefs, relu) {
+                            for (ch, (s1, s2)) in sums.into_iter().enumerate() {
+                                (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
+                            }
+                            return;
                         }
-                        return;
                     }
-                }
-                for ch in 0..c {
-                    let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-                    let write = if running { gs.as_deref_mut() } else { None };
-                    let coef = (mu, is, g * is, g, bt);
-                    let (s1, s2) = rows32::backward(g32, x32, write, n, c, inner, ch, coef, relu);
-                    (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
-                    if let (false, Some(gs)) = (running, gs.as_deref_mut()) {
-                        let coef = (mu, is, g * is, s1 / m, s2 / m, g, bt);
-                        rows32::input_grad(g32, x32, gs, n, c, inner, ch, coef, relu);
+                    for ch in 0..c {
+                        let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+                        let write = if running { gs.as_deref_mut() } else { None };
+                        let coef = (mu, is, g * is, g, bt);
+                        let (s1, s2) =
+                            rows32::backward(g32, x32, write, n, c, inner, ch, coef, relu);
+                        (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
+                        if let (false, Some(gs)) = (running, gs.as_deref_mut()) {
+                            let coef = (mu, is, g * is, s1 / m, s2 / m, g, bt);
+                            rows32::input_grad(g32, x32, gs, n, c, inner, ch, coef, relu);
+                        }
                     }
-                }
-            };
-            if need_x {
-                // SAFETY: the passes write every (sample, channel) row of `inner` values.
-                Some(unsafe {
-                    super::filled(x.shape(), |gs| {
-                        pass(Some(
-                            f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"),
-                        ))
+                };
+                if need_x {
+                    // SAFETY: the passes write every (sample, channel) row of `inner` values.
+                    Some(unsafe {
+                        super::filled(x.shape(), |gs| {
+                            pass(Some(
+                                f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"),
+                            ))
+                        })
                     })
-                })
+                } else {
+                    pass(None);
+                    None
+                }
             } else {
-                pass(None);
-                None
+                let stats = Stats {
+                    mean: &mean,
+                    inv_std: &inv_std,
+                    gamma: &gamma,
+                    beta: &beta,
+                };
+                let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
+                self.generic_backward(x.shape(), xs, gy, &stats, relu, need_x, sums)
             }
-        } else {
-            let stats = Stats {
-                mean: &mean,
-                inv_std: &inv_std,
-                gamma: &gamma,
-                beta: &beta,
-            };
-            let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
-            self.generic_backward(x.shape(), xs, gy, &stats, relu, need_x, sums)
         };
         let mut gp = b.grad_params;
         if self.affine {
@@ -327,6 +369,95 @@ impl BatchNorm {
             })
         })
     }
+}
+
+/// Whether the CPU has AVX-512F (the f32 kernels of [`x16`]).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Mean and biased variance of channel `ch` of an f32 input (batch statistics).
+fn stats32(x32: &[f32], n: usize, c: usize, inner: usize, ch: usize) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        return x16::stats(x32, n, c, inner, ch);
+    }
+    rows32::stats(x32, n, c, inner, ch)
+}
+
+/// The f32 kernels' coefficients of channel `ch`: the mean as kept (`st`'s first two rows,
+/// hi and lo), `k` = γ/σ and β rounded to f32. Forward and backward build them from the same
+/// values (the kept statistics, γ, β), so they compute the same outputs.
+#[cfg(target_arch = "x86_64")]
+fn coef32<T: Real>(st: &[T], c: usize, ch: usize, inv_std: f64, g: f64, b: f64) -> x16::Coef {
+    x16::Coef {
+        mh: st[ch].f64() as f32,
+        ml: st[c + ch].f64() as f32,
+        k: (g * inv_std) as f32,
+        b: b as f32,
+        c1: 0.0,
+        c2: 0.0,
+    }
+}
+
+/// Backward on the f32 kernels of [`x16`]: the sums into `sums` (Σ dy, Σ dy·x̂ per channel)
+/// and, when `need_x`, the input gradient. With running statistics one pass in memory order
+/// (sums and input gradient, `k·dy`); with batch statistics, channel by channel, its sums and
+/// then its input gradient while its values are still in L2.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn backward16<T: Real>(
+    shape: &[usize],
+    (g32, x32): (&[f32], &[f32]),
+    kept: &[T],
+    d: (usize, usize, usize),
+    st: &Stats,
+    (running, relu, need_x): (bool, bool, bool),
+    (sum_dy, sum_dy_xh): (&mut [f64], &mut [f64]),
+) -> Option<ArrayD<T>> {
+    let (n, c, inner) = d;
+    let m = (n * inner) as f64;
+    let coefs: Vec<x16::Coef> = (0..c)
+        .map(|ch| coef32(kept, c, ch, st.inv_std[ch], st.gamma[ch], st.beta[ch]))
+        .collect();
+    let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
+        let sums = if running {
+            x16::backward_all(g32, x32, gs, d, &coefs, relu)
+        } else {
+            let mut sums = Vec::with_capacity(c);
+            for (ch, coef) in coefs.iter().enumerate() {
+                let (s1, s2) = x16::backward(g32, x32, None, d, ch, coef, relu);
+                if let Some(gs) = gs.as_deref_mut() {
+                    // γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m) with x̂ = d/σ, Σdy·x̂ = Σdy·d/σ.
+                    let (k0, is) = (st.gamma[ch] * st.inv_std[ch], st.inv_std[ch]);
+                    let coef = x16::Coef {
+                        c1: (k0 * (s1 / m)) as f32,
+                        c2: (k0 * is * is * (s2 / m)) as f32,
+                        ..*coef
+                    };
+                    x16::input_grad(g32, x32, gs, d, ch, &coef, relu);
+                }
+                sums.push((s1, s2));
+            }
+            sums
+        };
+        for (ch, (s1, s2)) in sums.into_iter().enumerate() {
+            (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2 * st.inv_std[ch]);
+        }
+    };
+    if !need_x {
+        pass(None);
+        return None;
+    }
+    // SAFETY: the passes write every (sample, channel) row of `inner` values.
+    Some(unsafe {
+        super::filled(shape, |gs| {
+            pass(Some(
+                f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"),
+            ))
+        })
+    })
 }
 
 /// A channel's statistics and affine parameters in f64 (γ = 1, β = 0 without them).
@@ -488,7 +619,7 @@ mod rows32 {
 
     /// The 16 lanes summed in f64, pairwise in a fixed order.
     #[inline(always)]
-    fn lanes(a: &[f64; 16]) -> f64 {
+    pub(super) fn lanes(a: &[f64; 16]) -> f64 {
         let mut v = *a;
         for half in [8, 4, 2, 1] {
             for k in 0..half {
@@ -968,6 +1099,430 @@ mod rows32 {
                 let h = (f64::from(x) - mu) * is;
                 let g = mask::<RELU>(g, (gam * h + bet) as f32);
                 o.write((k0 * (f64::from(g) - a - h * bb)) as f32);
+            }
+        }
+    }
+}
+
+/// The f32 path's per-element passes in f32 arithmetic, 16 lanes (AVX-512F; used when the CPU
+/// has it, [`rows32`] otherwise). A channel's output is
+/// `y = ((x − μ_hi) − μ_lo)·k + β` (one FMA), `μ_hi + μ_lo` the mean kept as an f32 pair (so
+/// `x − μ` is formed to a rounding or two of its own size however large the mean is against
+/// the spread: `x − μ_hi` is exact when x is near μ) and `k` = γ/σ rounded to f32: each output
+/// within a few f32 roundings of `|γ·x̂| + |β|`, and forward and backward compute it with the
+/// same instructions (the mask of a fused ReLU). Sums (Σd, Σd² of statistics; Σdy, Σdy·d of
+/// backward, `d = x − μ`) go into 4 f32 accumulators per sum, at most 4 vectors each, then
+/// pairwise into one vector whose 16 lanes are added into 16 f64 lanes: a block of at most 256
+/// values of one row. Each term so passes at most 5 f32 additions (3 in its accumulator, 2 in
+/// the pairwise step), so a block's sum is within 5·u·Σ|terms| (u = 2⁻²⁴), and the f64
+/// additions of the blocks and lanes (in a fixed order: results depend on the values only) add
+/// ~1e-16 relative. The error bounds of each sum are at the kernels.
+#[cfg(target_arch = "x86_64")]
+mod x16 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// A channel's f32 coefficients: `y = ((x − mh) − ml)·k + b`, with (for the batch-statistics
+    /// input gradient) `c1` = γ/σ·Σdy/m and `c2` = γ/σ³·Σdy·d/m.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub(super) struct Coef {
+        pub mh: f32,
+        pub ml: f32,
+        pub k: f32,
+        pub b: f32,
+        pub c1: f32,
+        pub c2: f32,
+    }
+
+    /// [`Coef`] broadcast to 16 lanes.
+    #[derive(Clone, Copy)]
+    struct Vc {
+        mh: __m512,
+        ml: __m512,
+        k: __m512,
+        b: __m512,
+        c1: __m512,
+        c2: __m512,
+    }
+
+    impl Vc {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn new(c: &Coef) -> Vc {
+            Vc {
+                mh: _mm512_set1_ps(c.mh),
+                ml: _mm512_set1_ps(c.ml),
+                k: _mm512_set1_ps(c.k),
+                b: _mm512_set1_ps(c.b),
+                c1: _mm512_set1_ps(c.c1),
+                c2: _mm512_set1_ps(c.c2),
+            }
+        }
+    }
+
+    /// The lanes of a vector starting at `off` of a row of `len` values (16, or the rest).
+    macro_rules! lanes_at {
+        ($len:expr, $off:expr) => {
+            if $off + 16 <= $len {
+                0xffffu16
+            } else {
+                ((1u32 << ($len - $off)) - 1) as u16
+            }
+        };
+    }
+
+    /// `d = (x − mh) − ml` of a vector of x.
+    macro_rules! centred {
+        ($x:expr, $v:expr) => {
+            _mm512_sub_ps(_mm512_sub_ps($x, $v.mh), $v.ml)
+        };
+    }
+
+    /// Forward's output before the ReLU, `d·k + b` (one rounding): the same instructions in
+    /// forward and backward.
+    macro_rules! pre_act {
+        ($d:expr, $v:expr) => {
+            _mm512_fmadd_ps($d, $v.k, $v.b)
+        };
+    }
+
+    /// The lanes where the ReLU passes the gradient: `y > 0` or NaN (the ReLU layer's
+    /// backward at its input `y`).
+    macro_rules! relu_keep {
+        ($y:expr) => {
+            _mm512_cmp_ps_mask::<_CMP_NLE_UQ>($y, _mm512_setzero_ps())
+        };
+    }
+
+    /// Two sums of a channel in progress, 16 f64 lanes each (two vectors).
+    #[derive(Clone, Copy)]
+    pub(super) struct Sums([[__m512d; 2]; 2]);
+
+    impl Sums {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn new() -> Sums {
+            Sums([[_mm512_setzero_pd(); 2]; 2])
+        }
+
+        /// Adds the 16 lanes of `v` (exactly widened) into sum `s`'s lanes.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn add(&mut self, s: usize, v: __m512) {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let hi = _mm512_cvtps_pd(hi);
+            self.0[s][0] = _mm512_add_pd(self.0[s][0], lo);
+            self.0[s][1] = _mm512_add_pd(self.0[s][1], hi);
+        }
+
+        /// The two sums: each one's 16 lanes pairwise in a fixed order.
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn totals(&self) -> (f64, f64) {
+            let mut l = [[0.0f64; 16]; 2];
+            for (s, l) in l.iter_mut().enumerate() {
+                for half in 0..2 {
+                    // SAFETY: each half is 8 of the 16 values.
+                    unsafe { _mm512_storeu_pd(l.as_mut_ptr().add(8 * half), self.0[s][half]) };
+                }
+            }
+            (super::rows32::lanes(&l[0]), super::rows32::lanes(&l[1]))
+        }
+    }
+
+    /// Adds `Σ t1` and `Σ p·q` over a row of `len` values into `sums`, `term(off, lanes)`
+    /// giving the vector (t1, p, q) at `off` (zero outside `lanes`), in blocks of at most 16
+    /// vectors: vector j of a block goes into f32 accumulator j mod 4 (t1 added, p·q fused),
+    /// and at the block's end the 4 are added pairwise and into the f64 lanes.
+    #[inline(always)]
+    fn row_sums(
+        len: usize,
+        sums: &mut Sums,
+        mut term: impl FnMut(usize, __mmask16) -> (__m512, __m512, __m512),
+    ) {
+        // SAFETY (every intrinsic below): the callers are compiled with AVX-512F.
+        unsafe {
+            let z = _mm512_setzero_ps();
+            let nv = len.div_ceil(16);
+            let mut v = 0;
+            while v < nv {
+                let block = (nv - v).min(16);
+                let (mut a1, mut a2) = ([z; 4], [z; 4]);
+                let mut j = 0;
+                while j < block {
+                    for q in 0..4 {
+                        if j + q < block {
+                            let off = (v + j + q) * 16;
+                            let (t, p, r) = term(off, lanes_at!(len, off));
+                            a1[q] = _mm512_add_ps(a1[q], t);
+                            a2[q] = _mm512_fmadd_ps(p, r, a2[q]);
+                        }
+                    }
+                    j += 4;
+                }
+                let pair = |a: [__m512; 4]| {
+                    _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))
+                };
+                sums.add(0, pair(a1));
+                sums.add(1, pair(a2));
+                v += block;
+            }
+        }
+    }
+
+    /// Mean and biased variance of channel `ch` (batch statistics) in one pass: the sums of
+    /// `d = x − s` and `d²`, `s` the mean of the channel's first row (rounded to f32), then
+    /// `μ = s + Σd/m`, `var = (Σd² − (Σd)²/m)/m`. `d` is rounded once (u·|x − s|) and d² is
+    /// fused into its sum, so with the blocks' 5·u: Σd within 6u·Σ|x − s|, Σd² within
+    /// 7u·Σ(x − s)²; hence μ within 6u·√(var + (μ − s)²) and var within ~19u·(var + (μ − s)²),
+    /// where (μ − s)² is the spread of the samples' means about the channel's (≲ var in
+    /// practice; at most m·var).
+    pub(super) fn stats(xs: &[f32], n: usize, c: usize, inner: usize, ch: usize) -> (f64, f64) {
+        // SAFETY: the caller checked AVX-512F.
+        unsafe { stats_avx512(xs, (n, c, inner), ch) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn stats_avx512(xs: &[f32], (n, c, inner): (usize, usize, usize), ch: usize) -> (f64, f64) {
+        let m = (n * inner) as f64;
+        let first = &xs[ch * inner..][..inner];
+        let s = (first.iter().map(|&x| f64::from(x)).sum::<f64>() / inner as f64) as f32;
+        let vs = _mm512_set1_ps(s);
+        let mut sums = Sums::new();
+        for i in 0..n {
+            let row = &xs[(i * c + ch) * inner..][..inner];
+            row_sums(inner, &mut sums, |off, k| {
+                // SAFETY: the lanes `k` of the vector at `off` are inside the row.
+                let x = unsafe { _mm512_maskz_loadu_ps(k, row.as_ptr().add(off)) };
+                let d = _mm512_maskz_sub_ps(k, x, vs);
+                (d, d, d)
+            });
+        }
+        let (s1, s2) = sums.totals();
+        let s = f64::from(s);
+        (s + s1 / m, ((s2 - s1 * (s1 / m)) / m).max(0.0))
+    }
+
+    /// Forward's output of one row (`RELU`: `max(y, 0)`, 0 for NaN, as the ReLU layer).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fwd_row<const RELU: bool>(x: &[f32], y: &mut [MaybeUninit<f32>], v: &Vc) {
+        let len = x.len();
+        assert_eq!(y.len(), len);
+        let mut off = 0;
+        while off < len {
+            let k = lanes_at!(len, off);
+            // SAFETY: the lanes `k` of the vector at `off` are inside both rows.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
+                let mut yv = pre_act!(centred!(xv, v), v);
+                if RELU {
+                    // max(NaN, 0) and max(−0, +0) give the second operand, +0.
+                    yv = _mm512_max_ps(yv, _mm512_setzero_ps());
+                }
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(off).cast::<f32>(), k, yv);
+            }
+            off += 16;
+        }
+    }
+
+    /// The output of channel `ch` (`coef`), its values of `ys` written.
+    pub(super) fn forward(
+        xs: &[f32],
+        ys: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        coef: &Coef,
+        relu: bool,
+    ) {
+        // SAFETY: the caller checked AVX-512F.
+        unsafe {
+            let v = Vc::new(coef);
+            for i in 0..n {
+                let base = (i * c + ch) * inner;
+                let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
+                if relu {
+                    fwd_row::<true>(x, y, &v)
+                } else {
+                    fwd_row::<false>(x, y, &v)
+                }
+            }
+        }
+    }
+
+    /// The output of every channel (`coefs[ch]`), the rows in memory order (sample by sample):
+    /// with running statistics no pass needs a channel's values again.
+    pub(super) fn forward_all(
+        xs: &[f32],
+        ys: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        coefs: &[Coef],
+        relu: bool,
+    ) {
+        assert!(coefs.len() >= c);
+        // SAFETY: the caller checked AVX-512F.
+        unsafe {
+            let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
+            for i in 0..n {
+                for (ch, v) in vs.iter().enumerate().take(c) {
+                    let base = (i * c + ch) * inner;
+                    let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
+                    if relu {
+                        fwd_row::<true>(x, y, v)
+                    } else {
+                        fwd_row::<false>(x, y, v)
+                    }
+                }
+            }
+        }
+    }
+
+    /// One row of backward's sums (Σ dy, Σ dy·d, `dy` masked by a fused ReLU as forward's
+    /// output recomputed gives it) into `sums`; with `WRITE`, `k·dy` into `gs` (running
+    /// statistics' input gradient). The masked `dy` is exact and `d` within 2u·|x − μ| (two
+    /// roundings), so with the blocks' 5u: Σdy within 5u·Σ|dy|, Σdy·d within 7u·Σ|dy·d|.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn bwd_row<const RELU: bool, const WRITE: bool>(
+        g: &[f32],
+        x: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        v: &Vc,
+        sums: &mut Sums,
+    ) {
+        let len = x.len();
+        assert!(g.len() == len && (!WRITE || gs.len() == len));
+        let out = gs.as_mut_ptr().cast::<f32>();
+        row_sums(len, sums, |off, k| {
+            // SAFETY: the lanes `k` of the vector at `off` are inside the rows.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
+                let d = centred!(xv, v);
+                let keep = if RELU {
+                    k & relu_keep!(pre_act!(d, v))
+                } else {
+                    k
+                };
+                let gv = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(off));
+                if WRITE {
+                    _mm512_mask_storeu_ps(out.add(off), k, _mm512_mul_ps(v.k, gv));
+                }
+                (gv, gv, d)
+            }
+        });
+    }
+
+    /// (Σ dy, Σ dy·d) of channel `ch` with `dy` masked as in [`bwd_row`]; with `gs`, `k·dy`
+    /// written into its values of it.
+    pub(super) fn backward(
+        gy: &[f32],
+        xs: &[f32],
+        mut gs: Option<&mut [MaybeUninit<f32>]>,
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        coef: &Coef,
+        relu: bool,
+    ) -> (f64, f64) {
+        // SAFETY: the caller checked AVX-512F.
+        unsafe {
+            let v = Vc::new(coef);
+            let mut sums = Sums::new();
+            for i in 0..n {
+                let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+                let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
+                let s = &mut sums;
+                match (relu, gs.as_deref_mut()) {
+                    (false, None) => bwd_row::<false, false>(g, x, &mut [], &v, s),
+                    (true, None) => bwd_row::<true, false>(g, x, &mut [], &v, s),
+                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], &v, s),
+                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], &v, s),
+                }
+            }
+            sums.totals()
+        }
+    }
+
+    /// [`backward`] of every channel (`coefs[ch]`), the rows in memory order (sample by
+    /// sample), each channel's sums in its own [`Sums`]: the same bits as channel by channel.
+    pub(super) fn backward_all(
+        gy: &[f32],
+        xs: &[f32],
+        mut gs: Option<&mut [MaybeUninit<f32>]>,
+        (n, c, inner): (usize, usize, usize),
+        coefs: &[Coef],
+        relu: bool,
+    ) -> Vec<(f64, f64)> {
+        assert!(coefs.len() >= c);
+        // SAFETY: the caller checked AVX-512F.
+        unsafe {
+            let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
+            let mut sums = vec![Sums::new(); c];
+            for i in 0..n {
+                for ch in 0..c {
+                    let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+                    let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
+                    let (v, s) = (&vs[ch], &mut sums[ch]);
+                    match (relu, gs.as_deref_mut()) {
+                        (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s),
+                        (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s),
+                        (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s),
+                        (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s),
+                    }
+                }
+            }
+            sums.iter().map(|s| s.totals()).collect()
+        }
+    }
+
+    /// One row of the batch-statistics input gradient, `(dy·k − c1) − d·c2` (two FMAs),
+    /// `dy` masked as in [`bwd_row`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn grad_row<const RELU: bool>(g: &[f32], x: &[f32], gs: &mut [MaybeUninit<f32>], v: &Vc) {
+        let len = x.len();
+        assert!(g.len() == len && gs.len() == len);
+        let mut off = 0;
+        while off < len {
+            let k = lanes_at!(len, off);
+            // SAFETY: the lanes `k` of the vector at `off` are inside the rows.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
+                let d = centred!(xv, v);
+                let keep = if RELU {
+                    k & relu_keep!(pre_act!(d, v))
+                } else {
+                    k
+                };
+                let gv = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(off));
+                let o = _mm512_fnmadd_ps(d, v.c2, _mm512_fmsub_ps(gv, v.k, v.c1));
+                _mm512_mask_storeu_ps(gs.as_mut_ptr().add(off).cast::<f32>(), k, o);
+            }
+            off += 16;
+        }
+    }
+
+    /// The input gradient of channel `ch` with batch statistics,
+    /// `γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m) = dy·k − c1 − d·c2`, its values of `gs` written.
+    pub(super) fn input_grad(
+        gy: &[f32],
+        xs: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        coef: &Coef,
+        relu: bool,
+    ) {
+        // SAFETY: the caller checked AVX-512F.
+        unsafe {
+            let v = Vc::new(coef);
+            for i in 0..n {
+                let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+                let (g, x, o) = (&gy[r.clone()], &xs[r.clone()], &mut gs[r]);
+                if relu {
+                    grad_row::<true>(g, x, o, &v)
+                } else {
+                    grad_row::<false>(g, x, o, &v)
+                }
             }
         }
     }
