@@ -77,7 +77,7 @@ impl BatchNorm {
         // fused ReLU).
         let stat = |ch: usize, mean: &mut [f64], inv_std: &mut [f64], stats: &mut [T]| {
             let (mu, var) = match (self.mode, x32) {
-                (BnMode::BatchStats, Some(x32)) => stats32(x32, n, c, inner, ch),
+                (BnMode::BatchStats, Some(x32)) => rows32::stats(x32, n, c, inner, ch),
                 (BnMode::BatchStats, None) => {
                     let m = (n * inner) as f64;
                     let rows = || (0..n).map(|i| &xs[(i * c + ch) * inner..][..inner]);
@@ -375,15 +375,6 @@ impl BatchNorm {
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
-}
-
-/// Mean and biased variance of channel `ch` of an f32 input (batch statistics).
-fn stats32(x32: &[f32], n: usize, c: usize, inner: usize, ch: usize) -> (f64, f64) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        return x16::stats(x32, n, c, inner, ch);
-    }
-    rows32::stats(x32, n, c, inner, ch)
 }
 
 /// The f32 kernels' coefficients of channel `ch`: the mean as kept (`st`'s first two rows,
@@ -1268,39 +1259,6 @@ mod x16 {
                 v += block;
             }
         }
-    }
-
-    /// Mean and biased variance of channel `ch` (batch statistics) in one pass: the sums of
-    /// `d = x − s` and `d²`, `s` the mean of the channel's first row (rounded to f32), then
-    /// `μ = s + Σd/m`, `var = (Σd² − (Σd)²/m)/m`. `d` is rounded once (u·|x − s|) and d² is
-    /// fused into its sum, so with the blocks' 5·u: Σd within 6u·Σ|x − s|, Σd² within
-    /// 7u·Σ(x − s)²; hence μ within 6u·√(var + (μ − s)²) and var within ~19u·(var + (μ − s)²),
-    /// where (μ − s)² is the spread of the samples' means about the channel's (≲ var in
-    /// practice; at most m·var).
-    pub(super) fn stats(xs: &[f32], n: usize, c: usize, inner: usize, ch: usize) -> (f64, f64) {
-        // SAFETY: the caller checked AVX-512F.
-        unsafe { stats_avx512(xs, (n, c, inner), ch) }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    fn stats_avx512(xs: &[f32], (n, c, inner): (usize, usize, usize), ch: usize) -> (f64, f64) {
-        let m = (n * inner) as f64;
-        let first = &xs[ch * inner..][..inner];
-        let s = (first.iter().map(|&x| f64::from(x)).sum::<f64>() / inner as f64) as f32;
-        let vs = _mm512_set1_ps(s);
-        let mut sums = Sums::new();
-        for i in 0..n {
-            let row = &xs[(i * c + ch) * inner..][..inner];
-            row_sums(inner, &mut sums, |off, k| {
-                // SAFETY: the lanes `k` of the vector at `off` are inside the row.
-                let x = unsafe { _mm512_maskz_loadu_ps(k, row.as_ptr().add(off)) };
-                let d = _mm512_maskz_sub_ps(k, x, vs);
-                (d, d, d)
-            });
-        }
-        let (s1, s2) = sums.totals();
-        let s = f64::from(s);
-        (s + s1 / m, ((s2 - s1 * (s1 / m)) / m).max(0.0))
     }
 
     /// Forward's output of one row (`RELU`: `max(y, 0)`, 0 for NaN, as the ReLU layer).
