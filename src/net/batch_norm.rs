@@ -120,10 +120,13 @@ impl BatchNorm {
                         };
                         if self.mode == BnMode::RunningStats {
                             let coefs: Vec<x16::Coef> = (0..c).map(&mut coef).collect();
+                            // (Unsafe: the CPU has AVX-512F, checked just above.)
                             x16::forward_all(x32, ys, d, &coefs, relu);
                         } else {
                             for ch in 0..c {
-                                x16::forward(x32, ys, d, ch, &coef(ch), relu);
+                                let k = coef(ch);
+                                // (Unsafe: the CPU has AVX-512F, checked above.)
+                                x16::forward(x32, ys, d, ch, &k, relu);
                             }
                         }
                         return;
@@ -414,11 +417,13 @@ fn backward16<T: Real>(
         .collect();
     let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
         let sums = if running {
-            x16::backward_all(g32, x32, gs, d, &coefs, relu)
+            // SAFETY: the caller checked AVX-512F.
+            unsafe { x16::backward_all(g32, x32, gs, d, &coefs, relu) }
         } else {
             let mut sums = Vec::with_capacity(c);
             for (ch, coef) in coefs.iter().enumerate() {
-                let (s1, s2) = x16::backward(g32, x32, None, d, ch, coef, relu);
+                // SAFETY: the caller checked AVX-512F.
+                let (s1, s2) = unsafe { x16::backward(g32, x32, None, d, ch, coef, relu) };
                 if let Some(gs) = gs.as_deref_mut() {
                     // γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m) with x̂ = d/σ, Σdy·x̂ = Σdy·d/σ.
                     let (k0, is) = (st.gamma[ch] * st.inv_std[ch], st.inv_std[ch]);
@@ -427,7 +432,8 @@ fn backward16<T: Real>(
                         c2: (k0 * is * is * (s2 / m)) as f32,
                         ..*coef
                     };
-                    x16::input_grad(g32, x32, gs, d, ch, &coef, relu);
+                    // SAFETY: the caller checked AVX-512F.
+                    unsafe { x16::input_grad(g32, x32, gs, d, ch, &coef, relu) };
                 }
                 sums.push((s1, s2));
             }
@@ -1285,6 +1291,7 @@ mod x16 {
     }
 
     /// The output of channel `ch` (`coef`), its values of `ys` written.
+    #[target_feature(enable = "avx512f")]
     pub(super) fn forward(
         xs: &[f32],
         ys: &mut [MaybeUninit<f32>],
@@ -1293,23 +1300,21 @@ mod x16 {
         coef: &Coef,
         relu: bool,
     ) {
-        // SAFETY: the caller checked AVX-512F.
-        unsafe {
-            let v = Vc::new(coef);
-            for i in 0..n {
-                let base = (i * c + ch) * inner;
-                let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
-                if relu {
-                    fwd_row::<true>(x, y, &v)
-                } else {
-                    fwd_row::<false>(x, y, &v)
-                }
+        let v = Vc::new(coef);
+        for i in 0..n {
+            let base = (i * c + ch) * inner;
+            let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
+            if relu {
+                fwd_row::<true>(x, y, &v)
+            } else {
+                fwd_row::<false>(x, y, &v)
             }
         }
     }
 
     /// The output of every channel (`coefs[ch]`), the rows in memory order (sample by sample):
     /// with running statistics no pass needs a channel's values again.
+    #[target_feature(enable = "avx512f")]
     pub(super) fn forward_all(
         xs: &[f32],
         ys: &mut [MaybeUninit<f32>],
@@ -1318,18 +1323,15 @@ mod x16 {
         relu: bool,
     ) {
         assert!(coefs.len() >= c);
-        // SAFETY: the caller checked AVX-512F.
-        unsafe {
-            let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
-            for i in 0..n {
-                for (ch, v) in vs.iter().enumerate().take(c) {
-                    let base = (i * c + ch) * inner;
-                    let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
-                    if relu {
-                        fwd_row::<true>(x, y, v)
-                    } else {
-                        fwd_row::<false>(x, y, v)
-                    }
+        let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
+        for i in 0..n {
+            for (ch, v) in vs.iter().enumerate().take(c) {
+                let base = (i * c + ch) * inner;
+                let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
+                if relu {
+                    fwd_row::<true>(x, y, v)
+                } else {
+                    fwd_row::<false>(x, y, v)
                 }
             }
         }
@@ -1372,6 +1374,7 @@ mod x16 {
 
     /// (Σ dy, Σ dy·d) of channel `ch` with `dy` masked as in [`bwd_row`]; with `gs`, `k·dy`
     /// written into its values of it.
+    #[target_feature(enable = "avx512f")]
     pub(super) fn backward(
         gy: &[f32],
         xs: &[f32],
@@ -1381,27 +1384,25 @@ mod x16 {
         coef: &Coef,
         relu: bool,
     ) -> (f64, f64) {
-        // SAFETY: the caller checked AVX-512F.
-        unsafe {
-            let v = Vc::new(coef);
-            let mut sums = Sums::new();
-            for i in 0..n {
-                let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
-                let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
-                let s = &mut sums;
-                match (relu, gs.as_deref_mut()) {
-                    (false, None) => bwd_row::<false, false>(g, x, &mut [], &v, s),
-                    (true, None) => bwd_row::<true, false>(g, x, &mut [], &v, s),
-                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], &v, s),
-                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], &v, s),
-                }
+        let v = Vc::new(coef);
+        let mut sums = Sums::new();
+        for i in 0..n {
+            let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+            let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
+            let s = &mut sums;
+            match (relu, gs.as_deref_mut()) {
+                (false, None) => bwd_row::<false, false>(g, x, &mut [], &v, s),
+                (true, None) => bwd_row::<true, false>(g, x, &mut [], &v, s),
+                (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], &v, s),
+                (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], &v, s),
             }
-            sums.totals()
         }
+        sums.totals()
     }
 
     /// [`backward`] of every channel (`coefs[ch]`), the rows in memory order (sample by
     /// sample), each channel's sums in its own [`Sums`]: the same bits as channel by channel.
+    #[target_feature(enable = "avx512f")]
     pub(super) fn backward_all(
         gy: &[f32],
         xs: &[f32],
@@ -1411,25 +1412,22 @@ mod x16 {
         relu: bool,
     ) -> Vec<(f64, f64)> {
         assert!(coefs.len() >= c);
-        // SAFETY: the caller checked AVX-512F.
-        unsafe {
-            let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
-            let mut sums = vec![Sums::new(); c];
-            for i in 0..n {
-                for ch in 0..c {
-                    let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
-                    let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
-                    let (v, s) = (&vs[ch], &mut sums[ch]);
-                    match (relu, gs.as_deref_mut()) {
-                        (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s),
-                        (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s),
-                        (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s),
-                        (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s),
-                    }
+        let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
+        let mut sums = vec![Sums::new(); c];
+        for i in 0..n {
+            for ch in 0..c {
+                let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+                let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
+                let (v, s) = (&vs[ch], &mut sums[ch]);
+                match (relu, gs.as_deref_mut()) {
+                    (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s),
+                    (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s),
+                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s),
+                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s),
                 }
             }
-            sums.iter().map(|s| s.totals()).collect()
         }
+        sums.iter().map(|s| s.totals()).collect()
     }
 
     /// One row of the batch-statistics input gradient, `(dy·k − c1) − d·c2` (two FMAs),
@@ -1461,6 +1459,7 @@ mod x16 {
 
     /// The input gradient of channel `ch` with batch statistics,
     /// `γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m) = dy·k − c1 − d·c2`, its values of `gs` written.
+    #[target_feature(enable = "avx512f")]
     pub(super) fn input_grad(
         gy: &[f32],
         xs: &[f32],
@@ -1470,17 +1469,14 @@ mod x16 {
         coef: &Coef,
         relu: bool,
     ) {
-        // SAFETY: the caller checked AVX-512F.
-        unsafe {
-            let v = Vc::new(coef);
-            for i in 0..n {
-                let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
-                let (g, x, o) = (&gy[r.clone()], &xs[r.clone()], &mut gs[r]);
-                if relu {
-                    grad_row::<true>(g, x, o, &v)
-                } else {
-                    grad_row::<false>(g, x, o, &v)
-                }
+        let v = Vc::new(coef);
+        for i in 0..n {
+            let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+            let (g, x, o) = (&gy[r.clone()], &xs[r.clone()], &mut gs[r]);
+            if relu {
+                grad_row::<true>(g, x, o, &v)
+            } else {
+                grad_row::<false>(g, x, o, &v)
             }
         }
     }
