@@ -374,6 +374,24 @@ impl BatchNorm {
     }
 }
 
+/// Prefetches the cache line of `p` into L1 (`write`: for writing), where the CPU can; `p`
+/// may point anywhere (a prefetch does not fault).
+#[inline(always)]
+fn prefetch(p: *const f32, write: bool) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and faults on no address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch};
+        if write {
+            _mm_prefetch::<_MM_HINT_ET0>(p.cast());
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, write);
+}
+
 /// Whether the CPU has AVX-512F (the f32 kernels of [`x16`]).
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
@@ -665,7 +683,11 @@ mod rows32 {
                 t1 += d;
                 t2 += d * d;
             }
-            for x in xc {
+            // The channel's next row, a line ahead per 16 values (rows of 4 KiB are a page
+            // each, which the hardware prefetchers do not cross).
+            let next = xs.as_ptr().wrapping_add(base + c * inner);
+            for (j, x) in xc.enumerate() {
+                super::prefetch(next.wrapping_add(16 * j), false);
                 for k in 0..16 {
                     let d = f64::from(x[k]) - s;
                     a1[k] += d;
@@ -1116,6 +1138,7 @@ mod rows32 {
 /// ~1e-16 relative. The error bounds of each sum are at the kernels.
 #[cfg(target_arch = "x86_64")]
 mod x16 {
+    use super::prefetch;
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -1270,12 +1293,19 @@ mod x16 {
     /// Forward's output of one row (`RELU`: `max(y, 0)`, 0 for NaN, as the ReLU layer).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn fwd_row<const RELU: bool>(x: &[f32], y: &mut [MaybeUninit<f32>], v: &Vc) {
+    fn fwd_row<const RELU: bool>(x: &[f32], y: &mut [MaybeUninit<f32>], v: &Vc, next: isize) {
         let len = x.len();
         assert_eq!(y.len(), len);
         let mut off = 0;
         while off < len {
             let k = lanes_at!(len, off);
+            if next != 0 {
+                prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(
+                    y.as_ptr().wrapping_offset(next).wrapping_add(off).cast(),
+                    true,
+                );
+            }
             // SAFETY: the lanes `k` of the vector at `off` are inside both rows.
             unsafe {
                 let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
@@ -1301,13 +1331,16 @@ mod x16 {
         relu: bool,
     ) {
         let v = Vc::new(coef);
+        // The channel's next row, prefetched as a row is done (a row of 4 KiB is a page,
+        // which the hardware prefetchers do not cross).
+        let next = (c * inner) as isize;
         for i in 0..n {
             let base = (i * c + ch) * inner;
             let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
             if relu {
-                fwd_row::<true>(x, y, &v)
+                fwd_row::<true>(x, y, &v, next)
             } else {
-                fwd_row::<false>(x, y, &v)
+                fwd_row::<false>(x, y, &v, next)
             }
         }
     }
@@ -1329,9 +1362,9 @@ mod x16 {
                 let base = (i * c + ch) * inner;
                 let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
                 if relu {
-                    fwd_row::<true>(x, y, v)
+                    fwd_row::<true>(x, y, v, 0)
                 } else {
-                    fwd_row::<false>(x, y, v)
+                    fwd_row::<false>(x, y, v, 0)
                 }
             }
         }
@@ -1349,11 +1382,16 @@ mod x16 {
         gs: &mut [MaybeUninit<f32>],
         v: &Vc,
         sums: &mut Sums,
+        next: isize,
     ) {
         let len = x.len();
         assert!(g.len() == len && (!WRITE || gs.len() == len));
         let out = gs.as_mut_ptr().cast::<f32>();
         row_sums(len, sums, |off, k| {
+            if next != 0 {
+                prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(g.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+            }
             // SAFETY: the lanes `k` of the vector at `off` are inside the rows.
             unsafe {
                 let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
@@ -1385,16 +1423,19 @@ mod x16 {
         relu: bool,
     ) -> (f64, f64) {
         let v = Vc::new(coef);
+        // The channel's next row, prefetched as a row is done (a row of 4 KiB is a page,
+        // which the hardware prefetchers do not cross).
+        let next = (c * inner) as isize;
         let mut sums = Sums::new();
         for i in 0..n {
             let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
             let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
             let s = &mut sums;
             match (relu, gs.as_deref_mut()) {
-                (false, None) => bwd_row::<false, false>(g, x, &mut [], &v, s),
-                (true, None) => bwd_row::<true, false>(g, x, &mut [], &v, s),
-                (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], &v, s),
-                (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], &v, s),
+                (false, None) => bwd_row::<false, false>(g, x, &mut [], &v, s, next),
+                (true, None) => bwd_row::<true, false>(g, x, &mut [], &v, s, next),
+                (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], &v, s, next),
+                (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], &v, s, next),
             }
         }
         sums.totals()
@@ -1420,10 +1461,10 @@ mod x16 {
                 let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
                 let (v, s) = (&vs[ch], &mut sums[ch]);
                 match (relu, gs.as_deref_mut()) {
-                    (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s),
-                    (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s),
-                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s),
-                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s),
+                    (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s, 0),
+                    (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s, 0),
+                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s, 0),
+                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s, 0),
                 }
             }
         }
@@ -1434,12 +1475,26 @@ mod x16 {
     /// `dy` masked as in [`bwd_row`].
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn grad_row<const RELU: bool>(g: &[f32], x: &[f32], gs: &mut [MaybeUninit<f32>], v: &Vc) {
+    fn grad_row<const RELU: bool>(
+        g: &[f32],
+        x: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        v: &Vc,
+        next: isize,
+    ) {
         let len = x.len();
         assert!(g.len() == len && gs.len() == len);
         let mut off = 0;
         while off < len {
             let k = lanes_at!(len, off);
+            if next != 0 {
+                prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(g.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(
+                    gs.as_ptr().wrapping_offset(next).wrapping_add(off).cast(),
+                    true,
+                );
+            }
             // SAFETY: the lanes `k` of the vector at `off` are inside the rows.
             unsafe {
                 let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
@@ -1470,13 +1525,16 @@ mod x16 {
         relu: bool,
     ) {
         let v = Vc::new(coef);
+        // The channel's next row, prefetched as a row is done (a row of 4 KiB is a page,
+        // which the hardware prefetchers do not cross).
+        let next = (c * inner) as isize;
         for i in 0..n {
             let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
             let (g, x, o) = (&gy[r.clone()], &xs[r.clone()], &mut gs[r]);
             if relu {
-                grad_row::<true>(g, x, o, &v)
+                grad_row::<true>(g, x, o, &v, next)
             } else {
-                grad_row::<false>(g, x, o, &v)
+                grad_row::<false>(g, x, o, &v, next)
             }
         }
     }
