@@ -1747,6 +1747,179 @@ mod tests {
         }
     }
 
+    /// Forward and backward of `bn` (with the next ReLU fused when `relu`): output, parameter
+    /// and buffer gradients, input gradient.
+    fn run_bn<T: Real>(
+        bn: &BatchNorm,
+        params: &[Vec<T>],
+        x: &ArrayD<T>,
+        gy: &ArrayD<T>,
+        relu: bool,
+    ) -> (ArrayD<T>, Vec<Vec<T>>, ArrayD<T>) {
+        let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
+        let mut saved = Saved::None;
+        let y = if relu {
+            bn.forward_relu(&pr, &[x.view()], &mut saved)
+        } else {
+            Layer::<T>::forward(bn, &pr, &[x.view()], &mut saved)
+        };
+        let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![T::zero(); v.len()]).collect();
+        let b = Backward {
+            params: &pr,
+            inputs: &[x.view()],
+            output: y.view(),
+            saved: &saved,
+            grad_out: gy.view(),
+            grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
+            need_input_grad: &[true],
+        };
+        let mut gx = if relu {
+            bn.backward_relu(b)
+        } else {
+            Layer::<T>::backward(bn, b)
+        };
+        (y, g, gx.remove(0).expect("input gradient"))
+    }
+
+    /// The f32 kernels (f32 arithmetic per element, AVX-512F where the CPU has it) against the
+    /// f64 path on the same f32-rounded inputs and parameters, on awkward data, in both modes,
+    /// with and without the fused ReLU: a mean of 1000 against a spread of 1, a variance of
+    /// 1e-6 and one of 1e-8 (below ε = 1e-5), and ReLU ties (integer data with a mean of exactly
+    /// 0 and β = 0, so that y = 0 exactly where x = 0: both paths mask it). Rows of 72 values
+    /// (4 full vectors and a partial one). Bounds, u = 2⁻²⁴: each output within
+    /// 8u·(|γ·x̂| + |β|) (x − μ to two roundings, k = γ/σ and the FMA to one each, and f64's
+    /// own rounding to f32); each input gradient within 16u of the sizes of its terms,
+    /// |γ/σ|·(|dy| + Σ|dy|/m + |x̂|·Σ|dy·x̂|/m) (batch statistics; the sums to 5u and 7u of
+    /// Σ|terms|) or |γ/σ·dy| (running); Σdy-type gradients (β, running mean) within 16u of
+    /// their Σ|dy|, Σdy·x̂-type ones (γ, running variance) within 16u of their Σ|dy·x̂|.
+    #[test]
+    fn f32_kernels_match_f64_on_awkward_data() {
+        let u = f64::from(f32::EPSILON) / 2.0;
+        let shape = [4usize, 3, 9, 8];
+        let (n, c, inner) = (shape[0], shape[1], shape[2] * shape[3]);
+        let m = (n * inner) as f64;
+        let f32r = |v: f64| f64::from(v as f32);
+        let mut worst = 0.0f64;
+        for mode in [BnMode::BatchStats, BnMode::RunningStats] {
+            for (what, mean, spread) in [
+                ("mean 1000, spread 1", 1000.0, 1.0),
+                ("variance 1e-6", 1.0, 1e-3),
+                ("variance 1e-8 < eps", -2.0, 1e-4),
+                ("ReLU ties", 0.0, 0.0),
+            ] {
+                let ties = spread == 0.0;
+                let bn = BatchNorm {
+                    num_features: c,
+                    eps: 1e-5,
+                    affine: true,
+                    mode,
+                };
+                let mut rng = Rng::new(29);
+                let mut x = rng.array(&shape).mapv(|v| f32r(mean + spread * 1.7 * v));
+                if ties {
+                    // Integers in −3..=3, the second half of each channel the negated first:
+                    // the mean is exactly 0.
+                    let xs = x.as_slice_mut().unwrap();
+                    for ch in 0..c {
+                        for i in 0..n {
+                            for j in 0..inner {
+                                let k = (i * c + ch) * inner + j;
+                                xs[k] = if i < n / 2 {
+                                    (3.5 * rng.next()).round()
+                                } else {
+                                    -xs[((i - n / 2) * c + ch) * inner + j]
+                                };
+                            }
+                        }
+                    }
+                }
+                let gy = rng.array(&shape).mapv(f32r);
+                let gamma: Vec<f64> = (0..c).map(|_| f32r(1.0 + 0.5 * rng.next())).collect();
+                let beta: Vec<f64> = (0..c)
+                    .map(|_| if ties { 0.0 } else { f32r(0.3 * rng.next()) })
+                    .collect();
+                // Per channel: the statistics (of the data, or running ones near them).
+                let (mut mu, mut var) = (vec![0.0; c], vec![0.0; c]);
+                let rows = |ch: usize| {
+                    (0..n).flat_map(move |i| (0..inner).map(move |j| (i * c + ch) * inner + j))
+                };
+                let xs = x.as_slice().unwrap().to_vec();
+                for ch in 0..c {
+                    let mb = rows(ch).map(|k| xs[k]).sum::<f64>() / m;
+                    let vb = rows(ch).map(|k| (xs[k] - mb).powi(2)).sum::<f64>() / m;
+                    (mu[ch], var[ch]) = match mode {
+                        BnMode::BatchStats => (mb, vb),
+                        BnMode::RunningStats if ties => (0.0, f32r(vb)),
+                        BnMode::RunningStats => (
+                            f32r(mb + 0.1 * spread * rng.next()),
+                            f32r(vb * (1.0 + 0.1 * rng.next())),
+                        ),
+                    };
+                }
+                let mut params = vec![gamma.clone(), beta.clone()];
+                if mode == BnMode::RunningStats {
+                    params.push(mu.clone());
+                    params.push(var.clone());
+                }
+                for relu in [false, true] {
+                    let (y, g, gx) = run_bn::<f64>(&bn, &params, &x, &gy, relu);
+                    let p32 = to_f32(&params);
+                    let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+                    let (y32, g32, gx32) = run_bn::<f32>(&bn, &p32, &x32, &gy32, relu);
+                    let (y, gx) = (y.as_slice().unwrap(), gx.as_slice().unwrap());
+                    let (y32, gx32) = (y32.as_slice().unwrap(), gx32.as_slice().unwrap());
+                    let mut check = |got: f32, want: f64, scale: f64, tol: f64, at: &str| {
+                        let err = (f64::from(got) - want).abs();
+                        worst = worst.max(err / (u * scale).max(f64::MIN_POSITIVE));
+                        assert!(
+                            err <= tol * u * scale,
+                            "{mode:?} {what} relu {relu} {at}: f32 {got} vs f64 {want} \
+                             (error {err:e} > {tol}u·{scale:e})"
+                        );
+                    };
+                    for ch in 0..c {
+                        let is = 1.0 / (var[ch] + bn.eps).sqrt();
+                        let (ga, be) = (gamma[ch], beta[ch]);
+                        let xh = |k: usize| (xs[k] - mu[ch]) * is;
+                        // The ReLU's mask as the f64 path applies it.
+                        let dy = |k: usize| {
+                            let keep = !relu || y[k] > 0.0;
+                            if keep { gy.as_slice().unwrap()[k] } else { 0.0 }
+                        };
+                        let s_dy: f64 = rows(ch).map(|k| dy(k).abs()).sum();
+                        let s_dyx: f64 = rows(ch).map(|k| (dy(k) * xh(k)).abs()).sum();
+                        for k in rows(ch) {
+                            let sy = ga.abs() * xh(k).abs() + be.abs();
+                            check(y32[k], y[k], sy, 8.0, &format!("y[{k}]"));
+                            let sg = match mode {
+                                BnMode::BatchStats => {
+                                    dy(k).abs() + s_dy / m + xh(k).abs() * s_dyx / m
+                                }
+                                BnMode::RunningStats => dy(k).abs(),
+                            };
+                            check(
+                                gx32[k],
+                                gx[k],
+                                (ga * is).abs() * sg,
+                                16.0,
+                                &format!("gx[{k}]"),
+                            );
+                        }
+                        check(g32[0][ch], g[0][ch], s_dyx, 16.0, "weight");
+                        check(g32[1][ch], g[1][ch], s_dy, 16.0, "bias");
+                        if mode == BnMode::RunningStats {
+                            let (a, b) =
+                                ((ga * is).abs() * s_dy, 0.5 * (ga * is * is).abs() * s_dyx);
+                            check(g32[2][ch], g[2][ch], a, 16.0, "running_mean");
+                            check(g32[3][ch], g[3][ch], b, 16.0, "running_var");
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("worst error of the f32 kernels: {worst:.2}u of its scale");
+    }
+
     #[test]
     fn batch_stats_backward_matches_finite_differences() {
         for affine in [true, false] {
