@@ -229,24 +229,6 @@ impl BatchNorm {
                 // γ/σ·dy, is written in the sums' pass. A fused ReLU's mask is applied as the
                 // gradient is read, forward's output recomputed as forward computed it.
                 let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
-                    if running {
-                        // No statistics: the sums and the input gradient in one pass in memory
-                        // order.
-                        let coefs: Vec<rows32::BwdCoef> = (0..c)
-                            .map(|ch| {
-                                let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-                                (mu, is, g * is, g, bt)
-                            })
-                            .collect();
-                        let d = (n, c, inner);
-                        let gs = gs.as_deref_mut();
-                        if let Some(sums) = rows32::backward_all(g32, x32, gs, d, &coefs, relu) {
-                            for (ch, (s1, s2)) in sums.into_iter().enumerate() {
-                                (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
-                            }
-                            return;
-                        }
-                    }
                     for ch in 0..c {
                         let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
                         let write = if running { gs.as_deref_mut() } else { None };
@@ -593,15 +575,15 @@ fn lanes_dot_xhat<T: Real>(dy: &[T], x: &[T], mu: f64, is: f64) -> f64 {
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
 
-/// The f32 path of the per-element passes: the generic path's f64 arithmetic per element,
+/// The f32 path of the per-element passes in f64 arithmetic per element (the generic path's),
 /// with the sums in 16 f64 lanes per channel summed at the end (in a fixed order, so results
-/// depend on the values only), compiled for AVX-512F when the CPU has it. (x̂ and the output
-/// in f32 arithmetic were faster, but the f32 rounding of the statistics shifts every value of
-/// a channel the same way, and a bias gradient that is a sum with much cancellation moved by
-/// 2.5e-4 relative on the ResNet-20 oracle.) Used for rows of at least 16 values (shorter
-/// ones take the generic loops). Each call handles one channel (its `n` rows of `inner`
-/// values), so that the passes of a channel that follow each other (statistics, then
-/// output; sums, then input gradient) find its values in the L2 cache.
+/// depend on the values only): the batch statistics (compiled for AVX-512F when the CPU has
+/// it: f32 sums there, even in blocks of two values, moved the ResNet-20 oracle's `bn1` LCA
+/// past its 1e-4 tolerance), and the other passes on CPUs without AVX-512F ([`x16`] has
+/// them in f32 arithmetic). Used for rows of at least 16 values (shorter ones take the
+/// generic loops). Each call handles one channel (its `n` rows of `inner` values), so that
+/// the passes of a channel that follow each other (statistics, then output; sums, then input
+/// gradient) find its values in the L2 cache.
 mod rows32 {
     use std::mem::MaybeUninit;
 
@@ -712,13 +694,10 @@ mod rows32 {
         coef: FwdCoef,
         relu: bool,
     ) {
-        dispatch!(
-            forward_avx512,
-            match relu {
-                true => forward_body::<true>(xs, ys, (n, c, inner), ch, coef),
-                false => forward_body::<false>(xs, ys, (n, c, inner), ch, coef),
-            }
-        )
+        match relu {
+            true => forward_body::<true>(xs, ys, (n, c, inner), ch, coef),
+            false => forward_body::<false>(xs, ys, (n, c, inner), ch, coef),
+        }
     }
 
     #[inline(always)]
@@ -758,13 +737,10 @@ mod rows32 {
     ) {
         assert!(coefs.len() >= c);
         let d = (n, c, inner);
-        dispatch!(
-            forward_all_avx512,
-            match relu {
-                true => forward_all_body::<true>(xs, ys, d, coefs),
-                false => forward_all_body::<false>(xs, ys, d, coefs),
-            }
-        )
+        match relu {
+            true => forward_all_body::<true>(xs, ys, d, coefs),
+            false => forward_all_body::<false>(xs, ys, d, coefs),
+        }
     }
 
     #[inline(always)]
@@ -798,64 +774,12 @@ mod rows32 {
         relu: bool,
     ) -> (f64, f64) {
         let d = (n, c, inner);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe {
-                match (relu, gs) {
-                    (false, None) => avx512::backward::<false, false>(gy, xs, &mut [], d, ch, coef),
-                    (true, None) => avx512::backward::<true, false>(gy, xs, &mut [], d, ch, coef),
-                    (false, Some(gs)) => avx512::backward::<false, true>(gy, xs, gs, d, ch, coef),
-                    (true, Some(gs)) => avx512::backward::<true, true>(gy, xs, gs, d, ch, coef),
-                }
-            };
+        match (relu, gs) {
+            (false, None) => backward_body::<false, false>(gy, xs, &mut [], d, ch, coef),
+            (true, None) => backward_body::<true, false>(gy, xs, &mut [], d, ch, coef),
+            (false, Some(gs)) => backward_body::<false, true>(gy, xs, gs, d, ch, coef),
+            (true, Some(gs)) => backward_body::<true, true>(gy, xs, gs, d, ch, coef),
         }
-        dispatch!(
-            backward_avx512,
-            match (relu, gs) {
-                (false, None) => backward_body::<false, false>(gy, xs, &mut [], d, ch, coef),
-                (true, None) => backward_body::<true, false>(gy, xs, &mut [], d, ch, coef),
-                (false, Some(gs)) => backward_body::<false, true>(gy, xs, gs, d, ch, coef),
-                (true, Some(gs)) => backward_body::<true, true>(gy, xs, gs, d, ch, coef),
-            }
-        )
-    }
-
-    /// [`backward`] of every channel (`coefs[ch]`), the rows in memory order (sample by
-    /// sample; with running statistics no pass needs a channel's values again): each
-    /// channel's sums, the same bits as [`backward`] channel by channel. `None` without
-    /// AVX-512F (the caller then goes channel by channel).
-    pub(super) fn backward_all(
-        gy: &[f32],
-        xs: &[f32],
-        gs: Option<&mut [MaybeUninit<f32>]>,
-        d: (usize, usize, usize),
-        coefs: &[BwdCoef],
-        relu: bool,
-    ) -> Option<Vec<(f64, f64)>> {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return Some(unsafe {
-                let mut accs = vec![avx512::Acc::new(); d.1];
-                let a = &mut accs;
-                match (relu, gs) {
-                    (false, None) => {
-                        avx512::backward_all::<false, false>(gy, xs, &mut [], d, coefs, a)
-                    }
-                    (true, None) => {
-                        avx512::backward_all::<true, false>(gy, xs, &mut [], d, coefs, a)
-                    }
-                    (false, Some(gs)) => {
-                        avx512::backward_all::<false, true>(gy, xs, gs, d, coefs, a)
-                    }
-                    (true, Some(gs)) => avx512::backward_all::<true, true>(gy, xs, gs, d, coefs, a),
-                }
-                accs.iter().map(|a| a.sums()).collect()
-            });
-        }
-        let _ = (gy, xs, gs, d, coefs, relu);
-        None
     }
 
     /// [`backward`] for one choice of ReLU mask and of writing `gs` (`WRITE`; else empty).
@@ -914,167 +838,6 @@ mod rows32 {
         (lanes(&a1) + t1, lanes(&a2) + t2)
     }
 
-    /// [`backward_body`] in AVX-512F intrinsics (the compiler left the masked variant
-    /// scalar): the same operations in the same order, so the same bits.
-    #[cfg(target_arch = "x86_64")]
-    mod avx512 {
-        use super::{BwdCoef, MaybeUninit, lanes, rows};
-        use std::arch::x86_64::*;
-
-        /// A channel's sums in progress: 16 f64 lanes of Σ dy and of Σ dy·x̂ (two vectors of
-        /// 8 each), and the scalar sums of the values past the last full block of 16 of a row.
-        #[derive(Clone, Copy)]
-        pub(super) struct Acc {
-            a1: [__m512d; 2],
-            a2: [__m512d; 2],
-            t1: f64,
-            t2: f64,
-        }
-
-        impl Acc {
-            #[target_feature(enable = "avx512f")]
-            pub(super) fn new() -> Acc {
-                Acc {
-                    a1: [_mm512_setzero_pd(); 2],
-                    a2: [_mm512_setzero_pd(); 2],
-                    t1: 0.0,
-                    t2: 0.0,
-                }
-            }
-
-            /// (Σ dy, Σ dy·x̂): the 16 lanes pairwise in a fixed order, then the tail sums.
-            #[target_feature(enable = "avx512f")]
-            pub(super) fn sums(&self) -> (f64, f64) {
-                let (mut l1, mut l2) = ([0.0f64; 16], [0.0f64; 16]);
-                for half in 0..2 {
-                    // SAFETY: each half is 8 of the 16 values.
-                    unsafe {
-                        _mm512_storeu_pd(l1.as_mut_ptr().add(8 * half), self.a1[half]);
-                        _mm512_storeu_pd(l2.as_mut_ptr().add(8 * half), self.a2[half]);
-                    }
-                }
-                (lanes(&l1) + self.t1, lanes(&l2) + self.t2)
-            }
-        }
-
-        /// One row (`g`, `x`, and with `WRITE` its `gs`) of a channel's sums into `acc`.
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        fn row<const RELU: bool, const WRITE: bool>(
-            g: &[f32],
-            x: &[f32],
-            gs: &mut [MaybeUninit<f32>],
-            (mu, is, k0, gam, bet): BwdCoef,
-            acc: &mut Acc,
-        ) {
-            let inner = x.len();
-            assert!(g.len() == inner && (!WRITE || gs.len() == inner));
-            let (vmu, vis, vk0) = (_mm512_set1_pd(mu), _mm512_set1_pd(is), _mm512_set1_pd(k0));
-            let (vgam, vbet) = (_mm512_set1_pd(gam), _mm512_set1_pd(bet));
-            let full = inner / 16 * 16;
-            for j in (0..full).step_by(16) {
-                for half in 0..2 {
-                    let o = j + 8 * half;
-                    // SAFETY: o + 8 ≤ full ≤ inner: the 8 values are inside the rows.
-                    unsafe {
-                        let xv = _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(o)));
-                        let gv = _mm512_cvtps_pd(_mm256_loadu_ps(g.as_ptr().add(o)));
-                        let h = _mm512_mul_pd(_mm512_sub_pd(xv, vmu), vis);
-                        let gv = if RELU {
-                            let z = _mm512_add_pd(_mm512_mul_pd(vgam, h), vbet);
-                            let z = _mm512_cvtpd_ps(z);
-                            let le = _mm256_cmp_ps::<_CMP_LE_OQ>(z, _mm256_setzero_ps());
-                            let keep = !(_mm256_movemask_ps(le) as u8);
-                            _mm512_maskz_mov_pd(keep, gv)
-                        } else {
-                            gv
-                        };
-                        acc.a1[half] = _mm512_add_pd(acc.a1[half], gv);
-                        acc.a2[half] = _mm512_add_pd(acc.a2[half], _mm512_mul_pd(gv, h));
-                        if WRITE {
-                            let out = _mm512_cvtpd_ps(_mm512_mul_pd(vk0, gv));
-                            let dst = gs.as_mut_ptr().add(o) as *mut f32;
-                            _mm256_storeu_ps(dst, out);
-                        }
-                    }
-                }
-            }
-            for j in full..inner {
-                let h = (f64::from(x[j]) - mu) * is;
-                let z = (gam * h + bet) as f32;
-                let gv = if RELU && z <= 0.0 {
-                    0.0
-                } else {
-                    f64::from(g[j])
-                };
-                acc.t1 += gv;
-                acc.t2 += gv * h;
-                if WRITE {
-                    gs[j].write((k0 * gv) as f32);
-                }
-            }
-        }
-
-        /// # Safety
-        /// AVX-512F.
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn backward<const RELU: bool, const WRITE: bool>(
-            gy: &[f32],
-            xs: &[f32],
-            gs: &mut [MaybeUninit<f32>],
-            (n, c, inner): (usize, usize, usize),
-            ch: usize,
-            coef: BwdCoef,
-        ) -> (f64, f64) {
-            let mut acc = Acc::new();
-            for base in rows(n, c, inner, ch) {
-                let out = if WRITE {
-                    &mut gs[base..base + inner]
-                } else {
-                    &mut []
-                };
-                row::<RELU, WRITE>(
-                    &gy[base..base + inner],
-                    &xs[base..base + inner],
-                    out,
-                    coef,
-                    &mut acc,
-                );
-            }
-            acc.sums()
-        }
-
-        /// [`backward`] of every channel at once (`coefs[ch]`, sums into `accs[ch]`), the
-        /// rows in memory order, sample by sample: each lane sums the same values in the same
-        /// order as [`backward`], so the same bits.
-        ///
-        /// # Safety
-        /// AVX-512F.
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn backward_all<const RELU: bool, const WRITE: bool>(
-            gy: &[f32],
-            xs: &[f32],
-            gs: &mut [MaybeUninit<f32>],
-            (n, c, inner): (usize, usize, usize),
-            coefs: &[BwdCoef],
-            accs: &mut [Acc],
-        ) {
-            assert!(coefs.len() >= c && accs.len() >= c);
-            for i in 0..n {
-                for ch in 0..c {
-                    let base = (i * c + ch) * inner;
-                    let out = if WRITE {
-                        &mut gs[base..base + inner]
-                    } else {
-                        &mut []
-                    };
-                    let (g, x) = (&gy[base..base + inner], &xs[base..base + inner]);
-                    row::<RELU, WRITE>(g, x, out, coefs[ch], &mut accs[ch]);
-                }
-            }
-        }
-    }
-
     /// The input gradient of channel `ch` with batch statistics,
     /// `γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m)`, the generic path's f64 arithmetic per element; its
     /// values of `gs` written. With `relu`, `dy` masked as in [`backward`].
@@ -1091,13 +854,10 @@ mod rows32 {
         relu: bool,
     ) {
         let d = (n, c, inner);
-        dispatch!(
-            input_grad_avx512,
-            match relu {
-                true => input_grad_body::<true>(gy, xs, gs, d, ch, coef),
-                false => input_grad_body::<false>(gy, xs, gs, d, ch, coef),
-            }
-        )
+        match relu {
+            true => input_grad_body::<true>(gy, xs, gs, d, ch, coef),
+            false => input_grad_body::<false>(gy, xs, gs, d, ch, coef),
+        }
     }
 
     #[inline(always)]
