@@ -1117,14 +1117,16 @@ mod x16 {
     ) {
         assert!(coefs.len() >= c);
         let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
+        // The next row in memory, prefetched as a row is done (a row of 4 KiB is a page).
+        let step = inner as isize;
         for i in 0..n {
             for (ch, v) in vs.iter().enumerate().take(c) {
                 let base = (i * c + ch) * inner;
                 let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
                 if relu {
-                    fwd_row::<true>(x, y, v, 0)
+                    fwd_row::<true>(x, y, v, step)
                 } else {
-                    fwd_row::<false>(x, y, v, 0)
+                    fwd_row::<false>(x, y, v, step)
                 }
             }
         }
@@ -1215,16 +1217,18 @@ mod x16 {
         assert!(coefs.len() >= c);
         let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
         let mut sums = vec![Sums::new(); c];
+        // The next row in memory, prefetched as a row is done (a row of 4 KiB is a page).
+        let step = inner as isize;
         for i in 0..n {
             for ch in 0..c {
                 let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
                 let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
                 let (v, s) = (&vs[ch], &mut sums[ch]);
                 match (relu, gs.as_deref_mut()) {
-                    (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s, 0),
-                    (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s, 0),
-                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s, 0),
-                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s, 0),
+                    (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s, step),
+                    (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s, step),
+                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s, step),
+                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s, step),
                 }
             }
         }
