@@ -51,6 +51,11 @@ const MIN_CHANNELS: usize = 16;
 /// Extra values between the planes `ξ` of the transformed inputs and of the products.
 const PAD: usize = 16;
 
+/// TEMP experiment knob.
+pub(crate) fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// Whether a call of shape `sh` takes the Winograd path (the rule in the module's
 /// documentation; also needs AVX-512F).
 pub(crate) fn fits(sh: &Shape) -> bool {
@@ -163,7 +168,7 @@ pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
     let p = (h / 2) * (w / 2);
     let nob = cout.div_ceil(MR);
     let coutr = nob * MR;
-    let nb = (BLOCK_TARGET / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
+    let nb = (knob("WINO_BLOCK", BLOCK_TARGET) / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
     // dU[ξ][o / MR][i][o % MR] in f64 (rows past `cout` hold sums of unused values).
     let mut du = vec![0.0f64; 16 * coutr * cin];
     with_buffers(|bufs| {
@@ -292,7 +297,7 @@ fn run(
     debug_assert_eq!(p % 16, 0);
     let nob = cout.div_ceil(MR);
     let coutr = nob * MR;
-    let nb = (BLOCK_TARGET / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
+    let nb = (knob("WINO_BLOCK", BLOCK_TARGET) / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
     with_buffers(|bufs| {
         for s0 in (0..batch).step_by(nb) {
             let n = nb.min(batch - s0);
@@ -446,36 +451,45 @@ mod avx512 {
             // SAFETY: each index row is 16 i32.
             std::array::from_fn(|k| unsafe { _mm512_loadu_si512(idx[k].as_ptr().cast()) });
         let vp = v.as_mut_ptr();
+        let pf = super::knob("WINO_PF", 1);
         for j in 0..n {
             for c in 0..cin {
                 let plane = x[(j * cin + c) * h * w..][..h * w].as_ptr();
                 for vi in 0..p / 16 {
+                    if pf > 0 {
+                        let ahead = plane.wrapping_add(pf * h * w + vi * 64);
+                        for k in 0..4 {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * k).cast());
+                        }
+                    }
                     let r0 = 2 * (vi * g) as isize - 1;
-                    let mut rt = [[_mm512_setzero_ps(); 4]; 4];
-                    for (i, rt) in rt.iter_mut().enumerate() {
+                    let mut r = [[_mm512_setzero_ps(); 2]; 4];
+                    for (i, r) in r.iter_mut().enumerate() {
                         // SAFETY: `plane` holds the `h × w` plane.
-                        let [a, b] = unsafe { rows(plane, h, w, r0 + i as isize, &zero) };
+                        *r = unsafe { rows(plane, h, w, r0 + i as isize, &zero) };
+                    }
+                    // Bᵀ on the rows first (the column picks are linear, so they commute):
+                    // 8 additions instead of 16 on picked columns.
+                    let mut rt = [[_mm512_setzero_ps(); 2]; 4];
+                    for hf in 0..2 {
+                        rt[0][hf] = _mm512_sub_ps(r[0][hf], r[2][hf]);
+                        rt[1][hf] = _mm512_add_ps(r[1][hf], r[2][hf]);
+                        rt[2][hf] = _mm512_sub_ps(r[2][hf], r[1][hf]);
+                        rt[3][hf] = _mm512_sub_ps(r[1][hf], r[3][hf]);
+                    }
+                    let base = j * p + vi * 16;
+                    for (i, [a, b]) in rt.into_iter().enumerate() {
                         let mut d = [_mm512_setzero_ps(); 4];
                         for (k, d) in d.iter_mut().enumerate() {
                             *d = _mm512_maskz_permutex2var_ps(msk[k], a, idx[k], b);
                         }
-                        *rt = [
+                        let vals = [
                             _mm512_sub_ps(d[0], d[2]),
                             _mm512_add_ps(d[1], d[2]),
                             _mm512_sub_ps(d[2], d[1]),
                             _mm512_sub_ps(d[1], d[3]),
                         ];
-                    }
-                    let base = j * p + vi * 16;
-                    #[allow(clippy::needless_range_loop)]
-                    for k in 0..4 {
-                        let vals = [
-                            _mm512_sub_ps(rt[0][k], rt[2][k]),
-                            _mm512_add_ps(rt[1][k], rt[2][k]),
-                            _mm512_sub_ps(rt[2][k], rt[1][k]),
-                            _mm512_sub_ps(rt[1][k], rt[3][k]),
-                        ];
-                        for (i, val) in vals.into_iter().enumerate() {
+                        for (k, val) in vals.into_iter().enumerate() {
                             let xi = 4 * i + k;
                             // SAFETY: `ξ·vs + c·t + base + 16 ≤ 15·vs + cin·t` (asserted).
                             unsafe { _mm512_storeu_ps(vp.add(xi * vs + c * t + base), val) };
@@ -555,10 +569,17 @@ mod avx512 {
         let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
         let z = _mm512_setzero_ps();
         let dp = d.as_mut_ptr();
+        let pf = super::knob("WINO_PF", 1);
         for j in 0..n {
             for o in 0..cout {
                 let plane = gy[(j * cout + o) * h * w..][..h * w].as_ptr();
                 for vi in 0..p / 16 {
+                    if pf > 0 {
+                        let ahead = plane.wrapping_add(pf * h * w + vi * 64);
+                        for k in 0..4 {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * k).cast());
+                        }
+                    }
                     let r0 = 2 * (vi * g) as isize;
                     // dY[a][b] for the 16 tiles.
                     let mut dy = [[z; 2]; 2];
