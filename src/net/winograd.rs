@@ -51,11 +51,6 @@ const MIN_CHANNELS: usize = 16;
 /// Extra values between the planes `ξ` of the transformed inputs and of the products.
 const PAD: usize = 16;
 
-/// TEMP experiment knob.
-pub(crate) fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// Whether a call of shape `sh` takes the Winograd path (the rule in the module's
 /// documentation; also needs AVX-512F).
 pub(crate) fn fits(sh: &Shape) -> bool {
@@ -125,7 +120,7 @@ fn transform_weights(
 }
 
 /// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i] + bias[o]` (3×3, padding 1, stride 1; no bias:
-/// `+ 0.0`), NCHW, weight `[cout, cin, 3, 3]`, into `y` (every value written). `sh` must
+/// nothing added), NCHW, weight `[cout, cin, 3, 3]`, into `y` (every value written). `sh` must
 /// [`fits`].
 pub(crate) fn forward(
     x: &[f32],
@@ -168,7 +163,7 @@ pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
     let p = (h / 2) * (w / 2);
     let nob = cout.div_ceil(MR);
     let coutr = nob * MR;
-    let nb = (knob("WINO_BLOCK", BLOCK_TARGET) / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
+    let nb = (BLOCK_TARGET / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
     // dU[ξ][o / MR][i][o % MR] in f64 (rows past `cout` hold sums of unused values).
     let mut du = vec![0.0f64; 16 * coutr * cin];
     with_buffers(|bufs| {
@@ -297,7 +292,7 @@ fn run(
     debug_assert_eq!(p % 16, 0);
     let nob = cout.div_ceil(MR);
     let coutr = nob * MR;
-    let nb = (knob("WINO_BLOCK", BLOCK_TARGET) / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
+    let nb = (BLOCK_TARGET / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
     with_buffers(|bufs| {
         for s0 in (0..batch).step_by(nb) {
             let n = nb.min(batch - s0);
@@ -451,17 +446,10 @@ mod avx512 {
             // SAFETY: each index row is 16 i32.
             std::array::from_fn(|k| unsafe { _mm512_loadu_si512(idx[k].as_ptr().cast()) });
         let vp = v.as_mut_ptr();
-        let pf = super::knob("WINO_PF", 1);
         for j in 0..n {
             for c in 0..cin {
                 let plane = x[(j * cin + c) * h * w..][..h * w].as_ptr();
                 for vi in 0..p / 16 {
-                    if pf > 0 {
-                        let ahead = plane.wrapping_add(pf * h * w + vi * 64);
-                        for k in 0..4 {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * k).cast());
-                        }
-                    }
                     let r0 = 2 * (vi * g) as isize - 1;
                     let mut r = [[_mm512_setzero_ps(); 2]; 4];
                     for (i, r) in r.iter_mut().enumerate() {
@@ -569,17 +557,10 @@ mod avx512 {
         let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
         let z = _mm512_setzero_ps();
         let dp = d.as_mut_ptr();
-        let pf = super::knob("WINO_PF", 1);
         for j in 0..n {
             for o in 0..cout {
                 let plane = gy[(j * cout + o) * h * w..][..h * w].as_ptr();
                 for vi in 0..p / 16 {
-                    if pf > 0 {
-                        let ahead = plane.wrapping_add(pf * h * w + vi * 64);
-                        for k in 0..4 {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * k).cast());
-                        }
-                    }
                     let r0 = 2 * (vi * g) as isize;
                     // dY[a][b] for the 16 tiles.
                     let mut dy = [[z; 2]; 2];
@@ -779,16 +760,21 @@ mod avx512 {
                         a[i] = _mm512_add_ps(_mm512_add_ps(mv[0], mv[1]), mv[2]);
                         bb[i] = _mm512_sub_ps(_mm512_sub_ps(mv[1], mv[2]), mv[3]);
                     }
-                    let out = [
+                    let mut out = [
                         [
-                            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]), b),
-                            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(bb[0], bb[1]), bb[2]), b),
+                            _mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]),
+                            _mm512_add_ps(_mm512_add_ps(bb[0], bb[1]), bb[2]),
                         ],
                         [
-                            _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(a[1], a[2]), a[3]), b),
-                            _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(bb[1], bb[2]), bb[3]), b),
+                            _mm512_sub_ps(_mm512_sub_ps(a[1], a[2]), a[3]),
+                            _mm512_sub_ps(_mm512_sub_ps(bb[1], bb[2]), bb[3]),
                         ],
                     ];
+                    if bias.is_some() {
+                        for v in out.iter_mut().flatten() {
+                            *v = _mm512_add_ps(*v, b);
+                        }
+                    }
                     let ty0 = vi * g;
                     for (ai, [e, od]) in out.into_iter().enumerate() {
                         let pv = _mm512_permutex2var_ps(e, lo, od);
