@@ -1,7 +1,6 @@
 //! Winograd F(2×2, 3×3) for the stride-1 3×3 convolutions (padding 1) of ResNet's stages, f32,
-//! on CPUs with AVX-512F: the forward pass and the input gradient (the same convolution of the
-//! output gradient with the weights transposed and flipped). The weight gradient stays on the
-//! direct path ([`super::conv3x3`]).
+//! on CPUs with AVX-512F: the forward pass, the input gradient (the same convolution of the
+//! output gradient with the weights transposed and flipped) and the weight gradient.
 //!
 //! **Method.** Each 2×2 block of outputs ("tile") is computed from the 4×4 block of padded input
 //! around it: `Y = Aᵀ·[Σ_c (G·g·Gᵀ) ⊙ (Bᵀ·d·B)]·A`, with
@@ -25,8 +24,12 @@
 //! two rows at 16, four at 8. An input row is loaded whole and each of a tile's four columns
 //! is one two-source lane permute (`vpermt2ps`) of the rows, the padding columns masked to
 //! zero; padding rows read a zero row. The outputs' even and odd columns are interleaved back
-//! by the same permute and stored a row at a time. The transformed inputs `V` and products `M`
-//! of a block of samples stay in L2 (`BLOCK_TARGET`).
+//! by the same permute and stored a row at a time. The transformed inputs `V` and products `M` of a block of samples stay in L2 (`BLOCK_TARGET`), starting
+//! at a cache line (every vector load and store of them touches one line, not two). The
+//! products use tiles of 4 output channels × 6 or 4 vectors (never a 2-vector remainder,
+//! whose 8 accumulators cannot hide the multiply-adds' latency); the weight gradient's tiles
+//! take 4 × 4 pairs of channels, whose 16 lane sums one transposing reduction adds up, and
+//! add them into the f64 totals a vector at a time.
 //!
 //! **Which shapes** ([`fits`], a fixed rule of the shape, not of timings): stride 1, width 8,
 //! 16 or 32 (the widths whose tile rows fill the 16 lanes exactly), a height whose tile rows
@@ -451,33 +454,31 @@ mod avx512 {
                 let plane = x[(j * cin + c) * h * w..][..h * w].as_ptr();
                 for vi in 0..p / 16 {
                     let r0 = 2 * (vi * g) as isize - 1;
-                    let mut r = [[_mm512_setzero_ps(); 2]; 4];
-                    for (i, r) in r.iter_mut().enumerate() {
+                    let mut rt = [[_mm512_setzero_ps(); 4]; 4];
+                    for (i, rt) in rt.iter_mut().enumerate() {
                         // SAFETY: `plane` holds the `h × w` plane.
-                        *r = unsafe { rows(plane, h, w, r0 + i as isize, &zero) };
-                    }
-                    // Bᵀ on the rows first (the column picks are linear, so they commute):
-                    // 8 additions instead of 16 on picked columns.
-                    let mut rt = [[_mm512_setzero_ps(); 2]; 4];
-                    for hf in 0..2 {
-                        rt[0][hf] = _mm512_sub_ps(r[0][hf], r[2][hf]);
-                        rt[1][hf] = _mm512_add_ps(r[1][hf], r[2][hf]);
-                        rt[2][hf] = _mm512_sub_ps(r[2][hf], r[1][hf]);
-                        rt[3][hf] = _mm512_sub_ps(r[1][hf], r[3][hf]);
-                    }
-                    let base = j * p + vi * 16;
-                    for (i, [a, b]) in rt.into_iter().enumerate() {
+                        let [a, b] = unsafe { rows(plane, h, w, r0 + i as isize, &zero) };
                         let mut d = [_mm512_setzero_ps(); 4];
                         for (k, d) in d.iter_mut().enumerate() {
                             *d = _mm512_maskz_permutex2var_ps(msk[k], a, idx[k], b);
                         }
-                        let vals = [
+                        *rt = [
                             _mm512_sub_ps(d[0], d[2]),
                             _mm512_add_ps(d[1], d[2]),
                             _mm512_sub_ps(d[2], d[1]),
                             _mm512_sub_ps(d[1], d[3]),
                         ];
-                        for (k, val) in vals.into_iter().enumerate() {
+                    }
+                    let base = j * p + vi * 16;
+                    #[allow(clippy::needless_range_loop)]
+                    for k in 0..4 {
+                        let vals = [
+                            _mm512_sub_ps(rt[0][k], rt[2][k]),
+                            _mm512_add_ps(rt[1][k], rt[2][k]),
+                            _mm512_sub_ps(rt[2][k], rt[1][k]),
+                            _mm512_sub_ps(rt[1][k], rt[3][k]),
+                        ];
+                        for (i, val) in vals.into_iter().enumerate() {
                             let xi = 4 * i + k;
                             // SAFETY: `ξ·vs + c·t + base + 16 ≤ 15·vs + cin·t` (asserted).
                             unsafe { _mm512_storeu_ps(vp.add(xi * vs + c * t + base), val) };
