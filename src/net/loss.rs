@@ -158,6 +158,48 @@ mod tests {
     use super::*;
     use ndarray::{arr1, arr2};
 
+    /// The cross-entropy rows in the CPU's vector build give the baseline build's bits (f32
+    /// logits, rows of 82 and of 7 classes: full and partial blocks of the `exp`), and the
+    /// values of an f64 computation of log Σ exp − z_c and softmax − one-hot.
+    #[test]
+    fn cross_entropy_rows_vector_build_matches_baseline_and_f64() {
+        use std::mem::MaybeUninit;
+        for (rows, k) in [(9usize, 82usize), (5, 7)] {
+            let zs: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
+                .collect();
+            let cls: Vec<u32> = (0..rows).map(|r| ((r * 5 + 3) % k) as u32).collect();
+            let mut a = vec![MaybeUninit::<f32>::uninit(); rows * k];
+            let mut b = vec![MaybeUninit::<f32>::uninit(); rows * k];
+            let sa = cross_entropy_rows(&zs, k, &cls, &mut a);
+            let sb = cross_entropy_rows_body(&zs, k, &cls, &mut b);
+            // SAFETY: both calls write every value.
+            let (ga, gb): (Vec<f32>, Vec<f32>) = unsafe {
+                (
+                    a.iter().map(|v| v.assume_init()).collect(),
+                    b.iter().map(|v| v.assume_init()).collect(),
+                )
+            };
+            assert_eq!(sa.to_bits(), sb.to_bits());
+            assert!(ga.iter().zip(&gb).all(|(x, y)| x.to_bits() == y.to_bits()));
+            let mut want = 0.0f64;
+            for r in 0..rows {
+                let row: Vec<f64> = zs[r * k..(r + 1) * k].iter().map(|&v| v as f64).collect();
+                let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+                let c = cls[r] as usize;
+                want += lse - row[c];
+                for (j, &z) in row.iter().enumerate() {
+                    let g = (z - lse).exp() - if j == c { 1.0 } else { 0.0 };
+                    assert!((ga[r * k + j] as f64 - g).abs() < 1e-6, "row {r} class {j}");
+                }
+            }
+            assert!(
+                (sa - want).abs() < 1e-9 * want.abs().max(1.0),
+                "{sa} vs {want}"
+            );
+        }
+    }
+
     /// Finite differences in f64 of the summed loss.
     fn check(kind: LossKind, out: ArrayD<f64>, y: TargetsView) {
         let (_, _, g) = loss_sum_and_grad(kind, out.view(), y.clone());
