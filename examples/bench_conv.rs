@@ -4,10 +4,12 @@
 //!
 //! ```sh
 //! cargo run --release --example bench_conv -- [--batch 50] [--reps 20] [--bn] [--k5]
+//!     [--only TEXT]
 //! ```
 //!
 //! `--k5` times 5×5 "same" convolutions instead (LeNet's two, then other sizes and channel
-//! counts: the shapes behind `Conv2d::direct`'s rule for 5×5 kernels).
+//! counts: the shapes behind `Conv2d::direct`'s rule for 5×5 kernels). `--only TEXT` times
+//! only the shapes whose name contains `TEXT` (e.g. `--only "16→16 32×32 k3"`).
 //!
 //! Prints one line per shape: milliseconds per forward and per backward (minimum over the
 //! repetitions) and the GFLOP/s of each (2 × nominal multiply-adds; backward counts both
@@ -98,6 +100,11 @@ fn main() {
     let batch = arg(&args, "--batch", 50);
     let reps = arg(&args, "--reps", 20);
     let bn = args.iter().any(|a| a == "--bn");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let k5 = [
         (1, 20, 28, 5, 1, 2),
         (20, 40, 14, 5, 1, 2),
@@ -139,6 +146,9 @@ fn main() {
         let out = <Conv2d as Layer<f32>>::out_shape(&conv, &[shape[1..].to_vec()]).unwrap();
         let macs = (batch * out.iter().product::<usize>() * cin * k * k) as f64;
         let name = format!("conv {cin}→{cout} {size}×{size} k{k} s{s} ×{batch}");
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
         bench_layer(&conv, &shape, reps, macs, &name);
         if bn && k == 3 {
             let layer = BatchNorm {

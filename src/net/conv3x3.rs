@@ -495,13 +495,16 @@ pub(crate) fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
     r
 }
 
-/// The first `len` values of `v`, grown with zeros when shorter (thread buffers here and in
-/// [`super::winograd`]).
+/// `len` values of `v` starting at a 64-byte boundary (a cache line: a vector load or store
+/// at a multiple of 16 values from it never spans two lines), `v` grown with zeros when
+/// shorter; the contents are whatever an earlier call left (thread buffers here and in
+/// [`super::winograd`], written before they are read).
 pub(super) fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len {
-        v.resize(len, 0.0);
+    if v.len() < len + 15 {
+        v.resize(len + 15, 0.0);
     }
-    &mut v[..len]
+    let off = v.as_ptr().align_offset(64).min(15);
+    &mut v[off..off + len]
 }
 
 /// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i] + bias[o]` (k × k, padding (k − 1) / 2, the

@@ -1,7 +1,6 @@
 //! Winograd F(2×2, 3×3) for the stride-1 3×3 convolutions (padding 1) of ResNet's stages, f32,
-//! on CPUs with AVX-512F: the forward pass and the input gradient (the same convolution of the
-//! output gradient with the weights transposed and flipped). The weight gradient stays on the
-//! direct path ([`super::conv3x3`]).
+//! on CPUs with AVX-512F: the forward pass, the input gradient (the same convolution of the
+//! output gradient with the weights transposed and flipped) and the weight gradient.
 //!
 //! **Method.** Each 2×2 block of outputs ("tile") is computed from the 4×4 block of padded input
 //! around it: `Y = Aᵀ·[Σ_c (G·g·Gᵀ) ⊙ (Bᵀ·d·B)]·A`, with
@@ -25,8 +24,12 @@
 //! two rows at 16, four at 8. An input row is loaded whole and each of a tile's four columns
 //! is one two-source lane permute (`vpermt2ps`) of the rows, the padding columns masked to
 //! zero; padding rows read a zero row. The outputs' even and odd columns are interleaved back
-//! by the same permute and stored a row at a time. The transformed inputs `V` and products `M`
-//! of a block of samples stay in L2 (`BLOCK_TARGET`).
+//! by the same permute and stored a row at a time. The transformed inputs `V` and products `M` of a block of samples stay in L2 (`BLOCK_TARGET`), starting
+//! at a cache line (every vector load and store of them touches one line, not two). The
+//! products use tiles of 4 output channels × 6 or 4 vectors (never a 2-vector remainder,
+//! whose 8 accumulators cannot hide the multiply-adds' latency); the weight gradient's tiles
+//! take 4 × 4 pairs of channels, whose 16 lane sums one transposing reduction adds up, and
+//! add them into the f64 totals a vector at a time.
 //!
 //! **Which shapes** ([`fits`], a fixed rule of the shape, not of timings): stride 1, width 8,
 //! 16 or 32 (the widths whose tile rows fill the 16 lanes exactly), a height whose tile rows
@@ -120,7 +123,7 @@ fn transform_weights(
 }
 
 /// Forward: `y[s][o] = Σ_i w[o][i] ⋆ x[s][i] + bias[o]` (3×3, padding 1, stride 1; no bias:
-/// `+ 0.0`), NCHW, weight `[cout, cin, 3, 3]`, into `y` (every value written). `sh` must
+/// nothing added), NCHW, weight `[cout, cin, 3, 3]`, into `y` (every value written). `sh` must
 /// [`fits`].
 pub(crate) fn forward(
     x: &[f32],
@@ -164,8 +167,8 @@ pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
     let nob = cout.div_ceil(MR);
     let coutr = nob * MR;
     let nb = (BLOCK_TARGET / (16 * (cin + coutr) * p)).clamp(1, batch.max(1));
-    // dU[ξ][o][i] in f64.
-    let mut du = vec![0.0f64; 16 * cout * cin];
+    // dU[ξ][o / MR][i][o % MR] in f64 (rows past `cout` hold sums of unused values).
+    let mut du = vec![0.0f64; 16 * coutr * cin];
     with_buffers(|bufs| {
         for s0 in (0..batch).step_by(nb) {
             let n = nb.min(batch - s0);
@@ -186,22 +189,10 @@ pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
             for xi in 0..16 {
                 for ob in 0..nob {
                     let da = &d[xi * ms + ob * MR * t..][..MR * t];
-                    let mut i0 = 0;
-                    while i0 < cin {
-                        let nc = (cin - i0).min(NV);
+                    for (i0, nc) in channel_groups(cin) {
                         let va = &v[xi * vs + i0 * t..][..nc * t];
-                        let sums = weight_products(da, va, nc, t);
-                        for (r, row) in sums.iter().enumerate() {
-                            let o = ob * MR + r;
-                            if o >= cout {
-                                break;
-                            }
-                            let dst = &mut du[(xi * cout + o) * cin + i0..][..nc];
-                            for (dst, &s) in dst.iter_mut().zip(row) {
-                                *dst += f64::from(s);
-                            }
-                        }
-                        i0 += nc;
+                        let dst = &mut du[((xi * nob + ob) * cin + i0) * MR..][..nc * MR];
+                        weight_products(da, va, nc, t, dst);
                     }
                 }
             }
@@ -217,7 +208,8 @@ pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
     };
     for o in 0..cout {
         for i in 0..cin {
-            let u: [f64; 16] = std::array::from_fn(|xi| du[(xi * cout + o) * cin + i]);
+            let u: [f64; 16] =
+                std::array::from_fn(|xi| du[((xi * nob + o / MR) * cin + i) * MR + o % MR]);
             // Columns first: for each row r of dU, (dU_r·G) = Gᵀ applied to the row.
             let rows: [[f64; 3]; 4] =
                 std::array::from_fn(|r| gt([u[4 * r], u[4 * r + 1], u[4 * r + 2], u[4 * r + 3]]));
@@ -232,27 +224,56 @@ pub(crate) fn weight_grad(x: &[f32], gy: &[f32], sh: Shape, gw: &mut [f32]) {
     }
 }
 
-/// `sums[r][c] = Σ_{q < t} d[r·t + q]·v[c·t + q]` for `r < MR`, `c < nc ≤ NV`, in 16 lanes
-/// of `q` added up at the end (the same order for the same `t`).
-fn weight_products(d: &[f32], v: &[f32], nc: usize, t: usize) -> [[f32; NV]; MR] {
-    assert!(d.len() >= MR * t && v.len() >= nc * t && (1..=NV).contains(&nc));
+/// `n` vectors split into consecutive product tiles of 6 and 4 vectors where `n` allows it
+/// (`(start, len)`; a fixed function of `n`): a narrow tile has too few accumulators to hide
+/// the multiply-adds' latency, and 6 + 2 took longer than 4 + 4.
+fn vector_tiles(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let (a, r) = (n / NV, n % NV);
+    // Tiles `0..six` have 6 vectors, the rest `last` each.
+    let (count, six, last) = match r {
+        0 => (a, a, 0),
+        4 => (a + 1, a, 4),
+        2 if a >= 1 => (a + 1, a - 1, 4),
+        _ => (a + 1, a, r),
+    };
+    (0..count).scan(0, move |start, j| {
+        let len = if j < six { NV } else { last };
+        let part = (*start, len);
+        *start += len;
+        Some(part)
+    })
+}
+
+/// `n` input channels split into groups of 4 (the last one shorter): the weight-gradient
+/// tile's `MR × 4` accumulators are added up by one 16-vector reduction.
+fn channel_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(4).map(move |i| (i, (n - i).min(4)))
+}
+
+/// `du[c·MR + r] += Σ_{q < t} d[r·t + q]·v[c·t + q]` (the sum in f32, added in f64) for
+/// `r < MR`, `c < nc ≤ 4`, the f32 sum in 16 lanes of `q` added up at the end (the same
+/// order for the same `t`).
+fn weight_products(d: &[f32], v: &[f32], nc: usize, t: usize, du: &mut [f64]) {
+    assert!(d.len() >= MR * t && v.len() >= nc * t && (1..=4).contains(&nc));
+    assert!(du.len() >= nc * MR);
     assert_eq!(t % 16, 0);
-    let mut sums = [[0.0f32; NV]; MR];
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F (checked by `fits`); the kernel reads `d[r·t + q]` and `v[c·t + q]`
-    // for `q < t`, `r < MR`, `c < nc`: in bounds (asserted).
+    // for `q < t`, `r < MR`, `c < nc` and updates `du[c·MR + r]`: in bounds (asserted).
     unsafe {
-        let (dp, vp) = (d.as_ptr(), v.as_ptr());
+        let (dp, vp, up) = (d.as_ptr(), v.as_ptr(), du.as_mut_ptr());
         match nc {
-            6 => avx512::wtile::<6>(dp, vp, t, &mut sums),
-            5 => avx512::wtile::<5>(dp, vp, t, &mut sums),
-            4 => avx512::wtile::<4>(dp, vp, t, &mut sums),
-            3 => avx512::wtile::<3>(dp, vp, t, &mut sums),
-            2 => avx512::wtile::<2>(dp, vp, t, &mut sums),
-            _ => avx512::wtile::<1>(dp, vp, t, &mut sums),
+            4 => avx512::wtile::<4>(dp, vp, t, up),
+            3 => avx512::wtile::<3>(dp, vp, t, up),
+            2 => avx512::wtile::<2>(dp, vp, t, up),
+            _ => avx512::wtile::<1>(dp, vp, t, up),
         }
     }
-    sums
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (d, v, nc, t, du);
+        unreachable!("winograd runs only where `fits`");
+    }
 }
 
 /// The convolution of `x` (`cin` channels) with the transformed weights `u` into `y`.
@@ -317,9 +338,8 @@ fn products(u: &[f32], v: &[f32], cin: usize, t: usize, m: &mut [f32]) {
     assert_eq!(t % 16, 0);
     #[cfg(target_arch = "x86_64")]
     {
-        let mut q = 0;
-        while q < t {
-            let nv = ((t - q) / 16).min(NV);
+        for (v0, nv) in vector_tiles(t / 16) {
+            let q = 16 * v0;
             // SAFETY: AVX-512F (checked by `fits`); the tile reads `v[c·t + q .. + 16·nv]`
             // for `c < cin` and writes `m[r·t + q .. + 16·nv]` for `r < MR`: in bounds.
             unsafe {
@@ -333,7 +353,6 @@ fn products(u: &[f32], v: &[f32], cin: usize, t: usize, m: &mut [f32]) {
                     _ => avx512::tile::<1>(up, vp, cin, t, mp),
                 }
             }
-            q += 16 * nv;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -587,18 +606,18 @@ mod avx512 {
         }
     }
 
-    /// `sums[r][c] = Σ_{q < t} d[r·t + q]·v[c·t + q]` for `r < MR`, `c < NC`, in 16 lanes of
-    /// `q` (in order of `q`), then the lanes added up.
+    /// `du[c·MR + r] += Σ_{q < t} d[r·t + q]·v[c·t + q]` for `r < MR`, `c < NC`: the sum in
+    /// 16 f32 lanes of `q` (in order of `q`), the lanes added up, then added in f64.
     ///
     /// # Safety
     /// AVX-512F; `d` valid for `r·t + q` reads, `v` for `c·t + q` (`q < t`, `t` a multiple of
-    /// 16).
+    /// 16), `du` for `NC·MR` reads and writes.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn wtile<const NC: usize>(
         d: *const f32,
         v: *const f32,
         t: usize,
-        sums: &mut [[f32; super::NV]; MR],
+        du: *mut f64,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NC]; MR];
         for q in (0..t).step_by(16) {
@@ -616,7 +635,8 @@ mod avx512 {
                 }
             }
         }
-        // The lanes added up 16 accumulators at a time (`acc[r][4·g + j]` for r, j < 4).
+        // The lanes added up 16 accumulators at a time (`acc[r][4·g + j]` for r, j < 4): lane
+        // `4·j + r` of the sums is `du[(4·g + j)·MR + r]`'s term.
         for g in 0..NC.div_ceil(4) {
             let mut a = [_mm512_setzero_ps(); 16];
             for (k, a) in a.iter_mut().enumerate() {
@@ -625,13 +645,24 @@ mod avx512 {
                     *a = acc[r][c];
                 }
             }
-            let mut e = [0.0f32; 16];
-            // SAFETY: `e` is 16 f32.
-            unsafe { _mm512_storeu_ps(e.as_mut_ptr(), reduce16(&a)) };
-            for k in 0..16 {
-                let (r, c) = (k / 4, 4 * g + k % 4);
-                if c < NC {
-                    sums[r][c] = e[4 * (k % 4) + k / 4];
+            // SAFETY: AVX-512F (this function's own requirement).
+            let e = unsafe { reduce16(&a) };
+            let lanes = 4 * (NC - 4 * g).min(4);
+            let halves = [
+                _mm512_cvtps_pd(_mm512_castps512_ps256(e)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                    _mm512_castps_pd(e),
+                    1,
+                ))),
+            ];
+            for (hh, val) in halves.into_iter().enumerate() {
+                let n = lanes.saturating_sub(8 * hh).min(8);
+                let k: __mmask8 = ((1u32 << n) - 1) as u8;
+                // SAFETY: lanes `16·g + 8·hh + l < NC·MR` for `l < n` (the mask).
+                unsafe {
+                    let p = du.add(16 * g + 8 * hh);
+                    let old = _mm512_maskz_loadu_pd(k, p);
+                    _mm512_mask_storeu_pd(p, k, _mm512_add_pd(old, val));
                 }
             }
         }
@@ -730,16 +761,21 @@ mod avx512 {
                         a[i] = _mm512_add_ps(_mm512_add_ps(mv[0], mv[1]), mv[2]);
                         bb[i] = _mm512_sub_ps(_mm512_sub_ps(mv[1], mv[2]), mv[3]);
                     }
-                    let out = [
+                    let mut out = [
                         [
-                            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]), b),
-                            _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(bb[0], bb[1]), bb[2]), b),
+                            _mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]),
+                            _mm512_add_ps(_mm512_add_ps(bb[0], bb[1]), bb[2]),
                         ],
                         [
-                            _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(a[1], a[2]), a[3]), b),
-                            _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(bb[1], bb[2]), bb[3]), b),
+                            _mm512_sub_ps(_mm512_sub_ps(a[1], a[2]), a[3]),
+                            _mm512_sub_ps(_mm512_sub_ps(bb[1], bb[2]), bb[3]),
                         ],
                     ];
+                    if bias.is_some() {
+                        for v in out.iter_mut().flatten() {
+                            *v = _mm512_add_ps(*v, b);
+                        }
+                    }
                     let ty0 = vi * g;
                     for (ai, [e, od]) in out.into_iter().enumerate() {
                         let pv = _mm512_permutex2var_ps(e, lo, od);

@@ -253,7 +253,8 @@ impl OutDir {
 
     /// Put every finished file in place and drop the resume journal.
     ///
-    /// 1. fsync every temporary file, then record the renames in `.lca-resume/commit.json`;
+    /// 1. fsync every temporary file (all at once, [`crate::files::sync_files`]), then record
+    ///    the renames in `.lca-resume/commit.json`;
     /// 2. remove the old `summary.json` first (so that the directory never holds a summary
     ///    beside tables of another run) and any output of a previous run this one does not
     ///    write;
@@ -266,9 +267,7 @@ impl OutDir {
     pub fn commit(mut self) -> Result<Vec<PathBuf>> {
         self.pending
             .sort_by_key(|(_, f)| f.file_name().is_some_and(|n| n == SUMMARY_FILE));
-        for (tmp, _) in &self.pending {
-            crate::files::sync_file(tmp)?;
-        }
+        crate::files::sync_files(self.pending.iter().map(|(tmp, _)| tmp.as_path()))?;
         let jdir = self.dir.join(STATE_DIR);
         crate::files::create_dir_all(&jdir)?;
         let names: Vec<String> = self
