@@ -109,6 +109,28 @@ impl BatchNorm {
             super::filled(x.shape(), |ys| {
                 if let Some(x32) = x32 {
                     let ys = f32_uninit(ys).expect("T is f32 (f32_slice succeeded)");
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512() {
+                        // The f32 kernels: as below, with their coefficients.
+                        let d = (n, c, inner);
+                        let mut coef = |ch: usize| {
+                            stat(ch, &mut mean, &mut inv_std, &mut stats);
+                            let (g, b) = gb(ch);
+                            coef32(&stats, c, ch, inv_std[ch], g, b)
+                        };
+                        if self.mode == BnMode::RunningStats {
+                            let coefs: Vec<x16::Coef> = (0..c).map(&mut coef).collect();
+                            // (Unsafe: the CPU has AVX-512F, checked just above.)
+                            x16::forward_all(x32, ys, d, &coefs, relu);
+                        } else {
+                            for ch in 0..c {
+                                let k = coef(ch);
+                                // (Unsafe: the CPU has AVX-512F, checked above.)
+                                x16::forward(x32, ys, d, ch, &k, relu);
+                            }
+                        }
+                        return;
+                    }
                     if self.mode == BnMode::RunningStats {
                         // No statistics to gather: one pass in memory order.
                         let coefs: Vec<rows32::FwdCoef> = (0..c)
@@ -180,64 +202,69 @@ impl BatchNorm {
         let mut sum_dy = vec![0.0f64; c];
         let mut sum_dy_xh = vec![0.0f64; c];
         let fast = f32_slice(gy).zip(f32_slice(xs)).filter(|_| inner >= 16);
-        let gx = if let Some((g32, x32)) = fast {
-            // One channel at a time: its sums, then (batch statistics) its input gradient
-            // while its values are still in L2; with running statistics the input gradient,
-            // γ/σ·dy, is written in the sums' pass. A fused ReLU's mask is applied as the
-            // gradient is read, forward's output recomputed as forward computed it.
-            let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
-                if running {
-                    // No statistics: the sums and the input gradient in one pass in memory
-                    // order.
-                    let coefs: Vec<rows32::BwdCoef> = (0..c)
-                        .map(|ch| {
-                            let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-                            (mu, is, g * is, g, bt)
-                        })
-                        .collect();
+        let gx = 'gx: {
+            if let Some((g32, x32)) = fast {
+                #[cfg(target_arch = "x86_64")]
+                if avx512() {
+                    let stats = Stats {
+                        mean: &mean,
+                        inv_std: &inv_std,
+                        gamma: &gamma,
+                        beta: &beta,
+                    };
+                    let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
                     let d = (n, c, inner);
-                    let gs = gs.as_deref_mut();
-                    if let Some(sums) = rows32::backward_all(g32, x32, gs, d, &coefs, relu) {
-                        for (ch, (s1, s2)) in sums.into_iter().enumerate() {
-                            (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
+                    break 'gx backward16(
+                        x.shape(),
+                        (g32, x32),
+                        st,
+                        d,
+                        &stats,
+                        (running, relu, need_x),
+                        sums,
+                    );
+                }
+                // One channel at a time: its sums, then (batch statistics) its input gradient
+                // while its values are still in L2; with running statistics the input gradient,
+                // γ/σ·dy, is written in the sums' pass. A fused ReLU's mask is applied as the
+                // gradient is read, forward's output recomputed as forward computed it.
+                let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
+                    for ch in 0..c {
+                        let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+                        let write = if running { gs.as_deref_mut() } else { None };
+                        let coef = (mu, is, g * is, g, bt);
+                        let (s1, s2) =
+                            rows32::backward(g32, x32, write, n, c, inner, ch, coef, relu);
+                        (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
+                        if let (false, Some(gs)) = (running, gs.as_deref_mut()) {
+                            let coef = (mu, is, g * is, s1 / m, s2 / m, g, bt);
+                            rows32::input_grad(g32, x32, gs, n, c, inner, ch, coef, relu);
                         }
-                        return;
                     }
-                }
-                for ch in 0..c {
-                    let (mu, is, g, bt) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-                    let write = if running { gs.as_deref_mut() } else { None };
-                    let coef = (mu, is, g * is, g, bt);
-                    let (s1, s2) = rows32::backward(g32, x32, write, n, c, inner, ch, coef, relu);
-                    (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2);
-                    if let (false, Some(gs)) = (running, gs.as_deref_mut()) {
-                        let coef = (mu, is, g * is, s1 / m, s2 / m, g, bt);
-                        rows32::input_grad(g32, x32, gs, n, c, inner, ch, coef, relu);
-                    }
-                }
-            };
-            if need_x {
-                // SAFETY: the passes write every (sample, channel) row of `inner` values.
-                Some(unsafe {
-                    super::filled(x.shape(), |gs| {
-                        pass(Some(
-                            f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"),
-                        ))
+                };
+                if need_x {
+                    // SAFETY: the passes write every (sample, channel) row of `inner` values.
+                    Some(unsafe {
+                        super::filled(x.shape(), |gs| {
+                            pass(Some(
+                                f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"),
+                            ))
+                        })
                     })
-                })
+                } else {
+                    pass(None);
+                    None
+                }
             } else {
-                pass(None);
-                None
+                let stats = Stats {
+                    mean: &mean,
+                    inv_std: &inv_std,
+                    gamma: &gamma,
+                    beta: &beta,
+                };
+                let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
+                self.generic_backward(x.shape(), xs, gy, &stats, relu, need_x, sums)
             }
-        } else {
-            let stats = Stats {
-                mean: &mean,
-                inv_std: &inv_std,
-                gamma: &gamma,
-                beta: &beta,
-            };
-            let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
-            self.generic_backward(x.shape(), xs, gy, &stats, relu, need_x, sums)
         };
         let mut gp = b.grad_params;
         if self.affine {
@@ -327,6 +354,107 @@ impl BatchNorm {
             })
         })
     }
+}
+
+/// Prefetches the cache line of `p` into L1 (`write`: for writing), where the CPU can; `p`
+/// may point anywhere (a prefetch does not fault).
+#[inline(always)]
+fn prefetch(p: *const f32, write: bool) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing and faults on no address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T0, _mm_prefetch};
+        if write {
+            _mm_prefetch::<_MM_HINT_ET0>(p.cast());
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, write);
+}
+
+/// Whether the CPU has AVX-512F (the f32 kernels of [`x16`]).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// The f32 kernels' coefficients of channel `ch`: the mean as kept (`st`'s first two rows,
+/// hi and lo), `k` = γ/σ and β rounded to f32. Forward and backward build them from the same
+/// values (the kept statistics, γ, β), so they compute the same outputs.
+#[cfg(target_arch = "x86_64")]
+fn coef32<T: Real>(st: &[T], c: usize, ch: usize, inv_std: f64, g: f64, b: f64) -> x16::Coef {
+    x16::Coef {
+        mh: st[ch].f64() as f32,
+        ml: st[c + ch].f64() as f32,
+        k: (g * inv_std) as f32,
+        b: b as f32,
+        c1: 0.0,
+        c2: 0.0,
+    }
+}
+
+/// Backward on the f32 kernels of [`x16`]: the sums into `sums` (Σ dy, Σ dy·x̂ per channel)
+/// and, when `need_x`, the input gradient. With running statistics one pass in memory order
+/// (sums and input gradient, `k·dy`); with batch statistics, channel by channel, its sums and
+/// then its input gradient while its values are still in L2.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn backward16<T: Real>(
+    shape: &[usize],
+    (g32, x32): (&[f32], &[f32]),
+    kept: &[T],
+    d: (usize, usize, usize),
+    st: &Stats,
+    (running, relu, need_x): (bool, bool, bool),
+    (sum_dy, sum_dy_xh): (&mut [f64], &mut [f64]),
+) -> Option<ArrayD<T>> {
+    let (n, c, inner) = d;
+    let m = (n * inner) as f64;
+    let coefs: Vec<x16::Coef> = (0..c)
+        .map(|ch| coef32(kept, c, ch, st.inv_std[ch], st.gamma[ch], st.beta[ch]))
+        .collect();
+    let mut pass = |mut gs: Option<&mut [MaybeUninit<f32>]>| {
+        let sums = if running {
+            // SAFETY: the caller checked AVX-512F.
+            unsafe { x16::backward_all(g32, x32, gs, d, &coefs, relu) }
+        } else {
+            let mut sums = Vec::with_capacity(c);
+            for (ch, coef) in coefs.iter().enumerate() {
+                // SAFETY: the caller checked AVX-512F.
+                let (s1, s2) = unsafe { x16::backward(g32, x32, None, d, ch, coef, relu) };
+                if let Some(gs) = gs.as_deref_mut() {
+                    // γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m) with x̂ = d/σ, Σdy·x̂ = Σdy·d/σ.
+                    let (k0, is) = (st.gamma[ch] * st.inv_std[ch], st.inv_std[ch]);
+                    let coef = x16::Coef {
+                        c1: (k0 * (s1 / m)) as f32,
+                        c2: (k0 * is * is * (s2 / m)) as f32,
+                        ..*coef
+                    };
+                    // SAFETY: the caller checked AVX-512F.
+                    unsafe { x16::input_grad(g32, x32, gs, d, ch, &coef, relu) };
+                }
+                sums.push((s1, s2));
+            }
+            sums
+        };
+        for (ch, (s1, s2)) in sums.into_iter().enumerate() {
+            (sum_dy[ch], sum_dy_xh[ch]) = (s1, s2 * st.inv_std[ch]);
+        }
+    };
+    if !need_x {
+        pass(None);
+        return None;
+    }
+    // SAFETY: the passes write every (sample, channel) row of `inner` values.
+    Some(unsafe {
+        super::filled(shape, |gs| {
+            pass(Some(
+                f32_uninit(gs).expect("T is f32 (f32_slice succeeded)"),
+            ))
+        })
+    })
 }
 
 /// A channel's statistics and affine parameters in f64 (γ = 1, β = 0 without them).
@@ -447,15 +575,15 @@ fn lanes_dot_xhat<T: Real>(dy: &[T], x: &[T], mu: f64, is: f64) -> f64 {
     (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail
 }
 
-/// The f32 path of the per-element passes: the generic path's f64 arithmetic per element,
+/// The f32 path of the per-element passes in f64 arithmetic per element (the generic path's),
 /// with the sums in 16 f64 lanes per channel summed at the end (in a fixed order, so results
-/// depend on the values only), compiled for AVX-512F when the CPU has it. (x̂ and the output
-/// in f32 arithmetic were faster, but the f32 rounding of the statistics shifts every value of
-/// a channel the same way, and a bias gradient that is a sum with much cancellation moved by
-/// 2.5e-4 relative on the ResNet-20 oracle.) Used for rows of at least 16 values (shorter
-/// ones take the generic loops). Each call handles one channel (its `n` rows of `inner`
-/// values), so that the passes of a channel that follow each other (statistics, then
-/// output; sums, then input gradient) find its values in the L2 cache.
+/// depend on the values only): the batch statistics (compiled for AVX-512F when the CPU has
+/// it: f32 sums there, even in blocks of two values, moved the ResNet-20 oracle's `bn1` LCA
+/// past its 1e-4 tolerance), and the other passes on CPUs without AVX-512F ([`x16`] has
+/// them in f32 arithmetic). Used for rows of at least 16 values (shorter ones take the
+/// generic loops). Each call handles one channel (its `n` rows of `inner` values), so that
+/// the passes of a channel that follow each other (statistics, then output; sums, then input
+/// gradient) find its values in the L2 cache.
 mod rows32 {
     use std::mem::MaybeUninit;
 
@@ -488,7 +616,7 @@ mod rows32 {
 
     /// The 16 lanes summed in f64, pairwise in a fixed order.
     #[inline(always)]
-    fn lanes(a: &[f64; 16]) -> f64 {
+    pub(super) fn lanes(a: &[f64; 16]) -> f64 {
         let mut v = *a;
         for half in [8, 4, 2, 1] {
             for k in 0..half {
@@ -537,7 +665,11 @@ mod rows32 {
                 t1 += d;
                 t2 += d * d;
             }
-            for x in xc {
+            // The channel's next row, a line ahead per 16 values (rows of 4 KiB are a page
+            // each, which the hardware prefetchers do not cross).
+            let next = xs.as_ptr().wrapping_add(base + c * inner);
+            for (j, x) in xc.enumerate() {
+                super::prefetch(next.wrapping_add(16 * j), false);
                 for k in 0..16 {
                     let d = f64::from(x[k]) - s;
                     a1[k] += d;
@@ -562,13 +694,10 @@ mod rows32 {
         coef: FwdCoef,
         relu: bool,
     ) {
-        dispatch!(
-            forward_avx512,
-            match relu {
-                true => forward_body::<true>(xs, ys, (n, c, inner), ch, coef),
-                false => forward_body::<false>(xs, ys, (n, c, inner), ch, coef),
-            }
-        )
+        match relu {
+            true => forward_body::<true>(xs, ys, (n, c, inner), ch, coef),
+            false => forward_body::<false>(xs, ys, (n, c, inner), ch, coef),
+        }
     }
 
     #[inline(always)]
@@ -608,13 +737,10 @@ mod rows32 {
     ) {
         assert!(coefs.len() >= c);
         let d = (n, c, inner);
-        dispatch!(
-            forward_all_avx512,
-            match relu {
-                true => forward_all_body::<true>(xs, ys, d, coefs),
-                false => forward_all_body::<false>(xs, ys, d, coefs),
-            }
-        )
+        match relu {
+            true => forward_all_body::<true>(xs, ys, d, coefs),
+            false => forward_all_body::<false>(xs, ys, d, coefs),
+        }
     }
 
     #[inline(always)]
@@ -648,64 +774,12 @@ mod rows32 {
         relu: bool,
     ) -> (f64, f64) {
         let d = (n, c, inner);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe {
-                match (relu, gs) {
-                    (false, None) => avx512::backward::<false, false>(gy, xs, &mut [], d, ch, coef),
-                    (true, None) => avx512::backward::<true, false>(gy, xs, &mut [], d, ch, coef),
-                    (false, Some(gs)) => avx512::backward::<false, true>(gy, xs, gs, d, ch, coef),
-                    (true, Some(gs)) => avx512::backward::<true, true>(gy, xs, gs, d, ch, coef),
-                }
-            };
+        match (relu, gs) {
+            (false, None) => backward_body::<false, false>(gy, xs, &mut [], d, ch, coef),
+            (true, None) => backward_body::<true, false>(gy, xs, &mut [], d, ch, coef),
+            (false, Some(gs)) => backward_body::<false, true>(gy, xs, gs, d, ch, coef),
+            (true, Some(gs)) => backward_body::<true, true>(gy, xs, gs, d, ch, coef),
         }
-        dispatch!(
-            backward_avx512,
-            match (relu, gs) {
-                (false, None) => backward_body::<false, false>(gy, xs, &mut [], d, ch, coef),
-                (true, None) => backward_body::<true, false>(gy, xs, &mut [], d, ch, coef),
-                (false, Some(gs)) => backward_body::<false, true>(gy, xs, gs, d, ch, coef),
-                (true, Some(gs)) => backward_body::<true, true>(gy, xs, gs, d, ch, coef),
-            }
-        )
-    }
-
-    /// [`backward`] of every channel (`coefs[ch]`), the rows in memory order (sample by
-    /// sample; with running statistics no pass needs a channel's values again): each
-    /// channel's sums, the same bits as [`backward`] channel by channel. `None` without
-    /// AVX-512F (the caller then goes channel by channel).
-    pub(super) fn backward_all(
-        gy: &[f32],
-        xs: &[f32],
-        gs: Option<&mut [MaybeUninit<f32>]>,
-        d: (usize, usize, usize),
-        coefs: &[BwdCoef],
-        relu: bool,
-    ) -> Option<Vec<(f64, f64)>> {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return Some(unsafe {
-                let mut accs = vec![avx512::Acc::new(); d.1];
-                let a = &mut accs;
-                match (relu, gs) {
-                    (false, None) => {
-                        avx512::backward_all::<false, false>(gy, xs, &mut [], d, coefs, a)
-                    }
-                    (true, None) => {
-                        avx512::backward_all::<true, false>(gy, xs, &mut [], d, coefs, a)
-                    }
-                    (false, Some(gs)) => {
-                        avx512::backward_all::<false, true>(gy, xs, gs, d, coefs, a)
-                    }
-                    (true, Some(gs)) => avx512::backward_all::<true, true>(gy, xs, gs, d, coefs, a),
-                }
-                accs.iter().map(|a| a.sums()).collect()
-            });
-        }
-        let _ = (gy, xs, gs, d, coefs, relu);
-        None
     }
 
     /// [`backward`] for one choice of ReLU mask and of writing `gs` (`WRITE`; else empty).
@@ -764,167 +838,6 @@ mod rows32 {
         (lanes(&a1) + t1, lanes(&a2) + t2)
     }
 
-    /// [`backward_body`] in AVX-512F intrinsics (the compiler left the masked variant
-    /// scalar): the same operations in the same order, so the same bits.
-    #[cfg(target_arch = "x86_64")]
-    mod avx512 {
-        use super::{BwdCoef, MaybeUninit, lanes, rows};
-        use std::arch::x86_64::*;
-
-        /// A channel's sums in progress: 16 f64 lanes of Σ dy and of Σ dy·x̂ (two vectors of
-        /// 8 each), and the scalar sums of the values past the last full block of 16 of a row.
-        #[derive(Clone, Copy)]
-        pub(super) struct Acc {
-            a1: [__m512d; 2],
-            a2: [__m512d; 2],
-            t1: f64,
-            t2: f64,
-        }
-
-        impl Acc {
-            #[target_feature(enable = "avx512f")]
-            pub(super) fn new() -> Acc {
-                Acc {
-                    a1: [_mm512_setzero_pd(); 2],
-                    a2: [_mm512_setzero_pd(); 2],
-                    t1: 0.0,
-                    t2: 0.0,
-                }
-            }
-
-            /// (Σ dy, Σ dy·x̂): the 16 lanes pairwise in a fixed order, then the tail sums.
-            #[target_feature(enable = "avx512f")]
-            pub(super) fn sums(&self) -> (f64, f64) {
-                let (mut l1, mut l2) = ([0.0f64; 16], [0.0f64; 16]);
-                for half in 0..2 {
-                    // SAFETY: each half is 8 of the 16 values.
-                    unsafe {
-                        _mm512_storeu_pd(l1.as_mut_ptr().add(8 * half), self.a1[half]);
-                        _mm512_storeu_pd(l2.as_mut_ptr().add(8 * half), self.a2[half]);
-                    }
-                }
-                (lanes(&l1) + self.t1, lanes(&l2) + self.t2)
-            }
-        }
-
-        /// One row (`g`, `x`, and with `WRITE` its `gs`) of a channel's sums into `acc`.
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        fn row<const RELU: bool, const WRITE: bool>(
-            g: &[f32],
-            x: &[f32],
-            gs: &mut [MaybeUninit<f32>],
-            (mu, is, k0, gam, bet): BwdCoef,
-            acc: &mut Acc,
-        ) {
-            let inner = x.len();
-            assert!(g.len() == inner && (!WRITE || gs.len() == inner));
-            let (vmu, vis, vk0) = (_mm512_set1_pd(mu), _mm512_set1_pd(is), _mm512_set1_pd(k0));
-            let (vgam, vbet) = (_mm512_set1_pd(gam), _mm512_set1_pd(bet));
-            let full = inner / 16 * 16;
-            for j in (0..full).step_by(16) {
-                for half in 0..2 {
-                    let o = j + 8 * half;
-                    // SAFETY: o + 8 ≤ full ≤ inner: the 8 values are inside the rows.
-                    unsafe {
-                        let xv = _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(o)));
-                        let gv = _mm512_cvtps_pd(_mm256_loadu_ps(g.as_ptr().add(o)));
-                        let h = _mm512_mul_pd(_mm512_sub_pd(xv, vmu), vis);
-                        let gv = if RELU {
-                            let z = _mm512_add_pd(_mm512_mul_pd(vgam, h), vbet);
-                            let z = _mm512_cvtpd_ps(z);
-                            let le = _mm256_cmp_ps::<_CMP_LE_OQ>(z, _mm256_setzero_ps());
-                            let keep = !(_mm256_movemask_ps(le) as u8);
-                            _mm512_maskz_mov_pd(keep, gv)
-                        } else {
-                            gv
-                        };
-                        acc.a1[half] = _mm512_add_pd(acc.a1[half], gv);
-                        acc.a2[half] = _mm512_add_pd(acc.a2[half], _mm512_mul_pd(gv, h));
-                        if WRITE {
-                            let out = _mm512_cvtpd_ps(_mm512_mul_pd(vk0, gv));
-                            let dst = gs.as_mut_ptr().add(o) as *mut f32;
-                            _mm256_storeu_ps(dst, out);
-                        }
-                    }
-                }
-            }
-            for j in full..inner {
-                let h = (f64::from(x[j]) - mu) * is;
-                let z = (gam * h + bet) as f32;
-                let gv = if RELU && z <= 0.0 {
-                    0.0
-                } else {
-                    f64::from(g[j])
-                };
-                acc.t1 += gv;
-                acc.t2 += gv * h;
-                if WRITE {
-                    gs[j].write((k0 * gv) as f32);
-                }
-            }
-        }
-
-        /// # Safety
-        /// AVX-512F.
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn backward<const RELU: bool, const WRITE: bool>(
-            gy: &[f32],
-            xs: &[f32],
-            gs: &mut [MaybeUninit<f32>],
-            (n, c, inner): (usize, usize, usize),
-            ch: usize,
-            coef: BwdCoef,
-        ) -> (f64, f64) {
-            let mut acc = Acc::new();
-            for base in rows(n, c, inner, ch) {
-                let out = if WRITE {
-                    &mut gs[base..base + inner]
-                } else {
-                    &mut []
-                };
-                row::<RELU, WRITE>(
-                    &gy[base..base + inner],
-                    &xs[base..base + inner],
-                    out,
-                    coef,
-                    &mut acc,
-                );
-            }
-            acc.sums()
-        }
-
-        /// [`backward`] of every channel at once (`coefs[ch]`, sums into `accs[ch]`), the
-        /// rows in memory order, sample by sample: each lane sums the same values in the same
-        /// order as [`backward`], so the same bits.
-        ///
-        /// # Safety
-        /// AVX-512F.
-        #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn backward_all<const RELU: bool, const WRITE: bool>(
-            gy: &[f32],
-            xs: &[f32],
-            gs: &mut [MaybeUninit<f32>],
-            (n, c, inner): (usize, usize, usize),
-            coefs: &[BwdCoef],
-            accs: &mut [Acc],
-        ) {
-            assert!(coefs.len() >= c && accs.len() >= c);
-            for i in 0..n {
-                for ch in 0..c {
-                    let base = (i * c + ch) * inner;
-                    let out = if WRITE {
-                        &mut gs[base..base + inner]
-                    } else {
-                        &mut []
-                    };
-                    let (g, x) = (&gy[base..base + inner], &xs[base..base + inner]);
-                    row::<RELU, WRITE>(g, x, out, coefs[ch], &mut accs[ch]);
-                }
-            }
-        }
-    }
-
     /// The input gradient of channel `ch` with batch statistics,
     /// `γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m)`, the generic path's f64 arithmetic per element; its
     /// values of `gs` written. With `relu`, `dy` masked as in [`backward`].
@@ -941,13 +854,10 @@ mod rows32 {
         relu: bool,
     ) {
         let d = (n, c, inner);
-        dispatch!(
-            input_grad_avx512,
-            match relu {
-                true => input_grad_body::<true>(gy, xs, gs, d, ch, coef),
-                false => input_grad_body::<false>(gy, xs, gs, d, ch, coef),
-            }
-        )
+        match relu {
+            true => input_grad_body::<true>(gy, xs, gs, d, ch, coef),
+            false => input_grad_body::<false>(gy, xs, gs, d, ch, coef),
+        }
     }
 
     #[inline(always)]
@@ -968,6 +878,427 @@ mod rows32 {
                 let h = (f64::from(x) - mu) * is;
                 let g = mask::<RELU>(g, (gam * h + bet) as f32);
                 o.write((k0 * (f64::from(g) - a - h * bb)) as f32);
+            }
+        }
+    }
+}
+
+/// The f32 path's per-element passes in f32 arithmetic, 16 lanes (AVX-512F; used when the CPU
+/// has it, [`rows32`] otherwise). A channel's output is
+/// `y = ((x − μ_hi) − μ_lo)·k + β` (one FMA), `μ_hi + μ_lo` the mean kept as an f32 pair (so
+/// `x − μ` is formed to a rounding or two of its own size however large the mean is against
+/// the spread: `x − μ_hi` is exact when x is near μ) and `k` = γ/σ rounded to f32: each output
+/// within a few f32 roundings of `|γ·x̂| + |β|`, and forward and backward compute it with the
+/// same instructions (the mask of a fused ReLU). Sums (Σd, Σd² of statistics; Σdy, Σdy·d of
+/// backward, `d = x − μ`) go into 4 f32 accumulators per sum, at most 4 vectors each, then
+/// pairwise into one vector whose 16 lanes are added into 16 f64 lanes: a block of at most 256
+/// values of one row. Each term so passes at most 5 f32 additions (3 in its accumulator, 2 in
+/// the pairwise step), so a block's sum is within 5·u·Σ|terms| (u = 2⁻²⁴), and the f64
+/// additions of the blocks and lanes (in a fixed order: results depend on the values only) add
+/// ~1e-16 relative. The error bounds of each sum are at the kernels.
+#[cfg(target_arch = "x86_64")]
+mod x16 {
+    use super::prefetch;
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// A channel's f32 coefficients: `y = ((x − mh) − ml)·k + b`, with (for the batch-statistics
+    /// input gradient) `c1` = γ/σ·Σdy/m and `c2` = γ/σ³·Σdy·d/m.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub(super) struct Coef {
+        pub mh: f32,
+        pub ml: f32,
+        pub k: f32,
+        pub b: f32,
+        pub c1: f32,
+        pub c2: f32,
+    }
+
+    /// [`Coef`] broadcast to 16 lanes.
+    #[derive(Clone, Copy)]
+    struct Vc {
+        mh: __m512,
+        ml: __m512,
+        k: __m512,
+        b: __m512,
+        c1: __m512,
+        c2: __m512,
+    }
+
+    impl Vc {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn new(c: &Coef) -> Vc {
+            Vc {
+                mh: _mm512_set1_ps(c.mh),
+                ml: _mm512_set1_ps(c.ml),
+                k: _mm512_set1_ps(c.k),
+                b: _mm512_set1_ps(c.b),
+                c1: _mm512_set1_ps(c.c1),
+                c2: _mm512_set1_ps(c.c2),
+            }
+        }
+    }
+
+    /// The lanes of a vector starting at `off` of a row of `len` values (16, or the rest).
+    macro_rules! lanes_at {
+        ($len:expr, $off:expr) => {
+            if $off + 16 <= $len {
+                0xffffu16
+            } else {
+                ((1u32 << ($len - $off)) - 1) as u16
+            }
+        };
+    }
+
+    /// `d = (x − mh) − ml` of a vector of x.
+    macro_rules! centred {
+        ($x:expr, $v:expr) => {
+            _mm512_sub_ps(_mm512_sub_ps($x, $v.mh), $v.ml)
+        };
+    }
+
+    /// Forward's output before the ReLU, `d·k + b` (one rounding): the same instructions in
+    /// forward and backward.
+    macro_rules! pre_act {
+        ($d:expr, $v:expr) => {
+            _mm512_fmadd_ps($d, $v.k, $v.b)
+        };
+    }
+
+    /// The lanes where the ReLU passes the gradient: `y > 0` or NaN (the ReLU layer's
+    /// backward at its input `y`).
+    macro_rules! relu_keep {
+        ($y:expr) => {
+            _mm512_cmp_ps_mask::<_CMP_NLE_UQ>($y, _mm512_setzero_ps())
+        };
+    }
+
+    /// Two sums of a channel in progress, 16 f64 lanes each (two vectors).
+    #[derive(Clone, Copy)]
+    pub(super) struct Sums([[__m512d; 2]; 2]);
+
+    impl Sums {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn new() -> Sums {
+            Sums([[_mm512_setzero_pd(); 2]; 2])
+        }
+
+        /// Adds the 16 lanes of `v` (exactly widened) into sum `s`'s lanes.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn add(&mut self, s: usize, v: __m512) {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            let hi = _mm512_cvtps_pd(hi);
+            self.0[s][0] = _mm512_add_pd(self.0[s][0], lo);
+            self.0[s][1] = _mm512_add_pd(self.0[s][1], hi);
+        }
+
+        /// The two sums: each one's 16 lanes pairwise in a fixed order.
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn totals(&self) -> (f64, f64) {
+            let mut l = [[0.0f64; 16]; 2];
+            for (s, l) in l.iter_mut().enumerate() {
+                for half in 0..2 {
+                    // SAFETY: each half is 8 of the 16 values.
+                    unsafe { _mm512_storeu_pd(l.as_mut_ptr().add(8 * half), self.0[s][half]) };
+                }
+            }
+            (super::rows32::lanes(&l[0]), super::rows32::lanes(&l[1]))
+        }
+    }
+
+    /// Adds `Σ t1` and `Σ p·q` over a row of `len` values into `sums`, `term(off, lanes)`
+    /// giving the vector (t1, p, q) at `off` (zero outside `lanes`), in blocks of at most 16
+    /// vectors: vector j of a block goes into f32 accumulator j mod 4 (t1 added, p·q fused),
+    /// and at the block's end the 4 are added pairwise and into the f64 lanes.
+    #[inline(always)]
+    fn row_sums(
+        len: usize,
+        sums: &mut Sums,
+        mut term: impl FnMut(usize, __mmask16) -> (__m512, __m512, __m512),
+    ) {
+        // SAFETY (every intrinsic below): the callers are compiled with AVX-512F.
+        unsafe {
+            let z = _mm512_setzero_ps();
+            let nv = len.div_ceil(16);
+            let mut v = 0;
+            while v < nv {
+                let block = (nv - v).min(16);
+                let (mut a1, mut a2) = ([z; 4], [z; 4]);
+                let mut j = 0;
+                while j < block {
+                    for q in 0..4 {
+                        if j + q < block {
+                            let off = (v + j + q) * 16;
+                            let (t, p, r) = term(off, lanes_at!(len, off));
+                            a1[q] = _mm512_add_ps(a1[q], t);
+                            a2[q] = _mm512_fmadd_ps(p, r, a2[q]);
+                        }
+                    }
+                    j += 4;
+                }
+                let pair = |a: [__m512; 4]| {
+                    _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]))
+                };
+                sums.add(0, pair(a1));
+                sums.add(1, pair(a2));
+                v += block;
+            }
+        }
+    }
+
+    /// Forward's output of one row (`RELU`: `max(y, 0)`, 0 for NaN, as the ReLU layer).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fwd_row<const RELU: bool>(x: &[f32], y: &mut [MaybeUninit<f32>], v: &Vc, next: isize) {
+        let len = x.len();
+        assert_eq!(y.len(), len);
+        let mut off = 0;
+        while off < len {
+            let k = lanes_at!(len, off);
+            if next != 0 {
+                prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(
+                    y.as_ptr().wrapping_offset(next).wrapping_add(off).cast(),
+                    true,
+                );
+            }
+            // SAFETY: the lanes `k` of the vector at `off` are inside both rows.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
+                let mut yv = pre_act!(centred!(xv, v), v);
+                if RELU {
+                    // max(NaN, 0) and max(−0, +0) give the second operand, +0.
+                    yv = _mm512_max_ps(yv, _mm512_setzero_ps());
+                }
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(off).cast::<f32>(), k, yv);
+            }
+            off += 16;
+        }
+    }
+
+    /// The output of channel `ch` (`coef`), its values of `ys` written.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn forward(
+        xs: &[f32],
+        ys: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        coef: &Coef,
+        relu: bool,
+    ) {
+        let v = Vc::new(coef);
+        // The channel's next row, prefetched as a row is done (a row of 4 KiB is a page,
+        // which the hardware prefetchers do not cross).
+        let next = (c * inner) as isize;
+        for i in 0..n {
+            let base = (i * c + ch) * inner;
+            let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
+            if relu {
+                fwd_row::<true>(x, y, &v, next)
+            } else {
+                fwd_row::<false>(x, y, &v, next)
+            }
+        }
+    }
+
+    /// The output of every channel (`coefs[ch]`), the rows in memory order (sample by sample):
+    /// with running statistics no pass needs a channel's values again.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn forward_all(
+        xs: &[f32],
+        ys: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        coefs: &[Coef],
+        relu: bool,
+    ) {
+        assert!(coefs.len() >= c);
+        let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
+        // The next row in memory, prefetched as a row is done (a row of 4 KiB is a page).
+        let step = inner as isize;
+        for i in 0..n {
+            for (ch, v) in vs.iter().enumerate().take(c) {
+                let base = (i * c + ch) * inner;
+                let (x, y) = (&xs[base..base + inner], &mut ys[base..base + inner]);
+                if relu {
+                    fwd_row::<true>(x, y, v, step)
+                } else {
+                    fwd_row::<false>(x, y, v, step)
+                }
+            }
+        }
+    }
+
+    /// One row of backward's sums (Σ dy, Σ dy·d, `dy` masked by a fused ReLU as forward's
+    /// output recomputed gives it) into `sums`; with `WRITE`, `k·dy` into `gs` (running
+    /// statistics' input gradient). The masked `dy` is exact and `d` within 2u·|x − μ| (two
+    /// roundings), so with the blocks' 5u: Σdy within 5u·Σ|dy|, Σdy·d within 7u·Σ|dy·d|.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn bwd_row<const RELU: bool, const WRITE: bool>(
+        g: &[f32],
+        x: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        v: &Vc,
+        sums: &mut Sums,
+        next: isize,
+    ) {
+        let len = x.len();
+        assert!(g.len() == len && (!WRITE || gs.len() == len));
+        let out = gs.as_mut_ptr().cast::<f32>();
+        row_sums(len, sums, |off, k| {
+            if next != 0 {
+                prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(g.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+            }
+            // SAFETY: the lanes `k` of the vector at `off` are inside the rows.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
+                let d = centred!(xv, v);
+                let keep = if RELU {
+                    k & relu_keep!(pre_act!(d, v))
+                } else {
+                    k
+                };
+                let gv = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(off));
+                if WRITE {
+                    _mm512_mask_storeu_ps(out.add(off), k, _mm512_mul_ps(v.k, gv));
+                }
+                (gv, gv, d)
+            }
+        });
+    }
+
+    /// (Σ dy, Σ dy·d) of channel `ch` with `dy` masked as in [`bwd_row`]; with `gs`, `k·dy`
+    /// written into its values of it.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn backward(
+        gy: &[f32],
+        xs: &[f32],
+        mut gs: Option<&mut [MaybeUninit<f32>]>,
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        coef: &Coef,
+        relu: bool,
+    ) -> (f64, f64) {
+        let v = Vc::new(coef);
+        // The channel's next row, prefetched as a row is done (a row of 4 KiB is a page,
+        // which the hardware prefetchers do not cross).
+        let next = (c * inner) as isize;
+        let mut sums = Sums::new();
+        for i in 0..n {
+            let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+            let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
+            let s = &mut sums;
+            match (relu, gs.as_deref_mut()) {
+                (false, None) => bwd_row::<false, false>(g, x, &mut [], &v, s, next),
+                (true, None) => bwd_row::<true, false>(g, x, &mut [], &v, s, next),
+                (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], &v, s, next),
+                (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], &v, s, next),
+            }
+        }
+        sums.totals()
+    }
+
+    /// [`backward`] of every channel (`coefs[ch]`), the rows in memory order (sample by
+    /// sample), each channel's sums in its own [`Sums`]: the same bits as channel by channel.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn backward_all(
+        gy: &[f32],
+        xs: &[f32],
+        mut gs: Option<&mut [MaybeUninit<f32>]>,
+        (n, c, inner): (usize, usize, usize),
+        coefs: &[Coef],
+        relu: bool,
+    ) -> Vec<(f64, f64)> {
+        assert!(coefs.len() >= c);
+        let vs: Vec<Vc> = coefs.iter().map(|k| Vc::new(k)).collect();
+        let mut sums = vec![Sums::new(); c];
+        // The next row in memory, prefetched as a row is done (a row of 4 KiB is a page).
+        let step = inner as isize;
+        for i in 0..n {
+            for ch in 0..c {
+                let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+                let (g, x) = (&gy[r.clone()], &xs[r.clone()]);
+                let (v, s) = (&vs[ch], &mut sums[ch]);
+                match (relu, gs.as_deref_mut()) {
+                    (false, None) => bwd_row::<false, false>(g, x, &mut [], v, s, step),
+                    (true, None) => bwd_row::<true, false>(g, x, &mut [], v, s, step),
+                    (false, Some(o)) => bwd_row::<false, true>(g, x, &mut o[r], v, s, step),
+                    (true, Some(o)) => bwd_row::<true, true>(g, x, &mut o[r], v, s, step),
+                }
+            }
+        }
+        sums.iter().map(|s| s.totals()).collect()
+    }
+
+    /// One row of the batch-statistics input gradient, `(dy·k − c1) − d·c2` (two FMAs),
+    /// `dy` masked as in [`bwd_row`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn grad_row<const RELU: bool>(
+        g: &[f32],
+        x: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        v: &Vc,
+        next: isize,
+    ) {
+        let len = x.len();
+        assert!(g.len() == len && gs.len() == len);
+        let mut off = 0;
+        while off < len {
+            let k = lanes_at!(len, off);
+            if next != 0 {
+                prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(g.as_ptr().wrapping_offset(next).wrapping_add(off), false);
+                prefetch(
+                    gs.as_ptr().wrapping_offset(next).wrapping_add(off).cast(),
+                    true,
+                );
+            }
+            // SAFETY: the lanes `k` of the vector at `off` are inside the rows.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(k, x.as_ptr().add(off));
+                let d = centred!(xv, v);
+                let keep = if RELU {
+                    k & relu_keep!(pre_act!(d, v))
+                } else {
+                    k
+                };
+                let gv = _mm512_maskz_loadu_ps(keep, g.as_ptr().add(off));
+                let o = _mm512_fnmadd_ps(d, v.c2, _mm512_fmsub_ps(gv, v.k, v.c1));
+                _mm512_mask_storeu_ps(gs.as_mut_ptr().add(off).cast::<f32>(), k, o);
+            }
+            off += 16;
+        }
+    }
+
+    /// The input gradient of channel `ch` with batch statistics,
+    /// `γ/σ·(dy − Σdy/m − x̂·Σdy·x̂/m) = dy·k − c1 − d·c2`, its values of `gs` written.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn input_grad(
+        gy: &[f32],
+        xs: &[f32],
+        gs: &mut [MaybeUninit<f32>],
+        (n, c, inner): (usize, usize, usize),
+        ch: usize,
+        coef: &Coef,
+        relu: bool,
+    ) {
+        let v = Vc::new(coef);
+        // The channel's next row, prefetched as a row is done (a row of 4 KiB is a page,
+        // which the hardware prefetchers do not cross).
+        let next = (c * inner) as isize;
+        for i in 0..n {
+            let r = (i * c + ch) * inner..(i * c + ch + 1) * inner;
+            let (g, x, o) = (&gy[r.clone()], &xs[r.clone()], &mut gs[r]);
+            if relu {
+                grad_row::<true>(g, x, o, &v, next)
+            } else {
+                grad_row::<false>(g, x, o, &v, next)
             }
         }
     }
@@ -1178,6 +1509,179 @@ mod tests {
             let zeroed = check_fused_relu(&bn, &p32, &[x32], &gy32);
             assert!(zeroed > 0.1 && zeroed < 0.9, "{mode:?}: {zeroed}");
         }
+    }
+
+    /// Forward and backward of `bn` (with the next ReLU fused when `relu`): output, parameter
+    /// and buffer gradients, input gradient.
+    fn run_bn<T: Real>(
+        bn: &BatchNorm,
+        params: &[Vec<T>],
+        x: &ArrayD<T>,
+        gy: &ArrayD<T>,
+        relu: bool,
+    ) -> (ArrayD<T>, Vec<Vec<T>>, ArrayD<T>) {
+        let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
+        let mut saved = Saved::None;
+        let y = if relu {
+            bn.forward_relu(&pr, &[x.view()], &mut saved)
+        } else {
+            Layer::<T>::forward(bn, &pr, &[x.view()], &mut saved)
+        };
+        let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![T::zero(); v.len()]).collect();
+        let b = Backward {
+            params: &pr,
+            inputs: &[x.view()],
+            output: y.view(),
+            saved: &saved,
+            grad_out: gy.view(),
+            grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
+            need_input_grad: &[true],
+        };
+        let mut gx = if relu {
+            bn.backward_relu(b)
+        } else {
+            Layer::<T>::backward(bn, b)
+        };
+        (y, g, gx.remove(0).expect("input gradient"))
+    }
+
+    /// The f32 kernels (f32 arithmetic per element, AVX-512F where the CPU has it) against the
+    /// f64 path on the same f32-rounded inputs and parameters, on awkward data, in both modes,
+    /// with and without the fused ReLU: a mean of 1000 against a spread of 1, a variance of
+    /// 1e-6 and one of 1e-8 (below ε = 1e-5), and ReLU ties (integer data with a mean of exactly
+    /// 0 and β = 0, so that y = 0 exactly where x = 0: both paths mask it). Rows of 72 values
+    /// (4 full vectors and a partial one). Bounds, u = 2⁻²⁴: each output within
+    /// 8u·(|γ·x̂| + |β|) (x − μ to two roundings, k = γ/σ and the FMA to one each, and f64's
+    /// own rounding to f32); each input gradient within 16u of the sizes of its terms,
+    /// |γ/σ|·(|dy| + Σ|dy|/m + |x̂|·Σ|dy·x̂|/m) (batch statistics; the sums to 5u and 7u of
+    /// Σ|terms|) or |γ/σ·dy| (running); Σdy-type gradients (β, running mean) within 16u of
+    /// their Σ|dy|, Σdy·x̂-type ones (γ, running variance) within 16u of their Σ|dy·x̂|.
+    #[test]
+    fn f32_kernels_match_f64_on_awkward_data() {
+        let u = f64::from(f32::EPSILON) / 2.0;
+        let shape = [4usize, 3, 9, 8];
+        let (n, c, inner) = (shape[0], shape[1], shape[2] * shape[3]);
+        let m = (n * inner) as f64;
+        let f32r = |v: f64| f64::from(v as f32);
+        let mut worst = 0.0f64;
+        for mode in [BnMode::BatchStats, BnMode::RunningStats] {
+            for (what, mean, spread) in [
+                ("mean 1000, spread 1", 1000.0, 1.0),
+                ("variance 1e-6", 1.0, 1e-3),
+                ("variance 1e-8 < eps", -2.0, 1e-4),
+                ("ReLU ties", 0.0, 0.0),
+            ] {
+                let ties = spread == 0.0;
+                let bn = BatchNorm {
+                    num_features: c,
+                    eps: 1e-5,
+                    affine: true,
+                    mode,
+                };
+                let mut rng = Rng::new(29);
+                let mut x = rng.array(&shape).mapv(|v| f32r(mean + spread * 1.7 * v));
+                if ties {
+                    // Integers in −3..=3, the second half of each channel the negated first:
+                    // the mean is exactly 0.
+                    let xs = x.as_slice_mut().unwrap();
+                    for ch in 0..c {
+                        for i in 0..n {
+                            for j in 0..inner {
+                                let k = (i * c + ch) * inner + j;
+                                xs[k] = if i < n / 2 {
+                                    (3.5 * rng.next()).round()
+                                } else {
+                                    -xs[((i - n / 2) * c + ch) * inner + j]
+                                };
+                            }
+                        }
+                    }
+                }
+                let gy = rng.array(&shape).mapv(f32r);
+                let gamma: Vec<f64> = (0..c).map(|_| f32r(1.0 + 0.5 * rng.next())).collect();
+                let beta: Vec<f64> = (0..c)
+                    .map(|_| if ties { 0.0 } else { f32r(0.3 * rng.next()) })
+                    .collect();
+                // Per channel: the statistics (of the data, or running ones near them).
+                let (mut mu, mut var) = (vec![0.0; c], vec![0.0; c]);
+                let rows = |ch: usize| {
+                    (0..n).flat_map(move |i| (0..inner).map(move |j| (i * c + ch) * inner + j))
+                };
+                let xs = x.as_slice().unwrap().to_vec();
+                for ch in 0..c {
+                    let mb = rows(ch).map(|k| xs[k]).sum::<f64>() / m;
+                    let vb = rows(ch).map(|k| (xs[k] - mb).powi(2)).sum::<f64>() / m;
+                    (mu[ch], var[ch]) = match mode {
+                        BnMode::BatchStats => (mb, vb),
+                        BnMode::RunningStats if ties => (0.0, f32r(vb)),
+                        BnMode::RunningStats => (
+                            f32r(mb + 0.1 * spread * rng.next()),
+                            f32r(vb * (1.0 + 0.1 * rng.next())),
+                        ),
+                    };
+                }
+                let mut params = vec![gamma.clone(), beta.clone()];
+                if mode == BnMode::RunningStats {
+                    params.push(mu.clone());
+                    params.push(var.clone());
+                }
+                for relu in [false, true] {
+                    let (y, g, gx) = run_bn::<f64>(&bn, &params, &x, &gy, relu);
+                    let p32 = to_f32(&params);
+                    let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
+                    let (y32, g32, gx32) = run_bn::<f32>(&bn, &p32, &x32, &gy32, relu);
+                    let (y, gx) = (y.as_slice().unwrap(), gx.as_slice().unwrap());
+                    let (y32, gx32) = (y32.as_slice().unwrap(), gx32.as_slice().unwrap());
+                    let mut check = |got: f32, want: f64, scale: f64, tol: f64, at: &str| {
+                        let err = (f64::from(got) - want).abs();
+                        worst = worst.max(err / (u * scale).max(f64::MIN_POSITIVE));
+                        assert!(
+                            err <= tol * u * scale,
+                            "{mode:?} {what} relu {relu} {at}: f32 {got} vs f64 {want} \
+                             (error {err:e} > {tol}u·{scale:e})"
+                        );
+                    };
+                    for ch in 0..c {
+                        let is = 1.0 / (var[ch] + bn.eps).sqrt();
+                        let (ga, be) = (gamma[ch], beta[ch]);
+                        let xh = |k: usize| (xs[k] - mu[ch]) * is;
+                        // The ReLU's mask as the f64 path applies it.
+                        let dy = |k: usize| {
+                            let keep = !relu || y[k] > 0.0;
+                            if keep { gy.as_slice().unwrap()[k] } else { 0.0 }
+                        };
+                        let s_dy: f64 = rows(ch).map(|k| dy(k).abs()).sum();
+                        let s_dyx: f64 = rows(ch).map(|k| (dy(k) * xh(k)).abs()).sum();
+                        for k in rows(ch) {
+                            let sy = ga.abs() * xh(k).abs() + be.abs();
+                            check(y32[k], y[k], sy, 8.0, &format!("y[{k}]"));
+                            let sg = match mode {
+                                BnMode::BatchStats => {
+                                    dy(k).abs() + s_dy / m + xh(k).abs() * s_dyx / m
+                                }
+                                BnMode::RunningStats => dy(k).abs(),
+                            };
+                            check(
+                                gx32[k],
+                                gx[k],
+                                (ga * is).abs() * sg,
+                                16.0,
+                                &format!("gx[{k}]"),
+                            );
+                        }
+                        check(g32[0][ch], g[0][ch], s_dyx, 16.0, "weight");
+                        check(g32[1][ch], g[1][ch], s_dy, 16.0, "bias");
+                        if mode == BnMode::RunningStats {
+                            let (a, b) =
+                                ((ga * is).abs() * s_dy, 0.5 * (ga * is * is).abs() * s_dyx);
+                            check(g32[2][ch], g[2][ch], a, 16.0, "running_mean");
+                            check(g32[3][ch], g[3][ch], b, 16.0, "running_var");
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("worst error of the f32 kernels: {worst:.2}u of its scale");
     }
 
     #[test]
