@@ -201,17 +201,17 @@ impl BatchNorm {
         // Per channel: Σ dy and Σ dy·x̂ (dy masked by a fused ReLU).
         let mut sum_dy = vec![0.0f64; c];
         let mut sum_dy_xh = vec![0.0f64; c];
+        let stats = Stats {
+            mean: &mean,
+            inv_std: &inv_std,
+            gamma: &gamma,
+            beta: &beta,
+        };
         let fast = f32_slice(gy).zip(f32_slice(xs)).filter(|_| inner >= 16);
         let gx = 'gx: {
             if let Some((g32, x32)) = fast {
                 #[cfg(target_arch = "x86_64")]
                 if avx512() {
-                    let stats = Stats {
-                        mean: &mean,
-                        inv_std: &inv_std,
-                        gamma: &gamma,
-                        beta: &beta,
-                    };
                     let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
                     let d = (n, c, inner);
                     break 'gx backward16(
@@ -256,12 +256,6 @@ impl BatchNorm {
                     None
                 }
             } else {
-                let stats = Stats {
-                    mean: &mean,
-                    inv_std: &inv_std,
-                    gamma: &gamma,
-                    beta: &beta,
-                };
                 let sums = (&mut sum_dy[..], &mut sum_dy_xh[..]);
                 self.generic_backward(x.shape(), xs, gy, &stats, relu, need_x, sums)
             }
@@ -899,6 +893,7 @@ mod rows32 {
 #[cfg(target_arch = "x86_64")]
 mod x16 {
     use super::prefetch;
+    use crate::net::simd::x86::{mask, widen};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -940,17 +935,6 @@ mod x16 {
         }
     }
 
-    /// The lanes of a vector starting at `off` of a row of `len` values (16, or the rest).
-    macro_rules! lanes_at {
-        ($len:expr, $off:expr) => {
-            if $off + 16 <= $len {
-                0xffffu16
-            } else {
-                ((1u32 << ($len - $off)) - 1) as u16
-            }
-        };
-    }
-
     /// `d = (x − mh) − ml` of a vector of x.
     macro_rules! centred {
         ($x:expr, $v:expr) => {
@@ -989,9 +973,7 @@ mod x16 {
         #[inline]
         #[target_feature(enable = "avx512f")]
         fn add(&mut self, s: usize, v: __m512) {
-            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-            let hi = _mm512_cvtps_pd(hi);
+            let [lo, hi] = widen(v);
             self.0[s][0] = _mm512_add_pd(self.0[s][0], lo);
             self.0[s][1] = _mm512_add_pd(self.0[s][1], hi);
         }
@@ -1033,7 +1015,7 @@ mod x16 {
                     for q in 0..4 {
                         if j + q < block {
                             let off = (v + j + q) * 16;
-                            let (t, p, r) = term(off, lanes_at!(len, off));
+                            let (t, p, r) = term(off, mask(len - off));
                             a1[q] = _mm512_add_ps(a1[q], t);
                             a2[q] = _mm512_fmadd_ps(p, r, a2[q]);
                         }
@@ -1058,7 +1040,7 @@ mod x16 {
         assert_eq!(y.len(), len);
         let mut off = 0;
         while off < len {
-            let k = lanes_at!(len, off);
+            let k = mask(len - off);
             if next != 0 {
                 prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
                 prefetch(
@@ -1250,7 +1232,7 @@ mod x16 {
         assert!(g.len() == len && gs.len() == len);
         let mut off = 0;
         while off < len {
-            let k = lanes_at!(len, off);
+            let k = mask(len - off);
             if next != 0 {
                 prefetch(x.as_ptr().wrapping_offset(next).wrapping_add(off), false);
                 prefetch(g.as_ptr().wrapping_offset(next).wrapping_add(off), false);
@@ -1385,7 +1367,7 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 mod tests {
     use super::*;
     use crate::net::check_fused_relu;
-    use crate::net::gradcheck::{Rng, check_layer, check_layer_with, run_layer};
+    use crate::net::gradcheck::{Rng, check_layer, check_layer_with, run_layer, run_layer_fused};
 
     /// A test case: batch norm over `shape`'s axis 1, an input off-centre (mean 3), an output
     /// gradient, and its parameters and buffers (running variance positive, running mean
@@ -1520,28 +1502,7 @@ mod tests {
         gy: &ArrayD<T>,
         relu: bool,
     ) -> (ArrayD<T>, Vec<Vec<T>>, ArrayD<T>) {
-        let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
-        let mut saved = Saved::None;
-        let y = if relu {
-            bn.forward_relu(&pr, &[x.view()], &mut saved)
-        } else {
-            Layer::<T>::forward(bn, &pr, &[x.view()], &mut saved)
-        };
-        let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![T::zero(); v.len()]).collect();
-        let b = Backward {
-            params: &pr,
-            inputs: &[x.view()],
-            output: y.view(),
-            saved: &saved,
-            grad_out: gy.view(),
-            grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
-            need_input_grad: &[true],
-        };
-        let mut gx = if relu {
-            bn.backward_relu(b)
-        } else {
-            Layer::<T>::backward(bn, b)
-        };
+        let (y, g, mut gx) = run_layer_fused(bn, params, x, gy, true, T::zero(), relu);
         (y, g, gx.remove(0).expect("input gradient"))
     }
 

@@ -23,11 +23,29 @@ pub(crate) fn run_layer<T: super::Real>(
     need_x: bool,
     g_start: T,
 ) -> LayerRun<T> {
+    run_layer_fused(layer, params, x, gy, need_x, g_start, false)
+}
+
+/// [`run_layer`], with `relu` through the layer's fused ReLU (`forward_relu` and
+/// `backward_relu`; `gy` is then the gradient of the ReLU's output).
+pub(crate) fn run_layer_fused<T: super::Real>(
+    layer: &dyn Layer<T>,
+    params: &[Vec<T>],
+    x: &ArrayD<T>,
+    gy: &ArrayD<T>,
+    need_x: bool,
+    g_start: T,
+    relu: bool,
+) -> LayerRun<T> {
     let pr: Vec<&[T]> = params.iter().map(|v| v.as_slice()).collect();
     let mut saved = Saved::None;
-    let y = layer.forward(&pr, &[x.view()], &mut saved);
+    let y = if relu {
+        layer.forward_relu(&pr, &[x.view()], &mut saved)
+    } else {
+        layer.forward(&pr, &[x.view()], &mut saved)
+    };
     let mut g: Vec<Vec<T>> = params.iter().map(|v| vec![g_start; v.len()]).collect();
-    let gx = layer.backward(Backward {
+    let b = Backward {
         params: &pr,
         inputs: &[x.view()],
         output: y.view(),
@@ -35,7 +53,12 @@ pub(crate) fn run_layer<T: super::Real>(
         grad_out: gy.view(),
         grad_params: g.iter_mut().map(|v| v.as_mut_slice()).collect(),
         need_input_grad: &[need_x],
-    });
+    };
+    let gx = if relu {
+        layer.backward_relu(b)
+    } else {
+        layer.backward(b)
+    };
     (y, g, gx)
 }
 

@@ -1,5 +1,6 @@
 //! AVX-512F building blocks shared by the f32 kernels (`conv3x3`, `add`, the fused attention):
-//! a lane mask for a partial vector and a 16×16 transpose in registers. Callers check that
+//! a lane mask for a partial vector, a 16×16 transpose in registers and the exact widening of
+//! 16 f32 lanes to f64. Callers check that
 //! the CPU has AVX-512F before they reach these (each kernel's `available`).
 
 #[cfg(target_arch = "x86_64")]
@@ -15,6 +16,17 @@ pub(crate) mod x86 {
         } else {
             ((1u32 << n) - 1) as __mmask16
         }
+    }
+
+    /// The 16 lanes of `v` widened exactly to f64: lanes 0–7, then lanes 8–15.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn widen(v: __m512) -> [__m512d; 2] {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        [
+            _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+            _mm512_cvtps_pd(hi),
+        ]
     }
 
     /// Transpose a 16×16 block held as 16 rows (`r[a]` lane `l` ↦ `r[l]` lane `a`): unpacks

@@ -24,8 +24,9 @@
 //! two rows at 16, four at 8. An input row is loaded whole and each of a tile's four columns
 //! is one two-source lane permute (`vpermt2ps`) of the rows, the padding columns masked to
 //! zero; padding rows read a zero row. The outputs' even and odd columns are interleaved back
-//! by the same permute and stored a row at a time. The transformed inputs `V` and products `M` of a block of samples stay in L2 (`BLOCK_TARGET`), starting
-//! at a cache line (every vector load and store of them touches one line, not two). The
+//! by the same permute and stored a row at a time. The transformed inputs `V` and products `M`
+//! of a block of samples stay in L2 (`BLOCK_TARGET`), starting at a cache line (every vector
+//! load and store of them touches one line, not two). The
 //! products use tiles of 4 output channels × 6 or 4 vectors (never a 2-vector remainder,
 //! whose 8 accumulators cannot hide the multiply-adds' latency); the weight gradient's tiles
 //! take 4 × 4 pairs of channels, whose 16 lane sums one transposing reduction adds up, and
@@ -365,6 +366,7 @@ fn products(u: &[f32], v: &[f32], cin: usize, t: usize, m: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::MR;
+    use crate::net::simd::x86::widen;
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
@@ -648,14 +650,7 @@ mod avx512 {
             // SAFETY: AVX-512F (this function's own requirement).
             let e = unsafe { reduce16(&a) };
             let lanes = 4 * (NC - 4 * g).min(4);
-            let halves = [
-                _mm512_cvtps_pd(_mm512_castps512_ps256(e)),
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-                    _mm512_castps_pd(e),
-                    1,
-                ))),
-            ];
-            for (hh, val) in halves.into_iter().enumerate() {
+            for (hh, val) in widen(e).into_iter().enumerate() {
                 let n = lanes.saturating_sub(8 * hh).min(8);
                 let k: __mmask8 = ((1u32 << n) - 1) as u8;
                 // SAFETY: lanes `16·g + 8·hh + l < NC·MR` for `l < n` (the mask).
