@@ -1200,7 +1200,7 @@ fn draft(kind: LayerKind, at: DraftIn) -> Drafted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::gradcheck::{Rng, check_layer, run_layer};
+    use crate::net::gradcheck::{Rng, check_layer, max_rel, run_layer};
 
     /// `Conv2d(cin, cout, k, stride, pad, dil, groups, bias)` with `[cin, cout, groups]`.
     fn conv(
@@ -1314,14 +1314,6 @@ mod tests {
             eprintln!("no AVX-512F: the direct 3×3 path is not used on this CPU");
             return;
         }
-        let max_err = |a: &[f32], b: &[f64]| {
-            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let err = a
-                .iter()
-                .zip(b)
-                .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - y).abs()));
-            err / scale.max(1e-30)
-        };
         for &(cin, cout, h, w, batch, bias, stride) in &[
             (3, 16, 32, 32, 2, false, 1),
             (16, 16, 8, 8, 5, true, 1),
@@ -1377,16 +1369,16 @@ mod tests {
             for need_x in [true, false] {
                 let (y32, g32, gx32) = run32(need_x);
                 let what = format!("{cin}→{cout} {h}×{w} ×{batch}");
-                let e = max_err(y32.as_slice().unwrap(), y.as_slice().unwrap());
+                let e = max_rel(y32.as_slice().unwrap(), y.as_slice().unwrap());
                 assert!(e < 1e-6, "{what}: forward {e}");
                 for (a, b) in g32.iter().zip(&g) {
-                    let e = max_err(a, b);
+                    let e = max_rel(a, b);
                     assert!(e < 1e-5, "{what}: parameter gradient {e}");
                 }
                 assert_eq!(gx32.len(), 1);
                 match (&gx32[0], need_x) {
                     (Some(a), true) => {
-                        let e = max_err(
+                        let e = max_rel(
                             a.as_slice().unwrap(),
                             gx[0].as_ref().unwrap().as_slice().unwrap(),
                         );
@@ -1431,15 +1423,6 @@ mod tests {
                 up(gx.unwrap().as_slice().unwrap()),
             )
         }
-        let max_err = |a: &[f32], b: &[f64]| {
-            assert_eq!(a.len(), b.len());
-            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let err = a
-                .iter()
-                .zip(b)
-                .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - y).abs()));
-            err / scale.max(1e-30)
-        };
         // (cin, cout, h, w, batch, bias)
         for &(cin, cout, h, w, batch, bias) in &[
             (1, 20, 28, 28, 3, true),
@@ -1481,15 +1464,15 @@ mod tests {
                     *v -= 1.0;
                 }
                 for (name, (y, g, gx), tol, gtol) in &refs {
-                    let e = max_err(y32.as_slice().unwrap(), y);
+                    let e = max_rel(y32.as_slice().unwrap(), y);
                     assert!(e < *tol, "{what}: forward against {name} im2col: {e}");
                     for (a, b) in g32.iter().zip(g) {
-                        let e = max_err(a, b);
+                        let e = max_rel(a, b);
                         assert!(e < *gtol, "{what}: parameter gradient ({name}): {e}");
                     }
                     match (&gx32[0], need_x) {
                         (Some(a), true) => {
-                            let e = max_err(a.as_slice().unwrap(), gx);
+                            let e = max_rel(a.as_slice().unwrap(), gx);
                             assert!(e < *tol, "{what}: input gradient ({name}): {e}");
                         }
                         (None, false) => {}
@@ -1543,14 +1526,6 @@ mod tests {
             let gx = c.backward_im2col(&pr, xs, gy.as_slice().unwrap(), &d, gp, true);
             (y, g, gx.unwrap())
         }
-        let max_err = |a: &[f64], b: &[f64]| {
-            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let err = a
-                .iter()
-                .zip(b)
-                .fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs()));
-            err / scale.max(1e-30)
-        };
         // (cin, cout, h, w, batch, kernel, stride, padding, bias)
         for &(cin, cout, h, w, batch, k, stride, pad, bias) in &[
             (8, 6, 2, 2, 5, 3, 1, 1, true),
@@ -1582,14 +1557,14 @@ mod tests {
             let (y, g, gx) = im2col_run(&c, &params, &x, &gy);
             // f64 through the layer (forward keeps Wbig), then backward rebuilding it.
             let (y64, g64, gx64) = run_layer::<f64>(&c, &params, &x, &gy, true, 0.0);
-            let e = max_err(y64.as_slice().unwrap(), y.as_slice().unwrap());
+            let e = max_rel(y64.as_slice().unwrap(), y.as_slice().unwrap());
             assert!(e < 1e-13, "{what}: f64 forward {e}");
             for (a, b) in g64.iter().zip(&g) {
-                let e = max_err(a, b);
+                let e = max_rel(a, b);
                 assert!(e < 1e-13, "{what}: f64 parameter gradient {e}");
             }
             let gx64 = gx64[0].as_ref().unwrap();
-            let e = max_err(gx64.as_slice().unwrap(), gx.as_slice().unwrap());
+            let e = max_rel(gx64.as_slice().unwrap(), gx.as_slice().unwrap());
             assert!(e < 1e-13, "{what}: f64 input gradient {e}");
             let pr: Vec<&[f64]> = params.iter().map(|v| v.as_slice()).collect();
             let mut g2: Vec<Vec<f64>> = params.iter().map(|v| vec![0.0; v.len()]).collect();
@@ -1612,15 +1587,15 @@ mod tests {
             let (x32, gy32) = (x.mapv(|v| v as f32), gy.mapv(|v| v as f32));
             let (y32, g32, gx32) = run_layer::<f32>(&c, &p32, &x32, &gy32, true, 1.0);
             let up = |a: &[f32]| a.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
-            let e = max_err(&up(y32.as_slice().unwrap()), y.as_slice().unwrap());
+            let e = max_rel(&up(y32.as_slice().unwrap()), y.as_slice().unwrap());
             assert!(e < 1e-6, "{what}: f32 forward {e}");
             for (a, b) in g32.iter().zip(&g) {
                 let a: Vec<f64> = a.iter().map(|&v| f64::from(v) - 1.0).collect();
-                let e = max_err(&a, b);
+                let e = max_rel(&a, b);
                 assert!(e < 1e-5, "{what}: f32 parameter gradient {e}");
             }
             let gx32 = gx32[0].as_ref().unwrap();
-            let e = max_err(&up(gx32.as_slice().unwrap()), gx.as_slice().unwrap());
+            let e = max_rel(&up(gx32.as_slice().unwrap()), gx.as_slice().unwrap());
             assert!(e < 1e-6, "{what}: f32 input gradient {e}");
         }
         // Left to im2col: 4×4 planes, a 1×1 kernel reading 4 of 16 positions, groups.

@@ -62,6 +62,18 @@ pub(crate) fn run_layer_fused<T: super::Real>(
     (y, g, gx)
 }
 
+/// The largest error of `a` against `b` relative to `b`'s largest magnitude (the tolerance
+/// measure of the f32-against-f64 kernel tests).
+pub(crate) fn max_rel<A: Copy + Into<f64>>(a: &[A], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0.0f64, |m, (&x, &y)| m.max((x.into() - y).abs()));
+    err / scale.max(1e-30)
+}
+
 /// Deterministic pseudo-random numbers in [-1, 1) (SplitMix64).
 pub(crate) struct Rng(u64);
 

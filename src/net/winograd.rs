@@ -812,7 +812,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::gradcheck::Rng;
+    use crate::net::gradcheck::{Rng, max_rel};
 
     /// The direct 3×3 convolution in f64 (padding 1, stride 1): `y[s][o][p] = Σ w·x`.
     fn direct(
@@ -848,15 +848,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn max_rel(a: &[f32], b: &[f64]) -> f64 {
-        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(b)
-            .fold(0.0f64, |m, (&x, &y)| m.max((f64::from(x) - y).abs()));
-        err / scale.max(1e-30)
     }
 
     /// Forward and input gradient against the f64 direct sums, with the direct path's
