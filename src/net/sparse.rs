@@ -89,6 +89,19 @@ impl Lhs<'_> {
     fn runs_here(&self) -> bool {
         available()
     }
+
+    /// The kernels' view of the rows, `k` values each.
+    #[cfg(target_arch = "x86_64")]
+    fn code_rows(&self, k: usize) -> x86::CodeRows<'_> {
+        match *self {
+            Lhs::Codes { codes, row, zero } => x86::CodeRows {
+                codes,
+                row,
+                zero,
+                k,
+            },
+        }
+    }
 }
 
 /// `y = x·Wᵀ (+ b)`: `x` `[rows, k]` (mostly zeros), `w` `[n, k]` (PyTorch's Linear layout),
@@ -111,17 +124,7 @@ pub(crate) fn forward(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU runs the kernel for `x` (asserted); the shapes are checked above.
     unsafe {
-        match x {
-            Lhs::Codes { codes, row, zero } => {
-                let src = x86::CodeRows {
-                    codes,
-                    row,
-                    zero,
-                    k,
-                };
-                x86::forward(&src, rows, k, &wt, n, bias, y)
-            }
-        }
+        x86::forward(&x.code_rows(k), rows, k, &wt, n, bias, y)
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (x, bias, &wt, &y);
@@ -139,17 +142,7 @@ pub(crate) fn weight_grad(x: Lhs, rows: usize, k: usize, gy: &[f32], n: usize, g
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU runs the kernel for `x` (asserted); the shapes are checked above.
     unsafe {
-        match x {
-            Lhs::Codes { codes, row, zero } => {
-                let src = x86::CodeRows {
-                    codes,
-                    row,
-                    zero,
-                    k,
-                };
-                x86::weight_grad(&src, rows, k, gy, n, &mut gwt)
-            }
-        }
+        x86::weight_grad(&x.code_rows(k), rows, k, gy, n, &mut gwt)
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (x, gy, &gwt);
