@@ -85,36 +85,79 @@ impl Activation {
     }
 }
 
+/// GELU in f32 runs through the vectorised kernels of [`super::fastmath`]; these return `None`
+/// for other types and activations (the scalar path).
 impl Activation {
-    /// GELU in f32 through the vectorised kernels of [`super::fastmath`]: the output, or with
-    /// `grad_out` the input gradient. `None` for other types and activations (scalar path).
-    fn gelu_f32<T: Real>(
-        &self,
-        x: &ArrayViewD<T>,
-        grad_out: Option<&ArrayViewD<T>>,
-    ) -> Option<ArrayD<T>> {
-        let tanh = match self {
-            Activation::Gelu => false,
-            Activation::GeluTanh => true,
-            _ => return None,
-        };
+    /// Whether this is GELU's tanh form; `None` if it is not GELU.
+    fn gelu_tanh(&self) -> Option<bool> {
+        match self {
+            Activation::Gelu => Some(false),
+            Activation::GeluTanh => Some(true),
+            _ => None,
+        }
+    }
+
+    /// Forward for backward: the output and the derivative `GELU'(x)`, from one evaluation
+    /// of the CDF ([`super::fastmath::gelu_and_grad_uninit`]); backward multiplies by it.
+    fn gelu_and_grad_f32<T: Real>(&self, x: &ArrayViewD<T>) -> Option<(ArrayD<T>, ArrayD<T>)> {
+        let tanh = self.gelu_tanh()?;
         let xs = super::fastmath::f32_slice(x.as_slice()?)?;
-        let gs = match grad_out {
-            None => None,
-            Some(g) => Some(super::fastmath::f32_slice(g.as_slice()?)?),
-        };
-        // SAFETY: `gelu_uninit` and `gelu_backward_uninit` write every value of the output
-        // (`T` is f32: `f32_slice` succeeded above).
-        let out = unsafe {
+        let mut d = ArrayD::<T>::uninit(x.shape());
+        // SAFETY: `gelu_and_grad_uninit` writes every value of both outputs (`T` is f32:
+        // `f32_slice` succeeded above).
+        let y = unsafe {
             super::filled(x.shape(), |o| {
-                let os = super::fastmath::f32_uninit(o).expect("T is f32");
-                match gs {
-                    None => super::fastmath::gelu_uninit(xs, os, tanh),
-                    Some(gs) => super::fastmath::gelu_backward_uninit(xs, gs, os, tanh),
-                }
+                let ys = super::fastmath::f32_uninit(o).expect("T is f32");
+                let ds = d.as_slice_mut().expect("a fresh array is contiguous");
+                let ds = super::fastmath::f32_uninit(ds).expect("T is f32");
+                super::fastmath::gelu_and_grad_uninit(xs, ys, ds, tanh);
             })
         };
-        Some(out)
+        // SAFETY: written in full just above.
+        Some((y, unsafe { d.assume_init() }))
+    }
+
+    /// The input gradient `dy·GELU'(x)` computed from `x` (where forward saved no derivative).
+    fn gelu_backward_f32<T: Real>(
+        &self,
+        x: &ArrayViewD<T>,
+        g: &ArrayViewD<T>,
+    ) -> Option<ArrayD<T>> {
+        let tanh = self.gelu_tanh()?;
+        let xs = super::fastmath::f32_slice(x.as_slice()?)?;
+        let gs = super::fastmath::f32_slice(g.as_slice()?)?;
+        // SAFETY: `gelu_backward_uninit` writes every value (`T` is f32: `f32_slice`
+        // succeeded above).
+        Some(unsafe {
+            super::filled(x.shape(), |o| {
+                let os = super::fastmath::f32_uninit(o).expect("T is f32");
+                super::fastmath::gelu_backward_uninit(xs, gs, os, tanh);
+            })
+        })
+    }
+
+    /// `dy·GELU'(x)` from the derivative forward saved; `None` where forward saved none (f64,
+    /// or a forward run without keeping what it saved).
+    fn gelu_grad_from_saved<T: Real>(
+        &self,
+        saved: &Saved<T>,
+        g: &ArrayViewD<T>,
+    ) -> Option<ArrayD<T>> {
+        self.gelu_tanh()?;
+        let Saved::Arrays(a) = saved else { return None };
+        let [d] = a.as_slice() else { return None };
+        let ds = super::fastmath::f32_slice(d.as_slice()?)?;
+        let gs = super::fastmath::f32_slice(g.as_slice()?)?;
+        if d.shape() != g.shape() {
+            return None;
+        }
+        // SAFETY: `mul_uninit` writes every value (`T` is f32: `f32_slice` succeeded above).
+        Some(unsafe {
+            super::filled(g.shape(), |o| {
+                let os = super::fastmath::f32_uninit(o).expect("T is f32");
+                super::fastmath::mul_uninit(gs, ds, os);
+            })
+        })
     }
 }
 
@@ -126,8 +169,9 @@ impl<T: Real> Layer<T> for Activation {
         }
     }
 
-    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], _saved: &mut Saved<T>) -> ArrayD<T> {
-        if let Some(y) = self.gelu_f32(&inputs[0], None) {
+    fn forward(&self, _p: &[&[T]], inputs: &[ArrayViewD<T>], saved: &mut Saved<T>) -> ArrayD<T> {
+        if let Some((y, d)) = self.gelu_and_grad_f32(&inputs[0]) {
+            *saved = Saved::Arrays(vec![d]);
             return y;
         }
         match *self {
@@ -140,7 +184,10 @@ impl<T: Real> Layer<T> for Activation {
         if !b.need_input_grad[0] {
             return vec![None];
         }
-        if let Some(g) = self.gelu_f32(&b.inputs[0], Some(&b.grad_out)) {
+        let gelu = self
+            .gelu_grad_from_saved(b.saved, &b.grad_out)
+            .or_else(|| self.gelu_backward_f32(&b.inputs[0], &b.grad_out));
+        if let Some(g) = gelu {
             return vec![Some(g)];
         }
         if let Activation::Relu = *self {
@@ -178,6 +225,40 @@ mod tests {
             Activation::GeluTanh,
         ] {
             check_layer(&a, &[vec![7]], 5);
+        }
+    }
+
+    /// Backward from the derivative forward saved and backward from `x` alone (a forward
+    /// whose saved state was not kept) give the same bits, in f32 where the saved path runs.
+    #[test]
+    fn gelu_backward_from_saved_derivative_matches_recomputing_it() {
+        use crate::net::Backward;
+        let x: ArrayD<f32> = ndarray::Array::linspace(-9.0f32, 9.0, 1001).into_dyn();
+        let g: ArrayD<f32> = x.mapv(|v| 0.3 - 0.07 * v);
+        for a in [Activation::Gelu, Activation::GeluTanh] {
+            let mut saved = Saved::None;
+            let y = a.forward(&[], &[x.view()], &mut saved);
+            assert!(
+                matches!(&saved, Saved::Arrays(v) if v.len() == 1),
+                "{a:?} saves GELU'"
+            );
+            let run = |saved: &Saved<f32>| {
+                let b = Backward {
+                    params: &[],
+                    inputs: &[x.view()],
+                    output: y.view(),
+                    saved,
+                    grad_out: g.view(),
+                    grad_params: Vec::new(),
+                    need_input_grad: &[true],
+                };
+                Layer::<f32>::backward(&a, b)
+                    .remove(0)
+                    .expect("input gradient")
+            };
+            let (with, without) = (run(&saved), run(&Saved::None));
+            let bits = |v: &ArrayD<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&with), bits(&without), "{a:?}");
         }
     }
 

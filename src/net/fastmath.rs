@@ -287,6 +287,40 @@ pub fn gelu_backward_uninit(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], 
     gelu_backward_body(x, dy, dx, tanh)
 }
 
+/// [`gelu_uninit`] that also writes `d = GELU'(x)` (the derivative [`gelu_backward`] multiplies
+/// by, the same bits: the same operations on the same `Φ(x)` and `φ(x)`, which forward computes
+/// anyway), so that backward is the product `dy·d` ([`mul_uninit`]) instead of a second pass
+/// of the CDF's polynomial and `exp`. Every value of `y` and `d` is written.
+pub fn gelu_and_grad_uninit(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    d: &mut [MaybeUninit<f32>],
+    tanh: bool,
+) {
+    assert!(x.len() == y.len() && x.len() == d.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU supports AVX-512F and FMA (checked just above).
+        return unsafe { gelu_and_grad_avx512(x, y, d, tanh) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { gelu_and_grad_avx2(x, y, d, tanh) };
+    }
+    gelu_and_grad_body(x, y, d, tanh)
+}
+
+/// `out = a·b` element-wise, into an output not yet written (every value is written): GELU's
+/// backward from the derivative [`gelu_and_grad_uninit`] saved.
+pub fn mul_uninit(a: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>]) {
+    assert!(a.len() == b.len() && a.len() == out.len());
+    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        o.write(a * b);
+    }
+}
+
 /// A written slice seen as one that may be written again (every value stays initialised:
 /// callers only write `f32` values).
 fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
@@ -388,14 +422,64 @@ fn gelu_body(x: &[f32], y: &mut [MaybeUninit<f32>], tanh: bool) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_and_grad_avx2(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    d: &mut [MaybeUninit<f32>],
+    tanh: bool,
+) {
+    gelu_and_grad_body(x, y, d, tanh)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn gelu_and_grad_avx512(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    d: &mut [MaybeUninit<f32>],
+    tanh: bool,
+) {
+    gelu_and_grad_body(x, y, d, tanh)
+}
+
+/// GELU'(x) of the tanh form from `s = (1 + tanh u)/2`: d/dx [x·s(u)] = s + x·2s(1−s)·u'.
+#[inline(always)]
+fn gelu_tanh_grad(x: f32, s: f32) -> f32 {
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
+    s + 2.0 * x * s * (1.0 - s) * du
+}
+
+/// [`gelu_body`] and the derivative of [`gelu_backward_body`], from one evaluation of the CDF.
+#[inline(always)]
+fn gelu_and_grad_body(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    d: &mut [MaybeUninit<f32>],
+    tanh: bool,
+) {
+    if tanh {
+        for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
+            let (s, _) = half_one_plus_tanh(x);
+            y.write(x * s);
+            d.write(gelu_tanh_grad(x, s));
+        }
+    } else {
+        for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
+            let (cdf, pdf) = normal_cdf_pdf(x);
+            y.write(x * cdf);
+            d.write(cdf + x * pdf);
+        }
+    }
+}
+
 #[inline(always)]
 fn gelu_backward_body(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], tanh: bool) {
     if tanh {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
             let (s, _) = half_one_plus_tanh(x);
-            // d/dx [x·s(u)] with s = (1 + tanh u)/2: s + x·2s(1−s)·u'.
-            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x);
-            dx.write(g * (s + 2.0 * x * s * (1.0 - s) * du));
+            dx.write(g * gelu_tanh_grad(x, s));
         }
     } else {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
@@ -586,6 +670,52 @@ mod tests {
             }
             assert!(wy < 2e-7, "tanh={tanh}: GELU error {wy:e}");
             assert!(wd < 4e-7, "tanh={tanh}: derivative error {wd:e}");
+        }
+    }
+
+    /// Forward's saved derivative gives backward's bits: `y` is [`gelu`]'s and `dy·d` is
+    /// [`gelu_backward`]'s, in every build the CPU can run, in the tails and at zero too.
+    #[test]
+    fn saved_derivative_gives_the_backward_bits() {
+        let mut x = grid();
+        x.extend([
+            0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 1e4, -1e4, 88.0, -88.0, 1e30, -1e30,
+        ]);
+        let g: Vec<f32> = x.iter().map(|v| 0.5 - v * 0.1).collect();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let init = |v: Vec<MaybeUninit<f32>>| -> Vec<f32> {
+            // SAFETY: every caller passes a buffer the kernel under test wrote in full.
+            v.into_iter().map(|u| unsafe { u.assume_init() }).collect()
+        };
+        type Build = unsafe fn(&[f32], &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>], bool);
+        let mut builds: Vec<Build> = vec![gelu_and_grad_uninit, |x, y, d, t| {
+            gelu_and_grad_body(x, y, d, t)
+        }];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = std::arch::is_x86_feature_detected!("fma");
+            if std::arch::is_x86_feature_detected!("avx2") && fma {
+                builds.push(gelu_and_grad_avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") && fma {
+                builds.push(gelu_and_grad_avx512);
+            }
+        }
+        for tanh in [false, true] {
+            let (mut y0, mut dx0) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+            gelu(&x, &mut y0, tanh);
+            gelu_backward(&x, &g, &mut dx0, tanh);
+            for build in &builds {
+                let mut y = vec![MaybeUninit::<f32>::uninit(); x.len()];
+                let mut d = vec![MaybeUninit::<f32>::uninit(); x.len()];
+                // SAFETY: the builds pushed above run on this CPU (checked where pushed).
+                unsafe { build(&x, &mut y, &mut d, tanh) };
+                let (y, d) = (init(y), init(d));
+                let mut dx = vec![MaybeUninit::<f32>::uninit(); x.len()];
+                mul_uninit(&g, &d, &mut dx);
+                assert_eq!(bits(&y), bits(&y0), "tanh={tanh}: output");
+                assert_eq!(bits(&init(dx)), bits(&dx0), "tanh={tanh}: input gradient");
+            }
         }
     }
 

@@ -83,7 +83,10 @@ impl<T: Real> Layer<T> for LayerNorm {
         let mut y = Vec::with_capacity(xs.len());
         let eps = T::of(self.eps);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { forward_rows_avx512(xs, c, gamma, beta, eps, &mut stats, &mut y) };
+        } else if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked just above).
             unsafe { forward_rows_avx2(xs, c, gamma, beta, eps, &mut stats, &mut y) };
         } else {
@@ -120,7 +123,10 @@ impl<T: Real> Layer<T> for LayerNorm {
         };
         let gx_out = need_gx.then_some(&mut gx);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { backward_rows_avx512(xs, gy, stats, c, gamma, gw, gb, gx_out) };
+        } else if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked just above).
             unsafe { backward_rows_avx2(xs, gy, stats, c, gamma, gw, gb, gx_out) };
         } else {
@@ -290,6 +296,39 @@ unsafe fn backward_rows_avx2<T: Real>(
     backward_rows(xs, gy, stats, c, gamma, gw, gb, gx)
 }
 
+/// [`forward_rows`] compiled with AVX-512F (the same bits: the element-wise loops run 16
+/// lanes wide, the row sums keep their four accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn forward_rows_avx512<T: Real>(
+    xs: &[T],
+    c: usize,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    eps: T,
+    stats: &mut Vec<T>,
+    y: &mut Vec<T>,
+) {
+    forward_rows(xs, c, gamma, beta, eps, stats, y)
+}
+
+/// [`backward_rows`] compiled with AVX-512F (the same bits).
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn backward_rows_avx512<T: Real>(
+    xs: &[T],
+    gy: &[T],
+    stats: &[T],
+    c: usize,
+    gamma: Option<&[T]>,
+    gw: Option<&mut [T]>,
+    gb: Option<&mut [T]>,
+    gx: Option<&mut Vec<T>>,
+) {
+    backward_rows(xs, gy, stats, c, gamma, gw, gb, gx)
+}
+
 // ---------------------------------------------------------------------------------------
 // Drafting (`lca init`)
 
@@ -335,48 +374,79 @@ mod tests {
     use super::*;
     use crate::net::gradcheck::check_layer;
 
-    /// The AVX2 builds of the row loops give the generic build's bits (f32, widths around the
-    /// vector sizes, with and without the affine parameters).
+    /// The AVX2 and AVX-512F builds of the row loops give the generic build's bits (f32,
+    /// widths around the vector sizes, with and without the affine parameters).
     #[test]
-    fn avx2_build_gives_the_same_bits() {
+    fn vector_builds_give_the_same_bits() {
+        type Fwd = unsafe fn(
+            &[f32],
+            usize,
+            Option<&[f32]>,
+            Option<&[f32]>,
+            f32,
+            &mut Vec<f32>,
+            &mut Vec<f32>,
+        );
+        type Bwd = unsafe fn(
+            &[f32],
+            &[f32],
+            &[f32],
+            usize,
+            Option<&[f32]>,
+            Option<&mut [f32]>,
+            Option<&mut [f32]>,
+            Option<&mut Vec<f32>>,
+        );
+        #[allow(unused_mut)]
+        let mut builds: Vec<(&str, Fwd, Bwd)> = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            let mut rng = crate::net::gradcheck::Rng::new(9);
-            for c in [1usize, 7, 16, 37] {
-                let rows = 5;
-                let f = |n: usize, rng: &mut crate::net::gradcheck::Rng| -> Vec<f32> {
-                    rng.array(&[n]).iter().map(|&v| (v * 3.0) as f32).collect()
-                };
-                let (xs, gy, w, b) = (
-                    f(rows * c, &mut rng),
-                    f(rows * c, &mut rng),
-                    f(c, &mut rng),
-                    f(c, &mut rng),
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                builds.push(("avx2", forward_rows_avx2, backward_rows_avx2));
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                builds.push(("avx512f", forward_rows_avx512, backward_rows_avx512));
+            }
+        }
+        let mut rng = crate::net::gradcheck::Rng::new(9);
+        for c in [1usize, 7, 16, 37, 64, 129] {
+            let rows = 5;
+            let f = |n: usize, rng: &mut crate::net::gradcheck::Rng| -> Vec<f32> {
+                rng.array(&[n]).iter().map(|&v| (v * 3.0) as f32).collect()
+            };
+            let (xs, gy, w, b) = (
+                f(rows * c, &mut rng),
+                f(rows * c, &mut rng),
+                f(c, &mut rng),
+                f(c, &mut rng),
+            );
+            for affine in [false, true] {
+                let (gamma, beta) = (affine.then_some(&w[..]), affine.then_some(&b[..]));
+                let (mut s1, mut y1) = (vec![], vec![]);
+                forward_rows(&xs, c, gamma, beta, 1e-5, &mut s1, &mut y1);
+                let (mut gw1, mut gb1, mut gx1) = (vec![0.5f32; c], vec![0.25f32; c], vec![]);
+                let (gw0, gb0) = (gw1.clone(), gb1.clone());
+                backward_rows(
+                    &xs,
+                    &gy,
+                    &s1,
+                    c,
+                    gamma,
+                    Some(&mut gw1),
+                    Some(&mut gb1),
+                    Some(&mut gx1),
                 );
-                for affine in [false, true] {
-                    let (gamma, beta) = (affine.then_some(&w[..]), affine.then_some(&b[..]));
-                    let (mut s1, mut y1, mut s2, mut y2) = (vec![], vec![], vec![], vec![]);
-                    forward_rows(&xs, c, gamma, beta, 1e-5, &mut s1, &mut y1);
-                    // SAFETY: the CPU supports AVX2 (checked above).
-                    unsafe { forward_rows_avx2(&xs, c, gamma, beta, 1e-5, &mut s2, &mut y2) };
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&s1), bits(&s2));
-                    assert_eq!(bits(&y1), bits(&y2));
-                    let (mut gw1, mut gb1, mut gx1) = (vec![0.5f32; c], vec![0.25f32; c], vec![]);
-                    let (mut gw2, mut gb2, mut gx2) = (gw1.clone(), gb1.clone(), vec![]);
-                    backward_rows(
-                        &xs,
-                        &gy,
-                        &s1,
-                        c,
-                        gamma,
-                        Some(&mut gw1),
-                        Some(&mut gb1),
-                        Some(&mut gx1),
-                    );
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for &(name, fwd, bwd) in &builds {
+                    let (mut s2, mut y2) = (vec![], vec![]);
+                    // SAFETY: the CPU supports the build's features (checked where pushed).
+                    unsafe { fwd(&xs, c, gamma, beta, 1e-5, &mut s2, &mut y2) };
+                    assert_eq!(bits(&s1), bits(&s2), "{name}, c = {c}: statistics");
+                    assert_eq!(bits(&y1), bits(&y2), "{name}, c = {c}: output");
+                    let (mut gw2, mut gb2, mut gx2) = (gw0.clone(), gb0.clone(), vec![]);
                     // SAFETY: as above.
                     unsafe {
-                        backward_rows_avx2(
+                        bwd(
                             &xs,
                             &gy,
                             &s1,
@@ -387,9 +457,9 @@ mod tests {
                             Some(&mut gx2),
                         )
                     };
-                    assert_eq!(bits(&gw1), bits(&gw2));
-                    assert_eq!(bits(&gb1), bits(&gb2));
-                    assert_eq!(bits(&gx1), bits(&gx2));
+                    assert_eq!(bits(&gw1), bits(&gw2), "{name}, c = {c}: weight gradient");
+                    assert_eq!(bits(&gb1), bits(&gb2), "{name}, c = {c}: bias gradient");
+                    assert_eq!(bits(&gx1), bits(&gx2), "{name}, c = {c}: input gradient");
                 }
             }
         }
