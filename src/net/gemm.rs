@@ -13,7 +13,7 @@
 //! ```
 
 use super::Real;
-use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 use std::any::TypeId;
 
 /// `c = a·b`, or `c += a·b` when `accumulate`; the views may have any strides.
@@ -163,6 +163,99 @@ pub fn mat_mul_uninit<T: Real>(
     };
 }
 
+/// `x·wᵀ` (`x` `[rows, in]`, `w` `[out, in]`, PyTorch's layout) into `out` not yet written,
+/// as [`mat_mul_uninit`]`(1, x, w.t(), out)` with the same bits. Where `w` is wide and tall
+/// ([`transpose_pays`]) the product reads a transposed copy of `w` made here: `gemm` packs
+/// `wᵀ` one value at a time along a stride of `in` values otherwise, which cost up to a fifth
+/// of the product (`[512, 512]·[128, 512]ᵀ`, a C = 128 GPT's MLP output projection: 717 µs
+/// against 586 µs from the copy plus 36 µs for a scalar transpose, one thread, AMD EPYC).
+/// `gemm` runs the same multiply-adds in the same order for either layout.
+pub fn mat_mul_wt_uninit<T: Real>(
+    x: ArrayView2<T>,
+    w: ArrayView2<T>,
+    out: &mut [std::mem::MaybeUninit<T>],
+) {
+    let (n, k) = w.dim();
+    if !transpose_pays(n, k) {
+        return mat_mul_uninit(T::one(), x, w.t(), out);
+    }
+    let wt = transposed(w);
+    mat_mul_uninit(T::one(), x, wt.view(), out)
+}
+
+/// Whether [`mat_mul_wt_uninit`] copies `w` (`out × in`) transposed first: at `in ≥ 512`
+/// and `out ≥ 128`. Timed on one thread (rows 250, 512 and 1,375; `in × out` 128 × 65, 512 ×
+/// 128, 128 × 384, 128 × 512, 400 × 120, 120 × 84, 512 × 10, 64 × 10, 784 × 100, 784 × 1000,
+/// 2048 × 128, 512 × 512): the copy paid 4–30 % with both bounds met, and elsewhere lost up to
+/// 7 % (784 × 1000) or gained at most 1 %.
+pub fn transpose_pays(out: usize, inp: usize) -> bool {
+    inp >= 512 && out >= 128
+}
+
+/// `wᵀ` as a fresh standard-layout array, by 16 × 16 tiles (each tile's source rows stay in
+/// cache while it is written); in f32 on a CPU with AVX-512F the whole tiles are transposed
+/// in registers ([`super::simd::x86::transpose16`]). A copy: the same values.
+pub fn transposed<T: Real>(w: ArrayView2<T>) -> Array2<T> {
+    const B: usize = 16;
+    let (n, k) = w.dim();
+    let w = w.as_standard_layout();
+    let src = w.as_slice().expect("standard layout");
+    let mut t = Array2::<T>::uninit((k, n));
+    let dst = t.as_slice_mut().expect("a fresh array is contiguous");
+    for j0 in (0..n).step_by(B) {
+        for k0 in (0..k).step_by(B) {
+            let (nj, nk) = ((n - j0).min(B), (k - k0).min(B));
+            #[cfg(target_arch = "x86_64")]
+            if nj == B && nk == B && std::arch::is_x86_feature_detected!("avx512f") {
+                if let (Some(s), Some(d)) = (
+                    super::fastmath::f32_slice(src),
+                    super::fastmath::f32_uninit(&mut *dst),
+                ) {
+                    // SAFETY: the CPU supports AVX-512F (checked just above); the tile's 16
+                    // rows of 16 lie inside both arrays (nj = nk = 16).
+                    unsafe { x86_tile(s, k, j0, k0, d, n) };
+                    continue;
+                }
+            }
+            for j in j0..j0 + nj {
+                let row = &src[j * k + k0..j * k + k0 + nk];
+                for (kk, &v) in (k0..k0 + nk).zip(row) {
+                    dst[kk * n + j].write(v);
+                }
+            }
+        }
+    }
+    // SAFETY: the tiles cover every (kk, j) of the k × n array once.
+    unsafe { t.assume_init() }
+}
+
+/// One whole 16 × 16 tile of [`transposed`] in registers: rows `j0..j0+16`, columns
+/// `k0..k0+16` of `src` (row stride `k`) to rows `k0..` , columns `j0..` of `dst` (stride `n`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn x86_tile(
+    src: &[f32],
+    k: usize,
+    j0: usize,
+    k0: usize,
+    dst: &mut [std::mem::MaybeUninit<f32>],
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (a, r) in r.iter_mut().enumerate() {
+        let row = &src[(j0 + a) * k + k0..(j0 + a) * k + k0 + 16];
+        // SAFETY: `row` holds the 16 values read.
+        *r = unsafe { _mm512_loadu_ps(row.as_ptr()) };
+    }
+    super::simd::x86::transpose16(&mut r);
+    for (l, r) in r.iter().enumerate() {
+        let out = &mut dst[(k0 + l) * n + j0..(k0 + l) * n + j0 + 16];
+        // SAFETY: `out` holds the 16 values written.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().cast::<f32>(), *r) };
+    }
+}
+
 /// `dst = a·b` into `m×n` values at row stride `rs` and column stride `cs` not yet written:
 /// the product writes every entry without reading any (for f32 and f64; other types write
 /// zeros first), so a caller can write straight into a fresh array in any layout.
@@ -211,6 +304,48 @@ mod tests {
     use super::*;
     use crate::net::gradcheck::Rng;
     use ndarray::{Array2, Ix2, s};
+
+    /// The product through the transposed copy has the bits of the product with the strided
+    /// `wᵀ`, at shapes on both sides of [`transpose_pays`] (ragged tiles included), in f32
+    /// and f64.
+    #[test]
+    fn transposed_copy_gives_the_same_bits() {
+        for (rows, out, inp) in [
+            (7, 128, 512),
+            (512, 128, 512),
+            (33, 130, 517),
+            (5, 300, 1030),
+            (9, 65, 128),
+        ] {
+            let x = random(rows, inp, 1);
+            let w = random(out, inp, 2);
+            let t = transposed(w.view());
+            assert_eq!(t, w.t());
+            let mut a = vec![std::mem::MaybeUninit::uninit(); rows * out];
+            let mut b = a.clone();
+            mat_mul_wt_uninit(x.view(), w.view(), &mut a);
+            mat_mul_uninit(1.0, x.view(), w.t(), &mut b);
+            // SAFETY: both products wrote every value.
+            let bits = |v: &[std::mem::MaybeUninit<f64>]| {
+                v.iter()
+                    .map(|u| unsafe { u.assume_init() }.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&a), bits(&b), "f64 {rows}×{inp}·({out}×{inp})ᵀ");
+            let (x, w) = (x.mapv(|v| v as f32), w.mapv(|v| v as f32));
+            let mut a = vec![std::mem::MaybeUninit::uninit(); rows * out];
+            let mut b = a.clone();
+            mat_mul_wt_uninit(x.view(), w.view(), &mut a);
+            mat_mul_uninit(1.0, x.view(), w.t(), &mut b);
+            // SAFETY: both products wrote every value.
+            let bits = |v: &[std::mem::MaybeUninit<f32>]| {
+                v.iter()
+                    .map(|u| unsafe { u.assume_init() }.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&a), bits(&b), "f32 {rows}×{inp}·({out}×{inp})ᵀ");
+        }
+    }
 
     fn random(r: usize, c: usize, seed: u64) -> Array2<f64> {
         Rng::new(seed)

@@ -14,7 +14,7 @@
 //! ```
 
 use super::fastmath::{f32_slice, f32_slice_mut, f32_uninit};
-use super::gemm::{mat_mul, mat_mul_uninit};
+use super::gemm::{mat_mul, mat_mul_uninit, mat_mul_wt_uninit};
 use super::sparse;
 use super::{Backward, Codes, Layer, ParamDecl, Real, Saved, as_rows};
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2};
@@ -183,14 +183,12 @@ pub(crate) fn affine_rows<T: Real>(
     bias: Option<&[T]>,
 ) -> Array2<T> {
     let (rows, out) = (x.nrows(), w.nrows());
+    // SAFETY: `mat_mul_wt_uninit` writes every value.
+    let y = unsafe { super::filled(&[rows, out], |ys| mat_mul_wt_uninit(x, w, ys)) };
     let Some(b) = bias else {
-        // SAFETY: `mat_mul_uninit` writes every value.
-        let y = unsafe { super::filled(&[rows, out], |ys| mat_mul_uninit(T::one(), x, w.t(), ys)) };
         return y.into_dimensionality().expect("2-D");
     };
     assert_eq!(b.len(), out, "bias has one value per output");
-    // SAFETY: `mat_mul_uninit` writes every value.
-    let y = unsafe { super::filled(&[rows, out], |ys| mat_mul_uninit(T::one(), x, w.t(), ys)) };
     let mut y: Array2<T> = y.into_dimensionality().expect("2-D");
     for row in y.as_slice_mut().expect("contiguous").chunks_exact_mut(out) {
         for (v, &bv) in row.iter_mut().zip(b) {
