@@ -206,16 +206,18 @@ pub fn transposed<T: Real>(w: ArrayView2<T>) -> Array2<T> {
         for k0 in (0..k).step_by(B) {
             let (nj, nk) = ((n - j0).min(B), (k - k0).min(B));
             #[cfg(target_arch = "x86_64")]
-            if nj == B && nk == B && std::arch::is_x86_feature_detected!("avx512f") {
-                if let (Some(s), Some(d)) = (
+            if nj == B
+                && nk == B
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && let (Some(s), Some(d)) = (
                     super::fastmath::f32_slice(src),
                     super::fastmath::f32_uninit(&mut *dst),
-                ) {
-                    // SAFETY: the CPU supports AVX-512F (checked just above); the tile's 16
-                    // rows of 16 lie inside both arrays (nj = nk = 16).
-                    unsafe { x86_tile(s, k, j0, k0, d, n) };
-                    continue;
-                }
+                )
+            {
+                // SAFETY: the CPU supports AVX-512F (checked just above); the tile's 16 rows
+                // of 16 lie inside both arrays (nj = nk = 16).
+                unsafe { x86_tile(s, k, j0, k0, d, n) };
+                continue;
             }
             for j in j0..j0 + nj {
                 let row = &src[j * k + k0..j * k + k0 + nk];
