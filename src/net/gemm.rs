@@ -184,10 +184,11 @@ pub fn mat_mul_wt_uninit<T: Real>(
 }
 
 /// Whether [`mat_mul_wt_uninit`] copies `w` (`out × in`) transposed first: at `in ≥ 512`
-/// and `out ≥ 128`. Timed on one thread (rows 250, 512 and 1,375; `in × out` 128 × 65, 512 ×
-/// 128, 128 × 384, 128 × 512, 400 × 120, 120 × 84, 512 × 10, 64 × 10, 784 × 100, 784 × 1000,
-/// 2048 × 128, 512 × 512): the copy paid 4–30 % with both bounds met, and elsewhere lost up to
-/// 7 % (784 × 1000) or gained at most 1 %.
+/// and `out ≥ 128`. Timed on one thread by `examples/bench_wt.rs` (rows 250, 512 and 1,375;
+/// `in × out` 128 × 65, 512 × 128, 128 × 384, 128 × 512, 400 × 120, 120 × 84, 512 × 10,
+/// 784 × 100, 784 × 1000, 2048 × 128, 512 × 512; AMD EPYC, with a scalar transpose then):
+/// the copy paid 4–30 % with both bounds met, and elsewhere lost up to 7 % (784 × 1000) or
+/// gained at most 1 %.
 pub fn transpose_pays(out: usize, inp: usize) -> bool {
     inp >= 512 && out >= 128
 }
@@ -319,34 +320,28 @@ mod tests {
             (5, 300, 1030),
             (9, 65, 128),
         ] {
-            let x = random(rows, inp, 1);
-            let w = random(out, inp, 2);
-            let t = transposed(w.view());
-            assert_eq!(t, w.t());
-            let mut a = vec![std::mem::MaybeUninit::uninit(); rows * out];
-            let mut b = a.clone();
-            mat_mul_wt_uninit(x.view(), w.view(), &mut a);
-            mat_mul_uninit(1.0, x.view(), w.t(), &mut b);
-            // SAFETY: both products wrote every value.
-            let bits = |v: &[std::mem::MaybeUninit<f64>]| {
-                v.iter()
-                    .map(|u| unsafe { u.assume_init() }.to_bits())
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(bits(&a), bits(&b), "f64 {rows}×{inp}·({out}×{inp})ᵀ");
-            let (x, w) = (x.mapv(|v| v as f32), w.mapv(|v| v as f32));
-            let mut a = vec![std::mem::MaybeUninit::uninit(); rows * out];
-            let mut b = a.clone();
-            mat_mul_wt_uninit(x.view(), w.view(), &mut a);
-            mat_mul_uninit(1.0, x.view(), w.t(), &mut b);
-            // SAFETY: both products wrote every value.
-            let bits = |v: &[std::mem::MaybeUninit<f32>]| {
-                v.iter()
-                    .map(|u| unsafe { u.assume_init() }.to_bits())
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(bits(&a), bits(&b), "f32 {rows}×{inp}·({out}×{inp})ᵀ");
+            let (x, w) = (random(rows, inp, 1), random(out, inp, 2));
+            assert_eq!(transposed(w.view()), w.t());
+            assert_same_product(&x, &w);
+            assert_same_product(&x.mapv(|v| v as f32), &w.mapv(|v| v as f32));
         }
+    }
+
+    /// `mat_mul_wt_uninit(x, w)` and `mat_mul_uninit(1, x, wᵀ)` write the same bits.
+    fn assert_same_product<T: Real>(x: &Array2<T>, w: &Array2<T>) {
+        let n = x.nrows() * w.nrows();
+        let (mut a, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        a.resize_with(n, std::mem::MaybeUninit::uninit);
+        b.resize_with(n, std::mem::MaybeUninit::uninit);
+        mat_mul_wt_uninit(x.view(), w.view(), &mut a);
+        mat_mul_uninit(T::one(), x.view(), w.t(), &mut b);
+        // SAFETY: both products wrote every value.
+        let bits = |v: &[std::mem::MaybeUninit<T>]| -> Vec<u64> {
+            v.iter()
+                .map(|u| unsafe { u.assume_init() }.f64().to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&a), bits(&b), "{:?}·{:?}ᵀ", x.dim(), w.dim());
     }
 
     fn random(r: usize, c: usize, seed: u64) -> Array2<f64> {
