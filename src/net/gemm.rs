@@ -164,8 +164,8 @@ pub fn mat_mul_uninit<T: Real>(
 }
 
 /// `x·wᵀ` (`x` `[rows, in]`, `w` `[out, in]`, PyTorch's layout) into `out` not yet written,
-/// as [`mat_mul_uninit`]`(1, x, w.t(), out)` with the same bits. Where `w` is wide and tall
-/// ([`transpose_pays`]) the product reads a transposed copy of `w` made here: `gemm` packs
+/// as [`mat_mul_uninit`]`(1, x, w.t(), out)` with the same bits. Where `w` is wide, tall and
+/// at most 1 MiB ([`transpose_pays`]) the product reads a transposed copy of `w` made here: `gemm` packs
 /// `wᵀ` one value at a time along a stride of `in` values otherwise, which cost up to a fifth
 /// of the product (`[512, 512]·[128, 512]ᵀ`, a C = 128 GPT's MLP output projection: 717 µs
 /// against 586 µs from the copy plus 36 µs for a scalar transpose, one thread, AMD EPYC).
@@ -183,14 +183,14 @@ pub fn mat_mul_wt_uninit<T: Real>(
     mat_mul_uninit(T::one(), x, wt.view(), out)
 }
 
-/// Whether [`mat_mul_wt_uninit`] copies `w` (`out × in`) transposed first: at `in ≥ 512`
-/// and `out ≥ 128`. Timed on one thread by `examples/bench_wt.rs` (rows 250, 512 and 1,375;
-/// `in × out` 128 × 65, 512 × 128, 128 × 384, 128 × 512, 400 × 120, 120 × 84, 512 × 10,
-/// 784 × 100, 784 × 1000, 2048 × 128, 512 × 512; AMD EPYC, with a scalar transpose then):
-/// the copy paid 4–30 % with both bounds met, and elsewhere lost up to 7 % (784 × 1000) or
-/// gained at most 1 %.
+/// Whether [`mat_mul_wt_uninit`] copies `w` (`out × in`) transposed first: at `in ≥ 512`,
+/// `out ≥ 128` and at most 2¹⁸ values (1 MiB of f32). Timed on one thread by `examples/bench_wt.rs` (AMD EPYC, Zen 4; copy
+/// included; rows 250, 512 and 1,375): the copy took 0.68–0.95 of the strided product's
+/// time for `in × out` 512 × 128, 2048 × 128 and 512 × 512, and 1.06–1.08 for 784 × 1000
+/// (3 MiB), which the size bound leaves out; below the other bounds (128 × 65, 128 × 384,
+/// 128 × 512, 400 × 120, 120 × 84, 512 × 10, 784 × 100) it was 0.94–1.05, mostly ≈ 1.
 pub fn transpose_pays(out: usize, inp: usize) -> bool {
-    inp >= 512 && out >= 128
+    inp >= 512 && out >= 128 && inp * out <= 1 << 18
 }
 
 /// `wᵀ` as a fresh standard-layout array, by 16 × 16 tiles (each tile's source rows stay in
