@@ -165,11 +165,12 @@ pub fn mat_mul_uninit<T: Real>(
 
 /// `x·wᵀ` (`x` `[rows, in]`, `w` `[out, in]`, PyTorch's layout) into `out` not yet written,
 /// as [`mat_mul_uninit`]`(1, x, w.t(), out)` with the same bits. Where `w` is wide, tall and
-/// at most 1 MiB ([`transpose_pays`]) the product reads a transposed copy of `w` made here: `gemm` packs
-/// `wᵀ` one value at a time along a stride of `in` values otherwise, which cost up to a fifth
-/// of the product (`[512, 512]·[128, 512]ᵀ`, a C = 128 GPT's MLP output projection: 717 µs
-/// against 586 µs from the copy plus 36 µs for a scalar transpose, one thread, AMD EPYC).
-/// `gemm` runs the same multiply-adds in the same order for either layout.
+/// at most 1 MiB ([`transpose_pays`]) the product reads a transposed copy of `w` made here:
+/// otherwise `gemm` packs `wᵀ` one value at a time along a stride of `in` values, which cost
+/// up to a fifth of the product (`[512, 512]·[128, 512]ᵀ`, a C = 128 GPT's MLP output
+/// projection: 710 µs through the strided view, 598 µs with the copy included; one thread,
+/// AMD EPYC, `examples/bench_wt.rs`). `gemm` runs the same multiply-adds in the same order
+/// for either layout.
 pub fn mat_mul_wt_uninit<T: Real>(
     x: ArrayView2<T>,
     w: ArrayView2<T>,
@@ -184,8 +185,9 @@ pub fn mat_mul_wt_uninit<T: Real>(
 }
 
 /// Whether [`mat_mul_wt_uninit`] copies `w` (`out × in`) transposed first: at `in ≥ 512`,
-/// `out ≥ 128` and at most 2¹⁸ values (1 MiB of f32). Timed on one thread by `examples/bench_wt.rs` (AMD EPYC, Zen 4; copy
-/// included; rows 250, 512 and 1,375): the copy took 0.68–0.95 of the strided product's
+/// `out ≥ 128` and at most 2¹⁸ values (1 MiB of f32). Timed on one thread by
+/// `examples/bench_wt.rs` (AMD EPYC, Zen 4; copy included; rows 250, 512 and 1,375): the
+/// copy took 0.68–0.95 of the strided product's
 /// time for `in × out` 512 × 128, 2048 × 128 and 512 × 512, and 1.06–1.08 for 784 × 1000
 /// (3 MiB), which the size bound leaves out; below the other bounds (128 × 65, 128 × 384,
 /// 128 × 512, 400 × 120, 120 × 84, 512 × 10, 784 × 100) it was 0.94–1.05, mostly ≈ 1.
@@ -203,20 +205,22 @@ pub fn transposed<T: Real>(w: ArrayView2<T>) -> Array2<T> {
     let src = w.as_slice().expect("standard layout");
     let mut t = Array2::<T>::uninit((k, n));
     let dst = t.as_slice_mut().expect("a fresh array is contiguous");
+    #[cfg(target_arch = "x86_64")]
+    let registers = std::arch::is_x86_feature_detected!("avx512f");
     for j0 in (0..n).step_by(B) {
         for k0 in (0..k).step_by(B) {
             let (nj, nk) = ((n - j0).min(B), (k - k0).min(B));
             #[cfg(target_arch = "x86_64")]
-            if nj == B
+            if registers
+                && nj == B
                 && nk == B
-                && std::arch::is_x86_feature_detected!("avx512f")
                 && let (Some(s), Some(d)) = (
                     super::fastmath::f32_slice(src),
                     super::fastmath::f32_uninit(&mut *dst),
                 )
             {
-                // SAFETY: the CPU supports AVX-512F (checked just above); the tile's 16 rows
-                // of 16 lie inside both arrays (nj = nk = 16).
+                // SAFETY: the CPU supports AVX-512F (`registers`, checked before the loops);
+                // the tile's 16 rows of 16 lie inside both arrays (nj = nk = 16).
                 unsafe { x86_tile(s, k, j0, k0, d, n) };
                 continue;
             }
